@@ -1,0 +1,202 @@
+//! The local API between the CLI and its daemon (JSON over HTTP/1.1 on `<data-dir>/api.sock`).
+//! These structs are also what `--json` prints, so their field names are a public contract.
+
+use serde::{Deserialize, Serialize};
+
+/// Error body of every non-2xx API answer. `transient` means "retry later" (CLI exit 75).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+    #[serde(default)]
+    pub transient: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateVm {
+    pub name: String,
+    pub disk_sizes_bytes: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportVm {
+    pub name: String,
+    /// Absolute paths of images in any format `qemu-img` reads.
+    pub images: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub index: u32,
+    pub size_bytes: u64,
+    pub export_name: String,
+    /// Accepted as is by qemu-io, qemu-img, nbdinfo, nbdcopy and fio --ioengine=nbd.
+    pub nbd_uri: String,
+    pub path: String,
+    /// Whether this disk is part of the VM's replication set.
+    #[serde(default)]
+    pub replicated: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub disks: Vec<DiskInfo>,
+    pub created_at: String,
+    /// "Primary", "Replica" or "None".
+    pub replication_role: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compression {
+    #[serde(rename = "zstd")]
+    Zstd,
+    #[serde(rename = "none")]
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnableReplication {
+    pub vm: String,
+    /// `HOST:PORT` of the replica host's daemon.
+    pub replica: String,
+    pub frequency_secs: u32,
+    pub compression: Compression,
+    /// Disk indexes to replicate; `None` means all.
+    pub disks: Option<Vec<u32>>,
+}
+
+/// Replication state names follow Hyper-V Replica's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicationState {
+    ReadyForInitialReplication,
+    InitialReplicationInProgress,
+    Replicating,
+    Suspended,
+    ResynchronizationRequired,
+    /// Replica side: receiving points.
+    Replica,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Health {
+    Normal,
+    Warning,
+    Critical,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Progress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicationStatus {
+    pub vm: String,
+    /// "Primary" or "Replica".
+    pub role: String,
+    pub state: ReplicationState,
+    pub health: Health,
+    /// Why health is not Normal, one sentence each.
+    pub health_reasons: Vec<String>,
+    /// Set when `state` is ResynchronizationRequired.
+    pub resync_reason: Option<String>,
+    /// The other host (`HOST:PORT` on the primary, the primary's name on the replica).
+    pub peer: String,
+    pub frequency_secs: u32,
+    pub compression: Compression,
+    pub disks: Vec<u32>,
+    /// RFC 3339 time of the cut of the newest point the replica has committed.
+    pub last_replication_time: Option<String>,
+    pub last_replication_unix_ns: Option<u64>,
+    /// Bytes changed on the primary and not yet committed on the replica.
+    pub pending_bytes: u64,
+    /// Sequence number of the newest committed point.
+    pub last_seq: u64,
+    pub generation: u64,
+    /// Initial replication (or current cycle) progress.
+    pub progress: Option<Progress>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Measure {
+    pub vm: String,
+    pub state: ReplicationState,
+    pub health: Health,
+    pub measuring_since: String,
+    pub successful_cycles: u64,
+    pub failed_cycles: u64,
+    pub average_delta_bytes: u64,
+    pub maximum_delta_bytes: u64,
+    /// Bytes sent on the wire (after compression).
+    pub sent_bytes_total: u64,
+    pub average_latency_ms: u64,
+    pub maximum_latency_ms: u64,
+    /// Longest guest-write pause at a cut.
+    pub maximum_cut_pause_us: u64,
+    pub last_replication_time: Option<String>,
+    pub pending_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PointInfo {
+    /// The point's sequence number; `points export --point ID` takes it.
+    pub id: u64,
+    pub created_at: String,
+    pub cut_time_unix_ns: u64,
+    /// "Initial", "Incremental", "Full".
+    pub kind: String,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportPoint {
+    pub vm: String,
+    /// "latest" or a point id.
+    pub point: String,
+    pub disk: u32,
+    /// Absolute destination path; written as a sparse raw image.
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaServerConfig {
+    pub enabled: bool,
+    pub storage: String,
+    /// Peer certificate names allowed to replicate here; `*` allows every trusted peer.
+    pub allow: Vec<String>,
+    pub trust_group: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub name: String,
+    pub listen: String,
+    pub data_dir: String,
+    pub nbd_socket: String,
+    pub version: String,
+}
+
+/// Answer of `replication sync`: the point the replica committed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncResult {
+    pub vm: String,
+    pub seq: u64,
+    pub cut_time_unix_ns: u64,
+    pub delta_bytes: u64,
+    pub sent_bytes: u64,
+    pub latency_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    /// Stable event id, documented in docs/events.md.
+    pub id: u32,
+    pub time: String,
+    pub vm: Option<String>,
+    pub level: String,
+    pub message: String,
+}

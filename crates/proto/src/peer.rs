@@ -1,0 +1,53 @@
+//! The peer protocol between a primary daemon and a replica daemon (JSON control calls over
+//! HTTPS/HTTP/2 with mutual TLS; delta bodies use the format in docs/formats/delta.md).
+//!
+//! Routes (all under `/v1/replicas/{vm}`):
+//! - `POST .../hello` [`Hello`] → [`HelloReply`]: create or find the replica VM.
+//! - `PUT  .../deltas/{seq}` delta bytes → [`DeltaReply`] once the point is durable.
+//! - `GET  .../state` → [`HelloReply`].
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerDisk {
+    pub index: u32,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    pub vm: String,
+    /// Random id of this replication relationship (hex); both sides derive the delta key
+    /// from it, so a delta of another relationship never verifies.
+    pub replication_id: String,
+    pub generation: u64,
+    pub primary_host: String,
+    pub disks: Vec<PeerDisk>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HelloReply {
+    pub vm: String,
+    pub latest_seq: u64,
+    pub generation: u64,
+    /// Set when the replica found its copy damaged (a corrupt journal file, ...).
+    #[serde(default)]
+    pub damage: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeltaReply {
+    pub seq: u64,
+    pub cut_time_unix_ns: u64,
+    pub stored_bytes: u64,
+}
+
+/// Error body of a refused peer call. `code` is stable and machine-readable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerError {
+    /// e.g. "out_of_sequence", "corrupt_delta", "not_allowed", "unknown_vm", "replica_disabled".
+    pub code: String,
+    pub error: String,
+    #[serde(default)]
+    pub expected_seq: Option<u64>,
+}
