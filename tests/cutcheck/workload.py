@@ -76,6 +76,7 @@ class Workload:
         self.stop = False
         self.conns = []
         self.multi_conn = True
+        self.header_written = False
         self.log = open(args.log, "wb", buffering=1 << 20)
 
     # --- setup -----------------------------------------------------------
@@ -172,6 +173,7 @@ class Workload:
         for c in self.conns:
             self.ep.register(c.fd, 0)
         self.start_ns = time.time_ns()
+        self.header_written = True
         self.log.write(cf.pack_header(self.blocks, len(a.uri), a.connections,
                                       self.qd, a.seed, self.start_ns))
         deadline = time.monotonic() + a.duration
@@ -232,9 +234,9 @@ class Workload:
                 c.h.shutdown()
             except nbd.Error as e:
                 print(f"workload.py: flush/shutdown of disk {c.disk}: {e}", file=sys.stderr)
-        end = getattr(self, "end_ns", time.time_ns())
-        self.log.write(cf.pack_record(0, 0, 0, getattr(self, "start_ns", end), end,
-                                      cf.FLAG_END))
+        if self.header_written:  # else the log stays empty: nothing was written
+            end = getattr(self, "end_ns", time.time_ns())
+            self.log.write(cf.pack_record(0, 0, 0, self.start_ns, end, cf.FLAG_END))
         self.log.close()
 
 
