@@ -48,6 +48,10 @@ except ImportError:
              "(package python3-libnbd)")
 
 
+class SetupError(Exception):
+    pass
+
+
 class Conn:
     __slots__ = ("h", "disk", "fd", "inflight", "dead", "events")
 
@@ -88,10 +92,10 @@ class Workload:
                 h.connect_uri(uri)
                 size = h.get_size()
                 if size < need:
-                    raise SystemExit(f"workload.py: {uri} has {size} bytes, "
-                                     f"--blocks {self.blocks} needs {need}")
+                    raise SetupError(f"{uri} has {size} bytes, --blocks {self.blocks} "
+                                     f"needs {need}")
                 if h.is_read_only():
-                    raise SystemExit(f"workload.py: {uri} is read-only")
+                    raise SetupError(f"{uri} is read-only")
                 self.multi_conn = self.multi_conn and bool(h.can_multi_conn())
                 self.conns.append(Conn(h, disk))
 
@@ -270,7 +274,7 @@ def main():
     try:
         w.connect()
         w.run()
-    except nbd.Error as e:
+    except (nbd.Error, SetupError) as e:
         print(f"workload.py: {e}", file=sys.stderr)
         w.finish()
         sys.exit(2)
