@@ -1,0 +1,321 @@
+//! The delta header: its in-memory type, validation rules shared by writer and reader, and its
+//! byte encoding (see `docs/formats/delta.md`, "Header"). Also owns the key derivation, since
+//! the header checksum is the first use of the key.
+
+use crate::{
+    DeltaError, BLOCK_BYTES, DISKS_MAX, DISK_BYTES_MAX, HEADER_BYTES_MAX, VM_ID_BYTES_MAX,
+};
+
+pub(crate) const MAGIC: [u8; 8] = *b"USDELTA\0";
+pub(crate) const VERSION: u16 = 1;
+/// magic, version, flags, header_len: enough to know how much more header to read.
+pub(crate) const PREAMBLE_BYTES: usize = 16;
+/// Fixed fields after the preamble, before the VM id.
+const FIXED_BYTES: usize = 40;
+const DISK_ENTRY_BYTES: usize = 12;
+pub(crate) const CHECKSUM_BYTES: usize = 32;
+/// Smallest possible header: a 1-byte VM id and one disk.
+pub(crate) const HEADER_BYTES_MIN: usize =
+    PREAMBLE_BYTES + FIXED_BYTES + 1 + DISK_ENTRY_BYTES + CHECKSUM_BYTES;
+
+const HEADER_KEY_CONTEXT: &str = "understudy delta v1 header checksum";
+const MAC_KEY_CONTEXT: &str = "understudy delta v1 stream mac";
+
+/// What a delta represents relative to its parent point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeltaKind {
+    /// First replication of the VM: the parent is an all-zero disk.
+    Initial,
+    /// Changes since the parent point.
+    Incremental,
+    /// Full content (resynchronization); the sender covers every disk with frames.
+    Full,
+}
+
+impl DeltaKind {
+    pub fn code(self) -> u8 {
+        match self {
+            DeltaKind::Initial => 1,
+            DeltaKind::Incremental => 2,
+            DeltaKind::Full => 3,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Result<Self, DeltaError> {
+        match code {
+            1 => Ok(DeltaKind::Initial),
+            2 => Ok(DeltaKind::Incremental),
+            3 => Ok(DeltaKind::Full),
+            other => Err(DeltaError::UnknownKind(other)),
+        }
+    }
+
+    /// Stable lower-case name (for JSON and logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeltaKind::Initial => "initial",
+            DeltaKind::Incremental => "incremental",
+            DeltaKind::Full => "full",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "initial" => Some(DeltaKind::Initial),
+            "incremental" => Some(DeltaKind::Incremental),
+            "full" => Some(DeltaKind::Full),
+            _ => None,
+        }
+    }
+}
+
+/// Payload codec: in the header, the codecs frames may use; in a frame, the one it uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Compression {
+    None,
+    Zstd,
+}
+
+impl Compression {
+    pub fn code(self) -> u8 {
+        match self {
+            Compression::None => 0,
+            Compression::Zstd => 1,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Result<Self, DeltaError> {
+        match code {
+            0 => Ok(Compression::None),
+            1 => Ok(Compression::Zstd),
+            other => Err(DeltaError::UnknownCompression(other)),
+        }
+    }
+}
+
+/// One replicated disk: its index within the VM and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DiskEntry {
+    pub index: u32,
+    pub size_bytes: u64,
+}
+
+/// Everything the header says about a delta.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaHeader {
+    pub vm_id: String,
+    pub generation: u64,
+    pub seq: u64,
+    pub parent_seq: u64,
+    pub cut_time_unix_ns: u64,
+    pub kind: DeltaKind,
+    pub compression: Compression,
+    pub disks: Vec<DiskEntry>,
+}
+
+impl DeltaHeader {
+    /// The disk entry for `index`, if the delta carries that disk.
+    pub fn disk(&self, index: u32) -> Option<&DiskEntry> {
+        self.disks.iter().find(|d| d.index == index)
+    }
+
+    /// Checks every rule of the format that does not depend on bytes (shared by writer and
+    /// reader so that the writer can never produce what the reader refuses).
+    pub fn validate(&self) -> Result<(), DeltaError> {
+        if self.vm_id.is_empty() || self.vm_id.len() > VM_ID_BYTES_MAX {
+            return Err(DeltaError::BadHeader("vm_id must be 1..=255 bytes"));
+        }
+        if self.seq == 0 {
+            return Err(DeltaError::BadHeader("seq must be at least 1"));
+        }
+        if self.parent_seq >= self.seq {
+            return Err(DeltaError::BadHeader("parent_seq must be below seq"));
+        }
+        if self.disks.is_empty() || self.disks.len() > DISKS_MAX as usize {
+            return Err(DeltaError::BadHeader("disk count must be 1..=256"));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if d.size_bytes == 0 || d.size_bytes % BLOCK_BYTES != 0 || d.size_bytes > DISK_BYTES_MAX
+            {
+                return Err(DeltaError::BadHeader(
+                    "disk size must be a non-zero multiple of 4096 and at most 1 PiB",
+                ));
+            }
+            if self.disks[..i].iter().any(|o| o.index == d.index) {
+                return Err(DeltaError::BadHeader("duplicate disk index"));
+            }
+        }
+        Ok(())
+    }
+
+    fn encoded_len(vm_id_len: usize, disk_count: usize) -> usize {
+        PREAMBLE_BYTES + FIXED_BYTES + vm_id_len + DISK_ENTRY_BYTES * disk_count + CHECKSUM_BYTES
+    }
+
+    /// Encodes the header, checksum included. The caller has validated it.
+    pub(crate) fn encode(&self, keys: &Keys) -> Vec<u8> {
+        let len = Self::encoded_len(self.vm_id.len(), self.disks.len());
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        // validate() bounds len far below u32::MAX (≤ HEADER_BYTES_MAX).
+        out.extend_from_slice(&(len as u32).to_le_bytes());
+        out.push(self.kind.code());
+        out.push(self.compression.code());
+        out.push(self.vm_id.len() as u8);
+        out.push(0);
+        for v in [
+            self.generation,
+            self.seq,
+            self.parent_seq,
+            self.cut_time_unix_ns,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.disks.len() as u32).to_le_bytes());
+        out.extend_from_slice(self.vm_id.as_bytes());
+        for d in &self.disks {
+            out.extend_from_slice(&d.index.to_le_bytes());
+            out.extend_from_slice(&d.size_bytes.to_le_bytes());
+        }
+        let sum = blake3::keyed_hash(&keys.header, &out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+}
+
+/// Parses the 16-byte preamble and returns the total header length it announces.
+pub(crate) fn parse_preamble(p: &[u8]) -> Result<usize, DeltaError> {
+    let mut c = Cursor::new(p);
+    if c.bytes(8)? != MAGIC {
+        return Err(DeltaError::BadMagic);
+    }
+    let version = c.u16()?;
+    if version != VERSION {
+        return Err(DeltaError::UnsupportedVersion(version));
+    }
+    let flags = c.u16()?;
+    if flags != 0 {
+        return Err(DeltaError::UnsupportedFlags(flags));
+    }
+    let len = c.u32()?;
+    if len > HEADER_BYTES_MAX || (len as usize) < HEADER_BYTES_MIN {
+        return Err(DeltaError::BadHeader("header length out of bounds"));
+    }
+    Ok(len as usize)
+}
+
+/// Parses and checks a whole header (`bytes` is exactly the announced header length).
+pub(crate) fn parse_header(bytes: &[u8], keys: &Keys) -> Result<DeltaHeader, DeltaError> {
+    let body_len = bytes
+        .len()
+        .checked_sub(CHECKSUM_BYTES)
+        .ok_or(DeltaError::BadHeader("header too short"))?;
+    let (body, sum) = bytes.split_at(body_len);
+    let mut c = Cursor::new(body);
+    c.bytes(PREAMBLE_BYTES)?;
+    let kind = c.u8()?;
+    let compression = c.u8()?;
+    let vm_id_len = c.u8()? as usize;
+    if c.u8()? != 0 {
+        return Err(DeltaError::BadHeader("reserved byte must be zero"));
+    }
+    let generation = c.u64()?;
+    let seq = c.u64()?;
+    let parent_seq = c.u64()?;
+    let cut_time_unix_ns = c.u64()?;
+    let disk_count = c.u32()?;
+    if disk_count == 0 || disk_count > DISKS_MAX {
+        return Err(DeltaError::BadHeader("disk count must be 1..=256"));
+    }
+    if DeltaHeader::encoded_len(vm_id_len, disk_count as usize) != bytes.len() {
+        return Err(DeltaError::BadHeader(
+            "header length does not match its fields",
+        ));
+    }
+    // Only now that the length is known to be consistent, check the checksum: a wrong key or a
+    // flipped bit anywhere is refused before any field is interpreted further.
+    let want = blake3::keyed_hash(&keys.header, body);
+    if want.as_bytes() != sum {
+        return Err(DeltaError::HeaderChecksum);
+    }
+    let kind = DeltaKind::from_code(kind)?;
+    let compression = Compression::from_code(compression)?;
+    let vm_id = std::str::from_utf8(c.bytes(vm_id_len)?)
+        .map_err(|_| DeltaError::BadHeader("vm_id is not UTF-8"))?
+        .to_owned();
+    let mut disks = Vec::with_capacity(disk_count as usize);
+    for _ in 0..disk_count {
+        let index = c.u32()?;
+        let size_bytes = c.u64()?;
+        disks.push(DiskEntry { index, size_bytes });
+    }
+    let header = DeltaHeader {
+        vm_id,
+        generation,
+        seq,
+        parent_seq,
+        cut_time_unix_ns,
+        kind,
+        compression,
+        disks,
+    };
+    header.validate()?;
+    Ok(header)
+}
+
+/// The two sub-keys derived from the caller's key (domain separation).
+#[derive(Clone)]
+pub(crate) struct Keys {
+    pub header: [u8; 32],
+    pub mac: [u8; 32],
+}
+
+impl Keys {
+    pub fn derive(key: &[u8; 32]) -> Self {
+        Keys {
+            header: blake3::derive_key(HEADER_KEY_CONTEXT, key),
+            mac: blake3::derive_key(MAC_KEY_CONTEXT, key),
+        }
+    }
+}
+
+/// Bounds-checked little-endian reads over a byte slice (never panics).
+pub(crate) struct Cursor<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Cursor { buf }
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], DeltaError> {
+        if self.buf.len() < n {
+            return Err(DeltaError::BadHeader("field runs past the end"));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DeltaError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.bytes(N)?);
+        Ok(a)
+    }
+
+    pub fn u8(&mut self) -> Result<u8, DeltaError> {
+        Ok(self.array::<1>()?[0])
+    }
+    pub fn u16(&mut self) -> Result<u16, DeltaError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    pub fn u32(&mut self) -> Result<u32, DeltaError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    pub fn u64(&mut self) -> Result<u64, DeltaError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+}

@@ -1,0 +1,172 @@
+//! [`DeltaWriter`]: encodes a delta onto any `Write`. Validates every frame with the same rules
+//! the decoder applies, so it cannot produce a delta the reader refuses. It does not buffer:
+//! callers writing to a socket or file should pass a `BufWriter`.
+
+use std::io::Write;
+
+use crate::frame::{encode_frame_head, FrameInfo, FrameKind, TAG_FOOTER};
+use crate::header::Keys;
+use crate::{
+    Compression, DeltaError, DeltaHeader, DeltaSummary, BLOCK_BYTES, FRAME_DATA_BYTES_MAX,
+    ZSTD_LEVEL,
+};
+
+/// Streaming delta encoder.
+pub struct DeltaWriter<W: Write> {
+    out: W,
+    header: DeltaHeader,
+    mac: blake3::Hasher,
+    pos: u64,
+    frames: u64,
+    data_bytes: u64,
+    zero_bytes: u64,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    scratch: Vec<u8>,
+}
+
+impl<W: Write> DeltaWriter<W> {
+    /// Validates and writes the header.
+    pub fn new(out: W, header: &DeltaHeader, key: &[u8; 32]) -> Result<Self, DeltaError> {
+        header.validate()?;
+        let keys = Keys::derive(key);
+        let compressor = match header.compression {
+            Compression::None => None,
+            Compression::Zstd => Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
+        };
+        let mut w = DeltaWriter {
+            out,
+            header: header.clone(),
+            mac: blake3::Hasher::new_keyed(&keys.mac),
+            pos: 0,
+            frames: 0,
+            data_bytes: 0,
+            zero_bytes: 0,
+            compressor,
+            scratch: Vec::new(),
+        };
+        let bytes = header.encode(&keys);
+        w.emit(&bytes)?;
+        Ok(w)
+    }
+
+    /// Bytes written so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Records that `bytes` are at `offset` on `disk`. Splits into frames of at most 1 MiB and
+    /// compresses each one when the header enables it and it gets smaller. Empty is a no-op.
+    pub fn data(&mut self, disk: u32, offset: u64, bytes: &[u8]) -> Result<(), DeltaError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.check_range(disk, offset, bytes.len() as u64)?;
+        for (i, chunk) in bytes.chunks(FRAME_DATA_BYTES_MAX as usize).enumerate() {
+            let chunk_offset = offset + i as u64 * FRAME_DATA_BYTES_MAX;
+            self.data_frame(disk, chunk_offset, chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Records that `[offset, offset + len)` on `disk` reads as zeros (one frame, no payload).
+    /// Zero length is a no-op.
+    pub fn zero(&mut self, disk: u32, offset: u64, len: u64) -> Result<(), DeltaError> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_range(disk, offset, len)?;
+        let info = FrameInfo {
+            kind: FrameKind::Zero,
+            disk,
+            offset,
+            len,
+            codec: Compression::None,
+            stored_len: 0,
+            frame_pos: self.pos,
+        };
+        let head = encode_frame_head(&info, &[]);
+        self.emit(&head)?;
+        self.frames += 1;
+        self.zero_bytes += len;
+        Ok(())
+    }
+
+    /// Writes the footer and returns the writer and the totals.
+    pub fn finish(mut self) -> Result<(W, DeltaSummary), DeltaError> {
+        let mut footer = [0u8; 32];
+        footer[0] = TAG_FOOTER;
+        footer[8..16].copy_from_slice(&self.frames.to_le_bytes());
+        footer[16..24].copy_from_slice(&self.data_bytes.to_le_bytes());
+        footer[24..32].copy_from_slice(&self.zero_bytes.to_le_bytes());
+        self.emit(&footer)?;
+        let mac = *self.mac.finalize().as_bytes();
+        self.out.write_all(&mac)?;
+        self.out.flush()?;
+        let summary = DeltaSummary {
+            frames: self.frames,
+            data_bytes: self.data_bytes,
+            zero_bytes: self.zero_bytes,
+            stored_bytes: self.pos + mac.len() as u64,
+            mac,
+        };
+        Ok((self.out, summary))
+    }
+
+    fn data_frame(&mut self, disk: u32, offset: u64, chunk: &[u8]) -> Result<(), DeltaError> {
+        let len = chunk.len() as u64;
+        let mut codec = Compression::None;
+        if let Some(c) = self.compressor.as_mut() {
+            self.scratch
+                .resize(zstd::zstd_safe::compress_bound(chunk.len()), 0);
+            let n = c.compress_to_buffer(chunk, &mut self.scratch[..])?;
+            if (n as u64) < len {
+                self.scratch.truncate(n);
+                codec = Compression::Zstd;
+            }
+        }
+        let payload: &[u8] = match codec {
+            Compression::Zstd => &self.scratch,
+            Compression::None => chunk,
+        };
+        let info = FrameInfo {
+            kind: FrameKind::Data,
+            disk,
+            offset,
+            len,
+            codec,
+            // ≤ FRAME_DATA_BYTES_MAX, so it fits.
+            stored_len: payload.len() as u32,
+            frame_pos: self.pos,
+        };
+        let head = encode_frame_head(&info, payload);
+        self.mac.update(&head);
+        self.mac.update(payload);
+        self.out.write_all(&head)?;
+        self.out.write_all(payload)?;
+        self.pos += (head.len() + payload.len()) as u64;
+        self.frames += 1;
+        self.data_bytes += len;
+        Ok(())
+    }
+
+    fn check_range(&self, disk: u32, offset: u64, len: u64) -> Result<(), DeltaError> {
+        let entry = self
+            .header
+            .disk(disk)
+            .ok_or(DeltaError::UnknownDisk { disk })?;
+        if offset % BLOCK_BYTES != 0 || len % BLOCK_BYTES != 0 {
+            return Err(DeltaError::Misaligned { disk, offset, len });
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= entry.size_bytes => Ok(()),
+            _ => Err(DeltaError::FrameOutOfRange { disk, offset, len }),
+        }
+    }
+
+    fn emit(&mut self, bytes: &[u8]) -> Result<(), DeltaError> {
+        self.mac.update(bytes);
+        self.out.write_all(bytes)?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+}
