@@ -43,15 +43,38 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn trim(&self, offset: u64, len_bytes: u64, fua: bool) -> io::Result<()>;
 
     /// Make a range read as zeros; `may_trim` allows deallocating it.
-    fn write_zeroes(&self, offset: u64, len_bytes: u64, may_trim: bool, fua: bool)
-        -> io::Result<()>;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len_bytes: u64,
+        may_trim: bool,
+        fua: bool,
+    ) -> io::Result<()>;
+
+    /// Zero a range only if that is faster than writing zeros (NBD_CMD_FLAG_FAST_ZERO);
+    /// otherwise fail at once with `EOPNOTSUPP` and change nothing, so the client can fall
+    /// back to plain writes. The default always declines, which the spec allows.
+    fn write_zeroes_fast(
+        &self,
+        offset: u64,
+        len_bytes: u64,
+        may_trim: bool,
+        fua: bool,
+    ) -> io::Result<()> {
+        let _ = (offset, len_bytes, may_trim, fua);
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
 
     /// Allocation status of `[offset, offset + len_bytes)`. Returns at least one extent; the
     /// extents are contiguous from `offset` and may stop short of the end of the range.
     /// The default reports everything as allocated data.
     fn block_status(&self, offset: u64, len_bytes: u64) -> io::Result<Vec<Extent>> {
         let _ = offset;
-        Ok(vec![Extent { len_bytes, hole: false, zero: false }])
+        Ok(vec![Extent {
+            len_bytes,
+            hole: false,
+            zero: false,
+        }])
     }
 
     /// Prefetch hint (NBD_CMD_CACHE). The default does nothing.

@@ -4,6 +4,21 @@
 //! This crate owns the wire protocol and nothing else: it never knows about replication,
 //! tracking or journals. Every length and offset received from a client is validated against
 //! the export size and the bounds in [`limits`] before any backend call.
+//!
+//! Layout: [`codec`] (bytes in, typed requests out, no I/O), [`NbdServer`] (sockets and
+//! threads), [`file`] and [`memory`] (backends), [`registry`] (export names).
 
 mod backend;
-pub use backend::{BlockBackend, Extent, ExportRegistry};
+pub mod codec;
+pub mod file;
+pub mod limits;
+pub mod memory;
+pub mod registry;
+mod server;
+
+pub use backend::{BlockBackend, ExportRegistry, Extent};
+pub use codec::error::{NbdErrno, ProtocolError};
+pub use file::FileBackend;
+pub use memory::MemoryBackend;
+pub use registry::StaticRegistry;
+pub use server::{NbdServer, ServerConfig};

@@ -1,0 +1,65 @@
+//! Every bound the server applies to client-controlled sizes and to its own resources, each
+//! with the reason for its value. This module owns numbers only and must never contain logic.
+
+use std::time::Duration;
+
+/// Largest payload of one NBD_CMD_WRITE or NBD_CMD_READ (32 MiB), advertised as the maximum
+/// block size in NBD_INFO_BLOCK_SIZE. qemu and libnbd split larger I/O at this size, and it
+/// caps the memory one request can pin on a worker thread. A write announcing more than this
+/// cannot be skipped cheaply, so it closes the connection.
+pub const REQUEST_PAYLOAD_BYTES_MAX: u32 = 32 * 1024 * 1024;
+
+/// Minimum block size advertised: 1, because pread/pwrite accept any alignment.
+pub const BLOCK_SIZE_MIN_BYTES: u32 = 1;
+
+/// Preferred block size advertised: 4 KiB, the page and filesystem block size; smaller writes
+/// cost a read-modify-write in the page cache and a 4 KiB dirty bit in the tracker.
+pub const BLOCK_SIZE_PREFERRED_BYTES: u32 = 4096;
+
+/// Largest option payload we read during the handshake (64 KiB). The biggest legitimate
+/// option is NBD_OPT_GO or NBD_OPT_SET_META_CONTEXT with a 4 KiB name and a few queries;
+/// anything larger is hostile or broken and gets NBD_REP_ERR_TOO_BIG, then the connection is
+/// closed because the rest of the announced bytes are not worth reading.
+pub const OPTION_PAYLOAD_BYTES_MAX: u32 = 64 * 1024;
+
+/// Longest export name, description or query string: the spec says strings MUST be no longer
+/// than 4096 bytes.
+pub const STRING_BYTES_MAX: u32 = 4096;
+
+/// Most meta-context queries accepted in one NBD_OPT_{LIST,SET}_META_CONTEXT. We know one
+/// context; a client asking for more than this is answered NBD_REP_ERR_TOO_BIG.
+pub const META_QUERIES_MAX: u32 = 128;
+
+/// Most descriptors in one NBD_REPLY_TYPE_BLOCK_STATUS chunk (64 Ki = 512 KiB of reply). The
+/// spec says a server SHOULD NOT send more than 2^20; fewer keeps a reply to a fragmented
+/// file small, and the client simply asks again from where the answer stopped.
+pub const BLOCK_STATUS_EXTENTS_MAX: usize = 64 * 1024;
+
+/// Default time a client has to finish the whole handshake (greeting to NBD_OPT_GO). A client
+/// that is slower is broken or hostile; its thread and connection slot are released.
+pub const HANDSHAKE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+
+/// Default bound on concurrent connections (handshaking or transmitting). Each costs a few
+/// threads; 256 covers a host full of VMs with multi-conn clients.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 256;
+
+/// Default worker threads per connection, which is also the bound on requests in flight per
+/// connection (further requests wait in the socket buffer). 8 keeps two cores busy at QD32
+/// while bounding per-connection buffers to 8 x 32 MiB in the worst case.
+pub const WORKERS_PER_CONNECTION_DEFAULT: usize = 8;
+
+/// Upper clamp on `workers_per_connection`, so a misconfiguration cannot spawn thousands of
+/// threads per client.
+pub const WORKERS_PER_CONNECTION_MAX: usize = 64;
+
+/// A worker keeps its I/O buffer between requests up to this size (1 MiB) so small requests
+/// never allocate; a buffer grown for a larger request is shrunk back after it.
+pub const RETAINED_BUFFER_BYTES: usize = 1024 * 1024;
+
+/// Capacity of the buffered reader on a connection's socket (64 KiB): enough to pick up a
+/// burst of pipelined small requests with one read system call.
+pub const SOCKET_READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Stack of connection and worker threads (256 KiB): they only hold small fixed frames; I/O
+/// buffers live on the heap.
+pub const THREAD_STACK_BYTES: usize = 256 * 1024;

@@ -1,0 +1,326 @@
+//! One connection in transmission: a few worker threads share the socket the nbdkit way. A
+//! worker takes the reader lock, reads and validates one request (and its write payload),
+//! releases the lock, calls the backend, and sends its reply under the writer lock; replies
+//! may therefore leave out of order, matched by handle. In-flight requests are bounded by
+//! the worker count, buffered bytes by workers x the 32 MiB payload bound. This module owns
+//! the transmission loop; it must never validate ranges itself (the codec does).
+
+use std::io::{self, BufReader, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+
+use parking_lot::Mutex;
+use tracing::{debug, warn};
+
+use super::handshake::ConnError;
+use super::stream::Stream;
+use crate::codec::error::{NbdErrno, ProtocolError};
+use crate::codec::negotiate::Session;
+use crate::codec::reply::{
+    encode_block_status, encode_error_chunk, none_chunk, offset_data_prefix, simple_reply,
+    OFFSET_DATA_PREFIX_LEN, SIMPLE_REPLY_LEN,
+};
+use crate::codec::request::{
+    decide, parse_request_header, Command, Decision, ExportView, Rejection, Request,
+    REQUEST_HEADER_LEN,
+};
+use crate::limits::{RETAINED_BUFFER_BYTES, SOCKET_READ_BUFFER_BYTES, THREAD_STACK_BYTES};
+
+/// State shared by the workers of one connection.
+struct Transmission<'s> {
+    id: u64,
+    session: &'s Session,
+    view: ExportView,
+    reader: Mutex<BufReader<Stream>>,
+    writer: Mutex<Stream>,
+    /// Used to wake blocked reads and writes when the connection ends.
+    control: Stream,
+    /// Set once no further request may be read (disconnect, error, EOF).
+    closing: AtomicBool,
+}
+
+/// What a worker got from the socket.
+enum Next {
+    Run(Request),
+    Reply(Rejection),
+    Stop,
+}
+
+/// Serves requests until the client disconnects or the stream breaks. Returns the reason the
+/// connection ended, for the caller's log.
+pub(crate) fn transmit(
+    stream: Stream,
+    session: &Session,
+    workers: usize,
+    id: u64,
+) -> Result<(), ConnError> {
+    let view = ExportView {
+        size_bytes: session.size_bytes,
+        read_only: session.backend.read_only(),
+        structured_replies: session.structured_replies,
+        base_allocation: session.base_allocation,
+    };
+    let t = Transmission {
+        id,
+        session,
+        view,
+        reader: Mutex::new(BufReader::with_capacity(
+            SOCKET_READ_BUFFER_BYTES,
+            stream.try_clone()?,
+        )),
+        writer: Mutex::new(stream.try_clone()?),
+        control: stream,
+        closing: AtomicBool::new(false),
+    };
+    let end: Mutex<Result<(), ConnError>> = Mutex::new(Ok(()));
+    thread::scope(|scope| {
+        for n in 1..workers.max(1) {
+            let spawned = thread::Builder::new()
+                .name(format!("nbd-{id}-w{n}"))
+                .stack_size(THREAD_STACK_BYTES)
+                .spawn_scoped(scope, || t.worker(&end));
+            if let Err(e) = spawned {
+                // Fewer workers only means less parallelism; keep serving.
+                warn!(conn = id, "could not start worker thread: {e}");
+                break;
+            }
+        }
+        t.worker(&end);
+    });
+    end.into_inner()
+}
+
+impl Transmission<'_> {
+    fn worker(&self, end: &Mutex<Result<(), ConnError>>) {
+        let mut buf: Vec<u8> = Vec::new();
+        let mut scratch: Vec<u8> = Vec::new();
+        loop {
+            let next = match self.next_request(&mut buf) {
+                Ok(next) => next,
+                Err(e) => {
+                    self.close(Shutdown::Both);
+                    let mut end = end.lock();
+                    if end.is_ok() {
+                        *end = Err(e);
+                    }
+                    break;
+                }
+            };
+            let sent = match next {
+                Next::Stop => break,
+                Next::Reply(rejection) => self.reject(rejection, &mut scratch),
+                Next::Run(request) => self.execute(request, &mut buf, &mut scratch),
+            };
+            if let Err(e) = sent {
+                self.close(Shutdown::Both);
+                let mut end = end.lock();
+                if end.is_ok() {
+                    *end = Err(e.into());
+                }
+                break;
+            }
+            if buf.len() > RETAINED_BUFFER_BYTES {
+                buf.truncate(RETAINED_BUFFER_BYTES);
+                buf.shrink_to_fit();
+            }
+        }
+    }
+
+    fn close(&self, how: Shutdown) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.control.shutdown(how);
+    }
+
+    /// Reads one request under the reader lock; write payloads are read into `buf`.
+    fn next_request(&self, buf: &mut Vec<u8>) -> Result<Next, ConnError> {
+        let mut reader = self.reader.lock();
+        if self.closing.load(Ordering::SeqCst) {
+            return Ok(Next::Stop);
+        }
+        let mut header = [0u8; REQUEST_HEADER_LEN];
+        if let Err(e) = reader.read_exact(&mut header) {
+            // After a disconnect by the client, EOF is the normal end.
+            return if e.kind() == io::ErrorKind::UnexpectedEof {
+                Err(ConnError::Eof)
+            } else {
+                Err(e.into())
+            };
+        }
+        let header = parse_request_header(&header)?;
+        match decide(&header, &self.view) {
+            Decision::Execute(request) => {
+                match request.command {
+                    Command::Write { .. } => {
+                        let len = request.len_bytes as usize;
+                        grow(buf, len);
+                        reader.read_exact(&mut buf[..len])?;
+                    }
+                    Command::Disconnect => {
+                        // No request after DISC; replies in flight still go out, so only the
+                        // read side is shut.
+                        drop(reader);
+                        self.close(Shutdown::Read);
+                        return Ok(Next::Stop);
+                    }
+                    _ => {}
+                }
+                Ok(Next::Run(request))
+            }
+            Decision::Reject(rejection) => {
+                let want = u64::from(rejection.payload_bytes);
+                let skipped = io::copy(&mut (&mut *reader).take(want), &mut io::sink())?;
+                if skipped != want {
+                    return Err(ConnError::Eof);
+                }
+                Ok(Next::Reply(rejection))
+            }
+            Decision::Close(e) => Err(ProtocolError::into(e)),
+        }
+    }
+
+    fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        self.writer.lock().write_all(bytes)
+    }
+
+    fn reject(&self, r: Rejection, scratch: &mut Vec<u8>) -> io::Result<()> {
+        debug!(
+            conn = self.id,
+            handle = r.handle,
+            "request rejected: {:?}",
+            r.error
+        );
+        if r.structured {
+            scratch.clear();
+            encode_error_chunk(scratch, r.handle, r.error);
+            self.send(scratch)
+        } else {
+            self.send(&simple_reply(Some(r.error), r.handle))
+        }
+    }
+
+    fn execute(&self, req: Request, buf: &mut Vec<u8>, scratch: &mut Vec<u8>) -> io::Result<()> {
+        let backend = &self.session.backend;
+        let (offset, len) = (req.offset, u64::from(req.len_bytes));
+        let result = match req.command {
+            Command::Read => return self.read(req, buf, scratch),
+            Command::BlockStatus { req_one } => return self.block_status(req, req_one, scratch),
+            Command::Write { fua } => backend.write_at(&buf[..req.len_bytes as usize], offset, fua),
+            Command::Flush => backend.flush(),
+            // Zero-length ranges are no-ops: some system calls reject them with EINVAL.
+            _ if len == 0 => Ok(()),
+            Command::Trim { fua } => backend.trim(offset, len, fua),
+            Command::Cache => backend.cache(offset, len),
+            Command::WriteZeroes {
+                may_trim,
+                fua,
+                fast: false,
+            } => backend.write_zeroes(offset, len, may_trim, fua),
+            Command::WriteZeroes {
+                may_trim,
+                fua,
+                fast: true,
+            } => backend.write_zeroes_fast(offset, len, may_trim, fua),
+            // Handled in next_request; never executed.
+            Command::Disconnect => Ok(()),
+        };
+        let error = result.err().map(|e| self.backend_error(&req, &e));
+        self.send(&simple_reply(error, req.handle))
+    }
+
+    fn backend_error(&self, req: &Request, e: &io::Error) -> NbdErrno {
+        let errno = NbdErrno::from_io(e);
+        // A declined fast zero is the expected answer, not a failure worth a warning.
+        if errno != NbdErrno::NotSup {
+            warn!(
+                conn = self.id,
+                export = %self.session.export_name,
+                command = ?req.command,
+                offset = req.offset,
+                len_bytes = req.len_bytes,
+                "backend error: {e}"
+            );
+        }
+        errno
+    }
+
+    fn read(&self, req: Request, buf: &mut Vec<u8>, scratch: &mut Vec<u8>) -> io::Result<()> {
+        let structured = self.view.structured_replies;
+        if structured && req.len_bytes == 0 {
+            return self.send(&none_chunk(req.handle));
+        }
+        let prefix = if structured {
+            OFFSET_DATA_PREFIX_LEN
+        } else {
+            SIMPLE_REPLY_LEN
+        };
+        let len = req.len_bytes as usize;
+        grow(buf, prefix + len);
+        // The data lands right after room for the reply header: one write, no copy.
+        match self
+            .session
+            .backend
+            .read_at(&mut buf[prefix..prefix + len], req.offset)
+        {
+            Ok(()) => {
+                if structured {
+                    buf[..prefix].copy_from_slice(&offset_data_prefix(
+                        req.handle,
+                        req.offset,
+                        req.len_bytes,
+                    ));
+                } else {
+                    buf[..prefix].copy_from_slice(&simple_reply(None, req.handle));
+                }
+                self.send(&buf[..prefix + len])
+            }
+            Err(e) => {
+                let errno = self.backend_error(&req, &e);
+                self.reject(
+                    Rejection {
+                        handle: req.handle,
+                        error: errno,
+                        payload_bytes: 0,
+                        structured,
+                    },
+                    scratch,
+                )
+            }
+        }
+    }
+
+    fn block_status(&self, req: Request, req_one: bool, scratch: &mut Vec<u8>) -> io::Result<()> {
+        let extents = self
+            .session
+            .backend
+            .block_status(req.offset, u64::from(req.len_bytes));
+        scratch.clear();
+        let error = match extents {
+            Ok(extents) => {
+                if encode_block_status(scratch, req.handle, &extents, req.len_bytes, req_one) > 0 {
+                    return self.send(scratch);
+                }
+                warn!(conn = self.id, export = %self.session.export_name, "backend returned no extents");
+                NbdErrno::Io
+            }
+            Err(e) => self.backend_error(&req, &e),
+        };
+        self.reject(
+            Rejection {
+                handle: req.handle,
+                error,
+                payload_bytes: 0,
+                structured: true,
+            },
+            scratch,
+        )
+    }
+}
+
+/// Makes `buf` at least `len` long; zero-fills only the growth, so a reused buffer costs
+/// nothing.
+fn grow(buf: &mut Vec<u8>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+}
