@@ -1,1 +1,277 @@
-fn main() {}
+//! `understudy`: the daemon (`serve`) and the CLI that talks to it over `<data-dir>/api.sock`.
+//!
+//! The CLI never opens a disk image: every command that touches VM state is a call to the
+//! local daemon. Only `identity` and `trust` work on files directly, so a host can be paired
+//! before its daemon first runs.
+
+mod cli;
+mod daemon;
+mod demo;
+mod nbd_client;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit status for a transient refusal: retry later (EX_TEMPFAIL).
+pub const EXIT_TRANSIENT: u8 = 75;
+
+#[derive(Parser)]
+#[command(name = "understudy", version, about = "Disaster-recovery replication for KVM/QEMU virtual machine disks")]
+struct Cli {
+    /// The host's state directory (identity, catalog, disks, sockets).
+    #[arg(long, global = true, env = "UNDERSTUDY_DATA_DIR", default_value = "/var/lib/understudy")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the host daemon in the foreground.
+    Serve(ServeArgs),
+    /// Print this host's CA certificate (PEM) for peers to trust.
+    Identity,
+    /// Manage the certificates this host trusts.
+    #[command(subcommand)]
+    Trust(TrustCmd),
+    /// Configure this host as a replica server.
+    #[command(subcommand, name = "replica-server")]
+    ReplicaServer(ReplicaServerCmd),
+    /// Create, import and inspect virtual machines.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Replicate a VM to another host.
+    #[command(subcommand)]
+    Replication(ReplicationCmd),
+    /// Recovery points on a replica host.
+    #[command(subcommand)]
+    Points(PointsCmd),
+    /// The guided end-to-end tour on loopback (temporary directory, no setup).
+    Demo,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address for peer (replication) traffic, HOST:PORT.
+    #[arg(long)]
+    pub listen: String,
+    /// This host's name (certificate subject).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Use this certificate (PEM) instead of the generated identity.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) for --cert.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// CA certificate (PEM) that issued --cert, printed by `identity`.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TrustCmd {
+    /// Trust a peer's certificate or CA (PEM file).
+    Add { file: PathBuf },
+    /// List trusted certificates.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReplicaServerCmd {
+    /// Accept replicas from trusted peers into DIR.
+    Enable {
+        #[arg(long)]
+        storage: PathBuf,
+        /// Peer name allowed to replicate here (repeatable; `*` = any trusted peer).
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+        #[arg(long)]
+        trust_group: Option<String>,
+    },
+    /// Stop accepting replicas (existing replicas are kept).
+    Disable,
+    /// Show the replica server settings.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Create a VM with new raw sparse disks.
+    Create {
+        name: String,
+        /// Disk size (e.g. 8G, 512M); repeat for more disks.
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+    },
+    /// Create a VM from existing images (any format qemu-img reads).
+    Import {
+        name: String,
+        #[arg(long = "image", required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// List VMs.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM and its disks.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReplicationCmd {
+    /// Enable replication of a VM to a replica host.
+    Enable {
+        name: String,
+        #[arg(long)]
+        replica: String,
+        /// Seconds between cycles: 30, 300, 900 or any value from 1 to 3600.
+        #[arg(long, default_value_t = 300)]
+        frequency: u32,
+        #[arg(long, default_value = "zstd", value_parser = ["zstd", "none"])]
+        compression: String,
+        /// Disk indexes to replicate, e.g. 0,1 (default: all).
+        #[arg(long, value_delimiter = ',')]
+        disks: Option<Vec<u32>>,
+    },
+    /// Start initial replication.
+    Start {
+        name: String,
+        /// Return only when initial replication is complete.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cut and ship now; returns when the replica has committed the point.
+    Sync {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replication state and health.
+    Status {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replication statistics.
+    Measure {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause shipping (changes keep being tracked).
+    Suspend { name: String },
+    /// Resume shipping; with --resynchronize, bring a VM in ResynchronizationRequired back.
+    Resume {
+        name: String,
+        #[arg(long)]
+        resynchronize: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PointsCmd {
+    /// List the recovery points of a replica VM.
+    List {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one disk of a recovery point to a raw image file.
+    Export {
+        name: String,
+        #[arg(long, default_value = "latest")]
+        point: String,
+        #[arg(long, default_value_t = 0)]
+        disk: u32,
+        #[arg(long)]
+        to: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => daemon::serve(&cli.data_dir, args),
+        Command::Demo => demo::run(),
+        Command::Identity => cli::identity(&cli.data_dir),
+        Command::Trust(TrustCmd::Add { file }) => cli::trust_add(&cli.data_dir, &file),
+        Command::Trust(TrustCmd::List { json }) => cli::trust_list(&cli.data_dir, json),
+        Command::ReplicaServer(cmd) => {
+            let api = cli::Api::new(&cli.data_dir);
+            match cmd {
+                ReplicaServerCmd::Enable { storage, allow, trust_group } => {
+                    cli::replica_server_enable(&api, &storage, allow, trust_group)
+                }
+                ReplicaServerCmd::Disable => cli::replica_server_disable(&api),
+                ReplicaServerCmd::Show { json } => cli::replica_server_show(&api, json),
+            }
+        }
+        Command::Vm(cmd) => {
+            let api = cli::Api::new(&cli.data_dir);
+            match cmd {
+                VmCmd::Create { name, disks } => cli::vm_create(&api, &name, &disks),
+                VmCmd::Import { name, images } => cli::vm_import(&api, &name, &images),
+                VmCmd::List { json } => cli::vm_list(&api, json),
+                VmCmd::Show { name, json } => cli::vm_show(&api, &name, json),
+            }
+        }
+        Command::Replication(cmd) => {
+            let api = cli::Api::new(&cli.data_dir);
+            match cmd {
+                ReplicationCmd::Enable { name, replica, frequency, compression, disks } => {
+                    cli::replication_enable(&api, &name, &replica, frequency, &compression, disks)
+                }
+                ReplicationCmd::Start { name, wait } => cli::replication_start(&api, &name, wait),
+                ReplicationCmd::Sync { name, json } => cli::replication_sync(&api, &name, json),
+                ReplicationCmd::Status { name, json } => {
+                    cli::replication_status(&api, name.as_deref(), json)
+                }
+                ReplicationCmd::Measure { name, json } => {
+                    cli::replication_measure(&api, &name, json)
+                }
+                ReplicationCmd::Suspend { name } => cli::replication_action(&api, &name, "suspend"),
+                ReplicationCmd::Resume { name, resynchronize } => cli::replication_action(
+                    &api,
+                    &name,
+                    if resynchronize { "resynchronize" } else { "resume" },
+                ),
+            }
+        }
+        Command::Points(cmd) => {
+            let api = cli::Api::new(&cli.data_dir);
+            match cmd {
+                PointsCmd::List { name, json } => cli::points_list(&api, &name, json),
+                PointsCmd::Export { name, point, disk, to } => {
+                    cli::points_export(&api, &name, &point, disk, &to)
+                }
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let transient = err.downcast_ref::<cli::ApiFailure>().is_some_and(|f| f.transient);
+            // One line: the chain of causes joined, as scripts read stderr line by line.
+            eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
+            if transient {
+                ExitCode::from(EXIT_TRANSIENT)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The command-line client: parses user input, calls the local daemon, prints results for
+//! humans (tables, progress bars) or scripts (`--json`). Never opens a disk image.
+
+mod api;
+mod output;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use proto::{
+    Compression, CreateVm, EnableReplication, ExportPoint, ImportVm, Measure, PointInfo,
+    ReplicaServerConfig, ReplicationState, ReplicationStatus, SyncResult, VmInfo,
+};
+use serde_json::Value;
+
+pub use api::{Api, ApiFailure};
+
+/// How often `replication start --wait` polls the daemon.
+const WAIT_POLL: Duration = Duration::from_millis(200);
+
+pub fn identity(data_dir: &Path) -> anyhow::Result<()> {
+    // The daemon writes the CA of the identity it serves with (generated or --ca) at start.
+    let pem = std::fs::read_to_string(data_dir.join("identity.pem")).with_context(|| {
+        format!(
+            "no identity in {} yet: start the daemon once with `understudy serve --data-dir {} --listen HOST:PORT --name NAME`",
+            data_dir.display(),
+            data_dir.display()
+        )
+    })?;
+    print!("{pem}");
+    Ok(())
+}
+
+pub fn trust_add(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
+    let store = transport::TrustStore::open(&data_dir.join("trust"))?;
+    let added = store.add(file)?;
+    // A running daemon picks the new trust up for new connections at once.
+    let api = Api::new(data_dir);
+    let _ = api.post::<_, Value>("/v1/trust/reload", &serde_json::json!({}));
+    let subject = added.subject.as_deref().unwrap_or("certificate");
+    if added.newly_added {
+        println!("trusted {subject} ({})", added.fingerprint);
+    } else {
+        println!("{subject} ({}) was already trusted", added.fingerprint);
+    }
+    Ok(())
+}
+
+pub fn trust_list(data_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let store = transport::TrustStore::open(&data_dir.join("trust"))?;
+    let list = store.list()?;
+    if json {
+        let items: Vec<Value> = list
+            .iter()
+            .map(|t| serde_json::json!({"subject": t.subject, "fingerprint": t.fingerprint, "path": t.path}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&items)?);
+    } else {
+        for t in list {
+            println!("{}  {}", t.fingerprint, t.subject.as_deref().unwrap_or("-"));
+        }
+    }
+    Ok(())
+}
+
+pub fn replica_server_enable(
+    api: &Api,
+    storage: &Path,
+    allow: Vec<String>,
+    trust_group: Option<String>,
+) -> anyhow::Result<()> {
+    let storage = absolute(storage)?;
+    let allow = if allow.is_empty() { vec!["*".to_string()] } else { allow };
+    let cfg = ReplicaServerConfig {
+        enabled: true,
+        storage: storage.display().to_string(),
+        allow,
+        trust_group,
+    };
+    let cfg: ReplicaServerConfig = api.post("/v1/replica-server", &cfg)?;
+    println!("replica server enabled: storage {}, allowing {}", cfg.storage, cfg.allow.join(", "));
+    Ok(())
+}
+
+pub fn replica_server_disable(api: &Api) -> anyhow::Result<()> {
+    let _: ReplicaServerConfig = api.post("/v1/replica-server/disable", &serde_json::json!({}))?;
+    println!("replica server disabled");
+    Ok(())
+}
+
+pub fn replica_server_show(api: &Api, json: bool) -> anyhow::Result<()> {
+    let cfg: Option<ReplicaServerConfig> = api.get("/v1/replica-server")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&cfg)?);
+    } else {
+        match cfg {
+            Some(c) if c.enabled => println!("enabled, storage {}, allow {}", c.storage, c.allow.join(", ")),
+            _ => println!("disabled"),
+        }
+    }
+    Ok(())
+}
+
+pub fn vm_create(api: &Api, name: &str, disks: &[String]) -> anyhow::Result<()> {
+    let sizes = disks.iter().map(|s| parse_size(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    let vm: VmInfo = api.post("/v1/vms", &CreateVm { name: name.to_string(), disk_sizes_bytes: sizes })?;
+    output::print_vm(&vm);
+    Ok(())
+}
+
+pub fn vm_import(api: &Api, name: &str, images: &[PathBuf]) -> anyhow::Result<()> {
+    let images = images
+        .iter()
+        .map(|p| absolute(p).map(|p| p.display().to_string()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let vm: VmInfo = api.post("/v1/vms/import", &ImportVm { name: name.to_string(), images })?;
+    output::print_vm(&vm);
+    Ok(())
+}
+
+pub fn vm_list(api: &Api, json: bool) -> anyhow::Result<()> {
+    let vms: Vec<VmInfo> = api.get("/v1/vms")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&vms)?);
+    } else {
+        output::print_vm_table(&vms);
+    }
+    Ok(())
+}
+
+pub fn vm_show(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
+    let vm: VmInfo = api.get(&format!("/v1/vms/{}", path_segment(name)?))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&vm)?);
+    } else {
+        output::print_vm(&vm);
+    }
+    Ok(())
+}
+
+pub fn replication_enable(
+    api: &Api,
+    name: &str,
+    replica: &str,
+    frequency: u32,
+    compression: &str,
+    disks: Option<Vec<u32>>,
+) -> anyhow::Result<()> {
+    if !(1..=3600).contains(&frequency) {
+        bail!("--frequency must be between 1 and 3600 seconds (Hyper-V's 30, 300 and 900 included), got {frequency}");
+    }
+    let compression = if compression == "none" { Compression::None } else { Compression::Zstd };
+    let req = EnableReplication {
+        vm: name.to_string(),
+        replica: replica.to_string(),
+        frequency_secs: frequency,
+        compression,
+        disks,
+    };
+    let st: ReplicationStatus =
+        api.post(&format!("/v1/vms/{}/replication/enable", path_segment(name)?), &req)?;
+    println!(
+        "replication enabled for {} to {} every {} s (disks {:?}); run `understudy replication start {}`",
+        st.vm, st.peer, st.frequency_secs, st.disks, st.vm
+    );
+    Ok(())
+}
+
+pub fn replication_start(api: &Api, name: &str, wait: bool) -> anyhow::Result<()> {
+    let seg = path_segment(name)?;
+    let _: ReplicationStatus = api.post(&format!("/v1/vms/{seg}/replication/start"), &serde_json::json!({}))?;
+    if !wait {
+        println!("initial replication of {name} started; follow it with `understudy replication status {name}`");
+        return Ok(());
+    }
+    let bar = std::io::stderr().is_terminal().then(output::progress_bar);
+    loop {
+        let st: ReplicationStatus = api.get(&format!("/v1/vms/{seg}/replication"))?;
+        if let (Some(bar), Some(p)) = (&bar, &st.progress) {
+            bar.set_length(p.total_bytes.max(1));
+            bar.set_position(p.done_bytes);
+            if let Some(e) = &st.last_error {
+                bar.set_message(format!("retrying: {e}"));
+            }
+        }
+        match st.state {
+            ReplicationState::Replicating | ReplicationState::Suspended => break,
+            ReplicationState::ResynchronizationRequired => {
+                bail!("{name}: resynchronization required: {}", st.resync_reason.unwrap_or_default())
+            }
+            _ => std::thread::sleep(WAIT_POLL),
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    println!("initial replication of {name} complete");
+    Ok(())
+}
+
+pub fn replication_sync(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
+    let r: SyncResult =
+        api.post(&format!("/v1/vms/{}/replication/sync", path_segment(name)?), &serde_json::json!({}))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "{}: point {} committed ({} changed, {} sent, {} ms)",
+            r.vm,
+            r.seq,
+            output::bytes(r.delta_bytes),
+            output::bytes(r.sent_bytes),
+            r.latency_ms
+        );
+    }
+    Ok(())
+}
+
+pub fn replication_status(api: &Api, name: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let list: Vec<ReplicationStatus> = match name {
+        Some(n) => vec![api.get(&format!("/v1/vms/{}/replication", path_segment(n)?))?],
+        None => api.get("/v1/replication")?,
+    };
+    if json {
+        if name.is_some() {
+            println!("{}", serde_json::to_string_pretty(&list[0])?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        }
+    } else {
+        output::print_status(&list);
+    }
+    Ok(())
+}
+
+pub fn replication_measure(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
+    let m: Measure = api.get(&format!("/v1/vms/{}/replication/measure", path_segment(name)?))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        output::print_measure(&m);
+    }
+    Ok(())
+}
+
+pub fn replication_action(api: &Api, name: &str, action: &str) -> anyhow::Result<()> {
+    let st: ReplicationStatus =
+        api.post(&format!("/v1/vms/{}/replication/{action}", path_segment(name)?), &serde_json::json!({}))?;
+    println!("{}: {:?}", st.vm, st.state);
+    Ok(())
+}
+
+pub fn points_list(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
+    let points: Vec<PointInfo> = api.get(&format!("/v1/points/{}", path_segment(name)?))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&points)?);
+    } else {
+        output::print_points(&points);
+    }
+    Ok(())
+}
+
+pub fn points_export(api: &Api, name: &str, point: &str, disk: u32, to: &Path) -> anyhow::Result<()> {
+    let to = absolute(to)?;
+    let req = ExportPoint { vm: name.to_string(), point: point.to_string(), disk, to: to.display().to_string() };
+    let p: PointInfo = api.post(&format!("/v1/points/{}/export", path_segment(name)?), &req)?;
+    println!("exported {name} point {} ({}) disk {disk} to {}", p.id, p.created_at, to.display());
+    Ok(())
+}
+
+/// Parses `1G`, `512M`, `64K`, `1T` or a byte count (binary units; `iB`/`B` suffixes allowed).
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("invalid size {s:?}: use a number with K, M, G or T, e.g. 8G"))?;
+    let bytes = n.checked_mul(mult).ok_or_else(|| anyhow::anyhow!("size {s:?} is too large"))?;
+    if bytes == 0 || bytes % 4096 != 0 {
+        bail!("invalid size {s:?}: a disk must be a non-zero multiple of 4 KiB");
+    }
+    Ok(bytes)
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    Ok(std::env::current_dir().context("reading the current directory")?.join(p))
+}
+
+/// VM names travel in URL paths; they are validated by the daemon, but refuse here what
+/// could change the path's meaning.
+fn path_segment(name: &str) -> anyhow::Result<&str> {
+    if name.is_empty() || name.contains(['/', '?', '#', '%', ' ']) {
+        bail!("invalid VM name {name:?}: use letters, digits, '.', '_' and '-'");
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("8GiB").unwrap(), 8 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("1000").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,95 @@
+//! Human-readable output of the CLI: tables and progress bars. `--json` bypasses all of this.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use proto::{Measure, PointInfo, ReplicationStatus, VmInfo};
+
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(1);
+    let style = ProgressStyle::with_template(
+        "{spinner} initial replication [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar
+}
+
+pub fn print_vm(vm: &VmInfo) {
+    println!("VM {} (created {}, replication: {})", vm.name, vm.created_at, vm.replication_role);
+    for d in &vm.disks {
+        println!("  disk {}  {:>10}  {}", d.index, bytes(d.size_bytes), d.nbd_uri);
+    }
+}
+
+pub fn print_vm_table(vms: &[VmInfo]) {
+    println!("{:<24} {:>5} {:>12} {:<10}", "NAME", "DISKS", "SIZE", "REPLICATION");
+    for vm in vms {
+        let total: u64 = vm.disks.iter().map(|d| d.size_bytes).sum();
+        println!("{:<24} {:>5} {:>12} {:<10}", vm.name, vm.disks.len(), bytes(total), vm.replication_role);
+    }
+}
+
+pub fn print_status(list: &[ReplicationStatus]) {
+    println!(
+        "{:<20} {:<8} {:<30} {:<8} {:<25} {:>12}",
+        "VM", "ROLE", "STATE", "HEALTH", "LAST REPLICATION", "PENDING"
+    );
+    for st in list {
+        println!(
+            "{:<20} {:<8} {:<30} {:<8} {:<25} {:>12}",
+            st.vm,
+            st.role,
+            format!("{:?}", st.state),
+            format!("{:?}", st.health),
+            st.last_replication_time.as_deref().unwrap_or("never"),
+            bytes(st.pending_bytes)
+        );
+        for r in &st.health_reasons {
+            println!("    {r}");
+        }
+    }
+}
+
+pub fn print_measure(m: &Measure) {
+    println!("VM {}: {:?}, health {:?}", m.vm, m.state, m.health);
+    println!("  measuring since        {}", m.measuring_since);
+    println!("  successful cycles      {}", m.successful_cycles);
+    println!("  failed cycles          {}", m.failed_cycles);
+    println!("  average delta          {}", bytes(m.average_delta_bytes));
+    println!("  maximum delta          {}", bytes(m.maximum_delta_bytes));
+    println!("  sent in total          {}", bytes(m.sent_bytes_total));
+    println!("  average latency        {} ms", m.average_latency_ms);
+    println!("  maximum latency        {} ms", m.maximum_latency_ms);
+    println!("  longest cut pause      {} us", m.maximum_cut_pause_us);
+    println!("  last replication       {}", m.last_replication_time.as_deref().unwrap_or("never"));
+    println!("  pending                {}", bytes(m.pending_bytes));
+}
+
+pub fn print_points(points: &[PointInfo]) {
+    println!("{:>8}  {:<25} {:<12} {:>12} {:>12}", "ID", "CREATED", "KIND", "CHANGED", "STORED");
+    for p in points {
+        println!(
+            "{:>8}  {:<25} {:<12} {:>12} {:>12}",
+            p.id,
+            p.created_at,
+            p.kind,
+            bytes(p.data_bytes + p.zero_bytes),
+            bytes(p.stored_bytes)
+        );
+    }
+}

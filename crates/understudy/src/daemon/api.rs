@@ -1,0 +1,160 @@
+//! The local API on `<data-dir>/api.sock`: JSON over HTTP/1.1, one closed set of routes. It
+//! translates requests into calls on [`Shared`] and the replication tasks, and errors into
+//! status codes (a refusal is 4xx, "retry later" is 503, never a 500 for a user mistake).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::anyhow;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use proto::{CreateVm, EnableReplication, ExportPoint, ImportVm, ReplicaServerConfig};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::primary::Cmd;
+use super::Shared;
+
+/// Largest API request body; every request is a small JSON document.
+const API_BODY_MAX_BYTES: usize = 1 << 20;
+
+/// An API refusal with its HTTP status.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiErr {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+pub fn transient(message: impl Into<String>) -> anyhow::Error {
+    ApiErr { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into() }.into()
+}
+pub fn not_found(message: impl Into<String>) -> anyhow::Error {
+    ApiErr { status: StatusCode::NOT_FOUND, message: message.into() }.into()
+}
+pub fn conflict(message: impl Into<String>) -> anyhow::Error {
+    ApiErr { status: StatusCode::CONFLICT, message: message.into() }.into()
+}
+pub fn bad_request(message: impl Into<String>) -> anyhow::Error {
+    ApiErr { status: StatusCode::BAD_REQUEST, message: message.into() }.into()
+}
+
+pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    match route(shared, req).await {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(e) => {
+            let (status, transient) = match e.downcast_ref::<ApiErr>() {
+                Some(a) => (a.status, a.status == StatusCode::SERVICE_UNAVAILABLE),
+                None => (StatusCode::UNPROCESSABLE_ENTITY, false),
+            };
+            tracing::debug!("{method} {path}: {status}: {e:#}");
+            let err = proto::ApiError { error: format!("{e:#}"), transient };
+            json_response(status, serde_json::to_vec(&err).unwrap_or_default())
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn to_json<T: Serialize>(v: &T) -> anyhow::Result<Vec<u8>> {
+    Ok(serde_json::to_vec(v)?)
+}
+
+async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> anyhow::Result<T> {
+    let bytes = Limited::new(req.into_body(), API_BODY_MAX_BYTES)
+        .collect()
+        .await
+        .map_err(|e| bad_request(format!("reading request body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("invalid request: {e}")))
+}
+
+async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Vec<u8>> {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let parts: Vec<&str> = path.split('/').skip(1).collect();
+    let m = req.method().clone();
+    match (m, parts.as_slice()) {
+        (Method::GET, ["v1", "host"]) => to_json(&shared.host_info()),
+        (Method::GET, ["v1", "events"]) => to_json(&shared.events.recent(None)),
+        (Method::POST, ["v1", "trust", "reload"]) => {
+            shared.tls.refresh()?;
+            to_json(&serde_json::json!({"reloaded": true}))
+        }
+        (Method::GET, ["v1", "replica-server"]) => to_json(&shared.replica_config()),
+        (Method::POST, ["v1", "replica-server"]) => {
+            let cfg: ReplicaServerConfig = body(req).await?;
+            let s = shared.clone();
+            to_json(&blocking(move || s.enable_replica_server(cfg)).await?)
+        }
+        (Method::POST, ["v1", "replica-server", "disable"]) => {
+            let s = shared.clone();
+            to_json(&blocking(move || s.disable_replica_server()).await?)
+        }
+        (Method::GET, ["v1", "vms"]) => to_json(&shared.vm_infos()),
+        (Method::POST, ["v1", "vms"]) => {
+            let r: CreateVm = body(req).await?;
+            let s = shared.clone();
+            to_json(&blocking(move || s.create_vm(&r.name, &r.disk_sizes_bytes)).await?)
+        }
+        (Method::POST, ["v1", "vms", "import"]) => {
+            let r: ImportVm = body(req).await?;
+            let images: Vec<PathBuf> = r.images.iter().map(PathBuf::from).collect();
+            if let Some(p) = images.iter().find(|p| !p.is_absolute()) {
+                return Err(bad_request(format!("image path {} must be absolute", p.display())));
+            }
+            let s = shared.clone();
+            to_json(&blocking(move || s.import_vm(&r.name, &images)).await?)
+        }
+        (Method::GET, ["v1", "vms", name]) => to_json(&shared.vm_info(name)?),
+        (Method::GET, ["v1", "replication"]) => to_json(&shared.all_status()),
+        (Method::GET, ["v1", "vms", name, "replication"]) => to_json(&shared.status(name)?),
+        (Method::GET, ["v1", "vms", name, "replication", "measure"]) => {
+            to_json(&shared.replication(name)?.measure())
+        }
+        (Method::POST, ["v1", "vms", name, "replication", "enable"]) => {
+            let r: EnableReplication = body(req).await?;
+            if r.vm != *name {
+                return Err(bad_request("VM name in path and body differ"));
+            }
+            to_json(&shared.enable_replication(r).await?)
+        }
+        (Method::POST, ["v1", "vms", name, "replication", action]) => {
+            let repl = shared.replication(name)?;
+            match *action {
+                "start" => repl.command(Cmd::Start).await??,
+                "suspend" => repl.command(Cmd::Suspend).await??,
+                "resume" => repl.command(|reply| Cmd::Resume { resync: false, reply }).await??,
+                "resynchronize" => repl.command(|reply| Cmd::Resume { resync: true, reply }).await??,
+                "sync" => return to_json(&repl.command(Cmd::Sync).await??),
+                other => return Err(not_found(format!("unknown replication action {other:?}"))),
+            }
+            to_json(&repl.status())
+        }
+        (Method::GET, ["v1", "points", name]) => to_json(&shared.points(name)?),
+        (Method::POST, ["v1", "points", name, "export"]) => {
+            let r: ExportPoint = body(req).await?;
+            if r.vm != *name {
+                return Err(bad_request("VM name in path and body differ"));
+            }
+            if !Path::new(&r.to).is_absolute() {
+                return Err(bad_request(format!("destination {} must be absolute", r.to)));
+            }
+            let s = shared.clone();
+            to_json(&blocking(move || s.export_point(&r)).await?)
+        }
+        (m, _) => Err(not_found(format!("no such API route: {m} {path}"))),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| anyhow!("worker task failed: {e}"))?
+}

@@ -1,0 +1,145 @@
+//! The host's state catalog: one embedded redb database (`<data-dir>/catalog.redb`) holding
+//! the VM records, replication relationships and replica-server settings as versioned JSON
+//! documents. This module owns every write to it; it never holds disk data.
+//!
+//! redb commits are durable (fsync) and atomic, so a record is either the old or the new one
+//! after a crash; the records here are small and change at most once per replication cycle.
+
+use std::path::Path;
+
+use anyhow::Context;
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+
+/// Version of the JSON documents stored in the catalog; bump on incompatible change.
+pub const RECORD_VERSION: u32 = 1;
+
+pub struct Catalog {
+    db: Database,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub version: u32,
+    pub name: String,
+    pub created_unix_ns: u64,
+    pub disks: Vec<DiskRecord>,
+    pub replication: Option<ReplicationRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskRecord {
+    pub index: u32,
+    pub size_bytes: u64,
+    pub file: String,
+    pub state_dir: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicationRecord {
+    pub replica: String,
+    pub frequency_secs: u32,
+    pub compression: proto::Compression,
+    pub disks: Vec<u32>,
+    pub replication_id: String,
+    pub generation: u64,
+    /// Newest point the replica is known to have committed.
+    pub last_seq: u64,
+    pub last_cut_unix_ns: Option<u64>,
+    /// A point that was being shipped when this record was written: the replica may have
+    /// committed it without this host hearing back (crash, lost answer).
+    pub inflight_seq: Option<u64>,
+    pub initial_done: bool,
+    pub initial_started: bool,
+    pub suspended: bool,
+    pub resync_reason: Option<String>,
+    /// A full resynchronization was requested and has not committed yet.
+    #[serde(default)]
+    pub pending_full: bool,
+}
+
+impl Catalog {
+    pub fn open(path: &Path) -> anyhow::Result<Catalog> {
+        let db = Database::create(path)
+            .with_context(|| format!("opening the state catalog {}", path.display()))?;
+        let tx = db.begin_write()?;
+        tx.open_table(KV)?;
+        tx.commit()?;
+        Ok(Catalog { db })
+    }
+
+    pub fn put<T: Serialize>(&self, key: &str, value: &T) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(value)?;
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(KV)?;
+            t.insert(key, bytes.as_slice())?;
+        }
+        tx.commit().with_context(|| format!("committing {key} to the catalog"))?;
+        Ok(())
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> anyhow::Result<Option<T>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(KV)?;
+        match t.get(key)? {
+            Some(v) => Ok(Some(
+                serde_json::from_slice(v.value())
+                    .with_context(|| format!("catalog record {key} is damaged"))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    pub fn remove(&self, key: &str) -> anyhow::Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(KV)?;
+            t.remove(key)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// All records whose key starts with `prefix`, in key order.
+    pub fn scan<T: DeserializeOwned>(&self, prefix: &str) -> anyhow::Result<Vec<(String, T)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(KV)?;
+        let mut out = Vec::new();
+        for item in t.range(prefix..)? {
+            let (k, v) = item?;
+            let key = k.value().to_string();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            let value = serde_json::from_slice(v.value())
+                .with_context(|| format!("catalog record {key} is damaged"))?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_reopen_and_scan_by_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        {
+            let c = Catalog::open(&path).unwrap();
+            c.put("vm/a", &1u32).unwrap();
+            c.put("vm/b", &2u32).unwrap();
+            c.put("x", &3u32).unwrap();
+        }
+        let c = Catalog::open(&path).unwrap();
+        let vms: Vec<(String, u32)> = c.scan("vm/").unwrap();
+        assert_eq!(vms, vec![("vm/a".into(), 1), ("vm/b".into(), 2)]);
+        c.remove("vm/a").unwrap();
+        assert_eq!(c.get::<u32>("vm/a").unwrap(), None);
+    }
+}

@@ -1,0 +1,78 @@
+//! The host's event log: stable numeric ids (documented in docs/events.md) so monitoring can
+//! match on them, kept in memory (bounded) and appended to `<data-dir>/events.log` as JSON
+//! lines. Events are for people and monitoring; state lives in the catalog, never here.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::PathBuf;
+
+use parking_lot::Mutex;
+use proto::time::{now_unix_ns, rfc3339_from_unix_ns};
+use proto::Event;
+
+pub const DAEMON_STARTED: u32 = 1000;
+pub const DAEMON_STOPPED: u32 = 1001;
+pub const UNCLEAN_RECOVERED: u32 = 1002;
+pub const REPLICATION_ENABLED: u32 = 2000;
+pub const INITIAL_STARTED: u32 = 2001;
+pub const INITIAL_DONE: u32 = 2002;
+pub const CYCLE_FAILED: u32 = 2003;
+pub const RESYNC_REQUIRED: u32 = 2004;
+pub const SUSPENDED: u32 = 2005;
+pub const RESUMED: u32 = 2006;
+pub const POINT_COMMITTED: u32 = 3000;
+pub const DELTA_REFUSED: u32 = 3001;
+pub const PEER_REFUSED: u32 = 3002;
+
+/// Events kept in memory for `events` queries; older ones remain in the file.
+const EVENTS_IN_MEMORY_MAX: usize = 1000;
+
+pub struct Events {
+    path: PathBuf,
+    recent: Mutex<VecDeque<Event>>,
+}
+
+impl Events {
+    pub fn new(path: PathBuf) -> Events {
+        Events { path, recent: Mutex::new(VecDeque::new()) }
+    }
+
+    pub fn emit(&self, id: u32, vm: Option<&str>, level: &str, message: &str) {
+        let ev = Event {
+            id,
+            time: rfc3339_from_unix_ns(now_unix_ns()),
+            vm: vm.map(str::to_string),
+            level: level.to_string(),
+            message: message.to_string(),
+        };
+        match level {
+            "error" => tracing::error!(event = id, vm = vm.unwrap_or("-"), "{message}"),
+            "warning" => tracing::warn!(event = id, vm = vm.unwrap_or("-"), "{message}"),
+            _ => tracing::info!(event = id, vm = vm.unwrap_or("-"), "{message}"),
+        }
+        if let Ok(line) = serde_json::to_string(&ev) {
+            let appended = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .and_then(|mut f| writeln!(f, "{line}"));
+            if let Err(e) = appended {
+                tracing::warn!("cannot append to {}: {e}", self.path.display());
+            }
+        }
+        let mut recent = self.recent.lock();
+        if recent.len() == EVENTS_IN_MEMORY_MAX {
+            recent.pop_front();
+        }
+        recent.push_back(ev);
+    }
+
+    pub fn recent(&self, vm: Option<&str>) -> Vec<Event> {
+        self.recent
+            .lock()
+            .iter()
+            .filter(|e| vm.is_none() || e.vm.as_deref() == vm)
+            .cloned()
+            .collect()
+    }
+}

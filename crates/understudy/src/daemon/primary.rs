@@ -1,0 +1,509 @@
+//! The primary side of a replication relationship: one task per replicating VM that owns its
+//! [`ReplicationRecord`], takes a crash-consistent cut every `frequency` seconds (or on
+//! demand), streams the delta to the replica and commits or aborts the cut on the answer.
+//!
+//! The guest is never involved beyond the tracker's bounded pause at the cut: a slow or dead
+//! replica only makes the next cut bigger (aborted cuts merge back into the live bitmap).
+//! This task never touches disk files directly; it reads through the tracker's frozen view.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use delta::{Compression, DeltaHeader, DeltaKind, DiskEntry};
+use parking_lot::Mutex;
+use proto::peer::{DeltaReply, Hello, HelloReply, PeerDisk};
+use super::peer_client::PeerRefusal;
+use proto::time::{now_unix_ns, rfc3339_from_unix_ns};
+use proto::{Measure, Progress, ReplicationState, ReplicationStatus, SyncResult};
+use tokio::sync::{mpsc, oneshot};
+
+use super::catalog::ReplicationRecord;
+use super::events;
+use super::session::{self, HealthInput, Reconcile};
+use super::vms::Vm;
+use super::Shared;
+
+/// Commands a replication task accepts (the API's only way in).
+pub enum Cmd {
+    Start(oneshot::Sender<anyhow::Result<()>>),
+    Sync(oneshot::Sender<anyhow::Result<SyncResult>>),
+    Suspend(oneshot::Sender<anyhow::Result<()>>),
+    Resume { resync: bool, reply: oneshot::Sender<anyhow::Result<()>> },
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Bound on queued commands per VM; API calls beyond it get a transient refusal.
+const CMD_QUEUE: usize = 16;
+/// Retry delays after a failed cycle: capped exponential backoff.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct Counters {
+    since_ns: u64,
+    ok: u64,
+    failed: u64,
+    consecutive_failures: u64,
+    delta_bytes_total: u64,
+    delta_bytes_max: u64,
+    sent_bytes_total: u64,
+    latency_ms_total: u64,
+    latency_ms_max: u64,
+    cut_pause_us_max: u64,
+}
+
+struct Runtime {
+    record: ReplicationRecord,
+    last_error: Option<String>,
+    counters: Counters,
+    /// True until the replica confirmed where it stands since this task started or failed.
+    need_hello: bool,
+}
+
+/// Shared view of one VM's replication, read by the API and driven by its task.
+pub struct Replication {
+    pub vm: Arc<Vm>,
+    rt: Mutex<Runtime>,
+    progress_done: AtomicU64,
+    progress_total: AtomicU64,
+    cmd: mpsc::Sender<Cmd>,
+}
+
+impl Replication {
+    pub fn spawn(shared: Arc<Shared>, vm: Arc<Vm>, record: ReplicationRecord) -> Arc<Replication> {
+        let (tx, rx) = mpsc::channel(CMD_QUEUE);
+        let repl = Arc::new(Replication {
+            vm,
+            rt: Mutex::new(Runtime {
+                record,
+                last_error: None,
+                counters: Counters { since_ns: now_unix_ns(), ..Default::default() },
+                need_hello: true,
+            }),
+            progress_done: AtomicU64::new(0),
+            progress_total: AtomicU64::new(0),
+            cmd: tx,
+        });
+        tokio::spawn(run(shared, repl.clone(), rx));
+        repl
+    }
+
+    pub async fn command<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> anyhow::Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .try_send(make(tx))
+            .map_err(|_| super::api::transient(format!("replication of {} is busy; retry", self.vm.name)))?;
+        rx.await.map_err(|_| anyhow!("replication of {} stopped", self.vm.name))
+    }
+
+    pub fn record(&self) -> ReplicationRecord {
+        self.rt.lock().record.clone()
+    }
+
+    fn state_of(r: &ReplicationRecord) -> ReplicationState {
+        if r.resync_reason.is_some() {
+            ReplicationState::ResynchronizationRequired
+        } else if r.suspended {
+            ReplicationState::Suspended
+        } else if !r.initial_started {
+            ReplicationState::ReadyForInitialReplication
+        } else if !r.initial_done {
+            ReplicationState::InitialReplicationInProgress
+        } else {
+            ReplicationState::Replicating
+        }
+    }
+
+    pub fn pending_bytes(&self, disks: &[u32]) -> u64 {
+        disks.iter().filter_map(|&i| self.vm.disks.get(i as usize)).map(|d| d.dirty_bytes()).sum()
+    }
+
+    pub fn status(&self) -> ReplicationStatus {
+        let rt = self.rt.lock();
+        let r = &rt.record;
+        let state = Self::state_of(r);
+        let (health, health_reasons) = session::health(&HealthInput {
+            state,
+            now_ns: now_unix_ns(),
+            last_cut_ns: r.last_cut_unix_ns,
+            frequency_secs: r.frequency_secs,
+            consecutive_failures: rt.counters.consecutive_failures,
+            last_error: rt.last_error.as_deref(),
+            resync_reason: r.resync_reason.as_deref(),
+        });
+        let total = self.progress_total.load(Ordering::Relaxed);
+        ReplicationStatus {
+            vm: self.vm.name.clone(),
+            role: "Primary".into(),
+            state,
+            health,
+            health_reasons,
+            resync_reason: r.resync_reason.clone(),
+            peer: r.replica.clone(),
+            frequency_secs: r.frequency_secs,
+            compression: r.compression,
+            disks: r.disks.clone(),
+            last_replication_time: r.last_cut_unix_ns.map(rfc3339_from_unix_ns),
+            last_replication_unix_ns: r.last_cut_unix_ns,
+            pending_bytes: self.pending_bytes(&r.disks),
+            last_seq: r.last_seq,
+            generation: r.generation,
+            progress: (total > 0).then(|| Progress {
+                done_bytes: self.progress_done.load(Ordering::Relaxed).min(total),
+                total_bytes: total,
+            }),
+            last_error: rt.last_error.clone(),
+        }
+    }
+
+    pub fn measure(&self) -> Measure {
+        let st = self.status();
+        let rt = self.rt.lock();
+        let c = &rt.counters;
+        Measure {
+            vm: st.vm,
+            state: st.state,
+            health: st.health,
+            measuring_since: rfc3339_from_unix_ns(c.since_ns),
+            successful_cycles: c.ok,
+            failed_cycles: c.failed,
+            average_delta_bytes: c.delta_bytes_total.checked_div(c.ok).unwrap_or(0),
+            maximum_delta_bytes: c.delta_bytes_max,
+            sent_bytes_total: c.sent_bytes_total,
+            average_latency_ms: c.latency_ms_total.checked_div(c.ok).unwrap_or(0),
+            maximum_latency_ms: c.latency_ms_max,
+            maximum_cut_pause_us: c.cut_pause_us_max,
+            last_replication_time: st.last_replication_time,
+            pending_bytes: st.pending_bytes,
+        }
+    }
+
+    fn persist(&self, shared: &Shared) {
+        let rec = self.rt.lock().record.clone();
+        if let Err(e) = shared.save_replication(&self.vm.name, &rec) {
+            tracing::error!(vm = %self.vm.name, "cannot persist replication state: {e:#}");
+        }
+    }
+
+    fn require_resync(&self, shared: &Shared, reason: String) {
+        {
+            let mut rt = self.rt.lock();
+            if rt.record.resync_reason.is_some() {
+                return;
+            }
+            rt.record.resync_reason = Some(reason.clone());
+        }
+        shared.events.emit(events::RESYNC_REQUIRED, Some(&self.vm.name), "error", &format!("resynchronization required: {reason}"));
+        self.persist(shared);
+    }
+}
+
+/// Derives the key that authenticates deltas of one relationship (see docs/formats/delta.md).
+pub fn delta_key(replication_id: &str) -> [u8; 32] {
+    blake3::derive_key("understudy delta key v1", replication_id.as_bytes())
+}
+
+pub fn hello_of(shared: &Shared, vm: &Vm, r: &ReplicationRecord) -> Hello {
+    Hello {
+        vm: vm.name.clone(),
+        replication_id: r.replication_id.clone(),
+        generation: r.generation,
+        primary_host: shared.host_name.clone(),
+        disks: r
+            .disks
+            .iter()
+            .filter_map(|&i| vm.disks.get(i as usize).map(|d| PeerDisk { index: i, size_bytes: d.size_bytes() }))
+            .collect(),
+    }
+}
+
+async fn run(shared: Arc<Shared>, repl: Arc<Replication>, mut rx: mpsc::Receiver<Cmd>) {
+    let mut next_at = Instant::now();
+    let mut retry = RETRY_MIN;
+    loop {
+        let (state, freq) = {
+            let rt = repl.rt.lock();
+            (Replication::state_of(&rt.record), rt.record.frequency_secs)
+        };
+        let periodic = matches!(
+            state,
+            ReplicationState::Replicating | ReplicationState::InitialReplicationInProgress
+        );
+        let sleep = tokio::time::sleep_until(next_at.into());
+        tokio::select! {
+            cmd = rx.recv() => {
+                let Some(cmd) = cmd else { return };
+                match cmd {
+                    Cmd::Shutdown(done) => { let _ = done.send(()); return; }
+                    Cmd::Start(reply) => {
+                        let r = start_initial(&shared, &repl);
+                        next_at = Instant::now();
+                        let _ = reply.send(r);
+                    }
+                    Cmd::Sync(reply) => {
+                        let r = match state {
+                            ReplicationState::Replicating => cycle(&shared, &repl).await,
+                            other => Err(super::api::transient(format!(
+                                "{} cannot sync now: replication is {other:?}", repl.vm.name))),
+                        };
+                        next_at = Instant::now() + Duration::from_secs(u64::from(freq));
+                        let _ = reply.send(r);
+                    }
+                    Cmd::Suspend(reply) => {
+                        repl.rt.lock().record.suspended = true;
+                        repl.persist(&shared);
+                        shared.events.emit(events::SUSPENDED, Some(&repl.vm.name), "info", "replication suspended");
+                        let _ = reply.send(Ok(()));
+                    }
+                    Cmd::Resume { resync, reply } => {
+                        let r = resume(&shared, &repl, resync);
+                        next_at = Instant::now();
+                        let _ = reply.send(r);
+                    }
+                }
+            }
+            _ = sleep, if periodic => {
+                match cycle(&shared, &repl).await {
+                    Ok(_) => {
+                        retry = RETRY_MIN;
+                        next_at = Instant::now() + Duration::from_secs(u64::from(freq));
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %repl.vm.name, "replication cycle failed: {e:#}");
+                        let cap = RETRY_MAX.min(Duration::from_secs(u64::from(freq)));
+                        next_at = Instant::now() + jitter(retry.min(cap));
+                        retry = (retry * 2).min(RETRY_MAX);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Up to +25% random jitter so many VMs retrying against one replica spread out.
+fn jitter(d: Duration) -> Duration {
+    let r = (now_unix_ns() % 1000) as u32;
+    d + d * r / 4000
+}
+
+fn start_initial(shared: &Shared, repl: &Replication) -> anyhow::Result<()> {
+    let disks = {
+        let rt = repl.rt.lock();
+        if rt.record.initial_started {
+            return Err(anyhow!("initial replication of {} was already started", repl.vm.name));
+        }
+        rt.record.disks.clone()
+    };
+    for &i in &disks {
+        if let Some(d) = repl.vm.disks.get(i as usize) {
+            d.mark_allocated_dirty().with_context(|| format!("scanning disk {i} of {}", repl.vm.name))?;
+        }
+    }
+    repl.rt.lock().record.initial_started = true;
+    repl.persist(shared);
+    shared.events.emit(events::INITIAL_STARTED, Some(&repl.vm.name), "info", "initial replication started");
+    Ok(())
+}
+
+fn resume(shared: &Shared, repl: &Replication, resync: bool) -> anyhow::Result<()> {
+    let needs_resync = repl.rt.lock().record.resync_reason.is_some();
+    if needs_resync && !resync {
+        return Err(anyhow!(
+            "{} requires resynchronization; run `understudy replication resume {} --resynchronize`",
+            repl.vm.name,
+            repl.vm.name
+        ));
+    }
+    if resync {
+        // Full resynchronization: every block of every replicated disk is sent (holes as
+        // ZERO frames) on top of the replica's newest point, so earlier points survive.
+        let disks = repl.rt.lock().record.disks.clone();
+        for &i in &disks {
+            if let Some(d) = repl.vm.disks.get(i as usize) {
+                d.mark_all_dirty();
+            }
+        }
+        let mut rt = repl.rt.lock();
+        rt.record.resync_reason = None;
+        rt.record.suspended = false;
+        rt.record.pending_full = true;
+        rt.need_hello = true;
+    } else {
+        repl.rt.lock().record.suspended = false;
+    }
+    repl.persist(shared);
+    shared.events.emit(events::RESUMED, Some(&repl.vm.name), "info", if resync { "resynchronization started" } else { "replication resumed" });
+    Ok(())
+}
+
+/// One replication cycle: reconcile if needed, cut, ship, commit or abort.
+async fn cycle(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::Result<SyncResult> {
+    let result = cycle_inner(shared, repl).await;
+    let mut rt = repl.rt.lock();
+    match &result {
+        Ok(_) => {
+            rt.last_error = None;
+            rt.counters.consecutive_failures = 0;
+        }
+        Err(e) => {
+            rt.last_error = Some(format!("{e:#}"));
+            rt.counters.failed += 1;
+            rt.counters.consecutive_failures += 1;
+            rt.need_hello = true;
+        }
+    }
+    result
+}
+
+async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::Result<SyncResult> {
+    let record = repl.record();
+    let peer = shared.peer(&record.replica)?;
+    let vm_name = repl.vm.name.clone();
+
+    if repl.rt.lock().need_hello {
+        let hello = hello_of(shared, &repl.vm, &record);
+        let reply: HelloReply = super::peer_client::hello(&peer, &hello).await?;
+        let full = record.pending_full;
+        match session::reconcile(record.last_seq, record.inflight_seq, record.generation, reply.latest_seq, reply.generation, reply.damage.as_deref()) {
+            Reconcile::InSync => {}
+            Reconcile::AdoptInflight(seq) => {
+                let mut rt = repl.rt.lock();
+                rt.record.last_seq = seq;
+                if seq == 1 {
+                    rt.record.initial_done = true;
+                }
+                drop(rt);
+                repl.persist(shared);
+            }
+            // A full resynchronization writes every block, so it may follow any point.
+            Reconcile::Diverged(_) if full && reply.damage.is_none() => {
+                repl.rt.lock().record.last_seq = reply.latest_seq;
+                repl.persist(shared);
+            }
+            Reconcile::Diverged(reason) => {
+                repl.require_resync(shared, reason.clone());
+                return Err(anyhow!(reason));
+            }
+        }
+        repl.rt.lock().need_hello = false;
+    }
+
+    let record = repl.record();
+    let kind = if record.pending_full {
+        DeltaKind::Full
+    } else if !record.initial_done {
+        DeltaKind::Initial
+    } else {
+        DeltaKind::Incremental
+    };
+    let seq = record.last_seq + 1;
+    let selected: Vec<Arc<tracker::TrackedDisk>> = record
+        .disks
+        .iter()
+        .filter_map(|&i| repl.vm.disks.get(i as usize).cloned())
+        .collect();
+    let gate = repl.vm.gate.clone();
+    let cut = tokio::task::spawn_blocking(move || tracker::cut(&gate, &selected))
+        .await
+        .context("cut task")??;
+    let started = Instant::now();
+    let cut_ns = cut.cut_time_unix_ns;
+    let pause_us = cut.pause.as_micros() as u64;
+
+    {
+        let mut rt = repl.rt.lock();
+        rt.record.inflight_seq = Some(seq);
+    }
+    repl.persist(shared);
+
+    let total: u64 = cut.disks.iter().map(|d| d.dirty_bytes()).sum();
+    repl.progress_done.store(0, Ordering::Relaxed);
+    repl.progress_total.store(total, Ordering::Relaxed);
+
+    let header = DeltaHeader {
+        vm_id: vm_name.clone(),
+        generation: record.generation,
+        seq,
+        parent_seq: record.last_seq,
+        cut_time_unix_ns: cut_ns,
+        kind,
+        compression: match record.compression {
+            proto::Compression::Zstd => Compression::Zstd,
+            proto::Compression::None => Compression::None,
+        },
+        disks: record
+            .disks
+            .iter()
+            .filter_map(|&i| repl.vm.disks.get(i as usize).map(|d| DiskEntry { index: i, size_bytes: d.size_bytes() }))
+            .collect(),
+    };
+    let key = delta_key(&record.replication_id);
+    let indexes = record.disks.clone();
+    let (writer, body, sent) = super::peer_client::delta_body();
+    let repl2 = repl.clone();
+    let encoder = tokio::task::spawn_blocking(move || {
+        let pairs: Vec<(u32, &tracker::FrozenDisk)> = indexes.iter().copied().zip(cut.disks.iter()).collect();
+        let r = super::shipper::encode_cut(writer, &header, &key, &pairs, &repl2.progress_done)
+            .and_then(|(w, s)| w.finish().map(|_| s).map_err(anyhow::Error::from));
+        (cut, r)
+    });
+    let put = super::peer_client::put_delta(&peer, &vm_name, seq, body).await;
+    let (cut, encoded) = encoder.await.context("encoder task")?;
+
+    let outcome: anyhow::Result<(DeltaReply, super::shipper::ShipSummary)> = match (put, encoded) {
+        (Ok(reply), Ok(summary)) => Ok((reply, summary)),
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(e)) => Err(e.context("reading the cut")),
+    };
+    match outcome {
+        Ok((reply, summary)) => {
+            tokio::task::spawn_blocking(move || cut.commit()).await.context("commit task")?;
+            let latency_ms = started.elapsed().as_millis() as u64;
+            let sent_bytes = sent.load(Ordering::Relaxed);
+            let delta_bytes = summary.data_bytes + summary.zero_bytes;
+            {
+                let mut rt = repl.rt.lock();
+                let r = &mut rt.record;
+                r.last_seq = reply.seq;
+                r.last_cut_unix_ns = Some(cut_ns);
+                r.inflight_seq = None;
+                let first = !r.initial_done;
+                r.initial_done = true;
+                r.pending_full = false;
+                let c = &mut rt.counters;
+                c.ok += 1;
+                c.delta_bytes_total += delta_bytes;
+                c.delta_bytes_max = c.delta_bytes_max.max(delta_bytes);
+                c.sent_bytes_total += sent_bytes;
+                c.latency_ms_total += latency_ms;
+                c.latency_ms_max = c.latency_ms_max.max(latency_ms);
+                c.cut_pause_us_max = c.cut_pause_us_max.max(pause_us);
+                drop(rt);
+                if first {
+                    shared.events.emit(events::INITIAL_DONE, Some(&vm_name), "info", &format!("initial replication complete ({delta_bytes} bytes)"));
+                }
+            }
+            repl.progress_total.store(0, Ordering::Relaxed);
+            repl.persist(shared);
+            Ok(SyncResult { vm: vm_name, seq: reply.seq, cut_time_unix_ns: cut_ns, delta_bytes, sent_bytes, latency_ms })
+        }
+        Err(e) => {
+            tokio::task::spawn_blocking(move || cut.abort()).await.context("abort task")?;
+            repl.progress_total.store(0, Ordering::Relaxed);
+            if let Some(refusal) = e.downcast_ref::<PeerRefusal>() {
+                if refusal.needs_resync() {
+                    repl.require_resync(shared, refusal.0.error.clone());
+                }
+            }
+            shared.events.emit(events::CYCLE_FAILED, Some(&vm_name), "warning", &format!("replication cycle failed: {e:#}"));
+            Err(e)
+        }
+    }
+}
+
+/// Health and status of a VM with no replication task (e.g. not enabled).
+pub fn not_enabled(vm: &str) -> anyhow::Error {
+    anyhow!("replication is not enabled for {vm}; run `understudy replication enable {vm} --replica HOST:PORT`")
+}

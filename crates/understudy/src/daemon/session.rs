@@ -1,0 +1,156 @@
+//! The replication session's decisions, without I/O: how a primary reconciles its record with
+//! what the replica reports, and how health follows from state and history. Time is passed in.
+
+use proto::{Health, ReplicationState};
+
+/// What the primary does after asking the replica where it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reconcile {
+    /// Both sides agree on the newest point.
+    InSync,
+    /// The replica committed the point this host was shipping when it last lost track (crash,
+    /// lost answer). Adopting it is safe: the blocks of that point are still marked dirty here
+    /// (an aborted cut merges back, a crash re-marks the hot extents), so the next point
+    /// re-ships them on top.
+    AdoptInflight(u64),
+    /// The replica cannot follow from here; the reason is shown to the user.
+    Diverged(String),
+}
+
+pub fn reconcile(
+    last_seq: u64,
+    inflight: Option<u64>,
+    generation: u64,
+    replica_latest: u64,
+    replica_generation: u64,
+    replica_damage: Option<&str>,
+) -> Reconcile {
+    if let Some(d) = replica_damage {
+        return Reconcile::Diverged(format!("the replica's copy is damaged: {d}"));
+    }
+    if replica_generation != generation {
+        return Reconcile::Diverged(format!(
+            "the replica is at generation {replica_generation} but this primary is at {generation}"
+        ));
+    }
+    if replica_latest == last_seq {
+        return Reconcile::InSync;
+    }
+    if inflight == Some(replica_latest) && replica_latest == last_seq + 1 {
+        return Reconcile::AdoptInflight(replica_latest);
+    }
+    if replica_latest < last_seq {
+        return Reconcile::Diverged(format!(
+            "the replica has point {replica_latest} but already committed point {last_seq}: it was restored from an older copy"
+        ));
+    }
+    Reconcile::Diverged(format!(
+        "the replica has point {replica_latest} which this primary never shipped (it shipped up to {last_seq})"
+    ))
+}
+
+/// Inputs to the health rules (Hyper-V Replica's Normal / Warning / Critical).
+pub struct HealthInput<'a> {
+    pub state: ReplicationState,
+    pub now_ns: u64,
+    pub last_cut_ns: Option<u64>,
+    pub frequency_secs: u32,
+    pub consecutive_failures: u64,
+    pub last_error: Option<&'a str>,
+    pub resync_reason: Option<&'a str>,
+}
+
+/// Cycles of lag after which health turns Warning, and then Critical.
+pub const LAG_WARNING_CYCLES: u64 = 3;
+pub const LAG_CRITICAL_CYCLES: u64 = 12;
+
+pub fn health(h: &HealthInput<'_>) -> (Health, Vec<String>) {
+    let mut reasons = Vec::new();
+    let mut level = Health::Normal;
+    let mut raise = |to: Health, why: String, reasons: &mut Vec<String>| {
+        if to as u8 > level as u8 {
+            level = to;
+        }
+        reasons.push(why);
+    };
+    match h.state {
+        ReplicationState::ResynchronizationRequired => raise(
+            Health::Critical,
+            format!(
+                "resynchronization required: {}",
+                h.resync_reason.unwrap_or("the replica can no longer follow the primary")
+            ),
+            &mut reasons,
+        ),
+        ReplicationState::Suspended => {
+            raise(Health::Warning, "replication is suspended".into(), &mut reasons)
+        }
+        ReplicationState::ReadyForInitialReplication => raise(
+            Health::Warning,
+            "initial replication has not started".into(),
+            &mut reasons,
+        ),
+        _ => {}
+    }
+    if h.consecutive_failures > 0 {
+        raise(
+            Health::Warning,
+            format!(
+                "{} cycle(s) failed in a row; last error: {}",
+                h.consecutive_failures,
+                h.last_error.unwrap_or("unknown")
+            ),
+            &mut reasons,
+        );
+    }
+    if let (Some(last), ReplicationState::Replicating) = (h.last_cut_ns, h.state) {
+        let lag_s = h.now_ns.saturating_sub(last) / 1_000_000_000;
+        let f = u64::from(h.frequency_secs.max(1));
+        if lag_s > f * LAG_CRITICAL_CYCLES {
+            raise(Health::Critical, format!("the newest point is {lag_s} s old ({} cycles)", lag_s / f), &mut reasons);
+        } else if lag_s > f * LAG_WARNING_CYCLES {
+            raise(Health::Warning, format!("the newest point is {lag_s} s old ({} cycles)", lag_s / f), &mut reasons);
+        }
+    }
+    (level, reasons)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconcile_covers_every_case() {
+        assert_eq!(reconcile(5, None, 1, 5, 1, None), Reconcile::InSync);
+        assert_eq!(reconcile(5, Some(6), 1, 6, 1, None), Reconcile::AdoptInflight(6));
+        assert!(matches!(reconcile(5, None, 1, 6, 1, None), Reconcile::Diverged(_)));
+        assert!(matches!(reconcile(5, Some(6), 1, 3, 1, None), Reconcile::Diverged(r) if r.contains("older copy")));
+        assert!(matches!(reconcile(5, None, 1, 5, 2, None), Reconcile::Diverged(_)));
+        assert!(matches!(reconcile(5, None, 1, 5, 1, Some("bad")), Reconcile::Diverged(r) if r.contains("damaged")));
+    }
+
+    fn input(state: ReplicationState, lag_s: u64, failures: u64) -> HealthInput<'static> {
+        let now = 10_000_000_000_000;
+        HealthInput {
+            state,
+            now_ns: now,
+            last_cut_ns: Some(now - lag_s * 1_000_000_000),
+            frequency_secs: 30,
+            consecutive_failures: failures,
+            last_error: Some("connection refused"),
+            resync_reason: Some("primary crashed"),
+        }
+    }
+
+    #[test]
+    fn health_follows_state_lag_and_failures() {
+        assert_eq!(health(&input(ReplicationState::Replicating, 10, 0)).0, Health::Normal);
+        assert_eq!(health(&input(ReplicationState::Replicating, 10, 1)).0, Health::Warning);
+        assert_eq!(health(&input(ReplicationState::Replicating, 100, 0)).0, Health::Warning);
+        assert_eq!(health(&input(ReplicationState::Replicating, 400, 0)).0, Health::Critical);
+        let (h, why) = health(&input(ReplicationState::ResynchronizationRequired, 0, 0));
+        assert_eq!(h, Health::Critical);
+        assert!(why[0].contains("primary crashed"));
+        assert_eq!(health(&input(ReplicationState::Suspended, 0, 0)).0, Health::Warning);
+    }
+}

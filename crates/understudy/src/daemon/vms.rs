@@ -1,0 +1,188 @@
+//! VMs on this host: their raw disk images, the trackers in their write path, and the NBD
+//! export registry that serves them. Owns the disk files of every VM; the replication engine
+//! only reaches disks through the tracker's cuts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use nbd::{BlockBackend, ExportRegistry};
+use parking_lot::RwLock;
+use tracker::{CutGate, OpenState, TrackedDisk};
+
+use super::catalog::{DiskRecord, VmRecord};
+
+/// Longest VM name accepted; names appear in paths, export names and URIs.
+pub const VM_NAME_MAX: usize = 64;
+/// Most disks per VM; each is one export and one tracker.
+pub const DISKS_PER_VM_MAX: usize = 16;
+
+/// A VM and its opened disks.
+pub struct Vm {
+    pub name: String,
+    pub gate: Arc<CutGate>,
+    pub disks: Vec<Arc<TrackedDisk>>,
+    /// What each disk's tracker found at open; drives "never silent" at startup.
+    pub open_states: Vec<OpenState>,
+}
+
+/// Export names are `<vm>-<disk index>`: unambiguous because the index is all digits and is
+/// split off at the last '-'.
+pub fn export_name(vm: &str, index: u32) -> String {
+    format!("{vm}-{index}")
+}
+
+pub fn validate_vm_name(name: &str) -> anyhow::Result<()> {
+    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if name.is_empty() || name.len() > VM_NAME_MAX || !ok_chars || name.starts_with(['-', '.']) {
+        bail!(
+            "invalid VM name {name:?}: use 1-{VM_NAME_MAX} letters, digits, '.', '_' or '-', not starting with '-' or '.'"
+        );
+    }
+    Ok(())
+}
+
+pub fn vm_dir(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join("vms").join(name)
+}
+
+/// Creates the disk files of a new VM (sparse) and returns its record.
+pub fn create_disks(data_dir: &Path, name: &str, sizes: &[u64], now_ns: u64) -> anyhow::Result<(VmRecord, Vm)> {
+    if sizes.is_empty() || sizes.len() > DISKS_PER_VM_MAX {
+        bail!("a VM has 1 to {DISKS_PER_VM_MAX} disks, got {}", sizes.len());
+    }
+    let dir = vm_dir(data_dir, name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let gate = CutGate::new();
+    let mut records = Vec::new();
+    let mut disks = Vec::new();
+    for (i, &size) in sizes.iter().enumerate() {
+        let rec = disk_record(&dir, i as u32, size);
+        let disk = TrackedDisk::create(Path::new(&rec.file), size, Path::new(&rec.state_dir), gate.clone())
+            .with_context(|| format!("creating disk {i} of {name}"))?;
+        records.push(rec);
+        disks.push(disk);
+    }
+    let open_states = vec![OpenState::FirstOpen; disks.len()];
+    let record = VmRecord {
+        version: super::catalog::RECORD_VERSION,
+        name: name.to_string(),
+        created_unix_ns: now_ns,
+        disks: records,
+        replication: None,
+    };
+    Ok((record, Vm { name: name.to_string(), gate, disks, open_states }))
+}
+
+/// Converts foreign images with `qemu-img convert` into raw sparse disks of a new VM.
+pub fn import_disks(data_dir: &Path, name: &str, images: &[PathBuf], now_ns: u64) -> anyhow::Result<(VmRecord, Vm)> {
+    if images.is_empty() || images.len() > DISKS_PER_VM_MAX {
+        bail!("a VM has 1 to {DISKS_PER_VM_MAX} disks, got {}", images.len());
+    }
+    let dir = vm_dir(data_dir, name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut sizes = Vec::new();
+    for (i, image) in images.iter().enumerate() {
+        let size = super::qemu_img::virtual_size(image)?;
+        if size == 0 || size % 4096 != 0 {
+            bail!("{}: virtual size {size} is not a non-zero multiple of 4 KiB", image.display());
+        }
+        let rec = disk_record(&dir, i as u32, size);
+        super::qemu_img::convert_to_raw(image, Path::new(&rec.file))?;
+        sizes.push(size);
+    }
+    let gate = CutGate::new();
+    let mut records = Vec::new();
+    let mut disks = Vec::new();
+    let mut open_states = Vec::new();
+    for (i, &size) in sizes.iter().enumerate() {
+        let rec = disk_record(&dir, i as u32, size);
+        let (disk, report) = TrackedDisk::open(Path::new(&rec.file), Path::new(&rec.state_dir), gate.clone())
+            .with_context(|| format!("opening imported disk {i} of {name}"))?;
+        records.push(rec);
+        disks.push(disk);
+        open_states.push(report.state);
+    }
+    let record = VmRecord {
+        version: super::catalog::RECORD_VERSION,
+        name: name.to_string(),
+        created_unix_ns: now_ns,
+        disks: records,
+        replication: None,
+    };
+    Ok((record, Vm { name: name.to_string(), gate, disks, open_states }))
+}
+
+fn disk_record(dir: &Path, index: u32, size_bytes: u64) -> DiskRecord {
+    DiskRecord {
+        index,
+        size_bytes,
+        file: dir.join(format!("disk-{index}.raw")).display().to_string(),
+        state_dir: dir.join(format!("disk-{index}.state")).display().to_string(),
+    }
+}
+
+/// Opens the disks of a VM found in the catalog at daemon start.
+pub fn open_vm(record: &VmRecord) -> anyhow::Result<Vm> {
+    let gate = CutGate::new();
+    let mut disks = Vec::new();
+    let mut open_states = Vec::new();
+    for d in &record.disks {
+        let (disk, report) = TrackedDisk::open(Path::new(&d.file), Path::new(&d.state_dir), gate.clone())
+            .with_context(|| format!("opening disk {} of {} ({})", d.index, record.name, d.file))?;
+        if disk.size_bytes() != d.size_bytes {
+            bail!(
+                "disk {} of {} is {} bytes but the catalog says {}: the image was resized outside Understudy",
+                d.index,
+                record.name,
+                disk.size_bytes(),
+                d.size_bytes
+            );
+        }
+        disks.push(disk);
+        open_states.push(report.state);
+    }
+    Ok(Vm { name: record.name.clone(), gate, disks, open_states })
+}
+
+/// The NBD export registry: name → backend, changed as VMs come and go.
+#[derive(Default)]
+pub struct Exports {
+    map: RwLock<BTreeMap<String, (Arc<dyn BlockBackend>, String)>>,
+}
+
+impl Exports {
+    pub fn add(&self, name: String, backend: Arc<dyn BlockBackend>, description: String) {
+        self.map.write().insert(name, (backend, description));
+    }
+
+    pub fn remove(&self, name: &str) {
+        self.map.write().remove(name);
+    }
+}
+
+impl ExportRegistry for Exports {
+    fn lookup(&self, name: &str) -> Option<Arc<dyn BlockBackend>> {
+        self.map.read().get(name).map(|(b, _)| b.clone())
+    }
+
+    fn list(&self) -> Vec<(String, String)> {
+        self.map.read().iter().map(|(k, (_, d))| (k.clone(), d.clone())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_names_are_validated() {
+        for ok in ["web", "web-0", "db_1.prod", "A9"] {
+            validate_vm_name(ok).unwrap();
+        }
+        for bad in ["", "-x", ".x", "a/b", "a b", "ü", &"x".repeat(65)] {
+            assert!(validate_vm_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
