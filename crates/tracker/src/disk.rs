@@ -1,0 +1,284 @@
+//! `TrackedDisk`: one image file with its dirty bitmaps, activity log and copy-before-write
+//! file; opening (with recovery), creating, marking dirty, and clean shutdown.
+//!
+//! Owns the image file handle and the state directory of one disk. It must never leave the
+//! state directory in a shape that a later open would trust wrongly: the clean marker exists
+//! only while nothing can write, and every dirty bit lies in an extent of the activity log.
+//! The write path itself is in `backend.rs`, cuts and copy-before-write in `cut.rs`.
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::activity::{ActivityLog, BLOCKS_PER_EXTENT, CLEAN_NAME};
+use crate::bitmap::Bitmap;
+use crate::cut::{CutGate, FrozenState};
+use crate::durable;
+use crate::error::{IoContext, TrackerError};
+use crate::formats::{self, CleanMarker, Fingerprint};
+use crate::recovery::{self, Restored, BITMAP_NAME};
+use crate::{sys, OpenReport, OpenState, BLOCK_BYTES};
+
+pub(crate) const CBW_NAME: &str = "disk.cbw";
+const LOCK_NAME: &str = "lock";
+
+/// A disk image in the replication write path. See the crate documentation.
+pub struct TrackedDisk {
+    pub(crate) image: PathBuf,
+    pub(crate) state_dir: PathBuf,
+    pub(crate) file: File,
+    pub(crate) size: u64,
+    pub(crate) nblocks: u64,
+    pub(crate) gate: Arc<CutGate>,
+    /// The active and the frozen dirty bitmap; `active_idx` says which is active. Flipped only
+    /// with the gate held exclusively; the frozen one is empty whenever no cut is outstanding.
+    pub(crate) maps: [Bitmap; 2],
+    pub(crate) active_idx: AtomicUsize,
+    /// Frozen blocks whose cut-time content is secured: copied to the CBW file, or already read
+    /// by the shipper. Writers may overwrite such blocks without taking `frozen`.
+    pub(crate) secured: Bitmap,
+    pub(crate) frozen: Mutex<FrozenState>,
+    pub(crate) al: ActivityLog,
+    pub(crate) shut_down: AtomicBool,
+    /// Holds the `flock` on `<state_dir>/lock` for the life of the disk.
+    _lock: File,
+}
+
+impl TrackedDisk {
+    /// Creates a new sparse image of `size_bytes` (refusing to overwrite one) and opens it.
+    /// Stale state files in `state_dir` are removed first: they describe another image.
+    pub fn create(
+        image: &Path,
+        size_bytes: u64,
+        state_dir: &Path,
+        gate: Arc<CutGate>,
+    ) -> Result<Arc<TrackedDisk>, TrackerError> {
+        let f = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(image)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(TrackerError::ImageExists {
+                    path: image.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(TrackerError::io("create image", image, e)),
+        };
+        f.set_len(size_bytes).ctx("size image", image)?;
+        f.sync_all().ctx("fsync image", image)?;
+        if let Some(parent) = image.parent().filter(|p| !p.as_os_str().is_empty()) {
+            durable::fsync_dir(parent)?;
+        }
+        fs::create_dir_all(state_dir).ctx("create state directory", state_dir)?;
+        for name in [CLEAN_NAME, BITMAP_NAME, crate::activity::AL_NAME] {
+            durable::remove(state_dir, name)?;
+        }
+        let (disk, _report) = TrackedDisk::open(image, state_dir, gate)?;
+        Ok(disk)
+    }
+
+    /// Opens an existing image with its state directory (created if missing) and reports what
+    /// the state proved. Corrupt state is a finding, not an error; errors are failing I/O,
+    /// a missing image, or a state directory locked by another tracker.
+    pub fn open(
+        image: &Path,
+        state_dir: &Path,
+        gate: Arc<CutGate>,
+    ) -> Result<(Arc<TrackedDisk>, OpenReport), TrackerError> {
+        fs::create_dir_all(state_dir).ctx("create state directory", state_dir)?;
+        let lock_path = state_dir.join(LOCK_NAME);
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .ctx("open lock file", &lock_path)?;
+        if !sys::try_lock_exclusive(&lock).ctx("lock state directory", &lock_path)? {
+            return Err(TrackerError::StateLocked {
+                path: state_dir.to_path_buf(),
+            });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(image)
+            .ctx("open image", image)?;
+        let meta = file.metadata().ctx("stat image", image)?;
+        let size = meta.len();
+        let nblocks = size.div_ceil(BLOCK_BYTES);
+
+        let (state, restored) = recovery::load(state_dir, size, &Fingerprint::of(&meta))?;
+        let active = Bitmap::new(nblocks);
+        match restored {
+            Restored::Nothing => {}
+            Restored::Words(words) => active.or_words(&words),
+            Restored::Extents(extents) => {
+                for e in extents {
+                    active.set_range(e * BLOCKS_PER_EXTENT, (e + 1) * BLOCKS_PER_EXTENT - 1);
+                }
+            }
+        }
+        match &state {
+            OpenState::FirstOpen | OpenState::Clean => {}
+            other => {
+                tracing::warn!(image = %image.display(), state = ?other, "tracker state at open")
+            }
+        }
+
+        // Every dirty bit must lie in a logged extent before anything can write (rule 2).
+        let hot: Vec<u64> = (0..formats::extent_count(size))
+            .filter(|e| active.any_in(e * BLOCKS_PER_EXTENT, (e + 1) * BLOCKS_PER_EXTENT - 1))
+            .collect();
+        let al = ActivityLog::create(state_dir, size, &hot)?;
+        // From here a kill -9 must be seen as unclean.
+        durable::remove(state_dir, CLEAN_NAME)?;
+        durable::remove(state_dir, BITMAP_NAME)?;
+
+        let cbw_path = state_dir.join(CBW_NAME);
+        let cbw = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&cbw_path)
+            .ctx("open copy-before-write file", &cbw_path)?;
+
+        let disk = TrackedDisk {
+            image: image.to_path_buf(),
+            state_dir: state_dir.to_path_buf(),
+            file,
+            size,
+            nblocks,
+            gate,
+            maps: [active, Bitmap::new(nblocks)],
+            active_idx: AtomicUsize::new(0),
+            secured: Bitmap::new(nblocks),
+            frozen: Mutex::new(FrozenState::new(cbw, nblocks)),
+            al,
+            shut_down: AtomicBool::new(false),
+            _lock: lock,
+        };
+        Ok((Arc::new(disk), OpenReport { state }))
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
+    pub fn image_path(&self) -> &Path {
+        &self.image
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// True when the activity log failed: tracking continues in memory, but a crash from now
+    /// on will be reported as `TrackingLost` (the daemon should raise a warning).
+    pub fn tracking_degraded(&self) -> bool {
+        self.al.degraded()
+    }
+
+    /// Number of extents in the in-memory hot set (for metrics and tests).
+    pub fn hot_extents(&self) -> u64 {
+        self.al.hot_count()
+    }
+
+    pub(crate) fn active(&self) -> &Bitmap {
+        &self.maps[self.active_idx.load(Ordering::Acquire) & 1]
+    }
+
+    pub(crate) fn frozen_map(&self) -> &Bitmap {
+        &self.maps[(self.active_idx.load(Ordering::Acquire) & 1) ^ 1]
+    }
+
+    /// Bytes covered by `count` blocks of a map whose last block is set or not.
+    pub(crate) fn blocks_bytes(&self, count: u64, last_set: bool) -> u64 {
+        let tail = self.nblocks * BLOCK_BYTES - self.size;
+        count * BLOCK_BYTES - if last_set { tail } else { 0 }
+    }
+
+    /// Bytes not yet on the replica: active ∪ frozen-not-committed.
+    pub fn dirty_bytes(&self) -> u64 {
+        let (a, f) = (self.active(), self.frozen_map());
+        let last = self.nblocks.checked_sub(1);
+        let last_set = last.is_some_and(|l| a.test(l) || f.test(l));
+        self.blocks_bytes(a.count_union(f), last_set)
+    }
+
+    fn set_dirty_ranges(&self, ranges: &[(u64, u64)]) -> Result<(), TrackerError> {
+        let mut extents: Vec<u64> = Vec::new();
+        for (first, last) in ranges {
+            extents.extend(first / BLOCKS_PER_EXTENT..=last / BLOCKS_PER_EXTENT);
+        }
+        extents.dedup();
+        // Persist first (rule 2); on failure the log is degraded and says so at the next open.
+        let persisted = self.al.add_many(&extents);
+        let _shared = self.gate.shared();
+        for (first, last) in ranges {
+            self.active().set_range(*first, *last);
+        }
+        persisted
+    }
+
+    /// Marks every block dirty: the next cut ships the whole disk.
+    pub fn mark_all_dirty(&self) {
+        if self.nblocks == 0 {
+            return;
+        }
+        if let Err(e) = self.set_dirty_ranges(&[(0, self.nblocks - 1)]) {
+            tracing::error!(image = %self.image.display(), error = %e, "mark_all_dirty could not persist");
+        }
+    }
+
+    /// Marks every allocated block dirty (SEEK_DATA/SEEK_HOLE): the next cut ships the disk
+    /// sparse-aware. Returns the bytes marked.
+    pub fn mark_allocated_dirty(&self) -> Result<u64, TrackerError> {
+        let mut ranges = Vec::new();
+        let mut bytes = 0;
+        let mut pos = 0;
+        while pos < self.size {
+            let data = match sys::seek_data(&self.file, pos).ctx("SEEK_DATA", &self.image)? {
+                Some(d) if d < self.size => d,
+                _ => break,
+            };
+            let hole = sys::seek_hole(&self.file, data)
+                .ctx("SEEK_HOLE", &self.image)?
+                .unwrap_or(self.size)
+                .min(self.size);
+            let (first, last) = (data / BLOCK_BYTES, (hole.max(data + 1) - 1) / BLOCK_BYTES);
+            ranges.push((first, last));
+            bytes += ((last + 1) * BLOCK_BYTES).min(self.size) - first * BLOCK_BYTES;
+            pos = hole.max(data + 1);
+        }
+        self.set_dirty_ranges(&ranges)?;
+        Ok(bytes)
+    }
+
+    /// Clean stop; call after the NBD server stopped. Flushes the image, persists the dirty
+    /// bitmap (active ∪ uncommitted frozen), then the clean marker with the image fingerprint.
+    /// A write after this (there should be none) makes the stop unclean again.
+    pub fn shutdown_clean(&self) -> Result<(), TrackerError> {
+        self.file.sync_all().ctx("flush image", &self.image)?;
+        let _exclusive = self.gate.exclusive();
+        let words = self.active().union_words(self.frozen_map());
+        let bitmap = formats::encode_bitmap(self.size, BLOCK_BYTES, &words);
+        durable::write_atomic(&self.state_dir, BITMAP_NAME, &bitmap)?;
+        let meta = self.file.metadata().ctx("stat image", &self.image)?;
+        let marker = CleanMarker {
+            fingerprint: Fingerprint::of(&meta),
+            bitmap_hash: *blake3::hash(&bitmap).as_bytes(),
+        };
+        durable::write_atomic(&self.state_dir, CLEAN_NAME, &formats::encode_clean(&marker))?;
+        self.al.mark_shut_down();
+        self.shut_down.store(true, Ordering::Release);
+        Ok(())
+    }
+}
