@@ -117,7 +117,7 @@ impl Body for ChannelBody {
             // the sender drops, and the channel close orders it before this read).
             Poll::Ready(None) if self.finished.load(Ordering::Acquire) => Poll::Ready(None),
             Poll::Ready(None) => Poll::Ready(Some(Err(
-                "request body abandoned before it was finished".into()
+                "request body abandoned before it was finished".into(),
             ))),
             Poll::Pending => Poll::Pending,
         }

@@ -6,7 +6,10 @@
 //! reached the peer (only one that provably never left, on a connection found dead), and never
 //! holds more than one connection per peer.
 
-use std::sync::Arc;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +20,7 @@ use hyper::{Method, Request, Response, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
@@ -96,7 +100,12 @@ struct PeerInner {
 struct Conn {
     sender: SendRequest<BoxBody>,
     ended: watch::Receiver<ConnEnd>,
+    /// The first TLS error seen on the socket (e.g. the alert by which the peer rejected our
+    /// certificate). h2 drops error causes, so it is captured below hyper.
+    tls_error: TlsErrorSlot,
 }
+
+type TlsErrorSlot = Arc<std::sync::Mutex<Option<rustls::Error>>>;
 
 /// How the connection task finished.
 #[derive(Clone, Debug)]
@@ -121,12 +130,11 @@ impl Peer {
     ) -> Result<Self, TransportError> {
         let addr = addr.into();
         let host = split_host(&addr)?;
-        let server_name = ServerName::try_from(host.to_owned()).map_err(|e| {
-            TransportError::InvalidAddress {
+        let server_name =
+            ServerName::try_from(host.to_owned()).map_err(|e| TransportError::InvalidAddress {
                 addr: addr.clone(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         Ok(Self {
             inner: Arc::new(PeerInner {
                 addr,
@@ -145,7 +153,10 @@ impl Peer {
 
     /// Sends a request on the shared connection, opening it first if needed. A relative URI
     /// (`/v1/status`) is completed with `https://<addr>`. Any HTTP status is `Ok`.
-    pub async fn request(&self, req: Request<BoxBody>) -> Result<Response<Incoming>, TransportError> {
+    pub async fn request(
+        &self,
+        req: Request<BoxBody>,
+    ) -> Result<Response<Incoming>, TransportError> {
         let req = self.absolute(req)?;
         let (mut conn, fresh) = self.connection().await?;
         match conn.sender.try_send_request(req).await {
@@ -175,7 +186,12 @@ impl Peer {
         self.call(Method::POST, path, full(json)).await
     }
 
-    async fn call(&self, method: Method, path: &str, body: BoxBody) -> Result<Bytes, TransportError> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: BoxBody,
+    ) -> Result<Bytes, TransportError> {
         let req = Request::builder()
             .method(method)
             .uri(path)
@@ -209,10 +225,12 @@ impl Peer {
                 .map(|p| p.as_str())
                 .unwrap_or("/");
             let uri = format!("https://{}{pq}", self.inner.addr);
-            *req.uri_mut() = uri.parse::<Uri>().map_err(|e| TransportError::InvalidAddress {
-                addr: uri.clone(),
-                reason: e.to_string(),
-            })?;
+            *req.uri_mut() = uri
+                .parse::<Uri>()
+                .map_err(|e| TransportError::InvalidAddress {
+                    addr: uri.clone(),
+                    reason: e.to_string(),
+                })?;
         }
         Ok(req)
     }
@@ -245,9 +263,9 @@ impl Peer {
             .await
             .map_err(|_| timeout("TCP connect"))?
             .map_err(|e| match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => TransportError::ConnectionRefused {
-                    peer: peer.clone(),
-                },
+                std::io::ErrorKind::ConnectionRefused => {
+                    TransportError::ConnectionRefused { peer: peer.clone() }
+                }
                 _ => TransportError::Connect {
                     peer: peer.clone(),
                     source: e,
@@ -279,8 +297,13 @@ impl Peer {
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
+        let tls_error = TlsErrorSlot::default();
+        let io = TlsErrorTap {
+            inner: tls,
+            slot: tls_error.clone(),
+        };
         let (sender, connection) =
-            tokio::time::timeout_at(deadline, builder.handshake(TokioIo::new(tls)))
+            tokio::time::timeout_at(deadline, builder.handshake(TokioIo::new(io)))
                 .await
                 .map_err(|_| timeout("HTTP/2 handshake"))?
                 .map_err(|e| TransportError::from_peer_failure(peer, &e))?;
@@ -297,7 +320,11 @@ impl Peer {
             let _ = end_tx.send(end);
         });
         tracing::debug!(peer = %peer, "connected");
-        Ok(Conn { sender, ended })
+        Ok(Conn {
+            sender,
+            ended,
+            tls_error,
+        })
     }
 
     /// Builds the most useful error for a failed request: a TLS cause in the request error
@@ -305,14 +332,25 @@ impl Peer {
     /// that rejected our certificate) is reported.
     async fn failure(&self, conn: &Conn, err: &hyper::Error) -> TransportError {
         let peer = &self.inner.addr;
-        if crate::error::find_rustls_error(err).is_none() && conn.sender.is_closed() {
-            let mut ended = conn.ended.clone();
-            let _ = tokio::time::timeout(
-                CONNECTION_END_WAIT,
-                ended.wait_for(|e| !matches!(e, ConnEnd::Running)),
-            )
-            .await;
-            let end = ended.borrow().clone();
+        if crate::error::find_rustls_error(err).is_none() {
+            if conn.sender.is_closed() {
+                // Let the connection task finish so that its cause is known.
+                let mut ended = conn.ended.clone();
+                let _ = tokio::time::timeout(
+                    CONNECTION_END_WAIT,
+                    ended.wait_for(|e| !matches!(e, ConnEnd::Running)),
+                )
+                .await;
+            }
+            let tls = conn
+                .tls_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if let Some(tls) = tls {
+                return TransportError::from_tls(peer, &tls);
+            }
+            let end = conn.ended.borrow().clone();
             if let ConnEnd::Failed(conn_err) = end {
                 return TransportError::from_peer_failure(peer, conn_err.as_ref());
             }
@@ -321,12 +359,77 @@ impl Peer {
     }
 }
 
+/// Passes I/O through, recording the first rustls error it sees.
+struct TlsErrorTap<S> {
+    inner: S,
+    slot: TlsErrorSlot,
+}
+
+impl<S> TlsErrorTap<S> {
+    fn record<T>(&self, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &result {
+            if let Some(tls) = crate::error::find_rustls_error(e) {
+                let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+                slot.get_or_insert_with(|| tls.clone());
+            }
+        }
+        result
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for TlsErrorTap<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.record(result)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for TlsErrorTap<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, data);
+        self.record(result)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.record(result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        self.record(result)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.record(result)
+    }
+}
+
 /// Reads a whole body of at most `limit` bytes.
 pub async fn read_body(peer: &str, body: Incoming, limit: usize) -> Result<Bytes, TransportError> {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 return Err(TransportError::BadResponse {
                     peer: peer.to_owned(),
                     reason: format!("response body larger than {limit} bytes"),
@@ -347,7 +450,8 @@ fn split_host(addr: &str) -> Result<&str, TransportError> {
         reason: reason.to_owned(),
     };
     let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("no port"))?;
-    port.parse::<u16>().map_err(|_| bad("port is not a number 0-65535"))?;
+    port.parse::<u16>()
+        .map_err(|_| bad("port is not a number 0-65535"))?;
     let host = match host.strip_prefix('[') {
         Some(rest) => rest.strip_suffix(']').ok_or_else(|| bad("unbalanced ["))?,
         None if host.contains(':') => return Err(bad("IPv6 addresses need brackets: [::1]:7443")),
@@ -368,7 +472,14 @@ mod tests {
         assert_eq!(split_host("a.example:7443").unwrap(), "a.example");
         assert_eq!(split_host("10.0.0.2:1").unwrap(), "10.0.0.2");
         assert_eq!(split_host("[::1]:7443").unwrap(), "::1");
-        for bad in ["nohost", ":7443", "::1:7443", "a:port", "[::1:7443", "a:70000"] {
+        for bad in [
+            "nohost",
+            ":7443",
+            "::1:7443",
+            "a:port",
+            "[::1:7443",
+            "a:70000",
+        ] {
             assert!(split_host(bad).is_err(), "{bad}");
         }
     }

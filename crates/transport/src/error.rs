@@ -272,7 +272,10 @@ mod tests {
         let inner = rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA);
         let io = io::Error::new(io::ErrorKind::InvalidData, inner);
         let err = TransportError::from_peer_failure("10.0.0.2:7443", &io);
-        assert!(matches!(err, TransportError::RejectedByPeer { .. }), "{err}");
+        assert!(
+            matches!(err, TransportError::RejectedByPeer { .. }),
+            "{err}"
+        );
         let msg = err.to_string();
         assert!(msg.contains("10.0.0.2:7443") && msg.contains("understudy trust add"));
     }

@@ -191,9 +191,12 @@ fn load_or_create_ca(dir: &Path, host_name: &str) -> Result<Ca, TransportError> 
         reason,
     };
     let certs = read_certs(&cert_path)?;
-    let cert = certs.into_iter().next().ok_or_else(|| TransportError::NoCertificate {
-        path: cert_path.clone(),
-    })?;
+    let cert = certs
+        .into_iter()
+        .next()
+        .ok_or_else(|| TransportError::NoCertificate {
+            path: cert_path.clone(),
+        })?;
     let info = der::parse_certificate(cert.as_ref())
         .ok_or_else(|| damaged(format!("{CA_CERT_FILE} is not a readable certificate")))?;
     if !key_path.exists() {
@@ -202,8 +205,8 @@ fn load_or_create_ca(dir: &Path, host_name: &str) -> Result<Ca, TransportError> 
              (creating a new CA would break every peer that trusts this host)"
         )));
     }
-    let key_pem = std::fs::read_to_string(&key_path)
-        .map_err(|e| TransportError::io("read", &key_path, e))?;
+    let key_pem =
+        std::fs::read_to_string(&key_path).map_err(|e| TransportError::io("read", &key_path, e))?;
     let key = KeyPair::from_pem(&key_pem).map_err(|e| TransportError::InvalidPem {
         path: key_path.clone(),
         reason: e.to_string(),
@@ -313,7 +316,8 @@ fn issue_leaf(
         cert.pem().as_bytes(),
         MODE_PUBLIC,
     )?;
-    let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| damaged(e.to_owned()))?;
+    let key_der =
+        PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| damaged(e.to_owned()))?;
     Ok((vec![cert.der().clone()], key_der))
 }
 

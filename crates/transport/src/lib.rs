@@ -21,8 +21,8 @@ pub mod tls;
 pub mod trust;
 
 pub use body::{
-    body_channel, empty, full, BodySender, BodyWriter, BoxBody, BoxError,
-    BODY_WRITER_BUFFER_BYTES, DEFAULT_BODY_CHANNEL_CHUNKS,
+    body_channel, empty, full, BodySender, BodyWriter, BoxBody, BoxError, BODY_WRITER_BUFFER_BYTES,
+    DEFAULT_BODY_CHANNEL_CHUNKS,
 };
 pub use client::{read_body, ClientTls, Peer, CONNECT_TIMEOUT};
 pub use error::TransportError;

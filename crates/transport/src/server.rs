@@ -16,6 +16,7 @@ use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -148,6 +149,31 @@ pub async fn serve_with<H, F>(
     }
 }
 
+/// After refusing a handshake, how long we keep reading (and discarding) what the client
+/// already sent. Closing with unread data makes the kernel send a reset that can destroy our
+/// alert before the client reads it; the client would then see "broken pipe" instead of "your
+/// certificate is not trusted". One second covers a LAN round trip many times over.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// Bytes discarded at most while lingering (a client mid-upload does not get to keep us busy).
+const REFUSAL_DRAIN_BYTES_MAX: usize = 1 << 20;
+
+/// Half-closes a refused connection after our alert and drains it briefly; see
+/// [`REFUSAL_LINGER`].
+async fn linger(mut tcp: TcpStream) {
+    let _ = tcp.shutdown().await;
+    let drain = async {
+        let mut buf = [0u8; 16 << 10];
+        let mut total = 0usize;
+        while total < REFUSAL_DRAIN_BYTES_MAX {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
+}
+
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -164,14 +190,16 @@ async fn serve_connection<H, F>(
 {
     let _ = tcp.set_nodelay(true);
     let acceptor = TlsAcceptor::from(config);
-    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+    let handshake = acceptor.accept(tcp).into_fallible();
+    let tls = match tokio::time::timeout(handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
+        Ok(Err((e, tcp))) => {
             let reason = match crate::error::find_rustls_error(&e) {
                 Some(tls) => tls.to_string(),
                 None => e.to_string(),
             };
             tracing::warn!(peer = %addr, %reason, "TLS handshake with peer failed");
+            linger(tcp).await;
             return;
         }
         Err(_) => {

@@ -163,7 +163,10 @@ impl TlsContext {
         }
         let built = build(&self.inner.identity, &self.inner.trust)?;
         *self.lock() = built;
-        tracing::info!(trusted = snapshot.len(), "trust store changed; TLS configs rebuilt");
+        tracing::info!(
+            trusted = snapshot.len(),
+            "trust store changed; TLS configs rebuilt"
+        );
         Ok(true)
     }
 
