@@ -1,1 +1,36 @@
-//! placeholder
+//! The replica store: for every replicated VM, base images plus a journal of committed deltas,
+//! an in-memory index of which frame holds which block at each recovery point, read-only views
+//! of a point (served over NBD), raw export, and retention that folds old deltas into the base.
+//! The on-disk layout and the crash argument are in `docs/formats/replica-store.md`.
+//!
+//! Architecture invariant: a point is listed only when every byte it reads is durable, and a
+//! journal file that fails validation is reported ([`ReplicaVm::damage`]), never served.
+
+mod durable;
+mod error;
+mod failpoint;
+mod fold;
+mod index;
+mod manifest;
+mod receive;
+mod store;
+mod view;
+mod vm;
+
+#[cfg(test)]
+mod crash_tests;
+
+pub use delta::{DeltaKind, DiskEntry};
+pub use error::ReplicaError;
+pub use receive::Incoming;
+pub use store::ReplicaStore;
+pub use view::PointView;
+pub use vm::{PointInfo, ReplicaVm};
+
+/// Decoded frames kept per VM for sequential reads (each ≤ 1 MiB, so ≤ 32 MiB per VM).
+pub const FRAME_CACHE_ENTRIES: usize = 32;
+
+/// Most frames one delta may carry. The index holds one entry per frame in memory (~100 bytes),
+/// so this caps one delta's index at ~1.6 GiB; the shipper coalesces adjacent dirty blocks into
+/// frames of up to 1 MiB, which keeps real deltas orders of magnitude below it.
+pub const FRAMES_PER_DELTA_MAX: u64 = 16 << 20;

@@ -1,0 +1,91 @@
+//! The one module that makes things durable: atomic file replacement (tmp + fsync + rename +
+//! fsync dir), durable renames and removals, directory fsync. No other module calls
+//! `fs::rename` or removes a file that matters for recovery.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use crate::ReplicaError;
+
+/// Suffix of the temporary file `write_atomic` writes first (deleted at open if left over).
+pub(crate) const TMP_SUFFIX: &str = ".tmp";
+
+/// fsync a directory so that entries created, renamed or removed in it are durable.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), ReplicaError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(ReplicaError::io("fsync directory", dir))
+}
+
+/// fsync a file's data and size.
+pub(crate) fn fsync_file(file: &File, path: &Path) -> Result<(), ReplicaError> {
+    file.sync_all().map_err(ReplicaError::io("fsync", path))
+}
+
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Replaces `path` with `bytes` atomically: readers see the old or the new content, never a
+/// mix, and after return the new content survives a crash. The file gets mode `mode`.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ReplicaError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(TMP_SUFFIX);
+    let tmp = Path::new(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(tmp)
+        .map_err(ReplicaError::io("create", tmp))?;
+    f.write_all(bytes).map_err(ReplicaError::io("write", tmp))?;
+    fsync_file(&f, tmp)?;
+    drop(f);
+    rename(tmp, path)
+}
+
+/// Renames `from` to `to` and fsyncs both parent directories.
+pub(crate) fn rename(from: &Path, to: &Path) -> Result<(), ReplicaError> {
+    fs::rename(from, to).map_err(ReplicaError::io("rename", from))?;
+    fsync_dir(parent(to))?;
+    if parent(from) != parent(to) {
+        fsync_dir(parent(from))?;
+    }
+    Ok(())
+}
+
+/// Removes a file (missing is fine) and fsyncs its directory.
+pub(crate) fn remove_file(path: &Path) -> Result<(), ReplicaError> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ReplicaError::io("remove", path)(e)),
+    }
+    fsync_dir(parent(path))
+}
+
+/// Removes a directory tree (missing is fine) and fsyncs its parent.
+pub(crate) fn remove_dir_all(path: &Path) -> Result<(), ReplicaError> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ReplicaError::io("remove directory", path)(e)),
+    }
+    fsync_dir(parent(path))
+}
+
+/// Creates a directory if missing (its parent is fsynced by the caller's later rename or
+/// `fsync_dir`).
+pub(crate) fn create_dir(path: &Path) -> Result<(), ReplicaError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(ReplicaError::io("create directory", path)(e)),
+    }
+}

@@ -1,0 +1,63 @@
+//! The replica store's error type: every refusal has a named variant with its context (VM,
+//! path, seq) so that the daemon can map it to a status and to "Resynchronization required".
+
+use std::io;
+use std::path::PathBuf;
+
+/// Why a replica operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid delta: {0}")]
+    Delta(#[from] delta::DeltaError),
+    #[error("delta incomplete: no verified footer after {received_bytes} bytes")]
+    Incomplete { received_bytes: u64 },
+    #[error("invalid VM id {0:?}: use 1-255 of [A-Za-z0-9._-], not starting with '.'")]
+    InvalidVmId(String),
+    #[error("invalid disk table: {0}")]
+    InvalidDisks(&'static str),
+    #[error("VM {vm_id} already exists with a different generation, disk table or key")]
+    AlreadyExists { vm_id: String },
+    #[error("no VM {vm_id}")]
+    NotFound { vm_id: String },
+    #[error("VM {vm_id} was removed")]
+    Removed { vm_id: String },
+    #[error("delta is for VM {got}, this is VM {expected}")]
+    WrongVm { expected: String, got: String },
+    #[error("delta has generation {got}, the VM is at generation {expected}")]
+    WrongGeneration { expected: u64, got: u64 },
+    #[error("generation may only grow: at {current}, asked {requested}")]
+    GenerationRegression { current: u64, requested: u64 },
+    #[error("delta's disk table differs from the VM's")]
+    DiskMismatch,
+    #[error("out of sequence: expected seq {expected}, got {got}")]
+    OutOfSequence { expected: u64, got: u64 },
+    #[error("delta has more than {max} frames")]
+    TooManyFrames { max: u64 },
+    #[error("no recovery point {seq}")]
+    NoSuchPoint { seq: u64 },
+    #[error("no disk {disk}")]
+    NoSuchDisk { disk: u32 },
+    #[error("manifest {path}: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    #[error("replica data damaged: {0}")]
+    Damaged(String),
+    #[error("a previous write to this incoming delta failed: {0}")]
+    ReceiveFailed(String),
+    #[error("injected failure at {0}")]
+    Injected(&'static str),
+}
+
+impl ReplicaError {
+    /// Wraps an I/O error with the operation and path it concerns.
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
+        let path = path.into();
+        move |source| ReplicaError::Io { op, path, source }
+    }
+}

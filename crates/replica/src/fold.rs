@@ -1,0 +1,161 @@
+//! Retention: folding the oldest journal delta into the base images, crash-safely (intent in
+//! the manifest, apply, fsync, advance the manifest, delete the journal file — see the "Fold"
+//! section of `docs/formats/replica-store.md`). Applying a delta to the base is idempotent, so
+//! an interrupted fold is simply redone at open. Never folds past a point an open view reads.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+
+use delta::{DeltaReader, FrameBody};
+
+use crate::vm::{JournalEntry, ReplicaVm, VmInner};
+use crate::{durable, failpoint, ReplicaError};
+
+/// Chunk used when a file system cannot punch holes and zeros must be written instead.
+const ZERO_WRITE_CHUNK_BYTES: u64 = 1 << 20;
+
+impl ReplicaVm {
+    /// Folds the oldest deltas into the base images until at most `keep_points` points remain
+    /// (at least one is always kept). Stops early, without error, when the next fold would
+    /// retire a point that an open view is reading; a later call continues.
+    pub fn retain(&self, keep_points: usize) -> Result<(), ReplicaError> {
+        let keep = keep_points.max(1);
+        let _m = self.inner.mutate.lock();
+        while self.points().len() > keep {
+            if !fold_next(&self.inner)? {
+                tracing::info!(vm = %self.inner.vm_id, "retention paused: the oldest point is in use");
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Folds journal seq `base_seq + 1` into the base. Returns false when it may not (no such
+/// delta, or the base point is being read). Caller holds `mutate`.
+pub(crate) fn fold_next(inner: &VmInner) -> Result<bool, ReplicaError> {
+    let (s, already_started) = {
+        // Lock order: pins, then state. Holding pins across the intent write means no view of
+        // the base point can open between the check and the point's retirement.
+        let pins = inner.pins.lock();
+        let st = inner.state.read();
+        let s = st.base_seq + 1;
+        if !st.journal.contains_key(&s) {
+            return Ok(false);
+        }
+        let started = st.folding == Some(s);
+        if !started && st.base_point.is_some() && pins.get(&st.base_seq).is_some_and(|&n| n > 0) {
+            return Ok(false);
+        }
+        drop(st);
+        if !started {
+            inner.update_manifest(|st| {
+                st.folding = Some(s);
+                st.base_point = None;
+            })?;
+        }
+        (s, started)
+    };
+    if already_started {
+        tracing::info!(vm = %inner.vm_id, seq = s, "resuming an interrupted fold");
+    }
+    failpoint::hit("fold.after_intent")?;
+    let info = inner
+        .state
+        .read()
+        .journal
+        .get(&s)
+        .map(|e| e.info)
+        .ok_or(ReplicaError::NoSuchPoint { seq: s })?;
+    apply_to_base(inner, s)?;
+    advance_base(inner, s, info)?;
+    Ok(true)
+}
+
+/// Finishes a fold found interrupted at open (`entry` was verified but is not in the index).
+pub(crate) fn finish_fold(inner: &VmInner, entry: JournalEntry) -> Result<(), ReplicaError> {
+    let s = entry.info.seq;
+    tracing::warn!(vm = %inner.vm_id, seq = s, "finishing a fold interrupted by a crash");
+    apply_to_base(inner, s)?;
+    advance_base(inner, s, entry.info)
+}
+
+/// Steps 4 and 5: the manifest says the base holds `s`, then the journal file goes.
+fn advance_base(inner: &VmInner, s: u64, info: crate::PointInfo) -> Result<(), ReplicaError> {
+    inner.update_manifest(|st| {
+        st.base_seq = s;
+        st.base_point = Some(info);
+        st.folding = None;
+    })?;
+    failpoint::hit("fold.after_manifest")?;
+    inner.state.write().journal.remove(&s);
+    durable::remove_file(&inner.journal_path(s))
+}
+
+/// Step 3: writes every frame of journal `seq` into the base images in stream order, verifying
+/// the file again as it goes, then fsyncs the base images.
+fn apply_to_base(inner: &VmInner, seq: u64) -> Result<(), ReplicaError> {
+    let path = inner.journal_path(seq);
+    let file = File::open(&path).map_err(ReplicaError::io("open", &path))?;
+    let mut r = DeltaReader::new(BufReader::new(file), &inner.key)?;
+    let mut applied = 0u64;
+    while let Some(frame) = r.next_frame()? {
+        let base = inner
+            .base
+            .get(&frame.info.disk)
+            .ok_or(ReplicaError::NoSuchDisk {
+                disk: frame.info.disk,
+            })?;
+        let (offset, len) = (frame.info.offset, frame.info.len);
+        match frame.body {
+            FrameBody::Data(data) if data.iter().any(|&b| b != 0) => base
+                .file
+                .write_all_at(&data, offset)
+                .map_err(ReplicaError::io("write base image", &base.path))?,
+            FrameBody::Data(_) | FrameBody::Zero => punch_hole(&base.file, offset, len)
+                .map_err(ReplicaError::io("punch hole in base image", &base.path))?,
+        }
+        applied += 1;
+        if applied == 1 {
+            failpoint::hit("fold.mid_apply")?;
+        }
+    }
+    for b in inner.base.values() {
+        durable::fsync_file(&b.file, &b.path)?;
+    }
+    failpoint::hit("fold.after_apply")
+}
+
+/// Makes `[offset, offset + len)` read as zeros, deallocating it when the file system can.
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: fallocate only reads its integer arguments; the fd is owned by `file`, which
+    // outlives the call.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            l,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(err);
+    }
+    let zeros = vec![0u8; ZERO_WRITE_CHUNK_BYTES.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! [`ReplicaStore`]: the storage directory holding one directory per replicated VM. Owns VM
+//! creation (built under a dot-name, then renamed into place, so a crash never leaves a
+//! half-created VM) and removal (renamed away first, then deleted), and opening every VM found.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use delta::{DiskEntry, BLOCK_BYTES, DISKS_MAX, DISK_BYTES_MAX, VM_ID_BYTES_MAX};
+use parking_lot::{Mutex, RwLock};
+
+use crate::manifest::{hex, DiskRecord, Manifest};
+use crate::vm::{base_path, open_vm, ReplicaVm, BASE_DIR, INCOMING_DIR, JOURNAL_DIR};
+use crate::{durable, ReplicaError};
+
+const CREATING_SUFFIX: &str = ".creating";
+const REMOVING_SUFFIX: &str = ".removing";
+
+/// All replicated VMs of this host's storage directory.
+pub struct ReplicaStore {
+    dir: PathBuf,
+    vms: RwLock<BTreeMap<String, Arc<ReplicaVm>>>,
+    /// VM directories that could not be opened, with the reason.
+    broken: RwLock<BTreeMap<String, String>>,
+    /// Serializes create/remove.
+    admin: Mutex<()>,
+}
+
+/// VM ids become directory names: a conservative character set, no leading dot (ours).
+fn validate_vm_id(vm_id: &str) -> Result<(), ReplicaError> {
+    let ok = !vm_id.is_empty()
+        && vm_id.len() <= VM_ID_BYTES_MAX
+        && !vm_id.starts_with('.')
+        && vm_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ReplicaError::InvalidVmId(vm_id.into()))
+    }
+}
+
+fn validate_disks(disks: &[DiskEntry]) -> Result<(), ReplicaError> {
+    if disks.is_empty() || disks.len() > DISKS_MAX as usize {
+        return Err(ReplicaError::InvalidDisks("a VM has 1 to 256 disks"));
+    }
+    for (i, d) in disks.iter().enumerate() {
+        if d.size_bytes == 0 || d.size_bytes % BLOCK_BYTES != 0 || d.size_bytes > DISK_BYTES_MAX {
+            return Err(ReplicaError::InvalidDisks(
+                "disk sizes are non-zero multiples of 4096, at most 1 PiB",
+            ));
+        }
+        if disks[..i].iter().any(|o| o.index == d.index) {
+            return Err(ReplicaError::InvalidDisks("duplicate disk index"));
+        }
+    }
+    Ok(())
+}
+
+fn sorted(disks: &[DiskEntry]) -> Vec<DiskEntry> {
+    let mut d = disks.to_vec();
+    d.sort_by_key(|d| d.index);
+    d
+}
+
+impl ReplicaStore {
+    /// Opens (creating if needed) the storage directory and recovers every VM in it. A VM that
+    /// cannot be opened is listed by [`ReplicaStore::broken`]; the others open normally.
+    pub fn open(storage_dir: &Path) -> Result<Self, ReplicaError> {
+        fs::create_dir_all(storage_dir)
+            .map_err(ReplicaError::io("create directory", storage_dir))?;
+        let mut vms = BTreeMap::new();
+        let mut broken = BTreeMap::new();
+        let entries = fs::read_dir(storage_dir).map_err(ReplicaError::io("list", storage_dir))?;
+        for entry in entries {
+            let entry = entry.map_err(ReplicaError::io("list", storage_dir))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let path = entry.path();
+            if name.starts_with('.') {
+                if name.ends_with(CREATING_SUFFIX) || name.ends_with(REMOVING_SUFFIX) {
+                    durable::remove_dir_all(&path)?;
+                }
+                continue;
+            }
+            if !path.is_dir() || validate_vm_id(&name).is_err() {
+                continue;
+            }
+            match open_vm(&path) {
+                Ok(vm) if vm.vm_id() == name => {
+                    if let Some(d) = vm.damage() {
+                        tracing::error!(vm = %name, damage = %d, "replica damaged: resynchronization required");
+                    }
+                    vms.insert(name, Arc::new(vm));
+                }
+                Ok(vm) => {
+                    broken.insert(name, format!("directory holds VM {:?}", vm.vm_id()));
+                }
+                Err(e) => {
+                    tracing::error!(vm = %name, error = %e, "cannot open replica VM");
+                    broken.insert(name, e.to_string());
+                }
+            }
+        }
+        Ok(ReplicaStore {
+            dir: storage_dir.to_owned(),
+            vms: RwLock::new(vms),
+            broken: RwLock::new(broken),
+            admin: Mutex::new(()),
+        })
+    }
+
+    /// Creates the replica of a VM: empty (all-zero, sparse) base images and no point yet.
+    /// Idempotent when the VM exists with the same generation, disks and key.
+    pub fn create_vm(
+        &self,
+        vm_id: &str,
+        generation: u64,
+        disks: &[DiskEntry],
+        key: [u8; 32],
+    ) -> Result<Arc<ReplicaVm>, ReplicaError> {
+        validate_vm_id(vm_id)?;
+        validate_disks(disks)?;
+        let _a = self.admin.lock();
+        if let Some(vm) = self.vm(vm_id) {
+            let same = vm.generation() == generation
+                && sorted(&vm.disks()) == sorted(disks)
+                && vm.inner.key == key;
+            return if same {
+                Ok(vm)
+            } else {
+                Err(ReplicaError::AlreadyExists {
+                    vm_id: vm_id.into(),
+                })
+            };
+        }
+        let dir = self.dir.join(vm_id);
+        if self.broken.read().contains_key(vm_id) || dir.exists() {
+            return Err(ReplicaError::AlreadyExists {
+                vm_id: vm_id.into(),
+            });
+        }
+        let tmp = self.dir.join(format!(".{vm_id}{CREATING_SUFFIX}"));
+        durable::remove_dir_all(&tmp)?;
+        durable::create_dir(&tmp)?;
+        for sub in [BASE_DIR, JOURNAL_DIR, INCOMING_DIR] {
+            durable::create_dir(&tmp.join(sub))?;
+        }
+        for d in disks {
+            let path = base_path(&tmp, d.index);
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(ReplicaError::io("create base image", &path))?;
+            f.set_len(d.size_bytes)
+                .map_err(ReplicaError::io("resize base image", &path))?;
+            durable::fsync_file(&f, &path)?;
+        }
+        let manifest = Manifest {
+            vm_id: vm_id.into(),
+            generation,
+            key: hex(&key),
+            disks: disks
+                .iter()
+                .map(|d| DiskRecord {
+                    index: d.index,
+                    size_bytes: d.size_bytes,
+                })
+                .collect(),
+            base_point: None,
+            base_seq: 0,
+            folding: None,
+            damage: None,
+        };
+        manifest.store(&tmp)?;
+        for sub in [BASE_DIR, JOURNAL_DIR, INCOMING_DIR] {
+            durable::fsync_dir(&tmp.join(sub))?;
+        }
+        durable::fsync_dir(&tmp)?;
+        durable::rename(&tmp, &dir)?;
+        let vm = Arc::new(open_vm(&dir)?);
+        self.vms.write().insert(vm_id.into(), vm.clone());
+        tracing::info!(vm = %vm_id, generation, disks = disks.len(), "replica VM created");
+        Ok(vm)
+    }
+
+    pub fn vm(&self, vm_id: &str) -> Option<Arc<ReplicaVm>> {
+        self.vms.read().get(vm_id).cloned()
+    }
+
+    pub fn vms(&self) -> Vec<Arc<ReplicaVm>> {
+        self.vms.read().values().cloned().collect()
+    }
+
+    /// VM directories that could not be opened, with the reason (never silently skipped).
+    pub fn broken(&self) -> Vec<(String, String)> {
+        self.broken
+            .read()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Deletes a VM's replica and all its points (also a broken one). Open views keep reading
+    /// the files they hold open until they are dropped.
+    pub fn remove_vm(&self, vm_id: &str) -> Result<(), ReplicaError> {
+        validate_vm_id(vm_id)?;
+        let _a = self.admin.lock();
+        let vm = self.vms.write().remove(vm_id);
+        let was_broken = self.broken.write().remove(vm_id).is_some();
+        if vm.is_none() && !was_broken {
+            return Err(ReplicaError::NotFound {
+                vm_id: vm_id.into(),
+            });
+        }
+        if let Some(vm) = &vm {
+            let _m = vm.inner.mutate.lock();
+            vm.inner.state.write().removed = true;
+        }
+        let dir = self.dir.join(vm_id);
+        let gone = self.dir.join(format!(".{vm_id}{REMOVING_SUFFIX}"));
+        durable::remove_dir_all(&gone)?;
+        durable::rename(&dir, &gone)?;
+        durable::remove_dir_all(&gone)?;
+        tracing::info!(vm = %vm_id, "replica VM removed");
+        Ok(())
+    }
+}

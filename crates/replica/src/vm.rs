@@ -1,0 +1,502 @@
+//! One replicated VM: its immutable identity (id, key, disks, base images), its mutable state
+//! (generation, base point, journal and index, damage) behind one lock, and recovery at open
+//! (finish an interrupted fold, verify every journal file, quarantine what fails). Receiving,
+//! folding and reading live in `receive`, `fold` and `view`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use delta::{DeltaHeader, DeltaKind, DeltaReader, DeltaSummary, DiskEntry};
+use parking_lot::{Mutex, RwLock};
+
+use crate::index::{JournalFile, Layer};
+use crate::manifest::{hex, key_from_hex, DiskRecord, Manifest, PointRecord};
+use crate::{durable, fold, ReplicaError};
+
+pub(crate) const BASE_DIR: &str = "base";
+pub(crate) const JOURNAL_DIR: &str = "journal";
+pub(crate) const INCOMING_DIR: &str = "incoming";
+pub(crate) const QUARANTINE_DIR: &str = "quarantine";
+const JOURNAL_SUFFIX: &str = ".delta";
+
+/// A recovery point as listed to users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PointInfo {
+    pub seq: u64,
+    pub cut_time_unix_ns: u64,
+    pub kind: DeltaKind,
+    /// Uncompressed bytes of DATA frames in the delta that made this point.
+    pub data_bytes: u64,
+    /// Bytes of ZERO frames in that delta.
+    pub zero_bytes: u64,
+    /// Encoded size of that delta.
+    pub stored_bytes: u64,
+}
+
+impl PointInfo {
+    pub(crate) fn from_delta(h: &DeltaHeader, s: &DeltaSummary) -> Self {
+        PointInfo {
+            seq: h.seq,
+            cut_time_unix_ns: h.cut_time_unix_ns,
+            kind: h.kind,
+            data_bytes: s.data_bytes,
+            zero_bytes: s.zero_bytes,
+            stored_bytes: s.stored_bytes,
+        }
+    }
+
+    fn to_record(self) -> PointRecord {
+        PointRecord {
+            seq: self.seq,
+            cut_time_unix_ns: self.cut_time_unix_ns,
+            kind: self.kind.as_str().into(),
+            data_bytes: self.data_bytes,
+            zero_bytes: self.zero_bytes,
+            stored_bytes: self.stored_bytes,
+        }
+    }
+
+    fn from_record(r: &PointRecord) -> Option<Self> {
+        Some(PointInfo {
+            seq: r.seq,
+            cut_time_unix_ns: r.cut_time_unix_ns,
+            kind: DeltaKind::from_name(&r.kind)?,
+            data_bytes: r.data_bytes,
+            zero_bytes: r.zero_bytes,
+            stored_bytes: r.stored_bytes,
+        })
+    }
+}
+
+/// A committed journal delta and its index layers (one per disk it touches).
+pub(crate) struct JournalEntry {
+    pub info: PointInfo,
+    pub layers: BTreeMap<u32, Arc<Layer>>,
+}
+
+/// Everything that changes, under one lock.
+pub(crate) struct VmState {
+    pub generation: u64,
+    /// The base images' point while it is listed.
+    pub base_point: Option<PointInfo>,
+    /// The point whose content the base images hold (0: zeros).
+    pub base_seq: u64,
+    /// A fold of this journal seq into the base has started and not finished.
+    pub folding: Option<u64>,
+    pub journal: BTreeMap<u64, JournalEntry>,
+    pub damage: Option<String>,
+    pub removed: bool,
+}
+
+impl VmState {
+    pub fn latest_seq(&self) -> u64 {
+        self.journal
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+            .max(self.base_seq)
+    }
+
+    pub fn has_point(&self, seq: u64) -> bool {
+        self.base_point.is_some_and(|b| b.seq == seq) || self.journal.contains_key(&seq)
+    }
+
+    /// Layers for point `seq` on `disk`, newest first.
+    pub fn layers(&self, seq: u64, disk: u32) -> Vec<Arc<Layer>> {
+        self.journal
+            .range(..=seq)
+            .rev()
+            .filter_map(|(_, e)| e.layers.get(&disk).cloned())
+            .collect()
+    }
+}
+
+/// A base image file.
+pub(crate) struct BaseImage {
+    pub path: PathBuf,
+    pub file: File,
+}
+
+/// The shared body of a VM (views hold it by `Arc`).
+pub(crate) struct VmInner {
+    pub dir: PathBuf,
+    pub vm_id: String,
+    pub key: [u8; 32],
+    pub disks: Vec<DiskEntry>,
+    pub base: BTreeMap<u32, BaseImage>,
+    pub state: RwLock<VmState>,
+    /// Serializes commits, folds and manifest writes. Lock order: `mutate`, then `pins`, then
+    /// `state`.
+    pub mutate: Mutex<()>,
+    /// Open views per point seq.
+    pub pins: Mutex<BTreeMap<u64, usize>>,
+    pub cache: Mutex<VecDeque<((u64, u64), Arc<Vec<u8>>)>>,
+    pub next_incoming: AtomicU64,
+}
+
+/// One replicated VM on the replica host.
+pub struct ReplicaVm {
+    pub(crate) inner: Arc<VmInner>,
+}
+
+impl ReplicaVm {
+    pub fn vm_id(&self) -> &str {
+        &self.inner.vm_id
+    }
+
+    /// Seq of the newest point; 0 when nothing was committed yet.
+    pub fn latest_seq(&self) -> u64 {
+        self.inner.state.read().latest_seq()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.inner.state.read().generation
+    }
+
+    pub fn disks(&self) -> Vec<DiskEntry> {
+        self.inner.disks.clone()
+    }
+
+    /// Recovery points, oldest first.
+    pub fn points(&self) -> Vec<PointInfo> {
+        let st = self.inner.state.read();
+        st.base_point
+            .into_iter()
+            .chain(st.journal.values().map(|e| e.info))
+            .collect()
+    }
+
+    /// Why this VM's replica cannot be trusted past some point (a journal file failed
+    /// validation), if so. Points before the damage stay readable. Cleared by a Full delta or
+    /// [`ReplicaVm::clear_damage`].
+    pub fn damage(&self) -> Option<String> {
+        self.inner.state.read().damage.clone()
+    }
+
+    /// Forgets the recorded damage (the daemon resynchronized by other means).
+    pub fn clear_damage(&self) -> Result<(), ReplicaError> {
+        let _m = self.inner.mutate.lock();
+        self.inner.update_manifest(|st| st.damage = None)
+    }
+
+    /// Raises the lineage generation (fencing after failover); deltas must then carry it.
+    pub fn set_generation(&self, generation: u64) -> Result<(), ReplicaError> {
+        let _m = self.inner.mutate.lock();
+        let current = self.inner.state.read().generation;
+        if generation < current {
+            return Err(ReplicaError::GenerationRegression {
+                current,
+                requested: generation,
+            });
+        }
+        self.inner.update_manifest(|st| st.generation = generation)
+    }
+}
+
+impl VmInner {
+    pub fn journal_path(&self, seq: u64) -> PathBuf {
+        self.dir
+            .join(JOURNAL_DIR)
+            .join(format!("{seq:020}{JOURNAL_SUFFIX}"))
+    }
+
+    pub fn disk(&self, index: u32) -> Result<&DiskEntry, ReplicaError> {
+        self.disks
+            .iter()
+            .find(|d| d.index == index)
+            .ok_or(ReplicaError::NoSuchDisk { disk: index })
+    }
+
+    pub fn manifest_of(&self, st: &VmState) -> Manifest {
+        Manifest {
+            vm_id: self.vm_id.clone(),
+            generation: st.generation,
+            key: hex(&self.key),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| DiskRecord {
+                    index: d.index,
+                    size_bytes: d.size_bytes,
+                })
+                .collect(),
+            base_point: st.base_point.map(PointInfo::to_record),
+            base_seq: st.base_seq,
+            folding: st.folding,
+            damage: st.damage.clone(),
+        }
+    }
+
+    /// Applies `change` to a copy of the state's persisted part, writes the manifest durably,
+    /// and only then changes the in-memory state. Caller holds `mutate`.
+    pub fn update_manifest(&self, change: impl FnOnce(&mut VmState)) -> Result<(), ReplicaError> {
+        let mut st = self.state.write();
+        let mut next = VmState {
+            generation: st.generation,
+            base_point: st.base_point,
+            base_seq: st.base_seq,
+            folding: st.folding,
+            journal: BTreeMap::new(),
+            damage: st.damage.clone(),
+            removed: st.removed,
+        };
+        change(&mut next);
+        self.manifest_of(&next).store(&self.dir)?;
+        st.generation = next.generation;
+        st.base_point = next.base_point;
+        st.base_seq = next.base_seq;
+        st.folding = next.folding;
+        st.damage = next.damage;
+        Ok(())
+    }
+
+    /// Refuses a delta header that does not belong to this VM. `exact_generation`: at commit
+    /// the generation must equal the VM's; at open an older one is fine (raised since).
+    pub fn check_header(
+        &self,
+        h: &DeltaHeader,
+        generation: u64,
+        exact_generation: bool,
+    ) -> Result<(), ReplicaError> {
+        if h.vm_id != self.vm_id {
+            return Err(ReplicaError::WrongVm {
+                expected: self.vm_id.clone(),
+                got: h.vm_id.clone(),
+            });
+        }
+        let ok = if exact_generation {
+            h.generation == generation
+        } else {
+            h.generation <= generation
+        };
+        if !ok {
+            return Err(ReplicaError::WrongGeneration {
+                expected: generation,
+                got: h.generation,
+            });
+        }
+        let mut a = h.disks.clone();
+        let mut b = self.disks.clone();
+        a.sort_by_key(|d| d.index);
+        b.sort_by_key(|d| d.index);
+        if a != b {
+            return Err(ReplicaError::DiskMismatch);
+        }
+        Ok(())
+    }
+
+    /// Opens a journal file, verifies it completely and builds its index layers.
+    fn load_journal(
+        &self,
+        seq: u64,
+        parent: u64,
+        generation: u64,
+    ) -> Result<JournalEntry, ReplicaError> {
+        let path = self.journal_path(seq);
+        let file = File::open(&path).map_err(ReplicaError::io("open", &path))?;
+        let journal = Arc::new(JournalFile {
+            seq,
+            path: path.clone(),
+            file,
+        });
+        let mut r = DeltaReader::new(BufReader::new(&journal.file), &self.key)?;
+        let h = r.header().clone();
+        self.check_header(&h, generation, false)?;
+        if h.seq != seq || h.parent_seq != parent {
+            return Err(ReplicaError::OutOfSequence {
+                expected: seq,
+                got: h.seq,
+            });
+        }
+        let mut layers: BTreeMap<u32, Layer> = BTreeMap::new();
+        while let Some(info) = r.next_frame_info()? {
+            layers
+                .entry(info.disk)
+                .or_default()
+                .insert_frame(&journal, info);
+        }
+        let summary = *r.summary().ok_or(ReplicaError::Incomplete {
+            received_bytes: r.position(),
+        })?;
+        Ok(JournalEntry {
+            info: PointInfo::from_delta(&h, &summary),
+            layers: layers.into_iter().map(|(d, l)| (d, Arc::new(l))).collect(),
+        })
+    }
+}
+
+/// Opens a VM directory, recovering from any crash (see the "Open" section of the format doc).
+pub(crate) fn open_vm(dir: &Path) -> Result<ReplicaVm, ReplicaError> {
+    let m = Manifest::load(dir)?;
+    let bad = |reason: &str| ReplicaError::Manifest {
+        path: dir.join(crate::manifest::MANIFEST_FILE),
+        reason: reason.into(),
+    };
+    let key = key_from_hex(&m.key).ok_or_else(|| bad("bad key"))?;
+    let base_point = match &m.base_point {
+        Some(r) => Some(PointInfo::from_record(r).ok_or_else(|| bad("unknown point kind"))?),
+        None => None,
+    };
+    // Leftovers of interrupted receives and manifest writes.
+    let incoming = dir.join(INCOMING_DIR);
+    durable::remove_dir_all(&incoming)?;
+    durable::create_dir(&incoming)?;
+    durable::remove_file(&dir.join(format!(
+        "{}{}",
+        crate::manifest::MANIFEST_FILE,
+        durable::TMP_SUFFIX
+    )))?;
+    let disks: Vec<DiskEntry> = m
+        .disks
+        .iter()
+        .map(|d| DiskEntry {
+            index: d.index,
+            size_bytes: d.size_bytes,
+        })
+        .collect();
+    let mut base = BTreeMap::new();
+    for d in &disks {
+        let path = base_path(dir, d.index);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(ReplicaError::io("open base image", &path))?;
+        let len = file
+            .metadata()
+            .map_err(ReplicaError::io("stat", &path))?
+            .len();
+        if len != d.size_bytes {
+            return Err(ReplicaError::Damaged(format!(
+                "base image {} is {len} bytes, disk {} is {}",
+                path.display(),
+                d.index,
+                d.size_bytes
+            )));
+        }
+        base.insert(d.index, BaseImage { path, file });
+    }
+    let inner = Arc::new(VmInner {
+        dir: dir.to_owned(),
+        vm_id: m.vm_id.clone(),
+        key,
+        disks,
+        base,
+        state: RwLock::new(VmState {
+            generation: m.generation,
+            base_point,
+            base_seq: m.base_seq,
+            folding: m.folding,
+            journal: BTreeMap::new(),
+            damage: m.damage.clone(),
+            removed: false,
+        }),
+        mutate: Mutex::new(()),
+        pins: Mutex::new(BTreeMap::new()),
+        cache: Mutex::new(VecDeque::new()),
+        next_incoming: AtomicU64::new(1),
+    });
+    recover_journal(&inner, &m)?;
+    Ok(ReplicaVm { inner })
+}
+
+/// Lists `journal/` as seq → path, ignoring names that are not ours.
+fn list_journal(dir: &Path) -> Result<BTreeMap<u64, PathBuf>, ReplicaError> {
+    let jdir = dir.join(JOURNAL_DIR);
+    let mut out = BTreeMap::new();
+    for entry in fs::read_dir(&jdir).map_err(ReplicaError::io("list", &jdir))? {
+        let entry = entry.map_err(ReplicaError::io("list", &jdir))?;
+        let name = entry.file_name();
+        let Some(seq) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(JOURNAL_SUFFIX))
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            tracing::warn!(file = ?entry.path(), "ignoring unexpected file in the journal");
+            continue;
+        };
+        out.insert(seq, entry.path());
+    }
+    Ok(out)
+}
+
+fn recover_journal(inner: &Arc<VmInner>, m: &Manifest) -> Result<(), ReplicaError> {
+    let _m = inner.mutate.lock();
+    let mut files = list_journal(&inner.dir)?;
+    let generation = m.generation;
+    let mut new_damage: Option<String> = None;
+    if let Some(s) = m.folding {
+        // A fold was interrupted: point base_seq is already gone; finish it.
+        match inner.load_journal(s, m.base_seq, generation) {
+            Ok(entry) => fold::finish_fold(inner, entry)?,
+            Err(e) => {
+                new_damage = Some(format!(
+                    "interrupted fold of journal seq {s} cannot complete: {e}"
+                ));
+                inner.update_manifest(|st| st.folding = None)?;
+            }
+        }
+        files = list_journal(&inner.dir)?;
+    }
+    let base_seq = inner.state.read().base_seq;
+    let mut parent = base_seq;
+    let mut failed_at: Option<u64> = None;
+    for (&seq, path) in &files {
+        if seq <= base_seq {
+            // Folded already; the crash came before its deletion.
+            durable::remove_file(path)?;
+            continue;
+        }
+        if failed_at.is_some() {
+            continue;
+        }
+        let loaded = if seq == parent + 1 {
+            inner.load_journal(seq, parent, generation)
+        } else {
+            Err(ReplicaError::OutOfSequence {
+                expected: parent + 1,
+                got: seq,
+            })
+        };
+        match loaded {
+            Ok(entry) => {
+                inner.state.write().journal.insert(seq, entry);
+                parent = seq;
+            }
+            Err(e) => {
+                tracing::error!(vm = %inner.vm_id, seq, error = %e, "journal file failed validation");
+                new_damage.get_or_insert(format!("journal {}: {e}", path.display()));
+                failed_at = Some(seq);
+            }
+        }
+    }
+    if let Some(first) = failed_at {
+        let qdir = inner.dir.join(QUARANTINE_DIR);
+        durable::create_dir(&qdir)?;
+        for (_, path) in files.range(first..) {
+            if let Some(name) = path.file_name() {
+                // Never overwrite an earlier quarantined copy.
+                let mut target = qdir.join(name);
+                let mut n = 1;
+                while target.exists() {
+                    target = qdir.join(format!("{}.{n}", name.to_string_lossy()));
+                    n += 1;
+                }
+                durable::rename(path, &target)?;
+            }
+        }
+    }
+    if let Some(d) = new_damage {
+        inner.update_manifest(|st| st.damage = Some(d))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn base_path(dir: &Path, index: u32) -> PathBuf {
+    dir.join(BASE_DIR).join(format!("disk-{index}.raw"))
+}
