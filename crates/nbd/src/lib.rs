@@ -1,4 +1,4 @@
-//! The NBD protocol (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md) as a
+//! The NBD protocol (<https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md>) as a
 //! pure codec, and a blocking server on worker threads on top of the [`BlockBackend`] trait.
 //!
 //! This crate owns the wire protocol and nothing else: it never knows about replication,
@@ -6,7 +6,7 @@
 //! the export size and the bounds in [`limits`] before any backend call.
 //!
 //! Layout: [`codec`] (bytes in, typed requests out, no I/O), [`NbdServer`] (sockets and
-//! threads), [`file`] and [`memory`] (backends), [`registry`] (export names).
+//! threads), [`file`](mod@file) and [`memory`] (backends), [`registry`] (export names).
 
 mod backend;
 pub mod codec;
