@@ -309,10 +309,11 @@ pub(crate) fn decode_bitmap(bytes: &[u8], block_bytes: u64) -> Result<BitmapCont
     if nblocks != disk_size_bytes.div_ceil(block_bytes) {
         return Err(invalid(F, "block count does not match the disk size"));
     }
-    let nwords = (body - BITMAP_HEADER_BYTES) / 8;
-    if (body - BITMAP_HEADER_BYTES) % 8 != 0 || nwords as u64 != bitmap_words(nblocks) {
+    let payload = (body - BITMAP_HEADER_BYTES) as u64;
+    if payload != 8 * bitmap_words(nblocks) {
         return Err(invalid(F, "payload length does not match the block count"));
     }
+    let nwords = (payload / 8) as usize;
     let words = (0..nwords)
         .map(|i| u64_at(bytes, BITMAP_HEADER_BYTES + 8 * i))
         .collect();

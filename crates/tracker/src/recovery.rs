@@ -84,9 +84,7 @@ pub(crate) fn load(
     let log = read_capped(dir, AL_NAME, formats::al_file_bytes_max(size_bytes))?;
 
     if let Some(clean) = clean {
-        let marker = match clean
-            .map_err(|r| r)
-            .and_then(|b| formats::decode_clean(&b).map_err(|e| e.to_string()))
+        let marker = match clean.and_then(|b| formats::decode_clean(&b).map_err(|e| e.to_string()))
         {
             Ok(m) => m,
             Err(reason) => return Ok(lost(format!("clean-stop marker unusable: {reason}"))),

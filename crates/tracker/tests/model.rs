@@ -101,13 +101,20 @@ fn decode(bytes: &[u8], disk: usize, block: u64) -> Result<Stamp, String> {
     for i in 0..bytes.len() / 8 {
         let want = if i % 2 == 0 { id } else { tag(disk, block) };
         if word(i) != want {
-            return Err(format!("disk {disk} block {block}: torn or foreign content at word {i}"));
+            return Err(format!(
+                "disk {disk} block {block}: torn or foreign content at word {i}"
+            ));
         }
     }
     Ok(Stamp::Write(id))
 }
 
-fn writer(thread: u64, disks: Vec<Arc<TrackedDisk>>, ops: Vec<Op>, clock: Arc<AtomicU64>) -> HashMap<Key, Vec<Rec>> {
+fn writer(
+    thread: u64,
+    disks: Vec<Arc<TrackedDisk>>,
+    ops: Vec<Op>,
+    clock: Arc<AtomicU64>,
+) -> HashMap<Key, Vec<Rec>> {
     let mut hist: HashMap<Key, Vec<Rec>> = HashMap::new();
     for (seq, op) in ops.into_iter().enumerate() {
         let first = block_of(thread, op.first.min(REGION_BLOCKS - 1));
@@ -117,11 +124,16 @@ fn writer(thread: u64, disks: Vec<Arc<TrackedDisk>>, ops: Vec<Op>, clock: Arc<At
         let issue = clock.fetch_add(1, Ordering::SeqCst);
         match op.kind {
             Kind::Write { fua } => {
-                let data: Vec<u8> = (first..first + n).flat_map(|b| stamped(id, op.disk, b)).collect();
-                d.write_at(&data, first * B, fua).expect("guest write never fails");
+                let data: Vec<u8> = (first..first + n)
+                    .flat_map(|b| stamped(id, op.disk, b))
+                    .collect();
+                d.write_at(&data, first * B, fua)
+                    .expect("guest write never fails");
             }
             Kind::Trim => d.trim(first * B, n * B, false).expect("trim"),
-            Kind::Zero { may_trim } => d.write_zeroes(first * B, n * B, may_trim, false).expect("zeroes"),
+            Kind::Zero { may_trim } => d
+                .write_zeroes(first * B, n * B, may_trim, false)
+                .expect("zeroes"),
         }
         let ack = clock.fetch_add(1, Ordering::SeqCst);
         let content = match op.kind {
@@ -129,7 +141,11 @@ fn writer(thread: u64, disks: Vec<Arc<TrackedDisk>>, ops: Vec<Op>, clock: Arc<At
             _ => Stamp::Zero,
         };
         for b in first..first + n {
-            hist.entry((op.disk, b)).or_default().push(Rec { issue, ack, content });
+            hist.entry((op.disk, b)).or_default().push(Rec {
+                issue,
+                ack,
+                content,
+            });
         }
         std::thread::yield_now();
     }
@@ -172,14 +188,23 @@ fn check(snap: &Snapshot, hist: &HashMap<Key, Vec<Rec>>) -> Result<(), String> {
     // some lower bound x (or c0). Work in doubled units to stay in integers.
     let mut xs: Vec<u64> = vec![snap.c0];
     for (_, cands) in &per_block {
-        xs.extend(cands.iter().map(|c| c.0).filter(|x| *x >= snap.c0 && *x < snap.c1));
+        xs.extend(
+            cands
+                .iter()
+                .map(|c| c.0)
+                .filter(|x| *x >= snap.c0 && *x < snap.c1),
+        );
     }
     for x in xs {
         let t2 = 2 * x + 1;
         if t2 >= 2 * snap.c1 {
             continue;
         }
-        if per_block.iter().all(|(_, cands)| cands.iter().any(|(lo, hi)| 2 * lo < t2 && t2 < hi.saturating_mul(2))) {
+        if per_block.iter().all(|(_, cands)| {
+            cands
+                .iter()
+                .any(|(lo, hi)| 2 * lo < t2 && t2 < hi.saturating_mul(2))
+        }) {
             return Ok(());
         }
     }
@@ -209,7 +234,8 @@ fn ship(c: &understudy_tracker::Cut, step: &Step) -> Result<Option<Vec<(Key, Sta
                 }
                 let n = (step.chunk_blocks * B).min(off + len - pos);
                 let mut buf = vec![0u8; n as usize];
-                fd.read_at(&mut buf, pos).map_err(|e| format!("frozen read at {pos}: {e}"))?;
+                fd.read_at(&mut buf, pos)
+                    .map_err(|e| format!("frozen read at {pos}: {e}"))?;
                 for (i, blk) in buf.chunks(B as usize).enumerate() {
                     let b = pos / B + i as u64;
                     delta.push(((disk, b), decode(blk, disk, b)?));
@@ -228,8 +254,13 @@ fn run(ops: Vec<Vec<Op>>, steps: Vec<Step>) -> Result<(), String> {
     let gate = CutGate::new();
     let disks: Vec<Arc<TrackedDisk>> = (0..DISKS)
         .map(|i| {
-            TrackedDisk::create(&dir.path().join(format!("d{i}.img")), DISK_BYTES, &dir.path().join(format!("s{i}")), gate.clone())
-                .expect("create disk")
+            TrackedDisk::create(
+                &dir.path().join(format!("d{i}.img")),
+                DISK_BYTES,
+                &dir.path().join(format!("s{i}")),
+                gate.clone(),
+            )
+            .expect("create disk")
         })
         .collect();
     let clock = Arc::new(AtomicU64::new(1));
@@ -255,7 +286,15 @@ fn run(ops: Vec<Vec<Op>>, steps: Vec<Step>) -> Result<(), String> {
         if finished.load(Ordering::SeqCst) == THREADS as usize {
             last = true; // one final full cut after every writer finished
         }
-        let step = if last { Step { chunk_blocks: 4, fail_after_chunks: None, gap: 0 } } else { steps[i % steps.len()].clone() };
+        let step = if last {
+            Step {
+                chunk_blocks: 4,
+                fail_after_chunks: None,
+                gap: 0,
+            }
+        } else {
+            steps[i % steps.len()].clone()
+        };
         i += 1;
         let c0 = clock.fetch_add(1, Ordering::SeqCst);
         let c = cut(&gate, &disks).map_err(|e| e.to_string())?;
@@ -264,7 +303,11 @@ fn run(ops: Vec<Vec<Op>>, steps: Vec<Step>) -> Result<(), String> {
             Some(delta) => {
                 c.commit();
                 replica.extend(delta);
-                snaps.push(Snapshot { c0, c1, replica: replica.clone() });
+                snaps.push(Snapshot {
+                    c0,
+                    c1,
+                    replica: replica.clone(),
+                });
             }
             None => c.abort(),
         }
@@ -285,7 +328,10 @@ fn run(ops: Vec<Vec<Op>>, steps: Vec<Step>) -> Result<(), String> {
     // The final point must be exactly the final disk content.
     for d in &disks {
         if d.dirty_bytes() != 0 {
-            return Err(format!("{} still dirty after the final commit", d.image_path().display()));
+            return Err(format!(
+                "{} still dirty after the final commit",
+                d.image_path().display()
+            ));
         }
     }
     Ok(())
@@ -298,15 +344,22 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => Just(Kind::Trim),
         1 => any::<bool>().prop_map(|may_trim| Kind::Zero { may_trim }),
     ];
-    (0..DISKS, 0..REGION_BLOCKS, 1u64..4, kind).prop_map(|(disk, first, nblocks, kind)| Op { disk, first, nblocks, kind })
+    (0..DISKS, 0..REGION_BLOCKS, 1u64..4, kind).prop_map(|(disk, first, nblocks, kind)| Op {
+        disk,
+        first,
+        nblocks,
+        kind,
+    })
 }
 
 fn step_strategy() -> impl Strategy<Value = Step> {
-    (1u64..5, prop::option::weighted(0.25, 0u64..6), 0u32..50).prop_map(|(chunk_blocks, fail_after_chunks, gap)| Step {
-        chunk_blocks,
-        fail_after_chunks,
-        gap,
-    })
+    (1u64..5, prop::option::weighted(0.25, 0u64..6), 0u32..50).prop_map(
+        |(chunk_blocks, fail_after_chunks, gap)| Step {
+            chunk_blocks,
+            fail_after_chunks,
+            gap,
+        },
+    )
 }
 
 proptest! {
@@ -328,18 +381,58 @@ proptest! {
 fn checker_rejects_a_stale_replica() {
     let key = (0usize, block_of(0, 0));
     let mut hist = HashMap::new();
-    hist.insert(key, vec![Rec { issue: 2, ack: 3, content: Stamp::Write(7) }, Rec { issue: 4, ack: 5, content: Stamp::Write(8) }]);
-    let stale = Snapshot { c0: 10, c1: 12, replica: HashMap::from([(key, Stamp::Write(7))]) };
+    hist.insert(
+        key,
+        vec![
+            Rec {
+                issue: 2,
+                ack: 3,
+                content: Stamp::Write(7),
+            },
+            Rec {
+                issue: 4,
+                ack: 5,
+                content: Stamp::Write(8),
+            },
+        ],
+    );
+    let stale = Snapshot {
+        c0: 10,
+        c1: 12,
+        replica: HashMap::from([(key, Stamp::Write(7))]),
+    };
     assert!(check(&stale, &hist).is_err());
-    let good = Snapshot { c0: 10, c1: 12, replica: HashMap::from([(key, Stamp::Write(8))]) };
+    let good = Snapshot {
+        c0: 10,
+        c1: 12,
+        replica: HashMap::from([(key, Stamp::Write(8))]),
+    };
     check(&good, &hist).expect("valid");
     // In flight across the cut: either is fine.
-    let snap = Snapshot { c0: 3, c1: 6, replica: HashMap::from([(key, Stamp::Write(7))]) };
+    let snap = Snapshot {
+        c0: 3,
+        c1: 6,
+        replica: HashMap::from([(key, Stamp::Write(7))]),
+    };
     check(&snap, &hist).expect("older is allowed while the newer was in flight");
     // Write order across blocks: B (issued after A was acked) without A is not a cut.
     let key2 = (1usize, block_of(1, 0));
-    hist.insert(key2, vec![Rec { issue: 6, ack: 7, content: Stamp::Write(9) }]);
-    let torn_order = Snapshot { c0: 1, c1: 20, replica: HashMap::from([(key, Stamp::Write(7)), (key2, Stamp::Write(9))]) };
+    hist.insert(
+        key2,
+        vec![Rec {
+            issue: 6,
+            ack: 7,
+            content: Stamp::Write(9),
+        }],
+    );
+    let torn_order = Snapshot {
+        c0: 1,
+        c1: 20,
+        replica: HashMap::from([(key, Stamp::Write(7)), (key2, Stamp::Write(9))]),
+    };
     assert!(check(&torn_order, &hist).is_err());
-    assert!(decode(&[1u8; B as usize], 0, 0).is_err(), "torn content is detected");
+    assert!(
+        decode(&[1u8; B as usize], 0, 0).is_err(),
+        "torn content is detected"
+    );
 }
