@@ -16,7 +16,16 @@ const VM: &str = "db";
 const BLOCKS: u64 = 32;
 
 fn disks() -> Vec<DiskEntry> {
-    vec![DiskEntry { index: 0, size_bytes: BLOCKS * 4096 }, DiskEntry { index: 7, size_bytes: 8 * 4096 }]
+    vec![
+        DiskEntry {
+            index: 0,
+            size_bytes: BLOCKS * 4096,
+        },
+        DiskEntry {
+            index: 7,
+            size_bytes: 8 * 4096,
+        },
+    ]
 }
 
 /// Primary-side model: disk images now and at every accepted point.
@@ -27,8 +36,14 @@ struct Model {
 
 impl Model {
     fn new() -> Self {
-        let images = disks().iter().map(|d| (d.index, vec![0u8; d.size_bytes as usize])).collect();
-        Model { images, points: BTreeMap::new() }
+        let images = disks()
+            .iter()
+            .map(|d| (d.index, vec![0u8; d.size_bytes as usize]))
+            .collect();
+        Model {
+            images,
+            points: BTreeMap::new(),
+        }
     }
 
     /// Delta `seq` writing a few blocks (content depends on seq) and zeroing one range.
@@ -39,23 +54,31 @@ impl Model {
             seq,
             parent_seq: seq - 1,
             cut_time_unix_ns: seq,
-            kind: if seq == 1 { DeltaKind::Initial } else { DeltaKind::Incremental },
+            kind: if seq == 1 {
+                DeltaKind::Initial
+            } else {
+                DeltaKind::Incremental
+            },
             compression: Compression::Zstd,
             disks: disks(),
         };
         let mut images = self.images.clone();
         let mut w = DeltaWriter::new(Vec::new(), &header, &KEY).unwrap();
         let start = (seq * 5) % (BLOCKS - 8);
-        let data: Vec<u8> = (0..8 * 4096u64).map(|i| (i / 97 + seq * 31) as u8).collect();
+        let data: Vec<u8> = (0..8 * 4096u64)
+            .map(|i| (i / 97 + seq * 31) as u8)
+            .collect();
         w.data(0, start * 4096, &data).unwrap();
-        images.get_mut(&0).unwrap()[(start * 4096) as usize..((start + 8) * 4096) as usize].copy_from_slice(&data);
+        images.get_mut(&0).unwrap()[(start * 4096) as usize..((start + 8) * 4096) as usize]
+            .copy_from_slice(&data);
         let z = (seq * 3) % 8;
         w.zero(7, z * 4096, 4096).unwrap();
         images.get_mut(&7).unwrap()[(z * 4096) as usize..((z + 1) * 4096) as usize].fill(0);
         let d7: Vec<u8> = vec![seq as u8; 4096];
         let b = (seq * 5 + 1) % 8;
         w.data(7, b * 4096, &d7).unwrap();
-        images.get_mut(&7).unwrap()[(b * 4096) as usize..((b + 1) * 4096) as usize].copy_from_slice(&d7);
+        images.get_mut(&7).unwrap()[(b * 4096) as usize..((b + 1) * 4096) as usize]
+            .copy_from_slice(&d7);
         (w.finish().unwrap().0, images)
     }
 
@@ -69,7 +92,8 @@ impl Model {
 
 fn send(vm: &ReplicaVm, bytes: &[u8]) -> Result<crate::PointInfo, crate::ReplicaError> {
     let mut inc = vm.begin_receive()?;
-    inc.write_all(bytes).map_err(|e| crate::ReplicaError::ReceiveFailed(e.to_string()))?;
+    inc.write_all(bytes)
+        .map_err(|e| crate::ReplicaError::ReceiveFailed(e.to_string()))?;
     vm.commit(inc)
 }
 
@@ -82,7 +106,10 @@ fn check(dir: &Path, model: &Model, must_have: &[u64]) -> Vec<u64> {
         assert!(seqs.contains(s), "point {s} lost; points now {seqs:?}");
     }
     for &s in &seqs {
-        let want = model.points.get(&s).unwrap_or_else(|| panic!("unknown point {s} listed"));
+        let want = model
+            .points
+            .get(&s)
+            .unwrap_or_else(|| panic!("unknown point {s} listed"));
         for (&disk, img) in want {
             let view = vm.view(s, disk).unwrap();
             let mut buf = vec![0u8; img.len()];
@@ -90,7 +117,12 @@ fn check(dir: &Path, model: &Model, must_have: &[u64]) -> Vec<u64> {
             assert!(buf == *img, "point {s} disk {disk} differs after reopen");
         }
     }
-    assert_eq!(std::fs::read_dir(dir.join(VM).join("incoming")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(dir.join(VM).join("incoming"))
+            .unwrap()
+            .count(),
+        0
+    );
     seqs
 }
 
@@ -118,7 +150,10 @@ fn crash_at_each_commit_step_keeps_earlier_points() {
         let (bytes, images) = model.delta(3);
         failpoint::arm(step);
         let r = send(&vm, &bytes);
-        assert!(matches!(r, Err(crate::ReplicaError::Injected(s)) if s == step), "{step}: {r:?}");
+        assert!(
+            matches!(r, Err(crate::ReplicaError::Injected(s)) if s == step),
+            "{step}: {r:?}"
+        );
         model.points.insert(3, images);
         drop(vm);
         drop(store); // kill -9: no cleanup runs that open would not redo
@@ -129,13 +164,21 @@ fn crash_at_each_commit_step_keeps_earlier_points() {
 
 #[test]
 fn crash_at_each_fold_step_keeps_remaining_points() {
-    for step in ["fold.after_intent", "fold.mid_apply", "fold.after_apply", "fold.after_manifest"] {
+    for step in [
+        "fold.after_intent",
+        "fold.mid_apply",
+        "fold.after_apply",
+        "fold.after_manifest",
+    ] {
         let (dir, store, model) = setup(4);
         let vm = store.vm(VM).unwrap();
         assert_eq!(vm.points().len(), 4);
         failpoint::arm(step);
         let r = vm.retain(2);
-        assert!(matches!(r, Err(crate::ReplicaError::Injected(s)) if s == step), "{step}: {r:?}");
+        assert!(
+            matches!(r, Err(crate::ReplicaError::Injected(s)) if s == step),
+            "{step}: {r:?}"
+        );
         drop(vm);
         drop(store);
         // Point 1 was being retired; 2..4 must be intact, and the fold completes at open.
@@ -153,7 +196,12 @@ fn crash_at_each_fold_step_keeps_remaining_points() {
 
 #[test]
 fn crash_while_folding_the_initial_point_into_the_base() {
-    for step in ["fold.after_intent", "fold.mid_apply", "fold.after_apply", "fold.after_manifest"] {
+    for step in [
+        "fold.after_intent",
+        "fold.mid_apply",
+        "fold.after_apply",
+        "fold.after_manifest",
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let store = ReplicaStore::open(dir.path()).unwrap();
         let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();

@@ -116,6 +116,9 @@ impl VmState {
     }
 }
 
+/// Decoded frames, most recent last, keyed by (journal seq, frame position).
+pub(crate) type FrameCache = VecDeque<((u64, u64), Arc<Vec<u8>>)>;
+
 /// A base image file.
 pub(crate) struct BaseImage {
     pub path: PathBuf,
@@ -135,7 +138,7 @@ pub(crate) struct VmInner {
     pub mutate: Mutex<()>,
     /// Open views per point seq.
     pub pins: Mutex<BTreeMap<u64, usize>>,
-    pub cache: Mutex<VecDeque<((u64, u64), Arc<Vec<u8>>)>>,
+    pub cache: Mutex<FrameCache>,
     pub next_incoming: AtomicU64,
 }
 

@@ -64,10 +64,24 @@ fn store_with_points(n: u64) -> (tempfile::TempDir, ReplicaStore, Model) {
     let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
     let mut model = Model::new();
     for i in 0..n {
-        let kind = if i == 0 { DeltaKind::Initial } else { DeltaKind::Incremental };
+        let kind = if i == 0 {
+            DeltaKind::Initial
+        } else {
+            DeltaKind::Incremental
+        };
         let ops = [
-            Op::Data { disk: 0, block: i * 3, blocks: 5, seed: (i * 50) as u8 },
-            Op::Data { disk: 1, block: i, blocks: 2, seed: 200 },
+            Op::Data {
+                disk: 0,
+                block: i * 3,
+                blocks: 5,
+                seed: (i * 50) as u8,
+            },
+            Op::Data {
+                disk: 1,
+                block: i,
+                blocks: 2,
+                seed: 200,
+            },
         ];
         let (bytes, images) = model.delta(kind, Compression::Zstd, &ops);
         send(&vm, &bytes).unwrap();
@@ -81,15 +95,38 @@ fn out_of_sequence_duplicate_and_foreign_deltas_are_refused_and_change_nothing()
     let (_dir, store, model) = store_with_points(2);
     let vm = store.vm(VM).unwrap();
     let before = vm.points();
-    let ops = [Op::Data { disk: 0, block: 0, blocks: 4, seed: 9 }];
+    let ops = [Op::Data {
+        disk: 0,
+        block: 0,
+        blocks: 4,
+        seed: 9,
+    }];
     let inc = DeltaKind::Incremental;
 
     let (skip, _) = model.delta_with(4, 3, 1, inc, Compression::None, &ops, &KEY);
-    assert!(matches!(send(&vm, &skip), Err(ReplicaError::OutOfSequence { expected: 3, got: 4 })));
+    assert!(matches!(
+        send(&vm, &skip),
+        Err(ReplicaError::OutOfSequence {
+            expected: 3,
+            got: 4
+        })
+    ));
     let (dup, _) = model.delta_with(2, 1, 1, inc, Compression::None, &ops, &KEY);
-    assert!(matches!(send(&vm, &dup), Err(ReplicaError::OutOfSequence { expected: 3, got: 2 })));
+    assert!(matches!(
+        send(&vm, &dup),
+        Err(ReplicaError::OutOfSequence {
+            expected: 3,
+            got: 2
+        })
+    ));
     let (gen, _) = model.delta_with(3, 2, 2, inc, Compression::None, &ops, &KEY);
-    assert!(matches!(send(&vm, &gen), Err(ReplicaError::WrongGeneration { expected: 1, got: 2 })));
+    assert!(matches!(
+        send(&vm, &gen),
+        Err(ReplicaError::WrongGeneration {
+            expected: 1,
+            got: 2
+        })
+    ));
     let (foreign, _) = model.delta_with(3, 2, 1, inc, Compression::None, &ops, &[4u8; 32]);
     assert!(matches!(
         send(&vm, &foreign),
@@ -97,7 +134,10 @@ fn out_of_sequence_duplicate_and_foreign_deltas_are_refused_and_change_nothing()
     ));
     let (good, _) = model.delta(inc, Compression::None, &ops);
     let truncated = &good[..good.len() - 1];
-    assert!(matches!(send(&vm, truncated), Err(ReplicaError::Incomplete { .. })));
+    assert!(matches!(
+        send(&vm, truncated),
+        Err(ReplicaError::Incomplete { .. })
+    ));
     let mut flipped = good.clone();
     flipped[good.len() / 2] ^= 0x40;
     assert!(matches!(send(&vm, &flipped), Err(ReplicaError::Delta(_))));
@@ -105,7 +145,9 @@ fn out_of_sequence_duplicate_and_foreign_deltas_are_refused_and_change_nothing()
     assert_eq!(vm.points(), before);
     assert_eq!(vm.latest_seq(), 2);
     assert_points_match(&vm, &model);
-    let incoming = std::fs::read_dir(_dir.path().join(VM).join("incoming")).unwrap().count();
+    let incoming = std::fs::read_dir(_dir.path().join(VM).join("incoming"))
+        .unwrap()
+        .count();
     assert_eq!(incoming, 0, "refused deltas must not leave partial files");
     // The right delta still commits afterwards.
     assert_eq!(send(&vm, &good).unwrap().seq, 3);
@@ -116,10 +158,23 @@ fn generation_raised_after_failover_is_enforced() {
     let (_dir, store, mut model) = store_with_points(1);
     let vm = store.vm(VM).unwrap();
     vm.set_generation(2).unwrap();
-    assert!(matches!(vm.set_generation(1), Err(ReplicaError::GenerationRegression { .. })));
-    let ops = [Op::Zero { disk: 0, block: 0, blocks: 1 }];
+    assert!(matches!(
+        vm.set_generation(1),
+        Err(ReplicaError::GenerationRegression { .. })
+    ));
+    let ops = [Op::Zero {
+        disk: 0,
+        block: 0,
+        blocks: 1,
+    }];
     let (old, _) = model.delta(DeltaKind::Incremental, Compression::None, &ops);
-    assert!(matches!(send(&vm, &old), Err(ReplicaError::WrongGeneration { expected: 2, got: 1 })));
+    assert!(matches!(
+        send(&vm, &old),
+        Err(ReplicaError::WrongGeneration {
+            expected: 2,
+            got: 1
+        })
+    ));
     model.generation = 2;
     let (new, images) = model.delta(DeltaKind::Incremental, Compression::None, &ops);
     send(&vm, &new).unwrap();
@@ -140,7 +195,11 @@ fn corrupted_journal_file_is_reported_at_reopen_and_never_served() {
     drop(vm);
     drop(store);
     // Point 1 is in the base; edit one byte into the middle of journal seq 3.
-    let path = dir.path().join(VM).join("journal").join(format!("{:020}.delta", 3));
+    let path = dir
+        .path()
+        .join(VM)
+        .join("journal")
+        .join(format!("{:020}.delta", 3));
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
@@ -151,10 +210,22 @@ fn corrupted_journal_file_is_reported_at_reopen_and_never_served() {
     let damage = vm.damage().expect("damage must be reported");
     assert!(damage.contains("00000000000000000003.delta"), "{damage}");
     let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq).collect();
-    assert_eq!(seqs, vec![1, 2], "points depending on the damaged delta must not be served");
+    assert_eq!(
+        seqs,
+        vec![1, 2],
+        "points depending on the damaged delta must not be served"
+    );
     assert_points_match(&vm, &model);
-    assert!(matches!(vm.point_disk(3, 0), Err(ReplicaError::NoSuchPoint { seq: 3 })));
-    assert!(dir.path().join(VM).join("quarantine").join(format!("{:020}.delta", 3)).exists());
+    assert!(matches!(
+        vm.point_disk(3, 0),
+        Err(ReplicaError::NoSuchPoint { seq: 3 })
+    ));
+    assert!(dir
+        .path()
+        .join(VM)
+        .join("quarantine")
+        .join(format!("{:020}.delta", 3))
+        .exists());
     drop(vm);
     drop(store);
     // Damage survives a restart (the quarantined file is no longer in the journal).
@@ -166,7 +237,11 @@ fn corrupted_journal_file_is_reported_at_reopen_and_never_served() {
 fn a_full_delta_after_damage_clears_it() {
     let (dir, store, mut model) = store_with_points(3);
     drop(store);
-    let path = dir.path().join(VM).join("journal").join(format!("{:020}.delta", 3));
+    let path = dir
+        .path()
+        .join(VM)
+        .join("journal")
+        .join(format!("{:020}.delta", 3));
     let mut bytes = std::fs::read(&path).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
@@ -178,7 +253,20 @@ fn a_full_delta_after_damage_clears_it() {
     model.points.remove(&3);
     model.latest = 2;
     model.images = model.points[&2].clone();
-    let ops = [Op::Data { disk: 0, block: 0, blocks: 64, seed: 77 }, Op::Data { disk: 1, block: 0, blocks: 32, seed: 78 }];
+    let ops = [
+        Op::Data {
+            disk: 0,
+            block: 0,
+            blocks: 64,
+            seed: 77,
+        },
+        Op::Data {
+            disk: 1,
+            block: 0,
+            blocks: 32,
+            seed: 78,
+        },
+    ];
     let (full, images) = model.delta(DeltaKind::Full, Compression::Zstd, &ops);
     send(&vm, &full).unwrap();
     model.accept(images);
@@ -191,7 +279,10 @@ fn export_raw_is_sparse_and_exact() {
     let dir = tempfile::tempdir().unwrap();
     let store = ReplicaStore::open(dir.path()).unwrap();
     let size = 64u64 << 20;
-    let disks = [delta::DiskEntry { index: 0, size_bytes: size }];
+    let disks = [delta::DiskEntry {
+        index: 0,
+        size_bytes: size,
+    }];
     let vm = store.create_vm("big", 1, &disks, KEY).unwrap();
     let header = delta::DeltaHeader {
         vm_id: "big".into(),
@@ -209,7 +300,12 @@ fn export_raw_is_sparse_and_exact() {
     let (d1, _) = w.finish().unwrap();
     send(&vm, &d1).unwrap();
     // A second point on top, still in the journal.
-    let header2 = delta::DeltaHeader { seq: 2, parent_seq: 1, kind: DeltaKind::Incremental, ..header };
+    let header2 = delta::DeltaHeader {
+        seq: 2,
+        parent_seq: 1,
+        kind: DeltaKind::Incremental,
+        ..header
+    };
     let mut w = delta::DeltaWriter::new(Vec::new(), &header2, &KEY).unwrap();
     w.data(0, 32 << 20, &content(4096, 202)).unwrap();
     w.zero(0, 8 << 20, 4096).unwrap();
@@ -220,7 +316,11 @@ fn export_raw_is_sparse_and_exact() {
     vm.export_raw(2, 0, &out).unwrap();
     let meta = std::fs::metadata(&out).unwrap();
     assert_eq!(meta.len(), size);
-    assert!(meta.blocks() * 512 <= 256 * 1024, "export allocated {} bytes", meta.blocks() * 512);
+    assert!(
+        meta.blocks() * 512 <= 256 * 1024,
+        "export allocated {} bytes",
+        meta.blocks() * 512
+    );
     let got = std::fs::read(&out).unwrap();
     let mut want = vec![0u8; size as usize];
     want[(8 << 20) + 4096..(8 << 20) + 8192].copy_from_slice(&content(8192, 201)[4096..]);
@@ -234,7 +334,10 @@ fn export_raw_is_sparse_and_exact() {
     assert_eq!(ext.iter().map(|e| e.len_bytes).sum::<u64>(), size);
     assert!(ext[0].zero && ext[0].hole && ext[0].len_bytes >= 8 << 20);
     assert!(ext.iter().any(|e| !e.zero));
-    assert!(view.write_at(&[0u8; 4096], 0, false).is_err(), "views are read-only");
+    assert!(
+        view.write_at(&[0u8; 4096], 0, false).is_err(),
+        "views are read-only"
+    );
 }
 
 #[test]
@@ -275,15 +378,27 @@ fn create_is_idempotent_and_remove_deletes() {
     let a = store.create_vm(VM, 1, &disks(), KEY).unwrap();
     let b = store.create_vm(VM, 1, &disks(), KEY).unwrap();
     assert!(std::sync::Arc::ptr_eq(&a, &b));
-    assert!(matches!(store.create_vm(VM, 2, &disks(), KEY), Err(ReplicaError::AlreadyExists { .. })));
-    assert!(matches!(store.create_vm("../x", 1, &disks(), KEY), Err(ReplicaError::InvalidVmId(_))));
+    assert!(matches!(
+        store.create_vm(VM, 2, &disks(), KEY),
+        Err(ReplicaError::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        store.create_vm("../x", 1, &disks(), KEY),
+        Err(ReplicaError::InvalidVmId(_))
+    ));
     assert_eq!(a.latest_seq(), 0);
     assert!(a.points().is_empty());
     store.remove_vm(VM).unwrap();
     assert!(store.vm(VM).is_none());
     assert!(!dir.path().join(VM).exists());
-    assert!(matches!(a.begin_receive(), Err(ReplicaError::Removed { .. })));
-    assert!(matches!(store.remove_vm(VM), Err(ReplicaError::NotFound { .. })));
+    assert!(matches!(
+        a.begin_receive(),
+        Err(ReplicaError::Removed { .. })
+    ));
+    assert!(matches!(
+        store.remove_vm(VM),
+        Err(ReplicaError::NotFound { .. })
+    ));
 }
 
 #[test]
@@ -305,7 +420,11 @@ fn corrupt_manifest_is_reported_and_other_vms_still_open() {
 fn journal_files_are_valid_deltas() {
     let (dir, store, _model) = store_with_points(3);
     drop(store);
-    let path = dir.path().join(VM).join("journal").join(format!("{:020}.delta", 2));
+    let path = dir
+        .path()
+        .join(VM)
+        .join("journal")
+        .join(format!("{:020}.delta", 2));
     let f = std::fs::File::open(path).unwrap();
     let mut r = DeltaReader::new(std::io::BufReader::new(f), &KEY).unwrap();
     assert_eq!(r.header().seq, 2);
@@ -316,9 +435,26 @@ fn journal_files_are_valid_deltas() {
 fn incoming_refuses_bytes_after_the_first_error() {
     let (_dir, store, model) = store_with_points(1);
     let vm = store.vm(VM).unwrap();
-    let (bytes, _) = model.delta_with(5, 4, 1, DeltaKind::Incremental, Compression::None, &[], &KEY);
+    let (bytes, _) = model.delta_with(
+        5,
+        4,
+        1,
+        DeltaKind::Incremental,
+        Compression::None,
+        &[],
+        &KEY,
+    );
     let mut inc = vm.begin_receive().unwrap();
-    assert!(inc.write_all(&bytes).is_err(), "out-of-sequence header is refused while streaming");
+    assert!(
+        inc.write_all(&bytes).is_err(),
+        "out-of-sequence header is refused while streaming"
+    );
     assert!(inc.write_all(&bytes).is_err());
-    assert!(matches!(vm.commit(inc), Err(ReplicaError::OutOfSequence { expected: 2, got: 5 })));
+    assert!(matches!(
+        vm.commit(inc),
+        Err(ReplicaError::OutOfSequence {
+            expected: 2,
+            got: 5
+        })
+    ));
 }

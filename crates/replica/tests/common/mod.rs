@@ -16,15 +16,30 @@ pub const BLOCK: u64 = 4096;
 
 pub fn disks() -> Vec<DiskEntry> {
     vec![
-        DiskEntry { index: 0, size_bytes: 64 * BLOCK },
-        DiskEntry { index: 1, size_bytes: 32 * BLOCK },
+        DiskEntry {
+            index: 0,
+            size_bytes: 64 * BLOCK,
+        },
+        DiskEntry {
+            index: 1,
+            size_bytes: 32 * BLOCK,
+        },
     ]
 }
 
 #[derive(Debug, Clone)]
 pub enum Op {
-    Data { disk: u32, block: u64, blocks: u64, seed: u8 },
-    Zero { disk: u32, block: u64, blocks: u64 },
+    Data {
+        disk: u32,
+        block: u64,
+        blocks: u64,
+        seed: u8,
+    },
+    Zero {
+        disk: u32,
+        block: u64,
+        blocks: u64,
+    },
 }
 
 pub type Images = BTreeMap<u32, Vec<u8>>;
@@ -40,7 +55,9 @@ pub struct Model {
 /// Deterministic block content: compressible when seed < 128, noise otherwise.
 pub fn content(len: usize, seed: u8) -> Vec<u8> {
     if seed < 128 {
-        return (0..len).map(|i| seed.wrapping_add((i / 1024) as u8)).collect();
+        return (0..len)
+            .map(|i| seed.wrapping_add((i / 1024) as u8))
+            .collect();
     }
     let mut x = u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
@@ -56,7 +73,10 @@ pub fn content(len: usize, seed: u8) -> Vec<u8> {
 impl Model {
     pub fn new() -> Self {
         Model {
-            images: disks().iter().map(|d| (d.index, vec![0u8; d.size_bytes as usize])).collect(),
+            images: disks()
+                .iter()
+                .map(|d| (d.index, vec![0u8; d.size_bytes as usize]))
+                .collect(),
             points: BTreeMap::new(),
             latest: 0,
             generation: 1,
@@ -65,8 +85,21 @@ impl Model {
 
     /// Encodes the next delta (seq latest+1) for `ops`, and the images it leads to. Nothing
     /// changes in the model until [`Model::accept`].
-    pub fn delta(&self, kind: DeltaKind, compression: Compression, ops: &[Op]) -> (Vec<u8>, Images) {
-        self.delta_with(self.latest + 1, self.latest, self.generation, kind, compression, ops, &KEY)
+    pub fn delta(
+        &self,
+        kind: DeltaKind,
+        compression: Compression,
+        ops: &[Op],
+    ) -> (Vec<u8>, Images) {
+        self.delta_with(
+            self.latest + 1,
+            self.latest,
+            self.generation,
+            kind,
+            compression,
+            ops,
+            &KEY,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -94,14 +127,23 @@ impl Model {
         let mut w = DeltaWriter::new(Vec::new(), &header, key).unwrap();
         for op in ops {
             match *op {
-                Op::Data { disk, block, blocks, seed } => {
+                Op::Data {
+                    disk,
+                    block,
+                    blocks,
+                    seed,
+                } => {
                     let img = images.get_mut(&disk).unwrap();
                     let (off, len) = clamp(img.len() as u64, block, blocks);
                     let data = content(len as usize, seed);
                     w.data(disk, off, &data).unwrap();
                     img[off as usize..(off + len) as usize].copy_from_slice(&data);
                 }
-                Op::Zero { disk, block, blocks } => {
+                Op::Zero {
+                    disk,
+                    block,
+                    blocks,
+                } => {
                     let img = images.get_mut(&disk).unwrap();
                     let (off, len) = clamp(img.len() as u64, block, blocks);
                     w.zero(disk, off, len).unwrap();
@@ -157,9 +199,16 @@ pub fn assert_points_match(vm: &ReplicaVm, model: &Model) {
     let points = vm.points();
     assert!(!points.is_empty() || model.points.is_empty());
     for p in points {
-        let want = model.points.get(&p.seq).unwrap_or_else(|| panic!("replica lists unknown point {}", p.seq));
+        let want = model
+            .points
+            .get(&p.seq)
+            .unwrap_or_else(|| panic!("replica lists unknown point {}", p.seq));
         for (&disk, img) in want {
-            assert!(read_point(vm, p.seq, disk) == *img, "point {} disk {disk} differs from the model", p.seq);
+            assert!(
+                read_point(vm, p.seq, disk) == *img,
+                "point {} disk {disk} differs from the model",
+                p.seq
+            );
         }
     }
 }
