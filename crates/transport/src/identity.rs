@@ -3,9 +3,9 @@
 //!
 //! It owns the files described in `docs/formats/identity.md` and nothing else. It never
 //! replaces an existing CA (peers trust it; a new one would silently break every pairing), and
-//! it never writes a file except through [`crate::crashsafe`]. The leaf may be re-issued by the
-//! same CA when it no longer matches the requested names; peers keep trusting it because they
-//! trust the CA.
+//! it never writes a file except through the crate's `crashsafe` module. The leaf may be
+//! re-issued by the same CA when it no longer matches the requested names; peers keep trusting
+//! it because they trust the CA.
 
 use std::fmt;
 use std::net::IpAddr;
