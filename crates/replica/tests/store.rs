@@ -458,3 +458,24 @@ fn incoming_refuses_bytes_after_the_first_error() {
         })
     ));
 }
+
+#[test]
+fn a_journal_file_damaged_while_open_is_an_error_never_wrong_bytes() {
+    let (dir, store, _model) = store_with_points(3);
+    let vm = store.vm(VM).unwrap();
+    let path = dir.path().join(VM).join("journal").join(format!("{:020}.delta", 3));
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Flip a byte inside the first frame's payload (past header and frame head).
+    let at = bytes.len() / 3;
+    bytes[at] ^= 0x10;
+    // Rewrite in place: the store holds this inode open.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &bytes[at..at + 1], at as u64).unwrap();
+    let failed = [0u32, 1].iter().any(|&disk| {
+        let view = vm.point_disk(3, disk).unwrap();
+        let mut buf = vec![0u8; view.size_bytes() as usize];
+        view.read_at(&mut buf, 0).is_err()
+    });
+    assert!(failed, "a damaged frame must not be served");
+    assert!(vm.damage().is_some());
+}
