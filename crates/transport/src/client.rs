@@ -257,7 +257,7 @@ impl Peer {
         let timeout = |stage| TransportError::Timeout {
             peer: peer.clone(),
             stage,
-            secs: limit.as_secs().max(1),
+            after: limit,
         };
         let tcp = tokio::time::timeout_at(deadline, TcpStream::connect(peer.as_str()))
             .await

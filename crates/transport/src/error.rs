@@ -82,14 +82,14 @@ pub enum TransportError {
         peer: String,
     },
     /// TCP connect or TLS handshake did not finish in time.
-    #[error("peer {peer}: {stage} timed out after {secs} s")]
+    #[error("peer {peer}: {stage} timed out after {after:?}")]
     Timeout {
         /// host:port.
         peer: String,
         /// "TCP connect" or "TLS handshake".
         stage: &'static str,
         /// The deadline that expired.
-        secs: u64,
+        after: std::time::Duration,
     },
     /// Any other failure to open the TCP connection (DNS, unreachable, ...).
     #[error("peer {peer}: cannot connect: {source}")]

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,9 @@ fn pattern(i: u64) -> u8 {
     (i ^ (i >> 8) ^ (i >> 16) ^ (i >> 24)) as u8
 }
 
+/// Uploads whose body ended in an error as seen by the server (not a clean, shorter body).
+static UPLOADS_ABORTED: AtomicUsize = AtomicUsize::new(0);
+
 async fn handler(req: Request<Incoming>, peer: PeerInfo) -> Response<BoxBody> {
     let name = peer.name.clone().unwrap_or_default();
     match req.uri().path() {
@@ -110,6 +114,7 @@ async fn handler(req: Request<Incoming>, peer: PeerInfo) -> Response<BoxBody> {
             let (mut len, mut intact) = (0u64, true);
             while let Some(frame) = body.frame().await {
                 let Ok(frame) = frame else {
+                    UPLOADS_ABORTED.fetch_add(1, Ordering::SeqCst);
                     intact = false;
                     break;
                 };
@@ -425,4 +430,101 @@ fn dialling_a_name_missing_from_the_certificate_is_a_name_mismatch() {
         echo(&by_name, "x").await.unwrap();
         server.stop().await;
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_stream_reaches_the_server_as_an_abort_not_a_short_body() {
+    let (a, b) = paired();
+    let server = start(&a.ctx, ServeOptions::default()).await;
+    let to_a = peer(&b, &server);
+    let (tx, body) = body_channel(2);
+    let producer = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut w = BodyWriter::new(tx);
+        let block: Vec<u8> = (0..(3 << 20)).map(pattern).collect();
+        w.write_all(&block).unwrap();
+        w.flush().unwrap();
+        // The encoder fails here: the writer is dropped without finish().
+    });
+    let result = to_a
+        .request(Request::post("/upload").body(body).unwrap())
+        .await;
+    producer.join().unwrap();
+    // Either the request fails, or the server answered before noticing; never "intact".
+    if let Ok(resp) = result {
+        let json = transport::read_body(to_a.addr(), resp.into_body(), 1 << 10).await;
+        if let Ok(json) = json {
+            assert!(!String::from_utf8_lossy(&json).contains("\"intact\":true"));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while UPLOADS_ABORTED.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "server never saw the abort");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The connection survives a reset stream.
+    assert_eq!(echo(&to_a, "still here").await.unwrap().0, "still here");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_bound_holds_and_the_deadline_frees_slots() {
+    let (a, b) = paired();
+    let deadline = Duration::from_secs(1);
+    let options = ServeOptions {
+        handshake_timeout: deadline,
+        max_connections: 1,
+    };
+    let server = start(&a.ctx, options).await;
+    let started = Instant::now();
+    let _silent = TcpStream::connect(server.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await; // let the server take it
+                                                         // The only slot is held by the silent peer until its handshake deadline.
+    assert_eq!(
+        echo(&peer(&b, &server), "queued").await.unwrap().0,
+        "queued"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= deadline - Duration::from_millis(100),
+        "{waited:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_that_never_answers_the_handshake_times_out() {
+    let b = host("host-b");
+    // Accepts TCP, never speaks TLS.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            held.push(s);
+        }
+    });
+    let p = Peer::with_connect_timeout(addr.to_string(), b.ctx.clone(), Duration::from_millis(500))
+        .unwrap();
+    let started = Instant::now();
+    let err = echo(&p, "hello?").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::Timeout {
+                stage: "TLS handshake",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(
+        err.to_string()
+            .ends_with("TLS handshake timed out after 500ms"),
+        "{err}"
+    );
+    assert!(err.is_transient());
+    hold.abort();
 }
