@@ -28,7 +28,8 @@ pub enum DeltaKind {
     Initial,
     /// Changes since the parent point.
     Incremental,
-    /// Full content (resynchronization); the sender covers every disk with frames.
+    /// Resynchronization: after applying it the disks equal the primary's even if the parent
+    /// point had diverged (whole-disk copy, or every block found different by hash).
     Full,
 }
 
