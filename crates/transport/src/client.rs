@@ -28,7 +28,12 @@ use tokio_rustls::TlsConnector;
 
 use crate::body::{empty, full, BoxBody};
 use crate::error::chain_to_string;
-use crate::server::{CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES};
+// Same HTTP/2 tuning on both ends of a link; keepalive also runs while idle on the client side,
+// so a dead peer is noticed within interval + timeout.
+use crate::server::{
+    CONNECTION_WINDOW_BYTES, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME_BYTES,
+    STREAM_WINDOW_BYTES,
+};
 use crate::tls::{TlsContext, ALPN_H2};
 use crate::TransportError;
 
@@ -43,10 +48,6 @@ const ERROR_BODY_QUOTE_BYTES_MAX: usize = 512;
 /// After a request fails because its connection died, how long to wait for the connection
 /// task to report why (the TLS alert or I/O error) before reporting the request error alone.
 const CONNECTION_END_WAIT: Duration = Duration::from_secs(1);
-/// HTTP/2 PING interval, also while idle: a dead peer is noticed within interval + timeout.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-/// A PING unanswered for this long closes the connection.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Per-stream send buffer: large enough to keep the bigger server windows full.
 const SEND_BUFFER_BYTES: usize = 4 << 20;
 
