@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");

@@ -20,7 +20,6 @@ mod vms;
 pub use host::Shared;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -136,5 +135,3 @@ async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
 }
-
-pub use api::ApiErr;

@@ -121,7 +121,10 @@ async fn receive(rvm: Arc<ReplicaVm>, seq: u64, mut body: Incoming) -> Result<De
         use std::io::Write;
         let mut incoming = rvm.begin_receive()?;
         while let Some(chunk) = rx.blocking_recv() {
-            incoming.write_all(&chunk).map_err(ReplicaError::from)?;
+            if incoming.write_all(&chunk).is_err() {
+                // The store keeps the named reason; commit reports it and discards the upload.
+                break;
+            }
         }
         let point = rvm.commit(incoming)?;
         Ok(DeltaReply { seq: point.seq, cut_time_unix_ns: point.cut_time_unix_ns, stored_bytes: point.stored_bytes })
