@@ -19,6 +19,9 @@ use super::Shared;
 
 /// Largest hello body; it lists at most a few disks.
 const HELLO_MAX_BYTES: usize = 64 << 10;
+/// Recovery points kept per replica VM; older deltas are folded into the base images. (The
+/// recovery-history policy — hourly points, any-point window — will replace this bound.)
+pub const RETAIN_POINTS: usize = 64;
 /// Body chunks buffered between the network task and the writer thread of one upload.
 const UPLOAD_QUEUE_CHUNKS: usize = 16;
 
@@ -92,7 +95,13 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>, peer: &PeerInfo) ->
         (Method::PUT, ["v1", "replicas", vm, "deltas", seq]) => {
             let rvm = store.vm(vm).ok_or_else(|| unknown(vm))?;
             let seq: u64 = seq.parse().map_err(|_| refuse(StatusCode::BAD_REQUEST, "bad_request", "sequence must be a number"))?;
-            let point = receive(rvm, seq, req.into_body()).await?;
+            let point = receive(rvm.clone(), seq, req.into_body()).await?;
+            // Retention runs after the answer so it never adds to replication latency.
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = rvm.retain(RETAIN_POINTS) {
+                    tracing::error!(vm = %rvm.vm_id(), "retention failed: {e}");
+                }
+            });
             shared.events.emit(events::POINT_COMMITTED, Some(vm), "info", &format!("point {} committed ({} bytes stored)", point.seq, point.stored_bytes));
             Ok(serde_json::to_vec(&point).unwrap_or_default())
         }
