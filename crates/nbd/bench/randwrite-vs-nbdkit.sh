@@ -18,8 +18,8 @@ IMG=$WORK/disk.img
 
 iops() { # URI
     fio --name=bench --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=32 --numjobs=1 \
-        --size=1G --time_based --runtime="$RUNTIME" --output-format=json |
-        python3 -c 'import json,sys; print(int(json.load(sys.stdin)["jobs"][0]["write"]["iops"]))'
+        --size=1G --time_based --runtime="$RUNTIME" --output-format=json --output="$WORK/fio.json" >/dev/null
+    python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"]))' "$WORK/fio.json"
 }
 
 truncate -s 1G "$IMG"
@@ -29,11 +29,14 @@ KIT_IOPS=$(iops "nbd+unix:///?socket=$WORK/kit.sock")
 kill $KIT; wait $KIT 2>/dev/null || true
 
 rm -f "$IMG"; truncate -s 1G "$IMG"
-# The example server runs until its stdin closes: feed it from a sleep we can kill.
-sleep 3600 | "$TARGET/release/examples/nbd-file-server" "$WORK/us.sock" disk="$IMG" --workers "$WORKERS" >/dev/null &
+# The example server runs until its stdin closes: give it a FIFO and close our end to stop it.
+mkfifo "$WORK/ctl"
+"$TARGET/release/examples/nbd-file-server" "$WORK/us.sock" disk="$IMG" --workers "$WORKERS" <"$WORK/ctl" >/dev/null &
 SRV=$!
+exec 7>"$WORK/ctl"
 sleep 0.5
 US_IOPS=$(iops "nbd+unix:///disk?socket=$WORK/us.sock")
-kill $SRV; wait $SRV 2>/dev/null || true
+exec 7>&-
+wait $SRV
 
 python3 -c "print(f'randwrite 4k QD32: understudy {$US_IOPS} IOPS, nbdkit file {$KIT_IOPS} IOPS, ratio {$US_IOPS/$KIT_IOPS:.2f}')"

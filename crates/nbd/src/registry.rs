@@ -14,7 +14,8 @@ struct Export {
 }
 
 /// Exports by name. Lookups take a read lock, so they never wait on each other; removing an
-/// export only affects later handshakes, connections already serving it keep their backend.
+/// export only affects later handshakes; connections already serving it keep their backend
+/// until `NbdServer::close_export_connections`.
 #[derive(Default)]
 pub struct StaticRegistry {
     exports: RwLock<BTreeMap<String, Export>>,

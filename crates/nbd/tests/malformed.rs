@@ -247,3 +247,17 @@ fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
     assert_eq!(c.reply(0), (1, 0, vec![]));
     s.shutdown();
 }
+
+#[test]
+fn closing_one_exports_connections_leaves_the_others() {
+    let t = server();
+    let mut a = Raw::open(&t.socket, "disk", false);
+    let mut b = Raw::open(&t.socket, "disk-ro", false);
+    wait_until("both connections registered", || {
+        t.server().connection_count() == 2
+    });
+    assert_eq!(t.server().close_export_connections("disk"), 1);
+    assert!(a.closed_by_server());
+    b.request(CMD_READ, 0, 1, 0, 8, &[]);
+    assert_eq!(b.reply(8), (1, 0, vec![0; 8]));
+}

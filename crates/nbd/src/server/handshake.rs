@@ -3,7 +3,10 @@
 //! time. This module owns handshake I/O only; protocol decisions stay in the codec.
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 use std::time::Instant;
+
+use parking_lot::Mutex;
 
 use thiserror::Error;
 
@@ -27,11 +30,13 @@ pub(crate) enum ConnError {
 }
 
 /// Runs the handshake. `Ok(None)` when it ended without an export (NBD_OPT_ABORT, unknown
-/// NBD_OPT_EXPORT_NAME): a normal end, not an error.
+/// NBD_OPT_EXPORT_NAME, export removed meanwhile): a normal end, not an error. The chosen
+/// export is recorded in `chosen` before the client is told it may transmit.
 pub(crate) fn handshake(
     stream: &mut Stream,
     registry: &dyn ExportRegistry,
     deadline: Instant,
+    chosen: &Mutex<Option<String>>,
 ) -> Result<Option<Session>, ConnError> {
     write_by(stream, &greeting(), deadline)?;
     let mut flags = [0u8; CLIENT_FLAGS_LEN];
@@ -66,6 +71,16 @@ pub(crate) fn handshake(
             }
             Err(e) => return Err(e.into()),
         };
+        if let Step::Transmit(session) = &step {
+            *chosen.lock() = Some(session.export_name.clone());
+            // Re-check after recording: `close_export_connections` removes the export from
+            // the registry, then closes recorded connections. Either it saw our record, or we
+            // see its removal here; no client slips through to a removed export.
+            let still = registry.lookup(&session.export_name);
+            if !still.is_some_and(|b| Arc::ptr_eq(&b, &session.backend)) {
+                return Ok(None);
+            }
+        }
         write_by(stream, &out, deadline)?;
         match step {
             Step::Continue => {}

@@ -59,6 +59,8 @@ struct ConnEntry {
     /// A clone of the client socket, to wake the connection's threads at shutdown.
     control: Stream,
     thread: Option<JoinHandle<()>>,
+    /// The export being served, once the handshake has chosen one.
+    export: Arc<Mutex<Option<String>>>,
 }
 
 struct Inner {
@@ -120,6 +122,22 @@ impl NbdServer {
     /// Connections currently open (handshaking or transmitting).
     pub fn connection_count(&self) -> usize {
         self.inner.conns.lock().len()
+    }
+
+    /// Closes every connection serving export `name` (for example before the export is
+    /// fenced or replaced); returns how many were closed. Requests in flight finish their
+    /// backend call. Remove the export from the registry first: then no client, even one in
+    /// the middle of its handshake, keeps or gains access to the old backend.
+    pub fn close_export_connections(&self, name: &str) -> usize {
+        let conns = self.inner.conns.lock();
+        let mut closed = 0;
+        for c in conns.values() {
+            if c.export.lock().as_deref() == Some(name) {
+                c.control.shutdown(Shutdown::Both);
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Stops accepting, closes every connection (requests in flight finish their backend
@@ -269,11 +287,13 @@ fn admit(inner: &Arc<Inner>, stream: Stream, peer: String) {
     };
     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
     let thread_inner = Arc::clone(inner);
+    let export = Arc::new(Mutex::new(None));
+    let thread_export = Arc::clone(&export);
     let spawned = thread::Builder::new()
         .name(format!("nbd-{id}"))
         .stack_size(THREAD_STACK_BYTES)
         .spawn(move || {
-            serve_connection(stream, &thread_inner, id, &peer);
+            serve_connection(stream, &thread_inner, id, &peer, &thread_export);
             thread_inner.conns.lock().remove(&id);
         });
     match spawned {
@@ -283,6 +303,7 @@ fn admit(inner: &Arc<Inner>, stream: Stream, peer: String) {
                 ConnEntry {
                     control,
                     thread: Some(t),
+                    export,
                 },
             );
         }
@@ -293,9 +314,16 @@ fn admit(inner: &Arc<Inner>, stream: Stream, peer: String) {
     }
 }
 
-fn serve_connection(mut stream: Stream, inner: &Inner, id: u64, peer: &str) {
+fn serve_connection(
+    mut stream: Stream,
+    inner: &Inner,
+    id: u64,
+    peer: &str,
+    export: &Mutex<Option<String>>,
+) {
     let deadline = Instant::now() + inner.cfg.handshake_timeout;
-    let session = match handshake::handshake(&mut stream, inner.registry.as_ref(), deadline) {
+    let registry = inner.registry.as_ref();
+    let session = match handshake::handshake(&mut stream, registry, deadline, export) {
         Ok(Some(session)) => session,
         Ok(None) | Err(ConnError::Eof) => {
             debug!(conn = id, peer, "NBD client left during the handshake");
