@@ -47,7 +47,13 @@ mod tests {
     fn formats_known_instants() {
         assert_eq!(rfc3339_from_unix_ns(0), "1970-01-01T00:00:00.000Z");
         // 2000-02-29 12:34:56.789 UTC (a leap day).
-        assert_eq!(rfc3339_from_unix_ns(951_827_696_789_000_000), "2000-02-29T12:34:56.789Z");
-        assert_eq!(rfc3339_from_unix_ns(1_795_324_887_000_000_000), "2026-11-22T05:21:27.000Z");
+        assert_eq!(
+            rfc3339_from_unix_ns(951_827_696_789_000_000),
+            "2000-02-29T12:34:56.789Z"
+        );
+        assert_eq!(
+            rfc3339_from_unix_ns(1_795_324_887_000_000_000),
+            "2026-11-22T05:21:27.000Z"
+        );
     }
 }

@@ -44,7 +44,9 @@ impl Drop for Daemon {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn start_daemon(exe: &Path, dir: &Path, name: &str, port: u16) -> anyhow::Result<Daemon> {
@@ -67,18 +69,32 @@ fn start_daemon(exe: &Path, dir: &Path, name: &str, port: u16) -> anyhow::Result
             }
         }
     });
-    let daemon = Daemon { child, dir: dir.to_path_buf() };
+    let daemon = Daemon {
+        child,
+        dir: dir.to_path_buf(),
+    };
     if rx.recv_timeout(READY_TIMEOUT).is_err() {
         let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
-        bail!("daemon {name} did not start: {}", log.lines().last().unwrap_or("no output"));
+        bail!(
+            "daemon {name} did not start: {}",
+            log.lines().last().unwrap_or("no output")
+        );
     }
     Ok(daemon)
 }
 
 fn cli(exe: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(exe).arg("--data-dir").arg(dir).args(args).output()?;
+    let out = Command::new(exe)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()?;
     if !out.status.success() {
-        bail!("understudy {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "understudy {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -94,7 +110,10 @@ pub fn run() -> anyhow::Result<()> {
     let result = tour(&exe, &tmp);
     let _ = std::fs::remove_dir_all(&tmp);
     result?;
-    say(&format!("demo finished in {:.1} s; everything it created is gone", started.elapsed().as_secs_f64()));
+    say(&format!(
+        "demo finished in {:.1} s; everything it created is gone",
+        started.elapsed().as_secs_f64()
+    ));
     Ok(())
 }
 
@@ -106,7 +125,10 @@ fn tempdir() -> anyhow::Result<PathBuf> {
 
 fn tour(exe: &Path, tmp: &Path) -> anyhow::Result<()> {
     let (pa, pb) = (free_port()?, free_port()?);
-    say(&format!("starting two hosts on loopback in {}: `primary` (port {pa}) and `replica` (port {pb})", tmp.display()));
+    say(&format!(
+        "starting two hosts on loopback in {}: `primary` (port {pa}) and `replica` (port {pb})",
+        tmp.display()
+    ));
     let a = start_daemon(exe, &tmp.join("primary"), "primary", pa)?;
     let b = start_daemon(exe, &tmp.join("replica"), "replica", pb)?;
 
@@ -118,10 +140,28 @@ fn tour(exe: &Path, tmp: &Path) -> anyhow::Result<()> {
         cli(exe, &to.dir, &["trust", "add", &f.display().to_string()])?;
     }
     let storage = b.dir.join("replicas");
-    cli(exe, &b.dir, &["replica-server", "enable", "--storage", &storage.display().to_string(), "--allow", "primary"])?;
+    cli(
+        exe,
+        &b.dir,
+        &[
+            "replica-server",
+            "enable",
+            "--storage",
+            &storage.display().to_string(),
+            "--allow",
+            "primary",
+        ],
+    )?;
     say("the replica host accepts replicas from `primary` into its storage");
 
-    print!("{}", cli(exe, &a.dir, &["vm", "create", "web", "--disk", "64M", "--disk", "16M"])?);
+    print!(
+        "{}",
+        cli(
+            exe,
+            &a.dir,
+            &["vm", "create", "web", "--disk", "64M", "--disk", "16M"]
+        )?
+    );
     let socket = a.dir.join("nbd.sock");
 
     say("a guest starts writing to both disks over NBD (64 KiB writes, both disks)");
@@ -133,16 +173,35 @@ fn tour(exe: &Path, tmp: &Path) -> anyhow::Result<()> {
     };
     std::thread::sleep(Duration::from_millis(500));
 
-    cli(exe, &a.dir, &["replication", "enable", "web", "--replica", &format!("127.0.0.1:{pb}"), "--frequency", "1"])?;
+    cli(
+        exe,
+        &a.dir,
+        &[
+            "replication",
+            "enable",
+            "web",
+            "--replica",
+            &format!("127.0.0.1:{pb}"),
+            "--frequency",
+            "1",
+        ],
+    )?;
     say("replication enabled: a crash-consistent cut of both disks every second, zstd-compressed");
     let t = Instant::now();
     cli(exe, &a.dir, &["replication", "start", "web", "--wait"])?;
-    say(&format!("initial replication done in {:.1} s (holes and zeros are not sent)", t.elapsed().as_secs_f64()));
+    say(&format!(
+        "initial replication done in {:.1} s (holes and zeros are not sent)",
+        t.elapsed().as_secs_f64()
+    ));
 
     let until = Instant::now() + WRITE_PHASE;
     while Instant::now() < until {
         std::thread::sleep(Duration::from_secs(1));
-        let st: serde_json::Value = serde_json::from_str(&cli(exe, &a.dir, &["replication", "status", "web", "--json"])?)?;
+        let st: serde_json::Value = serde_json::from_str(&cli(
+            exe,
+            &a.dir,
+            &["replication", "status", "web", "--json"],
+        )?)?;
         say(&format!(
             "  {} · health {} · newest point {} · pending {} KiB · guest wrote {} MiB",
             st["state"].as_str().unwrap_or("?"),
@@ -153,16 +212,33 @@ fn tour(exe: &Path, tmp: &Path) -> anyhow::Result<()> {
         ));
     }
     stop.store(true, Ordering::Relaxed);
-    writer.join().map_err(|_| anyhow::anyhow!("guest writer panicked"))??;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("guest writer panicked"))??;
     say("the guest stops; one more cycle on demand (`replication sync`)");
     print!("{}", cli(exe, &a.dir, &["replication", "sync", "web"])?);
 
-    let points: serde_json::Value = serde_json::from_str(&cli(exe, &b.dir, &["points", "list", "web", "--json"])?)?;
+    let points: serde_json::Value =
+        serde_json::from_str(&cli(exe, &b.dir, &["points", "list", "web", "--json"])?)?;
     let n = points.as_array().map_or(0, Vec::len);
     say(&format!("the replica holds {n} recovery point(s); exporting the newest and comparing with the primary"));
     for disk in 0..2u32 {
         let out = tmp.join(format!("web-{disk}.raw"));
-        cli(exe, &b.dir, &["points", "export", "web", "--point", "latest", "--disk", &disk.to_string(), "--to", &out.display().to_string()])?;
+        cli(
+            exe,
+            &b.dir,
+            &[
+                "points",
+                "export",
+                "web",
+                "--point",
+                "latest",
+                "--disk",
+                &disk.to_string(),
+                "--to",
+                &out.display().to_string(),
+            ],
+        )?;
         let exported = std::fs::read(&out)?;
         let mut client = NbdClient::connect(&socket, &format!("web-{disk}"))?;
         let mut primary = vec![0u8; client.size_bytes as usize];
@@ -173,7 +249,10 @@ fn tour(exe: &Path, tmp: &Path) -> anyhow::Result<()> {
         if exported != primary {
             bail!("disk {disk}: the replica's newest point differs from the primary");
         }
-        say(&format!("  disk {disk}: replica point equals the primary, byte for byte ({} MiB)", primary.len() >> 20));
+        say(&format!(
+            "  disk {disk}: replica point equals the primary, byte for byte ({} MiB)",
+            primary.len() >> 20
+        ));
     }
     print!("{}", cli(exe, &a.dir, &["replication", "measure", "web"])?);
     say("stopping both hosts cleanly");
@@ -184,7 +263,10 @@ fn tour(exe: &Path, tmp: &Path) -> anyhow::Result<()> {
 
 /// Writes pseudo-random 64 KiB blocks to both disks until told to stop.
 fn guest_writer(socket: &Path, stop: &AtomicBool, written: &AtomicU64) -> anyhow::Result<()> {
-    let mut disks = vec![NbdClient::connect(socket, "web-0")?, NbdClient::connect(socket, "web-1")?];
+    let mut disks = vec![
+        NbdClient::connect(socket, "web-0")?,
+        NbdClient::connect(socket, "web-1")?,
+    ];
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut buf = vec![0u8; WRITE_BYTES];
     while !stop.load(Ordering::Relaxed) {

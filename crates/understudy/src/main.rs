@@ -18,10 +18,19 @@ use clap::{Args, Parser, Subcommand};
 pub const EXIT_TRANSIENT: u8 = 75;
 
 #[derive(Parser)]
-#[command(name = "understudy", version, about = "Disaster-recovery replication for KVM/QEMU virtual machine disks")]
+#[command(
+    name = "understudy",
+    version,
+    about = "Disaster-recovery replication for KVM/QEMU virtual machine disks"
+)]
 struct Cli {
     /// The host's state directory (identity, catalog, disks, sockets).
-    #[arg(long, global = true, env = "UNDERSTUDY_DATA_DIR", default_value = "/var/lib/understudy")]
+    #[arg(
+        long,
+        global = true,
+        env = "UNDERSTUDY_DATA_DIR",
+        default_value = "/var/lib/understudy"
+    )]
     data_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -213,9 +222,11 @@ fn main() -> ExitCode {
         Command::ReplicaServer(cmd) => {
             let api = cli::Api::new(&cli.data_dir);
             match cmd {
-                ReplicaServerCmd::Enable { storage, allow, trust_group } => {
-                    cli::replica_server_enable(&api, &storage, allow, trust_group)
-                }
+                ReplicaServerCmd::Enable {
+                    storage,
+                    allow,
+                    trust_group,
+                } => cli::replica_server_enable(&api, &storage, allow, trust_group),
                 ReplicaServerCmd::Disable => cli::replica_server_disable(&api),
                 ReplicaServerCmd::Show { json } => cli::replica_server_show(&api, json),
             }
@@ -232,9 +243,13 @@ fn main() -> ExitCode {
         Command::Replication(cmd) => {
             let api = cli::Api::new(&cli.data_dir);
             match cmd {
-                ReplicationCmd::Enable { name, replica, frequency, compression, disks } => {
-                    cli::replication_enable(&api, &name, &replica, frequency, &compression, disks)
-                }
+                ReplicationCmd::Enable {
+                    name,
+                    replica,
+                    frequency,
+                    compression,
+                    disks,
+                } => cli::replication_enable(&api, &name, &replica, frequency, &compression, disks),
                 ReplicationCmd::Start { name, wait } => cli::replication_start(&api, &name, wait),
                 ReplicationCmd::Sync { name, json } => cli::replication_sync(&api, &name, json),
                 ReplicationCmd::Status { name, json } => {
@@ -244,10 +259,17 @@ fn main() -> ExitCode {
                     cli::replication_measure(&api, &name, json)
                 }
                 ReplicationCmd::Suspend { name } => cli::replication_action(&api, &name, "suspend"),
-                ReplicationCmd::Resume { name, resynchronize } => cli::replication_action(
+                ReplicationCmd::Resume {
+                    name,
+                    resynchronize,
+                } => cli::replication_action(
                     &api,
                     &name,
-                    if resynchronize { "resynchronize" } else { "resume" },
+                    if resynchronize {
+                        "resynchronize"
+                    } else {
+                        "resume"
+                    },
                 ),
             }
         }
@@ -255,16 +277,21 @@ fn main() -> ExitCode {
             let api = cli::Api::new(&cli.data_dir);
             match cmd {
                 PointsCmd::List { name, json } => cli::points_list(&api, &name, json),
-                PointsCmd::Export { name, point, disk, to } => {
-                    cli::points_export(&api, &name, &point, disk, &to)
-                }
+                PointsCmd::Export {
+                    name,
+                    point,
+                    disk,
+                    to,
+                } => cli::points_export(&api, &name, &point, disk, &to),
             }
         }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            let transient = err.downcast_ref::<cli::ApiFailure>().is_some_and(|f| f.transient);
+            let transient = err
+                .downcast_ref::<cli::ApiFailure>()
+                .is_some_and(|f| f.transient);
             // One line: the chain of causes joined, as scripts read stderr line by line.
             eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
             if transient {

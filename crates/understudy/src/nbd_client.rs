@@ -32,7 +32,8 @@ pub struct NbdClient {
 
 impl NbdClient {
     pub fn connect(socket: &Path, export: &str) -> anyhow::Result<NbdClient> {
-        let mut sock = UnixStream::connect(socket).with_context(|| format!("connecting to {}", socket.display()))?;
+        let mut sock = UnixStream::connect(socket)
+            .with_context(|| format!("connecting to {}", socket.display()))?;
         if read_u64(&mut sock)? != NBDMAGIC || read_u64(&mut sock)? != IHAVEOPT {
             bail!("not a newstyle NBD server");
         }
@@ -60,20 +61,38 @@ impl NbdClient {
             let mut data = vec![0u8; len as usize];
             sock.read_exact(&mut data)?;
             if typ & 0x8000_0000 != 0 {
-                bail!("server refused export {export:?}: {}", String::from_utf8_lossy(&data));
+                bail!(
+                    "server refused export {export:?}: {}",
+                    String::from_utf8_lossy(&data)
+                );
             }
-            if typ == REP_INFO && data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT {
-                size_bytes = Some(u64::from_be_bytes(data[2..10].try_into().expect("slice of 8")));
+            if typ == REP_INFO
+                && data.len() >= 12
+                && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT
+            {
+                size_bytes = Some(u64::from_be_bytes(
+                    data[2..10].try_into().expect("slice of 8"),
+                ));
             }
             if typ == REP_ACK {
                 break;
             }
         }
         let size_bytes = size_bytes.context("server sent no export size")?;
-        Ok(NbdClient { sock, size_bytes, cookie: 0 })
+        Ok(NbdClient {
+            sock,
+            size_bytes,
+            cookie: 0,
+        })
     }
 
-    fn request(&mut self, typ: u16, offset: u64, len: u32, data: Option<&[u8]>) -> anyhow::Result<()> {
+    fn request(
+        &mut self,
+        typ: u16,
+        offset: u64,
+        len: u32,
+        data: Option<&[u8]>,
+    ) -> anyhow::Result<()> {
         self.cookie += 1;
         let mut hdr = Vec::with_capacity(28 + data.map_or(0, <[u8]>::len));
         hdr.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());

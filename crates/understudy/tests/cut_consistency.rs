@@ -18,12 +18,24 @@ const BLOCKS: u32 = 2048;
 fn every_recovery_point_is_a_valid_cut_across_two_disks() {
     require("nbdcopy", "libnbd-bin");
     let py = "/usr/bin/python3";
-    let ok = Command::new(py).args(["-c", "import nbd"]).status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new(py)
+        .args(["-c", "import nbd"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     assert!(ok, "Debian's /usr/bin/python3 with python3-libnbd is required: apt-get install -y python3-libnbd");
     let root = tempfile::tempdir().unwrap();
     let (a, b) = pair(root.path());
     a.ok(&["vm", "create", "web", "--disk", "16M", "--disk", "16M"]);
-    a.ok(&["replication", "enable", "web", "--replica", &b.addr(), "--frequency", "1"]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "web",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "1",
+    ]);
     a.ok(&["replication", "start", "web", "--wait"]);
 
     let repo = repo_root();
@@ -33,14 +45,25 @@ fn every_recovery_point_is_a_valid_cut_across_two_disks() {
     let out = sh(Command::new(py)
         .arg(repo.join("tests/cutcheck/workload.py"))
         .args(["--uri", &a.nbd_uri("web", 0), "--uri", &a.nbd_uri("web", 1)])
-        .args(["--connections", "2", "--qd", "8", "--blocks", &BLOCKS.to_string()])
+        .args([
+            "--connections",
+            "2",
+            "--qd",
+            "8",
+            "--blocks",
+            &BLOCKS.to_string(),
+        ])
         .args(["--duration", &WORKLOAD_SECS.to_string(), "--seed", &seed])
         .arg("--log")
         .arg(&log));
     println!("workload: {}", out.trim());
-    let summary: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
     assert_eq!(summary["failed"], 0, "guest writes failed: {summary}");
-    assert!(summary["writes"].as_u64().unwrap() > 1000, "workload too small to prove anything: {summary}");
+    assert!(
+        summary["writes"].as_u64().unwrap() > 1000,
+        "workload too small to prove anything: {summary}"
+    );
     // One last cut after the workload stopped: it must hold every write.
     a.ok(&["replication", "sync", "web"]);
 
@@ -53,7 +76,17 @@ fn every_recovery_point_is_a_valid_cut_across_two_disks() {
         let mut imgs = Vec::new();
         for disk in 0..2 {
             let f = root.path().join(format!("p{id}-d{disk}.raw"));
-            b.ok(&["points", "export", "web", "--point", &id.to_string(), "--disk", &disk.to_string(), "--to", f.to_str().unwrap()]);
+            b.ok(&[
+                "points",
+                "export",
+                "web",
+                "--point",
+                &id.to_string(),
+                "--disk",
+                &disk.to_string(),
+                "--to",
+                f.to_str().unwrap(),
+            ]);
             imgs.push(f.display().to_string());
         }
         args.push("--point".into());
@@ -69,7 +102,11 @@ fn every_recovery_point_is_a_valid_cut_across_two_disks() {
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     println!("checker: {}", report.trim());
-    assert!(out.status.success(), "cut checker found violations: {report}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cut checker found violations: {report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: serde_json::Value = serde_json::from_str(report.trim().lines().last().unwrap()).unwrap();
     let checked = r["points_checked"].as_u64().unwrap();
     println!(
@@ -77,6 +114,9 @@ fn every_recovery_point_is_a_valid_cut_across_two_disks() {
         summary["writes"], m["successful_cycles"], m["maximum_cut_pause_us"]
     );
     // Cycles every second over the workload: most of them must have produced a point.
-    assert!(checked as u32 >= WORKLOAD_SECS / 2, "only {checked} points were made during the workload");
+    assert!(
+        checked as u32 >= WORKLOAD_SECS / 2,
+        "only {checked} points were made during the workload"
+    );
     assert_eq!(m["failed_cycles"], 0, "{m}");
 }

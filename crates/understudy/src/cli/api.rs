@@ -26,14 +26,21 @@ pub struct Api {
 
 impl Api {
     pub fn new(data_dir: &Path) -> Api {
-        Api { socket: data_dir.join("api.sock"), data_dir: data_dir.to_path_buf() }
+        Api {
+            socket: data_dir.join("api.sock"),
+            data_dir: data_dir.to_path_buf(),
+        }
     }
 
     pub fn get<R: DeserializeOwned>(&self, path: &str) -> anyhow::Result<R> {
         self.call("GET", path, None)
     }
 
-    pub fn post<B: Serialize, R: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<R> {
+    pub fn post<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<R> {
         let body = serde_json::to_vec(body).context("encoding request")?;
         self.call("POST", path, Some(body))
     }
@@ -77,16 +84,30 @@ impl Api {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .context("building request")?;
-        let resp = sender.send_request(req).await.context("talking to the daemon")?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .context("talking to the daemon")?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.context("reading the daemon's answer")?.to_bytes();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .context("reading the daemon's answer")?
+            .to_bytes();
         if status.is_success() {
             return Ok(bytes);
         }
         let failure = match serde_json::from_slice::<proto::ApiError>(&bytes) {
-            Ok(e) => ApiFailure { message: e.error, transient: e.transient },
+            Ok(e) => ApiFailure {
+                message: e.error,
+                transient: e.transient,
+            },
             Err(_) => ApiFailure {
-                message: format!("daemon answered {status}: {}", String::from_utf8_lossy(&bytes)),
+                message: format!(
+                    "daemon answered {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                ),
                 transient: status == hyper::StatusCode::SERVICE_UNAVAILABLE,
             },
         };

@@ -72,7 +72,11 @@ pub fn replica_server_enable(
     trust_group: Option<String>,
 ) -> anyhow::Result<()> {
     let storage = absolute(storage)?;
-    let allow = if allow.is_empty() { vec!["*".to_string()] } else { allow };
+    let allow = if allow.is_empty() {
+        vec!["*".to_string()]
+    } else {
+        allow
+    };
     let cfg = ReplicaServerConfig {
         enabled: true,
         storage: storage.display().to_string(),
@@ -80,7 +84,11 @@ pub fn replica_server_enable(
         trust_group,
     };
     let cfg: ReplicaServerConfig = api.post("/v1/replica-server", &cfg)?;
-    println!("replica server enabled: storage {}, allowing {}", cfg.storage, cfg.allow.join(", "));
+    println!(
+        "replica server enabled: storage {}, allowing {}",
+        cfg.storage,
+        cfg.allow.join(", ")
+    );
     Ok(())
 }
 
@@ -96,7 +104,11 @@ pub fn replica_server_show(api: &Api, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&cfg)?);
     } else {
         match cfg {
-            Some(c) if c.enabled => println!("enabled, storage {}, allow {}", c.storage, c.allow.join(", ")),
+            Some(c) if c.enabled => println!(
+                "enabled, storage {}, allow {}",
+                c.storage,
+                c.allow.join(", ")
+            ),
             _ => println!("disabled"),
         }
     }
@@ -104,8 +116,17 @@ pub fn replica_server_show(api: &Api, json: bool) -> anyhow::Result<()> {
 }
 
 pub fn vm_create(api: &Api, name: &str, disks: &[String]) -> anyhow::Result<()> {
-    let sizes = disks.iter().map(|s| parse_size(s)).collect::<anyhow::Result<Vec<_>>>()?;
-    let vm: VmInfo = api.post("/v1/vms", &CreateVm { name: name.to_string(), disk_sizes_bytes: sizes })?;
+    let sizes = disks
+        .iter()
+        .map(|s| parse_size(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let vm: VmInfo = api.post(
+        "/v1/vms",
+        &CreateVm {
+            name: name.to_string(),
+            disk_sizes_bytes: sizes,
+        },
+    )?;
     output::print_vm(&vm);
     Ok(())
 }
@@ -115,7 +136,13 @@ pub fn vm_import(api: &Api, name: &str, images: &[PathBuf]) -> anyhow::Result<()
         .iter()
         .map(|p| absolute(p).map(|p| p.display().to_string()))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let vm: VmInfo = api.post("/v1/vms/import", &ImportVm { name: name.to_string(), images })?;
+    let vm: VmInfo = api.post(
+        "/v1/vms/import",
+        &ImportVm {
+            name: name.to_string(),
+            images,
+        },
+    )?;
     output::print_vm(&vm);
     Ok(())
 }
@@ -151,7 +178,11 @@ pub fn replication_enable(
     if !(1..=3600).contains(&frequency) {
         bail!("--frequency must be between 1 and 3600 seconds (Hyper-V's 30, 300 and 900 included), got {frequency}");
     }
-    let compression = if compression == "none" { Compression::None } else { Compression::Zstd };
+    let compression = if compression == "none" {
+        Compression::None
+    } else {
+        Compression::Zstd
+    };
     let req = EnableReplication {
         vm: name.to_string(),
         replica: replica.to_string(),
@@ -159,8 +190,10 @@ pub fn replication_enable(
         compression,
         disks,
     };
-    let st: ReplicationStatus =
-        api.post(&format!("/v1/vms/{}/replication/enable", path_segment(name)?), &req)?;
+    let st: ReplicationStatus = api.post(
+        &format!("/v1/vms/{}/replication/enable", path_segment(name)?),
+        &req,
+    )?;
     println!(
         "replication enabled for {} to {} every {} s (disks {:?}); run `understudy replication start {}`",
         st.vm, st.peer, st.frequency_secs, st.disks, st.vm
@@ -170,7 +203,10 @@ pub fn replication_enable(
 
 pub fn replication_start(api: &Api, name: &str, wait: bool) -> anyhow::Result<()> {
     let seg = path_segment(name)?;
-    let _: ReplicationStatus = api.post(&format!("/v1/vms/{seg}/replication/start"), &serde_json::json!({}))?;
+    let _: ReplicationStatus = api.post(
+        &format!("/v1/vms/{seg}/replication/start"),
+        &serde_json::json!({}),
+    )?;
     if !wait {
         println!("initial replication of {name} started; follow it with `understudy replication status {name}`");
         return Ok(());
@@ -188,7 +224,10 @@ pub fn replication_start(api: &Api, name: &str, wait: bool) -> anyhow::Result<()
         match st.state {
             ReplicationState::Replicating | ReplicationState::Suspended => break,
             ReplicationState::ResynchronizationRequired => {
-                bail!("{name}: resynchronization required: {}", st.resync_reason.unwrap_or_default())
+                bail!(
+                    "{name}: resynchronization required: {}",
+                    st.resync_reason.unwrap_or_default()
+                )
             }
             _ => std::thread::sleep(WAIT_POLL),
         }
@@ -201,8 +240,10 @@ pub fn replication_start(api: &Api, name: &str, wait: bool) -> anyhow::Result<()
 }
 
 pub fn replication_sync(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
-    let r: SyncResult =
-        api.post(&format!("/v1/vms/{}/replication/sync", path_segment(name)?), &serde_json::json!({}))?;
+    let r: SyncResult = api.post(
+        &format!("/v1/vms/{}/replication/sync", path_segment(name)?),
+        &serde_json::json!({}),
+    )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -236,7 +277,10 @@ pub fn replication_status(api: &Api, name: Option<&str>, json: bool) -> anyhow::
 }
 
 pub fn replication_measure(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
-    let m: Measure = api.get(&format!("/v1/vms/{}/replication/measure", path_segment(name)?))?;
+    let m: Measure = api.get(&format!(
+        "/v1/vms/{}/replication/measure",
+        path_segment(name)?
+    ))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&m)?);
     } else {
@@ -246,8 +290,10 @@ pub fn replication_measure(api: &Api, name: &str, json: bool) -> anyhow::Result<
 }
 
 pub fn replication_action(api: &Api, name: &str, action: &str) -> anyhow::Result<()> {
-    let st: ReplicationStatus =
-        api.post(&format!("/v1/vms/{}/replication/{action}", path_segment(name)?), &serde_json::json!({}))?;
+    let st: ReplicationStatus = api.post(
+        &format!("/v1/vms/{}/replication/{action}", path_segment(name)?),
+        &serde_json::json!({}),
+    )?;
     println!("{}: {:?}", st.vm, st.state);
     Ok(())
 }
@@ -262,18 +308,37 @@ pub fn points_list(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn points_export(api: &Api, name: &str, point: &str, disk: u32, to: &Path) -> anyhow::Result<()> {
+pub fn points_export(
+    api: &Api,
+    name: &str,
+    point: &str,
+    disk: u32,
+    to: &Path,
+) -> anyhow::Result<()> {
     let to = absolute(to)?;
-    let req = ExportPoint { vm: name.to_string(), point: point.to_string(), disk, to: to.display().to_string() };
+    let req = ExportPoint {
+        vm: name.to_string(),
+        point: point.to_string(),
+        disk,
+        to: to.display().to_string(),
+    };
     let p: PointInfo = api.post(&format!("/v1/points/{}/export", path_segment(name)?), &req)?;
-    println!("exported {name} point {} ({}) disk {disk} to {}", p.id, p.created_at, to.display());
+    println!(
+        "exported {name} point {} ({}) disk {disk} to {}",
+        p.id,
+        p.created_at,
+        to.display()
+    );
     Ok(())
 }
 
 /// Parses `1G`, `512M`, `64K`, `1T` or a byte count (binary units; `iB`/`B` suffixes allowed).
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let (num, mult) = match t.chars().last() {
         Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
         Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
@@ -281,8 +346,12 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
         Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
-    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("invalid size {s:?}: use a number with K, M, G or T, e.g. 8G"))?;
-    let bytes = n.checked_mul(mult).ok_or_else(|| anyhow::anyhow!("size {s:?} is too large"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        anyhow::anyhow!("invalid size {s:?}: use a number with K, M, G or T, e.g. 8G")
+    })?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| anyhow::anyhow!("size {s:?} is too large"))?;
     if bytes == 0 || bytes % 4096 != 0 {
         bail!("invalid size {s:?}: a disk must be a non-zero multiple of 4 KiB");
     }
@@ -293,7 +362,9 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     if p.is_absolute() {
         return Ok(p.to_path_buf());
     }
-    Ok(std::env::current_dir().context("reading the current directory")?.join(p))
+    Ok(std::env::current_dir()
+        .context("reading the current directory")?
+        .join(p))
 }
 
 /// VM names travel in URL paths; they are validated by the daemon, but refuse here what

@@ -30,17 +30,34 @@ pub fn progress_bar() -> ProgressBar {
 }
 
 pub fn print_vm(vm: &VmInfo) {
-    println!("VM {} (created {}, replication: {})", vm.name, vm.created_at, vm.replication_role);
+    println!(
+        "VM {} (created {}, replication: {})",
+        vm.name, vm.created_at, vm.replication_role
+    );
     for d in &vm.disks {
-        println!("  disk {}  {:>10}  {}", d.index, bytes(d.size_bytes), d.nbd_uri);
+        println!(
+            "  disk {}  {:>10}  {}",
+            d.index,
+            bytes(d.size_bytes),
+            d.nbd_uri
+        );
     }
 }
 
 pub fn print_vm_table(vms: &[VmInfo]) {
-    println!("{:<24} {:>5} {:>12} {:<10}", "NAME", "DISKS", "SIZE", "REPLICATION");
+    println!(
+        "{:<24} {:>5} {:>12} {:<10}",
+        "NAME", "DISKS", "SIZE", "REPLICATION"
+    );
     for vm in vms {
         let total: u64 = vm.disks.iter().map(|d| d.size_bytes).sum();
-        println!("{:<24} {:>5} {:>12} {:<10}", vm.name, vm.disks.len(), bytes(total), vm.replication_role);
+        println!(
+            "{:<24} {:>5} {:>12} {:<10}",
+            vm.name,
+            vm.disks.len(),
+            bytes(total),
+            vm.replication_role
+        );
     }
 }
 
@@ -76,12 +93,18 @@ pub fn print_measure(m: &Measure) {
     println!("  average latency        {} ms", m.average_latency_ms);
     println!("  maximum latency        {} ms", m.maximum_latency_ms);
     println!("  longest cut pause      {} us", m.maximum_cut_pause_us);
-    println!("  last replication       {}", m.last_replication_time.as_deref().unwrap_or("never"));
+    println!(
+        "  last replication       {}",
+        m.last_replication_time.as_deref().unwrap_or("never")
+    );
     println!("  pending                {}", bytes(m.pending_bytes));
 }
 
 pub fn print_points(points: &[PointInfo]) {
-    println!("{:>8}  {:<25} {:<12} {:>12} {:>12}", "ID", "CREATED", "KIND", "CHANGED", "STORED");
+    println!(
+        "{:>8}  {:<25} {:<12} {:>12} {:>12}",
+        "ID", "CREATED", "KIND", "CHANGED", "STORED"
+    );
     for p in points {
         println!(
             "{:>8}  {:<25} {:<12} {:>12} {:>12}",

@@ -29,16 +29,32 @@ pub struct ApiErr {
 }
 
 pub fn transient(message: impl Into<String>) -> anyhow::Error {
-    ApiErr { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into() }.into()
+    ApiErr {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: message.into(),
+    }
+    .into()
 }
 pub fn not_found(message: impl Into<String>) -> anyhow::Error {
-    ApiErr { status: StatusCode::NOT_FOUND, message: message.into() }.into()
+    ApiErr {
+        status: StatusCode::NOT_FOUND,
+        message: message.into(),
+    }
+    .into()
 }
 pub fn conflict(message: impl Into<String>) -> anyhow::Error {
-    ApiErr { status: StatusCode::CONFLICT, message: message.into() }.into()
+    ApiErr {
+        status: StatusCode::CONFLICT,
+        message: message.into(),
+    }
+    .into()
 }
 pub fn bad_request(message: impl Into<String>) -> anyhow::Error {
-    ApiErr { status: StatusCode::BAD_REQUEST, message: message.into() }.into()
+    ApiErr {
+        status: StatusCode::BAD_REQUEST,
+        message: message.into(),
+    }
+    .into()
 }
 
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -52,7 +68,10 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Ful
                 None => (StatusCode::UNPROCESSABLE_ENTITY, false),
             };
             tracing::debug!("{method} {path}: {status}: {e:#}");
-            let err = proto::ApiError { error: format!("{e:#}"), transient };
+            let err = proto::ApiError {
+                error: format!("{e:#}"),
+                transient,
+            };
             json_response(status, serde_json::to_vec(&err).unwrap_or_default())
         }
     }
@@ -61,7 +80,10 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Ful
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -109,7 +131,10 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
             let r: ImportVm = body(req).await?;
             let images: Vec<PathBuf> = r.images.iter().map(PathBuf::from).collect();
             if let Some(p) = images.iter().find(|p| !p.is_absolute()) {
-                return Err(bad_request(format!("image path {} must be absolute", p.display())));
+                return Err(bad_request(format!(
+                    "image path {} must be absolute",
+                    p.display()
+                )));
             }
             let s = shared.clone();
             to_json(&blocking(move || s.import_vm(&r.name, &images)).await?)
@@ -132,8 +157,20 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
             match *action {
                 "start" => repl.command(Cmd::Start).await??,
                 "suspend" => repl.command(Cmd::Suspend).await??,
-                "resume" => repl.command(|reply| Cmd::Resume { resync: false, reply }).await??,
-                "resynchronize" => repl.command(|reply| Cmd::Resume { resync: true, reply }).await??,
+                "resume" => {
+                    repl.command(|reply| Cmd::Resume {
+                        resync: false,
+                        reply,
+                    })
+                    .await??
+                }
+                "resynchronize" => {
+                    repl.command(|reply| Cmd::Resume {
+                        resync: true,
+                        reply,
+                    })
+                    .await??
+                }
                 "sync" => return to_json(&repl.command(Cmd::Sync).await??),
                 other => return Err(not_found(format!("unknown replication action {other:?}"))),
             }
@@ -146,7 +183,10 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
                 return Err(bad_request("VM name in path and body differ"));
             }
             if !Path::new(&r.to).is_absolute() {
-                return Err(bad_request(format!("destination {} must be absolute", r.to)));
+                return Err(bad_request(format!(
+                    "destination {} must be absolute",
+                    r.to
+                )));
             }
             let s = shared.clone();
             to_json(&blocking(move || s.export_point(&r)).await?)
@@ -155,6 +195,10 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| anyhow!("worker task failed: {e}"))?
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| anyhow!("worker task failed: {e}"))?
 }

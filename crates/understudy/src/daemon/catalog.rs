@@ -77,7 +77,8 @@ impl Catalog {
             let mut t = tx.open_table(KV)?;
             t.insert(key, bytes.as_slice())?;
         }
-        tx.commit().with_context(|| format!("committing {key} to the catalog"))?;
+        tx.commit()
+            .with_context(|| format!("committing {key} to the catalog"))?;
         Ok(())
     }
 
@@ -91,16 +92,6 @@ impl Catalog {
             )),
             None => Ok(None),
         }
-    }
-
-    pub fn remove(&self, key: &str) -> anyhow::Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(KV)?;
-            t.remove(key)?;
-        }
-        tx.commit()?;
-        Ok(())
     }
 
     /// All records whose key starts with `prefix`, in key order.
@@ -139,7 +130,7 @@ mod tests {
         let c = Catalog::open(&path).unwrap();
         let vms: Vec<(String, u32)> = c.scan("vm/").unwrap();
         assert_eq!(vms, vec![("vm/a".into(), 1), ("vm/b".into(), 2)]);
-        c.remove("vm/a").unwrap();
-        assert_eq!(c.get::<u32>("vm/a").unwrap(), None);
+        assert_eq!(c.get::<u32>("vm/none").unwrap(), None);
+        assert_eq!(c.get::<u32>("x").unwrap(), Some(3));
     }
 }

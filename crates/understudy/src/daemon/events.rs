@@ -21,7 +21,6 @@ pub const RESYNC_REQUIRED: u32 = 2004;
 pub const SUSPENDED: u32 = 2005;
 pub const RESUMED: u32 = 2006;
 pub const POINT_COMMITTED: u32 = 3000;
-pub const DELTA_REFUSED: u32 = 3001;
 pub const PEER_REFUSED: u32 = 3002;
 
 /// Events kept in memory for `events` queries; older ones remain in the file.
@@ -34,7 +33,10 @@ pub struct Events {
 
 impl Events {
     pub fn new(path: PathBuf) -> Events {
-        Events { path, recent: Mutex::new(VecDeque::new()) }
+        Events {
+            path,
+            recent: Mutex::new(VecDeque::new()),
+        }
     }
 
     pub fn emit(&self, id: u32, vm: Option<&str>, level: &str, message: &str) {

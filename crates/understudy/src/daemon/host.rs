@@ -23,7 +23,7 @@ use super::api::{bad_request, conflict, not_found};
 use super::catalog::{Catalog, ReplicationRecord, VmRecord};
 use super::events::{self, Events};
 use super::primary::{self, Replication};
-use super::vms::{self, Exports, Vm};
+use super::vms::{self, Vm};
 use crate::ServeArgs;
 
 const REPLICA_CFG_KEY: &str = "replica-server";
@@ -47,7 +47,7 @@ pub struct Shared {
     pub tls: transport::TlsContext,
     pub events: Events,
     catalog: Catalog,
-    exports: Arc<Exports>,
+    exports: Arc<nbd::StaticRegistry>,
     nbd: Mutex<Option<nbd::NbdServer>>,
     vms: Mutex<BTreeMap<String, VmEntry>>,
     replica: Mutex<Option<ReplicaHost>>,
@@ -84,10 +84,18 @@ fn vm_key(name: &str) -> String {
 impl Shared {
     pub async fn open(data_dir: &Path, args: &ServeArgs) -> anyhow::Result<Arc<Shared>> {
         let host_name = args.name.clone().unwrap_or_else(default_host_name);
-        let listen_host = args.listen.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_string());
-        let extra: Vec<String> = listen_host.into_iter().filter(|h| !h.is_empty() && h != "0.0.0.0" && h != "::").collect();
+        let listen_host = args
+            .listen
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(['[', ']']).to_string());
+        let extra: Vec<String> = listen_host
+            .into_iter()
+            .filter(|h| !h.is_empty() && h != "0.0.0.0" && h != "::")
+            .collect();
         let identity = match (&args.cert, &args.key) {
-            (Some(cert), Some(key)) => transport::Identity::from_files(cert, key, args.ca.as_deref())?,
+            (Some(cert), Some(key)) => {
+                transport::Identity::from_files(cert, key, args.ca.as_deref())?
+            }
             _ => transport::load_or_create(&data_dir.join("identity"), &host_name, &extra)?,
         };
         std::fs::write(data_dir.join("identity.pem"), identity.ca_pem())?;
@@ -95,7 +103,7 @@ impl Shared {
         let tls = transport::TlsContext::new(identity, trust)?;
         let catalog = Catalog::open(&data_dir.join("catalog.redb"))?;
         let events = Events::new(data_dir.join("events.log"));
-        let exports = Arc::new(Exports::default());
+        let exports = Arc::new(nbd::StaticRegistry::new());
         let nbd_socket = data_dir.join("nbd.sock");
         let shared = Arc::new(Shared {
             host_name,
@@ -129,7 +137,9 @@ impl Shared {
                 }
                 None => None,
             };
-            s.vms.lock().insert(record.name.clone(), VmEntry { record, vm, repl });
+            s.vms
+                .lock()
+                .insert(record.name.clone(), VmEntry { record, vm, repl });
         }
         if let Some(cfg) = shared.catalog.get::<ReplicaServerConfig>(REPLICA_CFG_KEY)? {
             if cfg.enabled {
@@ -155,7 +165,10 @@ impl Shared {
             }
             let reason = match state {
                 OpenState::Clean => None,
-                OpenState::RecoveredFromActivityLog { hot_extents, hot_bytes } => {
+                OpenState::RecoveredFromActivityLog {
+                    hot_extents,
+                    hot_bytes,
+                } => {
                     self.events.emit(
                         events::UNCLEAN_RECOVERED,
                         Some(&vm.name),
@@ -164,9 +177,15 @@ impl Shared {
                     );
                     None
                 }
-                OpenState::FirstOpen => Some(format!("the change tracking state of disk {i} is missing")),
-                OpenState::TrackingLost { reason } => Some(format!("change tracking of disk {i} was lost: {reason}")),
-                OpenState::ModifiedOutside { reason } => Some(format!("disk {i} was modified outside Understudy: {reason}")),
+                OpenState::FirstOpen => {
+                    Some(format!("the change tracking state of disk {i} is missing"))
+                }
+                OpenState::TrackingLost { reason } => {
+                    Some(format!("change tracking of disk {i} was lost: {reason}"))
+                }
+                OpenState::ModifiedOutside { reason } => Some(format!(
+                    "disk {i} was modified outside Understudy: {reason}"
+                )),
             };
             if let Some(reason) = reason {
                 if r.initial_started && !r.initial_done {
@@ -174,7 +193,12 @@ impl Shared {
                     continue;
                 }
                 if r.initial_done {
-                    self.events.emit(events::RESYNC_REQUIRED, Some(&vm.name), "error", &format!("resynchronization required: {reason}"));
+                    self.events.emit(
+                        events::RESYNC_REQUIRED,
+                        Some(&vm.name),
+                        "error",
+                        &format!("resynchronization required: {reason}"),
+                    );
                     r.resync_reason = Some(reason);
                     return;
                 }
@@ -196,7 +220,11 @@ impl Shared {
     fn add_exports(&self, vm: &Vm) {
         for (i, d) in vm.disks.iter().enumerate() {
             let backend: Arc<dyn nbd::BlockBackend> = d.clone();
-            self.exports.add(vms::export_name(&vm.name, i as u32), backend, format!("{} disk {i}", vm.name));
+            self.exports.add_with_description(
+                vms::export_name(&vm.name, i as u32),
+                format!("{} disk {i}", vm.name),
+                backend,
+            );
         }
     }
 
@@ -218,7 +246,10 @@ impl Shared {
                 e.record.clone()
             }
             None => {
-                let mut rec: VmRecord = self.catalog.get(&vm_key(vm))?.ok_or_else(|| anyhow!("VM {vm} vanished"))?;
+                let mut rec: VmRecord = self
+                    .catalog
+                    .get(&vm_key(vm))?
+                    .ok_or_else(|| anyhow!("VM {vm} vanished"))?;
                 rec.replication = Some(r.clone());
                 rec
             }
@@ -241,7 +272,10 @@ impl Shared {
         self.ensure_new(name)?;
         for img in images {
             if !img.exists() {
-                return Err(bad_request(format!("image {} does not exist", img.display())));
+                return Err(bad_request(format!(
+                    "image {} does not exist",
+                    img.display()
+                )));
             }
         }
         let (record, vm) = vms::import_disks(&self.data_dir, name, images, now_unix_ns())?;
@@ -260,7 +294,14 @@ impl Shared {
         let vm = Arc::new(vm);
         self.add_exports(&vm);
         let name = record.name.clone();
-        self.vms.lock().insert(name.clone(), VmEntry { record, vm, repl: None });
+        self.vms.lock().insert(
+            name.clone(),
+            VmEntry {
+                record,
+                vm,
+                repl: None,
+            },
+        );
         self.vm_info(&name)
     }
 
@@ -271,13 +312,25 @@ impl Shared {
 
     pub fn vm_info(&self, name: &str) -> anyhow::Result<VmInfo> {
         let vms = self.vms.lock();
-        let e = vms.get(name).ok_or_else(|| not_found(format!("no VM named {name} on this host")))?;
-        let repl_disks = e.record.replication.as_ref().map(|r| r.disks.clone()).unwrap_or_default();
+        let e = vms
+            .get(name)
+            .ok_or_else(|| not_found(format!("no VM named {name} on this host")))?;
+        let repl_disks = e
+            .record
+            .replication
+            .as_ref()
+            .map(|r| r.disks.clone())
+            .unwrap_or_default();
         let socket = self.nbd_socket.display().to_string();
         Ok(VmInfo {
             name: e.record.name.clone(),
             created_at: rfc3339_from_unix_ns(e.record.created_unix_ns),
-            replication_role: if e.record.replication.is_some() { "Primary" } else { "None" }.into(),
+            replication_role: if e.record.replication.is_some() {
+                "Primary"
+            } else {
+                "None"
+            }
+            .into(),
             disks: e
                 .record
                 .disks
@@ -301,7 +354,9 @@ impl Shared {
 
     pub fn replication(&self, name: &str) -> anyhow::Result<Arc<Replication>> {
         let vms = self.vms.lock();
-        let e = vms.get(name).ok_or_else(|| not_found(format!("no VM named {name} on this host")))?;
+        let e = vms
+            .get(name)
+            .ok_or_else(|| not_found(format!("no VM named {name} on this host")))?;
         e.repl.clone().ok_or_else(|| primary::not_enabled(name))
     }
 
@@ -315,15 +370,26 @@ impl Shared {
         Ok(p)
     }
 
-    pub async fn enable_replication(self: &Arc<Self>, req: EnableReplication) -> anyhow::Result<ReplicationStatus> {
+    pub async fn enable_replication(
+        self: &Arc<Self>,
+        req: EnableReplication,
+    ) -> anyhow::Result<ReplicationStatus> {
         if !(1..=3600).contains(&req.frequency_secs) {
-            return Err(bad_request(format!("frequency must be 1 to 3600 seconds, got {}", req.frequency_secs)));
+            return Err(bad_request(format!(
+                "frequency must be 1 to 3600 seconds, got {}",
+                req.frequency_secs
+            )));
         }
         let vm = {
             let vms = self.vms.lock();
-            let e = vms.get(&req.vm).ok_or_else(|| not_found(format!("no VM named {} on this host", req.vm)))?;
+            let e = vms
+                .get(&req.vm)
+                .ok_or_else(|| not_found(format!("no VM named {} on this host", req.vm)))?;
             if e.record.replication.is_some() {
-                return Err(conflict(format!("replication is already enabled for {}", req.vm)));
+                return Err(conflict(format!(
+                    "replication is already enabled for {}",
+                    req.vm
+                )));
             }
             e.vm.clone()
         };
@@ -335,7 +401,11 @@ impl Shared {
             return Err(bad_request("--disks selects no disk"));
         }
         if let Some(bad) = disks.iter().find(|&&d| d as usize >= vm.disks.len()) {
-            return Err(bad_request(format!("{} has no disk {bad} (it has {})", req.vm, vm.disks.len())));
+            return Err(bad_request(format!(
+                "{} has no disk {bad} (it has {})",
+                req.vm,
+                vm.disks.len()
+            )));
         }
         let record = ReplicationRecord {
             replica: req.replica.clone(),
@@ -369,7 +439,12 @@ impl Shared {
         if let Some(e) = self.vms.lock().get_mut(&req.vm) {
             e.repl = Some(repl.clone());
         }
-        self.events.emit(events::REPLICATION_ENABLED, Some(&req.vm), "info", &format!("replication enabled to {}", req.replica));
+        self.events.emit(
+            events::REPLICATION_ENABLED,
+            Some(&req.vm),
+            "info",
+            &format!("replication enabled to {}", req.replica),
+        );
         Ok(repl.status())
     }
 
@@ -387,22 +462,39 @@ impl Shared {
     }
 
     pub fn all_status(&self) -> Vec<ReplicationStatus> {
-        let repls: Vec<Arc<Replication>> = self.vms.lock().values().filter_map(|e| e.repl.clone()).collect();
+        let repls: Vec<Arc<Replication>> = self
+            .vms
+            .lock()
+            .values()
+            .filter_map(|e| e.repl.clone())
+            .collect();
         let mut out: Vec<ReplicationStatus> = repls.iter().map(|r| r.status()).collect();
         let replica_names: Vec<String> = self
             .replica
             .lock()
             .as_ref()
-            .map(|h| h.store.vms().iter().map(|v| v.vm_id().to_string()).collect())
+            .map(|h| {
+                h.store
+                    .vms()
+                    .iter()
+                    .map(|v| v.vm_id().to_string())
+                    .collect()
+            })
             .unwrap_or_default();
         out.extend(replica_names.iter().filter_map(|n| self.replica_status(n)));
         out
     }
 
     pub async fn stop_replication(&self, timeout: Duration) {
-        let repls: Vec<Arc<Replication>> = self.vms.lock().values().filter_map(|e| e.repl.clone()).collect();
+        let repls: Vec<Arc<Replication>> = self
+            .vms
+            .lock()
+            .values()
+            .filter_map(|e| e.repl.clone())
+            .collect();
         for r in repls {
-            let stopped = tokio::time::timeout(timeout, r.command(super::primary::Cmd::Shutdown)).await;
+            let stopped =
+                tokio::time::timeout(timeout, r.command(super::primary::Cmd::Shutdown)).await;
             if stopped.is_err() {
                 tracing::warn!(vm = %r.vm.name, "replication task did not stop in time");
             }
@@ -417,7 +509,8 @@ impl Shared {
         let vms: Vec<Arc<Vm>> = self.vms.lock().values().map(|e| e.vm.clone()).collect();
         for vm in vms {
             for (i, d) in vm.disks.iter().enumerate() {
-                d.shutdown_clean().with_context(|| format!("closing disk {i} of {}", vm.name))?;
+                d.shutdown_clean()
+                    .with_context(|| format!("closing disk {i} of {}", vm.name))?;
             }
         }
         Ok(())
@@ -430,29 +523,53 @@ impl Shared {
     }
 
     pub fn replica_store(&self) -> Option<(Arc<ReplicaStore>, ReplicaServerConfig)> {
-        self.replica.lock().as_ref().filter(|h| h.cfg.enabled).map(|h| (h.store.clone(), h.cfg.clone()))
+        self.replica
+            .lock()
+            .as_ref()
+            .filter(|h| h.cfg.enabled)
+            .map(|h| (h.store.clone(), h.cfg.clone()))
     }
 
     fn open_replica_store(&self, cfg: ReplicaServerConfig) -> anyhow::Result<()> {
         let dir = PathBuf::from(&cfg.storage);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating replica storage {}", dir.display()))?;
-        let store = ReplicaStore::open(&dir).with_context(|| format!("opening replica storage {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating replica storage {}", dir.display()))?;
+        let store = ReplicaStore::open(&dir)
+            .with_context(|| format!("opening replica storage {}", dir.display()))?;
         for rvm in store.vms() {
             if let Some(d) = rvm.damage() {
-                self.events.emit(events::RESYNC_REQUIRED, Some(rvm.vm_id()), "error", &format!("replica copy damaged: {d}"));
+                self.events.emit(
+                    events::RESYNC_REQUIRED,
+                    Some(rvm.vm_id()),
+                    "error",
+                    &format!("replica copy damaged: {d}"),
+                );
             }
         }
-        *self.replica.lock() = Some(ReplicaHost { cfg, store: Arc::new(store) });
+        *self.replica.lock() = Some(ReplicaHost {
+            cfg,
+            store: Arc::new(store),
+        });
         Ok(())
     }
 
-    pub fn enable_replica_server(&self, cfg: ReplicaServerConfig) -> anyhow::Result<ReplicaServerConfig> {
+    pub fn enable_replica_server(
+        &self,
+        cfg: ReplicaServerConfig,
+    ) -> anyhow::Result<ReplicaServerConfig> {
         if !Path::new(&cfg.storage).is_absolute() {
-            return Err(bad_request(format!("storage {} must be an absolute path", cfg.storage)));
+            return Err(bad_request(format!(
+                "storage {} must be an absolute path",
+                cfg.storage
+            )));
         }
         let mut cfg = cfg;
         cfg.enabled = true;
-        let same_storage = self.replica.lock().as_ref().is_some_and(|h| h.cfg.storage == cfg.storage);
+        let same_storage = self
+            .replica
+            .lock()
+            .as_ref()
+            .is_some_and(|h| h.cfg.storage == cfg.storage);
         if same_storage {
             if let Some(h) = self.replica.lock().as_mut() {
                 h.cfg = cfg.clone();
@@ -466,7 +583,9 @@ impl Shared {
 
     pub fn disable_replica_server(&self) -> anyhow::Result<ReplicaServerConfig> {
         let mut guard = self.replica.lock();
-        let h = guard.as_mut().ok_or_else(|| bad_request("this host is not a replica server"))?;
+        let h = guard
+            .as_mut()
+            .ok_or_else(|| bad_request("this host is not a replica server"))?;
         h.cfg.enabled = false;
         let cfg = h.cfg.clone();
         drop(guard);
@@ -475,13 +594,21 @@ impl Shared {
     }
 
     pub fn note_replica_primary(&self, vm: &str, primary: &str) {
-        self.replica_primaries.lock().insert(vm.to_string(), primary.to_string());
+        self.replica_primaries
+            .lock()
+            .insert(vm.to_string(), primary.to_string());
     }
 
     fn replica_vm(&self, name: &str) -> anyhow::Result<Arc<replica::ReplicaVm>> {
         let guard = self.replica.lock();
-        let h = guard.as_ref().ok_or_else(|| not_found(format!("this host is not a replica server, so it has no points of {name}")))?;
-        h.store.vm(name).ok_or_else(|| not_found(format!("no replica of {name} on this host")))
+        let h = guard.as_ref().ok_or_else(|| {
+            not_found(format!(
+                "this host is not a replica server, so it has no points of {name}"
+            ))
+        })?;
+        h.store
+            .vm(name)
+            .ok_or_else(|| not_found(format!("no replica of {name} on this host")))
     }
 
     fn replica_status(&self, name: &str) -> Option<ReplicationStatus> {
@@ -492,11 +619,27 @@ impl Shared {
         Some(ReplicationStatus {
             vm: name.to_string(),
             role: "Replica".into(),
-            state: if damage.is_some() { ReplicationState::ResynchronizationRequired } else { ReplicationState::Replica },
-            health: if damage.is_some() { Health::Critical } else { Health::Normal },
-            health_reasons: damage.iter().map(|d| format!("replica copy damaged: {d}")).collect(),
+            state: if damage.is_some() {
+                ReplicationState::ResynchronizationRequired
+            } else {
+                ReplicationState::Replica
+            },
+            health: if damage.is_some() {
+                Health::Critical
+            } else {
+                Health::Normal
+            },
+            health_reasons: damage
+                .iter()
+                .map(|d| format!("replica copy damaged: {d}"))
+                .collect(),
             resync_reason: damage,
-            peer: self.replica_primaries.lock().get(name).cloned().unwrap_or_default(),
+            peer: self
+                .replica_primaries
+                .lock()
+                .get(name)
+                .cloned()
+                .unwrap_or_default(),
             frequency_secs: 0,
             compression: Compression::None,
             disks: rvm.disks().iter().map(|d| d.index).collect(),
@@ -519,16 +662,31 @@ impl Shared {
         let rvm = self.replica_vm(&req.vm)?;
         let points = rvm.points();
         let point = if req.point == "latest" {
-            points.last().ok_or_else(|| not_found(format!("{} has no recovery point yet", req.vm)))?
+            points
+                .last()
+                .ok_or_else(|| not_found(format!("{} has no recovery point yet", req.vm)))?
         } else {
-            let id: u64 = req.point.parse().map_err(|_| bad_request(format!("--point must be `latest` or a point id, got {:?}", req.point)))?;
-            points.iter().find(|p| p.seq == id).ok_or_else(|| not_found(format!("{} has no point {id}", req.vm)))?
+            let id: u64 = req.point.parse().map_err(|_| {
+                bad_request(format!(
+                    "--point must be `latest` or a point id, got {:?}",
+                    req.point
+                ))
+            })?;
+            points
+                .iter()
+                .find(|p| p.seq == id)
+                .ok_or_else(|| not_found(format!("{} has no point {id}", req.vm)))?
         };
         if !rvm.disks().iter().any(|d| d.index == req.disk) {
-            return Err(bad_request(format!("{} replicates no disk {}", req.vm, req.disk)));
+            return Err(bad_request(format!(
+                "{} replicates no disk {}",
+                req.vm, req.disk
+            )));
         }
         rvm.export_raw(point.seq, req.disk, Path::new(&req.to))
-            .with_context(|| format!("exporting {} point {} disk {}", req.vm, point.seq, req.disk))?;
+            .with_context(|| {
+                format!("exporting {} point {} disk {}", req.vm, point.seq, req.disk)
+            })?;
         Ok(point_info(point))
     }
 }

@@ -38,7 +38,8 @@ pub fn serve(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
     let _lock = host::lock_data_dir(&data_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -58,7 +59,10 @@ async fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
     // Local API on a Unix socket; refuse to steal it from a live daemon.
     let api_path = data_dir.join("api.sock");
     if tokio::net::UnixStream::connect(&api_path).await.is_ok() {
-        bail!("another understudy daemon is serving {}", api_path.display());
+        bail!(
+            "another understudy daemon is serving {}",
+            api_path.display()
+        );
     }
     let _ = std::fs::remove_file(&api_path);
     let api_listener = tokio::net::UnixListener::bind(&api_path)
@@ -102,10 +106,20 @@ async fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         events::DAEMON_STARTED,
         None,
         "info",
-        &format!("understudy {} serving as {} on {} (NBD {})", env!("CARGO_PKG_VERSION"), shared.host_name, args.listen, shared.nbd_socket.display()),
+        &format!(
+            "understudy {} serving as {} on {} (NBD {})",
+            env!("CARGO_PKG_VERSION"),
+            shared.host_name,
+            args.listen,
+            shared.nbd_socket.display()
+        ),
     );
     // Tell whoever started us that we are ready (tests and the demo wait for this line).
-    println!("ready: api {} nbd {}", api_path.display(), shared.nbd_socket.display());
+    println!(
+        "ready: api {} nbd {}",
+        api_path.display(),
+        shared.nbd_socket.display()
+    );
 
     wait_for_signal().await;
     tracing::info!("stopping");
@@ -116,7 +130,9 @@ async fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
     let s = shared.clone();
     tokio::task::spawn_blocking(move || s.shutdown_disks()).await??;
     let _ = std::fs::remove_file(&api_path);
-    shared.events.emit(events::DAEMON_STOPPED, None, "info", "stopped cleanly");
+    shared
+        .events
+        .emit(events::DAEMON_STOPPED, None, "info", "stopped cleanly");
     Ok(())
 }
 

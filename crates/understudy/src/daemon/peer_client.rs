@@ -29,14 +29,36 @@ impl PeerRefusal {
 
 pub async fn hello(peer: &Peer, hello: &Hello) -> anyhow::Result<HelloReply> {
     let body = serde_json::to_vec(hello)?;
-    call(peer, Method::POST, &format!("/v1/replicas/{}/hello", hello.vm), transport::full(body)).await
+    call(
+        peer,
+        Method::POST,
+        &format!("/v1/replicas/{}/hello", hello.vm),
+        transport::full(body),
+    )
+    .await
 }
 
-pub async fn put_delta(peer: &Peer, vm: &str, seq: u64, body: BoxBody) -> anyhow::Result<DeltaReply> {
-    call(peer, Method::PUT, &format!("/v1/replicas/{vm}/deltas/{seq}"), body).await
+pub async fn put_delta(
+    peer: &Peer,
+    vm: &str,
+    seq: u64,
+    body: BoxBody,
+) -> anyhow::Result<DeltaReply> {
+    call(
+        peer,
+        Method::PUT,
+        &format!("/v1/replicas/{vm}/deltas/{seq}"),
+        body,
+    )
+    .await
 }
 
-async fn call<T: serde::de::DeserializeOwned>(peer: &Peer, method: Method, path: &str, body: BoxBody) -> anyhow::Result<T> {
+async fn call<T: serde::de::DeserializeOwned>(
+    peer: &Peer,
+    method: Method,
+    path: &str,
+    body: BoxBody,
+) -> anyhow::Result<T> {
     let req = Request::builder()
         .method(method)
         .uri(path)
@@ -55,7 +77,10 @@ async fn call<T: serde::de::DeserializeOwned>(peer: &Peer, method: Method, path:
     }
     match serde_json::from_slice::<PeerError>(&bytes) {
         Ok(pe) => Err(PeerRefusal(pe).into()),
-        Err(_) => Err(anyhow!("replica answered {status}: {}", String::from_utf8_lossy(&bytes))),
+        Err(_) => Err(anyhow!(
+            "replica answered {status}: {}",
+            String::from_utf8_lossy(&bytes)
+        )),
     }
 }
 
@@ -87,5 +112,12 @@ impl DeltaBodyWriter {
 pub fn delta_body() -> (DeltaBodyWriter, BoxBody, Arc<AtomicU64>) {
     let (sender, body) = transport::body_channel(transport::DEFAULT_BODY_CHANNEL_CHUNKS);
     let sent = Arc::new(AtomicU64::new(0));
-    (DeltaBodyWriter { inner: BodyWriter::new(sender), sent: sent.clone() }, body, sent)
+    (
+        DeltaBodyWriter {
+            inner: BodyWriter::new(sender),
+            sent: sent.clone(),
+        },
+        body,
+        sent,
+    )
 }

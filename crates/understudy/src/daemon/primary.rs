@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::peer_client::PeerRefusal;
 use anyhow::{anyhow, Context};
 use delta::{Compression, DeltaHeader, DeltaKind, DiskEntry};
 use parking_lot::Mutex;
 use proto::peer::{DeltaReply, Hello, HelloReply, PeerDisk};
-use super::peer_client::PeerRefusal;
 use proto::time::{now_unix_ns, rfc3339_from_unix_ns};
 use proto::{Measure, Progress, ReplicationState, ReplicationStatus, SyncResult};
 use tokio::sync::{mpsc, oneshot};
@@ -30,7 +30,10 @@ pub enum Cmd {
     Start(oneshot::Sender<anyhow::Result<()>>),
     Sync(oneshot::Sender<anyhow::Result<SyncResult>>),
     Suspend(oneshot::Sender<anyhow::Result<()>>),
-    Resume { resync: bool, reply: oneshot::Sender<anyhow::Result<()>> },
+    Resume {
+        resync: bool,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -79,7 +82,10 @@ impl Replication {
             rt: Mutex::new(Runtime {
                 record,
                 last_error: None,
-                counters: Counters { since_ns: now_unix_ns(), ..Default::default() },
+                counters: Counters {
+                    since_ns: now_unix_ns(),
+                    ..Default::default()
+                },
                 need_hello: true,
             }),
             progress_done: AtomicU64::new(0),
@@ -90,12 +96,16 @@ impl Replication {
         repl
     }
 
-    pub async fn command<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> anyhow::Result<T> {
+    pub async fn command<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Cmd,
+    ) -> anyhow::Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.cmd
-            .try_send(make(tx))
-            .map_err(|_| super::api::transient(format!("replication of {} is busy; retry", self.vm.name)))?;
-        rx.await.map_err(|_| anyhow!("replication of {} stopped", self.vm.name))
+        self.cmd.try_send(make(tx)).map_err(|_| {
+            super::api::transient(format!("replication of {} is busy; retry", self.vm.name))
+        })?;
+        rx.await
+            .map_err(|_| anyhow!("replication of {} stopped", self.vm.name))
     }
 
     pub fn record(&self) -> ReplicationRecord {
@@ -117,7 +127,11 @@ impl Replication {
     }
 
     pub fn pending_bytes(&self, disks: &[u32]) -> u64 {
-        disks.iter().filter_map(|&i| self.vm.disks.get(i as usize)).map(|d| d.dirty_bytes()).sum()
+        disks
+            .iter()
+            .filter_map(|&i| self.vm.disks.get(i as usize))
+            .map(|d| d.dirty_bytes())
+            .sum()
     }
 
     pub fn status(&self) -> ReplicationStatus {
@@ -195,7 +209,12 @@ impl Replication {
             }
             rt.record.resync_reason = Some(reason.clone());
         }
-        shared.events.emit(events::RESYNC_REQUIRED, Some(&self.vm.name), "error", &format!("resynchronization required: {reason}"));
+        shared.events.emit(
+            events::RESYNC_REQUIRED,
+            Some(&self.vm.name),
+            "error",
+            &format!("resynchronization required: {reason}"),
+        );
         self.persist(shared);
     }
 }
@@ -214,7 +233,12 @@ pub fn hello_of(shared: &Shared, vm: &Vm, r: &ReplicationRecord) -> Hello {
         disks: r
             .disks
             .iter()
-            .filter_map(|&i| vm.disks.get(i as usize).map(|d| PeerDisk { index: i, size_bytes: d.size_bytes() }))
+            .filter_map(|&i| {
+                vm.disks.get(i as usize).map(|d| PeerDisk {
+                    index: i,
+                    size_bytes: d.size_bytes(),
+                })
+            })
             .collect(),
     }
 }
@@ -292,18 +316,27 @@ fn start_initial(shared: &Shared, repl: &Replication) -> anyhow::Result<()> {
     let disks = {
         let rt = repl.rt.lock();
         if rt.record.initial_started {
-            return Err(anyhow!("initial replication of {} was already started", repl.vm.name));
+            return Err(anyhow!(
+                "initial replication of {} was already started",
+                repl.vm.name
+            ));
         }
         rt.record.disks.clone()
     };
     for &i in &disks {
         if let Some(d) = repl.vm.disks.get(i as usize) {
-            d.mark_allocated_dirty().with_context(|| format!("scanning disk {i} of {}", repl.vm.name))?;
+            d.mark_allocated_dirty()
+                .with_context(|| format!("scanning disk {i} of {}", repl.vm.name))?;
         }
     }
     repl.rt.lock().record.initial_started = true;
     repl.persist(shared);
-    shared.events.emit(events::INITIAL_STARTED, Some(&repl.vm.name), "info", "initial replication started");
+    shared.events.emit(
+        events::INITIAL_STARTED,
+        Some(&repl.vm.name),
+        "info",
+        "initial replication started",
+    );
     Ok(())
 }
 
@@ -334,7 +367,16 @@ fn resume(shared: &Shared, repl: &Replication, resync: bool) -> anyhow::Result<(
         repl.rt.lock().record.suspended = false;
     }
     repl.persist(shared);
-    shared.events.emit(events::RESUMED, Some(&repl.vm.name), "info", if resync { "resynchronization started" } else { "replication resumed" });
+    shared.events.emit(
+        events::RESUMED,
+        Some(&repl.vm.name),
+        "info",
+        if resync {
+            "resynchronization started"
+        } else {
+            "replication resumed"
+        },
+    );
     Ok(())
 }
 
@@ -366,7 +408,14 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
         let hello = hello_of(shared, &repl.vm, &record);
         let reply: HelloReply = super::peer_client::hello(&peer, &hello).await?;
         let full = record.pending_full;
-        match session::reconcile(record.last_seq, record.inflight_seq, record.generation, reply.latest_seq, reply.generation, reply.damage.as_deref()) {
+        match session::reconcile(
+            record.last_seq,
+            record.inflight_seq,
+            record.generation,
+            reply.latest_seq,
+            reply.generation,
+            reply.damage.as_deref(),
+        ) {
             Reconcile::InSync => {}
             Reconcile::AdoptInflight(seq) => {
                 let mut rt = repl.rt.lock();
@@ -436,7 +485,12 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
         disks: record
             .disks
             .iter()
-            .filter_map(|&i| repl.vm.disks.get(i as usize).map(|d| DiskEntry { index: i, size_bytes: d.size_bytes() }))
+            .filter_map(|&i| {
+                repl.vm.disks.get(i as usize).map(|d| DiskEntry {
+                    index: i,
+                    size_bytes: d.size_bytes(),
+                })
+            })
             .collect(),
     };
     let key = delta_key(&record.replication_id);
@@ -444,7 +498,8 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     let (writer, body, sent) = super::peer_client::delta_body();
     let repl2 = repl.clone();
     let encoder = tokio::task::spawn_blocking(move || {
-        let pairs: Vec<(u32, &tracker::FrozenDisk)> = indexes.iter().copied().zip(cut.disks.iter()).collect();
+        let pairs: Vec<(u32, &tracker::FrozenDisk)> =
+            indexes.iter().copied().zip(cut.disks.iter()).collect();
         let r = super::shipper::encode_cut(writer, &header, &key, &pairs, &repl2.progress_done)
             .and_then(|(w, s)| w.finish().map(|_| s).map_err(anyhow::Error::from));
         (cut, r)
@@ -459,7 +514,9 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     };
     match outcome {
         Ok((reply, summary)) => {
-            tokio::task::spawn_blocking(move || cut.commit()).await.context("commit task")?;
+            tokio::task::spawn_blocking(move || cut.commit())
+                .await
+                .context("commit task")?;
             let latency_ms = started.elapsed().as_millis() as u64;
             let sent_bytes = sent.load(Ordering::Relaxed);
             let delta_bytes = summary.data_bytes + summary.zero_bytes;
@@ -482,22 +539,41 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
                 c.cut_pause_us_max = c.cut_pause_us_max.max(pause_us);
                 drop(rt);
                 if first {
-                    shared.events.emit(events::INITIAL_DONE, Some(&vm_name), "info", &format!("initial replication complete ({delta_bytes} bytes)"));
+                    shared.events.emit(
+                        events::INITIAL_DONE,
+                        Some(&vm_name),
+                        "info",
+                        &format!("initial replication complete ({delta_bytes} bytes)"),
+                    );
                 }
             }
             repl.progress_total.store(0, Ordering::Relaxed);
             repl.persist(shared);
-            Ok(SyncResult { vm: vm_name, seq: reply.seq, cut_time_unix_ns: cut_ns, delta_bytes, sent_bytes, latency_ms })
+            Ok(SyncResult {
+                vm: vm_name,
+                seq: reply.seq,
+                cut_time_unix_ns: cut_ns,
+                delta_bytes,
+                sent_bytes,
+                latency_ms,
+            })
         }
         Err(e) => {
-            tokio::task::spawn_blocking(move || cut.abort()).await.context("abort task")?;
+            tokio::task::spawn_blocking(move || cut.abort())
+                .await
+                .context("abort task")?;
             repl.progress_total.store(0, Ordering::Relaxed);
             if let Some(refusal) = e.downcast_ref::<PeerRefusal>() {
                 if refusal.needs_resync() {
                     repl.require_resync(shared, refusal.0.error.clone());
                 }
             }
-            shared.events.emit(events::CYCLE_FAILED, Some(&vm_name), "warning", &format!("replication cycle failed: {e:#}"));
+            shared.events.emit(
+                events::CYCLE_FAILED,
+                Some(&vm_name),
+                "warning",
+                &format!("replication cycle failed: {e:#}"),
+            );
             Err(e)
         }
     }

@@ -12,9 +12,14 @@ pub fn virtual_size(image: &Path) -> anyhow::Result<u64> {
         .output()
         .context("running qemu-img (install Debian's qemu-utils)")?;
     if !out.status.success() {
-        bail!("qemu-img info {}: {}", image.display(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "qemu-img info {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing qemu-img info output")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing qemu-img info output")?;
     v.get("virtual-size")
         .and_then(|s| s.as_u64())
         .with_context(|| format!("qemu-img info {} reported no virtual-size", image.display()))
@@ -41,7 +46,11 @@ pub fn convert_to_raw(src: &Path, dest: &Path) -> anyhow::Result<()> {
             .context("running qemu-img")?;
         if !out2.status.success() {
             let _ = std::fs::remove_file(&tmp);
-            bail!("qemu-img convert {}: {}", src.display(), String::from_utf8_lossy(&out2.stderr).trim());
+            bail!(
+                "qemu-img convert {}: {}",
+                src.display(),
+                String::from_utf8_lossy(&out2.stderr).trim()
+            );
         }
     }
     std::fs::File::open(&tmp)?.sync_all()?;

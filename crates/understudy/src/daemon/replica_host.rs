@@ -31,17 +31,33 @@ struct Refusal {
 }
 
 fn refuse(status: StatusCode, code: &str, error: impl Into<String>) -> Refusal {
-    Refusal { status, err: PeerError { code: code.into(), error: error.into(), expected_seq: None } }
+    Refusal {
+        status,
+        err: PeerError {
+            code: code.into(),
+            error: error.into(),
+            expected_seq: None,
+        },
+    }
 }
 
-pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: PeerInfo) -> Response<BoxBody> {
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: PeerInfo,
+) -> Response<BoxBody> {
     let path = req.uri().path().to_string();
     let who = peer.name.clone().unwrap_or_else(|| peer.addr.to_string());
     match route(&shared, req, &peer).await {
         Ok(body) => reply(StatusCode::OK, body),
         Err(r) => {
             tracing::warn!(peer = %who, "refused {path}: {} ({})", r.err.error, r.err.code);
-            shared.events.emit(events::PEER_REFUSED, None, "warning", &format!("refused {path} from {who}: {}", r.err.error));
+            shared.events.emit(
+                events::PEER_REFUSED,
+                None,
+                "warning",
+                &format!("refused {path} from {who}: {}", r.err.error),
+            );
             reply(r.status, serde_json::to_vec(&r.err).unwrap_or_default())
         }
     }
@@ -53,38 +69,78 @@ fn reply(status: StatusCode, body: Vec<u8>) -> Response<BoxBody> {
     resp
 }
 
-async fn route(shared: &Arc<Shared>, req: Request<Incoming>, peer: &PeerInfo) -> Result<Vec<u8>, Refusal> {
+async fn route(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    peer: &PeerInfo,
+) -> Result<Vec<u8>, Refusal> {
     let path = req.uri().path().to_string();
     let parts: Vec<&str> = path.split('/').skip(1).collect();
-    let (store, cfg) = shared
-        .replica_store()
-        .ok_or_else(|| refuse(StatusCode::SERVICE_UNAVAILABLE, "replica_disabled", format!("{} is not a replica server (run `understudy replica-server enable`)", shared.host_name)))?;
+    let (store, cfg) = shared.replica_store().ok_or_else(|| {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "replica_disabled",
+            format!(
+                "{} is not a replica server (run `understudy replica-server enable`)",
+                shared.host_name
+            ),
+        )
+    })?;
     let name = peer.name.clone().unwrap_or_default();
     if !allowed(&cfg.allow, &name) {
-        return Err(refuse(StatusCode::FORBIDDEN, "not_allowed", format!("peer {name:?} is not in this replica server's allow list")));
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "not_allowed",
+            format!("peer {name:?} is not in this replica server's allow list"),
+        ));
     }
     match (req.method().clone(), parts.as_slice()) {
         (Method::POST, ["v1", "replicas", vm, "hello"]) => {
             let bytes = http_body_util::Limited::new(req.into_body(), HELLO_MAX_BYTES)
                 .collect()
                 .await
-                .map_err(|e| refuse(StatusCode::BAD_REQUEST, "bad_request", format!("reading hello: {e}")))?
+                .map_err(|e| {
+                    refuse(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        format!("reading hello: {e}"),
+                    )
+                })?
                 .to_bytes();
-            let hello: Hello = serde_json::from_slice(&bytes)
-                .map_err(|e| refuse(StatusCode::BAD_REQUEST, "bad_request", format!("invalid hello: {e}")))?;
+            let hello: Hello = serde_json::from_slice(&bytes).map_err(|e| {
+                refuse(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("invalid hello: {e}"),
+                )
+            })?;
             if hello.vm != *vm {
-                return Err(refuse(StatusCode::BAD_REQUEST, "bad_request", "VM name in path and body differ"));
+                return Err(refuse(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "VM name in path and body differ",
+                ));
             }
-            super::vms::validate_vm_name(vm).map_err(|e| refuse(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
-            let disks: Vec<delta::DiskEntry> = hello.disks.iter().map(|d| delta::DiskEntry { index: d.index, size_bytes: d.size_bytes }).collect();
+            super::vms::validate_vm_name(vm)
+                .map_err(|e| refuse(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+            let disks: Vec<delta::DiskEntry> = hello
+                .disks
+                .iter()
+                .map(|d| delta::DiskEntry {
+                    index: d.index,
+                    size_bytes: d.size_bytes,
+                })
+                .collect();
             let store2 = store.clone();
             let vm_name = vm.to_string();
             let key = delta_key(&hello.replication_id);
             let generation = hello.generation;
-            let rvm = tokio::task::spawn_blocking(move || store2.create_vm(&vm_name, generation, &disks, key))
-                .await
-                .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-                .map_err(|e| refuse(StatusCode::CONFLICT, "conflict", e.to_string()))?;
+            let rvm = tokio::task::spawn_blocking(move || {
+                store2.create_vm(&vm_name, generation, &disks, key)
+            })
+            .await
+            .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+            .map_err(|e| refuse(StatusCode::CONFLICT, "conflict", e.to_string()))?;
             shared.note_replica_primary(vm, &hello.primary_host);
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
@@ -94,7 +150,13 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>, peer: &PeerInfo) ->
         }
         (Method::PUT, ["v1", "replicas", vm, "deltas", seq]) => {
             let rvm = store.vm(vm).ok_or_else(|| unknown(vm))?;
-            let seq: u64 = seq.parse().map_err(|_| refuse(StatusCode::BAD_REQUEST, "bad_request", "sequence must be a number"))?;
+            let seq: u64 = seq.parse().map_err(|_| {
+                refuse(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "sequence must be a number",
+                )
+            })?;
             let point = receive(rvm.clone(), seq, req.into_body()).await?;
             // Retention runs after the answer so it never adds to replication latency.
             tokio::task::spawn_blocking(move || {
@@ -102,26 +164,51 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>, peer: &PeerInfo) ->
                     tracing::error!(vm = %rvm.vm_id(), "retention failed: {e}");
                 }
             });
-            shared.events.emit(events::POINT_COMMITTED, Some(vm), "info", &format!("point {} committed ({} bytes stored)", point.seq, point.stored_bytes));
+            shared.events.emit(
+                events::POINT_COMMITTED,
+                Some(vm),
+                "info",
+                &format!(
+                    "point {} committed ({} bytes stored)",
+                    point.seq, point.stored_bytes
+                ),
+            );
             Ok(serde_json::to_vec(&point).unwrap_or_default())
         }
-        (m, _) => Err(refuse(StatusCode::NOT_FOUND, "not_found", format!("no such route {m} {path}"))),
+        (m, _) => Err(refuse(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no such route {m} {path}"),
+        )),
     }
 }
 
 fn unknown(vm: &str) -> Refusal {
-    refuse(StatusCode::NOT_FOUND, "unknown_vm", format!("no replica of {vm} here; the primary must say hello first"))
+    refuse(
+        StatusCode::NOT_FOUND,
+        "unknown_vm",
+        format!("no replica of {vm} here; the primary must say hello first"),
+    )
 }
 
 fn hello_reply(rvm: &ReplicaVm) -> HelloReply {
-    HelloReply { vm: rvm.vm_id().to_string(), latest_seq: rvm.latest_seq(), generation: rvm.generation(), damage: rvm.damage() }
+    HelloReply {
+        vm: rvm.vm_id().to_string(),
+        latest_seq: rvm.latest_seq(),
+        generation: rvm.generation(),
+        damage: rvm.damage(),
+    }
 }
 
 /// Streams an upload into the store on a blocking thread and commits it.
 async fn receive(rvm: Arc<ReplicaVm>, seq: u64, mut body: Incoming) -> Result<DeltaReply, Refusal> {
     let expected = rvm.latest_seq() + 1;
     if seq != expected {
-        let mut r = refuse(StatusCode::CONFLICT, "out_of_sequence", format!("delta {seq} is out of sequence: the replica expects {expected}"));
+        let mut r = refuse(
+            StatusCode::CONFLICT,
+            "out_of_sequence",
+            format!("delta {seq} is out of sequence: the replica expects {expected}"),
+        );
         r.err.expected_seq = Some(expected);
         return Err(r);
     }
@@ -136,7 +223,11 @@ async fn receive(rvm: Arc<ReplicaVm>, seq: u64, mut body: Incoming) -> Result<De
             }
         }
         let point = rvm.commit(incoming)?;
-        Ok(DeltaReply { seq: point.seq, cut_time_unix_ns: point.cut_time_unix_ns, stored_bytes: point.stored_bytes })
+        Ok(DeltaReply {
+            seq: point.seq,
+            cut_time_unix_ns: point.cut_time_unix_ns,
+            stored_bytes: point.stored_bytes,
+        })
     });
     let mut network_error = None;
     while let Some(frame) = body.frame().await {
@@ -158,13 +249,21 @@ async fn receive(rvm: Arc<ReplicaVm>, seq: u64, mut body: Incoming) -> Result<De
         drop(tx);
         // Dropping the incoming upload without commit discards it.
         let _ = writer.await;
-        return Err(refuse(StatusCode::BAD_REQUEST, "upload_interrupted", format!("upload interrupted: {e}")));
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "upload_interrupted",
+            format!("upload interrupted: {e}"),
+        ));
     }
     drop(tx);
     match writer.await {
         Ok(Ok(reply)) => Ok(reply),
         Ok(Err(e)) => Err(replica_refusal(e)),
-        Err(e) => Err(refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())),
+        Err(e) => Err(refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        )),
     }
 }
 
@@ -186,7 +285,9 @@ fn replica_refusal(e: ReplicaError) -> Refusal {
 pub fn allowed(patterns: &[String], name: &str) -> bool {
     patterns.iter().any(|p| match p.split_once('*') {
         None => p == name,
-        Some((pre, post)) => name.len() >= pre.len() + post.len() && name.starts_with(pre) && name.ends_with(post),
+        Some((pre, post)) => {
+            name.len() >= pre.len() + post.len() && name.starts_with(pre) && name.ends_with(post)
+        }
     })
 }
 

@@ -78,13 +78,16 @@ pub fn health(h: &HealthInput<'_>) -> (Health, Vec<String>) {
             Health::Critical,
             format!(
                 "resynchronization required: {}",
-                h.resync_reason.unwrap_or("the replica can no longer follow the primary")
+                h.resync_reason
+                    .unwrap_or("the replica can no longer follow the primary")
             ),
             &mut reasons,
         ),
-        ReplicationState::Suspended => {
-            raise(Health::Warning, "replication is suspended".into(), &mut reasons)
-        }
+        ReplicationState::Suspended => raise(
+            Health::Warning,
+            "replication is suspended".into(),
+            &mut reasons,
+        ),
         ReplicationState::ReadyForInitialReplication => raise(
             Health::Warning,
             "initial replication has not started".into(),
@@ -107,9 +110,17 @@ pub fn health(h: &HealthInput<'_>) -> (Health, Vec<String>) {
         let lag_s = h.now_ns.saturating_sub(last) / 1_000_000_000;
         let f = u64::from(h.frequency_secs.max(1));
         if lag_s > f * LAG_CRITICAL_CYCLES {
-            raise(Health::Critical, format!("the newest point is {lag_s} s old ({} cycles)", lag_s / f), &mut reasons);
+            raise(
+                Health::Critical,
+                format!("the newest point is {lag_s} s old ({} cycles)", lag_s / f),
+                &mut reasons,
+            );
         } else if lag_s > f * LAG_WARNING_CYCLES {
-            raise(Health::Warning, format!("the newest point is {lag_s} s old ({} cycles)", lag_s / f), &mut reasons);
+            raise(
+                Health::Warning,
+                format!("the newest point is {lag_s} s old ({} cycles)", lag_s / f),
+                &mut reasons,
+            );
         }
     }
     (level, reasons)
@@ -122,11 +133,24 @@ mod tests {
     #[test]
     fn reconcile_covers_every_case() {
         assert_eq!(reconcile(5, None, 1, 5, 1, None), Reconcile::InSync);
-        assert_eq!(reconcile(5, Some(6), 1, 6, 1, None), Reconcile::AdoptInflight(6));
-        assert!(matches!(reconcile(5, None, 1, 6, 1, None), Reconcile::Diverged(_)));
-        assert!(matches!(reconcile(5, Some(6), 1, 3, 1, None), Reconcile::Diverged(r) if r.contains("older copy")));
-        assert!(matches!(reconcile(5, None, 1, 5, 2, None), Reconcile::Diverged(_)));
-        assert!(matches!(reconcile(5, None, 1, 5, 1, Some("bad")), Reconcile::Diverged(r) if r.contains("damaged")));
+        assert_eq!(
+            reconcile(5, Some(6), 1, 6, 1, None),
+            Reconcile::AdoptInflight(6)
+        );
+        assert!(matches!(
+            reconcile(5, None, 1, 6, 1, None),
+            Reconcile::Diverged(_)
+        ));
+        assert!(
+            matches!(reconcile(5, Some(6), 1, 3, 1, None), Reconcile::Diverged(r) if r.contains("older copy"))
+        );
+        assert!(matches!(
+            reconcile(5, None, 1, 5, 2, None),
+            Reconcile::Diverged(_)
+        ));
+        assert!(
+            matches!(reconcile(5, None, 1, 5, 1, Some("bad")), Reconcile::Diverged(r) if r.contains("damaged"))
+        );
     }
 
     fn input(state: ReplicationState, lag_s: u64, failures: u64) -> HealthInput<'static> {
@@ -144,13 +168,28 @@ mod tests {
 
     #[test]
     fn health_follows_state_lag_and_failures() {
-        assert_eq!(health(&input(ReplicationState::Replicating, 10, 0)).0, Health::Normal);
-        assert_eq!(health(&input(ReplicationState::Replicating, 10, 1)).0, Health::Warning);
-        assert_eq!(health(&input(ReplicationState::Replicating, 100, 0)).0, Health::Warning);
-        assert_eq!(health(&input(ReplicationState::Replicating, 400, 0)).0, Health::Critical);
+        assert_eq!(
+            health(&input(ReplicationState::Replicating, 10, 0)).0,
+            Health::Normal
+        );
+        assert_eq!(
+            health(&input(ReplicationState::Replicating, 10, 1)).0,
+            Health::Warning
+        );
+        assert_eq!(
+            health(&input(ReplicationState::Replicating, 100, 0)).0,
+            Health::Warning
+        );
+        assert_eq!(
+            health(&input(ReplicationState::Replicating, 400, 0)).0,
+            Health::Critical
+        );
         let (h, why) = health(&input(ReplicationState::ResynchronizationRequired, 0, 0));
         assert_eq!(h, Health::Critical);
         assert!(why[0].contains("primary crashed"));
-        assert_eq!(health(&input(ReplicationState::Suspended, 0, 0)).0, Health::Warning);
+        assert_eq!(
+            health(&input(ReplicationState::Suspended, 0, 0)).0,
+            Health::Warning
+        );
     }
 }

@@ -72,7 +72,16 @@ fn emit_chunk<W: Write>(
         }
     }
     if let Some(rz) = run_zero {
-        flush_run(writer, disk, offset, chunk, run_start, chunk.len(), rz, summary)?;
+        flush_run(
+            writer,
+            disk,
+            offset,
+            chunk,
+            run_start,
+            chunk.len(),
+            rz,
+            summary,
+        )?;
     }
     Ok(())
 }
@@ -103,7 +112,10 @@ fn flush_run<W: Write>(
 pub fn is_zero(block: &[u8]) -> bool {
     let mut chunks = block.chunks_exact(16);
     let wide = chunks.by_ref().all(|c| {
-        u128::from_ne_bytes(c.try_into().expect("chunks_exact(16) yields 16-byte slices")) == 0
+        u128::from_ne_bytes(
+            c.try_into()
+                .expect("chunks_exact(16) yields 16-byte slices"),
+        ) == 0
     });
     wide && chunks.remainder().iter().all(|&b| b == 0)
 }

@@ -2,13 +2,10 @@
 //! export registry that serves them. Owns the disk files of every VM; the replication engine
 //! only reaches disks through the tracker's cuts.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use nbd::{BlockBackend, ExportRegistry};
-use parking_lot::RwLock;
 use tracker::{CutGate, OpenState, TrackedDisk};
 
 use super::catalog::{DiskRecord, VmRecord};
@@ -34,7 +31,9 @@ pub fn export_name(vm: &str, index: u32) -> String {
 }
 
 pub fn validate_vm_name(name: &str) -> anyhow::Result<()> {
-    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if name.is_empty() || name.len() > VM_NAME_MAX || !ok_chars || name.starts_with(['-', '.']) {
         bail!(
             "invalid VM name {name:?}: use 1-{VM_NAME_MAX} letters, digits, '.', '_' or '-', not starting with '-' or '.'"
@@ -48,9 +47,17 @@ pub fn vm_dir(data_dir: &Path, name: &str) -> PathBuf {
 }
 
 /// Creates the disk files of a new VM (sparse) and returns its record.
-pub fn create_disks(data_dir: &Path, name: &str, sizes: &[u64], now_ns: u64) -> anyhow::Result<(VmRecord, Vm)> {
+pub fn create_disks(
+    data_dir: &Path,
+    name: &str,
+    sizes: &[u64],
+    now_ns: u64,
+) -> anyhow::Result<(VmRecord, Vm)> {
     if sizes.is_empty() || sizes.len() > DISKS_PER_VM_MAX {
-        bail!("a VM has 1 to {DISKS_PER_VM_MAX} disks, got {}", sizes.len());
+        bail!(
+            "a VM has 1 to {DISKS_PER_VM_MAX} disks, got {}",
+            sizes.len()
+        );
     }
     let dir = vm_dir(data_dir, name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -59,8 +66,13 @@ pub fn create_disks(data_dir: &Path, name: &str, sizes: &[u64], now_ns: u64) -> 
     let mut disks = Vec::new();
     for (i, &size) in sizes.iter().enumerate() {
         let rec = disk_record(&dir, i as u32, size);
-        let disk = TrackedDisk::create(Path::new(&rec.file), size, Path::new(&rec.state_dir), gate.clone())
-            .with_context(|| format!("creating disk {i} of {name}"))?;
+        let disk = TrackedDisk::create(
+            Path::new(&rec.file),
+            size,
+            Path::new(&rec.state_dir),
+            gate.clone(),
+        )
+        .with_context(|| format!("creating disk {i} of {name}"))?;
         records.push(rec);
         disks.push(disk);
     }
@@ -72,13 +84,29 @@ pub fn create_disks(data_dir: &Path, name: &str, sizes: &[u64], now_ns: u64) -> 
         disks: records,
         replication: None,
     };
-    Ok((record, Vm { name: name.to_string(), gate, disks, open_states }))
+    Ok((
+        record,
+        Vm {
+            name: name.to_string(),
+            gate,
+            disks,
+            open_states,
+        },
+    ))
 }
 
 /// Converts foreign images with `qemu-img convert` into raw sparse disks of a new VM.
-pub fn import_disks(data_dir: &Path, name: &str, images: &[PathBuf], now_ns: u64) -> anyhow::Result<(VmRecord, Vm)> {
+pub fn import_disks(
+    data_dir: &Path,
+    name: &str,
+    images: &[PathBuf],
+    now_ns: u64,
+) -> anyhow::Result<(VmRecord, Vm)> {
     if images.is_empty() || images.len() > DISKS_PER_VM_MAX {
-        bail!("a VM has 1 to {DISKS_PER_VM_MAX} disks, got {}", images.len());
+        bail!(
+            "a VM has 1 to {DISKS_PER_VM_MAX} disks, got {}",
+            images.len()
+        );
     }
     let dir = vm_dir(data_dir, name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -86,7 +114,10 @@ pub fn import_disks(data_dir: &Path, name: &str, images: &[PathBuf], now_ns: u64
     for (i, image) in images.iter().enumerate() {
         let size = super::qemu_img::virtual_size(image)?;
         if size == 0 || size % 4096 != 0 {
-            bail!("{}: virtual size {size} is not a non-zero multiple of 4 KiB", image.display());
+            bail!(
+                "{}: virtual size {size} is not a non-zero multiple of 4 KiB",
+                image.display()
+            );
         }
         let rec = disk_record(&dir, i as u32, size);
         super::qemu_img::convert_to_raw(image, Path::new(&rec.file))?;
@@ -98,8 +129,12 @@ pub fn import_disks(data_dir: &Path, name: &str, images: &[PathBuf], now_ns: u64
     let mut open_states = Vec::new();
     for (i, &size) in sizes.iter().enumerate() {
         let rec = disk_record(&dir, i as u32, size);
-        let (disk, report) = TrackedDisk::open(Path::new(&rec.file), Path::new(&rec.state_dir), gate.clone())
-            .with_context(|| format!("opening imported disk {i} of {name}"))?;
+        let (disk, report) = TrackedDisk::open(
+            Path::new(&rec.file),
+            Path::new(&rec.state_dir),
+            gate.clone(),
+        )
+        .with_context(|| format!("opening imported disk {i} of {name}"))?;
         records.push(rec);
         disks.push(disk);
         open_states.push(report.state);
@@ -111,7 +146,15 @@ pub fn import_disks(data_dir: &Path, name: &str, images: &[PathBuf], now_ns: u64
         disks: records,
         replication: None,
     };
-    Ok((record, Vm { name: name.to_string(), gate, disks, open_states }))
+    Ok((
+        record,
+        Vm {
+            name: name.to_string(),
+            gate,
+            disks,
+            open_states,
+        },
+    ))
 }
 
 fn disk_record(dir: &Path, index: u32, size_bytes: u64) -> DiskRecord {
@@ -119,7 +162,10 @@ fn disk_record(dir: &Path, index: u32, size_bytes: u64) -> DiskRecord {
         index,
         size_bytes,
         file: dir.join(format!("disk-{index}.raw")).display().to_string(),
-        state_dir: dir.join(format!("disk-{index}.state")).display().to_string(),
+        state_dir: dir
+            .join(format!("disk-{index}.state"))
+            .display()
+            .to_string(),
     }
 }
 
@@ -129,8 +175,11 @@ pub fn open_vm(record: &VmRecord) -> anyhow::Result<Vm> {
     let mut disks = Vec::new();
     let mut open_states = Vec::new();
     for d in &record.disks {
-        let (disk, report) = TrackedDisk::open(Path::new(&d.file), Path::new(&d.state_dir), gate.clone())
-            .with_context(|| format!("opening disk {} of {} ({})", d.index, record.name, d.file))?;
+        let (disk, report) =
+            TrackedDisk::open(Path::new(&d.file), Path::new(&d.state_dir), gate.clone())
+                .with_context(|| {
+                    format!("opening disk {} of {} ({})", d.index, record.name, d.file)
+                })?;
         if disk.size_bytes() != d.size_bytes {
             bail!(
                 "disk {} of {} is {} bytes but the catalog says {}: the image was resized outside Understudy",
@@ -143,33 +192,12 @@ pub fn open_vm(record: &VmRecord) -> anyhow::Result<Vm> {
         disks.push(disk);
         open_states.push(report.state);
     }
-    Ok(Vm { name: record.name.clone(), gate, disks, open_states })
-}
-
-/// The NBD export registry: name → backend, changed as VMs come and go.
-#[derive(Default)]
-pub struct Exports {
-    map: RwLock<BTreeMap<String, (Arc<dyn BlockBackend>, String)>>,
-}
-
-impl Exports {
-    pub fn add(&self, name: String, backend: Arc<dyn BlockBackend>, description: String) {
-        self.map.write().insert(name, (backend, description));
-    }
-
-    pub fn remove(&self, name: &str) {
-        self.map.write().remove(name);
-    }
-}
-
-impl ExportRegistry for Exports {
-    fn lookup(&self, name: &str) -> Option<Arc<dyn BlockBackend>> {
-        self.map.read().get(name).map(|(b, _)| b.clone())
-    }
-
-    fn list(&self) -> Vec<(String, String)> {
-        self.map.read().iter().map(|(k, (_, d))| (k.clone(), d.clone())).collect()
-    }
+    Ok(Vm {
+        name: record.name.clone(),
+        gate,
+        disks,
+        open_states,
+    })
 }
 
 #[cfg(test)]

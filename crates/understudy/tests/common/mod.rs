@@ -11,12 +11,24 @@ use std::time::{Duration, Instant};
 pub const EXE: &str = env!("CARGO_BIN_EXE_understudy");
 
 pub fn require(tool: &str, package: &str) {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false);
-    assert!(found, "{tool} is required for this test: apt-get install -y {package} (scripts/test does it)");
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is required for this test: apt-get install -y {package} (scripts/test does it)"
+    );
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Host {
@@ -28,7 +40,12 @@ pub struct Host {
 
 impl Host {
     pub fn start(root: &Path, name: &str) -> Host {
-        let mut h = Host { name: name.into(), dir: root.join(name), port: free_port(), child: None };
+        let mut h = Host {
+            name: name.into(),
+            dir: root.join(name),
+            port: free_port(),
+            child: None,
+        };
         h.restart();
         h
     }
@@ -40,7 +57,11 @@ impl Host {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "{} already running", self.name);
         std::fs::create_dir_all(&self.dir).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
         let mut child = Command::new(EXE)
             .args(["serve", "--data-dir"])
             .arg(&self.dir)
@@ -77,10 +98,19 @@ impl Host {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 if let Ok(Some(st)) = c.try_wait() {
-                    assert!(st.success(), "daemon {} exited with {st} on SIGTERM:\n{}", self.name, self.log());
+                    assert!(
+                        st.success(),
+                        "daemon {} exited with {st} on SIGTERM:\n{}",
+                        self.name,
+                        self.log()
+                    );
                     return;
                 }
-                assert!(Instant::now() < deadline, "daemon {} did not stop", self.name);
+                assert!(
+                    Instant::now() < deadline,
+                    "daemon {} did not stop",
+                    self.name
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -99,7 +129,12 @@ impl Host {
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(EXE).arg("--data-dir").arg(&self.dir).args(args).output().unwrap()
+        Command::new(EXE)
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// Runs the CLI and asserts success; returns stdout.
@@ -147,7 +182,12 @@ pub fn pair(root: &Path) -> (Host, Host) {
     let b = Host::start(root, "replica");
     trust_each_other(&a, &b);
     let storage = b.dir.join("storage");
-    b.ok(&["replica-server", "enable", "--storage", storage.to_str().unwrap()]);
+    b.ok(&[
+        "replica-server",
+        "enable",
+        "--storage",
+        storage.to_str().unwrap(),
+    ]);
     (a, b)
 }
 
@@ -162,8 +202,15 @@ pub fn trust_each_other(a: &Host, b: &Host) {
 
 /// Runs a command and asserts success, returning stdout.
 pub fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -185,5 +232,178 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+// ----- helpers for the fault tests (crash.rs, outage.rs, bad_input.rs) -----
+
+/// Runs qemu-io on `target` (an NBD URI or a raw file) with the given commands; asserts success.
+pub fn qemu_io_ok(target: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    sh(c.arg(target))
+}
+
+/// The raw image file of disk `disk` of `vm` on the primary (`vm show --json` `disks[i].path`).
+pub fn disk_path(h: &Host, vm: &str, disk: usize) -> PathBuf {
+    PathBuf::from(
+        h.json(&["vm", "show", vm])["disks"][disk]["path"]
+            .as_str()
+            .unwrap(),
+    )
+}
+
+/// Point ids listed on the replica, oldest first.
+pub fn point_ids(replica: &Host, vm: &str) -> Vec<u64> {
+    replica
+        .json(&["points", "list", vm])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap())
+        .collect()
+}
+
+/// Exports one point (`latest` or an id) of one disk into `to`; asserts success.
+pub fn export_point(replica: &Host, vm: &str, point: &str, disk: usize, to: &Path) {
+    replica.ok(&[
+        "points",
+        "export",
+        vm,
+        "--point",
+        point,
+        "--disk",
+        &disk.to_string(),
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+}
+
+/// True when the replica's newest point of `disk` is byte-equal to the primary's live disk.
+pub fn latest_equals_primary(
+    primary: &Host,
+    replica: &Host,
+    vm: &str,
+    disk: usize,
+    scratch: &Path,
+) -> bool {
+    let live = scratch.join(format!("live-{vm}-{disk}.raw"));
+    let point = scratch.join(format!("latest-{vm}-{disk}.raw"));
+    let _ = std::fs::remove_file(&live);
+    copy_out(&primary.nbd_uri(vm, disk), &live);
+    export_point(replica, vm, "latest", disk, &point);
+    let same = files_equal(&live, &point);
+    let _ = std::fs::remove_file(&live);
+    let _ = std::fs::remove_file(&point);
+    same
+}
+
+/// `replication sync`, retried while the daemon refuses transiently or the replica is still
+/// coming back (each failure is printed); returns the JSON answer of the successful sync.
+pub fn sync_until_ok(primary: &Host, vm: &str, attempts: usize) -> serde_json::Value {
+    for i in 0..attempts {
+        let out = primary.run(&["replication", "sync", vm, "--json"]);
+        if out.status.success() {
+            return serde_json::from_slice(&out.stdout).unwrap();
+        }
+        eprintln!(
+            "sync attempt {i} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!(
+        "replication sync of {vm} never succeeded\n--- primary log ---\n{}",
+        tail(&primary.log(), 40)
+    );
+}
+
+/// The host's event log (`<data-dir>/events.log`, JSON lines).
+pub fn events(h: &Host) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(h.dir.join("events.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// A guest stand-in: a thread that keeps writing 64 KiB blocks of one random byte each at
+/// 64 KiB-aligned offsets in `[0, region)` of an NBD export through qemu-io (8 writes per
+/// process). Failed runs (e.g. the daemon was killed) are counted, not fatal.
+pub struct PatternWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u64, u64)>>,
+}
+
+pub const PATTERN_CHUNK: u64 = 64 << 10;
+
+impl PatternWriter {
+    pub fn start(uri: &str, region: u64, seed: u64) -> PatternWriter {
+        use rand::{Rng, SeedableRng};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let uri = uri.to_string();
+        let thread = std::thread::spawn(move || {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut c = Command::new("qemu-io");
+                c.args(["-f", "raw"]);
+                for _ in 0..8 {
+                    let chunk = rng.gen_range(0..region / PATTERN_CHUNK);
+                    let pattern: u8 = rng.gen_range(1..=255);
+                    c.args([
+                        "-c",
+                        &format!(
+                            "write -q -P {pattern} {} {PATTERN_CHUNK}",
+                            chunk * PATTERN_CHUNK
+                        ),
+                    ]);
+                }
+                match c.arg(&uri).output() {
+                    Ok(o) if o.status.success() && o.stderr.is_empty() => ok += 8,
+                    _ => {
+                        failed += 1;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+            (ok, failed)
+        });
+        PatternWriter {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the writer; returns (acknowledged writes, failed qemu-io runs).
+    pub fn stop(mut self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for PatternWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Chunks of `PATTERN_CHUNK` bytes in `[0, region)` of `image` that are not one repeated byte
+/// (a torn or foreign write in a point).
+pub fn torn_chunks(image: &Path, region: u64) -> Vec<u64> {
+    let data = std::fs::read(image).unwrap();
+    data[..region as usize]
+        .chunks(PATTERN_CHUNK as usize)
+        .enumerate()
+        .filter(|(_, c)| c.iter().any(|&b| b != c[0]))
+        .map(|(i, _)| i as u64 * PATTERN_CHUNK)
+        .collect()
 }
