@@ -5,7 +5,7 @@
 # Needs: fio, nbdkit (apt-get install -y fio nbdkit). Builds the example in release mode.
 set -euo pipefail
 RUNTIME=${1:-6}
-WORKERS=${2:-8}
+WORKERS=${2:-4}
 cd "$(dirname "$0")/../../.."
 for tool in fio nbdkit; do
     command -v $tool >/dev/null || { echo "missing $tool: apt-get install -y $tool" >&2; exit 1; }
