@@ -149,6 +149,8 @@ impl Shared {
         }
         let server = nbd::NbdServer::serve_unix(&nbd_socket, exports, nbd::ServerConfig::default())
             .with_context(|| format!("serving NBD on {}", nbd_socket.display()))?;
+        // Owner and group only: anyone who can open the socket can read and write the disks.
+        set_mode(&nbd_socket, 0o660)?;
         *shared.nbd.lock() = Some(server);
         Ok(shared)
     }
@@ -701,6 +703,13 @@ fn point_info(p: &replica::PointInfo) -> PointInfo {
         zero_bytes: p.zero_bytes,
         stored_bytes: p.stored_bytes,
     }
+}
+
+/// Restricts a socket or file to `mode`.
+pub fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting permissions of {}", path.display()))
 }
 
 /// 128 random bits as hex, from the kernel's CSPRNG.

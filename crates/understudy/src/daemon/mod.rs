@@ -7,6 +7,7 @@
 
 mod api;
 mod catalog;
+mod durable;
 mod events;
 mod host;
 mod peer_client;
@@ -67,6 +68,8 @@ async fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&api_path);
     let api_listener = tokio::net::UnixListener::bind(&api_path)
         .with_context(|| format!("binding {}", api_path.display()))?;
+    // The API controls the host: owner and group only.
+    host::set_mode(&api_path, 0o660)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let peer_shared = shared.clone();

@@ -426,8 +426,9 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
                 drop(rt);
                 repl.persist(shared);
             }
-            // A full resynchronization writes every block, so it may follow any point.
-            Reconcile::Diverged(_) if full && reply.damage.is_none() => {
+            // A full resynchronization writes every block, so it may follow any point, and
+            // it repairs a damaged replica (the store clears its damage on a Full delta).
+            Reconcile::Diverged(_) if full => {
                 repl.rt.lock().record.last_seq = reply.latest_seq;
                 repl.persist(shared);
             }

@@ -53,10 +53,5 @@ pub fn convert_to_raw(src: &Path, dest: &Path) -> anyhow::Result<()> {
             );
         }
     }
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dest).with_context(|| format!("renaming into {}", dest.display()))?;
-    if let Some(dir) = dest.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    super::durable::publish(&tmp, dest)
 }
