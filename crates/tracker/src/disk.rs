@@ -11,11 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
 use crate::activity::{ActivityLog, BLOCKS_PER_EXTENT, CLEAN_NAME};
 use crate::bitmap::Bitmap;
-use crate::cut::{CutGate, FrozenState};
+use crate::cbw::FrozenState;
+use crate::cut::CutGate;
 use crate::durable;
 use crate::error::{IoContext, TrackerError};
 use crate::formats::{self, CleanMarker, Fingerprint};
@@ -40,7 +39,7 @@ pub struct TrackedDisk {
     /// Frozen blocks whose cut-time content is secured: copied to the CBW file, or already read
     /// by the shipper. Writers may overwrite such blocks without taking `frozen`.
     pub(crate) secured: Bitmap,
-    pub(crate) frozen: Mutex<FrozenState>,
+    pub(crate) frozen: FrozenState,
     pub(crate) al: ActivityLog,
     pub(crate) shut_down: AtomicBool,
     /// Holds the `flock` on `<state_dir>/lock` for the life of the disk.
@@ -160,7 +159,7 @@ impl TrackedDisk {
             maps: [active, Bitmap::new(nblocks)],
             active_idx: AtomicUsize::new(0),
             secured: Bitmap::new(nblocks),
-            frozen: Mutex::new(FrozenState::new(cbw, nblocks)),
+            frozen: FrozenState::new(cbw, nblocks),
             al,
             shut_down: AtomicBool::new(false),
             _lock: lock,

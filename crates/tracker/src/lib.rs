@@ -17,6 +17,7 @@
 mod activity;
 mod backend;
 mod bitmap;
+mod cbw;
 mod cut;
 mod disk;
 mod durable;
