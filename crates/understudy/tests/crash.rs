@@ -427,6 +427,12 @@ fn replica_restored_from_an_old_copy_requires_resync() {
     b.stop();
     std::fs::remove_dir_all(&storage).unwrap();
     sh(Command::new("cp").arg("-a").arg(&old).arg(&storage));
+    // Let db fail a cycle against the stopped replica, so it asks where the replica stands
+    // (hello) before shipping again.
+    let failed = a.json(&["replication", "measure", "db"])["failed_cycles"].as_u64().unwrap();
+    wait_until("a failed db cycle while the replica is down", Duration::from_secs(20), || {
+        a.json(&["replication", "measure", "db"])["failed_cycles"].as_u64().unwrap() > failed
+    });
     b.restart();
     assert_eq!(
         point_ids(&b, "web"),
