@@ -221,6 +221,8 @@ fn fio_randwrite_with_crc32c_verification() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // fio would otherwise leave *-verify.state files in the working directory.
+            "--verify_state_save=0",
             "--group_reporting",
         ],
     );

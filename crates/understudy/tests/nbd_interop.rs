@@ -137,6 +137,7 @@ fn tracked_exports_work_with_real_nbd_clients() {
         "--offset_increment=16M",
         "--verify=crc32c",
         "--do_verify=1",
+        "--verify_state_save=0",
         "--group_reporting",
         "--output-format=json",
     ]));
