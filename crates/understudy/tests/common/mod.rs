@@ -35,15 +35,22 @@ pub struct Host {
     pub name: String,
     pub dir: PathBuf,
     pub port: u16,
+    /// Extra `serve` arguments (e.g. --cert/--key/--ca).
+    pub serve_args: Vec<String>,
     child: Option<Child>,
 }
 
 impl Host {
     pub fn start(root: &Path, name: &str) -> Host {
+        Host::start_with(root, name, &[])
+    }
+
+    pub fn start_with(root: &Path, name: &str, serve_args: &[&str]) -> Host {
         let mut h = Host {
             name: name.into(),
             dir: root.join(name),
             port: free_port(),
+            serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
         h.restart();
@@ -66,6 +73,7 @@ impl Host {
             .args(["serve", "--data-dir"])
             .arg(&self.dir)
             .args(["--listen", &self.addr(), "--name", &self.name])
+            .args(&self.serve_args)
             .env("UNDERSTUDY_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)
