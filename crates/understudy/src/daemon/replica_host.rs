@@ -275,7 +275,14 @@ fn replica_refusal(e: ReplicaError) -> Refusal {
             r.err.expected_seq = Some(expected);
             r
         }
-        ReplicaError::Delta(_) => refuse(StatusCode::BAD_REQUEST, "corrupt_delta", msg),
+        // Everything that is wrong with the delta itself (docs/formats/peer-protocol.md),
+        // including truncation; only the replica's own failures are store errors.
+        ReplicaError::Delta(_)
+        | ReplicaError::Incomplete { .. }
+        | ReplicaError::TooManyFrames { .. }
+        | ReplicaError::WrongVm { .. }
+        | ReplicaError::WrongGeneration { .. }
+        | ReplicaError::DiskMismatch => refuse(StatusCode::BAD_REQUEST, "corrupt_delta", msg),
         _ => refuse(StatusCode::INTERNAL_SERVER_ERROR, "store_error", msg),
     }
 }
@@ -293,7 +300,25 @@ pub fn allowed(patterns: &[String], name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::allowed;
+    use super::{allowed, replica_refusal};
+    use hyper::StatusCode;
+    use replica::ReplicaError;
+
+    #[test]
+    fn truncated_delta_is_refused_as_corrupt_not_as_a_store_error() {
+        for e in [
+            ReplicaError::Incomplete { received_bytes: 131 },
+            ReplicaError::TooManyFrames { max: 1 },
+            ReplicaError::WrongVm { expected: "web".into(), got: "db".into() },
+            ReplicaError::WrongGeneration { expected: 1, got: 2 },
+            ReplicaError::DiskMismatch,
+        ] {
+            let r = replica_refusal(e);
+            assert_eq!((r.status, r.err.code.as_str()), (StatusCode::BAD_REQUEST, "corrupt_delta"), "{}", r.err.error);
+        }
+        let io = ReplicaError::Io { op: "write", path: "/x".into(), source: std::io::Error::other("disk full") };
+        assert_eq!(replica_refusal(io).err.code, "store_error");
+    }
 
     #[test]
     fn allow_list_patterns() {
