@@ -1,0 +1,693 @@
+#!/usr/bin/python3
+"""Understudy benchmark suite (run it through bench/run, which installs the tools and builds).
+
+Every figure is measured back to back with its reference on the same kind of sparse raw image,
+in the same work directory (same file system), with the same client (fio's nbd engine or
+nbdcopy), interleaved run by run so that the noise of a shared machine hits both sides alike.
+The table reports medians and ratios against the targets of BENCH.md.
+
+No process outlives the suite: every child gets PR_SET_PDEATHSIG (SIGKILL) through setpriv,
+is stopped in a finally/atexit handler, and the work directory is removed at the end.
+"""
+
+import argparse
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+ARGS = None
+WORK = None
+PROCS = []  # live children: (Popen, name, graceful seconds)
+DETAILS = []  # free-form lines printed after the table
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def detail(msg):
+    DETAILS.append(msg)
+    log(msg)
+
+
+# ---------------------------------------------------------------- processes and cleanup
+
+def wrap(cmd):
+    # setpriv --pdeathsig: the child is killed if this script dies, even by SIGKILL.
+    return ["setpriv", "--pdeathsig", "KILL", "--"] + [str(c) for c in cmd]
+
+
+def spawn(cmd, name, stdout, stderr, grace=20):
+    p = subprocess.Popen(wrap(cmd), stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
+    PROCS.append((p, name, grace))
+    return p
+
+
+def stop(p):
+    for i, (q, name, grace) in enumerate(PROCS):
+        if q is p:
+            del PROCS[i]
+            break
+    else:
+        grace = 10
+    if p.poll() is not None:
+        return
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def cleanup():
+    while PROCS:
+        stop(PROCS[-1][0])
+    if WORK and os.path.isdir(WORK) and not ARGS.keep:
+        shutil.rmtree(WORK, ignore_errors=True)
+
+
+def on_signal(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+def run(cmd, timeout=600, check=True):
+    r = subprocess.run(wrap(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({r.returncode}): {r.stderr.strip()[-800:]}")
+    return r
+
+
+def wait_socket(path, proc, what, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before serving")
+        if os.path.exists(path):
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(path)
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
+        time.sleep(0.02)
+    raise RuntimeError(f"{what} did not open {path} within {timeout} s")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def cpu_s(pid):
+    """User + system CPU seconds of a process (setpriv execs, so a Popen pid is the server)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------- images
+
+_POOL = None
+
+
+def pool():
+    global _POOL
+    if _POOL is None:
+        _POOL = os.urandom(64 * MiB)
+    return _POOL
+
+
+def sparse_image(path, size):
+    if os.path.exists(path):
+        os.unlink(path)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def data_image(path, size, data_fraction_half=True, chunk=4 * MiB):
+    """A sparse image holding incompressible data in every other 4 MiB chunk (half data), or
+    in every chunk when data_fraction_half is False."""
+    sparse_image(path, size)
+    p = pool()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for i in range(size // chunk):
+            if data_fraction_half and i % 2 == 1:
+                continue
+            off = (i * chunk) % len(p)
+            os.pwrite(fd, p[off:off + chunk], i * chunk)
+    finally:
+        os.close(fd)
+    return path
+
+
+# ---------------------------------------------------------------- reference servers
+
+_SERIAL = [0]
+
+
+class RefServer:
+    """nbdkit file or qemu-nbd serving one raw file on a Unix socket."""
+
+    def __init__(self, kind, image, tag):
+        self.kind = kind
+        _SERIAL[0] += 1
+        tag = f"{tag}-{_SERIAL[0]}"
+        self.sock = os.path.join(WORK, f"{kind}-{tag}.sock")
+        errlog = open(os.path.join(WORK, f"{kind}-{tag}.log"), "ab")
+        if kind == "nbdkit":
+            cmd = ["nbdkit", "-f", "-U", self.sock, "file", image]
+        elif kind == "qemu-nbd":
+            cmd = ["qemu-nbd", "-t", "-f", "raw", "-k", self.sock, image]
+        else:
+            raise ValueError(kind)
+        self.proc = spawn(cmd, kind, subprocess.DEVNULL, errlog, grace=10)
+        errlog.close()
+        wait_socket(self.sock, self.proc, kind)
+        self.uri = f"nbd+unix:///?socket={self.sock}"
+
+    def close(self):
+        stop(self.proc)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+# ---------------------------------------------------------------- understudy daemons
+
+class Host:
+    def __init__(self, root, name):
+        self.name = name
+        self.dir = os.path.join(root, name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        out_path = os.path.join(self.dir, "stdout")
+        out = open(out_path, "wb")
+        err = open(os.path.join(self.dir, "daemon.log"), "ab")
+        self.proc = spawn([ARGS.bin, "serve", "--data-dir", self.dir, "--listen", self.addr, "--name", name],
+                          f"understudy {name}", out, err, grace=30)
+        out.close()
+        err.close()
+        deadline = time.time() + 60
+        while True:
+            with open(out_path) as f:
+                if any(line.startswith("ready") for line in f):
+                    break
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"daemon {name} did not start: {self.log_tail()}")
+            time.sleep(0.02)
+
+    def log_tail(self, n=15):
+        try:
+            with open(os.path.join(self.dir, "daemon.log"), errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def cli(self, *args, timeout=900):
+        r = subprocess.run(wrap([ARGS.bin, "--data-dir", self.dir, *args]), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"understudy {' '.join(args)} on {self.name} failed ({r.returncode}): "
+                               f"{r.stderr.strip()}\n--- daemon log ---\n{self.log_tail()}")
+        return r.stdout
+
+    def json(self, *args):
+        return json.loads(self.cli(*args, "--json"))
+
+    def nbd_uri(self, vm, disk=0):
+        return self.json("vm", "show", vm)["disks"][disk]["nbd_uri"]
+
+    def close(self):
+        stop(self.proc)
+
+
+class Pair:
+    """A primary and a replica daemon on loopback with mutual TLS trust."""
+
+    def __init__(self, tag):
+        self.root = os.path.join(WORK, f"pair-{tag}")
+        self.a = Host(self.root, "primary")
+        self.b = Host(self.root, "replica")
+        for frm, to in ((self.a, self.b), (self.b, self.a)):
+            pem = os.path.join(to.dir, f"{frm.name}.pem")
+            with open(pem, "w") as f:
+                f.write(frm.cli("identity"))
+            to.cli("trust", "add", pem)
+        self.b.cli("replica-server", "enable", "--storage", os.path.join(self.b.dir, "storage"))
+
+    def replicating_vm(self, vm, size, freq):
+        """A new VM with one sparse disk, replicating every `freq` s, initial replication done."""
+        self.a.cli("vm", "create", vm, "--disk", size)
+        self.a.cli("replication", "enable", vm, "--replica", self.b.addr, "--frequency", str(freq))
+        self.a.cli("replication", "start", vm, "--wait")
+        return self.a.nbd_uri(vm)
+
+    def quiesce(self, vm):
+        # Suspend waits for a cycle in flight, so nothing ships during the next measurement.
+        self.a.cli("replication", "suspend", vm)
+
+    def close(self):
+        t = time.monotonic()
+        self.a.close()
+        self.b.close()
+        if time.monotonic() - t > 1:
+            log(f"  (stopping the pair took {time.monotonic() - t:.1f} s)")
+        if not ARGS.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+def size_arg(n):
+    return f"{n // MiB}M"
+
+
+# ---------------------------------------------------------------- clients
+
+def fio(uri, rw, bs, qd, runtime, extra=()):
+    out = os.path.join(WORK, "fio.json")
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+           f"--iodepth={qd}", "--numjobs=1", "--time_based", f"--runtime={runtime}",
+           "--output-format=json", f"--output={out}", *extra]
+    run(cmd, timeout=runtime + 120)
+    with open(out) as f:
+        job = json.load(f)["jobs"][0]
+    if job.get("error"):
+        raise RuntimeError(f"fio error {job['error']} on {uri}")
+    return job
+
+
+def timed(fn):
+    t = time.monotonic()
+    fn()
+    return time.monotonic() - t
+
+
+def settle():
+    """Write back dirty pages of the previous step so they do not land in the next one."""
+    t = time.monotonic()
+    os.sync()
+    time.sleep(0.2)
+    if time.monotonic() - t > 1:
+        log(f"  (sync took {time.monotonic() - t:.1f} s)")
+
+
+# ---------------------------------------------------------------- results
+
+ROWS = []
+
+
+def row(tid, what, ours, ref, ratio, target, ok):
+    ROWS.append({"id": tid, "what": what, "ours": ours, "ref": ref, "ratio": ratio, "target": target,
+                 "pass": ok})
+    log(f"{tid}: {what}: {ours} vs {ref} -> {ratio} ({'pass' if ok else 'FAIL' if ok is False else '-'})")
+
+
+def fmt_ratio(x):
+    return f"{x:.2f}×"
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def spread(xs, fmt):
+    return "[" + ", ".join(fmt(x) for x in xs) + "]"
+
+
+# ---------------------------------------------------------------- T1-T4: fio data path
+
+def fio_compare(tid, label, rw, bs, qd, freq, metric, sides, prefill=False, extra=()):
+    """Runs fio against each side, runs interleaved, and returns {side: [values]}."""
+    size = ARGS.fio_size
+    runtime = ARGS.runtime
+    vals = {s: [] for s in sides}
+    jobs = {s: [] for s in sides}
+    cpu = {s: [] for s in sides}  # server CPU seconds per run (2 cores = 2 s per second)
+    with Pair(tid) as pair:
+        base = None
+        if prefill:
+            # Reads need data: every side serves a copy of the same fully written image.
+            base = data_image(os.path.join(WORK, f"{tid}-data.img"), size, data_fraction_half=False)
+            pair.a.cli("vm", "import", "rd", "--image", base)
+            pair.a.cli("replication", "enable", "rd", "--replica", pair.b.addr, "--frequency", str(freq))
+            pair.a.cli("replication", "start", "rd", "--wait")
+            read_uri = pair.a.nbd_uri("rd")
+        for r in range(ARGS.runs):
+            for side in sides:
+                settle()
+                if side == "understudy":
+                    if prefill:
+                        if r > 0:  # suspended by the quiesce of the previous run
+                            pair.a.cli("replication", "resume", "rd")
+                        uri, vm = read_uri, "rd"
+                    else:
+                        vm = f"{tid.lower()}-{r}"
+                        t = time.monotonic()
+                    uri = pair.replicating_vm(vm, size_arg(size), freq)
+                    if time.monotonic() - t > 1:
+                        log(f"  (creating {vm} and its initial replication took {time.monotonic() - t:.1f} s)")
+                    c0 = (cpu_s(pair.a.proc.pid), cpu_s(pair.b.proc.pid))
+                    job = fio(uri, rw, bs, qd, runtime, extra)
+                    c1 = (cpu_s(pair.a.proc.pid), cpu_s(pair.b.proc.pid))
+                    cpu[side].append(f"primary {c1[0] - c0[0]:.1f} s + replica {c1[1] - c0[1]:.1f} s")
+                    m = pair.a.json("replication", "measure", vm)
+                    # successful_cycles counts the initial replication too.
+                    jobs[side].append({"cycles_completed_during_run": m.get("successful_cycles", 1) - 1,
+                                       "max_cut_pause_us": m.get("maximum_cut_pause_us"),
+                                       "max_cycle_ms": m.get("maximum_latency_ms")})
+                    t = time.monotonic()
+                    pair.quiesce(vm)
+                    if time.monotonic() - t > 1:
+                        log(f"  (suspending {vm} took {time.monotonic() - t:.1f} s)")
+                else:
+                    img = os.path.join(WORK, f"{tid}-{side}.img")
+                    if prefill:
+                        shutil.copyfile(base, img)
+                    else:
+                        sparse_image(img, size)
+                    with RefServer(side, img, tid) as srv:
+                        c0 = cpu_s(srv.proc.pid)
+                        job = fio(srv.uri, rw, bs, qd, runtime, extra)
+                        cpu[side].append(f"{cpu_s(srv.proc.pid) - c0:.1f} s")
+                    os.unlink(img)
+                v = metric(job)
+                vals[side].append(v)
+                cpu[side][-1] += f" (fio {job['usr_cpu'] + job['sys_cpu']:.0f} % of a core)"
+                log(f"{tid} run {r + 1}/{ARGS.runs} {side}: {v:.1f}")
+        for s in sides:
+            if jobs[s]:
+                detail(f"{tid} understudy replication during the runs: {jobs[s]}")
+    for s in sides:
+        detail(f"{tid} {label} {s}: runs {spread(vals[s], lambda x: f'{x:.0f}')}, median {med(vals[s]):.0f}; "
+               f"server CPU in {runtime} s runs: {'; '.join(cpu[s])}")
+    return vals
+
+
+def iops_w(job):
+    return job["write"]["iops"]
+
+
+def iops_r(job):
+    return job["read"]["iops"]
+
+
+def bw_w_mib(job):
+    return job["write"]["bw_bytes"] / MiB
+
+
+def p99_w_us(job):
+    return job["write"]["clat_ns"]["percentile"]["99.000000"] / 1000
+
+
+def t1():
+    v = fio_compare("T1", "4k randwrite QD32 IOPS", "randwrite", "4k", 32, ARGS.freq, iops_w,
+                    ["nbdkit", "qemu-nbd", "understudy"])
+    us, kit, qn = med(v["understudy"]), med(v["nbdkit"]), med(v["qemu-nbd"])
+    row("T1", "4 KiB randwrite QD32, replicating (vs nbdkit file)", f"{us:,.0f} IOPS", f"{kit:,.0f} IOPS",
+        fmt_ratio(us / kit), "≥ 0.85×", us / kit >= 0.85)
+    row("T1", "4 KiB randwrite QD32, replicating (vs qemu-nbd)", f"{us:,.0f} IOPS", f"{qn:,.0f} IOPS",
+        fmt_ratio(us / qn), "≥ 2.5×", us / qn >= 2.5)
+
+
+def t2():
+    v = fio_compare("T2", "4k randread QD32 IOPS", "randread", "4k", 32, ARGS.freq, iops_r,
+                    ["nbdkit", "understudy"], prefill=True)
+    us, kit = med(v["understudy"]), med(v["nbdkit"])
+    row("T2", "4 KiB randread QD32, replicating", f"{us:,.0f} IOPS", f"{kit:,.0f} IOPS", fmt_ratio(us / kit),
+        "≥ 1.0×", us / kit >= 1.0)
+
+
+def t3():
+    v = fio_compare("T3", "1M seq write QD8 MiB/s", "write", "1m", 8, ARGS.freq, bw_w_mib, ["nbdkit", "understudy"])
+    us, kit = med(v["understudy"]), med(v["nbdkit"])
+    row("T3", "1 MiB seq write QD8, replicating", f"{us:,.0f} MiB/s", f"{kit:,.0f} MiB/s", fmt_ratio(us / kit),
+        "≥ 0.9×", us / kit >= 0.9)
+
+
+def t4():
+    v = fio_compare("T4", "4k randwrite QD1 p99 µs", "randwrite", "4k", 1, 2, p99_w_us, ["nbdkit", "understudy"])
+    us, kit = med(v["understudy"]), med(v["nbdkit"])
+    row("T4", "4 KiB randwrite QD1 p99 latency, cuts every 2 s", f"{us:,.0f} µs", f"{kit:,.0f} µs",
+        fmt_ratio(us / kit), "≤ 1.5×", us / kit <= 1.5)
+
+
+# ---------------------------------------------------------------- T5/T6: import and initial replication
+
+def t5_t6():
+    size, src_name = ARGS.image_size, os.path.join(WORK, "source.img")
+    src = data_image(src_name, size)  # half data, half holes
+    data = size // 2
+    imp = {"nbdkit": [], "understudy": []}
+    rep = {"nbdkit --flush": [], "understudy initial replication": []}
+    sent = []
+    for r in range(ARGS.runs):
+        # Reference: nbdcopy into nbdkit file (plain, then with --flush: durable like a commit).
+        for flush in (False, True):
+            settle()
+            img = sparse_image(os.path.join(WORK, "t5-nbdkit.img"), size)
+            with RefServer("nbdkit", img, "t5") as srv:
+                cmd = ["nbdcopy", *(["--flush"] if flush else []), src, srv.uri]
+                t = timed(lambda: run(cmd))
+            os.unlink(img)
+            (rep["nbdkit --flush"] if flush else imp["nbdkit"]).append(t)
+            log(f"T5/T6 run {r + 1} nbdcopy{' --flush' if flush else ''} into nbdkit: {t:.2f} s")
+        with Pair(f"t6-{r}") as pair:
+            pair.a.cli("vm", "create", "imp", "--disk", size_arg(size))
+            uri = pair.a.nbd_uri("imp")
+            settle()
+            t = timed(lambda: run(["nbdcopy", src, uri]))
+            imp["understudy"].append(t)
+            log(f"T5 run {r + 1} nbdcopy into understudy: {t:.2f} s")
+            pair.a.cli("replication", "enable", "imp", "--replica", pair.b.addr, "--frequency", "300")
+            settle()
+            t = timed(lambda: pair.a.cli("replication", "start", "imp", "--wait"))
+            rep["understudy initial replication"].append(t)
+            m = pair.a.json("replication", "measure", "imp")
+            sent.append(m.get("sent_bytes_total"))
+            log(f"T6 run {r + 1} initial replication: {t:.2f} s, measure {m}")
+    os.unlink(src)
+    for k, xs in list(imp.items()) + list(rep.items()):
+        detail(f"T5/T6 {'nbdcopy into ' if 'initial' not in k else ''}{k}: runs {spread(xs, lambda x: f'{x:.2f} s')}")
+    detail(f"T6 bytes sent on the wire per initial replication: {sent} ({data // MiB} MiB of data)")
+    us, kit = med(imp["understudy"]), med(imp["nbdkit"])
+    what = f"nbdcopy import of a {size // GiB if size >= GiB else size // MiB}{'GiB' if size >= GiB else 'MiB'} image ({data // MiB} MiB data)"
+    row("T5", what, f"{us:.2f} s", f"{kit:.2f} s", fmt_ratio(us / kit), "≤ 1.1×", us / kit <= 1.1)
+    us, kit = med(rep["understudy initial replication"]), med(rep["nbdkit --flush"])
+    row("T6", f"initial replication over loopback mutual TLS, same image (ref: nbdcopy --flush into nbdkit)",
+        f"{us:.2f} s", f"{kit:.2f} s", fmt_ratio(us / kit), "≤ 1.5×", us / kit <= 1.5)
+
+
+# ---------------------------------------------------------------- T10: lag under load
+
+def t10():
+    freq = 5
+    duration = ARGS.lag_seconds
+    with Pair("t10") as pair:
+        uri = pair.replicating_vm("lag", "4096M", freq)
+        out = os.path.join(WORK, "fio-lag.json")
+        cmd = ["fio", "--name=lag", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k", "--iodepth=4",
+               "--rate=50m", "--refill_buffers", "--time_based", f"--runtime={duration}",
+               "--output-format=json", f"--output={out}"]
+        errlog = open(os.path.join(WORK, "fio-lag.err"), "wb")
+        p = spawn(cmd, "fio lag", subprocess.DEVNULL, errlog, grace=5)
+        errlog.close()
+        samples = []
+        start = time.time()
+        while p.poll() is None:
+            st = pair.a.json("replication", "status", "lag")
+            now = time.time_ns()
+            last = st.get("last_replication_unix_ns")
+            if last:
+                samples.append((now - last) / 1e9)
+            time.sleep(0.5)
+            if time.time() - start > duration + 60:
+                raise RuntimeError("fio did not finish")
+        stop(p)
+        if p.returncode != 0:
+            raise RuntimeError(f"fio lag load failed ({p.returncode})")
+        with open(out) as f:
+            job = json.load(f)["jobs"][0]
+        m = pair.a.json("replication", "measure", "lag")
+        pair.quiesce("lag")
+    bw = job["write"]["bw_bytes"] / MiB
+    worst = max(samples) if samples else float("inf")
+    detail(f"T10 load {bw:.1f} MiB/s for {duration} s; {len(samples)} lag samples, max {worst:.2f} s, "
+           f"median {med(samples):.2f} s; measure: cycles {m.get('successful_cycles')}, failed "
+           f"{m.get('failed_cycles')}, avg delta {m.get('average_delta_bytes', 0) / MiB:.1f} MiB, "
+           f"sent {m.get('sent_bytes_total', 0) / MiB:.0f} MiB, avg cycle {m.get('average_latency_ms')} ms, "
+           f"max cycle {m.get('maximum_latency_ms')} ms, max cut pause {m.get('maximum_cut_pause_us')} µs")
+    cycles = worst / freq
+    row("T10", f"replication lag, {bw:.0f} MiB/s 4 KiB random writes, frequency {freq} s",
+        f"max {cycles:.2f} cycles ({worst:.1f} s)", "—", "—", "≤ 2 cycles", cycles <= 2.0 and bw >= 45)
+
+
+# ---------------------------------------------------------------- T11: memory
+
+def t11():
+    size = 4 * GiB
+    img = sparse_image(os.path.join(WORK, "t11.img"), size)
+    with RefServer("qemu-nbd", img, "t11") as q:
+        run(["nbdinfo", q.uri])
+        time.sleep(1)
+        qrss = rss_kib(q.proc.pid)
+    with RefServer("nbdkit", img, "t11") as k:
+        run(["nbdinfo", k.uri])
+        time.sleep(1)
+        krss = rss_kib(k.proc.pid)
+    os.unlink(img)
+    with Pair("t11") as pair:
+        pair.a.cli("vm", "create", "idle", "--disk", "4G")
+        run(["nbdinfo", pair.a.nbd_uri("idle")])
+        time.sleep(1)
+        alone = rss_kib(pair.a.proc.pid)
+        pair.a.cli("replication", "enable", "idle", "--replica", pair.b.addr, "--frequency", "5")
+        pair.a.cli("replication", "start", "idle", "--wait")
+        time.sleep(6)  # at least one idle cycle
+        repl = rss_kib(pair.a.proc.pid)
+        replica = rss_kib(pair.b.proc.pid)
+    bitmap_allow = 32 * MiB * size / TiB / KiB  # KiB
+    limit = 2 * qrss + bitmap_allow
+    detail(f"T11 VmRSS: qemu-nbd {qrss} KiB, nbdkit {krss} KiB, understudy primary with the idle export "
+           f"{alone} KiB, same replicating (idle cycles every 5 s) {repl} KiB, replica daemon {replica} KiB; "
+           f"limit 2 × qemu-nbd + {bitmap_allow:.0f} KiB = {limit:.0f} KiB")
+    row("T11", "daemon RSS, one idle 4 GiB export, replicating", f"{repl / 1024:.1f} MiB", f"{qrss / 1024:.1f} MiB",
+        fmt_ratio(repl / qrss), "≤ 2× (+32 MiB/TiB)", repl <= limit)
+
+
+# ---------------------------------------------------------------- main
+
+TESTS = {"T1": t1, "T2": t2, "T3": t3, "T4": t4, "T5": t5_t6, "T6": t5_t6, "T10": t10, "T11": t11}
+TARGETS_NOT_YET = [
+    ("T7", "resync of two identical 2 GiB images", "≤ 1.5× b3sum, ≤ 0.5× rsync, ≤ 0.01 % on the wire"),
+    ("T8", "resync with 1 % scattered 4 KiB changes", "≤ 0.5× rsync, payload ≤ 0.25× rsync literal"),
+    ("T9", "read of a point built from base + 10 deltas (nbdcopy to null:)", "≤ 1.3× nbdkit, flattened"),
+]
+ORDER = ["T1", "T2", "T3", "T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11"]
+
+
+def machine():
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", WORK], stdout=subprocess.PIPE, text=True).stdout.strip()
+    dev = subprocess.run(["df", "--output=source", WORK], stdout=subprocess.PIPE, text=True).stdout.split()[-1]
+    load = open("/proc/loadavg").read().split()[:3]
+    return (f"{os.cpu_count()} CPUs ({cpu}), Linux {os.uname().release}, work dir {WORK} on {fs} ({dev}), "
+            f"load average at start {' '.join(load)}")
+
+
+def main():
+    global ARGS, WORK
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bin", required=True, help="the understudy binary")
+    ap.add_argument("--quick", action="store_true", help="shorter runs and smaller images (< 3 min)")
+    ap.add_argument("--runs", type=int, help="runs per side (median); default 3, quick 1")
+    ap.add_argument("--runtime", type=int, help="seconds per fio run; default 15, quick 4")
+    ap.add_argument("--only", help="comma-separated ids, e.g. T1,T4")
+    ap.add_argument("--json", help="also write the results as JSON to this file")
+    ap.add_argument("--workdir", help="parent directory of the work directory (default /var/tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (debugging)")
+    ARGS = ap.parse_args()
+    q = ARGS.quick
+    ARGS.runs = ARGS.runs or (1 if q else 3)
+    ARGS.runtime = ARGS.runtime or (5 if q else 15)
+    # T1-T3 replicate every 5 s (2-3 cycles per 15 s run); quick runs are 5 s, so every 2 s.
+    ARGS.freq = 2 if q else 5
+    ARGS.fio_size = (512 * MiB) if q else (1 * GiB)
+    ARGS.image_size = (1 if q else 4) * GiB
+    ARGS.lag_seconds = 20 if q else 60
+    ARGS.bin = os.path.abspath(ARGS.bin)
+
+    parent = ARGS.workdir or "/var/tmp"
+    WORK = tempfile.mkdtemp(prefix="understudy-bench.", dir=parent)
+    atexit.register(cleanup)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+
+    started = time.time()
+    info = machine()
+    log(info)
+    only = set(x.strip().upper() for x in ARGS.only.split(",")) if ARGS.only else set(TESTS) | {"T7", "T8", "T9"}
+    done = set()
+    for tid in ORDER:
+        if tid not in only:
+            continue
+        fn = TESTS.get(tid)
+        if fn is None:
+            nid, what, target = next(t for t in TARGETS_NOT_YET if t[0] == tid)
+            row(nid, what, "not yet measured", "—", "—", target, None)
+            continue
+        if fn in done:
+            continue
+        done.add(fn)
+        log(f"== {tid}")
+        try:
+            fn()
+        except Exception as e:  # one broken measurement must not hide the others
+            log(f"{tid} ERROR: {e}")
+            ids = ["T5", "T6"] if fn is t5_t6 else [tid]
+            for i in ids:
+                row(i, "error", f"error: {str(e).splitlines()[0][:120]}", "—", "—", "", False)
+    elapsed = time.time() - started
+
+    ROWS.sort(key=lambda r: ORDER.index(r["id"]))
+    mode = "quick" if q else "full"
+    print(f"\n## Understudy bench ({mode}: {ARGS.runs} run(s) per side, median; fio {ARGS.runtime} s on "
+          f"{ARGS.fio_size // MiB} MiB images, T1-T3 replicating every {ARGS.freq} s; {elapsed:.0f} s total)\n")
+    print(f"Machine: {info}\n")
+    print("| # | what | Understudy | reference | ratio | target | result |")
+    print("|---|---|---|---|---|---|---|")
+    for r in ROWS:
+        res = "pass" if r["pass"] else ("FAIL" if r["pass"] is False else "not yet measured")
+        print(f"| {r['id']} | {r['what']} | {r['ours']} | {r['ref']} | {r['ratio']} | {r['target']} | {res} |")
+    print("\nDetails:\n")
+    for d in DETAILS:
+        print(f"- {d}")
+    if ARGS.json:
+        with open(ARGS.json, "w") as f:
+            json.dump({"mode": mode, "machine": info, "runs": ARGS.runs, "runtime": ARGS.runtime,
+                       "elapsed_s": elapsed, "rows": ROWS, "details": DETAILS}, f, indent=2)
+    measured = [r for r in ROWS if r["pass"] is not None]
+    return 0 if measured and all(r["pass"] for r in measured) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
