@@ -248,6 +248,24 @@ fn primary_killed_under_load_recovers_or_says_resync() {
         let unclean_before = events(&a).iter().filter(|e| e["id"] == 1002).count();
         let writer = PatternWriter::start(&uri, 48 * MIB, seed + round);
         std::thread::sleep(Duration::from_millis(rng.gen_range(700..2500)));
+        if round == 1 {
+            // This time the primary dies in the middle of shipping a 32 MiB delta.
+            let mut random = vec![0u8; 32 << 20];
+            rng.fill_bytes(&mut random);
+            let f = root.path().join("random.bin");
+            std::fs::write(&f, &random).unwrap();
+            qemu_io_ok(&uri, &[&format!("write -q -s {} 16M 32M", f.display())]);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                let st = state(&a, "web");
+                let (done, total) = (st["progress"]["done_bytes"].as_u64().unwrap_or(0), st["progress"]["total_bytes"].as_u64().unwrap_or(0));
+                if total >= 32 * MIB && done > 0 && done < total {
+                    println!("round {round}: killing the primary mid-upload at {done}/{total} bytes");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
         a.kill9();
         let (writes, _) = writer.stop();
         a.restart();
@@ -429,10 +447,19 @@ fn replica_restored_from_an_old_copy_requires_resync() {
     sh(Command::new("cp").arg("-a").arg(&old).arg(&storage));
     // Let db fail a cycle against the stopped replica, so it asks where the replica stands
     // (hello) before shipping again.
-    let failed = a.json(&["replication", "measure", "db"])["failed_cycles"].as_u64().unwrap();
-    wait_until("a failed db cycle while the replica is down", Duration::from_secs(20), || {
-        a.json(&["replication", "measure", "db"])["failed_cycles"].as_u64().unwrap() > failed
-    });
+    let failed = a.json(&["replication", "measure", "db"])["failed_cycles"]
+        .as_u64()
+        .unwrap();
+    wait_until(
+        "a failed db cycle while the replica is down",
+        Duration::from_secs(20),
+        || {
+            a.json(&["replication", "measure", "db"])["failed_cycles"]
+                .as_u64()
+                .unwrap()
+                > failed
+        },
+    );
     b.restart();
     assert_eq!(
         point_ids(&b, "web"),
