@@ -18,13 +18,18 @@ use common::*;
 fn one_line_error(what: &str, out: &Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
     assert!(!out.status.success(), "{what}: succeeded but must fail");
-    assert!(err.starts_with("error: ") && err.lines().count() == 1, "{what}: not a one-line `error:` message:\n{err}");
+    assert!(
+        err.starts_with("error: ") && err.lines().count() == 1,
+        "{what}: not a one-line `error:` message:\n{err}"
+    );
     err
 }
 
 fn alive(h: &Host) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
-    h.pid().is_some_and(|p| unsafe { libc::kill(p as i32, 0) } == 0) && h.run(&["vm", "list"]).status.success()
+    h.pid()
+        .is_some_and(|p| unsafe { libc::kill(p as i32, 0) } == 0)
+        && h.run(&["vm", "list"]).status.success()
 }
 
 // ----- (a) untrusted and unlisted primaries -----
@@ -43,31 +48,74 @@ fn untrusted_and_unlisted_primaries_are_refused() {
     std::fs::write(&pem, b.ok(&["identity"])).unwrap();
     stranger.ok(&["trust", "add", pem.to_str().unwrap()]);
     let storage = b.dir.join("storage");
-    b.ok(&["replica-server", "enable", "--storage", storage.to_str().unwrap(), "--allow", "primary"]);
+    b.ok(&[
+        "replica-server",
+        "enable",
+        "--storage",
+        storage.to_str().unwrap(),
+        "--allow",
+        "primary",
+    ]);
     for h in [&a, &stranger, &other] {
         h.ok(&["vm", "create", "web", "--disk", "16M"]);
     }
 
-    let err = one_line_error("enable from an untrusted primary", &stranger.run(&["replication", "enable", "web", "--replica", &b.addr()]));
+    let err = one_line_error(
+        "enable from an untrusted primary",
+        &stranger.run(&["replication", "enable", "web", "--replica", &b.addr()]),
+    );
     println!("untrusted primary: {err}");
-    assert!(err.contains("trust"), "the error must say it is about trust: {err}");
-    one_line_error("status after a refused enable", &stranger.run(&["replication", "status", "web"]));
-    assert_eq!(stranger.json(&["vm", "show", "web"])["replication_role"], "None");
+    assert!(
+        err.contains("trust"),
+        "the error must say it is about trust: {err}"
+    );
+    one_line_error(
+        "status after a refused enable",
+        &stranger.run(&["replication", "status", "web"]),
+    );
+    assert_eq!(
+        stranger.json(&["vm", "show", "web"])["replication_role"],
+        "None"
+    );
 
-    let err = one_line_error("enable from a trusted host outside the allow list", &other.run(&["replication", "enable", "web", "--replica", &b.addr()]));
+    let err = one_line_error(
+        "enable from a trusted host outside the allow list",
+        &other.run(&["replication", "enable", "web", "--replica", &b.addr()]),
+    );
     println!("unlisted primary: {err}");
-    assert!(err.contains("not in this replica server's allow list"), "{err}");
-    assert_eq!(other.json(&["vm", "show", "web"])["replication_role"], "None");
+    assert!(
+        err.contains("not in this replica server's allow list"),
+        "{err}"
+    );
+    assert_eq!(
+        other.json(&["vm", "show", "web"])["replication_role"],
+        "None"
+    );
 
     // The replica holds nothing from either of them; the listed primary is served.
     let out = b.run(&["points", "list", "web"]);
-    assert!(!out.status.success(), "the replica created web for a refused primary: {}", String::from_utf8_lossy(&out.stdout));
-    a.ok(&["replication", "enable", "web", "--replica", &b.addr(), "--frequency", "3600"]);
+    assert!(
+        !out.status.success(),
+        "the replica created web for a refused primary: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    a.ok(&[
+        "replication",
+        "enable",
+        "web",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "3600",
+    ]);
     a.ok(&["replication", "start", "web", "--wait"]);
     assert_eq!(point_ids(&b, "web"), vec![1]);
     let refused_events = events(&b).iter().filter(|e| e["id"] == 3002).count();
     println!("hostile primaries: 2 attempts, 0 admitted; the replica logged {refused_events} peer refusal event(s)");
-    assert!(refused_events >= 1, "the allow-list refusal was not logged (event 3002)");
+    assert!(
+        refused_events >= 1,
+        "the allow-list refusal was not logged (event 3002)"
+    );
 }
 
 // ----- (b) hostile delta uploads with curl -----
@@ -98,16 +146,32 @@ impl Curl {
     fn put(&self, seq: u64, body: &Path) -> (u16, serde_json::Value) {
         let out = self.run(seq, body);
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "curl failed: {}{text}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "curl failed: {}{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let (body, tail) = text.rsplit_once('\n').unwrap();
         let (code, version) = tail.split_once(' ').unwrap();
         assert_eq!(version, "2", "curl did not speak HTTP/2");
-        (code.parse().unwrap(), serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_string())))
+        (
+            code.parse().unwrap(),
+            serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_string())),
+        )
     }
 
     fn run(&self, seq: u64, body: &Path) -> Output {
         Command::new("curl")
-            .args(["-sS", "--http2", "--max-time", "20", "-X", "PUT", "-H", "content-type: application/octet-stream"])
+            .args([
+                "-sS",
+                "--http2",
+                "--max-time",
+                "20",
+                "-X",
+                "PUT",
+                "-H",
+                "content-type: application/octet-stream",
+            ])
             .arg("--cert")
             .arg(&self.cert)
             .arg("--key")
@@ -126,14 +190,22 @@ impl Curl {
 /// After a refusal: a real change and a real `replication sync` succeed, and the newest
 /// point equals the primary. Returns the new point's id.
 fn sync_after_refusal(a: &Host, b: &Host, uri: &str, scratch: &Path, what: &str, step: u32) -> u64 {
-    qemu_io_ok(uri, &[&format!("write -q -P {} {}M 64k", 0x30 + step, 4 + step)]);
+    qemu_io_ok(
+        uri,
+        &[&format!("write -q -P {} {}M 64k", 0x30 + step, 4 + step)],
+    );
     let s = sync_until_ok(a, "web", 1);
-    assert!(latest_equals_primary(a, b, "web", 0, scratch), "after {what}: newest point differs from the primary");
+    assert!(
+        latest_equals_primary(a, b, "web", 0, scratch),
+        "after {what}: newest point differs from the primary"
+    );
     s["seq"].as_u64().unwrap()
 }
 
 fn journal_file(replica: &Host, seq: u64) -> PathBuf {
-    replica.dir.join(format!("storage/web/journal/{seq:020}.delta"))
+    replica
+        .dir
+        .join(format!("storage/web/journal/{seq:020}.delta"))
 }
 
 #[test]
@@ -144,7 +216,15 @@ fn hostile_delta_uploads_are_refused_and_change_nothing() {
     let root = tempfile::tempdir().unwrap();
     let (a, mut b) = pair(root.path());
     a.ok(&["vm", "create", "web", "--disk", "16M"]);
-    a.ok(&["replication", "enable", "web", "--replica", &b.addr(), "--frequency", "3600"]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "web",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "3600",
+    ]);
     a.ok(&["replication", "start", "web", "--wait"]);
     let uri = a.nbd_uri("web", 0);
     qemu_io_ok(&uri, &["write -q -P 0x21 0 2M"]);
@@ -162,25 +242,48 @@ fn hostile_delta_uploads_are_refused_and_change_nothing() {
     let empty = Path::new("/dev/null");
     let (code, ans) = curl.put(latest + 5, empty);
     println!("out-of-sequence PUT: {code} {ans}");
-    assert_eq!((code, ans["code"].as_str()), (409, Some("out_of_sequence")), "{ans}");
+    assert_eq!(
+        (code, ans["code"].as_str()),
+        (409, Some("out_of_sequence")),
+        "{ans}"
+    );
     assert_eq!(ans["expected_seq"], latest + 1);
     refused += 1;
     let (code, ans) = curl.put(latest, empty);
     println!("PUT to the seq of the newest point: {code} {ans}");
-    assert_eq!((code, ans["code"].as_str()), (409, Some("out_of_sequence")), "{ans}");
+    assert_eq!(
+        (code, ans["code"].as_str()),
+        (409, Some("out_of_sequence")),
+        "{ans}"
+    );
     refused += 1;
     // A replay: the bytes of the newest point's delta, sent as the next one.
     let (code, ans) = curl.put(latest + 1, &journal_file(&b, latest));
     println!("replayed delta {latest} as {}: {code} {ans}", latest + 1);
-    assert_eq!((code, ans["code"].as_str()), (409, Some("out_of_sequence")), "{ans}");
+    assert_eq!(
+        (code, ans["code"].as_str()),
+        (409, Some("out_of_sequence")),
+        "{ans}"
+    );
     refused += 1;
     assert_eq!(*point_ids(&b, "web").last().unwrap(), latest);
-    let latest = sync_after_refusal(&a, &b, &uri, root.path(), "out-of-sequence and replayed deltas", 0);
+    let latest = sync_after_refusal(
+        &a,
+        &b,
+        &uri,
+        root.path(),
+        "out-of-sequence and replayed deltas",
+        0,
+    );
 
     // The right sequence number with garbage bytes.
     let (code, ans) = curl.put(latest + 1, &garbage);
     println!("garbage delta: {code} {ans}");
-    assert_eq!((code, ans["code"].as_str()), (400, Some("corrupt_delta")), "{ans}");
+    assert_eq!(
+        (code, ans["code"].as_str()),
+        (400, Some("corrupt_delta")),
+        "{ans}"
+    );
     refused += 1;
     assert_eq!(*point_ids(&b, "web").last().unwrap(), latest);
     // A large garbage upload is refused too: the answer comes while curl is still sending
@@ -190,9 +293,17 @@ fn hostile_delta_uploads_are_refused_and_change_nothing() {
     rand::Rng::fill(&mut rand::thread_rng(), &mut bytes[..]);
     std::fs::write(&big, &bytes).unwrap();
     let out = curl.run(latest + 1, &big);
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    println!("8 MiB garbage delta: curl exit {:?}: {}", out.status.code(), text.trim().replace('\n', " "));
-    assert!(text.contains("corrupt_delta") || out.status.code() == Some(92), "an 8 MiB garbage delta was not refused: {text}");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    println!(
+        "8 MiB garbage delta: curl exit {:?}: {}",
+        out.status.code(),
+        text.trim().replace('\n', " ")
+    );
+    assert!(
+        text.contains("corrupt_delta") || out.status.code() == Some(92),
+        "an 8 MiB garbage delta was not refused: {text}"
+    );
     refused += 1;
     assert_eq!(*point_ids(&b, "web").last().unwrap(), latest);
     let latest = sync_after_refusal(&a, &b, &uri, root.path(), "a garbage delta", 1);
@@ -218,8 +329,14 @@ fn hostile_delta_uploads_are_refused_and_change_nothing() {
     let real_bytes = std::fs::read(&real).unwrap();
     println!("captured delta {real_seq}: {} bytes", real_bytes.len());
     let variants: Vec<(String, Vec<u8>)> = vec![
-        ("truncated to half".into(), real_bytes[..real_bytes.len() / 2].to_vec()),
-        ("missing its last byte".into(), real_bytes[..real_bytes.len() - 1].to_vec()),
+        (
+            "truncated to half".into(),
+            real_bytes[..real_bytes.len() / 2].to_vec(),
+        ),
+        (
+            "missing its last byte".into(),
+            real_bytes[..real_bytes.len() - 1].to_vec(),
+        ),
         ("with one byte flipped in the middle".into(), {
             let mut v = real_bytes.clone();
             let i = v.len() / 2;
@@ -239,10 +356,21 @@ fn hostile_delta_uploads_are_refused_and_change_nothing() {
         println!("real delta {what}: {code} {ans}");
         // Regression: a truncated delta was answered 500 store_error, as if the replica's
         // storage had failed (see `truncated_delta_is_refused_as_corrupt_not_as_a_store_error`).
-        assert_eq!((code, ans["code"].as_str()), (400, Some("corrupt_delta")), "a delta {what} was not refused as corrupt: {ans}");
-        assert!(ans["error"].as_str().is_some_and(|e| !e.is_empty()), "refusal without a reason: {ans}");
+        assert_eq!(
+            (code, ans["code"].as_str()),
+            (400, Some("corrupt_delta")),
+            "a delta {what} was not refused as corrupt: {ans}"
+        );
+        assert!(
+            ans["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "refusal without a reason: {ans}"
+        );
         refused += 1;
-        assert_eq!(*point_ids(&b, "web").last().unwrap(), latest, "a refused delta ({what}) became a point");
+        assert_eq!(
+            *point_ids(&b, "web").last().unwrap(),
+            latest,
+            "a refused delta ({what}) became a point"
+        );
         let p = root.path().join("p.raw");
         export_point(&b, "web", "latest", 0, &p);
         std::fs::remove_file(&p).unwrap();
@@ -250,10 +378,21 @@ fn hostile_delta_uploads_are_refused_and_change_nothing() {
     // The intact copy is the delta the primary really sent: accepted, and the primary goes on.
     let (code, ans) = curl.put(real_seq, &real);
     assert_eq!(code, 200, "the intact real delta was refused: {ans}");
-    let next = sync_after_refusal(&a, &b, &uri, root.path(), "truncated and corrupted copies of a real delta", 2);
+    let next = sync_after_refusal(
+        &a,
+        &b,
+        &uri,
+        root.path(),
+        "truncated and corrupted copies of a real delta",
+        2,
+    );
     assert_eq!(next, real_seq + 1);
     let st = a.json(&["replication", "status", "web"]);
-    assert_eq!((st["state"].as_str(), st["health"].as_str()), (Some("Replicating"), Some("Normal")), "{st}");
+    assert_eq!(
+        (st["state"].as_str(), st["health"].as_str()),
+        (Some("Replicating"), Some("Normal")),
+        "{st}"
+    );
     let ids = point_ids(&b, "web");
     assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
     println!("hostile deltas: {refused} sent, {refused} refused with a named code, 0 applied; points {ids:?}; primary {} {}", st["state"], st["health"]);
@@ -290,7 +429,11 @@ fn be32(b: &[u8]) -> u32 {
 /// Reads the greeting and sends client flags (fixed newstyle, no zeroes).
 fn nbd_greet(s: &mut UnixStream) {
     let g = read_exact(s, 18);
-    assert_eq!((be64(&g), be64(&g[8..])), (NBDMAGIC, IHAVEOPT), "bad greeting");
+    assert_eq!(
+        (be64(&g), be64(&g[8..])),
+        (NBDMAGIC, IHAVEOPT),
+        "bad greeting"
+    );
     s.write_all(&3u32.to_be_bytes()).unwrap();
 }
 
@@ -302,8 +445,14 @@ fn wait_closed(s: &mut UnixStream) -> Duration {
         match s.read(&mut buf) {
             Ok(0) => return start.elapsed(),
             Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
-                panic!("the server did not close the connection within {:?}", start.elapsed())
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                panic!(
+                    "the server did not close the connection within {:?}",
+                    start.elapsed()
+                )
             }
             Err(_) => return start.elapsed(),
         }
@@ -379,10 +528,14 @@ fn malformed_nbd_traffic_is_cut_off_and_the_export_keeps_working() {
     // Garbage instead of an option during option haggling.
     let mut s = nbd_connect(&socket);
     nbd_greet(&mut s);
-    s.write_all(b"this is not an NBD option header, just garbage bytes....").unwrap();
+    s.write_all(b"this is not an NBD option header, just garbage bytes....")
+        .unwrap();
     let t = wait_closed(&mut s);
     println!("garbage during option haggling: disconnected after {t:?}");
-    assert!(t < Duration::from_secs(5), "garbage was not cut off promptly");
+    assert!(
+        t < Duration::from_secs(5),
+        "garbage was not cut off promptly"
+    );
     still_serving("garbage options");
 
     // An option announcing 4 GiB of payload.
@@ -417,10 +570,17 @@ fn malformed_nbd_traffic_is_cut_off_and_the_export_keeps_working() {
     assert_ne!(err, 0, "a read past the end was answered without an error");
     nbd_request(&mut s, 0, 2, size - 4096 + 1, 4096);
     let (err, _) = nbd_simple_reply(&mut s);
-    assert_ne!(err, 0, "a read straddling the end was answered without an error");
+    assert_ne!(
+        err, 0,
+        "a read straddling the end was answered without an error"
+    );
     nbd_request(&mut s, 0, 3, 0, 4096);
     let (err, cookie) = nbd_simple_reply(&mut s);
-    assert_eq!((err, cookie), (0, 3), "a valid read after the bad ones failed");
+    assert_eq!(
+        (err, cookie),
+        (0, 3),
+        "a valid read after the bad ones failed"
+    );
     assert!(read_exact(&mut s, 4096).iter().all(|&b| b == 0x5a));
     // An unknown command type: an error reply (EINVAL), not a crash.
     nbd_request(&mut s, 0x77, 4, 0, 4096);
@@ -444,7 +604,10 @@ fn malformed_nbd_traffic_is_cut_off_and_the_export_keeps_working() {
     let hung = hang_thread.join().unwrap();
     let since_connect = hang_start.elapsed();
     println!("silent client: dropped {hung:?} after it got the greeting ({since_connect:?} after connecting)");
-    assert!(hung >= Duration::from_secs(5) && hung <= Duration::from_secs(15), "the handshake deadline did not apply: {hung:?}");
+    assert!(
+        hung >= Duration::from_secs(5) && hung <= Duration::from_secs(15),
+        "the handshake deadline did not apply: {hung:?}"
+    );
     still_serving("a silent client");
     // The data written before all this is intact.
     qemu_io_ok(&uri, &["read -q -P 0x5a 0 1M", "read -q -P 0 1M 15M"]);
@@ -459,30 +622,129 @@ fn bad_cli_input_is_one_error_line_and_changes_nothing() {
     a.ok(&["vm", "create", "web", "--disk", "16M"]);
     let replica = b.addr();
     let cases: Vec<(&str, Vec<&str>, &str)> = vec![
-        ("size with an unknown unit", vec!["vm", "create", "x", "--disk", "12Q"], "invalid size"),
-        ("size zero", vec!["vm", "create", "x", "--disk", "0"], "size"),
-        ("negative size", vec!["vm", "create", "x", "--disk=-5M"], "invalid size"),
-        ("fractional size", vec!["vm", "create", "x", "--disk", "1.5G"], "invalid size"),
-        ("empty size", vec!["vm", "create", "x", "--disk="], "invalid size"),
-        ("size that overflows", vec!["vm", "create", "x", "--disk", "99999999T"], "too large"),
-        ("size not a multiple of 4 KiB", vec!["vm", "create", "x", "--disk", "1000"], "4 KiB"),
-        ("unknown VM: show", vec!["vm", "show", "nope"], "no VM named nope"),
-        ("unknown VM: status", vec!["replication", "status", "nope"], "no VM named nope"),
-        ("unknown VM: sync", vec!["replication", "sync", "nope"], "no VM named nope"),
-        ("unknown VM: enable", vec!["replication", "enable", "nope", "--replica", &replica], "no VM named nope"),
-        ("unknown VM: resume", vec!["replication", "resume", "nope"], "no VM named nope"),
-        ("unknown VM: points on the replica", vec!["points", "list", "nope"], "nope"),
-        ("frequency 0", vec!["replication", "enable", "web", "--replica", &replica, "--frequency", "0"], "frequency"),
-        ("frequency 4000", vec!["replication", "enable", "web", "--replica", &replica, "--frequency", "4000"], "frequency"),
-        ("replica address without port", vec!["replication", "enable", "web", "--replica", "nonsense"], "nonsense"),
-        ("no such disk", vec!["replication", "enable", "web", "--replica", &replica, "--disks", "3"], "disk 3"),
-        ("sync before enable", vec!["replication", "sync", "web"], "not enabled"),
+        (
+            "size with an unknown unit",
+            vec!["vm", "create", "x", "--disk", "12Q"],
+            "invalid size",
+        ),
+        (
+            "size zero",
+            vec!["vm", "create", "x", "--disk", "0"],
+            "size",
+        ),
+        (
+            "negative size",
+            vec!["vm", "create", "x", "--disk=-5M"],
+            "invalid size",
+        ),
+        (
+            "fractional size",
+            vec!["vm", "create", "x", "--disk", "1.5G"],
+            "invalid size",
+        ),
+        (
+            "empty size",
+            vec!["vm", "create", "x", "--disk="],
+            "invalid size",
+        ),
+        (
+            "size that overflows",
+            vec!["vm", "create", "x", "--disk", "99999999T"],
+            "too large",
+        ),
+        (
+            "size not a multiple of 4 KiB",
+            vec!["vm", "create", "x", "--disk", "1000"],
+            "4 KiB",
+        ),
+        (
+            "unknown VM: show",
+            vec!["vm", "show", "nope"],
+            "no VM named nope",
+        ),
+        (
+            "unknown VM: status",
+            vec!["replication", "status", "nope"],
+            "no VM named nope",
+        ),
+        (
+            "unknown VM: sync",
+            vec!["replication", "sync", "nope"],
+            "no VM named nope",
+        ),
+        (
+            "unknown VM: enable",
+            vec!["replication", "enable", "nope", "--replica", &replica],
+            "no VM named nope",
+        ),
+        (
+            "unknown VM: resume",
+            vec!["replication", "resume", "nope"],
+            "no VM named nope",
+        ),
+        (
+            "unknown VM: points on the replica",
+            vec!["points", "list", "nope"],
+            "nope",
+        ),
+        (
+            "frequency 0",
+            vec![
+                "replication",
+                "enable",
+                "web",
+                "--replica",
+                &replica,
+                "--frequency",
+                "0",
+            ],
+            "frequency",
+        ),
+        (
+            "frequency 4000",
+            vec![
+                "replication",
+                "enable",
+                "web",
+                "--replica",
+                &replica,
+                "--frequency",
+                "4000",
+            ],
+            "frequency",
+        ),
+        (
+            "replica address without port",
+            vec!["replication", "enable", "web", "--replica", "nonsense"],
+            "nonsense",
+        ),
+        (
+            "no such disk",
+            vec![
+                "replication",
+                "enable",
+                "web",
+                "--replica",
+                &replica,
+                "--disks",
+                "3",
+            ],
+            "disk 3",
+        ),
+        (
+            "sync before enable",
+            vec!["replication", "sync", "web"],
+            "not enabled",
+        ),
     ];
     for (what, args, needle) in &cases {
         // points are asked of the replica, everything else of the primary.
         let host = if args[0] == "points" { &b } else { &a };
         let err = one_line_error(what, &host.run(args));
-        assert!(err.contains(needle), "{what}: the error does not say {needle:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{what}: the error does not say {needle:?}: {err}"
+        );
         println!("{what:32} → {err}");
     }
     // Nothing was created or enabled by any of it.
@@ -490,5 +752,9 @@ fn bad_cli_input_is_one_error_line_and_changes_nothing() {
     assert_eq!(vms.as_array().unwrap().len(), 1, "{vms}");
     assert_eq!(a.json(&["vm", "show", "web"])["replication_role"], "None");
     assert!(!b.run(&["points", "list", "web"]).status.success());
-    println!("{} bad CLI inputs: {} one-line errors, 0 changes", cases.len(), cases.len());
+    println!(
+        "{} bad CLI inputs: {} one-line errors, 0 changes",
+        cases.len(),
+        cases.len()
+    );
 }

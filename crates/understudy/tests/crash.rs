@@ -258,9 +258,14 @@ fn primary_killed_under_load_recovers_or_says_resync() {
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 let st = state(&a, "web");
-                let (done, total) = (st["progress"]["done_bytes"].as_u64().unwrap_or(0), st["progress"]["total_bytes"].as_u64().unwrap_or(0));
+                let (done, total) = (
+                    st["progress"]["done_bytes"].as_u64().unwrap_or(0),
+                    st["progress"]["total_bytes"].as_u64().unwrap_or(0),
+                );
                 if total >= 32 * MIB && done > 0 && done < total {
-                    println!("round {round}: killing the primary mid-upload at {done}/{total} bytes");
+                    println!(
+                        "round {round}: killing the primary mid-upload at {done}/{total} bytes"
+                    );
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(2));

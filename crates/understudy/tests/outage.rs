@@ -229,7 +229,15 @@ fn primary_crash_during_a_replica_outage_still_catches_up_without_resync() {
     let root = tempfile::tempdir().unwrap();
     let (mut a, mut b) = pair(root.path());
     a.ok(&["vm", "create", "web", "--disk", "64M"]);
-    a.ok(&["replication", "enable", "web", "--replica", &b.addr(), "--frequency", "1"]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "web",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "1",
+    ]);
     a.ok(&["replication", "start", "web", "--wait"]);
     let uri = a.nbd_uri("web", 0);
     qemu_io_ok(&uri, &["write -q -P 0x11 0 64M"]);
@@ -238,21 +246,46 @@ fn primary_crash_during_a_replica_outage_still_catches_up_without_resync() {
     b.kill9();
     // One 64 KiB write in every 4 MiB extent, at a different place in each, while the
     // replica is down; then the primary dies before it could ship any of it.
-    let cmds: Vec<String> = (0..16u64).map(|e| format!("write -q -P {} {} 64k", 0x20 + e, e * 4 * MIB + e * 128 * 1024)).collect();
+    let cmds: Vec<String> = (0..16u64)
+        .map(|e| {
+            format!(
+                "write -q -P {} {} 64k",
+                0x20 + e,
+                e * 4 * MIB + e * 128 * 1024
+            )
+        })
+        .collect();
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io_ok(&uri, &cmds);
-    let pending = a.json(&["replication", "status", "web"])["pending_bytes"].as_u64().unwrap();
+    let pending = a.json(&["replication", "status", "web"])["pending_bytes"]
+        .as_u64()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(1500)); // a failed cycle or two: cuts aborted and merged back
     a.kill9();
     a.restart();
     let st = a.json(&["replication", "status", "web"]);
-    let recovered = events(&a).iter().filter(|e| e["id"] == 1002).map(|e| e["message"].as_str().unwrap_or_default().to_string()).last();
-    println!("after the crash: state {} health {}; {}", st["state"], st["health"], recovered.clone().unwrap_or_default());
+    let recovered = events(&a)
+        .iter()
+        .filter(|e| e["id"] == 1002)
+        .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+        .next_back();
+    println!(
+        "after the crash: state {} health {}; {}",
+        st["state"],
+        st["health"],
+        recovered.clone().unwrap_or_default()
+    );
     assert_eq!(st["state"], "Replicating", "{st}");
     assert!(recovered.is_some(), "no unclean-recovery event 1002");
     b.restart();
     let sync = sync_until_ok(&a, "web", 20);
-    let kinds: Vec<String> = b.json(&["points", "list", "web"]).as_array().unwrap().iter().map(|p| p["kind"].as_str().unwrap().to_string()).collect();
+    let kinds: Vec<String> = b
+        .json(&["points", "list", "web"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap().to_string())
+        .collect();
     let equal = latest_equals_primary(&a, &b, "web", 0, root.path());
     println!(
         "16 writes ({} KiB pending) queued during the outage survived a primary kill -9: caught up at point {}, kinds {kinds:?}; newest equals primary: {equal}",
@@ -260,6 +293,12 @@ fn primary_crash_during_a_replica_outage_still_catches_up_without_resync() {
         sync["seq"]
     );
     assert!(!kinds.iter().any(|k| k == "Full"), "{kinds:?}");
-    assert_eq!(a.json(&["replication", "status", "web"])["state"], "Replicating");
-    assert!(equal, "changes made during the outage were lost by the primary crash: the replica diverged");
+    assert_eq!(
+        a.json(&["replication", "status", "web"])["state"],
+        "Replicating"
+    );
+    assert!(
+        equal,
+        "changes made during the outage were lost by the primary crash: the replica diverged"
+    );
 }
