@@ -378,9 +378,9 @@ def fio_compare(tid, label, rw, bs, qd, freq, metric, sides, prefill=False, extr
                     else:
                         vm = f"{tid.lower()}-{r}"
                         t = time.monotonic()
-                    uri = pair.replicating_vm(vm, size_arg(size), freq)
-                    if time.monotonic() - t > 1:
-                        log(f"  (creating {vm} and its initial replication took {time.monotonic() - t:.1f} s)")
+                        uri = pair.replicating_vm(vm, size_arg(size), freq)
+                        if time.monotonic() - t > 1:
+                            log(f"  (creating {vm} and its initial replication took {time.monotonic() - t:.1f} s)")
                     c0 = (cpu_s(pair.a.proc.pid), cpu_s(pair.b.proc.pid))
                     job = fio(uri, rw, bs, qd, runtime, extra)
                     c1 = (cpu_s(pair.a.proc.pid), cpu_s(pair.b.proc.pid))
@@ -394,6 +394,14 @@ def fio_compare(tid, label, rw, bs, qd, freq, metric, sides, prefill=False, extr
                     pair.quiesce(vm)
                     if time.monotonic() - t > 1:
                         log(f"  (suspending {vm} took {time.monotonic() - t:.1f} s)")
+                elif side == "tracked-only":
+                    # Diagnostic: the same tracked export with replication not enabled, to
+                    # separate the cost of the data path + tracker from the cost of shipping.
+                    vm = f"{tid.lower()}-t{r}"
+                    pair.a.cli("vm", "create", vm, "--disk", size_arg(size))
+                    c0 = cpu_s(pair.a.proc.pid)
+                    job = fio(pair.a.nbd_uri(vm), rw, bs, qd, runtime, extra)
+                    cpu[side].append(f"primary {cpu_s(pair.a.proc.pid) - c0:.1f} s")
                 else:
                     img = os.path.join(WORK, f"{tid}-{side}.img")
                     if prefill:
@@ -413,6 +421,11 @@ def fio_compare(tid, label, rw, bs, qd, freq, metric, sides, prefill=False, extr
             if jobs[s]:
                 detail(f"{tid} understudy replication during the runs: {jobs[s]}")
     for s in sides:
+        if s == "tracked-only":
+            ref = "nbdkit" if "nbdkit" in sides else sides[0]
+            detail(f"{tid} diagnostic: tracked export NOT replicating: median {med(vals[s]):.0f}, "
+                   f"{med(vals[s]) / med(vals[ref]):.2f}× {ref} (replicating: "
+                   f"{med(vals['understudy']) / med(vals[ref]):.2f}×)")
         detail(f"{tid} {label} {s}: runs {spread(vals[s], lambda x: f'{x:.0f}')}, median {med(vals[s]):.0f}; "
                f"server CPU in {runtime} s runs: {'; '.join(cpu[s])}")
     return vals
@@ -434,9 +447,12 @@ def p99_w_us(job):
     return job["write"]["clat_ns"]["percentile"]["99.000000"] / 1000
 
 
+DIAG = []  # ["tracked-only"] unless --no-diagnostics or --quick
+
+
 def t1():
     v = fio_compare("T1", "4k randwrite QD32 IOPS", "randwrite", "4k", 32, ARGS.freq, iops_w,
-                    ["nbdkit", "qemu-nbd", "understudy"])
+                    ["nbdkit", "qemu-nbd", "understudy"] + DIAG)
     us, kit, qn = med(v["understudy"]), med(v["nbdkit"]), med(v["qemu-nbd"])
     row("T1", "4 KiB randwrite QD32, replicating (vs nbdkit file)", f"{us:,.0f} IOPS", f"{kit:,.0f} IOPS",
         fmt_ratio(us / kit), "≥ 0.85×", us / kit >= 0.85)
@@ -453,14 +469,16 @@ def t2():
 
 
 def t3():
-    v = fio_compare("T3", "1M seq write QD8 MiB/s", "write", "1m", 8, ARGS.freq, bw_w_mib, ["nbdkit", "understudy"])
+    v = fio_compare("T3", "1M seq write QD8 MiB/s", "write", "1m", 8, ARGS.freq, bw_w_mib,
+                    ["nbdkit", "understudy"] + DIAG)
     us, kit = med(v["understudy"]), med(v["nbdkit"])
     row("T3", "1 MiB seq write QD8, replicating", f"{us:,.0f} MiB/s", f"{kit:,.0f} MiB/s", fmt_ratio(us / kit),
         "≥ 0.9×", us / kit >= 0.9)
 
 
 def t4():
-    v = fio_compare("T4", "4k randwrite QD1 p99 µs", "randwrite", "4k", 1, 2, p99_w_us, ["nbdkit", "understudy"])
+    v = fio_compare("T4", "4k randwrite QD1 p99 µs", "randwrite", "4k", 1, 2, p99_w_us,
+                    ["nbdkit", "understudy"] + DIAG)
     us, kit = med(v["understudy"]), med(v["nbdkit"])
     row("T4", "4 KiB randwrite QD1 p99 latency, cuts every 2 s", f"{us:,.0f} µs", f"{kit:,.0f} µs",
         fmt_ratio(us / kit), "≤ 1.5×", us / kit <= 1.5)
@@ -625,6 +643,8 @@ def main():
     ap.add_argument("--json", help="also write the results as JSON to this file")
     ap.add_argument("--workdir", help="parent directory of the work directory (default /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (debugging)")
+    ap.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=None,
+                    help="also measure T1/T3/T4 on a tracked export that is not replicating (default: full mode)")
     ARGS = ap.parse_args()
     q = ARGS.quick
     ARGS.runs = ARGS.runs or (1 if q else 3)
@@ -635,6 +655,8 @@ def main():
     ARGS.image_size = (1 if q else 4) * GiB
     ARGS.lag_seconds = 20 if q else 60
     ARGS.bin = os.path.abspath(ARGS.bin)
+    if ARGS.diagnostics if ARGS.diagnostics is not None else not q:
+        DIAG.append("tracked-only")
 
     parent = ARGS.workdir or "/var/tmp"
     WORK = tempfile.mkdtemp(prefix="understudy-bench.", dir=parent)
