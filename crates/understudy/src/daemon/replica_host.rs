@@ -307,16 +307,33 @@ mod tests {
     #[test]
     fn truncated_delta_is_refused_as_corrupt_not_as_a_store_error() {
         for e in [
-            ReplicaError::Incomplete { received_bytes: 131 },
+            ReplicaError::Incomplete {
+                received_bytes: 131,
+            },
             ReplicaError::TooManyFrames { max: 1 },
-            ReplicaError::WrongVm { expected: "web".into(), got: "db".into() },
-            ReplicaError::WrongGeneration { expected: 1, got: 2 },
+            ReplicaError::WrongVm {
+                expected: "web".into(),
+                got: "db".into(),
+            },
+            ReplicaError::WrongGeneration {
+                expected: 1,
+                got: 2,
+            },
             ReplicaError::DiskMismatch,
         ] {
             let r = replica_refusal(e);
-            assert_eq!((r.status, r.err.code.as_str()), (StatusCode::BAD_REQUEST, "corrupt_delta"), "{}", r.err.error);
+            assert_eq!(
+                (r.status, r.err.code.as_str()),
+                (StatusCode::BAD_REQUEST, "corrupt_delta"),
+                "{}",
+                r.err.error
+            );
         }
-        let io = ReplicaError::Io { op: "write", path: "/x".into(), source: std::io::Error::other("disk full") };
+        let io = ReplicaError::Io {
+            op: "write",
+            path: "/x".into(),
+            source: std::io::Error::other("disk full"),
+        };
         assert_eq!(replica_refusal(io).err.code, "store_error");
     }
 
