@@ -527,3 +527,56 @@ fn replica_restored_from_an_old_copy_requires_resync() {
         println!("{vm}: resynchronized; points {before:?} → {after:?}");
     }
 }
+
+/// Regression (found by the crash tests' author): after a kill -9 of the primary the activity
+/// log covers the daemon's own writes, but an edit of the image while the daemon was down
+/// went unnoticed and the replica silently diverged. The heartbeat check catches it; a
+/// restart without an edit must still recover from the activity log, without resync.
+#[test]
+fn image_edited_after_a_primary_crash_is_not_silent() {
+    tools();
+    let root = tempfile::tempdir().unwrap();
+    let (mut a, b) = pair(root.path());
+    a.ok(&["vm", "create", "web", "--disk", "64M"]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "web",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "30",
+    ]);
+    a.ok(&["replication", "start", "web", "--wait"]);
+    let uri = a.nbd_uri("web", 0);
+    let image = disk_path(&a, "web", 0);
+
+    // Crash without an edit, restart after the heartbeat slack: recovered, not resync.
+    qemu_io_ok(&uri, &["write -P 0x11 0 64k"]);
+    a.kill9();
+    std::thread::sleep(Duration::from_secs(4));
+    a.restart();
+    let st = state(&a, "web");
+    assert_eq!(
+        st["state"], "Replicating",
+        "a crash alone must not force a resync: {st}"
+    );
+    sync_until_ok(&a, "web", 20);
+    assert!(latest_equals_primary(&a, &b, "web", 0, root.path()));
+
+    // Crash, then an edit far from anything the guest wrote, then restart.
+    qemu_io_ok(&uri, &["write -P 0x22 0 64k"]);
+    a.kill9();
+    std::thread::sleep(Duration::from_secs(4));
+    qemu_io_ok(image.to_str().unwrap(), &["write -P 0x99 40M 64k"]);
+    a.restart();
+    let st = state(&a, "web");
+    assert_eq!(st["state"], "ResynchronizationRequired", "{st}");
+    assert_eq!(st["health"], "Critical", "{st}");
+    let reason = st["resync_reason"].as_str().unwrap();
+    assert!(reason.contains("modified outside"), "{reason}");
+    a.ok(&["replication", "resume", "web", "--resynchronize"]);
+    sync_until_ok(&a, "web", 20);
+    assert!(latest_equals_primary(&a, &b, "web", 0, root.path()));
+    println!("crash without edit: recovered from the activity log; crash + edit: {reason}");
+}

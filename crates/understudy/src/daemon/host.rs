@@ -22,6 +22,7 @@ use tracker::OpenState;
 use super::api::{bad_request, conflict, not_found};
 use super::catalog::{Catalog, ReplicationRecord, VmRecord};
 use super::events::{self, Events};
+use super::heartbeat;
 use super::primary::{self, Replication};
 use super::vms::{self, Vm};
 use crate::ServeArgs;
@@ -52,6 +53,8 @@ pub struct Shared {
     vms: Mutex<BTreeMap<String, VmEntry>>,
     replica: Mutex<Option<ReplicaHost>>,
     peers: Mutex<HashMap<String, transport::Peer>>,
+    /// When the previous daemon was last alive (its heartbeat), read before this one stamps.
+    last_alive_ns: Option<u64>,
     /// Replica VM name → the primary host that replicates it (for status).
     replica_primaries: Mutex<HashMap<String, String>>,
 }
@@ -119,6 +122,7 @@ impl Shared {
             replica: Mutex::new(None),
             peers: Mutex::new(HashMap::new()),
             replica_primaries: Mutex::new(HashMap::new()),
+            last_alive_ns: heartbeat::last_alive_ns(data_dir),
         });
 
         // Open VMs (trackers report how they were left) before serving any export.
@@ -152,6 +156,7 @@ impl Shared {
         // Owner and group only: anyone who can open the socket can read and write the disks.
         set_mode(&nbd_socket, 0o660)?;
         *shared.nbd.lock() = Some(server);
+        heartbeat::spawn(data_dir.to_path_buf());
         Ok(shared)
     }
 
@@ -171,13 +176,17 @@ impl Shared {
                     hot_extents,
                     hot_bytes,
                 } => {
-                    self.events.emit(
+                    if let Some(reason) = self.edited_while_down(vm, i) {
+                        Some(reason)
+                    } else {
+                        self.events.emit(
                         events::UNCLEAN_RECOVERED,
                         Some(&vm.name),
                         "warning",
                         &format!("disk {i} was not shut down cleanly; re-sending its {hot_extents} recently written extents ({hot_bytes} bytes) instead of a full resynchronization"),
                     );
-                    None
+                        None
+                    }
                 }
                 OpenState::FirstOpen => {
                     Some(format!("the change tracking state of disk {i} is missing"))
@@ -216,6 +225,26 @@ impl Shared {
                     }
                 }
             }
+        }
+    }
+
+    /// After an unclean stop the activity log covers the daemon's own writes; an edit made
+    /// while it was down is caught by comparing the image's ctime with the heartbeat.
+    fn edited_while_down(&self, vm: &Vm, disk: usize) -> Option<String> {
+        let image = vm.disks.get(disk)?.image_path().to_path_buf();
+        let Some(alive) = self.last_alive_ns else {
+            return Some(format!(
+                "disk {disk} was not shut down cleanly and this host has no record of when its daemon stopped, so edits made while it was down cannot be ruled out"
+            ));
+        };
+        match heartbeat::changed_after(&image, alive) {
+            Ok(None) => None,
+            Ok(Some(ctime)) => Some(format!(
+                "disk {disk} was modified outside Understudy after the daemon stopped uncleanly (image changed at {}, daemon last alive at {})",
+                rfc3339_from_unix_ns(ctime),
+                rfc3339_from_unix_ns(alive)
+            )),
+            Err(e) => Some(format!("disk {disk}: cannot check {}: {e}", image.display())),
         }
     }
 

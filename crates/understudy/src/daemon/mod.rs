@@ -9,6 +9,7 @@ mod api;
 mod catalog;
 mod durable;
 mod events;
+mod heartbeat;
 mod host;
 mod peer_client;
 mod primary;
