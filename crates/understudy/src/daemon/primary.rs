@@ -566,7 +566,11 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
             repl.progress_total.store(0, Ordering::Relaxed);
             if let Some(refusal) = e.downcast_ref::<PeerRefusal>() {
                 if refusal.needs_resync() {
-                    repl.require_resync(shared, refusal.0.error.clone());
+                    let reason = match refusal.0.expected_seq {
+                        Some(expected) => session::out_of_sequence_reason(seq, expected),
+                        None => refusal.0.error.clone(),
+                    };
+                    repl.require_resync(shared, reason);
                 }
             }
             shared.events.emit(

@@ -49,6 +49,18 @@ pub fn reconcile(
     ))
 }
 
+/// Why the replica refused delta `sent` because it expects `expected` instead.
+pub fn out_of_sequence_reason(sent: u64, expected: u64) -> String {
+    if expected < sent {
+        format!(
+            "the replica expects point {expected} but this primary already committed point {}: it was restored from an older copy",
+            sent - 1
+        )
+    } else {
+        format!("the replica expects point {expected} but this primary only shipped up to {}: it holds points this primary never sent", sent - 1)
+    }
+}
+
 /// Inputs to the health rules (Hyper-V Replica's Normal / Warning / Critical).
 pub struct HealthInput<'a> {
     pub state: ReplicationState,
@@ -151,6 +163,12 @@ mod tests {
         assert!(
             matches!(reconcile(5, None, 1, 5, 1, Some("bad")), Reconcile::Diverged(r) if r.contains("damaged"))
         );
+    }
+
+    #[test]
+    fn out_of_sequence_reasons_name_the_cause() {
+        assert!(out_of_sequence_reason(6, 3).contains("older copy"));
+        assert!(out_of_sequence_reason(6, 9).contains("never sent"));
     }
 
     fn input(state: ReplicationState, lag_s: u64, failures: u64) -> HealthInput<'static> {
