@@ -358,6 +358,7 @@ def fio_compare(tid, label, rw, bs, qd, freq, metric, sides, prefill=False, extr
     vals = {s: [] for s in sides}
     jobs = {s: [] for s in sides}
     cpu = {s: [] for s in sides}  # server CPU seconds per run (2 cores = 2 s per second)
+    prev_cycles = {}
     with Pair(tid) as pair:
         base = None
         if prefill:
@@ -386,8 +387,10 @@ def fio_compare(tid, label, rw, bs, qd, freq, metric, sides, prefill=False, extr
                     c1 = (cpu_s(pair.a.proc.pid), cpu_s(pair.b.proc.pid))
                     cpu[side].append(f"primary {c1[0] - c0[0]:.1f} s + replica {c1[1] - c0[1]:.1f} s")
                     m = pair.a.json("replication", "measure", vm)
-                    # successful_cycles counts the initial replication too.
-                    jobs[side].append({"cycles_completed_during_run": m.get("successful_cycles", 1) - 1,
+                    # successful_cycles is cumulative and counts the initial replication too.
+                    done_before = prev_cycles.get(vm, 1)
+                    prev_cycles[vm] = m.get("successful_cycles", 1)
+                    jobs[side].append({"cycles_completed_during_run": prev_cycles[vm] - done_before,
                                        "max_cut_pause_us": m.get("maximum_cut_pause_us"),
                                        "max_cycle_ms": m.get("maximum_latency_ms")})
                     t = time.monotonic()
