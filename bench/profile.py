@@ -23,10 +23,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 
 MiB, GiB = bench.MiB, bench.GiB
+TRACE = False
 
 
 def perf_start(pids, out):
-    cmd = ["perf", "record", "-e", "cpu-clock", "-F", "1999", "-o", out, "-p", ",".join(map(str, pids))]
+    if TRACE:
+        # Syscall summary per thread: count and total time, so waits (fsync, futex, ...) show.
+        cmd = ["perf", "trace", "-s", "-o", out + ".trace", "-p", ",".join(map(str, pids))]
+    else:
+        cmd = ["perf", "record", "-e", "cpu-clock", "-F", "1999", "-o", out, "-p", ",".join(map(str, pids))]
     err = open(out + ".log", "wb")
     p = bench.spawn(cmd, "perf", subprocess.DEVNULL, err, grace=30)
     err.close()
@@ -41,6 +46,12 @@ def perf_stop(p):
 
 
 def report(data, title, top):
+    if TRACE:
+        print(f"\n### {title}: syscalls (perf trace -s)\n```")
+        with open(data + ".trace") as f:
+            print(f.read().strip())
+        print("```")
+        return
     print(f"\n### {title}\n")
     for sort in ("comm", "comm,dso,sym"):
         r = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", sort,
@@ -58,7 +69,10 @@ def main():
     ap.add_argument("--seconds", type=int, default=12)
     ap.add_argument("--out", help="keep perf.data files in this directory")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--trace", action="store_true", help="perf trace -s (syscall times) instead of perf record")
     a = ap.parse_args()
+    global TRACE
+    TRACE = a.trace
     bench.ARGS = argparse.Namespace(bin=os.path.abspath(a.bin), keep=False)
     bench.WORK = tempfile.mkdtemp(prefix="understudy-profile.", dir="/var/tmp")
     import atexit
