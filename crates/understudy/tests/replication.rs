@@ -287,6 +287,13 @@ fn import_converts_qcow2_and_replicates_it() {
     sh(Command::new("qemu-io")
         .args(["-f", "raw", "-c", "read -P 0x5a 1M 2M"])
         .arg(&p));
+    // A failed import leaves nothing behind: the name can be used again.
+    let odd = root.path().join("odd.raw");
+    std::fs::write(&odd, vec![1u8; 1000]).unwrap();
+    let out = a.run(&["vm", "import", "odd", "--image", odd.to_str().unwrap()]);
+    assert!(!out.status.success(), "a 1000-byte image was imported");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4 KiB"));
+    a.ok(&["vm", "create", "odd", "--disk", "1M"]);
     // Refusals: duplicate name, bad name, missing image.
     assert!(!a
         .run(&["vm", "import", "imp", "--image", q.to_str().unwrap()])

@@ -294,8 +294,8 @@ impl Shared {
     pub fn create_vm(&self, name: &str, sizes: &[u64]) -> anyhow::Result<VmInfo> {
         vms::validate_vm_name(name).map_err(|e| bad_request(e.to_string()))?;
         self.ensure_new(name)?;
-        let (record, vm) = vms::create_disks(&self.data_dir, name, sizes, now_unix_ns())?;
-        self.install_vm(record, vm)
+        let made = vms::create_disks(&self.data_dir, name, sizes, now_unix_ns());
+        self.install_or_clean_up(name, made)
     }
 
     pub fn import_vm(&self, name: &str, images: &[PathBuf]) -> anyhow::Result<VmInfo> {
@@ -309,8 +309,8 @@ impl Shared {
                 )));
             }
         }
-        let (record, vm) = vms::import_disks(&self.data_dir, name, images, now_unix_ns())?;
-        self.install_vm(record, vm)
+        let made = vms::import_disks(&self.data_dir, name, images, now_unix_ns());
+        self.install_or_clean_up(name, made)
     }
 
     fn ensure_new(&self, name: &str) -> anyhow::Result<()> {
@@ -318,6 +318,20 @@ impl Shared {
             return Err(conflict(format!("VM {name} already exists")));
         }
         Ok(())
+    }
+
+    /// Installs a new VM, or removes what a failed create or import left behind so that the
+    /// same name can be used again.
+    fn install_or_clean_up(
+        &self,
+        name: &str,
+        made: anyhow::Result<(VmRecord, Vm)>,
+    ) -> anyhow::Result<VmInfo> {
+        let installed = made.and_then(|(record, vm)| self.install_vm(record, vm));
+        if installed.is_err() {
+            let _ = std::fs::remove_dir_all(vms::vm_dir(&self.data_dir, name));
+        }
+        installed
     }
 
     fn install_vm(&self, record: VmRecord, vm: Vm) -> anyhow::Result<VmInfo> {

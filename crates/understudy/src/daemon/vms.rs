@@ -77,13 +77,7 @@ pub fn create_disks(
         disks.push(disk);
     }
     let open_states = vec![OpenState::FirstOpen; disks.len()];
-    let record = VmRecord {
-        version: super::catalog::RECORD_VERSION,
-        name: name.to_string(),
-        created_unix_ns: now_ns,
-        disks: records,
-        replication: None,
-    };
+    let record = new_record(name, now_ns, records);
     Ok((
         record,
         Vm {
@@ -123,38 +117,24 @@ pub fn import_disks(
         super::qemu_img::convert_to_raw(image, Path::new(&rec.file))?;
         sizes.push(size);
     }
-    let gate = CutGate::new();
-    let mut records = Vec::new();
-    let mut disks = Vec::new();
-    let mut open_states = Vec::new();
-    for (i, &size) in sizes.iter().enumerate() {
-        let rec = disk_record(&dir, i as u32, size);
-        let (disk, report) = TrackedDisk::open(
-            Path::new(&rec.file),
-            Path::new(&rec.state_dir),
-            gate.clone(),
-        )
-        .with_context(|| format!("opening imported disk {i} of {name}"))?;
-        records.push(rec);
-        disks.push(disk);
-        open_states.push(report.state);
-    }
-    let record = VmRecord {
+    let records = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| disk_record(&dir, i as u32, size))
+        .collect();
+    let record = new_record(name, now_ns, records);
+    let vm = open_vm(&record)?;
+    Ok((record, vm))
+}
+
+fn new_record(name: &str, now_ns: u64, disks: Vec<DiskRecord>) -> VmRecord {
+    VmRecord {
         version: super::catalog::RECORD_VERSION,
         name: name.to_string(),
         created_unix_ns: now_ns,
-        disks: records,
+        disks,
         replication: None,
-    };
-    Ok((
-        record,
-        Vm {
-            name: name.to_string(),
-            gate,
-            disks,
-            open_states,
-        },
-    ))
+    }
 }
 
 fn disk_record(dir: &Path, index: u32, size_bytes: u64) -> DiskRecord {
