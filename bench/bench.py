@@ -644,7 +644,8 @@ def main():
     ap.add_argument("--runtime", type=int, help="seconds per fio run; default 15, quick 4")
     ap.add_argument("--only", help="comma-separated ids, e.g. T1,T4")
     ap.add_argument("--json", help="also write the results as JSON to this file")
-    ap.add_argument("--workdir", help="parent directory of the work directory (default /var/tmp)")
+    ap.add_argument("--workdir", help="parent directory of the work directory (default /var/tmp; "
+                    "bench/run passes a temporary one under $BENCH_TMPDIR or /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (debugging)")
     ap.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=None,
                     help="also measure T1/T3/T4 on a tracked export that is not replicating (default: full mode)")
