@@ -289,10 +289,14 @@ async fn run(shared: Arc<Shared>, repl: Arc<Replication>, mut rx: mpsc::Receiver
                 }
             }
             _ = sleep, if periodic => {
+                // The next cut is due one period after this one *started*, so a cycle that
+                // takes long does not push the schedule back: lag stays ≤ frequency + one
+                // cycle (a late cycle starts at once).
+                let started = Instant::now();
                 match cycle(&shared, &repl).await {
                     Ok(_) => {
                         retry = RETRY_MIN;
-                        next_at = Instant::now() + Duration::from_secs(u64::from(freq));
+                        next_at = started + Duration::from_secs(u64::from(freq));
                     }
                     Err(e) => {
                         tracing::warn!(vm = %repl.vm.name, "replication cycle failed: {e:#}");
