@@ -502,15 +502,22 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     let indexes = record.disks.clone();
     let (writer, body, sent) = super::peer_client::delta_body();
     let repl2 = repl.clone();
-    let encoder = tokio::task::spawn_blocking(move || {
-        let pairs: Vec<(u32, &tracker::FrozenDisk)> =
-            indexes.iter().copied().zip(cut.disks.iter()).collect();
-        let r = super::shipper::encode_cut(writer, &header, &key, &pairs, &repl2.progress_done)
-            .and_then(|(w, s)| w.finish().map(|_| s).map_err(anyhow::Error::from));
-        (cut, r)
-    });
+    // The encoder runs on its own thread at a lower CPU priority: shipping is background
+    // work and the guest's I/O threads come first (promise 4).
+    let (enc_tx, enc_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("ship-{vm_name}"))
+        .spawn(move || {
+            super::shipper::lower_priority();
+            let pairs: Vec<(u32, &tracker::FrozenDisk)> =
+                indexes.iter().copied().zip(cut.disks.iter()).collect();
+            let r = super::shipper::encode_cut(writer, &header, &key, &pairs, &repl2.progress_done)
+                .and_then(|(w, s)| w.finish().map(|_| s).map_err(anyhow::Error::from));
+            let _ = enc_tx.send((cut, r));
+        })
+        .context("starting the shipper thread")?;
     let put = super::peer_client::put_delta(&peer, &vm_name, seq, body).await;
-    let (cut, encoded) = encoder.await.context("encoder task")?;
+    let (cut, encoded) = enc_rx.await.context("the shipper thread stopped")?;
 
     let outcome: anyhow::Result<(DeltaReply, super::shipper::ShipSummary)> = match (put, encoded) {
         (Ok(reply), Ok(summary)) => Ok((reply, summary)),
