@@ -18,6 +18,11 @@ use crate::{sys, BLOCK_BYTES};
 /// large static.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
+/// Writes at least this large are taken as bulk copying (nbdcopy, qemu-img convert and
+/// initial fills use 256 KiB–2 MiB requests; guests mostly 4–64 KiB), and make the activity
+/// log look ahead.
+const AL_LOOK_AHEAD_WRITE_BYTES_MIN: u64 = 256 * 1024;
+
 /// Cap on extents returned by one `block_status` call (the trait allows stopping short).
 const BLOCK_STATUS_EXTENTS_MAX: usize = 64;
 
@@ -51,7 +56,7 @@ impl TrackedDisk {
             }
             // Never hold the gate across an fsync: the cut would wait for it.
             drop(g);
-            self.al.ensure(e0, e1);
+            self.al.ensure(e0, e1, len >= AL_LOOK_AHEAD_WRITE_BYTES_MIN);
         };
         let idx = self.active_idx.load(std::sync::atomic::Ordering::Acquire) & 1;
         let frozen = &self.maps[idx ^ 1];
