@@ -47,6 +47,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), R
     f.write_all(bytes).map_err(ReplicaError::io("write", tmp))?;
     fsync_file(&f, tmp)?;
     drop(f);
+    crate::failpoint::hit("write_atomic.before_rename")?;
     rename(tmp, path)
 }
 

@@ -12,6 +12,7 @@ mod failpoint;
 mod fold;
 mod index;
 mod manifest;
+mod payload;
 mod receive;
 mod store;
 mod view;

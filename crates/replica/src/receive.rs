@@ -1,38 +1,65 @@
-//! Receiving and committing a delta. [`Incoming`] streams bytes into `incoming/<n>.partial`
-//! while a push decoder validates them (bounded memory: one frame); [`ReplicaVm::commit`]
-//! checks sequence and lineage, makes the file durable, renames it into the journal, and only
-//! then publishes the point in the index (see "Commit" in `docs/formats/replica-store.md`).
+//! Receiving and committing a delta. [`Incoming`] validates the bytes with a push decoder
+//! (bounded memory: one frame) and, once the header says which, either streams them into
+//! `incoming/<n>.partial` (every later delta; [`ReplicaVm::commit`] checks sequence and lineage,
+//! makes the file durable, renames it into the journal, and only then publishes the point in the
+//! index) or, for the first point of a VM, writes the frames straight into the reset base images
+//! (commit: fsync them, then the manifest that lists the point). See "Receive", "Commit" and
+//! "The first point, straight into the base" in `docs/formats/replica-store.md`.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use delta::{
-    decode_payload, Compression, DeltaHeader, DeltaKind, Event, FrameInfo, FrameKind, PushDecoder,
-};
+use delta::{DeltaHeader, DeltaKind, Event, FrameInfo, FrameKind, PushDecoder};
 
 use crate::index::{JournalFile, Layer};
-use crate::vm::{JournalEntry, PointInfo, ReplicaVm, VmInner, INCOMING_DIR};
+use crate::payload::PayloadDecoder;
+use crate::vm::{superseded, JournalEntry, PointInfo, ReplicaVm, VmInner, INCOMING_DIR};
 use crate::{durable, failpoint, fold, ReplicaError, FRAMES_PER_DELTA_MAX};
 
 /// Write buffer of an incoming file: large enough that a 1 MiB frame costs a few syscalls.
 const INCOMING_BUFFER_BYTES: usize = 256 * 1024;
 
+/// Bytes written while receiving after which writeback is started (`sync_file_range`), so that
+/// the commit's fsync finds little left to write.
+pub(crate) const WRITEBACK_KICK_BYTES: u64 = 32 << 20;
+
+/// Where the bytes of a delta go.
+enum Sink {
+    /// Header not decoded yet: the bytes so far (less than one header).
+    Pending(Vec<u8>),
+    /// Into `incoming/<n>.partial` (`Incoming::partial`), later renamed into the journal.
+    Journal(BufWriter<File>),
+    /// The first point, frames applied to the base images by attempt `epoch`.
+    Base { epoch: u64 },
+    /// Committed, or given up.
+    Closed,
+}
+
 /// A delta being received. Write the delta's bytes into it (`std::io::Write`), then pass it to
 /// [`ReplicaVm::commit`]. The first invalid byte makes every later write fail with the reason;
-/// dropping it without committing deletes the partial file.
+/// dropping it without committing deletes the partial file (a first point written into the
+/// base is never listed, and the next attempt, or open, resets the base).
 pub struct Incoming {
     vm: Arc<VmInner>,
-    path: PathBuf,
-    file: Option<BufWriter<File>>,
+    sink: Sink,
+    /// The partial file, deleted on drop unless renamed into the journal.
+    partial: Option<PathBuf>,
     dec: PushDecoder,
+    payload: PayloadDecoder,
     header: Option<DeltaHeader>,
+    /// Journal mode: every frame, for the index. Base mode: nothing (no index needed).
     frames: Vec<FrameInfo>,
+    frame_count: u64,
     error: Option<ReplicaError>,
     received_bytes: u64,
+    /// Bytes written since writeback was last started.
+    unkicked: u64,
 }
 
 impl Incoming {
@@ -54,36 +81,142 @@ impl Incoming {
         let vm = &self.vm;
         let header = &mut self.header;
         let frames = &mut self.frames;
+        let frame_count = &mut self.frame_count;
+        let sink = &mut self.sink;
+        let partial = &mut self.partial;
+        let payload = &mut self.payload;
+        let unkicked = &mut self.unkicked;
         self.dec.feed::<ReplicaError>(buf, |ev| match ev {
             Event::Header(h) => {
                 check_sequence(vm, &h)?;
+                *sink = open_sink(vm, &h, std::mem::replace(sink, Sink::Closed), partial)?;
                 *header = Some(h);
                 Ok(())
             }
-            Event::Frame(info, payload) => {
-                if frames.len() as u64 >= FRAMES_PER_DELTA_MAX {
+            Event::Frame(info, stored) => {
+                if *frame_count >= FRAMES_PER_DELTA_MAX {
                     return Err(ReplicaError::TooManyFrames {
                         max: FRAMES_PER_DELTA_MAX,
                     });
                 }
-                // Prove now that a compressed payload decodes, so that a point never holds a
-                // frame that fails only when someone reads it.
-                if info.kind == FrameKind::Data && info.codec == Compression::Zstd {
-                    decode_payload(payload, info.codec, info.len)?;
+                *frame_count += 1;
+                match sink {
+                    Sink::Base { epoch } => {
+                        apply_frame(vm, *epoch, payload, &info, stored, unkicked)?;
+                        if *frame_count == 1 {
+                            failpoint::hit("first.mid_receive")?;
+                        }
+                    }
+                    _ => {
+                        // Prove now that a compressed payload decodes, so that a point never
+                        // holds a frame that fails only when someone reads it.
+                        if info.kind == FrameKind::Data {
+                            payload.decode(stored, &info)?;
+                        }
+                        frames.push(info);
+                    }
                 }
-                frames.push(info);
                 Ok(())
             }
             Event::Footer(_) | Event::More => Ok(()),
         })?;
-        let file = self
-            .file
-            .as_mut()
-            .ok_or(ReplicaError::ReceiveFailed("already committed".into()))?;
-        file.write_all(buf)
-            .map_err(ReplicaError::io("write", &self.path))?;
+        match &mut self.sink {
+            Sink::Pending(bytes) => bytes.extend_from_slice(buf),
+            Sink::Journal(file) => {
+                file.write_all(buf).map_err(|e| {
+                    ReplicaError::io("write", self.partial.clone().unwrap_or_default())(e)
+                })?;
+                self.unkicked += buf.len() as u64;
+                if self.unkicked >= WRITEBACK_KICK_BYTES {
+                    self.unkicked = 0;
+                    start_writeback(file.get_ref());
+                }
+            }
+            Sink::Base { .. } => {}
+            Sink::Closed => return Err(ReplicaError::ReceiveFailed("already committed".into())),
+        }
         self.received_bytes += buf.len() as u64;
         Ok(())
+    }
+}
+
+/// Chooses the mode once the header is verified: the first point of a VM goes into the base,
+/// everything else into a new partial file (which gets the bytes received so far).
+fn open_sink(
+    vm: &VmInner,
+    h: &DeltaHeader,
+    previous: Sink,
+    partial: &mut Option<PathBuf>,
+) -> Result<Sink, ReplicaError> {
+    let Sink::Pending(pending) = previous else {
+        return Err(ReplicaError::ReceiveFailed("header received twice".into()));
+    };
+    // check_sequence passed, so parent_seq == latest_seq(): 0 means no point exists.
+    if h.parent_seq == 0 {
+        let epoch = vm.begin_first_point()?;
+        tracing::info!(vm = %vm.vm_id, seq = h.seq, kind = h.kind.as_str(), "receiving the first point straight into the base images");
+        return Ok(Sink::Base { epoch });
+    }
+    let n = vm.next_incoming.fetch_add(1, Ordering::Relaxed);
+    let path = vm.dir.join(INCOMING_DIR).join(format!("{n}.partial"));
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(ReplicaError::io("create", &path))?;
+    *partial = Some(path.clone());
+    let mut file = BufWriter::with_capacity(INCOMING_BUFFER_BYTES, file);
+    file.write_all(&pending)
+        .map_err(ReplicaError::io("write", &path))?;
+    Ok(Sink::Journal(file))
+}
+
+/// Writes one verified frame of a first point into the base images (stream order: a later
+/// frame overrides an earlier one, as in a fold).
+fn apply_frame(
+    vm: &VmInner,
+    epoch: u64,
+    payload: &mut PayloadDecoder,
+    info: &FrameInfo,
+    stored: &[u8],
+    unkicked: &mut u64,
+) -> Result<(), ReplicaError> {
+    let data = match info.kind {
+        FrameKind::Data => Some(payload.decode(stored, info)?),
+        FrameKind::Zero => None,
+    };
+    vm.write_first_point(epoch, |bases| {
+        let base = bases
+            .get(&info.disk)
+            .ok_or(ReplicaError::NoSuchDisk { disk: info.disk })?;
+        match data {
+            Some(d) if d.iter().any(|&b| b != 0) => base
+                .file
+                .write_all_at(d, info.offset)
+                .map_err(ReplicaError::io("write base image", &base.path)),
+            _ => fold::punch_hole(&base.file, info.offset, info.len)
+                .map_err(ReplicaError::io("punch hole in base image", &base.path)),
+        }
+    })?;
+    if info.kind == FrameKind::Data {
+        *unkicked += info.len;
+        if *unkicked >= WRITEBACK_KICK_BYTES {
+            *unkicked = 0;
+            for b in vm.base.values() {
+                start_writeback(&b.file);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts writeback of a file's dirty pages without waiting for it (performance only: the
+/// commit's fsync is what makes the data durable, so a failure here is ignored).
+fn start_writeback(file: &File) {
+    // SAFETY: sync_file_range only reads its integer arguments; the fd is owned by `file`,
+    // alive for this call.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 
@@ -103,18 +236,18 @@ impl Write for Incoming {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self.file.as_mut() {
-            Some(f) => f.flush(),
-            None => Ok(()),
+        match &mut self.sink {
+            Sink::Journal(file) => file.flush(),
+            _ => Ok(()),
         }
     }
 }
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        if self.file.is_some() {
+        if let Some(path) = &self.partial {
             // Not committed. Not a durability matter: open deletes incoming/ anyway.
-            let _ = std::fs::remove_file(&self.path);
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -139,7 +272,7 @@ fn check_sequence(vm: &VmInner, h: &DeltaHeader) -> Result<(), ReplicaError> {
 }
 
 impl ReplicaVm {
-    /// Starts receiving a delta into `incoming/<n>.partial`.
+    /// Starts receiving a delta. Where its bytes go is decided when its header arrives.
     pub fn begin_receive(&self) -> Result<Incoming, ReplicaError> {
         let vm = self.inner.clone();
         if vm.state.read().removed {
@@ -147,22 +280,18 @@ impl ReplicaVm {
                 vm_id: vm.vm_id.clone(),
             });
         }
-        let n = vm.next_incoming.fetch_add(1, Ordering::Relaxed);
-        let path = vm.dir.join(INCOMING_DIR).join(format!("{n}.partial"));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(ReplicaError::io("create", &path))?;
         Ok(Incoming {
             dec: PushDecoder::new(&vm.key),
             vm,
-            path,
-            file: Some(BufWriter::with_capacity(INCOMING_BUFFER_BYTES, file)),
+            sink: Sink::Pending(Vec::new()),
+            partial: None,
+            payload: PayloadDecoder::default(),
             header: None,
             frames: Vec::new(),
+            frame_count: 0,
             error: None,
             received_bytes: 0,
+            unkicked: 0,
         })
     }
 
@@ -185,54 +314,93 @@ impl ReplicaVm {
         let vm = &self.inner;
         let _m = vm.mutate.lock();
         check_sequence(vm, &header)?;
-        failpoint::hit("commit.before_fsync")?;
-        let writer = incoming
-            .file
-            .take()
-            .ok_or(ReplicaError::ReceiveFailed("already committed".into()))?;
-        let file = writer
-            .into_inner()
-            .map_err(|e| ReplicaError::io("write", &incoming.path)(e.into_error()))?;
-        durable::fsync_file(&file, &incoming.path)?;
-        drop(file);
-        failpoint::hit("commit.before_rename")?;
-        let seq = header.seq;
-        let jpath = vm.journal_path(seq);
-        durable::rename(&incoming.path, &jpath)?;
-        failpoint::hit("commit.after_rename")?;
-        let file = File::open(&jpath).map_err(ReplicaError::io("open", &jpath))?;
-        let journal = Arc::new(JournalFile {
-            seq,
-            path: jpath,
-            file,
-        });
-        let mut layers: BTreeMap<u32, Layer> = BTreeMap::new();
-        for info in incoming.frames.drain(..) {
-            layers
-                .entry(info.disk)
-                .or_default()
-                .insert_frame(&journal, info);
-        }
         let info = PointInfo::from_delta(&header, &summary);
-        let entry = JournalEntry {
-            info,
-            layers: layers.into_iter().map(|(d, l)| (d, Arc::new(l))).collect(),
-        };
-        let first = {
-            let mut st = vm.state.write();
-            st.journal.insert(seq, entry);
-            st.base_seq == 0 && st.base_point.is_none() && st.journal.len() == 1
-        };
-        tracing::info!(vm = %vm.vm_id, seq, kind = header.kind.as_str(), bytes = summary.stored_bytes, "recovery point committed");
-        if header.kind == DeltaKind::Full && vm.state.read().damage.is_some() {
-            vm.update_manifest(|st| st.damage = None)?;
-        }
-        if first {
-            // The first point goes straight into the base: no second copy of the disks.
-            if let Err(e) = fold::fold_next(vm) {
-                tracing::warn!(vm = %vm.vm_id, seq, error = %e, "could not fold the first point into the base; retention will retry");
+        match std::mem::replace(&mut incoming.sink, Sink::Closed) {
+            Sink::Base { epoch } => commit_first_point(vm, epoch, &header, info)?,
+            Sink::Journal(file) => commit_journal(vm, &mut incoming, file, &header, info)?,
+            Sink::Pending(_) | Sink::Closed => {
+                return Err(ReplicaError::ReceiveFailed("already committed".into()))
             }
         }
+        tracing::info!(vm = %vm.vm_id, seq = info.seq, kind = header.kind.as_str(), bytes = summary.stored_bytes, "recovery point committed");
         Ok(info)
     }
+}
+
+/// Commit of the first point (caller holds `mutate` and checked the sequence): fsync the base
+/// images, then the manifest that lists the point — the only step that makes it exist.
+fn commit_first_point(
+    vm: &VmInner,
+    epoch: u64,
+    header: &DeltaHeader,
+    info: PointInfo,
+) -> Result<(), ReplicaError> {
+    let mut current = vm.base_writer.lock();
+    if *current != epoch {
+        return Err(superseded());
+    }
+    // This attempt is consumed whatever happens next; no base write may follow it.
+    *current += 1;
+    failpoint::hit("first.before_fsync")?;
+    for b in vm.base.values() {
+        durable::fsync_file(&b.file, &b.path)?;
+    }
+    failpoint::hit("first.before_manifest")?;
+    let full = header.kind == DeltaKind::Full;
+    vm.update_manifest(|st| {
+        st.base_seq = info.seq;
+        st.base_point = Some(info);
+        st.folding = None;
+        if full {
+            st.damage = None;
+        }
+    })?;
+    failpoint::hit("first.after_manifest")
+}
+
+/// Commit into the journal (caller holds `mutate` and checked the sequence): fsync the partial
+/// file, rename it into the journal, then publish its layers in the index.
+fn commit_journal(
+    vm: &VmInner,
+    incoming: &mut Incoming,
+    writer: BufWriter<File>,
+    header: &DeltaHeader,
+    info: PointInfo,
+) -> Result<(), ReplicaError> {
+    // Until the rename, a failure leaves the partial file to Drop (deleted).
+    let partial = incoming
+        .partial
+        .clone()
+        .ok_or(ReplicaError::ReceiveFailed("no partial file".into()))?;
+    failpoint::hit("commit.before_fsync")?;
+    let file = writer
+        .into_inner()
+        .map_err(|e| ReplicaError::io("write", &partial)(e.into_error()))?;
+    durable::fsync_file(&file, &partial)?;
+    drop(file);
+    failpoint::hit("commit.before_rename")?;
+    let seq = header.seq;
+    let jpath = vm.journal_path(seq);
+    durable::rename(&partial, &jpath)?;
+    incoming.partial = None;
+    failpoint::hit("commit.after_rename")?;
+    let file = File::open(&jpath).map_err(ReplicaError::io("open", &jpath))?;
+    let journal = Arc::new(JournalFile {
+        seq,
+        path: jpath,
+        file,
+    });
+    let mut layers: BTreeMap<u32, Layer> = BTreeMap::new();
+    for f in incoming.frames.drain(..) {
+        layers.entry(f.disk).or_default().insert_frame(&journal, f);
+    }
+    let entry = JournalEntry {
+        info,
+        layers: layers.into_iter().map(|(d, l)| (d, Arc::new(l))).collect(),
+    };
+    vm.state.write().journal.insert(seq, entry);
+    if header.kind == DeltaKind::Full && vm.state.read().damage.is_some() {
+        vm.update_manifest(|st| st.damage = None)?;
+    }
+    Ok(())
 }

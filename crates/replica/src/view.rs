@@ -10,13 +10,13 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use delta::decode_stored_frame;
+use delta::{decode_stored_frame, FrameKind};
 use nbd::BlockBackend;
 use nbd::Extent;
 
 use crate::index::{resolve, FrameRef, SegSrc};
 use crate::vm::{ReplicaVm, VmInner};
-use crate::{durable, ReplicaError, FRAME_CACHE_ENTRIES};
+use crate::{durable, payload, ReplicaError, FRAME_CACHE_ENTRIES};
 
 /// Most extents one block-status answer carries; the NBD client asks again for the rest.
 const BLOCK_STATUS_EXTENTS_MAX: usize = 1024;
@@ -275,7 +275,12 @@ fn read_frame(vm: &VmInner, frame: &FrameRef) -> Result<Arc<Vec<u8>>, ReplicaErr
             frame.info.frame_pos
         )));
     }
-    let data = Arc::new(parsed.data().map_err(|e| damaged(e.to_string()))?);
+    let data = match parsed.info.kind {
+        FrameKind::Zero => Vec::new(),
+        FrameKind::Data => payload::decode_owned(parsed.payload, &parsed.info)
+            .map_err(|e| damaged(e.to_string()))?,
+    };
+    let data = Arc::new(data);
     let mut cache = vm.cache.lock();
     if cache.len() >= FRAME_CACHE_ENTRIES {
         cache.pop_front();

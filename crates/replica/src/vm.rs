@@ -140,6 +140,11 @@ pub(crate) struct VmInner {
     pub pins: Mutex<BTreeMap<u64, usize>>,
     pub cache: Mutex<FrameCache>,
     pub next_incoming: AtomicU64,
+    /// Epoch of the attempt allowed to write a first point straight into the base images (see
+    /// "The first point, straight into the base" in the format doc). Every reset and every
+    /// commit of a first point takes a new one; base writes and that commit hold this lock.
+    /// Lock order: `mutate`, then `base_writer`, then `state`.
+    pub base_writer: Mutex<u64>,
 }
 
 /// One replicated VM on the replica host.
@@ -256,6 +261,60 @@ impl VmInner {
         st.folding = next.folding;
         st.damage = next.damage;
         Ok(())
+    }
+
+    /// Makes every base image an all-zero sparse file of its disk's size. Only while no point
+    /// exists (the base's content is then visible to no one); caller holds `base_writer` or
+    /// has the VM to itself (open).
+    pub fn reset_base(&self) -> Result<(), ReplicaError> {
+        for d in &self.disks {
+            let b = self
+                .base
+                .get(&d.index)
+                .ok_or(ReplicaError::NoSuchDisk { disk: d.index })?;
+            b.file
+                .set_len(0)
+                .and_then(|()| b.file.set_len(d.size_bytes))
+                .map_err(ReplicaError::io("reset base image", &b.path))?;
+        }
+        Ok(())
+    }
+
+    /// Starts an attempt at the first point: supersedes any earlier attempt, resets the base
+    /// images to zeros, and returns the attempt's epoch. Refused once a point exists.
+    pub fn begin_first_point(&self) -> Result<u64, ReplicaError> {
+        let mut epoch = self.base_writer.lock();
+        {
+            let st = self.state.read();
+            if st.removed {
+                return Err(ReplicaError::Removed {
+                    vm_id: self.vm_id.clone(),
+                });
+            }
+            let latest = st.latest_seq();
+            if latest != 0 || st.folding.is_some() {
+                return Err(ReplicaError::OutOfSequence {
+                    expected: latest + 1,
+                    got: 1,
+                });
+            }
+        }
+        *epoch += 1;
+        self.reset_base()?;
+        Ok(*epoch)
+    }
+
+    /// Runs `write` on the base images if attempt `epoch` is still the current one.
+    pub fn write_first_point<T>(
+        &self,
+        epoch: u64,
+        write: impl FnOnce(&BTreeMap<u32, BaseImage>) -> Result<T, ReplicaError>,
+    ) -> Result<T, ReplicaError> {
+        let current = self.base_writer.lock();
+        if *current != epoch {
+            return Err(superseded());
+        }
+        write(&self.base)
     }
 
     /// Refuses a delta header that does not belong to this VM. `exact_generation`: at commit
@@ -403,8 +462,17 @@ pub(crate) fn open_vm(dir: &Path) -> Result<ReplicaVm, ReplicaError> {
         pins: Mutex::new(BTreeMap::new()),
         cache: Mutex::new(VecDeque::new()),
         next_incoming: AtomicU64::new(1),
+        base_writer: Mutex::new(0),
     });
     recover_journal(&inner, &m)?;
+    let no_point = {
+        let st = inner.state.read();
+        st.latest_seq() == 0 && st.folding.is_none()
+    };
+    if no_point {
+        // Frees what an interrupted first point left in the base; never visible (no point).
+        inner.reset_base()?;
+    }
     Ok(ReplicaVm { inner })
 }
 
@@ -498,6 +566,10 @@ fn recover_journal(inner: &Arc<VmInner>, m: &Manifest) -> Result<(), ReplicaErro
         inner.update_manifest(|st| st.damage = Some(d))?;
     }
     Ok(())
+}
+
+pub(crate) fn superseded() -> ReplicaError {
+    ReplicaError::ReceiveFailed("superseded by a newer attempt at the first point".into())
 }
 
 pub(crate) fn base_path(dir: &Path, index: u32) -> PathBuf {
