@@ -7,7 +7,8 @@ use crate::{
 };
 
 pub(crate) const MAGIC: [u8; 8] = *b"USDELTA\0";
-pub(crate) const VERSION: u16 = 1;
+/// Format version written and the only one read (`docs/formats/delta.md`, "Versioning").
+pub(crate) const VERSION: u16 = 2;
 /// magic, version, flags, header_len: enough to know how much more header to read.
 pub(crate) const PREAMBLE_BYTES: usize = 16;
 /// Fixed fields after the preamble, before the VM id.
@@ -18,8 +19,8 @@ pub(crate) const CHECKSUM_BYTES: usize = 32;
 pub(crate) const HEADER_BYTES_MIN: usize =
     PREAMBLE_BYTES + FIXED_BYTES + 1 + DISK_ENTRY_BYTES + CHECKSUM_BYTES;
 
-const HEADER_KEY_CONTEXT: &str = "understudy delta v1 header checksum";
-const MAC_KEY_CONTEXT: &str = "understudy delta v1 stream mac";
+const HEADER_KEY_CONTEXT: &str = "understudy delta v2 header checksum";
+const MAC_KEY_CONTEXT: &str = "understudy delta v2 stream mac";
 
 /// What a delta represents relative to its parent point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

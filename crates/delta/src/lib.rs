@@ -8,7 +8,8 @@
 //! - [`Decoder`] / [`PushDecoder`] are the same validation as a state machine without I/O, for
 //!   callers that receive bytes pushed to them (the replica's incoming stream).
 //! - [`decode_stored_frame`] / [`decode_payload`] re-read one frame at random from a stored
-//!   delta (the replica's point reads).
+//!   delta (the replica's point reads); [`PayloadDecoder`] does the same reusing one zstd
+//!   context, for callers that decode many frames.
 //!
 //! Nothing in this crate panics or allocates more than one frame on hostile bytes: every length
 //! is checked against a named bound before it is trusted.
@@ -22,7 +23,9 @@ mod writer;
 
 pub use decoder::{Decoder, Event, PushDecoder};
 pub use error::DeltaError;
-pub use frame::{decode_payload, decode_stored_frame, FrameInfo, FrameKind, StoredFrame};
+pub use frame::{
+    decode_payload, decode_stored_frame, FrameInfo, FrameKind, PayloadDecoder, StoredFrame,
+};
 pub use header::{Compression, DeltaHeader, DeltaKind, DiskEntry};
 pub use reader::{DeltaReader, Frame, FrameBody};
 pub use writer::DeltaWriter;
@@ -51,6 +54,24 @@ pub const VM_ID_BYTES_MAX: usize = 255;
 /// zstd level used by the writer: levels 1–3 run at several hundred MB/s per core, which keeps
 /// compression off the critical path of a cut; higher levels gain little on disk blocks.
 pub const ZSTD_LEVEL: i32 = 1;
+
+/// The writer keeps a zstd frame only if it saves at least `len / ZSTD_MIN_SAVING_DIVISOR`
+/// bytes (1/32, ~3 %): below that the wire gain is noise, while every reader of the stored
+/// frame pays a decompression for it.
+pub const ZSTD_MIN_SAVING_DIVISOR: u64 = 32;
+
+/// Consecutive frames that zstd failed to shrink (see [`ZSTD_MIN_SAVING_DIVISOR`]) before the
+/// writer stops trying. More than one, so that a single incompressible frame (one JPEG among
+/// text) does not switch compression off; few enough that an incompressible workload (random
+/// or already-compressed data) wastes at most 4 attempts before backing off.
+pub const ZSTD_BACKOFF_AFTER: u32 = 4;
+
+/// Frames stored raw without trying zstd once the writer backed off; then one frame is probed
+/// again (a failed probe backs off again at once, a success resumes compressing every frame).
+/// Trying one frame in 33 bounds the wasted work on incompressible data to ~3 % of always
+/// compressing, while data that becomes compressible again is stored raw for at most 32
+/// frames (≤ 32 MiB) before compression resumes.
+pub const ZSTD_BACKOFF_SKIP: u32 = 32;
 
 /// Totals of one delta, as recorded in its footer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

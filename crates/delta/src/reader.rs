@@ -5,7 +5,7 @@
 use std::io::{self, Read};
 
 use crate::decoder::{Decoder, Event};
-use crate::frame::{decode_payload, FrameInfo, FrameKind};
+use crate::frame::{FrameInfo, FrameKind, PayloadDecoder};
 use crate::{DeltaError, DeltaHeader, DeltaSummary, FRAME_DATA_BYTES_MAX};
 
 /// A decoded frame.
@@ -30,6 +30,7 @@ pub struct DeltaReader<R: Read> {
     dec: Decoder,
     header: DeltaHeader,
     buf: Vec<u8>,
+    payloads: PayloadDecoder,
 }
 
 impl<R: Read> DeltaReader<R> {
@@ -45,6 +46,7 @@ impl<R: Read> DeltaReader<R> {
                         dec,
                         header,
                         buf,
+                        payloads: PayloadDecoder::new(),
                     })
                 }
                 Pulled::Nothing => continue,
@@ -75,7 +77,7 @@ impl<R: Read> DeltaReader<R> {
         };
         let body = match info.kind {
             FrameKind::Zero => FrameBody::Zero,
-            FrameKind::Data => match decode_payload(&self.buf, info.codec, info.len) {
+            FrameKind::Data => match self.payloads.decode(&self.buf, info.codec, info.len) {
                 Ok(data) => FrameBody::Data(data),
                 Err(e) => {
                     self.dec.poison();

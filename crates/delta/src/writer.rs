@@ -1,6 +1,11 @@
 //! [`DeltaWriter`]: encodes a delta onto any `Write`. Validates every frame with the same rules
 //! the decoder applies, so it cannot produce a delta the reader refuses. It does not buffer:
 //! callers writing to a socket or file should pass a `BufWriter`.
+//!
+//! Per payload byte the writer does one BLAKE3 pass (the frame checksum; the footer MAC covers
+//! only the heads, format version 2) and at most one zstd pass, none while it is backed off
+//! after incompressible frames ([`ZSTD_BACKOFF_AFTER`], [`ZSTD_BACKOFF_SKIP`]). Raw payloads
+//! are written from the caller's slice without a copy.
 
 use std::io::Write;
 
@@ -8,7 +13,7 @@ use crate::frame::{encode_frame_head, FrameInfo, FrameKind, TAG_FOOTER};
 use crate::header::Keys;
 use crate::{
     Compression, DeltaError, DeltaHeader, DeltaSummary, BLOCK_BYTES, FRAME_DATA_BYTES_MAX,
-    ZSTD_LEVEL,
+    ZSTD_BACKOFF_AFTER, ZSTD_BACKOFF_SKIP, ZSTD_LEVEL, ZSTD_MIN_SAVING_DIVISOR,
 };
 
 /// Streaming delta encoder.
@@ -21,7 +26,13 @@ pub struct DeltaWriter<W: Write> {
     data_bytes: u64,
     zero_bytes: u64,
     compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// Compressed payload of the current frame; sized once to the bound of a full frame (so no
+    /// per-frame reallocation or zero-filling).
     scratch: Vec<u8>,
+    /// Consecutive frames zstd failed to shrink enough.
+    incompressible_streak: u32,
+    /// Frames still to store raw without trying zstd.
+    backoff_left: u32,
 }
 
 impl<W: Write> DeltaWriter<W> {
@@ -29,9 +40,12 @@ impl<W: Write> DeltaWriter<W> {
     pub fn new(out: W, header: &DeltaHeader, key: &[u8; 32]) -> Result<Self, DeltaError> {
         header.validate()?;
         let keys = Keys::derive(key);
-        let compressor = match header.compression {
-            Compression::None => None,
-            Compression::Zstd => Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
+        let (compressor, scratch) = match header.compression {
+            Compression::None => (None, Vec::new()),
+            Compression::Zstd => (
+                Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
+                vec![0u8; zstd::zstd_safe::compress_bound(FRAME_DATA_BYTES_MAX as usize)],
+            ),
         };
         let mut w = DeltaWriter {
             out,
@@ -42,7 +56,9 @@ impl<W: Write> DeltaWriter<W> {
             data_bytes: 0,
             zero_bytes: 0,
             compressor,
-            scratch: Vec::new(),
+            scratch,
+            incompressible_streak: 0,
+            backoff_left: 0,
         };
         let bytes = header.encode(&keys);
         w.emit(&bytes)?;
@@ -114,19 +130,10 @@ impl<W: Write> DeltaWriter<W> {
 
     fn data_frame(&mut self, disk: u32, offset: u64, chunk: &[u8]) -> Result<(), DeltaError> {
         let len = chunk.len() as u64;
-        let mut codec = Compression::None;
-        if let Some(c) = self.compressor.as_mut() {
-            self.scratch
-                .resize(zstd::zstd_safe::compress_bound(chunk.len()), 0);
-            let n = c.compress_to_buffer(chunk, &mut self.scratch[..])?;
-            if (n as u64) < len {
-                self.scratch.truncate(n);
-                codec = Compression::Zstd;
-            }
-        }
-        let payload: &[u8] = match codec {
-            Compression::Zstd => &self.scratch,
-            Compression::None => chunk,
+        let compressed = self.try_compress(chunk)?;
+        let (codec, payload): (_, &[u8]) = match compressed {
+            Some(n) => (Compression::Zstd, &self.scratch[..n]),
+            None => (Compression::None, chunk),
         };
         let info = FrameInfo {
             kind: FrameKind::Data,
@@ -139,14 +146,41 @@ impl<W: Write> DeltaWriter<W> {
             frame_pos: self.pos,
         };
         let head = encode_frame_head(&info, payload);
+        // Version 2: the MAC covers the head (which carries the payload's checksum), not the
+        // payload itself.
         self.mac.update(&head);
-        self.mac.update(payload);
         self.out.write_all(&head)?;
         self.out.write_all(payload)?;
         self.pos += (head.len() + payload.len()) as u64;
         self.frames += 1;
         self.data_bytes += len;
         Ok(())
+    }
+
+    /// Compresses `chunk` into `scratch` when compression is on, not backed off, and saves
+    /// enough; returns the compressed length, or None to store the frame raw.
+    fn try_compress(&mut self, chunk: &[u8]) -> Result<Option<usize>, DeltaError> {
+        let Some(c) = self.compressor.as_mut() else {
+            return Ok(None);
+        };
+        if self.backoff_left > 0 {
+            self.backoff_left -= 1;
+            return Ok(None);
+        }
+        let len = chunk.len();
+        let n = c.compress_to_buffer(chunk, &mut self.scratch[..])?;
+        let saving_min = (len as u64 / ZSTD_MIN_SAVING_DIVISOR).max(1) as usize;
+        if n + saving_min <= len {
+            self.incompressible_streak = 0;
+            return Ok(Some(n));
+        }
+        self.incompressible_streak += 1;
+        if self.incompressible_streak >= ZSTD_BACKOFF_AFTER {
+            self.backoff_left = ZSTD_BACKOFF_SKIP;
+            // The probe after the back-off decides alone: a failure backs off again.
+            self.incompressible_streak = ZSTD_BACKOFF_AFTER - 1;
+        }
+        Ok(None)
     }
 
     fn check_range(&self, disk: u32, offset: u64, len: u64) -> Result<(), DeltaError> {

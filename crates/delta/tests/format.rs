@@ -287,3 +287,196 @@ fn decode_payload_caps_lengths_before_allocating() {
     assert!(decode_payload(&[0u8; 16], Compression::Zstd, 4096).is_err());
     assert!(decode_payload(&[0u8; 16], Compression::None, 4096).is_err());
 }
+
+/// Position and stored length of every frame of `bytes`, in stream order.
+fn frames_of(bytes: &[u8]) -> Vec<delta::FrameInfo> {
+    let mut r = DeltaReader::new(bytes, &KEY).unwrap();
+    let mut out = Vec::new();
+    while let Some(info) = r.next_frame_info().unwrap() {
+        out.push(info);
+    }
+    out
+}
+
+/// Recomputes a frame's unkeyed checksum in place, as an attacker without the key can.
+fn fix_frame_checksum(bytes: &mut [u8], info: &delta::FrameInfo) {
+    let at = info.frame_pos as usize;
+    let payload = at + 44..at + 44 + info.stored_len as usize;
+    let mut h = blake3::Hasher::new();
+    h.update(&bytes[at..at + 28]);
+    h.update(&bytes[payload]);
+    let sum = h.finalize();
+    bytes[at + 28..at + 44].copy_from_slice(&sum.as_bytes()[..16]);
+}
+
+#[test]
+fn flipped_payload_byte_is_caught_by_the_frame_checksum() {
+    let valid = small_delta();
+    for info in frames_of(&valid)
+        .into_iter()
+        .filter(|f| f.kind == FrameKind::Data)
+    {
+        for at in [info.payload_pos(), info.frame_pos + info.frame_len() - 1] {
+            let mut bytes = valid.clone();
+            bytes[at as usize] ^= 0x10;
+            match decode_all(&bytes, &KEY) {
+                Err(DeltaError::FrameChecksum { pos }) => assert_eq!(pos, info.frame_pos),
+                other => panic!("flip at {at} gave {other:?}"),
+            }
+            let stored =
+                &bytes[info.frame_pos as usize..(info.frame_pos + info.frame_len()) as usize];
+            assert!(matches!(
+                decode_stored_frame(stored, info.frame_pos),
+                Err(DeltaError::FrameChecksum { .. })
+            ));
+        }
+    }
+}
+
+#[test]
+fn altered_frame_with_a_recomputed_checksum_is_caught_by_the_mac() {
+    let valid = small_delta();
+    let frames = frames_of(&valid);
+    let raw = frames
+        .iter()
+        .find(|f| f.kind == FrameKind::Data && f.codec == Compression::None)
+        .expect("small_delta has a raw frame");
+    // A replaced payload, checksum made to match: the head changed, so the MAC fails.
+    let mut bytes = valid.clone();
+    let p = raw.payload_pos() as usize;
+    bytes[p..p + raw.stored_len as usize].fill(0x5A);
+    fix_frame_checksum(&mut bytes, raw);
+    assert!(matches!(
+        decode_all(&bytes, &KEY),
+        Err(DeltaError::FooterMismatch(_))
+    ));
+    // A moved frame (other offset, still in range), checksum made to match.
+    let mut bytes = valid.clone();
+    let at = raw.frame_pos as usize + 8;
+    bytes[at..at + 8].copy_from_slice(&(raw.offset + 4096).to_le_bytes());
+    fix_frame_checksum(&mut bytes, raw);
+    assert!(matches!(
+        decode_all(&bytes, &KEY),
+        Err(DeltaError::FooterMismatch(_))
+    ));
+    // A zero frame turned into one of another length, checksum made to match.
+    let zero = frames.iter().find(|f| f.kind == FrameKind::Zero).unwrap();
+    let mut bytes = valid.clone();
+    let at = zero.frame_pos as usize + 16;
+    bytes[at..at + 8].copy_from_slice(&4096u64.to_le_bytes());
+    fix_frame_checksum(&mut bytes, zero);
+    assert!(matches!(
+        decode_all(&bytes, &KEY),
+        Err(DeltaError::FooterMismatch(_))
+    ));
+    // Sanity: the untouched delta still decodes.
+    decode_all(&valid, &KEY).unwrap();
+}
+
+#[test]
+fn compression_backs_off_on_incompressible_frames_and_probes_again() {
+    use delta::{ZSTD_BACKOFF_AFTER, ZSTD_BACKOFF_SKIP};
+    const BLOCK: usize = 4096;
+    let h = header(Compression::Zstd);
+    let disk = 2u32;
+    let mut model = vec![0u8; 3 * 1024 * 1024];
+    let mut w = DeltaWriter::new(Vec::new(), &h, &KEY).unwrap();
+    // (compressible?, expected codec is zstd?) per 4 KiB frame.
+    let mut plan: Vec<(bool, bool)> = Vec::new();
+    let after = ZSTD_BACKOFF_AFTER as usize;
+    let skip = ZSTD_BACKOFF_SKIP as usize;
+    // Incompressible frames: all tried, the last one triggers the back-off.
+    plan.extend(std::iter::repeat((false, false)).take(after));
+    // Compressible data during the back-off is stored raw without trying.
+    plan.extend(std::iter::repeat((true, false)).take(skip));
+    // The probe compresses and compression resumes for every frame.
+    plan.extend(std::iter::repeat((true, true)).take(5));
+    // Incompressible again: a fresh streak is needed to back off.
+    plan.extend(std::iter::repeat((false, false)).take(after));
+    plan.extend(std::iter::repeat((true, false)).take(skip));
+    // The probe fails (incompressible): back off again at once.
+    plan.push((false, false));
+    plan.extend(std::iter::repeat((true, false)).take(skip));
+    plan.extend(std::iter::repeat((true, true)).take(3));
+    // A lone incompressible frame among compressible ones does not back off.
+    plan.push((false, false));
+    plan.extend(std::iter::repeat((true, true)).take(3));
+    assert!(plan.len() * BLOCK <= model.len());
+    for (i, &(compressible, _)) in plan.iter().enumerate() {
+        let data = bytes_for(
+            BLOCK,
+            if compressible {
+                i as u8 % 128
+            } else {
+                128 + (i as u8 % 127)
+            },
+        );
+        let off = i * BLOCK;
+        w.data(disk, off as u64, &data).unwrap();
+        model[off..off + BLOCK].copy_from_slice(&data);
+    }
+    let (bytes, summary) = w.finish().unwrap();
+    assert_eq!(summary.frames, plan.len() as u64);
+    let frames = frames_of(&bytes);
+    let codecs: Vec<bool> = frames
+        .iter()
+        .map(|f| f.codec == Compression::Zstd)
+        .collect();
+    let want: Vec<bool> = plan.iter().map(|&(_, z)| z).collect();
+    assert_eq!(codecs, want);
+    // Round trip is exact.
+    let decoded = decode_all(&bytes, &KEY).unwrap();
+    let img = &decoded.iter().find(|(i, _)| *i == disk).unwrap().1;
+    assert!(img == &model);
+}
+
+#[test]
+fn mixed_large_writes_round_trip_with_back_off() {
+    // 1 MiB frames alternating runs of random and compressible data, larger than a back-off.
+    let h = header(Compression::Zstd);
+    let mut model = vec![0u8; 3 * 1024 * 1024];
+    let mut w = DeltaWriter::new(Vec::new(), &h, &KEY).unwrap();
+    for round in 0..40u64 {
+        let pattern = if (round / 6) % 2 == 0 { 200 } else { 7 } + (round % 5) as u8;
+        let off = (round % 3) * (1 << 20);
+        let data = bytes_for(1 << 20, pattern);
+        w.data(2, off, &data).unwrap();
+        model[off as usize..off as usize + (1 << 20)].copy_from_slice(&data);
+    }
+    let (bytes, s) = w.finish().unwrap();
+    assert_eq!(s.frames, 40);
+    let decoded = decode_all(&bytes, &KEY).unwrap();
+    assert!(decoded.iter().find(|(i, _)| *i == 2).unwrap().1 == model);
+    assert_eq!(
+        DeltaReader::new(&bytes[..], &KEY)
+            .unwrap()
+            .verify_to_end()
+            .unwrap(),
+        s
+    );
+}
+
+#[test]
+fn payload_decoder_reuses_buffers_and_refuses_wrong_lengths() {
+    let mut d = delta::PayloadDecoder::new();
+    let mut out = Vec::with_capacity(1 << 20);
+    let big = zstd::bulk::compress(&[3u8; 8192], 1).unwrap();
+    // Decompresses to more than declared, even though `out` has room: refused.
+    assert!(d
+        .decode_into(&big, Compression::Zstd, 4096, &mut out)
+        .is_err());
+    assert!(out.is_empty());
+    d.decode_into(&big, Compression::Zstd, 8192, &mut out)
+        .unwrap();
+    assert_eq!(out, vec![3u8; 8192]);
+    let small = zstd::bulk::compress(&[4u8; 4096], 1).unwrap();
+    d.decode_into(&small, Compression::Zstd, 4096, &mut out)
+        .unwrap();
+    assert_eq!(out, vec![4u8; 4096]);
+    assert!(d
+        .decode_into(&small, Compression::Zstd, 8192, &mut out)
+        .is_err());
+    d.decode_into(&[9u8; 4096], Compression::None, 4096, &mut out)
+        .unwrap();
+    assert_eq!(out, vec![9u8; 4096]);
+}

@@ -33,8 +33,15 @@ pub fn header(compression: Compression) -> DeltaHeader {
 /// A small delta with a raw frame, a compressed frame and a zero frame.
 pub fn small_delta() -> Vec<u8> {
     let mut w = DeltaWriter::new(Vec::new(), &header(Compression::Zstd), &KEY).unwrap();
-    let random: Vec<u8> = (0..4096u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+    // xorshift: incompressible, so this frame is stored raw.
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let random: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
         .collect();
     w.data(0, 4096, &random).unwrap();
     w.data(2, 8192, &[0xAB; 4096]).unwrap();
