@@ -194,29 +194,222 @@ fn crash_at_each_fold_step_keeps_remaining_points() {
     }
 }
 
+/// An Initial delta (seq 1) writing `blocks` = (disk, block, seed) 4 KiB blocks, with a ZERO
+/// frame over an earlier DATA frame and an all-zero DATA frame, and the images it leads to.
+fn initial(blocks: &[(u32, u64, u8)]) -> (Vec<u8>, BTreeMap<u32, Vec<u8>>) {
+    let header = DeltaHeader {
+        vm_id: VM.into(),
+        generation: 1,
+        seq: 1,
+        parent_seq: 0,
+        cut_time_unix_ns: 1,
+        kind: DeltaKind::Initial,
+        compression: Compression::Zstd,
+        disks: disks(),
+    };
+    let mut images = Model::new().images;
+    let mut w = DeltaWriter::new(Vec::new(), &header, &KEY).unwrap();
+    for &(disk, block, seed) in blocks {
+        let data: Vec<u8> = (0..4096u64)
+            .map(|i| (i / 61 + u64::from(seed)) as u8 | 1)
+            .collect();
+        let off = block * 4096;
+        w.data(disk, off, &data).unwrap();
+        images.get_mut(&disk).unwrap()[off as usize..off as usize + 4096].copy_from_slice(&data);
+    }
+    // Overwritten in the same delta: a ZERO frame over the first block, an all-zero DATA frame
+    // over the second (both must read as zeros).
+    for &(disk, block, _) in blocks.iter().take(2) {
+        let off = block * 4096;
+        if block % 2 == 0 {
+            w.zero(disk, off, 4096).unwrap();
+        } else {
+            w.data(disk, off, &[0u8; 4096]).unwrap();
+        }
+        images.get_mut(&disk).unwrap()[off as usize..off as usize + 4096].fill(0);
+    }
+    (w.finish().unwrap().0, images)
+}
+
+/// Streams `bytes` in uneven pieces, stops at the first refused write, commits.
+fn send_chunked(vm: &ReplicaVm, bytes: &[u8]) -> Result<crate::PointInfo, crate::ReplicaError> {
+    let mut inc = vm.begin_receive()?;
+    for chunk in bytes.chunks(5003) {
+        if inc.write_all(chunk).is_err() {
+            break;
+        }
+    }
+    vm.commit(inc)
+}
+
+/// Blocks the first attempt writes; the second attempt writes only the first half of them.
+fn first_attempt_blocks() -> Vec<(u32, u64, u8)> {
+    (0..BLOCKS)
+        .step_by(3)
+        .map(|b| (0, b, b as u8))
+        .chain((0..8).map(|b| (7, b, 100 + b as u8)))
+        .collect()
+}
+
+fn second_attempt_blocks() -> Vec<(u32, u64, u8)> {
+    vec![(0, 1, 201), (0, 3, 202), (7, 2, 203), (0, 9, 204)]
+}
+
+/// After a failed or interrupted first attempt (no point), a second Initial that does not
+/// write most of the blocks of the first must read exactly as its own image: zeros elsewhere.
+fn second_attempt_reads_exactly(dir: &Path) {
+    let store = ReplicaStore::open(dir).unwrap();
+    let vm = store.vm(VM).unwrap();
+    assert!(vm.points().is_empty());
+    assert_eq!(vm.latest_seq(), 0);
+    let (bytes, images) = initial(&second_attempt_blocks());
+    assert_eq!(send_chunked(&vm, &bytes).unwrap().seq, 1);
+    let mut model = Model::new();
+    model.points.insert(1, images.clone());
+    model.images = images;
+    drop(vm);
+    assert_eq!(check(dir, &model, &[1]), vec![1]);
+    // Later points build on it as usual.
+    model.commit(&store.vm(VM).unwrap(), 2);
+    drop(store);
+    assert_eq!(check(dir, &model, &[1, 2]), vec![1, 2]);
+}
+
+fn journal_is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir.join(VM).join("journal"))
+        .unwrap()
+        .next()
+        .is_none()
+}
+
 #[test]
-fn crash_while_folding_the_initial_point_into_the_base() {
-    for step in [
-        "fold.after_intent",
-        "fold.mid_apply",
-        "fold.after_apply",
-        "fold.after_manifest",
-    ] {
+fn crash_at_each_step_of_the_first_point_commit() {
+    let steps = [
+        ("first.mid_receive", false),
+        ("first.before_fsync", false),
+        ("first.before_manifest", false),
+        ("write_atomic.before_rename", false),
+        ("first.after_manifest", true),
+    ];
+    for (step, survives) in steps {
         let dir = tempfile::tempdir().unwrap();
         let store = ReplicaStore::open(dir.path()).unwrap();
         let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
-        let mut model = Model::new();
+        let (bytes, images) = initial(&first_attempt_blocks());
         failpoint::arm(step);
-        // The commit itself succeeded (the point is durable); only the fold stopped.
-        model.commit(&vm, 1);
+        let r = send_chunked(&vm, &bytes);
+        assert!(
+            matches!(r, Err(crate::ReplicaError::Injected(s)) if s == step),
+            "{step}: {r:?}"
+        );
+        drop(vm);
+        drop(store); // kill -9
+        assert!(journal_is_empty(dir.path()), "{step}: no journal copy");
+        let mut model = Model::new();
+        model.points.insert(1, images);
+        let seqs = check(dir.path(), &model, &[]);
+        if survives {
+            // The manifest was renamed: the point is there, complete.
+            assert_eq!(seqs, vec![1], "{step}");
+        } else {
+            assert!(seqs.is_empty(), "{step}: {seqs:?}");
+            second_attempt_reads_exactly(dir.path());
+        }
+    }
+}
+
+#[test]
+fn a_refused_first_point_leaves_nothing_and_the_next_attempt_starts_from_zeros() {
+    let (bytes, _) = initial(&first_attempt_blocks());
+    let mut corrupt = bytes.clone();
+    let at = bytes.len() - 40; // inside the footer's MAC: every frame was written already
+    corrupt[at] ^= 1;
+    let attempts: [(&str, &[u8]); 2] = [
+        ("truncated", &bytes[..bytes.len() - 1]),
+        ("bad footer", &corrupt),
+    ];
+    for (what, attempt) in attempts {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(dir.path()).unwrap();
+        let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+        let r = send_chunked(&vm, attempt);
+        assert!(
+            matches!(
+                r,
+                Err(crate::ReplicaError::Incomplete { .. } | crate::ReplicaError::Delta(_))
+            ),
+            "{what}: {r:?}"
+        );
+        assert!(vm.points().is_empty(), "{what}");
+        assert_eq!(vm.latest_seq(), 0, "{what}");
+        // Same process, no reopen: the next attempt resets the base itself.
+        let (bytes2, images2) = initial(&second_attempt_blocks());
+        send_chunked(&vm, &bytes2).unwrap();
+        let mut model = Model::new();
+        model.points.insert(1, images2);
+        for (&disk, img) in &model.points[&1] {
+            let mut buf = vec![0u8; img.len()];
+            vm.view(1, disk).unwrap().read_range(&mut buf, 0).unwrap();
+            assert!(
+                buf == *img,
+                "{what}: disk {disk} keeps blocks of the refused attempt"
+            );
+        }
         drop(vm);
         drop(store);
-        assert_eq!(check(dir.path(), &model, &[1]), vec![1], "{step}");
-        let store = ReplicaStore::open(dir.path()).unwrap();
-        model.commit(&store.vm(VM).unwrap(), 2);
-        drop(store);
-        assert_eq!(check(dir.path(), &model, &[1, 2]), vec![1, 2], "{step}");
+        assert_eq!(check(dir.path(), &model, &[1]), vec![1], "{what}");
     }
+}
+
+#[test]
+fn crash_mid_first_point_then_a_new_attempt_starts_from_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+    let (bytes, _) = initial(&first_attempt_blocks());
+    let mut inc = vm.begin_receive().unwrap();
+    inc.write_all(&bytes[..bytes.len() * 3 / 4]).unwrap();
+    std::mem::forget(inc); // the process dies mid-receive
+    drop(vm);
+    drop(store);
+    // Open frees what the interrupted attempt wrote (no point: the base is all holes).
+    let base = dir.path().join(VM).join("base").join("disk-0.raw");
+    {
+        let _store = ReplicaStore::open(dir.path()).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&base).unwrap().blocks(), 0);
+    }
+    second_attempt_reads_exactly(dir.path());
+}
+
+#[test]
+fn a_newer_first_point_attempt_supersedes_an_older_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+    let (old, _) = initial(&first_attempt_blocks());
+    let (new, images) = initial(&second_attempt_blocks());
+    let mut a = vm.begin_receive().unwrap();
+    a.write_all(&old[..old.len() / 2]).unwrap();
+    let mut b = vm.begin_receive().unwrap();
+    b.write_all(&new[..new.len() / 2]).unwrap(); // header: resets the base, new epoch
+    assert!(
+        a.write_all(&old[old.len() / 2..]).is_err(),
+        "the older attempt may not write after the reset"
+    );
+    b.write_all(&new[new.len() / 2..]).unwrap();
+    assert!(matches!(
+        vm.commit(a),
+        Err(crate::ReplicaError::ReceiveFailed(_))
+    ));
+    assert_eq!(vm.commit(b).unwrap().seq, 1);
+    let mut model = Model::new();
+    model.points.insert(1, images.clone());
+    model.images = images;
+    drop(vm);
+    drop(store);
+    assert_eq!(check(dir.path(), &model, &[1]), vec![1]);
+    assert!(journal_is_empty(dir.path()));
 }
 
 #[test]

@@ -526,3 +526,95 @@ fn reads_stay_exact_while_commits_and_retention_run_concurrently() {
     assert_eq!(vm.points().len(), 2);
     assert_points_match(&vm, &model);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// The first point (Initial, or a Full when the replica holds nothing) is written straight
+    /// into the base: it reads back exactly the model (overlapping DATA and ZERO frames, raw
+    /// and zstd), keeps no journal copy, and later points and reopen see it unchanged.
+    #[test]
+    fn first_point_goes_straight_into_the_base_and_reads_back_exactly(
+        ops in prop::collection::vec(op(), 1..24),
+        next in prop::collection::vec(op(), 0..6),
+        zstd in any::<bool>(),
+        full in any::<bool>(),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(dir.path()).unwrap();
+        let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+        let mut model = Model::new();
+        let kind = if full { DeltaKind::Full } else { DeltaKind::Initial };
+        let compression = if zstd { Compression::Zstd } else { Compression::None };
+        let (bytes, images) = model.delta(kind, compression, &ops);
+        let info = send(&vm, &bytes).unwrap();
+        model.accept(images);
+        prop_assert_eq!(info.seq, 1);
+        prop_assert_eq!(info.stored_bytes, bytes.len() as u64);
+        prop_assert_eq!(vm.points(), vec![info]);
+        let journal = dir.path().join(VM).join("journal");
+        prop_assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 0);
+        assert_points_match(&vm, &model);
+        let (bytes, images) = model.delta(DeltaKind::Incremental, compression, &next);
+        send(&vm, &bytes).unwrap();
+        model.accept(images);
+        assert_points_match(&vm, &model);
+        drop((vm, store));
+        let store = ReplicaStore::open(dir.path()).unwrap();
+        let vm = store.vm(VM).unwrap();
+        prop_assert_eq!(vm.damage(), None);
+        prop_assert_eq!(vm.points().len(), 2);
+        assert_points_match(&vm, &model);
+    }
+}
+
+#[test]
+fn a_first_point_is_refused_by_name_like_any_delta_and_leaves_no_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+    let model = Model::new();
+    let ops = [Op::Data {
+        disk: 0,
+        block: 2,
+        blocks: 6,
+        seed: 150,
+    }];
+    let init = DeltaKind::Initial;
+    let (foreign, _) = model.delta_with(1, 0, 1, init, Compression::Zstd, &ops, &[4u8; 32]);
+    assert!(matches!(
+        send(&vm, &foreign),
+        Err(ReplicaError::Delta(delta::DeltaError::HeaderChecksum))
+    ));
+    let (gen, _) = model.delta_with(1, 0, 2, init, Compression::Zstd, &ops, &KEY);
+    assert!(matches!(
+        send(&vm, &gen),
+        Err(ReplicaError::WrongGeneration { .. })
+    ));
+    let (skip, _) = model.delta_with(2, 1, 1, init, Compression::Zstd, &ops, &KEY);
+    assert!(matches!(
+        send(&vm, &skip),
+        Err(ReplicaError::OutOfSequence {
+            expected: 1,
+            got: 2
+        })
+    ));
+    let (good, images) = model.delta(init, Compression::None, &ops);
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 0x40;
+    assert!(matches!(send(&vm, &flipped), Err(ReplicaError::Delta(_))));
+    assert!(matches!(
+        send(&vm, &good[..good.len() - 1]),
+        Err(ReplicaError::Incomplete { .. })
+    ));
+    assert!(vm.points().is_empty());
+    assert_eq!(vm.latest_seq(), 0);
+    drop((vm, store));
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    let vm = store.vm(VM).unwrap();
+    assert!(vm.points().is_empty());
+    assert_eq!(send(&vm, &good).unwrap().seq, 1);
+    let mut model = model;
+    model.accept(images);
+    assert_points_match(&vm, &model);
+}
