@@ -1,6 +1,24 @@
 //! Turns a crash-consistent cut into a delta stream: read the frozen blocks, detect zeros,
 //! and encode DATA/ZERO frames (the delta crate compresses and hashes). Runs on a blocking
 //! thread; memory is bounded by one read chunk plus the transport's body buffer.
+//!
+//! **Holes are read, not skipped.** The cut-time content of a block is in the image only if no
+//! guest write touched it since the cut; otherwise the tracker copied it aside first (the CBW
+//! file) and `FrozenDisk::read_at` returns that copy. A range that is a hole in the live image
+//! may therefore still have non-zero cut-time content (the guest trimmed or punched it after
+//! the cut), and `FrozenDisk` does not say which blocks have a copy. So a `SEEK_DATA`/
+//! `SEEK_HOLE` probe of the image cannot prove a range reads as zeros, and every dirty block
+//! goes through `read_at` (correctness first; reading a hole costs a kernel zero-fill and copy,
+//! no disk I/O). Zeros are then found by [`is_zero`], which stops at the first non-zero 256
+//! bytes of a block and vectorises over zero ones. Skipping holes safely needs the tracker to
+//! answer under its stripe lock (where no block can gain a copy): "these frozen blocks have no
+//! copy and are a hole in the image".
+//!
+//! Per cut the shipper allocates one read buffer; data runs go to the delta writer straight
+//! from it (raw frames are not copied by the writer), and consecutive zero blocks become one
+//! ZERO frame even across read chunks (the replica then punches one range, not one per MiB).
+//! Reads are aligned to [`READ_CHUNK_BYTES`], the tracker's copy-before-write stripe, so one
+//! read holds one stripe lock.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,110 +65,209 @@ pub fn encode_cut<W: Write>(
     disks: &[(u32, &FrozenDisk)],
     progress: &AtomicU64,
 ) -> anyhow::Result<(W, ShipSummary)> {
-    let mut writer = DeltaWriter::new(out, header, key)?;
-    let mut summary = ShipSummary::default();
+    let mut frames = Frames {
+        writer: DeltaWriter::new(out, header, key)?,
+        summary: ShipSummary::default(),
+        zeros: None,
+    };
     let mut buf = vec![0u8; READ_CHUNK_BYTES];
     for &(index, disk) in disks {
         for (offset, len) in disk.ranges() {
-            let mut pos = offset;
             let end = offset + len;
+            let mut pos = offset;
             while pos < end {
-                let n = ((end - pos) as usize).min(READ_CHUNK_BYTES);
+                let n = chunk_len(pos, end);
                 let chunk = &mut buf[..n];
                 disk.read_at(chunk, pos)?;
-                emit_chunk(&mut writer, index, pos, chunk, &mut summary)?;
+                frames.chunk(index, pos, chunk)?;
                 progress.fetch_add(n as u64, Ordering::Relaxed);
                 pos += n as u64;
             }
         }
     }
-    let (out, _) = writer.finish()?;
-    Ok((out, summary))
+    frames.finish()
 }
 
-/// Splits a chunk into runs of all-zero and non-zero 4 KiB blocks and emits one frame per run.
-fn emit_chunk<W: Write>(
-    writer: &mut DeltaWriter<W>,
-    disk: u32,
-    offset: u64,
-    chunk: &[u8],
-    summary: &mut ShipSummary,
-) -> anyhow::Result<()> {
-    let bs = BLOCK_BYTES as usize;
-    let mut run_start = 0usize;
-    let mut run_zero = None::<bool>;
-    for (i, block) in chunk.chunks(bs).enumerate() {
-        let z = is_zero(block);
-        match run_zero {
-            Some(rz) if rz == z => {}
-            Some(rz) => {
-                flush_run(writer, disk, offset, chunk, run_start, i * bs, rz, summary)?;
-                run_start = i * bs;
-                run_zero = Some(z);
+/// Bytes to read at `pos` (before `end`): up to the next multiple of [`READ_CHUNK_BYTES`].
+fn chunk_len(pos: u64, end: u64) -> usize {
+    let chunk = READ_CHUNK_BYTES as u64;
+    (chunk - pos % chunk).min(end - pos) as usize
+}
+
+/// Turns chunks of a disk into frames: one DATA call per run of non-zero blocks, and one ZERO
+/// frame per run of zero blocks, held back until the run ends so that it spans chunks.
+struct Frames<W: Write> {
+    writer: DeltaWriter<W>,
+    summary: ShipSummary,
+    /// Pending zero run: (disk, offset, len).
+    zeros: Option<(u32, u64, u64)>,
+}
+
+impl<W: Write> Frames<W> {
+    /// Emits `chunk`, the content of `disk` at `offset` (a multiple of the block size).
+    fn chunk(&mut self, disk: u32, offset: u64, chunk: &[u8]) -> anyhow::Result<()> {
+        let mut blocks = chunk.chunks(BLOCK_BYTES as usize);
+        let Some(first) = blocks.next() else {
+            return Ok(());
+        };
+        let (mut start, mut zero) = (0usize, is_zero(first));
+        let mut at = first.len();
+        for block in blocks {
+            let z = is_zero(block);
+            if z != zero {
+                self.run(disk, offset, &chunk[start..at], start, zero)?;
+                (start, zero) = (at, z);
             }
-            None => run_zero = Some(z),
+            at += block.len();
+        }
+        self.run(disk, offset, &chunk[start..], start, zero)
+    }
+
+    /// One run of `chunk` (at `start` in it): all zero blocks, or all non-zero ones.
+    fn run(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        bytes: &[u8],
+        start: usize,
+        zero: bool,
+    ) -> anyhow::Result<()> {
+        let (at, len) = (offset + start as u64, bytes.len() as u64);
+        if zero {
+            return self.zero(disk, at, len);
+        }
+        self.flush_zeros()?;
+        self.writer.data(disk, at, bytes)?;
+        self.summary.data_bytes += len;
+        Ok(())
+    }
+
+    fn zero(&mut self, disk: u32, offset: u64, len: u64) -> anyhow::Result<()> {
+        match &mut self.zeros {
+            Some((d, o, l)) if *d == disk && *o + *l == offset => *l += len,
+            _ => {
+                self.flush_zeros()?;
+                self.zeros = Some((disk, offset, len));
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_zeros(&mut self) -> anyhow::Result<()> {
+        if let Some((disk, offset, len)) = self.zeros.take() {
+            self.writer.zero(disk, offset, len)?;
+            self.summary.zero_bytes += len;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> anyhow::Result<(W, ShipSummary)> {
+        self.flush_zeros()?;
+        let (out, _) = self.writer.finish()?;
+        Ok((out, self.summary))
+    }
+}
+
+/// True when every byte is zero. ORs 256 bytes at a time (the compiler vectorises the inner
+/// loop) and stops at the first non-zero stretch, so data blocks cost a few instructions.
+pub fn is_zero(block: &[u8]) -> bool {
+    const STRIDE: usize = 256;
+    let mut strides = block.chunks_exact(STRIDE);
+    for s in strides.by_ref() {
+        let acc = s.chunks_exact(8).fold(0u64, |a, w| {
+            a | u64::from_ne_bytes(w.try_into().expect("chunks_exact(8) yields 8-byte slices"))
+        });
+        if acc != 0 {
+            return false;
         }
     }
-    if let Some(rz) = run_zero {
-        flush_run(
-            writer,
-            disk,
-            offset,
-            chunk,
-            run_start,
-            chunk.len(),
-            rz,
-            summary,
-        )?;
-    }
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn flush_run<W: Write>(
-    writer: &mut DeltaWriter<W>,
-    disk: u32,
-    offset: u64,
-    chunk: &[u8],
-    start: usize,
-    end: usize,
-    zero: bool,
-    summary: &mut ShipSummary,
-) -> anyhow::Result<()> {
-    let len = (end - start) as u64;
-    if zero {
-        writer.zero(disk, offset + start as u64, len)?;
-        summary.zero_bytes += len;
-    } else {
-        writer.data(disk, offset + start as u64, &chunk[start..end])?;
-        summary.data_bytes += len;
-    }
-    Ok(())
-}
-
-/// True when every byte is zero; compares 16 bytes at a time so it vectorises.
-pub fn is_zero(block: &[u8]) -> bool {
-    let mut chunks = block.chunks_exact(16);
-    let wide = chunks.by_ref().all(|c| {
-        u128::from_ne_bytes(
-            c.try_into()
-                .expect("chunks_exact(16) yields 16-byte slices"),
-        ) == 0
-    });
-    wide && chunks.remainder().iter().all(|&b| b == 0)
+    strides.remainder().iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use delta::{Compression, DeltaKind, DeltaReader, DiskEntry, FrameBody, FrameKind};
 
     #[test]
     fn zero_detection() {
         assert!(is_zero(&[0u8; 4096]));
-        let mut b = [0u8; 4096];
-        b[4095] = 1;
-        assert!(!is_zero(&b));
+        for at in [0, 255, 256, 4000, 4095] {
+            let mut b = [0u8; 4096];
+            b[at] = 1;
+            assert!(!is_zero(&b), "non-zero byte at {at}");
+        }
         assert!(!is_zero(&[0, 0, 3]));
+        let mut odd = vec![0u8; 300];
+        assert!(is_zero(&odd));
+        odd[299] = 7;
+        assert!(!is_zero(&odd));
         assert!(is_zero(&[]));
+    }
+
+    #[test]
+    fn reads_are_aligned_to_the_chunk() {
+        let c = READ_CHUNK_BYTES as u64;
+        assert_eq!(chunk_len(0, 10 * c), READ_CHUNK_BYTES);
+        assert_eq!(chunk_len(4096, 10 * c), READ_CHUNK_BYTES - 4096);
+        assert_eq!(chunk_len(c - 8192, c + 4096), 8192);
+        assert_eq!(chunk_len(c, c + 4096), 4096);
+    }
+
+    #[test]
+    fn frames_merge_zero_runs_across_chunks_and_round_trip() {
+        const KEY: [u8; 32] = [1u8; 32];
+        let mib = READ_CHUNK_BYTES;
+        let header = DeltaHeader {
+            vm_id: "t".into(),
+            generation: 1,
+            seq: 1,
+            parent_seq: 0,
+            cut_time_unix_ns: 0,
+            kind: DeltaKind::Initial,
+            compression: Compression::Zstd,
+            disks: vec![DiskEntry {
+                index: 3,
+                size_bytes: 4 * mib as u64,
+            }],
+        };
+        // Chunk 0: data, zeros to its end; chunk 1: all zeros; chunk 2: zeros, then data.
+        let mut image = vec![0u8; 3 * mib];
+        image[..8192].fill(0xC3);
+        image[2 * mib + 4096..2 * mib + 12288].fill(0x11);
+        let mut frames = Frames {
+            writer: DeltaWriter::new(Vec::new(), &header, &KEY).unwrap(),
+            summary: ShipSummary::default(),
+            zeros: None,
+        };
+        for c in 0..3 {
+            frames
+                .chunk(3, (c * mib) as u64, &image[c * mib..(c + 1) * mib])
+                .unwrap();
+        }
+        let (bytes, summary) = frames.finish().unwrap();
+        assert_eq!(summary.data_bytes, 16384);
+        assert_eq!(summary.zero_bytes, 3 * mib as u64 - 16384);
+        let mut r = DeltaReader::new(&bytes[..], &KEY).unwrap();
+        let mut seen = Vec::new();
+        let mut rebuilt = vec![0xFFu8; 3 * mib];
+        while let Some(f) = r.next_frame().unwrap() {
+            seen.push((f.info.kind, f.info.offset, f.info.len));
+            let range = f.info.offset as usize..(f.info.offset + f.info.len) as usize;
+            match f.body {
+                FrameBody::Data(d) => rebuilt[range].copy_from_slice(&d),
+                FrameBody::Zero => rebuilt[range].fill(0),
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (FrameKind::Data, 0, 8192),
+                (FrameKind::Zero, 8192, 2 * mib as u64 - 8192 + 4096),
+                (FrameKind::Data, 2 * mib as u64 + 4096, 8192),
+                (FrameKind::Zero, 2 * mib as u64 + 12288, mib as u64 - 12288),
+            ]
+        );
+        assert!(rebuilt == image);
     }
 }
