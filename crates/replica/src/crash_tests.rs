@@ -425,3 +425,29 @@ fn crash_while_receiving_leaves_no_partial_and_no_point() {
     drop(store);
     assert_eq!(check(dir.path(), &model, &[1]), vec![1]);
 }
+
+#[test]
+fn a_failed_first_point_manifest_write_blocks_resets_until_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+    let (bytes, images) = initial(&first_attempt_blocks());
+    // Simulates a manifest write failing at the rename (the on-disk state is then unknown).
+    failpoint::arm("write_atomic.before_rename");
+    assert!(send_chunked(&vm, &bytes).is_err());
+    let r = send_chunked(&vm, &bytes);
+    assert!(
+        matches!(r, Err(crate::ReplicaError::Damaged(_))),
+        "no reset before reopen: {r:?}"
+    );
+    drop(vm);
+    drop(store);
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    let vm = store.vm(VM).unwrap();
+    assert_eq!(send_chunked(&vm, &bytes).unwrap().seq, 1);
+    let mut model = Model::new();
+    model.points.insert(1, images);
+    drop(vm);
+    drop(store);
+    assert_eq!(check(dir.path(), &model, &[1]), vec![1]);
+}

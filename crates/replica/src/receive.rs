@@ -19,7 +19,9 @@ use delta::{DeltaHeader, DeltaKind, Event, FrameInfo, FrameKind, PushDecoder};
 
 use crate::index::{JournalFile, Layer};
 use crate::payload::PayloadDecoder;
-use crate::vm::{superseded, JournalEntry, PointInfo, ReplicaVm, VmInner, INCOMING_DIR};
+use crate::vm::{
+    superseded, JournalEntry, PointInfo, ReplicaVm, VmInner, FIRST_POINT_POISONED, INCOMING_DIR,
+};
 use crate::{durable, failpoint, fold, ReplicaError, FRAMES_PER_DELTA_MAX};
 
 /// Write buffer of an incoming file: large enough that a 1 MiB frame costs a few syscalls.
@@ -347,14 +349,21 @@ fn commit_first_point(
     }
     failpoint::hit("first.before_manifest")?;
     let full = header.kind == DeltaKind::Full;
-    vm.update_manifest(|st| {
+    let written = vm.update_manifest(|st| {
         st.base_seq = info.seq;
         st.base_point = Some(info);
         st.folding = None;
         if full {
             st.damage = None;
         }
-    })?;
+    });
+    if let Err(e) = written {
+        // The rename may have happened (a failed directory fsync): the manifest on disk may
+        // list the point. Resetting the base for another attempt could then destroy it, so no
+        // attempt is allowed until the store is reopened and the manifest read again.
+        *current = FIRST_POINT_POISONED;
+        return Err(e);
+    }
     failpoint::hit("first.after_manifest")
 }
 

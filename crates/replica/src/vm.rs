@@ -299,6 +299,11 @@ impl VmInner {
                 });
             }
         }
+        if *epoch == FIRST_POINT_POISONED {
+            return Err(ReplicaError::Damaged(
+                "the manifest write of the first point failed; reopen the store before another attempt".into(),
+            ));
+        }
         *epoch += 1;
         self.reset_base()?;
         Ok(*epoch)
@@ -567,6 +572,9 @@ fn recover_journal(inner: &Arc<VmInner>, m: &Manifest) -> Result<(), ReplicaErro
     }
     Ok(())
 }
+
+/// `base_writer` value after a first point's manifest write failed (see `commit_first_point`).
+pub(crate) const FIRST_POINT_POISONED: u64 = u64::MAX;
 
 pub(crate) fn superseded() -> ReplicaError {
     ReplicaError::ReceiveFailed("superseded by a newer attempt at the first point".into())

@@ -1,0 +1,108 @@
+//! Times the replica side of an initial replication: builds an Initial delta in memory (like
+//! T6: DATA in 4 MiB extents alternating with 4 MiB ZERO extents, 1 MiB frames), then streams
+//! it into a fresh replica VM in 256 KiB pieces (as the HTTP body arrives) and commits.
+//!
+//! ```text
+//! cargo run --release -p understudy-replica --example initial_receive -- [DATA_MIB] [RUNS] [COMPRESSIBLE_PERCENT]
+//! ```
+//! Defaults: 512 MiB of data (a 1 GiB disk), 3 runs, 0 % compressible (random data, stored raw
+//! since it does not compress). The store lives in `$BENCH_DIR` or the system temp directory
+//! (use a real file system: the commit's fsync is part of what is measured).
+
+use std::io::Write;
+use std::time::Instant;
+
+use delta::{Compression, DeltaHeader, DeltaKind, DeltaWriter, DiskEntry};
+use replica::ReplicaStore;
+
+const MIB: u64 = 1 << 20;
+const KEY: [u8; 32] = [7u8; 32];
+
+fn fill(buf: &mut [u8], mut x: u64) {
+    for c in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+}
+
+fn main() {
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("numeric arguments"))
+        .collect();
+    let data_mib = args.first().copied().unwrap_or(512);
+    let runs = args.get(1).copied().unwrap_or(3);
+    let compressible = args.get(2).copied().unwrap_or(0);
+    let disk = DiskEntry {
+        index: 0,
+        size_bytes: 2 * data_mib * MIB,
+    };
+    let header = DeltaHeader {
+        vm_id: "bench".into(),
+        generation: 1,
+        seq: 1,
+        parent_seq: 0,
+        cut_time_unix_ns: 1,
+        kind: DeltaKind::Initial,
+        compression: Compression::Zstd,
+        disks: vec![disk],
+    };
+    let t = Instant::now();
+    let mut w = DeltaWriter::new(Vec::new(), &header, &KEY).unwrap();
+    let mut frame = vec![0u8; MIB as usize];
+    for i in 0..data_mib {
+        let extent = i / 4;
+        let off = extent * 8 * MIB + (i % 4) * MIB;
+        if i % 100 < compressible {
+            frame.fill((i % 251) as u8 | 1);
+            fill(&mut frame[..4096], i + 1);
+        } else {
+            fill(&mut frame, i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        }
+        w.data(0, off, &frame).unwrap();
+        if i % 4 == 3 {
+            w.zero(0, off + MIB, 4 * MIB).unwrap();
+        }
+    }
+    let (bytes, summary) = w.finish().unwrap();
+    eprintln!(
+        "delta: {} MiB data, {} MiB zero, {} MiB encoded, built in {:.2} s",
+        summary.data_bytes / MIB,
+        summary.zero_bytes / MIB,
+        bytes.len() as u64 / MIB,
+        t.elapsed().as_secs_f64()
+    );
+    let parent = std::env::var_os("BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let mut totals = Vec::new();
+    for run in 1..=runs {
+        let dir = tempfile::tempdir_in(&parent).unwrap();
+        let store = ReplicaStore::open(dir.path()).unwrap();
+        let vm = store.create_vm("bench", 1, &[disk], KEY).unwrap();
+        // Start from a quiet page cache: the previous run's dirty pages are not ours to wait on.
+        unsafe { libc::sync() };
+        let t0 = Instant::now();
+        let mut inc = vm.begin_receive().unwrap();
+        for chunk in bytes.chunks(256 * 1024) {
+            inc.write_all(chunk).unwrap();
+        }
+        let received = t0.elapsed();
+        let point = vm.commit(inc).unwrap();
+        let total = t0.elapsed();
+        assert_eq!(point.seq, 1);
+        println!(
+            "run {run}: receive {:.3} s + commit {:.3} s = {:.3} s ({:.0} MiB/s of data)",
+            received.as_secs_f64(),
+            (total - received).as_secs_f64(),
+            total.as_secs_f64(),
+            summary.data_bytes as f64 / MIB as f64 / total.as_secs_f64()
+        );
+        totals.push(total.as_secs_f64());
+        drop((vm, store));
+    }
+    totals.sort_by(f64::total_cmp);
+    println!("median {:.3} s", totals[totals.len() / 2]);
+}
