@@ -30,26 +30,6 @@ use tracker::{FrozenDisk, BLOCK_BYTES};
 /// enough to keep a shipper's memory flat.
 pub const READ_CHUNK_BYTES: usize = 1 << 20;
 
-/// Nice value of shipper threads: below the NBD workers (0), so a busy guest keeps its CPU
-/// and a cycle only takes longer (the RPO grows, the guest does not slow down).
-pub const SHIPPER_NICE: i32 = 5;
-
-/// Lowers the calling thread's CPU priority to [`SHIPPER_NICE`] (Linux: per thread).
-pub fn lower_priority() {
-    // SAFETY: gettid has no preconditions; setpriority on our own thread id only changes
-    // that thread's scheduling priority.
-    let rc = unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, SHIPPER_NICE)
-    };
-    if rc != 0 {
-        tracing::debug!(
-            "could not lower the shipper's priority: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ShipSummary {
     pub data_bytes: u64,
