@@ -7,6 +7,7 @@
 mod cli;
 mod daemon;
 mod demo;
+mod errfmt;
 mod nbd_client;
 
 use std::path::PathBuf;
@@ -293,7 +294,7 @@ fn main() -> ExitCode {
                 .downcast_ref::<cli::ApiFailure>()
                 .is_some_and(|f| f.transient);
             // One line: the chain of causes joined, as scripts read stderr line by line.
-            eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
+            eprintln!("error: {}", errfmt::one_line(&err));
             if transient {
                 ExitCode::from(EXIT_TRANSIENT)
             } else {

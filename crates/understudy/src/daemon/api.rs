@@ -69,7 +69,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Ful
             };
             tracing::debug!("{method} {path}: {status}: {e:#}");
             let err = proto::ApiError {
-                error: format!("{e:#}"),
+                error: crate::errfmt::one_line(&e),
                 transient,
             };
             json_response(status, serde_json::to_vec(&err).unwrap_or_default())

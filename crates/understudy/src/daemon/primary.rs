@@ -394,7 +394,7 @@ async fn cycle(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::Result<
             rt.counters.consecutive_failures = 0;
         }
         Err(e) => {
-            rt.last_error = Some(format!("{e:#}"));
+            rt.last_error = Some(crate::errfmt::one_line(e));
             rt.counters.failed += 1;
             rt.counters.consecutive_failures += 1;
             rt.need_hello = true;
@@ -589,7 +589,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
                 events::CYCLE_FAILED,
                 Some(&vm_name),
                 "warning",
-                &format!("replication cycle failed: {e:#}"),
+                &format!("replication cycle failed: {}", crate::errfmt::one_line(&e)),
             );
             Err(e)
         }
