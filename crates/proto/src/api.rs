@@ -135,6 +135,10 @@ pub struct Measure {
     pub maximum_latency_ms: u64,
     /// Longest guest-write pause at a cut.
     pub maximum_cut_pause_us: u64,
+    /// Old data copied aside because the guest overwrote blocks of a cut before they were
+    /// shipped (copy-before-write), since the daemon started: the cost of consistent cuts.
+    #[serde(default)]
+    pub cbw_copied_bytes_total: u64,
     pub last_replication_time: Option<String>,
     pub pending_bytes: u64,
 }

@@ -94,6 +94,10 @@ pub fn print_measure(m: &Measure) {
     println!("  maximum latency        {} ms", m.maximum_latency_ms);
     println!("  longest cut pause      {} us", m.maximum_cut_pause_us);
     println!(
+        "  copied before write    {}",
+        bytes(m.cbw_copied_bytes_total)
+    );
+    println!(
         "  last replication       {}",
         m.last_replication_time.as_deref().unwrap_or("never")
     );

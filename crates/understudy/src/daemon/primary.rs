@@ -189,6 +189,7 @@ impl Replication {
             average_latency_ms: c.latency_ms_total.checked_div(c.ok).unwrap_or(0),
             maximum_latency_ms: c.latency_ms_max,
             maximum_cut_pause_us: c.cut_pause_us_max,
+            cbw_copied_bytes_total: self.vm.disks.iter().map(|d| d.cbw_copied_bytes()).sum(),
             last_replication_time: st.last_replication_time,
             pending_bytes: st.pending_bytes,
         }
