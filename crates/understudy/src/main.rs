@@ -163,6 +163,9 @@ enum ReplicationCmd {
         /// Return only when initial replication is complete.
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this many seconds (exit 75; replication goes on).
+        #[arg(long, requires = "wait")]
+        timeout: Option<u64>,
     },
     /// Cut and ship now; returns when the replica has committed the point.
     Sync {
@@ -251,7 +254,11 @@ fn main() -> ExitCode {
                     compression,
                     disks,
                 } => cli::replication_enable(&api, &name, &replica, frequency, &compression, disks),
-                ReplicationCmd::Start { name, wait } => cli::replication_start(&api, &name, wait),
+                ReplicationCmd::Start {
+                    name,
+                    wait,
+                    timeout,
+                } => cli::replication_start(&api, &name, wait, timeout),
                 ReplicationCmd::Sync { name, json } => cli::replication_sync(&api, &name, json),
                 ReplicationCmd::Status { name, json } => {
                     cli::replication_status(&api, name.as_deref(), json)

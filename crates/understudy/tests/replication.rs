@@ -308,3 +308,31 @@ fn import_converts_qcow2_and_replicates_it() {
         .status
         .success());
 }
+
+#[test]
+fn start_wait_timeout_gives_up_transiently_and_replication_goes_on() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, mut b) = pair(root.path());
+    a.ok(&["vm", "create", "slow", "--disk", "8M"]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "slow",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "1",
+    ]);
+    b.kill9();
+    let out = a.run(&["replication", "start", "slow", "--wait", "--timeout", "2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains("not complete after 2 s"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    b.restart();
+    wait_until(
+        "initial replication after the replica returned",
+        Duration::from_secs(60),
+        || a.json(&["replication", "status", "slow"])["state"] == "Replicating",
+    );
+}

@@ -201,7 +201,13 @@ pub fn replication_enable(
     Ok(())
 }
 
-pub fn replication_start(api: &Api, name: &str, wait: bool) -> anyhow::Result<()> {
+pub fn replication_start(
+    api: &Api,
+    name: &str,
+    wait: bool,
+    timeout_secs: Option<u64>,
+) -> anyhow::Result<()> {
+    let deadline = timeout_secs.map(|t| std::time::Instant::now() + Duration::from_secs(t));
     let seg = path_segment(name)?;
     let _: ReplicationStatus = api.post(
         &format!("/v1/vms/{seg}/replication/start"),
@@ -229,7 +235,26 @@ pub fn replication_start(api: &Api, name: &str, wait: bool) -> anyhow::Result<()
                     st.resync_reason.unwrap_or_default()
                 )
             }
-            _ => std::thread::sleep(WAIT_POLL),
+            _ => {
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    if let Some(bar) = &bar {
+                        bar.abandon();
+                    }
+                    let why = st
+                        .last_error
+                        .map(|e| format!(" (last error: {e})"))
+                        .unwrap_or_default();
+                    return Err(ApiFailure {
+                        message: format!(
+                            "initial replication of {name} is not complete after {} s; it goes on in the background{why}",
+                            timeout_secs.unwrap_or(0)
+                        ),
+                        transient: true,
+                    }
+                    .into());
+                }
+                std::thread::sleep(WAIT_POLL)
+            }
         }
     }
     if let Some(bar) = bar {
