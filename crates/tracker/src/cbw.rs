@@ -25,7 +25,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use crate::bitmap::Bitmap;
 use crate::disk::TrackedDisk;
-use crate::BLOCK_BYTES;
+use crate::{sys, BLOCK_BYTES};
 
 /// Blocks per lock region: 1 MiB, the shipper's read chunk, so one shipper read holds one
 /// stripe and blocks only writers to that MiB.
@@ -282,5 +282,48 @@ impl TrackedDisk {
             region = rend + 1;
         }
         Ok(())
+    }
+
+    /// If `offset..offset+len` (block aligned, inside one 1 MiB region) is a hole in the image
+    /// and none of its blocks has a CBW copy or was read already, its cut-time content is all
+    /// zeros: mark the blocks read (secured) and return true without reading anything.
+    /// Decided under the region's stripe lock, where no block can gain a copy. Anything else
+    /// returns false and changes nothing (the caller reads normally).
+    pub(crate) fn frozen_hole(&self, epoch: u64, offset: u64, len: u64) -> io::Result<bool> {
+        let Some(end) = offset.checked_add(len).filter(|e| *e <= self.size) else {
+            return Ok(false);
+        };
+        if len == 0
+            || !offset.is_multiple_of(BLOCK_BYTES)
+            || (!end.is_multiple_of(BLOCK_BYTES) && end != self.size)
+        {
+            return Ok(false);
+        }
+        let (first, last) = (offset / BLOCK_BYTES, (end - 1) / BLOCK_BYTES);
+        if region_end(first, last) != last {
+            return Ok(false);
+        }
+        let st = &self.frozen;
+        let frozen = self.frozen_map();
+        let _stripe = st.stripe(first);
+        if !st.open.load(Ordering::Acquire)
+            || st.epoch.load(Ordering::Acquire) != epoch
+            || st.poisoned.load(Ordering::Acquire)
+        {
+            return Ok(false);
+        }
+        let untouched =
+            (first..=last).all(|b| frozen.test(b) && !st.present.test(b) && !self.secured.test(b));
+        if !untouched {
+            return Ok(false);
+        }
+        let hole = match sys::seek_data(&self.file, offset)? {
+            None => true,
+            Some(data) => data >= end,
+        };
+        if hole {
+            self.secured.set_range(first, last);
+        }
+        Ok(hole)
     }
 }

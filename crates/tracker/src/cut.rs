@@ -201,4 +201,11 @@ impl FrozenDisk {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.disk.read_frozen(self.epoch, buf, offset)
     }
+
+    /// True when `offset..offset+len_bytes` (block aligned, within one 1 MiB region) reads as
+    /// zeros at the cut without reading it: a hole in the image with no copy-before-write data
+    /// and not read before. The range then counts as read. False: read it with `read_at`.
+    pub fn skip_if_hole(&self, offset: u64, len_bytes: u64) -> io::Result<bool> {
+        self.disk.frozen_hole(self.epoch, offset, len_bytes)
+    }
 }

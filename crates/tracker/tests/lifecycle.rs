@@ -576,3 +576,38 @@ fn block_status_reports_holes_and_data() {
     d.write_zeroes(EXTENT_BYTES, B, true, true).expect("punch");
     d.flush().expect("flush");
 }
+
+#[test]
+fn holes_are_skipped_only_when_no_cut_time_data_hides_in_them() {
+    const MIB: u64 = 1 << 20;
+    let f = fixture();
+    let (gate, d) = create(&f, 4 * MIB);
+    // MiB 0: data; MiB 1: data the guest will punch after the cut; MiB 2..4: holes.
+    d.write_at(&vec![7u8; MIB as usize], 0, false).expect("w0");
+    d.write_at(&vec![9u8; MIB as usize], MIB, false)
+        .expect("w1");
+    d.mark_all_dirty();
+    let c = cut(&gate, std::slice::from_ref(&d)).expect("cut");
+    let fd = &c.disks[0];
+    // After the cut the guest punches MiB 1: copy-before-write keeps its 9s aside.
+    d.trim(MIB, MIB, false).expect("trim");
+    assert!(
+        !fd.skip_if_hole(0, MIB).expect("probe 0"),
+        "data is not a hole"
+    );
+    assert!(
+        !fd.skip_if_hole(MIB, MIB).expect("probe 1"),
+        "a hole that hides cut-time data must be read"
+    );
+    assert_eq!(read_frozen(fd, MIB, MIB), vec![9u8; MIB as usize]);
+    assert!(fd.skip_if_hole(2 * MIB, MIB).expect("probe 2"));
+    // Skipped counts as read: reading it again is refused, like any second read.
+    let mut buf = vec![0u8; MIB as usize];
+    assert!(fd.read_at(&mut buf, 2 * MIB).is_err());
+    // Unaligned or region-crossing probes are declined, never guessed.
+    assert!(!fd.skip_if_hole(3 * MIB - B, 2 * B).expect("crossing"));
+    assert!(!fd.skip_if_hole(3 * MIB + 1, B).expect("unaligned"));
+    assert!(fd.skip_if_hole(3 * MIB, MIB).expect("probe 3"));
+    assert_eq!(read_frozen(fd, 0, MIB), vec![7u8; MIB as usize]);
+    c.commit();
+}

@@ -2,17 +2,14 @@
 //! and encode DATA/ZERO frames (the delta crate compresses and hashes). Runs on a blocking
 //! thread; memory is bounded by one read chunk plus the transport's body buffer.
 //!
-//! **Holes are read, not skipped.** The cut-time content of a block is in the image only if no
-//! guest write touched it since the cut; otherwise the tracker copied it aside first (the CBW
-//! file) and `FrozenDisk::read_at` returns that copy. A range that is a hole in the live image
-//! may therefore still have non-zero cut-time content (the guest trimmed or punched it after
-//! the cut), and `FrozenDisk` does not say which blocks have a copy. So a `SEEK_DATA`/
-//! `SEEK_HOLE` probe of the image cannot prove a range reads as zeros, and every dirty block
-//! goes through `read_at` (correctness first; reading a hole costs a kernel zero-fill and copy,
-//! no disk I/O). Zeros are then found by [`is_zero`], which stops at the first non-zero 256
-//! bytes of a block and vectorises over zero ones. Skipping holes safely needs the tracker to
-//! answer under its stripe lock (where no block can gain a copy): "these frozen blocks have no
-//! copy and are a hole in the image".
+//! **Holes are skipped when that is safe.** The cut-time content of a block is in the image
+//! only if no guest write touched it since the cut; otherwise the tracker copied it aside first
+//! and `FrozenDisk::read_at` returns that copy. So a hole in the live image may still hide
+//! cut-time data (the guest punched it after the cut). For each chunk the shipper first asks
+//! `FrozenDisk::skip_if_hole`, which answers under the tracker's stripe lock: a hole with no
+//! copy and not read before reads as zeros at the cut, and becomes a ZERO frame without being
+//! read (a full resynchronization of a mostly empty disk then costs one `SEEK_DATA` per MiB of
+//! holes). Everything else is read and zero runs are found by [`is_zero`].
 //!
 //! Per cut the shipper allocates one read buffer; data runs go to the delta writer straight
 //! from it (raw frames are not copied by the writer), and consecutive zero blocks become one
@@ -57,9 +54,13 @@ pub fn encode_cut<W: Write>(
             let mut pos = offset;
             while pos < end {
                 let n = chunk_len(pos, end);
-                let chunk = &mut buf[..n];
-                disk.read_at(chunk, pos)?;
-                frames.chunk(index, pos, chunk)?;
+                if disk.skip_if_hole(pos, n as u64)? {
+                    frames.zero(index, pos, n as u64)?;
+                } else {
+                    let chunk = &mut buf[..n];
+                    disk.read_at(chunk, pos)?;
+                    frames.chunk(index, pos, chunk)?;
+                }
                 progress.fetch_add(n as u64, Ordering::Relaxed);
                 pos += n as u64;
             }
