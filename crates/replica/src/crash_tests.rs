@@ -162,6 +162,30 @@ fn crash_at_each_commit_step_keeps_earlier_points() {
     }
 }
 
+/// Regression: a commit that failed after its journal file was renamed into place (a failed
+/// directory fsync) left the point on disk but not in the index, and a later delta of the
+/// same seq would have been renamed over it. Now the VM refuses deltas until reopened, and the
+/// reopened store has the point.
+#[test]
+fn a_commit_failing_after_the_rename_wedges_until_reopen() {
+    let (dir, store, mut model) = setup(2);
+    let vm = store.vm(VM).unwrap();
+    let (bytes, images) = model.delta(3);
+    failpoint::arm("commit.after_rename");
+    assert!(send(&vm, &bytes).is_err());
+    // The same delta again (the primary retries): refused, the journal file is untouched.
+    let again = send(&vm, &bytes);
+    assert!(
+        matches!(&again, Err(crate::ReplicaError::ReceiveFailed(r)) if r.contains("restarts")),
+        "{again:?}"
+    );
+    model.points.insert(3, images);
+    drop(vm);
+    drop(store);
+    let seqs = check(dir.path(), &model, &[1, 2, 3]);
+    assert_eq!(seqs, vec![1, 2, 3]);
+}
+
 #[test]
 fn crash_at_each_fold_step_keeps_remaining_points() {
     for step in [

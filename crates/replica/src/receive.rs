@@ -256,6 +256,9 @@ impl Drop for Incoming {
 
 /// Refuses a header whose lineage or sequence does not follow the VM's latest point.
 fn check_sequence(vm: &VmInner, h: &DeltaHeader) -> Result<(), ReplicaError> {
+    if let Some(reason) = vm.wedged.lock().clone() {
+        return Err(ReplicaError::ReceiveFailed(reason));
+    }
     let st = vm.state.read();
     if st.removed {
         return Err(ReplicaError::Removed {
@@ -367,6 +370,15 @@ fn commit_first_point(
     failpoint::hit("first.after_manifest")
 }
 
+fn wedge(vm: &VmInner, seq: u64, e: &ReplicaError) {
+    let reason = format!(
+        "point {seq} of {} reached the journal but its commit failed ({e}); refusing further deltas until the replica daemon restarts and re-reads its store",
+        vm.vm_id
+    );
+    tracing::error!("{reason}");
+    *vm.wedged.lock() = Some(reason);
+}
+
 /// Commit into the journal (caller holds `mutate` and checked the sequence): fsync the partial
 /// file, rename it into the journal, then publish its layers in the index.
 fn commit_journal(
@@ -390,10 +402,25 @@ fn commit_journal(
     failpoint::hit("commit.before_rename")?;
     let seq = header.seq;
     let jpath = vm.journal_path(seq);
-    durable::rename(&partial, &jpath)?;
+    if let Err(e) = durable::rename(&partial, &jpath) {
+        if jpath.exists() {
+            // Renamed but not known durable: the point may exist on disk and not here. Never
+            // let a later delta of this seq be renamed over it.
+            incoming.partial = None;
+            wedge(vm, seq, &e);
+        }
+        return Err(e);
+    }
     incoming.partial = None;
-    failpoint::hit("commit.after_rename")?;
-    let file = File::open(&jpath).map_err(ReplicaError::io("open", &jpath))?;
+    let opened = failpoint::hit("commit.after_rename")
+        .and_then(|()| File::open(&jpath).map_err(ReplicaError::io("open", &jpath)));
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) => {
+            wedge(vm, seq, &e);
+            return Err(e);
+        }
+    };
     let journal = Arc::new(JournalFile {
         seq,
         path: jpath,

@@ -145,6 +145,11 @@ pub(crate) struct VmInner {
     /// commit of a first point takes a new one; base writes and that commit hold this lock.
     /// Lock order: `mutate`, then `base_writer`, then `state`.
     pub base_writer: Mutex<u64>,
+    /// Set when a journal commit failed after its file was renamed into place (e.g. the
+    /// directory fsync failed): the journal on disk may hold a point the index does not, so
+    /// every further commit is refused until the store is reopened and reads the journal
+    /// again. In memory only: reopening is the cure.
+    pub wedged: Mutex<Option<String>>,
 }
 
 /// One replicated VM on the replica host.
@@ -468,6 +473,7 @@ pub(crate) fn open_vm(dir: &Path) -> Result<ReplicaVm, ReplicaError> {
         cache: Mutex::new(VecDeque::new()),
         next_incoming: AtomicU64::new(1),
         base_writer: Mutex::new(0),
+        wedged: Mutex::new(None),
     });
     recover_journal(&inner, &m)?;
     let no_point = {
