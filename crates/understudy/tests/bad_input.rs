@@ -215,17 +215,7 @@ fn hostile_delta_uploads_are_refused_and_change_nothing() {
     require("nbdcopy", "libnbd-bin");
     let root = tempfile::tempdir().unwrap();
     let (a, mut b) = pair(root.path());
-    a.ok(&["vm", "create", "web", "--disk", "16M"]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "web",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "3600",
-    ]);
-    a.ok(&["replication", "start", "web", "--wait"]);
+    replicate(&a, &b, "web", &["16M"], 3600);
     let uri = a.nbd_uri("web", 0);
     qemu_io_ok(&uri, &["write -q -P 0x21 0 2M"]);
     sync_until_ok(&a, "web", 5);

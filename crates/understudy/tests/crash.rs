@@ -87,17 +87,7 @@ fn replica_killed_during_cycles_leaves_every_point_whole() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let root = tempfile::tempdir().unwrap();
     let (a, mut b) = pair(root.path());
-    a.ok(&["vm", "create", "web", "--disk", "64M"]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "web",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "1",
-    ]);
-    a.ok(&["replication", "start", "web", "--wait"]);
+    replicate(&a, &b, "web", &["64M"], 1);
     let uri = a.nbd_uri("web", 0);
 
     let mut random = vec![0u8; RANDOM_LEN as usize];
@@ -229,17 +219,7 @@ fn primary_killed_under_load_recovers_or_says_resync() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let root = tempfile::tempdir().unwrap();
     let (mut a, b) = pair(root.path());
-    a.ok(&["vm", "create", "web", "--disk", "64M"]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "web",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "1",
-    ]);
-    a.ok(&["replication", "start", "web", "--wait"]);
+    replicate(&a, &b, "web", &["64M"], 1);
     let uri = a.nbd_uri("web", 0);
 
     let (mut recovered, mut resyncs) = (0, 0);
@@ -309,17 +289,7 @@ fn disk_modified_while_down_requires_resync_and_keeps_points() {
     tools();
     let root = tempfile::tempdir().unwrap();
     let (mut a, b) = pair(root.path());
-    a.ok(&["vm", "create", "web", "--disk", "32M"]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "web",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "30",
-    ]);
-    a.ok(&["replication", "start", "web", "--wait"]);
+    replicate(&a, &b, "web", &["32M"], 30);
     let uri = a.nbd_uri("web", 0);
     qemu_io_ok(&uri, &["write -q -P 0x11 0 1M"]);
     assert_eq!(a.json(&["replication", "sync", "web"])["seq"], 2);
@@ -539,17 +509,7 @@ fn image_edited_after_a_primary_crash_is_not_silent() {
     tools();
     let root = tempfile::tempdir().unwrap();
     let (mut a, b) = pair(root.path());
-    a.ok(&["vm", "create", "web", "--disk", "64M"]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "web",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "30",
-    ]);
-    a.ok(&["replication", "start", "web", "--wait"]);
+    replicate(&a, &b, "web", &["64M"], 30);
     let uri = a.nbd_uri("web", 0);
     let image = disk_path(&a, "web", 0);
 

@@ -26,17 +26,7 @@ fn every_recovery_point_is_a_valid_cut_across_two_disks() {
     assert!(ok, "Debian's /usr/bin/python3 with python3-libnbd is required: apt-get install -y python3-libnbd");
     let root = tempfile::tempdir().unwrap();
     let (a, b) = pair(root.path());
-    a.ok(&["vm", "create", "web", "--disk", "16M", "--disk", "16M"]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "web",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "1",
-    ]);
-    a.ok(&["replication", "start", "web", "--wait"]);
+    replicate(&a, &b, "web", &["16M", "16M"], 1);
 
     let repo = repo_root();
     let log = root.path().join("workload.log");

@@ -80,17 +80,7 @@ fn replica_outage_never_fails_guest_writes_and_catches_up_without_resync() {
     require("nbdcopy", "libnbd-bin");
     let root = tempfile::tempdir().unwrap();
     let (a, mut b) = pair(root.path());
-    a.ok(&["vm", "create", "web", "--disk", "64M"]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "web",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "1",
-    ]);
-    a.ok(&["replication", "start", "web", "--wait"]);
+    replicate(&a, &b, "web", &["64M"], 1);
     let uri = a.nbd_uri("web", 0);
     qemu_io_ok(&uri, &["write -q -P 0x11 32M 1M"]);
     sync_until_ok(&a, "web", 5);
@@ -228,17 +218,7 @@ fn primary_crash_during_a_replica_outage_still_catches_up_without_resync() {
     require("nbdcopy", "libnbd-bin");
     let root = tempfile::tempdir().unwrap();
     let (mut a, mut b) = pair(root.path());
-    a.ok(&["vm", "create", "web", "--disk", "64M"]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "web",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "1",
-    ]);
-    a.ok(&["replication", "start", "web", "--wait"]);
+    replicate(&a, &b, "web", &["64M"], 1);
     let uri = a.nbd_uri("web", 0);
     qemu_io_ok(&uri, &["write -q -P 0x11 0 64M"]);
     sync_until_ok(&a, "web", 5);

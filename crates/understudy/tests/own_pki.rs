@@ -148,17 +148,7 @@ fn hosts_with_certificates_from_the_admins_ca_replicate() {
         "mallory",
     ]);
     // Same CA on both sides: no `trust add` needed.
-    a.ok(&["vm", "create", "web", "--disk", "8M"]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "web",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "30",
-    ]);
-    a.ok(&["replication", "start", "web", "--wait"]);
+    replicate(&a, &b, "web", &["8M"], 30);
     assert_eq!(
         b.json(&["points", "list", "web"]).as_array().unwrap().len(),
         1

@@ -415,3 +415,24 @@ pub fn torn_chunks(image: &Path, region: u64) -> Vec<u64> {
         .map(|(i, _)| i as u64 * PATTERN_CHUNK)
         .collect()
 }
+
+/// `vm create VM --disk S...` on `primary`, replication to `replica` every `frequency_secs`,
+/// and initial replication waited for: the common start of a replication test.
+pub fn replicate(primary: &Host, replica: &Host, vm: &str, disks: &[&str], frequency_secs: u32) {
+    let mut create = vec!["vm", "create", vm];
+    for d in disks {
+        create.extend(["--disk", d]);
+    }
+    primary.ok(&create);
+    let freq = frequency_secs.to_string();
+    primary.ok(&[
+        "replication",
+        "enable",
+        vm,
+        "--replica",
+        &replica.addr(),
+        "--frequency",
+        &freq,
+    ]);
+    primary.ok(&["replication", "start", vm, "--wait"]);
+}
