@@ -14,10 +14,6 @@ use crate::activity::ActivityLog;
 use crate::disk::TrackedDisk;
 use crate::{sys, BLOCK_BYTES};
 
-/// Zeros for the write-zeroes fallback; 64 KiB keeps the number of pwrites small without a
-/// large static.
-static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-
 /// Writes at least this large are taken as bulk copying (nbdcopy, qemu-img convert and
 /// initial fills use 256 KiB–2 MiB requests; guests mostly 4–64 KiB), and make the activity
 /// log look ahead.
@@ -71,23 +67,14 @@ impl TrackedDisk {
     }
 
     fn zero(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
-        let attempt = if may_trim {
-            sys::punch_hole(&self.file, offset, len)
-        } else {
-            sys::zero_range(&self.file, offset, len)
-        };
-        match attempt {
-            Err(e) if sys::unsupported(&e) => {}
-            other => return other,
+        if may_trim {
+            match nbd::file::punch_hole(&self.file, offset, len) {
+                Err(e) if sys::unsupported(&e) => {}
+                other => return other,
+            }
         }
-        let mut pos = offset;
-        let end = offset + len;
-        while pos < end {
-            let n = (end - pos).min(ZEROS.len() as u64);
-            self.file.write_all_at(&ZEROS[..n as usize], pos)?;
-            pos += n;
-        }
-        Ok(())
+        // ZERO_RANGE, falling back to writing zeros where the filesystem cannot.
+        nbd::file::zero_range(&self.file, offset, len)
     }
 }
 
@@ -117,7 +104,7 @@ impl BlockBackend for TrackedDisk {
 
     fn trim(&self, offset: u64, len_bytes: u64, fua: bool) -> io::Result<()> {
         self.modify(offset, len_bytes, || {
-            match sys::punch_hole(&self.file, offset, len_bytes) {
+            match nbd::file::punch_hole(&self.file, offset, len_bytes) {
                 // Trim is advisory: leaving the data in place is a valid outcome.
                 Err(e) if sys::unsupported(&e) => Ok(()),
                 other => other,

@@ -1,55 +1,11 @@
-//! Thin, safe wrappers over the few Linux calls std does not offer: `fallocate` (punch hole,
-//! zero range), `lseek(SEEK_DATA/SEEK_HOLE)`, `flock`, `posix_fadvise`.
+//! Thin, safe wrappers over the few Linux calls std does not offer: `lseek(SEEK_DATA/
+//! SEEK_HOLE)`, `flock`, `posix_fadvise` (hole punching and zeroing come from `nbd::file`).
 //!
 //! Owns no state and makes no decisions; every function is one syscall (plus EINTR retry).
 
 use std::fs::File;
 use std::io;
 use std::os::unix::io::AsRawFd;
-
-fn cvt(ret: libc::c_int) -> io::Result<()> {
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let (off, len) = match (i64::try_from(offset), i64::try_from(len)) {
-        (Ok(o), Ok(l)) => (o, l),
-        _ => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
-    };
-    loop {
-        // SAFETY: fallocate only reads its integer arguments; the fd is owned by `file`, which
-        // outlives the call.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
-        match cvt(r) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => return other,
-        }
-    }
-}
-
-/// Deallocates a range; it reads back as zeros. The file size is unchanged.
-pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    fallocate(
-        file,
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        len,
-    )
-}
-
-/// Makes a range read as zeros, keeping it allocated where the filesystem can.
-pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    fallocate(
-        file,
-        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        len,
-    )
-}
 
 /// True when the error means "this filesystem cannot do that fallocate mode".
 pub(crate) fn unsupported(e: &io::Error) -> bool {
