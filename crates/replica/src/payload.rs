@@ -1,61 +1,17 @@
-//! Decoding DATA payloads with a reused zstd context. `delta::decode_payload` creates a fresh
-//! decompression context per frame (`ZSTD_createDCtx`, 1.6 % of all CPU in the T1 profile);
-//! here one context lives per incoming delta ([`PayloadDecoder`]) and one per reading thread
-//! ([`decode_owned`]). Same checks and errors as `delta::decode_payload`: the declared length is
-//! capped at one frame before anything is allocated, and the payload must decode to exactly
-//! that length.
+//! Decoding DATA payloads with reused zstd contexts (`delta::PayloadDecoder`): one per
+//! incoming delta ([`PayloadDecoder`], which also hands raw payloads back without a copy) and
+//! one per reading thread ([`decode_owned`]). Checks and errors are `delta`'s: the declared
+//! length is capped at one frame before anything is allocated, and the payload must decode to
+//! exactly that length.
 
 use std::cell::RefCell;
 
-use delta::{Compression, DeltaError, FrameInfo, FRAME_DATA_BYTES_MAX};
+use delta::{Compression, DeltaError, FrameInfo};
 
-type Dctx = zstd::bulk::Decompressor<'static>;
-
-fn decompress_error(e: impl ToString) -> DeltaError {
-    DeltaError::Decompress(e.to_string())
-}
-
-/// Checks the declared length of a DATA frame.
-fn declared_len(info: &FrameInfo) -> Result<usize, DeltaError> {
-    if info.len > FRAME_DATA_BYTES_MAX {
-        return Err(DeltaError::Decompress(format!(
-            "declared length {} exceeds the 1 MiB frame cap",
-            info.len
-        )));
-    }
-    Ok(info.len as usize)
-}
-
-/// Decompresses `stored` into `out` (cleared first; its capacity is reused) and checks that it
-/// produced exactly `want` bytes.
-fn zstd_into(
-    dctx: &mut Option<Dctx>,
-    stored: &[u8],
-    want: usize,
-    out: &mut Vec<u8>,
-) -> Result<(), DeltaError> {
-    let dctx = match dctx {
-        Some(d) => d,
-        None => dctx.insert(Dctx::new().map_err(decompress_error)?),
-    };
-    out.clear();
-    out.reserve(want);
-    // Writes at most `out.capacity()` bytes (≤ 1 MiB plus allocator slack); more is an error.
-    let n = dctx
-        .decompress_to_buffer(stored, out)
-        .map_err(decompress_error)?;
-    if n != want {
-        return Err(DeltaError::Decompress(format!(
-            "zstd payload decompressed to {n} bytes, declared {want}"
-        )));
-    }
-    Ok(())
-}
-
-/// A payload decoder owning one zstd context and one output buffer, for one delta.
+/// A payload decoder for one delta: a zstd context and an output buffer, both reused.
 #[derive(Default)]
 pub(crate) struct PayloadDecoder {
-    dctx: Option<Dctx>,
+    inner: delta::PayloadDecoder,
     buf: Vec<u8>,
 }
 
@@ -67,55 +23,29 @@ impl PayloadDecoder {
         stored: &'a [u8],
         info: &FrameInfo,
     ) -> Result<&'a [u8], DeltaError> {
-        let want = declared_len(info)?;
-        match info.codec {
-            Compression::None => {
-                if stored.len() != want {
-                    return Err(DeltaError::Decompress(format!(
-                        "raw payload is {} bytes, declared {want}",
-                        stored.len()
-                    )));
-                }
-                Ok(stored)
-            }
-            Compression::Zstd => {
-                zstd_into(&mut self.dctx, stored, want, &mut self.buf)?;
-                Ok(&self.buf)
-            }
+        if info.codec == Compression::None && stored.len() as u64 == info.len {
+            return Ok(stored);
         }
+        self.inner
+            .decode_into(stored, info.codec, info.len, &mut self.buf)?;
+        Ok(&self.buf)
     }
 }
 
 thread_local! {
     /// One zstd context per thread that reads points (NBD workers, export).
-    static READ_DCTX: RefCell<Option<Dctx>> = const { RefCell::new(None) };
+    static READ: RefCell<delta::PayloadDecoder> = RefCell::new(delta::PayloadDecoder::new());
 }
 
 /// The frame's bytes on the disk as a new vector, decompressed with this thread's context.
 pub(crate) fn decode_owned(stored: &[u8], info: &FrameInfo) -> Result<Vec<u8>, DeltaError> {
-    let want = declared_len(info)?;
-    match info.codec {
-        Compression::None => {
-            if stored.len() != want {
-                return Err(DeltaError::Decompress(format!(
-                    "raw payload is {} bytes, declared {want}",
-                    stored.len()
-                )));
-            }
-            Ok(stored.to_vec())
-        }
-        Compression::Zstd => READ_DCTX.with(|d| {
-            let mut out = Vec::with_capacity(want);
-            zstd_into(&mut d.borrow_mut(), stored, want, &mut out)?;
-            Ok(out)
-        }),
-    }
+    READ.with(|d| d.borrow_mut().decode(stored, info.codec, info.len))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use delta::FrameKind;
+    use delta::{FrameKind, FRAME_DATA_BYTES_MAX};
 
     fn info(codec: Compression, len: u64, stored_len: u32) -> FrameInfo {
         FrameInfo {
