@@ -507,13 +507,17 @@ impl Shared {
         Err(not_found(format!("no VM named {name} on this host")))
     }
 
-    pub fn all_status(&self) -> Vec<ReplicationStatus> {
-        let repls: Vec<Arc<Replication>> = self
-            .vms
+    /// Every replication task on this host (taken out of the lock, so callers may await).
+    fn replications(&self) -> Vec<Arc<Replication>> {
+        self.vms
             .lock()
             .values()
             .filter_map(|e| e.repl.clone())
-            .collect();
+            .collect()
+    }
+
+    pub fn all_status(&self) -> Vec<ReplicationStatus> {
+        let repls = self.replications();
         let mut out: Vec<ReplicationStatus> = repls.iter().map(|r| r.status()).collect();
         let replica_names: Vec<String> = self
             .replica
@@ -532,12 +536,7 @@ impl Shared {
     }
 
     pub async fn stop_replication(&self, timeout: Duration) {
-        let repls: Vec<Arc<Replication>> = self
-            .vms
-            .lock()
-            .values()
-            .filter_map(|e| e.repl.clone())
-            .collect();
+        let repls = self.replications();
         for r in repls {
             let stopped =
                 tokio::time::timeout(timeout, r.command(super::primary::Cmd::Shutdown)).await;
