@@ -1,8 +1,11 @@
 //! Single-thread encode and decode throughput of the delta format.
 //!
 //! ```text
-//! cargo run --release -p understudy-delta --example throughput [MiB per case, default 512]
+//! cargo run --release -p understudy-delta --example throughput [MiB per case, default 512] [FILE]
 //! ```
+//!
+//! With FILE, its first 16 MiB are a fourth case (e.g. blocks a `fio` run wrote: fio's buffers
+//! compress 4-6× at zstd level 1).
 //!
 //! For each workload it encodes `MiB` of data into a sink (encode MiB/s: zero detection is the
 //! shipper's job, so this is framing + compression + hashing), then decodes the same amount
@@ -99,7 +102,7 @@ fn main() -> io::Result<()> {
         .map(|a| a.parse().expect("MiB per case"))
         .unwrap_or(512);
     let total = mib * MIB;
-    let cases = [
+    let mut cases = vec![
         Case {
             name: "random, 1 MiB frames",
             pool: random_pool(),
@@ -116,6 +119,18 @@ fn main() -> io::Result<()> {
             write_bytes: 16 * 1024,
         },
     ];
+    if let Some(path) = std::env::args().nth(2) {
+        let mut pool = std::fs::read(&path)?;
+        pool.truncate(POOL_BYTES);
+        if pool.len() < POOL_BYTES {
+            return Err(io::Error::other(format!("{path}: need at least 16 MiB")));
+        }
+        cases.push(Case {
+            name: "file, 1 MiB frames",
+            pool,
+            write_bytes: MIB,
+        });
+    }
     println!(
         "{:<28} {:>12} {:>12} {:>10} {:>8}",
         "case", "encode MiB/s", "decode MiB/s", "ratio", "frames"
