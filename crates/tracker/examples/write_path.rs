@@ -1,12 +1,27 @@
-//! Measures the tracker's write-path overhead: 4 KiB random writes from several threads,
-//! raw `pwrite` on the image versus `TrackedDisk::write_at`, idle and while replicating (a cut
-//! every 200 ms, shipped by another thread through `FrozenDisk::read_at`, then committed).
-//! Prints IOPS and ratios; no assertion (timing does not belong in tests).
+//! Measures the tracker's write path. No assertion (timing does not belong in tests).
 //!
-//! `cargo run --release -p understudy-tracker --example write_path [dir] [seconds]`
+//! Mode `overhead` (default): 4 KiB random writes from several threads, raw `pwrite` on the
+//! image versus `TrackedDisk::write_at`, idle and while replicating (a cut every 200 ms, shipped
+//! by another thread through `FrozenDisk::read_at`, then committed). Prints IOPS and ratios.
+//!
+//! Mode `cbw`: the cost of copy-before-write. Each epoch freezes the whole disk
+//! (`mark_all_dirty` + `cut`) and reads it back in 1 MiB chunks at a capped rate (the daemon's
+//! shipper also compresses and encrypts; ~150 MiB/s was measured in the T1 benchmark), while
+//! writer threads make one pass over the frozen disk: 256 MiB of 4 KiB random writes, or the
+//! whole disk in 1 MiB sequential writes. Nearly every write into a block not yet shipped pays a
+//! copy. A pass with no cut outstanding is the reference. Prints per pattern the writes/s of the
+//! passes, and per epoch the process's CPU time (`getrusage`: writers, copies and the reading
+//! shipper), the machine's busy CPU time (`/proc/stat`: also the kernel's writeback threads;
+//! noisy on a shared machine), bytes copied and bytes the process caused to be written to
+//! storage (`/proc/self/io`).
+//!
+//! `cargo run --release -p understudy-tracker --example write_path [dir] [seconds] [mode]`
+//! `... write_path [dir] [epochs] cbw [ship MiB/s]`
 
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nbd::BlockBackend;
@@ -49,8 +64,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(std::env::temp_dir);
     let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
     let dir = tempfile::tempdir_in(base)?;
+    match args.get(3).map(String::as_str).unwrap_or("overhead") {
+        "overhead" => overhead(dir.path(), seconds),
+        "cbw" => {
+            let ship_mib_s: f64 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(150.0);
+            cbw(dir.path(), seconds.max(1.0) as u64, ship_mib_s)
+        }
+        other => Err(format!("unknown mode {other:?} (overhead or cbw)").into()),
+    }
+}
 
-    let raw_path = dir.path().join("raw.img");
+fn overhead(dir: &Path, seconds: f64) -> Result<(), Box<dyn std::error::Error>> {
+    let raw_path = dir.join("raw.img");
     let raw = std::fs::File::create(&raw_path)?;
     raw.set_len(DISK_BYTES)?;
     // Warm-up passes allocate the images' blocks (and make the tracker's extents hot), so the
@@ -60,9 +85,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let gate = CutGate::new();
     let disk = TrackedDisk::create(
-        &dir.path().join("t.img"),
+        &dir.join("t.img"),
         DISK_BYTES,
-        &dir.path().join("state"),
+        &dir.join("state"),
         gate.clone(),
     )?;
     run(seconds, |off, b| {
@@ -118,4 +143,228 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("clean shutdown {:?}", started.elapsed());
     Ok(())
+}
+
+/// Disk of the `cbw` mode: the 512 MiB of the benchmark's quick mode.
+const CBW_DISK_BYTES: u64 = 512 << 20;
+const SHIP_CHUNK_BYTES: u64 = 1 << 20;
+
+struct Pattern {
+    name: &'static str,
+    write_bytes: u64,
+    sequential: bool,
+    /// Writes per pass.
+    writes: u64,
+}
+
+/// Counters sampled before and after the measured epochs.
+#[derive(Clone, Copy)]
+struct Sample {
+    cpu_s: f64,
+    machine_busy_s: f64,
+    storage_write_bytes: u64,
+    copied_bytes: u64,
+}
+
+fn sample(disk: &TrackedDisk) -> Sample {
+    Sample {
+        cpu_s: process_cpu_seconds(),
+        machine_busy_s: machine_busy_seconds(),
+        storage_write_bytes: storage_write_bytes(),
+        copied_bytes: disk.cbw_copied_bytes(),
+    }
+}
+
+/// User + system CPU time of this process (all threads).
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: rusage is plain old data; all-zero is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct owned by this frame and reads nothing else.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Busy CPU time of the whole machine (every state but idle and iowait), from `/proc/stat`.
+fn machine_busy_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return f64::NAN;
+    };
+    let Some(line) = stat.lines().next() else {
+        return f64::NAN;
+    };
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 5 {
+        return f64::NAN;
+    }
+    // SAFETY: sysconf only reads its argument.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (v.iter().take(8).sum::<f64>() - v[3] - v[4]) / hz
+}
+
+/// Bytes this process caused to be sent to storage (`write_bytes` of `/proc/self/io`).
+fn storage_write_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("write_bytes: "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn cbw(dir: &Path, epochs: u64, ship_mib_s: f64) -> Result<(), Box<dyn std::error::Error>> {
+    let gate = CutGate::new();
+    let disk = TrackedDisk::create(
+        &dir.join("t.img"),
+        CBW_DISK_BYTES,
+        &dir.join("state"),
+        gate.clone(),
+    )?;
+    // Fill the disk so that frozen blocks hold data, and make every extent hot.
+    let fill = vec![0x5Au8; SHIP_CHUNK_BYTES as usize];
+    for off in (0..CBW_DISK_BYTES).step_by(SHIP_CHUNK_BYTES as usize) {
+        disk.write_at(&fill, off, false)?;
+    }
+    disk.flush()?;
+    let patterns = [
+        Pattern {
+            name: "4 KiB random",
+            write_bytes: BLOCK_BYTES,
+            sequential: false,
+            writes: (256 << 20) / BLOCK_BYTES,
+        },
+        Pattern {
+            name: "1 MiB sequential",
+            write_bytes: 1 << 20,
+            sequential: true,
+            writes: CBW_DISK_BYTES >> 20,
+        },
+    ];
+    println!(
+        "cbw: {} MiB disk frozen whole, shipped at <= {ship_mib_s} MiB/s, {THREADS} writer threads, {epochs} epochs per pattern",
+        CBW_DISK_BYTES >> 20
+    );
+    for p in &patterns {
+        let r = cbw_run(&disk, &gate, p, epochs, ship_mib_s);
+        let per = |x: f64| x / epochs as f64;
+        println!(
+            "{:<17} writes/s: frozen {:>8.0}, reference {:>8.0} (ratio {:.2}) | per epoch: process CPU {:.2} s, machine busy {:.2} s, copied {} MiB, storage writes {} MiB, shipping {:.2} s",
+            p.name,
+            r.frozen_writes_s,
+            r.reference_writes_s,
+            r.frozen_writes_s / r.reference_writes_s,
+            per(r.after.cpu_s - r.before.cpu_s),
+            per(r.after.machine_busy_s - r.before.machine_busy_s),
+            per((r.after.copied_bytes - r.before.copied_bytes) as f64) as u64 >> 20,
+            per((r.after.storage_write_bytes - r.before.storage_write_bytes) as f64) as u64 >> 20,
+            per(r.shipping.as_secs_f64()),
+        );
+    }
+    disk.shutdown_clean()?;
+    Ok(())
+}
+
+struct CbwReport {
+    before: Sample,
+    after: Sample,
+    frozen_writes_s: f64,
+    reference_writes_s: f64,
+    shipping: Duration,
+}
+
+/// One pass of `p` over `disk` by `THREADS` threads; returns its duration.
+fn pass(disk: &TrackedDisk, p: &Pattern, seed: u64) -> Duration {
+    let next = AtomicU64::new(0);
+    let slots = CBW_DISK_BYTES / p.write_bytes;
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let next = &next;
+            s.spawn(move || {
+                let buf = vec![t as u8 + 1; p.write_bytes as usize];
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= p.writes {
+                        break;
+                    }
+                    let slot = if p.sequential {
+                        i % slots
+                    } else {
+                        // splitmix64 of (seed, i): uniform, different in every pass.
+                        let mut x = (seed << 32 ^ i).wrapping_add(0x9E37_79B9_7F4A_7C15);
+                        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                        (x ^ (x >> 31)) % slots
+                    };
+                    disk.write_at(&buf, slot * p.write_bytes, false)
+                        .expect("write");
+                }
+            });
+        }
+    });
+    started.elapsed()
+}
+
+/// Reads every frozen range of `c` in 1 MiB chunks, at most `bytes_per_s`.
+fn ship_throttled(c: &understudy_tracker::Cut, bytes_per_s: f64) {
+    let fd = &c.disks[0];
+    let mut buf = vec![0u8; SHIP_CHUNK_BYTES as usize];
+    let started = Instant::now();
+    let mut shipped = 0u64;
+    for (off, len) in fd.ranges() {
+        let mut pos = off;
+        while pos < off + len {
+            let n = (SHIP_CHUNK_BYTES - pos % SHIP_CHUNK_BYTES).min(off + len - pos);
+            fd.read_at(&mut buf[..n as usize], pos)
+                .expect("frozen read");
+            pos += n;
+            shipped += n;
+            let due = Duration::from_secs_f64(shipped as f64 / bytes_per_s);
+            if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
+    }
+}
+
+fn cbw_run(
+    disk: &Arc<TrackedDisk>,
+    gate: &CutGate,
+    p: &Pattern,
+    epochs: u64,
+    ship_mib_s: f64,
+) -> CbwReport {
+    let reference = pass(disk, p, 0);
+    let before = sample(disk);
+    let mut frozen = Duration::ZERO;
+    let mut shipping = Duration::ZERO;
+    for e in 1..=epochs {
+        disk.mark_all_dirty();
+        let c = cut(gate, std::slice::from_ref(disk)).expect("cut");
+        std::thread::scope(|s| {
+            let writers = s.spawn(|| pass(disk, p, e));
+            let started = Instant::now();
+            ship_throttled(&c, ship_mib_s * f64::from(1 << 20));
+            shipping += started.elapsed();
+            frozen += writers.join().expect("writers");
+        });
+        c.commit();
+    }
+    let after = sample(disk);
+    let writes_s = |d: Duration, n: u64| n as f64 / d.as_secs_f64();
+    CbwReport {
+        before,
+        after,
+        frozen_writes_s: writes_s(frozen, p.writes * epochs),
+        reference_writes_s: writes_s(reference, p.writes),
+        shipping,
+    }
 }
