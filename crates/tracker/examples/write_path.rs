@@ -16,7 +16,7 @@
 //! storage (`/proc/self/io`).
 //!
 //! `cargo run --release -p understudy-tracker --example write_path [dir] [seconds] [mode]`
-//! `... write_path [dir] [epochs] cbw [ship MiB/s]`
+//! `... write_path [dir] [epochs] cbw [ship MiB/s] [CBW memory MiB, default 256]`
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nbd::BlockBackend;
-use understudy_tracker::{cut, CutGate, TrackedDisk, BLOCK_BYTES};
+use understudy_tracker::{
+    cut, CutGate, DiskOptions, TrackedDisk, BLOCK_BYTES, CBW_MEMORY_BYTES_MAX_DEFAULT,
+};
 
 const DISK_BYTES: u64 = 1 << 30;
 const THREADS: u64 = 4;
@@ -68,7 +70,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "overhead" => overhead(dir.path(), seconds),
         "cbw" => {
             let ship_mib_s: f64 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(150.0);
-            cbw(dir.path(), seconds.max(1.0) as u64, ship_mib_s)
+            let options = DiskOptions {
+                cbw_memory_bytes_max: args
+                    .get(5)
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .map_or(CBW_MEMORY_BYTES_MAX_DEFAULT, |mib| mib << 20),
+            };
+            cbw(dir.path(), seconds.max(1.0) as u64, ship_mib_s, &options)
         }
         other => Err(format!("unknown mode {other:?} (overhead or cbw)").into()),
     }
@@ -164,6 +172,7 @@ struct Sample {
     machine_busy_s: f64,
     storage_write_bytes: u64,
     copied_bytes: u64,
+    spilled_bytes: u64,
 }
 
 fn sample(disk: &TrackedDisk) -> Sample {
@@ -172,6 +181,7 @@ fn sample(disk: &TrackedDisk) -> Sample {
         machine_busy_s: machine_busy_seconds(),
         storage_write_bytes: storage_write_bytes(),
         copied_bytes: disk.cbw_copied_bytes(),
+        spilled_bytes: disk.cbw_spilled_bytes(),
     }
 }
 
@@ -220,13 +230,19 @@ fn storage_write_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-fn cbw(dir: &Path, epochs: u64, ship_mib_s: f64) -> Result<(), Box<dyn std::error::Error>> {
+fn cbw(
+    dir: &Path,
+    epochs: u64,
+    ship_mib_s: f64,
+    options: &DiskOptions,
+) -> Result<(), Box<dyn std::error::Error>> {
     let gate = CutGate::new();
-    let disk = TrackedDisk::create(
+    let disk = TrackedDisk::create_with(
         &dir.join("t.img"),
         CBW_DISK_BYTES,
         &dir.join("state"),
         gate.clone(),
+        options,
     )?;
     // Fill the disk so that frozen blocks hold data, and make every extent hot.
     let fill = vec![0x5Au8; SHIP_CHUNK_BYTES as usize];
@@ -249,14 +265,15 @@ fn cbw(dir: &Path, epochs: u64, ship_mib_s: f64) -> Result<(), Box<dyn std::erro
         },
     ];
     println!(
-        "cbw: {} MiB disk frozen whole, shipped at <= {ship_mib_s} MiB/s, {THREADS} writer threads, {epochs} epochs per pattern",
-        CBW_DISK_BYTES >> 20
+        "cbw: {} MiB disk frozen whole, shipped at <= {ship_mib_s} MiB/s, {THREADS} writer threads, {epochs} epochs per pattern, CBW memory {} MiB",
+        CBW_DISK_BYTES >> 20,
+        options.cbw_memory_bytes_max >> 20
     );
     for p in &patterns {
         let r = cbw_run(&disk, &gate, p, epochs, ship_mib_s);
         let per = |x: f64| x / epochs as f64;
         println!(
-            "{:<17} writes/s: frozen {:>8.0}, reference {:>8.0} (ratio {:.2}) | per epoch: process CPU {:.2} s, machine busy {:.2} s, copied {} MiB, storage writes {} MiB, shipping {:.2} s",
+            "{:<17} writes/s: frozen {:>8.0}, reference {:>8.0} (ratio {:.2}) | per epoch: process CPU {:.2} s, machine busy {:.2} s, copied {} MiB (spilled {} MiB), storage writes {} MiB, shipping {:.2} s | pool {} MiB",
             p.name,
             r.frozen_writes_s,
             r.reference_writes_s,
@@ -264,8 +281,10 @@ fn cbw(dir: &Path, epochs: u64, ship_mib_s: f64) -> Result<(), Box<dyn std::erro
             per(r.after.cpu_s - r.before.cpu_s),
             per(r.after.machine_busy_s - r.before.machine_busy_s),
             per((r.after.copied_bytes - r.before.copied_bytes) as f64) as u64 >> 20,
+            per((r.after.spilled_bytes - r.before.spilled_bytes) as f64) as u64 >> 20,
             per((r.after.storage_write_bytes - r.before.storage_write_bytes) as f64) as u64 >> 20,
             per(r.shipping.as_secs_f64()),
+            disk.cbw_memory_bytes() >> 20,
         );
     }
     disk.shutdown_clean()?;

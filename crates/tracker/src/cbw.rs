@@ -1,30 +1,46 @@
 //! Copy-before-write (CBW) and the per-disk state of the epoch being shipped.
 //!
-//! Coordination, per disk (`F` = frozen bitmap, `S` = `secured` bitmap):
+//! Coordination, per disk (`F` = frozen bitmap, `S` = `secured`, `P` = `present`):
 //! - a writer whose range has a block in `F \ S` takes the stripe lock of each 1 MiB region
-//!   holding such blocks, copies each one's current (= cut-time) content into
-//!   `<state_dir>/disk.cbw` at the same offset, sets it in `present` and `S`, then writes;
+//!   holding such blocks, copies each one's current (= cut-time) content aside, sets it in `P`
+//!   and `S`, then writes. A copy goes into memory when the disk's bounded pool (`pool.rs`) has
+//!   room: one `pread`/`preadv` per run into 4 KiB slots, recorded block → slot in the map of
+//!   the stripe (`Stripe::in_memory`). Otherwise it spills to `<state_dir>/disk.cbw` at the same
+//!   offset (`pread` + `pwrite`). So a block in `P` with a map entry has its copy in memory, a
+//!   block in `P` without one has it in the file;
 //! - the shipper (`read_frozen`) holds the stripe lock of each region while it reads it: blocks
-//!   with a CBW copy come from the CBW file, blocks not in `S` from the image (no writer can
-//!   overwrite them meanwhile, since it would first have to copy them under the same lock),
-//!   and fully read image blocks are then set in `S` (the shipper has them; no copy is needed
-//!   any more). A block in `S` without a CBW copy was already shipped: reading it again is an
-//!   error, never stale or new data. `F` itself is never modified during the epoch, so an
-//!   abort can merge it back whole;
-//! - freeze, commit and abort hold every stripe lock, so each stripe sees a consistent epoch.
+//!   in `P` come from their copy (memcpy from the slot, or the file), blocks not in `S` from the
+//!   image (no writer can overwrite them meanwhile, since it would first have to copy them under
+//!   the same lock). Every block read whole is then shipped: an image block is set in `S` (no
+//!   copy is needed any more), a copied block leaves `P` and its slot goes back to the pool at
+//!   once, so the pool is recycled while the epoch ships. A block in `S \ P` was shipped (or
+//!   skipped as a hole): reading it again is an error, never stale or new data. `F` itself is
+//!   never modified during the epoch, so an abort can merge it back whole;
+//! - freeze, commit and abort hold every stripe lock, so each stripe sees a consistent epoch;
+//!   commit and abort forget every copy (maps cleared, pool reset, file truncated). The pool's
+//!   pages stay mapped for the next epoch.
+//!
+//! Slot ownership (what makes the pool's `unsafe` sound): a slot taken by a writer belongs to
+//! one block, is known only through that block's map entry, and is touched only with the
+//! block's stripe lock held, until the shipper gives it back (under the same lock) or the
+//! epoch ends (under every lock).
 //!
 //! Writers never wait here except for a region with frozen, unsecured blocks, and never fail:
 //! a failed copy poisons the epoch (the shipper gets an error and aborts).
 
+use std::collections::HashMap;
 use std::fs::File;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::bitmap::Bitmap;
 use crate::disk::TrackedDisk;
+use crate::pool::CbwPool;
 use crate::{sys, BLOCK_BYTES};
 
 /// Blocks per lock region: 1 MiB, the shipper's read chunk, so one shipper read holds one
@@ -32,30 +48,75 @@ use crate::{sys, BLOCK_BYTES};
 const STRIPE_BLOCKS: u64 = 256;
 /// Locks per disk: enough that concurrent CBW copies of random writes rarely share one.
 const STRIPES: usize = 64;
-/// Longest run copied with one read and one write: 64 KiB, so the per-thread buffer stays
-/// small (every NBD worker thread that copies keeps one).
+/// Longest run copied with one read (and, to the file, one write): 64 KiB, so the per-thread
+/// buffer of the file path stays small (every NBD worker thread that spills keeps one).
 const CBW_RUN_BLOCKS_MAX: u64 = 16;
 const CBW_RUN_BYTES_MAX: usize = (CBW_RUN_BLOCKS_MAX * BLOCK_BYTES) as usize;
 
 thread_local! {
-    /// The copy buffer of this writer thread, reused across copies.
+    /// The copy buffer of this writer thread for spills to the file, reused across copies.
     static CBW_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Hash of a block number for the stripe maps: the splitmix64 finalizer. (The identity would
+/// collide: the blocks of one stripe share bits 8..14, and the map indexes by the low bits.)
+#[derive(Default)]
+struct BlockHasher(u64);
+
+impl Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        let mut x = self.0;
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^ (x >> 31)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// What one stripe lock protects besides the bits of its regions.
+#[derive(Default)]
+struct Stripe {
+    /// Block → pool slot, for the blocks of this stripe whose copy is in memory.
+    in_memory: HashMap<u64, u32, BuildHasherDefault<BlockHasher>>,
+}
+
+/// Where the cut-time content of a frozen block is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Image,
+    File,
+    Memory(u32),
 }
 
 /// Per-disk state of the epoch being shipped (`TrackedDisk::frozen`).
 pub(crate) struct FrozenState {
-    stripes: Box<[Mutex<()>]>,
+    stripes: Box<[Mutex<Stripe>]>,
     /// Written only with every stripe held; read with one stripe held.
     open: AtomicBool,
     epoch: AtomicU64,
     poisoned: AtomicBool,
     poison_reason: Mutex<Option<String>>,
     cbw: File,
-    /// Blocks with a CBW copy; each word is only modified under its stripe's lock.
+    pool: CbwPool,
+    /// Blocks with a copy not yet shipped; each word is only modified under its stripe's lock.
     present: Bitmap,
-    used: AtomicBool,
+    /// Some block was copied this epoch (`present` may hold bits).
+    copied: AtomicBool,
+    /// Some copy went to the file this epoch (truncate it at the end).
+    spilled: AtomicBool,
     /// Blocks copied before write, all epochs (for `replication measure`).
     copied_blocks: AtomicU64,
+    /// Of those, blocks copied to the file because the pool was full.
+    spilled_blocks: AtomicU64,
 }
 
 fn read_error(msg: String) -> io::Error {
@@ -63,26 +124,32 @@ fn read_error(msg: String) -> io::Error {
 }
 
 impl FrozenState {
-    pub(crate) fn new(cbw: File, nblocks: u64) -> FrozenState {
+    /// `pool_bytes_max`: memory for copies (0: every copy goes to the file).
+    pub(crate) fn new(cbw: File, nblocks: u64, pool_bytes_max: u64) -> FrozenState {
         FrozenState {
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            stripes: (0..STRIPES)
+                .map(|_| Mutex::new(Stripe::default()))
+                .collect(),
             open: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
             cbw,
+            pool: CbwPool::new(pool_bytes_max.min(nblocks * BLOCK_BYTES)),
             present: Bitmap::new(nblocks),
-            used: AtomicBool::new(false),
+            copied: AtomicBool::new(false),
+            spilled: AtomicBool::new(false),
             copied_blocks: AtomicU64::new(0),
+            spilled_blocks: AtomicU64::new(0),
         }
     }
 
-    fn stripe(&self, block: u64) -> MutexGuard<'_, ()> {
+    fn stripe(&self, block: u64) -> MutexGuard<'_, Stripe> {
         self.stripes[((block / STRIPE_BLOCKS) % STRIPES as u64) as usize].lock()
     }
 
     /// Every stripe, in index order (the only multi-lock order, so no deadlock).
-    fn lock_all(&self) -> Vec<MutexGuard<'_, ()>> {
+    fn lock_all(&self) -> Vec<MutexGuard<'_, Stripe>> {
         self.stripes.iter().map(|m| m.lock()).collect()
     }
 
@@ -106,7 +173,7 @@ impl TrackedDisk {
         while b <= last {
             let end = region_end(b, last);
             if frozen.any_in_and_not(&self.secured, b, end) {
-                let _stripe = st.stripe(b);
+                let mut stripe = st.stripe(b);
                 if !st.open.load(Ordering::Acquire) || st.poisoned.load(Ordering::Acquire) {
                     return;
                 }
@@ -116,8 +183,8 @@ impl TrackedDisk {
                         blk += 1;
                         continue;
                     }
-                    // One read and one write per run of frozen, unsecured blocks (a 1 MiB
-                    // guest write over a frozen region costs 32 syscalls, not 512).
+                    // One read (and at most one write) per run of frozen, unsecured blocks (a
+                    // 1 MiB guest write over a frozen region costs 16 copies, not 256).
                     let mut run_end = blk;
                     while run_end < end
                         && run_end + 1 - blk < CBW_RUN_BLOCKS_MAX
@@ -128,21 +195,14 @@ impl TrackedDisk {
                     }
                     let off = blk * BLOCK_BYTES;
                     let n = ((run_end - blk + 1) * BLOCK_BYTES).min(self.size - off) as usize;
-                    let copied = CBW_BUF.with(|buf| {
-                        let mut buf = buf.borrow_mut();
-                        buf.resize(CBW_RUN_BYTES_MAX, 0);
-                        self.file
-                            .read_exact_at(&mut buf[..n], off)
-                            .and_then(|()| st.cbw.write_all_at(&buf[..n], off))
-                    });
-                    if let Err(e) = copied {
+                    if let Err(e) = self.copy_run(&mut stripe, blk, run_end, n) {
                         let reason =
                             format!("copy-before-write of {n} bytes at offset {off} failed: {e}");
                         tracing::error!(image = %self.image.display(), "{reason}; this cut will be aborted");
                         st.poison(reason);
                         return;
                     }
-                    st.used.store(true, Ordering::Release);
+                    st.copied.store(true, Ordering::Release);
                     st.present.set_range(blk, run_end);
                     // Release: a writer that sees these bits also sees the copy complete.
                     self.secured.set_range(blk, run_end);
@@ -155,10 +215,65 @@ impl TrackedDisk {
         }
     }
 
-    /// Bytes copied before write since the disk was opened (all epochs): what keeping cuts
-    /// consistent has cost the guest's writes.
+    /// Copies the current content of blocks `first..=last` (`len` bytes, clipped to the disk)
+    /// into pool slots recorded in `stripe` (whose lock the caller holds), or into the file
+    /// when the pool has no room for the whole run.
+    fn copy_run(&self, stripe: &mut Stripe, first: u64, last: u64, len: usize) -> io::Result<()> {
+        let st = &self.frozen;
+        let off = first * BLOCK_BYTES;
+        let count = (last - first + 1) as usize;
+        let mut taken = [0u32; CBW_RUN_BLOCKS_MAX as usize];
+        let slots = &mut taken[..count];
+        if st.pool.take(slots) {
+            let mut parts: [&mut [u8]; CBW_RUN_BLOCKS_MAX as usize] = Default::default();
+            for (i, (part, slot)) in parts.iter_mut().zip(slots.iter()).enumerate() {
+                let bytes = (len - i * BLOCK_BYTES as usize).min(BLOCK_BYTES as usize);
+                // SAFETY: the slot was just taken for this run: no map entry names it yet, so
+                // nobody else can reach it, and it will only be touched under this stripe's
+                // lock, which we hold.
+                *part = &mut unsafe { st.pool.slot_mut(*slot) }[..bytes];
+            }
+            if let Err(e) = sys::read_exact_vectored_at(&self.file, &mut parts[..count], off) {
+                st.pool.give_back(slots);
+                return Err(e);
+            }
+            for (i, slot) in slots.iter().enumerate() {
+                // A block is copied once per epoch (it is in `S` afterwards), so there is no
+                // earlier entry; should there be one, its slot must not leak.
+                if let Some(old) = stripe.in_memory.insert(first + i as u64, *slot) {
+                    st.pool.give_back(&[old]);
+                }
+            }
+            return Ok(());
+        }
+        CBW_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.resize(CBW_RUN_BYTES_MAX, 0);
+            self.file
+                .read_exact_at(&mut buf[..len], off)
+                .and_then(|()| st.cbw.write_all_at(&buf[..len], off))
+        })?;
+        st.spilled.store(true, Ordering::Release);
+        st.spilled_blocks.fetch_add(count as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Bytes copied before write since the disk was opened (all epochs, memory and file):
+    /// what keeping cuts consistent has cost the guest's writes.
     pub fn cbw_copied_bytes(&self) -> u64 {
         self.frozen.copied_blocks.load(Ordering::Relaxed) * BLOCK_BYTES
+    }
+
+    /// Of `cbw_copied_bytes`, the bytes that went to the file `disk.cbw` because the memory
+    /// pool was full (each costs a write into the page cache and, later, writeback).
+    pub fn cbw_spilled_bytes(&self) -> u64 {
+        self.frozen.spilled_blocks.load(Ordering::Relaxed) * BLOCK_BYTES
+    }
+
+    /// Memory the copy-before-write pool holds now: pages touched by some epoch and not yet
+    /// released (at most the pool's bound; see `DiskOptions::cbw_memory_bytes_max`).
+    pub fn cbw_memory_bytes(&self) -> u64 {
+        self.frozen.pool.resident_bytes()
     }
 
     /// Starts a frozen epoch and returns its number. The caller holds the gate exclusively.
@@ -177,10 +292,12 @@ impl TrackedDisk {
         epoch
     }
 
-    /// Ends epoch `epoch`: on abort the frozen blocks go back into the active bitmap.
+    /// Ends epoch `epoch`: on abort the frozen blocks go back into the active bitmap. Every
+    /// copy is forgotten; the pool keeps its pages for the next epoch (unless idle, see
+    /// `CbwPool::reset`).
     pub(crate) fn end_epoch(&self, epoch: u64, committed: bool) {
         let st = &self.frozen;
-        let _all = st.lock_all();
+        let mut all = st.lock_all();
         if !st.open.load(Ordering::Acquire) || st.epoch.load(Ordering::Acquire) != epoch {
             return;
         }
@@ -191,8 +308,18 @@ impl TrackedDisk {
         }
         frozen.clear_all();
         self.secured.clear_all();
-        if st.used.swap(false, Ordering::AcqRel) {
+        // Each map keeps at most its share of the pool's capacity between epochs, so the
+        // index costs O(pool), not the sum of every stripe's busiest epoch.
+        let share = (st.pool.bytes_max() / BLOCK_BYTES) as usize / STRIPES;
+        for stripe in all.iter_mut() {
+            stripe.in_memory.clear();
+            stripe.in_memory.shrink_to(share);
+        }
+        st.pool.reset(Instant::now());
+        if st.copied.swap(false, Ordering::AcqRel) {
             st.present.clear_all();
+        }
+        if st.spilled.swap(false, Ordering::AcqRel) {
             if let Err(e) = st.cbw.set_len(0) {
                 // Harmless for correctness: no block is marked present any more.
                 tracing::warn!(image = %self.image.display(), error = %e, "cannot truncate the CBW file");
@@ -225,10 +352,30 @@ impl TrackedDisk {
         let frozen = self.frozen_map();
         let name = self.image.display();
         let (first, last) = (offset / BLOCK_BYTES, (end - 1) / BLOCK_BYTES);
+        let source = |stripe: &Stripe, b: u64| -> io::Result<Source> {
+            if !frozen.test(b) {
+                Err(read_error(format!(
+                    "{name}: block at {} is not in the cut",
+                    b * BLOCK_BYTES
+                )))
+            } else if st.present.test(b) {
+                Ok(stripe
+                    .in_memory
+                    .get(&b)
+                    .map_or(Source::File, |slot| Source::Memory(*slot)))
+            } else if self.secured.test(b) {
+                Err(read_error(format!(
+                    "{name}: block at {} was already read; its cut content is no longer held",
+                    b * BLOCK_BYTES
+                )))
+            } else {
+                Ok(Source::Image)
+            }
+        };
         let mut region = first;
         while region <= last {
             let rend = region_end(region, last);
-            let _stripe = st.stripe(region);
+            let mut stripe = st.stripe(region);
             if !st.open.load(Ordering::Acquire) || st.epoch.load(Ordering::Acquire) != epoch {
                 return Err(read_error(format!(
                     "{name}: cut already committed or aborted"
@@ -238,42 +385,44 @@ impl TrackedDisk {
                 let reason = st.poison_reason.lock().clone().unwrap_or_default();
                 return Err(read_error(format!("{name}: {reason}")));
             }
-            // Classify each block: Some(true) = CBW copy, Some(false) = image.
-            let source = |b: u64| -> io::Result<bool> {
-                if !frozen.test(b) {
-                    Err(read_error(format!(
-                        "{name}: block at {} is not in the cut",
-                        b * BLOCK_BYTES
-                    )))
-                } else if st.present.test(b) {
-                    Ok(true)
-                } else if self.secured.test(b) {
-                    Err(read_error(format!(
-                        "{name}: block at {} was already read; its cut content is no longer held",
-                        b * BLOCK_BYTES
-                    )))
-                } else {
-                    Ok(false)
-                }
-            };
             let mut b = region;
             while b <= rend {
-                let from_cbw = source(b)?;
+                // One read per run of image or file blocks; one memcpy per block in memory.
+                let from = source(&stripe, b)?;
                 let mut e = b;
-                while e < rend && source(e + 1)? == from_cbw {
-                    e += 1;
+                if !matches!(from, Source::Memory(_)) {
+                    while e < rend && source(&stripe, e + 1)? == from {
+                        e += 1;
+                    }
                 }
                 let lo = offset.max(b * BLOCK_BYTES);
                 let hi = end.min((e + 1) * BLOCK_BYTES);
                 let out = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
-                if from_cbw {
-                    st.cbw.read_exact_at(out, lo)?;
-                } else {
-                    self.file.read_exact_at(out, lo)?;
-                    for blk in b..=e {
-                        if lo <= blk * BLOCK_BYTES && ((blk + 1) * BLOCK_BYTES).min(self.size) <= hi
-                        {
-                            self.secured.set(blk);
+                match from {
+                    Source::Image => self.file.read_exact_at(out, lo)?,
+                    Source::File => st.cbw.read_exact_at(out, lo)?,
+                    Source::Memory(slot) => {
+                        // SAFETY: the slot belongs to block `b` (its map entry) and is touched
+                        // only under this stripe's lock, which we hold.
+                        let copy = unsafe { st.pool.slot(slot) };
+                        let at = (lo - b * BLOCK_BYTES) as usize;
+                        out.copy_from_slice(&copy[at..at + out.len()]);
+                    }
+                }
+                // Blocks read whole are shipped: the cut content is no longer needed.
+                for blk in b..=e {
+                    let whole =
+                        lo <= blk * BLOCK_BYTES && ((blk + 1) * BLOCK_BYTES).min(self.size) <= hi;
+                    if !whole {
+                        continue;
+                    }
+                    match from {
+                        Source::Image => self.secured.set(blk),
+                        Source::File => st.present.clear_range(blk, blk),
+                        Source::Memory(slot) => {
+                            stripe.in_memory.remove(&blk);
+                            st.present.clear_range(blk, blk);
+                            st.pool.give_back(&[slot]);
                         }
                     }
                 }

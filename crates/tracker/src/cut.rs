@@ -195,9 +195,10 @@ impl FrozenDisk {
         self.disk.blocks_bytes(f.count(), last_set)
     }
 
-    /// Reads content as of the cut. Every block touched must be in `ranges()`; each whole
-    /// block read from the image is read once (a second read of it is an error, as is any read
-    /// after commit/abort or after a failed copy-before-write).
+    /// Reads content as of the cut. Every block touched must be in `ranges()`; each block is
+    /// read whole once: it then counts as shipped, and the memory of its copy-before-write
+    /// copy, if any, is recycled (a second read of it is an error, as is any read after
+    /// commit/abort or after a failed copy-before-write). Parts of a block may be read first.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.disk.read_frozen(self.epoch, buf, offset)
     }

@@ -1,10 +1,11 @@
 //! `TrackedDisk`: one image file with its dirty bitmaps, activity log and copy-before-write
-//! file; opening (with recovery), creating, marking dirty, and clean shutdown.
+//! state; opening (with recovery and `DiskOptions`), creating, marking dirty, and clean
+//! shutdown.
 //!
 //! Owns the image file handle and the state directory of one disk. It must never leave the
 //! state directory in a shape that a later open would trust wrongly: the clean marker exists
 //! only while nothing can write, and every dirty bit lies in an extent of the activity log.
-//! The write path itself is in `backend.rs`, cuts and copy-before-write in `cut.rs`.
+//! The write path itself is in `backend.rs`, cuts in `cut.rs`, copy-before-write in `cbw.rs`.
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,31 @@ use crate::{sys, OpenReport, OpenState, BLOCK_BYTES};
 pub(crate) const CBW_NAME: &str = "disk.cbw";
 const LOCK_NAME: &str = "lock";
 
+/// Default memory for copy-before-write copies, per disk. A guest that rewrites its disk while
+/// a cut ships (1 MiB sequential writes at ~2 GiB/s against a shipper at ~150 MiB/s) needs
+/// copies of about the whole epoch; 256 MiB holds all of them for the 512 MiB–1 GiB epochs of
+/// the benchmarks' random writes and most of the sequential ones, and is what a VM host can
+/// lend per replicating disk. The memory is touched only while copies are made, kept for the
+/// next epochs (warm pages), and released after `pool::POOL_IDLE_RELEASE` of quieter epochs;
+/// an idle disk never maps it.
+pub const CBW_MEMORY_BYTES_MAX_DEFAULT: u64 = 256 << 20;
+
+/// Settings of one tracked disk, fixed at open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskOptions {
+    /// Memory for copy-before-write copies of this disk (rounded down to 4 KiB; 0 = none).
+    /// When it is full, copies spill to `<state_dir>/disk.cbw`.
+    pub cbw_memory_bytes_max: u64,
+}
+
+impl Default for DiskOptions {
+    fn default() -> Self {
+        DiskOptions {
+            cbw_memory_bytes_max: CBW_MEMORY_BYTES_MAX_DEFAULT,
+        }
+    }
+}
+
 /// A disk image in the replication write path. See the crate documentation.
 pub struct TrackedDisk {
     pub(crate) image: PathBuf,
@@ -36,8 +62,8 @@ pub struct TrackedDisk {
     /// with the gate held exclusively; the frozen one is empty whenever no cut is outstanding.
     pub(crate) maps: [Bitmap; 2],
     pub(crate) active_idx: AtomicUsize,
-    /// Frozen blocks whose cut-time content is secured: copied to the CBW file, or already read
-    /// by the shipper. Writers may overwrite such blocks without taking `frozen`.
+    /// Frozen blocks whose cut-time content is secured: copied (to memory or the CBW file), or
+    /// already read by the shipper. Writers may overwrite such blocks without taking `frozen`.
     pub(crate) secured: Bitmap,
     pub(crate) frozen: FrozenState,
     pub(crate) al: ActivityLog,
@@ -47,13 +73,25 @@ pub struct TrackedDisk {
 }
 
 impl TrackedDisk {
-    /// Creates a new sparse image of `size_bytes` (refusing to overwrite one) and opens it.
-    /// Stale state files in `state_dir` are removed first: they describe another image.
+    /// Creates a new sparse image of `size_bytes` (refusing to overwrite one) and opens it
+    /// with the default options. Stale state files in `state_dir` are removed first: they
+    /// describe another image.
     pub fn create(
         image: &Path,
         size_bytes: u64,
         state_dir: &Path,
         gate: Arc<CutGate>,
+    ) -> Result<Arc<TrackedDisk>, TrackerError> {
+        TrackedDisk::create_with(image, size_bytes, state_dir, gate, &DiskOptions::default())
+    }
+
+    /// `create` with explicit options.
+    pub fn create_with(
+        image: &Path,
+        size_bytes: u64,
+        state_dir: &Path,
+        gate: Arc<CutGate>,
+        options: &DiskOptions,
     ) -> Result<Arc<TrackedDisk>, TrackerError> {
         let f = match OpenOptions::new()
             .read(true)
@@ -78,17 +116,27 @@ impl TrackedDisk {
         for name in [CLEAN_NAME, BITMAP_NAME, crate::activity::AL_NAME] {
             durable::remove(state_dir, name)?;
         }
-        let (disk, _report) = TrackedDisk::open(image, state_dir, gate)?;
+        let (disk, _report) = TrackedDisk::open_with(image, state_dir, gate, options)?;
         Ok(disk)
     }
 
     /// Opens an existing image with its state directory (created if missing) and reports what
-    /// the state proved. Corrupt state is a finding, not an error; errors are failing I/O,
-    /// a missing image, or a state directory locked by another tracker.
+    /// the state proved, with the default options. Corrupt state is a finding, not an error;
+    /// errors are failing I/O, a missing image, or a state directory locked by another tracker.
     pub fn open(
         image: &Path,
         state_dir: &Path,
         gate: Arc<CutGate>,
+    ) -> Result<(Arc<TrackedDisk>, OpenReport), TrackerError> {
+        TrackedDisk::open_with(image, state_dir, gate, &DiskOptions::default())
+    }
+
+    /// `open` with explicit options.
+    pub fn open_with(
+        image: &Path,
+        state_dir: &Path,
+        gate: Arc<CutGate>,
+        options: &DiskOptions,
     ) -> Result<(Arc<TrackedDisk>, OpenReport), TrackerError> {
         fs::create_dir_all(state_dir).ctx("create state directory", state_dir)?;
         let lock_path = state_dir.join(LOCK_NAME);
@@ -159,7 +207,7 @@ impl TrackedDisk {
             maps: [active, Bitmap::new(nblocks)],
             active_idx: AtomicUsize::new(0),
             secured: Bitmap::new(nblocks),
-            frozen: FrozenState::new(cbw, nblocks),
+            frozen: FrozenState::new(cbw, nblocks, options.cbw_memory_bytes_max),
             al,
             shut_down: AtomicBool::new(false),
             _lock: lock,

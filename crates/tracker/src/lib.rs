@@ -23,11 +23,12 @@ mod disk;
 mod durable;
 mod error;
 mod formats;
+mod pool;
 mod recovery;
 mod sys;
 
 pub use cut::{cut, Cut, CutGate, FrozenDisk};
-pub use disk::TrackedDisk;
+pub use disk::{DiskOptions, TrackedDisk, CBW_MEMORY_BYTES_MAX_DEFAULT};
 pub use error::TrackerError;
 pub use formats::EXTENT_BYTES;
 

@@ -8,6 +8,9 @@
 //! 2. there is one instant T, inside the `cut()` call, such that every block holds the last
 //!    operation on it issued before T, and no operation acknowledged before T is missing.
 //!
+//! Each case also picks the size of the disks' copy-before-write memory (none, a few blocks, or
+//! plenty), so copies land in memory, in the spill file, or both within one epoch and one read.
+//!
 //! Each block is owned by one writer thread (never two writes in flight on a block), so a
 //! block's history is a sequence. A global logical clock stamps each operation's issue (before
 //! the call) and acknowledgement (after it returns). Content for block b is op k iff
@@ -20,7 +23,7 @@ use std::sync::Arc;
 
 use nbd::BlockBackend;
 use proptest::prelude::*;
-use understudy_tracker::{cut, CutGate, TrackedDisk, BLOCK_BYTES, EXTENT_BYTES};
+use understudy_tracker::{cut, CutGate, DiskOptions, TrackedDisk, BLOCK_BYTES, EXTENT_BYTES};
 
 const B: u64 = BLOCK_BYTES;
 const DISKS: usize = 2;
@@ -249,16 +252,20 @@ fn ship(c: &understudy_tracker::Cut, step: &Step) -> Result<Option<Vec<(Key, Sta
     Ok(Some(delta))
 }
 
-fn run(ops: Vec<Vec<Op>>, steps: Vec<Step>) -> Result<(), String> {
+fn run(ops: Vec<Vec<Op>>, steps: Vec<Step>, pool_blocks: u64) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let gate = CutGate::new();
+    let options = DiskOptions {
+        cbw_memory_bytes_max: pool_blocks * B,
+    };
     let disks: Vec<Arc<TrackedDisk>> = (0..DISKS)
         .map(|i| {
-            TrackedDisk::create(
+            TrackedDisk::create_with(
                 &dir.path().join(format!("d{i}.img")),
                 DISK_BYTES,
                 &dir.path().join(format!("s{i}")),
                 gate.clone(),
+                &options,
             )
             .expect("create disk")
         })
@@ -369,8 +376,9 @@ proptest! {
     fn every_commit_is_a_valid_cut(
         ops in prop::collection::vec(prop::collection::vec(op_strategy(), 20..120), THREADS as usize),
         steps in prop::collection::vec(step_strategy(), 1..8),
+        pool_blocks in prop_oneof![Just(0u64), 1u64..6, Just(1024u64)],
     ) {
-        if let Err(e) = run(ops, steps) {
+        if let Err(e) = run(ops, steps, pool_blocks) {
             return Err(TestCaseError::fail(e));
         }
     }

@@ -1,0 +1,241 @@
+//! Copy-before-write into the bounded memory pool, through the public API: copies spill to the
+//! file when the pool is full, memory is recycled as soon as the shipper has read a copy and
+//! reused across epochs, commit and abort release everything, and the bound holds.
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nbd::BlockBackend;
+use understudy_tracker::{cut, CutGate, DiskOptions, FrozenDisk, TrackedDisk, BLOCK_BYTES};
+
+const B: u64 = BLOCK_BYTES;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    gate: Arc<CutGate>,
+    disk: Arc<TrackedDisk>,
+}
+
+impl Fixture {
+    fn cbw_file_len(&self) -> u64 {
+        fs::metadata(self.state().join("disk.cbw"))
+            .expect("cbw file")
+            .len()
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+}
+
+/// A disk of `size` bytes whose copy-before-write memory holds `pool_blocks` blocks.
+fn disk(size: u64, pool_blocks: u64) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = CutGate::new();
+    let disk = TrackedDisk::create_with(
+        &dir.path().join("disk.img"),
+        size,
+        &dir.path().join("state"),
+        gate.clone(),
+        &DiskOptions {
+            cbw_memory_bytes_max: pool_blocks * B,
+        },
+    )
+    .expect("create");
+    Fixture { dir, gate, disk }
+}
+
+fn fill(byte: u8, blocks: u64) -> Vec<u8> {
+    vec![byte; (blocks * B) as usize]
+}
+
+/// Writes block `i` of `0..n` filled with `i + 1 + base`.
+fn stamp_blocks(d: &TrackedDisk, n: u64, base: u8) {
+    for i in 0..n {
+        d.write_at(&fill(i as u8 + 1 + base, 1), i * B, false)
+            .expect("write");
+    }
+}
+
+fn read(fd: &FrozenDisk, offset: u64, len: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; len as usize];
+    fd.read_at(&mut buf, offset).expect("frozen read");
+    buf
+}
+
+fn assert_stamped(got: &[u8], first_block: u64, base: u8) {
+    for (i, blk) in got.chunks(B as usize).enumerate() {
+        let want = (first_block + i as u64) as u8 + 1 + base;
+        assert!(
+            blk.iter().all(|b| *b == want),
+            "block {} holds {:?}.., want {want}",
+            first_block + i as u64,
+            &blk[..4]
+        );
+    }
+}
+
+#[test]
+fn copies_spill_to_the_file_when_memory_is_full() {
+    let f = disk(64 * B, 2);
+    let d = &f.disk;
+    stamp_blocks(d, 8, 0);
+    let c = cut(&f.gate, std::slice::from_ref(d)).expect("cut");
+    // Blocks 0 and 1 fill the memory; 2 and 3 spill; the 3-block run 4..=6 spills whole.
+    for i in 0..4 {
+        d.write_at(&fill(0xEE, 1), i * B, false).expect("overwrite");
+    }
+    d.write_at(&fill(0xEE, 3), 4 * B, false)
+        .expect("overwrite run");
+    assert_eq!(d.cbw_copied_bytes(), 7 * B);
+    assert_eq!(d.cbw_spilled_bytes(), 5 * B);
+    assert_eq!(d.cbw_memory_bytes(), 2 * B);
+    assert!(f.cbw_file_len() > 0, "spilled copies are in the file");
+    // One read mixes memory, file and image (block 7 was not overwritten).
+    assert_stamped(&read(&c.disks[0], 0, 8 * B), 0, 0);
+    let mut buf = fill(0, 1);
+    for i in 0..8 {
+        assert!(
+            c.disks[0].read_at(&mut buf, i * B).is_err(),
+            "block {i} read twice"
+        );
+    }
+    c.commit();
+    assert_eq!(f.cbw_file_len(), 0, "the file is truncated at commit");
+    assert_eq!(
+        d.cbw_memory_bytes(),
+        2 * B,
+        "memory is kept for the next epoch"
+    );
+}
+
+#[test]
+fn without_memory_every_copy_goes_to_the_file() {
+    let f = disk(16 * B, 0);
+    let d = &f.disk;
+    stamp_blocks(d, 4, 0);
+    let c = cut(&f.gate, std::slice::from_ref(d)).expect("cut");
+    d.write_at(&fill(0xEE, 4), 0, false).expect("overwrite");
+    assert_eq!(d.cbw_spilled_bytes(), 4 * B);
+    assert_eq!(d.cbw_copied_bytes(), 4 * B);
+    assert_eq!(d.cbw_memory_bytes(), 0);
+    assert_stamped(&read(&c.disks[0], 0, 2 * B), 0, 0);
+    let mut buf = fill(0, 1);
+    assert!(
+        c.disks[0].read_at(&mut buf, B).is_err(),
+        "file copies too are read once"
+    );
+    assert_stamped(&read(&c.disks[0], 2 * B, 2 * B), 2, 0);
+    c.abort();
+    assert_eq!(f.cbw_file_len(), 0, "the file is truncated at abort");
+}
+
+#[test]
+fn shipped_copies_free_their_memory_during_the_epoch() {
+    let f = disk(64 * B, 1);
+    let d = &f.disk;
+    stamp_blocks(d, 6, 0);
+    let c = cut(&f.gate, std::slice::from_ref(d)).expect("cut");
+    let fd = &c.disks[0];
+    // One slot serves block after block as the shipper reads them.
+    for i in 0..3 {
+        d.write_at(&fill(0xEE, 1), i * B, false).expect("overwrite");
+        assert_stamped(&read(fd, i * B, B), i, 0);
+    }
+    assert_eq!(d.cbw_spilled_bytes(), 0);
+    // A copy read in parts stays until a read covers the whole block.
+    d.write_at(&fill(0xEE, 1), 3 * B, false).expect("overwrite");
+    let half = B / 2;
+    assert_stamped(&read(fd, 3 * B, half), 3, 0);
+    d.write_at(&fill(0xEE, 1), 4 * B, false).expect("overwrite");
+    assert_eq!(
+        d.cbw_spilled_bytes(),
+        B,
+        "the slot was still held by block 3"
+    );
+    assert_eq!(read(fd, 3 * B + half, half), fill(4, 1)[..half as usize]);
+    assert_stamped(&read(fd, 3 * B, B), 3, 0);
+    let mut buf = fill(0, 1);
+    assert!(fd.read_at(&mut buf, 3 * B).is_err(), "read whole: shipped");
+    d.write_at(&fill(0xEE, 1), 5 * B, false).expect("overwrite");
+    assert_eq!(d.cbw_spilled_bytes(), B, "block 3's slot is free again");
+    assert_stamped(&read(fd, 4 * B, 2 * B), 4, 0);
+    assert_eq!(d.cbw_memory_bytes(), B);
+    c.commit();
+}
+
+#[test]
+fn commit_and_abort_release_every_slot_and_later_epochs_reuse_them() {
+    let f = disk(64 * B, 4);
+    let d = &f.disk;
+    stamp_blocks(d, 8, 0);
+    // Epoch 1: memory full, one spill, then the link fails before anything shipped.
+    let c = cut(&f.gate, std::slice::from_ref(d)).expect("cut 1");
+    stamp_blocks(d, 5, 10);
+    assert_eq!(d.cbw_spilled_bytes(), B);
+    c.abort();
+    // Epoch 2 ships blocks 0..8 again (abort merged them back): all 4 slots are free again.
+    let c = cut(&f.gate, std::slice::from_ref(d)).expect("cut 2");
+    assert_eq!(c.disks[0].ranges(), vec![(0, 8 * B)]);
+    stamp_blocks(d, 4, 20);
+    assert_eq!(d.cbw_spilled_bytes(), B, "abort released the slots");
+    let got = read(&c.disks[0], 0, 8 * B);
+    assert_stamped(&got[..(5 * B) as usize], 0, 10);
+    assert_stamped(&got[(5 * B) as usize..], 5, 0);
+    c.commit();
+    // Epochs 3..: same volume, same memory, nothing spilled.
+    for e in 0..3u8 {
+        stamp_blocks(d, 4, 30 + 10 * e);
+        let c = cut(&f.gate, std::slice::from_ref(d)).expect("cut");
+        stamp_blocks(d, 4, 35 + 10 * e);
+        assert_eq!(d.cbw_spilled_bytes(), B, "commit released the slots");
+        assert_eq!(
+            d.cbw_memory_bytes(),
+            4 * B,
+            "the same slots, not new memory"
+        );
+        assert_stamped(&read(&c.disks[0], 0, 4 * B), 0, 30 + 10 * e);
+        c.commit();
+    }
+    assert_eq!(d.cbw_copied_bytes(), (5 + 4 + 3 * 4) * B);
+}
+
+#[test]
+fn memory_stays_within_its_bound() {
+    const MIB: u64 = 1 << 20;
+    let f = disk(4 * MIB, 16);
+    let d = &f.disk;
+    d.write_at(&vec![0x11u8; (4 * MIB) as usize], 0, false)
+        .expect("fill");
+    d.mark_all_dirty();
+    let c = cut(&f.gate, std::slice::from_ref(d)).expect("cut");
+    for m in 0..4 {
+        d.write_at(&vec![0x22u8; MIB as usize], m * MIB, false)
+            .expect("overwrite");
+        assert!(d.cbw_memory_bytes() <= 16 * B);
+    }
+    assert_eq!(d.cbw_copied_bytes(), 4 * MIB);
+    assert_eq!(d.cbw_spilled_bytes(), 4 * MIB - 16 * B);
+    for m in 0..4 {
+        assert_eq!(read(&c.disks[0], m * MIB, MIB), vec![0x11u8; MIB as usize]);
+    }
+    c.commit();
+    assert_eq!(d.cbw_memory_bytes(), 16 * B);
+}
+
+#[test]
+fn a_disk_that_never_copies_never_takes_memory() {
+    let f = disk(1 << 20, 1 << 16);
+    let d = &f.disk;
+    stamp_blocks(d, 8, 0);
+    let c = cut(&f.gate, std::slice::from_ref(d)).expect("cut");
+    d.write_at(&fill(1, 1), 100 * B, false)
+        .expect("write outside the cut");
+    assert_stamped(&read(&c.disks[0], 0, 8 * B), 0, 0);
+    d.write_at(&fill(1, 1), 0, false)
+        .expect("write to a shipped block");
+    c.commit();
+    assert_eq!(d.cbw_copied_bytes(), 0);
+    assert_eq!(d.cbw_memory_bytes(), 0);
+}
