@@ -42,6 +42,16 @@ impl Bitmap {
         self.nbits
     }
 
+    /// Number of words; word `w` holds bits `64 * w..64 * (w + 1)`.
+    pub(crate) fn nwords(&self) -> usize {
+        self.words.len()
+    }
+
+    /// Word `w` (bits beyond `nbits` are zero). Acquire, like every read here.
+    pub(crate) fn word(&self, w: usize) -> u64 {
+        self.words[w].load(Ordering::Acquire)
+    }
+
     /// Calls `f(word_index, mask)` for each word touched by bits `first..=last`, clipped to the
     /// size of the map.
     fn for_words(&self, first: u64, last: u64, mut f: impl FnMut(usize, u64) -> bool) -> bool {

@@ -475,4 +475,92 @@ impl TrackedDisk {
         }
         Ok(hole)
     }
+
+    /// Block-aligned ranges of cut `epoch` whose copies are in memory now, coalesced, in disk
+    /// order (see `FrozenDisk::ranges_in_memory`). Empty once the epoch has ended.
+    pub(crate) fn frozen_in_memory(&self, epoch: u64) -> Vec<(u64, u64)> {
+        let st = &self.frozen;
+        let mut blocks = Vec::new();
+        for m in st.stripes.iter() {
+            let stripe = m.lock();
+            if !st.open.load(Ordering::Acquire) || st.epoch.load(Ordering::Acquire) != epoch {
+                return Vec::new();
+            }
+            blocks.extend(stripe.in_memory.keys().copied());
+        }
+        blocks.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for b in blocks {
+            let (off, end) = (b * BLOCK_BYTES, ((b + 1) * BLOCK_BYTES).min(self.size));
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == off => *l = end - *o,
+                _ => out.push((off, end - off)),
+            }
+        }
+        out
+    }
+
+    /// Bytes of copy-before-write copies in memory that the shipper has not read yet, and
+    /// the bound of that memory.
+    pub(crate) fn frozen_in_memory_bytes(&self) -> (u64, u64) {
+        (
+            self.frozen.pool.in_use_bytes(),
+            self.frozen.pool.bytes_max(),
+        )
+    }
+
+    /// The first run of blocks at or after byte `from` (rounded up to a block) that cut `epoch`
+    /// has not shipped yet (in `F`, and not read nor skipped: `F ∧ (¬S ∨ P)`), as
+    /// `(offset, len)`, at most `len_max` bytes long (rounded down to blocks; the last block
+    /// of the disk may be partial) and never crossing a 1 MiB boundary (see
+    /// `FrozenDisk::next_unshipped`). `None` when nothing is left after `from`.
+    ///
+    /// Lock-free and exact for the shipper: writers only move blocks from `¬S` to `S ∧ P`
+    /// (both unshipped; `P` is set before `S`, and `S` is loaded first here), and only the
+    /// shipper itself ships blocks.
+    pub(crate) fn frozen_next_unshipped(
+        &self,
+        epoch: u64,
+        from: u64,
+        len_max: u64,
+    ) -> Option<(u64, u64)> {
+        let st = &self.frozen;
+        let len_max = len_max - len_max % BLOCK_BYTES;
+        if len_max == 0
+            || from >= self.size
+            || !st.open.load(Ordering::Acquire)
+            || st.epoch.load(Ordering::Acquire) != epoch
+        {
+            return None;
+        }
+        let frozen = self.frozen_map();
+        let unshipped = |w: usize| {
+            let s = self.secured.word(w);
+            frozen.word(w) & (!s | st.present.word(w))
+        };
+        let first_block = from.div_ceil(BLOCK_BYTES);
+        let mut w = (first_block / 64) as usize;
+        let mut bits = unshipped(w) & (u64::MAX << (first_block % 64));
+        while bits == 0 {
+            w += 1;
+            if w >= frozen.nwords() {
+                return None;
+            }
+            bits = unshipped(w);
+        }
+        let start = w as u64 * 64 + u64::from(bits.trailing_zeros());
+        let off = start * BLOCK_BYTES;
+        let stop = (off + len_max)
+            .min((start / STRIPE_BLOCKS + 1) * STRIPE_BLOCKS * BLOCK_BYTES)
+            .min(self.size);
+        let mut end = start + 1;
+        while end * BLOCK_BYTES < stop {
+            let w = (end / 64) as usize;
+            if unshipped(w) & (1u64 << (end % 64)) == 0 {
+                break;
+            }
+            end += 1;
+        }
+        Some((off, (end * BLOCK_BYTES).min(stop) - off))
+    }
 }

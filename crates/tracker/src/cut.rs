@@ -203,6 +203,33 @@ impl FrozenDisk {
         self.disk.read_frozen(self.epoch, buf, offset)
     }
 
+    /// The first range at or after `from` (a block boundary) that this cut has not shipped
+    /// yet (neither read whole by `read_at` nor skipped by `skip_if_hole`), at most
+    /// `len_bytes_max` long (a multiple of the block size) and never crossing a 1 MiB boundary,
+    /// so that one `read_at` of it holds one stripe lock. `None` when nothing is left after
+    /// `from`. A shipper that reads other ranges first (`ranges_in_memory`) iterates with
+    /// this instead of `ranges()`, so that no block is read twice.
+    pub fn next_unshipped(&self, from: u64, len_bytes_max: u64) -> Option<(u64, u64)> {
+        self.disk
+            .frozen_next_unshipped(self.epoch, from, len_bytes_max)
+    }
+
+    /// Ranges (block aligned, coalesced, in disk order) whose copy-before-write copies are in
+    /// memory now and not read yet. A snapshot: writers may add copies, and only reads of this
+    /// cut remove them, so every range can be read once as it is. Reading them before the
+    /// rest gives their memory back to the pool sooner, so fewer later copies spill to the
+    /// file. Frames of a delta may come in any order (they do not overlap).
+    pub fn ranges_in_memory(&self) -> Vec<(u64, u64)> {
+        self.disk.frozen_in_memory(self.epoch)
+    }
+
+    /// Bytes of copy-before-write copies held in memory and not read yet, and the bound of
+    /// that memory (`DiskOptions::cbw_memory_bytes_max`): when the first nears the second,
+    /// copies start spilling to the file.
+    pub fn in_memory_bytes(&self) -> (u64, u64) {
+        self.disk.frozen_in_memory_bytes()
+    }
+
     /// True when `offset..offset+len_bytes` (block aligned, within one 1 MiB region) reads as
     /// zeros at the cut without reading it: a hole in the image with no copy-before-write data
     /// and not read before. The range then counts as read. False: read it with `read_at`.

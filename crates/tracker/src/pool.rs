@@ -176,6 +176,12 @@ impl CbwPool {
         true
     }
 
+    /// Bytes of the slots taken and not given back: copies waiting for the shipper.
+    pub(crate) fn in_use_bytes(&self) -> u64 {
+        let st = self.state.lock();
+        u64::from(st.next).saturating_sub(st.free.len() as u64) * SLOT_BYTES as u64
+    }
+
     /// Bytes of the pool that may be resident (touched and not released).
     pub(crate) fn resident_bytes(&self) -> u64 {
         u64::from(self.state.lock().warm) * SLOT_BYTES as u64

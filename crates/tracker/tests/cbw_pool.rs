@@ -239,3 +239,93 @@ fn a_disk_that_never_copies_never_takes_memory() {
     assert_eq!(d.cbw_copied_bytes(), 0);
     assert_eq!(d.cbw_memory_bytes(), 0);
 }
+
+#[test]
+fn shipping_copies_in_memory_first_still_ships_every_block_once() {
+    const MIB: u64 = 1 << 20;
+    let f = disk(3 * MIB + 512, 64);
+    let d = &f.disk;
+    let size = d.size_bytes();
+    let stamp = |b: u64| (b % 251) as u8 + 1;
+    let content: Vec<u8> = (0..size).map(|i| stamp(i / B)).collect();
+    d.write_at(&content, 0, false).expect("fill");
+    d.mark_all_dirty();
+    let c = cut(&f.gate, std::slice::from_ref(d)).expect("cut");
+    let fd = &c.disks[0];
+    for blk in [5, 6, 300, 700, 767] {
+        d.write_at(&fill(0xEE, 1), blk * B, false)
+            .expect("overwrite");
+    }
+    d.write_at(&[0xEE; 512], 3 * MIB, false)
+        .expect("overwrite the partial tail");
+    assert_eq!(
+        fd.ranges_in_memory(),
+        vec![
+            (5 * B, 2 * B),
+            (300 * B, B),
+            (700 * B, B),
+            (767 * B, B + 512)
+        ]
+    );
+    assert_eq!(fd.in_memory_bytes(), (6 * B, 64 * B));
+    let mut shipped = vec![0u8; size as usize];
+    let mut ship = |off: u64, len: u64| {
+        fd.read_at(&mut shipped[off as usize..(off + len) as usize], off)
+            .expect("frozen read");
+    };
+    for (off, len) in fd.ranges_in_memory() {
+        ship(off, len);
+    }
+    assert_eq!(fd.in_memory_bytes().0, 0, "read copies free their memory");
+    assert!(fd.ranges_in_memory().is_empty());
+    // The rest, in 1 MiB-bounded runs that skip what was shipped.
+    let mut runs = Vec::new();
+    let mut pos = 0;
+    while let Some((off, len)) = fd.next_unshipped(pos, MIB) {
+        assert!(off >= pos && len > 0);
+        assert_eq!(
+            off / MIB,
+            (off + len - 1) / MIB,
+            "{off}+{len} crosses a MiB"
+        );
+        ship(off, len);
+        runs.push((off, len));
+        pos = off + len;
+    }
+    assert_eq!(
+        runs,
+        vec![
+            (0, 5 * B),
+            (7 * B, 249 * B),
+            (256 * B, 44 * B),
+            (301 * B, 211 * B),
+            (512 * B, 188 * B),
+            (701 * B, 66 * B),
+        ]
+    );
+    assert!(shipped == content, "every block as of the cut");
+    assert_eq!(fd.next_unshipped(0, MIB), None);
+    // Blocks skipped as holes count as shipped too; a copy not yet read does not.
+    c.commit();
+    let c = cut(&f.gate, std::slice::from_ref(d)).expect("ship the overwrites");
+    let mut pos = 0;
+    while let Some((off, len)) = c.disks[0].next_unshipped(pos, MIB) {
+        read(&c.disks[0], off, len);
+        pos = off + len;
+    }
+    c.commit();
+    d.trim(MIB, MIB, false).expect("punch");
+    d.write_at(&fill(1, 1), 2 * MIB, false).expect("w");
+    let mut c = cut(&f.gate, std::slice::from_ref(d)).expect("cut 2");
+    let fd = c.disks.pop().expect("one disk");
+    d.write_at(&fill(2, 1), 2 * MIB, false).expect("overwrite");
+    assert!(fd.skip_if_hole(MIB, MIB).expect("hole"));
+    assert_eq!(fd.next_unshipped(0, 4 * MIB), Some((2 * MIB, B)));
+    assert_eq!(fd.next_unshipped(2 * MIB + 1, MIB), None, "from rounds up");
+    assert_eq!(fd.next_unshipped(0, MIB), Some((2 * MIB, B)));
+    assert_eq!(read(&fd, 2 * MIB, B), fill(1, 1));
+    assert_eq!(fd.next_unshipped(0, MIB), None);
+    d.write_at(&fill(3, 1), 0, false).expect("w");
+    c.commit();
+    assert_eq!(fd.next_unshipped(0, MIB), None, "nothing after commit");
+}

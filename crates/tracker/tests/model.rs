@@ -56,6 +56,9 @@ struct Step {
     fail_after_chunks: Option<u64>,
     /// Yields between cuts, to let writers run.
     gap: u32,
+    /// Ship the copies held in memory first, then the rest through `next_unshipped` (the
+    /// order a shipper that frees copy memory early uses), instead of `ranges()` in order.
+    memory_first: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,27 +228,47 @@ fn check(snap: &Snapshot, hist: &HashMap<Key, Vec<Rec>>) -> Result<(), String> {
 fn ship(c: &understudy_tracker::Cut, step: &Step) -> Result<Option<Vec<(Key, Stamp)>>, String> {
     let mut delta = Vec::new();
     let mut chunks = 0;
+    let chunk = step.chunk_blocks * B;
     for (disk, fd) in c.disks.iter().enumerate() {
-        for (off, len) in fd.ranges() {
+        let mut read = |pos: u64, n: u64| -> Result<bool, String> {
+            if step.fail_after_chunks == Some(chunks) {
+                return Ok(false);
+            }
+            let mut buf = vec![0u8; n as usize];
+            fd.read_at(&mut buf, pos)
+                .map_err(|e| format!("frozen read at {pos}: {e}"))?;
+            for (i, blk) in buf.chunks(B as usize).enumerate() {
+                let b = pos / B + i as u64;
+                delta.push(((disk, b), decode(blk, disk, b)?));
+            }
+            chunks += 1;
+            std::thread::yield_now();
+            Ok(true)
+        };
+        let mut ranges = fd.ranges();
+        if step.memory_first {
+            ranges = fd.ranges_in_memory();
+        }
+        for (off, len) in ranges {
             if off % B != 0 || len % B != 0 {
                 return Err(format!("unaligned range {off}+{len}"));
             }
             let mut pos = off;
             while pos < off + len {
-                if step.fail_after_chunks == Some(chunks) {
+                let n = chunk.min(off + len - pos);
+                if !read(pos, n)? {
                     return Ok(None);
                 }
-                let n = (step.chunk_blocks * B).min(off + len - pos);
-                let mut buf = vec![0u8; n as usize];
-                fd.read_at(&mut buf, pos)
-                    .map_err(|e| format!("frozen read at {pos}: {e}"))?;
-                for (i, blk) in buf.chunks(B as usize).enumerate() {
-                    let b = pos / B + i as u64;
-                    delta.push(((disk, b), decode(blk, disk, b)?));
-                }
                 pos += n;
-                chunks += 1;
-                std::thread::yield_now();
+            }
+        }
+        if step.memory_first {
+            let mut pos = 0;
+            while let Some((off, n)) = fd.next_unshipped(pos, chunk) {
+                if !read(off, n)? {
+                    return Ok(None);
+                }
+                pos = off + n;
             }
         }
     }
@@ -298,6 +321,7 @@ fn run(ops: Vec<Vec<Op>>, steps: Vec<Step>, pool_blocks: u64) -> Result<(), Stri
                 chunk_blocks: 4,
                 fail_after_chunks: None,
                 gap: 0,
+                memory_first: false,
             }
         } else {
             steps[i % steps.len()].clone()
@@ -360,13 +384,20 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 }
 
 fn step_strategy() -> impl Strategy<Value = Step> {
-    (1u64..5, prop::option::weighted(0.25, 0u64..6), 0u32..50).prop_map(
-        |(chunk_blocks, fail_after_chunks, gap)| Step {
-            chunk_blocks,
-            fail_after_chunks,
-            gap,
-        },
+    (
+        1u64..5,
+        prop::option::weighted(0.25, 0u64..6),
+        0u32..50,
+        any::<bool>(),
     )
+        .prop_map(
+            |(chunk_blocks, fail_after_chunks, gap, memory_first)| Step {
+                chunk_blocks,
+                fail_after_chunks,
+                gap,
+                memory_first,
+            },
+        )
 }
 
 proptest! {
