@@ -9,14 +9,19 @@
 //! shipper also compresses and encrypts; ~150 MiB/s was measured in the T1 benchmark), while
 //! writer threads make one pass over the frozen disk: 256 MiB of 4 KiB random writes, or the
 //! whole disk in 1 MiB sequential writes. Nearly every write into a block not yet shipped pays a
-//! copy. A pass with no cut outstanding is the reference. Prints per pattern the writes/s of the
-//! passes, and per epoch the process's CPU time (`getrusage`: writers, copies and the reading
-//! shipper), the machine's busy CPU time (`/proc/stat`: also the kernel's writeback threads;
+//! copy. As many passes with no cut outstanding are the reference. Prints per pattern the
+//! writes/s of the passes and the writer threads' CPU time per write (`getrusage`
+//! `RUSAGE_THREAD`: the write and its copy, whoever else loads the machine), and per epoch the
+//! process's CPU time (`RUSAGE_SELF`: also the reading shipper), the machine's busy CPU time (`/proc/stat`: also the kernel's writeback threads;
 //! noisy on a shared machine), bytes copied and bytes the process caused to be written to
 //! storage (`/proc/self/io`).
 //!
 //! `cargo run --release -p understudy-tracker --example write_path [dir] [seconds] [mode]`
-//! `... write_path [dir] [epochs] cbw [ship MiB/s] [CBW memory MiB, default 256]`
+//! `... write_path [dir] [epochs] cbw [ship MiB/s] [CBW memory MiB, default 256] [order]`
+//!
+//! `order` is `disk` (default: frozen ranges in disk order, as the daemon's shipper does) or
+//! `memory-first` (whenever copies fill half of the memory, read them first, then go on
+//! with `next_unshipped`).
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -76,7 +81,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .and_then(|s| s.parse::<u64>().ok())
                     .map_or(CBW_MEMORY_BYTES_MAX_DEFAULT, |mib| mib << 20),
             };
-            cbw(dir.path(), seconds.max(1.0) as u64, ship_mib_s, &options)
+            let memory_first = match args.get(6).map(String::as_str).unwrap_or("disk") {
+                "disk" => false,
+                "memory-first" => true,
+                other => return Err(format!("unknown order {other:?}").into()),
+            };
+            let config = CbwConfig {
+                epochs: seconds.max(1.0) as u64,
+                ship_bytes_per_s: ship_mib_s * f64::from(1 << 20),
+                memory_first,
+            };
+            cbw(dir.path(), &config, &options)
         }
         other => Err(format!("unknown mode {other:?} (overhead or cbw)").into()),
     }
@@ -230,12 +245,18 @@ fn storage_write_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+struct CbwConfig {
+    epochs: u64,
+    ship_bytes_per_s: f64,
+    memory_first: bool,
+}
+
 fn cbw(
     dir: &Path,
-    epochs: u64,
-    ship_mib_s: f64,
+    config: &CbwConfig,
     options: &DiskOptions,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let epochs = config.epochs;
     let gate = CutGate::new();
     let disk = TrackedDisk::create_with(
         &dir.join("t.img"),
@@ -265,19 +286,26 @@ fn cbw(
         },
     ];
     println!(
-        "cbw: {} MiB disk frozen whole, shipped at <= {ship_mib_s} MiB/s, {THREADS} writer threads, {epochs} epochs per pattern, CBW memory {} MiB",
+        "cbw: {} MiB disk frozen whole, shipped at <= {} MiB/s{}, {THREADS} writer threads, {epochs} epochs per pattern, CBW memory {} MiB",
         CBW_DISK_BYTES >> 20,
+        config.ship_bytes_per_s / f64::from(1 << 20),
+        if config.memory_first { " copies in memory first" } else { " in disk order" },
         options.cbw_memory_bytes_max >> 20
     );
     for p in &patterns {
-        let r = cbw_run(&disk, &gate, p, epochs, ship_mib_s);
+        let r = cbw_run(&disk, &gate, p, config);
         let per = |x: f64| x / epochs as f64;
+        let n = (r.writes * epochs) as f64;
+        let writes_s = |t: PassTime| n / t.wall.as_secs_f64();
+        let cpu_us = |t: PassTime| t.cpu_s * 1e6 / n;
         println!(
-            "{:<17} writes/s: frozen {:>8.0}, reference {:>8.0} (ratio {:.2}) | per epoch: process CPU {:.2} s, machine busy {:.2} s, copied {} MiB (spilled {} MiB), storage writes {} MiB, shipping {:.2} s | pool {} MiB",
+            "{:<17} writes/s: frozen {:>8.0}, reference {:>8.0} (ratio {:.2}) | writer CPU per write: frozen {:.1} us, reference {:.1} us | per epoch: process CPU {:.2} s, machine busy {:.2} s, copied {} MiB (spilled {} MiB), storage writes {} MiB, shipping {:.2} s | pool {} MiB",
             p.name,
-            r.frozen_writes_s,
-            r.reference_writes_s,
-            r.frozen_writes_s / r.reference_writes_s,
+            writes_s(r.frozen),
+            writes_s(r.reference),
+            writes_s(r.frozen) / writes_s(r.reference),
+            cpu_us(r.frozen),
+            cpu_us(r.reference),
             per(r.after.cpu_s - r.before.cpu_s),
             per(r.after.machine_busy_s - r.before.machine_busy_s),
             per((r.after.copied_bytes - r.before.copied_bytes) as f64) as u64 >> 20,
@@ -294,51 +322,88 @@ fn cbw(
 struct CbwReport {
     before: Sample,
     after: Sample,
-    frozen_writes_s: f64,
-    reference_writes_s: f64,
+    /// Writes per pass.
+    writes: u64,
+    /// Sums over the epochs' passes.
+    frozen: PassTime,
+    reference: PassTime,
     shipping: Duration,
 }
 
-/// One pass of `p` over `disk` by `THREADS` threads; returns its duration.
-fn pass(disk: &TrackedDisk, p: &Pattern, seed: u64) -> Duration {
+/// Wall time and the writer threads' CPU time of one pass.
+#[derive(Default, Clone, Copy)]
+struct PassTime {
+    wall: Duration,
+    cpu_s: f64,
+}
+
+impl std::ops::AddAssign for PassTime {
+    fn add_assign(&mut self, o: PassTime) {
+        self.wall += o.wall;
+        self.cpu_s += o.cpu_s;
+    }
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu_seconds() -> f64 {
+    // SAFETY: rusage is plain old data; all-zero is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct owned by this frame and reads nothing else.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// One pass of `p` over `disk` by `THREADS` threads.
+fn pass(disk: &TrackedDisk, p: &Pattern, seed: u64) -> PassTime {
     let next = AtomicU64::new(0);
     let slots = CBW_DISK_BYTES / p.write_bytes;
     let started = Instant::now();
-    std::thread::scope(|s| {
-        for t in 0..THREADS {
-            let next = &next;
-            s.spawn(move || {
-                let buf = vec![t as u8 + 1; p.write_bytes as usize];
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= p.writes {
-                        break;
+    let cpu_s: f64 = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let next = &next;
+                s.spawn(move || {
+                    let cpu0 = thread_cpu_seconds();
+                    let buf = vec![t as u8 + 1; p.write_bytes as usize];
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= p.writes {
+                            break;
+                        }
+                        let slot = if p.sequential {
+                            i % slots
+                        } else {
+                            // splitmix64 of (seed, i): uniform, different in every pass.
+                            let mut x = (seed << 32 ^ i).wrapping_add(0x9E37_79B9_7F4A_7C15);
+                            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                            (x ^ (x >> 31)) % slots
+                        };
+                        disk.write_at(&buf, slot * p.write_bytes, false)
+                            .expect("write");
                     }
-                    let slot = if p.sequential {
-                        i % slots
-                    } else {
-                        // splitmix64 of (seed, i): uniform, different in every pass.
-                        let mut x = (seed << 32 ^ i).wrapping_add(0x9E37_79B9_7F4A_7C15);
-                        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                        (x ^ (x >> 31)) % slots
-                    };
-                    disk.write_at(&buf, slot * p.write_bytes, false)
-                        .expect("write");
-                }
-            });
-        }
+                    thread_cpu_seconds() - cpu0
+                })
+            })
+            .collect();
+        writers.into_iter().map(|w| w.join().expect("writer")).sum()
     });
-    started.elapsed()
+    PassTime {
+        wall: started.elapsed(),
+        cpu_s,
+    }
 }
 
 /// Reads every frozen range of `c` in 1 MiB chunks, at most `bytes_per_s`.
-fn ship_throttled(c: &understudy_tracker::Cut, bytes_per_s: f64) {
+fn ship_throttled(c: &understudy_tracker::Cut, config: &CbwConfig) {
     let fd = &c.disks[0];
     let mut buf = vec![0u8; SHIP_CHUNK_BYTES as usize];
     let started = Instant::now();
     let mut shipped = 0u64;
-    for (off, len) in fd.ranges() {
+    let mut read = |off: u64, len: u64| {
         let mut pos = off;
         while pos < off + len {
             let n = (SHIP_CHUNK_BYTES - pos % SHIP_CHUNK_BYTES).min(off + len - pos);
@@ -346,24 +411,42 @@ fn ship_throttled(c: &understudy_tracker::Cut, bytes_per_s: f64) {
                 .expect("frozen read");
             pos += n;
             shipped += n;
-            let due = Duration::from_secs_f64(shipped as f64 / bytes_per_s);
+            let due = Duration::from_secs_f64(shipped as f64 / config.ship_bytes_per_s);
             if let Some(ahead) = due.checked_sub(started.elapsed()) {
                 std::thread::sleep(ahead);
             }
         }
+    };
+    if !config.memory_first {
+        for (off, len) in fd.ranges() {
+            read(off, len);
+        }
+        return;
+    }
+    let mut pos = 0;
+    loop {
+        let (in_memory, bound) = fd.in_memory_bytes();
+        if in_memory > 0 && in_memory >= bound / 2 {
+            for (off, len) in fd.ranges_in_memory() {
+                read(off, len);
+            }
+        }
+        let Some((off, len)) = fd.next_unshipped(pos, SHIP_CHUNK_BYTES) else {
+            break;
+        };
+        read(off, len);
+        pos = off + len;
     }
 }
 
-fn cbw_run(
-    disk: &Arc<TrackedDisk>,
-    gate: &CutGate,
-    p: &Pattern,
-    epochs: u64,
-    ship_mib_s: f64,
-) -> CbwReport {
-    let reference = pass(disk, p, 0);
+fn cbw_run(disk: &Arc<TrackedDisk>, gate: &CutGate, p: &Pattern, config: &CbwConfig) -> CbwReport {
+    let epochs = config.epochs;
+    let mut reference = PassTime::default();
+    for e in 0..epochs {
+        reference += pass(disk, p, 1000 + e);
+    }
     let before = sample(disk);
-    let mut frozen = Duration::ZERO;
+    let mut frozen = PassTime::default();
     let mut shipping = Duration::ZERO;
     for e in 1..=epochs {
         disk.mark_all_dirty();
@@ -371,19 +454,19 @@ fn cbw_run(
         std::thread::scope(|s| {
             let writers = s.spawn(|| pass(disk, p, e));
             let started = Instant::now();
-            ship_throttled(&c, ship_mib_s * f64::from(1 << 20));
+            ship_throttled(&c, config);
             shipping += started.elapsed();
             frozen += writers.join().expect("writers");
         });
         c.commit();
     }
     let after = sample(disk);
-    let writes_s = |d: Duration, n: u64| n as f64 / d.as_secs_f64();
     CbwReport {
         before,
         after,
-        frozen_writes_s: writes_s(frozen, p.writes * epochs),
-        reference_writes_s: writes_s(reference, p.writes),
+        writes: p.writes,
+        frozen,
+        reference,
         shipping,
     }
 }

@@ -276,6 +276,21 @@ impl TrackedDisk {
         self.frozen.pool.resident_bytes()
     }
 
+    /// Returns the memory of the copy-before-write pool to the system now, unless a cut is
+    /// outstanding (then nothing happens): for a daemon that stops replicating the disk, since
+    /// the pool otherwise shrinks only at the end of quiet epochs. Returns the bytes released.
+    pub fn release_cbw_memory(&self) -> u64 {
+        let st = &self.frozen;
+        let mut all = st.lock_all();
+        if st.open.load(Ordering::Acquire) {
+            return 0;
+        }
+        for stripe in all.iter_mut() {
+            stripe.in_memory = HashMap::default();
+        }
+        st.pool.release_all()
+    }
+
     /// Starts a frozen epoch and returns its number. The caller holds the gate exclusively.
     pub(crate) fn freeze(&self) -> u64 {
         let idx = self.active_idx.load(Ordering::Acquire) & 1;
@@ -387,43 +402,70 @@ impl TrackedDisk {
             }
             let mut b = region;
             while b <= rend {
-                // One read per run of image or file blocks; one memcpy per block in memory.
+                // One read per run of image or file blocks; for a run of blocks in memory, one
+                // memcpy per block and one trip to the pool's lock for the run.
                 let from = source(&stripe, b)?;
+                let mut slots = [0u32; STRIPE_BLOCKS as usize];
+                if let Source::Memory(slot) = from {
+                    slots[0] = slot;
+                }
                 let mut e = b;
-                if !matches!(from, Source::Memory(_)) {
-                    while e < rend && source(&stripe, e + 1)? == from {
-                        e += 1;
+                while e < rend {
+                    match (from, source(&stripe, e + 1)?) {
+                        (Source::Memory(_), Source::Memory(slot)) => {
+                            slots[(e + 1 - b) as usize] = slot;
+                        }
+                        (a, n) if a == n => {}
+                        _ => break,
                     }
+                    e += 1;
                 }
                 let lo = offset.max(b * BLOCK_BYTES);
                 let hi = end.min((e + 1) * BLOCK_BYTES);
-                let out = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
+                let whole = |blk: u64| {
+                    lo <= blk * BLOCK_BYTES && ((blk + 1) * BLOCK_BYTES).min(self.size) <= hi
+                };
                 match from {
-                    Source::Image => self.file.read_exact_at(out, lo)?,
-                    Source::File => st.cbw.read_exact_at(out, lo)?,
-                    Source::Memory(slot) => {
-                        // SAFETY: the slot belongs to block `b` (its map entry) and is touched
-                        // only under this stripe's lock, which we hold.
-                        let copy = unsafe { st.pool.slot(slot) };
-                        let at = (lo - b * BLOCK_BYTES) as usize;
-                        out.copy_from_slice(&copy[at..at + out.len()]);
-                    }
-                }
-                // Blocks read whole are shipped: the cut content is no longer needed.
-                for blk in b..=e {
-                    let whole =
-                        lo <= blk * BLOCK_BYTES && ((blk + 1) * BLOCK_BYTES).min(self.size) <= hi;
-                    if !whole {
-                        continue;
-                    }
-                    match from {
-                        Source::Image => self.secured.set(blk),
-                        Source::File => st.present.clear_range(blk, blk),
-                        Source::Memory(slot) => {
-                            stripe.in_memory.remove(&blk);
-                            st.present.clear_range(blk, blk);
-                            st.pool.give_back(&[slot]);
+                    Source::Image => {
+                        self.file.read_exact_at(
+                            &mut buf[(lo - offset) as usize..(hi - offset) as usize],
+                            lo,
+                        )?;
+                        // Read whole, an image block is shipped: no copy is needed any more.
+                        for blk in (b..=e).filter(|blk| whole(*blk)) {
+                            self.secured.set(blk);
                         }
+                    }
+                    Source::File => {
+                        st.cbw.read_exact_at(
+                            &mut buf[(lo - offset) as usize..(hi - offset) as usize],
+                            lo,
+                        )?;
+                        for blk in (b..=e).filter(|blk| whole(*blk)) {
+                            st.present.clear_range(blk, blk);
+                        }
+                    }
+                    Source::Memory(_) => {
+                        let mut freed = 0;
+                        for blk in b..=e {
+                            let slot = slots[(blk - b) as usize];
+                            let (from_lo, from_hi) =
+                                (lo.max(blk * BLOCK_BYTES), hi.min((blk + 1) * BLOCK_BYTES));
+                            // SAFETY: the slot belongs to block `blk` (its map entry) and is
+                            // touched only under this stripe's lock, which we hold.
+                            let copy = unsafe { st.pool.slot(slot) };
+                            let at = (from_lo - blk * BLOCK_BYTES) as usize;
+                            buf[(from_lo - offset) as usize..(from_hi - offset) as usize]
+                                .copy_from_slice(&copy[at..at + (from_hi - from_lo) as usize]);
+                            if whole(blk) {
+                                // Shipped: forget the copy, its slot serves the next one.
+                                stripe.in_memory.remove(&blk);
+                                st.present.clear_range(blk, blk);
+                                slots[freed] = slot;
+                                freed += 1;
+                            }
+                        }
+                        st.pool.give_back(&slots[..freed]);
                     }
                 }
                 b = e + 1;

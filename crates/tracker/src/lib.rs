@@ -4,8 +4,9 @@
 //!
 //! `TrackedDisk` implements `nbd::BlockBackend` over a raw sparse image and sits in the write
 //! path. Each write holds the shared side of its VM's `CutGate`, records its extent in the
-//! activity log if it is not hot yet, copies frozen blocks it is about to overwrite, writes, and
-//! sets its dirty bits. `cut()` takes the gate exclusively for all disks of the VM, which drains
+//! activity log if it is not hot yet, copies frozen blocks it is about to overwrite (into a
+//! bounded per-disk memory pool, spilling to a file when it is full), writes, and sets its
+//! dirty bits. `cut()` takes the gate exclusively for all disks of the VM, which drains
 //! in-flight writes, and swaps each disk's active bitmap into a frozen one. The shipper reads
 //! the frozen content through `FrozenDisk::read_at`, then calls `Cut::commit` (the replica has
 //! the point) or `Cut::abort` (the frozen blocks go back into the active bitmap).

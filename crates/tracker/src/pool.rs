@@ -176,6 +176,22 @@ impl CbwPool {
         true
     }
 
+    /// Returns all memory to the system now; returns the bytes that were resident. The caller
+    /// guarantees that no slot is in use (no epoch is open and it holds every stripe lock).
+    pub(crate) fn release_all(&self) -> u64 {
+        let mut st = self.state.lock();
+        let resident = u64::from(st.warm) * SLOT_BYTES as u64;
+        let base = self.base.swap(ptr::null_mut(), Ordering::AcqRel);
+        if !base.is_null() {
+            unmap(base, self.mapping_bytes());
+        }
+        st.free = Vec::new();
+        st.next = 0;
+        st.warm = 0;
+        st.last_busy = None;
+        resident
+    }
+
     /// Bytes of the slots taken and not given back: copies waiting for the shipper.
     pub(crate) fn in_use_bytes(&self) -> u64 {
         let st = self.state.lock();
@@ -345,6 +361,20 @@ mod tests {
         assert!(pool.take(&mut one));
         // SAFETY: taken above.
         assert!(unsafe { pool.slot(one[0]) }.iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn release_all_unmaps_and_the_pool_starts_over() {
+        let pool = CbwPool::new(64 * SLOT_BYTES as u64);
+        let mut s = [0u32; 5];
+        assert!(pool.take(&mut s));
+        pool.reset(Instant::now());
+        assert_eq!(pool.release_all(), 5 * SLOT_BYTES as u64);
+        assert_eq!(pool.resident_bytes(), 0);
+        assert!(pool.base.load(Ordering::Acquire).is_null());
+        assert_eq!(pool.release_all(), 0);
+        assert!(pool.take(&mut s));
+        assert_eq!(pool.in_use_bytes(), 5 * SLOT_BYTES as u64);
     }
 
     #[test]

@@ -329,3 +329,25 @@ fn shipping_copies_in_memory_first_still_ships_every_block_once() {
     c.commit();
     assert_eq!(fd.next_unshipped(0, MIB), None, "nothing after commit");
 }
+
+#[test]
+fn memory_can_be_released_between_cuts_only() {
+    let f = disk(64 * B, 8);
+    let d = &f.disk;
+    stamp_blocks(d, 4, 0);
+    let c = cut(&f.gate, std::slice::from_ref(d)).expect("cut");
+    stamp_blocks(d, 4, 10);
+    assert_eq!(d.cbw_memory_bytes(), 4 * B);
+    assert_eq!(d.release_cbw_memory(), 0, "not while a cut is outstanding");
+    assert_stamped(&read(&c.disks[0], 0, 4 * B), 0, 0);
+    c.commit();
+    assert_eq!(d.release_cbw_memory(), 4 * B);
+    assert_eq!(d.cbw_memory_bytes(), 0);
+    // The next epoch maps memory again.
+    let c = cut(&f.gate, std::slice::from_ref(d)).expect("cut");
+    stamp_blocks(d, 2, 20);
+    assert_eq!(d.cbw_memory_bytes(), 2 * B);
+    assert_eq!(d.cbw_spilled_bytes(), 0);
+    assert_stamped(&read(&c.disks[0], 0, 4 * B), 0, 10);
+    c.commit();
+}
