@@ -7,7 +7,15 @@
 //! ```
 //! Defaults: 512 MiB of data (a 1 GiB disk), 3 runs, 0 % compressible (random data, stored raw
 //! since it does not compress). The store lives in `$BENCH_DIR` or the system temp directory
-//! (use a real file system: the commit's fsync is part of what is measured).
+//! (use a real file system: the commit's fsync is part of what is measured). Every run writes
+//! into a new VM directory, so its pages are never warm from the previous run. Each run also
+//! prints the CPU time the process used for receive + commit (`getrusage`, all threads).
+//! `BENCH_PAUSE_S=N` sleeps N seconds before each run: on a VM whose balloon reports free pages
+//! to the host, pages freed by the previous run are then cold again (first touch is slow), so
+//! every run sees the same, realistic, state of the page cache.
+//! `BENCH_MODE=journal` times the same delta as seq 2 of a VM whose first point (one frame)
+//! is already committed, i.e. received into `incoming/` and committed into the journal (the
+//! path of every delta after the initial replication, T1).
 
 use std::io::Write;
 use std::time::Instant;
@@ -27,6 +35,15 @@ fn fill(buf: &mut [u8], mut x: u64) {
     }
 }
 
+/// User + system CPU seconds used so far by every thread of this process.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we own; RUSAGE_SELF is always valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 fn main() {
     let args: Vec<u64> = std::env::args()
         .skip(1)
@@ -39,7 +56,12 @@ fn main() {
         index: 0,
         size_bytes: 2 * data_mib * MIB,
     };
-    let header = DeltaHeader {
+    let journal = match std::env::var("BENCH_MODE").as_deref() {
+        Ok("journal") => true,
+        Ok("base") | Err(_) => false,
+        Ok(other) => panic!("BENCH_MODE: base or journal, not {other}"),
+    };
+    let mut header = DeltaHeader {
         vm_id: "bench".into(),
         generation: 1,
         seq: 1,
@@ -49,6 +71,17 @@ fn main() {
         compression: Compression::Zstd,
         disks: vec![disk],
     };
+    // Journal mode: a one-frame first point, then the timed delta as seq 2.
+    let first = {
+        let mut w = DeltaWriter::new(Vec::new(), &header, &KEY).unwrap();
+        w.data(0, 0, &[1u8; 4096]).unwrap();
+        w.finish().unwrap().0
+    };
+    if journal {
+        header.seq = 2;
+        header.parent_seq = 1;
+        header.kind = DeltaKind::Incremental;
+    }
     let t = Instant::now();
     let mut w = DeltaWriter::new(Vec::new(), &header, &KEY).unwrap();
     let mut frame = vec![0u8; MIB as usize];
@@ -77,13 +110,24 @@ fn main() {
     let parent = std::env::var_os("BENCH_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
+    let pause_s: u64 = std::env::var("BENCH_PAUSE_S")
+        .ok()
+        .map(|v| v.parse().expect("BENCH_PAUSE_S: seconds"))
+        .unwrap_or(0);
     let mut totals = Vec::new();
     for run in 1..=runs {
+        std::thread::sleep(std::time::Duration::from_secs(pause_s));
         let dir = tempfile::tempdir_in(&parent).unwrap();
         let store = ReplicaStore::open(dir.path()).unwrap();
         let vm = store.create_vm("bench", 1, &[disk], KEY).unwrap();
+        if journal {
+            let mut inc = vm.begin_receive().unwrap();
+            inc.write_all(&first).unwrap();
+            vm.commit(inc).unwrap();
+        }
         // Start from a quiet page cache: the previous run's dirty pages are not ours to wait on.
         unsafe { libc::sync() };
+        let cpu0 = cpu_seconds();
         let t0 = Instant::now();
         let mut inc = vm.begin_receive().unwrap();
         for chunk in bytes.chunks(256 * 1024) {
@@ -92,13 +136,15 @@ fn main() {
         let received = t0.elapsed();
         let point = vm.commit(inc).unwrap();
         let total = t0.elapsed();
-        assert_eq!(point.seq, 1);
+        let cpu = cpu_seconds() - cpu0;
+        assert_eq!(point.seq, header.seq);
         println!(
-            "run {run}: receive {:.3} s + commit {:.3} s = {:.3} s ({:.0} MiB/s of data)",
+            "run {run}: receive {:.3} s + commit {:.3} s = {:.3} s ({:.0} MiB/s of data), CPU {:.3} s",
             received.as_secs_f64(),
             (total - received).as_secs_f64(),
             total.as_secs_f64(),
-            summary.data_bytes as f64 / MIB as f64 / total.as_secs_f64()
+            summary.data_bytes as f64 / MIB as f64 / total.as_secs_f64(),
+            cpu
         );
         totals.push(total.as_secs_f64());
         drop((vm, store));
