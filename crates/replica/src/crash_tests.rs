@@ -393,7 +393,11 @@ fn crash_mid_first_point_then_a_new_attempt_starts_from_zeros() {
     let (bytes, _) = initial(&first_attempt_blocks());
     let mut inc = vm.begin_receive().unwrap();
     inc.write_all(&bytes[..bytes.len() * 3 / 4]).unwrap();
-    std::mem::forget(inc); // the process dies mid-receive
+    // The frames reach the base (its writer thread is done with them), then the process dies
+    // mid-receive. Without the flush, the forgotten writer thread of this test process could
+    // still write after the reopen below; a real crash stops it with everything else.
+    inc.flush().unwrap();
+    std::mem::forget(inc);
     drop(vm);
     drop(store);
     // Open frees what the interrupted attempt wrote (no point: the base is all holes).

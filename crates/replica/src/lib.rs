@@ -6,6 +6,9 @@
 //! Architecture invariant: a point is listed only when every byte it reads is durable, and a
 //! journal file that fails validation is reported ([`ReplicaVm::damage`]), never served.
 
+mod appender;
+mod base_writer;
+mod direct;
 mod durable;
 mod error;
 mod failpoint;
@@ -13,6 +16,7 @@ mod fold;
 mod index;
 mod manifest;
 mod payload;
+mod pipeline;
 mod receive;
 mod store;
 mod view;
@@ -20,6 +24,8 @@ mod vm;
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod direct_tests;
 
 pub use delta::{DeltaKind, DiskEntry};
 pub use error::ReplicaError;

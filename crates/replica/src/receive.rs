@@ -5,40 +5,38 @@
 //! index) or, for the first point of a VM, writes the frames straight into the reset base images
 //! (commit: fsync them, then the manifest that lists the point). See "Receive", "Commit" and
 //! "The first point, straight into the base" in `docs/formats/replica-store.md`.
+//!
+//! In both modes the bytes reach the disk through a writer thread per delta with `O_DIRECT`
+//! (`appender`, `base_writer`): verifying the next frame overlaps writing the previous one, and
+//! received data does not fill the page cache. Commit first waits for that thread (its first
+//! error fails the commit), then fsyncs exactly as before.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+use std::fs::File;
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use delta::{DeltaHeader, DeltaKind, Event, FrameInfo, FrameKind, PushDecoder};
 
+use crate::appender::JournalAppender;
+use crate::base_writer::BaseWriter;
 use crate::index::{JournalFile, Layer};
 use crate::payload::PayloadDecoder;
 use crate::vm::{
     superseded, JournalEntry, PointInfo, ReplicaVm, VmInner, FIRST_POINT_POISONED, INCOMING_DIR,
 };
-use crate::{durable, failpoint, fold, ReplicaError, FRAMES_PER_DELTA_MAX};
-
-/// Write buffer of an incoming file: large enough that a 1 MiB frame costs a few syscalls.
-const INCOMING_BUFFER_BYTES: usize = 256 * 1024;
-
-/// Bytes written while receiving after which writeback is started (`sync_file_range`), so that
-/// the commit's fsync finds little left to write.
-pub(crate) const WRITEBACK_KICK_BYTES: u64 = 32 << 20;
+use crate::{durable, failpoint, ReplicaError, FRAMES_PER_DELTA_MAX};
 
 /// Where the bytes of a delta go.
 enum Sink {
     /// Header not decoded yet: the bytes so far (less than one header).
     Pending(Vec<u8>),
     /// Into `incoming/<n>.partial` (`Incoming::partial`), later renamed into the journal.
-    Journal(BufWriter<File>),
+    Journal(JournalAppender),
     /// The first point, frames applied to the base images by attempt `epoch`.
-    Base { epoch: u64 },
+    Base { epoch: u64, writer: BaseWriter },
     /// Committed, or given up.
     Closed,
 }
@@ -60,8 +58,6 @@ pub struct Incoming {
     frame_count: u64,
     error: Option<ReplicaError>,
     received_bytes: u64,
-    /// Bytes written since writeback was last started.
-    unkicked: u64,
 }
 
 impl Incoming {
@@ -87,7 +83,6 @@ impl Incoming {
         let sink = &mut self.sink;
         let partial = &mut self.partial;
         let payload = &mut self.payload;
-        let unkicked = &mut self.unkicked;
         self.dec.feed::<ReplicaError>(buf, |ev| match ev {
             Event::Header(h) => {
                 check_sequence(vm, &h)?;
@@ -103,8 +98,8 @@ impl Incoming {
                 }
                 *frame_count += 1;
                 match sink {
-                    Sink::Base { epoch } => {
-                        apply_frame(vm, *epoch, payload, &info, stored, unkicked)?;
+                    Sink::Base { epoch, writer } => {
+                        apply_frame(vm, *epoch, writer, payload, &info, stored)?;
                         if *frame_count == 1 {
                             failpoint::hit("first.mid_receive")?;
                         }
@@ -124,16 +119,7 @@ impl Incoming {
         })?;
         match &mut self.sink {
             Sink::Pending(bytes) => bytes.extend_from_slice(buf),
-            Sink::Journal(file) => {
-                file.write_all(buf).map_err(|e| {
-                    ReplicaError::io("write", self.partial.clone().unwrap_or_default())(e)
-                })?;
-                self.unkicked += buf.len() as u64;
-                if self.unkicked >= WRITEBACK_KICK_BYTES {
-                    self.unkicked = 0;
-                    start_writeback(file.get_ref());
-                }
-            }
+            Sink::Journal(appender) => appender.write_all(buf)?,
             Sink::Base { .. } => {}
             Sink::Closed => return Err(ReplicaError::ReceiveFailed("already committed".into())),
         }
@@ -145,7 +131,7 @@ impl Incoming {
 /// Chooses the mode once the header is verified: the first point of a VM goes into the base,
 /// everything else into a new partial file (which gets the bytes received so far).
 fn open_sink(
-    vm: &VmInner,
+    vm: &Arc<VmInner>,
     h: &DeltaHeader,
     previous: Sink,
     partial: &mut Option<PathBuf>,
@@ -156,69 +142,36 @@ fn open_sink(
     // check_sequence passed, so parent_seq == latest_seq(): 0 means no point exists.
     if h.parent_seq == 0 {
         let epoch = vm.begin_first_point()?;
+        let writer = BaseWriter::open(vm, Some((vm.clone(), epoch)))?;
         tracing::info!(vm = %vm.vm_id, seq = h.seq, kind = h.kind.as_str(), "receiving the first point straight into the base images");
-        return Ok(Sink::Base { epoch });
+        return Ok(Sink::Base { epoch, writer });
     }
     let n = vm.next_incoming.fetch_add(1, Ordering::Relaxed);
     let path = vm.dir.join(INCOMING_DIR).join(format!("{n}.partial"));
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(ReplicaError::io("create", &path))?;
-    *partial = Some(path.clone());
-    let mut file = BufWriter::with_capacity(INCOMING_BUFFER_BYTES, file);
-    file.write_all(&pending)
-        .map_err(ReplicaError::io("write", &path))?;
-    Ok(Sink::Journal(file))
+    let mut appender = JournalAppender::create(&path)?;
+    *partial = Some(path);
+    appender.write_all(&pending)?;
+    Ok(Sink::Journal(appender))
 }
 
-/// Writes one verified frame of a first point into the base images (stream order: a later
-/// frame overrides an earlier one, as in a fold).
+/// Queues one verified frame of a first point for the base images (stream order: a later
+/// frame overrides an earlier one, as in a fold). A superseded attempt fails here, at its next
+/// frame; the writer thread checks the epoch again, under the lock, before every write.
 fn apply_frame(
     vm: &VmInner,
     epoch: u64,
+    writer: &mut BaseWriter,
     payload: &mut PayloadDecoder,
     info: &FrameInfo,
     stored: &[u8],
-    unkicked: &mut u64,
 ) -> Result<(), ReplicaError> {
-    let data = match info.kind {
-        FrameKind::Data => Some(payload.decode(stored, info)?),
-        FrameKind::Zero => None,
-    };
-    vm.write_first_point(epoch, |bases| {
-        let base = bases
-            .get(&info.disk)
-            .ok_or(ReplicaError::NoSuchDisk { disk: info.disk })?;
-        match data {
-            Some(d) if d.iter().any(|&b| b != 0) => base
-                .file
-                .write_all_at(d, info.offset)
-                .map_err(ReplicaError::io("write base image", &base.path)),
-            _ => fold::punch_hole(&base.file, info.offset, info.len)
-                .map_err(ReplicaError::io("punch hole in base image", &base.path)),
-        }
-    })?;
-    if info.kind == FrameKind::Data {
-        *unkicked += info.len;
-        if *unkicked >= WRITEBACK_KICK_BYTES {
-            *unkicked = 0;
-            for b in vm.base.values() {
-                start_writeback(&b.file);
-            }
-        }
+    if !vm.first_point_current(epoch) {
+        return Err(superseded());
     }
-    Ok(())
-}
-
-/// Starts writeback of a file's dirty pages without waiting for it (performance only: the
-/// commit's fsync is what makes the data durable, so a failure here is ignored).
-fn start_writeback(file: &File) {
-    // SAFETY: sync_file_range only reads its integer arguments; the fd is owned by `file`,
-    // alive for this call.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    vm.disk(info.disk)?;
+    match info.kind {
+        FrameKind::Data => writer.data(info.disk, info.offset, payload.decode(stored, info)?),
+        FrameKind::Zero => writer.zero(info.disk, info.offset, info.len),
     }
 }
 
@@ -237,11 +190,23 @@ impl Write for Incoming {
         }
     }
 
+    /// Waits until every byte received so far is in the partial file or the base images (not
+    /// durable: only commit fsyncs).
     fn flush(&mut self) -> io::Result<()> {
-        match &mut self.sink {
-            Sink::Journal(file) => file.flush(),
-            _ => Ok(()),
+        if let Some(e) = &self.error {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
         }
+        let flushed = match &mut self.sink {
+            Sink::Journal(appender) => appender.flush(),
+            Sink::Base { writer, .. } => writer.drain(),
+            _ => Ok(()),
+        };
+        flushed.map_err(|e| {
+            // Kept, like a failed write's, for commit to report.
+            let err = io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+            self.error = Some(e);
+            err
+        })
     }
 }
 
@@ -296,7 +261,6 @@ impl ReplicaVm {
             frame_count: 0,
             error: None,
             received_bytes: 0,
-            unkicked: 0,
         })
     }
 
@@ -321,8 +285,8 @@ impl ReplicaVm {
         check_sequence(vm, &header)?;
         let info = PointInfo::from_delta(&header, &summary);
         match std::mem::replace(&mut incoming.sink, Sink::Closed) {
-            Sink::Base { epoch } => commit_first_point(vm, epoch, &header, info)?,
-            Sink::Journal(file) => commit_journal(vm, &mut incoming, file, &header, info)?,
+            Sink::Base { epoch, writer } => commit_first_point(vm, epoch, writer, &header, info)?,
+            Sink::Journal(appender) => commit_journal(vm, &mut incoming, appender, &header, info)?,
             Sink::Pending(_) | Sink::Closed => {
                 return Err(ReplicaError::ReceiveFailed("already committed".into()))
             }
@@ -332,20 +296,25 @@ impl ReplicaVm {
     }
 }
 
-/// Commit of the first point (caller holds `mutate` and checked the sequence): fsync the base
-/// images, then the manifest that lists the point — the only step that makes it exist.
+/// Commit of the first point (caller holds `mutate` and checked the sequence): wait for the
+/// writer thread, fsync the base images, then the manifest that lists the point — the only
+/// step that makes it exist.
 fn commit_first_point(
     vm: &VmInner,
     epoch: u64,
+    writer: BaseWriter,
     header: &DeltaHeader,
     info: PointInfo,
 ) -> Result<(), ReplicaError> {
+    // Before taking the lock: the writer thread takes it for every write.
+    let written = writer.finish()?;
+    tracing::debug!(vm = %vm.vm_id, direct_bytes = written.direct_bytes, buffered_bytes = written.buffered_bytes, "first point written into the base images");
     let mut current = vm.base_writer.lock();
     if *current != epoch {
         return Err(superseded());
     }
     // This attempt is consumed whatever happens next; no base write may follow it.
-    *current += 1;
+    vm.set_first_point_epoch(&mut current, epoch + 1);
     failpoint::hit("first.before_fsync")?;
     for b in vm.base.values() {
         durable::fsync_file(&b.file, &b.path)?;
@@ -364,7 +333,7 @@ fn commit_first_point(
         // The rename may have happened (a failed directory fsync): the manifest on disk may
         // list the point. Resetting the base for another attempt could then destroy it, so no
         // attempt is allowed until the store is reopened and the manifest read again.
-        *current = FIRST_POINT_POISONED;
+        vm.set_first_point_epoch(&mut current, FIRST_POINT_POISONED);
         return Err(e);
     }
     failpoint::hit("first.after_manifest")
@@ -384,7 +353,7 @@ fn wedge(vm: &VmInner, seq: u64, e: &ReplicaError) {
 fn commit_journal(
     vm: &VmInner,
     incoming: &mut Incoming,
-    writer: BufWriter<File>,
+    appender: JournalAppender,
     header: &DeltaHeader,
     info: PointInfo,
 ) -> Result<(), ReplicaError> {
@@ -394,10 +363,8 @@ fn commit_journal(
         .clone()
         .ok_or(ReplicaError::ReceiveFailed("no partial file".into()))?;
     failpoint::hit("commit.before_fsync")?;
-    let file = writer
-        .into_inner()
-        .map_err(|e| ReplicaError::io("write", &partial)(e.into_error()))?;
-    durable::fsync_file(&file, &partial)?;
+    let file = appender.finish()?;
+    durable::fsync_file(file.file(), &partial)?;
     drop(file);
     failpoint::hit("commit.before_rename")?;
     let seq = header.seq;

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use delta::{DeltaHeader, DeltaKind, DeltaReader, DeltaSummary, DiskEntry};
@@ -143,8 +143,12 @@ pub(crate) struct VmInner {
     /// Epoch of the attempt allowed to write a first point straight into the base images (see
     /// "The first point, straight into the base" in the format doc). Every reset and every
     /// commit of a first point takes a new one; base writes and that commit hold this lock.
-    /// Lock order: `mutate`, then `base_writer`, then `state`.
+    /// Lock order: `mutate`, then `base_writer`, then `state`. Change it only through
+    /// [`VmInner::set_first_point_epoch`].
     pub base_writer: Mutex<u64>,
+    /// A copy of `base_writer`'s value, readable without the lock: the receiving thread checks
+    /// it at every frame while the writer thread holds the lock for its writes.
+    pub base_epoch: AtomicU64,
     /// Set when a journal commit failed after its file was renamed into place (e.g. the
     /// directory fsync failed): the journal on disk may hold a point the index does not, so
     /// every further commit is refused until the store is reopened and reads the journal
@@ -309,9 +313,22 @@ impl VmInner {
                 "the manifest write of the first point failed; reopen the store before another attempt".into(),
             ));
         }
-        *epoch += 1;
+        let next = *epoch + 1;
+        self.set_first_point_epoch(&mut epoch, next);
         self.reset_base()?;
-        Ok(*epoch)
+        Ok(next)
+    }
+
+    /// Sets the current first-point epoch (the caller holds `base_writer`: `current`).
+    pub fn set_first_point_epoch(&self, current: &mut u64, epoch: u64) {
+        *current = epoch;
+        self.base_epoch.store(epoch, Ordering::Release);
+    }
+
+    /// Whether attempt `epoch` is still the current one (a hint without the lock: a write
+    /// itself goes through [`VmInner::write_first_point`], which decides under the lock).
+    pub fn first_point_current(&self, epoch: u64) -> bool {
+        self.base_epoch.load(Ordering::Acquire) == epoch
     }
 
     /// Runs `write` on the base images if attempt `epoch` is still the current one.
@@ -473,6 +490,7 @@ pub(crate) fn open_vm(dir: &Path) -> Result<ReplicaVm, ReplicaError> {
         cache: Mutex::new(VecDeque::new()),
         next_incoming: AtomicU64::new(1),
         base_writer: Mutex::new(0),
+        base_epoch: AtomicU64::new(0),
         wedged: Mutex::new(None),
     });
     recover_journal(&inner, &m)?;
