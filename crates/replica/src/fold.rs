@@ -10,6 +10,7 @@ use std::os::unix::io::AsRawFd;
 
 use delta::{DeltaReader, FrameBody};
 
+use crate::base_writer::BaseWriter;
 use crate::vm::{JournalEntry, ReplicaVm, VmInner};
 use crate::{durable, failpoint, ReplicaError};
 
@@ -95,33 +96,28 @@ fn advance_base(inner: &VmInner, s: u64, info: crate::PointInfo) -> Result<(), R
 }
 
 /// Step 3: writes every frame of journal `seq` into the base images in stream order, verifying
-/// the file again as it goes, then fsyncs the base images.
+/// the file again as it goes, then fsyncs the base images. The writes go through a writer
+/// thread with `O_DIRECT` (`base_writer`), so reading and verifying the next frame overlaps
+/// writing the previous one; all of them are done before the fsync.
 fn apply_to_base(inner: &VmInner, seq: u64) -> Result<(), ReplicaError> {
     let path = inner.journal_path(seq);
     let file = File::open(&path).map_err(ReplicaError::io("open", &path))?;
     let mut r = DeltaReader::new(BufReader::new(file), &inner.key)?;
+    let mut writer = BaseWriter::open(inner, None)?;
     let mut applied = 0u64;
     while let Some(frame) = r.next_frame()? {
-        let base = inner
-            .base
-            .get(&frame.info.disk)
-            .ok_or(ReplicaError::NoSuchDisk {
-                disk: frame.info.disk,
-            })?;
-        let (offset, len) = (frame.info.offset, frame.info.len);
+        let (disk, offset, len) = (frame.info.disk, frame.info.offset, frame.info.len);
+        inner.disk(disk)?;
         match frame.body {
-            FrameBody::Data(data) if data.iter().any(|&b| b != 0) => base
-                .file
-                .write_all_at(&data, offset)
-                .map_err(ReplicaError::io("write base image", &base.path))?,
-            FrameBody::Data(_) | FrameBody::Zero => punch_hole(&base.file, offset, len)
-                .map_err(ReplicaError::io("punch hole in base image", &base.path))?,
+            FrameBody::Data(data) => writer.data(disk, offset, &data)?,
+            FrameBody::Zero => writer.zero(disk, offset, len)?,
         }
         applied += 1;
         if applied == 1 {
             failpoint::hit("fold.mid_apply")?;
         }
     }
+    writer.finish()?;
     for b in inner.base.values() {
         durable::fsync_file(&b.file, &b.path)?;
     }
