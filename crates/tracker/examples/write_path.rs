@@ -17,11 +17,13 @@
 //! storage (`/proc/self/io`).
 //!
 //! `cargo run --release -p understudy-tracker --example write_path [dir] [seconds] [mode]`
-//! `... write_path [dir] [epochs] cbw [ship MiB/s] [CBW memory MiB, default 256] [order]`
+//! `... write_path [dir] [epochs] cbw [ship MiB/s] [CBW memory MiB, default 256] [order]
+//! [writer threads, default 4]`
 //!
 //! `order` is `disk` (default: frozen ranges in disk order, as the daemon's shipper does) or
 //! `memory-first` (whenever copies fill half of the memory, read them first, then go on
-//! with `next_unshipped`).
+//! with `next_unshipped`). One writer thread gives the steadiest CPU-per-write figures on a
+//! shared machine (no contention on the image's inode lock).
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -87,6 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 other => return Err(format!("unknown order {other:?}").into()),
             };
             let config = CbwConfig {
+                writers: args.get(7).and_then(|s| s.parse().ok()).unwrap_or(THREADS),
                 epochs: seconds.max(1.0) as u64,
                 ship_bytes_per_s: ship_mib_s * f64::from(1 << 20),
                 memory_first,
@@ -246,6 +249,7 @@ fn storage_write_bytes() -> u64 {
 }
 
 struct CbwConfig {
+    writers: u64,
     epochs: u64,
     ship_bytes_per_s: f64,
     memory_first: bool,
@@ -286,10 +290,11 @@ fn cbw(
         },
     ];
     println!(
-        "cbw: {} MiB disk frozen whole, shipped at <= {} MiB/s{}, {THREADS} writer threads, {epochs} epochs per pattern, CBW memory {} MiB",
+        "cbw: {} MiB disk frozen whole, shipped at <= {} MiB/s{}, {} writer threads, {epochs} epochs per pattern, CBW memory {} MiB",
         CBW_DISK_BYTES >> 20,
         config.ship_bytes_per_s / f64::from(1 << 20),
         if config.memory_first { " copies in memory first" } else { " in disk order" },
+        config.writers,
         options.cbw_memory_bytes_max >> 20
     );
     for p in &patterns {
@@ -356,13 +361,13 @@ fn thread_cpu_seconds() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// One pass of `p` over `disk` by `THREADS` threads.
-fn pass(disk: &TrackedDisk, p: &Pattern, seed: u64) -> PassTime {
+/// One pass of `p` over `disk` by `writers` threads.
+fn pass(disk: &TrackedDisk, p: &Pattern, writers: u64, seed: u64) -> PassTime {
     let next = AtomicU64::new(0);
     let slots = CBW_DISK_BYTES / p.write_bytes;
     let started = Instant::now();
     let cpu_s: f64 = std::thread::scope(|s| {
-        let writers: Vec<_> = (0..THREADS)
+        let writers: Vec<_> = (0..writers)
             .map(|t| {
                 let next = &next;
                 s.spawn(move || {
@@ -443,7 +448,7 @@ fn cbw_run(disk: &Arc<TrackedDisk>, gate: &CutGate, p: &Pattern, config: &CbwCon
     let epochs = config.epochs;
     let mut reference = PassTime::default();
     for e in 0..epochs {
-        reference += pass(disk, p, 1000 + e);
+        reference += pass(disk, p, config.writers, 1000 + e);
     }
     let before = sample(disk);
     let mut frozen = PassTime::default();
@@ -452,7 +457,7 @@ fn cbw_run(disk: &Arc<TrackedDisk>, gate: &CutGate, p: &Pattern, config: &CbwCon
         disk.mark_all_dirty();
         let c = cut(gate, std::slice::from_ref(disk)).expect("cut");
         std::thread::scope(|s| {
-            let writers = s.spawn(|| pass(disk, p, e));
+            let writers = s.spawn(|| pass(disk, p, config.writers, e));
             let started = Instant::now();
             ship_throttled(&c, config);
             shipping += started.elapsed();
