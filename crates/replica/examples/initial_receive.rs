@@ -9,7 +9,10 @@
 //! since it does not compress). The store lives in `$BENCH_DIR` or the system temp directory
 //! (use a real file system: the commit's fsync is part of what is measured). Every run writes
 //! into a new VM directory, so its pages are never warm from the previous run. Each run also
-//! prints the CPU time the process used for receive + commit (`getrusage`, all threads).
+//! prints the CPU time the process used for receive + commit (`getrusage`, all threads) and
+//! the CPU time the whole machine used meanwhile (`/proc/stat`, busy = not idle or iowait):
+//! the kernel's writeback of page-cache pages runs in kworker threads, which `getrusage` does
+//! not count; on a quiet machine the second figure includes it.
 //! `BENCH_PAUSE_S=N` sleeps N seconds before each run: on a VM whose balloon reports free pages
 //! to the host, pages freed by the previous run are then cold again (first touch is slow), so
 //! every run sees the same, realistic, state of the page cache.
@@ -42,6 +45,29 @@ fn cpu_seconds() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Busy CPU seconds of the whole machine so far (all CPUs, everything but idle and iowait).
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().next() else {
+        return 0.0;
+    };
+    let ticks: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != 3 && i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    // SAFETY: sysconf only reads its argument.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    busy as f64 / hz
 }
 
 fn main() {
@@ -128,6 +154,7 @@ fn main() {
         // Start from a quiet page cache: the previous run's dirty pages are not ours to wait on.
         unsafe { libc::sync() };
         let cpu0 = cpu_seconds();
+        let busy0 = machine_busy_seconds();
         let t0 = Instant::now();
         let mut inc = vm.begin_receive().unwrap();
         for chunk in bytes.chunks(256 * 1024) {
@@ -137,14 +164,18 @@ fn main() {
         let point = vm.commit(inc).unwrap();
         let total = t0.elapsed();
         let cpu = cpu_seconds() - cpu0;
+        // Writeback still running after the commit's fsync is not ours; the fsync waited for
+        // everything the point needs.
+        let busy = machine_busy_seconds() - busy0;
         assert_eq!(point.seq, header.seq);
         println!(
-            "run {run}: receive {:.3} s + commit {:.3} s = {:.3} s ({:.0} MiB/s of data), CPU {:.3} s",
+            "run {run}: receive {:.3} s + commit {:.3} s = {:.3} s ({:.0} MiB/s of data), CPU {:.3} s, machine {:.2} s",
             received.as_secs_f64(),
             (total - received).as_secs_f64(),
             total.as_secs_f64(),
             summary.data_bytes as f64 / MIB as f64 / total.as_secs_f64(),
-            cpu
+            cpu,
+            busy
         );
         totals.push(total.as_secs_f64());
         drop((vm, store));
