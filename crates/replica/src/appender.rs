@@ -51,14 +51,20 @@ impl JournalAppender {
             .create_new(true)
             .open(path)
             .map_err(ReplicaError::io("create", path))?;
-        let target = Target(DirectFile::open(file, path, "write")?);
-        let mut pipeline = WritePipeline::spawn("replica-journal", target, path)?;
-        let buf = pipeline.buffer()?;
-        Ok(JournalAppender {
-            pipeline,
-            buf,
-            pos: 0,
-        })
+        let started = DirectFile::open(file, path, "write").and_then(|f| {
+            let mut pipeline = WritePipeline::spawn("replica-journal", Target(f), path)?;
+            let buf = pipeline.buffer()?;
+            Ok(JournalAppender {
+                pipeline,
+                buf,
+                pos: 0,
+            })
+        });
+        if started.is_err() {
+            // Not a durability matter (open empties incoming/), but don't leave it behind.
+            let _ = std::fs::remove_file(path);
+        }
+        started
     }
 
     pub fn write_all(&mut self, mut data: &[u8]) -> Result<(), ReplicaError> {
