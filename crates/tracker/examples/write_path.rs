@@ -20,9 +20,10 @@
 //! `... write_path [dir] [epochs] cbw [ship MiB/s] [CBW memory MiB, default 256] [order]
 //! [writer threads, default 4]`
 //!
-//! `order` is `disk` (default: frozen ranges in disk order, as the daemon's shipper does) or
+//! `order` is `disk` (default: frozen ranges in disk order, as the daemon's shipper does),
 //! `memory-first` (whenever copies fill half of the memory, read them first, then go on
-//! with `next_unshipped`). One writer thread gives the steadiest CPU-per-write figures on a
+//! with `next_unshipped`), or `after-pass` (in disk order, but only once the writers are done:
+//! every first write to a block copies, which isolates the cost of a copy). One writer thread gives the steadiest CPU-per-write figures on a
 //! shared machine (no contention on the image's inode lock).
 
 use std::os::unix::fs::FileExt;
@@ -83,9 +84,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .and_then(|s| s.parse::<u64>().ok())
                     .map_or(CBW_MEMORY_BYTES_MAX_DEFAULT, |mib| mib << 20),
             };
-            let memory_first = match args.get(6).map(String::as_str).unwrap_or("disk") {
-                "disk" => false,
-                "memory-first" => true,
+            let (memory_first, after_pass) = match args.get(6).map(String::as_str).unwrap_or("disk")
+            {
+                "disk" => (false, false),
+                "memory-first" => (true, false),
+                "after-pass" => (false, true),
                 other => return Err(format!("unknown order {other:?}").into()),
             };
             let config = CbwConfig {
@@ -93,6 +96,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 epochs: seconds.max(1.0) as u64,
                 ship_bytes_per_s: ship_mib_s * f64::from(1 << 20),
                 memory_first,
+                after_pass,
             };
             cbw(dir.path(), &config, &options)
         }
@@ -253,6 +257,7 @@ struct CbwConfig {
     epochs: u64,
     ship_bytes_per_s: f64,
     memory_first: bool,
+    after_pass: bool,
 }
 
 fn cbw(
@@ -293,7 +298,11 @@ fn cbw(
         "cbw: {} MiB disk frozen whole, shipped at <= {} MiB/s{}, {} writer threads, {epochs} epochs per pattern, CBW memory {} MiB",
         CBW_DISK_BYTES >> 20,
         config.ship_bytes_per_s / f64::from(1 << 20),
-        if config.memory_first { " copies in memory first" } else { " in disk order" },
+        match (config.memory_first, config.after_pass) {
+            (true, _) => " copies in memory first",
+            (_, true) => " after each pass",
+            _ => " in disk order",
+        },
         config.writers,
         options.cbw_memory_bytes_max >> 20
     );
@@ -458,6 +467,11 @@ fn cbw_run(disk: &Arc<TrackedDisk>, gate: &CutGate, p: &Pattern, config: &CbwCon
         let c = cut(gate, std::slice::from_ref(disk)).expect("cut");
         std::thread::scope(|s| {
             let writers = s.spawn(|| pass(disk, p, config.writers, e));
+            if config.after_pass {
+                while !writers.is_finished() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
             let started = Instant::now();
             ship_throttled(&c, config);
             shipping += started.elapsed();
