@@ -135,7 +135,7 @@ impl FrozenState {
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
             cbw,
-            pool: CbwPool::new(pool_bytes_max.min(nblocks * BLOCK_BYTES)),
+            pool: CbwPool::new(pool_bytes_max.min(nblocks.saturating_mul(BLOCK_BYTES))),
             present: Bitmap::new(nblocks),
             copied: AtomicBool::new(false),
             spilled: AtomicBool::new(false),
