@@ -268,7 +268,8 @@ class Pair:
     def replicating_vm(self, vm, size, freq):
         """A new VM with one sparse disk, replicating every `freq` s, initial replication done."""
         self.a.cli("vm", "create", vm, "--disk", size)
-        self.a.cli("replication", "enable", vm, "--replica", self.b.addr, "--frequency", str(freq))
+        self.a.cli("replication", "enable", vm, "--replica", self.b.addr, "--frequency", str(freq),
+                   "--compression", ARGS.compression)
         self.a.cli("replication", "start", vm, "--wait")
         return self.a.nbd_uri(vm)
 
@@ -646,6 +647,8 @@ def main():
     ap.add_argument("--json", help="also write the results as JSON to this file")
     ap.add_argument("--workdir", help="parent directory of the work directory (default /var/tmp; "
                     "bench/run passes a temporary one under $BENCH_TMPDIR or /var/tmp)")
+    ap.add_argument("--compression", default="zstd", choices=["zstd", "none"],
+                    help="replication compression for T1-T4 and T10 (default zstd, the product default)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (debugging)")
     ap.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=None,
                     help="also measure T1/T3/T4 on a tracked export that is not replicating (default: full mode)")

@@ -6,6 +6,7 @@ VMs without hardware counters) on both Understudy daemons, and prints where thei
 
 t6:  initial replication of a 1 GiB image holding 512 MiB of incompressible data;
 t1:  fio 4 KiB randwrite QD32 into a replicating export (frequency 5 s);
+t3:  fio 1 MiB sequential write QD8 into a replicating export (frequency 5 s);
 t10: fio 4 KiB randwrite at 50 MiB/s into a replicating 4 GiB export (frequency 5 s).
 
 The release profile carries debuginfo, so symbols resolve; frame pointers are off, so the
@@ -65,7 +66,7 @@ def report(data, title, top):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
-    ap.add_argument("scenario", choices=["t6", "t1", "t10"])
+    ap.add_argument("scenario", choices=["t6", "t1", "t3", "t10"])
     ap.add_argument("--seconds", type=int, default=12)
     ap.add_argument("--out", help="keep perf.data files in this directory")
     ap.add_argument("--top", type=int, default=40)
@@ -73,7 +74,7 @@ def main():
     a = ap.parse_args()
     global TRACE
     TRACE = a.trace
-    bench.ARGS = argparse.Namespace(bin=os.path.abspath(a.bin), keep=False)
+    bench.ARGS = argparse.Namespace(bin=os.path.abspath(a.bin), keep=False, compression="zstd")
     bench.WORK = tempfile.mkdtemp(prefix="understudy-profile.", dir="/var/tmp")
     import atexit
     atexit.register(bench.cleanup)
@@ -94,15 +95,18 @@ def main():
             print(f"initial replication of 512 MiB data: {t:.2f} s; "
                   f"measure {pair.a.json('replication', 'measure', 'imp')}")
         else:
-            size = "1024M" if a.scenario == "t1" else "4096M"
+            size = "4096M" if a.scenario == "t10" else "1024M"
             uri = pair.replicating_vm("w", size, 5)
-            extra = [] if a.scenario == "t1" else ["--rate=50m", "--refill_buffers"]
-            qd = 32 if a.scenario == "t1" else 4
+            rw, bs, qd, extra = {
+                "t1": ("randwrite", "4k", 32, []),
+                "t3": ("write", "1m", 8, []),
+                "t10": ("randwrite", "4k", 4, ["--rate=50m", "--refill_buffers"]),
+            }[a.scenario]
             p = perf_start(pids, data)
-            job = bench.fio(uri, "randwrite", "4k", qd, a.seconds, extra)
+            job = bench.fio(uri, rw, bs, qd, a.seconds, extra)
             perf_stop(p)
             m = pair.a.json("replication", "measure", "w")
-            print(f"fio: {job['write']['iops']:.0f} IOPS; measure {m}")
+            print(f"fio: {job['write']['iops']:.0f} IOPS, {job['write']['bw_bytes'] / MiB:.0f} MiB/s; measure {m}")
         report(data, f"scenario {a.scenario}: daemons' CPU (primary pid {pids[0]}, replica pid {pids[1]})", a.top)
 
 

@@ -139,6 +139,10 @@ pub struct Measure {
     /// shipped (copy-before-write), since the daemon started: the cost of consistent cuts.
     #[serde(default)]
     pub cbw_copied_bytes_total: u64,
+    /// Of those, bytes that did not fit the tracker's bounded memory pool and went to its
+    /// spill file (`<state>/disk.cbw`): a sign the guest outruns the shipper.
+    #[serde(default)]
+    pub cbw_spilled_bytes_total: u64,
     pub last_replication_time: Option<String>,
     pub pending_bytes: u64,
 }

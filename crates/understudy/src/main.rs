@@ -79,6 +79,20 @@ pub struct ServeArgs {
     /// CA certificate (PEM) that issued --cert, printed by `identity`.
     #[arg(long)]
     pub ca: Option<PathBuf>,
+    /// Memory per disk for copy-before-write copies (old data of blocks the guest overwrites
+    /// before they are shipped); beyond it copies spill to a file in the disk's state
+    /// directory. 0 = always the file.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size_arg)]
+    pub cbw_memory: u64,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    if s == "0" {
+        return Ok(0);
+    }
+    cli::parse_size(s).map_err(|_| {
+        format!("invalid size {s:?}: use 0 or a multiple of 4 KiB with K, M or G, e.g. 256M")
+    })
 }
 
 #[derive(Subcommand)]

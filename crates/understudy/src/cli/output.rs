@@ -98,6 +98,10 @@ pub fn print_measure(m: &Measure) {
         bytes(m.cbw_copied_bytes_total)
     );
     println!(
+        "    of which spilled     {}",
+        bytes(m.cbw_spilled_bytes_total)
+    );
+    println!(
         "  last replication       {}",
         m.last_replication_time.as_deref().unwrap_or("never")
     );

@@ -190,6 +190,7 @@ impl Replication {
             maximum_latency_ms: c.latency_ms_max,
             maximum_cut_pause_us: c.cut_pause_us_max,
             cbw_copied_bytes_total: self.vm.disks.iter().map(|d| d.cbw_copied_bytes()).sum(),
+            cbw_spilled_bytes_total: self.vm.disks.iter().map(|d| d.cbw_spilled_bytes()).sum(),
             last_replication_time: st.last_replication_time,
             pending_bytes: st.pending_bytes,
         }
@@ -279,6 +280,10 @@ async fn run(shared: Arc<Shared>, repl: Arc<Replication>, mut rx: mpsc::Receiver
                     Cmd::Suspend(reply) => {
                         repl.rt.lock().record.suspended = true;
                         repl.persist(&shared);
+                        // No cut until resume: give back the copy-before-write memory pool.
+                        for d in &repl.vm.disks {
+                            d.release_cbw_memory();
+                        }
                         shared.events.emit(events::SUSPENDED, Some(&repl.vm.name), "info", "replication suspended");
                         let _ = reply.send(Ok(()));
                     }

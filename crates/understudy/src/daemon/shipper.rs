@@ -11,6 +11,11 @@
 //! read (a full resynchronization of a mostly empty disk then costs one `SEEK_DATA` per MiB of
 //! holes). Everything else is read and zero runs are found by [`is_zero`].
 //!
+//! **Order.** The shipper walks each disk with `FrozenDisk::next_unshipped` (each block is
+//! shipped once, frames may come in any order since they never overlap). When the tracker's
+//! in-memory pool of copy-before-write copies is half full, the ranges held there go first:
+//! shipping them gives their memory back, so later copies need not spill to the tracker's file.
+//!
 //! Per cut the shipper allocates one read buffer; data runs go to the delta writer straight
 //! from it (raw frames are not copied by the writer), and consecutive zero blocks become one
 //! ZERO frame even across read chunks (the replica then punches one range, not one per MiB).
@@ -54,21 +59,33 @@ pub fn encode_cut<W: Write>(
     };
     let mut buf = vec![0u8; READ_CHUNK_BYTES];
     for &(index, disk) in disks {
-        for (offset, len) in disk.ranges() {
-            let end = offset + len;
-            let mut pos = offset;
-            while pos < end {
-                let n = chunk_len(pos, end);
-                if n >= HOLE_PROBE_BYTES_MIN && disk.skip_if_hole(pos, n as u64)? {
-                    frames.zero(index, pos, n as u64)?;
-                } else {
-                    let chunk = &mut buf[..n];
-                    disk.read_at(chunk, pos)?;
-                    frames.chunk(index, pos, chunk)?;
+        let mut pos = 0u64;
+        loop {
+            // Copies the guest forced aside fill a bounded memory pool; past half of it, ship
+            // them first so their memory is reused before later copies spill to a file.
+            let (held, max) = disk.in_memory_bytes();
+            if held > 0 && held >= max / 2 {
+                for (offset, len) in disk.ranges_in_memory() {
+                    let end = offset + len;
+                    let mut at = offset;
+                    while at < end {
+                        let n = chunk_len(at, end);
+                        frames.read(index, disk, &mut buf[..n], at, progress)?;
+                        at += n as u64;
+                    }
                 }
-                progress.fetch_add(n as u64, Ordering::Relaxed);
-                pos += n as u64;
             }
+            let Some((offset, n)) = disk.next_unshipped(pos, READ_CHUNK_BYTES as u64) else {
+                break;
+            };
+            let n = n as usize;
+            if n >= HOLE_PROBE_BYTES_MIN && disk.skip_if_hole(offset, n as u64)? {
+                frames.zero(index, offset, n as u64)?;
+                progress.fetch_add(n as u64, Ordering::Relaxed);
+            } else {
+                frames.read(index, disk, &mut buf[..n], offset, progress)?;
+            }
+            pos = offset + n as u64;
         }
     }
     frames.finish()
@@ -90,6 +107,21 @@ struct Frames<W: Write> {
 }
 
 impl<W: Write> Frames<W> {
+    /// Reads `buf.len()` bytes of `disk` at `offset` as of the cut and emits them.
+    fn read(
+        &mut self,
+        index: u32,
+        disk: &FrozenDisk,
+        buf: &mut [u8],
+        offset: u64,
+        progress: &AtomicU64,
+    ) -> anyhow::Result<()> {
+        disk.read_at(buf, offset)?;
+        self.chunk(index, offset, buf)?;
+        progress.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Emits `chunk`, the content of `disk` at `offset` (a multiple of the block size).
     fn chunk(&mut self, disk: u32, offset: u64, chunk: &[u8]) -> anyhow::Result<()> {
         let mut blocks = chunk.chunks(BLOCK_BYTES as usize);

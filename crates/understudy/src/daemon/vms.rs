@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use tracker::{CutGate, OpenState, TrackedDisk};
+use tracker::{CutGate, DiskOptions, OpenState, TrackedDisk};
 
 use super::catalog::{DiskRecord, VmRecord};
 
@@ -52,6 +52,7 @@ pub fn create_disks(
     name: &str,
     sizes: &[u64],
     now_ns: u64,
+    options: &DiskOptions,
 ) -> anyhow::Result<(VmRecord, Vm)> {
     if sizes.is_empty() || sizes.len() > DISKS_PER_VM_MAX {
         bail!(
@@ -66,11 +67,12 @@ pub fn create_disks(
     let mut disks = Vec::new();
     for (i, &size) in sizes.iter().enumerate() {
         let rec = disk_record(&dir, i as u32, size);
-        let disk = TrackedDisk::create(
+        let disk = TrackedDisk::create_with(
             Path::new(&rec.file),
             size,
             Path::new(&rec.state_dir),
             gate.clone(),
+            options,
         )
         .with_context(|| format!("creating disk {i} of {name}"))?;
         records.push(rec);
@@ -95,6 +97,7 @@ pub fn import_disks(
     name: &str,
     images: &[PathBuf],
     now_ns: u64,
+    options: &DiskOptions,
 ) -> anyhow::Result<(VmRecord, Vm)> {
     if images.is_empty() || images.len() > DISKS_PER_VM_MAX {
         bail!(
@@ -123,7 +126,7 @@ pub fn import_disks(
         .map(|(i, &size)| disk_record(&dir, i as u32, size))
         .collect();
     let record = new_record(name, now_ns, records);
-    let vm = open_vm(&record)?;
+    let vm = open_vm(&record, options)?;
     Ok((record, vm))
 }
 
@@ -150,16 +153,18 @@ fn disk_record(dir: &Path, index: u32, size_bytes: u64) -> DiskRecord {
 }
 
 /// Opens the disks of a VM found in the catalog at daemon start.
-pub fn open_vm(record: &VmRecord) -> anyhow::Result<Vm> {
+pub fn open_vm(record: &VmRecord, options: &DiskOptions) -> anyhow::Result<Vm> {
     let gate = CutGate::new();
     let mut disks = Vec::new();
     let mut open_states = Vec::new();
     for d in &record.disks {
-        let (disk, report) =
-            TrackedDisk::open(Path::new(&d.file), Path::new(&d.state_dir), gate.clone())
-                .with_context(|| {
-                    format!("opening disk {} of {} ({})", d.index, record.name, d.file)
-                })?;
+        let (disk, report) = TrackedDisk::open_with(
+            Path::new(&d.file),
+            Path::new(&d.state_dir),
+            gate.clone(),
+            options,
+        )
+        .with_context(|| format!("opening disk {} of {} ({})", d.index, record.name, d.file))?;
         if disk.size_bytes() != d.size_bytes {
             bail!(
                 "disk {} of {} is {} bytes but the catalog says {}: the image was resized outside Understudy",

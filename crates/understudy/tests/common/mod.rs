@@ -186,7 +186,12 @@ pub fn tail(s: &str, n: usize) -> String {
 
 /// Two hosts that trust each other; `replica` is a replica server.
 pub fn pair(root: &Path) -> (Host, Host) {
-    let a = Host::start(root, "primary");
+    pair_with(root, &[])
+}
+
+/// `pair`, the primary daemon started with extra `serve` arguments.
+pub fn pair_with(root: &Path, primary_args: &[&str]) -> (Host, Host) {
+    let a = Host::start_with(root, "primary", primary_args);
     let b = Host::start(root, "replica");
     trust_each_other(&a, &b);
     let storage = b.dir.join("storage");

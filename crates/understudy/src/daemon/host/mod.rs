@@ -46,6 +46,8 @@ pub struct Shared {
     pub data_dir: PathBuf,
     pub listen: String,
     pub nbd_socket: PathBuf,
+    /// How VM disks are opened (`serve --cbw-memory`).
+    pub disk_options: tracker::DiskOptions,
     pub tls: transport::TlsContext,
     pub events: Events,
     catalog: Catalog,
@@ -114,6 +116,9 @@ impl Shared {
             data_dir: data_dir.to_path_buf(),
             listen: args.listen.clone(),
             nbd_socket: nbd_socket.clone(),
+            disk_options: tracker::DiskOptions {
+                cbw_memory_bytes_max: args.cbw_memory,
+            },
             tls,
             events,
             catalog,
@@ -131,7 +136,8 @@ impl Shared {
         for (_, record) in records {
             let s = shared.clone();
             let rec2 = record.clone();
-            let vm = tokio::task::spawn_blocking(move || vms::open_vm(&rec2)).await??;
+            let options = shared.disk_options.clone();
+            let vm = tokio::task::spawn_blocking(move || vms::open_vm(&rec2, &options)).await??;
             let vm = Arc::new(vm);
             s.add_exports(&vm);
             let repl = match record.replication.clone() {
@@ -295,7 +301,13 @@ impl Shared {
     pub fn create_vm(&self, name: &str, sizes: &[u64]) -> anyhow::Result<VmInfo> {
         vms::validate_vm_name(name).map_err(|e| bad_request(e.to_string()))?;
         self.ensure_new(name)?;
-        let made = vms::create_disks(&self.data_dir, name, sizes, now_unix_ns());
+        let made = vms::create_disks(
+            &self.data_dir,
+            name,
+            sizes,
+            now_unix_ns(),
+            &self.disk_options,
+        );
         self.install_or_clean_up(name, made)
     }
 
@@ -310,7 +322,13 @@ impl Shared {
                 )));
             }
         }
-        let made = vms::import_disks(&self.data_dir, name, images, now_unix_ns());
+        let made = vms::import_disks(
+            &self.data_dir,
+            name,
+            images,
+            now_unix_ns(),
+            &self.disk_options,
+        );
         self.install_or_clean_up(name, made)
     }
 
