@@ -1,6 +1,6 @@
 //! Thin, safe wrappers over the few Linux calls std does not offer: `lseek(SEEK_DATA/
-//! SEEK_HOLE)`, `flock`, `posix_fadvise`, `preadv` (hole punching and zeroing come from
-//! `nbd::file`).
+//! SEEK_HOLE)`, `flock`, `posix_fadvise`, `preadv`, and [`RandomMap`] (a read-only mapping
+//! read with `process_vm_readv`) (hole punching and zeroing come from `nbd::file`).
 //!
 //! Owns no state and makes no decisions; every function is one syscall (plus EINTR retry, and
 //! for `preadv` the continuation of a short read).
@@ -137,6 +137,106 @@ pub(crate) fn read_exact_vectored_at(
     }
 }
 
+/// Largest file [`RandomMap`] maps (16 TiB): beyond it the address space of a process with
+/// several such disks gets tight, and callers read with `pread` instead.
+const RANDOM_MAP_BYTES_MAX: u64 = 16 << 40;
+
+/// A read-only shared mapping of a file with read-ahead off (`MADV_RANDOM`), for reading
+/// scattered blocks without the page cache's read-ahead: a fault on a mapping marked random
+/// reads only its page, where `pread` may start an asynchronous read-ahead of up to
+/// `read_ahead_kb` around a cached block (and zero-fill page-cache pages for every hole in
+/// it). Reads go through `process_vm_readv` on our own process, so a page that cannot be
+/// faulted in (I/O error, file shorter than the mapping) is an `EFAULT` error, never SIGBUS.
+pub(crate) struct RandomMap {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and only ever read through a system call; the pointer is
+// never dereferenced in user space, so sharing it between threads is sound.
+unsafe impl Send for RandomMap {}
+// SAFETY: as above.
+unsafe impl Sync for RandomMap {}
+
+impl RandomMap {
+    /// Maps the first `len` bytes of `file`. `None` when `len` is 0 or too large to map.
+    pub(crate) fn new(file: &File, len: u64) -> io::Result<Option<RandomMap>> {
+        if len == 0 || len > RANDOM_MAP_BYTES_MAX {
+            return Ok(None);
+        }
+        let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: a new read-only shared mapping chosen by the kernel; it aliases no Rust
+        // object, and is only read through process_vm_readv.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let map = RandomMap { addr, len };
+        // SAFETY: advice on the mapping made above, of exactly its length.
+        if unsafe { libc::madvise(addr, len, libc::MADV_RANDOM) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Some(map))
+    }
+
+    /// Fills `buf` from offset `offset` of the mapping. Any failure (including a partial read)
+    /// is an error; the caller may retry the range with `pread` to learn the real cause.
+    pub(crate) fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let start =
+            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        match start.checked_add(buf.len()) {
+            Some(end) if end <= self.len => {}
+            _ => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let local = libc::iovec {
+                iov_base: buf[done..].as_mut_ptr().cast(),
+                iov_len: buf.len() - done,
+            };
+            let remote = libc::iovec {
+                // In bounds: checked above. Only the kernel reads through it.
+                iov_base: self.addr.cast::<u8>().wrapping_add(start + done).cast(),
+                iov_len: buf.len() - done,
+            };
+            // SAFETY: `local` is the unfilled tail of `buf`, borrowed mutably for the call;
+            // `remote` lies inside our own read-only mapping, which the kernel reads with
+            // fault handling (errors come back as EFAULT).
+            let r = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if r == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+            done += r as usize;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RandomMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; nothing refers to it any more.
+        unsafe {
+            libc::munmap(self.addr, self.len);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +267,47 @@ mod tests {
         let mut past: Vec<&mut [u8]> = vec![&mut tail[..]];
         let e = read_exact_vectored_at(&file, &mut past, 99_995).expect_err("past the end");
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn random_map_reads_exact_bytes_and_fails_cleanly_past_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("img");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("open");
+        // Sparse: data at 0 and at 1 MiB + 4 KiB, holes elsewhere.
+        file.set_len(4 << 20).expect("size");
+        let a: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+        file.write_all_at(&a, 0).expect("write");
+        file.write_all_at(&a[..4096], (1 << 20) + 4096)
+            .expect("write");
+        let map = RandomMap::new(&file, 4 << 20)
+            .expect("map")
+            .expect("mapped");
+        let mut buf = vec![0xEEu8; 8192];
+        map.read_exact_at(&mut buf, 0).expect("read");
+        assert_eq!(buf, a);
+        let mut buf = vec![0xEEu8; 12288];
+        map.read_exact_at(&mut buf, 1 << 20)
+            .expect("read across a hole");
+        assert!(buf[..4096].iter().all(|&b| b == 0));
+        assert_eq!(&buf[4096..8192], &a[..4096]);
+        assert!(buf[8192..].iter().all(|&b| b == 0));
+        // Past the mapping: an error, not a fault.
+        let e = map
+            .read_exact_at(&mut buf, (4 << 20) - 4096)
+            .expect_err("past the end");
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        // The file shrank under the mapping (an outside edit): EFAULT, never SIGBUS.
+        file.set_len(1 << 20).expect("shrink");
+        let mut buf = vec![0u8; 4096];
+        assert!(map.read_exact_at(&mut buf, 2 << 20).is_err());
+        // Nothing to map.
+        assert!(RandomMap::new(&file, 0).expect("empty").is_none());
     }
 }
