@@ -15,6 +15,30 @@ const KEY: [u8; 32] = [1u8; 32];
 const VM: &str = "db";
 const BLOCKS: u64 = 32;
 
+/// Header of delta `seq` in a chain starting at 1 (Initial, then Incremental), generation 1,
+/// cut time = seq. Shared by the crate's test modules.
+pub(crate) fn chain_header(
+    vm: &str,
+    seq: u64,
+    compression: Compression,
+    disks: Vec<DiskEntry>,
+) -> DeltaHeader {
+    DeltaHeader {
+        vm_id: vm.into(),
+        generation: 1,
+        seq,
+        parent_seq: seq - 1,
+        cut_time_unix_ns: seq,
+        kind: if seq == 1 {
+            DeltaKind::Initial
+        } else {
+            DeltaKind::Incremental
+        },
+        compression,
+        disks,
+    }
+}
+
 fn disks() -> Vec<DiskEntry> {
     vec![
         DiskEntry {
@@ -48,20 +72,7 @@ impl Model {
 
     /// Delta `seq` writing a few blocks (content depends on seq) and zeroing one range.
     fn delta(&self, seq: u64) -> (Vec<u8>, BTreeMap<u32, Vec<u8>>) {
-        let header = DeltaHeader {
-            vm_id: VM.into(),
-            generation: 1,
-            seq,
-            parent_seq: seq - 1,
-            cut_time_unix_ns: seq,
-            kind: if seq == 1 {
-                DeltaKind::Initial
-            } else {
-                DeltaKind::Incremental
-            },
-            compression: Compression::Zstd,
-            disks: disks(),
-        };
+        let header = chain_header(VM, seq, Compression::Zstd, disks());
         let mut images = self.images.clone();
         let mut w = DeltaWriter::new(Vec::new(), &header, &KEY).unwrap();
         let start = (seq * 5) % (BLOCKS - 8);

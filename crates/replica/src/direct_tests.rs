@@ -9,7 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-use delta::{Compression, DeltaHeader, DeltaKind, DeltaWriter, DiskEntry};
+use delta::{Compression, DeltaWriter, DiskEntry};
 
 use crate::direct::test_hook::{refuse_direct, Refusal};
 use crate::{ReplicaStore, ReplicaVm};
@@ -56,20 +56,7 @@ type Images = BTreeMap<u32, Vec<u8>>;
 
 /// Delta `seq` applying `ops` to `images` (updated), stored raw so that frames are big.
 fn delta(seq: u64, images: &mut Images, ops: &[Op]) -> Vec<u8> {
-    let header = DeltaHeader {
-        vm_id: VM.into(),
-        generation: 1,
-        seq,
-        parent_seq: seq - 1,
-        cut_time_unix_ns: seq,
-        kind: if seq == 1 {
-            DeltaKind::Initial
-        } else {
-            DeltaKind::Incremental
-        },
-        compression: Compression::None,
-        disks: disks(),
-    };
+    let header = crate::crash_tests::chain_header(VM, seq, Compression::None, disks());
     let mut w = DeltaWriter::new(Vec::new(), &header, &KEY).unwrap();
     for &op in ops {
         let (disk, off, bytes) = match op {
