@@ -125,17 +125,7 @@ impl JournalAppender {
 mod tests {
     use super::*;
     use crate::direct::test_hook::{refuse_direct, Refusal};
-
-    fn noise(len: usize, mut x: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::direct_tests::noise;
 
     /// Appends `total` bytes in pieces of the given sizes (cycled), flushing after the pieces
     /// listed in `flush_after`, and returns the file's bytes, the expected bytes and the
@@ -148,7 +138,7 @@ mod tests {
     ) -> (Vec<u8>, Vec<u8>, (u64, u64)) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("1.partial");
-        let want = noise(total, total as u64 | 1);
+        let want = noise(total as u64, total as u64);
         refuse_direct(refusal);
         let mut a = JournalAppender::create(&path).unwrap();
         refuse_direct(Refusal::Never);

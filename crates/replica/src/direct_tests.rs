@@ -40,7 +40,8 @@ enum Op {
     Zero(u32, u64, u64),
 }
 
-fn noise(len: u64, seed: u64) -> Vec<u8> {
+/// Incompressible test bytes, reproducible from `seed` (shared by the crate's test modules).
+pub(crate) fn noise(len: u64, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {
