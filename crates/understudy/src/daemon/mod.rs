@@ -9,6 +9,7 @@ mod api;
 mod catalog;
 mod durable;
 mod events;
+mod heap;
 mod heartbeat;
 mod host;
 mod peer_client;
@@ -44,6 +45,7 @@ pub fn serve(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
     let _lock = host::lock_data_dir(&data_dir)?;
+    heap::configure();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("understudy")

@@ -533,9 +533,12 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     };
     match outcome {
         Ok((reply, summary)) => {
-            tokio::task::spawn_blocking(move || cut.commit())
-                .await
-                .context("commit task")?;
+            tokio::task::spawn_blocking(move || {
+                cut.commit();
+                super::heap::give_back();
+            })
+            .await
+            .context("commit task")?;
             let latency_ms = started.elapsed().as_millis() as u64;
             let sent_bytes = sent.load(Ordering::Relaxed);
             let delta_bytes = summary.data_bytes + summary.zero_bytes;
@@ -578,9 +581,12 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
             })
         }
         Err(e) => {
-            tokio::task::spawn_blocking(move || cut.abort())
-                .await
-                .context("abort task")?;
+            tokio::task::spawn_blocking(move || {
+                cut.abort();
+                super::heap::give_back();
+            })
+            .await
+            .context("abort task")?;
             repl.progress_total.store(0, Ordering::Relaxed);
             if let Some(refusal) = e.downcast_ref::<PeerRefusal>() {
                 if refusal.needs_resync() {

@@ -222,7 +222,10 @@ async fn receive(rvm: Arc<ReplicaVm>, seq: u64, mut body: Incoming) -> Result<De
                 break;
             }
         }
-        let point = rvm.commit(incoming)?;
+        let point = rvm.commit(incoming);
+        // The upload's buffers are free now: give them back (see `heap`).
+        super::heap::give_back();
+        let point = point?;
         Ok(DeltaReply {
             seq: point.seq,
             cut_time_unix_ns: point.cut_time_unix_ns,
