@@ -32,7 +32,7 @@ def perf_start(pids, out):
         # Syscall summary per thread: count and total time, so waits (fsync, futex, ...) show.
         cmd = ["perf", "trace", "-s", "-o", out + ".trace", "-p", ",".join(map(str, pids))]
     else:
-        cmd = ["perf", "record", "-e", "cpu-clock", "-F", "1999"] + (["-g"] if os.environ.get("PERF_CALLGRAPH") else []) + ["-o", out, "-p", ",".join(map(str, pids))]
+        cmd = ["perf", "record", "-e", "cpu-clock", "-F", "1999"] + (["--call-graph", os.environ["PERF_CALLGRAPH"]] if os.environ.get("PERF_CALLGRAPH") else []) + ["-o", out, "-p", ",".join(map(str, pids))]
     err = open(out + ".log", "wb")
     p = bench.spawn(cmd, "perf", subprocess.DEVNULL, err, grace=30)
     err.close()

@@ -28,7 +28,7 @@ pub use frame::{
 };
 pub use header::{Compression, DeltaHeader, DeltaKind, DiskEntry};
 pub use reader::{DeltaReader, Frame, FrameBody};
-pub use writer::DeltaWriter;
+pub use writer::{DeltaWriter, SharedWrite};
 
 /// Granularity of every offset and length on a disk. Matches the tracker's dirty-bitmap block
 /// and the page size, so frames map onto whole blocks.

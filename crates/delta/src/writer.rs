@@ -5,16 +5,34 @@
 //! Per payload byte the writer does one BLAKE3 pass (the frame checksum; the footer MAC covers
 //! only the heads, format version 2) and at most one zstd pass, none while it is backed off
 //! after incompressible frames ([`ZSTD_BACKOFF_AFTER`], [`ZSTD_BACKOFF_SKIP`]). Raw payloads
-//! are written from the caller's slice without a copy.
+//! are written from the caller's slice without a copy; with [`DeltaWriter::data_shared`] and a
+//! [`SharedWrite`] output they are not copied at all: the output keeps a reference to the
+//! caller's buffer (the shipper hands its read buffers to the HTTP body this way).
 
 use std::io::Write;
 
-use crate::frame::{encode_frame_head, FrameInfo, FrameKind, TAG_FOOTER};
+use bytes::Bytes;
+
+use crate::frame::{encode_frame_head, FrameInfo, FrameKind, FRAME_HEAD_BYTES, TAG_FOOTER};
 use crate::header::Keys;
 use crate::{
     Compression, DeltaError, DeltaHeader, DeltaSummary, BLOCK_BYTES, FRAME_DATA_BYTES_MAX,
     ZSTD_BACKOFF_AFTER, ZSTD_BACKOFF_SKIP, ZSTD_LEVEL, ZSTD_MIN_SAVING_DIVISOR,
 };
+
+/// An output that can take bytes by reference: [`SharedWrite::write_shared`] appends `bytes`
+/// after everything written so far, like `write_all`, but may keep the `Bytes` (a reference
+/// count) instead of copying them.
+pub trait SharedWrite: Write {
+    fn write_shared(&mut self, bytes: Bytes) -> std::io::Result<()>;
+}
+
+impl SharedWrite for Vec<u8> {
+    fn write_shared(&mut self, bytes: Bytes) -> std::io::Result<()> {
+        self.extend_from_slice(&bytes);
+        Ok(())
+    }
+}
 
 /// Streaming delta encoder.
 pub struct DeltaWriter<W: Write> {
@@ -84,6 +102,38 @@ impl<W: Write> DeltaWriter<W> {
         Ok(())
     }
 
+    /// [`DeltaWriter::data`] for a shared buffer: the same bytes on the output, but payloads
+    /// stored raw reach it as slices of `bytes` ([`SharedWrite::write_shared`]), not copies.
+    pub fn data_shared(&mut self, disk: u32, offset: u64, bytes: Bytes) -> Result<(), DeltaError>
+    where
+        W: SharedWrite,
+    {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.check_range(disk, offset, bytes.len() as u64)?;
+        let frame = FRAME_DATA_BYTES_MAX as usize;
+        for start in (0..bytes.len()).step_by(frame) {
+            let chunk = bytes.slice(start..bytes.len().min(start + frame));
+            let chunk_offset = offset + start as u64;
+            let len = chunk.len();
+            let (head, compressed) = self.frame_head(disk, chunk_offset, &chunk)?;
+            self.out.write_all(&head)?;
+            let stored = match compressed {
+                Some(n) => {
+                    self.out.write_all(&self.scratch[..n])?;
+                    n
+                }
+                None => {
+                    self.out.write_shared(chunk)?;
+                    len
+                }
+            };
+            self.count_frame(head.len() + stored, len as u64);
+        }
+        Ok(())
+    }
+
     /// Records that `[offset, offset + len)` on `disk` reads as zeros (one frame, no payload).
     /// Zero length is a no-op.
     pub fn zero(&mut self, disk: u32, offset: u64, len: u64) -> Result<(), DeltaError> {
@@ -129,7 +179,25 @@ impl<W: Write> DeltaWriter<W> {
     }
 
     fn data_frame(&mut self, disk: u32, offset: u64, chunk: &[u8]) -> Result<(), DeltaError> {
-        let len = chunk.len() as u64;
+        let (head, compressed) = self.frame_head(disk, offset, chunk)?;
+        let payload = match compressed {
+            Some(n) => &self.scratch[..n],
+            None => chunk,
+        };
+        self.out.write_all(&head)?;
+        self.out.write_all(payload)?;
+        self.count_frame(head.len() + payload.len(), chunk.len() as u64);
+        Ok(())
+    }
+
+    /// Compresses `chunk` when that pays (into `scratch`: `Some(stored length)`, else `None`:
+    /// stored raw) and returns the frame's head, already added to the MAC.
+    fn frame_head(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        chunk: &[u8],
+    ) -> Result<([u8; FRAME_HEAD_BYTES], Option<usize>), DeltaError> {
         let compressed = self.try_compress(chunk)?;
         let (codec, payload): (_, &[u8]) = match compressed {
             Some(n) => (Compression::Zstd, &self.scratch[..n]),
@@ -139,7 +207,7 @@ impl<W: Write> DeltaWriter<W> {
             kind: FrameKind::Data,
             disk,
             offset,
-            len,
+            len: chunk.len() as u64,
             codec,
             // ≤ FRAME_DATA_BYTES_MAX, so it fits.
             stored_len: payload.len() as u32,
@@ -149,12 +217,14 @@ impl<W: Write> DeltaWriter<W> {
         // Version 2: the MAC covers the head (which carries the payload's checksum), not the
         // payload itself.
         self.mac.update(&head);
-        self.out.write_all(&head)?;
-        self.out.write_all(payload)?;
-        self.pos += (head.len() + payload.len()) as u64;
+        Ok((head, compressed))
+    }
+
+    /// Accounts for a DATA frame of `len` disk bytes that took `written` bytes of output.
+    fn count_frame(&mut self, written: usize, len: u64) {
+        self.pos += written as u64;
         self.frames += 1;
         self.data_bytes += len;
-        Ok(())
     }
 
     /// Compresses `chunk` into `scratch` when compression is on, not backed off, and saves
@@ -202,5 +272,101 @@ impl<W: Write> DeltaWriter<W> {
         self.out.write_all(bytes)?;
         self.pos += bytes.len() as u64;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DeltaKind, DiskEntry};
+
+    const KEY: [u8; 32] = [9u8; 32];
+
+    /// Records where shared payloads came from, and writes every byte like a `Vec`.
+    #[derive(Default)]
+    struct Recorder {
+        out: Vec<u8>,
+        shared: Vec<(*const u8, usize)>,
+    }
+
+    impl Write for Recorder {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.out.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl SharedWrite for Recorder {
+        fn write_shared(&mut self, bytes: Bytes) -> std::io::Result<()> {
+            self.shared.push((bytes.as_ptr(), bytes.len()));
+            self.out.extend_from_slice(&bytes);
+            Ok(())
+        }
+    }
+
+    fn header() -> DeltaHeader {
+        DeltaHeader {
+            vm_id: "shared".into(),
+            generation: 1,
+            seq: 1,
+            parent_seq: 0,
+            cut_time_unix_ns: 0,
+            kind: DeltaKind::Initial,
+            compression: Compression::Zstd,
+            disks: vec![DiskEntry {
+                index: 0,
+                size_bytes: 8 << 20,
+            }],
+        }
+    }
+
+    #[test]
+    fn data_shared_writes_the_same_bytes_and_passes_raw_payloads_by_reference() {
+        // 2.5 MiB of incompressible bytes (three frames, stored raw), then 1 MiB that zstd
+        // shrinks (stored compressed, so written from the scratch buffer).
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut data: Vec<u8> = (0..(5 << 19))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        data.extend(std::iter::repeat_n(0x5A, 1 << 20));
+        let source = Bytes::from(data.clone());
+
+        let split = 5 << 19;
+        let mut copied = DeltaWriter::new(Vec::new(), &header(), &KEY).unwrap();
+        copied.data(0, 4096, &data[..split]).unwrap();
+        copied.data(0, 4096 + split as u64, &data[split..]).unwrap();
+        let (expected, expected_summary) = copied.finish().unwrap();
+
+        let mut shared = DeltaWriter::new(Recorder::default(), &header(), &KEY).unwrap();
+        shared.data_shared(0, 4096, source.slice(..split)).unwrap();
+        shared
+            .data_shared(0, 4096 + split as u64, source.slice(split..))
+            .unwrap();
+        let (recorder, summary) = shared.finish().unwrap();
+
+        assert!(recorder.out == expected, "same bytes either way");
+        assert_eq!(summary, expected_summary);
+        assert_eq!(summary.frames, 4);
+        let base = source.as_ptr() as usize;
+        let lens: Vec<usize> = recorder.shared.iter().map(|&(_, n)| n).collect();
+        assert_eq!(
+            lens,
+            [1 << 20, 1 << 20, 1 << 19],
+            "raw frames shared, compressed one not"
+        );
+        for (i, &(ptr, _)) in recorder.shared.iter().enumerate() {
+            assert_eq!(
+                ptr as usize,
+                base + (i << 20),
+                "frame {i} is a slice of the source"
+            );
+        }
     }
 }

@@ -50,7 +50,7 @@ proptest! {
     /// Writing a sequence of DATA/ZERO ops and reading it back gives the same disk images as
     /// applying the ops to a model.
     #[test]
-    fn round_trip_matches_model(ops in prop::collection::vec(op(), 0..12), zstd in any::<bool>()) {
+    fn round_trip_matches_model(ops in prop::collection::vec(op(), 0..12), zstd in any::<bool>(), shared in any::<bool>()) {
         let compression = if zstd { Compression::Zstd } else { Compression::None };
         let h = header(compression);
         let mut model: Vec<(u32, Vec<u8>)> =
@@ -65,7 +65,11 @@ proptest! {
             match op {
                 Op::Data(_, _, _, p) => {
                     let data = bytes_for(len as usize, *p);
-                    w.data(disk, offset, &data).unwrap();
+                    if shared {
+                        w.data_shared(disk, offset, bytes::Bytes::from(data.clone())).unwrap();
+                    } else {
+                        w.data(disk, offset, &data).unwrap();
+                    }
                     model[slot].1[range].copy_from_slice(&data);
                 }
                 Op::Zero(..) => {

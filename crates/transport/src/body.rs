@@ -156,6 +156,19 @@ impl BodyWriter {
         Ok(())
     }
 
+    /// Sends what is buffered, then `chunk` as a chunk of its own without copying it: for
+    /// producers that already hold their bytes in a `Bytes` (a delta's raw payloads).
+    pub fn write_shared(&mut self, chunk: Bytes) -> io::Result<()> {
+        self.send_buffered()?;
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        match &self.sender {
+            Some(sender) => sender.blocking_send(chunk),
+            None => Err(closed()),
+        }
+    }
+
     fn send_buffered(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
@@ -215,6 +228,34 @@ mod tests {
             .chunks(1000)
             .enumerate()
             .all(|(i, c)| c.iter().all(|&b| b == (i % 251) as u8)));
+    }
+
+    #[tokio::test]
+    async fn shared_chunks_keep_their_place_and_are_not_copied() {
+        let (tx, mut body) = body_channel(4);
+        let shared = Bytes::from(vec![7u8; 100_000]);
+        let at = shared.as_ptr();
+        let producer = std::thread::spawn(move || {
+            let mut w = BodyWriter::new(tx);
+            w.write_all(b"head-1").unwrap();
+            w.write_shared(shared).unwrap();
+            w.write_all(b"tail").unwrap();
+            w.finish().unwrap();
+        });
+        let mut chunks = Vec::new();
+        while let Some(frame) = body.frame().await {
+            chunks.push(frame.unwrap().into_data().unwrap());
+        }
+        producer.join().unwrap();
+        let sizes: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [6, 100_000, 4]);
+        assert_eq!(&chunks[0][..], b"head-1");
+        assert_eq!(
+            chunks[1].as_ptr(),
+            at,
+            "the shared chunk is the caller's buffer"
+        );
+        assert_eq!(&chunks[2][..], b"tail");
     }
 
     #[tokio::test]

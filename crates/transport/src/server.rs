@@ -40,8 +40,10 @@ pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 /// HTTP/2 maximum frame size we accept. Bigger frames mean fewer headers and wakeups per MiB:
 /// on this 2-core machine a 2 GiB loopback upload took ~2.3 s with 256 KiB frames and over twice
-/// as long with the 16 KiB default (`examples/throughput.rs`); 1 MiB was no better than 256 KiB.
-pub const MAX_FRAME_BYTES: u32 = 256 << 10;
+/// as long with the 16 KiB default (`examples/throughput.rs`). 1 MiB, the largest delta
+/// payload, lets a payload the sender hands over as one chunk arrive as one chunk, which the
+/// replica's decoder then verifies in place instead of gathering it into a frame buffer.
+pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 /// Concurrent streams per connection: replication sends a few at a time (delta, control
 /// calls); the bound stops a peer from opening thousands of handlers.
 pub const MAX_CONCURRENT_STREAMS: u32 = 64;

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
+use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::{Method, Request, StatusCode};
 use proto::peer::{DeltaReply, Hello, HelloReply, PeerError};
@@ -99,6 +100,15 @@ impl Write for DeltaBodyWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+impl delta::SharedWrite for DeltaBodyWriter {
+    fn write_shared(&mut self, chunk: Bytes) -> io::Result<()> {
+        let n = chunk.len() as u64;
+        self.inner.write_shared(chunk)?;
+        self.sent.fetch_add(n, Ordering::Relaxed);
+        Ok(())
     }
 }
 

@@ -16,16 +16,21 @@
 //! in-memory pool of copy-before-write copies is half full, the ranges held there go first:
 //! shipping them gives their memory back, so later copies need not spill to the tracker's file.
 //!
-//! Per cut the shipper allocates one read buffer; data runs go to the delta writer straight
-//! from it (raw frames are not copied by the writer), and consecutive zero blocks become one
-//! ZERO frame even across read chunks (the replica then punches one range, not one per MiB).
-//! Reads are aligned to [`READ_CHUNK_BYTES`], the tracker's copy-before-write stripe, so one
-//! read holds one stripe lock.
+//! **Buffers.** Data runs go to the delta writer as slices of the read buffer they were read
+//! into ([`DeltaWriter::data_shared`]): a payload stored raw reaches the HTTP body, and TLS,
+//! without being copied. The buffer returns to a small per-cut pool ([`ReadBuffers`]) when the
+//! transport drops the last slice of it, so a cut reuses a few buffers instead of allocating
+//! one per read. Consecutive zero blocks become one ZERO frame even across read chunks (the
+//! replica then punches one range, not one per MiB). Reads are aligned to
+//! [`READ_CHUNK_BYTES`], the tracker's copy-before-write stripe, so one read holds one stripe
+//! lock.
 
-use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use delta::{DeltaHeader, DeltaWriter};
+use bytes::Bytes;
+use delta::{DeltaHeader, DeltaWriter, SharedWrite};
+use parking_lot::Mutex;
 use tracker::{FrozenDisk, BLOCK_BYTES};
 
 /// Bytes read from a frozen disk at a time: large enough for sequential throughput, small
@@ -37,6 +42,11 @@ pub const READ_CHUNK_BYTES: usize = 1 << 20;
 /// while reading them costs about the same.
 const HOLE_PROBE_BYTES_MIN: usize = 64 << 10;
 
+/// Read buffers a cut keeps for reuse. Buffers in flight are bounded by the transport (its body
+/// channel and HTTP/2 send buffer hold a few MiB), not by this; more than this many coming
+/// back at once are freed.
+const SPARE_READ_BUFFERS: usize = 16;
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ShipSummary {
     pub data_bytes: u64,
@@ -45,7 +55,7 @@ pub struct ShipSummary {
 
 /// Encodes every dirty range of `disks` (paired with their disk index) into `out`.
 /// `progress` counts bytes read so far, for the progress bar.
-pub fn encode_cut<W: Write>(
+pub fn encode_cut<W: SharedWrite>(
     out: W,
     header: &DeltaHeader,
     key: &[u8; 32],
@@ -56,8 +66,8 @@ pub fn encode_cut<W: Write>(
         writer: DeltaWriter::new(out, header, key)?,
         summary: ShipSummary::default(),
         zeros: None,
+        buffers: ReadBuffers::default(),
     };
-    let mut buf = vec![0u8; READ_CHUNK_BYTES];
     for &(index, disk) in disks {
         let mut pos = 0u64;
         loop {
@@ -70,7 +80,7 @@ pub fn encode_cut<W: Write>(
                     let mut at = offset;
                     while at < end {
                         let n = chunk_len(at, end);
-                        frames.read(index, disk, &mut buf[..n], at, progress)?;
+                        frames.read(index, disk, n, at, progress)?;
                         at += n as u64;
                     }
                 }
@@ -83,7 +93,7 @@ pub fn encode_cut<W: Write>(
                 frames.zero(index, offset, n as u64)?;
                 progress.fetch_add(n as u64, Ordering::Relaxed);
             } else {
-                frames.read(index, disk, &mut buf[..n], offset, progress)?;
+                frames.read(index, disk, n, offset, progress)?;
             }
             pos = offset + n as u64;
         }
@@ -99,31 +109,34 @@ fn chunk_len(pos: u64, end: u64) -> usize {
 
 /// Turns chunks of a disk into frames: one DATA call per run of non-zero blocks, and one ZERO
 /// frame per run of zero blocks, held back until the run ends so that it spans chunks.
-struct Frames<W: Write> {
+struct Frames<W: SharedWrite> {
     writer: DeltaWriter<W>,
     summary: ShipSummary,
     /// Pending zero run: (disk, offset, len).
     zeros: Option<(u32, u64, u64)>,
+    buffers: ReadBuffers,
 }
 
-impl<W: Write> Frames<W> {
-    /// Reads `buf.len()` bytes of `disk` at `offset` as of the cut and emits them.
+impl<W: SharedWrite> Frames<W> {
+    /// Reads `len` bytes of `disk` at `offset` as of the cut and emits them.
     fn read(
         &mut self,
         index: u32,
         disk: &FrozenDisk,
-        buf: &mut [u8],
+        len: usize,
         offset: u64,
         progress: &AtomicU64,
     ) -> anyhow::Result<()> {
-        disk.read_at(buf, offset)?;
-        self.chunk(index, offset, buf)?;
-        progress.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        let mut buf = self.buffers.take();
+        disk.read_at(&mut buf[..len], offset)?;
+        let chunk = self.buffers.share(buf).slice(..len);
+        self.chunk(index, offset, chunk)?;
+        progress.fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
     }
 
     /// Emits `chunk`, the content of `disk` at `offset` (a multiple of the block size).
-    fn chunk(&mut self, disk: u32, offset: u64, chunk: &[u8]) -> anyhow::Result<()> {
+    fn chunk(&mut self, disk: u32, offset: u64, chunk: Bytes) -> anyhow::Result<()> {
         let mut blocks = chunk.chunks(BLOCK_BYTES as usize);
         let Some(first) = blocks.next() else {
             return Ok(());
@@ -133,12 +146,12 @@ impl<W: Write> Frames<W> {
         for block in blocks {
             let z = is_zero(block);
             if z != zero {
-                self.run(disk, offset, &chunk[start..at], start, zero)?;
+                self.run(disk, offset, chunk.slice(start..at), start, zero)?;
                 (start, zero) = (at, z);
             }
             at += block.len();
         }
-        self.run(disk, offset, &chunk[start..], start, zero)
+        self.run(disk, offset, chunk.slice(start..), start, zero)
     }
 
     /// One run of `chunk` (at `start` in it): all zero blocks, or all non-zero ones.
@@ -146,7 +159,7 @@ impl<W: Write> Frames<W> {
         &mut self,
         disk: u32,
         offset: u64,
-        bytes: &[u8],
+        bytes: Bytes,
         start: usize,
         zero: bool,
     ) -> anyhow::Result<()> {
@@ -155,7 +168,7 @@ impl<W: Write> Frames<W> {
             return self.zero(disk, at, len);
         }
         self.flush_zeros()?;
-        self.writer.data(disk, at, bytes)?;
+        self.writer.data_shared(disk, at, bytes)?;
         self.summary.data_bytes += len;
         Ok(())
     }
@@ -183,6 +196,53 @@ impl<W: Write> Frames<W> {
         self.flush_zeros()?;
         let (out, _) = self.writer.finish()?;
         Ok((out, self.summary))
+    }
+}
+
+/// The read buffers of one cut: [`ReadBuffers::share`] turns a filled buffer into `Bytes`
+/// whose last drop (on whichever thread the transport frees it) puts it back for
+/// [`ReadBuffers::take`], so reads reuse warm memory instead of a new zeroed MiB each time.
+#[derive(Default, Clone)]
+struct ReadBuffers {
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl ReadBuffers {
+    /// A buffer of [`READ_CHUNK_BYTES`]: a spare one if any (its old bytes are overwritten by
+    /// the read), else a new one.
+    fn take(&self) -> Vec<u8> {
+        self.spare
+            .lock()
+            .pop()
+            .unwrap_or_else(|| vec![0u8; READ_CHUNK_BYTES])
+    }
+
+    fn share(&self, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Recycled {
+            buf,
+            home: self.clone(),
+        })
+    }
+}
+
+/// A read buffer lent out as `Bytes`; goes back to its [`ReadBuffers`] when dropped.
+struct Recycled {
+    buf: Vec<u8>,
+    home: ReadBuffers,
+}
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        let mut spare = self.home.spare.lock();
+        if spare.len() < SPARE_READ_BUFFERS {
+            spare.push(std::mem::take(&mut self.buf));
+        }
     }
 }
 
@@ -257,11 +317,11 @@ mod tests {
             writer: DeltaWriter::new(Vec::new(), &header, &KEY).unwrap(),
             summary: ShipSummary::default(),
             zeros: None,
+            buffers: ReadBuffers::default(),
         };
         for c in 0..3 {
-            frames
-                .chunk(3, (c * mib) as u64, &image[c * mib..(c + 1) * mib])
-                .unwrap();
+            let chunk = Bytes::copy_from_slice(&image[c * mib..(c + 1) * mib]);
+            frames.chunk(3, (c * mib) as u64, chunk).unwrap();
         }
         let (bytes, summary) = frames.finish().unwrap();
         assert_eq!(summary.data_bytes, 16384);
