@@ -2,11 +2,13 @@
 """Profiles one bench scenario with `perf record -e cpu-clock` (a software event, so it works in
 VMs without hardware counters) on both Understudy daemons, and prints where their CPU goes.
 
-  /usr/bin/python3 bench/profile.py --bin target/release/understudy t6|t1|t10 [--seconds N] [--out DIR]
+  /usr/bin/python3 bench/profile.py --bin target/release/understudy t6|t1|t2|t3|t4|t10 [--seconds N] [--out DIR]
 
 t6:  initial replication of a 1 GiB image holding 512 MiB of incompressible data;
 t1:  fio 4 KiB randwrite QD32 into a replicating export (frequency 5 s);
+t2:  fio 4 KiB randread QD32 from a replicating export of a 1 GiB image full of data;
 t3:  fio 1 MiB sequential write QD8 into a replicating export (frequency 5 s);
+t4:  fio 4 KiB randwrite QD1 into a replicating export (frequency 2 s);
 t10: fio 4 KiB randwrite at 50 MiB/s into a replicating 4 GiB export (frequency 5 s).
 
 The release profile carries debuginfo, so symbols resolve; frame pointers are off, so the
@@ -66,7 +68,7 @@ def report(data, title, top):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
-    ap.add_argument("scenario", choices=["t6", "t1", "t3", "t10"])
+    ap.add_argument("scenario", choices=["t6", "t1", "t2", "t3", "t4", "t10"])
     ap.add_argument("--seconds", type=int, default=12)
     ap.add_argument("--out", help="keep perf.data files in this directory")
     ap.add_argument("--top", type=int, default=40)
@@ -96,9 +98,18 @@ def main():
                   f"measure {pair.a.json('replication', 'measure', 'imp')}")
         else:
             size = "4096M" if a.scenario == "t10" else "1024M"
-            uri = pair.replicating_vm("w", size, 5)
+            if a.scenario == "t2":
+                img = bench.data_image(os.path.join(bench.WORK, "rd.img"), 1 * GiB, data_fraction_half=False)
+                pair.a.cli("vm", "import", "w", "--image", img)
+                pair.a.cli("replication", "enable", "w", "--replica", pair.b.addr, "--frequency", "5")
+                pair.a.cli("replication", "start", "w", "--wait")
+                uri = pair.a.nbd_uri("w")
+            else:
+                uri = pair.replicating_vm("w", size, 2 if a.scenario == "t4" else 5)
             rw, bs, qd, extra = {
                 "t1": ("randwrite", "4k", 32, []),
+                "t2": ("randread", "4k", 32, []),
+                "t4": ("randwrite", "4k", 1, []),
                 "t3": ("write", "1m", 8, []),
                 "t10": ("randwrite", "4k", 4, ["--rate=50m", "--refill_buffers"]),
             }[a.scenario]
@@ -106,7 +117,8 @@ def main():
             job = bench.fio(uri, rw, bs, qd, a.seconds, extra)
             perf_stop(p)
             m = pair.a.json("replication", "measure", "w")
-            print(f"fio: {job['write']['iops']:.0f} IOPS, {job['write']['bw_bytes'] / MiB:.0f} MiB/s; measure {m}")
+            side = job["read"] if a.scenario == "t2" else job["write"]
+            print(f"fio: {side['iops']:.0f} IOPS, {side['bw_bytes'] / MiB:.0f} MiB/s; measure {m}")
         report(data, f"scenario {a.scenario}: daemons' CPU (primary pid {pids[0]}, replica pid {pids[1]})", a.top)
 
 
