@@ -64,6 +64,19 @@ pub const RETAINED_BUFFER_BYTES: usize = 2 * 1024 * 1024 + 4096;
 /// burst of pipelined small requests with one read system call.
 pub const SOCKET_READ_BUFFER_BYTES: usize = 64 * 1024;
 
+/// Read requests one worker serves per hand-off of the connection's reader lock, at most. A
+/// worker that read a small read request also takes the small read requests already buffered
+/// behind it (whole headers in the socket buffer: no system call, no waiting), serves them in
+/// order and sends their replies with one write. Each hand-off of the lock wakes a parked
+/// worker; with several queued reads per wake-up the workers spend their time reading, not
+/// switching (bench T2, docs/PERFORMANCE.md). Disk concurrency is unchanged: still one
+/// backend call in flight per worker.
+pub const READ_BATCH_MAX: usize = 8;
+
+/// Largest read taken into a batch: a batch's replies are gathered in the worker's buffer,
+/// so batches stay within [`READ_BATCH_MAX`] x 64 KiB.
+pub const READ_BATCH_BYTES_MAX: u32 = 64 * 1024;
+
 /// Stack of connection and worker threads (256 KiB): they only hold small fixed frames; I/O
 /// buffers live on the heap.
 pub const THREAD_STACK_BYTES: usize = 256 * 1024;

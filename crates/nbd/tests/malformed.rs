@@ -261,3 +261,110 @@ fn closing_one_exports_connections_leaves_the_others() {
     b.request(CMD_READ, 0, 1, 0, 8, &[]);
     assert_eq!(b.reply(8), (1, 0, vec![0; 8]));
 }
+
+/// A memory disk whose reads fail (EIO) when they touch one 4 KiB block.
+struct FailingBlock {
+    inner: understudy_nbd::MemoryBackend,
+    bad_offset: u64,
+}
+
+impl understudy_nbd::BlockBackend for FailingBlock {
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if offset <= self.bad_offset && self.bad_offset < offset + buf.len() as u64 {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
+        self.inner.write_at(data, offset, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        self.inner.trim(offset, len, fua)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+    ) -> std::io::Result<()> {
+        self.inner.write_zeroes(offset, len, may_trim, fua)
+    }
+}
+
+/// Reads sent in one burst are served in batches by one worker (READ_BATCH_MAX per hand-off
+/// of the reader lock, replies gathered into one write). Every read still gets exactly its own
+/// reply: data, a backend error, an empty read, and the requests that end a batch (a large
+/// read, an out-of-range read) in between. Run with simple and structured replies.
+#[test]
+fn burst_of_reads_each_get_their_own_reply_in_batches() {
+    use understudy_nbd::BlockBackend;
+    const EIO: u32 = 5;
+    let cfg = ServerConfig {
+        workers_per_connection: 1,
+        ..test_config()
+    };
+    let t = TestServer::start(&[("disk", SIZE)], cfg);
+    let data = common::pattern(SIZE as usize, 11);
+    let backend = FailingBlock {
+        inner: understudy_nbd::MemoryBackend::new(SIZE as usize),
+        bad_offset: 40 * 4096,
+    };
+    backend.write_at(&data, 0, false).expect("fill");
+    t.registry.add("flaky", std::sync::Arc::new(backend));
+    for structured in [false, true] {
+        let mut c = Raw::open(&t.socket, "flaky", structured);
+        // (handle, offset, len, expected error)
+        let mut reqs: Vec<(u64, u64, u32, u32)> = vec![
+            (1, 0, 4096, 0),
+            (2, 40 * 4096, 4096, EIO),
+            (3, 8192, 0, 0),
+            (4, 256 * 1024, 128 * 1024, 0),
+            (5, SIZE, 4096, EINVAL),
+            (6, 12288, 65536, 0),
+        ];
+        for i in 0..20u64 {
+            let offset = (i * 7919 * 4096) % (SIZE - 4096);
+            let offset = if offset / 4096 == 40 {
+                offset + 4096
+            } else {
+                offset
+            };
+            reqs.push((100 + i, offset, 4096, 0));
+        }
+        let mut burst = Vec::new();
+        for &(handle, offset, len, _) in &reqs {
+            burst.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+            burst.extend_from_slice(&0u16.to_be_bytes());
+            burst.extend_from_slice(&CMD_READ.to_be_bytes());
+            burst.extend_from_slice(&handle.to_be_bytes());
+            burst.extend_from_slice(&offset.to_be_bytes());
+            burst.extend_from_slice(&len.to_be_bytes());
+        }
+        c.send(&burst);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..reqs.len() {
+            // One worker answers in order, so the next reply's length is known.
+            let &(handle, offset, len, error) = &reqs[seen.len()];
+            let (h, e, got) = c.reply(len as usize);
+            assert_eq!((h, e), (handle, error), "structured={structured}");
+            if error == 0 {
+                let range = offset as usize..(offset + u64::from(len)) as usize;
+                assert!(
+                    got == data[range],
+                    "handle {h}: wrong data (structured={structured})"
+                );
+            }
+            assert!(seen.insert(h));
+        }
+        // The connection is still in step.
+        c.request(CMD_READ, 0, 999, 4096, 4096, &[]);
+        assert_eq!(c.reply(4096), (999, 0, data[4096..8192].to_vec()));
+    }
+}

@@ -1,11 +1,13 @@
 //! One connection in transmission: a few worker threads share the socket the nbdkit way. A
 //! worker takes the reader lock, reads and validates one request (and its write payload),
 //! releases the lock, calls the backend, and sends its reply under the writer lock; replies
-//! may therefore leave out of order, matched by handle. In-flight requests are bounded by
+//! may therefore leave out of order, matched by handle. A small read also takes the small reads
+//! already buffered behind it and answers them all with one write (`READ_BATCH_MAX`).
+//! In-flight requests are bounded by
 //! the worker count, buffered bytes by workers x the 32 MiB payload bound. This module owns
 //! the transmission loop; it must never validate ranges itself (the codec does).
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -25,7 +27,10 @@ use crate::codec::request::{
     decide, parse_request_header, Command, Decision, ExportView, Rejection, Request,
     REQUEST_HEADER_LEN,
 };
-use crate::limits::{RETAINED_BUFFER_BYTES, SOCKET_READ_BUFFER_BYTES, THREAD_STACK_BYTES};
+use crate::limits::{
+    READ_BATCH_BYTES_MAX, READ_BATCH_MAX, RETAINED_BUFFER_BYTES, SOCKET_READ_BUFFER_BYTES,
+    THREAD_STACK_BYTES,
+};
 
 /// State shared by the workers of one connection.
 struct Transmission<'s> {
@@ -43,6 +48,8 @@ struct Transmission<'s> {
 /// What a worker got from the socket.
 enum Next {
     Run(Request),
+    /// Two or more small reads, in the worker's batch.
+    Reads,
     Reply(Rejection),
     Stop,
 }
@@ -95,8 +102,9 @@ impl Transmission<'_> {
     fn worker(&self, end: &Mutex<Result<(), ConnError>>) {
         let mut buf: Vec<u8> = Vec::new();
         let mut scratch: Vec<u8> = Vec::new();
+        let mut batch: Vec<Request> = Vec::with_capacity(READ_BATCH_MAX);
         loop {
-            let next = match self.next_request(&mut buf) {
+            let next = match self.next_request(&mut buf, &mut batch) {
                 Ok(next) => next,
                 Err(e) => {
                     self.close(Shutdown::Both);
@@ -111,6 +119,7 @@ impl Transmission<'_> {
                 Next::Stop => break,
                 Next::Reply(rejection) => self.reject(rejection, &mut scratch),
                 Next::Run(request) => self.execute(request, &mut buf, &mut scratch),
+                Next::Reads => self.reads(&batch, &mut buf, &mut scratch),
             };
             if let Err(e) = sent {
                 self.close(Shutdown::Both);
@@ -132,8 +141,9 @@ impl Transmission<'_> {
         self.control.shutdown(how);
     }
 
-    /// Reads one request under the reader lock; write payloads are read into `buf`.
-    fn next_request(&self, buf: &mut Vec<u8>) -> Result<Next, ConnError> {
+    /// Reads one request under the reader lock; write payloads are read into `buf`. A small
+    /// read takes the small reads already buffered behind it into `batch` ([`Next::Reads`]).
+    fn next_request(&self, buf: &mut Vec<u8>, batch: &mut Vec<Request>) -> Result<Next, ConnError> {
         let mut reader = self.reader.lock();
         if self.closing.load(Ordering::SeqCst) {
             return Ok(Next::Stop);
@@ -151,6 +161,14 @@ impl Transmission<'_> {
         match decide(&header, &self.view) {
             Decision::Execute(request) => {
                 match request.command {
+                    Command::Read if batchable(&request) => {
+                        batch.clear();
+                        batch.push(request);
+                        take_buffered_reads(&mut reader, &self.view, batch);
+                        if batch.len() > 1 {
+                            return Ok(Next::Reads);
+                        }
+                    }
                     Command::Write { .. } => {
                         let len = request.len_bytes as usize;
                         grow(buf, len);
@@ -289,6 +307,52 @@ impl Transmission<'_> {
         }
     }
 
+    /// Serves a batch of reads in order, gathering their replies (data or error) in `buf`, and
+    /// sends them with one write.
+    fn reads(&self, batch: &[Request], buf: &mut Vec<u8>, scratch: &mut Vec<u8>) -> io::Result<()> {
+        let structured = self.view.structured_replies;
+        let mut at = 0;
+        for req in batch {
+            if structured && req.len_bytes == 0 {
+                at = put(buf, at, &none_chunk(req.handle));
+                continue;
+            }
+            let prefix = if structured {
+                OFFSET_DATA_PREFIX_LEN
+            } else {
+                SIMPLE_REPLY_LEN
+            };
+            let len = req.len_bytes as usize;
+            grow(buf, at + prefix + len);
+            let data = at + prefix..at + prefix + len;
+            match self.session.backend.read_at(&mut buf[data], req.offset) {
+                Ok(()) => {
+                    if structured {
+                        put(
+                            buf,
+                            at,
+                            &offset_data_prefix(req.handle, req.offset, req.len_bytes),
+                        );
+                    } else {
+                        put(buf, at, &simple_reply(None, req.handle));
+                    }
+                    at += prefix + len;
+                }
+                Err(e) => {
+                    let errno = self.backend_error(req, &e);
+                    at = if structured {
+                        scratch.clear();
+                        encode_error_chunk(scratch, req.handle, errno);
+                        put(buf, at, scratch)
+                    } else {
+                        put(buf, at, &simple_reply(Some(errno), req.handle))
+                    };
+                }
+            }
+        }
+        self.send(&buf[..at])
+    }
+
     fn block_status(&self, req: Request, req_one: bool, scratch: &mut Vec<u8>) -> io::Result<()> {
         let extents = self
             .session
@@ -315,6 +379,43 @@ impl Transmission<'_> {
             scratch,
         )
     }
+}
+
+/// A read that may join a batch.
+fn batchable(r: &Request) -> bool {
+    matches!(r.command, Command::Read) && r.len_bytes <= READ_BATCH_BYTES_MAX
+}
+
+/// Moves the small reads whose headers are already in the reader's buffer (no system call)
+/// into `batch`, up to [`READ_BATCH_MAX`]. Stops at anything else, even an invalid header,
+/// and leaves it in the buffer for the next reader, which handles it as usual.
+fn take_buffered_reads(
+    reader: &mut BufReader<Stream>,
+    view: &ExportView,
+    batch: &mut Vec<Request>,
+) {
+    while batch.len() < READ_BATCH_MAX {
+        let Some(bytes) = reader.buffer().first_chunk::<REQUEST_HEADER_LEN>() else {
+            break;
+        };
+        let Ok(header) = parse_request_header(bytes) else {
+            break;
+        };
+        match decide(&header, view) {
+            Decision::Execute(r) if batchable(&r) => {
+                reader.consume(REQUEST_HEADER_LEN);
+                batch.push(r);
+            }
+            _ => break,
+        }
+    }
+}
+
+/// Writes `bytes` into `buf` at `at` (growing it) and returns the position after them.
+fn put(buf: &mut Vec<u8>, at: usize, bytes: &[u8]) -> usize {
+    grow(buf, at + bytes.len());
+    buf[at..at + bytes.len()].copy_from_slice(bytes);
+    at + bytes.len()
 }
 
 /// Makes `buf` at least `len` long; zero-fills only the growth, so a reused buffer costs
