@@ -16,9 +16,11 @@
 //! in-memory pool of copy-before-write copies is half full, the ranges held there go first:
 //! shipping them gives their memory back, so later copies need not spill to the tracker's file.
 //!
-//! **Buffers.** Data runs go to the delta writer as slices of the read buffer they were read
-//! into ([`DeltaWriter::data_shared`]): a payload stored raw reaches the HTTP body, and TLS,
-//! without being copied. The buffer returns to a small per-cut pool ([`ReadBuffers`]) when the
+//! **Buffers.** Runs of at least [`SHARED_RUN_BYTES_MIN`] go to the delta writer as slices of
+//! the read buffer they were read into ([`DeltaWriter::data_shared`]): a payload stored raw
+//! reaches the HTTP body, and TLS, without being copied. Shorter runs are copied into the
+//! body's buffer as before: a slice pins its whole buffer until the transport sends it, and
+//! thousands of 4 KiB slices queued for sending would pin a MiB each. The buffer returns to a small per-cut pool ([`ReadBuffers`]) when the
 //! transport drops the last slice of it, so a cut reuses a few buffers instead of allocating
 //! one per read. Consecutive zero blocks become one ZERO frame even across read chunks (the
 //! replica then punches one range, not one per MiB). Reads are aligned to
@@ -41,6 +43,11 @@ pub const READ_CHUNK_BYTES: usize = 1 << 20;
 /// blocks (random guest writes) would otherwise pay an extra `lseek` and stripe lock each,
 /// while reading them costs about the same.
 const HOLE_PROBE_BYTES_MIN: usize = 64 << 10;
+
+/// Shortest data run handed to the transport as a slice of its read buffer rather than copied:
+/// half a buffer, so the memory pinned by slices in flight is at most twice their bytes (the
+/// transport holds a few MiB in flight).
+const SHARED_RUN_BYTES_MIN: usize = READ_CHUNK_BYTES / 2;
 
 /// Read buffers a cut keeps for reuse. Buffers in flight are bounded by the transport (its body
 /// channel and HTTP/2 send buffer hold a few MiB), not by this; more than this many coming
@@ -168,7 +175,11 @@ impl<W: SharedWrite> Frames<W> {
             return self.zero(disk, at, len);
         }
         self.flush_zeros()?;
-        self.writer.data_shared(disk, at, bytes)?;
+        if bytes.len() >= SHARED_RUN_BYTES_MIN {
+            self.writer.data_shared(disk, at, bytes)?;
+        } else {
+            self.writer.data(disk, at, &bytes)?;
+        }
         self.summary.data_bytes += len;
         Ok(())
     }
