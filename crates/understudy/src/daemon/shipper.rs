@@ -303,11 +303,10 @@ mod tests {
         assert_eq!(chunk_len(c, c + 4096), 4096);
     }
 
-    #[test]
-    fn frames_merge_zero_runs_across_chunks_and_round_trip() {
-        const KEY: [u8; 32] = [1u8; 32];
-        let mib = READ_CHUNK_BYTES;
-        let header = DeltaHeader {
+    const KEY: [u8; 32] = [1u8; 32];
+
+    fn header(disk_bytes: u64) -> DeltaHeader {
+        DeltaHeader {
             vm_id: "t".into(),
             generation: 1,
             seq: 1,
@@ -317,9 +316,72 @@ mod tests {
             compression: Compression::Zstd,
             disks: vec![DiskEntry {
                 index: 3,
-                size_bytes: 4 * mib as u64,
+                size_bytes: disk_bytes,
             }],
+        }
+    }
+
+    /// Keeps every shared slice, as a transport that has not sent anything yet would.
+    #[derive(Default)]
+    struct SlowTransport {
+        copied: Vec<u8>,
+        held: Vec<Bytes>,
+    }
+
+    impl std::io::Write for SlowTransport {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.copied.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl SharedWrite for SlowTransport {
+        fn write_shared(&mut self, bytes: Bytes) -> std::io::Result<()> {
+            self.held.push(bytes);
+            Ok(())
+        }
+    }
+
+    /// Long raw runs travel as slices of the read buffer; short ones are copied, so that a
+    /// transport holding many scattered 4 KiB frames does not pin a 1 MiB buffer for each.
+    #[test]
+    fn only_long_raw_runs_are_shared() {
+        let mib = READ_CHUNK_BYTES;
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let random: Vec<u8> = (0..mib)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        // Chunk 0: random 4 KiB blocks between zero blocks; chunk 1: random throughout.
+        let mut scattered = random.clone();
+        for block in scattered.chunks_mut(2 * BLOCK_BYTES as usize) {
+            block[BLOCK_BYTES as usize..].fill(0);
+        }
+        let mut frames = Frames {
+            writer: DeltaWriter::new(SlowTransport::default(), &header(2 * mib as u64), &KEY)
+                .unwrap(),
+            summary: ShipSummary::default(),
+            zeros: None,
+            buffers: ReadBuffers::default(),
         };
+        frames.chunk(3, 0, Bytes::from(scattered)).unwrap();
+        frames.chunk(3, mib as u64, Bytes::from(random)).unwrap();
+        let (transport, summary) = frames.finish().unwrap();
+        assert_eq!(summary.data_bytes, (mib + mib / 2) as u64);
+        let held: Vec<usize> = transport.held.iter().map(|b| b.len()).collect();
+        assert_eq!(held, [mib], "only the 1 MiB run is shared");
+    }
+
+    #[test]
+    fn frames_merge_zero_runs_across_chunks_and_round_trip() {
+        let mib = READ_CHUNK_BYTES;
+        let header = header(4 * mib as u64);
         // Chunk 0: data, zeros to its end; chunk 1: all zeros; chunk 2: zeros, then data.
         let mut image = vec![0u8; 3 * mib];
         image[..8192].fill(0xC3);
