@@ -53,6 +53,8 @@ const STRIPES: usize = 64;
 /// buffer of the file path stays small (every NBD worker thread that spills keeps one).
 const CBW_RUN_BLOCKS_MAX: u64 = 16;
 const CBW_RUN_BYTES_MAX: usize = (CBW_RUN_BLOCKS_MAX * BLOCK_BYTES) as usize;
+// A run is read with one vectored read of the image mapping.
+const _: () = assert!(CBW_RUN_BLOCKS_MAX as usize <= sys::RANDOM_MAP_PARTS_MAX);
 
 /// Reads of at least this many bytes bypass the no-read-ahead mapping (see `read_image`).
 const MAPPED_READ_BYTES_MAX: usize = 256 * 1024;
@@ -242,7 +244,17 @@ impl TrackedDisk {
                 // lock, which we hold.
                 *part = &mut unsafe { st.pool.slot_mut(*slot) }[..bytes];
             }
-            if let Err(e) = sys::read_exact_vectored_at(&self.file, &mut parts[..count], off) {
+            // Through the no-read-ahead mapping, like the shipper's small reads (`read_image`):
+            // a `preadv` of a cached block could start read-ahead that zero-fills megabytes of
+            // page cache over the image's holes, while the guest's write waits for this copy.
+            let mapped = self
+                .image_map()
+                .is_some_and(|m| m.read_exact_vectored_at(&mut parts[..count], off).is_ok());
+            let read = match mapped {
+                true => Ok(()),
+                false => sys::read_exact_vectored_at(&self.file, &mut parts[..count], off),
+            };
+            if let Err(e) = read {
                 st.pool.give_back(slots);
                 return Err(e);
             }
@@ -278,22 +290,25 @@ impl TrackedDisk {
         if buf.len() >= MAPPED_READ_BYTES_MAX {
             return self.file.read_exact_at(buf, offset);
         }
-        let map = {
-            let mut slot = self.frozen.image_map.lock();
-            if slot.is_none() {
-                match sys::RandomMap::new(&self.file, self.size) {
-                    Ok(m) => *slot = m.map(Arc::new),
-                    Err(e) => {
-                        tracing::debug!(image = %self.image.display(), "reading with pread: {e}")
-                    }
-                }
-            }
-            slot.clone()
-        };
-        match map {
+        match self.image_map() {
             Some(m) if m.read_exact_at(buf, offset).is_ok() => Ok(()),
             _ => self.file.read_exact_at(buf, offset),
         }
+    }
+
+    /// The image mapped for this epoch (`sys::RandomMap`), made on first use; `None` when it
+    /// cannot be mapped (reads then use `pread`).
+    fn image_map(&self) -> Option<Arc<sys::RandomMap>> {
+        let mut slot = self.frozen.image_map.lock();
+        if slot.is_none() {
+            match sys::RandomMap::new(&self.file, self.size) {
+                Ok(m) => *slot = m.map(Arc::new),
+                Err(e) => {
+                    tracing::debug!(image = %self.image.display(), "reading with pread: {e}")
+                }
+            }
+        }
+        slot.clone()
     }
 
     /// Bytes copied before write since the disk was opened (all epochs, memory and file):

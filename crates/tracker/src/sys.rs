@@ -226,7 +226,70 @@ impl RandomMap {
         }
         Ok(())
     }
+
+    /// Fills `parts` in order from offset `offset` of the mapping with one system call (at
+    /// most [`RANDOM_MAP_PARTS_MAX`] parts). Anything short of all of it is an error, as for
+    /// [`RandomMap::read_exact_at`].
+    pub(crate) fn read_exact_vectored_at(
+        &self,
+        parts: &mut [&mut [u8]],
+        offset: u64,
+    ) -> io::Result<()> {
+        if parts.len() > RANDOM_MAP_PARTS_MAX {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let start =
+            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        match start.checked_add(total) {
+            Some(end) if end <= self.len => {}
+            _ => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+        }
+        let mut local = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; RANDOM_MAP_PARTS_MAX];
+        for (iov, part) in local.iter_mut().zip(parts.iter_mut()) {
+            *iov = libc::iovec {
+                iov_base: part.as_mut_ptr().cast(),
+                iov_len: part.len(),
+            };
+        }
+        let remote = libc::iovec {
+            // In bounds: checked above. Only the kernel reads through it.
+            iov_base: self.addr.cast::<u8>().wrapping_add(start).cast(),
+            iov_len: total,
+        };
+        loop {
+            // SAFETY: each local iovec is one of `parts`, borrowed mutably for the call;
+            // `remote` lies inside our own read-only mapping (see `read_exact_at`).
+            let r = unsafe {
+                libc::process_vm_readv(
+                    libc::getpid(),
+                    local.as_ptr(),
+                    parts.len() as libc::c_ulong,
+                    &remote,
+                    1,
+                    0,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            return match r as usize == total {
+                true => Ok(()),
+                false => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            };
+        }
+    }
 }
+
+/// Most parts one [`RandomMap::read_exact_vectored_at`] fills (a copy-before-write run).
+pub(crate) const RANDOM_MAP_PARTS_MAX: usize = 16;
 
 impl Drop for RandomMap {
     fn drop(&mut self) {
@@ -309,5 +372,43 @@ mod tests {
         assert!(map.read_exact_at(&mut buf, 2 << 20).is_err());
         // Nothing to map.
         assert!(RandomMap::new(&file, 0).expect("empty").is_none());
+    }
+
+    #[test]
+    fn random_map_vectored_reads_fill_parts_in_order_or_fail_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("img"))
+            .expect("open");
+        file.set_len(1 << 20).expect("size");
+        let a: Vec<u8> = (0..12288u32).map(|i| (i % 251) as u8).collect();
+        file.write_all_at(&a, 8192).expect("write");
+        let map = RandomMap::new(&file, 1 << 20)
+            .expect("map")
+            .expect("mapped");
+        // Three parts across data and the hole after it.
+        let (mut p0, mut p1, mut p2) = (vec![0xEEu8; 4096], vec![0xEEu8; 8192], vec![0xEEu8; 4096]);
+        map.read_exact_vectored_at(&mut [&mut p0[..], &mut p1[..], &mut p2[..]], 8192)
+            .expect("read");
+        assert_eq!(p0, a[..4096]);
+        assert_eq!(p1, a[4096..]);
+        assert!(p2.iter().all(|&b| b == 0));
+        // Past the end, or more parts than allowed: errors, and the caller falls back.
+        let e = map
+            .read_exact_vectored_at(&mut [&mut p0[..], &mut p1[..]], (1 << 20) - 8192)
+            .expect_err("past the end");
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        let mut many: Vec<Vec<u8>> = vec![vec![0u8; 8]; RANDOM_MAP_PARTS_MAX + 1];
+        let mut parts: Vec<&mut [u8]> = many.iter_mut().map(|v| &mut v[..]).collect();
+        assert!(map.read_exact_vectored_at(&mut parts, 0).is_err());
+        // Shrunk under the mapping: an error, never SIGBUS.
+        file.set_len(4096).expect("shrink");
+        assert!(map
+            .read_exact_vectored_at(&mut [&mut p0[..], &mut p2[..]], 8192)
+            .is_err());
     }
 }
