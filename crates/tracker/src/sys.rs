@@ -191,45 +191,13 @@ impl RandomMap {
     /// Fills `buf` from offset `offset` of the mapping. Any failure (including a partial read)
     /// is an error; the caller may retry the range with `pread` to learn the real cause.
     pub(crate) fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let start =
-            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        match start.checked_add(buf.len()) {
-            Some(end) if end <= self.len => {}
-            _ => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-        }
-        let mut done = 0;
-        while done < buf.len() {
-            let local = libc::iovec {
-                iov_base: buf[done..].as_mut_ptr().cast(),
-                iov_len: buf.len() - done,
-            };
-            let remote = libc::iovec {
-                // In bounds: checked above. Only the kernel reads through it.
-                iov_base: self.addr.cast::<u8>().wrapping_add(start + done).cast(),
-                iov_len: buf.len() - done,
-            };
-            // SAFETY: `local` is the unfilled tail of `buf`, borrowed mutably for the call;
-            // `remote` lies inside our own read-only mapping, which the kernel reads with
-            // fault handling (errors come back as EFAULT).
-            let r = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if r == 0 {
-                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
-            }
-            done += r as usize;
-        }
-        Ok(())
+        self.read_exact_vectored_at(&mut [buf], offset)
     }
 
     /// Fills `parts` in order from offset `offset` of the mapping with one system call (at
-    /// most [`RANDOM_MAP_PARTS_MAX`] parts). Anything short of all of it is an error, as for
-    /// [`RandomMap::read_exact_at`].
+    /// most [`RANDOM_MAP_PARTS_MAX`] parts). Anything short of all of it is an error: a short
+    /// transfer from our own mapping only happens when a page cannot be faulted in (EFAULT
+    /// on the rest), and the caller then retries with `pread` to learn why.
     pub(crate) fn read_exact_vectored_at(
         &self,
         parts: &mut [&mut [u8]],
@@ -262,7 +230,8 @@ impl RandomMap {
         };
         loop {
             // SAFETY: each local iovec is one of `parts`, borrowed mutably for the call;
-            // `remote` lies inside our own read-only mapping (see `read_exact_at`).
+            // `remote` lies inside our own read-only mapping, which the kernel reads with
+            // fault handling (errors come back as EFAULT, never SIGBUS).
             let r = unsafe {
                 libc::process_vm_readv(
                     libc::getpid(),
