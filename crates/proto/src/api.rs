@@ -35,6 +35,14 @@ pub struct DiskInfo {
     /// Whether this disk is part of the VM's replication set.
     #[serde(default)]
     pub replicated: bool,
+    /// A ready qemu `-blockdev` argument for this disk with NBD `reconnect-delay`, so that a
+    /// daemon restart (crash or upgrade) never reaches the guest as an I/O error. Attach it
+    /// with `-device virtio-blk-pci,drive=<node-name>`.
+    #[serde(default)]
+    pub qemu_blockdev: String,
+    /// The same for libvirt: a `<disk type='network'>` element with `<reconnect delay='N'/>`.
+    #[serde(default)]
+    pub libvirt_xml: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,6 +52,11 @@ pub struct VmInfo {
     pub created_at: String,
     /// "Primary", "Replica" or "None".
     pub replication_role: String,
+    /// Why the VM could not be opened at the daemon's start (image missing or resized, state
+    /// locked, I/O error); its disks are not served until that is repaired and the daemon
+    /// restarted. Every other VM keeps serving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

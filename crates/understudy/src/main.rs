@@ -84,6 +84,17 @@ pub struct ServeArgs {
     /// directory. 0 = always the file.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size_arg)]
     pub cbw_memory: u64,
+    /// Seconds the primary waits for a replica's answer to hello (docs/limits.md).
+    #[arg(long, value_name = "SECS", default_value_t = 20)]
+    pub hello_timeout: u64,
+    /// Seconds an upload may make no progress (the replica reads nothing) before the cycle
+    /// fails and the cut is given back.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub upload_idle_timeout: u64,
+    /// Seconds the primary waits for the replica's answer once a whole delta was sent (the
+    /// replica verifies and fsyncs it in that time).
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub answer_timeout: u64,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {

@@ -34,6 +34,9 @@ pub fn print_vm(vm: &VmInfo) {
         "VM {} (created {}, replication: {})",
         vm.name, vm.created_at, vm.replication_role
     );
+    if let Some(why) = &vm.broken {
+        println!("  BROKEN, not served: {why}");
+    }
     for d in &vm.disks {
         println!(
             "  disk {}  {:>10}  {}",
@@ -41,6 +44,9 @@ pub fn print_vm(vm: &VmInfo) {
             bytes(d.size_bytes),
             d.nbd_uri
         );
+        if !d.qemu_blockdev.is_empty() {
+            println!("    qemu:    -blockdev {}", d.qemu_blockdev);
+        }
     }
 }
 
@@ -56,7 +62,11 @@ pub fn print_vm_table(vms: &[VmInfo]) {
             vm.name,
             vm.disks.len(),
             bytes(total),
-            vm.replication_role
+            if vm.broken.is_some() {
+                "BROKEN"
+            } else {
+                vm.replication_role.as_str()
+            }
         );
     }
 }

@@ -64,6 +64,12 @@ impl Catalog {
     pub fn open(path: &Path) -> anyhow::Result<Catalog> {
         let db = Database::create(path)
             .with_context(|| format!("opening the state catalog {}", path.display()))?;
+        // It holds every relationship's replication id, i.e. its delta key: owner only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("restricting {}", path.display()))?;
+        }
         let tx = db.begin_write()?;
         tx.open_table(KV)?;
         tx.commit()?;

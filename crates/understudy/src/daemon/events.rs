@@ -13,6 +13,7 @@ use proto::Event;
 pub const DAEMON_STARTED: u32 = 1000;
 pub const DAEMON_STOPPED: u32 = 1001;
 pub const UNCLEAN_RECOVERED: u32 = 1002;
+pub const VM_BROKEN: u32 = 1003;
 pub const REPLICATION_ENABLED: u32 = 2000;
 pub const INITIAL_STARTED: u32 = 2001;
 pub const INITIAL_DONE: u32 = 2002;
@@ -20,6 +21,7 @@ pub const CYCLE_FAILED: u32 = 2003;
 pub const RESYNC_REQUIRED: u32 = 2004;
 pub const SUSPENDED: u32 = 2005;
 pub const RESUMED: u32 = 2006;
+pub const ANSWER_LOST_ADOPTED: u32 = 2007;
 pub const POINT_COMMITTED: u32 = 3000;
 pub const PEER_REFUSED: u32 = 3002;
 

@@ -30,21 +30,36 @@ pub fn last_alive_ns(data_dir: &Path) -> Option<u64> {
         .ok()
 }
 
-/// Rewrites the stamp every [`INTERVAL`] until the runtime stops. Atomic against a process
+/// Rewrites the stamp every [`INTERVAL`] for the life of the process. Atomic against a process
 /// crash (rename); deliberately not fsynced: losing it makes the check stricter, not weaker.
-pub fn spawn(data_dir: PathBuf) {
-    tokio::spawn(async move {
-        let file = path(&data_dir);
-        let tmp = data_dir.join("heartbeat.tmp");
-        loop {
-            let stamped = std::fs::write(&tmp, now_unix_ns().to_string())
-                .and_then(|()| std::fs::rename(&tmp, &file));
-            if let Err(e) = stamped {
-                tracing::warn!("cannot write {}: {e}", file.display());
+///
+/// It runs on its own OS thread, not on the async runtime: a runtime worker busy with
+/// blocking work (a catalog commit, a bitmap scan) must never make the stamp lag behind guest
+/// writes, or an ordinary crash would look like an edit made while the daemon was down.
+pub fn spawn(data_dir: PathBuf) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || {
+            let file = path(&data_dir);
+            let tmp = data_dir.join("heartbeat.tmp");
+            loop {
+                let stamped = std::fs::write(&tmp, now_unix_ns().to_string())
+                    .and_then(|()| std::fs::rename(&tmp, &file));
+                if let Err(e) = stamped {
+                    tracing::warn!("cannot write {}: {e}", file.display());
+                }
+                std::thread::sleep(INTERVAL);
             }
-            tokio::time::sleep(INTERVAL).await;
-        }
-    });
+        })
+        .map(|_| ())
+}
+
+/// Whether this start's clock is behind the previous daemon's last stamp: the wall clock was
+/// stepped back (RTC ahead, NTP correction) or the stamp came from another clock. Then image
+/// change times cannot be compared with the stamp, and edits made while the daemon was down
+/// cannot be ruled out.
+pub fn clock_behind(last_alive_ns: u64, now_ns: u64) -> bool {
+    now_ns < last_alive_ns
 }
 
 /// When `image` changed after the daemon was last alive (beyond the slack), the change time.
@@ -72,5 +87,12 @@ mod tests {
         assert_eq!(last_alive_ns(dir.path()), None);
         std::fs::write(dir.path().join("heartbeat"), "12345").unwrap();
         assert_eq!(last_alive_ns(dir.path()), Some(12345));
+    }
+
+    #[test]
+    fn a_clock_behind_the_last_stamp_cannot_rule_out_edits() {
+        let now = now_unix_ns();
+        assert!(clock_behind(now + 3_600_000_000_000, now));
+        assert!(!clock_behind(now - 1, now));
     }
 }

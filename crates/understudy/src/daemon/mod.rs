@@ -41,9 +41,16 @@ pub fn serve(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Images, journals, the catalog (it holds the replication keys) and identity keys are for
+    // the daemon's user (and group, to reach the sockets): files 0640 at most, directories
+    // 0750; the catalog is tightened to 0600 when opened.
+    // SAFETY: umask only changes this process's file-creation mask; no memory is involved.
+    unsafe { libc::umask(0o027) };
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
+    restrict_data_dir(&data_dir)?;
+    raise_fd_limit();
     let _lock = host::lock_data_dir(&data_dir)?;
     heap::configure();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -52,6 +59,46 @@ pub fn serve(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(run(&data_dir, args))
+}
+
+/// A data directory made by an older version (or by hand) may be open to every local user:
+/// close it to others. The catalog holds the replication keys: owner only.
+fn restrict_data_dir(data_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data_dir)?.permissions().mode();
+    if mode & 0o007 != 0 {
+        host::set_mode(data_dir, mode & 0o750)?;
+    }
+    let catalog = data_dir.join("catalog.redb");
+    if catalog.exists() {
+        host::set_mode(&catalog, 0o600)?;
+    }
+    Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit (systemd starts services at 1024
+/// soft): the NBD server, the replica store and the trackers all need descriptors, and the
+/// replica's journal-file cache is sized from what is allowed (docs/limits.md).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write to / read from a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let before = lim.rlim_cur;
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("cannot raise the open-file limit from {before}");
+                return;
+            }
+        }
+        tracing::info!("open-file limit {} (was {before})", lim.rlim_cur);
+    }
 }
 
 async fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {

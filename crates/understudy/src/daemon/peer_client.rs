@@ -3,13 +3,18 @@
 //! follow" (resync required) from "try again later".
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body, Frame, SizeHint};
 use hyper::{Method, Request, StatusCode};
+use parking_lot::Mutex;
 use proto::peer::{DeltaReply, Hello, HelloReply, PeerError};
 use transport::{BodyWriter, BoxBody, Peer};
 
@@ -28,15 +33,169 @@ impl PeerRefusal {
     }
 }
 
-pub async fn hello(peer: &Peer, hello: &Hello) -> anyhow::Result<HelloReply> {
+/// Deadlines of the primary's calls (`serve --hello-timeout/--upload-idle-timeout/
+/// --answer-timeout`; docs/limits.md). A replica whose storage hangs still answers HTTP/2
+/// pings, so keepalive alone never ends such a call: these do, the cycle fails, the cut is
+/// given back and the RPO grows; nothing else waits.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerTimeouts {
+    pub hello: Duration,
+    pub upload_idle: Duration,
+    pub answer: Duration,
+}
+
+/// Raised when a deadline of [`PeerTimeouts`] passes.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PeerTimeout(String);
+
+pub async fn hello(
+    peer: &Peer,
+    hello: &Hello,
+    timeouts: &PeerTimeouts,
+) -> anyhow::Result<HelloReply> {
     let body = serde_json::to_vec(hello)?;
-    call(
-        peer,
-        Method::POST,
-        &format!("/v1/replicas/{}/hello", hello.vm),
-        transport::full(body),
-    )
-    .await
+    let path = format!("/v1/replicas/{}/hello", hello.vm);
+    let call = call(peer, Method::POST, &path, transport::full(body));
+    tokio::time::timeout(timeouts.hello, call)
+        .await
+        .map_err(|_| {
+            PeerTimeout(format!(
+                "the replica did not answer hello within {} s",
+                timeouts.hello.as_secs()
+            ))
+        })?
+}
+
+/// Uploads delta `seq` with two deadlines: the body must make progress (bytes taken by the
+/// connection) at least every `upload_idle`, and once it has all been sent the answer must
+/// come within `answer`. When either passes, or this future is dropped, the body is cancelled:
+/// the shipper's next write fails, so its thread ends and the cut is given back.
+pub async fn put_delta_watched(
+    peer: &Peer,
+    vm: &str,
+    seq: u64,
+    body: BoxBody,
+    timeouts: &PeerTimeouts,
+) -> anyhow::Result<DeltaReply> {
+    let watched = WatchedBody::new(body);
+    let progress = watched.progress.clone();
+    let _cancel_on_drop = CancelOnDrop(progress.clone());
+    let call = put_delta(peer, vm, seq, BodyExt::boxed(watched));
+    tokio::pin!(call);
+    let mut tick = tokio::time::interval(WATCH_TICK);
+    let mut last_bytes = 0;
+    let mut last_change = Instant::now();
+    let mut ended_at: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            r = &mut call => return r,
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if progress.ended.load(Ordering::Acquire) {
+                    let since = *ended_at.get_or_insert(now);
+                    if now.duration_since(since) > timeouts.answer {
+                        progress.cancel();
+                        return Err(PeerTimeout(format!(
+                            "the replica did not answer within {} s after the whole delta {seq} was sent",
+                            timeouts.answer.as_secs()
+                        )).into());
+                    }
+                } else {
+                    let bytes = progress.bytes.load(Ordering::Relaxed);
+                    if bytes != last_bytes {
+                        last_bytes = bytes;
+                        last_change = now;
+                    } else if now.duration_since(last_change) > timeouts.upload_idle {
+                        progress.cancel();
+                        return Err(PeerTimeout(format!(
+                            "the upload of delta {seq} made no progress for {} s ({bytes} bytes sent)",
+                            timeouts.upload_idle.as_secs()
+                        )).into());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How often [`put_delta_watched`] looks at the upload's progress.
+const WATCH_TICK: Duration = Duration::from_millis(500);
+
+/// What [`WatchedBody`] shares with its watcher.
+#[derive(Default)]
+struct UploadProgress {
+    /// The body itself, taken out (and dropped) on cancel: dropping its channel's receiver is
+    /// what wakes a shipper blocked on a full channel, whether or not the connection still
+    /// polls the body.
+    slot: Mutex<Option<BoxBody>>,
+    bytes: AtomicU64,
+    ended: AtomicBool,
+}
+
+impl UploadProgress {
+    fn cancel(&self) {
+        let body = self.slot.lock().take();
+        drop(body);
+    }
+}
+
+struct CancelOnDrop(Arc<UploadProgress>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// A request body that counts the bytes the connection takes and can be cancelled from
+/// outside.
+struct WatchedBody {
+    progress: Arc<UploadProgress>,
+}
+
+impl WatchedBody {
+    fn new(body: BoxBody) -> WatchedBody {
+        let progress = Arc::new(UploadProgress::default());
+        *progress.slot.lock() = Some(body);
+        WatchedBody { progress }
+    }
+}
+
+impl Body for WatchedBody {
+    type Data = Bytes;
+    type Error = transport::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut slot = self.progress.slot.lock();
+        let Some(body) = slot.as_mut() else {
+            return Poll::Ready(Some(Err("the upload was cancelled".into())));
+        };
+        let polled = Pin::new(body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.progress
+                        .bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(None) => self.progress.ended.store(true, Ordering::Release),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.progress.ended.load(Ordering::Acquire)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
 }
 
 pub async fn put_delta(

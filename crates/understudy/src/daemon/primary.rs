@@ -6,6 +6,8 @@
 //! replica only makes the next cut bigger (aborted cuts merge back into the live bitmap).
 //! This task never touches disk files directly; it reads through the tracker's frozen view.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -112,7 +114,7 @@ impl Replication {
         self.rt.lock().record.clone()
     }
 
-    fn state_of(r: &ReplicationRecord) -> ReplicationState {
+    pub fn state_of(r: &ReplicationRecord) -> ReplicationState {
         if r.resync_reason.is_some() {
             ReplicationState::ResynchronizationRequired
         } else if r.suspended {
@@ -198,7 +200,7 @@ impl Replication {
 
     fn persist(&self, shared: &Shared) {
         let rec = self.rt.lock().record.clone();
-        if let Err(e) = shared.save_replication(&self.vm.name, &rec) {
+        if let Err(e) = off_runtime(|| shared.save_replication(&self.vm.name, &rec)) {
             tracing::error!(vm = %self.vm.name, "cannot persist replication state: {e:#}");
         }
     }
@@ -245,14 +247,77 @@ pub fn hello_of(shared: &Shared, vm: &Vm, r: &ReplicationRecord) -> Hello {
     }
 }
 
+/// A cycle in progress, polled by the task's loop next to its commands so that `suspend`,
+/// `resume` and shutdown are answered at once: they cancel it (dropping it aborts the cut and
+/// the upload; the blocks stay dirty).
+struct InFlight {
+    fut: Pin<Box<dyn Future<Output = anyhow::Result<SyncResult>> + Send>>,
+    repl: Arc<Replication>,
+    started: Instant,
+    /// `sync` calls this cycle answers.
+    waiters: Vec<oneshot::Sender<anyhow::Result<SyncResult>>>,
+}
+
+impl InFlight {
+    fn start(
+        shared: &Arc<Shared>,
+        repl: &Arc<Replication>,
+        waiters: Vec<oneshot::Sender<anyhow::Result<SyncResult>>>,
+    ) -> InFlight {
+        let (s, r) = (shared.clone(), repl.clone());
+        InFlight {
+            fut: Box::pin(async move { cycle(&s, &r).await }),
+            repl: repl.clone(),
+            started: Instant::now(),
+            waiters,
+        }
+    }
+
+    /// Cancels the cycle; its `sync` callers are told why.
+    fn cancel(self, why: &str) {
+        drop(self.fut);
+        // Where the replica stands is unknown now (the point may have committed there).
+        self.repl.rt.lock().need_hello = true;
+        for w in self.waiters {
+            let _ = w.send(Err(super::api::transient(why.to_string())));
+        }
+    }
+}
+
+/// Polls the cycle in flight, or never completes when there is none.
+async fn poll_inflight(inflight: &mut Option<InFlight>) -> anyhow::Result<SyncResult> {
+    match inflight.as_mut() {
+        Some(f) => f.fut.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn run(shared: Arc<Shared>, repl: Arc<Replication>, mut rx: mpsc::Receiver<Cmd>) {
     let mut next_at = Instant::now();
     let mut retry = RETRY_MIN;
+    let mut inflight: Option<InFlight> = None;
+    // `sync` calls that arrived while a cycle was running: a fresh cycle (a new cut, so it
+    // holds every write acknowledged before the call) answers them when that one ends.
+    let mut queued_syncs: Vec<oneshot::Sender<anyhow::Result<SyncResult>>> = Vec::new();
     loop {
         let (state, freq) = {
             let rt = repl.rt.lock();
             (Replication::state_of(&rt.record), rt.record.frequency_secs)
         };
+        let period = Duration::from_secs(u64::from(freq));
+        if inflight.is_none() && !queued_syncs.is_empty() {
+            let waiters = std::mem::take(&mut queued_syncs);
+            if state == ReplicationState::Replicating {
+                inflight = Some(InFlight::start(&shared, &repl, waiters));
+            } else {
+                for w in waiters {
+                    let _ = w.send(Err(super::api::transient(format!(
+                        "{} cannot sync now: replication is {state:?}",
+                        repl.vm.name
+                    ))));
+                }
+            }
+        }
         let periodic = matches!(
             state,
             ReplicationState::Replicating | ReplicationState::InitialReplicationInProgress
@@ -260,24 +325,43 @@ async fn run(shared: Arc<Shared>, repl: Arc<Replication>, mut rx: mpsc::Receiver
         let sleep = tokio::time::sleep_until(next_at.into());
         tokio::select! {
             cmd = rx.recv() => {
-                let Some(cmd) = cmd else { return };
+                let Some(cmd) = cmd else {
+                    if let Some(f) = inflight.take() { f.cancel("the daemon is stopping"); }
+                    return;
+                };
                 match cmd {
-                    Cmd::Shutdown(done) => { let _ = done.send(()); return; }
+                    Cmd::Shutdown(done) => {
+                        if let Some(f) = inflight.take() { f.cancel("the daemon is stopping"); }
+                        for w in queued_syncs.drain(..) {
+                            let _ = w.send(Err(super::api::transient("the daemon is stopping")));
+                        }
+                        let _ = done.send(());
+                        return;
+                    }
                     Cmd::Start(reply) => {
-                        let r = start_initial(&shared, &repl);
+                        let r = off_runtime(|| start_initial(&shared, &repl));
                         next_at = Instant::now();
                         let _ = reply.send(r);
                     }
                     Cmd::Sync(reply) => {
-                        let r = match state {
-                            ReplicationState::Replicating => cycle(&shared, &repl).await,
-                            other => Err(super::api::transient(format!(
-                                "{} cannot sync now: replication is {other:?}", repl.vm.name))),
-                        };
-                        next_at = Instant::now() + Duration::from_secs(u64::from(freq));
-                        let _ = reply.send(r);
+                        if inflight.is_some() {
+                            if queued_syncs.len() < CMD_QUEUE {
+                                queued_syncs.push(reply);
+                            } else {
+                                let _ = reply.send(Err(super::api::transient(format!(
+                                    "replication of {} is busy; retry", repl.vm.name))));
+                            }
+                        } else if state == ReplicationState::Replicating {
+                            inflight = Some(InFlight::start(&shared, &repl, vec![reply]));
+                        } else {
+                            let _ = reply.send(Err(super::api::transient(format!(
+                                "{} cannot sync now: replication is {state:?}", repl.vm.name))));
+                        }
                     }
                     Cmd::Suspend(reply) => {
+                        if let Some(f) = inflight.take() {
+                            f.cancel("the cycle was cancelled: replication was suspended");
+                        }
                         repl.rt.lock().record.suspended = true;
                         repl.persist(&shared);
                         // No cut until resume: give back the copy-before-write memory pool.
@@ -288,31 +372,64 @@ async fn run(shared: Arc<Shared>, repl: Arc<Replication>, mut rx: mpsc::Receiver
                         let _ = reply.send(Ok(()));
                     }
                     Cmd::Resume { resync, reply } => {
-                        let r = resume(&shared, &repl, resync);
+                        if resync {
+                            // A resynchronization changes what the next delta is: start over.
+                            if let Some(f) = inflight.take() {
+                                f.cancel("the cycle was cancelled: a resynchronization started");
+                            }
+                        }
+                        let r = off_runtime(|| resume(&shared, &repl, resync));
                         next_at = Instant::now();
                         let _ = reply.send(r);
                     }
                 }
             }
-            _ = sleep, if periodic => {
+            r = poll_inflight(&mut inflight) => {
+                let done = inflight.take().expect("poll_inflight completes only with a cycle in flight");
                 // The next cut is due one period after this one *started*, so a cycle that
                 // takes long does not push the schedule back: lag stays ≤ frequency + one
                 // cycle (a late cycle starts at once).
-                let started = Instant::now();
-                match cycle(&shared, &repl).await {
+                match &r {
                     Ok(_) => {
                         retry = RETRY_MIN;
-                        next_at = started + Duration::from_secs(u64::from(freq));
+                        next_at = done.started + period;
                     }
                     Err(e) => {
                         tracing::warn!(vm = %repl.vm.name, "replication cycle failed: {e:#}");
-                        let cap = RETRY_MAX.min(Duration::from_secs(u64::from(freq)));
+                        let cap = RETRY_MAX.min(period);
                         next_at = Instant::now() + jitter(retry.min(cap));
                         retry = (retry * 2).min(RETRY_MAX);
                     }
                 }
+                // Every caller gets the outcome; the first keeps the error's type (transient,
+                // refusal) for the API's status code.
+                let mut waiters = done.waiters.into_iter();
+                let first = waiters.next();
+                for w in waiters {
+                    let _ = w.send(match &r {
+                        Ok(v) => Ok(v.clone()),
+                        Err(e) => Err(anyhow!("{}", crate::errfmt::one_line(e))),
+                    });
+                }
+                if let Some(first) = first {
+                    let _ = first.send(r);
+                }
+            }
+            _ = sleep, if periodic && inflight.is_none() => {
+                inflight = Some(InFlight::start(&shared, &repl, Vec::new()));
             }
         }
+    }
+}
+
+/// Runs blocking work (catalog commits, bitmap scans) from the replication task without
+/// stalling the runtime's other tasks: the worker hands its queue to another thread first.
+fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 
@@ -416,7 +533,8 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
 
     if repl.rt.lock().need_hello {
         let hello = hello_of(shared, &repl.vm, &record);
-        let reply: HelloReply = super::peer_client::hello(&peer, &hello).await?;
+        let reply: HelloReply =
+            super::peer_client::hello(&peer, &hello, &shared.peer_timeouts).await?;
         let full = record.pending_full;
         match session::reconcile(
             record.last_seq,
@@ -523,7 +641,9 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
             let _ = enc_tx.send((cut, r));
         })
         .context("starting the shipper thread")?;
-    let put = super::peer_client::put_delta(&peer, &vm_name, seq, body).await;
+    let put =
+        super::peer_client::put_delta_watched(&peer, &vm_name, seq, body, &shared.peer_timeouts)
+            .await;
     let (cut, encoded) = enc_rx.await.context("the shipper thread stopped")?;
 
     let outcome: anyhow::Result<(DeltaReply, super::shipper::ShipSummary)> = match (put, encoded) {
@@ -590,11 +710,25 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
             repl.progress_total.store(0, Ordering::Relaxed);
             if let Some(refusal) = e.downcast_ref::<PeerRefusal>() {
                 if refusal.needs_resync() {
-                    let reason = match refusal.0.expected_seq {
-                        Some(expected) => session::out_of_sequence_reason(seq, expected),
-                        None => refusal.0.error.clone(),
+                    let inflight = repl.rt.lock().record.inflight_seq;
+                    let judged = match refusal.0.expected_seq {
+                        Some(expected) => session::judge_out_of_sequence(seq, inflight, expected),
+                        None => session::OutOfSequence::Diverged(refusal.0.error.clone()),
                     };
-                    repl.require_resync(shared, reason);
+                    match judged {
+                        session::OutOfSequence::AlreadyDelivered => {
+                            // The next hello adopts it (the cycle's failure sets need_hello).
+                            shared.events.emit(
+                                events::ANSWER_LOST_ADOPTED,
+                                Some(&vm_name),
+                                "info",
+                                &format!("the replica already holds point {seq} (its answer was lost); adopting it, the next cycle ships what followed"),
+                            );
+                        }
+                        session::OutOfSequence::Diverged(reason) => {
+                            repl.require_resync(shared, reason)
+                        }
+                    }
                 }
             }
             shared.events.emit(

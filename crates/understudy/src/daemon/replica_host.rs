@@ -3,14 +3,18 @@
 //! recovery point only when the store has made it durable (promise 2); anything malformed,
 //! foreign or out of sequence is refused with a named reason and changes nothing.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
+use parking_lot::Mutex;
 use proto::peer::{DeltaReply, Hello, HelloReply, PeerError};
 use replica::{ReplicaError, ReplicaVm};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use transport::{BoxBody, PeerInfo};
 
 use super::events;
@@ -22,8 +26,6 @@ const HELLO_MAX_BYTES: usize = 64 << 10;
 /// Recovery points kept per replica VM; older deltas are folded into the base images. (The
 /// recovery-history policy — hourly points, any-point window — will replace this bound.)
 pub const RETAIN_POINTS: usize = 64;
-/// Body chunks buffered between the network task and the writer thread of one upload.
-const UPLOAD_QUEUE_CHUNKS: usize = 16;
 
 struct Refusal {
     status: StatusCode,
@@ -140,7 +142,7 @@ async fn route(
             })
             .await
             .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-            .map_err(|e| refuse(StatusCode::CONFLICT, "conflict", e.to_string()))?;
+            .map_err(hello_refusal)?;
             shared.note_replica_primary(vm, &hello.primary_host);
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
@@ -157,7 +159,7 @@ async fn route(
                     "sequence must be a number",
                 )
             })?;
-            let point = receive(rvm.clone(), seq, req.into_body()).await?;
+            let point = receive(rvm.clone(), seq, req.into_body(), &shared.uploads, &name).await?;
             // Retention runs after the answer so it never adds to replication latency.
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = rvm.retain(RETAIN_POINTS) {
@@ -200,8 +202,64 @@ fn hello_reply(rvm: &ReplicaVm) -> HelloReply {
     }
 }
 
-/// Streams an upload into the store on a blocking thread and commits it.
-async fn receive(rvm: Arc<ReplicaVm>, seq: u64, mut body: Incoming) -> Result<DeltaReply, Refusal> {
+/// Uploads of one VM in progress at once: its points are sequential, so a second one can only
+/// be a retry racing the first (it gets a transient `busy` and comes back).
+const UPLOADS_PER_VM_MAX: usize = 1;
+/// Uploads in progress at once from one peer (by certificate name): bounds what one primary
+/// can take of this host's blocking threads and memory, however many VMs it replicates here.
+const UPLOADS_PER_PEER_MAX: usize = 8;
+/// An upload that brings no byte for this long is dropped (nothing is committed).
+pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Received bytes handed to the store per blocking call. The network task goes on reading
+/// the next batch while the store decodes and verifies this one; no blocking thread waits
+/// for the network.
+const WRITE_BATCH_BYTES: usize = 4 << 20;
+
+/// Admission of uploads: at most [`UPLOADS_PER_VM_MAX`] per VM and [`UPLOADS_PER_PEER_MAX`]
+/// per peer.
+#[derive(Default)]
+pub struct UploadLimits {
+    per_vm: Mutex<HashMap<String, Arc<Semaphore>>>,
+    per_peer: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl UploadLimits {
+    fn admit(
+        &self,
+        vm: &str,
+        peer: &str,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), Refusal> {
+        let sem = |map: &Mutex<HashMap<String, Arc<Semaphore>>>, key: &str, n: usize| {
+            map.lock()
+                .entry(key.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(n)))
+                .clone()
+        };
+        let busy = |what: String| refuse(StatusCode::SERVICE_UNAVAILABLE, "busy", what);
+        let vm_permit = sem(&self.per_vm, vm, UPLOADS_PER_VM_MAX)
+            .try_acquire_owned()
+            .map_err(|_| busy(format!("an upload for {vm} is already in progress; retry")))?;
+        let peer_permit = sem(&self.per_peer, peer, UPLOADS_PER_PEER_MAX)
+            .try_acquire_owned()
+            .map_err(|_| {
+                busy(format!(
+                    "{peer} already has {UPLOADS_PER_PEER_MAX} uploads in progress; retry"
+                ))
+            })?;
+        Ok((vm_permit, peer_permit))
+    }
+}
+
+/// Streams an upload into the store and commits it. The network is read on the runtime; the
+/// store's work (decode, verify, write) runs in blocking calls of at most
+/// [`WRITE_BATCH_BYTES`], one at a time, overlapping the next batch's arrival.
+async fn receive(
+    rvm: Arc<ReplicaVm>,
+    seq: u64,
+    mut body: Incoming,
+    limits: &UploadLimits,
+    peer: &str,
+) -> Result<DeltaReply, Refusal> {
     let expected = rvm.latest_seq() + 1;
     if seq != expected {
         let mut r = refuse(
@@ -212,61 +270,137 @@ async fn receive(rvm: Arc<ReplicaVm>, seq: u64, mut body: Incoming) -> Result<De
         r.err.expected_seq = Some(expected);
         return Err(r);
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(UPLOAD_QUEUE_CHUNKS);
-    let writer = tokio::task::spawn_blocking(move || -> Result<DeltaReply, ReplicaError> {
-        use std::io::Write;
-        let mut incoming = rvm.begin_receive()?;
-        while let Some(chunk) = rx.blocking_recv() {
-            if incoming.write_all(&chunk).is_err() {
-                // The store keeps the named reason; commit reports it and discards the upload.
+    let _permits = limits.admit(rvm.vm_id(), peer)?;
+    let internal = |e: tokio::task::JoinError| {
+        refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    };
+    let rvm2 = rvm.clone();
+    let incoming = tokio::task::spawn_blocking(move || rvm2.begin_receive())
+        .await
+        .map_err(internal)?
+        .map_err(replica_refusal)?;
+    type Write = tokio::task::JoinHandle<(replica::Incoming, bool)>;
+    let write = |mut incoming: replica::Incoming, batch: Vec<Bytes>| -> Write {
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            // On failure the store keeps the named reason; commit reports it.
+            let ok = batch.iter().all(|c| incoming.write_all(c).is_ok());
+            (incoming, ok)
+        })
+    };
+    let mut idle: Option<replica::Incoming> = Some(incoming);
+    let mut writing: Option<Write> = None;
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch_bytes = 0;
+    let mut failure: Option<Refusal> = None;
+    let mut store_failed = false;
+    loop {
+        let frame = match tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, body.frame()).await {
+            Err(_) => {
+                failure = Some(refuse(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "upload_interrupted",
+                    format!(
+                        "upload stalled: no byte for {} s",
+                        UPLOAD_IDLE_TIMEOUT.as_secs()
+                    ),
+                ));
                 break;
             }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                failure = Some(refuse(
+                    StatusCode::BAD_REQUEST,
+                    "upload_interrupted",
+                    format!("upload interrupted: {e}"),
+                ));
+                break;
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        batch_bytes += data.len();
+        batch.push(data);
+        if batch_bytes >= WRITE_BATCH_BYTES {
+            let (inc, ok) = settle(idle.take(), writing.take()).await?;
+            if !ok {
+                idle = Some(inc);
+                store_failed = true;
+                break;
+            }
+            writing = Some(write(inc, std::mem::take(&mut batch)));
+            batch_bytes = 0;
         }
-        let point = rvm.commit(incoming);
+    }
+    let (mut incoming, ok) = settle(idle.take(), writing.take()).await?;
+    store_failed |= !ok;
+    if let Some(f) = failure {
+        // Dropping the incoming upload without commit discards it.
+        tokio::task::spawn_blocking(move || drop(incoming))
+            .await
+            .map_err(internal)?;
+        return Err(f);
+    }
+    let rvm2 = rvm.clone();
+    let committed = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        if !store_failed {
+            for c in &batch {
+                if incoming.write_all(c).is_err() {
+                    break;
+                }
+            }
+        }
+        let point = rvm2.commit(incoming);
         // The upload's buffers are free now: give them back (see `heap`).
         super::heap::give_back();
-        let point = point?;
-        Ok(DeltaReply {
+        point
+    })
+    .await
+    .map_err(internal)?;
+    match committed {
+        Ok(point) => Ok(DeltaReply {
             seq: point.seq,
             cut_time_unix_ns: point.cut_time_unix_ns,
             stored_bytes: point.stored_bytes,
-        })
-    });
-    let mut network_error = None;
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(f) => {
-                if let Ok(data) = f.into_data() {
-                    if tx.send(data).await.is_err() {
-                        break; // the writer stopped: its error says why
-                    }
-                }
-            }
-            Err(e) => {
-                network_error = Some(e.to_string());
-                break;
-            }
-        }
+        }),
+        Err(e) => Err(replica_refusal(e)),
     }
-    if let Some(e) = network_error {
-        drop(tx);
-        // Dropping the incoming upload without commit discards it.
-        let _ = writer.await;
-        return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "upload_interrupted",
-            format!("upload interrupted: {e}"),
-        ));
-    }
-    drop(tx);
-    match writer.await {
-        Ok(Ok(reply)) => Ok(reply),
-        Ok(Err(e)) => Err(replica_refusal(e)),
-        Err(e) => Err(refuse(
+}
+
+/// The upload back from whichever side holds it: idle, or the blocking write in progress
+/// (awaited), with whether that write succeeded.
+async fn settle(
+    idle: Option<replica::Incoming>,
+    writing: Option<tokio::task::JoinHandle<(replica::Incoming, bool)>>,
+) -> Result<(replica::Incoming, bool), Refusal> {
+    match (idle, writing) {
+        (Some(inc), _) => Ok((inc, true)),
+        (None, Some(w)) => w
+            .await
+            .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())),
+        (None, None) => Err(refuse(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            e.to_string(),
+            "the upload was lost between writes",
         )),
+    }
+}
+
+/// A refused hello: a conflict only when the VM exists with another identity; the store's
+/// own failures (EMFILE, ENOSPC, EIO) are transient and never a 409.
+fn hello_refusal(e: ReplicaError) -> Refusal {
+    let msg = e.to_string();
+    match e {
+        ReplicaError::AlreadyExists { .. } | ReplicaError::GenerationRegression { .. } => {
+            refuse(StatusCode::CONFLICT, "conflict", msg)
+        }
+        ReplicaError::InvalidVmId(_) | ReplicaError::InvalidDisks(_) => {
+            refuse(StatusCode::BAD_REQUEST, "bad_request", msg)
+        }
+        _ => refuse(StatusCode::SERVICE_UNAVAILABLE, "store_error", msg),
     }
 }
 
@@ -338,6 +472,22 @@ mod tests {
             source: std::io::Error::other("disk full"),
         };
         assert_eq!(replica_refusal(io).err.code, "store_error");
+    }
+
+    #[test]
+    fn store_failure_at_hello_is_transient_not_a_conflict() {
+        let io = ReplicaError::Io {
+            op: "open",
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(libc::EMFILE),
+        };
+        let r = super::hello_refusal(io);
+        assert_eq!(
+            (r.status, r.err.code.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "store_error")
+        );
+        let r = super::hello_refusal(ReplicaError::AlreadyExists { vm_id: "w".into() });
+        assert_eq!(r.status, StatusCode::CONFLICT);
     }
 
     #[test]

@@ -49,6 +49,28 @@ pub fn reconcile(
     ))
 }
 
+/// What an `out_of_sequence` refusal of delta `sent` means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutOfSequence {
+    /// The replica already holds `sent`: an earlier attempt at the same sequence number
+    /// committed there but its answer was lost (connection dropped while the replica was still
+    /// committing). Nothing diverged; the next hello adopts it (`AdoptInflight`), exactly as
+    /// docs/formats/replica-store.md promises ("already delivered").
+    AlreadyDelivered,
+    /// The replica cannot follow; the reason is shown to the user.
+    Diverged(String),
+}
+
+/// Judges a refusal of delta `sent` (this primary's in-flight point is `inflight`) by a
+/// replica that expects `expected` next.
+pub fn judge_out_of_sequence(sent: u64, inflight: Option<u64>, expected: u64) -> OutOfSequence {
+    if inflight == Some(sent) && expected == sent + 1 {
+        OutOfSequence::AlreadyDelivered
+    } else {
+        OutOfSequence::Diverged(out_of_sequence_reason(sent, expected))
+    }
+}
+
 /// Why the replica refused delta `sent` because it expects `expected` instead.
 pub fn out_of_sequence_reason(sent: u64, expected: u64) -> String {
     if expected < sent {
@@ -169,6 +191,29 @@ mod tests {
     fn out_of_sequence_reasons_name_the_cause() {
         assert!(out_of_sequence_reason(6, 3).contains("older copy"));
         assert!(out_of_sequence_reason(6, 9).contains("never sent"));
+    }
+
+    #[test]
+    fn lost_answer_is_adopted_not_a_divergence() {
+        // Point 7 committed on the replica, its answer was lost, the retry (7 again) is refused
+        // because the replica expects 8: already delivered.
+        assert_eq!(
+            judge_out_of_sequence(7, Some(7), 8),
+            OutOfSequence::AlreadyDelivered
+        );
+        // Expects something else, or 7 was never in flight here: a real divergence.
+        assert!(matches!(
+            judge_out_of_sequence(7, Some(7), 9),
+            OutOfSequence::Diverged(r) if r.contains("never sent")
+        ));
+        assert!(matches!(
+            judge_out_of_sequence(7, Some(7), 5),
+            OutOfSequence::Diverged(r) if r.contains("older copy")
+        ));
+        assert!(matches!(
+            judge_out_of_sequence(7, None, 8),
+            OutOfSequence::Diverged(_)
+        ));
     }
 
     fn input(state: ReplicationState, lag_s: u64, failures: u64) -> HealthInput<'static> {

@@ -14,6 +14,29 @@ use super::catalog::{DiskRecord, VmRecord};
 pub const VM_NAME_MAX: usize = 64;
 /// Most disks per VM; each is one export and one tracker.
 pub const DISKS_PER_VM_MAX: usize = 16;
+/// Largest disk: 64 TiB. The tracker keeps four 4 KiB-granular bitmaps per disk in memory
+/// (2 MiB per TiB each), so this bounds them at 512 MiB per disk; beyond it an allocation
+/// failure would abort the daemon instead of refusing the request.
+pub const DISK_SIZE_MAX: u64 = 64 << 40;
+
+/// Checks the disk sizes of a new VM (the CLI checks too; the API never trusts it).
+pub fn validate_sizes(sizes: &[u64]) -> anyhow::Result<()> {
+    if sizes.is_empty() || sizes.len() > DISKS_PER_VM_MAX {
+        bail!(
+            "a VM has 1 to {DISKS_PER_VM_MAX} disks, got {}",
+            sizes.len()
+        );
+    }
+    for (i, &size) in sizes.iter().enumerate() {
+        if size == 0 || size % 4096 != 0 || size > DISK_SIZE_MAX {
+            bail!(
+                "disk {i}: size {size} must be a non-zero multiple of 4 KiB, at most {} TiB",
+                DISK_SIZE_MAX >> 40
+            );
+        }
+    }
+    Ok(())
+}
 
 /// A VM and its opened disks.
 pub struct Vm {
@@ -28,6 +51,29 @@ pub struct Vm {
 /// split off at the last '-'.
 pub fn export_name(vm: &str, index: u32) -> String {
     format!("{vm}-{index}")
+}
+
+/// A qemu `-blockdev` argument that attaches export `export` of the daemon's NBD socket and
+/// rides through a daemon restart: requests wait up to `reconnect_delay_secs` for the daemon
+/// to come back instead of failing. The node name is the export name.
+pub fn qemu_blockdev(export: &str, socket: &str, reconnect_delay_secs: u32) -> String {
+    format!(
+        "driver=nbd,server.type=unix,server.path={socket},export={export},node-name={export},reconnect-delay={reconnect_delay_secs}"
+    )
+}
+
+/// The libvirt `<disk type='network'>` element for the same attachment (`vd` + letter of the
+/// disk index as the guest device).
+pub fn libvirt_disk_xml(
+    export: &str,
+    socket: &str,
+    index: u32,
+    reconnect_delay_secs: u32,
+) -> String {
+    let dev = format!("vd{}", (b'a' + (index % 26) as u8) as char);
+    format!(
+        "<disk type='network' device='disk'><driver name='qemu' type='raw' cache='none'/><source protocol='nbd' name='{export}'><host transport='unix' socket='{socket}'/><reconnect delay='{reconnect_delay_secs}'/></source><target dev='{dev}' bus='virtio'/></disk>"
+    )
 }
 
 pub fn validate_vm_name(name: &str) -> anyhow::Result<()> {
@@ -110,10 +156,11 @@ pub fn import_disks(
     let mut sizes = Vec::new();
     for (i, image) in images.iter().enumerate() {
         let size = super::qemu_img::virtual_size(image)?;
-        if size == 0 || size % 4096 != 0 {
+        if size == 0 || size % 4096 != 0 || size > DISK_SIZE_MAX {
             bail!(
-                "{}: virtual size {size} is not a non-zero multiple of 4 KiB",
-                image.display()
+                "{}: virtual size {size} is not a non-zero multiple of 4 KiB of at most {} TiB",
+                image.display(),
+                DISK_SIZE_MAX >> 40
             );
         }
         let rec = disk_record(&dir, i as u32, size);

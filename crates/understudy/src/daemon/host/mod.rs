@@ -36,6 +36,18 @@ struct VmEntry {
     repl: Option<Arc<Replication>>,
 }
 
+/// A VM that could not be opened at start: reported with the reason, never served, and never
+/// in the way of the others.
+struct BrokenVm {
+    record: VmRecord,
+    reason: String,
+}
+
+/// NBD `reconnect-delay` (seconds) in the qemu and libvirt attachments `vm show` prints: how
+/// long a guest's requests wait for the daemon to come back after a crash or an upgrade before
+/// they fail. The daemon serves the NBD socket first thing at start, well within it.
+pub const NBD_RECONNECT_DELAY_SECS: u32 = 30;
+
 struct ReplicaHost {
     cfg: ReplicaServerConfig,
     store: Arc<ReplicaStore>,
@@ -48,12 +60,17 @@ pub struct Shared {
     pub nbd_socket: PathBuf,
     /// How VM disks are opened (`serve --cbw-memory`).
     pub disk_options: tracker::DiskOptions,
+    /// Admission of replica uploads (per VM, per peer).
+    pub uploads: super::replica_host::UploadLimits,
+    /// Deadlines of calls to replicas (`serve --hello-timeout ...`).
+    pub peer_timeouts: super::peer_client::PeerTimeouts,
     pub tls: transport::TlsContext,
     pub events: Events,
     catalog: Catalog,
     exports: Arc<nbd::StaticRegistry>,
     nbd: Mutex<Option<nbd::NbdServer>>,
     vms: Mutex<BTreeMap<String, VmEntry>>,
+    broken: Mutex<BTreeMap<String, BrokenVm>>,
     replica: Mutex<Option<ReplicaHost>>,
     peers: Mutex<HashMap<String, transport::Peer>>,
     /// When the previous daemon was last alive (its heartbeat), read before this one stamps.
@@ -119,38 +136,49 @@ impl Shared {
             disk_options: tracker::DiskOptions {
                 cbw_memory_bytes_max: args.cbw_memory,
             },
+            uploads: Default::default(),
+            peer_timeouts: super::peer_client::PeerTimeouts {
+                hello: Duration::from_secs(args.hello_timeout.max(1)),
+                upload_idle: Duration::from_secs(args.upload_idle_timeout.max(1)),
+                answer: Duration::from_secs(args.answer_timeout.max(1)),
+            },
             tls,
             events,
             catalog,
             exports: exports.clone(),
             nbd: Mutex::new(None),
             vms: Mutex::new(BTreeMap::new()),
+            broken: Mutex::new(BTreeMap::new()),
             replica: Mutex::new(None),
             peers: Mutex::new(HashMap::new()),
             replica_primaries: Mutex::new(HashMap::new()),
             last_alive_ns: heartbeat::last_alive_ns(data_dir),
         });
 
-        // Open VMs (trackers report how they were left) before serving any export.
+        // The NBD socket comes first, before anything slow: a guest whose connection broke
+        // when the previous daemon stopped (qemu `reconnect-delay`) gets through as soon as its
+        // VM's export is added below.
+        let server = nbd::NbdServer::serve_unix(&nbd_socket, exports, nbd::ServerConfig::default())
+            .with_context(|| format!("serving NBD on {}", nbd_socket.display()))?;
+        // Owner and group only: anyone who can open the socket can read and write the disks.
+        set_mode(&nbd_socket, 0o660)?;
+        *shared.nbd.lock() = Some(server);
+        heartbeat::spawn(data_dir.to_path_buf()).context("starting the heartbeat thread")?;
+
+        // Open VMs one by one (trackers report how they were left); one that cannot be opened
+        // is reported broken with the reason, and every other VM is served.
         let records: Vec<(String, VmRecord)> = shared.catalog.scan("vm/")?;
         for (_, record) in records {
-            let s = shared.clone();
             let rec2 = record.clone();
             let options = shared.disk_options.clone();
-            let vm = tokio::task::spawn_blocking(move || vms::open_vm(&rec2, &options)).await??;
-            let vm = Arc::new(vm);
-            s.add_exports(&vm);
-            let repl = match record.replication.clone() {
-                Some(mut r) => {
-                    s.judge_open_states(&vm, &mut r);
-                    s.save_replication(&vm.name, &r)?;
-                    Some(Replication::spawn(s.clone(), vm.clone(), r))
-                }
-                None => None,
-            };
-            s.vms
-                .lock()
-                .insert(record.name.clone(), VmEntry { record, vm, repl });
+            let opened = tokio::task::spawn_blocking(move || vms::open_vm(&rec2, &options))
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r);
+            match opened {
+                Ok(vm) => shared.install_opened(record, vm),
+                Err(e) => shared.mark_broken(record, &e),
+            }
         }
         if let Some(cfg) = shared.catalog.get::<ReplicaServerConfig>(REPLICA_CFG_KEY)? {
             if cfg.enabled {
@@ -158,13 +186,40 @@ impl Shared {
                 tokio::task::spawn_blocking(move || s.open_replica_store(cfg)).await??;
             }
         }
-        let server = nbd::NbdServer::serve_unix(&nbd_socket, exports, nbd::ServerConfig::default())
-            .with_context(|| format!("serving NBD on {}", nbd_socket.display()))?;
-        // Owner and group only: anyone who can open the socket can read and write the disks.
-        set_mode(&nbd_socket, 0o660)?;
-        *shared.nbd.lock() = Some(server);
-        heartbeat::spawn(data_dir.to_path_buf());
         Ok(shared)
+    }
+
+    /// Serves a VM opened at start and resumes its replication.
+    fn install_opened(self: &Arc<Self>, record: VmRecord, vm: Vm) {
+        let vm = Arc::new(vm);
+        self.add_exports(&vm);
+        let repl = match record.replication.clone() {
+            Some(mut r) => {
+                self.judge_open_states(&vm, &mut r);
+                if let Err(e) = self.save_replication(&vm.name, &r) {
+                    tracing::error!(vm = %vm.name, "cannot persist replication state: {e:#}");
+                }
+                Some(Replication::spawn(self.clone(), vm.clone(), r))
+            }
+            None => None,
+        };
+        self.vms
+            .lock()
+            .insert(record.name.clone(), VmEntry { record, vm, repl });
+    }
+
+    fn mark_broken(&self, record: VmRecord, e: &anyhow::Error) {
+        let reason = crate::errfmt::one_line(e);
+        tracing::error!(vm = %record.name, "cannot open: {reason}");
+        self.events.emit(
+            events::VM_BROKEN,
+            Some(&record.name),
+            "error",
+            &format!("VM cannot be opened and is not served: {reason}"),
+        );
+        self.broken
+            .lock()
+            .insert(record.name.clone(), BrokenVm { record, reason });
     }
 
     /// Promise 3 at startup: decide from what the trackers found whether the replica can
@@ -173,6 +228,8 @@ impl Shared {
         if r.resync_reason.is_some() {
             return;
         }
+        // Disks of an interrupted initial replication whose tracking cannot say what changed.
+        let mut untracked: Vec<u32> = Vec::new();
         for (i, state) in vm.open_states.iter().enumerate() {
             if !r.disks.contains(&(i as u32)) {
                 continue;
@@ -207,7 +264,12 @@ impl Shared {
             };
             if let Some(reason) = reason {
                 if r.initial_started && !r.initial_done {
-                    // Initial replication ships everything again anyway.
+                    // The replica may hold point 1 already (committed, answer lost), and
+                    // reconcile then adopts it: re-sending only what is allocated now would
+                    // leave whatever became a hole since on the replica (silent divergence).
+                    // Every block goes again, holes as ZERO frames.
+                    tracing::warn!(vm = %vm.name, "interrupted initial replication: {reason}; disk {i} is sent whole");
+                    untracked.push(i as u32);
                     continue;
                 }
                 if r.initial_done {
@@ -227,8 +289,11 @@ impl Shared {
             // reconcile adopts it and the rest goes as an ordinary delta).
             for &i in &r.disks {
                 if let Some(d) = vm.disks.get(i as usize) {
-                    if let Err(e) = d.mark_allocated_dirty() {
-                        tracing::error!(vm = %vm.name, "rescanning disk {i}: {e}");
+                    if untracked.contains(&i) {
+                        d.mark_all_dirty();
+                    } else if let Err(e) = d.mark_allocated_dirty() {
+                        tracing::error!(vm = %vm.name, "rescanning disk {i}: {e}; sending it whole");
+                        d.mark_all_dirty();
                     }
                 }
             }
@@ -244,6 +309,14 @@ impl Shared {
                 "disk {disk} was not shut down cleanly and this host has no record of when its daemon stopped, so edits made while it was down cannot be ruled out"
             ));
         };
+        let now = now_unix_ns();
+        if heartbeat::clock_behind(alive, now) {
+            return Some(format!(
+                "disk {disk} was not shut down cleanly and this host's clock ({}) is behind the daemon's last heartbeat ({}): the clock was stepped back, so edits made while the daemon was down cannot be ruled out",
+                rfc3339_from_unix_ns(now),
+                rfc3339_from_unix_ns(alive)
+            ));
+        }
         match heartbeat::changed_after(&image, alive) {
             Ok(None) => None,
             Ok(Some(ctime)) => Some(format!(
@@ -300,6 +373,7 @@ impl Shared {
 
     pub fn create_vm(&self, name: &str, sizes: &[u64]) -> anyhow::Result<VmInfo> {
         vms::validate_vm_name(name).map_err(|e| bad_request(e.to_string()))?;
+        vms::validate_sizes(sizes).map_err(|e| bad_request(e.to_string()))?;
         self.ensure_new(name)?;
         let made = vms::create_disks(
             &self.data_dir,
@@ -333,7 +407,10 @@ impl Shared {
     }
 
     fn ensure_new(&self, name: &str) -> anyhow::Result<()> {
-        if self.vms.lock().contains_key(name) || vms::vm_dir(&self.data_dir, name).exists() {
+        if self.vms.lock().contains_key(name)
+            || self.broken.lock().contains_key(name)
+            || vms::vm_dir(&self.data_dir, name).exists()
+        {
             return Err(conflict(format!("VM {name} already exists")));
         }
         Ok(())
@@ -370,33 +447,42 @@ impl Shared {
     }
 
     pub fn vm_infos(&self) -> Vec<VmInfo> {
-        let names: Vec<String> = self.vms.lock().keys().cloned().collect();
+        let mut names: Vec<String> = self.vms.lock().keys().cloned().collect();
+        names.extend(self.broken.lock().keys().cloned());
+        names.sort();
         names.iter().filter_map(|n| self.vm_info(n).ok()).collect()
     }
 
     pub fn vm_info(&self, name: &str) -> anyhow::Result<VmInfo> {
-        let vms = self.vms.lock();
-        let e = vms
-            .get(name)
-            .ok_or_else(|| not_found(format!("no VM named {name} on this host")))?;
-        let repl_disks = e
-            .record
+        let (record, broken) = {
+            let vms = self.vms.lock();
+            match vms.get(name) {
+                Some(e) => (e.record.clone(), None),
+                None => {
+                    let broken = self.broken.lock();
+                    let b = broken
+                        .get(name)
+                        .ok_or_else(|| not_found(format!("no VM named {name} on this host")))?;
+                    (b.record.clone(), Some(b.reason.clone()))
+                }
+            }
+        };
+        let repl_disks = record
             .replication
             .as_ref()
             .map(|r| r.disks.clone())
             .unwrap_or_default();
         let socket = self.nbd_socket.display().to_string();
         Ok(VmInfo {
-            name: e.record.name.clone(),
-            created_at: rfc3339_from_unix_ns(e.record.created_unix_ns),
-            replication_role: if e.record.replication.is_some() {
+            name: record.name.clone(),
+            created_at: rfc3339_from_unix_ns(record.created_unix_ns),
+            replication_role: if record.replication.is_some() {
                 "Primary"
             } else {
                 "None"
             }
             .into(),
-            disks: e
-                .record
+            disks: record
                 .disks
                 .iter()
                 .map(|d| {
@@ -405,12 +491,51 @@ impl Shared {
                         index: d.index,
                         size_bytes: d.size_bytes,
                         nbd_uri: format!("nbd+unix:///{export}?socket={socket}"),
+                        qemu_blockdev: vms::qemu_blockdev(
+                            &export,
+                            &socket,
+                            NBD_RECONNECT_DELAY_SECS,
+                        ),
+                        libvirt_xml: vms::libvirt_disk_xml(
+                            &export,
+                            &socket,
+                            d.index,
+                            NBD_RECONNECT_DELAY_SECS,
+                        ),
                         export_name: export,
                         path: d.file.clone(),
                         replicated: repl_disks.contains(&d.index),
                     }
                 })
                 .collect(),
+            broken,
+        })
+    }
+
+    /// Replication status of a VM that could not be opened: its recorded state, Critical.
+    fn broken_status(&self, name: &str) -> Option<ReplicationStatus> {
+        let broken = self.broken.lock();
+        let b = broken.get(name)?;
+        let r = b.record.replication.as_ref()?;
+        let why = format!("the VM could not be opened: {}", b.reason);
+        Some(ReplicationStatus {
+            vm: name.to_string(),
+            role: "Primary".into(),
+            state: Replication::state_of(r),
+            health: proto::Health::Critical,
+            health_reasons: vec![why.clone()],
+            resync_reason: r.resync_reason.clone(),
+            peer: r.replica.clone(),
+            frequency_secs: r.frequency_secs,
+            compression: r.compression,
+            disks: r.disks.clone(),
+            last_replication_time: r.last_cut_unix_ns.map(rfc3339_from_unix_ns),
+            last_replication_unix_ns: r.last_cut_unix_ns,
+            pending_bytes: 0,
+            last_seq: r.last_seq,
+            generation: r.generation,
+            progress: None,
+            last_error: Some(why),
         })
     }
 
@@ -489,9 +614,13 @@ impl Shared {
         };
         // Like Enable-VMReplication: the replica must accept us now, or nothing changes.
         let peer = self.peer(&req.replica)?;
-        let reply = super::peer_client::hello(&peer, &primary::hello_of(self, &vm, &record))
-            .await
-            .with_context(|| format!("replica {} did not accept {}", req.replica, req.vm))?;
+        let reply = super::peer_client::hello(
+            &peer,
+            &primary::hello_of(self, &vm, &record),
+            &self.peer_timeouts,
+        )
+        .await
+        .with_context(|| format!("replica {} did not accept {}", req.replica, req.vm))?;
         if reply.latest_seq != 0 {
             return Err(conflict(format!(
                 "replica {} already holds points of {} from another relationship; remove them there first",
@@ -516,10 +645,13 @@ impl Shared {
         if let Some(repl) = self.vms.lock().get(name).and_then(|e| e.repl.clone()) {
             return Ok(repl.status());
         }
+        if let Some(st) = self.broken_status(name) {
+            return Ok(st);
+        }
         if let Some(st) = self.replica_status(name) {
             return Ok(st);
         }
-        if self.vms.lock().contains_key(name) {
+        if self.vms.lock().contains_key(name) || self.broken.lock().contains_key(name) {
             return Err(primary::not_enabled(name));
         }
         Err(not_found(format!("no VM named {name} on this host")))
@@ -537,6 +669,8 @@ impl Shared {
     pub fn all_status(&self) -> Vec<ReplicationStatus> {
         let repls = self.replications();
         let mut out: Vec<ReplicationStatus> = repls.iter().map(|r| r.status()).collect();
+        let broken: Vec<String> = self.broken.lock().keys().cloned().collect();
+        out.extend(broken.iter().filter_map(|n| self.broken_status(n)));
         let replica_names: Vec<String> = self
             .replica
             .lock()
