@@ -546,6 +546,12 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
         ) {
             Reconcile::InSync => {}
             Reconcile::AdoptInflight(seq) => {
+                shared.events.emit(
+                    events::ANSWER_LOST_ADOPTED,
+                    Some(&vm_name),
+                    "info",
+                    &format!("the replica holds point {seq}, whose answer this primary never got; adopting it"),
+                );
                 let mut rt = repl.rt.lock();
                 rt.record.last_seq = seq;
                 if seq == 1 {
