@@ -451,3 +451,117 @@ fn api_refuses_bad_disk_sizes_with_400_and_files_are_not_world_readable() {
     assert_eq!(mode(&image) & 0o007, 0, "image {}", image.display());
     assert_eq!(mode(image.parent().unwrap()) & 0o007, 0, "VM directory");
 }
+
+/// Starts `understudy serve` the way systemd socket activation does: the listening NBD
+/// socket as fd 3, `LISTEN_FDS=1`, `LISTEN_PID` = the daemon's pid. Returns once it is ready.
+fn serve_activated(dir: &Path, port: u16, listener: &std::os::unix::net::UnixListener) -> Child {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .unwrap();
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(r#"LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@""#)
+        .arg(EXE)
+        .args(["serve", "--data-dir"])
+        .arg(dir)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--name", "host"])
+        .stdout(Stdio::piped())
+        .stderr(log);
+    // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl).
+    unsafe {
+        c.pre_exec(move || {
+            if fd != 3 {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else {
+                libc::fcntl(3, libc::F_SETFD, 0);
+            }
+            Ok(())
+        });
+    }
+    let mut child = c.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "activated daemon did not start");
+        match lines.next() {
+            Some(Ok(l)) if l.starts_with("ready") => break,
+            Some(_) => {}
+            None => panic!(
+                "activated daemon exited:\n{}",
+                std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+            ),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+#[test]
+fn nbd_clients_queue_across_a_restart_with_socket_activation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("host");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = tmp.path().join("activated-nbd.sock");
+    // What systemd's .socket unit holds for the daemon across restarts.
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let port = free_port();
+    let mut daemon = serve_activated(&dir, port, &listener);
+    let cli = |args: &[&str]| {
+        let out = Command::new(EXE)
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    cli(&["vm", "create", "web", "--disk", "16M"]);
+    let show: serde_json::Value =
+        serde_json::from_str(&cli(&["vm", "show", "web", "--json"])).unwrap();
+    let uri = show["disks"][0]["nbd_uri"].as_str().unwrap().to_string();
+    assert!(uri.contains(sock.to_str().unwrap()), "{uri}");
+    qemu_io_ok(&uri, &["write -P 6 0 64k"]);
+
+    // The daemon dies; a client connects while it is down and waits in the backlog.
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let uri2 = uri.clone();
+    std::thread::spawn(move || {
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read -P 6 0 64k"])
+            .arg(&uri2)
+            .output()
+            .unwrap();
+        let _ = tx.send(out);
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        rx.try_recv().is_err(),
+        "the client must wait, not fail, while the daemon is down"
+    );
+    let mut daemon = serve_activated(&dir, port, &listener);
+    let out = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("read 65536/65536"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}

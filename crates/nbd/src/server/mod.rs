@@ -90,13 +90,37 @@ impl NbdServer {
         registry: Arc<dyn ExportRegistry>,
         cfg: ServerConfig,
     ) -> io::Result<NbdServer> {
+        let listener = NbdServer::bind_unix(path)?;
+        NbdServer::serve_unix_listener(listener, Some(path), registry, cfg)
+    }
+
+    /// Binds the Unix socket at `path` (as [`NbdServer::serve_unix`]) without accepting yet:
+    /// clients that connect queue in its backlog until a server starts on it.
+    pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         remove_stale_socket(path)?;
-        let listener = UnixListener::bind(path)?;
+        UnixListener::bind(path)
+    }
+
+    /// Accepts on a Unix socket that is already bound and listening: one from
+    /// [`NbdServer::bind_unix`] (`owned_path`: removed on stop) or one handed over by systemd
+    /// socket activation (`None`: left in place, so clients keep queueing in its backlog
+    /// while the daemon restarts).
+    pub fn serve_unix_listener(
+        listener: UnixListener,
+        owned_path: Option<&Path>,
+        registry: Arc<dyn ExportRegistry>,
+        cfg: ServerConfig,
+    ) -> io::Result<NbdServer> {
         listener.set_nonblocking(true)?;
-        let meta = std::fs::metadata(path)?;
         let mut server = NbdServer::start(Listener::Unix(listener), registry, cfg, None)?;
-        server.unix_socket = Some((path.to_owned(), meta.dev(), meta.ino()));
-        info!(socket = %path.display(), "NBD server listening");
+        match owned_path {
+            Some(path) => {
+                let meta = std::fs::metadata(path)?;
+                server.unix_socket = Some((path.to_owned(), meta.dev(), meta.ino()));
+                info!(socket = %path.display(), "NBD server listening");
+            }
+            None => info!("NBD server accepting on an inherited socket"),
+        }
         Ok(server)
     }
 

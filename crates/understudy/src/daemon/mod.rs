@@ -5,6 +5,7 @@
 //! [`Shared`] is the one owner of host state; the API and the peer routes go through it.
 //! The data path (NBD worker threads → tracker) never waits on anything here.
 
+mod activation;
 mod api;
 mod catalog;
 mod durable;

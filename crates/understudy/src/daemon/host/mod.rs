@@ -127,7 +127,10 @@ impl Shared {
         let catalog = Catalog::open(&data_dir.join("catalog.redb"))?;
         let events = Events::new(data_dir.join("events.log"));
         let exports = Arc::new(nbd::StaticRegistry::new());
-        let nbd_socket = data_dir.join("nbd.sock");
+        let nbd_socket = match super::activation::nbd_socket_path()? {
+            Some(p) => p,
+            None => data_dir.join("nbd.sock"),
+        };
         let shared = Arc::new(Shared {
             host_name,
             data_dir: data_dir.to_path_buf(),
@@ -156,13 +159,21 @@ impl Shared {
         });
 
         // The NBD socket comes first, before anything slow: a guest whose connection broke
-        // when the previous daemon stopped (qemu `reconnect-delay`) gets through as soon as its
-        // VM's export is added below.
-        let server = nbd::NbdServer::serve_unix(&nbd_socket, exports, nbd::ServerConfig::default())
-            .with_context(|| format!("serving NBD on {}", nbd_socket.display()))?;
-        // Owner and group only: anyone who can open the socket can read and write the disks.
-        set_mode(&nbd_socket, 0o660)?;
-        *shared.nbd.lock() = Some(server);
+        // when the previous daemon stopped (qemu `reconnect-delay`) connects at once and
+        // waits in the socket's backlog; it is accepted as soon as the VMs are open, so it
+        // never meets a missing export.
+        let (listener, owned_socket) = match super::activation::nbd_listener()? {
+            // systemd socket activation: the unit owns the socket, its path and its mode.
+            Some(listener) => (listener, None),
+            None => {
+                let listener = nbd::NbdServer::bind_unix(&nbd_socket)
+                    .with_context(|| format!("serving NBD on {}", nbd_socket.display()))?;
+                // Owner and group only: anyone who can open the socket can read and write
+                // the disks.
+                set_mode(&nbd_socket, 0o660)?;
+                (listener, Some(nbd_socket.clone()))
+            }
+        };
         heartbeat::spawn(data_dir.to_path_buf()).context("starting the heartbeat thread")?;
 
         // Open VMs one by one (trackers report how they were left); one that cannot be opened
@@ -180,6 +191,14 @@ impl Shared {
                 Err(e) => shared.mark_broken(record, &e),
             }
         }
+        let server = nbd::NbdServer::serve_unix_listener(
+            listener,
+            owned_socket.as_deref(),
+            exports,
+            nbd::ServerConfig::default(),
+        )
+        .context("serving NBD")?;
+        *shared.nbd.lock() = Some(server);
         if let Some(cfg) = shared.catalog.get::<ReplicaServerConfig>(REPLICA_CFG_KEY)? {
             if cfg.enabled {
                 let s = shared.clone();
