@@ -70,6 +70,10 @@ pub struct TrackedDisk {
     pub(crate) shut_down: AtomicBool,
     /// Holds the `flock` on `<state_dir>/lock` for the life of the disk.
     _lock: File,
+    /// Test hook: called after each piece of a TRIM/WRITE_ZEROES with the end of the piece,
+    /// with no lock held.
+    #[cfg(test)]
+    pub(crate) between_pieces: parking_lot::Mutex<Option<Box<dyn FnMut(u64) + Send>>>,
 }
 
 impl TrackedDisk {
@@ -211,6 +215,8 @@ impl TrackedDisk {
             al,
             shut_down: AtomicBool::new(false),
             _lock: lock,
+            #[cfg(test)]
+            between_pieces: parking_lot::Mutex::new(None),
         };
         Ok((Arc::new(disk), OpenReport { state }))
     }
