@@ -50,6 +50,10 @@ impl Default for DiskOptions {
     }
 }
 
+/// Test hook of `TrackedDisk::between_pieces`.
+#[cfg(test)]
+pub(crate) type PieceHook = Box<dyn FnMut(u64) + Send>;
+
 /// A disk image in the replication write path. See the crate documentation.
 pub struct TrackedDisk {
     pub(crate) image: PathBuf,
@@ -73,7 +77,7 @@ pub struct TrackedDisk {
     /// Test hook: called after each piece of a TRIM/WRITE_ZEROES with the end of the piece,
     /// with no lock held.
     #[cfg(test)]
-    pub(crate) between_pieces: parking_lot::Mutex<Option<Box<dyn FnMut(u64) + Send>>>,
+    pub(crate) between_pieces: parking_lot::Mutex<Option<PieceHook>>,
 }
 
 impl TrackedDisk {
