@@ -132,13 +132,13 @@ impl BlockBackend for TrackedDisk {
             self.file.write_all_at(data, offset)
         })?;
         if fua {
-            self.file.sync_data()?;
+            self.sync_image(false)?;
         }
         Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.sync_image(false)
     }
 
     fn trim(&self, offset: u64, len_bytes: u64, fua: bool) -> io::Result<()> {
@@ -150,7 +150,7 @@ impl BlockBackend for TrackedDisk {
             }
         })?;
         if fua {
-            self.file.sync_data()?;
+            self.sync_image(false)?;
         }
         Ok(())
     }
@@ -164,7 +164,7 @@ impl BlockBackend for TrackedDisk {
     ) -> io::Result<()> {
         self.modify_in_pieces(offset, len_bytes, |off, len| self.zero(off, len, may_trim))?;
         if fua {
-            self.file.sync_data()?;
+            self.sync_image(false)?;
         }
         Ok(())
     }
