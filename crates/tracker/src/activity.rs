@@ -292,6 +292,12 @@ impl ActivityLog {
         self.hot.clear_all();
     }
 
+    /// Stops recording because of a failure outside the log (the image's storage failed):
+    /// as for an I/O error of the log itself, it is deleted so a crash is never recoverable.
+    pub(crate) fn fail(&self, err: &TrackerError) {
+        self.degrade(err);
+    }
+
     fn degrade(&self, err: &TrackerError) {
         if self.degraded.swap(true, Ordering::AcqRel) {
             return;

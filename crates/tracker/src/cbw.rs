@@ -363,7 +363,13 @@ impl TrackedDisk {
     /// Ends epoch `epoch`: on abort the frozen blocks go back into the active bitmap. Every
     /// copy is forgotten; the pool keeps its pages for the next epoch (unless idle, see
     /// `CbwPool::reset`).
+    ///
+    /// Holds the gate (shared) throughout: the merge and the clear of the frozen map must not
+    /// interleave with `shutdown_clean`'s `union_words` (exclusive), which could otherwise load
+    /// a word of the active map before the merge and the same word of the frozen map after the
+    /// clear, and persist a bitmap without that block.
     pub(crate) fn end_epoch(&self, epoch: u64, committed: bool) {
+        let _shared = self.gate.shared();
         let st = &self.frozen;
         let mut all = st.lock_all();
         if !st.open.load(Ordering::Acquire) || st.epoch.load(Ordering::Acquire) != epoch {

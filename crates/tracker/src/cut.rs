@@ -237,3 +237,45 @@ impl FrozenDisk {
         self.disk.frozen_hole(self.epoch, offset, len_bytes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbd::BlockBackend;
+    use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn abort_merge_takes_the_gate_so_it_cannot_race_shutdown_union() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gate = CutGate::new();
+        let disk = TrackedDisk::create(
+            &dir.path().join("img"),
+            64 * BLOCK_BYTES,
+            &dir.path().join("state"),
+            gate.clone(),
+        )
+        .expect("create");
+        disk.write_at(&[1u8; BLOCK_BYTES as usize], 5 * BLOCK_BYTES, false)
+            .expect("write");
+        let c = cut(&gate, std::slice::from_ref(&disk)).expect("cut");
+        // What `shutdown_clean` holds while it computes `union_words`.
+        let exclusive = gate.exclusive();
+        let done = Arc::new(AtomicBool::new(false));
+        let aborter = {
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                c.abort();
+                done.store(true, Ordering::Release);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !done.load(Ordering::Acquire),
+            "abort merged the frozen map while the gate was held exclusively"
+        );
+        assert!(disk.frozen_map().test(5) && !disk.active().test(5));
+        drop(exclusive);
+        aborter.join().expect("abort thread");
+        assert!(disk.active().test(5) && !disk.frozen_map().test(5));
+    }
+}

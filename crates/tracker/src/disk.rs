@@ -50,6 +50,10 @@ impl Default for DiskOptions {
     }
 }
 
+/// Test hook of `TrackedDisk::between_pieces`.
+#[cfg(test)]
+pub(crate) type PieceHook = Box<dyn FnMut(u64) + Send>;
+
 /// A disk image in the replication write path. See the crate documentation.
 pub struct TrackedDisk {
     pub(crate) image: PathBuf,
@@ -68,8 +72,19 @@ pub struct TrackedDisk {
     pub(crate) frozen: FrozenState,
     pub(crate) al: ActivityLog,
     pub(crate) shut_down: AtomicBool,
+    /// The first failed sync of the image, as text ("fdatasync: Input/output error ..."):
+    /// sticky until the disk is reopened (see `sync_image`).
+    storage_error: parking_lot::Mutex<Option<String>>,
+    storage_failed: AtomicBool,
+    /// Test failpoint: the next sync of the image fails with EIO without syncing.
+    #[cfg(test)]
+    pub(crate) fail_next_sync: AtomicBool,
     /// Holds the `flock` on `<state_dir>/lock` for the life of the disk.
     _lock: File,
+    /// Test hook: called after each piece of a TRIM/WRITE_ZEROES with the end of the piece,
+    /// with no lock held.
+    #[cfg(test)]
+    pub(crate) between_pieces: parking_lot::Mutex<Option<PieceHook>>,
 }
 
 impl TrackedDisk {
@@ -113,7 +128,8 @@ impl TrackedDisk {
             durable::fsync_dir(parent)?;
         }
         fs::create_dir_all(state_dir).ctx("create state directory", state_dir)?;
-        for name in [CLEAN_NAME, BITMAP_NAME, crate::activity::AL_NAME] {
+        // Also the lock file: its presence tells a later open that this directory had state.
+        for name in [CLEAN_NAME, BITMAP_NAME, crate::activity::AL_NAME, LOCK_NAME] {
             durable::remove(state_dir, name)?;
         }
         let (disk, _report) = TrackedDisk::open_with(image, state_dir, gate, options)?;
@@ -140,6 +156,8 @@ impl TrackedDisk {
     ) -> Result<(Arc<TrackedDisk>, OpenReport), TrackerError> {
         fs::create_dir_all(state_dir).ctx("create state directory", state_dir)?;
         let lock_path = state_dir.join(LOCK_NAME);
+        // A tracker had this directory before: missing state files then mean lost state.
+        let had_tracker = lock_path.exists();
         let lock = OpenOptions::new()
             .read(true)
             .write(true)
@@ -161,7 +179,8 @@ impl TrackedDisk {
         let size = meta.len();
         let nblocks = size.div_ceil(BLOCK_BYTES);
 
-        let (state, restored) = recovery::load(state_dir, size, &Fingerprint::of(&meta))?;
+        let (state, restored) =
+            recovery::load(state_dir, size, &Fingerprint::of(&meta), had_tracker)?;
         let active = Bitmap::new(nblocks);
         match restored {
             Restored::Nothing => {}
@@ -210,7 +229,13 @@ impl TrackedDisk {
             frozen: FrozenState::new(cbw, nblocks, options.cbw_memory_bytes_max),
             al,
             shut_down: AtomicBool::new(false),
+            storage_error: parking_lot::Mutex::new(None),
+            storage_failed: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_next_sync: AtomicBool::new(false),
             _lock: lock,
+            #[cfg(test)]
+            between_pieces: parking_lot::Mutex::new(None),
         };
         Ok((Arc::new(disk), OpenReport { state }))
     }
@@ -231,6 +256,63 @@ impl TrackedDisk {
     /// on will be reported as `TrackingLost` (the daemon should raise a warning).
     pub fn tracking_degraded(&self) -> bool {
         self.al.degraded()
+    }
+
+    /// The first error a sync (`fdatasync`/`fsync`) of the image reported since the disk was
+    /// opened, or `None`. Once set, every FLUSH and FUA write fails with EIO and
+    /// `shutdown_clean` writes no clean marker: the pages of some write the guest was told is
+    /// durable (or will be at its next flush) may never have reached the disk, and the kernel
+    /// reports that only once per open file. The daemon must treat it as a replica that may
+    /// differ from the primary's disk (resynchronization).
+    pub fn storage_error(&self) -> Option<String> {
+        if !self.storage_failed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.storage_error.lock().clone()
+    }
+
+    /// Syncs the image (`fdatasync`, or `fsync` when `all`), sticky on failure: after the
+    /// first error every later call fails with EIO without syncing (fsyncgate: a later sync
+    /// would succeed although the failed pages are gone). The first error also degrades the
+    /// activity log (deleted durably), so a crash from now on cannot be taken for a
+    /// recoverable unclean stop.
+    pub(crate) fn sync_image(&self, all: bool) -> std::io::Result<()> {
+        if self.storage_failed.load(Ordering::Acquire) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        #[cfg(test)]
+        let result = if self.fail_next_sync.swap(false, Ordering::AcqRel) {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        } else if all {
+            self.file.sync_all()
+        } else {
+            self.file.sync_data()
+        };
+        #[cfg(not(test))]
+        let result = if all {
+            self.file.sync_all()
+        } else {
+            self.file.sync_data()
+        };
+        if let Err(e) = &result {
+            let op = if all { "fsync" } else { "fdatasync" };
+            let text = format!("{op}: {e}");
+            {
+                let mut first = self.storage_error.lock();
+                if first.is_none() {
+                    *first = Some(text.clone());
+                }
+            }
+            self.storage_failed.store(true, Ordering::Release);
+            tracing::error!(image = %self.image.display(), error = %text,
+                "the image's storage reported a write-back error; every later flush fails until the disk is reopened");
+            self.al.fail(&TrackerError::io(
+                "sync image",
+                &self.image,
+                std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)),
+            ));
+        }
+        result
     }
 
     /// Number of extents in the in-memory hot set (for metrics and tests).
@@ -312,8 +394,19 @@ impl TrackedDisk {
     /// Clean stop; call after the NBD server stopped. Flushes the image, persists the dirty
     /// bitmap (active ∪ uncommitted frozen), then the clean marker with the image fingerprint.
     /// A write after this (there should be none) makes the stop unclean again.
+    ///
+    /// After a storage error (`storage_error`) nothing is written and the call fails with
+    /// `TrackerError::StorageFailed`: the next open must not see a clean stop.
     pub fn shutdown_clean(&self) -> Result<(), TrackerError> {
-        self.file.sync_all().ctx("flush image", &self.image)?;
+        if let Err(e) = self.sync_image(true) {
+            return Err(match self.storage_error() {
+                Some(reason) => TrackerError::StorageFailed {
+                    path: self.image.clone(),
+                    reason,
+                },
+                None => TrackerError::io("flush image", &self.image, e),
+            });
+        }
         let _exclusive = self.gate.exclusive();
         let words = self.active().union_words(self.frozen_map());
         let bitmap = formats::encode_bitmap(self.size, BLOCK_BYTES, &words);
@@ -327,5 +420,63 @@ impl TrackedDisk {
         self.al.mark_shut_down();
         self.shut_down.store(true, Ordering::Release);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbd::BlockBackend;
+
+    fn is_eio(r: std::io::Result<()>) -> bool {
+        matches!(r, Err(e) if e.raw_os_error() == Some(libc::EIO))
+    }
+
+    #[test]
+    fn failed_image_sync_is_sticky_and_blocks_the_clean_marker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (image, state) = (dir.path().join("img"), dir.path().join("state"));
+        let gate = CutGate::new();
+        let d = TrackedDisk::create(&image, 1 << 20, &state, gate).expect("create");
+        d.write_at(&[1u8; 4096], 0, false).expect("write");
+        d.flush().expect("a healthy flush");
+        assert_eq!(d.storage_error(), None);
+
+        d.fail_next_sync.store(true, Ordering::Release);
+        assert!(is_eio(d.flush()), "the failing flush reports EIO");
+        let first = d.storage_error().expect("recorded");
+        assert!(first.starts_with("fdatasync: "), "{first}");
+        // The kernel would report the error once; later syncs must not pretend all is well.
+        assert!(is_eio(d.flush()), "second flush");
+        assert!(is_eio(d.write_at(&[2u8; 4096], 0, true)), "FUA write");
+        assert!(is_eio(d.trim(0, 4096, true)), "FUA trim");
+        assert!(
+            is_eio(d.write_zeroes(0, 4096, false, true)),
+            "FUA write zeroes"
+        );
+        d.write_at(&[3u8; 4096], 4096, false)
+            .expect("plain writes still go to the page cache");
+        assert_eq!(
+            d.storage_error(),
+            Some(first.clone()),
+            "the first error is kept"
+        );
+        assert!(d.tracking_degraded());
+
+        match d.shutdown_clean() {
+            Err(TrackerError::StorageFailed { reason, .. }) => assert_eq!(reason, first),
+            other => panic!("expected StorageFailed, got {other:?}"),
+        }
+        assert!(!state.join(CLEAN_NAME).exists(), "no clean marker");
+        drop(d);
+        let (d, report) = TrackedDisk::open(&image, &state, CutGate::new()).expect("reopen");
+        assert!(
+            matches!(report.state, OpenState::TrackingLost { .. }),
+            "{:?}",
+            report.state
+        );
+        // Reopened: a new open file description, the error is no longer held.
+        assert_eq!(d.storage_error(), None);
+        d.flush().expect("flush after reopen");
     }
 }

@@ -27,6 +27,8 @@ pub enum TrackerError {
     DuplicateDisk { path: PathBuf },
     #[error("disk {} was shut down; it can no longer be cut", path.display())]
     ShutDown { path: PathBuf },
+    #[error("the storage of {} reported a write-back error ({reason}); the disk cannot be stopped cleanly", path.display())]
+    StorageFailed { path: PathBuf, reason: String },
 }
 
 impl TrackerError {

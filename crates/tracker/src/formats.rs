@@ -195,8 +195,7 @@ pub(crate) fn decode_al(bytes: &[u8]) -> Result<AlContents, Invalid> {
                 at += used;
             }
             Err(what) => {
-                let rest = bytes.len() - at;
-                if rest <= AL_GROUP_BYTES_MAX {
+                if is_torn_tail(h, &bytes[at..]) {
                     // The torn tail of the last append: its writers never proceeded.
                     break;
                 }
@@ -211,6 +210,46 @@ pub(crate) fn decode_al(bytes: &[u8]) -> Result<AlContents, Invalid> {
         extents,
         torn_tail_bytes: (bytes.len() - at) as u64,
     })
+}
+
+/// True when `rest` (from a group that failed to decode to EOF) can only be an append that
+/// never completed: shorter than a group header, a readable header that declares more bytes
+/// than remain, or nothing but zeros (space the filesystem extended whose data never landed).
+/// A group with all its declared bytes present that still fails (checksum, extent range), a
+/// non-zero tail with a bad magic or count, or a whole group whose count was damaged upward,
+/// was written whole and damaged later: corruption, never a torn tail (its writers may have
+/// proceeded, so its extents must not be dropped).
+fn is_torn_tail(header: &[u8], rest: &[u8]) -> bool {
+    if rest.len() > AL_GROUP_BYTES_MAX {
+        return false;
+    }
+    if rest.len() < 8 || rest.iter().all(|b| *b == 0) {
+        return true;
+    }
+    if &rest[0..4] != GROUP_MAGIC {
+        return false;
+    }
+    let count = u32_at(rest, 4) as usize;
+    if count == 0 || count > AL_GROUP_EXTENTS_MAX {
+        return false;
+    }
+    if rest.len() >= GROUP_OVERHEAD_BYTES + 8 * count {
+        return false;
+    }
+    // Fewer bytes than declared. If they are exactly a whole group of fewer extents whose
+    // checksum matches with that count, the group was complete and its count was damaged.
+    let body = rest.len().saturating_sub(16);
+    if rest.len() > GROUP_OVERHEAD_BYTES && (body - 8).is_multiple_of(8) {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(header);
+        hasher.update(&rest[0..4]);
+        hasher.update(&(((body - 8) / 8) as u32).to_le_bytes());
+        hasher.update(&rest[8..body]);
+        if hasher.finalize().as_bytes()[0..16] == rest[body..] {
+            return false;
+        }
+    }
+    true
 }
 
 fn decode_group(header: &[u8], b: &[u8], nextents: u64) -> Result<(Vec<u64>, usize), String> {
@@ -428,10 +467,39 @@ mod tests {
     }
 
     #[test]
+    fn corrupt_last_complete_group_is_not_taken_for_a_torn_tail() {
+        let good = al(&[&[1], &[2, 4]]);
+        let last = good.len() - (GROUP_OVERHEAD_BYTES + 16);
+        // One flipped byte anywhere in the last (complete) group: its checksum, an extent,
+        // its count or its magic. It was fsynced and its writers proceeded: corruption.
+        for at in [good.len() - 1, good.len() - 16, last + 8, last + 4, last] {
+            let mut b = good.clone();
+            b[at] ^= 0x01;
+            let e = decode_al(&b).expect_err("complete corrupt group");
+            assert!(e.what.contains("corrupt group"), "flip at {at}: {e}");
+        }
+        // An incomplete last group (the append never finished) is still a torn tail...
+        for cut in [1, 16, 20, GROUP_OVERHEAD_BYTES + 16 - 1] {
+            let c = decode_al(&good[..good.len() - cut]).expect("torn tail");
+            assert_eq!(c.extents, vec![1], "cut {cut}");
+            assert!(c.torn_tail_bytes > 0);
+        }
+        // ...as is an appended range that reads as zeros (extended, data never written).
+        let mut b = al(&[&[1]]);
+        b.extend_from_slice(&[0u8; 40]);
+        assert_eq!(decode_al(&b).expect("zero tail").extents, vec![1]);
+        // A short last group whose declared count is wrong (flipped to fewer extents) is
+        // complete for what it declares: corrupt.
+        let mut b = good.clone();
+        b[last + 4] = 1;
+        assert!(decode_al(&b).is_err());
+    }
+
+    #[test]
     fn al_rejects_out_of_range_extents_and_bad_header() {
+        // A complete group naming an extent beyond the disk was written whole: corrupt.
         let b = al(&[&[11]]);
-        // The only group is bad and short: treated as a torn tail, so nothing is hot...
-        assert_eq!(decode_al(&b).expect("tail").extents, Vec::<u64>::new());
+        assert!(decode_al(&b).is_err());
         let mut b = al(&[&[1]]);
         b[24] ^= 1; // disk size, covered by the header checksum
         assert!(decode_al(&b).is_err());

@@ -72,10 +72,13 @@ fn modified(reason: impl Into<String>) -> (OpenState, Restored) {
 }
 
 /// Decides the open state of a disk of `size_bytes` whose image now has fingerprint `now`.
+/// `had_tracker`: a tracker opened this directory before (its lock file exists), so no state
+/// files at all means they were lost (a degraded activity log is deleted), not a first open.
 pub(crate) fn load(
     dir: &Path,
     size_bytes: u64,
     now: &Fingerprint,
+    had_tracker: bool,
 ) -> Result<(OpenState, Restored), TrackerError> {
     let nblocks = size_bytes.div_ceil(BLOCK_BYTES);
     let bitmap_cap = 48 + 8 * formats::bitmap_words(nblocks) + 32;
@@ -115,6 +118,9 @@ pub(crate) fn load(
     }
 
     let bytes = match log {
+        None if bitmap.is_none() && had_tracker => return Ok(lost(
+            "unclean stop and the activity log is missing (dropped after an I/O error, or removed)",
+        )),
         None if bitmap.is_none() => return Ok((OpenState::FirstOpen, Restored::Nothing)),
         None => return Ok(lost("unclean stop and the activity log is missing")),
         Some(Err(reason)) => return Ok(lost(format!("unclean stop and {reason}"))),

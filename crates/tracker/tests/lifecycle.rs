@@ -536,6 +536,21 @@ fn torn_activity_log_tail_is_recovered() {
 }
 
 #[test]
+fn corrupt_last_activity_log_group_is_tracking_lost_not_a_torn_tail() {
+    let f = fixture();
+    let (_gate, d) = create(&f, 8 * EXTENT_BYTES);
+    d.write_at(&block(1), 0, false).expect("w");
+    // The last append: a complete, fsynced group whose writer proceeded.
+    d.write_at(&block(1), 5 * EXTENT_BYTES, false).expect("w");
+    drop(d);
+    let log = f.state.join("activity.log");
+    let len = fs::metadata(&log).expect("log").len();
+    // Bit rot in its checksum, the last 16 bytes: the write to extent 5 must not be forgotten.
+    flip_byte(&log, len - 3);
+    assert_lost(&f, "corrupt group");
+}
+
+#[test]
 fn mark_allocated_dirty_is_sparse_aware_and_mark_all_covers_the_disk() {
     let f = fixture();
     let size = 4 * EXTENT_BYTES;

@@ -14,6 +14,7 @@ pub const DAEMON_STARTED: u32 = 1000;
 pub const DAEMON_STOPPED: u32 = 1001;
 pub const UNCLEAN_RECOVERED: u32 = 1002;
 pub const VM_BROKEN: u32 = 1003;
+pub const STORAGE_FAILED: u32 = 1004;
 pub const REPLICATION_ENABLED: u32 = 2000;
 pub const INITIAL_STARTED: u32 = 2001;
 pub const INITIAL_DONE: u32 = 2002;

@@ -205,7 +205,7 @@ impl Replication {
         }
     }
 
-    fn require_resync(&self, shared: &Shared, reason: String) {
+    pub(crate) fn require_resync(&self, shared: &Shared, reason: String) {
         {
             let mut rt = self.rt.lock();
             if rt.record.resync_reason.is_some() {
@@ -527,6 +527,9 @@ async fn cycle(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::Result<
 }
 
 async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::Result<SyncResult> {
+    if let Some(reason) = shared.check_storage(&repl.vm.name) {
+        return Err(anyhow!(reason));
+    }
     let record = repl.record();
     let peer = shared.peer(&record.replica)?;
     let vm_name = repl.vm.name.clone();

@@ -2,11 +2,11 @@
 //! replica store, peers). API routes and peer routes call its methods; nothing else mutates
 //! host state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -29,6 +29,10 @@ use crate::ServeArgs;
 mod replica_side;
 
 const REPLICA_CFG_KEY: &str = "replica-server";
+/// How often every disk is checked for a storage (write-back) error: the error is also seen at
+/// once when status is read or a cycle starts, so this only bounds how late an unwatched VM
+/// gets its event; an atomic load per disk.
+const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 struct VmEntry {
     record: VmRecord,
@@ -77,6 +81,8 @@ pub struct Shared {
     last_alive_ns: Option<u64>,
     /// Replica VM name → the primary host that replicates it (for status).
     replica_primaries: Mutex<HashMap<String, String>>,
+    /// (VM, disk) whose storage error was reported (one event per disk per daemon run).
+    storage_reported: Mutex<HashSet<(String, usize)>>,
 }
 
 /// Holds an exclusive `flock` on `<data-dir>/daemon.lock` for the daemon's lifetime, so two
@@ -155,6 +161,7 @@ impl Shared {
             replica: Mutex::new(None),
             peers: Mutex::new(HashMap::new()),
             replica_primaries: Mutex::new(HashMap::new()),
+            storage_reported: Mutex::new(HashSet::new()),
             last_alive_ns: heartbeat::last_alive_ns(data_dir),
         });
 
@@ -205,6 +212,7 @@ impl Shared {
                 tokio::task::spawn_blocking(move || s.open_replica_store(cfg)).await??;
             }
         }
+        tokio::spawn(watch_storage(Arc::downgrade(&shared)));
         Ok(shared)
     }
 
@@ -239,6 +247,38 @@ impl Shared {
         self.broken
             .lock()
             .insert(record.name.clone(), BrokenVm { record, reason });
+    }
+
+    /// Fsyncgate: reports every disk of `name` whose image storage failed a sync (the tracker
+    /// keeps the first error and fails every later FLUSH/FUA): one event per disk, and, for a
+    /// replicated disk, resynchronization required (the replica may hold data the primary's
+    /// disk lost, or the reverse). Returns the reason of the first failed replicated disk.
+    pub fn check_storage(&self, name: &str) -> Option<String> {
+        let (vm, repl) = {
+            let vms = self.vms.lock();
+            let e = vms.get(name)?;
+            (e.vm.clone(), e.repl.clone())
+        };
+        let mut first = None;
+        for (i, d) in vm.disks.iter().enumerate() {
+            let Some(error) = d.storage_error() else {
+                continue;
+            };
+            let reason = format!(
+                "disk {i}: the primary's storage reported a write-back error ({error}); data the guest was told is durable may not be"
+            );
+            if self.storage_reported.lock().insert((name.to_string(), i)) {
+                self.events
+                    .emit(events::STORAGE_FAILED, Some(name), "error", &reason);
+            }
+            if let Some(repl) = &repl {
+                if repl.record().disks.contains(&(i as u32)) {
+                    repl.require_resync(self, reason.clone());
+                    first.get_or_insert(reason);
+                }
+            }
+        }
+        first
     }
 
     /// Promise 3 at startup: decide from what the trackers found whether the replica can
@@ -661,6 +701,7 @@ impl Shared {
     }
 
     pub fn status(&self, name: &str) -> anyhow::Result<ReplicationStatus> {
+        self.check_storage(name);
         if let Some(repl) = self.vms.lock().get(name).and_then(|e| e.repl.clone()) {
             return Ok(repl.status());
         }
@@ -686,6 +727,10 @@ impl Shared {
     }
 
     pub fn all_status(&self) -> Vec<ReplicationStatus> {
+        let names: Vec<String> = self.vms.lock().keys().cloned().collect();
+        for name in &names {
+            self.check_storage(name);
+        }
         let repls = self.replications();
         let mut out: Vec<ReplicationStatus> = repls.iter().map(|r| r.status()).collect();
         let broken: Vec<String> = self.broken.lock().keys().cloned().collect();
@@ -724,12 +769,35 @@ impl Shared {
         }
         let vms: Vec<Arc<Vm>> = self.vms.lock().values().map(|e| e.vm.clone()).collect();
         for vm in vms {
+            // Recorded before the stop: such a disk gets no clean marker.
+            self.check_storage(&vm.name);
             for (i, d) in vm.disks.iter().enumerate() {
-                d.shutdown_clean()
-                    .with_context(|| format!("closing disk {i} of {}", vm.name))?;
+                match d.shutdown_clean() {
+                    Ok(()) => {}
+                    Err(e @ tracker::TrackerError::StorageFailed { .. }) => {
+                        tracing::error!(vm = %vm.name, "disk {i} left without a clean-stop marker: {e}");
+                    }
+                    Err(e) => {
+                        return Err(anyhow::Error::from(e)
+                            .context(format!("closing disk {i} of {}", vm.name)))
+                    }
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// Checks every VM's disks for storage errors every [`STORAGE_CHECK_INTERVAL`], so a VM that
+/// nobody asks about (or that does not replicate) still gets its event.
+async fn watch_storage(shared: Weak<Shared>) {
+    loop {
+        tokio::time::sleep(STORAGE_CHECK_INTERVAL).await;
+        let Some(s) = shared.upgrade() else { return };
+        let names: Vec<String> = s.vms.lock().keys().cloned().collect();
+        for name in names {
+            s.check_storage(&name);
+        }
     }
 }
 

@@ -1,0 +1,143 @@
+//! Fsyncgate on the primary: after the image's storage reports a write-back error (an
+//! fdatasync fails), every later FLUSH fails too, the VM needs resynchronization with the
+//! reason, an event is recorded (also for a VM that does not replicate), and no clean-stop
+//! marker is written. The error is injected with strace into the real daemon.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// Flushes an export twice from one libnbd client (after a write to a hot extent), printing
+/// "ok" or "err: <message>" per flush.
+const FLUSH_TWICE: &str = r#"
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b"\x02" * 4096, 0)
+for i in range(2):
+    try:
+        h.flush()
+        print("ok")
+    except nbd.Error as e:
+        print("err:", e)
+"#;
+
+fn tracer_attached(pid: u32) -> bool {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks.filter_map(Result::ok).all(|t| {
+        std::fs::read_to_string(t.path().join("status"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+    })
+}
+
+/// Attaches strace to the daemon so that the first fdatasync from now on fails with EIO;
+/// returns once every thread of the daemon is traced.
+fn inject_eio_on_next_fdatasync(pid: u32) -> Child {
+    let child = Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=fdatasync"])
+        .args(["-e", "inject=fdatasync:error=EIO:when=1", "-p"])
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn strace");
+    wait_until("strace to attach", Duration::from_secs(20), || {
+        tracer_attached(pid)
+    });
+    child
+}
+
+fn detach(mut strace: Child, pid: u32) {
+    // SIGINT: strace detaches from every thread before it exits.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    strace.wait().expect("strace exit");
+    wait_until("strace to detach", Duration::from_secs(20), || {
+        !tracer_attached(pid)
+    });
+}
+
+fn flush_twice(uri: &str) -> Vec<String> {
+    let out = sh(Command::new("/usr/bin/python3")
+        .args(["-c", FLUSH_TWICE])
+        .arg(uri));
+    out.lines().map(str::to_string).collect()
+}
+
+fn storage_events(h: &Host, vm: &str) -> Vec<String> {
+    events(h)
+        .iter()
+        .filter(|e| e["id"] == 1004 && e["vm"] == vm)
+        .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn failed_fdatasync_is_sticky_recorded_and_blocks_the_clean_marker() {
+    require("strace", "strace");
+    require("qemu-io", "qemu-utils");
+    let root = tempfile::tempdir().unwrap();
+    let (mut p, r) = pair(root.path());
+    replicate(&p, &r, "web", &["16M"], 3600);
+    p.ok(&["vm", "create", "solo", "--disk", "4M"]);
+    let pid = p.pid().unwrap();
+
+    // Make extent 0 hot first: its activity-log fdatasync happens now, not under strace.
+    let uri = p.nbd_uri("web", 0);
+    qemu_io_ok(&uri, &["write -P 1 0 4k"]);
+    let strace = inject_eio_on_next_fdatasync(pid);
+    let flushes = flush_twice(&uri);
+    detach(strace, pid);
+    assert_eq!(flushes.len(), 2, "{flushes:?}");
+    assert!(flushes[0].starts_with("err"), "first flush: {flushes:?}");
+    assert!(
+        flushes[1].starts_with("err"),
+        "the second flush must fail too (fsyncgate): {flushes:?}"
+    );
+    // Sticky: a flush well after the injection still fails.
+    assert!(flush_twice(&uri).iter().all(|f| f.starts_with("err")));
+
+    let st = p.json(&["replication", "status", "web"]);
+    assert_eq!(st["state"], "ResynchronizationRequired", "{st}");
+    let reason = st["resync_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("disk 0: the primary's storage reported a write-back error (fdatasync: ")
+            && reason.contains("may not be"),
+        "{reason}"
+    );
+    let evs = storage_events(&p, "web");
+    assert_eq!(evs.len(), 1, "one storage event per disk: {evs:?}");
+    assert_eq!(evs[0], reason);
+
+    // A VM that does not replicate gets the event.
+    let solo = p.nbd_uri("solo", 0);
+    qemu_io_ok(&solo, &["write -P 1 0 4k"]);
+    let strace = inject_eio_on_next_fdatasync(pid);
+    let flushes = flush_twice(&solo);
+    detach(strace, pid);
+    assert!(flushes.iter().all(|f| f.starts_with("err")), "{flushes:?}");
+    wait_until("the storage event of solo", Duration::from_secs(20), || {
+        !storage_events(&p, "solo").is_empty()
+    });
+
+    // A clean daemon stop writes no clean-stop marker for the failed disks.
+    let vms_dir = p.dir.join("vms");
+    p.stop();
+    for vm in ["web", "solo"] {
+        let state_dir = vms_dir.join(vm).join("disk-0.state");
+        assert!(
+            Path::new(&state_dir).exists() && !state_dir.join("clean").exists(),
+            "{vm}: clean marker written after a storage error"
+        );
+    }
+    // The next start still says why the replica must be resynchronized.
+    p.restart();
+    let st = p.json(&["replication", "status", "web"]);
+    assert_eq!(st["state"], "ResynchronizationRequired", "{st}");
+    drop(r);
+}
