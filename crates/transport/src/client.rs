@@ -48,6 +48,13 @@ const ERROR_BODY_QUOTE_BYTES_MAX: usize = 512;
 /// After a request fails because its connection died, how long to wait for the connection
 /// task to report why (the TLS alert or I/O error) before reporting the request error alone.
 const CONNECTION_END_WAIT: Duration = Duration::from_secs(1);
+/// First pause before reconnecting after the peer closed a new connection without a word (its
+/// handshake budget was full); doubled on each retry up to [`REFUSED_RETRY_MAX`], all within
+/// the connect deadline. The server cuts silent connections after 2 s, so a few retries reach
+/// a freed slot.
+const REFUSED_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Longest pause between such retries.
+const REFUSED_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Per-stream send buffer: large enough to keep the bigger server windows full.
 const SEND_BUFFER_BYTES: usize = 4 << 20;
 
@@ -260,27 +267,42 @@ impl Peer {
             stage,
             after: limit,
         };
-        let tcp = tokio::time::timeout_at(deadline, TcpStream::connect(peer.as_str()))
+        // A server over its handshake budget closes new connections at once, before any TLS
+        // byte (`server.rs`); that is worth another try within the deadline. A TLS alert (e.g.
+        // our certificate refused) or a timeout is not.
+        let mut pause = REFUSED_RETRY_FIRST;
+        let tls = loop {
+            let tcp = tokio::time::timeout_at(deadline, TcpStream::connect(peer.as_str()))
+                .await
+                .map_err(|_| timeout("TCP connect"))?
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::ConnectionRefused => {
+                        TransportError::ConnectionRefused { peer: peer.clone() }
+                    }
+                    _ => TransportError::Connect {
+                        peer: peer.clone(),
+                        source: e,
+                    },
+                })?;
+            let _ = tcp.set_nodelay(true);
+            let connector = TlsConnector::from(self.inner.tls.config());
+            let attempt = tokio::time::timeout_at(
+                deadline,
+                connector.connect(self.inner.server_name.clone(), tcp),
+            )
             .await
-            .map_err(|_| timeout("TCP connect"))?
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => {
-                    TransportError::ConnectionRefused { peer: peer.clone() }
+            .map_err(|_| timeout("TLS handshake"))?;
+            match attempt {
+                Ok(tls) => break tls,
+                Err(e) if closed_before_speaking(&e) && Instant::now() + pause < deadline => {
+                    tracing::debug!(peer = %peer, error = %e, retry_in_ms = pause.as_millis() as u64,
+                        "peer closed the connection before the TLS handshake; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(REFUSED_RETRY_MAX);
                 }
-                _ => TransportError::Connect {
-                    peer: peer.clone(),
-                    source: e,
-                },
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let connector = TlsConnector::from(self.inner.tls.config());
-        let tls = tokio::time::timeout_at(
-            deadline,
-            connector.connect(self.inner.server_name.clone(), tcp),
-        )
-        .await
-        .map_err(|_| timeout("TLS handshake"))?
-        .map_err(|e| TransportError::from_peer_failure(peer, &e))?;
+                Err(e) => return Err(TransportError::from_peer_failure(peer, &e)),
+            }
+        };
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
             return Err(TransportError::Tls {
                 peer: peer.clone(),
@@ -421,6 +443,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TlsErrorTap<S> {
         let result = Pin::new(&mut self.inner).poll_shutdown(cx);
         self.record(result)
     }
+}
+
+/// The peer closed or reset the connection during our TLS handshake without sending an alert:
+/// what a server over its admission budget does (not what a server refusing our certificate
+/// does: that one sends an alert, seen as a rustls error).
+fn closed_before_speaking(e: &io::Error) -> bool {
+    crate::error::find_rustls_error(e).is_none()
+        && matches!(
+            e.kind(),
+            io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+        )
 }
 
 /// Reads a whole body of at most `limit` bytes.

@@ -27,7 +27,10 @@ pub use body::{
 pub use client::{read_body, ClientTls, Peer, CONNECT_TIMEOUT};
 pub use error::TransportError;
 pub use identity::{load_or_create, peer_name, Identity};
-pub use server::{serve, serve_with, PeerInfo, ServeOptions, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
+pub use server::{
+    serve, serve_with, PeerInfo, ServeOptions, FIRST_BYTE_TIMEOUT, HANDSHAKE_TIMEOUT,
+    MAX_CONNECTIONS, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE,
+};
 pub use tls::{client_config, server_config, TlsContext};
 pub use trust::{fingerprint, TrustStore, TrustedCert};
 

@@ -32,6 +32,109 @@ fn alive(h: &Host) -> bool {
         && h.run(&["vm", "list"]).status.success()
 }
 
+// ----- (a0) unauthenticated clients on the peer port -----
+
+/// Idle TCP connections to `port`, sent from local address `from`: `hold` connections opened
+/// once and kept open; `churn` connections each reopened (after a short pause) whenever the
+/// server closes it, like an attacker keeping the port busy. Runs until `stop` is set.
+fn idle_flood(
+    from: &'static str,
+    port: u16,
+    hold: usize,
+    churn: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncReadExt;
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let to: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let connect = move || async move {
+                let socket = tokio::net::TcpSocket::new_v4().ok()?;
+                socket.bind(format!("{from}:0").parse().ok()?).ok()?;
+                socket.connect(to).await.ok()
+            };
+            let mut held = Vec::new();
+            for _ in 0..hold {
+                if let Some(c) = connect().await {
+                    held.push(c);
+                }
+            }
+            let mut tasks = Vec::new();
+            for _ in 0..churn {
+                let stop = stop.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut opened = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Some(mut c) = connect().await {
+                            opened += 1;
+                            let mut buf = [0u8; 64];
+                            // Until the server closes it (or we stop).
+                            while !stop.load(Ordering::Relaxed) {
+                                let wait = Duration::from_millis(200);
+                                let read = tokio::time::timeout(wait, c.read(&mut buf)).await;
+                                if let Ok(Ok(0) | Err(_)) = read {
+                                    break;
+                                }
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    opened
+                }));
+            }
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mut opened = held.len();
+            for t in tasks {
+                opened += t.await.unwrap_or(0);
+            }
+            opened
+        })
+    })
+}
+
+#[test]
+fn idle_connections_cannot_hold_the_peer_port() {
+    require("qemu-io", "qemu-utils");
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = pair(root.path());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // 300 idle connections from another address, each reopened as soon as the replica closes
+    // it, then 300 from the primary's own address, kept open: without admission control all
+    // connection slots are taken and the primary queues behind 300+ idle peers.
+    let other = idle_flood("127.0.0.2", b.port, 0, 300, stop.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    let same = idle_flood("127.0.0.1", b.port, 300, 0, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The primary needs new connections now: enable's hello, then the initial copy.
+    replicate(&a, &b, "web", &["16M"], 3600);
+    let uri = a.nbd_uri("web", 0);
+    qemu_io_ok(&uri, &["write -P 7 0 1M"]);
+    a.ok(&["replication", "sync", "web"]);
+    assert!(latest_equals_primary(&a, &b, "web", 0, root.path()));
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(same.join().unwrap() >= 300);
+    assert!(other.join().unwrap() >= 300, "the flood kept reconnecting");
+    // Refusals are logged at a bounded rate, not once per connection.
+    let refusals = b
+        .log()
+        .lines()
+        .filter(|l| l.contains("peer port") || l.contains("sent nothing"))
+        .count();
+    assert!(
+        refusals < 100,
+        "{refusals} refusal lines: the log is flooded"
+    );
+}
+
 // ----- (a) untrusted and unlisted primaries -----
 
 #[test]
