@@ -24,6 +24,10 @@ const HELLO_MAX_BYTES: usize = 64 << 10;
 pub const RETAIN_POINTS: usize = 64;
 /// Body chunks buffered between the network task and the writer thread of one upload.
 const UPLOAD_QUEUE_CHUNKS: usize = 16;
+/// How often retention runs on its own, besides after every commit: a replica whose commits
+/// fail (disk full, out of descriptors) still folds and frees space, so it recovers by
+/// itself. The same pass opens replica VMs that could not be opened yet (transient failures).
+pub const RETENTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 struct Refusal {
     status: StatusCode,
@@ -140,16 +144,20 @@ async fn route(
             })
             .await
             .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-            .map_err(|e| refuse(StatusCode::CONFLICT, "conflict", e.to_string()))?;
+            .map_err(|e| match e {
+                // The store's own trouble is retried, not a conflict of relationships.
+                ReplicaError::Io { .. } | ReplicaError::Verifying { .. } => replica_refusal(e),
+                _ => refuse(StatusCode::CONFLICT, "conflict", e.to_string()),
+            })?;
             shared.note_replica_primary(vm, &hello.primary_host);
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
         (Method::GET, ["v1", "replicas", vm, "state"]) => {
-            let rvm = store.vm(vm).ok_or_else(|| unknown(vm))?;
+            let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
         (Method::PUT, ["v1", "replicas", vm, "deltas", seq]) => {
-            let rvm = store.vm(vm).ok_or_else(|| unknown(vm))?;
+            let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
             let seq: u64 = seq.parse().map_err(|_| {
                 refuse(
                     StatusCode::BAD_REQUEST,
@@ -159,11 +167,7 @@ async fn route(
             })?;
             let point = receive(rvm.clone(), seq, req.into_body()).await?;
             // Retention runs after the answer so it never adds to replication latency.
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = rvm.retain(RETAIN_POINTS) {
-                    tracing::error!(vm = %rvm.vm_id(), "retention failed: {e}");
-                }
-            });
+            tokio::task::spawn_blocking(move || retain(&rvm));
             shared.events.emit(
                 events::POINT_COMMITTED,
                 Some(vm),
@@ -181,6 +185,46 @@ async fn route(
             format!("no such route {m} {path}"),
         )),
     }
+}
+
+/// Folds `rvm` down to [`RETAIN_POINTS`] points (blocking).
+fn retain(rvm: &ReplicaVm) {
+    if let Err(e) = rvm.retain(RETAIN_POINTS) {
+        tracing::error!(vm = %rvm.vm_id(), "retention failed: {e}");
+    }
+}
+
+/// Retention on its own schedule ([`RETENTION_INTERVAL`]), on a blocking thread, never in a
+/// peer request's path; each pass also retries opening replica VMs still pending.
+pub fn spawn_retention(shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RETENTION_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; the store was just opened
+        loop {
+            tick.tick().await;
+            let Some((store, _)) = shared.replica_store() else {
+                continue;
+            };
+            let pass = tokio::task::spawn_blocking(move || {
+                store.open_pending();
+                for rvm in store.vms() {
+                    retain(&rvm);
+                }
+            });
+            if let Err(e) = pass.await {
+                tracing::error!("retention pass failed: {e}");
+            }
+        }
+    });
+}
+
+/// A refusal for a VM the store does not list: unknown, or not opened yet.
+fn missing(store: &replica::ReplicaStore, vm: &str) -> Refusal {
+    if store.is_pending(vm) {
+        return replica_refusal(ReplicaError::Verifying { vm_id: vm.into() });
+    }
+    unknown(vm)
 }
 
 fn unknown(vm: &str) -> Refusal {
@@ -272,6 +316,13 @@ async fn receive(rvm: Arc<ReplicaVm>, seq: u64, mut body: Incoming) -> Result<De
 
 fn replica_refusal(e: ReplicaError) -> Refusal {
     let msg = e.to_string();
+    if let ReplicaError::Verifying { .. } = e {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "verifying", msg);
+    }
+    if e.is_transient() {
+        // Out of descriptors or memory: nothing is wrong with the delta or the store.
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "store_busy", msg);
+    }
     match e {
         ReplicaError::OutOfSequence { expected, .. } => {
             let mut r = refuse(StatusCode::CONFLICT, "out_of_sequence", msg);
