@@ -48,6 +48,10 @@ pub enum ReplicaError {
     Manifest { path: PathBuf, reason: String },
     #[error("replica data damaged: {0}")]
     Damaged(String),
+    #[error(
+        "the replica of {vm_id} is damaged ({damage}): only a full resynchronization can follow"
+    )]
+    VmDamaged { vm_id: String, damage: String },
     #[error("a previous write to this incoming delta failed: {0}")]
     ReceiveFailed(String),
     #[error("the replica of {vm_id} is being verified (opening the store); try again shortly")]

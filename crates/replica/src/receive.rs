@@ -218,7 +218,8 @@ impl Drop for Incoming {
     }
 }
 
-/// Refuses a header whose lineage or sequence does not follow the VM's latest point.
+/// Refuses a header whose lineage or sequence does not follow the VM's latest point, and any
+/// delta but a Full one while the VM is damaged.
 fn check_sequence(vm: &VmInner, h: &DeltaHeader) -> Result<(), ReplicaError> {
     if let Some(reason) = vm.wedged.lock().clone() {
         return Err(ReplicaError::ReceiveFailed(reason));
@@ -230,6 +231,16 @@ fn check_sequence(vm: &VmInner, h: &DeltaHeader) -> Result<(), ReplicaError> {
         });
     }
     vm.check_header(h, st.generation, true)?;
+    // A damaged chain takes no more increments: they would be committed on top of data the
+    // replica cannot read. Only a Full delta (every block) follows, and it clears the damage.
+    if let Some(damage) = &st.damage {
+        if h.kind != DeltaKind::Full {
+            return Err(ReplicaError::VmDamaged {
+                vm_id: vm.vm_id.clone(),
+                damage: damage.clone(),
+            });
+        }
+    }
     let latest = st.latest_seq();
     if h.parent_seq != latest || h.seq != latest + 1 {
         return Err(ReplicaError::OutOfSequence {

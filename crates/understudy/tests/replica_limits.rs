@@ -94,3 +94,76 @@ fn replica_under_small_fd_limit_commits_every_cycle_and_keeps_serving_nbd() {
             .unwrap_or("")
     );
 }
+
+/// Regression (AUDIT §11): a journal frame found damaged at runtime (an export of that point
+/// fails its checksum) made the replica Critical, but the primary kept shipping increments,
+/// the replica kept committing them on the damaged chain, and the primary showed Normal. Now
+/// the next cycle is refused `damaged`, the primary requires a resynchronization naming the
+/// damage, and `replication resume --resynchronize` repairs it.
+#[test]
+fn damage_found_on_the_replica_reaches_the_primary_on_the_next_cycle() {
+    require("qemu-io", "qemu-utils");
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = pair(root.path());
+    a.ok(&["vm", "create", "web", "--disk", "16M"]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "web",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "3600",
+        "--compression",
+        "none",
+    ]);
+    a.ok(&["replication", "start", "web", "--wait"]);
+    let uri = a.nbd_uri("web", 0);
+    qemu_io_ok(&uri, &["write -P 5 0 1M"]);
+    let point = a.json(&["replication", "sync", "web"])["seq"]
+        .as_u64()
+        .unwrap();
+    // Flip a payload byte of that point's 1 MiB DATA frame.
+    let jfile = b
+        .dir
+        .join("storage/web/journal")
+        .join(format!("{point:020}.delta"));
+    let mut bytes = std::fs::read(&jfile).unwrap();
+    assert!(bytes.len() > 1 << 20, "{} bytes", bytes.len());
+    bytes[4096] ^= 0xff;
+    std::fs::write(&jfile, &bytes).unwrap();
+    let out = b.run(&[
+        "points",
+        "export",
+        "web",
+        "--point",
+        &point.to_string(),
+        "--to",
+        root.path().join("x.raw").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "export of a damaged point succeeded");
+    let st = b.json(&["replication", "status", "web"]);
+    assert_eq!(st["health"], "Critical", "{st}");
+
+    qemu_io_ok(&uri, &["write -P 6 1M 4k"]);
+    let out = a.run(&["replication", "sync", "web"]);
+    assert!(
+        !out.status.success(),
+        "sync committed on a damaged chain: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let st = a.json(&["replication", "status", "web"]);
+    assert_eq!(st["state"], "ResynchronizationRequired", "{st}");
+    let reason = st["resync_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("damaged"), "{st}");
+    assert_eq!(point_ids(&b, "web").last().copied(), Some(point));
+
+    a.ok(&["replication", "resume", "web", "--resynchronize"]);
+    sync_until_ok(&a, "web", 10);
+    let st = b.json(&["replication", "status", "web"]);
+    assert_eq!(st["health"], "Normal", "{st}");
+    assert!(
+        latest_equals_primary(&a, &b, "web", 0, root.path()),
+        "after the resync the newest point differs from the primary"
+    );
+}

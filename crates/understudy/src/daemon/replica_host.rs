@@ -324,6 +324,8 @@ fn replica_refusal(e: ReplicaError) -> Refusal {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "store_busy", msg);
     }
     match e {
+        // The primary takes `damaged` as "resynchronization required", with this reason.
+        ReplicaError::VmDamaged { .. } => refuse(StatusCode::CONFLICT, "damaged", msg),
         ReplicaError::OutOfSequence { expected, .. } => {
             let mut r = refuse(StatusCode::CONFLICT, "out_of_sequence", msg);
             r.err.expected_seq = Some(expected);
