@@ -490,3 +490,36 @@ fn a_failed_first_point_manifest_write_blocks_resets_until_reopen() {
     drop(store);
     assert_eq!(check(dir.path(), &model, &[1]), vec![1]);
 }
+
+/// Regression (AUDIT §1): running out of descriptors while open verified the journal was taken
+/// for damage: the journal file and every later one were moved to quarantine/ and the damage
+/// persisted. Now it is transient: nothing moves, the VM stays pending and opens later.
+#[test]
+fn emfile_at_open_is_transient_never_quarantines_journal_files() {
+    let (dir, store, model) = setup(4);
+    drop(store);
+    failpoint::arm("journal.open");
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    assert!(store.vm(VM).is_none());
+    let pending = store.pending();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert!(
+        pending[0]
+            .1
+            .as_deref()
+            .unwrap_or("")
+            .contains("Too many open files"),
+        "{pending:?}"
+    );
+    assert!(store.broken().is_empty());
+    assert!(!dir.path().join(VM).join(crate::vm::QUARANTINE_DIR).exists());
+    let manifest = crate::manifest::Manifest::load(&dir.path().join(VM)).unwrap();
+    assert_eq!(manifest.damage, None);
+    // The descriptors are back: the next attempt opens it with every point.
+    assert_eq!(store.open_pending(), 0);
+    let vm = store.vm(VM).unwrap();
+    assert_eq!(vm.damage(), None);
+    drop(vm);
+    drop(store);
+    assert_eq!(check(dir.path(), &model, &[1, 2, 3, 4]), vec![1, 2, 3, 4]);
+}

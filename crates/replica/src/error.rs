@@ -48,13 +48,33 @@ pub enum ReplicaError {
     Manifest { path: PathBuf, reason: String },
     #[error("replica data damaged: {0}")]
     Damaged(String),
+    #[error(
+        "the replica of {vm_id} is damaged ({damage}): only a full resynchronization can follow"
+    )]
+    VmDamaged { vm_id: String, damage: String },
     #[error("a previous write to this incoming delta failed: {0}")]
     ReceiveFailed(String),
+    #[error("the replica of {vm_id} is being verified (opening the store); try again shortly")]
+    Verifying { vm_id: String },
     #[error("injected failure at {0}")]
     Injected(&'static str),
 }
 
 impl ReplicaError {
+    /// True when the operation failed for lack of a resource (file descriptors, memory) or
+    /// was interrupted, not because of anything wrong with the data: worth retrying later,
+    /// never a reason to record damage, quarantine a file or refuse further deltas.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReplicaError::Io { source, .. } => crate::fds::is_transient_io(source),
+            ReplicaError::Delta(delta::DeltaError::Io(source)) => {
+                crate::fds::is_transient_io(source)
+            }
+            ReplicaError::Verifying { .. } => true,
+            _ => false,
+        }
+    }
+
     /// Wraps an I/O error with the operation and path it concerns.
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
         let path = path.into();

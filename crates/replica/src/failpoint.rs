@@ -38,3 +38,16 @@ pub(crate) fn hit(name: &'static str) -> Result<(), ReplicaError> {
 pub(crate) fn hit(_name: &'static str) -> Result<(), ReplicaError> {
     Ok(())
 }
+
+/// Like [`hit`], for a system call: an armed `name` fails once with OS error `errno` (e.g.
+/// EMFILE, to stand for running out of descriptors).
+#[cfg(test)]
+pub(crate) fn hit_os(name: &'static str, errno: i32) -> std::io::Result<()> {
+    hit(name).map_err(|_| std::io::Error::from_raw_os_error(errno))
+}
+
+#[cfg(not(test))]
+#[inline(always)]
+pub(crate) fn hit_os(_name: &'static str, _errno: i32) -> std::io::Result<()> {
+    Ok(())
+}

@@ -92,7 +92,10 @@ fn advance_base(inner: &VmInner, s: u64, info: crate::PointInfo) -> Result<(), R
     })?;
     failpoint::hit("fold.after_manifest")?;
     inner.state.write().journal.remove(&s);
-    durable::remove_file(&inner.journal_path(s))
+    let path = inner.journal_path(s);
+    let removed = durable::remove_file(&path);
+    inner.fds.forget(&path);
+    removed
 }
 
 /// Step 3: writes every frame of journal `seq` into the base images in stream order, verifying

@@ -5,18 +5,17 @@
 //! `Arc`, so a reader clones the list it needs and does its I/O without holding any lock.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use delta::{FrameInfo, FrameKind};
 
-/// An open journal file. Views keep it open (and readable) even after retention deletes it.
+/// A journal file, by name only: reads open it through the store's bounded descriptor cache
+/// (`fds`), so the index holds no file descriptor however many points it lists.
 #[derive(Debug)]
 pub(crate) struct JournalFile {
     pub seq: u64,
     pub path: PathBuf,
-    pub file: File,
 }
 
 /// Where a DATA frame is stored.
@@ -171,11 +170,9 @@ mod tests {
     }
 
     fn journal() -> Arc<JournalFile> {
-        let f = tempfile::tempfile().unwrap();
         Arc::new(JournalFile {
             seq: 1,
             path: PathBuf::new(),
-            file: f,
         })
     }
 

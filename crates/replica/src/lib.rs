@@ -12,6 +12,7 @@ mod direct;
 mod durable;
 mod error;
 mod failpoint;
+mod fds;
 mod fold;
 mod index;
 mod manifest;
@@ -29,6 +30,7 @@ mod direct_tests;
 
 pub use delta::{DeltaKind, DiskEntry};
 pub use error::ReplicaError;
+pub use fds::{JOURNAL_FDS_LIMIT_SHARE, JOURNAL_FDS_MAX};
 pub use receive::Incoming;
 pub use store::ReplicaStore;
 pub use view::PointView;

@@ -12,7 +12,6 @@
 //! error fails the commit), then fsyncs exactly as before.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -219,7 +218,8 @@ impl Drop for Incoming {
     }
 }
 
-/// Refuses a header whose lineage or sequence does not follow the VM's latest point.
+/// Refuses a header whose lineage or sequence does not follow the VM's latest point, and any
+/// delta but a Full one while the VM is damaged.
 fn check_sequence(vm: &VmInner, h: &DeltaHeader) -> Result<(), ReplicaError> {
     if let Some(reason) = vm.wedged.lock().clone() {
         return Err(ReplicaError::ReceiveFailed(reason));
@@ -231,6 +231,16 @@ fn check_sequence(vm: &VmInner, h: &DeltaHeader) -> Result<(), ReplicaError> {
         });
     }
     vm.check_header(h, st.generation, true)?;
+    // A damaged chain takes no more increments: they would be committed on top of data the
+    // replica cannot read. Only a Full delta (every block) follows, and it clears the damage.
+    if let Some(damage) = &st.damage {
+        if h.kind != DeltaKind::Full {
+            return Err(ReplicaError::VmDamaged {
+                vm_id: vm.vm_id.clone(),
+                damage: damage.clone(),
+            });
+        }
+    }
     let latest = st.latest_seq();
     if h.parent_seq != latest || h.seq != latest + 1 {
         return Err(ReplicaError::OutOfSequence {
@@ -379,20 +389,14 @@ fn commit_journal(
         return Err(e);
     }
     incoming.partial = None;
-    let opened = failpoint::hit("commit.after_rename")
-        .and_then(|()| File::open(&jpath).map_err(ReplicaError::io("open", &jpath)));
-    let file = match opened {
-        Ok(f) => f,
-        Err(e) => {
-            wedge(vm, seq, &e);
-            return Err(e);
-        }
-    };
-    let journal = Arc::new(JournalFile {
-        seq,
-        path: jpath,
-        file,
-    });
+    // Nothing is opened from here on: the index names the journal file, and reads open it
+    // through the store's descriptor cache. So running out of descriptors can no longer
+    // wedge a VM here.
+    if let Err(e) = failpoint::hit("commit.after_rename") {
+        wedge(vm, seq, &e);
+        return Err(e);
+    }
+    let journal = Arc::new(JournalFile { seq, path: jpath });
     let mut layers: BTreeMap<u32, Layer> = BTreeMap::new();
     for f in incoming.frames.drain(..) {
         layers.entry(f.disk).or_default().insert_frame(&journal, f);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use delta::{DiskEntry, BLOCK_BYTES, DISKS_MAX, DISK_BYTES_MAX, VM_ID_BYTES_MAX};
 use parking_lot::{Mutex, RwLock};
 
+use crate::fds::JournalFds;
 use crate::manifest::{hex, DiskRecord, Manifest};
 use crate::vm::{base_path, open_vm, ReplicaVm, BASE_DIR, INCOMING_DIR, JOURNAL_DIR};
 use crate::{durable, ReplicaError};
@@ -23,10 +24,14 @@ pub struct ReplicaStore {
     vms: RwLock<BTreeMap<String, Arc<ReplicaVm>>>,
     /// VM directories that could not be opened, with the reason.
     broken: RwLock<BTreeMap<String, String>>,
+    /// VM directories not opened yet (their journal is verified by
+    /// [`ReplicaStore::open_pending`]), with the transient reason of the last failed attempt.
+    pending: RwLock<BTreeMap<String, Option<String>>>,
     /// Serializes create/remove.
     admin: Mutex<()>,
+    /// Open journal files of every VM (bounded).
+    fds: Arc<JournalFds>,
 }
-
 /// VM ids become directory names: a conservative character set, no leading dot (ours).
 fn validate_vm_id(vm_id: &str) -> Result<(), ReplicaError> {
     let ok = !vm_id.is_empty()
@@ -67,12 +72,21 @@ fn sorted(disks: &[DiskEntry]) -> Vec<DiskEntry> {
 
 impl ReplicaStore {
     /// Opens (creating if needed) the storage directory and recovers every VM in it. A VM that
-    /// cannot be opened is listed by [`ReplicaStore::broken`]; the others open normally.
+    /// cannot be opened is listed by [`ReplicaStore::broken`]; the others open normally. A VM
+    /// that failed for a transient reason (out of descriptors or memory) stays pending
+    /// ([`ReplicaStore::pending`]) and opens at a later [`ReplicaStore::open_pending`].
     pub fn open(storage_dir: &Path) -> Result<Self, ReplicaError> {
+        let store = Self::open_deferred(storage_dir)?;
+        store.open_pending();
+        Ok(store)
+    }
+
+    /// Lists the storage directory without opening any VM (cheap: no journal is read). Every
+    /// VM found is pending until [`ReplicaStore::open_pending`] verifies and opens it.
+    pub fn open_deferred(storage_dir: &Path) -> Result<Self, ReplicaError> {
         fs::create_dir_all(storage_dir)
             .map_err(ReplicaError::io("create directory", storage_dir))?;
-        let mut vms = BTreeMap::new();
-        let mut broken = BTreeMap::new();
+        let mut pending = BTreeMap::new();
         let entries = fs::read_dir(storage_dir).map_err(ReplicaError::io("list", storage_dir))?;
         for entry in entries {
             let entry = entry.map_err(ReplicaError::io("list", storage_dir))?;
@@ -89,28 +103,76 @@ impl ReplicaStore {
             if !path.is_dir() || validate_vm_id(&name).is_err() {
                 continue;
             }
-            match open_vm(&path) {
+            pending.insert(name, None);
+        }
+        Ok(ReplicaStore {
+            dir: storage_dir.to_owned(),
+            vms: RwLock::new(BTreeMap::new()),
+            broken: RwLock::new(BTreeMap::new()),
+            pending: RwLock::new(pending),
+            admin: Mutex::new(()),
+            fds: Arc::new(JournalFds::new(crate::fds::default_capacity())),
+        })
+    }
+
+    /// Opens every pending VM (recovery and full verification of its journal), one at a time.
+    /// A VM opens, or is broken with the reason, or stays pending when the failure was
+    /// transient. Returns how many VMs are still pending.
+    pub fn open_pending(&self) -> usize {
+        let names: Vec<String> = self.pending.read().keys().cloned().collect();
+        for name in names {
+            let opened = open_vm(&self.dir.join(&name), self.fds.clone());
+            // Create/remove may have run meanwhile: only a still-pending VM is decided here.
+            let _a = self.admin.lock();
+            let mut pending = self.pending.write();
+            if !pending.contains_key(&name) {
+                continue;
+            }
+            match opened {
                 Ok(vm) if vm.vm_id() == name => {
                     if let Some(d) = vm.damage() {
                         tracing::error!(vm = %name, damage = %d, "replica damaged: resynchronization required");
                     }
-                    vms.insert(name, Arc::new(vm));
+                    pending.remove(&name);
+                    self.vms.write().insert(name, Arc::new(vm));
                 }
                 Ok(vm) => {
-                    broken.insert(name, format!("directory holds VM {:?}", vm.vm_id()));
+                    pending.remove(&name);
+                    self.broken
+                        .write()
+                        .insert(name, format!("directory holds VM {:?}", vm.vm_id()));
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(vm = %name, error = %e, "cannot open replica VM yet (transient); will retry");
+                    pending.insert(name, Some(e.to_string()));
                 }
                 Err(e) => {
                     tracing::error!(vm = %name, error = %e, "cannot open replica VM");
-                    broken.insert(name, e.to_string());
+                    pending.remove(&name);
+                    self.broken.write().insert(name, e.to_string());
                 }
             }
         }
-        Ok(ReplicaStore {
-            dir: storage_dir.to_owned(),
-            vms: RwLock::new(vms),
-            broken: RwLock::new(broken),
-            admin: Mutex::new(()),
-        })
+        self.pending.read().len()
+    }
+
+    /// VMs not opened yet, with the transient reason of their last failed attempt.
+    pub fn pending(&self) -> Vec<(String, Option<String>)> {
+        self.pending
+            .read()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Whether `vm_id` is waiting to be opened (verified).
+    pub fn is_pending(&self, vm_id: &str) -> bool {
+        self.pending.read().contains_key(vm_id)
+    }
+
+    /// Journal files the store holds open now, and the most it ever holds.
+    pub fn journal_fds(&self) -> (usize, usize) {
+        (self.fds.open_count(), self.fds.capacity())
     }
 
     /// Creates the replica of a VM: empty (all-zero, sparse) base images and no point yet.
@@ -136,6 +198,11 @@ impl ReplicaStore {
                     vm_id: vm_id.into(),
                 })
             };
+        }
+        if self.pending.read().contains_key(vm_id) {
+            return Err(ReplicaError::Verifying {
+                vm_id: vm_id.into(),
+            });
         }
         let dir = self.dir.join(vm_id);
         if self.broken.read().contains_key(vm_id) || dir.exists() {
@@ -182,7 +249,7 @@ impl ReplicaStore {
         }
         durable::fsync_dir(&tmp)?;
         durable::rename(&tmp, &dir)?;
-        let vm = Arc::new(open_vm(&dir)?);
+        let vm = Arc::new(open_vm(&dir, self.fds.clone())?);
         self.vms.write().insert(vm_id.into(), vm.clone());
         tracing::info!(vm = %vm_id, generation, disks = disks.len(), "replica VM created");
         Ok(vm)
@@ -205,14 +272,15 @@ impl ReplicaStore {
             .collect()
     }
 
-    /// Deletes a VM's replica and all its points (also a broken one). Open views keep reading
-    /// the files they hold open until they are dropped.
+    /// Deletes a VM's replica and all its points (also a broken or pending one). Reads of open
+    /// views fail from then on (`Removed`).
     pub fn remove_vm(&self, vm_id: &str) -> Result<(), ReplicaError> {
         validate_vm_id(vm_id)?;
         let _a = self.admin.lock();
         let vm = self.vms.write().remove(vm_id);
         let was_broken = self.broken.write().remove(vm_id).is_some();
-        if vm.is_none() && !was_broken {
+        let was_pending = self.pending.write().remove(vm_id).is_some();
+        if vm.is_none() && !was_broken && !was_pending {
             return Err(ReplicaError::NotFound {
                 vm_id: vm_id.into(),
             });
@@ -225,6 +293,7 @@ impl ReplicaStore {
         let gone = self.dir.join(format!(".{vm_id}{REMOVING_SUFFIX}"));
         durable::remove_dir_all(&gone)?;
         durable::rename(&dir, &gone)?;
+        self.fds.forget_under(&dir);
         durable::remove_dir_all(&gone)?;
         tracing::info!(vm = %vm_id, "replica VM removed");
         Ok(())

@@ -23,6 +23,10 @@ const BLOCK_STATUS_EXTENTS_MAX: usize = 1024;
 /// Export reads and writes in pieces of this size (bounded memory).
 const EXPORT_CHUNK_BYTES: u64 = 4 << 20;
 const BLOCK: usize = delta::BLOCK_BYTES as usize;
+/// Times one read resolves its ranges again because retention retired a journal file under
+/// it. Each retry follows a fold, which a VM does at most once per retained point per
+/// retention pass, so reaching this means the files vanish for another reason.
+const RETIRED_RETRIES_MAX: usize = 1024;
 
 /// A read-only view of one disk at one recovery point. Retention never folds away what it
 /// reads while it exists.
@@ -141,28 +145,39 @@ impl PointView {
     /// Fills `buf` with the point's bytes at `offset`.
     pub fn read_range(&self, buf: &mut [u8], offset: u64) -> Result<(), ReplicaError> {
         self.check_range(offset, buf.len() as u64)?;
-        let layers = self.vm.state.read().layers(self.seq, self.disk);
         let base = self
             .vm
             .base
             .get(&self.disk)
             .ok_or(ReplicaError::NoSuchDisk { disk: self.disk })?;
-        for seg in resolve(&layers, offset, offset + buf.len() as u64) {
-            let out = &mut buf[(seg.start - offset) as usize..(seg.end - offset) as usize];
-            match seg.src {
-                SegSrc::Zero => out.fill(0),
-                SegSrc::Base => base
-                    .file
-                    .read_exact_at(out, seg.start)
-                    .map_err(ReplicaError::io("read base image", &base.path))?,
-                SegSrc::Data(frame) => {
-                    let data = read_frame(&self.vm, &frame)?;
-                    let from = (seg.start - frame.info.offset) as usize;
-                    out.copy_from_slice(&data[from..from + out.len()]);
+        // A fold may retire a journal file between taking the layers and opening it; its
+        // bytes are then in the base, and reading again through the current layers finds
+        // them. Every retry follows a fold, and folds only shorten the layer list.
+        'attempt: for _ in 0..RETIRED_RETRIES_MAX {
+            let layers = self.vm.state.read().layers(self.seq, self.disk);
+            for seg in resolve(&layers, offset, offset + buf.len() as u64) {
+                let out = &mut buf[(seg.start - offset) as usize..(seg.end - offset) as usize];
+                match seg.src {
+                    SegSrc::Zero => out.fill(0),
+                    SegSrc::Base => base
+                        .file
+                        .read_exact_at(out, seg.start)
+                        .map_err(ReplicaError::io("read base image", &base.path))?,
+                    SegSrc::Data(frame) => {
+                        let Some(data) = read_frame(&self.vm, &frame)? else {
+                            continue 'attempt;
+                        };
+                        let from = (seg.start - frame.info.offset) as usize;
+                        out.copy_from_slice(&data[from..from + out.len()]);
+                    }
                 }
             }
+            return Ok(());
         }
-        Ok(())
+        Err(ReplicaError::Damaged(format!(
+            "point {} of {}: its journal files kept disappearing while being read",
+            self.seq, self.vm.vm_id
+        )))
     }
 
     /// Allocation status from `offset`: ZERO frames and holes of the base image read as
@@ -244,11 +259,13 @@ fn base_runs(file: &File, start: u64, end: u64) -> Vec<(u64, bool)> {
     runs
 }
 
-/// The decoded bytes of a stored frame, from the cache or re-read and verified.
-fn read_frame(vm: &VmInner, frame: &FrameRef) -> Result<Arc<Vec<u8>>, ReplicaError> {
+/// The decoded bytes of a stored frame, from the cache or re-read and verified. `None`: the
+/// journal file was folded into the base and deleted since the caller took its layers (read
+/// again). Running out of descriptors or memory is a transient error, never damage.
+fn read_frame(vm: &VmInner, frame: &FrameRef) -> Result<Option<Arc<Vec<u8>>>, ReplicaError> {
     let key = (frame.journal.seq, frame.info.frame_pos);
     if let Some((_, data)) = vm.cache.lock().iter().find(|(k, _)| *k == key) {
-        return Ok(data.clone());
+        return Ok(Some(data.clone()));
     }
     let damaged = |reason: String| {
         let msg = format!("journal {}: {reason}", frame.journal.path.display());
@@ -256,17 +273,33 @@ fn read_frame(vm: &VmInner, frame: &FrameRef) -> Result<Arc<Vec<u8>>, ReplicaErr
         vm.state.write().damage.get_or_insert_with(|| msg.clone());
         ReplicaError::Damaged(msg)
     };
+    let file = match vm.fds.get(&frame.journal.path) {
+        Ok(f) => f,
+        Err(e) if e.is_transient() => return Err(e),
+        Err(e) => {
+            let st = vm.state.read();
+            if st.removed {
+                return Err(ReplicaError::Removed {
+                    vm_id: vm.vm_id.clone(),
+                });
+            }
+            if !st.journal.contains_key(&frame.journal.seq) {
+                return Ok(None);
+            }
+            drop(st);
+            return Err(damaged(e.to_string()));
+        }
+    };
     let mut stored = vec![0u8; frame.info.frame_len() as usize];
-    frame
-        .journal
-        .file
-        .read_exact_at(&mut stored, frame.info.frame_pos)
-        .map_err(|e| {
-            damaged(format!(
-                "reading frame at byte {}: {e}",
-                frame.info.frame_pos
-            ))
-        })?;
+    if let Err(e) = file.read_exact_at(&mut stored, frame.info.frame_pos) {
+        if crate::fds::is_transient_io(&e) {
+            return Err(ReplicaError::io("read", &frame.journal.path)(e));
+        }
+        return Err(damaged(format!(
+            "reading frame at byte {}: {e}",
+            frame.info.frame_pos
+        )));
+    }
     let parsed =
         decode_stored_frame(&stored, frame.info.frame_pos).map_err(|e| damaged(e.to_string()))?;
     if parsed.info != frame.info {
@@ -286,7 +319,7 @@ fn read_frame(vm: &VmInner, frame: &FrameRef) -> Result<Arc<Vec<u8>>, ReplicaErr
         cache.pop_front();
     }
     cache.push_back((key, data.clone()));
-    Ok(data)
+    Ok(Some(data))
 }
 
 impl Drop for PointView {

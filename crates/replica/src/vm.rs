@@ -13,6 +13,7 @@ use std::sync::Arc;
 use delta::{DeltaHeader, DeltaKind, DeltaReader, DeltaSummary, DiskEntry};
 use parking_lot::{Mutex, RwLock};
 
+use crate::fds::JournalFds;
 use crate::index::{JournalFile, Layer};
 use crate::manifest::{hex, key_from_hex, DiskRecord, Manifest, PointRecord};
 use crate::{durable, fold, ReplicaError};
@@ -154,6 +155,8 @@ pub(crate) struct VmInner {
     /// every further commit is refused until the store is reopened and reads the journal
     /// again. In memory only: reopening is the cure.
     pub wedged: Mutex<Option<String>>,
+    /// The store's open journal files (shared by all its VMs, bounded).
+    pub fds: Arc<JournalFds>,
 }
 
 /// One replicated VM on the replica host.
@@ -379,7 +382,8 @@ impl VmInner {
         Ok(())
     }
 
-    /// Opens a journal file, verifies it completely and builds its index layers.
+    /// Opens a journal file, verifies it completely and builds its index layers. The file is
+    /// closed again when done: the index refers to it by name (reads go through `fds`).
     fn load_journal(
         &self,
         seq: u64,
@@ -387,13 +391,14 @@ impl VmInner {
         generation: u64,
     ) -> Result<JournalEntry, ReplicaError> {
         let path = self.journal_path(seq);
-        let file = File::open(&path).map_err(ReplicaError::io("open", &path))?;
+        let file = crate::failpoint::hit_os("journal.open", libc::EMFILE)
+            .and_then(|()| File::open(&path))
+            .map_err(ReplicaError::io("open", &path))?;
         let journal = Arc::new(JournalFile {
             seq,
             path: path.clone(),
-            file,
         });
-        let mut r = DeltaReader::new(BufReader::new(&journal.file), &self.key)?;
+        let mut r = DeltaReader::new(BufReader::new(file), &self.key)?;
         let h = r.header().clone();
         self.check_header(&h, generation, false)?;
         if h.seq != seq || h.parent_seq != parent {
@@ -420,7 +425,9 @@ impl VmInner {
 }
 
 /// Opens a VM directory, recovering from any crash (see the "Open" section of the format doc).
-pub(crate) fn open_vm(dir: &Path) -> Result<ReplicaVm, ReplicaError> {
+/// A transient failure (out of file descriptors or memory: [`ReplicaError::is_transient`])
+/// fails the open and changes nothing: it is never taken for damage.
+pub(crate) fn open_vm(dir: &Path, fds: Arc<JournalFds>) -> Result<ReplicaVm, ReplicaError> {
     let m = Manifest::load(dir)?;
     let bad = |reason: &str| ReplicaError::Manifest {
         path: dir.join(crate::manifest::MANIFEST_FILE),
@@ -492,6 +499,7 @@ pub(crate) fn open_vm(dir: &Path) -> Result<ReplicaVm, ReplicaError> {
         base_writer: Mutex::new(0),
         base_epoch: AtomicU64::new(0),
         wedged: Mutex::new(None),
+        fds,
     });
     recover_journal(&inner, &m)?;
     let no_point = {
@@ -534,6 +542,7 @@ fn recover_journal(inner: &Arc<VmInner>, m: &Manifest) -> Result<(), ReplicaErro
         // A fold was interrupted: point base_seq is already gone; finish it.
         match inner.load_journal(s, m.base_seq, generation) {
             Ok(entry) => fold::finish_fold(inner, entry)?,
+            Err(e) if e.is_transient() => return Err(e),
             Err(e) => {
                 new_damage = Some(format!(
                     "interrupted fold of journal seq {s} cannot complete: {e}"
@@ -568,6 +577,9 @@ fn recover_journal(inner: &Arc<VmInner>, m: &Manifest) -> Result<(), ReplicaErro
                 inner.state.write().journal.insert(seq, entry);
                 parent = seq;
             }
+            // Out of descriptors or memory says nothing about the file: nothing is
+            // quarantined or recorded, and the VM opens once the resource is back.
+            Err(e) if e.is_transient() => return Err(e),
             Err(e) => {
                 tracing::error!(vm = %inner.vm_id, seq, error = %e, "journal file failed validation");
                 new_damage.get_or_insert(format!("journal {}: {e}", path.display()));

@@ -484,6 +484,63 @@ fn a_journal_file_damaged_while_open_is_an_error_never_wrong_bytes() {
     assert!(vm.damage().is_some());
 }
 
+/// Regression (AUDIT §11): damage found while running (a frame failing its checksum on read)
+/// did not stop the replica from committing increments on the damaged chain, so the primary
+/// never learned of it. Now a non-Full delta is refused by name (`VmDamaged`) and a Full
+/// delta still commits and clears the damage.
+#[test]
+fn damage_found_at_runtime_refuses_increments_until_a_full_delta() {
+    let (dir, store, mut model) = store_with_points(3);
+    let vm = store.vm(VM).unwrap();
+    let path = dir
+        .path()
+        .join(VM)
+        .join("journal")
+        .join(format!("{:020}.delta", 3));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() / 3;
+    bytes[at] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    let failed = [0u32, 1].iter().any(|&disk| {
+        let view = vm.point_disk(3, disk).unwrap();
+        let mut buf = vec![0u8; view.size_bytes() as usize];
+        view.read_at(&mut buf, 0).is_err()
+    });
+    assert!(failed && vm.damage().is_some());
+    let ops = [Op::Data {
+        disk: 0,
+        block: 1,
+        blocks: 1,
+        seed: 9,
+    }];
+    let (inc, _) = model.delta(DeltaKind::Incremental, Compression::Zstd, &ops);
+    let refused = send(&vm, &inc);
+    assert!(
+        matches!(refused, Err(ReplicaError::VmDamaged { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(vm.latest_seq(), 3);
+    let ops = [
+        Op::Data {
+            disk: 0,
+            block: 0,
+            blocks: 64,
+            seed: 77,
+        },
+        Op::Data {
+            disk: 1,
+            block: 0,
+            blocks: 32,
+            seed: 78,
+        },
+    ];
+    let (full, images) = model.delta(DeltaKind::Full, Compression::Zstd, &ops);
+    send(&vm, &full).unwrap();
+    model.accept(images);
+    assert_eq!(vm.damage(), None);
+    assert_eq!(vm.latest_seq(), 4);
+}
+
 #[test]
 fn reads_stay_exact_while_commits_and_retention_run_concurrently() {
     let (_dir, store, mut model) = store_with_points(2);

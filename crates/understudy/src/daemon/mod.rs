@@ -51,9 +51,9 @@ pub fn serve(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
     restrict_data_dir(&data_dir)?;
-    raise_fd_limit();
     let _lock = host::lock_data_dir(&data_dir)?;
     heap::configure();
+    raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("understudy")
@@ -77,36 +77,12 @@ fn restrict_data_dir(data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Raises the soft limit on open files to the hard limit (systemd starts services at 1024
-/// soft): the NBD server, the replica store and the trackers all need descriptors, and the
-/// replica's journal-file cache is sized from what is allowed (docs/limits.md).
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit write to / read from a struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
-        }
-        let before = lim.rlim_cur;
-        if lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                tracing::warn!("cannot raise the open-file limit from {before}");
-                return;
-            }
-        }
-        tracing::info!("open-file limit {} (was {before})", lim.rlim_cur);
-    }
-}
-
 async fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let shared = Shared::open(data_dir, &args).await?;
+    replica_host::spawn_retention(shared.clone());
 
     // Local API on a Unix socket; refuse to steal it from a live daemon.
     let api_path = data_dir.join("api.sock");
@@ -188,6 +164,62 @@ async fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         .events
         .emit(events::DAEMON_STOPPED, None, "info", "stopped cleanly");
     Ok(())
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (systemd starts services at 1024 soft, a
+/// replica with many VMs and a host serving many NBD connections need more). Capped at
+/// `/proc/sys/fs/nr_open`, the most the kernel accepts when the hard limit is unlimited.
+/// Failure is logged, never fatal: the daemon works within whatever it has (the replica's
+/// journal descriptor cache sizes itself from the soft limit).
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(
+            "cannot read RLIMIT_NOFILE: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let before = lim.rlim_cur;
+    let mut target = lim.rlim_max;
+    if target == libc::RLIM_INFINITY {
+        if let Some(nr_open) = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        {
+            target = nr_open;
+        }
+    }
+    if target <= before {
+        tracing::info!(
+            soft = before,
+            hard = lim.rlim_max,
+            "open file limit (RLIMIT_NOFILE) already at its hard limit"
+        );
+        return;
+    }
+    lim.rlim_cur = target;
+    // SAFETY: setrlimit reads the struct we pass; raising the soft limit up to the hard one
+    // needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        tracing::info!(
+            soft_before = before,
+            soft = target,
+            hard = lim.rlim_max,
+            "raised the open file limit (RLIMIT_NOFILE) to the hard limit"
+        );
+    } else {
+        tracing::warn!(
+            soft = before,
+            hard = lim.rlim_max,
+            "cannot raise the open file limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 async fn wait_for_signal() {

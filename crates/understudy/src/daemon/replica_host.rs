@@ -26,6 +26,10 @@ const HELLO_MAX_BYTES: usize = 64 << 10;
 /// Recovery points kept per replica VM; older deltas are folded into the base images. (The
 /// recovery-history policy — hourly points, any-point window — will replace this bound.)
 pub const RETAIN_POINTS: usize = 64;
+/// How often retention runs on its own, besides after every commit: a replica whose commits
+/// fail (disk full, out of descriptors) still folds and frees space, so it recovers by
+/// itself. The same pass opens replica VMs that could not be opened yet (transient failures).
+pub const RETENTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 struct Refusal {
     status: StatusCode,
@@ -147,11 +151,11 @@ async fn route(
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
         (Method::GET, ["v1", "replicas", vm, "state"]) => {
-            let rvm = store.vm(vm).ok_or_else(|| unknown(vm))?;
+            let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
         (Method::PUT, ["v1", "replicas", vm, "deltas", seq]) => {
-            let rvm = store.vm(vm).ok_or_else(|| unknown(vm))?;
+            let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
             let seq: u64 = seq.parse().map_err(|_| {
                 refuse(
                     StatusCode::BAD_REQUEST,
@@ -161,11 +165,7 @@ async fn route(
             })?;
             let point = receive(rvm.clone(), seq, req.into_body(), &shared.uploads, &name).await?;
             // Retention runs after the answer so it never adds to replication latency.
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = rvm.retain(RETAIN_POINTS) {
-                    tracing::error!(vm = %rvm.vm_id(), "retention failed: {e}");
-                }
-            });
+            tokio::task::spawn_blocking(move || retain(&rvm));
             shared.events.emit(
                 events::POINT_COMMITTED,
                 Some(vm),
@@ -183,6 +183,46 @@ async fn route(
             format!("no such route {m} {path}"),
         )),
     }
+}
+
+/// Folds `rvm` down to [`RETAIN_POINTS`] points (blocking).
+fn retain(rvm: &ReplicaVm) {
+    if let Err(e) = rvm.retain(RETAIN_POINTS) {
+        tracing::error!(vm = %rvm.vm_id(), "retention failed: {e}");
+    }
+}
+
+/// Retention on its own schedule ([`RETENTION_INTERVAL`]), on a blocking thread, never in a
+/// peer request's path; each pass also retries opening replica VMs still pending.
+pub fn spawn_retention(shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RETENTION_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; the store was just opened
+        loop {
+            tick.tick().await;
+            let Some((store, _)) = shared.replica_store() else {
+                continue;
+            };
+            let pass = tokio::task::spawn_blocking(move || {
+                store.open_pending();
+                for rvm in store.vms() {
+                    retain(&rvm);
+                }
+            });
+            if let Err(e) = pass.await {
+                tracing::error!("retention pass failed: {e}");
+            }
+        }
+    });
+}
+
+/// A refusal for a VM the store does not list: unknown, or not opened yet.
+fn missing(store: &replica::ReplicaStore, vm: &str) -> Refusal {
+    if store.is_pending(vm) {
+        return replica_refusal(ReplicaError::Verifying { vm_id: vm.into() });
+    }
+    unknown(vm)
 }
 
 fn unknown(vm: &str) -> Refusal {
@@ -392,6 +432,9 @@ async fn settle(
 /// A refused hello: a conflict only when the VM exists with another identity; the store's
 /// own failures (EMFILE, ENOSPC, EIO) are transient and never a 409.
 fn hello_refusal(e: ReplicaError) -> Refusal {
+    if matches!(e, ReplicaError::Verifying { .. }) || e.is_transient() {
+        return replica_refusal(e);
+    }
     let msg = e.to_string();
     match e {
         ReplicaError::AlreadyExists { .. } | ReplicaError::GenerationRegression { .. } => {
@@ -406,7 +449,16 @@ fn hello_refusal(e: ReplicaError) -> Refusal {
 
 fn replica_refusal(e: ReplicaError) -> Refusal {
     let msg = e.to_string();
+    if let ReplicaError::Verifying { .. } = e {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "verifying", msg);
+    }
+    if e.is_transient() {
+        // Out of descriptors or memory: nothing is wrong with the delta or the store.
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "store_busy", msg);
+    }
     match e {
+        // The primary takes `damaged` as "resynchronization required", with this reason.
+        ReplicaError::VmDamaged { .. } => refuse(StatusCode::CONFLICT, "damaged", msg),
         ReplicaError::OutOfSequence { expected, .. } => {
             let mut r = refuse(StatusCode::CONFLICT, "out_of_sequence", msg);
             r.err.expected_seq = Some(expected);
@@ -482,6 +534,16 @@ mod tests {
             source: std::io::Error::from_raw_os_error(libc::EMFILE),
         };
         let r = super::hello_refusal(io);
+        assert_eq!(
+            (r.status, r.err.code.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "store_busy")
+        );
+        let full = ReplicaError::Io {
+            op: "create",
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        let r = super::hello_refusal(full);
         assert_eq!(
             (r.status, r.err.code.as_str()),
             (StatusCode::SERVICE_UNAVAILABLE, "store_error")
