@@ -76,6 +76,8 @@ pub fn cut(gate: &CutGate, disks: &[Arc<TrackedDisk>]) -> Result<Cut, TrackerErr
     {
         return Err(TrackerError::CutOutstanding);
     }
+    // Out of the gate: a `statvfs` per disk.
+    let spill_caps: Vec<u64> = disks.iter().map(|d| d.spill_cap()).collect();
     let started = Instant::now();
     let exclusive = gate.exclusive();
     // Taken while no write is in flight on any disk of the VM: the instant of the cut.
@@ -84,8 +86,8 @@ pub fn cut(gate: &CutGate, disks: &[Arc<TrackedDisk>]) -> Result<Cut, TrackerErr
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0);
     let mut frozen = Vec::with_capacity(disks.len());
-    for d in disks {
-        let epoch = d.freeze();
+    for (d, spill_cap) in disks.iter().zip(spill_caps) {
+        let epoch = d.freeze(spill_cap);
         frozen.push(FrozenDisk {
             disk: Arc::clone(d),
             epoch,

@@ -40,12 +40,17 @@ pub struct DiskOptions {
     /// Memory for copy-before-write copies of this disk (rounded down to 4 KiB; 0 = none).
     /// When it is full, copies spill to `<state_dir>/disk.cbw`.
     pub cbw_memory_bytes_max: u64,
+    /// Cap on the bytes one epoch may spill to `disk.cbw`; a copy that would pass it abandons
+    /// the epoch instead (the cut is aborted, its blocks stay dirty). `None`: computed at each
+    /// cut from the free space of the state directory's filesystem (`cbw::spill_cap`).
+    pub cbw_spill_bytes_max: Option<u64>,
 }
 
 impl Default for DiskOptions {
     fn default() -> Self {
         DiskOptions {
             cbw_memory_bytes_max: CBW_MEMORY_BYTES_MAX_DEFAULT,
+            cbw_spill_bytes_max: None,
         }
     }
 }
@@ -226,7 +231,12 @@ impl TrackedDisk {
             maps: [active, Bitmap::new(nblocks)],
             active_idx: AtomicUsize::new(0),
             secured: Bitmap::new(nblocks),
-            frozen: FrozenState::new(cbw, nblocks, options.cbw_memory_bytes_max),
+            frozen: FrozenState::new(
+                cbw,
+                nblocks,
+                options.cbw_memory_bytes_max,
+                options.cbw_spill_bytes_max,
+            ),
             al,
             shut_down: AtomicBool::new(false),
             storage_error: parking_lot::Mutex::new(None),
