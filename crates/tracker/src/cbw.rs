@@ -6,8 +6,10 @@
 //!   and `S`, then writes. A copy goes into memory when the disk's bounded pool (`pool.rs`) has
 //!   room: one `pread`/`preadv` per run into 4 KiB slots, recorded block → slot in the map of
 //!   the stripe (`Stripe::in_memory`). Otherwise it spills to `<state_dir>/disk.cbw` at the same
-//!   offset (`pread` + `pwrite`). So a block in `P` with a map entry has its copy in memory, a
-//!   block in `P` without one has it in the file;
+//!   offset (`pread` + `pwrite`), within the epoch's spill cap (set at each cut from the free
+//!   space; a copy past it poisons the epoch instead, the guest's write still proceeds). So a
+//!   block in `P` with a map entry has its copy in memory, a block in `P` without one has it
+//!   in the file;
 //! - the shipper (`read_frozen`) holds the stripe lock of each region while it reads it: blocks
 //!   in `P` come from their copy (memcpy from the slot, or the file), blocks not in `S` from the
 //!   image (no writer can overwrite them meanwhile, since it would first have to copy them under
