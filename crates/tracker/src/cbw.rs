@@ -666,6 +666,19 @@ impl TrackedDisk {
         Ok(hole)
     }
 
+    /// The poison reason of cut `epoch` (see `FrozenDisk::abandoned`).
+    pub(crate) fn frozen_abandoned(&self, epoch: u64) -> Option<String> {
+        let st = &self.frozen;
+        let _stripe = st.stripe(0);
+        if !st.open.load(Ordering::Acquire)
+            || st.epoch.load(Ordering::Acquire) != epoch
+            || !st.poisoned.load(Ordering::Acquire)
+        {
+            return None;
+        }
+        st.poison_reason.lock().clone()
+    }
+
     /// Block-aligned ranges of cut `epoch` whose copies are in memory now, coalesced, in disk
     /// order (see `FrozenDisk::ranges_in_memory`). Empty once the epoch has ended.
     pub(crate) fn frozen_in_memory(&self, epoch: u64) -> Vec<(u64, u64)> {

@@ -232,6 +232,13 @@ impl FrozenDisk {
         self.disk.frozen_in_memory_bytes()
     }
 
+    /// Why this cut can no longer be read, when its copy-before-write was abandoned (the spill
+    /// cap was reached, or a copy failed): the reason the shipper's read failed, to report
+    /// whatever else the failed upload says. `None` while the cut is readable.
+    pub fn abandoned(&self) -> Option<String> {
+        self.disk.frozen_abandoned(self.epoch)
+    }
+
     /// True when `offset..offset+len_bytes` (block aligned, within one 1 MiB region) reads as
     /// zeros at the cut without reading it: a hole in the image with no copy-before-write data
     /// and not read before. The range then counts as read. False: read it with `read_at`.

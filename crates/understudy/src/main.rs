@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// directory. 0 = always the file.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size_arg)]
     pub cbw_memory: u64,
+    /// Tests only: cap on each epoch's copy-before-write spill file instead of a quarter of
+    /// the free space of its filesystem.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, hide = true)]
+    pub cbw_spill_max: Option<u64>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {

@@ -124,7 +124,7 @@ impl Shared {
             nbd_socket: nbd_socket.clone(),
             disk_options: tracker::DiskOptions {
                 cbw_memory_bytes_max: args.cbw_memory,
-                ..Default::default()
+                cbw_spill_bytes_max: args.cbw_spill_max,
             },
             tls,
             events,
