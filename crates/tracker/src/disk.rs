@@ -291,15 +291,12 @@ impl TrackedDisk {
             return Err(std::io::Error::from_raw_os_error(libc::EIO));
         }
         #[cfg(test)]
-        let result = if self.fail_next_sync.swap(false, Ordering::AcqRel) {
+        let injected = self.fail_next_sync.swap(false, Ordering::AcqRel);
+        #[cfg(not(test))]
+        let injected = false;
+        let result = if injected {
             Err(std::io::Error::from_raw_os_error(libc::EIO))
         } else if all {
-            self.file.sync_all()
-        } else {
-            self.file.sync_data()
-        };
-        #[cfg(not(test))]
-        let result = if all {
             self.file.sync_all()
         } else {
             self.file.sync_data()
@@ -307,19 +304,15 @@ impl TrackedDisk {
         if let Err(e) = &result {
             let op = if all { "fsync" } else { "fdatasync" };
             let text = format!("{op}: {e}");
-            {
-                let mut first = self.storage_error.lock();
-                if first.is_none() {
-                    *first = Some(text.clone());
-                }
-            }
+            self.storage_error
+                .lock()
+                .get_or_insert_with(|| text.clone());
             self.storage_failed.store(true, Ordering::Release);
             tracing::error!(image = %self.image.display(), error = %text,
                 "the image's storage reported a write-back error; every later flush fails until the disk is reopened");
-            self.al.fail(&TrackerError::io(
-                "sync image",
-                &self.image,
-                std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)),
+            self.al.degrade(&format!(
+                "{} of the image failed: {text}",
+                self.image.display()
             ));
         }
         result
