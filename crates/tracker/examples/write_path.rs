@@ -83,6 +83,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .get(5)
                     .and_then(|s| s.parse::<u64>().ok())
                     .map_or(CBW_MEMORY_BYTES_MAX_DEFAULT, |mib| mib << 20),
+                ..DiskOptions::default()
             };
             let (memory_first, after_pass) = match args.get(6).map(String::as_str).unwrap_or("disk")
             {

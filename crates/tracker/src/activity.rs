@@ -292,13 +292,9 @@ impl ActivityLog {
         self.hot.clear_all();
     }
 
-    /// Stops recording because of a failure outside the log (the image's storage failed):
-    /// as for an I/O error of the log itself, it is deleted so a crash is never recoverable.
-    pub(crate) fn fail(&self, err: &TrackerError) {
-        self.degrade(err);
-    }
-
-    fn degrade(&self, err: &TrackerError) {
+    /// Stops recording after an I/O error, of the log itself or of the image's storage: the
+    /// log is deleted (durably) so that a crash from now on is never taken as recoverable.
+    pub(crate) fn degrade(&self, err: &dyn std::fmt::Display) {
         if self.degraded.swap(true, Ordering::AcqRel) {
             return;
         }

@@ -6,8 +6,10 @@
 //!   and `S`, then writes. A copy goes into memory when the disk's bounded pool (`pool.rs`) has
 //!   room: one `pread`/`preadv` per run into 4 KiB slots, recorded block → slot in the map of
 //!   the stripe (`Stripe::in_memory`). Otherwise it spills to `<state_dir>/disk.cbw` at the same
-//!   offset (`pread` + `pwrite`). So a block in `P` with a map entry has its copy in memory, a
-//!   block in `P` without one has it in the file;
+//!   offset (`pread` + `pwrite`), within the epoch's spill cap (set at each cut from the free
+//!   space; a copy past it poisons the epoch instead, the guest's write still proceeds). So a
+//!   block in `P` with a map entry has its copy in memory, a block in `P` without one has it
+//!   in the file;
 //! - the shipper (`read_frozen`) holds the stripe lock of each region while it reads it: blocks
 //!   in `P` come from their copy (memcpy from the slot, or the file), blocks not in `S` from the
 //!   image (no writer can overwrite them meanwhile, since it would first have to copy them under
@@ -56,6 +58,21 @@ const CBW_RUN_BYTES_MAX: usize = (CBW_RUN_BLOCKS_MAX * BLOCK_BYTES) as usize;
 // A run is read with one vectored read of the image mapping.
 const _: () = assert!(CBW_RUN_BLOCKS_MAX as usize <= sys::RANDOM_MAP_PARTS_MAX);
 
+/// The spill of one epoch may use at most 1/`SPILL_FREE_SHARE_DIVISOR` of the free space of
+/// its filesystem at the cut, and never its last `SPILL_RESERVE_BYTES`. The spill file sits
+/// on the filesystem of the image (`<state_dir>` is under the VM's directory), whose guest
+/// writes into holes need that space: an epoch whose copies would take more is abandoned
+/// (its blocks stay dirty and ship with the next cut) long before the guest could get ENOSPC.
+/// A quarter leaves the guest three quarters of what was free; the reserve keeps a nearly
+/// full filesystem from spilling at all.
+const SPILL_FREE_SHARE_DIVISOR: u64 = 4;
+const SPILL_RESERVE_BYTES: u64 = 1 << 30;
+
+/// The spill cap of an epoch on a filesystem with `free` bytes available.
+pub(crate) fn spill_cap(free: u64) -> u64 {
+    (free / SPILL_FREE_SHARE_DIVISOR).min(free.saturating_sub(SPILL_RESERVE_BYTES))
+}
+
 /// Reads of at least this many bytes bypass the no-read-ahead mapping (see `read_image`).
 const MAPPED_READ_BYTES_MAX: usize = 256 * 1024;
 
@@ -95,6 +112,16 @@ struct Stripe {
     in_memory: HashMap<u64, u32, BuildHasherDefault<BlockHasher>>,
 }
 
+/// The outcome of copying one run.
+enum Copied {
+    Yes,
+    /// The pool was full and spilling the run would pass the epoch's spill cap (bytes).
+    SpillCapReached {
+        spilled: u64,
+        cap: u64,
+    },
+}
+
 /// Where the cut-time content of a frozen block is read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
@@ -127,6 +154,11 @@ pub(crate) struct FrozenState {
     copied_blocks: AtomicU64,
     /// Of those, blocks copied to the file because the pool was full.
     spilled_blocks: AtomicU64,
+    /// `DiskOptions::cbw_spill_bytes_max` (`None`: from the free space at each cut).
+    spill_bytes_max: Option<u64>,
+    /// Blocks this epoch may spill to the file (set at freeze), and blocks it has spilled.
+    epoch_spill_blocks_max: AtomicU64,
+    epoch_spilled_blocks: AtomicU64,
 }
 
 fn read_error(msg: String) -> io::Error {
@@ -134,8 +166,14 @@ fn read_error(msg: String) -> io::Error {
 }
 
 impl FrozenState {
-    /// `pool_bytes_max`: memory for copies (0: every copy goes to the file).
-    pub(crate) fn new(cbw: File, nblocks: u64, pool_bytes_max: u64) -> FrozenState {
+    /// `pool_bytes_max`: memory for copies (0: every copy goes to the file);
+    /// `spill_bytes_max`: see `DiskOptions::cbw_spill_bytes_max`.
+    pub(crate) fn new(
+        cbw: File,
+        nblocks: u64,
+        pool_bytes_max: u64,
+        spill_bytes_max: Option<u64>,
+    ) -> FrozenState {
         FrozenState {
             stripes: (0..STRIPES)
                 .map(|_| Mutex::new(Stripe::default()))
@@ -152,6 +190,9 @@ impl FrozenState {
             spilled: AtomicBool::new(false),
             copied_blocks: AtomicU64::new(0),
             spilled_blocks: AtomicU64::new(0),
+            spill_bytes_max,
+            epoch_spill_blocks_max: AtomicU64::new(0),
+            epoch_spilled_blocks: AtomicU64::new(0),
         }
     }
 
@@ -206,9 +247,17 @@ impl TrackedDisk {
                     }
                     let off = blk * BLOCK_BYTES;
                     let n = ((run_end - blk + 1) * BLOCK_BYTES).min(self.size - off) as usize;
-                    if let Err(e) = self.copy_run(&mut stripe, blk, run_end, n) {
-                        let reason =
-                            format!("copy-before-write of {n} bytes at offset {off} failed: {e}");
+                    let failure = match self.copy_run(&mut stripe, blk, run_end, n) {
+                        Ok(Copied::Yes) => None,
+                        Ok(Copied::SpillCapReached { spilled, cap }) => Some(format!(
+                            "copy-before-write spill cap reached ({cap} bytes in {}, {spilled} used): the cut is abandoned, its blocks stay dirty for the next one",
+                            self.state_dir.display()
+                        )),
+                        Err(e) => Some(format!(
+                            "copy-before-write of {n} bytes at offset {off} failed: {e}"
+                        )),
+                    };
+                    if let Some(reason) = failure {
                         tracing::error!(image = %self.image.display(), "{reason}; this cut will be aborted");
                         st.poison(reason);
                         return;
@@ -228,8 +277,14 @@ impl TrackedDisk {
 
     /// Copies the current content of blocks `first..=last` (`len` bytes, clipped to the disk)
     /// into pool slots recorded in `stripe` (whose lock the caller holds), or into the file
-    /// when the pool has no room for the whole run.
-    fn copy_run(&self, stripe: &mut Stripe, first: u64, last: u64, len: usize) -> io::Result<()> {
+    /// when the pool has no room for the whole run and the epoch's spill cap allows it.
+    fn copy_run(
+        &self,
+        stripe: &mut Stripe,
+        first: u64,
+        last: u64,
+        len: usize,
+    ) -> io::Result<Copied> {
         let st = &self.frozen;
         let off = first * BLOCK_BYTES;
         let count = (last - first + 1) as usize;
@@ -265,7 +320,18 @@ impl TrackedDisk {
                     st.pool.give_back(&[old]);
                 }
             }
-            return Ok(());
+            return Ok(Copied::Yes);
+        }
+        let spilled = st
+            .epoch_spilled_blocks
+            .fetch_add(count as u64, Ordering::AcqRel)
+            + count as u64;
+        let cap = st.epoch_spill_blocks_max.load(Ordering::Acquire);
+        if spilled > cap {
+            return Ok(Copied::SpillCapReached {
+                spilled: (spilled - count as u64) * BLOCK_BYTES,
+                cap: cap * BLOCK_BYTES,
+            });
         }
         CBW_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -276,7 +342,24 @@ impl TrackedDisk {
         })?;
         st.spilled.store(true, Ordering::Release);
         st.spilled_blocks.fetch_add(count as u64, Ordering::Relaxed);
-        Ok(())
+        Ok(Copied::Yes)
+    }
+
+    /// The spill cap for the next epoch, in bytes: `DiskOptions::cbw_spill_bytes_max`, or
+    /// `spill_cap` of the free space of the spill file's filesystem now (0 when it cannot be
+    /// known: copies then stay in memory or abandon the epoch, never risk the guest's space).
+    pub(crate) fn spill_cap(&self) -> u64 {
+        if let Some(cap) = self.frozen.spill_bytes_max {
+            return cap;
+        }
+        match sys::free_bytes(&self.frozen.cbw) {
+            Ok(free) => spill_cap(free),
+            Err(e) => {
+                tracing::warn!(dir = %self.state_dir.display(), error = %e,
+                    "cannot read the free space for the copy-before-write spill; not spilling this cut");
+                0
+            }
+        }
     }
 
     /// Reads cut-time image content for the shipper. Small reads (scattered dirty blocks) go
@@ -344,8 +427,9 @@ impl TrackedDisk {
         st.pool.release_all()
     }
 
-    /// Starts a frozen epoch and returns its number. The caller holds the gate exclusively.
-    pub(crate) fn freeze(&self) -> u64 {
+    /// Starts a frozen epoch that may spill at most `spill_cap` bytes, and returns its number.
+    /// The caller holds the gate exclusively.
+    pub(crate) fn freeze(&self, spill_cap: u64) -> u64 {
         let idx = self.active_idx.load(Ordering::Acquire) & 1;
         // No write is in flight and the previous epoch is closed: extents without active bits
         // hold nothing the replica lacks (rule 3 of the activity log).
@@ -355,6 +439,9 @@ impl TrackedDisk {
         let epoch = st.epoch.load(Ordering::Acquire) + 1;
         st.epoch.store(epoch, Ordering::Release);
         st.poisoned.store(false, Ordering::Release);
+        st.epoch_spill_blocks_max
+            .store(spill_cap / BLOCK_BYTES, Ordering::Release);
+        st.epoch_spilled_blocks.store(0, Ordering::Release);
         st.open.store(true, Ordering::Release);
         self.active_idx.store(idx ^ 1, Ordering::Release);
         epoch
@@ -579,6 +666,19 @@ impl TrackedDisk {
         Ok(hole)
     }
 
+    /// The poison reason of cut `epoch` (see `FrozenDisk::abandoned`).
+    pub(crate) fn frozen_abandoned(&self, epoch: u64) -> Option<String> {
+        let st = &self.frozen;
+        let _stripe = st.stripe(0);
+        if !st.open.load(Ordering::Acquire)
+            || st.epoch.load(Ordering::Acquire) != epoch
+            || !st.poisoned.load(Ordering::Acquire)
+        {
+            return None;
+        }
+        st.poison_reason.lock().clone()
+    }
+
     /// Block-aligned ranges of cut `epoch` whose copies are in memory now, coalesced, in disk
     /// order (see `FrozenDisk::ranges_in_memory`). Empty once the epoch has ended.
     pub(crate) fn frozen_in_memory(&self, epoch: u64) -> Vec<(u64, u64)> {
@@ -665,5 +765,21 @@ impl TrackedDisk {
             end += 1;
         }
         Some((off, (end * BLOCK_BYTES).min(stop) - off))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spill_cap_is_a_quarter_of_the_free_space_minus_nothing_below_the_reserve() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(spill_cap(0), 0);
+        assert_eq!(spill_cap(GIB), 0, "the last GiB is never spilled into");
+        assert_eq!(spill_cap(GIB + GIB / 10), GIB / 10);
+        assert_eq!(spill_cap(2 * GIB), GIB / 2);
+        assert_eq!(spill_cap(100 * GIB), 25 * GIB);
+        assert_eq!(spill_cap(u64::MAX), u64::MAX / 4);
     }
 }

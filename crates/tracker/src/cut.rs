@@ -76,6 +76,8 @@ pub fn cut(gate: &CutGate, disks: &[Arc<TrackedDisk>]) -> Result<Cut, TrackerErr
     {
         return Err(TrackerError::CutOutstanding);
     }
+    // Out of the gate: a `statvfs` per disk.
+    let spill_caps: Vec<u64> = disks.iter().map(|d| d.spill_cap()).collect();
     let started = Instant::now();
     let exclusive = gate.exclusive();
     // Taken while no write is in flight on any disk of the VM: the instant of the cut.
@@ -84,8 +86,8 @@ pub fn cut(gate: &CutGate, disks: &[Arc<TrackedDisk>]) -> Result<Cut, TrackerErr
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0);
     let mut frozen = Vec::with_capacity(disks.len());
-    for d in disks {
-        let epoch = d.freeze();
+    for (d, spill_cap) in disks.iter().zip(spill_caps) {
+        let epoch = d.freeze(spill_cap);
         frozen.push(FrozenDisk {
             disk: Arc::clone(d),
             epoch,
@@ -228,6 +230,13 @@ impl FrozenDisk {
     /// copies start spilling to the file.
     pub fn in_memory_bytes(&self) -> (u64, u64) {
         self.disk.frozen_in_memory_bytes()
+    }
+
+    /// Why this cut can no longer be read, when its copy-before-write was abandoned (the spill
+    /// cap was reached, or a copy failed): the reason the shipper's read failed, to report
+    /// whatever else the failed upload says. `None` while the cut is readable.
+    pub fn abandoned(&self) -> Option<String> {
+        self.disk.frozen_abandoned(self.epoch)
     }
 
     /// True when `offset..offset+len_bytes` (block aligned, within one 1 MiB region) reads as

@@ -40,12 +40,17 @@ pub struct DiskOptions {
     /// Memory for copy-before-write copies of this disk (rounded down to 4 KiB; 0 = none).
     /// When it is full, copies spill to `<state_dir>/disk.cbw`.
     pub cbw_memory_bytes_max: u64,
+    /// Cap on the bytes one epoch may spill to `disk.cbw`; a copy that would pass it abandons
+    /// the epoch instead (the cut is aborted, its blocks stay dirty). `None`: computed at each
+    /// cut from the free space of the state directory's filesystem (`cbw::spill_cap`).
+    pub cbw_spill_bytes_max: Option<u64>,
 }
 
 impl Default for DiskOptions {
     fn default() -> Self {
         DiskOptions {
             cbw_memory_bytes_max: CBW_MEMORY_BYTES_MAX_DEFAULT,
+            cbw_spill_bytes_max: None,
         }
     }
 }
@@ -226,7 +231,12 @@ impl TrackedDisk {
             maps: [active, Bitmap::new(nblocks)],
             active_idx: AtomicUsize::new(0),
             secured: Bitmap::new(nblocks),
-            frozen: FrozenState::new(cbw, nblocks, options.cbw_memory_bytes_max),
+            frozen: FrozenState::new(
+                cbw,
+                nblocks,
+                options.cbw_memory_bytes_max,
+                options.cbw_spill_bytes_max,
+            ),
             al,
             shut_down: AtomicBool::new(false),
             storage_error: parking_lot::Mutex::new(None),
@@ -281,15 +291,12 @@ impl TrackedDisk {
             return Err(std::io::Error::from_raw_os_error(libc::EIO));
         }
         #[cfg(test)]
-        let result = if self.fail_next_sync.swap(false, Ordering::AcqRel) {
+        let injected = self.fail_next_sync.swap(false, Ordering::AcqRel);
+        #[cfg(not(test))]
+        let injected = false;
+        let result = if injected {
             Err(std::io::Error::from_raw_os_error(libc::EIO))
         } else if all {
-            self.file.sync_all()
-        } else {
-            self.file.sync_data()
-        };
-        #[cfg(not(test))]
-        let result = if all {
             self.file.sync_all()
         } else {
             self.file.sync_data()
@@ -297,19 +304,15 @@ impl TrackedDisk {
         if let Err(e) = &result {
             let op = if all { "fsync" } else { "fdatasync" };
             let text = format!("{op}: {e}");
-            {
-                let mut first = self.storage_error.lock();
-                if first.is_none() {
-                    *first = Some(text.clone());
-                }
-            }
+            self.storage_error
+                .lock()
+                .get_or_insert_with(|| text.clone());
             self.storage_failed.store(true, Ordering::Release);
             tracing::error!(image = %self.image.display(), error = %text,
                 "the image's storage reported a write-back error; every later flush fails until the disk is reopened");
-            self.al.fail(&TrackerError::io(
-                "sync image",
-                &self.image,
-                std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)),
+            self.al.degrade(&format!(
+                "{} of the image failed: {text}",
+                self.image.display()
             ));
         }
         result

@@ -43,6 +43,20 @@ pub(crate) fn seek_hole(file: &File, offset: u64) -> io::Result<Option<u64>> {
     seek(file, offset, libc::SEEK_HOLE)
 }
 
+/// Bytes available to unprivileged users on the filesystem holding `file` (`fstatvfs`:
+/// `f_bavail * f_frsize`).
+pub(crate) fn free_bytes(file: &File) -> io::Result<u64> {
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatvfs writes only into `st`, which lives for the call; the fd is owned by
+    // `file`.
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 /// Takes an exclusive, non-blocking advisory lock; `Ok(false)` when someone else holds it.
 pub(crate) fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     // SAFETY: flock only reads its integer arguments on an fd owned by `file`.

@@ -40,6 +40,7 @@ fn disk(size: u64, pool_blocks: u64) -> Fixture {
         gate.clone(),
         &DiskOptions {
             cbw_memory_bytes_max: pool_blocks * B,
+            ..DiskOptions::default()
         },
     )
     .expect("create");
@@ -350,4 +351,59 @@ fn memory_can_be_released_between_cuts_only() {
     assert_eq!(d.cbw_spilled_bytes(), 0);
     assert_stamped(&read(&c.disks[0], 0, 4 * B), 0, 10);
     c.commit();
+}
+
+#[test]
+fn spill_cap_abandons_the_epoch_and_never_fails_a_guest_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = CutGate::new();
+    let spill_cap = 16 * B;
+    let d = TrackedDisk::create_with(
+        &dir.path().join("disk.img"),
+        4 << 20,
+        &dir.path().join("state"),
+        gate.clone(),
+        &DiskOptions {
+            cbw_memory_bytes_max: 0,
+            cbw_spill_bytes_max: Some(spill_cap),
+        },
+    )
+    .expect("create");
+    let region = 256; // blocks: 1 MiB
+    d.write_at(&fill(0xA1, region), 0, false).expect("write A");
+    let c = cut(&gate, std::slice::from_ref(&d)).expect("cut");
+    // The guest rewrites the frozen MiB in 64 KiB writes: the first run (16 blocks) fits in
+    // the spill cap, the next ones would not. Every write succeeds.
+    for i in 0..region / 16 {
+        d.write_at(&fill(0xB2, 16), i * 16 * B, false)
+            .expect("a guest write never fails because of the spill cap");
+    }
+    assert_eq!(
+        d.cbw_spilled_bytes(),
+        spill_cap,
+        "spilled up to the cap only"
+    );
+    let mut buf = vec![0u8; (region * B) as usize];
+    let err = c.disks[0]
+        .read_at(&mut buf, 0)
+        .expect_err("the epoch was abandoned");
+    assert!(
+        err.to_string()
+            .contains("copy-before-write spill cap reached"),
+        "{err}"
+    );
+    c.abort();
+    // The blocks stay dirty, the file is emptied, and the next cut ships the new content.
+    assert_eq!(d.dirty_bytes(), region * B);
+    assert_eq!(
+        fs::metadata(dir.path().join("state/disk.cbw"))
+            .expect("cbw")
+            .len(),
+        0
+    );
+    let c = cut(&gate, std::slice::from_ref(&d)).expect("next cut");
+    assert_eq!(c.disks[0].ranges(), vec![(0, region * B)]);
+    assert_eq!(read(&c.disks[0], 0, region * B), fill(0xB2, region));
+    c.commit();
+    assert_eq!(d.dirty_bytes(), 0);
 }

@@ -280,6 +280,7 @@ fn run(ops: Vec<Vec<Op>>, steps: Vec<Step>, pool_blocks: u64) -> Result<(), Stri
     let gate = CutGate::new();
     let options = DiskOptions {
         cbw_memory_bytes_max: pool_blocks * B,
+        ..DiskOptions::default()
     };
     let disks: Vec<Arc<TrackedDisk>> = (0..DISKS)
         .map(|i| {

@@ -95,6 +95,10 @@ pub struct ServeArgs {
     /// replica verifies and fsyncs it in that time).
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub answer_timeout: u64,
+    /// Tests only: cap on each epoch's copy-before-write spill file instead of a quarter of
+    /// the free space of its filesystem.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, hide = true)]
+    pub cbw_spill_max: Option<u64>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {

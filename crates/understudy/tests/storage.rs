@@ -2,6 +2,9 @@
 //! fdatasync fails), every later FLUSH fails too, the VM needs resynchronization with the
 //! reason, an event is recorded (also for a VM that does not replicate), and no clean-stop
 //! marker is written. The error is injected with strace into the real daemon.
+//!
+//! And the space the guest's disk lives on: a cut whose copy-before-write would spill past
+//! its cap is abandoned (the guest's writes succeed), and its blocks ship with the next one.
 
 mod common;
 
@@ -140,4 +143,78 @@ fn failed_fdatasync_is_sticky_recorded_and_blocks_the_clean_marker() {
     let st = p.json(&["replication", "status", "web"]);
     assert_eq!(st["state"], "ResynchronizationRequired", "{st}");
     drop(r);
+}
+
+/// Rewrites the last block of an export until stdin closes; prints "ready" after the first
+/// write.
+const REWRITE_LAST_BLOCK: &str = r#"
+import sys, nbd, threading
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+off = h.get_size() - 4096
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+i = 0
+while not stop.is_set():
+    h.pwrite(bytes([i % 251 + 1]) * 4096, off)
+    if i == 0:
+        print("ready", flush=True)
+    i += 1
+h.flush()
+"#;
+
+#[test]
+fn spill_cap_abandons_the_cycle_and_the_next_one_ships_its_blocks() {
+    require("qemu-io", "qemu-utils");
+    require("nbdcopy", "libnbd-bin");
+    let root = tempfile::tempdir().unwrap();
+    // No copy-before-write memory and no spill at all: the first copy abandons the epoch.
+    let (p, r) = pair_with(root.path(), &["--cbw-memory", "0", "--cbw-spill-max", "0"]);
+    replicate(&p, &r, "web", &["64M"], 3600);
+    let uri = p.nbd_uri("web", 0);
+    qemu_io_ok(&uri, &["write -P 7 0 64M"]);
+
+    // A guest that keeps rewriting the last block while the cut of the 64 MiB ships: its
+    // first write after the cut needs a copy of a frozen block, which may not spill.
+    let mut writer = Command::new("/usr/bin/python3")
+        .args(["-c", REWRITE_LAST_BLOCK])
+        .arg(&uri)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(writer.stdout.as_mut().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    let out = p.run(&["replication", "sync", "web"]);
+    drop(writer.stdin.take());
+    let status = writer.wait().unwrap();
+    assert!(status.success(), "every guest write succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the cycle was abandoned");
+    assert!(
+        stderr.contains("copy-before-write spill cap reached"),
+        "{stderr}"
+    );
+    let st = p.json(&["replication", "status", "web"]);
+    assert_eq!(st["state"], "Replicating", "{st}");
+    assert!(
+        st["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("copy-before-write spill cap reached"),
+        "{st}"
+    );
+    assert!(
+        st["pending_bytes"].as_u64().unwrap() >= 64 << 20,
+        "the blocks stay dirty: {st}"
+    );
+
+    // Without the concurrent writer the next cycle ships them.
+    sync_until_ok(&p, "web", 5);
+    assert!(latest_equals_primary(&p, &r, "web", 0, root.path()));
 }

@@ -654,6 +654,8 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
         super::peer_client::put_delta_watched(&peer, &vm_name, seq, body, &shared.peer_timeouts)
             .await;
     let (cut, encoded) = enc_rx.await.context("the shipper thread stopped")?;
+    // Copy-before-write abandoned (spill cap): the reason, whatever the upload reports.
+    let abandoned = cut.disks.iter().find_map(|d| d.abandoned());
 
     let outcome: anyhow::Result<(DeltaReply, super::shipper::ShipSummary)> = match (put, encoded) {
         (Ok(reply), Ok(summary)) => Ok((reply, summary)),
@@ -717,6 +719,10 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
             .await
             .context("abort task")?;
             repl.progress_total.store(0, Ordering::Relaxed);
+            let e = match abandoned {
+                Some(why) => e.context(why),
+                None => e,
+            };
             if let Some(refusal) = e.downcast_ref::<PeerRefusal>() {
                 if refusal.needs_resync() {
                     let inflight = repl.rt.lock().record.inflight_seq;

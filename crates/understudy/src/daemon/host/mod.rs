@@ -144,6 +144,7 @@ impl Shared {
             nbd_socket: nbd_socket.clone(),
             disk_options: tracker::DiskOptions {
                 cbw_memory_bytes_max: args.cbw_memory,
+                cbw_spill_bytes_max: args.cbw_spill_max,
             },
             uploads: Default::default(),
             peer_timeouts: super::peer_client::PeerTimeouts {
