@@ -38,6 +38,8 @@ pub struct Host {
     /// Extra `serve` arguments (e.g. --cert/--key/--ca).
     pub serve_args: Vec<String>,
     child: Option<Child>,
+    /// Started once: peers may know its address now.
+    started: bool,
 }
 
 impl Host {
@@ -52,6 +54,7 @@ impl Host {
             port: free_port(),
             serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
             child: None,
+            started: false,
         };
         h.restart();
         h
@@ -62,6 +65,24 @@ impl Host {
     }
 
     pub fn restart(&mut self) {
+        // `free_port` can race another test's daemon for the same port: pick another and
+        // retry when the bind loses (only before the first start, when nobody knows the port).
+        for _ in 0..5 {
+            match self.try_restart() {
+                Ok(()) => {
+                    self.started = true;
+                    return;
+                }
+                Err(log) if log.contains("Address already in use") && !self.started => {
+                    self.port = free_port();
+                }
+                Err(log) => panic!("daemon {} did not start:\n{log}", self.name),
+            }
+        }
+        panic!("daemon {} found no free port", self.name);
+    }
+
+    fn try_restart(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "{} already running", self.name);
         std::fs::create_dir_all(&self.dir).unwrap();
         let log = std::fs::OpenOptions::new()
@@ -90,9 +111,11 @@ impl Host {
         });
         if rx.recv_timeout(Duration::from_secs(60)).is_err() {
             let _ = child.kill();
-            panic!("daemon {} did not start:\n{}", self.name, self.log());
+            let _ = child.wait();
+            return Err(self.log());
         }
         self.child = Some(child);
+        Ok(())
     }
 
     pub fn log(&self) -> String {
