@@ -80,10 +80,10 @@ impl From<TlsContext> for ClientTls {
 }
 
 impl ClientTls {
-    fn config(&self) -> Arc<ClientConfig> {
+    fn config(&self, expect: Option<&str>) -> Arc<ClientConfig> {
         match self {
             Self::Fixed(c) => c.clone(),
-            Self::Context(c) => c.client_config(),
+            Self::Context(c) => c.client_config_expecting(expect),
         }
     }
 }
@@ -99,6 +99,8 @@ struct PeerInner {
     addr: String,
     server_name: ServerName<'static>,
     tls: ClientTls,
+    /// The replica's peer name this link must reach (see [`Peer::expecting`]).
+    expect: Option<String>,
     connect_timeout: Duration,
     conn: Mutex<Option<Conn>>,
 }
@@ -111,6 +113,8 @@ struct Conn {
     /// The first TLS error seen on the socket (e.g. the alert by which the peer rejected our
     /// certificate). h2 drops error causes, so it is captured below hyper.
     tls_error: TlsErrorSlot,
+    /// Peer name (CN, else first DNS name) of the verified server certificate.
+    server_name: Option<String>,
 }
 
 type TlsErrorSlot = Arc<std::sync::Mutex<Option<rustls::Error>>>;
@@ -136,7 +140,37 @@ impl Peer {
         tls: impl Into<ClientTls>,
         connect_timeout: Duration,
     ) -> Result<Self, TransportError> {
-        let addr = addr.into();
+        Self::build(addr.into(), tls.into(), None, connect_timeout)
+    }
+
+    /// [`Peer::new`] for a replica whose certificate must name `expect` (recorded when the
+    /// relationship was set up, see [`Peer::connected_name`]): another host at that address
+    /// is refused even if its CA is trusted as a replica. `None` accepts any replica identity
+    /// the trust store scopes allow (first contact).
+    pub fn expecting(
+        addr: impl Into<String>,
+        tls: impl Into<ClientTls>,
+        expect: Option<String>,
+    ) -> Result<Self, TransportError> {
+        Self::build(addr.into(), tls.into(), expect, CONNECT_TIMEOUT)
+    }
+
+    /// The peer name in the verified certificate of the current connection, if connected.
+    pub async fn connected_name(&self) -> Option<String> {
+        self.inner
+            .conn
+            .lock()
+            .await
+            .as_ref()
+            .and_then(|c| c.server_name.clone())
+    }
+
+    fn build(
+        addr: String,
+        tls: ClientTls,
+        expect: Option<String>,
+        connect_timeout: Duration,
+    ) -> Result<Self, TransportError> {
         let host = split_host(&addr)?;
         let server_name =
             ServerName::try_from(host.to_owned()).map_err(|e| TransportError::InvalidAddress {
@@ -147,7 +181,8 @@ impl Peer {
             inner: Arc::new(PeerInner {
                 addr,
                 server_name,
-                tls: tls.into(),
+                tls,
+                expect,
                 connect_timeout,
                 conn: Mutex::new(None),
             }),
@@ -285,7 +320,7 @@ impl Peer {
                     },
                 })?;
             let _ = tcp.set_nodelay(true);
-            let connector = TlsConnector::from(self.inner.tls.config());
+            let connector = TlsConnector::from(self.inner.tls.config(self.inner.expect.as_deref()));
             let attempt = tokio::time::timeout_at(
                 deadline,
                 connector.connect(self.inner.server_name.clone(), tcp),
@@ -320,6 +355,12 @@ impl Peer {
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
+        let server_name = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(crate::identity::peer_name);
         let tls_error = TlsErrorSlot::default();
         let io = TlsErrorTap {
             inner: tls,
@@ -347,6 +388,7 @@ impl Peer {
             sender,
             ended,
             tls_error,
+            server_name,
         })
     }
 

@@ -122,6 +122,19 @@ pub enum TransportError {
         /// The verifier's reason.
         reason: String,
     },
+    /// The peer's certificate chains to a trusted CA, but that CA is not trusted for the
+    /// peer's role or not pinned to its name, or it is not the replica this relationship was
+    /// set up with.
+    #[error(
+        "peer {peer} presented a certificate this host does not accept from it: {reason} \
+         (see `understudy trust list`)"
+    )]
+    PeerOutOfScope {
+        /// host:port.
+        peer: String,
+        /// Which check failed.
+        reason: String,
+    },
     /// The peer refused our client certificate.
     #[error(
         "peer {peer} does not trust this host's certificate (on {peer} run `understudy trust \
@@ -211,6 +224,14 @@ impl TransportError {
         match err {
             E::InvalidCertificate(Cert::NotValidForName | Cert::NotValidForNameContext { .. }) => {
                 Self::PeerNameMismatch { peer, reason }
+            }
+            E::InvalidCertificate(Cert::Other(other))
+                if other.0.downcast_ref::<crate::tls::ScopeRefusal>().is_some() =>
+            {
+                Self::PeerOutOfScope {
+                    peer,
+                    reason: other.0.to_string(),
+                }
             }
             E::InvalidCertificate(_) => Self::PeerNotTrusted { peer, reason },
             E::AlertReceived(

@@ -31,8 +31,8 @@ pub use server::{
     serve, serve_with, PeerInfo, ServeOptions, FIRST_BYTE_TIMEOUT, HANDSHAKE_TIMEOUT,
     MAX_CONNECTIONS, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE,
 };
-pub use tls::{client_config, server_config, TlsContext};
-pub use trust::{fingerprint, TrustStore, TrustedCert};
+pub use tls::{client_config, server_config, ScopeRefusal, TlsContext};
+pub use trust::{derived_name, fingerprint, name_matches, Scope, TrustStore, TrustedCert};
 
 /// Re-exported so callers name the same versions we use.
 pub use hyper;

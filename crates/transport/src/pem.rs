@@ -16,18 +16,32 @@ pub(crate) const PEM_FILE_BYTES_MAX: u64 = 4 << 20;
 
 /// Reads a file of at most [`PEM_FILE_BYTES_MAX`] bytes.
 pub(crate) fn read_bounded(path: &Path) -> Result<Vec<u8>, TransportError> {
-    let meta = std::fs::metadata(path).map_err(|e| TransportError::io("read", path, e))?;
-    if meta.len() > PEM_FILE_BYTES_MAX {
-        return Err(TransportError::InvalidPem {
-            path: path.to_owned(),
-            reason: format!(
-                "file is {} bytes, more than the {PEM_FILE_BYTES_MAX} bytes any certificate \
-                 file needs",
-                meta.len()
-            ),
-        });
+    read_bounded_to(path, PEM_FILE_BYTES_MAX)
+}
+
+/// Reads a file of at most `max` bytes (bounded read, even if the file grows meanwhile).
+pub(crate) fn read_bounded_to(path: &Path, max: u64) -> Result<Vec<u8>, TransportError> {
+    use std::io::Read;
+    let too_big = |len: u64| TransportError::InvalidPem {
+        path: path.to_owned(),
+        reason: format!("file is {len} bytes, more than the {max} bytes such a file needs"),
+    };
+    let file = std::fs::File::open(path).map_err(|e| TransportError::io("read", path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| TransportError::io("read", path, e))?
+        .len();
+    if len > max {
+        return Err(too_big(len));
     }
-    std::fs::read(path).map_err(|e| TransportError::io("read", path, e))
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| TransportError::io("read", path, e))?;
+    if bytes.len() as u64 > max {
+        return Err(too_big(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 /// All certificates in a PEM file, in order. Other PEM sections are ignored; a file without

@@ -88,6 +88,9 @@ pub struct PeerInfo {
     pub addr: SocketAddr,
     /// Common name (or first DNS name) of the verified client certificate.
     pub name: Option<String>,
+    /// Fingerprint of the trusted CA that vouched for `name` (trusted as a primary and pinned
+    /// to that name). With `name`, the peer's identity.
+    pub ca: Option<String>,
 }
 
 /// Tunables of [`serve_with`]; [`Default`] gives the named constants.
@@ -177,12 +180,18 @@ pub async fn serve_with<H, F>(
             continue;
         };
         let config = tls.server_config();
+        let tls = tls.clone();
         let handler = handler.clone();
         let stop = stop_rx.clone();
         let options = options.clone();
         let admission = admission.clone();
         tokio::spawn(async move {
-            serve_connection(tcp, addr, config, &options, slot, &admission, handler, stop).await;
+            let ctx = Ctx {
+                tls: &tls,
+                options: &options,
+                admission: &admission,
+            };
+            serve_connection(tcp, addr, config, ctx, slot, handler, stop).await;
         });
     }
     // Stop: GOAWAY everywhere (handshakes in progress are abandoned), then wait for the slots.
@@ -348,22 +357,32 @@ async fn linger(mut tcp: TcpStream) {
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
+/// What every connection task shares with the server.
+struct Ctx<'a> {
+    tls: &'a TlsContext,
+    options: &'a ServeOptions,
+    admission: &'a Admission,
+}
+
 /// One connection from accept to close: first byte, TLS handshake (holding `slot`), then
 /// HTTP/2 (holding an established-connection slot).
-#[allow(clippy::too_many_arguments)]
 async fn serve_connection<H, F>(
     tcp: TcpStream,
     addr: SocketAddr,
     config: Arc<rustls::ServerConfig>,
-    options: &ServeOptions,
+    ctx: Ctx<'_>,
     slot: HandshakeSlot,
-    admission: &Admission,
     handler: H,
     mut stop: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>, PeerInfo) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<BoxBody>> + Send + 'static,
 {
+    let Ctx {
+        tls: tls_ctx,
+        options,
+        admission,
+    } = ctx;
     let _ = tcp.set_nodelay(true);
     let accepted = Instant::now();
     // The client speaks first in TLS: a connection that stays silent gives its slot back soon.
@@ -425,13 +444,10 @@ async fn serve_connection<H, F>(
         });
         return;
     };
-    let name = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|certs| certs.first())
-        .and_then(crate::identity::peer_name);
-    let peer = PeerInfo { addr, name };
+    let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+    let name = chain.first().and_then(crate::identity::peer_name);
+    let ca = tls_ctx.primary_ca_of(chain);
+    let peer = PeerInfo { addr, name, ca };
     tracing::debug!(peer = %addr, name = ?peer.name, "peer connected");
 
     let service = service_fn(move |req: Request<Incoming>| {

@@ -110,10 +110,28 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
     })
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TrustRole {
+    Replica,
+    Primary,
+    Both,
+}
+
 #[derive(Subcommand)]
 enum TrustCmd {
-    /// Trust a peer's certificate or CA (PEM file).
-    Add { file: PathBuf },
+    /// Trust a peer's CA (PEM file, the output of `understudy identity` on the peer), pinned to
+    /// the peer's name and scoped to a role.
+    Add {
+        file: PathBuf,
+        /// What the peer is to this host: `replica` (we ship to it), `primary` (it ships to
+        /// us) or `both`.
+        #[arg(long = "as", value_name = "ROLE", default_value = "both")]
+        role: TrustRole,
+        /// Peer name(s) this CA speaks for (certificate CN or first DNS name; `*.example.com`
+        /// or `*` allowed). Default: the host name in the CA's subject.
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+    },
     /// List trusted certificates.
     List {
         #[arg(long)]
@@ -250,7 +268,14 @@ fn main() -> ExitCode {
         Command::Serve(args) => daemon::serve(&cli.data_dir, args),
         Command::Demo => demo::run(),
         Command::Identity => cli::identity(&cli.data_dir),
-        Command::Trust(TrustCmd::Add { file }) => cli::trust_add(&cli.data_dir, &file),
+        Command::Trust(TrustCmd::Add { file, role, names }) => {
+            let scope = transport::Scope {
+                names,
+                replica: matches!(role, TrustRole::Replica | TrustRole::Both),
+                primary: matches!(role, TrustRole::Primary | TrustRole::Both),
+            };
+            cli::trust_add(&cli.data_dir, &file, &scope)
+        }
         Command::Trust(TrustCmd::List { json }) => cli::trust_list(&cli.data_dir, json),
         Command::ReplicaServer(cmd) => {
             let api = cli::Api::new(&cli.data_dir);

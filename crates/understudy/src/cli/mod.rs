@@ -34,17 +34,22 @@ pub fn identity(data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn trust_add(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
+pub fn trust_add(data_dir: &Path, file: &Path, scope: &transport::Scope) -> anyhow::Result<()> {
     let store = transport::TrustStore::open(&data_dir.join("trust"))?;
-    let added = store.add(file)?;
+    let added = store.add_scoped(file, scope)?;
     // A running daemon picks the new trust up for new connections at once.
     let api = Api::new(data_dir);
     let _ = api.post::<_, Value>("/v1/trust/reload", &serde_json::json!({}));
     let subject = added.subject.as_deref().unwrap_or("certificate");
+    let scope = format!(
+        "as {} for {}",
+        added.scope.roles(),
+        added.scope.names.join(", ")
+    );
     if added.newly_added {
-        println!("trusted {subject} ({})", added.fingerprint);
+        println!("trusted {subject} ({}) {scope}", added.fingerprint);
     } else {
-        println!("{subject} ({}) was already trusted", added.fingerprint);
+        println!("{subject} ({}) is trusted {scope}", added.fingerprint);
     }
     Ok(())
 }
@@ -55,12 +60,19 @@ pub fn trust_list(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     if json {
         let items: Vec<Value> = list
             .iter()
-            .map(|t| serde_json::json!({"subject": t.subject, "fingerprint": t.fingerprint, "path": t.path}))
+            .map(|t| serde_json::json!({"subject": t.subject, "fingerprint": t.fingerprint, "path": t.path,
+                "names": t.scope.names, "replica": t.scope.replica, "primary": t.scope.primary}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&items)?);
     } else {
         for t in list {
-            println!("{}  {}", t.fingerprint, t.subject.as_deref().unwrap_or("-"));
+            println!(
+                "{}  {}  as {} for {}",
+                t.fingerprint,
+                t.subject.as_deref().unwrap_or("-"),
+                t.scope.roles(),
+                t.scope.names.join(", ")
+            );
         }
     }
     Ok(())

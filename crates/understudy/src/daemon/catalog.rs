@@ -58,6 +58,22 @@ pub struct ReplicationRecord {
     /// A full resynchronization was requested and has not committed yet.
     #[serde(default)]
     pub pending_full: bool,
+    /// Peer name in the replica's certificate when the relationship was set up (`replication
+    /// enable`): later connections must reach that same replica identity. Absent in records
+    /// written before it existed; then recorded at the next successful hello.
+    #[serde(default)]
+    pub replica_name: Option<String>,
+}
+
+/// Replica side: the primary identity that created a replica VM (`replica-owner/<vm>`). Only
+/// that identity may say hello for the VM, read its state or send it deltas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaOwner {
+    pub version: u32,
+    /// Peer name (CN, else first DNS name) of the creator's client certificate.
+    pub peer_name: String,
+    /// SHA-256 fingerprint (hex) of the trusted CA that vouched for that name.
+    pub ca_fingerprint: String,
 }
 
 impl Catalog {

@@ -531,7 +531,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
         return Err(anyhow!(reason));
     }
     let record = repl.record();
-    let peer = shared.peer(&record.replica)?;
+    let peer = shared.peer(&record.replica, record.replica_name.as_deref())?;
     let vm_name = repl.vm.name.clone();
 
     if repl.rt.lock().need_hello {
@@ -575,6 +575,13 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
             }
         }
         repl.rt.lock().need_hello = false;
+        if record.replica_name.is_none() {
+            // A relationship set up before replica names were pinned: pin the one met now.
+            if let Some(name) = peer.connected_name().await {
+                repl.rt.lock().record.replica_name = Some(name);
+                repl.persist(shared);
+            }
+        }
     }
 
     let record = repl.record();

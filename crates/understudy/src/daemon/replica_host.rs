@@ -17,6 +17,7 @@ use replica::{ReplicaError, ReplicaVm};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use transport::{BoxBody, PeerInfo};
 
+use super::catalog::ReplicaOwner;
 use super::events;
 use super::primary::delta_key;
 use super::Shared;
@@ -100,6 +101,18 @@ async fn route(
             format!("peer {name:?} is not in this replica server's allow list"),
         ));
     }
+    let ca_fingerprint = peer.ca.clone().ok_or_else(|| {
+        refuse(
+            StatusCode::FORBIDDEN,
+            "not_allowed",
+            format!("peer {name:?}: its CA is no longer trusted as a primary here"),
+        )
+    })?;
+    let caller = ReplicaOwner {
+        version: super::catalog::RECORD_VERSION,
+        peer_name: name.clone(),
+        ca_fingerprint,
+    };
     match (req.method().clone(), parts.as_slice()) {
         (Method::POST, ["v1", "replicas", vm, "hello"]) => {
             let bytes = http_body_util::Limited::new(req.into_body(), HELLO_MAX_BYTES)
@@ -137,6 +150,11 @@ async fn route(
                     size_bytes: d.size_bytes,
                 })
                 .collect();
+            // A VM already bound to another identity is refused before the store is touched;
+            // an unbound one (new, or created before owners were recorded) is bound below,
+            // once the store has accepted the hello (for an existing VM that proves the
+            // caller knows its key).
+            let owner = check_owner(shared, vm, &caller, true)?;
             let store2 = store.clone();
             let vm_name = vm.to_string();
             let key = delta_key(&hello.replication_id);
@@ -147,15 +165,26 @@ async fn route(
             .await
             .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
             .map_err(hello_refusal)?;
+            if owner.is_none() {
+                shared.set_replica_owner(vm, &caller).map_err(|e| {
+                    refuse(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "store_error",
+                        e.to_string(),
+                    )
+                })?;
+            }
             shared.note_replica_primary(vm, &hello.primary_host);
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
         (Method::GET, ["v1", "replicas", vm, "state"]) => {
             let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
+            check_owner(shared, vm, &caller, false)?;
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
         (Method::PUT, ["v1", "replicas", vm, "deltas", seq]) => {
             let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
+            check_owner(shared, vm, &caller, false)?;
             let seq: u64 = seq.parse().map_err(|_| {
                 refuse(
                     StatusCode::BAD_REQUEST,
@@ -223,6 +252,51 @@ fn missing(store: &replica::ReplicaStore, vm: &str) -> Refusal {
         return replica_refusal(ReplicaError::Verifying { vm_id: vm.into() });
     }
     unknown(vm)
+}
+
+/// Refuses `caller` (403 `not_owner`) unless it is the identity bound to replica VM `vm`.
+/// An unbound VM is allowed only for a hello (`may_bind`), which binds it; state and deltas
+/// of an unbound VM answer `unknown_vm`, so the primary says hello first.
+fn check_owner(
+    shared: &Shared,
+    vm: &str,
+    caller: &ReplicaOwner,
+    may_bind: bool,
+) -> Result<Option<ReplicaOwner>, Refusal> {
+    let owner = shared.replica_owner(vm).map_err(|e| {
+        refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store_error",
+            e.to_string(),
+        )
+    })?;
+    match &owner {
+        Some(o) if o.peer_name == caller.peer_name && o.ca_fingerprint == caller.ca_fingerprint => {
+        }
+        Some(o) => {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "not_owner",
+                format!(
+                    "the replica of {vm} here belongs to peer {:?} (CA {}…); {:?} may not use it",
+                    o.peer_name,
+                    &o.ca_fingerprint[..16.min(o.ca_fingerprint.len())],
+                    caller.peer_name
+                ),
+            ))
+        }
+        None if may_bind => {}
+        None => {
+            return Err(refuse(
+                StatusCode::NOT_FOUND,
+                "unknown_vm",
+                format!(
+                "the replica of {vm} has no owner recorded yet; the primary must say hello first"
+            ),
+            ))
+        }
+    }
+    Ok(owner)
 }
 
 fn unknown(vm: &str) -> Refusal {

@@ -609,13 +609,20 @@ impl Shared {
         e.repl.clone().ok_or_else(|| primary::not_enabled(name))
     }
 
-    pub fn peer(&self, addr: &str) -> anyhow::Result<transport::Peer> {
+    /// The shared link to the replica at `addr` whose certificate names `expect` (the name
+    /// recorded at `replication enable`); one per (address, name).
+    pub fn peer(&self, addr: &str, expect: Option<&str>) -> anyhow::Result<transport::Peer> {
+        let key = format!("{addr}\n{}", expect.unwrap_or_default());
         let mut peers = self.peers.lock();
-        if let Some(p) = peers.get(addr) {
+        if let Some(p) = peers.get(&key) {
             return Ok(p.clone());
         }
-        let p = transport::Peer::new(addr.to_string(), self.tls.clone())?;
-        peers.insert(addr.to_string(), p.clone());
+        let p = transport::Peer::expecting(
+            addr.to_string(),
+            self.tls.clone(),
+            expect.map(str::to_owned),
+        )?;
+        peers.insert(key, p.clone());
         Ok(p)
     }
 
@@ -656,7 +663,7 @@ impl Shared {
                 vm.disks.len()
             )));
         }
-        let record = ReplicationRecord {
+        let mut record = ReplicationRecord {
             replica: req.replica.clone(),
             frequency_secs: req.frequency_secs,
             compression: req.compression,
@@ -671,9 +678,11 @@ impl Shared {
             suspended: false,
             resync_reason: None,
             pending_full: false,
+            replica_name: None,
         };
-        // Like Enable-VMReplication: the replica must accept us now, or nothing changes.
-        let peer = self.peer(&req.replica)?;
+        // Like Enable-VMReplication: the replica must accept us now, or nothing changes. First
+        // contact: any replica identity the trust scopes allow; the one met is pinned below.
+        let peer = transport::Peer::expecting(req.replica.clone(), self.tls.clone(), None)?;
         let reply = super::peer_client::hello(
             &peer,
             &primary::hello_of(self, &vm, &record),
@@ -687,6 +696,7 @@ impl Shared {
                 req.replica, req.vm
             )));
         }
+        record.replica_name = peer.connected_name().await;
         self.save_replication(&req.vm, &record)?;
         let repl = Replication::spawn(self.clone(), vm, record);
         if let Some(e) = self.vms.lock().get_mut(&req.vm) {

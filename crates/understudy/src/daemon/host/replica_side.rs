@@ -15,6 +15,7 @@ use replica::ReplicaStore;
 
 use super::{ReplicaHost, Shared, REPLICA_CFG_KEY};
 use crate::daemon::api::{bad_request, not_found};
+use crate::daemon::catalog::ReplicaOwner;
 use crate::daemon::events;
 
 impl Shared {
@@ -91,6 +92,16 @@ impl Shared {
         drop(guard);
         self.catalog.put(REPLICA_CFG_KEY, &cfg)?;
         Ok(cfg)
+    }
+
+    /// The primary identity bound to replica VM `vm` (see `catalog::ReplicaOwner`).
+    pub fn replica_owner(&self, vm: &str) -> anyhow::Result<Option<ReplicaOwner>> {
+        self.catalog.get(&replica_owner_key(vm))
+    }
+
+    /// Binds replica VM `vm` to the primary identity that created it.
+    pub fn set_replica_owner(&self, vm: &str, owner: &ReplicaOwner) -> anyhow::Result<()> {
+        self.catalog.put(&replica_owner_key(vm), owner)
     }
 
     pub fn note_replica_primary(&self, vm: &str, primary: &str) {
@@ -189,6 +200,10 @@ impl Shared {
             })?;
         Ok(point_info(point))
     }
+}
+
+fn replica_owner_key(vm: &str) -> String {
+    format!("replica-owner/{vm}")
 }
 
 fn point_info(p: &replica::PointInfo) -> PointInfo {
