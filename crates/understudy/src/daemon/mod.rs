@@ -78,6 +78,7 @@ fn restrict_data_dir(data_dir: &Path) -> anyhow::Result<()> {
 }
 
 async fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
+    let stop_signal = watch_stop_signals();
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -151,7 +152,7 @@ async fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         shared.nbd_socket.display()
     );
 
-    wait_for_signal().await;
+    stop_signal.await;
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
     shared.stop_replication(TASK_STOP_TIMEOUT).await;
@@ -222,18 +223,24 @@ fn raise_nofile_limit() {
     }
 }
 
-async fn wait_for_signal() {
+/// Watches SIGTERM and SIGINT from the moment it is called: a stop that arrives right after
+/// the daemon said it is ready is a clean stop, never the default action (death).
+fn watch_stop_signals() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot watch SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!("cannot watch stop signals: {e}");
+                std::future::pending::<()>().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
