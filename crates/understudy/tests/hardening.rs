@@ -307,9 +307,9 @@ fn replica_with_hung_storage_makes_cycles_fail_but_never_freezes_the_api() {
         tmp.path(),
         &[
             "--answer-timeout",
-            "4",
+            "15",
             "--upload-idle-timeout",
-            "4",
+            "15",
             "--hello-timeout",
             "4",
         ],
@@ -338,7 +338,19 @@ fn replica_with_hung_storage_makes_cycles_fail_but_never_freezes_the_api() {
     // The guest goes on, and the API answers while a cycle is in flight.
     qemu_io_ok(&uri, &["write -P 4 8M 1M"]);
     let sync = run_async(&primary, &["replication", "sync", "web"]);
-    std::thread::sleep(Duration::from_millis(500));
+    // A second sync while that cycle is stalled is refused at once (retry later), not queued
+    // behind the deadlines.
+    std::thread::sleep(Duration::from_secs(6));
+    let again = run_async(&primary, &["replication", "sync", "web"]);
+    let out = again
+        .recv_timeout(Duration::from_secs(20))
+        .expect("sync must answer while a cycle is stalled on the replica");
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let suspend = run_async(&primary, &["replication", "suspend", "web"]);
     let out = suspend
         .recv_timeout(Duration::from_secs(20))

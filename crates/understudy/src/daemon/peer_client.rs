@@ -77,6 +77,7 @@ pub async fn put_delta_watched(
     seq: u64,
     body: BoxBody,
     timeouts: &PeerTimeouts,
+    last_progress_ns: &AtomicU64,
 ) -> anyhow::Result<DeltaReply> {
     let watched = WatchedBody::new(body);
     let progress = watched.progress.clone();
@@ -106,6 +107,7 @@ pub async fn put_delta_watched(
                     if bytes != last_bytes {
                         last_bytes = bytes;
                         last_change = now;
+                        last_progress_ns.store(proto::time::now_unix_ns(), Ordering::Relaxed);
                     } else if now.duration_since(last_change) > timeouts.upload_idle {
                         progress.cancel();
                         return Err(PeerTimeout(format!(

@@ -41,6 +41,10 @@ pub enum Cmd {
 
 /// Bound on queued commands per VM; API calls beyond it get a transient refusal.
 const CMD_QUEUE: usize = 16;
+/// A `sync` that finds the cycle in flight stalled (the replica took no data and gave no answer)
+/// for this long is refused at once (transient, exit 75) rather than queued behind it: the
+/// API answers within seconds even when the replica's storage hangs.
+const SYNC_STALL_REFUSAL: Duration = Duration::from_secs(5);
 /// Retry delays after a failed cycle: capped exponential backoff.
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -73,6 +77,10 @@ pub struct Replication {
     rt: Mutex<Runtime>,
     progress_done: AtomicU64,
     progress_total: AtomicU64,
+    /// When the cycle in flight last saw the replica take data or the cycle started (unix ns):
+    /// a `sync` that arrives while it has been stalled longer than [`SYNC_STALL_REFUSAL`] is
+    /// refused at once instead of waiting for the deadlines.
+    last_progress_ns: Arc<AtomicU64>,
     cmd: mpsc::Sender<Cmd>,
 }
 
@@ -92,6 +100,7 @@ impl Replication {
             }),
             progress_done: AtomicU64::new(0),
             progress_total: AtomicU64::new(0),
+            last_progress_ns: Arc::new(AtomicU64::new(0)),
             cmd: tx,
         });
         tokio::spawn(run(shared, repl.clone(), rx));
@@ -265,6 +274,8 @@ impl InFlight {
         waiters: Vec<oneshot::Sender<anyhow::Result<SyncResult>>>,
     ) -> InFlight {
         let (s, r) = (shared.clone(), repl.clone());
+        repl.last_progress_ns
+            .store(now_unix_ns(), Ordering::Relaxed);
         InFlight {
             fut: Box::pin(async move { cycle(&s, &r).await }),
             repl: repl.clone(),
@@ -344,7 +355,15 @@ async fn run(shared: Arc<Shared>, repl: Arc<Replication>, mut rx: mpsc::Receiver
                         let _ = reply.send(r);
                     }
                     Cmd::Sync(reply) => {
-                        if inflight.is_some() {
+                        let stalled_ns = now_unix_ns()
+                            .saturating_sub(repl.last_progress_ns.load(Ordering::Relaxed));
+                        if inflight.is_some() && stalled_ns > SYNC_STALL_REFUSAL.as_nanos() as u64 {
+                            let _ = reply.send(Err(super::api::transient(format!(
+                                "a cycle of {} is in progress and the replica has taken no data and given no answer for {} s; retry later",
+                                repl.vm.name,
+                                stalled_ns / 1_000_000_000
+                            ))));
+                        } else if inflight.is_some() {
                             if queued_syncs.len() < CMD_QUEUE {
                                 queued_syncs.push(reply);
                             } else {
@@ -657,9 +676,15 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
             let _ = enc_tx.send((cut, r));
         })
         .context("starting the shipper thread")?;
-    let put =
-        super::peer_client::put_delta_watched(&peer, &vm_name, seq, body, &shared.peer_timeouts)
-            .await;
+    let put = super::peer_client::put_delta_watched(
+        &peer,
+        &vm_name,
+        seq,
+        body,
+        &shared.peer_timeouts,
+        &repl.last_progress_ns,
+    )
+    .await;
     let (cut, encoded) = enc_rx.await.context("the shipper thread stopped")?;
     // Copy-before-write abandoned (spill cap): the reason, whatever the upload reports.
     let abandoned = cut.disks.iter().find_map(|d| d.abandoned());
