@@ -177,6 +177,10 @@ pub struct ReplicaServerConfig {
     /// Peer certificate names allowed to replicate here; `*` allows every trusted peer.
     pub allow: Vec<String>,
     pub trust_group: Option<String>,
+    /// What the daemon says of the store now ("open", "opening", or why it is unavailable).
+    /// Reported by `GET /v1/replica-server`; never stored, ignored when sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -675,3 +675,22 @@ fn a_first_point_is_refused_by_name_like_any_delta_and_leaves_no_point() {
     model.accept(images);
     assert_points_match(&vm, &model);
 }
+
+/// The daemon opens the store without reading any journal (`open_deferred`) and verifies VMs
+/// in the background: until then a VM is pending, and calls for it are refused as transient
+/// (`Verifying`), never as a conflict or an unknown VM.
+#[test]
+fn a_deferred_store_lists_vms_as_pending_until_verified() {
+    let (dir, store, model) = store_with_points(3);
+    drop(store);
+    let store = ReplicaStore::open_deferred(dir.path()).unwrap();
+    assert!(store.vm(VM).is_none() && store.is_pending(VM));
+    let refused = store.create_vm(VM, 1, &disks(), KEY).err().unwrap();
+    assert!(
+        matches!(refused, ReplicaError::Verifying { .. }) && refused.is_transient(),
+        "{refused:?}"
+    );
+    assert_eq!(store.open_pending(), 0);
+    let vm = store.vm(VM).unwrap();
+    assert_points_match(&vm, &model);
+}

@@ -167,3 +167,46 @@ fn damage_found_on_the_replica_reaches_the_primary_on_the_next_cycle() {
         "after the resync the newest point differs from the primary"
     );
 }
+
+/// Regression (AUDIT §5, replica half): the daemon opened and fully verified the replica store
+/// before its NBD server started, and a store-level error stopped the daemon, so a failing
+/// replica disk took the host's primary VMs offline. Now the store opens in the background;
+/// one that cannot be opened is reported, and the primary VM is served.
+#[test]
+fn broken_replica_storage_never_takes_the_primary_vms_offline() {
+    require("qemu-io", "qemu-utils");
+    let root = tempfile::tempdir().unwrap();
+    let mut h = Host::start(root.path(), "both");
+    let storage = h.dir.join("storage");
+    h.ok(&[
+        "replica-server",
+        "enable",
+        "--storage",
+        storage.to_str().unwrap(),
+    ]);
+    h.ok(&["vm", "create", "local", "--disk", "4M"]);
+    qemu_io_ok(&h.nbd_uri("local", 0), &["write -P 7 0 4k"]);
+    h.stop();
+    // The storage is gone and something else is at its path.
+    std::fs::remove_dir_all(&storage).unwrap();
+    std::fs::write(&storage, b"not a directory").unwrap();
+    h.restart();
+    qemu_io_ok(&h.nbd_uri("local", 0), &["read -P 7 0 4k"]);
+    wait_until(
+        "the store to be reported unavailable",
+        std::time::Duration::from_secs(20),
+        || {
+            let cfg = h.json(&["replica-server", "show"]);
+            cfg["status"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("unavailable"))
+        },
+    );
+    let cfg = h.json(&["replica-server", "show"]);
+    let status = cfg["status"].as_str().unwrap();
+    assert!(status.contains(storage.to_str().unwrap()), "{status}");
+    assert!(
+        events(&h).iter().any(|e| e["id"] == 3003),
+        "no replica-store-unavailable event"
+    );
+}

@@ -83,6 +83,7 @@ pub fn replica_server_enable(
         storage: storage.display().to_string(),
         allow,
         trust_group,
+        status: None,
     };
     let cfg: ReplicaServerConfig = api.post("/v1/replica-server", &cfg)?;
     println!(
@@ -106,8 +107,9 @@ pub fn replica_server_show(api: &Api, json: bool) -> anyhow::Result<()> {
     } else {
         match cfg {
             Some(c) if c.enabled => println!(
-                "enabled, storage {}, allow {}",
+                "enabled, storage {} ({}), allow {}",
                 c.storage,
+                c.status.as_deref().unwrap_or("unknown"),
                 c.allow.join(", ")
             ),
             _ => println!("disabled"),

@@ -80,6 +80,13 @@ async fn route(
 ) -> Result<Vec<u8>, Refusal> {
     let path = req.uri().path().to_string();
     let parts: Vec<&str> = path.split('/').skip(1).collect();
+    if let Some(why) = shared.replica_store_problem() {
+        return Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            why,
+        ));
+    }
     let (store, cfg) = shared.replica_store().ok_or_else(|| {
         refuse(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -203,6 +210,7 @@ pub fn spawn_retention(shared: Arc<Shared>) {
         tick.tick().await; // the first tick is immediate; the store was just opened
         loop {
             tick.tick().await;
+            shared.retry_replica_store();
             let Some((store, _)) = shared.replica_store() else {
                 continue;
             };

@@ -15,7 +15,6 @@ use proto::time::{now_unix_ns, rfc3339_from_unix_ns};
 use proto::{
     DiskInfo, EnableReplication, HostInfo, ReplicaServerConfig, ReplicationStatus, VmInfo,
 };
-use replica::ReplicaStore;
 use tracker::OpenState;
 
 use super::api::{bad_request, conflict, not_found};
@@ -38,7 +37,7 @@ struct VmEntry {
 
 struct ReplicaHost {
     cfg: ReplicaServerConfig,
-    store: Arc<ReplicaStore>,
+    store: replica_side::StoreSlot,
 }
 
 pub struct Shared {
@@ -153,10 +152,9 @@ impl Shared {
                 .insert(record.name.clone(), VmEntry { record, vm, repl });
         }
         if let Some(cfg) = shared.catalog.get::<ReplicaServerConfig>(REPLICA_CFG_KEY)? {
-            if cfg.enabled {
-                let s = shared.clone();
-                tokio::task::spawn_blocking(move || s.open_replica_store(cfg)).await??;
-            }
+            // In the background: the NBD server never waits for the replica's journals, and
+            // a failing replica store never keeps the primary VMs offline.
+            shared.start_replica_store(cfg);
         }
         let server = nbd::NbdServer::serve_unix(&nbd_socket, exports, nbd::ServerConfig::default())
             .with_context(|| format!("serving NBD on {}", nbd_socket.display()))?;
@@ -537,19 +535,11 @@ impl Shared {
     pub fn all_status(&self) -> Vec<ReplicationStatus> {
         let repls = self.replications();
         let mut out: Vec<ReplicationStatus> = repls.iter().map(|r| r.status()).collect();
-        let replica_names: Vec<String> = self
-            .replica
-            .lock()
-            .as_ref()
-            .map(|h| {
-                h.store
-                    .vms()
-                    .iter()
-                    .map(|v| v.vm_id().to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.extend(replica_names.iter().filter_map(|n| self.replica_status(n)));
+        out.extend(
+            self.replica_vm_names()
+                .iter()
+                .filter_map(|n| self.replica_status(n)),
+        );
         out
     }
 

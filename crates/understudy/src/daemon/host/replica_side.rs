@@ -14,28 +14,148 @@ use proto::{
 use replica::ReplicaStore;
 
 use super::{ReplicaHost, Shared, REPLICA_CFG_KEY};
-use crate::daemon::api::{bad_request, not_found};
+use crate::daemon::api::{bad_request, not_found, transient};
 use crate::daemon::events;
 
+/// The replica store as the daemon holds it.
+pub(super) enum StoreSlot {
+    /// Being opened in the background (the NBD server and the primary VMs do not wait).
+    Opening,
+    /// Open; its VMs may still be pending verification (`ReplicaStore::pending`).
+    Open(Arc<ReplicaStore>),
+    /// Cannot be opened, and why; retried with every retention pass.
+    Unavailable(String),
+}
+
+/// Opens the storage directory without reading any journal (cheap). Blocking.
+fn open_store(storage: &str) -> anyhow::Result<ReplicaStore> {
+    let dir = PathBuf::from(storage);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating replica storage {}", dir.display()))?;
+    ReplicaStore::open_deferred(&dir)
+        .with_context(|| format!("opening replica storage {}", dir.display()))
+}
+
 impl Shared {
+    /// The replica-server settings, with what the store's state is now.
     pub fn replica_config(&self) -> Option<ReplicaServerConfig> {
-        self.replica.lock().as_ref().map(|h| h.cfg.clone())
+        self.replica.lock().as_ref().map(|h| {
+            let mut cfg = h.cfg.clone();
+            cfg.status = Some(match &h.store {
+                StoreSlot::Opening => "opening".to_string(),
+                StoreSlot::Open(store) => match store.pending().len() {
+                    0 => "open".to_string(),
+                    n => format!("open, verifying {n} replica VMs"),
+                },
+                StoreSlot::Unavailable(why) => format!("unavailable: {why}"),
+            });
+            cfg
+        })
     }
 
     pub fn replica_store(&self) -> Option<(Arc<ReplicaStore>, ReplicaServerConfig)> {
-        self.replica
-            .lock()
-            .as_ref()
-            .filter(|h| h.cfg.enabled)
-            .map(|h| (h.store.clone(), h.cfg.clone()))
+        let guard = self.replica.lock();
+        let h = guard.as_ref().filter(|h| h.cfg.enabled)?;
+        match &h.store {
+            StoreSlot::Open(store) => Some((store.clone(), h.cfg.clone())),
+            _ => None,
+        }
     }
 
-    pub(super) fn open_replica_store(&self, cfg: ReplicaServerConfig) -> anyhow::Result<()> {
-        let dir = PathBuf::from(&cfg.storage);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("creating replica storage {}", dir.display()))?;
-        let store = ReplicaStore::open(&dir)
-            .with_context(|| format!("opening replica storage {}", dir.display()))?;
+    /// Why an enabled replica server has no store now (being opened, or cannot be).
+    pub fn replica_store_problem(&self) -> Option<String> {
+        let guard = self.replica.lock();
+        let h = guard.as_ref().filter(|h| h.cfg.enabled)?;
+        match &h.store {
+            StoreSlot::Opening => Some(format!(
+                "the replica store {} is being opened; try again shortly",
+                h.cfg.storage
+            )),
+            StoreSlot::Open(_) => None,
+            StoreSlot::Unavailable(why) => Some(why.clone()),
+        }
+    }
+
+    /// At daemon start: opens the replica store in the background (listing, then verifying
+    /// every VM's journal). Until then peer calls are answered "try again"; a store that
+    /// cannot be opened is logged and reported, and the primary VMs are not affected.
+    pub(super) fn start_replica_store(self: &Arc<Self>, cfg: ReplicaServerConfig) {
+        if !cfg.enabled {
+            return;
+        }
+        let storage = cfg.storage.clone();
+        *self.replica.lock() = Some(ReplicaHost {
+            cfg,
+            store: StoreSlot::Opening,
+        });
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || s.open_store_in_background(&storage));
+    }
+
+    /// With every retention pass: tries again to open a store that was unavailable (a storage
+    /// mount that came back).
+    pub fn retry_replica_store(self: &Arc<Self>) {
+        let storage = {
+            let mut guard = self.replica.lock();
+            let Some(h) = guard.as_mut().filter(|h| h.cfg.enabled) else {
+                return;
+            };
+            if !matches!(h.store, StoreSlot::Unavailable(_)) {
+                return;
+            }
+            h.store = StoreSlot::Opening;
+            h.cfg.storage.clone()
+        };
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || s.open_store_in_background(&storage));
+    }
+
+    /// Opens the store at `storage`, publishes it, then verifies its VMs one by one (each is
+    /// served as soon as it is verified). Blocking.
+    fn open_store_in_background(&self, storage: &str) {
+        let store = match open_store(storage) {
+            Ok(store) => Arc::new(store),
+            Err(e) => {
+                let why = format!("{e:#}");
+                tracing::error!("replica store unavailable (the primary VMs keep serving): {why}");
+                self.events.emit(
+                    events::REPLICA_STORE_UNAVAILABLE,
+                    None,
+                    "error",
+                    &format!("replica store unavailable: {why}"),
+                );
+                self.set_store_slot(storage, StoreSlot::Unavailable(why));
+                return;
+            }
+        };
+        if !self.set_store_slot(storage, StoreSlot::Open(store.clone())) {
+            return;
+        }
+        let pending = store.open_pending();
+        self.report_replica_store(&store);
+        tracing::info!(
+            vms = store.vms().len(),
+            broken = store.broken().len(),
+            pending,
+            "replica store verified"
+        );
+    }
+
+    /// Sets the store of the replica server if its storage is still `storage` (an `enable`
+    /// may have changed it meanwhile). Returns whether it did.
+    fn set_store_slot(&self, storage: &str, slot: StoreSlot) -> bool {
+        let mut guard = self.replica.lock();
+        match guard.as_mut() {
+            Some(h) if h.cfg.storage == storage => {
+                h.store = slot;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Events for what opening the store found: damaged and unopenable VMs.
+    fn report_replica_store(&self, store: &ReplicaStore) {
         for rvm in store.vms() {
             if let Some(d) = rvm.damage() {
                 self.events.emit(
@@ -46,11 +166,14 @@ impl Shared {
                 );
             }
         }
-        *self.replica.lock() = Some(ReplicaHost {
-            cfg,
-            store: Arc::new(store),
-        });
-        Ok(())
+        for (vm, why) in store.broken() {
+            self.events.emit(
+                events::RESYNC_REQUIRED,
+                Some(&vm),
+                "error",
+                &format!("replica copy cannot be opened: {why}"),
+            );
+        }
     }
 
     pub fn enable_replica_server(
@@ -65,17 +188,23 @@ impl Shared {
         }
         let mut cfg = cfg;
         cfg.enabled = true;
-        let same_storage = self
-            .replica
-            .lock()
-            .as_ref()
-            .is_some_and(|h| h.cfg.storage == cfg.storage);
-        if same_storage {
+        cfg.status = None;
+        let reuse = self.replica.lock().as_ref().is_some_and(|h| {
+            h.cfg.storage == cfg.storage && !matches!(h.store, StoreSlot::Unavailable(_))
+        });
+        if reuse {
             if let Some(h) = self.replica.lock().as_mut() {
                 h.cfg = cfg.clone();
             }
         } else {
-            self.open_replica_store(cfg.clone())?;
+            // In the foreground: whoever enables learns at once what is wrong with the storage.
+            let store = Arc::new(open_store(&cfg.storage)?);
+            store.open_pending();
+            self.report_replica_store(&store);
+            *self.replica.lock() = Some(ReplicaHost {
+                cfg: cfg.clone(),
+                store: StoreSlot::Open(store),
+            });
         }
         self.catalog.put(REPLICA_CFG_KEY, &cfg)?;
         Ok(cfg)
@@ -106,9 +235,38 @@ impl Shared {
                 "this host is not a replica server, so it has no points of {name}"
             ))
         })?;
-        h.store
+        let store = match &h.store {
+            StoreSlot::Open(store) => store,
+            StoreSlot::Opening => {
+                return Err(transient(format!(
+                    "the replica store {} is being opened; try again shortly",
+                    h.cfg.storage
+                )))
+            }
+            StoreSlot::Unavailable(why) => {
+                return Err(transient(format!(
+                    "the replica store is unavailable: {why}"
+                )))
+            }
+        };
+        if store.is_pending(name) {
+            return Err(transient(format!(
+                "the replica of {name} is being verified after the daemon started; try again shortly"
+            )));
+        }
+        store
             .vm(name)
             .ok_or_else(|| not_found(format!("no replica of {name} on this host")))
+    }
+
+    /// Names of the replica VMs this host lists (open ones; pending ones are being verified).
+    pub(super) fn replica_vm_names(&self) -> Vec<String> {
+        match self.replica.lock().as_ref().map(|h| &h.store) {
+            Some(StoreSlot::Open(store)) => {
+                store.vms().iter().map(|v| v.vm_id().to_string()).collect()
+            }
+            _ => Vec::new(),
+        }
     }
 
     pub(super) fn replica_status(&self, name: &str) -> Option<ReplicationStatus> {
