@@ -56,6 +56,12 @@ pub enum ReplicaError {
     ReceiveFailed(String),
     #[error("the replica of {vm_id} is being verified (opening the store); try again shortly")]
     Verifying { vm_id: String },
+    #[error("replica storage {dir} does not exist (is its file system mounted?)")]
+    StorageMissing { dir: PathBuf },
+    #[error("{dir} is not a replica store: it has no store marker (is the right file system mounted there? `replica-server enable --storage` sets a store up)")]
+    NoStoreMarker { dir: PathBuf },
+    #[error("store marker {path}: {reason}")]
+    BadStoreMarker { path: PathBuf, reason: String },
     #[error("injected failure at {0}")]
     Injected(&'static str),
 }

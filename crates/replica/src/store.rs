@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,15 +13,21 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::fds::JournalFds;
 use crate::manifest::{hex, DiskRecord, Manifest};
+use crate::marker::{self, StoreMarker};
 use crate::vm::{base_path, open_vm, ReplicaVm, BASE_DIR, INCOMING_DIR, JOURNAL_DIR};
 use crate::{durable, ReplicaError};
 
 const CREATING_SUFFIX: &str = ".creating";
 const REMOVING_SUFFIX: &str = ".removing";
+/// Directories of the store: owner only (they hold the guests' data and the delta keys).
+pub(crate) const DIR_MODE: u32 = 0o700;
+/// Base images and journal files: owner read/write only.
+pub(crate) const FILE_MODE: u32 = 0o600;
 
 /// All replicated VMs of this host's storage directory.
 pub struct ReplicaStore {
     dir: PathBuf,
+    marker: StoreMarker,
     vms: RwLock<BTreeMap<String, Arc<ReplicaVm>>>,
     /// VM directories that could not be opened, with the reason.
     broken: RwLock<BTreeMap<String, String>>,
@@ -71,21 +78,68 @@ fn sorted(disks: &[DiskEntry]) -> Vec<DiskEntry> {
 }
 
 impl ReplicaStore {
-    /// Opens (creating if needed) the storage directory and recovers every VM in it. A VM that
-    /// cannot be opened is listed by [`ReplicaStore::broken`]; the others open normally. A VM
-    /// that failed for a transient reason (out of descriptors or memory) stays pending
-    /// ([`ReplicaStore::pending`]) and opens at a later [`ReplicaStore::open_pending`].
+    /// Sets up `storage_dir` as a replica store: creates it (0700) if missing and writes its
+    /// marker (see "Store marker" in the format doc) unless it has a valid one. Returns the
+    /// marker. The daemon calls this only when told to (`replica-server enable --storage`).
+    pub fn init_storage(storage_dir: &Path, host: &str) -> Result<StoreMarker, ReplicaError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(storage_dir)
+            .map_err(ReplicaError::io("create directory", storage_dir))?;
+        match marker::load(storage_dir) {
+            Ok(m) => Ok(m),
+            Err(ReplicaError::NoStoreMarker { .. }) => {
+                let m = marker::create(storage_dir, host)?;
+                tracing::info!(storage = %storage_dir.display(), store_id = %m.store_id, "replica store set up");
+                Ok(m)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether `dir` holds replica VM directories (a store from before markers existed).
+    pub fn holds_replica_vms(dir: &Path) -> bool {
+        fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|e| e.path().join(crate::manifest::MANIFEST_FILE).is_file())
+        })
+    }
+
+    /// Sets up `storage_dir` if needed ([`ReplicaStore::init_storage`]) and recovers every VM
+    /// in it (for tools and tests; the daemon uses `init_storage` once, then
+    /// `open_deferred`). A VM that cannot be opened is listed by [`ReplicaStore::broken`];
+    /// the others open normally. A VM that failed for a transient reason (out of descriptors
+    /// or memory) stays pending ([`ReplicaStore::pending`]) and opens at a later
+    /// [`ReplicaStore::open_pending`].
     pub fn open(storage_dir: &Path) -> Result<Self, ReplicaError> {
+        Self::init_storage(storage_dir, "")?;
         let store = Self::open_deferred(storage_dir)?;
         store.open_pending();
         Ok(store)
     }
 
-    /// Lists the storage directory without opening any VM (cheap: no journal is read). Every
-    /// VM found is pending until [`ReplicaStore::open_pending`] verifies and opens it.
+    /// Lists an existing store without opening any VM (cheap: no journal is read). Every VM
+    /// found is pending until [`ReplicaStore::open_pending`] verifies and opens it. Refuses,
+    /// creating nothing, a missing directory (`StorageMissing`: an unmounted file system) and
+    /// one without a valid store marker (`NoStoreMarker`, `BadStoreMarker`).
     pub fn open_deferred(storage_dir: &Path) -> Result<Self, ReplicaError> {
-        fs::create_dir_all(storage_dir)
-            .map_err(ReplicaError::io("create directory", storage_dir))?;
+        match fs::metadata(storage_dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ReplicaError::StorageMissing {
+                    dir: storage_dir.to_owned(),
+                })
+            }
+            Err(e) => return Err(ReplicaError::io("stat", storage_dir)(e)),
+            Ok(m) if !m.is_dir() => {
+                return Err(ReplicaError::io("open", storage_dir)(
+                    std::io::Error::from_raw_os_error(libc::ENOTDIR),
+                ))
+            }
+            Ok(_) => {}
+        }
+        let marker = marker::load(storage_dir)?;
         let mut pending = BTreeMap::new();
         let entries = fs::read_dir(storage_dir).map_err(ReplicaError::io("list", storage_dir))?;
         for entry in entries {
@@ -107,12 +161,18 @@ impl ReplicaStore {
         }
         Ok(ReplicaStore {
             dir: storage_dir.to_owned(),
+            marker,
             vms: RwLock::new(BTreeMap::new()),
             broken: RwLock::new(BTreeMap::new()),
             pending: RwLock::new(pending),
             admin: Mutex::new(()),
             fds: Arc::new(JournalFds::new(crate::fds::default_capacity())),
         })
+    }
+
+    /// The store's marker (which store this is).
+    pub fn marker(&self) -> &StoreMarker {
+        &self.marker
     }
 
     /// Opens every pending VM (recovery and full verification of its journal), one at a time.
@@ -221,6 +281,7 @@ impl ReplicaStore {
             let f = OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(FILE_MODE)
                 .open(&path)
                 .map_err(ReplicaError::io("create base image", &path))?;
             f.set_len(d.size_bytes)

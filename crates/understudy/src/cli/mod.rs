@@ -83,6 +83,7 @@ pub fn replica_server_enable(
         storage: storage.display().to_string(),
         allow,
         trust_group,
+        store_id: None,
         status: None,
     };
     let cfg: ReplicaServerConfig = api.post("/v1/replica-server", &cfg)?;

@@ -5,13 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use proto::time::rfc3339_from_unix_ns;
 use proto::{
     Compression, ExportPoint, Health, PointInfo, ReplicaServerConfig, ReplicationState,
     ReplicationStatus,
 };
-use replica::ReplicaStore;
+use replica::{ReplicaError, ReplicaStore};
 
 use super::{ReplicaHost, Shared, REPLICA_CFG_KEY};
 use crate::daemon::api::{bad_request, not_found, transient};
@@ -27,13 +27,40 @@ pub(super) enum StoreSlot {
     Unavailable(String),
 }
 
-/// Opens the storage directory without reading any journal (cheap). Blocking.
-fn open_store(storage: &str) -> anyhow::Result<ReplicaStore> {
-    let dir = PathBuf::from(storage);
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("creating replica storage {}", dir.display()))?;
-    ReplicaStore::open_deferred(&dir)
-        .with_context(|| format!("opening replica storage {}", dir.display()))
+/// Opens the storage directory of `cfg` without reading any journal (cheap). Blocking. Never
+/// creates anything: a missing directory or marker is refused (a storage mount that is
+/// missing), and so is the marker of another store. A store from before markers (settings
+/// without `store_id`, a directory that holds replica VMs) is adopted: returns its new id.
+fn open_store(
+    cfg: &ReplicaServerConfig,
+    host: &str,
+) -> anyhow::Result<(ReplicaStore, Option<String>)> {
+    let dir = PathBuf::from(&cfg.storage);
+    let opened = match ReplicaStore::open_deferred(&dir) {
+        Err(ReplicaError::NoStoreMarker { .. })
+            if cfg.store_id.is_none() && ReplicaStore::holds_replica_vms(&dir) =>
+        {
+            let marker = ReplicaStore::init_storage(&dir, host)
+                .with_context(|| format!("adopting replica storage {}", dir.display()))?;
+            tracing::info!(storage = %dir.display(), store_id = %marker.store_id, "adopted a replica store from before store markers");
+            ReplicaStore::open_deferred(&dir).map(|s| (s, Some(marker.store_id)))
+        }
+        other => other.map(|s| (s, None)),
+    };
+    let (store, adopted) =
+        opened.with_context(|| format!("opening replica storage {}", dir.display()))?;
+    if let Some(want) = &cfg.store_id {
+        let found = &store.marker().store_id;
+        if found != want {
+            bail!(
+                "replica storage {} holds another replica store (id {found}, set up by {:?}) than the one this host set up (id {want}); run `replica-server enable --storage {}` to use it",
+                dir.display(),
+                store.marker().host,
+                dir.display()
+            );
+        }
+    }
+    Ok((store, adopted))
 }
 
 impl Shared {
@@ -113,8 +140,16 @@ impl Shared {
     /// Opens the store at `storage`, publishes it, then verifies its VMs one by one (each is
     /// served as soon as it is verified). Blocking.
     fn open_store_in_background(&self, storage: &str) {
-        let store = match open_store(storage) {
-            Ok(store) => Arc::new(store),
+        let Some(cfg) = self.replica_config().filter(|c| c.storage == storage) else {
+            return;
+        };
+        let store = match open_store(&cfg, &self.host_name) {
+            Ok((store, adopted)) => {
+                if let Some(id) = adopted {
+                    self.record_store_id(storage, id);
+                }
+                Arc::new(store)
+            }
             Err(e) => {
                 let why = format!("{e:#}");
                 tracing::error!("replica store unavailable (the primary VMs keep serving): {why}");
@@ -139,6 +174,21 @@ impl Shared {
             pending,
             "replica store verified"
         );
+    }
+
+    /// Records the marker id of an adopted store in the replica-server settings.
+    fn record_store_id(&self, storage: &str, id: String) {
+        let cfg = {
+            let mut guard = self.replica.lock();
+            let Some(h) = guard.as_mut().filter(|h| h.cfg.storage == storage) else {
+                return;
+            };
+            h.cfg.store_id = Some(id);
+            h.cfg.clone()
+        };
+        if let Err(e) = self.catalog.put(REPLICA_CFG_KEY, &cfg) {
+            tracing::error!("recording the replica store id: {e:#}");
+        }
     }
 
     /// Sets the store of the replica server if its storage is still `storage` (an `enable`
@@ -189,16 +239,24 @@ impl Shared {
         let mut cfg = cfg;
         cfg.enabled = true;
         cfg.status = None;
-        let reuse = self.replica.lock().as_ref().is_some_and(|h| {
-            h.cfg.storage == cfg.storage && !matches!(h.store, StoreSlot::Unavailable(_))
+        let reuse = self.replica.lock().as_ref().and_then(|h| {
+            let open = h.cfg.storage == cfg.storage && matches!(h.store, StoreSlot::Open(_));
+            open.then(|| h.cfg.store_id.clone())
         });
-        if reuse {
+        if let Some(store_id) = reuse {
+            cfg.store_id = store_id;
             if let Some(h) = self.replica.lock().as_mut() {
                 h.cfg = cfg.clone();
             }
         } else {
             // In the foreground: whoever enables learns at once what is wrong with the storage.
-            let store = Arc::new(open_store(&cfg.storage)?);
+            // This is the one place a store is set up (directory and marker created).
+            let dir = PathBuf::from(&cfg.storage);
+            let marker = ReplicaStore::init_storage(&dir, &self.host_name)
+                .with_context(|| format!("setting up replica storage {}", dir.display()))?;
+            cfg.store_id = Some(marker.store_id);
+            let (store, _) = open_store(&cfg, &self.host_name)?;
+            let store = Arc::new(store);
             store.open_pending();
             self.report_replica_store(&store);
             *self.replica.lock() = Some(ReplicaHost {
