@@ -62,6 +62,8 @@ pub enum ReplicaError {
     NoStoreMarker { dir: PathBuf },
     #[error("store marker {path}: {reason}")]
     BadStoreMarker { path: PathBuf, reason: String },
+    #[error("the replica's index is full ({indexed} of {max} frames indexed, this delta has {frames}); retention folds older points, try again")]
+    IndexFull { indexed: u64, max: u64, frames: u64 },
     #[error("injected failure at {0}")]
     Injected(&'static str),
 }
@@ -76,7 +78,7 @@ impl ReplicaError {
             ReplicaError::Delta(delta::DeltaError::Io(source)) => {
                 crate::fds::is_transient_io(source)
             }
-            ReplicaError::Verifying { .. } => true,
+            ReplicaError::Verifying { .. } | ReplicaError::IndexFull { .. } => true,
             _ => false,
         }
     }

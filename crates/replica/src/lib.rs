@@ -8,6 +8,7 @@
 
 mod appender;
 mod base_writer;
+mod budget;
 mod direct;
 mod durable;
 mod error;
@@ -29,6 +30,7 @@ mod crash_tests;
 #[cfg(test)]
 mod direct_tests;
 
+pub use budget::INDEX_FRAMES_MAX;
 pub use delta::{DeltaKind, DiskEntry};
 pub use error::ReplicaError;
 pub use fds::{JOURNAL_FDS_LIMIT_SHARE, JOURNAL_FDS_MAX};

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use delta::{DiskEntry, BLOCK_BYTES, DISKS_MAX, DISK_BYTES_MAX, VM_ID_BYTES_MAX};
 use parking_lot::{Mutex, RwLock};
 
+use crate::budget::{IndexBudget, INDEX_FRAMES_MAX};
 use crate::fds::JournalFds;
 use crate::manifest::{hex, DiskRecord, Manifest};
 use crate::marker::{self, StoreMarker};
@@ -38,6 +39,8 @@ pub struct ReplicaStore {
     admin: Mutex<()>,
     /// Open journal files of every VM (bounded).
     fds: Arc<JournalFds>,
+    /// Indexed frames of every VM (bounded).
+    budget: Arc<IndexBudget>,
 }
 /// VM ids become directory names: a conservative character set, no leading dot (ours).
 fn validate_vm_id(vm_id: &str) -> Result<(), ReplicaError> {
@@ -167,7 +170,42 @@ impl ReplicaStore {
             pending: RwLock::new(pending),
             admin: Mutex::new(()),
             fds: Arc::new(JournalFds::new(crate::fds::default_capacity())),
+            budget: Arc::new(IndexBudget::new(INDEX_FRAMES_MAX)),
         })
+    }
+
+    /// Frames indexed in memory now (all VMs), and the bound ([`INDEX_FRAMES_MAX`]).
+    pub fn index_frames(&self) -> (u64, u64) {
+        (self.budget.indexed(), self.budget.max())
+    }
+
+    /// Changes the bound on indexed frames (tests; tuning).
+    pub fn set_index_frames_max(&self, max: u64) {
+        self.budget.set_max(max);
+    }
+
+    /// While the index is past three quarters of its bound, folds the oldest point of the VM
+    /// holding the most frames (never its last point; a point an open view reads stops it).
+    /// Run with retention, so a VM refused `IndexFull` finds room at its next attempt.
+    pub fn relieve_index_pressure(&self) -> Result<(), ReplicaError> {
+        let high = self.budget.max() / 4 * 3;
+        while self.budget.indexed() > high {
+            let Some(vm) = self
+                .vms()
+                .into_iter()
+                .filter(|v| v.points().len() > 1)
+                .max_by_key(|v| v.inner.indexed_frames())
+            else {
+                return Ok(());
+            };
+            let before = self.budget.indexed();
+            vm.retain(vm.points().len() - 1)?;
+            if self.budget.indexed() >= before {
+                return Ok(()); // the oldest point is being read; later
+            }
+            tracing::info!(vm = %vm.vm_id(), "folded the oldest point early: the store's index is past 3/4 of its bound");
+        }
+        Ok(())
     }
 
     /// The store's marker (which store this is).
@@ -181,7 +219,7 @@ impl ReplicaStore {
     pub fn open_pending(&self) -> usize {
         let names: Vec<String> = self.pending.read().keys().cloned().collect();
         for name in names {
-            let opened = open_vm(&self.dir.join(&name), self.fds.clone());
+            let opened = open_vm(&self.dir.join(&name), self.fds.clone(), self.budget.clone());
             // Create/remove may have run meanwhile: only a still-pending VM is decided here.
             let _a = self.admin.lock();
             let mut pending = self.pending.write();
@@ -310,7 +348,7 @@ impl ReplicaStore {
         }
         durable::fsync_dir(&tmp)?;
         durable::rename(&tmp, &dir)?;
-        let vm = Arc::new(open_vm(&dir, self.fds.clone())?);
+        let vm = Arc::new(open_vm(&dir, self.fds.clone(), self.budget.clone())?);
         self.vms.write().insert(vm_id.into(), vm.clone());
         tracing::info!(vm = %vm_id, generation, disks = disks.len(), "replica VM created");
         Ok(vm)
@@ -348,7 +386,12 @@ impl ReplicaStore {
         }
         if let Some(vm) = &vm {
             let _m = vm.inner.mutate.lock();
-            vm.inner.state.write().removed = true;
+            let mut st = vm.inner.state.write();
+            st.removed = true;
+            // Its index goes now (open views of it fail `Removed` from here on).
+            let frames: u64 = st.journal.values().map(|e| e.frames).sum();
+            st.journal.clear();
+            self.budget.release(frames);
         }
         let dir = self.dir.join(vm_id);
         let gone = self.dir.join(format!(".{vm_id}{REMOVING_SUFFIX}"));

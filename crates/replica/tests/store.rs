@@ -694,3 +694,81 @@ fn a_deferred_store_lists_vms_as_pending_until_verified() {
     let vm = store.vm(VM).unwrap();
     assert_points_match(&vm, &model);
 }
+
+/// Regression (AUDIT §14): index memory had no total bound (about 120 bytes per frame of every
+/// retained delta). Now the store counts indexed frames: at the bound a commit folds its VM's
+/// oldest points first, is refused as transient (`IndexFull`) when that cannot make room,
+/// and `relieve_index_pressure` folds the VMs holding the most.
+#[test]
+fn index_memory_is_bounded_by_folding_sooner_or_refusing_transiently() {
+    const MAX: u64 = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    store.set_index_frames_max(MAX);
+    let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+    let mut model = Model::new();
+    let two_frames = |i: u64| {
+        [
+            Op::Data {
+                disk: 0,
+                block: i,
+                blocks: 1,
+                seed: i as u8,
+            },
+            Op::Zero {
+                disk: 1,
+                block: i,
+                blocks: 1,
+            },
+        ]
+    };
+    for i in 0..10u64 {
+        let kind = if i == 0 {
+            DeltaKind::Initial
+        } else {
+            DeltaKind::Incremental
+        };
+        let (bytes, images) = model.delta(kind, Compression::Zstd, &two_frames(i));
+        send(&vm, &bytes).unwrap();
+        model.accept(images);
+        let (indexed, max) = store.index_frames();
+        assert!(indexed <= max, "{indexed} frames indexed, bound {max}");
+    }
+    // Folded sooner than any retention asked: 3 journal deltas of 2 frames fit.
+    assert_eq!(store.index_frames().0, MAX);
+    assert_eq!(vm.points().len(), 4);
+    assert_points_match(&vm, &model);
+
+    // A delta larger than the whole bound: refused as transient, nothing changes.
+    let ops: Vec<Op> = (0..8)
+        .map(|b| Op::Data {
+            disk: 0,
+            block: b * 2,
+            blocks: 1,
+            seed: 99,
+        })
+        .collect();
+    let (big, images) = model.delta(DeltaKind::Incremental, Compression::Zstd, &ops);
+    let refused = send(&vm, &big).unwrap_err();
+    assert!(
+        matches!(refused, ReplicaError::IndexFull { .. }) && refused.is_transient(),
+        "{refused:?}"
+    );
+    assert_eq!(vm.latest_seq(), model.latest);
+    store.set_index_frames_max(100);
+    send(&vm, &big).unwrap();
+    model.accept(images);
+
+    // Past 3/4 of a lowered bound, retention folds until under it again.
+    store.set_index_frames_max(8);
+    store.relieve_index_pressure().unwrap();
+    assert!(store.index_frames().0 <= 6, "{:?}", store.index_frames());
+    assert_points_match(&vm, &model);
+    drop(vm);
+    drop(store);
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    let vm = store.vm(VM).unwrap();
+    let (indexed, _) = store.index_frames();
+    assert!(indexed <= 6, "{indexed} frames indexed after reopen");
+    assert_points_match(&vm, &model);
+}

@@ -219,6 +219,9 @@ pub fn spawn_retention(shared: Arc<Shared>) {
                 for rvm in store.vms() {
                     retain(&rvm);
                 }
+                if let Err(e) = store.relieve_index_pressure() {
+                    tracing::error!("folding to relieve the replica index failed: {e}");
+                }
             });
             if let Err(e) = pass.await {
                 tracing::error!("retention pass failed: {e}");
