@@ -772,3 +772,34 @@ fn index_memory_is_bounded_by_folding_sooner_or_refusing_transiently() {
     assert!(indexed <= 6, "{indexed} frames indexed after reopen");
     assert_points_match(&vm, &model);
 }
+
+/// A store is opened only where it was set up: a missing directory, a directory without the
+/// marker (an empty mount point) and a damaged marker are refused by name, creating nothing.
+#[test]
+fn open_deferred_refuses_a_missing_directory_or_marker_and_creates_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("storage");
+    let e = ReplicaStore::open_deferred(&dir).err().unwrap();
+    assert!(matches!(e, ReplicaError::StorageMissing { .. }), "{e}");
+    assert!(!dir.exists());
+    std::fs::create_dir(&dir).unwrap();
+    let e = ReplicaStore::open_deferred(&dir).err().unwrap();
+    assert!(matches!(e, ReplicaError::NoStoreMarker { .. }), "{e}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    let marker = ReplicaStore::init_storage(&dir, "replica-1").unwrap();
+    assert_eq!(marker.host, "replica-1");
+    let store = ReplicaStore::open_deferred(&dir).unwrap();
+    assert_eq!(store.marker(), &marker);
+    // Set up again: the same store.
+    assert_eq!(ReplicaStore::init_storage(&dir, "other").unwrap(), marker);
+    let path = dir.join("understudy-store.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("replica-1", "replica-2");
+    std::fs::write(&path, text).unwrap();
+    let e = ReplicaStore::open_deferred(&dir).err().unwrap();
+    assert!(
+        matches!(e, ReplicaError::BadStoreMarker { .. }) && e.to_string().contains("checksum"),
+        "{e}"
+    );
+}
