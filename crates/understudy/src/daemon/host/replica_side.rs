@@ -317,17 +317,58 @@ impl Shared {
             .ok_or_else(|| not_found(format!("no replica of {name} on this host")))
     }
 
-    /// Names of the replica VMs this host lists (open ones; pending ones are being verified).
+    /// Names of the replica VMs this host lists: open ones, and pending ones (being verified).
     pub(super) fn replica_vm_names(&self) -> Vec<String> {
         match self.replica.lock().as_ref().map(|h| &h.store) {
-            Some(StoreSlot::Open(store)) => {
-                store.vms().iter().map(|v| v.vm_id().to_string()).collect()
-            }
+            Some(StoreSlot::Open(store)) => store
+                .vms()
+                .iter()
+                .map(|v| v.vm_id().to_string())
+                .chain(store.pending().into_iter().map(|(name, _)| name))
+                .collect(),
             _ => Vec::new(),
         }
     }
 
+    /// Status of a replica VM whose journal is still being verified after a start.
+    fn pending_replica_status(&self, name: &str) -> Option<ReplicationStatus> {
+        let (_, why) = match self.replica.lock().as_ref().map(|h| &h.store) {
+            Some(StoreSlot::Open(store)) => store.pending().into_iter().find(|(n, _)| n == name),
+            _ => None,
+        }?;
+        let mut reasons =
+            vec!["opening: verifying the replica's journal after a start".to_string()];
+        reasons.extend(why.map(|w| format!("last attempt failed (will retry): {w}")));
+        Some(ReplicationStatus {
+            vm: name.to_string(),
+            role: "Replica".into(),
+            state: ReplicationState::Replica,
+            health: Health::Warning,
+            health_reasons: reasons,
+            resync_reason: None,
+            peer: self
+                .replica_primaries
+                .lock()
+                .get(name)
+                .cloned()
+                .unwrap_or_default(),
+            frequency_secs: 0,
+            compression: Compression::None,
+            disks: Vec::new(),
+            last_replication_time: None,
+            last_replication_unix_ns: None,
+            pending_bytes: 0,
+            last_seq: 0,
+            generation: 0,
+            progress: None,
+            last_error: None,
+        })
+    }
+
     pub(super) fn replica_status(&self, name: &str) -> Option<ReplicationStatus> {
+        if let Some(st) = self.pending_replica_status(name) {
+            return Some(st);
+        }
         let rvm = self.replica_vm(name).ok()?;
         let points = rvm.points();
         let last = points.last();
