@@ -116,30 +116,32 @@ impl Shared {
             store: StoreSlot::Opening,
         });
         let s = self.clone();
-        tokio::task::spawn_blocking(move || s.open_store_in_background(&storage));
+        tokio::task::spawn_blocking(move || s.open_store_in_background(&storage, None));
     }
 
     /// With every retention pass: tries again to open a store that was unavailable (a storage
     /// mount that came back).
     pub fn retry_replica_store(self: &Arc<Self>) {
-        let storage = {
+        let (storage, previous) = {
             let mut guard = self.replica.lock();
             let Some(h) = guard.as_mut().filter(|h| h.cfg.enabled) else {
                 return;
             };
-            if !matches!(h.store, StoreSlot::Unavailable(_)) {
+            let StoreSlot::Unavailable(why) = &h.store else {
                 return;
-            }
+            };
+            let previous = why.clone();
             h.store = StoreSlot::Opening;
-            h.cfg.storage.clone()
+            (h.cfg.storage.clone(), previous)
         };
         let s = self.clone();
-        tokio::task::spawn_blocking(move || s.open_store_in_background(&storage));
+        tokio::task::spawn_blocking(move || s.open_store_in_background(&storage, Some(previous)));
     }
 
     /// Opens the store at `storage`, publishes it, then verifies its VMs one by one (each is
-    /// served as soon as it is verified). Blocking.
-    fn open_store_in_background(&self, storage: &str) {
+    /// served as soon as it is verified). Blocking. A failure is logged and an event emitted
+    /// unless it is the `previous` attempt's failure again (retries do not flood the log).
+    fn open_store_in_background(&self, storage: &str, previous: Option<String>) {
         let Some(cfg) = self.replica_config().filter(|c| c.storage == storage) else {
             return;
         };
@@ -152,13 +154,19 @@ impl Shared {
             }
             Err(e) => {
                 let why = format!("{e:#}");
-                tracing::error!("replica store unavailable (the primary VMs keep serving): {why}");
-                self.events.emit(
-                    events::REPLICA_STORE_UNAVAILABLE,
-                    None,
-                    "error",
-                    &format!("replica store unavailable: {why}"),
-                );
+                if previous.as_deref() == Some(why.as_str()) {
+                    tracing::debug!("replica store still unavailable: {why}");
+                } else {
+                    tracing::error!(
+                        "replica store unavailable (the primary VMs keep serving): {why}"
+                    );
+                    self.events.emit(
+                        events::REPLICA_STORE_UNAVAILABLE,
+                        None,
+                        "error",
+                        &format!("replica store unavailable: {why}"),
+                    );
+                }
                 self.set_store_slot(storage, StoreSlot::Unavailable(why));
                 return;
             }
