@@ -190,6 +190,14 @@ pub struct ReplicaServerConfig {
     /// Peer certificate names allowed to replicate here; `*` allows every trusted peer.
     pub allow: Vec<String>,
     pub trust_group: Option<String>,
+    /// The id in the store's marker (`docs/formats/replica-store.md`), recorded at enable:
+    /// a later start refuses a storage directory without that marker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_id: Option<String>,
+    /// What the daemon says of the store now ("open", "opening", or why it is unavailable).
+    /// Reported by `GET /v1/replica-server`; never stored, ignored when sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -14,6 +14,7 @@
 //! identical bytes — directly.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 #[cfg(test)]
@@ -49,6 +50,7 @@ impl JournalAppender {
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(crate::store::FILE_MODE)
             .open(path)
             .map_err(ReplicaError::io("create", path))?;
         let started = DirectFile::open(file, path, "write").and_then(|f| {

@@ -63,8 +63,11 @@ impl AlignedBuf {
     pub fn new(capacity: usize) -> Self {
         let cap = capacity.max(1).div_ceil(DIRECT_ALIGN_BYTES) * DIRECT_ALIGN_BYTES;
         let layout = Self::layout(cap);
-        // SAFETY: the layout has a non-zero size (cap ≥ DIRECT_ALIGN_BYTES).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        // SAFETY: the layout has a non-zero size (cap ≥ DIRECT_ALIGN_BYTES). Not zeroed: only
+        // the prefix `push` wrote is ever read (as_slice), so the memory needs no
+        // initialization, and a small delta does not pay for zeroing (and faulting in) every
+        // page of every buffer of its pipeline.
+        let ptr = unsafe { std::alloc::alloc(layout) };
         let ptr = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         AlignedBuf { ptr, cap, len: 0 }
     }
@@ -75,8 +78,8 @@ impl AlignedBuf {
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr points to `cap` bytes owned by self (zeroed at allocation, so every byte
-        // is initialized), and len ≤ cap.
+        // SAFETY: ptr points to `cap` bytes owned by self, len ≤ cap, and [0, len) was written
+        // by `push` (the only way len grows), so every byte of the slice is initialized.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
@@ -112,7 +115,7 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: ptr was returned by alloc_zeroed with exactly this layout and is freed once.
+        // SAFETY: ptr was returned by alloc with exactly this layout and is freed once.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
     }
 }

@@ -84,7 +84,11 @@ pub(crate) fn remove_dir_all(path: &Path) -> Result<(), ReplicaError> {
 /// Creates a directory if missing (its parent is fsynced by the caller's later rename or
 /// `fsync_dir`).
 pub(crate) fn create_dir(path: &Path) -> Result<(), ReplicaError> {
-    match fs::create_dir(path) {
+    use std::os::unix::fs::DirBuilderExt;
+    match fs::DirBuilder::new()
+        .mode(crate::store::DIR_MODE)
+        .create(path)
+    {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(ReplicaError::io("create directory", path)(e)),

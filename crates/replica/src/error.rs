@@ -56,6 +56,14 @@ pub enum ReplicaError {
     ReceiveFailed(String),
     #[error("the replica of {vm_id} is being verified (opening the store); try again shortly")]
     Verifying { vm_id: String },
+    #[error("replica storage {dir} does not exist (is its file system mounted?)")]
+    StorageMissing { dir: PathBuf },
+    #[error("{dir} is not a replica store: it has no store marker (is the right file system mounted there? `replica-server enable --storage` sets a store up)")]
+    NoStoreMarker { dir: PathBuf },
+    #[error("store marker {path}: {reason}")]
+    BadStoreMarker { path: PathBuf, reason: String },
+    #[error("the replica's index is full ({indexed} of {max} frames indexed, this delta has {frames}); retention folds older points, try again")]
+    IndexFull { indexed: u64, max: u64, frames: u64 },
     #[error("injected failure at {0}")]
     Injected(&'static str),
 }
@@ -70,7 +78,7 @@ impl ReplicaError {
             ReplicaError::Delta(delta::DeltaError::Io(source)) => {
                 crate::fds::is_transient_io(source)
             }
-            ReplicaError::Verifying { .. } => true,
+            ReplicaError::Verifying { .. } | ReplicaError::IndexFull { .. } => true,
             _ => false,
         }
     }

@@ -91,7 +91,9 @@ fn advance_base(inner: &VmInner, s: u64, info: crate::PointInfo) -> Result<(), R
         st.folding = None;
     })?;
     failpoint::hit("fold.after_manifest")?;
-    inner.state.write().journal.remove(&s);
+    if let Some(e) = inner.state.write().journal.remove(&s) {
+        inner.budget.release(e.frames);
+    }
     let path = inner.journal_path(s);
     let removed = durable::remove_file(&path);
     inner.fds.forget(&path);

@@ -8,6 +8,7 @@
 
 mod appender;
 mod base_writer;
+mod budget;
 mod direct;
 mod durable;
 mod error;
@@ -16,6 +17,7 @@ mod fds;
 mod fold;
 mod index;
 mod manifest;
+mod marker;
 mod payload;
 mod pipeline;
 mod receive;
@@ -28,9 +30,11 @@ mod crash_tests;
 #[cfg(test)]
 mod direct_tests;
 
+pub use budget::INDEX_FRAMES_MAX;
 pub use delta::{DeltaKind, DiskEntry};
 pub use error::ReplicaError;
 pub use fds::{JOURNAL_FDS_LIMIT_SHARE, JOURNAL_FDS_MAX};
+pub use marker::StoreMarker;
 pub use receive::Incoming;
 pub use store::ReplicaStore;
 pub use view::PointView;

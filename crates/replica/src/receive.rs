@@ -368,6 +368,53 @@ fn commit_journal(
     info: PointInfo,
 ) -> Result<(), ReplicaError> {
     // Until the rename, a failure leaves the partial file to Drop (deleted).
+    let frames = incoming.frames.len() as u64;
+    reserve_index(vm, frames)?;
+    // From here until the point is published, a failure gives the frames back.
+    let published = write_journal(vm, incoming, appender, header, info, frames);
+    if published.is_err() {
+        vm.budget.release(frames);
+    }
+    published?;
+    if header.kind == DeltaKind::Full && vm.state.read().damage.is_some() {
+        vm.update_manifest(|st| st.damage = None)?;
+    }
+    Ok(())
+}
+
+/// Makes room for `frames` more index entries in the store's budget: when they do not fit,
+/// folds this VM's oldest points first (retention sooner; the newest point stays), and refuses
+/// with the transient `IndexFull` when that is not enough (other VMs hold the index; the
+/// daemon's retention relieves it). Caller holds `mutate`.
+fn reserve_index(vm: &VmInner, frames: u64) -> Result<(), ReplicaError> {
+    loop {
+        if vm.budget.try_reserve(frames) {
+            return Ok(());
+        }
+        let points = {
+            let st = vm.state.read();
+            st.journal.len() + usize::from(st.base_point.is_some())
+        };
+        if points <= 1 || !crate::fold::fold_next(vm)? {
+            return Err(ReplicaError::IndexFull {
+                indexed: vm.budget.indexed(),
+                max: vm.budget.max(),
+                frames,
+            });
+        }
+        tracing::info!(vm = %vm.vm_id, "folded the oldest point early: the store's index is at its bound");
+    }
+}
+
+/// The durable part of a journal commit and the index update; the frames are reserved.
+fn write_journal(
+    vm: &VmInner,
+    incoming: &mut Incoming,
+    appender: JournalAppender,
+    header: &DeltaHeader,
+    info: PointInfo,
+    frames: u64,
+) -> Result<(), ReplicaError> {
     let partial = incoming
         .partial
         .clone()
@@ -403,11 +450,9 @@ fn commit_journal(
     }
     let entry = JournalEntry {
         info,
+        frames,
         layers: layers.into_iter().map(|(d, l)| (d, Arc::new(l))).collect(),
     };
     vm.state.write().journal.insert(seq, entry);
-    if header.kind == DeltaKind::Full && vm.state.read().damage.is_some() {
-        vm.update_manifest(|st| st.damage = None)?;
-    }
     Ok(())
 }

@@ -4,23 +4,31 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use delta::{DiskEntry, BLOCK_BYTES, DISKS_MAX, DISK_BYTES_MAX, VM_ID_BYTES_MAX};
 use parking_lot::{Mutex, RwLock};
 
+use crate::budget::{IndexBudget, INDEX_FRAMES_MAX};
 use crate::fds::JournalFds;
 use crate::manifest::{hex, DiskRecord, Manifest};
+use crate::marker::{self, StoreMarker};
 use crate::vm::{base_path, open_vm, ReplicaVm, BASE_DIR, INCOMING_DIR, JOURNAL_DIR};
 use crate::{durable, ReplicaError};
 
 const CREATING_SUFFIX: &str = ".creating";
 const REMOVING_SUFFIX: &str = ".removing";
+/// Directories of the store: owner only (they hold the guests' data and the delta keys).
+pub(crate) const DIR_MODE: u32 = 0o700;
+/// Base images and journal files: owner read/write only.
+pub(crate) const FILE_MODE: u32 = 0o600;
 
 /// All replicated VMs of this host's storage directory.
 pub struct ReplicaStore {
     dir: PathBuf,
+    marker: StoreMarker,
     vms: RwLock<BTreeMap<String, Arc<ReplicaVm>>>,
     /// VM directories that could not be opened, with the reason.
     broken: RwLock<BTreeMap<String, String>>,
@@ -31,6 +39,8 @@ pub struct ReplicaStore {
     admin: Mutex<()>,
     /// Open journal files of every VM (bounded).
     fds: Arc<JournalFds>,
+    /// Indexed frames of every VM (bounded).
+    budget: Arc<IndexBudget>,
 }
 /// VM ids become directory names: a conservative character set, no leading dot (ours).
 fn validate_vm_id(vm_id: &str) -> Result<(), ReplicaError> {
@@ -71,21 +81,68 @@ fn sorted(disks: &[DiskEntry]) -> Vec<DiskEntry> {
 }
 
 impl ReplicaStore {
-    /// Opens (creating if needed) the storage directory and recovers every VM in it. A VM that
-    /// cannot be opened is listed by [`ReplicaStore::broken`]; the others open normally. A VM
-    /// that failed for a transient reason (out of descriptors or memory) stays pending
-    /// ([`ReplicaStore::pending`]) and opens at a later [`ReplicaStore::open_pending`].
+    /// Sets up `storage_dir` as a replica store: creates it (0700) if missing and writes its
+    /// marker (see "Store marker" in the format doc) unless it has a valid one. Returns the
+    /// marker. The daemon calls this only when told to (`replica-server enable --storage`).
+    pub fn init_storage(storage_dir: &Path, host: &str) -> Result<StoreMarker, ReplicaError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(storage_dir)
+            .map_err(ReplicaError::io("create directory", storage_dir))?;
+        match marker::load(storage_dir) {
+            Ok(m) => Ok(m),
+            Err(ReplicaError::NoStoreMarker { .. }) => {
+                let m = marker::create(storage_dir, host)?;
+                tracing::info!(storage = %storage_dir.display(), store_id = %m.store_id, "replica store set up");
+                Ok(m)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether `dir` holds replica VM directories (a store from before markers existed).
+    pub fn holds_replica_vms(dir: &Path) -> bool {
+        fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|e| e.path().join(crate::manifest::MANIFEST_FILE).is_file())
+        })
+    }
+
+    /// Sets up `storage_dir` if needed ([`ReplicaStore::init_storage`]) and recovers every VM
+    /// in it (for tools and tests; the daemon uses `init_storage` once, then
+    /// `open_deferred`). A VM that cannot be opened is listed by [`ReplicaStore::broken`];
+    /// the others open normally. A VM that failed for a transient reason (out of descriptors
+    /// or memory) stays pending ([`ReplicaStore::pending`]) and opens at a later
+    /// [`ReplicaStore::open_pending`].
     pub fn open(storage_dir: &Path) -> Result<Self, ReplicaError> {
+        Self::init_storage(storage_dir, "")?;
         let store = Self::open_deferred(storage_dir)?;
         store.open_pending();
         Ok(store)
     }
 
-    /// Lists the storage directory without opening any VM (cheap: no journal is read). Every
-    /// VM found is pending until [`ReplicaStore::open_pending`] verifies and opens it.
+    /// Lists an existing store without opening any VM (cheap: no journal is read). Every VM
+    /// found is pending until [`ReplicaStore::open_pending`] verifies and opens it. Refuses,
+    /// creating nothing, a missing directory (`StorageMissing`: an unmounted file system) and
+    /// one without a valid store marker (`NoStoreMarker`, `BadStoreMarker`).
     pub fn open_deferred(storage_dir: &Path) -> Result<Self, ReplicaError> {
-        fs::create_dir_all(storage_dir)
-            .map_err(ReplicaError::io("create directory", storage_dir))?;
+        match fs::metadata(storage_dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ReplicaError::StorageMissing {
+                    dir: storage_dir.to_owned(),
+                })
+            }
+            Err(e) => return Err(ReplicaError::io("stat", storage_dir)(e)),
+            Ok(m) if !m.is_dir() => {
+                return Err(ReplicaError::io("open", storage_dir)(
+                    std::io::Error::from_raw_os_error(libc::ENOTDIR),
+                ))
+            }
+            Ok(_) => {}
+        }
+        let marker = marker::load(storage_dir)?;
         let mut pending = BTreeMap::new();
         let entries = fs::read_dir(storage_dir).map_err(ReplicaError::io("list", storage_dir))?;
         for entry in entries {
@@ -107,12 +164,53 @@ impl ReplicaStore {
         }
         Ok(ReplicaStore {
             dir: storage_dir.to_owned(),
+            marker,
             vms: RwLock::new(BTreeMap::new()),
             broken: RwLock::new(BTreeMap::new()),
             pending: RwLock::new(pending),
             admin: Mutex::new(()),
             fds: Arc::new(JournalFds::new(crate::fds::default_capacity())),
+            budget: Arc::new(IndexBudget::new(INDEX_FRAMES_MAX)),
         })
+    }
+
+    /// Frames indexed in memory now (all VMs), and the bound ([`INDEX_FRAMES_MAX`]).
+    pub fn index_frames(&self) -> (u64, u64) {
+        (self.budget.indexed(), self.budget.max())
+    }
+
+    /// Changes the bound on indexed frames (tests; tuning).
+    pub fn set_index_frames_max(&self, max: u64) {
+        self.budget.set_max(max);
+    }
+
+    /// While the index is past three quarters of its bound, folds the oldest point of the VM
+    /// holding the most frames (never its last point; a point an open view reads stops it).
+    /// Run with retention, so a VM refused `IndexFull` finds room at its next attempt.
+    pub fn relieve_index_pressure(&self) -> Result<(), ReplicaError> {
+        let high = self.budget.max() / 4 * 3;
+        while self.budget.indexed() > high {
+            let Some(vm) = self
+                .vms()
+                .into_iter()
+                .filter(|v| v.points().len() > 1)
+                .max_by_key(|v| v.inner.indexed_frames())
+            else {
+                return Ok(());
+            };
+            let before = self.budget.indexed();
+            vm.retain(vm.points().len() - 1)?;
+            if self.budget.indexed() >= before {
+                return Ok(()); // the oldest point is being read; later
+            }
+            tracing::info!(vm = %vm.vm_id(), "folded the oldest point early: the store's index is past 3/4 of its bound");
+        }
+        Ok(())
+    }
+
+    /// The store's marker (which store this is).
+    pub fn marker(&self) -> &StoreMarker {
+        &self.marker
     }
 
     /// Opens every pending VM (recovery and full verification of its journal), one at a time.
@@ -121,7 +219,7 @@ impl ReplicaStore {
     pub fn open_pending(&self) -> usize {
         let names: Vec<String> = self.pending.read().keys().cloned().collect();
         for name in names {
-            let opened = open_vm(&self.dir.join(&name), self.fds.clone());
+            let opened = open_vm(&self.dir.join(&name), self.fds.clone(), self.budget.clone());
             // Create/remove may have run meanwhile: only a still-pending VM is decided here.
             let _a = self.admin.lock();
             let mut pending = self.pending.write();
@@ -221,6 +319,7 @@ impl ReplicaStore {
             let f = OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(FILE_MODE)
                 .open(&path)
                 .map_err(ReplicaError::io("create base image", &path))?;
             f.set_len(d.size_bytes)
@@ -249,7 +348,7 @@ impl ReplicaStore {
         }
         durable::fsync_dir(&tmp)?;
         durable::rename(&tmp, &dir)?;
-        let vm = Arc::new(open_vm(&dir, self.fds.clone())?);
+        let vm = Arc::new(open_vm(&dir, self.fds.clone(), self.budget.clone())?);
         self.vms.write().insert(vm_id.into(), vm.clone());
         tracing::info!(vm = %vm_id, generation, disks = disks.len(), "replica VM created");
         Ok(vm)
@@ -287,7 +386,12 @@ impl ReplicaStore {
         }
         if let Some(vm) = &vm {
             let _m = vm.inner.mutate.lock();
-            vm.inner.state.write().removed = true;
+            let mut st = vm.inner.state.write();
+            st.removed = true;
+            // Its index goes now (open views of it fail `Removed` from here on).
+            let frames: u64 = st.journal.values().map(|e| e.frames).sum();
+            st.journal.clear();
+            self.budget.release(frames);
         }
         let dir = self.dir.join(vm_id);
         let gone = self.dir.join(format!(".{vm_id}{REMOVING_SUFFIX}"));

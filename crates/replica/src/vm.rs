@@ -13,6 +13,7 @@ use std::sync::Arc;
 use delta::{DeltaHeader, DeltaKind, DeltaReader, DeltaSummary, DiskEntry};
 use parking_lot::{Mutex, RwLock};
 
+use crate::budget::IndexBudget;
 use crate::fds::JournalFds;
 use crate::index::{JournalFile, Layer};
 use crate::manifest::{hex, key_from_hex, DiskRecord, Manifest, PointRecord};
@@ -76,6 +77,8 @@ impl PointInfo {
 /// A committed journal delta and its index layers (one per disk it touches).
 pub(crate) struct JournalEntry {
     pub info: PointInfo,
+    /// Frames of the delta, each an entry of the index (counted in the store's budget).
+    pub frames: u64,
     pub layers: BTreeMap<u32, Arc<Layer>>,
 }
 
@@ -157,6 +160,8 @@ pub(crate) struct VmInner {
     pub wedged: Mutex<Option<String>>,
     /// The store's open journal files (shared by all its VMs, bounded).
     pub fds: Arc<JournalFds>,
+    /// The store's count of indexed frames (shared by all its VMs, bounded).
+    pub budget: Arc<IndexBudget>,
 }
 
 /// One replicated VM on the replica host.
@@ -219,6 +224,11 @@ impl ReplicaVm {
 }
 
 impl VmInner {
+    /// Frames this VM has in the index now.
+    pub fn indexed_frames(&self) -> u64 {
+        self.state.read().journal.values().map(|e| e.frames).sum()
+    }
+
     pub fn journal_path(&self, seq: u64) -> PathBuf {
         self.dir
             .join(JOURNAL_DIR)
@@ -408,7 +418,9 @@ impl VmInner {
             });
         }
         let mut layers: BTreeMap<u32, Layer> = BTreeMap::new();
+        let mut frames = 0u64;
         while let Some(info) = r.next_frame_info()? {
+            frames += 1;
             layers
                 .entry(info.disk)
                 .or_default()
@@ -419,6 +431,7 @@ impl VmInner {
         })?;
         Ok(JournalEntry {
             info: PointInfo::from_delta(&h, &summary),
+            frames,
             layers: layers.into_iter().map(|(d, l)| (d, Arc::new(l))).collect(),
         })
     }
@@ -427,7 +440,11 @@ impl VmInner {
 /// Opens a VM directory, recovering from any crash (see the "Open" section of the format doc).
 /// A transient failure (out of file descriptors or memory: [`ReplicaError::is_transient`])
 /// fails the open and changes nothing: it is never taken for damage.
-pub(crate) fn open_vm(dir: &Path, fds: Arc<JournalFds>) -> Result<ReplicaVm, ReplicaError> {
+pub(crate) fn open_vm(
+    dir: &Path,
+    fds: Arc<JournalFds>,
+    budget: Arc<IndexBudget>,
+) -> Result<ReplicaVm, ReplicaError> {
     let m = Manifest::load(dir)?;
     let bad = |reason: &str| ReplicaError::Manifest {
         path: dir.join(crate::manifest::MANIFEST_FILE),
@@ -500,6 +517,7 @@ pub(crate) fn open_vm(dir: &Path, fds: Arc<JournalFds>) -> Result<ReplicaVm, Rep
         base_epoch: AtomicU64::new(0),
         wedged: Mutex::new(None),
         fds,
+        budget,
     });
     recover_journal(&inner, &m)?;
     let no_point = {
@@ -510,6 +528,8 @@ pub(crate) fn open_vm(dir: &Path, fds: Arc<JournalFds>) -> Result<ReplicaVm, Rep
         // Frees what an interrupted first point left in the base; never visible (no point).
         inner.reset_base()?;
     }
+    // Only now, when the VM is kept: a failed open's index is dropped with it.
+    inner.budget.add(inner.indexed_frames());
     Ok(ReplicaVm { inner })
 }
 

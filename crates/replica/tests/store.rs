@@ -675,3 +675,131 @@ fn a_first_point_is_refused_by_name_like_any_delta_and_leaves_no_point() {
     model.accept(images);
     assert_points_match(&vm, &model);
 }
+
+/// The daemon opens the store without reading any journal (`open_deferred`) and verifies VMs
+/// in the background: until then a VM is pending, and calls for it are refused as transient
+/// (`Verifying`), never as a conflict or an unknown VM.
+#[test]
+fn a_deferred_store_lists_vms_as_pending_until_verified() {
+    let (dir, store, model) = store_with_points(3);
+    drop(store);
+    let store = ReplicaStore::open_deferred(dir.path()).unwrap();
+    assert!(store.vm(VM).is_none() && store.is_pending(VM));
+    let refused = store.create_vm(VM, 1, &disks(), KEY).err().unwrap();
+    assert!(
+        matches!(refused, ReplicaError::Verifying { .. }) && refused.is_transient(),
+        "{refused:?}"
+    );
+    assert_eq!(store.open_pending(), 0);
+    let vm = store.vm(VM).unwrap();
+    assert_points_match(&vm, &model);
+}
+
+/// Regression (AUDIT §14): index memory had no total bound (about 120 bytes per frame of every
+/// retained delta). Now the store counts indexed frames: at the bound a commit folds its VM's
+/// oldest points first, is refused as transient (`IndexFull`) when that cannot make room,
+/// and `relieve_index_pressure` folds the VMs holding the most.
+#[test]
+fn index_memory_is_bounded_by_folding_sooner_or_refusing_transiently() {
+    const MAX: u64 = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    store.set_index_frames_max(MAX);
+    let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+    let mut model = Model::new();
+    let two_frames = |i: u64| {
+        [
+            Op::Data {
+                disk: 0,
+                block: i,
+                blocks: 1,
+                seed: i as u8,
+            },
+            Op::Zero {
+                disk: 1,
+                block: i,
+                blocks: 1,
+            },
+        ]
+    };
+    for i in 0..10u64 {
+        let kind = if i == 0 {
+            DeltaKind::Initial
+        } else {
+            DeltaKind::Incremental
+        };
+        let (bytes, images) = model.delta(kind, Compression::Zstd, &two_frames(i));
+        send(&vm, &bytes).unwrap();
+        model.accept(images);
+        let (indexed, max) = store.index_frames();
+        assert!(indexed <= max, "{indexed} frames indexed, bound {max}");
+    }
+    // Folded sooner than any retention asked: 3 journal deltas of 2 frames fit.
+    assert_eq!(store.index_frames().0, MAX);
+    assert_eq!(vm.points().len(), 4);
+    assert_points_match(&vm, &model);
+
+    // A delta larger than the whole bound: refused as transient, nothing changes.
+    let ops: Vec<Op> = (0..8)
+        .map(|b| Op::Data {
+            disk: 0,
+            block: b * 2,
+            blocks: 1,
+            seed: 99,
+        })
+        .collect();
+    let (big, images) = model.delta(DeltaKind::Incremental, Compression::Zstd, &ops);
+    let refused = send(&vm, &big).unwrap_err();
+    assert!(
+        matches!(refused, ReplicaError::IndexFull { .. }) && refused.is_transient(),
+        "{refused:?}"
+    );
+    assert_eq!(vm.latest_seq(), model.latest);
+    store.set_index_frames_max(100);
+    send(&vm, &big).unwrap();
+    model.accept(images);
+
+    // Past 3/4 of a lowered bound, retention folds until under it again.
+    store.set_index_frames_max(8);
+    store.relieve_index_pressure().unwrap();
+    assert!(store.index_frames().0 <= 6, "{:?}", store.index_frames());
+    assert_points_match(&vm, &model);
+    drop(vm);
+    drop(store);
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    let vm = store.vm(VM).unwrap();
+    let (indexed, _) = store.index_frames();
+    assert!(indexed <= 6, "{indexed} frames indexed after reopen");
+    assert_points_match(&vm, &model);
+}
+
+/// A store is opened only where it was set up: a missing directory, a directory without the
+/// marker (an empty mount point) and a damaged marker are refused by name, creating nothing.
+#[test]
+fn open_deferred_refuses_a_missing_directory_or_marker_and_creates_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("storage");
+    let e = ReplicaStore::open_deferred(&dir).err().unwrap();
+    assert!(matches!(e, ReplicaError::StorageMissing { .. }), "{e}");
+    assert!(!dir.exists());
+    std::fs::create_dir(&dir).unwrap();
+    let e = ReplicaStore::open_deferred(&dir).err().unwrap();
+    assert!(matches!(e, ReplicaError::NoStoreMarker { .. }), "{e}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    let marker = ReplicaStore::init_storage(&dir, "replica-1").unwrap();
+    assert_eq!(marker.host, "replica-1");
+    let store = ReplicaStore::open_deferred(&dir).unwrap();
+    assert_eq!(store.marker(), &marker);
+    // Set up again: the same store.
+    assert_eq!(ReplicaStore::init_storage(&dir, "other").unwrap(), marker);
+    let path = dir.join("understudy-store.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("replica-1", "replica-2");
+    std::fs::write(&path, text).unwrap();
+    let e = ReplicaStore::open_deferred(&dir).err().unwrap();
+    assert!(
+        matches!(e, ReplicaError::BadStoreMarker { .. }) && e.to_string().contains("checksum"),
+        "{e}"
+    );
+}

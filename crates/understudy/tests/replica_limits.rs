@@ -167,3 +167,130 @@ fn damage_found_on_the_replica_reaches_the_primary_on_the_next_cycle() {
         "after the resync the newest point differs from the primary"
     );
 }
+
+/// Regression (AUDIT §5, replica half): the daemon opened and fully verified the replica store
+/// before its NBD server started, and a store-level error stopped the daemon, so a failing
+/// replica disk took the host's primary VMs offline. Now the store opens in the background;
+/// one that cannot be opened is reported, and the primary VM is served.
+#[test]
+fn broken_replica_storage_never_takes_the_primary_vms_offline() {
+    require("qemu-io", "qemu-utils");
+    let root = tempfile::tempdir().unwrap();
+    let mut h = Host::start(root.path(), "both");
+    let storage = h.dir.join("storage");
+    h.ok(&[
+        "replica-server",
+        "enable",
+        "--storage",
+        storage.to_str().unwrap(),
+    ]);
+    h.ok(&["vm", "create", "local", "--disk", "4M"]);
+    qemu_io_ok(&h.nbd_uri("local", 0), &["write -P 7 0 4k"]);
+    h.stop();
+    // The storage is gone and something else is at its path.
+    std::fs::remove_dir_all(&storage).unwrap();
+    std::fs::write(&storage, b"not a directory").unwrap();
+    h.restart();
+    qemu_io_ok(&h.nbd_uri("local", 0), &["read -P 7 0 4k"]);
+    wait_until(
+        "the store to be reported unavailable",
+        std::time::Duration::from_secs(20),
+        || {
+            let cfg = h.json(&["replica-server", "show"]);
+            cfg["status"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("unavailable"))
+        },
+    );
+    let cfg = h.json(&["replica-server", "show"]);
+    let status = cfg["status"].as_str().unwrap();
+    assert!(status.contains(storage.to_str().unwrap()), "{status}");
+    assert!(
+        events(&h).iter().any(|e| e["id"] == 3003),
+        "no replica-store-unavailable event"
+    );
+}
+
+fn store_status(h: &Host) -> String {
+    h.json(&["replica-server", "show"])["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Regression (AUDIT §14): at start the daemon ran `create_dir_all(storage)`, so a storage
+/// mount that was missing silently became an empty store on the root file system, and the
+/// primaries went to "resync required". Now the store carries a marker: a missing directory,
+/// or one without the marker (an empty mount point), is refused with the reason and nothing is
+/// created in it; the host's primary VM keeps serving; the store opens again once mounted.
+#[test]
+fn unmounted_replica_storage_is_refused_never_recreated() {
+    require("qemu-io", "qemu-utils");
+    let root = tempfile::tempdir().unwrap();
+    let (a, mut b) = pair(root.path());
+    replicate(&a, &b, "web", &["4M"], 3600);
+    b.ok(&["vm", "create", "local", "--disk", "4M"]);
+    let storage = b.dir.join("storage");
+    let marker = storage.join("understudy-store.json");
+    assert!(marker.is_file());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&storage.join("web")), 0o700);
+    assert_eq!(mode(&storage.join("web/base/disk-0.raw")), 0o600);
+
+    // "Unmount": the file system is away and its mount point is an empty directory.
+    b.stop();
+    let away = root.path().join("storage-away");
+    std::fs::rename(&storage, &away).unwrap();
+    std::fs::create_dir(&storage).unwrap();
+    b.restart();
+    qemu_io_ok(&b.nbd_uri("local", 0), &["read 0 4k"]);
+    wait_until(
+        "the store to be refused",
+        std::time::Duration::from_secs(20),
+        || store_status(&b).starts_with("unavailable"),
+    );
+    assert!(
+        store_status(&b).contains("no store marker"),
+        "{}",
+        store_status(&b)
+    );
+    assert_eq!(
+        std::fs::read_dir(&storage).unwrap().count(),
+        0,
+        "the empty mount point was written to"
+    );
+    let out = a.run(&["replication", "sync", "web"]);
+    assert!(!out.status.success());
+    let st = a.json(&["replication", "status", "web"]);
+    assert_ne!(st["state"], "ResynchronizationRequired", "{st}");
+
+    // The directory itself is missing: refused too, and not created.
+    b.stop();
+    std::fs::remove_dir(&storage).unwrap();
+    b.restart();
+    wait_until(
+        "the store to be refused",
+        std::time::Duration::from_secs(20),
+        || store_status(&b).contains("does not exist"),
+    );
+    assert!(
+        !storage.exists(),
+        "the missing storage directory was recreated"
+    );
+
+    // "Mounted" again: the store opens with its points, and replication goes on.
+    b.stop();
+    std::fs::rename(&away, &storage).unwrap();
+    b.restart();
+    wait_until(
+        "the store to open",
+        std::time::Duration::from_secs(20),
+        || store_status(&b) == "open",
+    );
+    sync_until_ok(&a, "web", 10);
+    assert_eq!(
+        a.json(&["replication", "status", "web"])["state"],
+        "Replicating"
+    );
+}

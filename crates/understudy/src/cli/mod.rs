@@ -95,6 +95,8 @@ pub fn replica_server_enable(
         storage: storage.display().to_string(),
         allow,
         trust_group,
+        store_id: None,
+        status: None,
     };
     let cfg: ReplicaServerConfig = api.post("/v1/replica-server", &cfg)?;
     println!(
@@ -118,8 +120,9 @@ pub fn replica_server_show(api: &Api, json: bool) -> anyhow::Result<()> {
     } else {
         match cfg {
             Some(c) if c.enabled => println!(
-                "enabled, storage {}, allow {}",
+                "enabled, storage {} ({}), allow {}",
                 c.storage,
+                c.status.as_deref().unwrap_or("unknown"),
                 c.allow.join(", ")
             ),
             _ => println!("disabled"),

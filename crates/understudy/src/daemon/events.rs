@@ -25,6 +25,7 @@ pub const RESUMED: u32 = 2006;
 pub const ANSWER_LOST_ADOPTED: u32 = 2007;
 pub const POINT_COMMITTED: u32 = 3000;
 pub const PEER_REFUSED: u32 = 3002;
+pub const REPLICA_STORE_UNAVAILABLE: u32 = 3003;
 
 /// Events kept in memory for `events` queries; older ones remain in the file.
 const EVENTS_IN_MEMORY_MAX: usize = 1000;

@@ -83,6 +83,13 @@ async fn route(
 ) -> Result<Vec<u8>, Refusal> {
     let path = req.uri().path().to_string();
     let parts: Vec<&str> = path.split('/').skip(1).collect();
+    if let Some(why) = shared.replica_store_problem() {
+        return Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            why,
+        ));
+    }
     let (store, cfg) = shared.replica_store().ok_or_else(|| {
         refuse(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -230,6 +237,7 @@ pub fn spawn_retention(shared: Arc<Shared>) {
         tick.tick().await; // the first tick is immediate; the store was just opened
         loop {
             tick.tick().await;
+            shared.retry_replica_store();
             let Some((store, _)) = shared.replica_store() else {
                 continue;
             };
@@ -237,6 +245,9 @@ pub fn spawn_retention(shared: Arc<Shared>) {
                 store.open_pending();
                 for rvm in store.vms() {
                     retain(&rvm);
+                }
+                if let Err(e) = store.relieve_index_pressure() {
+                    tracing::error!("folding to relieve the replica index failed: {e}");
                 }
             });
             if let Err(e) = pass.await {

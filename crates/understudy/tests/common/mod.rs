@@ -115,7 +115,31 @@ impl Host {
             return Err(self.log());
         }
         self.child = Some(child);
+        self.wait_replica_store();
         Ok(())
+    }
+
+    /// A replica server opens its store in the background after "ready" (replica VMs answer
+    /// "being verified" until then): wait until it is open or known unavailable.
+    pub fn wait_replica_store(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.run(&["replica-server", "show", "--json"]);
+            let cfg: serde_json::Value =
+                serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            let status = cfg["status"].as_str().unwrap_or("");
+            let settled =
+                cfg["enabled"] != true || status == "open" || status.starts_with("unavailable");
+            if out.status.success() && settled {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica store of {} did not open: {status}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn log(&self) -> String {

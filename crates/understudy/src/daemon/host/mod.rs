@@ -15,7 +15,6 @@ use proto::time::{now_unix_ns, rfc3339_from_unix_ns};
 use proto::{
     DiskInfo, EnableReplication, HostInfo, ReplicaServerConfig, ReplicationStatus, VmInfo,
 };
-use replica::ReplicaStore;
 use tracker::OpenState;
 
 use super::api::{bad_request, conflict, not_found};
@@ -54,7 +53,7 @@ pub const NBD_RECONNECT_DELAY_SECS: u32 = 30;
 
 struct ReplicaHost {
     cfg: ReplicaServerConfig,
-    store: Arc<ReplicaStore>,
+    store: replica_side::StoreSlot,
 }
 
 pub struct Shared {
@@ -208,10 +207,9 @@ impl Shared {
         .context("serving NBD")?;
         *shared.nbd.lock() = Some(server);
         if let Some(cfg) = shared.catalog.get::<ReplicaServerConfig>(REPLICA_CFG_KEY)? {
-            if cfg.enabled {
-                let s = shared.clone();
-                tokio::task::spawn_blocking(move || s.open_replica_store(cfg)).await??;
-            }
+            // In the background: the NBD server never waits for the replica's journals, and
+            // a failing replica store never keeps the primary VMs offline.
+            shared.start_replica_store(cfg);
         }
         tokio::spawn(watch_storage(Arc::downgrade(&shared)));
         Ok(shared)
@@ -746,19 +744,11 @@ impl Shared {
         let mut out: Vec<ReplicationStatus> = repls.iter().map(|r| r.status()).collect();
         let broken: Vec<String> = self.broken.lock().keys().cloned().collect();
         out.extend(broken.iter().filter_map(|n| self.broken_status(n)));
-        let replica_names: Vec<String> = self
-            .replica
-            .lock()
-            .as_ref()
-            .map(|h| {
-                h.store
-                    .vms()
-                    .iter()
-                    .map(|v| v.vm_id().to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.extend(replica_names.iter().filter_map(|n| self.replica_status(n)));
+        out.extend(
+            self.replica_vm_names()
+                .iter()
+                .filter_map(|n| self.replica_status(n)),
+        );
         out
     }
 

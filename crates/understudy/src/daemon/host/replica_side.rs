@@ -5,38 +5,216 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use proto::time::rfc3339_from_unix_ns;
 use proto::{
     Compression, ExportPoint, Health, PointInfo, ReplicaServerConfig, ReplicationState,
     ReplicationStatus,
 };
-use replica::ReplicaStore;
+use replica::{ReplicaError, ReplicaStore};
 
 use super::{ReplicaHost, Shared, REPLICA_CFG_KEY};
-use crate::daemon::api::{bad_request, not_found};
+use crate::daemon::api::{bad_request, not_found, transient};
 use crate::daemon::catalog::ReplicaOwner;
 use crate::daemon::events;
 
+/// The replica store as the daemon holds it.
+pub(super) enum StoreSlot {
+    /// Being opened in the background (the NBD server and the primary VMs do not wait).
+    Opening,
+    /// Open; its VMs may still be pending verification (`ReplicaStore::pending`).
+    Open(Arc<ReplicaStore>),
+    /// Cannot be opened, and why; retried with every retention pass.
+    Unavailable(String),
+}
+
+/// Opens the storage directory of `cfg` without reading any journal (cheap). Blocking. Never
+/// creates anything: a missing directory or marker is refused (a storage mount that is
+/// missing), and so is the marker of another store. A store from before markers (settings
+/// without `store_id`, a directory that holds replica VMs) is adopted: returns its new id.
+fn open_store(
+    cfg: &ReplicaServerConfig,
+    host: &str,
+) -> anyhow::Result<(ReplicaStore, Option<String>)> {
+    let dir = PathBuf::from(&cfg.storage);
+    let opened = match ReplicaStore::open_deferred(&dir) {
+        Err(ReplicaError::NoStoreMarker { .. })
+            if cfg.store_id.is_none() && ReplicaStore::holds_replica_vms(&dir) =>
+        {
+            let marker = ReplicaStore::init_storage(&dir, host)
+                .with_context(|| format!("adopting replica storage {}", dir.display()))?;
+            tracing::info!(storage = %dir.display(), store_id = %marker.store_id, "adopted a replica store from before store markers");
+            ReplicaStore::open_deferred(&dir).map(|s| (s, Some(marker.store_id)))
+        }
+        other => other.map(|s| (s, None)),
+    };
+    let (store, adopted) =
+        opened.with_context(|| format!("opening replica storage {}", dir.display()))?;
+    if let Some(want) = &cfg.store_id {
+        let found = &store.marker().store_id;
+        if found != want {
+            bail!(
+                "replica storage {} holds another replica store (id {found}, set up by {:?}) than the one this host set up (id {want}); run `replica-server enable --storage {}` to use it",
+                dir.display(),
+                store.marker().host,
+                dir.display()
+            );
+        }
+    }
+    Ok((store, adopted))
+}
+
 impl Shared {
+    /// The replica-server settings, with what the store's state is now.
     pub fn replica_config(&self) -> Option<ReplicaServerConfig> {
-        self.replica.lock().as_ref().map(|h| h.cfg.clone())
+        self.replica.lock().as_ref().map(|h| {
+            let mut cfg = h.cfg.clone();
+            cfg.status = Some(match &h.store {
+                StoreSlot::Opening => "opening".to_string(),
+                StoreSlot::Open(store) => match store.pending().len() {
+                    0 => "open".to_string(),
+                    n => format!("open, verifying {n} replica VMs"),
+                },
+                StoreSlot::Unavailable(why) => format!("unavailable: {why}"),
+            });
+            cfg
+        })
     }
 
     pub fn replica_store(&self) -> Option<(Arc<ReplicaStore>, ReplicaServerConfig)> {
-        self.replica
-            .lock()
-            .as_ref()
-            .filter(|h| h.cfg.enabled)
-            .map(|h| (h.store.clone(), h.cfg.clone()))
+        let guard = self.replica.lock();
+        let h = guard.as_ref().filter(|h| h.cfg.enabled)?;
+        match &h.store {
+            StoreSlot::Open(store) => Some((store.clone(), h.cfg.clone())),
+            _ => None,
+        }
     }
 
-    pub(super) fn open_replica_store(&self, cfg: ReplicaServerConfig) -> anyhow::Result<()> {
-        let dir = PathBuf::from(&cfg.storage);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("creating replica storage {}", dir.display()))?;
-        let store = ReplicaStore::open(&dir)
-            .with_context(|| format!("opening replica storage {}", dir.display()))?;
+    /// Why an enabled replica server has no store now (being opened, or cannot be).
+    pub fn replica_store_problem(&self) -> Option<String> {
+        let guard = self.replica.lock();
+        let h = guard.as_ref().filter(|h| h.cfg.enabled)?;
+        match &h.store {
+            StoreSlot::Opening => Some(format!(
+                "the replica store {} is being opened; try again shortly",
+                h.cfg.storage
+            )),
+            StoreSlot::Open(_) => None,
+            StoreSlot::Unavailable(why) => Some(why.clone()),
+        }
+    }
+
+    /// At daemon start: opens the replica store in the background (listing, then verifying
+    /// every VM's journal). Until then peer calls are answered "try again"; a store that
+    /// cannot be opened is logged and reported, and the primary VMs are not affected.
+    pub(super) fn start_replica_store(self: &Arc<Self>, cfg: ReplicaServerConfig) {
+        if !cfg.enabled {
+            return;
+        }
+        let storage = cfg.storage.clone();
+        *self.replica.lock() = Some(ReplicaHost {
+            cfg,
+            store: StoreSlot::Opening,
+        });
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || s.open_store_in_background(&storage, None));
+    }
+
+    /// With every retention pass: tries again to open a store that was unavailable (a storage
+    /// mount that came back).
+    pub fn retry_replica_store(self: &Arc<Self>) {
+        let (storage, previous) = {
+            let mut guard = self.replica.lock();
+            let Some(h) = guard.as_mut().filter(|h| h.cfg.enabled) else {
+                return;
+            };
+            let StoreSlot::Unavailable(why) = &h.store else {
+                return;
+            };
+            let previous = why.clone();
+            h.store = StoreSlot::Opening;
+            (h.cfg.storage.clone(), previous)
+        };
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || s.open_store_in_background(&storage, Some(previous)));
+    }
+
+    /// Opens the store at `storage`, publishes it, then verifies its VMs one by one (each is
+    /// served as soon as it is verified). Blocking. A failure is logged and an event emitted
+    /// unless it is the `previous` attempt's failure again (retries do not flood the log).
+    fn open_store_in_background(&self, storage: &str, previous: Option<String>) {
+        let Some(cfg) = self.replica_config().filter(|c| c.storage == storage) else {
+            return;
+        };
+        let store = match open_store(&cfg, &self.host_name) {
+            Ok((store, adopted)) => {
+                if let Some(id) = adopted {
+                    self.record_store_id(storage, id);
+                }
+                Arc::new(store)
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                if previous.as_deref() == Some(why.as_str()) {
+                    tracing::debug!("replica store still unavailable: {why}");
+                } else {
+                    tracing::error!(
+                        "replica store unavailable (the primary VMs keep serving): {why}"
+                    );
+                    self.events.emit(
+                        events::REPLICA_STORE_UNAVAILABLE,
+                        None,
+                        "error",
+                        &format!("replica store unavailable: {why}"),
+                    );
+                }
+                self.set_store_slot(storage, StoreSlot::Unavailable(why));
+                return;
+            }
+        };
+        if !self.set_store_slot(storage, StoreSlot::Open(store.clone())) {
+            return;
+        }
+        let pending = store.open_pending();
+        self.report_replica_store(&store);
+        tracing::info!(
+            vms = store.vms().len(),
+            broken = store.broken().len(),
+            pending,
+            "replica store verified"
+        );
+    }
+
+    /// Records the marker id of an adopted store in the replica-server settings.
+    fn record_store_id(&self, storage: &str, id: String) {
+        let cfg = {
+            let mut guard = self.replica.lock();
+            let Some(h) = guard.as_mut().filter(|h| h.cfg.storage == storage) else {
+                return;
+            };
+            h.cfg.store_id = Some(id);
+            h.cfg.clone()
+        };
+        if let Err(e) = self.catalog.put(REPLICA_CFG_KEY, &cfg) {
+            tracing::error!("recording the replica store id: {e:#}");
+        }
+    }
+
+    /// Sets the store of the replica server if its storage is still `storage` (an `enable`
+    /// may have changed it meanwhile). Returns whether it did.
+    fn set_store_slot(&self, storage: &str, slot: StoreSlot) -> bool {
+        let mut guard = self.replica.lock();
+        match guard.as_mut() {
+            Some(h) if h.cfg.storage == storage => {
+                h.store = slot;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Events for what opening the store found: damaged and unopenable VMs.
+    fn report_replica_store(&self, store: &ReplicaStore) {
         for rvm in store.vms() {
             if let Some(d) = rvm.damage() {
                 self.events.emit(
@@ -47,11 +225,14 @@ impl Shared {
                 );
             }
         }
-        *self.replica.lock() = Some(ReplicaHost {
-            cfg,
-            store: Arc::new(store),
-        });
-        Ok(())
+        for (vm, why) in store.broken() {
+            self.events.emit(
+                events::RESYNC_REQUIRED,
+                Some(&vm),
+                "error",
+                &format!("replica copy cannot be opened: {why}"),
+            );
+        }
     }
 
     pub fn enable_replica_server(
@@ -66,17 +247,31 @@ impl Shared {
         }
         let mut cfg = cfg;
         cfg.enabled = true;
-        let same_storage = self
-            .replica
-            .lock()
-            .as_ref()
-            .is_some_and(|h| h.cfg.storage == cfg.storage);
-        if same_storage {
+        cfg.status = None;
+        let reuse = self.replica.lock().as_ref().and_then(|h| {
+            let open = h.cfg.storage == cfg.storage && matches!(h.store, StoreSlot::Open(_));
+            open.then(|| h.cfg.store_id.clone())
+        });
+        if let Some(store_id) = reuse {
+            cfg.store_id = store_id;
             if let Some(h) = self.replica.lock().as_mut() {
                 h.cfg = cfg.clone();
             }
         } else {
-            self.open_replica_store(cfg.clone())?;
+            // In the foreground: whoever enables learns at once what is wrong with the storage.
+            // This is the one place a store is set up (directory and marker created).
+            let dir = PathBuf::from(&cfg.storage);
+            let marker = ReplicaStore::init_storage(&dir, &self.host_name)
+                .with_context(|| format!("setting up replica storage {}", dir.display()))?;
+            cfg.store_id = Some(marker.store_id);
+            let (store, _) = open_store(&cfg, &self.host_name)?;
+            let store = Arc::new(store);
+            store.open_pending();
+            self.report_replica_store(&store);
+            *self.replica.lock() = Some(ReplicaHost {
+                cfg: cfg.clone(),
+                store: StoreSlot::Open(store),
+            });
         }
         self.catalog.put(REPLICA_CFG_KEY, &cfg)?;
         Ok(cfg)
@@ -117,12 +312,82 @@ impl Shared {
                 "this host is not a replica server, so it has no points of {name}"
             ))
         })?;
-        h.store
+        let store = match &h.store {
+            StoreSlot::Open(store) => store,
+            StoreSlot::Opening => {
+                return Err(transient(format!(
+                    "the replica store {} is being opened; try again shortly",
+                    h.cfg.storage
+                )))
+            }
+            StoreSlot::Unavailable(why) => {
+                return Err(transient(format!(
+                    "the replica store is unavailable: {why}"
+                )))
+            }
+        };
+        if store.is_pending(name) {
+            return Err(transient(format!(
+                "the replica of {name} is being verified after the daemon started; try again shortly"
+            )));
+        }
+        store
             .vm(name)
             .ok_or_else(|| not_found(format!("no replica of {name} on this host")))
     }
 
+    /// Names of the replica VMs this host lists: open ones, and pending ones (being verified).
+    pub(super) fn replica_vm_names(&self) -> Vec<String> {
+        match self.replica.lock().as_ref().map(|h| &h.store) {
+            Some(StoreSlot::Open(store)) => store
+                .vms()
+                .iter()
+                .map(|v| v.vm_id().to_string())
+                .chain(store.pending().into_iter().map(|(name, _)| name))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Status of a replica VM whose journal is still being verified after a start.
+    fn pending_replica_status(&self, name: &str) -> Option<ReplicationStatus> {
+        let (_, why) = match self.replica.lock().as_ref().map(|h| &h.store) {
+            Some(StoreSlot::Open(store)) => store.pending().into_iter().find(|(n, _)| n == name),
+            _ => None,
+        }?;
+        let mut reasons =
+            vec!["opening: verifying the replica's journal after a start".to_string()];
+        reasons.extend(why.map(|w| format!("last attempt failed (will retry): {w}")));
+        Some(ReplicationStatus {
+            vm: name.to_string(),
+            role: "Replica".into(),
+            state: ReplicationState::Replica,
+            health: Health::Warning,
+            health_reasons: reasons,
+            resync_reason: None,
+            peer: self
+                .replica_primaries
+                .lock()
+                .get(name)
+                .cloned()
+                .unwrap_or_default(),
+            frequency_secs: 0,
+            compression: Compression::None,
+            disks: Vec::new(),
+            last_replication_time: None,
+            last_replication_unix_ns: None,
+            pending_bytes: 0,
+            last_seq: 0,
+            generation: 0,
+            progress: None,
+            last_error: None,
+        })
+    }
+
     pub(super) fn replica_status(&self, name: &str) -> Option<ReplicationStatus> {
+        if let Some(st) = self.pending_replica_status(name) {
+            return Some(st);
+        }
         let rvm = self.replica_vm(name).ok()?;
         let points = rvm.points();
         let last = points.last();
