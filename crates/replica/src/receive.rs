@@ -66,8 +66,21 @@ impl Incoming {
         self.header.as_ref()
     }
 
+    /// Delta bytes consumed so far: every one of them was accepted (or [`Incoming::is_failed`]),
+    /// so a resumed upload continues with the byte at this offset.
     pub fn received_bytes(&self) -> u64 {
         self.received_bytes
+    }
+
+    /// The header checksum of the delta being received (`DeltaHeader::checksum` under the
+    /// VM's key), once its header arrived: what names it when an upload is resumed.
+    pub fn header_checksum(&self) -> Option<[u8; 32]> {
+        self.header.as_ref()?.checksum(&self.vm.key).ok()
+    }
+
+    /// True once a byte was refused: nothing more is accepted and commit reports why.
+    pub fn is_failed(&self) -> bool {
+        self.error.is_some()
     }
 
     /// True once the footer was received and verified.

@@ -20,6 +20,7 @@ pub const CYCLE_FAILED: u32 = 2003;
 pub const RESYNC_REQUIRED: u32 = 2004;
 pub const SUSPENDED: u32 = 2005;
 pub const RESUMED: u32 = 2006;
+pub const UPLOAD_RESUMED: u32 = 2020;
 pub const POINT_COMMITTED: u32 = 3000;
 pub const PEER_REFUSED: u32 = 3002;
 

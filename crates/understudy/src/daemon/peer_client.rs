@@ -2,16 +2,11 @@
 //! Refusals come back as [`PeerRefusal`] so the replication task can tell "the replica cannot
 //! follow" (resync required) from "try again later".
 
-use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
 use anyhow::{anyhow, Context};
-use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::{Method, Request, StatusCode};
-use proto::peer::{DeltaReply, Hello, HelloReply, PeerError};
-use transport::{BodyWriter, BoxBody, Peer};
+use proto::peer::{DeltaReply, Hello, HelloReply, PartialReply, PeerError};
+use transport::{BoxBody, Peer};
 
 /// Largest control answer accepted from a peer.
 const PEER_REPLY_MAX_BYTES: usize = 1 << 20;
@@ -35,21 +30,45 @@ pub async fn hello(peer: &Peer, hello: &Hello) -> anyhow::Result<HelloReply> {
         Method::POST,
         &format!("/v1/replicas/{}/hello", hello.vm),
         transport::full(body),
+        &[],
     )
     .await
 }
 
+/// Uploads delta `seq` of `vm`. `resume`: the body holds the delta's bytes from that offset on,
+/// continuing the interrupted upload the replica kept, named by its header checksum (hex).
 pub async fn put_delta(
     peer: &Peer,
     vm: &str,
     seq: u64,
     body: BoxBody,
+    resume: Option<(u64, &str)>,
 ) -> anyhow::Result<DeltaReply> {
+    let from;
+    let mut headers = Vec::new();
+    if let Some((offset, checksum)) = resume {
+        from = offset.to_string();
+        headers.push((proto::peer::RESUME_FROM_HEADER, from.as_str()));
+        headers.push((proto::peer::HEADER_CHECKSUM_HEADER, checksum));
+    }
     call(
         peer,
         Method::PUT,
         &format!("/v1/replicas/{vm}/deltas/{seq}"),
         body,
+        &headers,
+    )
+    .await
+}
+
+/// Asks the replica where the interrupted upload of `seq` stands (peer protocol v2).
+pub async fn partial(peer: &Peer, vm: &str, seq: u64) -> anyhow::Result<PartialReply> {
+    call(
+        peer,
+        Method::GET,
+        &format!("/v1/replicas/{vm}/deltas/{seq}/partial"),
+        transport::empty(),
+        &[],
     )
     .await
 }
@@ -59,13 +78,16 @@ async fn call<T: serde::de::DeserializeOwned>(
     method: Method,
     path: &str,
     body: BoxBody,
+    headers: &[(&str, &str)],
 ) -> anyhow::Result<T> {
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header("content-type", "application/json")
-        .body(body)
-        .context("building peer request")?;
+        .header("content-type", "application/json");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(body).context("building peer request")?;
     let resp = peer.request(req).await?;
     let status = resp.status();
     let bytes = Limited::new(resp.into_body(), PEER_REPLY_MAX_BYTES)
@@ -83,51 +105,4 @@ async fn call<T: serde::de::DeserializeOwned>(
             String::from_utf8_lossy(&bytes)
         )),
     }
-}
-
-/// `std::io::Write` into a streamed request body, counting the bytes that go on the wire.
-pub struct DeltaBodyWriter {
-    inner: BodyWriter,
-    sent: Arc<AtomicU64>,
-}
-
-impl Write for DeltaBodyWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.sent.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl delta::SharedWrite for DeltaBodyWriter {
-    fn write_shared(&mut self, chunk: Bytes) -> io::Result<()> {
-        let n = chunk.len() as u64;
-        self.inner.write_shared(chunk)?;
-        self.sent.fetch_add(n, Ordering::Relaxed);
-        Ok(())
-    }
-}
-
-impl DeltaBodyWriter {
-    /// Ends the body cleanly; dropping the writer without it aborts the upload.
-    pub fn finish(self) -> io::Result<()> {
-        self.inner.finish()
-    }
-}
-
-pub fn delta_body() -> (DeltaBodyWriter, BoxBody, Arc<AtomicU64>) {
-    let (sender, body) = transport::body_channel(transport::DEFAULT_BODY_CHANNEL_CHUNKS);
-    let sent = Arc::new(AtomicU64::new(0));
-    (
-        DeltaBodyWriter {
-            inner: BodyWriter::new(sender),
-            sent: sent.clone(),
-        },
-        body,
-        sent,
-    )
 }

@@ -3,14 +3,18 @@
 //! recovery point only when the store has made it durable (promise 2); anything malformed,
 //! foreign or out of sequence is refused with a named reason and changes nothing.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use proto::peer::{DeltaReply, Hello, HelloReply, PeerError};
-use replica::{ReplicaError, ReplicaVm};
+use proto::peer::{DeltaReply, Hello, HelloReply, PartialReply, PeerError};
+use replica::{Incoming as Receiver, ReplicaError, ReplicaVm};
+use tokio::sync::{watch, Notify};
 use transport::{BoxBody, PeerInfo};
 
 use super::events;
@@ -24,6 +28,214 @@ const HELLO_MAX_BYTES: usize = 64 << 10;
 pub const RETAIN_POINTS: usize = 64;
 /// Body chunks buffered between the network task and the writer thread of one upload.
 const UPLOAD_QUEUE_CHUNKS: usize = 16;
+/// How long an interrupted upload is kept for a resume (docs/formats/peer-protocol.md): the
+/// primary retries within seconds (its backoff is capped at 10 s and it gives up after 8
+/// attempts without progress); past this, the receiver's partial file and writer threads are
+/// given back.
+const PARTIAL_TTL: Duration = Duration::from_secs(15 * 60);
+/// How long a resume waits for the upload it cuts off to stop and be kept: that upload only
+/// has to hand its queued chunks (at most `UPLOAD_QUEUE_CHUNKS`) to its writer thread.
+const CUT_OFF_WAIT: Duration = Duration::from_secs(30);
+
+/// Interrupted uploads kept for a resume, and the upload running now, per VM: at most one of
+/// either (a primary ships one delta of a VM at a time). See "Resuming an interrupted upload"
+/// in docs/formats/peer-protocol.md.
+#[derive(Default)]
+pub struct Partials {
+    slots: parking_lot::Mutex<HashMap<String, Slot>>,
+    next_id: AtomicU64,
+}
+
+enum Slot {
+    /// Upload `id` of `seq` is being received. `cut_off` stops it (as if its transport broke);
+    /// `ended` closes when it has stopped and been kept or finished.
+    Running {
+        id: u64,
+        seq: u64,
+        cut_off: Arc<Notify>,
+        ended: watch::Receiver<()>,
+    },
+    /// Upload `id` of `seq` broke in the transport; its receiver waits for a resume.
+    Kept {
+        id: u64,
+        seq: u64,
+        checksum: [u8; 32],
+        incoming: Box<Receiver>,
+    },
+}
+
+/// What an upload registered in [`Partials`] needs: its id, how it is cut off, and the sender
+/// whose drop tells waiters that it ended.
+struct Registration {
+    id: u64,
+    cut_off: Arc<Notify>,
+    ended: watch::Sender<()>,
+}
+
+impl Partials {
+    /// Registers a new upload of `seq` as the VM's running one. Whatever the VM had (a kept
+    /// upload, another running one) is superseded: the kept receiver is returned to be
+    /// dropped off the runtime; a running one will find it cannot be kept.
+    fn start(&self, vm: &str, seq: u64) -> (Registration, Option<Box<Receiver>>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cut_off = Arc::new(Notify::new());
+        let (ended, ended_rx) = watch::channel(());
+        let old = self.slots.lock().insert(
+            vm.to_string(),
+            Slot::Running {
+                id,
+                seq,
+                cut_off: cut_off.clone(),
+                ended: ended_rx,
+            },
+        );
+        let kept = match old {
+            Some(Slot::Kept { incoming, .. }) => Some(incoming),
+            _ => None,
+        };
+        (Registration { id, cut_off, ended }, kept)
+    }
+
+    /// If an upload of `seq` is running for `vm`, cuts it off and waits (bounded) until it
+    /// stopped and was kept. The primary asks for a resume only after its own upload failed,
+    /// so that upload's connection is dead even when this side has not noticed yet.
+    async fn settle(&self, vm: &str, seq: u64) {
+        let waiting = match self.slots.lock().get(vm) {
+            Some(Slot::Running {
+                seq: s,
+                cut_off,
+                ended,
+                ..
+            }) if *s == seq => {
+                cut_off.notify_one();
+                Some(ended.clone())
+            }
+            _ => None,
+        };
+        if let Some(mut ended) = waiting {
+            // Closed (sender dropped) when the upload ended; either answer means stop waiting.
+            let _ = tokio::time::timeout(CUT_OFF_WAIT, ended.changed()).await;
+        }
+    }
+
+    /// The kept upload of `seq`, if any: (header checksum, bytes received).
+    fn kept(&self, vm: &str, seq: u64) -> Option<([u8; 32], u64)> {
+        match self.slots.lock().get(vm) {
+            Some(Slot::Kept {
+                seq: s,
+                checksum,
+                incoming,
+                ..
+            }) if *s == seq => Some((*checksum, incoming.received_bytes())),
+            _ => None,
+        }
+    }
+
+    /// Takes the kept upload of `seq` to continue it, if it is the one named (header checksum
+    /// and offset), registering the continuation as the running upload.
+    fn resume(
+        &self,
+        vm: &str,
+        seq: u64,
+        checksum: &[u8; 32],
+        from: u64,
+    ) -> Option<(Registration, Box<Receiver>)> {
+        let mut slots = self.slots.lock();
+        let matches = matches!(slots.get(vm), Some(Slot::Kept { seq: s, checksum: c, incoming, .. })
+            if *s == seq && c == checksum && incoming.received_bytes() == from);
+        if !matches {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cut_off = Arc::new(Notify::new());
+        let (ended, ended_rx) = watch::channel(());
+        let old = slots.insert(
+            vm.to_string(),
+            Slot::Running {
+                id,
+                seq,
+                cut_off: cut_off.clone(),
+                ended: ended_rx,
+            },
+        );
+        match old {
+            Some(Slot::Kept { incoming, .. }) => {
+                Some((Registration { id, cut_off, ended }, incoming))
+            }
+            _ => None,
+        }
+    }
+
+    /// Keeps the receiver of interrupted upload `id` for a resume, if that upload is still
+    /// the VM's running one; otherwise gives it back (to be dropped: it was superseded).
+    fn keep(
+        self: &Arc<Self>,
+        vm: &str,
+        id: u64,
+        seq: u64,
+        checksum: [u8; 32],
+        incoming: Box<Receiver>,
+    ) -> Option<Box<Receiver>> {
+        let mut slots = self.slots.lock();
+        if !matches!(slots.get(vm), Some(Slot::Running { id: i, .. }) if *i == id) {
+            return Some(incoming);
+        }
+        slots.insert(
+            vm.to_string(),
+            Slot::Kept {
+                id,
+                seq,
+                checksum,
+                incoming,
+            },
+        );
+        drop(slots);
+        // Expiry: the receiver holds a partial file and writer threads.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let partials = self.clone();
+            let vm = vm.to_string();
+            rt.spawn(async move {
+                tokio::time::sleep(PARTIAL_TTL).await;
+                let expired = {
+                    let mut slots = partials.slots.lock();
+                    match slots.get(&vm) {
+                        Some(Slot::Kept { id: i, .. }) if *i == id => slots.remove(&vm),
+                        _ => None,
+                    }
+                };
+                if expired.is_some() {
+                    tracing::info!(%vm, seq, "interrupted upload not resumed in time: dropped");
+                    let _ = tokio::task::spawn_blocking(move || drop(expired)).await;
+                }
+            });
+        }
+        None
+    }
+
+    /// Upload `id` ended (committed or refused): it no longer occupies the VM's slot.
+    fn finish(&self, vm: &str, id: u64) {
+        let mut slots = self.slots.lock();
+        if matches!(slots.get(vm), Some(Slot::Running { id: i, .. }) if *i == id) {
+            slots.remove(vm);
+        }
+    }
+}
+
+/// Parses 64 hex digits.
+fn parse_checksum(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 struct Refusal {
     status: StatusCode,
@@ -148,16 +360,29 @@ async fn route(
             let rvm = store.vm(vm).ok_or_else(|| unknown(vm))?;
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
-        (Method::PUT, ["v1", "replicas", vm, "deltas", seq]) => {
-            let rvm = store.vm(vm).ok_or_else(|| unknown(vm))?;
-            let seq: u64 = seq.parse().map_err(|_| {
+        (Method::GET, ["v1", "replicas", vm, "deltas", seq, "partial"]) => {
+            store.vm(vm).ok_or_else(|| unknown(vm))?;
+            let seq = parse_seq(seq)?;
+            shared.partials.settle(vm, seq).await;
+            let (checksum, received_bytes) = shared.partials.kept(vm, seq).ok_or_else(|| {
                 refuse(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "sequence must be a number",
+                    StatusCode::NOT_FOUND,
+                    "no_partial",
+                    format!("no interrupted upload of point {seq} of {vm} is kept here"),
                 )
             })?;
-            let point = receive(rvm.clone(), seq, req.into_body()).await?;
+            let reply = PartialReply {
+                seq,
+                header_checksum: hex(&checksum),
+                received_bytes,
+            };
+            Ok(serde_json::to_vec(&reply).unwrap_or_default())
+        }
+        (Method::PUT, ["v1", "replicas", vm, "deltas", seq]) => {
+            let rvm = store.vm(vm).ok_or_else(|| unknown(vm))?;
+            let seq = parse_seq(seq)?;
+            let resume = resume_headers(&req)?;
+            let point = receive(shared, rvm.clone(), seq, req.into_body(), resume).await?;
             // Retention runs after the answer so it never adds to replication latency.
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = rvm.retain(RETAIN_POINTS) {
@@ -183,6 +408,40 @@ async fn route(
     }
 }
 
+fn parse_seq(seq: &str) -> Result<u64, Refusal> {
+    seq.parse().map_err(|_| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "sequence must be a number",
+        )
+    })
+}
+
+/// The resume headers of a delta upload, if it is a resumed one: (offset, header checksum).
+fn resume_headers(req: &Request<Incoming>) -> Result<Option<(u64, [u8; 32])>, Refusal> {
+    let get = |name: &str| req.headers().get(name).map(|v| v.to_str().unwrap_or(""));
+    match (
+        get(proto::peer::RESUME_FROM_HEADER),
+        get(proto::peer::HEADER_CHECKSUM_HEADER),
+    ) {
+        (None, None) => Ok(None),
+        (Some(from), Some(sum)) => match (from.parse::<u64>(), parse_checksum(sum)) {
+            (Ok(from), Some(sum)) => Ok(Some((from, sum))),
+            _ => Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "invalid resume headers",
+            )),
+        },
+        _ => Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "a resumed upload needs both resume headers",
+        )),
+    }
+}
+
 fn unknown(vm: &str) -> Refusal {
     refuse(
         StatusCode::NOT_FOUND,
@@ -200,8 +459,16 @@ fn hello_reply(rvm: &ReplicaVm) -> HelloReply {
     }
 }
 
-/// Streams an upload into the store on a blocking thread and commits it.
-async fn receive(rvm: Arc<ReplicaVm>, seq: u64, mut body: Incoming) -> Result<DeltaReply, Refusal> {
+/// Streams an upload into the store on a blocking thread and commits it. `resume`: the upload
+/// continues a kept interrupted one from that offset (its header checksum must match). An
+/// upload whose transport breaks is kept for a resume (see [`Partials`]).
+async fn receive(
+    shared: &Arc<Shared>,
+    rvm: Arc<ReplicaVm>,
+    seq: u64,
+    mut body: Incoming,
+    resume: Option<(u64, [u8; 32])>,
+) -> Result<DeltaReply, Refusal> {
     let expected = rvm.latest_seq() + 1;
     if seq != expected {
         let mut r = refuse(
@@ -212,17 +479,60 @@ async fn receive(rvm: Arc<ReplicaVm>, seq: u64, mut body: Incoming) -> Result<De
         r.err.expected_seq = Some(expected);
         return Err(r);
     }
+    let vm = rvm.vm_id().to_string();
+    let partials = shared.partials.clone();
+    let (reg, kept, superseded) = match resume {
+        None => {
+            let (reg, superseded) = partials.start(&vm, seq);
+            (reg, None, superseded)
+        }
+        Some((from, checksum)) => {
+            partials.settle(&vm, seq).await;
+            let (reg, kept) = partials.resume(&vm, seq, &checksum, from).ok_or_else(|| {
+                refuse(
+                    StatusCode::CONFLICT,
+                    "resume_mismatch",
+                    format!("no interrupted upload of point {seq} of {vm} at byte {from} with that header is kept here"),
+                )
+            })?;
+            tracing::info!(%vm, seq, from, "resuming an interrupted upload");
+            (reg, Some(kept), None)
+        }
+    };
+    let Registration { id, cut_off, ended } = reg;
+    // Set when the body ended cleanly; otherwise the transport broke (or the upload was cut
+    // off) and the writer keeps the receiver for a resume.
+    let clean_end = Arc::new(AtomicBool::new(false));
+    let clean2 = clean_end.clone();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(UPLOAD_QUEUE_CHUNKS);
     let writer = tokio::task::spawn_blocking(move || -> Result<DeltaReply, ReplicaError> {
         use std::io::Write;
-        let mut incoming = rvm.begin_receive()?;
+        // Dropped when this upload has stopped: tells `settle` it may look for it.
+        let _ended = ended;
+        drop(superseded);
+        let mut incoming = match kept {
+            Some(k) => k,
+            None => Box::new(rvm.begin_receive()?),
+        };
         while let Some(chunk) = rx.blocking_recv() {
             if incoming.write_all(&chunk).is_err() {
                 // The store keeps the named reason; commit reports it and discards the upload.
                 break;
             }
         }
-        let point = rvm.commit(incoming);
+        if !clean2.load(Ordering::Acquire) && !incoming.is_failed() {
+            if let Some(checksum) = incoming.header_checksum() {
+                let received = incoming.received_bytes();
+                if partials.keep(&vm, id, seq, checksum, incoming).is_none() {
+                    tracing::info!(%vm, seq, received, "upload interrupted: kept for a resume");
+                }
+                return Err(ReplicaError::ReceiveFailed(
+                    "upload interrupted (kept for a resume)".into(),
+                ));
+            }
+        }
+        partials.finish(&vm, id);
+        let point = rvm.commit(*incoming);
         // The upload's buffers are free now: give them back (see `heap`).
         super::heap::give_back();
         let point = point?;
@@ -233,24 +543,35 @@ async fn receive(rvm: Arc<ReplicaVm>, seq: u64, mut body: Incoming) -> Result<De
         })
     });
     let mut network_error = None;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            _ = cut_off.notified() => {
+                network_error = Some("cut off: the primary resumes it on another request".to_string());
+                break;
+            }
+        };
         match frame {
-            Ok(f) => {
+            None => {
+                clean_end.store(true, Ordering::Release);
+                break;
+            }
+            Some(Ok(f)) => {
                 if let Ok(data) = f.into_data() {
                     if tx.send(data).await.is_err() {
                         break; // the writer stopped: its error says why
                     }
                 }
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 network_error = Some(e.to_string());
                 break;
             }
         }
     }
+    drop(tx);
     if let Some(e) = network_error {
-        drop(tx);
-        // Dropping the incoming upload without commit discards it.
+        // The writer keeps the receiver for a resume, or drops it (discarding the upload).
         let _ = writer.await;
         return Err(refuse(
             StatusCode::BAD_REQUEST,
@@ -258,7 +579,6 @@ async fn receive(rvm: Arc<ReplicaVm>, seq: u64, mut body: Incoming) -> Result<De
             format!("upload interrupted: {e}"),
         ));
     }
-    drop(tx);
     match writer.await {
         Ok(Ok(reply)) => Ok(reply),
         Ok(Err(e)) => Err(replica_refusal(e)),

@@ -60,6 +60,8 @@ pub struct Shared {
     last_alive_ns: Option<u64>,
     /// Replica VM name → the primary host that replicates it (for status).
     replica_primaries: Mutex<HashMap<String, String>>,
+    /// Interrupted uploads kept for a resume (replica side).
+    pub partials: Arc<crate::daemon::replica_host::Partials>,
 }
 
 /// Holds an exclusive `flock` on `<data-dir>/daemon.lock` for the daemon's lifetime, so two
@@ -128,6 +130,7 @@ impl Shared {
             replica: Mutex::new(None),
             peers: Mutex::new(HashMap::new()),
             replica_primaries: Mutex::new(HashMap::new()),
+            partials: Default::default(),
             last_alive_ns: heartbeat::last_alive_ns(data_dir),
         });
 
