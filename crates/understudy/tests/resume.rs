@@ -19,12 +19,13 @@ use common::*;
 const MIB: u64 = 1 << 20;
 
 /// A TCP proxy that kills every connection (linger 0: a reset) once it carried
-/// `reset_after` bytes from the client, which is the primary.
+/// `reset_after` bytes from the client, which is the primary. `reset_after` 0: pass everything
+/// (bytes are counted against the limit only while it is set).
 struct ResetProxy {
     port: u16,
     reset_after: Arc<AtomicU64>,
     resets: Arc<AtomicU64>,
-    /// Bytes forwarded from the primary to the replica, all connections.
+    /// Bytes forwarded from the primary to the replica while a limit was set, all connections.
     forwarded: Arc<AtomicU64>,
 }
 
@@ -38,21 +39,21 @@ impl ResetProxy {
             resets: Arc::new(AtomicU64::new(0)),
             forwarded: Arc::new(AtomicU64::new(0)),
         };
-        let (limit, resets, forwarded) =
-            (p.reset_after.clone(), p.resets.clone(), p.forwarded.clone());
+        let counters = Counters {
+            limit: p.reset_after.clone(),
+            resets: p.resets.clone(),
+            forwarded: p.forwarded.clone(),
+        };
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
                 let Ok(server) = TcpStream::connect(target) else {
                     continue;
                 };
-                let limit = limit.load(Ordering::Relaxed);
-                let (resets, forwarded) = (resets.clone(), forwarded.clone());
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 std::thread::spawn(move || pipe(s2, c2, None));
-                std::thread::spawn(move || {
-                    pipe(client, server, Some((limit, resets, forwarded)));
-                });
+                let counters = counters.clone();
+                std::thread::spawn(move || pipe(client, server, Some(counters)));
             }
         });
         p
@@ -63,12 +64,16 @@ impl ResetProxy {
     }
 }
 
-/// Copies `from` to `to` until either fails; with a limit, resets both after that many bytes.
-fn pipe(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    limit: Option<(u64, Arc<AtomicU64>, Arc<AtomicU64>)>,
-) {
+#[derive(Clone)]
+struct Counters {
+    limit: Arc<AtomicU64>,
+    resets: Arc<AtomicU64>,
+    forwarded: Arc<AtomicU64>,
+}
+
+/// Copies `from` to `to` until either fails; with counters, resets both once the limit is
+/// reached on this connection.
+fn pipe(mut from: TcpStream, mut to: TcpStream, counters: Option<Counters>) {
     let mut buf = vec![0u8; 64 << 10];
     let mut carried = 0u64;
     loop {
@@ -76,21 +81,26 @@ fn pipe(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Some((limit, resets, forwarded)) = &limit {
-            let n = n.min((*limit - carried) as usize);
+        let limit = counters
+            .as_ref()
+            .map_or(0, |c| c.limit.load(Ordering::Relaxed));
+        let Some(c) = counters.as_ref().filter(|_| limit > 0) else {
             if to.write_all(&buf[..n]).is_err() {
                 break;
             }
-            carried += n as u64;
-            forwarded.fetch_add(n as u64, Ordering::Relaxed);
-            if carried >= *limit {
-                resets.fetch_add(1, Ordering::Relaxed);
-                for s in [&from, &to] {
-                    reset_on_close(s);
-                }
-                break;
+            continue;
+        };
+        let n = n.min(limit.saturating_sub(carried) as usize);
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        carried += n as u64;
+        c.forwarded.fetch_add(n as u64, Ordering::Relaxed);
+        if carried >= limit {
+            c.resets.fetch_add(1, Ordering::Relaxed);
+            for s in [&from, &to] {
+                reset_on_close(s);
             }
-        } else if to.write_all(&buf[..n]).is_err() {
             break;
         }
     }
@@ -232,4 +242,59 @@ fn initial_replication_through_a_resetting_link_resumes_and_completes() {
         "the replica's point equals the primary's disk"
     );
     let _ = std::fs::remove_file(&point);
+}
+
+/// An incremental delta (received into the journal) resumes too, mid-frame: the point it makes
+/// is whole and the journal holds it.
+#[test]
+fn incremental_delta_resumes_after_resets_and_its_point_is_whole() {
+    require("nbdcopy", "nbdkit libnbd-bin");
+    let root = tempfile::tempdir().unwrap();
+    let (primary, replica) = pair(root.path());
+    let size = 512 * MIB;
+    primary.ok(&["vm", "create", "inc", "--disk", "512M"]);
+    let block = random_block();
+    write_through_nbd(&primary, "inc", root.path(), size, &block, &[0]);
+    let target: SocketAddr = replica.addr().parse().unwrap();
+    // No resets during the initial replication.
+    let proxy = ResetProxy::start(target, 0);
+    primary.ok(&[
+        "replication",
+        "enable",
+        "inc",
+        "--replica",
+        &proxy.addr(),
+        "--frequency",
+        "3600",
+    ]);
+    primary.ok(&["replication", "start", "inc", "--wait", "--timeout", "300"]);
+
+    // 320 MiB written (the first 64 MiB again, so that src.raw is the whole disk), shipped
+    // through a link reset every 48 MiB.
+    let offsets: Vec<u64> = (0..5).map(|i| i * 96 * MIB).collect();
+    write_through_nbd(&primary, "inc", root.path(), size, &block, &offsets);
+    proxy.reset_after.store(48 * MIB, Ordering::Relaxed);
+    let sync = primary.json(&["replication", "sync", "inc"]);
+    proxy.reset_after.store(0, Ordering::Relaxed);
+    eprintln!("{sync}");
+    assert_eq!(sync["seq"].as_u64(), Some(2), "{sync}");
+
+    let m = measure(&primary, "inc");
+    eprintln!("{m}");
+    let resumes = m["resumed_uploads_total"].as_u64().unwrap();
+    assert!(proxy.resets.load(Ordering::Relaxed) >= 3);
+    assert!(resumes >= 3, "the incremental upload was resumed: {m}");
+    assert_eq!(m["failed_cycles"].as_u64(), Some(0), "{m}");
+    let delta = 5 * 64 * MIB;
+    assert!(
+        sync["sent_bytes"].as_u64().unwrap() < delta + resumes * 32 * MIB + 16 * MIB,
+        "{sync}"
+    );
+    assert_eq!(point_ids(&replica, "inc"), vec![1, 2]);
+    let point = root.path().join("point.raw");
+    export_point(&replica, "inc", "latest", 0, &point);
+    assert!(
+        same_content(&root.path().join("src.raw"), &point),
+        "the resumed point equals the primary's disk"
+    );
 }

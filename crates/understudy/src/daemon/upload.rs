@@ -303,6 +303,9 @@ pub async fn upload(
     mut on_resume: impl FnMut(u64),
 ) -> anyhow::Result<DeltaReply> {
     let checksum_hex = hex(checksum);
+    // Whatever ends this upload other than the replica's answer (an error, or this future
+    // dropped at shutdown), the encoder must stop instead of waiting for a resume.
+    let mut outcome = EndWriter { relay, done: false };
     let mut result = peer_client::put_delta(peer, vm, seq, body, None).await;
     let mut backoff = RESUME_BACKOFF_MIN;
     let mut stalled = 0u32;
@@ -310,7 +313,7 @@ pub async fn upload(
     loop {
         let err = match result {
             Ok(reply) => {
-                relay.command(Cmd::Done);
+                outcome.done = true;
                 return Ok(reply);
             }
             Err(e) => e,
@@ -318,7 +321,6 @@ pub async fn upload(
         // A refusal is an answer about the delta itself; a failed encoder has nothing to
         // resume with.
         if err.is::<PeerRefusal>() || relay.is_gone() || stalled >= RESUME_ATTEMPTS_MAX {
-            relay.command(Cmd::GiveUp);
             return Err(err);
         }
         stalled += 1;
@@ -329,7 +331,6 @@ pub async fn upload(
             Ok(p) => p,
             Err(e) if e.is::<PeerRefusal>() => {
                 // Nothing kept (or a version-1 replica): the cut cannot be resumed.
-                relay.command(Cmd::GiveUp);
                 return Err(err.context(format!("cannot resume: {e:#}")));
             }
             Err(e) => {
@@ -338,7 +339,6 @@ pub async fn upload(
             }
         };
         if partial.seq != seq || partial.header_checksum != checksum_hex {
-            relay.command(Cmd::GiveUp);
             return Err(err.context("cannot resume: the replica kept another delta"));
         }
         let from = partial.received_bytes;
@@ -350,11 +350,23 @@ pub async fn upload(
         offset = from;
         let (sender, body) = transport::body_channel(transport::DEFAULT_BODY_CHANNEL_CHUNKS);
         if let Err(why) = relay.resume(sender, from) {
-            relay.command(Cmd::GiveUp);
             return Err(err.context(format!("cannot resume: {why}")));
         }
         on_resume(from);
         result = peer_client::put_delta(peer, vm, seq, body, Some((from, &checksum_hex))).await;
+    }
+}
+
+/// Ends the writer when an upload ends: `Done` after the replica's answer, else `GiveUp`.
+struct EndWriter<'a> {
+    relay: &'a Relay,
+    done: bool,
+}
+
+impl Drop for EndWriter<'_> {
+    fn drop(&mut self) {
+        self.relay
+            .command(if self.done { Cmd::Done } else { Cmd::GiveUp });
     }
 }
 
