@@ -623,9 +623,11 @@ pub fn allowed(patterns: &[String], name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{allowed, replica_refusal};
+    use super::{allowed, parse_checksum, replica_refusal, Partials};
     use hyper::StatusCode;
     use replica::ReplicaError;
+    use std::io::Write;
+    use std::sync::Arc;
 
     #[test]
     fn truncated_delta_is_refused_as_corrupt_not_as_a_store_error() {
@@ -669,5 +671,85 @@ mod tests {
         assert!(allowed(&p(&["web-*"]), "web-1"));
         assert!(!allowed(&p(&["primary"]), "primary2"));
         assert!(!allowed(&p(&[]), "x"));
+    }
+
+    #[test]
+    fn checksums_are_64_hex_digits() {
+        let hex = "00ff".repeat(16);
+        let sum = parse_checksum(&hex).unwrap();
+        assert_eq!((sum[0], sum[1], sum[31]), (0, 255, 255));
+        assert_eq!(super::hex(&sum), hex);
+        for bad in ["", "00", &"0g".repeat(32), &"é".repeat(32), &"0".repeat(65)] {
+            assert!(parse_checksum(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    /// A kept upload is continued only by a resume naming it exactly (seq, header checksum,
+    /// offset); a fresh upload of the VM drops it.
+    #[test]
+    fn a_kept_upload_is_resumed_only_by_its_own_name_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = replica::ReplicaStore::open(dir.path()).unwrap();
+        let key = [7u8; 32];
+        let disks = vec![delta::DiskEntry {
+            index: 0,
+            size_bytes: 1 << 20,
+        }];
+        let vm = store.create_vm("v", 1, &disks, key).unwrap();
+        let header = delta::DeltaHeader {
+            vm_id: "v".into(),
+            generation: 1,
+            seq: 1,
+            parent_seq: 0,
+            cut_time_unix_ns: 5,
+            kind: delta::DeltaKind::Initial,
+            compression: delta::Compression::None,
+            disks,
+        };
+        let mut w = delta::DeltaWriter::new(Vec::new(), &header, &key).unwrap();
+        w.data(0, 0, &[3u8; 8192]).unwrap();
+        let (bytes, _) = w.finish().unwrap();
+        let sum = header.checksum(&key).unwrap();
+
+        let partials = Arc::new(Partials::default());
+        let (reg, old) = partials.start("v", 1);
+        assert!(old.is_none());
+        let mut incoming = Box::new(vm.begin_receive().unwrap());
+        incoming.write_all(&bytes[..200]).unwrap();
+        assert_eq!(incoming.header_checksum(), Some(sum));
+        assert!(partials.keep("v", reg.id, 1, sum, incoming).is_none());
+        assert_eq!(partials.kept("v", 1), Some((sum, 200)));
+        let mut other = sum;
+        other[0] ^= 1;
+        assert!(
+            partials.resume("v", 1, &other, 200).is_none(),
+            "other delta"
+        );
+        assert!(partials.resume("v", 1, &sum, 100).is_none(), "other offset");
+        assert!(partials.resume("v", 2, &sum, 200).is_none(), "other seq");
+        let (reg, mut incoming) = partials.resume("v", 1, &sum, 200).unwrap();
+        assert!(partials.kept("v", 1).is_none(), "taken");
+        incoming.write_all(&bytes[200..]).unwrap();
+        partials.finish("v", reg.id);
+        let point = vm.commit(*incoming).unwrap();
+        assert_eq!(point.seq, 1);
+
+        // Kept, then superseded by a fresh upload: dropped.
+        let (reg, _) = partials.start("v", 2);
+        let mut h2 = header.clone();
+        (h2.seq, h2.parent_seq, h2.kind) = (2, 1, delta::DeltaKind::Incremental);
+        let mut w = delta::DeltaWriter::new(Vec::new(), &h2, &key).unwrap();
+        w.data(0, 0, &[4u8; 8192]).unwrap();
+        let (bytes2, _) = w.finish().unwrap();
+        let mut incoming = Box::new(vm.begin_receive().unwrap());
+        incoming.write_all(&bytes2[..300]).unwrap();
+        let sum2 = h2.checksum(&key).unwrap();
+        assert!(partials.keep("v", reg.id, 2, sum2, incoming).is_none());
+        let (_, superseded) = partials.start("v", 2);
+        assert!(superseded.is_some());
+        assert!(partials.kept("v", 2).is_none());
+        // An upload that lost its slot is not kept.
+        let incoming = Box::new(vm.begin_receive().unwrap());
+        assert!(partials.keep("v", reg.id, 2, sum2, incoming).is_some());
     }
 }
