@@ -310,6 +310,7 @@ pub async fn upload(
     let mut backoff = RESUME_BACKOFF_MIN;
     let mut stalled = 0u32;
     let mut offset = 0u64;
+    let mut resumed = false;
     loop {
         let err = match result {
             Ok(reply) => {
@@ -318,9 +319,14 @@ pub async fn upload(
             }
             Err(e) => e,
         };
-        // A refusal is an answer about the delta itself; a failed encoder has nothing to
-        // resume with.
-        if err.is::<PeerRefusal>() || relay.is_gone() || stalled >= RESUME_ATTEMPTS_MAX {
+        let give_up = match failure(&err) {
+            Failure::Final => true,
+            // The first request never reached the replica: nothing to resume.
+            Failure::Unreachable => stalled == 0 && !resumed,
+            Failure::Broken => false,
+        };
+        // A failed encoder has nothing to resume with.
+        if give_up || relay.is_gone() || stalled >= RESUME_ATTEMPTS_MAX {
             return Err(err);
         }
         stalled += 1;
@@ -329,8 +335,9 @@ pub async fn upload(
         backoff = (backoff * 2).min(RESUME_BACKOFF_MAX);
         let partial = match peer_client::partial(peer, vm, seq).await {
             Ok(p) => p,
-            Err(e) if e.is::<PeerRefusal>() => {
-                // Nothing kept (or a version-1 replica): the cut cannot be resumed.
+            Err(e) if failure(&e) == Failure::Final => {
+                // Nothing kept (or a version-1 replica, or its daemon is down and so has lost
+                // what it kept): the cut cannot be resumed.
                 return Err(err.context(format!("cannot resume: {e:#}")));
             }
             Err(e) => {
@@ -353,7 +360,32 @@ pub async fn upload(
             return Err(err.context(format!("cannot resume: {why}")));
         }
         on_resume(from);
+        resumed = true;
         result = peer_client::put_delta(peer, vm, seq, body, Some((from, &checksum_hex))).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Refused by the replica, or nobody listens there (a replica daemon that restarted kept
+    /// nothing: interrupted uploads are kept in memory), or a configuration or trust error:
+    /// resuming cannot help.
+    Final,
+    /// No connection could be opened (timeout, network unreachable): may pass.
+    Unreachable,
+    /// The request failed under way (reset, end of stream): the replica may hold a prefix.
+    Broken,
+}
+
+fn failure(err: &anyhow::Error) -> Failure {
+    use transport::TransportError as T;
+    if err.is::<PeerRefusal>() {
+        return Failure::Final;
+    }
+    match err.downcast_ref::<T>() {
+        None | Some(T::Http { .. } | T::Tls { .. } | T::BadResponse { .. }) => Failure::Broken,
+        Some(T::Timeout { .. } | T::Connect { .. }) => Failure::Unreachable,
+        Some(_) => Failure::Final,
     }
 }
 
@@ -434,5 +466,34 @@ mod tests {
         assert!(encoder.join().unwrap().is_err());
         let (sender, _body) = transport::body_channel(2);
         assert!(relay.resume(sender, 40 << 20).is_err(), "writer gone");
+    }
+
+    /// A replica whose daemon is down (connection refused) or that refuses the delta ends the
+    /// upload at once, so health turns Warning as before; only a request broken under way is
+    /// resumed, and a link that does not connect is retried only once an upload was under way.
+    #[test]
+    fn a_dead_replica_fails_the_cycle_at_once_instead_of_resuming() {
+        use transport::TransportError as T;
+        let peer = || "r:1".to_string();
+        let refusal = anyhow::Error::from(PeerRefusal(proto::peer::PeerError {
+            code: "corrupt_delta".into(),
+            error: "x".into(),
+            expected_seq: None,
+        }));
+        assert_eq!(failure(&refusal), Failure::Final);
+        let refused = anyhow::Error::from(T::ConnectionRefused { peer: peer() });
+        assert_eq!(failure(&refused), Failure::Final);
+        let reset = anyhow::Error::from(T::Http {
+            peer: peer(),
+            reason: "connection reset".into(),
+        });
+        assert_eq!(failure(&reset), Failure::Broken);
+        let unreachable = anyhow::Error::from(T::Connect {
+            peer: peer(),
+            source: std::io::Error::other("network unreachable"),
+        });
+        assert_eq!(failure(&unreachable), Failure::Unreachable);
+        let answer_lost = anyhow::anyhow!("reading the replica's answer: stream reset");
+        assert_eq!(failure(&answer_lost), Failure::Broken);
     }
 }
