@@ -361,15 +361,18 @@ async fn route(
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
         (Method::GET, ["v1", "replicas", vm, "deltas", seq, "partial"]) => {
-            store.vm(vm).ok_or_else(|| unknown(vm))?;
+            let rvm = store.vm(vm).ok_or_else(|| unknown(vm))?;
             let seq = parse_seq(seq)?;
             shared.partials.settle(vm, seq).await;
             let (checksum, received_bytes) = shared.partials.kept(vm, seq).ok_or_else(|| {
-                refuse(
+                let mut r = refuse(
                     StatusCode::NOT_FOUND,
                     "no_partial",
                     format!("no interrupted upload of point {seq} of {vm} is kept here"),
-                )
+                );
+                // Tells a primary whose answer was lost that the point was committed.
+                r.err.expected_seq = Some(rvm.latest_seq() + 1);
+                r
             })?;
             let reply = PartialReply {
                 seq,

@@ -333,11 +333,17 @@ pub async fn upload(
         tracing::info!(%vm, seq, attempt = stalled, "upload interrupted ({err:#}); resuming in {backoff:?}");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(RESUME_BACKOFF_MAX);
-        let partial = match peer_client::partial(peer, vm, seq).await {
-            Ok(p) => p,
+        let from = match peer_client::partial(peer, vm, seq).await {
+            Ok(p) if p.seq == seq && p.header_checksum == checksum_hex => p.received_bytes,
+            Ok(_) => return Err(err.context("cannot resume: the replica kept another delta")),
+            // The replica kept nothing (it had not received the header when the transport
+            // broke: a reset also discards what sits unread in its socket) and still expects
+            // this seq: send the delta again from byte 0, if the window still starts there.
+            Err(e) if starts_over(&e, seq) => 0,
             Err(e) if failure(&e) == Failure::Final => {
                 // Nothing kept (or a version-1 replica, or its daemon is down and so has lost
-                // what it kept): the cut cannot be resumed.
+                // what it kept, or it committed this point and the answer was lost): the cut
+                // cannot be resumed.
                 return Err(err.context(format!("cannot resume: {e:#}")));
             }
             Err(e) => {
@@ -345,10 +351,6 @@ pub async fn upload(
                 continue;
             }
         };
-        if partial.seq != seq || partial.header_checksum != checksum_hex {
-            return Err(err.context("cannot resume: the replica kept another delta"));
-        }
-        let from = partial.received_bytes;
         if from > offset {
             // Progress since the last attempt: the link works, if intermittently.
             stalled = 0;
@@ -361,7 +363,9 @@ pub async fn upload(
         }
         on_resume(from);
         resumed = true;
-        result = peer_client::put_delta(peer, vm, seq, body, Some((from, &checksum_hex))).await;
+        // From byte 0 it is a plain upload (which also drops anything the replica kept).
+        let resume = (from > 0).then_some((from, checksum_hex.as_str()));
+        result = peer_client::put_delta(peer, vm, seq, body, resume).await;
     }
 }
 
@@ -375,6 +379,13 @@ enum Failure {
     Unreachable,
     /// The request failed under way (reset, end of stream): the replica may hold a prefix.
     Broken,
+}
+
+/// True when the replica answered that it keeps nothing of `seq` and expects exactly `seq`
+/// next (so it did not commit it with the answer lost: sending it again is not a replay).
+fn starts_over(err: &anyhow::Error, seq: u64) -> bool {
+    err.downcast_ref::<PeerRefusal>()
+        .is_some_and(|r| r.0.code == "no_partial" && r.0.expected_seq == Some(seq))
 }
 
 fn failure(err: &anyhow::Error) -> Failure {
@@ -495,5 +506,27 @@ mod tests {
         assert_eq!(failure(&unreachable), Failure::Unreachable);
         let answer_lost = anyhow::anyhow!("reading the replica's answer: stream reset");
         assert_eq!(failure(&answer_lost), Failure::Broken);
+    }
+
+    /// `no_partial` from a replica that still expects this seq lets the delta go again from
+    /// byte 0; from one that already committed it (the answer was lost) it does not: sending it
+    /// again would be refused as out of sequence, which means "resynchronize".
+    #[test]
+    fn a_point_committed_with_its_answer_lost_is_not_sent_again() {
+        let no_partial = |expected| {
+            anyhow::Error::from(PeerRefusal(proto::peer::PeerError {
+                code: "no_partial".into(),
+                error: "x".into(),
+                expected_seq: Some(expected),
+            }))
+        };
+        assert!(starts_over(&no_partial(5), 5));
+        assert!(!starts_over(&no_partial(6), 5));
+        let other = anyhow::Error::from(PeerRefusal(proto::peer::PeerError {
+            code: "not_found".into(),
+            error: "x".into(),
+            expected_seq: Some(5),
+        }));
+        assert!(!starts_over(&other, 5), "a version-1 replica");
     }
 }
