@@ -48,8 +48,9 @@ const ERROR_BODY_QUOTE_BYTES_MAX: usize = 512;
 /// After a request fails because its connection died, how long to wait for the connection
 /// task to report why (the TLS alert or I/O error) before reporting the request error alone.
 const CONNECTION_END_WAIT: Duration = Duration::from_secs(1);
-/// Per-stream send buffer: large enough to keep the bigger server windows full.
-const SEND_BUFFER_BYTES: usize = 4 << 20;
+/// Per-stream send buffer: large enough to keep the bigger server windows full. (Part of what
+/// a resumed upload may have to send again: `understudy`'s replay window.)
+pub const SEND_BUFFER_BYTES: usize = 4 << 20;
 
 /// Where a [`Peer`] gets its TLS client config for each new connection.
 #[derive(Clone, Debug)]

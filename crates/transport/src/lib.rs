@@ -24,10 +24,13 @@ pub use body::{
     body_channel, empty, full, BodySender, BodyWriter, BoxBody, BoxError, BODY_WRITER_BUFFER_BYTES,
     DEFAULT_BODY_CHANNEL_CHUNKS,
 };
-pub use client::{read_body, ClientTls, Peer, CONNECT_TIMEOUT};
+pub use client::{read_body, ClientTls, Peer, CONNECT_TIMEOUT, SEND_BUFFER_BYTES};
 pub use error::TransportError;
 pub use identity::{load_or_create, peer_name, Identity};
-pub use server::{serve, serve_with, PeerInfo, ServeOptions, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
+pub use server::{
+    serve, serve_with, PeerInfo, ServeOptions, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS,
+    STREAM_WINDOW_BYTES,
+};
 pub use tls::{client_config, server_config, TlsContext};
 pub use trust::{fingerprint, TrustStore, TrustedCert};
 

@@ -28,6 +28,15 @@ use super::peer_client::{self, PeerRefusal};
 /// channel (8 chunks of at most 1 MiB) and the chunk being filled (512 KiB): 21 MiB. The rest is
 /// margin. It costs this much memory per VM while a delta ships.
 pub const REPLAY_WINDOW_BYTES: u64 = 32 << 20;
+const _: () = assert!(
+    REPLAY_WINDOW_BYTES
+        >= transport::STREAM_WINDOW_BYTES as u64
+            + transport::SEND_BUFFER_BYTES as u64
+            + transport::DEFAULT_BODY_CHANNEL_CHUNKS as u64
+                * super::shipper::READ_CHUNK_BYTES as u64
+            + CHUNK_BYTES as u64,
+    "the replay window must hold everything that can be in flight"
+);
 /// Resume attempts in a row that do not move the replica's offset forward before the cut is
 /// given up (aborted, as on any other failure): a link that makes progress is followed as
 /// long as it does, a dead one costs about a minute of backoff (below) before the usual retry.
