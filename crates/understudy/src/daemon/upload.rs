@@ -41,6 +41,10 @@ const _: () = assert!(
 /// given up (aborted, as on any other failure): a link that makes progress is followed as
 /// long as it does, a dead one costs about a minute of backoff (below) before the usual retry.
 pub const RESUME_ATTEMPTS_MAX: u32 = 8;
+/// Connection-refused answers in a row tolerated while resuming: a restarting proxy refuses for
+/// a moment, but a replica daemon that is down has lost what it kept, so a dead replica should
+/// fail the cycle (health Warning) within seconds (250 ms + 500 ms + 1 s + 2 s of backoff).
+pub const RESUME_REFUSED_MAX: u32 = 3;
 /// First wait before a resume; doubled per attempt up to [`RESUME_BACKOFF_MAX`], and back to
 /// this after an attempt that made progress. Short: a connection reset is usually transient.
 pub const RESUME_BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -320,6 +324,7 @@ pub async fn upload(
     let mut stalled = 0u32;
     let mut offset = 0u64;
     let mut resumed = false;
+    let mut refused = 0u32;
     loop {
         let err = match result {
             Ok(reply) => {
@@ -328,12 +333,20 @@ pub async fn upload(
             }
             Err(e) => e,
         };
+        // The first request never reached the replica: nothing to resume.
+        let first = stalled == 0 && !resumed;
         let give_up = match failure(&err) {
             Failure::Final => true,
-            // The first request never reached the replica: nothing to resume.
-            Failure::Unreachable => stalled == 0 && !resumed,
+            Failure::Refused => {
+                refused += 1;
+                first || refused > RESUME_REFUSED_MAX
+            }
+            Failure::Unreachable => first,
             Failure::Broken => false,
         };
+        if failure(&err) != Failure::Refused {
+            refused = 0;
+        }
         // A failed encoder has nothing to resume with.
         if give_up || relay.is_gone() || stalled >= RESUME_ATTEMPTS_MAX {
             return Err(err);
@@ -380,10 +393,11 @@ pub async fn upload(
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failure {
-    /// Refused by the replica, or nobody listens there (a replica daemon that restarted kept
-    /// nothing: interrupted uploads are kept in memory), or a configuration or trust error:
-    /// resuming cannot help.
+    /// Refused by the replica, or a configuration or trust error: resuming cannot help.
     Final,
+    /// Nobody listens there: a proxy or NAT being restarted, or the replica daemon is down
+    /// (and then it lost what it kept: kept uploads live in memory).
+    Refused,
     /// No connection could be opened (timeout, network unreachable): may pass.
     Unreachable,
     /// The request failed under way (reset, end of stream): the replica may hold a prefix.
@@ -405,6 +419,7 @@ fn failure(err: &anyhow::Error) -> Failure {
     match err.downcast_ref::<T>() {
         None | Some(T::Http { .. } | T::Tls { .. } | T::BadResponse { .. }) => Failure::Broken,
         Some(T::Timeout { .. } | T::Connect { .. }) => Failure::Unreachable,
+        Some(T::ConnectionRefused { .. }) => Failure::Refused,
         Some(_) => Failure::Final,
     }
 }
@@ -488,9 +503,9 @@ mod tests {
         assert!(relay.resume(sender, 40 << 20).is_err(), "writer gone");
     }
 
-    /// A replica whose daemon is down (connection refused) or that refuses the delta ends the
-    /// upload at once, so health turns Warning as before; only a request broken under way is
-    /// resumed, and a link that does not connect is retried only once an upload was under way.
+    /// A replica that refuses the delta ends the upload at once, so health turns Warning as
+    /// before; only a request broken under way is resumed, and a link that does not connect
+    /// (refused: briefly) is retried only once an upload was under way.
     #[test]
     fn a_dead_replica_fails_the_cycle_at_once_instead_of_resuming() {
         use transport::TransportError as T;
@@ -502,7 +517,7 @@ mod tests {
         }));
         assert_eq!(failure(&refusal), Failure::Final);
         let refused = anyhow::Error::from(T::ConnectionRefused { peer: peer() });
-        assert_eq!(failure(&refused), Failure::Final);
+        assert_eq!(failure(&refused), Failure::Refused);
         let reset = anyhow::Error::from(T::Http {
             peer: peer(),
             reason: "connection reset".into(),
