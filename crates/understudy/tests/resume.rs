@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,6 +27,11 @@ struct ResetProxy {
     resets: Arc<AtomicU64>,
     /// Bytes forwarded from the primary to the replica while a limit was set, all connections.
     forwarded: Arc<AtomicU64>,
+    /// While set, new connections wait before they are forwarded (the primary sees a link
+    /// that does not answer).
+    hold: Arc<AtomicBool>,
+    /// Set `hold` at the next reset.
+    hold_on_reset: Arc<AtomicBool>,
 }
 
 impl ResetProxy {
@@ -38,15 +43,22 @@ impl ResetProxy {
             reset_after: Arc::new(AtomicU64::new(reset_after)),
             resets: Arc::new(AtomicU64::new(0)),
             forwarded: Arc::new(AtomicU64::new(0)),
+            hold: Arc::new(AtomicBool::new(false)),
+            hold_on_reset: Arc::new(AtomicBool::new(false)),
         };
         let counters = Counters {
             limit: p.reset_after.clone(),
             resets: p.resets.clone(),
             forwarded: p.forwarded.clone(),
+            hold: p.hold.clone(),
+            hold_on_reset: p.hold_on_reset.clone(),
         };
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
+                while counters.hold.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
                 let Ok(server) = TcpStream::connect(target) else {
                     continue;
                 };
@@ -69,6 +81,8 @@ struct Counters {
     limit: Arc<AtomicU64>,
     resets: Arc<AtomicU64>,
     forwarded: Arc<AtomicU64>,
+    hold: Arc<AtomicBool>,
+    hold_on_reset: Arc<AtomicBool>,
 }
 
 /// Copies `from` to `to` until either fails; with counters, resets both once the limit is
@@ -97,6 +111,9 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, counters: Option<Counters>) {
         carried += n as u64;
         c.forwarded.fetch_add(n as u64, Ordering::Relaxed);
         if carried >= limit {
+            if c.hold_on_reset.swap(false, Ordering::Relaxed) {
+                c.hold.store(true, Ordering::Relaxed);
+            }
             c.resets.fetch_add(1, Ordering::Relaxed);
             for s in [&from, &to] {
                 reset_on_close(s);
@@ -385,4 +402,93 @@ fn cuts_stay_valid_when_uploads_are_resumed_mid_delta() {
     );
     let r: serde_json::Value = serde_json::from_str(report.trim().lines().last().unwrap()).unwrap();
     assert!(r["points_checked"].as_u64().unwrap() >= 3, "{r}");
+}
+
+/// The replica keeps an interrupted incremental upload on disk: its daemon restarts between
+/// the reset and the resume, and the upload still continues from where it stood.
+#[test]
+fn an_interrupted_incremental_upload_survives_a_replica_restart() {
+    require("nbdcopy", "nbdkit libnbd-bin");
+    let root = tempfile::tempdir().unwrap();
+    let (primary, mut replica) = pair(root.path());
+    let size = 512 * MIB;
+    primary.ok(&["vm", "create", "inc", "--disk", "512M"]);
+    let block = random_block();
+    write_through_nbd(&primary, "inc", root.path(), size, &block, &[0]);
+    let target: SocketAddr = replica.addr().parse().unwrap();
+    let proxy = ResetProxy::start(target, 0);
+    primary.ok(&[
+        "replication",
+        "enable",
+        "inc",
+        "--replica",
+        &proxy.addr(),
+        "--frequency",
+        "3600",
+    ]);
+    primary.ok(&["replication", "start", "inc", "--wait", "--timeout", "300"]);
+
+    let offsets: Vec<u64> = (0..4).map(|i| i * 96 * MIB).collect();
+    write_through_nbd(&primary, "inc", root.path(), size, &block, &offsets);
+    // One reset after 96 MiB of the upload; then the link holds new connections while the
+    // replica daemon restarts.
+    proxy.hold_on_reset.store(true, Ordering::Relaxed);
+    proxy.reset_after.store(96 * MIB, Ordering::Relaxed);
+    let exe = EXE.to_string();
+    let dir = primary.dir.clone();
+    let sync = std::thread::spawn(move || {
+        Command::new(exe)
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["replication", "sync", "inc", "--json"])
+            .output()
+            .unwrap()
+    });
+    let incoming = replica.dir.join("storage/inc/incoming");
+    wait_until(
+        "the interrupted upload kept on disk",
+        std::time::Duration::from_secs(120),
+        || {
+            std::fs::read_dir(&incoming)
+                .map(|d| {
+                    d.flatten()
+                        .any(|e| e.file_name().to_string_lossy().starts_with("kept-"))
+                })
+                .unwrap_or(false)
+        },
+    );
+    proxy.reset_after.store(0, Ordering::Relaxed);
+    replica.stop();
+    replica.restart();
+    proxy.hold.store(false, Ordering::Relaxed);
+    let out = sync.join().unwrap();
+    assert!(
+        out.status.success(),
+        "sync failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&primary.log(), 30)
+    );
+    let m = measure(&primary, "inc");
+    eprintln!("{m}");
+    assert_eq!(m["failed_cycles"].as_u64(), Some(0), "{m}");
+    assert!(
+        m["resumed_bytes_total"].as_u64().unwrap() > 32 * MIB,
+        "resumed from what the replica kept before it restarted: {m}"
+    );
+    assert!(
+        replica
+            .log()
+            .contains("continuing an upload kept across a restart"),
+        "{}",
+        tail(&replica.log(), 30)
+    );
+    assert_eq!(point_ids(&replica, "inc"), vec![1, 2]);
+    let point = root.path().join("point.raw");
+    export_point(&replica, "inc", "latest", 0, &point);
+    assert!(same_content(&root.path().join("src.raw"), &point));
+    assert_eq!(
+        std::fs::read_dir(&incoming).unwrap().count(),
+        0,
+        "kept prefix deleted"
+    );
 }

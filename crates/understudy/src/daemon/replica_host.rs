@@ -203,9 +203,9 @@ impl Partials {
                         _ => None,
                     }
                 };
-                if expired.is_some() {
+                if let Some(Slot::Kept { mut incoming, .. }) = expired {
                     tracing::info!(%vm, seq, "interrupted upload not resumed in time: dropped");
-                    let _ = tokio::task::spawn_blocking(move || drop(expired)).await;
+                    let _ = tokio::task::spawn_blocking(move || incoming.discard_kept()).await;
                 }
             });
         }
@@ -364,7 +364,18 @@ async fn route(
             let rvm = store.vm(vm).ok_or_else(|| unknown(vm))?;
             let seq = parse_seq(seq)?;
             shared.partials.settle(vm, seq).await;
-            let (checksum, received_bytes) = shared.partials.kept(vm, seq).ok_or_else(|| {
+            let kept = match shared.partials.kept(vm, seq) {
+                Some(k) => Some(k),
+                // Kept on disk by a daemon that restarted since.
+                None => {
+                    let rvm = rvm.clone();
+                    tokio::task::spawn_blocking(move || rvm.kept_prefix(seq))
+                        .await
+                        .ok()
+                        .flatten()
+                }
+            };
+            let (checksum, received_bytes) = kept.ok_or_else(|| {
                 let mut r = refuse(
                     StatusCode::NOT_FOUND,
                     "no_partial",
@@ -491,13 +502,33 @@ async fn receive(
         }
         Some((from, checksum)) => {
             partials.settle(&vm, seq).await;
-            let (reg, kept) = partials.resume(&vm, seq, &checksum, from).ok_or_else(|| {
+            let mismatch = || {
                 refuse(
                     StatusCode::CONFLICT,
                     "resume_mismatch",
                     format!("no interrupted upload of point {seq} of {vm} at byte {from} with that header is kept here"),
                 )
-            })?;
+            };
+            let (reg, kept) = match partials.resume(&vm, seq, &checksum, from) {
+                Some(r) => r,
+                None => {
+                    // Kept on disk by a daemon that restarted since: verify it again.
+                    let rvm2 = rvm.clone();
+                    let adopted =
+                        tokio::task::spawn_blocking(move || rvm2.adopt_kept(seq, &checksum))
+                            .await
+                            .ok()
+                            .and_then(|r| r.ok())
+                            .flatten()
+                            .filter(|inc| inc.received_bytes() == from)
+                            .ok_or_else(mismatch)?;
+                    let (reg, superseded) = partials.start(&vm, seq);
+                    if let Some(mut s) = superseded {
+                        tokio::task::spawn_blocking(move || s.discard_kept());
+                    }
+                    (reg, Box::new(adopted))
+                }
+            };
             tracing::info!(%vm, seq, from, "resuming an interrupted upload");
             (reg, Some(kept), None)
         }
@@ -512,10 +543,16 @@ async fn receive(
         use std::io::Write;
         // Dropped when this upload has stopped: tells `settle` it may look for it.
         let _ended = ended;
-        drop(superseded);
+        if let Some(mut old) = superseded {
+            old.discard_kept();
+        }
         let mut incoming = match kept {
             Some(k) => k,
-            None => Box::new(rvm.begin_receive()?),
+            None => {
+                // A new upload from byte 0: no kept prefix of this VM can be resumed any more.
+                rvm.discard_kept_prefixes();
+                Box::new(rvm.begin_receive()?)
+            }
         };
         while let Some(chunk) = rx.blocking_recv() {
             if incoming.write_all(&chunk).is_err() {
@@ -526,8 +563,16 @@ async fn receive(
         if !clean2.load(Ordering::Acquire) && !incoming.is_failed() {
             if let Some(checksum) = incoming.header_checksum() {
                 let received = incoming.received_bytes();
-                if partials.keep(&vm, id, seq, checksum, incoming).is_none() {
-                    tracing::info!(%vm, seq, received, "upload interrupted: kept for a resume");
+                // Durably too, so that a restart of this daemon does not lose it (journal
+                // mode; a first point is kept in memory only).
+                if let Err(e) = incoming.persist_prefix() {
+                    tracing::warn!(%vm, seq, "cannot keep the interrupted upload on disk: {e}");
+                }
+                match partials.keep(&vm, id, seq, checksum, incoming) {
+                    None => {
+                        tracing::info!(%vm, seq, received, "upload interrupted: kept for a resume")
+                    }
+                    Some(mut superseded) => superseded.discard_kept(),
                 }
                 return Err(ReplicaError::ReceiveFailed(
                     "upload interrupted (kept for a resume)".into(),

@@ -41,9 +41,9 @@ const _: () = assert!(
 /// given up (aborted, as on any other failure): a link that makes progress is followed as
 /// long as it does, a dead one costs about a minute of backoff (below) before the usual retry.
 pub const RESUME_ATTEMPTS_MAX: u32 = 8;
-/// Connection-refused answers in a row tolerated while resuming: a restarting proxy refuses for
-/// a moment, but a replica daemon that is down has lost what it kept, so a dead replica should
-/// fail the cycle (health Warning) within seconds (250 ms + 500 ms + 1 s + 2 s of backoff).
+/// Connection-refused answers in a row tolerated while resuming: a restarting proxy (or replica
+/// daemon) refuses for a moment, but a dead replica should fail the cycle (health Warning)
+/// within seconds (250 ms + 500 ms + 1 s + 2 s of backoff), as it did before resumes.
 pub const RESUME_REFUSED_MAX: u32 = 3;
 /// First wait before a resume; doubled per attempt up to [`RESUME_BACKOFF_MAX`], and back to
 /// this after an attempt that made progress. Short: a connection reset is usually transient.
@@ -395,8 +395,7 @@ pub async fn upload(
 enum Failure {
     /// Refused by the replica, or a configuration or trust error: resuming cannot help.
     Final,
-    /// Nobody listens there: a proxy or NAT being restarted, or the replica daemon is down
-    /// (and then it lost what it kept: kept uploads live in memory).
+    /// Nobody listens there: a proxy, NAT or replica daemon being restarted, or a dead one.
     Refused,
     /// No connection could be opened (timeout, network unreachable): may pass.
     Unreachable,
