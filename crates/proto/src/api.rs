@@ -156,6 +156,13 @@ pub struct Measure {
     /// spill file (`<state>/disk.cbw`): a sign the guest outruns the shipper.
     #[serde(default)]
     pub cbw_spilled_bytes_total: u64,
+    /// Uploads continued from where the replica stood after the transport broke, instead of
+    /// starting the cut over (docs/formats/peer-protocol.md, "Resuming an interrupted upload").
+    #[serde(default)]
+    pub resumed_uploads_total: u64,
+    /// Bytes the replica already held at those resumes: not sent again.
+    #[serde(default)]
+    pub resumed_bytes_total: u64,
     pub last_replication_time: Option<String>,
     pub pending_bytes: u64,
 }

@@ -112,6 +112,11 @@ pub fn print_measure(m: &Measure) {
         bytes(m.cbw_spilled_bytes_total)
     );
     println!(
+        "  resumed uploads        {} ({} not sent again)",
+        m.resumed_uploads_total,
+        bytes(m.resumed_bytes_total)
+    );
+    println!(
         "  last replication       {}",
         m.last_replication_time.as_deref().unwrap_or("never")
     );

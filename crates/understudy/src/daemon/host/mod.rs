@@ -82,6 +82,8 @@ pub struct Shared {
     replica_primaries: Mutex<HashMap<String, String>>,
     /// (VM, disk) whose storage error was reported (one event per disk per daemon run).
     storage_reported: Mutex<HashSet<(String, usize)>>,
+    /// Interrupted uploads kept for a resume (replica side).
+    pub partials: Arc<crate::daemon::replica_host::Partials>,
 }
 
 /// Holds an exclusive `flock` on `<data-dir>/daemon.lock` for the daemon's lifetime, so two
@@ -162,6 +164,7 @@ impl Shared {
             peers: Mutex::new(HashMap::new()),
             replica_primaries: Mutex::new(HashMap::new()),
             storage_reported: Mutex::new(HashSet::new()),
+            partials: Default::default(),
             last_alive_ns: heartbeat::last_alive_ns(data_dir),
         });
 
