@@ -199,9 +199,12 @@ async fn route(
                     "sequence must be a number",
                 )
             })?;
+            // A commit may fold (index memory): served points are pinned before.
+            shared.ensure_pins(&rvm);
             let point = receive(rvm.clone(), seq, req.into_body(), &shared.uploads, &name).await?;
             // Retention runs after the answer so it never adds to replication latency.
-            tokio::task::spawn_blocking(move || retain(&rvm));
+            let s = shared.clone();
+            tokio::task::spawn_blocking(move || retain(&s, &rvm));
             shared.events.emit(
                 events::POINT_COMMITTED,
                 Some(vm),
@@ -221,9 +224,11 @@ async fn route(
     }
 }
 
-/// Folds `rvm` down to [`RETAIN_POINTS`] points (blocking).
-fn retain(rvm: &ReplicaVm) {
-    if let Err(e) = rvm.retain(RETAIN_POINTS) {
+/// Folds `rvm` down to [`RETAIN_POINTS`] points (`serve --retain-points`), never past a
+/// served point (pinned first: after a restart its pin is taken again here) (blocking).
+fn retain(shared: &Shared, rvm: &ReplicaVm) {
+    shared.ensure_pins(rvm);
+    if let Err(e) = rvm.retain(shared.retain_points) {
         tracing::error!(vm = %rvm.vm_id(), "retention failed: {e}");
     }
 }
@@ -241,10 +246,11 @@ pub fn spawn_retention(shared: Arc<Shared>) {
             let Some((store, _)) = shared.replica_store() else {
                 continue;
             };
+            let s = shared.clone();
             let pass = tokio::task::spawn_blocking(move || {
                 store.open_pending();
                 for rvm in store.vms() {
-                    retain(&rvm);
+                    retain(&s, &rvm);
                 }
                 if let Err(e) = store.relieve_index_pressure() {
                     tracing::error!("folding to relieve the replica index failed: {e}");
