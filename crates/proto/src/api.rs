@@ -208,6 +208,8 @@ pub struct ServedDisk {
     pub nbd_uri: String,
     /// A `qemu-system-x86_64 -drive` value that attaches it read-only.
     pub qemu_drive: String,
+    /// A `qemu-system-x86_64 -blockdev` value that attaches it read-only.
+    pub qemu_blockdev: String,
 }
 
 /// A served (and therefore pinned) point.

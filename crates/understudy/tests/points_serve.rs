@@ -334,3 +334,72 @@ fn serving_bad_input_is_refused_in_one_line_and_changes_nothing() {
         .is_empty());
     assert!(!events(&b).iter().any(|e| e["id"] == 3020));
 }
+
+#[path = "common/guest.rs"]
+mod guest;
+
+const GUEST_SCRIPT: &str = r#"
+if ! mount -t ext4 -o ro,noload /dev/vda /mnt; then echo GUEST-MOUNT-FAILED; poweroff -f; fi
+echo "GUEST-FILE $(cat /mnt/hello.txt)"
+umount /mnt
+if dd if=/dev/zero of=/dev/vda bs=4k count=1 conv=fsync 2>/tmp/dd.err; then
+  echo GUEST-WRITE-ACCEPTED
+else
+  echo "GUEST-WRITE-REFUSED $(cat /tmp/dd.err | head -1)"
+fi
+"#;
+
+/// A real guest (qemu-system-x86_64 under TCG) attaches a served point the way `points serve`
+/// prints it (`-blockdev ...,read-only=on`) and mounts the ext4 file system it holds; the
+/// primary's disk has been overwritten since, the guest still reads the point's file, and its
+/// writes to the device are refused.
+#[test]
+fn a_guest_mounts_a_served_point_read_only() {
+    require("mkfs.ext4", "e2fsprogs");
+    let root = tempfile::tempdir().unwrap();
+    let scratch = root.path();
+    let kit = guest::build(scratch, GUEST_SCRIPT);
+    let (a, b) = pair_retaining(scratch);
+    let files = scratch.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("hello.txt"), "written-before-point-one\n").unwrap();
+    let image = scratch.join("fs.raw");
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&files)
+        .arg(&image)
+        .arg("32M"));
+    a.ok(&["vm", "import", "fs", "--image", image.to_str().unwrap()]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "fs",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "3600",
+    ]);
+    a.ok(&["replication", "start", "fs", "--wait"]);
+    let served = serve(&b, "fs", &["--point", "latest"]);
+    let disk = &served["disks"][0];
+    let blockdev = disk["qemu_blockdev"].as_str().unwrap().to_string();
+    assert!(blockdev.contains("read-only=on"), "{blockdev}");
+    let drive = disk["qemu_drive"].as_str().unwrap();
+    assert!(drive.contains("readonly=on"), "{drive}");
+    let node = blockdev
+        .split(',')
+        .find_map(|kv| kv.strip_prefix("node-name="))
+        .unwrap()
+        .to_string();
+    // The primary's file system is gone in the next points.
+    point_after(&a, "fs", &["write -P 0 0 32M"]);
+    point_after(&a, "fs", &["write -P 1 0 1M"]);
+
+    let mut g = guest::Guest::start(&kit, &[(blockdev, node)]);
+    let console = g.wait_exit(Duration::from_secs(240));
+    assert!(
+        console.contains("GUEST-FILE written-before-point-one"),
+        "{console}"
+    );
+    assert!(console.contains("GUEST-WRITE-REFUSED"), "{console}");
+}

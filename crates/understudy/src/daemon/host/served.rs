@@ -76,6 +76,17 @@ pub fn export_name(vm: &str, seq: u64, disk: u32) -> String {
     format!("{vm}@{seq}-{disk}")
 }
 
+/// Longest qemu node name: qemu keeps them in 32 bytes with the NUL.
+const QEMU_NODE_NAME_MAX: usize = 31;
+
+/// A qemu node name for the served disk: starts with a letter, no '@' (qemu's rules), at most
+/// [`QEMU_NODE_NAME_MAX`] bytes (VM names are ASCII, so cutting bytes is safe).
+fn node_name(vm: &str, seq: u64, disk: u32) -> String {
+    let mut n = format!("point{seq}-{disk}-{vm}");
+    n.truncate(QEMU_NODE_NAME_MAX);
+    n
+}
+
 fn expiry_of(req: &ServePoint, now: u64) -> anyhow::Result<Option<u64>> {
     match req.for_secs {
         None => Ok(None),
@@ -253,6 +264,10 @@ impl Shared {
                     index: d.index,
                     size_bytes: d.size_bytes,
                     qemu_drive: format!("file={nbd_uri},format=raw,readonly=on,if=virtio"),
+                    qemu_blockdev: format!(
+                        "driver=nbd,server.type=unix,server.path={socket},export={export},node-name={},read-only=on",
+                        node_name(&record.vm, record.seq, d.index)
+                    ),
                     nbd_uri,
                     export_name: export,
                 }
