@@ -5,8 +5,9 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -87,6 +88,22 @@ fn listed_exports(replica: &Host) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Connects to the URI in argv[1] and reads, prints "connected", waits for a line on stdin,
+/// then reads again and prints whether that read was refused.
+const HELD_READER: &str = r#"
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pread(4096, 0)
+print("connected", flush=True)
+sys.stdin.readline()
+try:
+    h.pread(4096, 0)
+    print("read-after-unserve", flush=True)
+except nbd.Error as e:
+    print("refused", e, flush=True)
+"#;
 
 fn has_event(h: &Host, id: u64, vm: &str, needle: &str) -> bool {
     events(h).iter().any(|e| {
@@ -174,8 +191,23 @@ fn served_point_is_read_by_every_tool_and_never_changes_while_cycles_and_retenti
     assert!(served_equals(&uri, &expected, scratch));
     assert!(has_event(&b, 3020, "web", &format!("point {p} served")));
 
-    // Unserve: the export is gone, the pin released, retention catches up.
+    // Unserve: the export is gone, a reader still connected is cut off, the pin released,
+    // retention catches up.
+    let mut reader = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(HELD_READER)
+        .arg(&uri)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(reader.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "connected");
     let out = b.ok(&["points", "unserve", "web", "--point", &p.to_string()]);
+    writeln!(reader.stdin.take().unwrap()).unwrap();
+    let after = lines.next().unwrap().unwrap();
+    assert!(after.starts_with("refused"), "{after}");
+    reader.wait().unwrap();
     assert!(
         out.contains(&format!("point {p} no longer served")),
         "{out}"
