@@ -302,6 +302,55 @@ fn served_point_pin_survives_a_restart_and_for_releases_it_with_an_event() {
     assert!(served_equals(&uri, &expected, scratch));
 }
 
+/// Without `--disk` every disk of the point is served (one URI each, equal to `points
+/// export` of that disk); `--disk N` adds one disk of another point; unserving the VM ends
+/// them all.
+#[test]
+fn serving_a_point_gives_one_read_only_uri_per_disk() {
+    require("nbdinfo", "nbdinfo");
+    require("nbdcopy", "nbdcopy");
+    let root = tempfile::tempdir().unwrap();
+    let scratch = root.path();
+    let (a, b) = pair_retaining(scratch);
+    replicate(&a, &b, "two", &["4M", "8M"], 3600);
+    qemu_io_ok(&a.nbd_uri("two", 0), &["write -P 3 0 1M"]);
+    qemu_io_ok(&a.nbd_uri("two", 1), &["write -P 4 4M 1M"]);
+    let p = sync_until_ok(&a, "two", 20)["seq"].as_u64().unwrap();
+    let q = point_after(&a, "two", &["write -P 5 0 4k"]);
+
+    let all = serve(&b, "two", &["--point", &p.to_string()]);
+    let disks = all["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2, "{all}");
+    for (i, d) in disks.iter().enumerate() {
+        assert_eq!(d["index"], i as u64);
+        assert_eq!(d["export_name"], format!("two@{p}-{i}"));
+        let exported = scratch.join(format!("exported-{i}.raw"));
+        export_point(&b, "two", &p.to_string(), i, &exported);
+        assert!(served_equals(
+            d["nbd_uri"].as_str().unwrap(),
+            &exported,
+            scratch
+        ));
+    }
+    let one = serve(&b, "two", &["--point", &q.to_string(), "--disk", "1"]);
+    assert_eq!(one["disks"].as_array().unwrap().len(), 1, "{one}");
+    assert_eq!(one["disks"][0]["export_name"], format!("two@{q}-1"));
+    let mut listed = listed_exports(&b);
+    listed.retain(|e| e.contains('@'));
+    listed.sort();
+    assert_eq!(
+        listed,
+        vec![
+            format!("two@{p}-0"),
+            format!("two@{p}-1"),
+            format!("two@{q}-1")
+        ]
+    );
+    let out = b.ok(&["points", "unserve", "two"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(!listed_exports(&b).iter().any(|e| e.contains('@')));
+}
+
 fn refused_in_one_line(h: &Host, args: &[&str], needle: &str) {
     let out = h.run(args);
     let err = String::from_utf8_lossy(&out.stderr).to_string();

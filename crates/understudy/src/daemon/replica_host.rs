@@ -199,8 +199,17 @@ async fn route(
                     "sequence must be a number",
                 )
             })?;
-            // A commit may fold (index memory): served points are pinned before.
-            shared.ensure_pins(&rvm);
+            // A commit may fold (index memory): served points are pinned before (blocking: the
+            // first time after a start it may write the catalog).
+            let (s, r) = (shared.clone(), rvm.clone());
+            if let Err(e) = tokio::task::spawn_blocking(move || s.ensure_pins(&r)).await {
+                tracing::error!(%vm, "pinning served points failed: {e}");
+                return Err(refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_busy",
+                    "the replica could not pin its served points; try again",
+                ));
+            }
             let point = receive(rvm.clone(), seq, req.into_body(), &shared.uploads, &name).await?;
             // Retention runs after the answer so it never adds to replication latency.
             let s = shared.clone();
