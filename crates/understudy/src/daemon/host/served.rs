@@ -46,7 +46,14 @@ impl Served {
     /// What the catalog records (at start: nothing is pinned yet).
     pub(super) fn load(catalog: &Catalog) -> anyhow::Result<Served> {
         let mut points = BTreeMap::new();
-        for (_, record) in catalog.scan::<ServedRecord>("served/")? {
+        for (key, record) in catalog.scan::<ServedRecord>("served/")? {
+            if record.version != ServedRecord::VERSION {
+                anyhow::bail!(
+                    "catalog record {key} has version {}, this daemon reads version {}",
+                    record.version,
+                    ServedRecord::VERSION
+                );
+            }
             points.insert(
                 (record.vm.clone(), record.seq),
                 Entry {
@@ -394,5 +401,61 @@ pub(super) async fn watch_expiries(shared: Weak<Shared>) {
         tokio::time::sleep(EXPIRY_CHECK_INTERVAL).await;
         let Some(s) = shared.upgrade() else { return };
         s.expire_served();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_names_never_collide_with_primary_exports() {
+        assert_eq!(export_name("web", 12, 0), "web@12-0");
+        // A primary VM's export is `<vm>-<disk>` and VM names have no '@'.
+        assert!(crate::daemon::vms::validate_vm_name("web@12").is_err());
+    }
+
+    #[test]
+    fn node_names_fit_qemu() {
+        let n = node_name(&"v".repeat(64), 123_456, 15);
+        assert_eq!(n.len(), QEMU_NODE_NAME_MAX);
+        assert!(n.starts_with("point123456-15-"));
+        assert_eq!(node_name("db", 3, 1), "point3-1-db");
+    }
+
+    #[test]
+    fn for_is_bounded() {
+        let req = |for_secs| ServePoint {
+            vm: "v".into(),
+            point: "latest".into(),
+            disk: None,
+            for_secs,
+        };
+        assert_eq!(expiry_of(&req(None), 5).unwrap(), None);
+        assert_eq!(expiry_of(&req(Some(2)), 5).unwrap(), Some(2_000_000_005));
+        assert!(expiry_of(&req(Some(0)), 5).is_err());
+        assert!(expiry_of(&req(Some(SERVE_FOR_MAX_SECS + 1)), 5).is_err());
+    }
+
+    #[test]
+    fn a_served_record_of_an_unknown_version_refuses_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&dir.path().join("c.redb")).unwrap();
+        let mut r = ServedRecord {
+            version: ServedRecord::VERSION,
+            vm: "web".into(),
+            seq: 4,
+            disks: vec![0],
+            created_unix_ns: 1,
+            expires_unix_ns: None,
+        };
+        catalog.put(&ServedRecord::key("web", 4), &r).unwrap();
+        let served = Served::load(&catalog).unwrap();
+        assert_eq!(served.keys_of("web"), vec![("web".to_string(), 4)]);
+        assert!(served.keys_of("we").is_empty());
+        r.version = 2;
+        catalog.put(&ServedRecord::key("web", 4), &r).unwrap();
+        let err = Served::load(&catalog).err().unwrap().to_string();
+        assert!(err.contains("version 2"), "{err}");
     }
 }
