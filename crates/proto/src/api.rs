@@ -190,6 +190,55 @@ pub struct ExportPoint {
     pub to: String,
 }
 
+/// `points serve`: serve a recovery point read-only over the daemon's NBD socket (pinned).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServePoint {
+    pub vm: String,
+    /// "latest" or a point id.
+    pub point: String,
+    /// One disk; `None` serves every disk of the point.
+    #[serde(default)]
+    pub disk: Option<u32>,
+    /// Served for this many seconds, then released; `None` until `points unserve`.
+    #[serde(default)]
+    pub for_secs: Option<u64>,
+}
+
+/// One disk of a served point.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServedDisk {
+    pub index: u32,
+    pub size_bytes: u64,
+    /// `<vm>@<point>-<disk>`: never the name of a primary VM's export (`<vm>-<disk>`).
+    pub export_name: String,
+    /// Read-only; what `qemu-img`, `nbdcopy`, `nbdinfo` and `qemu-io` take as is.
+    pub nbd_uri: String,
+    /// A `qemu-system-x86_64 -drive` value that attaches it read-only.
+    pub qemu_drive: String,
+    /// A `qemu-system-x86_64 -blockdev` value that attaches it read-only.
+    pub qemu_blockdev: String,
+}
+
+/// A served (and therefore pinned) point.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServedPoint {
+    pub vm: String,
+    pub point: PointInfo,
+    pub disks: Vec<ServedDisk>,
+    pub served_since: String,
+    /// When `--for` releases it; `None`: until `points unserve`.
+    pub expires_at: Option<String>,
+    pub expires_unix_ns: Option<u64>,
+}
+
+/// `points unserve`: one point, or (`point: None`) every served point of the VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnservePoint {
+    pub vm: String,
+    #[serde(default)]
+    pub point: Option<u64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplicaServerConfig {
     pub enabled: bool,

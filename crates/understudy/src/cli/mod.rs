@@ -11,7 +11,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use proto::{
     Compression, CreateVm, EnableReplication, ExportPoint, ImportVm, Measure, PointInfo,
-    ReplicaServerConfig, ReplicationState, ReplicationStatus, SyncResult, VmInfo,
+    ReplicaServerConfig, ReplicationState, ReplicationStatus, ServePoint, ServedPoint, SyncResult,
+    UnservePoint, VmInfo,
 };
 use serde_json::Value;
 
@@ -373,6 +374,80 @@ pub fn points_export(
     Ok(())
 }
 
+pub fn points_serve(
+    api: &Api,
+    name: &str,
+    point: &str,
+    disk: Option<u32>,
+    for_secs: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let for_secs = for_secs
+        .map(parse_duration_secs)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--for: {e}"))?;
+    let req = ServePoint {
+        vm: name.to_string(),
+        point: point.to_string(),
+        disk,
+        for_secs,
+    };
+    let s: ServedPoint = api.post(&format!("/v1/points/{}/serve", path_segment(name)?), &req)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        output::print_served(&s);
+    }
+    Ok(())
+}
+
+pub fn points_unserve(api: &Api, name: &str, point: Option<u64>) -> anyhow::Result<()> {
+    let req = UnservePoint {
+        vm: name.to_string(),
+        point,
+    };
+    let done: Vec<u64> = api.post(&format!("/v1/points/{}/unserve", path_segment(name)?), &req)?;
+    for id in done {
+        println!("{name} point {id} no longer served");
+    }
+    Ok(())
+}
+
+pub fn points_served(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
+    let served: Vec<ServedPoint> =
+        api.get(&format!("/v1/points/{}/served", path_segment(name)?))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&served)?);
+    } else {
+        for s in &served {
+            output::print_served(s);
+        }
+    }
+    Ok(())
+}
+
+/// Parses a duration for `--for`: a number of seconds with an optional unit `s`, `m`, `h` or
+/// `d` (`90s`, `30m`, `4h`, `2d`; a bare number is seconds). The daemon bounds the value.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('s') => (&t[..t.len() - 1], 1u64),
+        Some('m') => (&t[..t.len() - 1], 60),
+        Some('h') => (&t[..t.len() - 1], 3600),
+        Some('d') => (&t[..t.len() - 1], 86400),
+        _ => (t, 1),
+    };
+    let bad = || format!("invalid duration {s:?}: use a number with s, m, h or d, e.g. 30m");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = n.checked_mul(mult).ok_or_else(bad)?;
+    if secs == 0 {
+        return Err(format!(
+            "invalid duration {s:?}: it must be at least 1 second"
+        ));
+    }
+    Ok(secs)
+}
+
 /// Parses `1G`, `512M`, `64K`, `1T` or a byte count (binary units; `iB`/`B` suffixes allowed).
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     let t = s.trim();
@@ -431,5 +506,17 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("lots").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration_secs("90s"), Ok(90));
+        assert_eq!(parse_duration_secs("30m"), Ok(1800));
+        assert_eq!(parse_duration_secs("4h"), Ok(14400));
+        assert_eq!(parse_duration_secs("2d"), Ok(172800));
+        assert_eq!(parse_duration_secs("5"), Ok(5));
+        assert!(parse_duration_secs("0s").is_err());
+        assert!(parse_duration_secs("soon").is_err());
+        assert!(parse_duration_secs("99999999999999999999d").is_err());
     }
 }

@@ -1,7 +1,7 @@
 //! Human-readable output of the CLI: tables and progress bars. `--json` bypasses all of this.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use proto::{Measure, PointInfo, ReplicationStatus, VmInfo};
+use proto::{Measure, PointInfo, ReplicationStatus, ServedPoint, VmInfo};
 
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -137,5 +137,18 @@ pub fn print_points(points: &[PointInfo]) {
             bytes(p.data_bytes + p.zero_bytes),
             bytes(p.stored_bytes)
         );
+    }
+}
+
+pub fn print_served(s: &ServedPoint) {
+    println!(
+        "{} point {} ({}) served read-only until {}",
+        s.vm,
+        s.point.id,
+        s.point.created_at,
+        s.expires_at.as_deref().unwrap_or("unserved")
+    );
+    for d in &s.disks {
+        println!("  disk {}  {}", d.index, d.nbd_uri);
     }
 }

@@ -27,6 +27,8 @@ pub const UPLOAD_RESUMED: u32 = 2020;
 pub const POINT_COMMITTED: u32 = 3000;
 pub const PEER_REFUSED: u32 = 3002;
 pub const REPLICA_STORE_UNAVAILABLE: u32 = 3003;
+pub const POINT_SERVED: u32 = 3020;
+pub const POINT_UNSERVED: u32 = 3021;
 
 /// Events kept in memory for `events` queries; older ones remain in the file.
 const EVENTS_IN_MEMORY_MAX: usize = 1000;

@@ -437,6 +437,17 @@ async fn route(
             check_owner(shared, vm, &caller, false)?;
             let seq = parse_seq(seq)?;
             let resume = resume_headers(&req)?;
+            // A commit may fold (index memory): served points are pinned before (blocking: the
+            // first time after a start it may write the catalog).
+            let (s, r) = (shared.clone(), rvm.clone());
+            if let Err(e) = tokio::task::spawn_blocking(move || s.ensure_pins(&r)).await {
+                tracing::error!(%vm, "pinning served points failed: {e}");
+                return Err(refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_busy",
+                    "the replica could not pin its served points; try again",
+                ));
+            }
             // Its own task: hyper drops this handler when the stream or connection is reset,
             // and an interrupted upload must still be kept for a resume (or discarded) whole.
             let upload = receive(
@@ -451,7 +462,8 @@ async fn route(
                 refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
             })??;
             // Retention runs after the answer so it never adds to replication latency.
-            tokio::task::spawn_blocking(move || retain(&rvm));
+            let s = shared.clone();
+            tokio::task::spawn_blocking(move || retain(&s, &rvm));
             shared.events.emit(
                 events::POINT_COMMITTED,
                 Some(vm),
@@ -471,9 +483,11 @@ async fn route(
     }
 }
 
-/// Folds `rvm` down to [`RETAIN_POINTS`] points (blocking).
-fn retain(rvm: &ReplicaVm) {
-    if let Err(e) = rvm.retain(RETAIN_POINTS) {
+/// Folds `rvm` down to [`RETAIN_POINTS`] points (`serve --retain-points`), never past a
+/// served point (pinned first: after a restart its pin is taken again here) (blocking).
+fn retain(shared: &Shared, rvm: &ReplicaVm) {
+    shared.ensure_pins(rvm);
+    if let Err(e) = rvm.retain(shared.retain_points) {
         tracing::error!(vm = %rvm.vm_id(), "retention failed: {e}");
     }
 }
@@ -491,10 +505,11 @@ pub fn spawn_retention(shared: Arc<Shared>) {
             let Some((store, _)) = shared.replica_store() else {
                 continue;
             };
+            let s = shared.clone();
             let pass = tokio::task::spawn_blocking(move || {
                 store.open_pending();
                 for rvm in store.vms() {
-                    retain(&rvm);
+                    retain(&s, &rvm);
                 }
                 if let Err(e) = store.relieve_index_pressure() {
                     tracing::error!("folding to relieve the replica index failed: {e}");

@@ -176,6 +176,9 @@ impl Shared {
             return;
         }
         let pending = store.open_pending();
+        for rvm in store.vms() {
+            self.ensure_pins(&rvm);
+        }
         self.report_replica_store(&store);
         tracing::info!(
             vms = store.vms().len(),
@@ -267,6 +270,9 @@ impl Shared {
             let (store, _) = open_store(&cfg, &self.host_name)?;
             let store = Arc::new(store);
             store.open_pending();
+            for rvm in store.vms() {
+                self.ensure_pins(&rvm);
+            }
             self.report_replica_store(&store);
             *self.replica.lock() = Some(ReplicaHost {
                 cfg: cfg.clone(),
@@ -436,23 +442,7 @@ impl Shared {
 
     pub fn export_point(&self, req: &ExportPoint) -> anyhow::Result<PointInfo> {
         let rvm = self.replica_vm(&req.vm)?;
-        let points = rvm.points();
-        let point = if req.point == "latest" {
-            points
-                .last()
-                .ok_or_else(|| not_found(format!("{} has no recovery point yet", req.vm)))?
-        } else {
-            let id: u64 = req.point.parse().map_err(|_| {
-                bad_request(format!(
-                    "--point must be `latest` or a point id, got {:?}",
-                    req.point
-                ))
-            })?;
-            points
-                .iter()
-                .find(|p| p.seq == id)
-                .ok_or_else(|| not_found(format!("{} has no point {id}", req.vm)))?
-        };
+        let point = resolve_point(&rvm, &req.vm, &req.point)?;
         if !rvm.disks().iter().any(|d| d.index == req.disk) {
             return Err(bad_request(format!(
                 "{} replicates no disk {}",
@@ -463,15 +453,40 @@ impl Shared {
             .with_context(|| {
                 format!("exporting {} point {} disk {}", req.vm, point.seq, req.disk)
             })?;
-        Ok(point_info(point))
+        Ok(point_info(&point))
     }
+}
+
+/// The point `point` names (`latest` or an id) among the points of `rvm`.
+pub(super) fn resolve_point(
+    rvm: &replica::ReplicaVm,
+    vm: &str,
+    point: &str,
+) -> anyhow::Result<replica::PointInfo> {
+    let points = rvm.points();
+    if point == "latest" {
+        return points
+            .last()
+            .copied()
+            .ok_or_else(|| not_found(format!("{vm} has no recovery point yet")));
+    }
+    let id: u64 = point.parse().map_err(|_| {
+        bad_request(format!(
+            "--point must be `latest` or a point id, got {point:?}"
+        ))
+    })?;
+    points
+        .iter()
+        .find(|p| p.seq == id)
+        .copied()
+        .ok_or_else(|| not_found(format!("{vm} has no point {id}")))
 }
 
 fn replica_owner_key(vm: &str) -> String {
     format!("replica-owner/{vm}")
 }
 
-fn point_info(p: &replica::PointInfo) -> PointInfo {
+pub(super) fn point_info(p: &replica::PointInfo) -> PointInfo {
     PointInfo {
         id: p.seq,
         created_at: rfc3339_from_unix_ns(p.cut_time_unix_ns),
