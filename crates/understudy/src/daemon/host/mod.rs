@@ -565,9 +565,11 @@ impl Shared {
                         nbd_uri: format!("nbd+unix:///{export}?socket={socket}"),
                         qemu_blockdev: vms::qemu_blockdev(
                             &export,
+                            &vms::qemu_node_name(name, d.index),
                             &socket,
                             NBD_RECONNECT_DELAY_SECS,
                         ),
+                        qemu_node_name: vms::qemu_node_name(name, d.index),
                         libvirt_xml: vms::libvirt_disk_xml(
                             &export,
                             &socket,
