@@ -168,11 +168,11 @@ pub fn import_disks(
     for (i, image) in images.iter().enumerate() {
         let size = super::qemu_img::virtual_size(image)?;
         if size == 0 || size % 4096 != 0 || size > DISK_SIZE_MAX {
-            bail!(
+            return Err(super::api::bad_request(format!(
                 "{}: virtual size {size} is not a non-zero multiple of 4 KiB of at most {} TiB",
                 image.display(),
                 DISK_SIZE_MAX >> 40
-            );
+            )));
         }
         let rec = disk_record(&dir, i as u32, size);
         super::qemu_img::convert_to_raw(image, Path::new(&rec.file))?;
