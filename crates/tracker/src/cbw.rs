@@ -73,6 +73,27 @@ pub(crate) fn spill_cap(free: u64) -> u64 {
     (free / SPILL_FREE_SHARE_DIVISOR).min(free.saturating_sub(SPILL_RESERVE_BYTES))
 }
 
+/// Blocks spilled by every open epoch of this process on one filesystem (by device number):
+/// the cap holds for all disks and VMs whose spill files share it, not per disk, so several
+/// cuts at once can never take more than the share between them. Disks given an explicit cap
+/// (`DiskOptions::cbw_spill_bytes_max`) share a budget with the disks given the same cap.
+fn filesystem_spill_counter(file: &File, explicit_cap: Option<u64>) -> Arc<AtomicU64> {
+    type Key = (u64, Option<u64>);
+    static COUNTERS: std::sync::OnceLock<Mutex<HashMap<Key, Arc<AtomicU64>>>> =
+        std::sync::OnceLock::new();
+    let dev = std::os::unix::fs::MetadataExt::dev(&match file.metadata() {
+        Ok(m) => m,
+        // Unknown: a counter of its own (the per-epoch cap still holds).
+        Err(_) => return Arc::new(AtomicU64::new(0)),
+    });
+    COUNTERS
+        .get_or_init(Default::default)
+        .lock()
+        .entry((dev, explicit_cap))
+        .or_default()
+        .clone()
+}
+
 /// Reads of at least this many bytes bypass the no-read-ahead mapping (see `read_image`).
 const MAPPED_READ_BYTES_MAX: usize = 256 * 1024;
 
@@ -159,6 +180,10 @@ pub(crate) struct FrozenState {
     /// Blocks this epoch may spill to the file (set at freeze), and blocks it has spilled.
     epoch_spill_blocks_max: AtomicU64,
     epoch_spilled_blocks: AtomicU64,
+    /// Blocks spilled by all open epochs on this spill file's filesystem (shared), and this
+    /// epoch's part of them (given back when it ends).
+    fs_spilled_blocks: Arc<AtomicU64>,
+    epoch_fs_blocks: AtomicU64,
 }
 
 fn read_error(msg: String) -> io::Error {
@@ -182,7 +207,6 @@ impl FrozenState {
             epoch: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
-            cbw,
             pool: CbwPool::new(pool_bytes_max.min(nblocks.saturating_mul(BLOCK_BYTES))),
             image_map: Mutex::new(None),
             present: Bitmap::new(nblocks),
@@ -193,6 +217,9 @@ impl FrozenState {
             spill_bytes_max,
             epoch_spill_blocks_max: AtomicU64::new(0),
             epoch_spilled_blocks: AtomicU64::new(0),
+            fs_spilled_blocks: filesystem_spill_counter(&cbw, spill_bytes_max),
+            epoch_fs_blocks: AtomicU64::new(0),
+            cbw,
         }
     }
 
@@ -333,6 +360,20 @@ impl TrackedDisk {
                 cap: cap * BLOCK_BYTES,
             });
         }
+        // The same cap for everything spilled on this filesystem at once (other disks, VMs).
+        let fs_spilled = st
+            .fs_spilled_blocks
+            .fetch_add(count as u64, Ordering::AcqRel)
+            + count as u64;
+        if fs_spilled > cap {
+            st.fs_spilled_blocks
+                .fetch_sub(count as u64, Ordering::AcqRel);
+            return Ok(Copied::SpillCapReached {
+                spilled: (fs_spilled - count as u64) * BLOCK_BYTES,
+                cap: cap * BLOCK_BYTES,
+            });
+        }
+        st.epoch_fs_blocks.fetch_add(count as u64, Ordering::AcqRel);
         CBW_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             buf.resize(CBW_RUN_BYTES_MAX, 0);
@@ -352,8 +393,11 @@ impl TrackedDisk {
         if let Some(cap) = self.frozen.spill_bytes_max {
             return cap;
         }
+        // Free space as if no spill were there: the cap is a share of it for all spills on
+        // this filesystem together (`fs_spilled_blocks`).
+        let spilled = self.frozen.fs_spilled_blocks.load(Ordering::Acquire) * BLOCK_BYTES;
         match sys::free_bytes(&self.frozen.cbw) {
-            Ok(free) => spill_cap(free),
+            Ok(free) => spill_cap(free.saturating_add(spilled)),
             Err(e) => {
                 tracing::warn!(dir = %self.state_dir.display(), error = %e,
                     "cannot read the free space for the copy-before-write spill; not spilling this cut");
@@ -482,6 +526,8 @@ impl TrackedDisk {
         if st.copied.swap(false, Ordering::AcqRel) {
             st.present.clear_all();
         }
+        let held = st.epoch_fs_blocks.swap(0, Ordering::AcqRel);
+        st.fs_spilled_blocks.fetch_sub(held, Ordering::AcqRel);
         if st.spilled.swap(false, Ordering::AcqRel) {
             if let Err(e) = st.cbw.set_len(0) {
                 // Harmless for correctness: no block is marked present any more.

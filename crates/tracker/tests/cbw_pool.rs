@@ -407,3 +407,55 @@ fn spill_cap_abandons_the_epoch_and_never_fails_a_guest_write() {
     c.commit();
     assert_eq!(d.dirty_bytes(), 0);
 }
+
+/// Regression (review of AUDIT §9): the spill cap held per disk, so several disks (or VMs)
+/// cutting at once on one filesystem could together spill everything that was free. The cap is
+/// now a budget for all spills on the filesystem at once.
+#[test]
+fn spill_cap_is_shared_by_every_disk_on_the_filesystem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A cap no other test uses: disks with the same explicit cap share one budget.
+    let spill_cap = 24 * B;
+    let make = |name: &str, gate: &Arc<CutGate>| {
+        TrackedDisk::create_with(
+            &dir.path().join(format!("{name}.img")),
+            4 << 20,
+            &dir.path().join(format!("{name}.state")),
+            gate.clone(),
+            &DiskOptions {
+                cbw_memory_bytes_max: 0,
+                cbw_spill_bytes_max: Some(spill_cap),
+            },
+        )
+        .expect("create")
+    };
+    let (ga, gb) = (CutGate::new(), CutGate::new());
+    let (a, b) = (make("a", &ga), make("b", &gb));
+    a.write_at(&fill(0xA1, 16), 0, false).expect("write a");
+    b.write_at(&fill(0xB1, 16), 0, false).expect("write b");
+    let ca = cut(&ga, std::slice::from_ref(&a)).expect("cut a");
+    let cb = cut(&gb, std::slice::from_ref(&b)).expect("cut b");
+    // Disk a spills 16 blocks of the 24; disk b's 16 would pass its own cap but not the
+    // filesystem's: its cut is abandoned, and its guest write still succeeds.
+    a.write_at(&fill(0xA2, 16), 0, false)
+        .expect("write a again");
+    b.write_at(&fill(0xB2, 16), 0, false)
+        .expect("a guest write never fails because of the spill cap");
+    assert_eq!(a.cbw_spilled_bytes(), 16 * B);
+    assert_eq!(b.cbw_spilled_bytes(), 0);
+    let mut buf = vec![0u8; (16 * B) as usize];
+    let err = cb.disks[0]
+        .read_at(&mut buf, 0)
+        .expect_err("b's cut was abandoned");
+    assert!(err.to_string().contains("spill cap reached"), "{err}");
+    assert_eq!(read(&ca.disks[0], 0, 16 * B), fill(0xA1, 16));
+    cb.abort();
+    // Once a's cut ends, its share is given back: b's next cut may spill again.
+    ca.commit();
+    let cb = cut(&gb, std::slice::from_ref(&b)).expect("cut b again");
+    b.write_at(&fill(0xB3, 16), 0, false)
+        .expect("write b again");
+    assert_eq!(b.cbw_spilled_bytes(), 16 * B);
+    assert_eq!(read(&cb.disks[0], 0, 16 * B), fill(0xB2, 16));
+    cb.commit();
+}
