@@ -443,8 +443,9 @@ async fn route(
             // A commit may fold (index memory): served points are pinned before (blocking: the
             // first time after a start it may write the catalog).
             let (s, r) = (shared.clone(), rvm.clone());
-            if let Err(e) = tokio::task::spawn_blocking(move || s.ensure_pins(&r)).await {
-                tracing::error!(%vm, "pinning served points failed: {e}");
+            let pinned = tokio::task::spawn_blocking(move || s.ensure_pins(&r)).await;
+            if !matches!(pinned, Ok(true)) {
+                tracing::error!(%vm, "pinning served points failed: {pinned:?}");
                 return Err(refuse(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store_busy",
@@ -489,7 +490,10 @@ async fn route(
 /// Folds `rvm` down to [`RETAIN_POINTS`] points (`serve --retain-points`), never past a
 /// served point (pinned first: after a restart its pin is taken again here) (blocking).
 fn retain(shared: &Shared, rvm: &ReplicaVm) {
-    shared.ensure_pins(rvm);
+    if !shared.ensure_pins(rvm) {
+        // A served point is not pinned again yet: folding now could take it away.
+        return;
+    }
     if let Err(e) = rvm.retain(shared.retain_points) {
         tracing::error!(vm = %rvm.vm_id(), "retention failed: {e}");
     }

@@ -177,7 +177,8 @@ impl Shared {
         }
         let pending = store.open_pending();
         for rvm in store.vms() {
-            self.ensure_pins(&rvm);
+            // False: retried by retention and by the next commit, which wait for it.
+            let _ = self.ensure_pins(&rvm);
         }
         self.report_replica_store(&store);
         tracing::info!(
@@ -271,7 +272,7 @@ impl Shared {
             let store = Arc::new(store);
             store.open_pending();
             for rvm in store.vms() {
-                self.ensure_pins(&rvm);
+                let _ = self.ensure_pins(&rvm);
             }
             self.report_replica_store(&store);
             *self.replica.lock() = Some(ReplicaHost {

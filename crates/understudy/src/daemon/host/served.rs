@@ -294,12 +294,17 @@ impl Shared {
     /// once per run. Called before anything can fold `rvm` (retention, a commit) and when the
     /// store has verified it. A point whose expiry passed, or that no longer exists, is
     /// released with an event.
-    pub fn ensure_pins(&self, rvm: &ReplicaVm) {
+    ///
+    /// Returns false when a point could not be pinned for a transient reason (out of file
+    /// descriptors or memory): its pin is kept (never released for that), nothing may fold
+    /// `rvm` until a later call succeeds, and the caller retries.
+    pub fn ensure_pins(&self, rvm: &ReplicaVm) -> bool {
         let vm = rvm.vm_id().to_string();
         let mut served = self.served.lock();
         if served.pinned_vms.contains(&vm) {
-            return;
+            return true;
         }
+        let mut transient = false;
         let now = now_unix_ns();
         for key in served.keys_of(&vm) {
             let Some(record) = served.points.get(&key).map(|e| e.record.clone()) else {
@@ -328,6 +333,11 @@ impl Shared {
             }
             if let Some(e) = failed {
                 drop(views);
+                if e.is_transient() {
+                    tracing::warn!(%vm, seq = record.seq, "served point not pinned yet ({e}); retrying later");
+                    transient = true;
+                    continue;
+                }
                 let why = format!("it can no longer be read after the restart ({e})");
                 if let Err(e) = self.release(&mut served, key, &why) {
                     tracing::error!(%vm, seq = record.seq, "releasing a served point: {e:#}");
@@ -349,7 +359,11 @@ impl Shared {
                 e.exports = exports;
             }
         }
+        if transient {
+            return false;
+        }
         served.pinned_vms.insert(vm);
+        true
     }
 
     /// Forgets a served point: the catalog first, then its exports (and every connection
