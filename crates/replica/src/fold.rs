@@ -10,9 +10,13 @@ use std::os::unix::io::AsRawFd;
 
 use delta::{DeltaReader, FrameBody};
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use crate::base_writer::BaseWriter;
 use crate::vm::{JournalEntry, ReplicaVm, VmInner};
-use crate::{durable, failpoint, ReplicaError};
+use crate::{
+    classify, durable, failpoint, kept, merge, HistoryPolicy, PointInfo, PointKind, ReplicaError,
+};
 
 /// Chunk used when a file system cannot punch holes and zeros must be written instead.
 const ZERO_WRITE_CHUNK_BYTES: u64 = 1 << 20;
@@ -34,7 +38,85 @@ impl ReplicaVm {
     }
 }
 
-/// Folds journal seq `base_seq + 1` into the base. Returns false when it may not (no such
+impl ReplicaVm {
+    /// The recovery-history policy recorded for this VM (`None`: the newest points are kept
+    /// by count, [`ReplicaVm::retain`]).
+    pub fn history(&self) -> Option<HistoryPolicy> {
+        self.inner.state.read().history
+    }
+
+    /// Records `policy` durably (in the manifest) when it differs from the recorded one. An
+    /// out-of-range policy is refused and nothing changes.
+    pub fn set_history(&self, policy: HistoryPolicy) -> Result<(), ReplicaError> {
+        policy.validate().map_err(ReplicaError::InvalidHistory)?;
+        let _m = self.inner.mutate.lock();
+        if self.inner.state.read().history == Some(policy) {
+            return Ok(());
+        }
+        self.inner.update_manifest(|st| st.history = Some(policy))
+    }
+
+    /// Points with their kind at `now_ns` (oldest first).
+    pub fn points_with_kinds(&self, now_ns: u64) -> Vec<(PointInfo, PointKind)> {
+        let points = self.points();
+        let kinds = classify(&points, self.history().as_ref(), now_ns);
+        points.into_iter().zip(kinds).collect()
+    }
+
+    /// Open views per point seq (what holds a point against retention today).
+    pub fn pinned_points(&self) -> BTreeMap<u64, usize> {
+        self.inner
+            .pins
+            .lock()
+            .iter()
+            .filter(|(_, &n)| n > 0)
+            .map(|(&s, &n)| (s, n))
+            .collect()
+    }
+
+    /// Retention by the recorded policy at `now_ns` ([`kept`]); without a policy, keeps the
+    /// newest `default_keep` points. Retires every other point: folds it into the base when
+    /// it is the oldest, merges it into the next point otherwise. A point an open view reads
+    /// stays (a later pass retires it). Commits are held up only while a fold runs or a merge
+    /// publishes its result, never while a merge writes.
+    pub fn apply_history(&self, now_ns: u64, default_keep: usize) -> Result<(), ReplicaError> {
+        let Some(policy) = self.history() else {
+            return self.retain(default_keep);
+        };
+        let mut skip: BTreeSet<u64> = BTreeSet::new();
+        let mut fold_blocked = false;
+        loop {
+            let points = self.points();
+            if points.len() <= 1 {
+                return Ok(());
+            }
+            let keep = kept(&points, &policy, now_ns);
+            let newest = points.last().map_or(0, |p| p.seq);
+            if !fold_blocked && !keep.contains(&points[0].seq) {
+                let folded = {
+                    let _m = self.inner.mutate.lock();
+                    fold_next(&self.inner)?
+                };
+                if folded {
+                    continue;
+                }
+                fold_blocked = true;
+            }
+            let journal: BTreeSet<u64> = self.inner.state.read().journal.keys().copied().collect();
+            let candidate = points.iter().map(|p| p.seq).find(|s| {
+                *s != newest && !keep.contains(s) && !skip.contains(s) && journal.contains(s)
+            });
+            let Some(a) = candidate else {
+                return Ok(());
+            };
+            if !merge::merge_into_next(&self.inner, a)? {
+                skip.insert(a);
+            }
+        }
+    }
+}
+
+/// Folds the first journal point (`base_seq`'s child) into the base. Returns false when it may not (no such
 /// delta, or the base point is being read). Caller holds `mutate`.
 pub(crate) fn fold_next(inner: &VmInner) -> Result<bool, ReplicaError> {
     let (s, already_started) = {
@@ -42,7 +124,11 @@ pub(crate) fn fold_next(inner: &VmInner) -> Result<bool, ReplicaError> {
         // the base point can open between the check and the point's retirement.
         let pins = inner.pins.lock();
         let st = inner.state.read();
-        let s = st.base_seq + 1;
+        // The first journal point: its parent is `base_seq` (a merge result may have a seq
+        // above `base_seq + 1`).
+        let Some(s) = st.folding.or_else(|| st.journal.keys().next().copied()) else {
+            return Ok(false);
+        };
         if !st.journal.contains_key(&s) {
             return Ok(false);
         }
@@ -63,15 +149,15 @@ pub(crate) fn fold_next(inner: &VmInner) -> Result<bool, ReplicaError> {
         tracing::info!(vm = %inner.vm_id, seq = s, "resuming an interrupted fold");
     }
     failpoint::hit("fold.after_intent")?;
-    let info = inner
+    let (info, path) = inner
         .state
         .read()
         .journal
         .get(&s)
-        .map(|e| e.info)
+        .map(|e| (e.info, e.file.path.clone()))
         .ok_or(ReplicaError::NoSuchPoint { seq: s })?;
-    apply_to_base(inner, s)?;
-    advance_base(inner, s, info)?;
+    apply_to_base(inner, &path)?;
+    advance_base(inner, s, info, &path)?;
     Ok(true)
 }
 
@@ -79,12 +165,18 @@ pub(crate) fn fold_next(inner: &VmInner) -> Result<bool, ReplicaError> {
 pub(crate) fn finish_fold(inner: &VmInner, entry: JournalEntry) -> Result<(), ReplicaError> {
     let s = entry.info.seq;
     tracing::warn!(vm = %inner.vm_id, seq = s, "finishing a fold interrupted by a crash");
-    apply_to_base(inner, s)?;
-    advance_base(inner, s, entry.info)
+    let path = entry.file.path.clone();
+    apply_to_base(inner, &path)?;
+    advance_base(inner, s, entry.info, &path)
 }
 
 /// Steps 4 and 5: the manifest says the base holds `s`, then the journal file goes.
-fn advance_base(inner: &VmInner, s: u64, info: crate::PointInfo) -> Result<(), ReplicaError> {
+fn advance_base(
+    inner: &VmInner,
+    s: u64,
+    info: crate::PointInfo,
+    path: &std::path::Path,
+) -> Result<(), ReplicaError> {
     inner.update_manifest(|st| {
         st.base_seq = s;
         st.base_point = Some(info);
@@ -94,19 +186,17 @@ fn advance_base(inner: &VmInner, s: u64, info: crate::PointInfo) -> Result<(), R
     if let Some(e) = inner.state.write().journal.remove(&s) {
         inner.budget.release(e.frames);
     }
-    let path = inner.journal_path(s);
-    let removed = durable::remove_file(&path);
-    inner.fds.forget(&path);
+    let removed = durable::remove_file(path);
+    inner.fds.forget(path);
     removed
 }
 
-/// Step 3: writes every frame of journal `seq` into the base images in stream order, verifying
+/// Step 3: writes every frame of the journal file at `path` into the base images in stream order, verifying
 /// the file again as it goes, then fsyncs the base images. The writes go through a writer
 /// thread with `O_DIRECT` (`base_writer`), so reading and verifying the next frame overlaps
 /// writing the previous one; all of them are done before the fsync.
-fn apply_to_base(inner: &VmInner, seq: u64) -> Result<(), ReplicaError> {
-    let path = inner.journal_path(seq);
-    let file = File::open(&path).map_err(ReplicaError::io("open", &path))?;
+fn apply_to_base(inner: &VmInner, path: &std::path::Path) -> Result<(), ReplicaError> {
+    let file = File::open(path).map_err(ReplicaError::io("open", path))?;
     let mut r = DeltaReader::new(BufReader::new(file), &inner.key)?;
     let mut writer = BaseWriter::open(inner, None)?;
     let mut applied = 0u64;

@@ -341,6 +341,7 @@ impl ReplicaStore {
             base_seq: 0,
             folding: None,
             damage: None,
+            history: None,
         };
         manifest.store(&tmp)?;
         for sub in [BASE_DIR, JOURNAL_DIR, INCOMING_DIR] {
