@@ -180,7 +180,35 @@ impl Replication {
                 total_bytes: total,
             }),
             last_error: rt.last_error.clone(),
+            history: r.history,
         }
+    }
+
+    /// `replication set`: applies settings already checked by the caller to the record,
+    /// persists it, and says hello again before the next cycle so the replica learns a new
+    /// history policy. The next cycle uses the new frequency and compression; nothing else
+    /// changes (no new initial replication).
+    pub fn set(
+        &self,
+        shared: &Shared,
+        frequency_secs: Option<u32>,
+        compression: Option<proto::Compression>,
+        history: Option<proto::HistoryPolicy>,
+    ) {
+        {
+            let mut rt = self.rt.lock();
+            if let Some(f) = frequency_secs {
+                rt.record.frequency_secs = f;
+            }
+            if let Some(c) = compression {
+                rt.record.compression = c;
+            }
+            if history.is_some() {
+                rt.record.history = history;
+                rt.need_hello = true;
+            }
+        }
+        self.persist(shared);
     }
 
     pub fn measure(&self) -> Measure {
@@ -253,6 +281,7 @@ pub fn hello_of(shared: &Shared, vm: &Vm, r: &ReplicationRecord) -> Hello {
                 })
             })
             .collect(),
+        history: r.history,
     }
 }
 
@@ -622,7 +651,8 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
         .await
         .context("cut task")??;
     let started = Instant::now();
-    let cut_ns = cut.cut_time_unix_ns;
+    // The history's clock (real time unless a test compressed it: `proto::time`).
+    let cut_ns = proto::time::history_clock_ns(cut.cut_time_unix_ns);
     let pause_us = cut.pause.as_micros() as u64;
 
     {

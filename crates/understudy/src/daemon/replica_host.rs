@@ -24,8 +24,8 @@ use super::Shared;
 
 /// Largest hello body; it lists at most a few disks.
 const HELLO_MAX_BYTES: usize = 64 << 10;
-/// Recovery points kept per replica VM; older deltas are folded into the base images. (The
-/// recovery-history policy — hourly points, any-point window — will replace this bound.)
+/// Recovery points kept per replica VM that has no recovery-history policy (set by `replication
+/// enable/set` and carried in the hello); older deltas are folded into the base images.
 pub const RETAIN_POINTS: usize = 64;
 /// How often retention runs on its own, besides after every commit: a replica whose commits
 /// fail (disk full, out of descriptors) still folds and frees space, so it recovers by
@@ -172,6 +172,18 @@ async fn route(
             .await
             .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
             .map_err(hello_refusal)?;
+            if let Some(h) = &hello.history {
+                // Recorded in the VM's manifest; retention applies it from its next pass.
+                let policy = super::host::history_to_store(h);
+                let rvm2 = rvm.clone();
+                tokio::task::spawn_blocking(move || rvm2.set_history(policy))
+                    .await
+                    .map_err(|e| {
+                        refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                    })?
+                    .map_err(hello_refusal)?;
+                shared.retention_wake.notify_one();
+            }
             if owner.is_none() {
                 shared.set_replica_owner(vm, &caller).map_err(|e| {
                     refuse(
@@ -200,8 +212,8 @@ async fn route(
                 )
             })?;
             let point = receive(rvm.clone(), seq, req.into_body(), &shared.uploads, &name).await?;
-            // Retention runs after the answer so it never adds to replication latency.
-            tokio::task::spawn_blocking(move || retain(&rvm));
+            // Retention runs in its own task (woken here), never in the request's path.
+            shared.retention_wake.notify_one();
             shared.events.emit(
                 events::POINT_COMMITTED,
                 Some(vm),
@@ -221,28 +233,43 @@ async fn route(
     }
 }
 
-/// Folds `rvm` down to [`RETAIN_POINTS`] points (blocking).
+/// Applies `rvm`'s recovery-history policy at the history clock's now, or keeps the newest
+/// [`RETAIN_POINTS`] points without one (blocking).
 fn retain(rvm: &ReplicaVm) {
-    if let Err(e) = rvm.retain(RETAIN_POINTS) {
+    if let Err(e) = rvm.apply_history(proto::time::history_now_ns(), RETAIN_POINTS) {
         tracing::error!(vm = %rvm.vm_id(), "retention failed: {e}");
     }
 }
 
-/// Retention on its own schedule ([`RETENTION_INTERVAL`]), on a blocking thread, never in a
-/// peer request's path; each pass also retries opening replica VMs still pending.
+/// The retention task: one per daemon, woken after every commit (and every hello that brings
+/// a policy) and on its own every [`RETENTION_INTERVAL`]; each pass runs on a blocking thread,
+/// never in a peer request's path, and also retries opening replica VMs still pending.
 pub fn spawn_retention(shared: Arc<Shared>) {
+    if proto::time::test_clock_in_effect() {
+        tracing::warn!(
+            "{} is set: the recovery history runs on a compressed test clock",
+            proto::time::TEST_CLOCK_ENV
+        );
+    }
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(RETENTION_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is immediate; the store was just opened
         loop {
-            tick.tick().await;
-            shared.retry_replica_store();
+            let periodic = tokio::select! {
+                _ = tick.tick() => true,
+                _ = shared.retention_wake.notified() => false,
+            };
+            if periodic {
+                shared.retry_replica_store();
+            }
             let Some((store, _)) = shared.replica_store() else {
                 continue;
             };
             let pass = tokio::task::spawn_blocking(move || {
-                store.open_pending();
+                if periodic {
+                    store.open_pending();
+                }
                 for rvm in store.vms() {
                     retain(&rvm);
                 }

@@ -381,6 +381,7 @@ impl Shared {
             generation: 0,
             progress: None,
             last_error: None,
+            history: None,
         })
     }
 
@@ -426,12 +427,13 @@ impl Shared {
             generation: rvm.generation(),
             progress: None,
             last_error: None,
+            history: rvm.history().as_ref().map(super::history_from_store),
         })
     }
 
     pub fn points(&self, name: &str) -> anyhow::Result<Vec<PointInfo>> {
         let rvm = self.replica_vm(name)?;
-        Ok(rvm.points().iter().map(point_info).collect())
+        Ok(point_infos(&rvm))
     }
 
     pub fn export_point(&self, req: &ExportPoint) -> anyhow::Result<PointInfo> {
@@ -463,7 +465,11 @@ impl Shared {
             .with_context(|| {
                 format!("exporting {} point {} disk {}", req.vm, point.seq, req.disk)
             })?;
-        Ok(point_info(point))
+        let seq = point.seq;
+        point_infos(&rvm)
+            .into_iter()
+            .find(|p| p.id == seq)
+            .ok_or_else(|| not_found(format!("{} has no point {seq} any more", req.vm)))
     }
 }
 
@@ -471,14 +477,41 @@ fn replica_owner_key(vm: &str) -> String {
     format!("replica-owner/{vm}")
 }
 
-fn point_info(p: &replica::PointInfo) -> PointInfo {
-    PointInfo {
-        id: p.seq,
-        created_at: rfc3339_from_unix_ns(p.cut_time_unix_ns),
-        cut_time_unix_ns: p.cut_time_unix_ns,
-        kind: format!("{:?}", p.kind),
-        data_bytes: p.data_bytes,
-        zero_bytes: p.zero_bytes,
-        stored_bytes: p.stored_bytes,
-    }
+/// The points of a replica VM as `points list` shows them: kind by the VM's history policy
+/// at the history clock's now, and what pins each.
+fn point_infos(rvm: &replica::ReplicaVm) -> Vec<PointInfo> {
+    let pins = rvm.pinned_points();
+    rvm.points_with_kinds(proto::time::history_now_ns())
+        .into_iter()
+        .map(|(p, kind)| {
+            let pinned_by = pins
+                .get(&p.seq)
+                .map(|&n| {
+                    vec![if n == 1 {
+                        "1 open view".to_string()
+                    } else {
+                        format!("{n} open views")
+                    }]
+                })
+                .unwrap_or_default();
+            PointInfo {
+                id: p.seq,
+                cut_time: rfc3339_from_unix_ns(p.cut_time_unix_ns),
+                created_at: rfc3339_from_unix_ns(p.cut_time_unix_ns),
+                cut_time_unix_ns: p.cut_time_unix_ns,
+                kind: kind.as_str().into(),
+                // Application-consistent points come with the guest agent.
+                consistency: if kind == replica::PointKind::AppConsistent {
+                    "application".into()
+                } else {
+                    "crash".into()
+                },
+                delta_kind: format!("{:?}", p.kind),
+                data_bytes: p.data_bytes,
+                zero_bytes: p.zero_bytes,
+                stored_bytes: p.stored_bytes,
+                pinned_by,
+            }
+        })
+        .collect()
 }
