@@ -552,9 +552,9 @@ fn hello_refusal(e: ReplicaError) -> Refusal {
         ReplicaError::AlreadyExists { .. } | ReplicaError::GenerationRegression { .. } => {
             refuse(StatusCode::CONFLICT, "conflict", msg)
         }
-        ReplicaError::InvalidVmId(_) | ReplicaError::InvalidDisks(_) => {
-            refuse(StatusCode::BAD_REQUEST, "bad_request", msg)
-        }
+        ReplicaError::InvalidVmId(_)
+        | ReplicaError::InvalidDisks(_)
+        | ReplicaError::InvalidHistory(_) => refuse(StatusCode::BAD_REQUEST, "bad_request", msg),
         _ => refuse(StatusCode::SERVICE_UNAVAILABLE, "store_error", msg),
     }
 }
@@ -662,6 +662,23 @@ mod tests {
         );
         let r = super::hello_refusal(ReplicaError::AlreadyExists { vm_id: "w".into() });
         assert_eq!(r.status, StatusCode::CONFLICT);
+    }
+
+    /// A hello whose recovery history is out of range (a primary with other bounds) is the
+    /// caller's mistake, not the store's: 400, and the store records nothing.
+    #[test]
+    fn out_of_range_history_in_a_hello_is_a_bad_request() {
+        let policy = replica::HistoryPolicy {
+            recovery_history: 99,
+            app_consistent_every_hours: None,
+            keep_every_point_for_secs: 0,
+        };
+        let e = policy.validate().map_err(ReplicaError::InvalidHistory);
+        let r = super::hello_refusal(e.unwrap_err());
+        assert_eq!(
+            (r.status, r.err.code.as_str()),
+            (StatusCode::BAD_REQUEST, "bad_request")
+        );
     }
 
     #[test]
