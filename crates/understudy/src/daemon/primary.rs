@@ -37,6 +37,9 @@ pub enum Cmd {
         reply: oneshot::Sender<anyhow::Result<()>>,
     },
     Shutdown(oneshot::Sender<()>),
+    /// The settings changed (`replication set`): cycle now (its hello carries a new history
+    /// policy) and schedule the next ones with the new frequency.
+    Reschedule,
 }
 
 /// Bound on queued commands per VM; API calls beyond it get a transient refusal.
@@ -209,6 +212,8 @@ impl Replication {
             }
         }
         self.persist(shared);
+        // A full queue means commands are pending; the next cycle still uses the new values.
+        let _ = self.cmd.try_send(Cmd::Reschedule);
     }
 
     pub fn measure(&self) -> Measure {
@@ -377,6 +382,9 @@ async fn run(shared: Arc<Shared>, repl: Arc<Replication>, mut rx: mpsc::Receiver
                         }
                         let _ = done.send(());
                         return;
+                    }
+                    Cmd::Reschedule => {
+                        next_at = Instant::now();
                     }
                     Cmd::Start(reply) => {
                         let r = off_runtime(|| start_initial(&shared, &repl));
