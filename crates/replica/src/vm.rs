@@ -777,3 +777,72 @@ pub(crate) fn superseded() -> ReplicaError {
 pub(crate) fn base_path(dir: &Path, index: u32) -> PathBuf {
     dir.join(BASE_DIR).join(format!("disk-{index}.raw"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(seq: u64, parent: u64) -> JournalName {
+        JournalName {
+            seq,
+            parent,
+            path: PathBuf::from(format!("{seq}-{parent}")),
+        }
+    }
+
+    fn seqs(v: &[JournalName]) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = v.iter().map(|f| (f.seq, f.parent)).collect();
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn journal_names_parse_both_forms_and_nothing_else() {
+        assert_eq!(
+            parse_journal_name("00000000000000000003.delta"),
+            Some((3, 2))
+        );
+        assert_eq!(
+            parse_journal_name("00000000000000000009-00000000000000000004.delta"),
+            Some((9, 4))
+        );
+        for bad in [
+            "3.delta",
+            "00000000000000000000.delta",
+            "00000000000000000004-00000000000000000009.delta",
+            "00000000000000000004-0000000000000000000x.delta",
+            "00000000000000000004.delta.tmp",
+        ] {
+            assert_eq!(parse_journal_name(bad), None, "{bad}");
+        }
+    }
+
+    /// What open concludes from the names a merge interrupted at each step leaves behind.
+    #[test]
+    fn merge_leftovers_resolve_to_the_merge_result() {
+        // Crash after the rename, before any deletion: 2 merged into 3.
+        let r = resolve_names(vec![n(2, 1), n(3, 2), n(3, 1), n(4, 3)], 1);
+        assert_eq!(seqs(&r.chain), vec![(3, 1), (4, 3)]);
+        assert_eq!(seqs(&r.superseded), vec![(2, 1), (3, 2)]);
+        assert!(r.broken.is_empty());
+        // After a's file was deleted, before b's old one was.
+        let r = resolve_names(vec![n(3, 2), n(3, 1)], 1);
+        assert_eq!(seqs(&r.chain), vec![(3, 1)]);
+        assert_eq!(seqs(&r.superseded), vec![(3, 2)]);
+        // A merge into a later point: 3 merged into 4 (4's new parent is 2).
+        let r = resolve_names(vec![n(2, 1), n(3, 2), n(4, 3), n(4, 2)], 1);
+        assert_eq!(seqs(&r.chain), vec![(2, 1), (4, 2)]);
+        assert_eq!(seqs(&r.superseded), vec![(3, 2), (4, 3)]);
+    }
+
+    #[test]
+    fn a_gap_in_the_chain_is_broken_from_there() {
+        let r = resolve_names(vec![n(2, 1), n(4, 3), n(5, 4)], 1);
+        assert_eq!(seqs(&r.chain), vec![(2, 1)]);
+        assert_eq!(seqs(&r.broken), vec![(4, 3), (5, 4)]);
+        // A parent below the base cannot be resolved either.
+        let r = resolve_names(vec![n(6, 2)], 4);
+        assert!(r.chain.is_empty());
+        assert_eq!(seqs(&r.broken), vec![(6, 2)]);
+    }
+}
