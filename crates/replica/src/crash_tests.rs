@@ -632,3 +632,43 @@ fn history_policy_retires_points_between_kept_ones_but_not_pinned_ones() {
     let store = ReplicaStore::open(dir.path()).unwrap();
     assert_eq!(store.vm(VM).unwrap().history().unwrap().recovery_history, 1);
 }
+
+/// Retired points are hidden and compacted (merges of similar sizes, like a binary counter)
+/// rather than each merged into the next at once, which would rewrite everything written
+/// since the previous kept point at every cycle (an hour's changes every second at 1 s
+/// cycles). The journal stays short, only kept points are listed, they read exactly, and a
+/// reopen (kill -9 after a pass) loses nothing.
+#[test]
+fn retired_points_are_hidden_and_compacted_in_a_few_files() {
+    let (dir, store, mut model) = setup(1);
+    let vm = store.vm(VM).unwrap();
+    vm.set_history(crate::HistoryPolicy {
+        recovery_history: 1,
+        app_consistent_every_hours: None,
+        keep_every_point_for_secs: 0,
+    })
+    .unwrap();
+    let mut max_files = 0;
+    for seq in 2..=64 {
+        model.commit(&vm, seq);
+        vm.apply_history(100, 64).unwrap();
+        let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq).collect();
+        assert_eq!(
+            seqs,
+            vec![1, seq],
+            "only the hourly point and the newest are listed"
+        );
+        let files = std::fs::read_dir(dir.path().join(VM).join("journal"))
+            .unwrap()
+            .count();
+        max_files = max_files.max(files);
+    }
+    // Binary-counter compaction: about log2(63) hidden deltas at most, not 63.
+    assert!(max_files <= 8, "{max_files} journal files at once");
+    for s in 2..64 {
+        model.points.remove(&s);
+    }
+    drop(vm);
+    drop(store);
+    assert_eq!(check(dir.path(), &model, &[1, 64]), vec![1, 64]);
+}

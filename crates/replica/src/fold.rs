@@ -75,10 +75,15 @@ impl ReplicaVm {
     }
 
     /// Retention by the recorded policy at `now_ns` ([`kept`]); without a policy, keeps the
-    /// newest `default_keep` points. Retires every other point: folds it into the base when
-    /// it is the oldest, merges it into the next point otherwise. A point an open view reads
-    /// stays (a later pass retires it). Commits are held up only while a fold runs or a merge
-    /// publishes its result, never while a merge writes.
+    /// newest `default_keep` points. A point the policy does not keep is retired: the base
+    /// point by folding the next delta into the base; a journal point by *hiding* it (one
+    /// manifest write: it is no recovery point any more, its delta stays a layer of the points
+    /// above it). Hidden deltas are then compacted: the oldest hidden delta that is no larger
+    /// than the delta after it is merged into that one, and hidden deltas right above a base
+    /// that is not listed are folded into it. So a byte is rewritten O(log n) times over n
+    /// retirements, never once per cycle. A point an open view reads is never retired.
+    /// Commits are held up only while a fold runs or a merge publishes, never while a merge
+    /// writes.
     pub fn apply_history(&self, now_ns: u64, default_keep: usize) -> Result<(), ReplicaError> {
         let Some(policy) = self.history() else {
             return self.retain(default_keep);
@@ -87,12 +92,16 @@ impl ReplicaVm {
         let mut fold_blocked = false;
         loop {
             let points = self.points();
-            if points.len() <= 1 {
-                return Ok(());
-            }
             let keep = kept(&points, &policy, now_ns);
-            let newest = points.last().map_or(0, |p| p.seq);
-            if !fold_blocked && !keep.contains(&points[0].seq) {
+            let fold_wanted = {
+                let st = self.inner.state.read();
+                match (st.base_point, st.journal.keys().next()) {
+                    (_, None) => false,
+                    (Some(b), Some(_)) => !keep.contains(&b.seq),
+                    (None, Some(first)) => st.hidden.contains(first),
+                }
+            };
+            if fold_wanted && !fold_blocked {
                 let folded = {
                     let _m = self.inner.mutate.lock();
                     fold_next(&self.inner)?
@@ -102,18 +111,65 @@ impl ReplicaVm {
                 }
                 fold_blocked = true;
             }
-            let journal: BTreeSet<u64> = self.inner.state.read().journal.keys().copied().collect();
-            let candidate = points.iter().map(|p| p.seq).find(|s| {
-                *s != newest && !keep.contains(s) && !skip.contains(s) && journal.contains(s)
-            });
-            let Some(a) = candidate else {
+            let retire: Vec<u64> = points
+                .iter()
+                .map(|p| p.seq)
+                .filter(|s| !keep.contains(s))
+                .collect();
+            if !retire.is_empty() && hide(&self.inner, &retire)? {
+                continue;
+            }
+            let candidate = {
+                let st = self.inner.state.read();
+                st.hidden.iter().copied().find(|h| {
+                    let (Some(this), Some((_, next))) =
+                        (st.journal.get(h), st.journal.range(h + 1..).next())
+                    else {
+                        return false;
+                    };
+                    !skip.contains(h) && this.info.stored_bytes <= next.info.stored_bytes
+                })
+            };
+            let Some(h) = candidate else {
                 return Ok(());
             };
-            if !merge::merge_into_next(&self.inner, a)? {
-                skip.insert(a);
+            if !merge::merge_into_next(&self.inner, h)? {
+                skip.insert(h);
             }
         }
     }
+
+    /// Hidden journal deltas (retired points not yet absorbed), for tests and reports.
+    pub fn hidden_deltas(&self) -> usize {
+        self.inner.state.read().hidden.len()
+    }
+}
+
+/// Retires journal points `seqs` as recovery points (they stay as layers): never the newest
+/// point, never one an open view reads. Returns whether anything changed.
+fn hide(inner: &VmInner, seqs: &[u64]) -> Result<bool, ReplicaError> {
+    let _m = inner.mutate.lock();
+    // Lock order: mutate, pins, state. Holding pins: no view of these opens meanwhile.
+    let pins = inner.pins.lock();
+    let new: Vec<u64> = {
+        let st = inner.state.read();
+        let newest = st.latest_seq();
+        seqs.iter()
+            .copied()
+            .filter(|s| {
+                *s != newest
+                    && st.journal.contains_key(s)
+                    && !st.hidden.contains(s)
+                    && !pins.get(s).is_some_and(|&n| n > 0)
+            })
+            .collect()
+    };
+    if new.is_empty() {
+        return Ok(false);
+    }
+    inner.update_manifest(|st| st.hidden.extend(new.iter().copied()))?;
+    drop(pins);
+    Ok(true)
 }
 
 /// Folds the first journal point (`base_seq`'s child) into the base. Returns false when it may not (no such
@@ -179,7 +235,9 @@ fn advance_base(
 ) -> Result<(), ReplicaError> {
     inner.update_manifest(|st| {
         st.base_seq = s;
-        st.base_point = Some(info);
+        // A hidden delta is no recovery point: the base then holds no listed point.
+        st.base_point = (!st.hidden.contains(&s)).then_some(info);
+        st.hidden.remove(&s);
         st.folding = None;
     })?;
     failpoint::hit("fold.after_manifest")?;

@@ -51,6 +51,10 @@ pub(crate) struct Manifest {
     /// version-1 manifest encodes to the same bytes and its checksum verifies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<crate::HistoryPolicy>,
+    /// Journal deltas retired as recovery points and kept only as layers until a merge or a
+    /// fold absorbs them. Skipped when empty (version-1 manifests have none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden: Vec<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -152,6 +156,7 @@ mod tests {
             folding: None,
             damage: None,
             history: None,
+            hidden: Vec::new(),
         }
     }
 

@@ -82,6 +82,8 @@ pub(crate) fn merge_into_next(inner: &VmInner, a: u64) -> Result<bool, ReplicaEr
         if let Some(old) = st.journal.remove(&plan.a) {
             released += old.frames;
         }
+        // Persisted with the next manifest write; open drops seqs that are not in the journal.
+        st.hidden.remove(&plan.a);
         let frames = entry.frames;
         if let Some(old) = st.journal.insert(plan.b, entry) {
             released += old.frames;

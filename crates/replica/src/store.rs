@@ -342,6 +342,7 @@ impl ReplicaStore {
             folding: None,
             damage: None,
             history: None,
+            hidden: Vec::new(),
         };
         manifest.store(&tmp)?;
         for sub in [BASE_DIR, JOURNAL_DIR, INCOMING_DIR] {

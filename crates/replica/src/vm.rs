@@ -3,7 +3,7 @@
 //! (finish an interrupted fold, verify every journal file, quarantine what fails). Receiving,
 //! folding and reading live in `receive`, `fold` and `view`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -97,6 +97,9 @@ pub(crate) struct VmState {
     pub damage: Option<String>,
     /// The recovery-history policy (persisted; `None`: the newest 64 points are kept).
     pub history: Option<crate::HistoryPolicy>,
+    /// Journal deltas that are no longer recovery points (retired by the policy), kept as
+    /// layers of the points above them until a merge or a fold absorbs them (persisted).
+    pub hidden: BTreeSet<u64>,
     pub removed: bool,
 }
 
@@ -111,7 +114,8 @@ impl VmState {
     }
 
     pub fn has_point(&self, seq: u64) -> bool {
-        self.base_point.is_some_and(|b| b.seq == seq) || self.journal.contains_key(&seq)
+        self.base_point.is_some_and(|b| b.seq == seq)
+            || (self.journal.contains_key(&seq) && !self.hidden.contains(&seq))
     }
 
     /// Layers for point `seq` on `disk`, newest first.
@@ -196,7 +200,12 @@ impl ReplicaVm {
         let st = self.inner.state.read();
         st.base_point
             .into_iter()
-            .chain(st.journal.values().map(|e| e.info))
+            .chain(
+                st.journal
+                    .values()
+                    .map(|e| e.info)
+                    .filter(|p| !st.hidden.contains(&p.seq)),
+            )
             .collect()
     }
 
@@ -275,6 +284,7 @@ impl VmInner {
             folding: st.folding,
             damage: st.damage.clone(),
             history: st.history,
+            hidden: st.hidden.iter().copied().collect(),
         }
     }
 
@@ -290,9 +300,13 @@ impl VmInner {
             journal: BTreeMap::new(),
             damage: st.damage.clone(),
             history: st.history,
+            hidden: st.hidden.clone(),
             removed: st.removed,
         };
         change(&mut next);
+        // Folded seqs are no journal deltas any more.
+        let base = next.base_seq;
+        next.hidden.retain(|&s| s > base);
         self.manifest_of(&next).store(&self.dir)?;
         st.generation = next.generation;
         st.base_point = next.base_point;
@@ -300,6 +314,7 @@ impl VmInner {
         st.folding = next.folding;
         st.damage = next.damage;
         st.history = next.history;
+        st.hidden = next.hidden;
         Ok(())
     }
 
@@ -537,6 +552,7 @@ pub(crate) fn open_vm(
             journal: BTreeMap::new(),
             damage: m.damage.clone(),
             history: m.history,
+            hidden: m.hidden.iter().copied().collect(),
             removed: false,
         }),
         mutate: Mutex::new(()),
@@ -737,6 +753,11 @@ fn recover_journal(inner: &Arc<VmInner>, m: &Manifest) -> Result<(), ReplicaErro
         for entry in loaded {
             st.journal.insert(entry.info.seq, entry);
         }
+        // Seqs a merge absorbed are gone (written back with the next manifest).
+        let VmState {
+            hidden, journal, ..
+        } = &mut *st;
+        hidden.retain(|s| journal.contains_key(s));
     }
     failed.append(&mut broken);
     if failed.is_empty() {
