@@ -672,3 +672,33 @@ fn retired_points_are_hidden_and_compacted_in_a_few_files() {
     drop(store);
     assert_eq!(check(dir.path(), &model, &[1, 64]), vec![1, 64]);
 }
+
+/// kill -9 while retention hides points (its one manifest write fails before the rename):
+/// every point reads exactly after reopen, and the next pass finishes the job.
+#[test]
+fn crash_while_hiding_points_keeps_every_point() {
+    let (dir, store, mut model) = setup(5);
+    let vm = store.vm(VM).unwrap();
+    vm.set_history(crate::HistoryPolicy {
+        recovery_history: 1,
+        app_consistent_every_hours: None,
+        keep_every_point_for_secs: 0,
+    })
+    .unwrap();
+    failpoint::arm("write_atomic.before_rename");
+    let r = vm.apply_history(100, 64);
+    assert!(matches!(r, Err(crate::ReplicaError::Injected(_))), "{r:?}");
+    drop(vm);
+    drop(store);
+    assert_eq!(
+        check(dir.path(), &model, &[1, 2, 3, 4, 5]),
+        vec![1, 2, 3, 4, 5]
+    );
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    store.vm(VM).unwrap().apply_history(100, 64).unwrap();
+    drop(store);
+    for s in 2..5 {
+        model.points.remove(&s);
+    }
+    assert_eq!(check(dir.path(), &model, &[1, 5]), vec![1, 5]);
+}
