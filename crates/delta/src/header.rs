@@ -150,6 +150,18 @@ impl DeltaHeader {
         Ok(())
     }
 
+    /// The header checksum (its last 32 bytes) this header has under `key`: what identifies
+    /// one delta's bytes when an interrupted upload is resumed (`docs/formats/peer-protocol.md`).
+    /// The encoding is a function of the fields, so a decoded header gives back the checksum
+    /// it arrived with.
+    pub fn checksum(&self, key: &[u8; 32]) -> Result<[u8; 32], DeltaError> {
+        self.validate()?;
+        let bytes = self.encode(&Keys::derive(key));
+        let mut sum = [0u8; CHECKSUM_BYTES];
+        sum.copy_from_slice(&bytes[bytes.len() - CHECKSUM_BYTES..]);
+        Ok(sum)
+    }
+
     fn encoded_len(vm_id_len: usize, disk_count: usize) -> usize {
         PREAMBLE_BYTES + FIXED_BYTES + vm_id_len + DISK_ENTRY_BYTES * disk_count + CHECKSUM_BYTES
     }

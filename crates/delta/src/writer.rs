@@ -369,4 +369,19 @@ mod tests {
             );
         }
     }
+
+    /// A resumed upload is matched by the header checksum the primary computes without
+    /// writing the delta: it must be the one in the stream, and change with the cut.
+    #[test]
+    fn header_checksum_is_the_one_written_and_names_the_cut() {
+        let w = DeltaWriter::new(Vec::new(), &header(), &KEY).unwrap();
+        let (bytes, _) = w.finish().unwrap();
+        let sum = header().checksum(&KEY).unwrap();
+        let header_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+        assert_eq!(&bytes[header_len - 32..header_len], &sum[..]);
+        let mut later = header();
+        later.cut_time_unix_ns = 1;
+        assert_ne!(later.checksum(&KEY).unwrap(), sum);
+        assert_ne!(header().checksum(&[8u8; 32]).unwrap(), sum);
+    }
 }

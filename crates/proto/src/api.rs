@@ -193,6 +193,13 @@ pub struct Measure {
     /// spill file (`<state>/disk.cbw`): a sign the guest outruns the shipper.
     #[serde(default)]
     pub cbw_spilled_bytes_total: u64,
+    /// Uploads continued from where the replica stood after the transport broke, instead of
+    /// starting the cut over (docs/formats/peer-protocol.md, "Resuming an interrupted upload").
+    #[serde(default)]
+    pub resumed_uploads_total: u64,
+    /// Bytes the replica already held at those resumes: not sent again.
+    #[serde(default)]
+    pub resumed_bytes_total: u64,
     pub last_replication_time: Option<String>,
     pub pending_bytes: u64,
 }
@@ -232,6 +239,55 @@ pub struct ExportPoint {
     pub disk: u32,
     /// Absolute destination path; written as a sparse raw image.
     pub to: String,
+}
+
+/// `points serve`: serve a recovery point read-only over the daemon's NBD socket (pinned).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServePoint {
+    pub vm: String,
+    /// "latest" or a point id.
+    pub point: String,
+    /// One disk; `None` serves every disk of the point.
+    #[serde(default)]
+    pub disk: Option<u32>,
+    /// Served for this many seconds, then released; `None` until `points unserve`.
+    #[serde(default)]
+    pub for_secs: Option<u64>,
+}
+
+/// One disk of a served point.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServedDisk {
+    pub index: u32,
+    pub size_bytes: u64,
+    /// `<vm>@<point>-<disk>`: never the name of a primary VM's export (`<vm>-<disk>`).
+    pub export_name: String,
+    /// Read-only; what `qemu-img`, `nbdcopy`, `nbdinfo` and `qemu-io` take as is.
+    pub nbd_uri: String,
+    /// A `qemu-system-x86_64 -drive` value that attaches it read-only.
+    pub qemu_drive: String,
+    /// A `qemu-system-x86_64 -blockdev` value that attaches it read-only.
+    pub qemu_blockdev: String,
+}
+
+/// A served (and therefore pinned) point.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServedPoint {
+    pub vm: String,
+    pub point: PointInfo,
+    pub disks: Vec<ServedDisk>,
+    pub served_since: String,
+    /// When `--for` releases it; `None`: until `points unserve`.
+    pub expires_at: Option<String>,
+    pub expires_unix_ns: Option<u64>,
+}
+
+/// `points unserve`: one point, or (`point: None`) every served point of the VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnservePoint {
+    pub vm: String,
+    #[serde(default)]
+    pub point: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

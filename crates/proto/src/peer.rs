@@ -5,6 +5,9 @@
 //! - `POST .../hello` [`Hello`] → [`HelloReply`]: create or find the replica VM.
 //! - `PUT  .../deltas/{seq}` delta bytes → [`DeltaReply`] once the point is durable.
 //! - `GET  .../state` → [`HelloReply`].
+//! - `GET  .../deltas/{seq}/partial` → [`PartialReply`]: an interrupted upload the replica kept
+//!   (v2); resumed by a `PUT .../deltas/{seq}` with [`RESUME_FROM_HEADER`] and
+//!   [`HEADER_CHECKSUM_HEADER`].
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +47,20 @@ pub struct DeltaReply {
     pub seq: u64,
     pub cut_time_unix_ns: u64,
     pub stored_bytes: u64,
+}
+
+/// Request header of a resumed upload: the delta offset its body starts at (decimal).
+pub const RESUME_FROM_HEADER: &str = "understudy-resume-from";
+/// Request header of a resumed upload: the delta's header checksum (64 hex digits).
+pub const HEADER_CHECKSUM_HEADER: &str = "understudy-header-checksum";
+
+/// An interrupted upload the replica kept: the delta whose header checksum is
+/// `header_checksum` (64 hex), of which it consumed the first `received_bytes` bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartialReply {
+    pub seq: u64,
+    pub header_checksum: String,
+    pub received_bytes: u64,
 }
 
 /// Error body of a refused peer call. `code` is stable and machine-readable.

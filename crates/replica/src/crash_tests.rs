@@ -702,3 +702,54 @@ fn crash_while_hiding_points_keeps_every_point() {
     }
     assert_eq!(check(dir.path(), &model, &[1, 5]), vec![1, 5]);
 }
+
+/// An interrupted incremental upload whose prefix was kept survives the death of the process
+/// (no destructor runs) and continues from there after open, mid-frame; the point is whole and
+/// the kept prefix is gone once it is committed.
+#[test]
+fn a_kept_prefix_survives_a_restart_and_the_upload_continues() {
+    let (dir, store, mut model) = setup(1);
+    let vm = store.vm(VM).unwrap();
+    let (bytes, images) = model.delta(2);
+    let cut = bytes.len() / 2 + 7;
+    let mut inc = vm.begin_receive().unwrap();
+    inc.write_all(&bytes[..cut]).unwrap();
+    assert!(inc.persist_prefix().unwrap());
+    let sum = inc.header_checksum().unwrap();
+    std::mem::forget(inc);
+    drop(vm);
+    drop(store);
+
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    let vm = store.vm(VM).unwrap();
+    assert_eq!(vm.kept_prefix(2), Some((sum, cut as u64)));
+    let mut other = sum;
+    other[0] ^= 1;
+    assert!(vm.adopt_kept(2, &other).unwrap().is_none(), "another delta");
+    let mut inc = vm.adopt_kept(2, &sum).unwrap().unwrap();
+    assert_eq!(inc.received_bytes(), cut as u64);
+    inc.write_all(&bytes[cut..]).unwrap();
+    vm.commit(inc).unwrap();
+    model.images = images.clone();
+    model.points.insert(2, images);
+    drop(vm);
+    drop(store);
+    assert_eq!(check(dir.path(), &model, &[1, 2]), vec![1, 2]);
+}
+
+/// A kept prefix of a seq that got committed by another upload is stale: open deletes it.
+#[test]
+fn a_stale_kept_prefix_is_deleted_at_open() {
+    let (dir, store, mut model) = setup(1);
+    let vm = store.vm(VM).unwrap();
+    let (bytes, _) = model.delta(2);
+    let mut inc = vm.begin_receive().unwrap();
+    inc.write_all(&bytes[..bytes.len() / 3]).unwrap();
+    assert!(inc.persist_prefix().unwrap());
+    std::mem::forget(inc);
+    model.commit(&vm, 2);
+    assert!(vm.kept_prefix(2).is_some(), "still there until open");
+    drop(vm);
+    drop(store);
+    assert_eq!(check(dir.path(), &model, &[1, 2]), vec![1, 2]);
+}

@@ -10,10 +10,15 @@
 //! (`appender`, `base_writer`): verifying the next frame overlaps writing the previous one, and
 //! received data does not fill the page cache. Commit first waits for that thread (its first
 //! error fails the commit), then fsyncs exactly as before.
+//!
+//! An interrupted upload can be kept for a resume: in memory by the daemon, and in journal mode
+//! also on disk ([`Incoming::persist_prefix`], [`ReplicaVm::adopt_kept`]; "Interrupted uploads,
+//! kept for a resume" in the format doc).
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -57,6 +62,62 @@ pub struct Incoming {
     frame_count: u64,
     error: Option<ReplicaError>,
     received_bytes: u64,
+    /// The durable copy of a prefix (`incoming/kept-…`), see [`Incoming::persist_prefix`].
+    kept: Option<PathBuf>,
+}
+
+/// Names of kept prefixes: `kept-<seq, 20 digits>-<header checksum, 64 hex>-<length>`.
+const KEPT_PREFIX: &str = "kept-";
+
+fn kept_name(seq: u64, checksum: &[u8; 32], len: u64) -> String {
+    let hex: String = checksum.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{KEPT_PREFIX}{seq:020}-{hex}-{len}")
+}
+
+/// Parses a kept prefix's name: (seq, checksum, length).
+fn parse_kept(name: &str) -> Option<(u64, [u8; 32], u64)> {
+    let mut parts = name.strip_prefix(KEPT_PREFIX)?.split('-');
+    let seq = parts.next()?.parse().ok()?;
+    let hex = parts.next()?;
+    let len = parts.next()?.parse().ok()?;
+    if parts.next().is_some() || hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut sum = [0u8; 32];
+    for (i, b) in sum.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some((seq, sum, len))
+}
+
+/// Empties `incoming/` at open: every partial file goes; kept prefixes stay, but once the next
+/// seq is known (`Some(next)`) only those of that seq do (the others can never be resumed).
+pub(crate) fn clean_incoming(dir: &Path, next: Option<u64>) -> Result<(), ReplicaError> {
+    let mut removed = false;
+    for entry in std::fs::read_dir(dir).map_err(ReplicaError::io("list", dir))? {
+        let entry = entry.map_err(ReplicaError::io("list", dir))?;
+        let name = entry.file_name();
+        let keep = match name.to_str().and_then(parse_kept) {
+            Some((seq, _, _)) => next.map_or(true, |n| n == seq),
+            None => false,
+        };
+        if !keep {
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                // A directory someone put there: not ours to keep either.
+                Err(_) => {
+                    std::fs::remove_dir_all(&path).map_err(ReplicaError::io("remove", &path))?
+                }
+            }
+            removed = true;
+        }
+    }
+    if removed {
+        durable::fsync_dir(dir)?;
+    }
+    Ok(())
 }
 
 impl Incoming {
@@ -65,8 +126,59 @@ impl Incoming {
         self.header.as_ref()
     }
 
+    /// Delta bytes consumed so far: every one of them was accepted (or [`Incoming::is_failed`]),
+    /// so a resumed upload continues with the byte at this offset.
     pub fn received_bytes(&self) -> u64 {
         self.received_bytes
+    }
+
+    /// The header checksum of the delta being received (`DeltaHeader::checksum` under the
+    /// VM's key), once its header arrived: what names it when an upload is resumed.
+    pub fn header_checksum(&self) -> Option<[u8; 32]> {
+        self.header.as_ref()?.checksum(&self.vm.key).ok()
+    }
+
+    /// True once a byte was refused: nothing more is accepted and commit reports why.
+    pub fn is_failed(&self) -> bool {
+        self.error.is_some()
+    }
+
+    /// Makes the bytes received so far durable under a name that survives a restart of the
+    /// daemon (`incoming/kept-<seq>-<header checksum>-<length>`, a hard link to the partial
+    /// file, whose first `length` bytes are fsynced and never rewritten with other bytes), so
+    /// that [`ReplicaVm::adopt_kept`] can continue the upload after a restart. Journal mode
+    /// only: a first point lives in the base, which open resets (returns `false`).
+    pub fn persist_prefix(&mut self) -> Result<bool, ReplicaError> {
+        let (Some(header), Some(path), Sink::Journal(appender)) =
+            (&self.header, &self.partial, &mut self.sink)
+        else {
+            return Ok(false);
+        };
+        if self.error.is_some() {
+            return Ok(false);
+        }
+        appender.flush()?;
+        let file = File::open(path).map_err(ReplicaError::io("open", path))?;
+        durable::fsync_file(&file, path)?;
+        let checksum = header.checksum(&self.vm.key)?;
+        let dir = self.vm.dir.join(INCOMING_DIR);
+        let link = dir.join(kept_name(header.seq, &checksum, self.received_bytes));
+        if self.kept.as_ref() != Some(&link) {
+            let _ = std::fs::remove_file(&link);
+            std::fs::hard_link(path, &link).map_err(ReplicaError::io("link", &link))?;
+            durable::fsync_dir(&dir)?;
+            if let Some(old) = self.kept.replace(link) {
+                durable::remove_file(&old)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Deletes the durable prefix, if any (the upload was superseded or given up).
+    pub fn discard_kept(&mut self) {
+        if let Some(path) = self.kept.take() {
+            let _ = durable::remove_file(&path);
+        }
     }
 
     /// True once the footer was received and verified.
@@ -271,7 +383,71 @@ impl ReplicaVm {
             frame_count: 0,
             error: None,
             received_bytes: 0,
+            kept: None,
         })
+    }
+
+    /// The durably kept prefix of an interrupted upload of `seq` (see
+    /// [`Incoming::persist_prefix`]), if any: its header checksum and length.
+    pub fn kept_prefix(&self, seq: u64) -> Option<([u8; 32], u64)> {
+        let dir = self.inner.dir.join(INCOMING_DIR);
+        std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().to_str().and_then(parse_kept))
+            .filter(|(s, _, _)| *s == seq)
+            .map(|(_, sum, len)| (sum, len))
+            .max_by_key(|(_, len)| *len)
+    }
+
+    /// Deletes every kept prefix of this VM (a new upload starts from byte 0).
+    pub fn discard_kept_prefixes(&self) {
+        let dir = self.inner.dir.join(INCOMING_DIR);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_str().and_then(parse_kept).is_some() {
+                let _ = durable::remove_file(&e.path());
+            }
+        }
+    }
+
+    /// Continues the kept prefix of `seq` with header checksum `checksum` after a restart: a
+    /// new receiver is fed the prefix (verified again from its first byte, written into a new
+    /// partial file) and is returned ready for the byte at the prefix's length. `None` (and the
+    /// prefix deleted) if it is missing or does not verify.
+    pub fn adopt_kept(
+        &self,
+        seq: u64,
+        checksum: &[u8; 32],
+    ) -> Result<Option<Incoming>, ReplicaError> {
+        use std::io::Read;
+        let dir = self.inner.dir.join(INCOMING_DIR);
+        let Some((sum, len)) = self.kept_prefix(seq).filter(|(s, _)| s == checksum) else {
+            return Ok(None);
+        };
+        let path = dir.join(kept_name(seq, &sum, len));
+        let mut file = File::open(&path).map_err(ReplicaError::io("open", &path))?;
+        let mut incoming = self.begin_receive()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = len;
+        let mut ok = true;
+        while left > 0 {
+            let n = (buf.len() as u64).min(left) as usize;
+            if file.read_exact(&mut buf[..n]).is_err() || incoming.write_all(&buf[..n]).is_err() {
+                ok = false;
+                break;
+            }
+            left -= n as u64;
+        }
+        if !ok || incoming.header_checksum() != Some(*checksum) {
+            tracing::warn!(vm = %self.inner.vm_id, seq, "kept prefix of an interrupted upload does not verify: deleted");
+            durable::remove_file(&path)?;
+            return Ok(None);
+        }
+        incoming.kept = Some(path);
+        tracing::info!(vm = %self.inner.vm_id, seq, len, "continuing an upload kept across a restart");
+        Ok(Some(incoming))
     }
 
     /// Commits a fully received delta as the next recovery point. Refused, with nothing
@@ -436,6 +612,8 @@ fn write_journal(
         return Err(e);
     }
     incoming.partial = None;
+    // The point exists: the kept prefix of its upload, if any, is useless now.
+    incoming.discard_kept();
     // Nothing is opened from here on: the index names the journal file, and reads open it
     // through the store's descriptor cache. So running out of descriptors can no longer
     // wedge a VM here.

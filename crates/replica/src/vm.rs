@@ -499,10 +499,11 @@ pub(crate) fn open_vm(
         Some(r) => Some(PointInfo::from_record(r).ok_or_else(|| bad("unknown point kind"))?),
         None => None,
     };
-    // Leftovers of interrupted receives and manifest writes.
+    // Leftovers of interrupted receives and manifest writes; kept prefixes of interrupted
+    // uploads stay (the stale ones go once the latest point is known, below).
     let incoming = dir.join(INCOMING_DIR);
-    durable::remove_dir_all(&incoming)?;
     durable::create_dir(&incoming)?;
+    crate::receive::clean_incoming(&incoming, None)?;
     durable::remove_file(&dir.join(format!(
         "{}{}",
         crate::manifest::MANIFEST_FILE,
@@ -574,6 +575,8 @@ pub(crate) fn open_vm(
         // Frees what an interrupted first point left in the base; never visible (no point).
         inner.reset_base()?;
     }
+    let next = inner.state.read().latest_seq() + 1;
+    crate::receive::clean_incoming(&incoming, Some(next))?;
     // Only now, when the VM is kept: a failed open's index is dropped with it.
     inner.budget.add(inner.indexed_frames());
     Ok(ReplicaVm { inner })

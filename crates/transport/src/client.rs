@@ -55,8 +55,9 @@ const CONNECTION_END_WAIT: Duration = Duration::from_secs(1);
 const REFUSED_RETRY_FIRST: Duration = Duration::from_millis(100);
 /// Longest pause between such retries.
 const REFUSED_RETRY_MAX: Duration = Duration::from_secs(1);
-/// Per-stream send buffer: large enough to keep the bigger server windows full.
-const SEND_BUFFER_BYTES: usize = 4 << 20;
+/// Per-stream send buffer: large enough to keep the bigger server windows full. (Part of what
+/// a resumed upload may have to send again: `understudy`'s replay window.)
+pub const SEND_BUFFER_BYTES: usize = 4 << 20;
 
 /// Where a [`Peer`] gets its TLS client config for each new connection.
 #[derive(Clone, Debug)]

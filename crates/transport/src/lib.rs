@@ -24,12 +24,12 @@ pub use body::{
     body_channel, empty, full, BodySender, BodyWriter, BoxBody, BoxError, BODY_WRITER_BUFFER_BYTES,
     DEFAULT_BODY_CHANNEL_CHUNKS,
 };
-pub use client::{read_body, ClientTls, Peer, CONNECT_TIMEOUT};
+pub use client::{read_body, ClientTls, Peer, CONNECT_TIMEOUT, SEND_BUFFER_BYTES};
 pub use error::TransportError;
 pub use identity::{load_or_create, peer_name, Identity};
 pub use server::{
     serve, serve_with, PeerInfo, ServeOptions, FIRST_BYTE_TIMEOUT, HANDSHAKE_TIMEOUT,
-    MAX_CONNECTIONS, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE,
+    MAX_CONNECTIONS, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE, STREAM_WINDOW_BYTES,
 };
 pub use tls::{client_config, server_config, ScopeRefusal, TlsContext};
 pub use trust::{derived_name, fingerprint, name_matches, Scope, TrustStore, TrustedCert};

@@ -99,6 +99,9 @@ pub struct ServeArgs {
     /// the free space of its filesystem.
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, hide = true)]
     pub cbw_spill_max: Option<u64>,
+    /// Tests only: recovery points kept per replica VM instead of 64.
+    #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub retain_points: Option<u64>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -289,6 +292,33 @@ enum PointsCmd {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Serve a recovery point read-only over this host's NBD socket (one nbd_uri per disk).
+    /// The point is pinned (retention folds around it) until `points unserve` or --for ends.
+    Serve {
+        name: String,
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Serve only this disk (default: every disk of the point).
+        #[arg(long)]
+        disk: Option<u32>,
+        /// Release the point after this long (e.g. 90s, 30m, 4h, 2d); default: until unserved.
+        #[arg(long = "for", value_name = "DURATION")]
+        for_secs: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop serving a point (or every served point of the VM) and release its pin.
+    Unserve {
+        name: String,
+        #[arg(long)]
+        point: Option<u64>,
+    },
+    /// List the served points of a replica VM with their NBD URIs.
+    Served {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -389,6 +419,15 @@ fn main() -> ExitCode {
                     disk,
                     to,
                 } => cli::points_export(&api, &name, &point, disk, &to),
+                PointsCmd::Serve {
+                    name,
+                    point,
+                    disk,
+                    for_secs,
+                    json,
+                } => cli::points_serve(&api, &name, &point, disk, for_secs.as_deref(), json),
+                PointsCmd::Unserve { name, point } => cli::points_unserve(&api, &name, point),
+                PointsCmd::Served { name, json } => cli::points_served(&api, &name, json),
             }
         }
     };

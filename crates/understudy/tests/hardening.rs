@@ -328,16 +328,6 @@ fn replica_with_hung_storage_makes_cycles_fail_but_never_freezes_the_api() {
         ],
     );
     let sync = run_async(&primary, &["replication", "sync", "web"]);
-    let out = sync
-        .recv_timeout(Duration::from_secs(90))
-        .expect("sync must fail on its deadline, not hang");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("did not answer within"), "{err}");
-
-    // The guest goes on, and the API answers while a cycle is in flight.
-    qemu_io_ok(&uri, &["write -P 4 8M 1M"]);
-    let sync = run_async(&primary, &["replication", "sync", "web"]);
     // A second sync while that cycle is stalled is refused at once (retry later), not queued
     // behind the deadlines.
     std::thread::sleep(Duration::from_secs(6));
@@ -351,6 +341,27 @@ fn replica_with_hung_storage_makes_cycles_fail_but_never_freezes_the_api() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The stalled cycle fails on its deadline.
+    let out = sync
+        .recv_timeout(Duration::from_secs(90))
+        .expect("sync must fail on its deadline, not hang");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did not answer within"), "{err}");
+
+    // The guest goes on; while the replica still hangs in that commit, a new upload of this VM
+    // is refused there (one upload per VM) and the sync says to retry later.
+    qemu_io_ok(&uri, &["write -P 4 8M 1M"]);
+    let out = primary.run(&["replication", "sync", "web"]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Suspend answers at once, whatever the cycle in flight is doing.
+    let sync = run_async(&primary, &["replication", "sync", "web"]);
+    std::thread::sleep(Duration::from_millis(300));
     let suspend = run_async(&primary, &["replication", "suspend", "web"]);
     let out = suspend
         .recv_timeout(Duration::from_secs(20))

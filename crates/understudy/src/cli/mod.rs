@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use proto::{
     Compression, CreateVm, EnableReplication, ExportPoint, HistoryPolicy, ImportVm, Measure,
-    PointInfo, ReplicaServerConfig, ReplicationState, ReplicationStatus, SetReplication,
-    SyncResult, VmInfo,
+    PointInfo, ReplicaServerConfig, ReplicationState, ReplicationStatus, ServePoint, ServedPoint,
+    SetReplication, SyncResult, UnservePoint, VmInfo,
 };
 use serde_json::Value;
 
@@ -234,14 +234,15 @@ fn history_policy(h: &crate::HistoryArgs) -> anyhow::Result<Option<HistoryPolicy
         recovery_history: h.recovery_history.unwrap_or(0),
         app_consistent_every_hours: h.app_consistent_every,
         keep_every_point_for_secs: match &h.keep_every_point_for {
-            Some(d) => parse_duration_secs(d)?,
+            Some(d) => parse_history_window_secs(d)?,
             None => 0,
         },
     }))
 }
 
-/// Parses `90s`, `30m`, `4h`, `1h30m` or plain seconds (`0` is off).
-pub fn parse_duration_secs(s: &str) -> anyhow::Result<u64> {
+/// `--keep-every-point-for`: `90s`, `30m`, `4h`, `1h30m` or plain seconds; `0` turns the
+/// window off (unlike `points serve --for`, [`parse_duration_secs`]).
+pub fn parse_history_window_secs(s: &str) -> anyhow::Result<u64> {
     let bad = || {
         anyhow::anyhow!(
             "--keep-every-point-for takes a duration such as 30m, 4h, 90s or 1h30m, got {s:?}"
@@ -287,7 +288,7 @@ pub fn replication_set(
     history: &crate::HistoryArgs,
 ) -> anyhow::Result<()> {
     let keep = match &history.keep_every_point_for {
-        Some(d) => Some(parse_duration_secs(d)?),
+        Some(d) => Some(parse_history_window_secs(d)?),
         None => None,
     };
     let req = SetReplication {
@@ -477,6 +478,80 @@ pub fn points_export(
     Ok(())
 }
 
+pub fn points_serve(
+    api: &Api,
+    name: &str,
+    point: &str,
+    disk: Option<u32>,
+    for_secs: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let for_secs = for_secs
+        .map(parse_duration_secs)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--for: {e}"))?;
+    let req = ServePoint {
+        vm: name.to_string(),
+        point: point.to_string(),
+        disk,
+        for_secs,
+    };
+    let s: ServedPoint = api.post(&format!("/v1/points/{}/serve", path_segment(name)?), &req)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        output::print_served(&s);
+    }
+    Ok(())
+}
+
+pub fn points_unserve(api: &Api, name: &str, point: Option<u64>) -> anyhow::Result<()> {
+    let req = UnservePoint {
+        vm: name.to_string(),
+        point,
+    };
+    let done: Vec<u64> = api.post(&format!("/v1/points/{}/unserve", path_segment(name)?), &req)?;
+    for id in done {
+        println!("{name} point {id} no longer served");
+    }
+    Ok(())
+}
+
+pub fn points_served(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
+    let served: Vec<ServedPoint> =
+        api.get(&format!("/v1/points/{}/served", path_segment(name)?))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&served)?);
+    } else {
+        for s in &served {
+            output::print_served(s);
+        }
+    }
+    Ok(())
+}
+
+/// Parses a duration for `--for`: a number of seconds with an optional unit `s`, `m`, `h` or
+/// `d` (`90s`, `30m`, `4h`, `2d`; a bare number is seconds). The daemon bounds the value.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('s') => (&t[..t.len() - 1], 1u64),
+        Some('m') => (&t[..t.len() - 1], 60),
+        Some('h') => (&t[..t.len() - 1], 3600),
+        Some('d') => (&t[..t.len() - 1], 86400),
+        _ => (t, 1),
+    };
+    let bad = || format!("invalid duration {s:?}: use a number with s, m, h or d, e.g. 30m");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = n.checked_mul(mult).ok_or_else(bad)?;
+    if secs == 0 {
+        return Err(format!(
+            "invalid duration {s:?}: it must be at least 1 second"
+        ));
+    }
+    Ok(secs)
+}
+
 /// Parses `1G`, `512M`, `64K`, `1T` or a byte count (binary units; `iB`/`B` suffixes allowed).
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     let t = s.trim();
@@ -539,16 +614,28 @@ mod tests {
 
     #[test]
     fn durations_parse_and_bad_ones_are_one_line_errors() {
-        assert_eq!(parse_duration_secs("30m").unwrap(), 1800);
-        assert_eq!(parse_duration_secs("4h").unwrap(), 14_400);
-        assert_eq!(parse_duration_secs("1h30m").unwrap(), 5400);
-        assert_eq!(parse_duration_secs("90").unwrap(), 90);
+        assert_eq!(parse_history_window_secs("30m").unwrap(), 1800);
+        assert_eq!(parse_history_window_secs("4h").unwrap(), 14_400);
+        assert_eq!(parse_history_window_secs("1h30m").unwrap(), 5400);
+        assert_eq!(parse_history_window_secs("90").unwrap(), 90);
         for bad in ["", "m", "4x", "30m5", "-1h", "99999999999999999999h"] {
-            let e = parse_duration_secs(bad).unwrap_err().to_string();
+            let e = parse_history_window_secs(bad).unwrap_err().to_string();
             assert!(
                 !e.contains('\n') && e.contains("--keep-every-point-for"),
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration_secs("90s"), Ok(90));
+        assert_eq!(parse_duration_secs("30m"), Ok(1800));
+        assert_eq!(parse_duration_secs("4h"), Ok(14400));
+        assert_eq!(parse_duration_secs("2d"), Ok(172800));
+        assert_eq!(parse_duration_secs("5"), Ok(5));
+        assert!(parse_duration_secs("0s").is_err());
+        assert!(parse_duration_secs("soon").is_err());
+        assert!(parse_duration_secs("99999999999999999999d").is_err());
     }
 }

@@ -1,7 +1,7 @@
 //! Human-readable output of the CLI: tables and progress bars. `--json` bypasses all of this.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use proto::{Measure, PointInfo, ReplicationStatus, VmInfo};
+use proto::{Measure, PointInfo, ReplicationStatus, ServedPoint, VmInfo};
 
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -115,6 +115,11 @@ pub fn print_measure(m: &Measure) {
         bytes(m.cbw_spilled_bytes_total)
     );
     println!(
+        "  resumed uploads        {} ({} not sent again)",
+        m.resumed_uploads_total,
+        bytes(m.resumed_bytes_total)
+    );
+    println!(
         "  last replication       {}",
         m.last_replication_time.as_deref().unwrap_or("never")
     );
@@ -170,5 +175,18 @@ fn duration(secs: u64) -> String {
         s if s % 3600 == 0 => format!("{} h", s / 3600),
         s if s % 60 == 0 => format!("{} min", s / 60),
         s => format!("{s} s"),
+    }
+}
+
+pub fn print_served(s: &ServedPoint) {
+    println!(
+        "{} point {} ({}) served read-only until {}",
+        s.vm,
+        s.point.id,
+        s.point.created_at,
+        s.expires_at.as_deref().unwrap_or("unserved")
+    );
+    for d in &s.disks {
+        println!("  disk {}  {}", d.index, d.nbd_uri);
     }
 }

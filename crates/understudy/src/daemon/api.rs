@@ -11,7 +11,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use proto::{
-    CreateVm, EnableReplication, ExportPoint, ImportVm, ReplicaServerConfig, SetReplication,
+    CreateVm, EnableReplication, ExportPoint, ImportVm, ReplicaServerConfig, ServePoint,
+    SetReplication, UnservePoint,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -200,6 +201,23 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
             }
             let s = shared.clone();
             to_json(&blocking(move || s.export_point(&r)).await?)
+        }
+        (Method::GET, ["v1", "points", name, "served"]) => to_json(&shared.served_points(name)?),
+        (Method::POST, ["v1", "points", name, "serve"]) => {
+            let r: ServePoint = body(req).await?;
+            if r.vm != *name {
+                return Err(bad_request("VM name in path and body differ"));
+            }
+            let s = shared.clone();
+            to_json(&blocking(move || s.serve_point(&r)).await?)
+        }
+        (Method::POST, ["v1", "points", name, "unserve"]) => {
+            let r: UnservePoint = body(req).await?;
+            if r.vm != *name {
+                return Err(bad_request("VM name in path and body differ"));
+            }
+            let s = shared.clone();
+            to_json(&blocking(move || s.unserve_point(&r)).await?)
         }
         (m, _) => Err(not_found(format!("no such API route: {m} {path}"))),
     }

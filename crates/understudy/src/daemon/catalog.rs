@@ -80,6 +80,28 @@ pub struct ReplicaOwner {
     pub ca_fingerprint: String,
 }
 
+/// Replica side: a recovery point served over NBD, and so pinned (`served/<vm>/<seq>`,
+/// `docs/formats/catalog.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedRecord {
+    pub version: u32,
+    pub vm: String,
+    pub seq: u64,
+    /// Disks exported, ascending.
+    pub disks: Vec<u32>,
+    pub created_unix_ns: u64,
+    /// When `points serve --for` releases it; `None`: until `points unserve`.
+    pub expires_unix_ns: Option<u64>,
+}
+
+impl ServedRecord {
+    pub const VERSION: u32 = 1;
+
+    pub fn key(vm: &str, seq: u64) -> String {
+        format!("served/{vm}/{seq:020}")
+    }
+}
+
 impl Catalog {
     pub fn open(path: &Path) -> anyhow::Result<Catalog> {
         let db = Database::create(path)
@@ -105,6 +127,18 @@ impl Catalog {
         }
         tx.commit()
             .with_context(|| format!("committing {key} to the catalog"))?;
+        Ok(())
+    }
+
+    /// Removes `key` (nothing to remove is fine), durably.
+    pub fn delete(&self, key: &str) -> anyhow::Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(KV)?;
+            t.remove(key)?;
+        }
+        tx.commit()
+            .with_context(|| format!("removing {key} from the catalog"))?;
         Ok(())
     }
 

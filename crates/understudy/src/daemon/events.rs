@@ -24,9 +24,12 @@ pub const SUSPENDED: u32 = 2005;
 pub const RESUMED: u32 = 2006;
 pub const ANSWER_LOST_ADOPTED: u32 = 2007;
 pub const REPLICATION_SET: u32 = 2008;
+pub const UPLOAD_RESUMED: u32 = 2020;
 pub const POINT_COMMITTED: u32 = 3000;
 pub const PEER_REFUSED: u32 = 3002;
 pub const REPLICA_STORE_UNAVAILABLE: u32 = 3003;
+pub const POINT_SERVED: u32 = 3020;
+pub const POINT_UNSERVED: u32 = 3021;
 
 /// Events kept in memory for `events` queries; older ones remain in the file.
 const EVENTS_IN_MEMORY_MAX: usize = 1000;

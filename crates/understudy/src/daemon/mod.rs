@@ -19,6 +19,7 @@ mod qemu_img;
 mod replica_host;
 mod session;
 mod shipper;
+mod upload;
 mod vms;
 
 pub use host::Shared;

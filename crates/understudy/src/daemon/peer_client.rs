@@ -2,7 +2,6 @@
 //! Refusals come back as [`PeerRefusal`] so the replication task can tell "the replica cannot
 //! follow" (resync required) from "try again later".
 
-use std::io::{self, Write};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,8 +14,8 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::{Method, Request, StatusCode};
 use parking_lot::Mutex;
-use proto::peer::{DeltaReply, Hello, HelloReply, PeerError};
-use transport::{BodyWriter, BoxBody, Peer};
+use proto::peer::{DeltaReply, Hello, HelloReply, PartialReply, PeerError};
+use transport::{BoxBody, Peer};
 
 /// Largest control answer accepted from a peer.
 const PEER_REPLY_MAX_BYTES: usize = 1 << 20;
@@ -31,6 +30,23 @@ impl PeerRefusal {
     pub fn needs_resync(&self) -> bool {
         matches!(self.0.code.as_str(), "out_of_sequence" | "damaged")
     }
+}
+
+/// Whether a failed call is worth retrying as is (a `sync` then exits 75): a deadline passed,
+/// the transport failed, or the replica is busy or still opening. Refusals that need a person
+/// (trust, allow list, ownership, corrupt data, resynchronization) are not.
+pub fn is_transient(e: &anyhow::Error) -> bool {
+    if e.downcast_ref::<PeerTimeout>().is_some()
+        || e.downcast_ref::<transport::TransportError>().is_some()
+    {
+        return true;
+    }
+    e.downcast_ref::<PeerRefusal>().is_some_and(|r| {
+        matches!(
+            r.0.code.as_str(),
+            "busy" | "store_busy" | "verifying" | "store_unavailable" | "upload_interrupted"
+        )
+    })
 }
 
 /// Deadlines of the primary's calls (`serve --hello-timeout/--upload-idle-timeout/
@@ -56,7 +72,7 @@ pub async fn hello(
 ) -> anyhow::Result<HelloReply> {
     let body = serde_json::to_vec(hello)?;
     let path = format!("/v1/replicas/{}/hello", hello.vm);
-    let call = call(peer, Method::POST, &path, transport::full(body));
+    let call = call(peer, Method::POST, &path, transport::full(body), &[]);
     tokio::time::timeout(timeouts.hello, call)
         .await
         .map_err(|_| {
@@ -76,13 +92,14 @@ pub async fn put_delta_watched(
     vm: &str,
     seq: u64,
     body: BoxBody,
+    resume: Option<(u64, &str)>,
     timeouts: &PeerTimeouts,
     last_progress_ns: &AtomicU64,
 ) -> anyhow::Result<DeltaReply> {
     let watched = WatchedBody::new(body);
     let progress = watched.progress.clone();
     let _cancel_on_drop = CancelOnDrop(progress.clone());
-    let call = put_delta(peer, vm, seq, BodyExt::boxed(watched));
+    let call = put_delta(peer, vm, seq, BodyExt::boxed(watched), resume);
     tokio::pin!(call);
     let mut tick = tokio::time::interval(WATCH_TICK);
     let mut last_bytes = 0;
@@ -200,19 +217,50 @@ impl Body for WatchedBody {
     }
 }
 
+/// Uploads delta `seq` of `vm`. `resume`: the body holds the delta's bytes from that offset on,
+/// continuing the interrupted upload the replica kept, named by its header checksum (hex).
 pub async fn put_delta(
     peer: &Peer,
     vm: &str,
     seq: u64,
     body: BoxBody,
+    resume: Option<(u64, &str)>,
 ) -> anyhow::Result<DeltaReply> {
+    let from;
+    let mut headers = Vec::new();
+    if let Some((offset, checksum)) = resume {
+        from = offset.to_string();
+        headers.push((proto::peer::RESUME_FROM_HEADER, from.as_str()));
+        headers.push((proto::peer::HEADER_CHECKSUM_HEADER, checksum));
+    }
     call(
         peer,
         Method::PUT,
         &format!("/v1/replicas/{vm}/deltas/{seq}"),
         body,
+        &headers,
     )
     .await
+}
+
+/// Asks the replica where the interrupted upload of `seq` stands (peer protocol v2), within
+/// the hello deadline (it is as small a call).
+pub async fn partial(
+    peer: &Peer,
+    vm: &str,
+    seq: u64,
+    timeouts: &PeerTimeouts,
+) -> anyhow::Result<PartialReply> {
+    let path = format!("/v1/replicas/{vm}/deltas/{seq}/partial");
+    let call = call(peer, Method::GET, &path, transport::empty(), &[]);
+    tokio::time::timeout(timeouts.hello, call)
+        .await
+        .map_err(|_| {
+            PeerTimeout(format!(
+                "the replica did not say where upload {seq} stands within {} s",
+                timeouts.hello.as_secs()
+            ))
+        })?
 }
 
 async fn call<T: serde::de::DeserializeOwned>(
@@ -220,13 +268,16 @@ async fn call<T: serde::de::DeserializeOwned>(
     method: Method,
     path: &str,
     body: BoxBody,
+    headers: &[(&str, &str)],
 ) -> anyhow::Result<T> {
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header("content-type", "application/json")
-        .body(body)
-        .context("building peer request")?;
+        .header("content-type", "application/json");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(body).context("building peer request")?;
     let resp = peer.request(req).await?;
     let status = resp.status();
     let bytes = Limited::new(resp.into_body(), PEER_REPLY_MAX_BYTES)
@@ -244,51 +295,4 @@ async fn call<T: serde::de::DeserializeOwned>(
             String::from_utf8_lossy(&bytes)
         )),
     }
-}
-
-/// `std::io::Write` into a streamed request body, counting the bytes that go on the wire.
-pub struct DeltaBodyWriter {
-    inner: BodyWriter,
-    sent: Arc<AtomicU64>,
-}
-
-impl Write for DeltaBodyWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.sent.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl delta::SharedWrite for DeltaBodyWriter {
-    fn write_shared(&mut self, chunk: Bytes) -> io::Result<()> {
-        let n = chunk.len() as u64;
-        self.inner.write_shared(chunk)?;
-        self.sent.fetch_add(n, Ordering::Relaxed);
-        Ok(())
-    }
-}
-
-impl DeltaBodyWriter {
-    /// Ends the body cleanly; dropping the writer without it aborts the upload.
-    pub fn finish(self) -> io::Result<()> {
-        self.inner.finish()
-    }
-}
-
-pub fn delta_body() -> (DeltaBodyWriter, BoxBody, Arc<AtomicU64>) {
-    let (sender, body) = transport::body_channel(transport::DEFAULT_BODY_CHANNEL_CHUNKS);
-    let sent = Arc::new(AtomicU64::new(0));
-    (
-        DeltaBodyWriter {
-            inner: BodyWriter::new(sender),
-            sent: sent.clone(),
-        },
-        body,
-        sent,
-    )
 }

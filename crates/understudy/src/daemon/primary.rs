@@ -64,6 +64,8 @@ struct Counters {
     latency_ms_total: u64,
     latency_ms_max: u64,
     cut_pause_us_max: u64,
+    resumed_uploads: u64,
+    resumed_bytes: u64,
 }
 
 struct Runtime {
@@ -235,6 +237,8 @@ impl Replication {
             maximum_cut_pause_us: c.cut_pause_us_max,
             cbw_copied_bytes_total: self.vm.disks.iter().map(|d| d.cbw_copied_bytes()).sum(),
             cbw_spilled_bytes_total: self.vm.disks.iter().map(|d| d.cbw_spilled_bytes()).sum(),
+            resumed_uploads_total: c.resumed_uploads,
+            resumed_bytes_total: c.resumed_bytes,
             last_replication_time: st.last_replication_time,
             pending_bytes: st.pending_bytes,
         }
@@ -468,7 +472,13 @@ async fn run(shared: Arc<Shared>, repl: Arc<Replication>, mut rx: mpsc::Receiver
                     });
                 }
                 if let Some(first) = first {
-                    let _ = first.send(r);
+                    let _ = first.send(r.map_err(|e| {
+                        if super::peer_client::is_transient(&e) {
+                            super::api::transient(crate::errfmt::one_line(&e))
+                        } else {
+                            e
+                        }
+                    }));
                 }
             }
             _ = sleep, if periodic && inflight.is_none() => {
@@ -696,8 +706,10 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
             .collect(),
     };
     let key = delta_key(&record.replication_id);
+    let checksum = header.checksum(&key)?;
     let indexes = record.disks.clone();
-    let (writer, body, sent) = super::peer_client::delta_body();
+    let (sender, body) = transport::body_channel(transport::DEFAULT_BODY_CHANNEL_CHUNKS);
+    let (relay, writer) = super::upload::Relay::new(sender);
     let repl2 = repl.clone();
     // The encoder runs on its own thread at normal priority. Lowering it (nice 5) was
     // measured to cost the guest more, not less: a slower shipper keeps the frozen epoch open
@@ -714,15 +726,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
             let _ = enc_tx.send((cut, r));
         })
         .context("starting the shipper thread")?;
-    let put = super::peer_client::put_delta_watched(
-        &peer,
-        &vm_name,
-        seq,
-        body,
-        &shared.peer_timeouts,
-        &repl.last_progress_ns,
-    )
-    .await;
+    let put = upload_delta(shared, repl, &peer, seq, &checksum, &relay, body).await;
     let (cut, encoded) = enc_rx.await.context("the shipper thread stopped")?;
     // Copy-before-write abandoned (spill cap): the reason, whatever the upload reports.
     let abandoned = cut.disks.iter().find_map(|d| d.abandoned());
@@ -741,7 +745,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
             .await
             .context("commit task")?;
             let latency_ms = started.elapsed().as_millis() as u64;
-            let sent_bytes = sent.load(Ordering::Relaxed);
+            let sent_bytes = relay.sent_bytes();
             let delta_bytes = summary.data_bytes + summary.zero_bytes;
             {
                 let mut rt = repl.rt.lock();
@@ -825,6 +829,38 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
             Err(e)
         }
     }
+}
+
+/// Uploads a delta whose encoder writes through `relay`, resuming it after transport errors
+/// from where the replica stands (`upload.rs`); counts the resumes.
+async fn upload_delta(
+    shared: &Shared,
+    repl: &Replication,
+    peer: &transport::Peer,
+    seq: u64,
+    checksum: &[u8; 32],
+    relay: &super::upload::Relay,
+    body: transport::BoxBody,
+) -> anyhow::Result<DeltaReply> {
+    let vm = &repl.vm.name;
+    let watch = super::upload::Watch {
+        timeouts: &shared.peer_timeouts,
+        last_progress_ns: &repl.last_progress_ns,
+    };
+    super::upload::upload(peer, vm, seq, checksum, relay, body, watch, |at| {
+        {
+            let mut rt = repl.rt.lock();
+            rt.counters.resumed_uploads += 1;
+            rt.counters.resumed_bytes += at;
+        }
+        shared.events.emit(
+            events::UPLOAD_RESUMED,
+            Some(vm),
+            "info",
+            &format!("upload of point {seq} interrupted; resumed at byte {at}"),
+        );
+    })
+    .await
 }
 
 /// Health and status of a VM with no replication task (e.g. not enabled).

@@ -4,6 +4,7 @@
 //! foreign or out of sequence is refused with a named reason and changes nothing.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +13,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use parking_lot::Mutex;
-use proto::peer::{DeltaReply, Hello, HelloReply, PeerError};
-use replica::{ReplicaError, ReplicaVm};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use proto::peer::{DeltaReply, Hello, HelloReply, PartialReply, PeerError};
+use replica::{Incoming as Receiver, ReplicaError, ReplicaVm};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use transport::{BoxBody, PeerInfo};
 
 use super::catalog::ReplicaOwner;
@@ -31,6 +32,215 @@ pub const RETAIN_POINTS: usize = 64;
 /// fail (disk full, out of descriptors) still folds and frees space, so it recovers by
 /// itself. The same pass opens replica VMs that could not be opened yet (transient failures).
 pub const RETENTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long an interrupted upload is kept for a resume (docs/formats/peer-protocol.md): the
+/// primary retries within seconds (its backoff is capped at 10 s and it gives up after 8
+/// attempts without progress); past this, the receiver's partial file and writer threads are
+/// given back.
+const PARTIAL_TTL: Duration = Duration::from_secs(15 * 60);
+/// How long a resume waits for the upload it cuts off to stop and be kept: that upload only
+/// has to finish its batch in progress (at most `WRITE_BATCH_BYTES`).
+const CUT_OFF_WAIT: Duration = Duration::from_secs(30);
+
+/// Interrupted uploads kept for a resume, and the upload running now, per VM: at most one of
+/// either (a primary ships one delta of a VM at a time). See "Resuming an interrupted upload"
+/// in docs/formats/peer-protocol.md.
+#[derive(Default)]
+pub struct Partials {
+    slots: parking_lot::Mutex<HashMap<String, Slot>>,
+    next_id: AtomicU64,
+}
+
+enum Slot {
+    /// Upload `id` of `seq` is being received. `cut_off` stops it (as if its transport broke);
+    /// `ended` closes when it has stopped and been kept or finished.
+    Running {
+        id: u64,
+        seq: u64,
+        cut_off: Arc<Notify>,
+        ended: watch::Receiver<()>,
+    },
+    /// Upload `id` of `seq` broke in the transport; its receiver waits for a resume.
+    Kept {
+        id: u64,
+        seq: u64,
+        checksum: [u8; 32],
+        incoming: Box<Receiver>,
+    },
+}
+
+/// What an upload registered in [`Partials`] needs: its id, how it is cut off, and the sender
+/// whose drop tells waiters that it ended.
+struct Registration {
+    id: u64,
+    cut_off: Arc<Notify>,
+    ended: watch::Sender<()>,
+}
+
+impl Partials {
+    /// Registers a new upload of `seq` as the VM's running one. Whatever the VM had (a kept
+    /// upload, another running one) is superseded: the kept receiver is returned to be
+    /// dropped off the runtime; a running one will find it cannot be kept.
+    fn start(&self, vm: &str, seq: u64) -> (Registration, Option<Box<Receiver>>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cut_off = Arc::new(Notify::new());
+        let (ended, ended_rx) = watch::channel(());
+        let old = self.slots.lock().insert(
+            vm.to_string(),
+            Slot::Running {
+                id,
+                seq,
+                cut_off: cut_off.clone(),
+                ended: ended_rx,
+            },
+        );
+        let kept = match old {
+            Some(Slot::Kept { incoming, .. }) => Some(incoming),
+            _ => None,
+        };
+        (Registration { id, cut_off, ended }, kept)
+    }
+
+    /// If an upload of `seq` is running for `vm`, cuts it off and waits (bounded) until it
+    /// stopped and was kept. The primary asks for a resume only after its own upload failed,
+    /// so that upload's connection is dead even when this side has not noticed yet.
+    async fn settle(&self, vm: &str, seq: u64) {
+        let waiting = match self.slots.lock().get(vm) {
+            Some(Slot::Running {
+                seq: s,
+                cut_off,
+                ended,
+                ..
+            }) if *s == seq => {
+                cut_off.notify_one();
+                Some(ended.clone())
+            }
+            _ => None,
+        };
+        if let Some(mut ended) = waiting {
+            // Closed (sender dropped) when the upload ended; either answer means stop waiting.
+            let _ = tokio::time::timeout(CUT_OFF_WAIT, ended.changed()).await;
+        }
+    }
+
+    /// The kept upload of `seq`, if any: (header checksum, bytes received).
+    fn kept(&self, vm: &str, seq: u64) -> Option<([u8; 32], u64)> {
+        match self.slots.lock().get(vm) {
+            Some(Slot::Kept {
+                seq: s,
+                checksum,
+                incoming,
+                ..
+            }) if *s == seq => Some((*checksum, incoming.received_bytes())),
+            _ => None,
+        }
+    }
+
+    /// Takes the kept upload of `seq` to continue it, if it is the one named (header checksum
+    /// and offset), registering the continuation as the running upload.
+    fn resume(
+        &self,
+        vm: &str,
+        seq: u64,
+        checksum: &[u8; 32],
+        from: u64,
+    ) -> Option<(Registration, Box<Receiver>)> {
+        let mut slots = self.slots.lock();
+        let matches = matches!(slots.get(vm), Some(Slot::Kept { seq: s, checksum: c, incoming, .. })
+            if *s == seq && c == checksum && incoming.received_bytes() == from);
+        if !matches {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cut_off = Arc::new(Notify::new());
+        let (ended, ended_rx) = watch::channel(());
+        let old = slots.insert(
+            vm.to_string(),
+            Slot::Running {
+                id,
+                seq,
+                cut_off: cut_off.clone(),
+                ended: ended_rx,
+            },
+        );
+        match old {
+            Some(Slot::Kept { incoming, .. }) => {
+                Some((Registration { id, cut_off, ended }, incoming))
+            }
+            _ => None,
+        }
+    }
+
+    /// Keeps the receiver of interrupted upload `id` for a resume, if that upload is still
+    /// the VM's running one; otherwise gives it back (to be dropped: it was superseded).
+    fn keep(
+        self: &Arc<Self>,
+        vm: &str,
+        id: u64,
+        seq: u64,
+        checksum: [u8; 32],
+        incoming: Box<Receiver>,
+    ) -> Option<Box<Receiver>> {
+        let mut slots = self.slots.lock();
+        if !matches!(slots.get(vm), Some(Slot::Running { id: i, .. }) if *i == id) {
+            return Some(incoming);
+        }
+        slots.insert(
+            vm.to_string(),
+            Slot::Kept {
+                id,
+                seq,
+                checksum,
+                incoming,
+            },
+        );
+        drop(slots);
+        // Expiry: the receiver holds a partial file and writer threads.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let partials = self.clone();
+            let vm = vm.to_string();
+            rt.spawn(async move {
+                tokio::time::sleep(PARTIAL_TTL).await;
+                let expired = {
+                    let mut slots = partials.slots.lock();
+                    match slots.get(&vm) {
+                        Some(Slot::Kept { id: i, .. }) if *i == id => slots.remove(&vm),
+                        _ => None,
+                    }
+                };
+                if let Some(Slot::Kept { mut incoming, .. }) = expired {
+                    tracing::info!(%vm, seq, "interrupted upload not resumed in time: dropped");
+                    let _ = tokio::task::spawn_blocking(move || incoming.discard_kept()).await;
+                }
+            });
+        }
+        None
+    }
+
+    /// Upload `id` ended (committed or refused): it no longer occupies the VM's slot.
+    fn finish(&self, vm: &str, id: u64) {
+        let mut slots = self.slots.lock();
+        if matches!(slots.get(vm), Some(Slot::Running { id: i, .. }) if *i == id) {
+            slots.remove(vm);
+        }
+    }
+}
+
+/// Parses 64 hex digits.
+fn parse_checksum(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 struct Refusal {
     status: StatusCode,
@@ -201,17 +411,68 @@ async fn route(
             check_owner(shared, vm, &caller, false)?;
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
+        (Method::GET, ["v1", "replicas", vm, "deltas", seq, "partial"]) => {
+            let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
+            check_owner(shared, vm, &caller, false)?;
+            let seq = parse_seq(seq)?;
+            shared.partials.settle(vm, seq).await;
+            let kept = match shared.partials.kept(vm, seq) {
+                Some(k) => Some(k),
+                // Kept on disk by a daemon that restarted since.
+                None => {
+                    let rvm = rvm.clone();
+                    tokio::task::spawn_blocking(move || rvm.kept_prefix(seq))
+                        .await
+                        .ok()
+                        .flatten()
+                }
+            };
+            let (checksum, received_bytes) = kept.ok_or_else(|| {
+                let mut r = refuse(
+                    StatusCode::NOT_FOUND,
+                    "no_partial",
+                    format!("no interrupted upload of point {seq} of {vm} is kept here"),
+                );
+                // Tells a primary whose answer was lost that the point was committed.
+                r.err.expected_seq = Some(rvm.latest_seq() + 1);
+                r
+            })?;
+            let reply = PartialReply {
+                seq,
+                header_checksum: hex(&checksum),
+                received_bytes,
+            };
+            Ok(serde_json::to_vec(&reply).unwrap_or_default())
+        }
         (Method::PUT, ["v1", "replicas", vm, "deltas", seq]) => {
             let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
             check_owner(shared, vm, &caller, false)?;
-            let seq: u64 = seq.parse().map_err(|_| {
-                refuse(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "sequence must be a number",
-                )
-            })?;
-            let point = receive(rvm.clone(), seq, req.into_body(), &shared.uploads, &name).await?;
+            let seq = parse_seq(seq)?;
+            let resume = resume_headers(&req)?;
+            // A commit may fold (index memory): served points are pinned before (blocking: the
+            // first time after a start it may write the catalog).
+            let (s, r) = (shared.clone(), rvm.clone());
+            if let Err(e) = tokio::task::spawn_blocking(move || s.ensure_pins(&r)).await {
+                tracing::error!(%vm, "pinning served points failed: {e}");
+                return Err(refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_busy",
+                    "the replica could not pin its served points; try again",
+                ));
+            }
+            // Its own task: hyper drops this handler when the stream or connection is reset,
+            // and an interrupted upload must still be kept for a resume (or discarded) whole.
+            let upload = receive(
+                shared.clone(),
+                rvm.clone(),
+                seq,
+                req.into_body(),
+                resume,
+                name.clone(),
+            );
+            let point = tokio::spawn(upload).await.map_err(|e| {
+                refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })??;
             // Retention runs in its own task (woken here), never in the request's path.
             shared.retention_wake.notify_one();
             shared.events.emit(
@@ -234,9 +495,11 @@ async fn route(
 }
 
 /// Applies `rvm`'s recovery-history policy at the history clock's now, or keeps the newest
-/// [`RETAIN_POINTS`] points without one (blocking).
-fn retain(rvm: &ReplicaVm) {
-    if let Err(e) = rvm.apply_history(proto::time::history_now_ns(), RETAIN_POINTS) {
+/// points by count without one (`RETAIN_POINTS`, or `serve --retain-points`), never past a
+/// served point (pinned first: after a restart its pin is taken again here) (blocking).
+fn retain(shared: &Shared, rvm: &ReplicaVm) {
+    shared.ensure_pins(rvm);
+    if let Err(e) = rvm.apply_history(proto::time::history_now_ns(), shared.retain_points) {
         tracing::error!(vm = %rvm.vm_id(), "retention failed: {e}");
     }
 }
@@ -266,12 +529,13 @@ pub fn spawn_retention(shared: Arc<Shared>) {
             let Some((store, _)) = shared.replica_store() else {
                 continue;
             };
+            let s = shared.clone();
             let pass = tokio::task::spawn_blocking(move || {
                 if periodic {
                     store.open_pending();
                 }
                 for rvm in store.vms() {
-                    retain(&rvm);
+                    retain(&s, &rvm);
                 }
                 if let Err(e) = store.relieve_index_pressure() {
                     tracing::error!("folding to relieve the replica index failed: {e}");
@@ -337,6 +601,40 @@ fn check_owner(
     Ok(owner)
 }
 
+fn parse_seq(seq: &str) -> Result<u64, Refusal> {
+    seq.parse().map_err(|_| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "sequence must be a number",
+        )
+    })
+}
+
+/// The resume headers of a delta upload, if it is a resumed one: (offset, header checksum).
+fn resume_headers(req: &Request<Incoming>) -> Result<Option<(u64, [u8; 32])>, Refusal> {
+    let get = |name: &str| req.headers().get(name).map(|v| v.to_str().unwrap_or(""));
+    match (
+        get(proto::peer::RESUME_FROM_HEADER),
+        get(proto::peer::HEADER_CHECKSUM_HEADER),
+    ) {
+        (None, None) => Ok(None),
+        (Some(from), Some(sum)) => match (from.parse::<u64>(), parse_checksum(sum)) {
+            (Ok(from), Some(sum)) => Ok(Some((from, sum))),
+            _ => Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "invalid resume headers",
+            )),
+        },
+        _ => Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "a resumed upload needs both resume headers",
+        )),
+    }
+}
+
 fn unknown(vm: &str) -> Refusal {
     refuse(
         StatusCode::NOT_FOUND,
@@ -362,6 +660,8 @@ const UPLOADS_PER_VM_MAX: usize = 1;
 const UPLOADS_PER_PEER_MAX: usize = 8;
 /// An upload that brings no byte for this long is dropped (nothing is committed).
 pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an upload waits for its slot before it is refused `busy`.
+const ADMISSION_WAIT: Duration = Duration::from_secs(5);
 /// Received bytes handed to the store per blocking call. The network task goes on reading
 /// the next batch while the store decodes and verifies this one; no blocking thread waits
 /// for the network.
@@ -376,7 +676,9 @@ pub struct UploadLimits {
 }
 
 impl UploadLimits {
-    fn admit(
+    /// Takes a slot for an upload of `vm` from `peer`, waiting up to [`ADMISSION_WAIT`] (a
+    /// resumed upload may arrive while the one it continues is still winding down).
+    async fn admit(
         &self,
         vm: &str,
         peer: &str,
@@ -388,12 +690,18 @@ impl UploadLimits {
                 .clone()
         };
         let busy = |what: String| refuse(StatusCode::SERVICE_UNAVAILABLE, "busy", what);
-        let vm_permit = sem(&self.per_vm, vm, UPLOADS_PER_VM_MAX)
-            .try_acquire_owned()
-            .map_err(|_| busy(format!("an upload for {vm} is already in progress; retry")))?;
-        let peer_permit = sem(&self.per_peer, peer, UPLOADS_PER_PEER_MAX)
-            .try_acquire_owned()
-            .map_err(|_| {
+        let take = |sem: Arc<Semaphore>| async move {
+            match tokio::time::timeout(ADMISSION_WAIT, sem.acquire_owned()).await {
+                Ok(Ok(permit)) => Some(permit),
+                _ => None,
+            }
+        };
+        let vm_permit = take(sem(&self.per_vm, vm, UPLOADS_PER_VM_MAX))
+            .await
+            .ok_or_else(|| busy(format!("an upload for {vm} is already in progress; retry")))?;
+        let peer_permit = take(sem(&self.per_peer, peer, UPLOADS_PER_PEER_MAX))
+            .await
+            .ok_or_else(|| {
                 busy(format!(
                     "{peer} already has {UPLOADS_PER_PEER_MAX} uploads in progress; retry"
                 ))
@@ -404,13 +712,18 @@ impl UploadLimits {
 
 /// Streams an upload into the store and commits it. The network is read on the runtime; the
 /// store's work (decode, verify, write) runs in blocking calls of at most
-/// [`WRITE_BATCH_BYTES`], one at a time, overlapping the next batch's arrival.
+/// [`WRITE_BATCH_BYTES`], one at a time, overlapping the next batch's arrival: no blocking
+/// thread ever waits for the network. `resume`: the upload continues a kept interrupted one
+/// from that offset (its header checksum must match). An upload whose transport breaks, that
+/// stalls for [`UPLOAD_IDLE_TIMEOUT`] or that a resume cuts off is kept for a resume (see
+/// [`Partials`]).
 async fn receive(
+    shared: Arc<Shared>,
     rvm: Arc<ReplicaVm>,
     seq: u64,
     mut body: Incoming,
-    limits: &UploadLimits,
-    peer: &str,
+    resume: Option<(u64, [u8; 32])>,
+    peer: String,
 ) -> Result<DeltaReply, Refusal> {
     let expected = rvm.latest_seq() + 1;
     if seq != expected {
@@ -422,17 +735,81 @@ async fn receive(
         r.err.expected_seq = Some(expected);
         return Err(r);
     }
-    let _permits = limits.admit(rvm.vm_id(), peer)?;
+    let vm = rvm.vm_id().to_string();
+    let partials = shared.partials.clone();
+    if resume.is_some() {
+        // The primary resumes only after its own request failed: cut off the upload it
+        // continues even if this side has not noticed the broken connection yet.
+        partials.settle(&vm, seq).await;
+    }
+    let _permits = shared.uploads.admit(&vm, &peer).await?;
     let internal = |e: tokio::task::JoinError| {
         refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
     };
+    let (reg, kept, superseded) = match resume {
+        None => {
+            let (reg, superseded) = partials.start(&vm, seq);
+            (reg, None, superseded)
+        }
+        Some((from, checksum)) => {
+            let mismatch = || {
+                refuse(
+                    StatusCode::CONFLICT,
+                    "resume_mismatch",
+                    format!("no interrupted upload of point {seq} of {vm} at byte {from} with that header is kept here"),
+                )
+            };
+            let (reg, kept) = match partials.resume(&vm, seq, &checksum, from) {
+                Some(r) => r,
+                None => {
+                    // Kept on disk by a daemon that restarted since: verify it again.
+                    let rvm2 = rvm.clone();
+                    let adopted =
+                        tokio::task::spawn_blocking(move || rvm2.adopt_kept(seq, &checksum))
+                            .await
+                            .ok()
+                            .and_then(|r| r.ok())
+                            .flatten()
+                            .filter(|inc| inc.received_bytes() == from)
+                            .ok_or_else(mismatch)?;
+                    let (reg, superseded) = partials.start(&vm, seq);
+                    if let Some(mut s) = superseded {
+                        tokio::task::spawn_blocking(move || s.discard_kept());
+                    }
+                    (reg, Box::new(adopted))
+                }
+            };
+            tracing::info!(%vm, seq, from, "resuming an interrupted upload");
+            (reg, Some(kept), None)
+        }
+    };
+    let Registration { id, cut_off, ended } = reg;
     let rvm2 = rvm.clone();
-    let incoming = tokio::task::spawn_blocking(move || rvm2.begin_receive())
-        .await
-        .map_err(internal)?
-        .map_err(replica_refusal)?;
-    type Write = tokio::task::JoinHandle<(replica::Incoming, bool)>;
-    let write = |mut incoming: replica::Incoming, batch: Vec<Bytes>| -> Write {
+    let started = tokio::task::spawn_blocking(move || -> Result<Box<Receiver>, ReplicaError> {
+        if let Some(mut old) = superseded {
+            old.discard_kept();
+        }
+        match kept {
+            Some(k) => Ok(k),
+            None => {
+                // A new upload from byte 0: no kept prefix of this VM can be resumed any more.
+                rvm2.discard_kept_prefixes();
+                Ok(Box::new(rvm2.begin_receive()?))
+            }
+        }
+    })
+    .await
+    .map_err(internal)?;
+    let incoming = match started {
+        Ok(inc) => inc,
+        Err(e) => {
+            partials.finish(&vm, id);
+            return Err(replica_refusal(e));
+        }
+    };
+
+    type Write = tokio::task::JoinHandle<(Box<Receiver>, bool)>;
+    let write = |mut incoming: Box<Receiver>, batch: Vec<Bytes>| -> Write {
         tokio::task::spawn_blocking(move || {
             use std::io::Write;
             // On failure the store keeps the named reason; commit reports it.
@@ -440,32 +817,31 @@ async fn receive(
             (incoming, ok)
         })
     };
-    let mut idle: Option<replica::Incoming> = Some(incoming);
+    let mut idle: Option<Box<Receiver>> = Some(incoming);
     let mut writing: Option<Write> = None;
     let mut batch: Vec<Bytes> = Vec::new();
     let mut batch_bytes = 0;
-    let mut failure: Option<Refusal> = None;
+    let mut interrupted: Option<String> = None;
     let mut store_failed = false;
     loop {
-        let frame = match tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, body.frame()).await {
+        let frame = tokio::select! {
+            f = tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, body.frame()) => f,
+            _ = cut_off.notified() => {
+                interrupted = Some("cut off: the primary resumes it on another request".into());
+                break;
+            }
+        };
+        let frame = match frame {
             Err(_) => {
-                failure = Some(refuse(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "upload_interrupted",
-                    format!(
-                        "upload stalled: no byte for {} s",
-                        UPLOAD_IDLE_TIMEOUT.as_secs()
-                    ),
+                interrupted = Some(format!(
+                    "stalled: no byte for {} s",
+                    UPLOAD_IDLE_TIMEOUT.as_secs()
                 ));
                 break;
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
-                failure = Some(refuse(
-                    StatusCode::BAD_REQUEST,
-                    "upload_interrupted",
-                    format!("upload interrupted: {e}"),
-                ));
+                interrupted = Some(e.to_string());
                 break;
             }
             Ok(Some(Ok(f))) => f,
@@ -476,7 +852,7 @@ async fn receive(
         batch_bytes += data.len();
         batch.push(data);
         if batch_bytes >= WRITE_BATCH_BYTES {
-            let (inc, ok) = settle(idle.take(), writing.take()).await?;
+            let (inc, ok) = settle_write(idle.take(), writing.take()).await?;
             if !ok {
                 idle = Some(inc);
                 store_failed = true;
@@ -486,18 +862,14 @@ async fn receive(
             batch_bytes = 0;
         }
     }
-    let (mut incoming, ok) = settle(idle.take(), writing.take()).await?;
+    let (mut incoming, ok) = settle_write(idle.take(), writing.take()).await?;
     store_failed |= !ok;
-    if let Some(f) = failure {
-        // Dropping the incoming upload without commit discards it.
-        tokio::task::spawn_blocking(move || drop(incoming))
-            .await
-            .map_err(internal)?;
-        return Err(f);
-    }
-    let rvm2 = rvm.clone();
-    let committed = tokio::task::spawn_blocking(move || {
+    let clean_end = interrupted.is_none();
+    tracing::debug!(%vm, seq, ?interrupted, store_failed, pending = batch_bytes, "upload body ended");
+    let finished = tokio::task::spawn_blocking(move || -> Result<DeltaReply, ReplicaError> {
         use std::io::Write;
+        // Dropped when this upload has stopped: tells `settle` it may look for it.
+        let _ended = ended;
         if !store_failed {
             for c in &batch {
                 if incoming.write_all(c).is_err() {
@@ -505,29 +877,59 @@ async fn receive(
                 }
             }
         }
-        let point = rvm2.commit(incoming);
+        if !clean_end && !incoming.is_failed() {
+            if let Some(checksum) = incoming.header_checksum() {
+                let received = incoming.received_bytes();
+                // Durably too, so that a restart of this daemon does not lose it (journal
+                // mode; a first point is kept in memory only).
+                if let Err(e) = incoming.persist_prefix() {
+                    tracing::warn!(%vm, seq, "cannot keep the interrupted upload on disk: {e}");
+                }
+                match partials.keep(&vm, id, seq, checksum, incoming) {
+                    None => {
+                        tracing::info!(%vm, seq, received, "upload interrupted: kept for a resume")
+                    }
+                    Some(mut superseded) => superseded.discard_kept(),
+                }
+                return Err(ReplicaError::ReceiveFailed(
+                    "upload interrupted (kept for a resume)".into(),
+                ));
+            }
+        }
+        partials.finish(&vm, id);
+        if !clean_end {
+            // Nothing worth keeping (no header yet): dropping it discards the upload.
+            drop(incoming);
+            return Err(ReplicaError::ReceiveFailed("upload interrupted".into()));
+        }
+        let point = rvm.commit(*incoming);
         // The upload's buffers are free now: give them back (see `heap`).
         super::heap::give_back();
-        point
-    })
-    .await
-    .map_err(internal)?;
-    match committed {
-        Ok(point) => Ok(DeltaReply {
+        let point = point?;
+        Ok(DeltaReply {
             seq: point.seq,
             cut_time_unix_ns: point.cut_time_unix_ns,
             stored_bytes: point.stored_bytes,
-        }),
-        Err(e) => Err(replica_refusal(e)),
+        })
+    })
+    .await
+    .map_err(internal)?;
+    if let Some(why) = interrupted {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "upload_interrupted",
+            format!("upload interrupted: {why}"),
+        ));
     }
+    finished.map_err(replica_refusal)
 }
 
 /// The upload back from whichever side holds it: idle, or the blocking write in progress
 /// (awaited), with whether that write succeeded.
-async fn settle(
-    idle: Option<replica::Incoming>,
-    writing: Option<tokio::task::JoinHandle<(replica::Incoming, bool)>>,
-) -> Result<(replica::Incoming, bool), Refusal> {
+async fn settle_write(
+    idle: Option<Box<Receiver>>,
+    writing: Option<tokio::task::JoinHandle<(Box<Receiver>, bool)>>,
+) -> Result<(Box<Receiver>, bool), Refusal> {
     match (idle, writing) {
         (Some(inc), _) => Ok((inc, true)),
         (None, Some(w)) => w

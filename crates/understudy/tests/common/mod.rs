@@ -95,7 +95,10 @@ impl Host {
             .arg(&self.dir)
             .args(["--listen", &self.addr(), "--name", &self.name])
             .args(&self.serve_args)
-            .env("UNDERSTUDY_LOG", "info")
+            .env(
+                "UNDERSTUDY_LOG",
+                std::env::var("UNDERSTUDY_LOG").unwrap_or("info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

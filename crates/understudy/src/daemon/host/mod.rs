@@ -27,6 +27,7 @@ use super::vms::{self, Vm};
 use crate::ServeArgs;
 
 mod replica_side;
+mod served;
 
 const REPLICA_CFG_KEY: &str = "replica-server";
 /// How often every disk is checked for a storage (write-back) error: the error is also seen at
@@ -85,6 +86,12 @@ pub struct Shared {
     replica_primaries: Mutex<HashMap<String, String>>,
     /// (VM, disk) whose storage error was reported (one event per disk per daemon run).
     storage_reported: Mutex<HashSet<(String, usize)>>,
+    /// Interrupted uploads kept for a resume (replica side).
+    pub partials: Arc<crate::daemon::replica_host::Partials>,
+    /// Recovery points served over NBD (and pinned), `points serve`.
+    served: Mutex<served::Served>,
+    /// Recovery points kept per replica VM (`serve --retain-points`, tests only).
+    pub retain_points: usize,
 }
 
 /// Holds an exclusive `flock` on `<data-dir>/daemon.lock` for the daemon's lifetime, so two
@@ -134,6 +141,7 @@ impl Shared {
         let tls = transport::TlsContext::new(identity, trust)?;
         let catalog = Catalog::open(&data_dir.join("catalog.redb"))?;
         let events = Events::new(data_dir.join("events.log"));
+        let served = served::Served::load(&catalog)?;
         let exports = Arc::new(nbd::StaticRegistry::new());
         let nbd_socket = match super::activation::nbd_socket_path()? {
             Some(p) => p,
@@ -166,6 +174,11 @@ impl Shared {
             peers: Mutex::new(HashMap::new()),
             replica_primaries: Mutex::new(HashMap::new()),
             storage_reported: Mutex::new(HashSet::new()),
+            partials: Default::default(),
+            served: Mutex::new(served),
+            retain_points: args
+                .retain_points
+                .map_or(super::replica_host::RETAIN_POINTS, |n| n as usize),
             last_alive_ns: heartbeat::last_alive_ns(data_dir),
         });
 
@@ -216,6 +229,7 @@ impl Shared {
             shared.start_replica_store(cfg);
         }
         tokio::spawn(watch_storage(Arc::downgrade(&shared)));
+        tokio::spawn(served::watch_expiries(Arc::downgrade(&shared)));
         Ok(shared)
     }
 

@@ -2,6 +2,7 @@
 //! shows of replica VMs (status, points, exports). The peer routes that receive deltas are in
 //! `daemon/replica_host.rs`.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -176,6 +177,9 @@ impl Shared {
             return;
         }
         let pending = store.open_pending();
+        for rvm in store.vms() {
+            self.ensure_pins(&rvm);
+        }
         self.report_replica_store(&store);
         tracing::info!(
             vms = store.vms().len(),
@@ -267,6 +271,9 @@ impl Shared {
             let (store, _) = open_store(&cfg, &self.host_name)?;
             let store = Arc::new(store);
             store.open_pending();
+            for rvm in store.vms() {
+                self.ensure_pins(&rvm);
+            }
             self.report_replica_store(&store);
             *self.replica.lock() = Some(ReplicaHost {
                 cfg: cfg.clone(),
@@ -433,28 +440,18 @@ impl Shared {
 
     pub fn points(&self, name: &str) -> anyhow::Result<Vec<PointInfo>> {
         let rvm = self.replica_vm(name)?;
-        Ok(point_infos(&rvm))
+        Ok(self.point_infos(&rvm))
+    }
+
+    /// The points of `rvm` as `points list` shows them ([`point_infos_of`]).
+    pub(super) fn point_infos(&self, rvm: &replica::ReplicaVm) -> Vec<PointInfo> {
+        let served = self.served_seqs(rvm.vm_id());
+        point_infos_of(rvm, &served)
     }
 
     pub fn export_point(&self, req: &ExportPoint) -> anyhow::Result<PointInfo> {
         let rvm = self.replica_vm(&req.vm)?;
-        let points = rvm.points();
-        let point = if req.point == "latest" {
-            points
-                .last()
-                .ok_or_else(|| not_found(format!("{} has no recovery point yet", req.vm)))?
-        } else {
-            let id: u64 = req.point.parse().map_err(|_| {
-                bad_request(format!(
-                    "--point must be `latest` or a point id, got {:?}",
-                    req.point
-                ))
-            })?;
-            points
-                .iter()
-                .find(|p| p.seq == id)
-                .ok_or_else(|| not_found(format!("{} has no point {id}", req.vm)))?
-        };
+        let point = resolve_point(&rvm, &req.vm, &req.point)?;
         if !rvm.disks().iter().any(|d| d.index == req.disk) {
             return Err(bad_request(format!(
                 "{} replicates no disk {}",
@@ -466,34 +463,61 @@ impl Shared {
                 format!("exporting {} point {} disk {}", req.vm, point.seq, req.disk)
             })?;
         let seq = point.seq;
-        point_infos(&rvm)
+        self.point_infos(&rvm)
             .into_iter()
             .find(|p| p.id == seq)
             .ok_or_else(|| not_found(format!("{} has no point {seq} any more", req.vm)))
     }
 }
 
+/// The point `point` names (`latest` or an id) among the points of `rvm`.
+pub(super) fn resolve_point(
+    rvm: &replica::ReplicaVm,
+    vm: &str,
+    point: &str,
+) -> anyhow::Result<replica::PointInfo> {
+    let points = rvm.points();
+    if point == "latest" {
+        return points
+            .last()
+            .copied()
+            .ok_or_else(|| not_found(format!("{vm} has no recovery point yet")));
+    }
+    let id: u64 = point.parse().map_err(|_| {
+        bad_request(format!(
+            "--point must be `latest` or a point id, got {point:?}"
+        ))
+    })?;
+    points
+        .iter()
+        .find(|p| p.seq == id)
+        .copied()
+        .ok_or_else(|| not_found(format!("{vm} has no point {id}")))
+}
+
 fn replica_owner_key(vm: &str) -> String {
     format!("replica-owner/{vm}")
 }
 
-/// The points of a replica VM as `points list` shows them: kind by the VM's history policy
-/// at the history clock's now, and what pins each.
-fn point_infos(rvm: &replica::ReplicaVm) -> Vec<PointInfo> {
+/// `p` as `points list` shows it: its kind by the VM's history policy at the history clock's
+/// now, and what holds it (served over NBD by `points serve`, other open views).
+pub(super) fn point_infos_of(rvm: &replica::ReplicaVm, served: &BTreeSet<u64>) -> Vec<PointInfo> {
     let pins = rvm.pinned_points();
     rvm.points_with_kinds(proto::time::history_now_ns())
         .into_iter()
         .map(|(p, kind)| {
-            let pinned_by = pins
-                .get(&p.seq)
-                .map(|&n| {
-                    vec![if n == 1 {
-                        "1 open view".to_string()
-                    } else {
-                        format!("{n} open views")
-                    }]
-                })
-                .unwrap_or_default();
+            let mut pinned_by = Vec::new();
+            if served.contains(&p.seq) {
+                pinned_by.push("points serve".to_string());
+            }
+            if pins.contains_key(&p.seq) && pinned_by.is_empty() {
+                let n = pins[&p.seq];
+                pinned_by.push(if n == 1 {
+                    "1 open view".to_string()
+                } else {
+                    format!("{n} open views")
+                });
+            }
             PointInfo {
                 id: p.seq,
                 cut_time: rfc3339_from_unix_ns(p.cut_time_unix_ns),
