@@ -362,3 +362,51 @@ fn replication_set_changes_settings_in_place_and_refuses_bad_values() {
         "{points}"
     );
 }
+
+/// A served point is held against the history policy: with only the latest point kept, the
+/// served one stays listed (`pinned_by` says why) and reads the same bytes while newer points
+/// come and go; once unserved, the next retention pass retires it.
+#[test]
+fn a_served_point_outlives_the_policy_until_unserved() {
+    origin();
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = pair(root.path());
+    replicate(&a, &b, "web", &["4M"], 300);
+    let uri = a.nbd_uri("web", 0);
+    qemu_io_ok(&uri, &["write -q -P 7 0 64k"]);
+    let served = sync_until_ok(&a, "web", 10)["seq"].as_u64().unwrap();
+    b.ok(&["points", "serve", "web", "--point", &served.to_string()]);
+    let before = root.path().join("before.raw");
+    export_point(&b, "web", &served.to_string(), 0, &before);
+    // Only the latest point from now on.
+    a.ok(&["replication", "set", "web", "--recovery-history", "0"]);
+    for i in 0..4 {
+        qemu_io_ok(&uri, &[&format!("write -q -P {} 0 64k", 20 + i)]);
+        sync_until_ok(&a, "web", 10);
+    }
+    let newest = sync_until_ok(&a, "web", 10)["seq"].as_u64().unwrap();
+    wait_until(
+        "only the served and the newest point",
+        Duration::from_secs(20),
+        || listed(&b).keys().copied().collect::<Vec<_>>() == vec![served, newest],
+    );
+    let points = b.json(&["points", "list", "web"]);
+    let p = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == served)
+        .unwrap()
+        .clone();
+    assert_eq!(p["pinned_by"][0], "points serve", "{p}");
+    let after = root.path().join("after.raw");
+    export_point(&b, "web", &served.to_string(), 0, &after);
+    assert!(files_equal(&before, &after), "the served point changed");
+    b.ok(&["points", "unserve", "web", "--point", &served.to_string()]);
+    let last = sync_until_ok(&a, "web", 10)["seq"].as_u64().unwrap();
+    wait_until(
+        "the unserved point retired",
+        Duration::from_secs(20),
+        || listed(&b).keys().copied().collect::<Vec<_>>() == vec![last],
+    );
+}
