@@ -145,8 +145,14 @@ impl ReplicaVm {
     }
 }
 
+/// Most hidden deltas at once. Each is a seq in the manifest (at most ~21 bytes of its 64 KiB
+/// cap: 1024 take ~21 KiB); compaction keeps far fewer (a few per gap between kept points).
+/// Past it, retired points stay listed until compaction makes room: the safe direction.
+pub const HIDDEN_DELTAS_MAX: usize = 1024;
+
 /// Retires journal points `seqs` as recovery points (they stay as layers): never the newest
-/// point, never one an open view reads. Returns whether anything changed.
+/// point, never one an open view reads, never more than [`HIDDEN_DELTAS_MAX`] hidden at once.
+/// Returns whether anything changed.
 fn hide(inner: &VmInner, seqs: &[u64]) -> Result<bool, ReplicaError> {
     let _m = inner.mutate.lock();
     // Lock order: mutate, pins, state. Holding pins: no view of these opens meanwhile.
@@ -154,6 +160,7 @@ fn hide(inner: &VmInner, seqs: &[u64]) -> Result<bool, ReplicaError> {
     let new: Vec<u64> = {
         let st = inner.state.read();
         let newest = st.latest_seq();
+        let room = HIDDEN_DELTAS_MAX.saturating_sub(st.hidden.len());
         seqs.iter()
             .copied()
             .filter(|s| {
@@ -162,6 +169,7 @@ fn hide(inner: &VmInner, seqs: &[u64]) -> Result<bool, ReplicaError> {
                     && !st.hidden.contains(s)
                     && !pins.get(s).is_some_and(|&n| n > 0)
             })
+            .take(room)
             .collect()
     };
     if new.is_empty() {

@@ -36,6 +36,7 @@ pub use budget::INDEX_FRAMES_MAX;
 pub use delta::{DeltaKind, DiskEntry};
 pub use error::ReplicaError;
 pub use fds::{JOURNAL_FDS_LIMIT_SHARE, JOURNAL_FDS_MAX};
+pub use fold::HIDDEN_DELTAS_MAX;
 pub use history::{
     classify, kept, HistoryPolicy, PointKind, APP_CONSISTENT_EVERY_HOURS_MAX,
     KEEP_EVERY_POINT_FOR_MAX_SECS, RECOVERY_HISTORY_MAX,
