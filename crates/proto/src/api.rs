@@ -40,6 +40,9 @@ pub struct DiskInfo {
     /// with `-device virtio-blk-pci,drive=<node-name>`.
     #[serde(default)]
     pub qemu_blockdev: String,
+    /// The node name in `qemu_blockdev` (`-device virtio-blk-pci,drive=<it>`).
+    #[serde(default)]
+    pub qemu_node_name: String,
     /// The same for libvirt: a `<disk type='network'>` element with `<reconnect delay='N'/>`.
     #[serde(default)]
     pub libvirt_xml: String,

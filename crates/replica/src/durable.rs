@@ -14,10 +14,27 @@ pub(crate) const TMP_SUFFIX: &str = ".tmp";
 
 /// fsync a directory so that entries created, renamed or removed in it are durable.
 pub(crate) fn fsync_dir(dir: &Path) -> Result<(), ReplicaError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(ReplicaError::io("fsync directory", dir))
+    // Opening the directory needs a descriptor: out of them (EMFILE, ENFILE, ENOMEM) is
+    // transient and, right after a rename, must not turn into "renamed but not known durable"
+    // (a wedged VM). Wait a little for descriptors to come back before giving up.
+    let mut attempt = 0;
+    loop {
+        match File::open(dir).and_then(|d| d.sync_all()) {
+            Ok(()) => return Ok(()),
+            Err(e) if crate::fds::is_transient_io(&e) && attempt < FSYNC_DIR_TRANSIENT_RETRIES => {
+                attempt += 1;
+                std::thread::sleep(FSYNC_DIR_RETRY_PAUSE);
+            }
+            Err(e) => return Err(ReplicaError::io("fsync directory", dir)(e)),
+        }
+    }
 }
+
+/// Retries of a directory fsync that failed for want of a descriptor or memory, and the pause
+/// between them: 50 × 100 ms = 5 s, long enough for an upload or a reader to give its
+/// descriptors back, short enough that a commit does not hang on a host that is truly full.
+const FSYNC_DIR_TRANSIENT_RETRIES: u32 = 50;
+const FSYNC_DIR_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// fsync a file's data and size.
 pub(crate) fn fsync_file(file: &File, path: &Path) -> Result<(), ReplicaError> {

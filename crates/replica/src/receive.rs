@@ -615,8 +615,8 @@ fn write_journal(
     // The point exists: the kept prefix of its upload, if any, is useless now.
     incoming.discard_kept();
     // Nothing is opened from here on: the index names the journal file, and reads open it
-    // through the store's descriptor cache. So running out of descriptors can no longer
-    // wedge a VM here.
+    // through the store's descriptor cache. (The directory fsyncs of the rename wait out a
+    // transient lack of descriptors, `durable::fsync_dir`.)
     if let Err(e) = failpoint::hit("commit.after_rename") {
         wedge(vm, seq, &e);
         return Err(e);

@@ -57,7 +57,11 @@ fn daemon_killed_and_restarted_under_a_writing_guest_never_fails_its_io() {
     );
     let xml = disk["libvirt_xml"].as_str().unwrap();
     assert!(xml.contains("<reconnect delay="), "{xml}");
-    let node = disk["export_name"].as_str().unwrap().to_string();
+    let node = disk["qemu_node_name"].as_str().unwrap().to_string();
+    assert!(
+        blockdev.contains(&format!("node-name={node},")),
+        "{blockdev}"
+    );
 
     let mut g = guest::Guest::start(&kit, &[(blockdev, node)]);
     g.wait_for("GUEST-READY", Duration::from_secs(120));

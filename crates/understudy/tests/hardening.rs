@@ -159,6 +159,8 @@ fn has_event(h: &Host, id: u64) -> bool {
     events(h).iter().any(|e| e["id"].as_u64() == Some(id))
 }
 
+/// Regression (AUDIT §2): the replica committed point N but the answer was lost; the retry
+/// was refused out of sequence and the primary declared "resynchronization required".
 #[test]
 fn lost_answer_while_the_replica_commits_is_adopted_not_a_divergence() {
     let tmp = tempfile::tempdir().unwrap();
@@ -235,6 +237,9 @@ fn lost_answer_while_the_replica_commits_is_adopted_not_a_divergence() {
     ));
 }
 
+/// Regression (AUDIT §3): an interrupted initial replication whose point 1 the replica had
+/// committed, with tracking lost, re-sent only allocated blocks: a hole punched since stayed
+/// old data on the replica (silent divergence).
 #[test]
 fn interrupted_initial_replication_with_lost_tracking_sends_holes_as_zeros() {
     let tmp = tempfile::tempdir().unwrap();
@@ -300,6 +305,8 @@ fn interrupted_initial_replication_with_lost_tracking_sends_holes_as_zeros() {
     );
 }
 
+/// Regression (AUDIT §6): no deadline on the answer; a replica whose storage hangs froze the
+/// VM's task, its cut and every API call queued behind it.
 #[test]
 fn replica_with_hung_storage_makes_cycles_fail_but_never_freezes_the_api() {
     let tmp = tempfile::tempdir().unwrap();
@@ -389,17 +396,22 @@ fn replica_with_hung_storage_makes_cycles_fail_but_never_freezes_the_api() {
     ));
 }
 
+/// Regression (AUDIT §5): one VM that failed to open made the daemon exit, taking every
+/// other guest's disk offline.
 #[test]
 fn one_vm_that_cannot_open_never_takes_the_host_down() {
     let tmp = tempfile::tempdir().unwrap();
     let mut host = Host::start(tmp.path(), "host");
     host.ok(&["vm", "create", "a", "--disk", "16M"]);
     host.ok(&["vm", "create", "b", "--disk", "16M"]);
+    host.ok(&["vm", "create", "c", "--disk", "16M"]);
     qemu_io_ok(&host.nbd_uri("a", 0), &["write -P 1 0 64k"]);
     let b_image = disk_path(&host, "b", 0);
+    let c_image = disk_path(&host, "c", 0);
     host.stop();
-    // Resized outside Understudy while the daemon was down.
+    // Resized outside Understudy while the daemon was down, and deleted.
     sh(Command::new("truncate").args(["-s", "+1M"]).arg(&b_image));
+    std::fs::remove_file(&c_image).unwrap();
     host.restart();
 
     // a is served; b is reported broken with the reason.
@@ -408,13 +420,17 @@ fn one_vm_that_cannot_open_never_takes_the_host_down() {
     let b = host.json(&["vm", "show", "b"]);
     let why = b["broken"].as_str().unwrap_or_default();
     assert!(why.contains("resized"), "{b}");
+    let c = host.json(&["vm", "show", "c"]);
+    assert!(c["broken"].as_str().is_some_and(|w| !w.is_empty()), "{c}");
     let list = host.json(&["vm", "list"]);
-    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
     assert!(has_event(&host, 1003));
     let human = host.ok(&["vm", "show", "b"]);
     assert!(human.contains("BROKEN"), "{human}");
 }
 
+/// Regression (AUDIT §10): with the clock stepped back after a crash, an edit made while the
+/// daemon was down looked older than the last heartbeat and went unnoticed.
 #[test]
 fn clock_behind_the_last_heartbeat_cannot_rule_out_edits() {
     let tmp = tempfile::tempdir().unwrap();
@@ -449,6 +465,8 @@ fn api_post(h: &Host, path: &str, body: &str) -> (u16, String) {
     (code.parse().unwrap(), body.to_string())
 }
 
+/// Regression (AUDIT §14): the API took any disk size (failing later with a misleading 409),
+/// and images and the catalog (replication keys) were readable by every local user.
 #[test]
 fn api_refuses_bad_disk_sizes_with_400_and_files_are_not_world_readable() {
     let tmp = tempfile::tempdir().unwrap();
@@ -528,6 +546,8 @@ fn serve_activated(dir: &Path, port: u16, listener: &std::os::unix::net::UnixLis
     child
 }
 
+/// Issue 8 item 14: a daemon restart never reaches a client: with socket activation it waits
+/// in the backlog instead of being refused.
 #[test]
 fn nbd_clients_queue_across_a_restart_with_socket_activation() {
     let tmp = tempfile::tempdir().unwrap();

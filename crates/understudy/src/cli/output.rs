@@ -45,7 +45,10 @@ pub fn print_vm(vm: &VmInfo) {
             d.nbd_uri
         );
         if !d.qemu_blockdev.is_empty() {
-            println!("    qemu:    -blockdev {}", d.qemu_blockdev);
+            println!(
+                "    qemu:    -blockdev {} -device virtio-blk-pci,drive={}",
+                d.qemu_blockdev, d.qemu_node_name
+            );
         }
     }
 }

@@ -60,8 +60,15 @@ pub fn serve(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         .thread_name("understudy")
         .build()
         .context("starting the runtime")?;
-    rt.block_on(run(&data_dir, args))
+    let result = rt.block_on(run(&data_dir, args));
+    // Blocking work stuck on hung storage (a replica fsync) must not keep the process from
+    // exiting: the clean-stop work above is done, give such threads a moment and go.
+    rt.shutdown_timeout(RUNTIME_SHUTDOWN_WAIT);
+    result
 }
+
+/// How long a stopping daemon waits for blocking tasks still running after its clean stop.
+const RUNTIME_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// A data directory made by an older version (or by hand) may be open to every local user:
 /// close it to others. The catalog holds the replication keys: owner only.

@@ -806,13 +806,9 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
                     };
                     match judged {
                         session::OutOfSequence::AlreadyDelivered => {
-                            // The next hello adopts it (the cycle's failure sets need_hello).
-                            shared.events.emit(
-                                events::ANSWER_LOST_ADOPTED,
-                                Some(&vm_name),
-                                "info",
-                                &format!("the replica already holds point {seq} (its answer was lost); adopting it, the next cycle ships what followed"),
-                            );
+                            // The next hello adopts it (the cycle's failure sets need_hello)
+                            // and says so (event 2007).
+                            tracing::info!(vm = %vm_name, "the replica already holds point {seq}: its answer was lost");
                         }
                         session::OutOfSequence::Diverged(reason) => {
                             repl.require_resync(shared, reason)

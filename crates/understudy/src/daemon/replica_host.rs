@@ -395,13 +395,16 @@ async fn route(
                 shared.retention_wake.notify_one();
             }
             if owner.is_none() {
-                shared.set_replica_owner(vm, &caller).map_err(|e| {
-                    refuse(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "store_error",
-                        e.to_string(),
-                    )
-                })?;
+                // A catalog commit: off the runtime's workers.
+                tokio::task::block_in_place(|| shared.set_replica_owner(vm, &caller)).map_err(
+                    |e| {
+                        refuse(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "store_error",
+                            e.to_string(),
+                        )
+                    },
+                )?;
             }
             shared.note_replica_primary(vm, &hello.primary_host);
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
@@ -1081,6 +1084,31 @@ mod tests {
             (r.status, r.err.code.as_str()),
             (StatusCode::BAD_REQUEST, "bad_request")
         );
+    }
+
+    #[tokio::test]
+    async fn uploads_are_bounded_per_vm_and_per_peer() {
+        let limits = super::UploadLimits::default();
+        let first = limits.admit("web", "p1").await.ok().unwrap();
+        // A second upload of the same VM waits for the first, then is refused `busy`.
+        let r = limits.admit("web", "p1").await.err().unwrap();
+        assert_eq!(
+            (r.status, r.err.code.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "busy")
+        );
+        drop(first);
+        // One peer: 8 VMs at once, not 9; another peer is not affected.
+        let mut held = Vec::new();
+        for i in 0..8 {
+            held.push(limits.admit(&format!("vm{i}"), "p1").await.ok().unwrap());
+        }
+        let r = limits.admit("vm8", "p1").await.err().unwrap();
+        assert!(
+            r.err.error.contains("uploads in progress"),
+            "{}",
+            r.err.error
+        );
+        assert!(limits.admit("vm8", "p2").await.is_ok());
     }
 
     #[test]

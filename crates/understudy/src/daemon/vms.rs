@@ -53,12 +53,23 @@ pub fn export_name(vm: &str, index: u32) -> String {
     format!("{vm}-{index}")
 }
 
-/// A qemu `-blockdev` argument that attaches export `export` of the daemon's NBD socket and
-/// rides through a daemon restart: requests wait up to `reconnect_delay_secs` for the daemon
-/// to come back instead of failing. The node name is the export name.
-pub fn qemu_blockdev(export: &str, socket: &str, reconnect_delay_secs: u32) -> String {
+/// Longest qemu node name (qemu keeps them in 32 bytes with the NUL).
+const QEMU_NODE_NAME_MAX: usize = 31;
+
+/// The qemu node name of disk `index` of `vm`: starts with a letter and fits qemu's limit
+/// (VM names are ASCII, so cutting bytes is safe).
+pub fn qemu_node_name(vm: &str, index: u32) -> String {
+    let mut n = format!("disk{index}-{vm}");
+    n.truncate(QEMU_NODE_NAME_MAX);
+    n
+}
+
+/// A qemu `-blockdev` argument that attaches export `export` of the daemon's NBD socket as node
+/// `node` and rides through a daemon restart: requests wait up to `reconnect_delay_secs` for
+/// the daemon to come back instead of failing.
+pub fn qemu_blockdev(export: &str, node: &str, socket: &str, reconnect_delay_secs: u32) -> String {
     format!(
-        "driver=nbd,server.type=unix,server.path={socket},export={export},node-name={export},reconnect-delay={reconnect_delay_secs}"
+        "driver=nbd,server.type=unix,server.path={socket},export={export},node-name={node},reconnect-delay={reconnect_delay_secs}"
     )
 }
 
@@ -157,11 +168,11 @@ pub fn import_disks(
     for (i, image) in images.iter().enumerate() {
         let size = super::qemu_img::virtual_size(image)?;
         if size == 0 || size % 4096 != 0 || size > DISK_SIZE_MAX {
-            bail!(
+            return Err(super::api::bad_request(format!(
                 "{}: virtual size {size} is not a non-zero multiple of 4 KiB of at most {} TiB",
                 image.display(),
                 DISK_SIZE_MAX >> 40
-            );
+            )));
         }
         let rec = disk_record(&dir, i as u32, size);
         super::qemu_img::convert_to_raw(image, Path::new(&rec.file))?;
@@ -235,6 +246,19 @@ pub fn open_vm(record: &VmRecord, options: &DiskOptions) -> anyhow::Result<Vm> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qemu_node_names_fit_qemu_for_the_longest_vm_names() {
+        let long = "9".repeat(VM_NAME_MAX);
+        let n = qemu_node_name(&long, 15);
+        assert!(n.len() <= 31 && n.starts_with("disk15-"), "{n}");
+        assert_eq!(qemu_node_name("web", 0), "disk0-web");
+        let b = qemu_blockdev("web-0", "disk0-web", "/s.sock", 30);
+        assert!(
+            b.contains("node-name=disk0-web,") && b.ends_with("reconnect-delay=30"),
+            "{b}"
+        );
+    }
 
     #[test]
     fn vm_names_are_validated() {

@@ -53,6 +53,11 @@ struct BrokenVm {
 /// they fail. The daemon serves the NBD socket first thing at start, well within it.
 pub const NBD_RECONNECT_DELAY_SECS: u32 = 30;
 
+/// How long the daemon waits at start for the VMs' disks to open (a clean open takes
+/// milliseconds; after a crash, a bitmap scan of a large disk takes seconds). Well inside
+/// [`NBD_RECONNECT_DELAY_SECS`]: a VM still opening then is reported broken, the rest serve.
+const VM_OPEN_DEADLINE: Duration = Duration::from_secs(15);
+
 struct ReplicaHost {
     cfg: ReplicaServerConfig,
     store: replica_side::StoreSlot,
@@ -202,14 +207,27 @@ impl Shared {
 
         // Open VMs one by one (trackers report how they were left); one that cannot be opened
         // is reported broken with the reason, and every other VM is served.
+        // All at once, under one deadline: a VM whose storage hangs is reported broken and
+        // never keeps the others (whose guests wait in the socket's backlog) off the air.
         let records: Vec<(String, VmRecord)> = shared.catalog.scan("vm/")?;
-        for (_, record) in records {
-            let rec2 = record.clone();
-            let options = shared.disk_options.clone();
-            let opened = tokio::task::spawn_blocking(move || vms::open_vm(&rec2, &options))
-                .await
-                .map_err(anyhow::Error::from)
-                .and_then(|r| r);
+        let opening: Vec<_> = records
+            .into_iter()
+            .map(|(_, record)| {
+                let rec2 = record.clone();
+                let options = shared.disk_options.clone();
+                let task = tokio::task::spawn_blocking(move || vms::open_vm(&rec2, &options));
+                (record, task)
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + VM_OPEN_DEADLINE;
+        for (record, task) in opening {
+            let opened = match tokio::time::timeout_at(deadline, task).await {
+                Ok(joined) => joined.map_err(anyhow::Error::from).and_then(|r| r),
+                Err(_) => Err(anyhow!(
+                    "opening its disks did not finish within {} s (is its storage hanging?); restart the daemon once it answers",
+                    VM_OPEN_DEADLINE.as_secs()
+                )),
+            };
             match opened {
                 Ok(vm) => shared.install_opened(record, vm),
                 Err(e) => shared.mark_broken(record, &e),
@@ -569,9 +587,11 @@ impl Shared {
                         nbd_uri: format!("nbd+unix:///{export}?socket={socket}"),
                         qemu_blockdev: vms::qemu_blockdev(
                             &export,
+                            &vms::qemu_node_name(name, d.index),
                             &socket,
                             NBD_RECONNECT_DELAY_SECS,
                         ),
+                        qemu_node_name: vms::qemu_node_name(name, d.index),
                         libvirt_xml: vms::libvirt_disk_xml(
                             &export,
                             &socket,
@@ -833,6 +853,7 @@ impl Shared {
             server.shutdown();
         }
         let vms: Vec<Arc<Vm>> = self.vms.lock().values().map(|e| e.vm.clone()).collect();
+        let mut first_error: Option<anyhow::Error> = None;
         for vm in vms {
             // Recorded before the stop: such a disk gets no clean marker.
             self.check_storage(&vm.name);
@@ -842,14 +863,22 @@ impl Shared {
                     Err(e @ tracker::TrackerError::StorageFailed { .. }) => {
                         tracing::error!(vm = %vm.name, "disk {i} left without a clean-stop marker: {e}");
                     }
+                    // One disk that cannot be closed cleanly never keeps the others from
+                    // their clean stop; the first failure is reported at the end.
                     Err(e) => {
-                        return Err(anyhow::Error::from(e)
-                            .context(format!("closing disk {i} of {}", vm.name)))
+                        tracing::error!(vm = %vm.name, "closing disk {i}: {e}");
+                        first_error.get_or_insert_with(|| {
+                            anyhow::Error::from(e)
+                                .context(format!("closing disk {i} of {}", vm.name))
+                        });
                     }
                 }
             }
         }
-        Ok(())
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 
