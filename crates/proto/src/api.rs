@@ -79,6 +79,40 @@ pub struct EnableReplication {
     pub compression: Compression,
     /// Disk indexes to replicate; `None` means all.
     pub disks: Option<Vec<u32>>,
+    /// Recovery history (`--recovery-history`, `--app-consistent-every`,
+    /// `--keep-every-point-for`); `None`: the replica keeps its newest 64 points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryPolicy>,
+}
+
+/// What a replica keeps (`replication enable/set`): the newest point, `recovery_history`
+/// hourly points, and every point of the last `keep_every_point_for_secs`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryPolicy {
+    /// Hourly points besides the newest one, 0-24.
+    pub recovery_history: u32,
+    /// Hours between application-consistent points, 1-12 (needs `recovery_history > 0`).
+    #[serde(default)]
+    pub app_consistent_every_hours: Option<u32>,
+    /// Every point of this many last seconds is kept (0: none), at most 24 h.
+    #[serde(default)]
+    pub keep_every_point_for_secs: u64,
+}
+
+/// `replication set`: each field given changes that setting; the others stay.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SetReplication {
+    pub vm: String,
+    #[serde(default)]
+    pub frequency_secs: Option<u32>,
+    #[serde(default)]
+    pub compression: Option<Compression>,
+    #[serde(default)]
+    pub recovery_history: Option<u32>,
+    #[serde(default)]
+    pub app_consistent_every_hours: Option<u32>,
+    #[serde(default)]
+    pub keep_every_point_for_secs: Option<u64>,
 }
 
 /// Replication state names follow Hyper-V Replica's.
@@ -133,6 +167,9 @@ pub struct ReplicationStatus {
     /// Initial replication (or current cycle) progress.
     pub progress: Option<Progress>,
     pub last_error: Option<String>,
+    /// The recovery-history policy (`None`: the newest 64 points are kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryPolicy>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -174,13 +211,27 @@ pub struct Measure {
 pub struct PointInfo {
     /// The point's sequence number; `points export --point ID` takes it.
     pub id: u64,
+    /// RFC 3339 time of the point's cut on the primary.
+    pub cut_time: String,
+    /// The same as `cut_time` (kept for scripts written before `cut_time`).
     pub created_at: String,
     pub cut_time_unix_ns: u64,
-    /// "Initial", "Incremental", "Full".
+    /// "Latest", "Standard", "Hourly", "AppConsistent", "Resynchronized" or "Initial"
+    /// (`docs/formats/replica-store.md`, "Recovery history").
     pub kind: String,
+    /// "crash" or "application".
+    pub consistency: String,
+    /// The delta that made the point: "Initial", "Incremental" or "Full".
+    pub delta_kind: String,
+    /// Uncompressed bytes of DATA frames in the point's delta (after merges: of the merged
+    /// delta).
     pub data_bytes: u64,
     pub zero_bytes: u64,
+    /// Bytes the point's delta takes on the replica's storage.
     pub stored_bytes: u64,
+    /// What holds the point against retention (e.g. "2 open views"); empty when nothing.
+    #[serde(default)]
+    pub pinned_by: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -26,6 +26,10 @@ pub struct Hello {
     pub generation: u64,
     pub primary_host: String,
     pub disks: Vec<PeerDisk>,
+    /// The relationship's recovery-history policy (absent from older primaries, and when
+    /// none was set: the replica then keeps what it has). See `peer-protocol.md`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<crate::HistoryPolicy>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -39,6 +39,43 @@ pub fn now_unix_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// **Test only.** `UNDERSTUDY_TEST_CLOCK=<origin_unix_ns>:<factor>` makes the clock of the
+/// recovery history (cut times stamped by a primary, `now` of a replica's retention) run
+/// `factor` times faster than real time from `origin`, so that a test fits hours of history
+/// into a minute. Give every daemon of a test the same value. Nothing else uses it: health,
+/// deadlines, events and heartbeats keep the real clock. Unset or unparsable: real time.
+pub const TEST_CLOCK_ENV: &str = "UNDERSTUDY_TEST_CLOCK";
+
+fn test_clock() -> Option<(u64, u64)> {
+    static CLOCK: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    *CLOCK.get_or_init(|| {
+        let v = std::env::var(TEST_CLOCK_ENV).ok()?;
+        let (origin, factor) = v.split_once(':')?;
+        Some((origin.parse().ok()?, factor.parse().ok()?))
+    })
+}
+
+/// Whether the test clock ([`TEST_CLOCK_ENV`]) is in effect (the daemon logs it at start).
+pub fn test_clock_in_effect() -> bool {
+    test_clock().is_some()
+}
+
+/// `real_ns` on the recovery history's clock: itself, unless a test compressed time
+/// ([`TEST_CLOCK_ENV`]).
+pub fn history_clock_ns(real_ns: u64) -> u64 {
+    match test_clock() {
+        None => real_ns,
+        Some((origin, factor)) => {
+            origin.saturating_add(real_ns.saturating_sub(origin).saturating_mul(factor))
+        }
+    }
+}
+
+/// Now on the recovery history's clock (see [`history_clock_ns`]).
+pub fn history_now_ns() -> u64 {
+    history_clock_ns(now_unix_ns())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

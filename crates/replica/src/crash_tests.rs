@@ -524,6 +524,185 @@ fn emfile_at_open_is_transient_never_quarantines_journal_files() {
     assert_eq!(check(dir.path(), &model, &[1, 2, 3, 4]), vec![1, 2, 3, 4]);
 }
 
+/// Merging a point into the next one (retention between kept points): every other point reads
+/// exactly as before, a view of the next point opened before the merge keeps reading the same
+/// bytes, and the result survives a reopen and a later fold.
+#[test]
+fn merge_keeps_every_other_point_byte_equal() {
+    let (dir, store, mut model) = setup(6);
+    let vm = store.vm(VM).unwrap();
+    let view4 = vm.view(4, 0).unwrap();
+    assert!(crate::merge::merge_into_next(&vm.inner, 3).unwrap());
+    let mut buf = vec![0u8; model.points[&4][&0].len()];
+    view4.read_range(&mut buf, 0).unwrap();
+    assert!(
+        buf == model.points[&4][&0],
+        "view of 4 changed under a merge"
+    );
+    drop(view4);
+    model.points.remove(&3);
+    assert!(crate::merge::merge_into_next(&vm.inner, 2).unwrap());
+    model.points.remove(&2);
+    // The newest point is never merged.
+    assert!(!crate::merge::merge_into_next(&vm.inner, 6).unwrap());
+    drop(vm);
+    drop(store);
+    assert_eq!(check(dir.path(), &model, &[1, 4, 5, 6]), vec![1, 4, 5, 6]);
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    let vm = store.vm(VM).unwrap();
+    vm.retain(2).unwrap();
+    model.commit(&vm, 7);
+    drop(vm);
+    drop(store);
+    assert_eq!(check(dir.path(), &model, &[5, 6, 7]), vec![5, 6, 7]);
+}
+
+/// kill -9 at each step of a merge: every point but the merged one reads exactly; the merged
+/// one is either still there (exact) or gone, and no superseded file is left behind.
+#[test]
+fn crash_at_each_merge_step_keeps_every_other_point() {
+    for (step, survives) in [
+        ("merge.mid_write", true),
+        ("merge.before_rename", true),
+        ("merge.after_rename", false),
+        ("merge.before_delete", false),
+    ] {
+        let (dir, store, model) = setup(5);
+        let vm = store.vm(VM).unwrap();
+        failpoint::arm(step);
+        let r = crate::merge::merge_into_next(&vm.inner, 3);
+        assert!(
+            matches!(r, Err(crate::ReplicaError::Injected(s)) if s == step),
+            "{step}: {r:?}"
+        );
+        drop(vm);
+        drop(store);
+        let seqs = check(dir.path(), &model, &[1, 2, 4, 5]);
+        assert_eq!(seqs.contains(&3), survives, "{step}: {seqs:?}");
+        let files = std::fs::read_dir(dir.path().join(VM).join("journal"))
+            .unwrap()
+            .count();
+        assert_eq!(files, seqs.len() - 1, "{step}: superseded files left");
+    }
+}
+
+/// The policy: the hourly point and the newest stay, everything between is merged away, and
+/// a point an open view reads is never retired.
+#[test]
+fn history_policy_retires_points_between_kept_ones_but_not_pinned_ones() {
+    let (dir, store, mut model) = setup(6);
+    let vm = store.vm(VM).unwrap();
+    let bad = crate::HistoryPolicy {
+        recovery_history: 25,
+        app_consistent_every_hours: None,
+        keep_every_point_for_secs: 0,
+    };
+    assert!(matches!(
+        vm.set_history(bad),
+        Err(crate::ReplicaError::InvalidHistory(_))
+    ));
+    assert_eq!(vm.history(), None);
+    vm.set_history(crate::HistoryPolicy {
+        recovery_history: 1,
+        ..bad
+    })
+    .unwrap();
+    let pinned = vm.view(4, 0).unwrap();
+    // Cut times are 1..6 ns: all in the first hour, whose first point (1) is the hourly one.
+    vm.apply_history(10, 64).unwrap();
+    let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq).collect();
+    assert_eq!(seqs, vec![1, 4, 6]);
+    let kinds: Vec<crate::PointKind> = vm.points_with_kinds(10).iter().map(|p| p.1).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            crate::PointKind::Initial,
+            crate::PointKind::Standard,
+            crate::PointKind::Latest
+        ]
+    );
+    drop(pinned);
+    vm.apply_history(10, 64).unwrap();
+    for s in [2, 3, 4, 5] {
+        model.points.remove(&s);
+    }
+    drop(vm);
+    drop(store);
+    assert_eq!(check(dir.path(), &model, &[1, 6]), vec![1, 6]);
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    assert_eq!(store.vm(VM).unwrap().history().unwrap().recovery_history, 1);
+}
+
+/// Retired points are hidden and compacted (merges of similar sizes, like a binary counter)
+/// rather than each merged into the next at once, which would rewrite everything written
+/// since the previous kept point at every cycle (an hour's changes every second at 1 s
+/// cycles). The journal stays short, only kept points are listed, they read exactly, and a
+/// reopen (kill -9 after a pass) loses nothing.
+#[test]
+fn retired_points_are_hidden_and_compacted_in_a_few_files() {
+    let (dir, store, mut model) = setup(1);
+    let vm = store.vm(VM).unwrap();
+    vm.set_history(crate::HistoryPolicy {
+        recovery_history: 1,
+        app_consistent_every_hours: None,
+        keep_every_point_for_secs: 0,
+    })
+    .unwrap();
+    let mut max_files = 0;
+    for seq in 2..=64 {
+        model.commit(&vm, seq);
+        vm.apply_history(100, 64).unwrap();
+        let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq).collect();
+        assert_eq!(
+            seqs,
+            vec![1, seq],
+            "only the hourly point and the newest are listed"
+        );
+        let files = std::fs::read_dir(dir.path().join(VM).join("journal"))
+            .unwrap()
+            .count();
+        max_files = max_files.max(files);
+    }
+    // Binary-counter compaction: about log2(63) hidden deltas at most, not 63.
+    assert!(max_files <= 8, "{max_files} journal files at once");
+    for s in 2..64 {
+        model.points.remove(&s);
+    }
+    drop(vm);
+    drop(store);
+    assert_eq!(check(dir.path(), &model, &[1, 64]), vec![1, 64]);
+}
+
+/// kill -9 while retention hides points (its one manifest write fails before the rename):
+/// every point reads exactly after reopen, and the next pass finishes the job.
+#[test]
+fn crash_while_hiding_points_keeps_every_point() {
+    let (dir, store, mut model) = setup(5);
+    let vm = store.vm(VM).unwrap();
+    vm.set_history(crate::HistoryPolicy {
+        recovery_history: 1,
+        app_consistent_every_hours: None,
+        keep_every_point_for_secs: 0,
+    })
+    .unwrap();
+    failpoint::arm("write_atomic.before_rename");
+    let r = vm.apply_history(100, 64);
+    assert!(matches!(r, Err(crate::ReplicaError::Injected(_))), "{r:?}");
+    drop(vm);
+    drop(store);
+    assert_eq!(
+        check(dir.path(), &model, &[1, 2, 3, 4, 5]),
+        vec![1, 2, 3, 4, 5]
+    );
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    store.vm(VM).unwrap().apply_history(100, 64).unwrap();
+    drop(store);
+    for s in 2..5 {
+        model.points.remove(&s);
+    }
+    assert_eq!(check(dir.path(), &model, &[1, 5]), vec![1, 5]);
+}
+
 /// An interrupted incremental upload whose prefix was kept survives the death of the process
 /// (no destructor runs) and continues from there after open, mid-frame; the point is whole and
 /// the kept prefix is gone once it is committed.

@@ -46,6 +46,8 @@ pub enum ReplicaError {
     NoSuchDisk { disk: u32 },
     #[error("manifest {path}: {reason}")]
     Manifest { path: PathBuf, reason: String },
+    #[error("invalid recovery history: {0}")]
+    InvalidHistory(String),
     #[error("replica data damaged: {0}")]
     Damaged(String),
     #[error(

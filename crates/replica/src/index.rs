@@ -16,6 +16,21 @@ use delta::{FrameInfo, FrameKind};
 pub(crate) struct JournalFile {
     pub seq: u64,
     pub path: PathBuf,
+    /// Unique per file for the process's lifetime: a merge replaces a point's file by another
+    /// one of the same seq, so caches key decoded frames by this, never by seq.
+    pub id: u64,
+}
+
+static NEXT_JOURNAL_FILE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl JournalFile {
+    pub fn new(seq: u64, path: PathBuf) -> Arc<JournalFile> {
+        Arc::new(JournalFile {
+            seq,
+            path,
+            id: NEXT_JOURNAL_FILE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        })
+    }
 }
 
 /// Where a DATA frame is stored.
@@ -170,10 +185,7 @@ mod tests {
     }
 
     fn journal() -> Arc<JournalFile> {
-        Arc::new(JournalFile {
-            seq: 1,
-            path: PathBuf::new(),
-        })
+        JournalFile::new(1, PathBuf::new())
     }
 
     proptest! {

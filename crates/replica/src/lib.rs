@@ -15,9 +15,11 @@ mod error;
 mod failpoint;
 mod fds;
 mod fold;
+mod history;
 mod index;
 mod manifest;
 mod marker;
+mod merge;
 mod payload;
 mod pipeline;
 mod receive;
@@ -34,6 +36,11 @@ pub use budget::INDEX_FRAMES_MAX;
 pub use delta::{DeltaKind, DiskEntry};
 pub use error::ReplicaError;
 pub use fds::{JOURNAL_FDS_LIMIT_SHARE, JOURNAL_FDS_MAX};
+pub use fold::HIDDEN_DELTAS_MAX;
+pub use history::{
+    classify, kept, HistoryPolicy, PointKind, APP_CONSISTENT_EVERY_HOURS_MAX,
+    KEEP_EVERY_POINT_FOR_MAX_SECS, RECOVERY_HISTORY_MAX,
+};
 pub use marker::StoreMarker;
 pub use receive::Incoming;
 pub use store::ReplicaStore;

@@ -11,7 +11,9 @@ use crate::{durable, ReplicaError};
 
 pub(crate) const MANIFEST_FILE: &str = "store.json";
 const FORMAT: &str = "understudy-replica-store";
-const VERSION: u32 = 1;
+/// Written; 1 is still read (no merge files, no `history`: see the format doc).
+const VERSION: u32 = 2;
+const VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=VERSION;
 /// A manifest with 256 disks and a long damage message is a few KiB; anything past this is not
 /// ours and is refused before parsing.
 pub(crate) const MANIFEST_BYTES_MAX: u64 = 64 * 1024;
@@ -45,6 +47,14 @@ pub(crate) struct Manifest {
     pub base_seq: u64,
     pub folding: Option<u64>,
     pub damage: Option<String>,
+    /// The recovery-history policy last sent by the primary. Skipped when absent, so that a
+    /// version-1 manifest encodes to the same bytes and its checksum verifies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<crate::HistoryPolicy>,
+    /// Journal deltas retired as recovery points and kept only as layers until a merge or a
+    /// fold absorbs them. Skipped when empty (version-1 manifests have none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden: Vec<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -96,7 +106,7 @@ impl Manifest {
         if env.format != FORMAT {
             return Err(bad(format!("format {:?}", env.format)));
         }
-        if env.version != VERSION {
+        if !VERSIONS_READ.contains(&env.version) {
             return Err(bad(format!("unsupported version {}", env.version)));
         }
         let want = checksum(&env.manifest).map_err(|e| bad(e.to_string()))?;
@@ -145,7 +155,31 @@ mod tests {
             base_seq: 0,
             folding: None,
             damage: None,
+            history: None,
+            hidden: Vec::new(),
         }
+    }
+
+    /// A version-1 manifest (written before `history` existed) still opens.
+    #[test]
+    fn a_version_1_manifest_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = sample();
+        m.store(dir.path()).unwrap();
+        let path = dir.path().join(MANIFEST_FILE);
+        let text = fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"version\": 2", "\"version\": 1");
+        fs::write(&path, text).unwrap();
+        assert_eq!(Manifest::load(dir.path()).unwrap(), m);
+        let mut with = m.clone();
+        with.history = Some(crate::HistoryPolicy {
+            recovery_history: 3,
+            app_consistent_every_hours: None,
+            keep_every_point_for_secs: 60,
+        });
+        with.store(dir.path()).unwrap();
+        assert_eq!(Manifest::load(dir.path()).unwrap(), with);
     }
 
     #[test]

@@ -621,13 +621,14 @@ fn write_journal(
         wedge(vm, seq, &e);
         return Err(e);
     }
-    let journal = Arc::new(JournalFile { seq, path: jpath });
+    let journal = JournalFile::new(seq, jpath);
     let mut layers: BTreeMap<u32, Layer> = BTreeMap::new();
     for f in incoming.frames.drain(..) {
         layers.entry(f.disk).or_default().insert_frame(&journal, f);
     }
     let entry = JournalEntry {
         info,
+        file: journal,
         frames,
         layers: layers.into_iter().map(|(d, l)| (d, Arc::new(l))).collect(),
     };

@@ -341,6 +341,8 @@ impl ReplicaStore {
             base_seq: 0,
             folding: None,
             damage: None,
+            history: None,
+            hidden: Vec::new(),
         };
         manifest.store(&tmp)?;
         for sub in [BASE_DIR, JOURNAL_DIR, INCOMING_DIR] {

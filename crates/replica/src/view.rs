@@ -260,10 +260,13 @@ fn base_runs(file: &File, start: u64, end: u64) -> Vec<(u64, bool)> {
 }
 
 /// The decoded bytes of a stored frame, from the cache or re-read and verified. `None`: the
-/// journal file was folded into the base and deleted since the caller took its layers (read
-/// again). Running out of descriptors or memory is a transient error, never damage.
-fn read_frame(vm: &VmInner, frame: &FrameRef) -> Result<Option<Arc<Vec<u8>>>, ReplicaError> {
-    let key = (frame.journal.seq, frame.info.frame_pos);
+/// journal file was folded into the base or merged into a newer file, and deleted, since the
+/// caller took its layers (read again). Running out of descriptors or memory is a transient error, never damage.
+pub(crate) fn read_frame(
+    vm: &VmInner,
+    frame: &FrameRef,
+) -> Result<Option<Arc<Vec<u8>>>, ReplicaError> {
+    let key = (frame.journal.id, frame.info.frame_pos);
     if let Some((_, data)) = vm.cache.lock().iter().find(|(k, _)| *k == key) {
         return Ok(Some(data.clone()));
     }
@@ -283,7 +286,13 @@ fn read_frame(vm: &VmInner, frame: &FrameRef) -> Result<Option<Arc<Vec<u8>>>, Re
                     vm_id: vm.vm_id.clone(),
                 });
             }
-            if !st.journal.contains_key(&frame.journal.seq) {
+            // Folded into the base, or merged into a newer file of the same point: the
+            // caller's layers are stale, read again through the current ones.
+            let current = st
+                .journal
+                .get(&frame.journal.seq)
+                .is_some_and(|e| Arc::ptr_eq(&e.file, &frame.journal));
+            if !current {
                 return Ok(None);
             }
             drop(st);

@@ -3,7 +3,7 @@
 //! (finish an interrupted fold, verify every journal file, quarantine what fails). Receiving,
 //! folding and reading live in `receive`, `fold` and `view`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -77,6 +77,8 @@ impl PointInfo {
 /// A committed journal delta and its index layers (one per disk it touches).
 pub(crate) struct JournalEntry {
     pub info: PointInfo,
+    /// The file that holds this point's delta (replaced by a merge).
+    pub file: Arc<JournalFile>,
     /// Frames of the delta, each an entry of the index (counted in the store's budget).
     pub frames: u64,
     pub layers: BTreeMap<u32, Arc<Layer>>,
@@ -93,6 +95,11 @@ pub(crate) struct VmState {
     pub folding: Option<u64>,
     pub journal: BTreeMap<u64, JournalEntry>,
     pub damage: Option<String>,
+    /// The recovery-history policy (persisted; `None`: the newest 64 points are kept).
+    pub history: Option<crate::HistoryPolicy>,
+    /// Journal deltas that are no longer recovery points (retired by the policy), kept as
+    /// layers of the points above them until a merge or a fold absorbs them (persisted).
+    pub hidden: BTreeSet<u64>,
     pub removed: bool,
 }
 
@@ -107,7 +114,8 @@ impl VmState {
     }
 
     pub fn has_point(&self, seq: u64) -> bool {
-        self.base_point.is_some_and(|b| b.seq == seq) || self.journal.contains_key(&seq)
+        self.base_point.is_some_and(|b| b.seq == seq)
+            || (self.journal.contains_key(&seq) && !self.hidden.contains(&seq))
     }
 
     /// Layers for point `seq` on `disk`, newest first.
@@ -192,7 +200,12 @@ impl ReplicaVm {
         let st = self.inner.state.read();
         st.base_point
             .into_iter()
-            .chain(st.journal.values().map(|e| e.info))
+            .chain(
+                st.journal
+                    .values()
+                    .map(|e| e.info)
+                    .filter(|p| !st.hidden.contains(&p.seq)),
+            )
             .collect()
     }
 
@@ -229,10 +242,21 @@ impl VmInner {
         self.state.read().journal.values().map(|e| e.frames).sum()
     }
 
+    /// The file of a received delta `seq` (its parent is `seq - 1`).
     pub fn journal_path(&self, seq: u64) -> PathBuf {
         self.dir
             .join(JOURNAL_DIR)
             .join(format!("{seq:020}{JOURNAL_SUFFIX}"))
+    }
+
+    /// The file of point `seq` on parent `parent`: a merge result when `parent < seq - 1`.
+    pub fn journal_path_of(&self, seq: u64, parent: u64) -> PathBuf {
+        if parent.checked_add(1) == Some(seq) {
+            return self.journal_path(seq);
+        }
+        self.dir
+            .join(JOURNAL_DIR)
+            .join(format!("{seq:020}-{parent:020}{JOURNAL_SUFFIX}"))
     }
 
     pub fn disk(&self, index: u32) -> Result<&DiskEntry, ReplicaError> {
@@ -259,6 +283,8 @@ impl VmInner {
             base_seq: st.base_seq,
             folding: st.folding,
             damage: st.damage.clone(),
+            history: st.history,
+            hidden: st.hidden.iter().copied().collect(),
         }
     }
 
@@ -273,15 +299,22 @@ impl VmInner {
             folding: st.folding,
             journal: BTreeMap::new(),
             damage: st.damage.clone(),
+            history: st.history,
+            hidden: st.hidden.clone(),
             removed: st.removed,
         };
         change(&mut next);
+        // Folded seqs are no journal deltas any more.
+        let base = next.base_seq;
+        next.hidden.retain(|&s| s > base);
         self.manifest_of(&next).store(&self.dir)?;
         st.generation = next.generation;
         st.base_point = next.base_point;
         st.base_seq = next.base_seq;
         st.folding = next.folding;
         st.damage = next.damage;
+        st.history = next.history;
+        st.hidden = next.hidden;
         Ok(())
     }
 
@@ -394,20 +427,30 @@ impl VmInner {
 
     /// Opens a journal file, verifies it completely and builds its index layers. The file is
     /// closed again when done: the index refers to it by name (reads go through `fds`).
-    fn load_journal(
+    pub(crate) fn load_journal(
         &self,
         seq: u64,
         parent: u64,
+        path: &Path,
         generation: u64,
     ) -> Result<JournalEntry, ReplicaError> {
-        let path = self.journal_path(seq);
+        self.load_journal_as(seq, parent, path, path.to_owned(), generation)
+    }
+
+    /// [`VmInner::load_journal`] of the file at `read`, indexed under the name `name` (a merge
+    /// indexes its result before renaming it into place).
+    pub(crate) fn load_journal_as(
+        &self,
+        seq: u64,
+        parent: u64,
+        read: &Path,
+        name: PathBuf,
+        generation: u64,
+    ) -> Result<JournalEntry, ReplicaError> {
         let file = crate::failpoint::hit_os("journal.open", libc::EMFILE)
-            .and_then(|()| File::open(&path))
-            .map_err(ReplicaError::io("open", &path))?;
-        let journal = Arc::new(JournalFile {
-            seq,
-            path: path.clone(),
-        });
+            .and_then(|()| File::open(read))
+            .map_err(ReplicaError::io("open", read))?;
+        let journal = JournalFile::new(seq, name);
         let mut r = DeltaReader::new(BufReader::new(file), &self.key)?;
         let h = r.header().clone();
         self.check_header(&h, generation, false)?;
@@ -431,6 +474,7 @@ impl VmInner {
         })?;
         Ok(JournalEntry {
             info: PointInfo::from_delta(&h, &summary),
+            file: journal,
             frames,
             layers: layers.into_iter().map(|(d, l)| (d, Arc::new(l))).collect(),
         })
@@ -508,6 +552,8 @@ pub(crate) fn open_vm(
             folding: m.folding,
             journal: BTreeMap::new(),
             damage: m.damage.clone(),
+            history: m.history,
+            hidden: m.hidden.iter().copied().collect(),
             removed: false,
         }),
         mutate: Mutex::new(()),
@@ -536,24 +582,107 @@ pub(crate) fn open_vm(
     Ok(ReplicaVm { inner })
 }
 
-/// Lists `journal/` as seq → path, ignoring names that are not ours.
-fn list_journal(dir: &Path) -> Result<BTreeMap<u64, PathBuf>, ReplicaError> {
+/// A journal file by name: point `seq` on parent `parent`.
+#[derive(Debug, Clone)]
+struct JournalName {
+    seq: u64,
+    parent: u64,
+    path: PathBuf,
+}
+
+/// Parses `<seq>.delta` (parent `seq - 1`) and `<seq>-<parent>.delta` (a merge result).
+fn parse_journal_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(JOURNAL_SUFFIX)?;
+    let digits = |t: &str| {
+        (t.len() == 20 && t.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| t.parse::<u64>().ok())
+            .flatten()
+    };
+    match stem.split_once('-') {
+        None => {
+            let seq = digits(stem)?;
+            Some((seq, seq.checked_sub(1)?))
+        }
+        Some((a, b)) => {
+            let (seq, parent) = (digits(a)?, digits(b)?);
+            (parent < seq).then_some((seq, parent))
+        }
+    }
+}
+
+/// Lists `journal/` by name, ignoring names that are not ours, in (seq, parent) order.
+fn list_journal(dir: &Path) -> Result<Vec<JournalName>, ReplicaError> {
     let jdir = dir.join(JOURNAL_DIR);
-    let mut out = BTreeMap::new();
+    let mut out = Vec::new();
     for entry in fs::read_dir(&jdir).map_err(ReplicaError::io("list", &jdir))? {
         let entry = entry.map_err(ReplicaError::io("list", &jdir))?;
         let name = entry.file_name();
-        let Some(seq) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(JOURNAL_SUFFIX))
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
+        let Some((seq, parent)) = name.to_str().and_then(parse_journal_name) else {
             tracing::warn!(file = ?entry.path(), "ignoring unexpected file in the journal");
             continue;
         };
-        out.insert(seq, entry.path());
+        out.push(JournalName {
+            seq,
+            parent,
+            path: entry.path(),
+        });
     }
+    out.sort_by_key(|n| (n.seq, n.parent));
     Ok(out)
+}
+
+/// What the names of the journal files say (the "Merge" section of the format doc): the chain
+/// of points from `base_seq`, the files superseded by a merge that a crash interrupted before
+/// its deletions, and where the chain breaks (that file and every later one).
+struct Resolved {
+    chain: Vec<JournalName>,
+    superseded: Vec<JournalName>,
+    broken: Vec<JournalName>,
+}
+
+fn resolve_names(files: Vec<JournalName>, base_seq: u64) -> Resolved {
+    let mut superseded = Vec::new();
+    // Per seq, the file with the smallest parent wins (a merge only ever lowers a parent).
+    let mut winners: BTreeMap<u64, JournalName> = BTreeMap::new();
+    for f in files {
+        match winners.get(&f.seq) {
+            Some(w) if w.parent <= f.parent => superseded.push(f),
+            _ => {
+                if let Some(old) = winners.insert(f.seq, f) {
+                    superseded.push(old);
+                }
+            }
+        }
+    }
+    let mut chain: Vec<JournalName> = Vec::new();
+    let mut broken = Vec::new();
+    for f in winners.into_values() {
+        if !broken.is_empty() {
+            broken.push(f);
+            continue;
+        }
+        let prev = chain.last().map_or(base_seq, |c| c.seq);
+        if f.parent < prev {
+            // A merge into `f` whose deletions a crash interrupted: it replaces the points
+            // above its parent.
+            while chain.last().is_some_and(|c| c.seq > f.parent) {
+                if let Some(c) = chain.pop() {
+                    superseded.push(c);
+                }
+            }
+        }
+        let prev = chain.last().map_or(base_seq, |c| c.seq);
+        if f.parent == prev {
+            chain.push(f);
+        } else {
+            broken.push(f);
+        }
+    }
+    Resolved {
+        chain,
+        superseded,
+        broken,
+    }
 }
 
 fn recover_journal(inner: &Arc<VmInner>, m: &Manifest) -> Result<(), ReplicaError> {
@@ -562,8 +691,13 @@ fn recover_journal(inner: &Arc<VmInner>, m: &Manifest) -> Result<(), ReplicaErro
     let generation = m.generation;
     let mut new_damage: Option<String> = None;
     if let Some(s) = m.folding {
-        // A fold was interrupted: point base_seq is already gone; finish it.
-        match inner.load_journal(s, m.base_seq, generation) {
+        // A fold was interrupted: point base_seq is already gone; finish it. Its file is the
+        // one of seq s with the smallest parent (a merge result, if any).
+        let path = files
+            .iter()
+            .find(|f| f.seq == s)
+            .map_or_else(|| inner.journal_path(s), |f| f.path.clone());
+        match inner.load_journal(s, m.base_seq, &path, generation) {
             Ok(entry) => fold::finish_fold(inner, entry)?,
             Err(e) if e.is_transient() => return Err(e),
             Err(e) => {
@@ -576,45 +710,70 @@ fn recover_journal(inner: &Arc<VmInner>, m: &Manifest) -> Result<(), ReplicaErro
         files = list_journal(&inner.dir)?;
     }
     let base_seq = inner.state.read().base_seq;
-    let mut parent = base_seq;
-    let mut failed_at: Option<u64> = None;
-    for (&seq, path) in &files {
-        if seq <= base_seq {
+    let mut live = Vec::new();
+    for f in files {
+        if f.seq <= base_seq {
             // Folded already; the crash came before its deletion.
-            durable::remove_file(path)?;
-            continue;
-        }
-        if failed_at.is_some() {
-            continue;
-        }
-        let loaded = if seq == parent + 1 {
-            inner.load_journal(seq, parent, generation)
+            durable::remove_file(&f.path)?;
         } else {
-            Err(ReplicaError::OutOfSequence {
-                expected: parent + 1,
-                got: seq,
-            })
-        };
-        match loaded {
-            Ok(entry) => {
-                inner.state.write().journal.insert(seq, entry);
-                parent = seq;
-            }
+            live.push(f);
+        }
+    }
+    let Resolved {
+        chain,
+        superseded,
+        mut broken,
+    } = resolve_names(live, base_seq);
+    if let Some(b) = broken.first() {
+        new_damage.get_or_insert(format!(
+            "journal {}: point {} on parent {} does not continue the chain",
+            b.path.display(),
+            b.seq,
+            b.parent
+        ));
+    }
+    let mut loaded = Vec::new();
+    let mut failed: Vec<JournalName> = Vec::new();
+    for f in chain {
+        if !failed.is_empty() {
+            failed.push(f);
+            continue;
+        }
+        match inner.load_journal(f.seq, f.parent, &f.path, generation) {
+            Ok(entry) => loaded.push(entry),
             // Out of descriptors or memory says nothing about the file: nothing is
             // quarantined or recorded, and the VM opens once the resource is back.
             Err(e) if e.is_transient() => return Err(e),
             Err(e) => {
-                tracing::error!(vm = %inner.vm_id, seq, error = %e, "journal file failed validation");
-                new_damage.get_or_insert(format!("journal {}: {e}", path.display()));
-                failed_at = Some(seq);
+                tracing::error!(vm = %inner.vm_id, seq = f.seq, error = %e, "journal file failed validation");
+                new_damage = Some(format!("journal {}: {e}", f.path.display()));
+                failed.push(f);
             }
         }
     }
-    if let Some(first) = failed_at {
+    {
+        let mut st = inner.state.write();
+        for entry in loaded {
+            st.journal.insert(entry.info.seq, entry);
+        }
+        // Seqs a merge absorbed are gone (written back with the next manifest).
+        let VmState {
+            hidden, journal, ..
+        } = &mut *st;
+        hidden.retain(|s| journal.contains_key(s));
+    }
+    failed.append(&mut broken);
+    if failed.is_empty() {
+        for f in &superseded {
+            durable::remove_file(&f.path)?;
+        }
+    } else {
+        // Keep what a merge superseded next to what failed: it may be what an admin needs.
+        failed.extend(superseded);
         let qdir = inner.dir.join(QUARANTINE_DIR);
         durable::create_dir(&qdir)?;
-        for (_, path) in files.range(first..) {
-            if let Some(name) = path.file_name() {
+        for f in &failed {
+            if let Some(name) = f.path.file_name() {
                 // Never overwrite an earlier quarantined copy.
                 let mut target = qdir.join(name);
                 let mut n = 1;
@@ -622,7 +781,7 @@ fn recover_journal(inner: &Arc<VmInner>, m: &Manifest) -> Result<(), ReplicaErro
                     target = qdir.join(format!("{}.{n}", name.to_string_lossy()));
                     n += 1;
                 }
-                durable::rename(path, &target)?;
+                durable::rename(&f.path, &target)?;
             }
         }
     }
@@ -641,4 +800,73 @@ pub(crate) fn superseded() -> ReplicaError {
 
 pub(crate) fn base_path(dir: &Path, index: u32) -> PathBuf {
     dir.join(BASE_DIR).join(format!("disk-{index}.raw"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(seq: u64, parent: u64) -> JournalName {
+        JournalName {
+            seq,
+            parent,
+            path: PathBuf::from(format!("{seq}-{parent}")),
+        }
+    }
+
+    fn seqs(v: &[JournalName]) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = v.iter().map(|f| (f.seq, f.parent)).collect();
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn journal_names_parse_both_forms_and_nothing_else() {
+        assert_eq!(
+            parse_journal_name("00000000000000000003.delta"),
+            Some((3, 2))
+        );
+        assert_eq!(
+            parse_journal_name("00000000000000000009-00000000000000000004.delta"),
+            Some((9, 4))
+        );
+        for bad in [
+            "3.delta",
+            "00000000000000000000.delta",
+            "00000000000000000004-00000000000000000009.delta",
+            "00000000000000000004-0000000000000000000x.delta",
+            "00000000000000000004.delta.tmp",
+        ] {
+            assert_eq!(parse_journal_name(bad), None, "{bad}");
+        }
+    }
+
+    /// What open concludes from the names a merge interrupted at each step leaves behind.
+    #[test]
+    fn merge_leftovers_resolve_to_the_merge_result() {
+        // Crash after the rename, before any deletion: 2 merged into 3.
+        let r = resolve_names(vec![n(2, 1), n(3, 2), n(3, 1), n(4, 3)], 1);
+        assert_eq!(seqs(&r.chain), vec![(3, 1), (4, 3)]);
+        assert_eq!(seqs(&r.superseded), vec![(2, 1), (3, 2)]);
+        assert!(r.broken.is_empty());
+        // After a's file was deleted, before b's old one was.
+        let r = resolve_names(vec![n(3, 2), n(3, 1)], 1);
+        assert_eq!(seqs(&r.chain), vec![(3, 1)]);
+        assert_eq!(seqs(&r.superseded), vec![(3, 2)]);
+        // A merge into a later point: 3 merged into 4 (4's new parent is 2).
+        let r = resolve_names(vec![n(2, 1), n(3, 2), n(4, 3), n(4, 2)], 1);
+        assert_eq!(seqs(&r.chain), vec![(2, 1), (4, 2)]);
+        assert_eq!(seqs(&r.superseded), vec![(3, 2), (4, 3)]);
+    }
+
+    #[test]
+    fn a_gap_in_the_chain_is_broken_from_there() {
+        let r = resolve_names(vec![n(2, 1), n(4, 3), n(5, 4)], 1);
+        assert_eq!(seqs(&r.chain), vec![(2, 1)]);
+        assert_eq!(seqs(&r.broken), vec![(4, 3), (5, 4)]);
+        // A parent below the base cannot be resolved either.
+        let r = resolve_names(vec![n(6, 2)], 4);
+        assert!(r.chain.is_empty());
+        assert_eq!(seqs(&r.broken), vec![(6, 2)]);
+    }
 }

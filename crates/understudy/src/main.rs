@@ -206,6 +206,20 @@ enum ReplicationCmd {
         /// Disk indexes to replicate, e.g. 0,1 (default: all).
         #[arg(long, value_delimiter = ',')]
         disks: Option<Vec<u32>>,
+        #[command(flatten)]
+        history: HistoryArgs,
+    },
+    /// Change a replicating VM's frequency, compression or recovery history (no new initial
+    /// replication).
+    Set {
+        name: String,
+        /// Seconds between cycles, 1 to 3600.
+        #[arg(long)]
+        frequency: Option<u32>,
+        #[arg(long, value_parser = ["zstd", "none"])]
+        compression: Option<String>,
+        #[command(flatten)]
+        history: HistoryArgs,
     },
     /// Start initial replication.
     Start {
@@ -243,6 +257,21 @@ enum ReplicationCmd {
         #[arg(long)]
         resynchronize: bool,
     },
+}
+
+/// Recovery history, as Hyper-V's `-RecoveryHistory` and `-VSSSnapshotFrequencyHour`, plus a
+/// window in which every cycle stays a recovery point.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct HistoryArgs {
+    /// Hourly recovery points kept besides the latest one, 0-24.
+    #[arg(long, value_name = "N")]
+    pub recovery_history: Option<u32>,
+    /// Hours between application-consistent points, 1-12 (needs --recovery-history > 0).
+    #[arg(long, value_name = "H")]
+    pub app_consistent_every: Option<u32>,
+    /// Keep every point of this last stretch of time, e.g. 30m, 4h, 90s (0: off; at most 24h).
+    #[arg(long, value_name = "DURATION")]
+    pub keep_every_point_for: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -337,7 +366,22 @@ fn main() -> ExitCode {
                     frequency,
                     compression,
                     disks,
-                } => cli::replication_enable(&api, &name, &replica, frequency, &compression, disks),
+                    history,
+                } => cli::replication_enable(
+                    &api,
+                    &name,
+                    &replica,
+                    frequency,
+                    &compression,
+                    disks,
+                    &history,
+                ),
+                ReplicationCmd::Set {
+                    name,
+                    frequency,
+                    compression,
+                    history,
+                } => cli::replication_set(&api, &name, frequency, compression.as_deref(), &history),
                 ReplicationCmd::Start {
                     name,
                     wait,

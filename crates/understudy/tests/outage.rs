@@ -187,7 +187,7 @@ fn replica_outage_never_fails_guest_writes_and_catches_up_without_resync() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| p["kind"].as_str().unwrap().to_string())
+        .map(|p| p["delta_kind"].as_str().unwrap().to_string())
         .collect();
     println!(
         "replica down {outage_s:.1} s: {} fio runs wrote {} MiB at QD1 with 0 errors (max write latency {:.1} ms); \
@@ -264,7 +264,7 @@ fn primary_crash_during_a_replica_outage_still_catches_up_without_resync() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| p["kind"].as_str().unwrap().to_string())
+        .map(|p| p["delta_kind"].as_str().unwrap().to_string())
         .collect();
     let equal = latest_equals_primary(&a, &b, "web", 0, root.path());
     println!(

@@ -74,7 +74,9 @@ fn replicate_two_disks_and_export_points_equal_to_the_primary() {
     let points = points.as_array().unwrap();
     assert_eq!(points.len(), 2, "{points:?}");
     assert_eq!(points[0]["kind"], "Initial");
-    assert_eq!(points[1]["kind"], "Incremental");
+    assert_eq!(points[1]["kind"], "Latest");
+    assert_eq!(points[1]["delta_kind"], "Incremental");
+    assert_eq!(points[1]["consistency"], "crash");
     for disk in 0..2 {
         let exported = root.path().join(format!("p-{disk}.raw"));
         b.ok(&[

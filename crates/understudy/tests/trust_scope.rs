@@ -58,8 +58,28 @@ fn mint(issuer: &Host, name: &str, dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 /// curl with a client certificate against `replica`'s peer port; returns (HTTP code or 0 when
-/// no HTTP answer came, body).
+/// no HTTP answer came, body). A refusal sent before the request body was read ends the
+/// HTTP/2 stream early, which curl now and then reports as a transfer error with no code:
+/// such an attempt is made again (at most 3 times); any HTTP answer is returned as is.
 fn curl(
+    replica: &Host,
+    cert: &Path,
+    key: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut answer = (0, String::new());
+    for _ in 0..3 {
+        answer = curl_once(replica, cert, key, method, path, body);
+        if answer.0 != 0 {
+            break;
+        }
+    }
+    answer
+}
+
+fn curl_once(
     replica: &Host,
     cert: &Path,
     key: &Path,

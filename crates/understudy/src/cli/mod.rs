@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use proto::{
-    Compression, CreateVm, EnableReplication, ExportPoint, ImportVm, Measure, PointInfo,
-    ReplicaServerConfig, ReplicationState, ReplicationStatus, ServePoint, ServedPoint, SyncResult,
-    UnservePoint, VmInfo,
+    Compression, CreateVm, EnableReplication, ExportPoint, HistoryPolicy, ImportVm, Measure,
+    PointInfo, ReplicaServerConfig, ReplicationState, ReplicationStatus, ServePoint, ServedPoint,
+    SetReplication, SyncResult, UnservePoint, VmInfo,
 };
 use serde_json::Value;
 
@@ -191,7 +191,9 @@ pub fn replication_enable(
     frequency: u32,
     compression: &str,
     disks: Option<Vec<u32>>,
+    history: &crate::HistoryArgs,
 ) -> anyhow::Result<()> {
+    let history = history_policy(history)?;
     if !(1..=3600).contains(&frequency) {
         bail!("--frequency must be between 1 and 3600 seconds (Hyper-V's 30, 300 and 900 included), got {frequency}");
     }
@@ -206,6 +208,7 @@ pub fn replication_enable(
         frequency_secs: frequency,
         compression,
         disks,
+        history,
     };
     let st: ReplicationStatus = api.post(
         &format!("/v1/vms/{}/replication/enable", path_segment(name)?),
@@ -214,6 +217,107 @@ pub fn replication_enable(
     println!(
         "replication enabled for {} to {} every {} s (disks {:?}); run `understudy replication start {}`",
         st.vm, st.peer, st.frequency_secs, st.disks, st.vm
+    );
+    Ok(())
+}
+
+/// The history flags of `replication enable` as a policy: `None` when none was given (the
+/// replica then keeps its newest 64 points); a flag not given is 0 / off.
+fn history_policy(h: &crate::HistoryArgs) -> anyhow::Result<Option<HistoryPolicy>> {
+    if h.recovery_history.is_none()
+        && h.app_consistent_every.is_none()
+        && h.keep_every_point_for.is_none()
+    {
+        return Ok(None);
+    }
+    Ok(Some(HistoryPolicy {
+        recovery_history: h.recovery_history.unwrap_or(0),
+        app_consistent_every_hours: h.app_consistent_every,
+        keep_every_point_for_secs: match &h.keep_every_point_for {
+            Some(d) => parse_history_window_secs(d)?,
+            None => 0,
+        },
+    }))
+}
+
+/// `--keep-every-point-for`: `90s`, `30m`, `4h`, `1h30m` or plain seconds; `0` turns the
+/// window off (unlike `points serve --for`, [`parse_duration_secs`]).
+pub fn parse_history_window_secs(s: &str) -> anyhow::Result<u64> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--keep-every-point-for takes a duration such as 30m, 4h, 90s or 1h30m, got {s:?}"
+        )
+    };
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(n);
+    }
+    let mut total: u64 = 0;
+    let mut num = String::new();
+    let mut any = false;
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(bad()),
+        };
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+        num.clear();
+        any = true;
+    }
+    if !any || !num.is_empty() {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
+pub fn replication_set(
+    api: &Api,
+    name: &str,
+    frequency: Option<u32>,
+    compression: Option<&str>,
+    history: &crate::HistoryArgs,
+) -> anyhow::Result<()> {
+    let keep = match &history.keep_every_point_for {
+        Some(d) => Some(parse_history_window_secs(d)?),
+        None => None,
+    };
+    let req = SetReplication {
+        vm: name.to_string(),
+        frequency_secs: frequency,
+        compression: compression.map(|c| {
+            if c == "none" {
+                Compression::None
+            } else {
+                Compression::Zstd
+            }
+        }),
+        recovery_history: history.recovery_history,
+        app_consistent_every_hours: history.app_consistent_every,
+        keep_every_point_for_secs: keep,
+    };
+    let st: ReplicationStatus = api.post(
+        &format!("/v1/vms/{}/replication/set", path_segment(name)?),
+        &req,
+    )?;
+    println!(
+        "{}: every {} s, compression {}, {}",
+        st.vm,
+        st.frequency_secs,
+        match st.compression {
+            Compression::Zstd => "zstd",
+            Compression::None => "none",
+        },
+        output::history_summary(st.history.as_ref())
     );
     Ok(())
 }
@@ -506,6 +610,21 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("lots").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn durations_parse_and_bad_ones_are_one_line_errors() {
+        assert_eq!(parse_history_window_secs("30m").unwrap(), 1800);
+        assert_eq!(parse_history_window_secs("4h").unwrap(), 14_400);
+        assert_eq!(parse_history_window_secs("1h30m").unwrap(), 5400);
+        assert_eq!(parse_history_window_secs("90").unwrap(), 90);
+        for bad in ["", "m", "4x", "30m5", "-1h", "99999999999999999999h"] {
+            let e = parse_history_window_secs(bad).unwrap_err().to_string();
+            assert!(
+                !e.contains('\n') && e.contains("--keep-every-point-for"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

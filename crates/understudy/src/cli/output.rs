@@ -89,6 +89,9 @@ pub fn print_status(list: &[ReplicationStatus]) {
             st.last_replication_time.as_deref().unwrap_or("never"),
             bytes(st.pending_bytes)
         );
+        if st.history.is_some() {
+            println!("    {}", history_summary(st.history.as_ref()));
+        }
         for r in &st.health_reasons {
             println!("    {r}");
         }
@@ -128,18 +131,53 @@ pub fn print_measure(m: &Measure) {
 
 pub fn print_points(points: &[PointInfo]) {
     println!(
-        "{:>8}  {:<25} {:<12} {:>12} {:>12}",
-        "ID", "CREATED", "KIND", "CHANGED", "STORED"
+        "{:>8}  {:<25} {:<15} {:<12} {:>12} {:>12}  PINNED BY",
+        "ID", "CUT TIME", "KIND", "CONSISTENCY", "CHANGED", "STORED"
     );
     for p in points {
         println!(
-            "{:>8}  {:<25} {:<12} {:>12} {:>12}",
+            "{:>8}  {:<25} {:<15} {:<12} {:>12} {:>12}  {}",
             p.id,
-            p.created_at,
+            p.cut_time,
             p.kind,
+            p.consistency,
             bytes(p.data_bytes + p.zero_bytes),
-            bytes(p.stored_bytes)
+            bytes(p.stored_bytes),
+            if p.pinned_by.is_empty() {
+                "-".to_string()
+            } else {
+                p.pinned_by.join(", ")
+            }
         );
+    }
+}
+
+/// One line saying what a replica keeps.
+pub fn history_summary(h: Option<&proto::HistoryPolicy>) -> String {
+    let Some(h) = h else {
+        return "history: the newest 64 points".into();
+    };
+    let mut s = format!(
+        "history: latest point + {} hourly point(s)",
+        h.recovery_history
+    );
+    if let Some(a) = h.app_consistent_every_hours {
+        s.push_str(&format!(", application-consistent every {a} h"));
+    }
+    if h.keep_every_point_for_secs > 0 {
+        s.push_str(&format!(
+            ", every point of the last {}",
+            duration(h.keep_every_point_for_secs)
+        ));
+    }
+    s
+}
+
+fn duration(secs: u64) -> String {
+    match secs {
+        s if s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
     }
 }
 

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use proto::{
     CreateVm, EnableReplication, ExportPoint, ImportVm, ReplicaServerConfig, ServePoint,
-    UnservePoint,
+    SetReplication, UnservePoint,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -154,6 +154,14 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
                 return Err(bad_request("VM name in path and body differ"));
             }
             to_json(&shared.enable_replication(r).await?)
+        }
+        (Method::POST, ["v1", "vms", name, "replication", "set"]) => {
+            let r: SetReplication = body(req).await?;
+            if r.vm != *name {
+                return Err(bad_request("VM name in path and body differ"));
+            }
+            let s = shared.clone();
+            to_json(&blocking(move || s.set_replication(&r)).await?)
         }
         (Method::POST, ["v1", "vms", name, "replication", action]) => {
             let repl = shared.replication(name)?;

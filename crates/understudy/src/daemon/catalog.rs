@@ -63,6 +63,10 @@ pub struct ReplicationRecord {
     /// written before it existed; then recorded at the next successful hello.
     #[serde(default)]
     pub replica_name: Option<String>,
+    /// Recovery-history policy sent to the replica in every hello (`replication enable/set`);
+    /// absent in older records and when never set (the replica keeps its newest 64 points).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<proto::HistoryPolicy>,
 }
 
 /// Replica side: the primary identity that created a replica VM (`replica-owner/<vm>`). Only

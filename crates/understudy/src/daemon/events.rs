@@ -23,6 +23,7 @@ pub const RESYNC_REQUIRED: u32 = 2004;
 pub const SUSPENDED: u32 = 2005;
 pub const RESUMED: u32 = 2006;
 pub const ANSWER_LOST_ADOPTED: u32 = 2007;
+pub const REPLICATION_SET: u32 = 2008;
 pub const UPLOAD_RESUMED: u32 = 2020;
 pub const POINT_COMMITTED: u32 = 3000;
 pub const PEER_REFUSED: u32 = 3002;

@@ -37,6 +37,9 @@ pub enum Cmd {
         reply: oneshot::Sender<anyhow::Result<()>>,
     },
     Shutdown(oneshot::Sender<()>),
+    /// The settings changed (`replication set`): cycle now (its hello carries a new history
+    /// policy) and schedule the next ones with the new frequency.
+    Reschedule,
 }
 
 /// Bound on queued commands per VM; API calls beyond it get a transient refusal.
@@ -182,7 +185,37 @@ impl Replication {
                 total_bytes: total,
             }),
             last_error: rt.last_error.clone(),
+            history: r.history,
         }
+    }
+
+    /// `replication set`: applies settings already checked by the caller to the record,
+    /// persists it, and says hello again before the next cycle so the replica learns a new
+    /// history policy. The next cycle uses the new frequency and compression; nothing else
+    /// changes (no new initial replication).
+    pub fn set(
+        &self,
+        shared: &Shared,
+        frequency_secs: Option<u32>,
+        compression: Option<proto::Compression>,
+        history: Option<proto::HistoryPolicy>,
+    ) {
+        {
+            let mut rt = self.rt.lock();
+            if let Some(f) = frequency_secs {
+                rt.record.frequency_secs = f;
+            }
+            if let Some(c) = compression {
+                rt.record.compression = c;
+            }
+            if history.is_some() {
+                rt.record.history = history;
+                rt.need_hello = true;
+            }
+        }
+        self.persist(shared);
+        // A full queue means commands are pending; the next cycle still uses the new values.
+        let _ = self.cmd.try_send(Cmd::Reschedule);
     }
 
     pub fn measure(&self) -> Measure {
@@ -257,6 +290,7 @@ pub fn hello_of(shared: &Shared, vm: &Vm, r: &ReplicationRecord) -> Hello {
                 })
             })
             .collect(),
+        history: r.history,
     }
 }
 
@@ -352,6 +386,9 @@ async fn run(shared: Arc<Shared>, repl: Arc<Replication>, mut rx: mpsc::Receiver
                         }
                         let _ = done.send(());
                         return;
+                    }
+                    Cmd::Reschedule => {
+                        next_at = Instant::now();
                     }
                     Cmd::Start(reply) => {
                         let r = off_runtime(|| start_initial(&shared, &repl));
@@ -632,7 +669,8 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
         .await
         .context("cut task")??;
     let started = Instant::now();
-    let cut_ns = cut.cut_time_unix_ns;
+    // The history's clock (real time unless a test compressed it: `proto::time`).
+    let cut_ns = proto::time::history_clock_ns(cut.cut_time_unix_ns);
     let pause_us = cut.pause.as_micros() as u64;
 
     {

@@ -25,8 +25,8 @@ use super::Shared;
 
 /// Largest hello body; it lists at most a few disks.
 const HELLO_MAX_BYTES: usize = 64 << 10;
-/// Recovery points kept per replica VM; older deltas are folded into the base images. (The
-/// recovery-history policy — hourly points, any-point window — will replace this bound.)
+/// Recovery points kept per replica VM that has no recovery-history policy (set by `replication
+/// enable/set` and carried in the hello); older deltas are folded into the base images.
 pub const RETAIN_POINTS: usize = 64;
 /// How often retention runs on its own, besides after every commit: a replica whose commits
 /// fail (disk full, out of descriptors) still folds and frees space, so it recovers by
@@ -382,6 +382,18 @@ async fn route(
             .await
             .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
             .map_err(hello_refusal)?;
+            if let Some(h) = &hello.history {
+                // Recorded in the VM's manifest; retention applies it from its next pass.
+                let policy = super::host::history_to_store(h);
+                let rvm2 = rvm.clone();
+                tokio::task::spawn_blocking(move || rvm2.set_history(policy))
+                    .await
+                    .map_err(|e| {
+                        refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                    })?
+                    .map_err(hello_refusal)?;
+                shared.retention_wake.notify_one();
+            }
             if owner.is_none() {
                 // A catalog commit: off the runtime's workers.
                 tokio::task::block_in_place(|| shared.set_replica_owner(vm, &caller)).map_err(
@@ -465,9 +477,8 @@ async fn route(
             let point = tokio::spawn(upload).await.map_err(|e| {
                 refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
             })??;
-            // Retention runs after the answer so it never adds to replication latency.
-            let s = shared.clone();
-            tokio::task::spawn_blocking(move || retain(&s, &rvm));
+            // Retention runs in its own task (woken here), never in the request's path.
+            shared.retention_wake.notify_one();
             shared.events.emit(
                 events::POINT_COMMITTED,
                 Some(vm),
@@ -487,34 +498,49 @@ async fn route(
     }
 }
 
-/// Folds `rvm` down to [`RETAIN_POINTS`] points (`serve --retain-points`), never past a
+/// Applies `rvm`'s recovery-history policy at the history clock's now, or keeps the newest
+/// points by count without one (`RETAIN_POINTS`, or `serve --retain-points`), never past a
 /// served point (pinned first: after a restart its pin is taken again here) (blocking).
 fn retain(shared: &Shared, rvm: &ReplicaVm) {
     if !shared.ensure_pins(rvm) {
         // A served point is not pinned again yet: folding now could take it away.
         return;
     }
-    if let Err(e) = rvm.retain(shared.retain_points) {
+    if let Err(e) = rvm.apply_history(proto::time::history_now_ns(), shared.retain_points) {
         tracing::error!(vm = %rvm.vm_id(), "retention failed: {e}");
     }
 }
 
-/// Retention on its own schedule ([`RETENTION_INTERVAL`]), on a blocking thread, never in a
-/// peer request's path; each pass also retries opening replica VMs still pending.
+/// The retention task: one per daemon, woken after every commit (and every hello that brings
+/// a policy) and on its own every [`RETENTION_INTERVAL`]; each pass runs on a blocking thread,
+/// never in a peer request's path, and also retries opening replica VMs still pending.
 pub fn spawn_retention(shared: Arc<Shared>) {
+    if proto::time::test_clock_in_effect() {
+        tracing::warn!(
+            "{} is set: the recovery history runs on a compressed test clock",
+            proto::time::TEST_CLOCK_ENV
+        );
+    }
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(RETENTION_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is immediate; the store was just opened
         loop {
-            tick.tick().await;
-            shared.retry_replica_store();
+            let periodic = tokio::select! {
+                _ = tick.tick() => true,
+                _ = shared.retention_wake.notified() => false,
+            };
+            if periodic {
+                shared.retry_replica_store();
+            }
             let Some((store, _)) = shared.replica_store() else {
                 continue;
             };
             let s = shared.clone();
             let pass = tokio::task::spawn_blocking(move || {
-                store.open_pending();
+                if periodic {
+                    store.open_pending();
+                }
                 for rvm in store.vms() {
                     retain(&s, &rvm);
                 }
@@ -935,9 +961,9 @@ fn hello_refusal(e: ReplicaError) -> Refusal {
         ReplicaError::AlreadyExists { .. } | ReplicaError::GenerationRegression { .. } => {
             refuse(StatusCode::CONFLICT, "conflict", msg)
         }
-        ReplicaError::InvalidVmId(_) | ReplicaError::InvalidDisks(_) => {
-            refuse(StatusCode::BAD_REQUEST, "bad_request", msg)
-        }
+        ReplicaError::InvalidVmId(_)
+        | ReplicaError::InvalidDisks(_)
+        | ReplicaError::InvalidHistory(_) => refuse(StatusCode::BAD_REQUEST, "bad_request", msg),
         _ => refuse(StatusCode::SERVICE_UNAVAILABLE, "store_error", msg),
     }
 }
@@ -1045,6 +1071,23 @@ mod tests {
         );
         let r = super::hello_refusal(ReplicaError::AlreadyExists { vm_id: "w".into() });
         assert_eq!(r.status, StatusCode::CONFLICT);
+    }
+
+    /// A hello whose recovery history is out of range (a primary with other bounds) is the
+    /// caller's mistake, not the store's: 400, and the store records nothing.
+    #[test]
+    fn out_of_range_history_in_a_hello_is_a_bad_request() {
+        let policy = replica::HistoryPolicy {
+            recovery_history: 99,
+            app_consistent_every_hours: None,
+            keep_every_point_for_secs: 0,
+        };
+        let e = policy.validate().map_err(ReplicaError::InvalidHistory);
+        let r = super::hello_refusal(e.unwrap_err());
+        assert_eq!(
+            (r.status, r.err.code.as_str()),
+            (StatusCode::BAD_REQUEST, "bad_request")
+        );
     }
 
     #[tokio::test]

@@ -13,7 +13,8 @@ use anyhow::{anyhow, bail, Context};
 use parking_lot::Mutex;
 use proto::time::{now_unix_ns, rfc3339_from_unix_ns};
 use proto::{
-    DiskInfo, EnableReplication, HostInfo, ReplicaServerConfig, ReplicationStatus, VmInfo,
+    DiskInfo, EnableReplication, HostInfo, ReplicaServerConfig, ReplicationStatus, SetReplication,
+    VmInfo,
 };
 use tracker::OpenState;
 
@@ -71,6 +72,8 @@ pub struct Shared {
     pub disk_options: tracker::DiskOptions,
     /// Admission of replica uploads (per VM, per peer).
     pub uploads: super::replica_host::UploadLimits,
+    /// Wakes the replica's retention task after a commit.
+    pub retention_wake: tokio::sync::Notify,
     /// Deadlines of calls to replicas (`serve --hello-timeout ...`).
     pub peer_timeouts: super::peer_client::PeerTimeouts,
     pub tls: transport::TlsContext,
@@ -159,6 +162,7 @@ impl Shared {
                 cbw_spill_bytes_max: args.cbw_spill_max,
             },
             uploads: Default::default(),
+            retention_wake: tokio::sync::Notify::new(),
             peer_timeouts: super::peer_client::PeerTimeouts {
                 hello: Duration::from_secs(args.hello_timeout.max(1)),
                 upload_idle: Duration::from_secs(args.upload_idle_timeout.max(1)),
@@ -628,6 +632,7 @@ impl Shared {
             generation: r.generation,
             progress: None,
             last_error: Some(why),
+            history: r.history,
         })
     }
 
@@ -662,11 +667,9 @@ impl Shared {
         self: &Arc<Self>,
         req: EnableReplication,
     ) -> anyhow::Result<ReplicationStatus> {
-        if !(1..=3600).contains(&req.frequency_secs) {
-            return Err(bad_request(format!(
-                "frequency must be 1 to 3600 seconds, got {}",
-                req.frequency_secs
-            )));
+        check_frequency(req.frequency_secs)?;
+        if let Some(h) = &req.history {
+            check_history(h)?;
         }
         let vm = {
             let vms = self.vms.lock();
@@ -711,6 +714,7 @@ impl Shared {
             resync_reason: None,
             pending_full: false,
             replica_name: None,
+            history: req.history,
         };
         // Like Enable-VMReplication: the replica must accept us now, or nothing changes. First
         // contact: any replica identity the trust scopes allow; the one met is pinned below.
@@ -739,6 +743,52 @@ impl Shared {
             Some(&req.vm),
             "info",
             &format!("replication enabled to {}", req.replica),
+        );
+        Ok(repl.status())
+    }
+
+    /// `replication set`: changes the frequency, compression and recovery history of a
+    /// replicating VM in place. Every value is checked first; a refusal changes nothing.
+    pub fn set_replication(&self, req: &SetReplication) -> anyhow::Result<ReplicationStatus> {
+        let repl = self.replication(&req.vm)?;
+        if let Some(f) = req.frequency_secs {
+            check_frequency(f)?;
+        }
+        let history_given = req.recovery_history.is_some()
+            || req.app_consistent_every_hours.is_some()
+            || req.keep_every_point_for_secs.is_some();
+        let history = if history_given {
+            let mut h = repl.record().history.unwrap_or_default();
+            if let Some(n) = req.recovery_history {
+                h.recovery_history = n;
+            }
+            if let Some(a) = req.app_consistent_every_hours {
+                h.app_consistent_every_hours = Some(a);
+            }
+            if let Some(w) = req.keep_every_point_for_secs {
+                h.keep_every_point_for_secs = w;
+            }
+            check_history(&h)?;
+            Some(h)
+        } else {
+            None
+        };
+        if req.frequency_secs.is_none() && req.compression.is_none() && !history_given {
+            return Err(bad_request(
+                "nothing to change: give --frequency, --compression, --recovery-history, --app-consistent-every or --keep-every-point-for",
+            ));
+        }
+        repl.set(self, req.frequency_secs, req.compression, history);
+        self.events.emit(
+            events::REPLICATION_SET,
+            Some(&req.vm),
+            "info",
+            &format!(
+                "replication settings changed: frequency {} s, compression {:?}, history {:?}",
+                repl.record().frequency_secs,
+                repl.record().compression,
+                repl.record().history
+            ),
         );
         Ok(repl.status())
     }
@@ -858,4 +908,34 @@ fn random_id() -> anyhow::Result<String> {
     let mut f = File::open("/dev/urandom").context("opening /dev/urandom")?;
     std::io::Read::read_exact(&mut f, &mut buf).context("reading /dev/urandom")?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn check_frequency(secs: u32) -> anyhow::Result<()> {
+    if !(1..=3600).contains(&secs) {
+        return Err(bad_request(format!(
+            "frequency must be 1 to 3600 seconds, got {secs}"
+        )));
+    }
+    Ok(())
+}
+
+/// The replica store's own range checks (`replica::HistoryPolicy::validate`), as a 400.
+pub(crate) fn check_history(h: &proto::HistoryPolicy) -> anyhow::Result<()> {
+    history_to_store(h).validate().map_err(bad_request)
+}
+
+pub(crate) fn history_to_store(h: &proto::HistoryPolicy) -> replica::HistoryPolicy {
+    replica::HistoryPolicy {
+        recovery_history: h.recovery_history,
+        app_consistent_every_hours: h.app_consistent_every_hours,
+        keep_every_point_for_secs: h.keep_every_point_for_secs,
+    }
+}
+
+pub(crate) fn history_from_store(h: &replica::HistoryPolicy) -> proto::HistoryPolicy {
+    proto::HistoryPolicy {
+        recovery_history: h.recovery_history,
+        app_consistent_every_hours: h.app_consistent_every_hours,
+        keep_every_point_for_secs: h.keep_every_point_for_secs,
+    }
 }

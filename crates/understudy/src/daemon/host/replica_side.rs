@@ -2,6 +2,7 @@
 //! shows of replica VMs (status, points, exports). The peer routes that receive deltas are in
 //! `daemon/replica_host.rs`.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -388,6 +389,7 @@ impl Shared {
             generation: 0,
             progress: None,
             last_error: None,
+            history: None,
         })
     }
 
@@ -433,12 +435,19 @@ impl Shared {
             generation: rvm.generation(),
             progress: None,
             last_error: None,
+            history: rvm.history().as_ref().map(super::history_from_store),
         })
     }
 
     pub fn points(&self, name: &str) -> anyhow::Result<Vec<PointInfo>> {
         let rvm = self.replica_vm(name)?;
-        Ok(rvm.points().iter().map(point_info).collect())
+        Ok(self.point_infos(&rvm))
+    }
+
+    /// The points of `rvm` as `points list` shows them ([`point_infos_of`]).
+    pub(super) fn point_infos(&self, rvm: &replica::ReplicaVm) -> Vec<PointInfo> {
+        let served = self.served_seqs(rvm.vm_id());
+        point_infos_of(rvm, &served)
     }
 
     pub fn export_point(&self, req: &ExportPoint) -> anyhow::Result<PointInfo> {
@@ -454,7 +463,11 @@ impl Shared {
             .with_context(|| {
                 format!("exporting {} point {} disk {}", req.vm, point.seq, req.disk)
             })?;
-        Ok(point_info(&point))
+        let seq = point.seq;
+        self.point_infos(&rvm)
+            .into_iter()
+            .find(|p| p.id == seq)
+            .ok_or_else(|| not_found(format!("{} has no point {seq} any more", req.vm)))
     }
 }
 
@@ -487,14 +500,43 @@ fn replica_owner_key(vm: &str) -> String {
     format!("replica-owner/{vm}")
 }
 
-pub(super) fn point_info(p: &replica::PointInfo) -> PointInfo {
-    PointInfo {
-        id: p.seq,
-        created_at: rfc3339_from_unix_ns(p.cut_time_unix_ns),
-        cut_time_unix_ns: p.cut_time_unix_ns,
-        kind: format!("{:?}", p.kind),
-        data_bytes: p.data_bytes,
-        zero_bytes: p.zero_bytes,
-        stored_bytes: p.stored_bytes,
-    }
+/// `p` as `points list` shows it: its kind by the VM's history policy at the history clock's
+/// now, and what holds it (served over NBD by `points serve`, other open views).
+pub(super) fn point_infos_of(rvm: &replica::ReplicaVm, served: &BTreeSet<u64>) -> Vec<PointInfo> {
+    let pins = rvm.pinned_points();
+    rvm.points_with_kinds(proto::time::history_now_ns())
+        .into_iter()
+        .map(|(p, kind)| {
+            let mut pinned_by = Vec::new();
+            if served.contains(&p.seq) {
+                pinned_by.push("points serve".to_string());
+            }
+            if pins.contains_key(&p.seq) && pinned_by.is_empty() {
+                let n = pins[&p.seq];
+                pinned_by.push(if n == 1 {
+                    "1 open view".to_string()
+                } else {
+                    format!("{n} open views")
+                });
+            }
+            PointInfo {
+                id: p.seq,
+                cut_time: rfc3339_from_unix_ns(p.cut_time_unix_ns),
+                created_at: rfc3339_from_unix_ns(p.cut_time_unix_ns),
+                cut_time_unix_ns: p.cut_time_unix_ns,
+                kind: kind.as_str().into(),
+                // Application-consistent points come with the guest agent.
+                consistency: if kind == replica::PointKind::AppConsistent {
+                    "application".into()
+                } else {
+                    "crash".into()
+                },
+                delta_kind: format!("{:?}", p.kind),
+                data_bytes: p.data_bytes,
+                zero_bytes: p.zero_bytes,
+                stored_bytes: p.stored_bytes,
+                pinned_by,
+            }
+        })
+        .collect()
 }

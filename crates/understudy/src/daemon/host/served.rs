@@ -13,7 +13,7 @@ use proto::time::{now_unix_ns, rfc3339_from_unix_ns};
 use proto::{ServePoint, ServedDisk, ServedPoint, UnservePoint};
 use replica::{ReplicaError, ReplicaVm};
 
-use super::replica_side::{point_info, resolve_point};
+use super::replica_side::{point_infos_of, resolve_point};
 use super::Shared;
 use crate::daemon::api::{bad_request, not_found};
 use crate::daemon::catalog::{Catalog, ServedRecord};
@@ -108,6 +108,16 @@ fn expiry_of(req: &ServePoint, now: u64) -> anyhow::Result<Option<u64>> {
 }
 
 impl Shared {
+    /// Seqs of the points of `vm` served over NBD (held by `points serve`).
+    pub(super) fn served_seqs(&self, vm: &str) -> std::collections::BTreeSet<u64> {
+        self.served
+            .lock()
+            .keys_of(vm)
+            .into_iter()
+            .map(|(_, seq)| seq)
+            .collect()
+    }
+
     /// `points serve`: pins the point, records it, then exports its disks (all, or `disk`).
     /// Serving a served point again adds disks and replaces its expiry.
     pub fn serve_point(&self, req: &ServePoint) -> anyhow::Result<ServedPoint> {
@@ -246,19 +256,22 @@ impl Shared {
 
     fn served_point(&self, rvm: &ReplicaVm, record: &ServedRecord) -> ServedPoint {
         let socket = self.nbd_socket.display().to_string();
-        let point = rvm
-            .points()
-            .iter()
-            .find(|p| p.seq == record.seq)
-            .map(point_info)
+        let served: std::collections::BTreeSet<u64> = [record.seq].into();
+        let point = point_infos_of(rvm, &served)
+            .into_iter()
+            .find(|p| p.id == record.seq)
             .unwrap_or_else(|| proto::PointInfo {
                 id: record.seq,
+                cut_time: String::new(),
                 created_at: String::new(),
                 cut_time_unix_ns: 0,
                 kind: String::new(),
+                consistency: String::new(),
+                delta_kind: String::new(),
                 data_bytes: 0,
                 zero_bytes: 0,
                 stored_bytes: 0,
+                pinned_by: Vec::new(),
             });
         let disks = rvm
             .disks()
