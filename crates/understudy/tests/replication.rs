@@ -338,3 +338,23 @@ fn start_wait_timeout_gives_up_transiently_and_replication_goes_on() {
         || a.json(&["replication", "status", "slow"])["state"] == "Replicating",
     );
 }
+
+/// The replica's status names its primary, also after the replica daemon restarted and before
+/// the primary's next hello (it used to be empty then).
+#[test]
+fn replica_status_names_its_primary_across_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, mut b) = pair(tmp.path());
+    replicate(&a, &b, "web", &["16M"], 3600);
+    let st = b.json(&["replication", "status", "web"]);
+    assert_eq!(
+        (st["role"].as_str(), st["peer"].as_str()),
+        (Some("Replica"), Some("primary")),
+        "{st}"
+    );
+    b.stop();
+    b.restart();
+    let st = b.json(&["replication", "status", "web"]);
+    assert_eq!(st["peer"], "primary", "{st}");
+    assert_eq!(st["last_seq"], 1, "{st}");
+}

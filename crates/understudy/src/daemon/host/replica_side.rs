@@ -373,11 +373,14 @@ impl Shared {
             health: Health::Warning,
             health_reasons: reasons,
             resync_reason: None,
+            // The primary's host name from its last hello, else (after a restart, before
+            // its next hello) the identity the VM is bound to, recorded in the catalog.
             peer: self
                 .replica_primaries
                 .lock()
                 .get(name)
                 .cloned()
+                .or_else(|| self.replica_owner(name).ok().flatten().map(|o| o.peer_name))
                 .unwrap_or_default(),
             frequency_secs: 0,
             compression: Compression::None,
@@ -419,11 +422,14 @@ impl Shared {
                 .map(|d| format!("replica copy damaged: {d}"))
                 .collect(),
             resync_reason: damage,
+            // The primary's host name from its last hello, else (after a restart, before
+            // its next hello) the identity the VM is bound to, recorded in the catalog.
             peer: self
                 .replica_primaries
                 .lock()
                 .get(name)
                 .cloned()
+                .or_else(|| self.replica_owner(name).ok().flatten().map(|o| o.peer_name))
                 .unwrap_or_default(),
             frequency_secs: 0,
             compression: Compression::None,
