@@ -684,6 +684,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     repl.progress_total.store(total, Ordering::Relaxed);
 
     let header = DeltaHeader {
+        app_consistent: false,
         vm_id: vm_name.clone(),
         generation: record.generation,
         seq,
