@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::Output;
+use std::process::{Command, Output};
 
 use common::*;
 
@@ -195,4 +195,88 @@ fn missing_agent_or_failing_hook_costs_a_counted_failure_not_the_point() {
         .unwrap_or_else(|| panic!("the app-consistent point was not kept: {pts}"));
     assert_eq!(app["kind"], "AppConsistent", "{app}");
     assert_eq!(app["consistency"], "application", "{app}");
+}
+
+/// A guest agent that accepts and never answers (what qemu's chardev gives when no agent runs
+/// in the guest), then a pre-freeze hook that hangs: each cycle still commits a
+/// crash-consistent point within the bounds (3 s per agent step, 30 s per hook), the hung
+/// hook's whole process group is killed, and each failure is counted.
+#[test]
+fn silent_agent_and_hanging_hook_are_bounded_and_cost_a_crash_consistent_point() {
+    origin();
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = pair(root.path());
+    a.ok(&["vm", "create", "web", "--disk", "4M"]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "web",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "3600",
+        "--recovery-history",
+        "1",
+        "--app-consistent-every",
+        "1",
+    ]);
+    let sock = root.path().join("silent-qga.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let held2 = held.clone();
+    std::thread::spawn(move || {
+        for c in listener.incoming().map_while(Result::ok) {
+            held2.lock().unwrap().push(c);
+        }
+    });
+    a.ok(&["vm", "set", "web", "--guest-agent", sock.to_str().unwrap()]);
+    let t = std::time::Instant::now();
+    a.ok(&["replication", "start", "web", "--wait"]);
+    println!("initial cycle with a silent agent: {:?}", t.elapsed());
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "the daemon never connected"
+    );
+    assert_eq!(latest_point(&b, "web")["consistency"], "crash");
+    let m = a.json(&["replication", "measure", "web"]);
+    assert_eq!(m["app_consistent_failures_total"], 1, "{m}");
+    let ev = events(&a);
+    let last = ev.iter().rev().find(|e| e["id"] == 2021).unwrap();
+    assert!(
+        last["message"].as_str().unwrap().contains("in time"),
+        "{last}"
+    );
+
+    // A hook that hangs (its child too): killed after 30 s, the point is still taken.
+    let marker = format!("{}.{}", 600, std::process::id());
+    a.ok(&[
+        "vm",
+        "set",
+        "web",
+        "--no-guest-agent",
+        "--pre-freeze-hook",
+        &format!("sleep {marker}; true"),
+    ]);
+    let t = std::time::Instant::now();
+    let r = sync_until_ok(&a, "web", 1);
+    println!("cycle with a hanging hook: {:?}", t.elapsed());
+    assert_eq!(latest_point(&b, "web")["id"], r["seq"]);
+    assert_eq!(latest_point(&b, "web")["consistency"], "crash");
+    let m = a.json(&["replication", "measure", "web"]);
+    assert_eq!(m["app_consistent_failures_total"], 2, "{m}");
+    let ev = events(&a);
+    let last = ev.iter().rev().find(|e| e["id"] == 2021).unwrap();
+    assert!(
+        last["message"].as_str().unwrap().contains("killed"),
+        "{last}"
+    );
+    let left = Command::new("pgrep")
+        .args(["-f", &format!("sleep {marker}")])
+        .output()
+        .unwrap();
+    assert!(
+        !left.status.success(),
+        "the hook's child outlived it: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
 }
