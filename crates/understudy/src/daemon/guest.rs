@@ -72,7 +72,7 @@ impl Agent {
     /// Connects and resynchronizes (`guest-sync-delimited`): answers left over from an earlier
     /// session are skipped.
     fn connect(socket: &Path) -> Result<Agent, String> {
-        let stream = UnixStream::connect(socket).map_err(|e| {
+        let stream = connect_bounded(socket, AGENT_STEP_TIMEOUT).map_err(|e| {
             format!(
                 "cannot connect to the guest agent at {}: {e}",
                 socket.display()
@@ -180,6 +180,69 @@ impl Agent {
             .replace('\n', " ");
         Err(format!("the guest agent refused {command}: {why}"))
     }
+}
+
+/// `connect(2)` to a unix socket within `timeout`. A plain blocking connect waits forever when
+/// the listener's backlog is full (qemu's chardev stops accepting while another client holds
+/// the channel); non-blocking, a full backlog is `EAGAIN` at once, retried until the deadline.
+fn connect_bounded(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the fd is owned by the UnixStream right after.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let deadline = Instant::now() + timeout;
+    loop {
+        // SAFETY: addr is a valid sockaddr_un of the size given.
+        let r = unsafe {
+            libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Some(libc::EAGAIN) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the socket accepts no connection (backlog full)",
+                ))
+            }
+            _ => return Err(e),
+        }
+    }
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 /// What a quiesced cut cost: the error of a failed freeze (the cut is then crash-consistent) and
@@ -330,6 +393,31 @@ mod tests {
         let e = run_hook("vm", "pre-freeze", "exit 3").unwrap_err();
         assert!(e.contains("failed") && !e.contains('\n'), "{e}");
         run_hook("vm", "pre-freeze", "test \"$UNDERSTUDY_VM\" = vm").unwrap();
+    }
+
+    #[test]
+    fn agent_whose_socket_accepts_no_connection_does_not_hang_the_cut() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("full.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // Backlog 0 and nothing accepts: one pending connection fills it.
+        // SAFETY: listen(2) on a socket this test owns.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let mut pending = Vec::new();
+        while let Ok(s) = connect_bounded(&path, Duration::ZERO) {
+            pending.push(s);
+            assert!(pending.len() < 64, "the backlog never filled");
+        }
+        let s = GuestSettings {
+            agent_socket: Some(path.display().to_string()),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let ((), q) = quiesced("vm", &s, || ());
+        assert!(t.elapsed() < AGENT_STEP_TIMEOUT * 2, "{:?}", t.elapsed());
+        let e = q.freeze_error.unwrap();
+        assert!(e.contains("backlog") && !e.contains('\n'), "{e}");
     }
 
     #[test]
