@@ -279,4 +279,26 @@ fn silent_agent_and_hanging_hook_are_bounded_and_cost_a_crash_consistent_point()
         "the hook's child outlived it: {}",
         String::from_utf8_lossy(&left.stdout)
     );
+
+    // A third failure in a row (the silent agent again): Warning. Removing the agent and the
+    // hook ends the streak at the next cycle: Normal.
+    a.ok(&[
+        "vm",
+        "set",
+        "web",
+        "--guest-agent",
+        sock.to_str().unwrap(),
+        "--pre-freeze-hook",
+        "",
+    ]);
+    sync_until_ok(&a, "web", 1);
+    let st = a.json(&["replication", "status", "web"]);
+    assert_eq!(st["health"], "Warning", "{st}");
+    a.ok(&["vm", "set", "web", "--no-guest-agent"]);
+    assert!(a.json(&["vm", "show", "web"]).get("guest_agent").is_none());
+    sync_until_ok(&a, "web", 1);
+    let st = a.json(&["replication", "status", "web"]);
+    assert_eq!(st["health"], "Normal", "{st}");
+    let m = a.json(&["replication", "measure", "web"]);
+    assert_eq!(m["app_consistent_failures_total"], 3, "{m}");
 }

@@ -283,6 +283,11 @@ pub fn quiesced<T>(vm: &str, s: &GuestSettings, cut: impl FnOnce() -> T) -> (T, 
             Ok(mut a) => {
                 freeze_sent = true;
                 match a.execute("guest-fsfreeze-freeze", AGENT_FREEZE_TIMEOUT) {
+                    // The answer is the number of filesystems frozen: none is no consistency.
+                    Ok(n) if n.as_u64() == Some(0) => {
+                        errors.push("the guest agent froze no filesystem".into());
+                        agent = Some(a);
+                    }
                     Ok(_) => agent = Some(a),
                     // Its late answer could be taken for the thaw's: the thaw resyncs on a
                     // new connection.

@@ -705,8 +705,15 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     .await
     .context("cut task")?;
     let app_consistent = quiesced.as_ref().is_some_and(|q| q.app_consistent());
-    if let Some(q) = &quiesced {
-        note_quiesce(shared, repl, q);
+    match &quiesced {
+        Some(q) => note_quiesce(shared, repl, q),
+        None => {
+            // Not due, or nothing to quiesce with any more (`vm set --no-guest-agent`, the
+            // cadence removed): no failure streak stands.
+            let mut rt = repl.rt.lock();
+            rt.counters.app_consecutive_failures = 0;
+            rt.app_error = None;
+        }
     }
     let cut = cut?;
     let started = Instant::now();
