@@ -12,6 +12,7 @@ const KEY: [u8; 32] = [0x5a; 32];
 /// otherwise stop nearly every input at the first bytes.
 fn valid_header() -> Vec<u8> {
     let header = delta::DeltaHeader {
+        app_consistent: false,
         vm_id: "fuzz".into(),
         generation: 1,
         seq: 2,

@@ -25,6 +25,7 @@ const KEY: [u8; 32] = [5u8; 32];
 
 fn header(disk_bytes: u64) -> DeltaHeader {
     DeltaHeader {
+        app_consistent: false,
         vm_id: "bench".into(),
         generation: 1,
         seq: 1,

@@ -381,6 +381,7 @@ mod tests {
 
     fn header() -> DeltaHeader {
         DeltaHeader {
+            app_consistent: false,
             vm_id: "vm".into(),
             generation: 1,
             seq: 1,

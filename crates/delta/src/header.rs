@@ -19,6 +19,12 @@ pub(crate) const CHECKSUM_BYTES: usize = 32;
 pub(crate) const HEADER_BYTES_MIN: usize =
     PREAMBLE_BYTES + FIXED_BYTES + 1 + DISK_ENTRY_BYTES + CHECKSUM_BYTES;
 
+/// `flags` bit 0: the cut was taken while the guest's filesystems were frozen (guest agent or
+/// hooks): an application-consistent point. Every other bit is reserved and refused.
+pub(crate) const FLAG_APP_CONSISTENT: u16 = 1;
+/// Every flag bit this version knows.
+const FLAGS_KNOWN: u16 = FLAG_APP_CONSISTENT;
+
 const HEADER_KEY_CONTEXT: &str = "understudy delta v2 header checksum";
 const MAC_KEY_CONTEXT: &str = "understudy delta v2 stream mac";
 
@@ -112,6 +118,8 @@ pub struct DeltaHeader {
     pub cut_time_unix_ns: u64,
     pub kind: DeltaKind,
     pub compression: Compression,
+    /// The cut was taken with the guest's filesystems frozen (`flags` bit 0).
+    pub app_consistent: bool,
     pub disks: Vec<DiskEntry>,
 }
 
@@ -172,7 +180,12 @@ impl DeltaHeader {
         let mut out = Vec::with_capacity(len);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
+        let flags = if self.app_consistent {
+            FLAG_APP_CONSISTENT
+        } else {
+            0
+        };
+        out.extend_from_slice(&flags.to_le_bytes());
         // validate() bounds len far below u32::MAX (≤ HEADER_BYTES_MAX).
         out.extend_from_slice(&(len as u32).to_le_bytes());
         out.push(self.kind.code());
@@ -210,7 +223,7 @@ pub(crate) fn parse_preamble(p: &[u8]) -> Result<usize, DeltaError> {
         return Err(DeltaError::UnsupportedVersion(version));
     }
     let flags = c.u16()?;
-    if flags != 0 {
+    if flags & !FLAGS_KNOWN != 0 {
         return Err(DeltaError::UnsupportedFlags(flags));
     }
     let len = c.u32()?;
@@ -228,7 +241,12 @@ pub(crate) fn parse_header(bytes: &[u8], keys: &Keys) -> Result<DeltaHeader, Del
         .ok_or(DeltaError::BadHeader("header too short"))?;
     let (body, sum) = bytes.split_at(body_len);
     let mut c = Cursor::new(body);
-    c.bytes(PREAMBLE_BYTES)?;
+    c.bytes(10)?;
+    let flags = c.u16()?;
+    if flags & !FLAGS_KNOWN != 0 {
+        return Err(DeltaError::UnsupportedFlags(flags));
+    }
+    c.bytes(PREAMBLE_BYTES - 12)?;
     let kind = c.u8()?;
     let compression = c.u8()?;
     let vm_id_len = c.u8()? as usize;
@@ -266,6 +284,7 @@ pub(crate) fn parse_header(bytes: &[u8], keys: &Keys) -> Result<DeltaHeader, Del
         disks.push(DiskEntry { index, size_bytes });
     }
     let header = DeltaHeader {
+        app_consistent: flags & FLAG_APP_CONSISTENT != 0,
         vm_id,
         generation,
         seq,
@@ -331,5 +350,49 @@ impl<'a> Cursor<'a> {
     }
     pub fn u64(&mut self) -> Result<u64, DeltaError> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(app_consistent: bool) -> DeltaHeader {
+        DeltaHeader {
+            vm_id: "vm".into(),
+            generation: 1,
+            seq: 2,
+            parent_seq: 1,
+            cut_time_unix_ns: 5,
+            kind: DeltaKind::Incremental,
+            compression: Compression::None,
+            app_consistent,
+            disks: vec![DiskEntry {
+                index: 0,
+                size_bytes: 4096,
+            }],
+        }
+    }
+
+    #[test]
+    fn app_consistent_flag_round_trips_and_unknown_flags_are_refused() {
+        let keys = Keys::derive(&[7; 32]);
+        for app in [false, true] {
+            let bytes = header(app).encode(&keys);
+            assert_eq!(bytes[10], u8::from(app));
+            let len = parse_preamble(&bytes[..PREAMBLE_BYTES]).unwrap();
+            assert_eq!(len, bytes.len());
+            assert_eq!(parse_header(&bytes, &keys).unwrap(), header(app));
+        }
+        let mut bytes = header(true).encode(&keys);
+        bytes[10] = 0b11;
+        assert!(matches!(
+            parse_preamble(&bytes[..PREAMBLE_BYTES]),
+            Err(DeltaError::UnsupportedFlags(3))
+        ));
+        assert!(matches!(
+            parse_header(&bytes, &keys),
+            Err(DeltaError::UnsupportedFlags(3))
+        ));
     }
 }

@@ -308,6 +308,7 @@ mod tests {
 
     fn header() -> DeltaHeader {
         DeltaHeader {
+            app_consistent: false,
             vm_id: "shared".into(),
             generation: 1,
             seq: 1,

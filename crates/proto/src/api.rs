@@ -60,6 +60,28 @@ pub struct VmInfo {
     /// restarted. Every other VM keeps serving.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broken: Option<String>,
+    /// Unix socket of the VM's QEMU guest agent channel (`vm set --guest-agent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_freeze_hook: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_thaw_hook: Option<String>,
+}
+
+/// `vm set`: how the guest is quiesced for application-consistent points. Each field given
+/// changes that setting; an empty hook string removes the hook.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SetVm {
+    pub vm: String,
+    #[serde(default)]
+    pub guest_agent: Option<String>,
+    #[serde(default)]
+    pub no_guest_agent: bool,
+    #[serde(default)]
+    pub pre_freeze_hook: Option<String>,
+    #[serde(default)]
+    pub post_thaw_hook: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,6 +225,13 @@ pub struct Measure {
     /// Bytes the replica already held at those resumes: not sent again.
     #[serde(default)]
     pub resumed_bytes_total: u64,
+    /// Application-consistent points committed since the daemon started.
+    #[serde(default)]
+    pub app_consistent_points_total: u64,
+    /// Application-consistent cuts that fell back to crash-consistent (agent absent, slow or
+    /// refusing; hook failed or timed out), since the daemon started.
+    #[serde(default)]
+    pub app_consistent_failures_total: u64,
     pub last_replication_time: Option<String>,
     pub pending_bytes: u64,
 }

@@ -88,6 +88,7 @@ fn main() {
         Ok(other) => panic!("BENCH_MODE: base or journal, not {other}"),
     };
     let mut header = DeltaHeader {
+        app_consistent: false,
         vm_id: "bench".into(),
         generation: 1,
         seq: 1,

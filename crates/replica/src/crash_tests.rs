@@ -24,6 +24,7 @@ pub(crate) fn chain_header(
     disks: Vec<DiskEntry>,
 ) -> DeltaHeader {
     DeltaHeader {
+        app_consistent: false,
         vm_id: vm.into(),
         generation: 1,
         seq,
@@ -233,6 +234,7 @@ fn crash_at_each_fold_step_keeps_remaining_points() {
 /// frame over an earlier DATA frame and an all-zero DATA frame, and the images it leads to.
 fn initial(blocks: &[(u32, u64, u8)]) -> (Vec<u8>, BTreeMap<u32, Vec<u8>>) {
     let header = DeltaHeader {
+        app_consistent: false,
         vm_id: VM.into(),
         generation: 1,
         seq: 1,

@@ -90,25 +90,30 @@ impl PointKind {
 }
 
 /// The hourly points of `points` (any order) under `policy` at `now_ns`: per UTC clock hour
-/// of the last `recovery_history` hours (the current one included), its first point.
+/// of the last `recovery_history` hours (the current one included), its first
+/// application-consistent point, else its first point.
 fn hourly(points: &[PointInfo], policy: &HistoryPolicy, now_ns: u64) -> BTreeSet<u64> {
     let n = u64::from(policy.recovery_history);
     if n == 0 {
         return BTreeSet::new();
     }
     let first_hour = (now_ns / HOUR_NS).saturating_sub(n - 1);
-    let mut first_of_hour: BTreeMap<u64, u64> = BTreeMap::new();
+    // Per hour: (is not application-consistent, seq), the smallest wins, so an hour's first
+    // application-consistent point is its hourly point when it has one (as Hyper-V keeps its
+    // VSS points), else its first point.
+    let mut first_of_hour: BTreeMap<u64, (bool, u64)> = BTreeMap::new();
     for p in points {
         let hour = p.cut_time_unix_ns / HOUR_NS;
         if hour < first_hour {
             continue;
         }
+        let key = (!p.app_consistent, p.seq);
         first_of_hour
             .entry(hour)
-            .and_modify(|s| *s = (*s).min(p.seq))
-            .or_insert(p.seq);
+            .and_modify(|s| *s = (*s).min(key))
+            .or_insert(key);
     }
-    first_of_hour.into_values().collect()
+    first_of_hour.into_values().map(|(_, seq)| seq).collect()
 }
 
 /// The seqs of `points` that `policy` keeps at `now_ns`: the newest, every point of the
@@ -149,6 +154,8 @@ pub fn classify(
                 PointKind::Initial
             } else if p.kind == DeltaKind::Full {
                 PointKind::Resynchronized
+            } else if p.app_consistent {
+                PointKind::AppConsistent
             } else if hourly.contains(&p.seq) {
                 PointKind::Hourly
             } else {
@@ -177,6 +184,7 @@ mod tests {
             data_bytes: 0,
             zero_bytes: 0,
             stored_bytes: 0,
+            app_consistent: false,
         }
     }
 
@@ -201,6 +209,20 @@ mod tests {
         assert_eq!(kinds[9], PointKind::Hourly);
         assert_eq!(kinds[10], PointKind::Standard);
         assert_eq!(kinds[12], PointKind::Latest);
+    }
+
+    #[test]
+    fn app_consistent_point_is_its_hours_hourly_point_and_listed_as_such() {
+        // Points every 20 minutes; 03:40 (seq 12) was cut with the guest frozen.
+        let mut pts: Vec<PointInfo> = (0..=13).map(|i| point(i + 1, i * 20 * MIN)).collect();
+        pts[11].app_consistent = true;
+        let now = 4 * 60 * MIN + 25 * MIN;
+        let k = kept(&pts, &policy(2, 0), now);
+        assert_eq!(k.into_iter().collect::<Vec<_>>(), vec![12, 13, 14]);
+        let kinds = classify(&pts, Some(&policy(2, 0)), now);
+        assert_eq!(kinds[11], PointKind::AppConsistent);
+        assert_eq!(kinds[9], PointKind::Standard);
+        assert_eq!(kinds[12], PointKind::Hourly);
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub(crate) struct PointRecord {
     pub data_bytes: u64,
     pub zero_bytes: u64,
     pub stored_bytes: u64,
+    /// The cut was taken with the guest frozen (delta header flag `APP_CONSISTENT`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub app_consistent: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -37,6 +37,8 @@ pub struct PointInfo {
     pub zero_bytes: u64,
     /// Encoded size of that delta.
     pub stored_bytes: u64,
+    /// The cut was taken with the guest's filesystems frozen (an application-consistent point).
+    pub app_consistent: bool,
 }
 
 impl PointInfo {
@@ -48,6 +50,7 @@ impl PointInfo {
             data_bytes: s.data_bytes,
             zero_bytes: s.zero_bytes,
             stored_bytes: s.stored_bytes,
+            app_consistent: h.app_consistent,
         }
     }
 
@@ -59,6 +62,7 @@ impl PointInfo {
             data_bytes: self.data_bytes,
             zero_bytes: self.zero_bytes,
             stored_bytes: self.stored_bytes,
+            app_consistent: self.app_consistent,
         }
     }
 
@@ -70,6 +74,7 @@ impl PointInfo {
             data_bytes: r.data_bytes,
             zero_bytes: r.zero_bytes,
             stored_bytes: r.stored_bytes,
+            app_consistent: r.app_consistent,
         })
     }
 }

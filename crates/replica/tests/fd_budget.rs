@@ -35,6 +35,7 @@ fn content(vm: u64, seq: u64) -> Vec<u8> {
 /// A tiny delta: point `seq` of VM `vm` writes one block.
 fn delta(vm: u64, seq: u64) -> Vec<u8> {
     let header = DeltaHeader {
+        app_consistent: false,
         vm_id: format!("vm-{vm}"),
         generation: 1,
         seq,

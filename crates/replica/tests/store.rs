@@ -285,6 +285,7 @@ fn export_raw_is_sparse_and_exact() {
     }];
     let vm = store.create_vm("big", 1, &disks, KEY).unwrap();
     let header = delta::DeltaHeader {
+        app_consistent: false,
         vm_id: "big".into(),
         generation: 1,
         seq: 1,
@@ -301,6 +302,7 @@ fn export_raw_is_sparse_and_exact() {
     send(&vm, &d1).unwrap();
     // A second point on top, still in the journal.
     let header2 = delta::DeltaHeader {
+        app_consistent: false,
         seq: 2,
         parent_seq: 1,
         kind: DeltaKind::Incremental,

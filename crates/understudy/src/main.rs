@@ -183,6 +183,24 @@ enum VmCmd {
         #[arg(long)]
         json: bool,
     },
+    /// How the guest is quiesced for application-consistent points (`replication enable/set
+    /// --app-consistent-every H`): its QEMU guest agent socket, or hooks.
+    Set {
+        name: String,
+        /// Unix socket of the VM's `org.qemu.guest_agent.0` channel.
+        #[arg(long, value_name = "SOCKET", conflicts_with = "no_guest_agent")]
+        guest_agent: Option<PathBuf>,
+        /// Forget the guest agent socket.
+        #[arg(long)]
+        no_guest_agent: bool,
+        /// Shell command run before the cut (non-zero exit or 30 s timeout: crash-consistent
+        /// point); "" removes it.
+        #[arg(long, value_name = "CMD")]
+        pre_freeze_hook: Option<String>,
+        /// Shell command run after the cut whenever the pre-freeze hook ran; "" removes it.
+        #[arg(long, value_name = "CMD")]
+        post_thaw_hook: Option<String>,
+    },
     /// Show one VM and its disks.
     Show {
         name: String,
@@ -355,6 +373,20 @@ fn main() -> ExitCode {
                 VmCmd::Import { name, images } => cli::vm_import(&api, &name, &images),
                 VmCmd::List { json } => cli::vm_list(&api, json),
                 VmCmd::Show { name, json } => cli::vm_show(&api, &name, json),
+                VmCmd::Set {
+                    name,
+                    guest_agent,
+                    no_guest_agent,
+                    pre_freeze_hook,
+                    post_thaw_hook,
+                } => cli::vm_set(
+                    &api,
+                    &name,
+                    guest_agent.as_deref(),
+                    no_guest_agent,
+                    pre_freeze_hook,
+                    post_thaw_hook,
+                ),
             }
         }
         Command::Replication(cmd) => {

@@ -10,6 +10,7 @@ pub const DISK_BYTES: u64 = 256 * 1024;
 
 pub fn header(compression: Compression) -> DeltaHeader {
     DeltaHeader {
+        app_consistent: false,
         vm_id: "web-0".into(),
         generation: 3,
         seq: 5,

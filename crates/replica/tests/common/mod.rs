@@ -114,6 +114,7 @@ impl Model {
         key: &[u8; 32],
     ) -> (Vec<u8>, Images) {
         let header = DeltaHeader {
+            app_consistent: false,
             vm_id: VM.into(),
             generation,
             seq,

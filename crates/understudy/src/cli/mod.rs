@@ -174,6 +174,32 @@ pub fn vm_list(api: &Api, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn vm_set(
+    api: &Api,
+    name: &str,
+    guest_agent: Option<&Path>,
+    no_guest_agent: bool,
+    pre_freeze_hook: Option<String>,
+    post_thaw_hook: Option<String>,
+) -> anyhow::Result<()> {
+    let guest_agent = match guest_agent {
+        Some(p) => Some(absolute(p)?.display().to_string()),
+        None => None,
+    };
+    let vm: VmInfo = api.post(
+        &format!("/v1/vms/{}/set", path_segment(name)?),
+        &proto::SetVm {
+            vm: name.to_string(),
+            guest_agent,
+            no_guest_agent,
+            pre_freeze_hook,
+            post_thaw_hook,
+        },
+    )?;
+    output::print_vm(&vm);
+    Ok(())
+}
+
 pub fn vm_show(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
     let vm: VmInfo = api.get(&format!("/v1/vms/{}", path_segment(name)?))?;
     if json {

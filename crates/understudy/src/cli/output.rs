@@ -37,6 +37,15 @@ pub fn print_vm(vm: &VmInfo) {
     if let Some(why) = &vm.broken {
         println!("  BROKEN, not served: {why}");
     }
+    if let Some(s) = &vm.guest_agent {
+        println!("  guest agent: {s}");
+    }
+    if let Some(h) = &vm.pre_freeze_hook {
+        println!("  pre-freeze hook: {h}");
+    }
+    if let Some(h) = &vm.post_thaw_hook {
+        println!("  post-thaw hook: {h}");
+    }
     for d in &vm.disks {
         println!(
             "  disk {}  {:>10}  {}",
@@ -121,6 +130,10 @@ pub fn print_measure(m: &Measure) {
         "  resumed uploads        {} ({} not sent again)",
         m.resumed_uploads_total,
         bytes(m.resumed_bytes_total)
+    );
+    println!(
+        "  app-consistent points  {} ({} fell back to crash-consistent)",
+        m.app_consistent_points_total, m.app_consistent_failures_total
     );
     println!(
         "  last replication       {}",

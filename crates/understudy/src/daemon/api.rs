@@ -143,6 +143,14 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
             to_json(&blocking(move || s.import_vm(&r.name, &images)).await?)
         }
         (Method::GET, ["v1", "vms", name]) => to_json(&shared.vm_info(name)?),
+        (Method::POST, ["v1", "vms", name, "set"]) => {
+            let r: proto::SetVm = body(req).await?;
+            if r.vm != *name {
+                return Err(bad_request("VM name in path and body differ"));
+            }
+            let s = shared.clone();
+            to_json(&blocking(move || s.set_vm(&r)).await?)
+        }
         (Method::GET, ["v1", "replication"]) => to_json(&shared.all_status()),
         (Method::GET, ["v1", "vms", name, "replication"]) => to_json(&shared.status(name)?),
         (Method::GET, ["v1", "vms", name, "replication", "measure"]) => {

@@ -27,6 +27,10 @@ pub struct VmRecord {
     pub created_unix_ns: u64,
     pub disks: Vec<DiskRecord>,
     pub replication: Option<ReplicationRecord>,
+    /// How the guest is quiesced for application-consistent points (`vm set`); absent when
+    /// never set (every point crash-consistent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<super::guest::GuestSettings>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +71,10 @@ pub struct ReplicationRecord {
     /// absent in older records and when never set (the replica keeps its newest 64 points).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<proto::HistoryPolicy>,
+    /// History-clock time (`proto::time`) of the newest application-consistent cut that the
+    /// replica committed: the next one is due `app_consistent_every_hours` after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_app_consistent_unix_ns: Option<u64>,
 }
 
 /// Replica side: the primary identity that created a replica VM (`replica-owner/<vm>`). Only

@@ -15,6 +15,10 @@ pub const DAEMON_STOPPED: u32 = 1001;
 pub const UNCLEAN_RECOVERED: u32 = 1002;
 pub const VM_BROKEN: u32 = 1003;
 pub const STORAGE_FAILED: u32 = 1004;
+pub const VM_SET: u32 = 1005;
+/// The guest was found frozen at daemon start (the daemon died between freeze and thaw) and
+/// was thawed.
+pub const GUEST_THAWED_AT_START: u32 = 1006;
 pub const REPLICATION_ENABLED: u32 = 2000;
 pub const INITIAL_STARTED: u32 = 2001;
 pub const INITIAL_DONE: u32 = 2002;
@@ -25,6 +29,10 @@ pub const RESUMED: u32 = 2006;
 pub const ANSWER_LOST_ADOPTED: u32 = 2007;
 pub const REPLICATION_SET: u32 = 2008;
 pub const UPLOAD_RESUMED: u32 = 2020;
+/// An application-consistent cut fell back to crash-consistent (agent or hook failure).
+pub const APP_CONSISTENT_FAILED: u32 = 2021;
+/// The guest could not be thawed (agent) or the post-thaw hook failed after a cut.
+pub const GUEST_THAW_FAILED: u32 = 2022;
 pub const POINT_COMMITTED: u32 = 3000;
 pub const PEER_REFUSED: u32 = 3002;
 pub const REPLICA_STORE_UNAVAILABLE: u32 = 3003;

@@ -10,6 +10,7 @@ mod api;
 mod catalog;
 mod durable;
 mod events;
+mod guest;
 mod heap;
 mod heartbeat;
 mod host;

@@ -66,11 +66,16 @@ struct Counters {
     cut_pause_us_max: u64,
     resumed_uploads: u64,
     resumed_bytes: u64,
+    app_ok: u64,
+    app_failures: u64,
+    app_consecutive_failures: u64,
 }
 
 struct Runtime {
     record: ReplicationRecord,
     last_error: Option<String>,
+    /// Why the last application-consistent cut fell back to crash-consistent.
+    app_error: Option<String>,
     counters: Counters,
     /// True until the replica confirmed where it stands since this task started or failed.
     need_hello: bool,
@@ -90,13 +95,21 @@ pub struct Replication {
 }
 
 impl Replication {
-    pub fn spawn(shared: Arc<Shared>, vm: Arc<Vm>, record: ReplicationRecord) -> Arc<Replication> {
+    /// `thaw_agent`: the guest agent socket of a VM opened at daemon start, asked before the
+    /// first cycle to thaw a guest that a previous run left frozen.
+    pub fn spawn(
+        shared: Arc<Shared>,
+        vm: Arc<Vm>,
+        record: ReplicationRecord,
+        thaw_agent: Option<String>,
+    ) -> Arc<Replication> {
         let (tx, rx) = mpsc::channel(CMD_QUEUE);
         let repl = Arc::new(Replication {
             vm,
             rt: Mutex::new(Runtime {
                 record,
                 last_error: None,
+                app_error: None,
                 counters: Counters {
                     since_ns: now_unix_ns(),
                     ..Default::default()
@@ -108,7 +121,7 @@ impl Replication {
             last_progress_ns: Arc::new(AtomicU64::new(0)),
             cmd: tx,
         });
-        tokio::spawn(run(shared, repl.clone(), rx));
+        tokio::spawn(run(shared, repl.clone(), rx, thaw_agent));
         repl
     }
 
@@ -162,6 +175,8 @@ impl Replication {
             consecutive_failures: rt.counters.consecutive_failures,
             last_error: rt.last_error.as_deref(),
             resync_reason: r.resync_reason.as_deref(),
+            app_consistent_failures: rt.counters.app_consecutive_failures,
+            app_consistent_error: rt.app_error.as_deref(),
         });
         let total = self.progress_total.load(Ordering::Relaxed);
         ReplicationStatus {
@@ -239,6 +254,8 @@ impl Replication {
             cbw_spilled_bytes_total: self.vm.disks.iter().map(|d| d.cbw_spilled_bytes()).sum(),
             resumed_uploads_total: c.resumed_uploads,
             resumed_bytes_total: c.resumed_bytes,
+            app_consistent_points_total: c.app_ok,
+            app_consistent_failures_total: c.app_failures,
             last_replication_time: st.last_replication_time,
             pending_bytes: st.pending_bytes,
         }
@@ -341,7 +358,15 @@ async fn poll_inflight(inflight: &mut Option<InFlight>) -> anyhow::Result<SyncRe
     }
 }
 
-async fn run(shared: Arc<Shared>, repl: Arc<Replication>, mut rx: mpsc::Receiver<Cmd>) {
+async fn run(
+    shared: Arc<Shared>,
+    repl: Arc<Replication>,
+    mut rx: mpsc::Receiver<Cmd>,
+    thaw_agent: Option<String>,
+) {
+    if let Some(sock) = thaw_agent {
+        thaw_at_start(&shared, &repl.vm.name, sock).await;
+    }
     let mut next_at = Instant::now();
     let mut retry = RETRY_MIN;
     let mut inflight: Option<InFlight> = None;
@@ -665,9 +690,32 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
         .filter_map(|&i| repl.vm.disks.get(i as usize).cloned())
         .collect();
     let gate = repl.vm.gate.clone();
-    let cut = tokio::task::spawn_blocking(move || tracker::cut(&gate, &selected))
-        .await
-        .context("cut task")??;
+    // Application-consistent when due: freeze, cut, thaw on the blocking thread, every step
+    // bounded (`guest.rs`); any failure leaves a crash-consistent cut.
+    let quiesce = app_consistent_due(shared, &vm_name, &record);
+    let vm_for_hooks = vm_name.clone();
+    let (cut, quiesced) = tokio::task::spawn_blocking(move || match quiesce {
+        Some(settings) => {
+            let (cut, q) =
+                super::guest::quiesced(&vm_for_hooks, &settings, || tracker::cut(&gate, &selected));
+            (cut, Some(q))
+        }
+        None => (tracker::cut(&gate, &selected), None),
+    })
+    .await
+    .context("cut task")?;
+    let app_consistent = quiesced.as_ref().is_some_and(|q| q.app_consistent());
+    match &quiesced {
+        Some(q) => note_quiesce(shared, repl, q),
+        None => {
+            // Not due, or nothing to quiesce with any more (`vm set --no-guest-agent`, the
+            // cadence removed): no failure streak stands.
+            let mut rt = repl.rt.lock();
+            rt.counters.app_consecutive_failures = 0;
+            rt.app_error = None;
+        }
+    }
+    let cut = cut?;
     let started = Instant::now();
     // The history's clock (real time unless a test compressed it: `proto::time`).
     let cut_ns = proto::time::history_clock_ns(cut.cut_time_unix_ns);
@@ -684,6 +732,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     repl.progress_total.store(total, Ordering::Relaxed);
 
     let header = DeltaHeader {
+        app_consistent,
         vm_id: vm_name.clone(),
         generation: record.generation,
         seq,
@@ -752,6 +801,9 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
                 let r = &mut rt.record;
                 r.last_seq = reply.seq;
                 r.last_cut_unix_ns = Some(cut_ns);
+                if app_consistent {
+                    r.last_app_consistent_unix_ns = Some(cut_ns);
+                }
                 r.inflight_seq = None;
                 let first = !r.initial_done;
                 r.initial_done = true;
@@ -764,6 +816,9 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
                 c.latency_ms_total += latency_ms;
                 c.latency_ms_max = c.latency_ms_max.max(latency_ms);
                 c.cut_pause_us_max = c.cut_pause_us_max.max(pause_us);
+                if app_consistent {
+                    c.app_ok += 1;
+                }
                 drop(rt);
                 if first {
                     shared.events.emit(
@@ -824,6 +879,76 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
             );
             Err(e)
         }
+    }
+}
+
+/// The VM's guest settings when this cycle's cut should be application-consistent: the VM can
+/// be quiesced (agent or hook), the history policy has a cadence, and no application-consistent
+/// point was committed within it (history clock, so tests can compress hours). A failed attempt
+/// leaves it due: the next cycle tries again.
+fn app_consistent_due(
+    shared: &Shared,
+    vm: &str,
+    record: &ReplicationRecord,
+) -> Option<super::guest::GuestSettings> {
+    let every_h = record.history.as_ref()?.app_consistent_every_hours?;
+    let settings = shared.guest_settings(vm).filter(|g| g.can_quiesce())?;
+    let every_ns = u64::from(every_h) * 3600 * 1_000_000_000;
+    let due = match record.last_app_consistent_unix_ns {
+        None => true,
+        Some(last) => proto::time::history_now_ns() >= last.saturating_add(every_ns),
+    };
+    due.then_some(settings)
+}
+
+/// The "thaw on restart": a daemon killed between freeze and thaw leaves the guest frozen
+/// (qemu-ga has no timeout of its own on Linux); before its first cycle the VM's task asks the
+/// agent and thaws a frozen guest. Bounded like every agent call; an absent agent is logged only.
+async fn thaw_at_start(shared: &Shared, vm: &str, sock: String) {
+    match tokio::task::spawn_blocking(move || super::guest::thaw_if_frozen(&sock)).await {
+        Ok(Ok(true)) => shared.events.emit(
+            events::GUEST_THAWED_AT_START,
+            Some(vm),
+            "warning",
+            "the guest was frozen at daemon start (the daemon stopped between freeze and thaw); thawed it",
+        ),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::info!(vm, "guest agent not checked at start: {e}"),
+        Err(e) => tracing::warn!(vm, "guest agent check at start: {e}"),
+    }
+}
+
+/// Counts and reports the outcome of an application-consistent attempt.
+fn note_quiesce(shared: &Shared, repl: &Replication, q: &super::guest::Quiesced) {
+    let vm = &repl.vm.name;
+    match &q.freeze_error {
+        None => {
+            let mut rt = repl.rt.lock();
+            rt.counters.app_consecutive_failures = 0;
+            rt.app_error = None;
+        }
+        Some(why) => {
+            {
+                let mut rt = repl.rt.lock();
+                rt.counters.app_failures += 1;
+                rt.counters.app_consecutive_failures += 1;
+                rt.app_error = Some(why.clone());
+            }
+            shared.events.emit(
+                events::APP_CONSISTENT_FAILED,
+                Some(vm),
+                "warning",
+                &format!("application-consistent cut failed, taking it crash-consistent: {why}"),
+            );
+        }
+    }
+    if let Some(why) = &q.thaw_error {
+        shared.events.emit(
+            events::GUEST_THAW_FAILED,
+            Some(vm),
+            "error",
+            &format!("after the cut: {why}"),
+        );
     }
 }
 

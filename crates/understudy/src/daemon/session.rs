@@ -92,7 +92,17 @@ pub struct HealthInput<'a> {
     pub consecutive_failures: u64,
     pub last_error: Option<&'a str>,
     pub resync_reason: Option<&'a str>,
+    /// Application-consistent cuts that fell back to crash-consistent in a row, and the last
+    /// reason.
+    pub app_consistent_failures: u64,
+    pub app_consistent_error: Option<&'a str>,
 }
+
+/// Application-consistent cuts failed in a row after which health turns Warning: one failure
+/// can be a guest busy at that moment (the point is still taken, crash-consistent); three in a
+/// row mean the agent or hook is broken and the recovery history has no application-consistent
+/// point.
+pub const APP_CONSISTENT_WARNING_FAILURES: u64 = 3;
 
 /// Cycles of lag after which health turns Warning, and then Critical.
 pub const LAG_WARNING_CYCLES: u64 = 3;
@@ -136,6 +146,17 @@ pub fn health(h: &HealthInput<'_>) -> (Health, Vec<String>) {
                 "{} cycle(s) failed in a row; last error: {}",
                 h.consecutive_failures,
                 h.last_error.unwrap_or("unknown")
+            ),
+            &mut reasons,
+        );
+    }
+    if h.app_consistent_failures >= APP_CONSISTENT_WARNING_FAILURES {
+        raise(
+            Health::Warning,
+            format!(
+                "{} application-consistent cut(s) in a row fell back to crash-consistent; last error: {}",
+                h.app_consistent_failures,
+                h.app_consistent_error.unwrap_or("unknown")
             ),
             &mut reasons,
         );
@@ -226,7 +247,21 @@ mod tests {
             consecutive_failures: failures,
             last_error: Some("connection refused"),
             resync_reason: Some("primary crashed"),
+            app_consistent_failures: 0,
+            app_consistent_error: None,
         }
+    }
+
+    #[test]
+    fn repeated_app_consistent_failures_turn_health_warning() {
+        let mut h = input(ReplicationState::Replicating, 10, 0);
+        h.app_consistent_failures = APP_CONSISTENT_WARNING_FAILURES - 1;
+        assert_eq!(health(&h).0, Health::Normal);
+        h.app_consistent_failures = APP_CONSISTENT_WARNING_FAILURES;
+        h.app_consistent_error = Some("the guest agent did not answer in time");
+        let (level, reasons) = health(&h);
+        assert_eq!(level, Health::Warning);
+        assert!(reasons[0].contains("guest agent"), "{reasons:?}");
     }
 
     #[test]

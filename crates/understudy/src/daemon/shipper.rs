@@ -307,6 +307,7 @@ mod tests {
 
     fn header(disk_bytes: u64) -> DeltaHeader {
         DeltaHeader {
+            app_consistent: false,
             vm_id: "t".into(),
             generation: 1,
             seq: 1,

@@ -195,6 +195,7 @@ fn new_record(name: &str, now_ns: u64, disks: Vec<DiskRecord>) -> VmRecord {
         created_unix_ns: now_ns,
         disks,
         replication: None,
+        guest: None,
     }
 }
 

@@ -63,6 +63,12 @@ fn cloud_kernel() -> (PathBuf, PathBuf) {
 
 /// Builds the initramfs in `dir`.
 pub fn build(dir: &Path, script: &str) -> Kit {
+    build_with(dir, script, &[], &[])
+}
+
+/// Like [`build`], plus kernel `modules` loaded after the virtio ones and host `files` (with
+/// the libraries `ldd` names for each, and the dynamic loader) copied at the same paths.
+pub fn build_with(dir: &Path, script: &str, modules_extra: &[&str], files: &[&str]) -> Kit {
     need("qemu-system-x86_64", "qemu-system-x86");
     need("cpio", "cpio");
     assert!(
@@ -76,8 +82,24 @@ pub fn build(dir: &Path, script: &str) -> Kit {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    let mut copies: Vec<String> = Vec::new();
+    for f in files {
+        copies.push(f.to_string());
+        let out = Command::new("ldd").arg(f).output().expect("running ldd");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+                copies.push(p.to_string());
+            }
+        }
+    }
+    for f in &copies {
+        let to = root.join(f.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        // Follow symlinks: the initramfs gets the files themselves.
+        std::fs::copy(f, &to).unwrap_or_else(|e| panic!("copying {f}: {e}"));
+    }
     let mut insmods = String::new();
-    for m in VIRTIO_MODULES {
+    for m in VIRTIO_MODULES.iter().chain(modules_extra) {
         let path = find_module(&modules, m).unwrap_or_else(|| {
             panic!("kernel module {m}.ko not found under {}", modules.display())
         });
@@ -139,6 +161,11 @@ pub struct Guest {
 impl Guest {
     /// Boots `kit` with each `(blockdev, node)` attached as a virtio disk (`/dev/vda`, ...).
     pub fn start(kit: &Kit, disks: &[(String, String)]) -> Guest {
+        Self::start_with(kit, disks, &[])
+    }
+
+    /// Like [`Guest::start`], with more qemu arguments (e.g. a guest agent channel).
+    pub fn start_with(kit: &Kit, disks: &[(String, String)], extra: &[String]) -> Guest {
         let mut c = Command::new("qemu-system-x86_64");
         c.args([
             "-accel",
@@ -160,6 +187,7 @@ impl Guest {
             c.args(["-blockdev", blockdev]);
             c.args(["-device", &format!("virtio-blk-pci,drive={node}")]);
         }
+        c.args(extra);
         let mut child = c
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

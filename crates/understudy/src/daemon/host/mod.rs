@@ -261,7 +261,8 @@ impl Shared {
                 if let Err(e) = self.save_replication(&vm.name, &r) {
                     tracing::error!(vm = %vm.name, "cannot persist replication state: {e:#}");
                 }
-                Some(Replication::spawn(self.clone(), vm.clone(), r))
+                let agent = record.guest.as_ref().and_then(|g| g.agent_socket.clone());
+                Some(Replication::spawn(self.clone(), vm.clone(), r, agent))
             }
             None => None,
         };
@@ -605,7 +606,87 @@ impl Shared {
                 })
                 .collect(),
             broken,
+            guest_agent: record.guest.as_ref().and_then(|g| g.agent_socket.clone()),
+            pre_freeze_hook: record
+                .guest
+                .as_ref()
+                .and_then(|g| g.pre_freeze_hook.clone()),
+            post_thaw_hook: record.guest.as_ref().and_then(|g| g.post_thaw_hook.clone()),
         })
+    }
+
+    /// How `vm`'s guest is quiesced (`vm set`), read at each application-consistent cut.
+    pub fn guest_settings(&self, vm: &str) -> Option<super::guest::GuestSettings> {
+        self.vms.lock().get(vm).and_then(|e| e.record.guest.clone())
+    }
+
+    /// `vm set`: the guest agent socket and the freeze/thaw hooks. Every value is checked
+    /// first; a refusal changes nothing.
+    pub fn set_vm(&self, req: &proto::SetVm) -> anyhow::Result<VmInfo> {
+        if req.guest_agent.is_none()
+            && !req.no_guest_agent
+            && req.pre_freeze_hook.is_none()
+            && req.post_thaw_hook.is_none()
+        {
+            return Err(bad_request(
+                "nothing to change: give --guest-agent, --no-guest-agent, --pre-freeze-hook or --post-thaw-hook",
+            ));
+        }
+        if req.guest_agent.is_some() && req.no_guest_agent {
+            return Err(bad_request(
+                "--guest-agent and --no-guest-agent contradict each other",
+            ));
+        }
+        if let Some(sock) = &req.guest_agent {
+            if !Path::new(sock).is_absolute() {
+                return Err(bad_request(format!(
+                    "guest agent socket {sock} must be an absolute path"
+                )));
+            }
+        }
+        for hook in [&req.pre_freeze_hook, &req.post_thaw_hook]
+            .into_iter()
+            .flatten()
+        {
+            if hook.contains('\n') || hook.contains('\0') {
+                return Err(bad_request("a hook must be one line of shell"));
+            }
+        }
+        let mut vms = self.vms.lock();
+        let entry = vms
+            .get_mut(&req.vm)
+            .ok_or_else(|| not_found(format!("no VM named {} on this host", req.vm)))?;
+        let mut g = entry.record.guest.clone().unwrap_or_default();
+        if req.no_guest_agent {
+            g.agent_socket = None;
+        }
+        if let Some(sock) = &req.guest_agent {
+            g.agent_socket = Some(sock.clone());
+        }
+        let nonempty = |h: &String| (!h.trim().is_empty()).then(|| h.clone());
+        if let Some(h) = &req.pre_freeze_hook {
+            g.pre_freeze_hook = nonempty(h);
+        }
+        if let Some(h) = &req.post_thaw_hook {
+            g.post_thaw_hook = nonempty(h);
+        }
+        if g.post_thaw_hook.is_some() && g.pre_freeze_hook.is_none() {
+            return Err(bad_request(
+                "--post-thaw-hook needs a --pre-freeze-hook (it runs only after one)",
+            ));
+        }
+        let mut record = entry.record.clone();
+        record.guest = (g != super::guest::GuestSettings::default()).then_some(g);
+        self.catalog.put(&vm_key(&req.vm), &record)?;
+        entry.record = record;
+        drop(vms);
+        self.events.emit(
+            events::VM_SET,
+            Some(&req.vm),
+            "info",
+            "guest quiescing settings changed (vm set)",
+        );
+        self.vm_info(&req.vm)
     }
 
     /// Replication status of a VM that could not be opened: its recorded state, Critical.
@@ -715,6 +796,7 @@ impl Shared {
             pending_full: false,
             replica_name: None,
             history: req.history,
+            last_app_consistent_unix_ns: None,
         };
         // Like Enable-VMReplication: the replica must accept us now, or nothing changes. First
         // contact: any replica identity the trust scopes allow; the one met is pinned below.
@@ -734,7 +816,7 @@ impl Shared {
         }
         record.replica_name = peer.connected_name().await;
         self.save_replication(&req.vm, &record)?;
-        let repl = Replication::spawn(self.clone(), vm, record);
+        let repl = Replication::spawn(self.clone(), vm, record, None);
         if let Some(e) = self.vms.lock().get_mut(&req.vm) {
             e.repl = Some(repl.clone());
         }

@@ -531,8 +531,8 @@ pub(super) fn point_infos_of(rvm: &replica::ReplicaVm, served: &BTreeSet<u64>) -
                 created_at: rfc3339_from_unix_ns(p.cut_time_unix_ns),
                 cut_time_unix_ns: p.cut_time_unix_ns,
                 kind: kind.as_str().into(),
-                // Application-consistent points come with the guest agent.
-                consistency: if kind == replica::PointKind::AppConsistent {
+                // The delta header's flag, whatever the point's kind (Latest too).
+                consistency: if p.app_consistent {
                     "application".into()
                 } else {
                     "crash".into()
