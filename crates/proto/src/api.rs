@@ -192,6 +192,20 @@ pub struct ReplicationStatus {
     /// The recovery-history policy (`None`: the newest 64 points are kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<HistoryPolicy>,
+    /// On the replica host: what it holds of this VM (`None` on the primary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaFacts>,
+}
+
+/// What a replica host holds of one VM, reported by `replication status` there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaFacts {
+    /// Recovery points listed (`points list`).
+    pub points_kept: u64,
+    /// Bytes of the retained deltas as stored in the journal (base images not counted).
+    pub journal_bytes: u64,
+    /// Seconds since the newest point's cut: how far behind the primary this copy is now.
+    pub newest_point_age_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

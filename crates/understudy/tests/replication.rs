@@ -342,7 +342,7 @@ fn start_wait_timeout_gives_up_transiently_and_replication_goes_on() {
 /// The replica's status names its primary, also after the replica daemon restarted and before
 /// the primary's next hello (it used to be empty then).
 #[test]
-fn replica_status_names_its_primary_across_a_restart() {
+fn replica_status_names_its_primary_and_its_own_facts_across_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, mut b) = pair(tmp.path());
     replicate(&a, &b, "web", &["16M"], 3600);
@@ -357,4 +357,9 @@ fn replica_status_names_its_primary_across_a_restart() {
     let st = b.json(&["replication", "status", "web"]);
     assert_eq!(st["peer"], "primary", "{st}");
     assert_eq!(st["last_seq"], 1, "{st}");
+    // Its own facts, not zeros.
+    assert_eq!(st["replica"]["points_kept"], 1, "{st}");
+    assert!(st["replica"]["newest_point_age_secs"].is_u64(), "{st}");
+    let p = a.json(&["replication", "status", "web"]);
+    assert!(p["replica"].is_null(), "{p}");
 }

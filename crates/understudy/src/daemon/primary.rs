@@ -201,6 +201,7 @@ impl Replication {
             }),
             last_error: rt.last_error.clone(),
             history: r.history,
+            replica: None,
         }
     }
 

@@ -27,19 +27,6 @@ pub struct Kit {
     pub initrd: PathBuf,
 }
 
-fn need(tool: &str, package: &str) {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{tool} is required for the guest tests: apt-get install -y {package} (scripts/test does it)"
-    );
-}
-
 /// The newest Debian cloud kernel installed, with its module directory.
 fn cloud_kernel() -> (PathBuf, PathBuf) {
     let mut found: Vec<String> = std::fs::read_dir("/boot")
@@ -69,8 +56,8 @@ pub fn build(dir: &Path, script: &str) -> Kit {
 /// Like [`build`], plus kernel `modules` loaded after the virtio ones and host `files` (with
 /// the libraries `ldd` names for each, and the dynamic loader) copied at the same paths.
 pub fn build_with(dir: &Path, script: &str, modules_extra: &[&str], files: &[&str]) -> Kit {
-    need("qemu-system-x86_64", "qemu-system-x86");
-    need("cpio", "cpio");
+    super::common::require("qemu-system-x86_64", "qemu-system-x86");
+    super::common::require("cpio", "cpio");
     assert!(
         Path::new("/bin/busybox").exists(),
         "/bin/busybox is required for the guest tests: apt-get install -y busybox-static"

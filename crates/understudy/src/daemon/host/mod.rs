@@ -714,6 +714,7 @@ impl Shared {
             progress: None,
             last_error: Some(why),
             history: r.history,
+            replica: None,
         })
     }
 

@@ -393,6 +393,7 @@ impl Shared {
             progress: None,
             last_error: None,
             history: None,
+            replica: None,
         })
     }
 
@@ -442,6 +443,13 @@ impl Shared {
             progress: None,
             last_error: None,
             history: rvm.history().as_ref().map(super::history_from_store),
+            replica: Some(proto::ReplicaFacts {
+                points_kept: points.len() as u64,
+                journal_bytes: points.iter().map(|p| p.stored_bytes).sum(),
+                newest_point_age_secs: last.map(|p| {
+                    proto::time::now_unix_ns().saturating_sub(p.cut_time_unix_ns) / 1_000_000_000
+                }),
+            }),
         })
     }
 
