@@ -41,6 +41,18 @@ struct VmEntry {
     repl: Option<Arc<Replication>>,
 }
 
+/// A VM name reserved while its VM is created or imported (`Shared::ensure_new`).
+struct NameReservation<'a> {
+    shared: &'a Shared,
+    name: String,
+}
+
+impl Drop for NameReservation<'_> {
+    fn drop(&mut self) {
+        self.shared.creating.lock().remove(&self.name);
+    }
+}
+
 /// A VM that could not be opened at start: reported with the reason, never served, and never
 /// in the way of the others.
 struct BrokenVm {
@@ -83,6 +95,8 @@ pub struct Shared {
     nbd: Mutex<Option<nbd::NbdServer>>,
     vms: Mutex<BTreeMap<String, VmEntry>>,
     broken: Mutex<BTreeMap<String, BrokenVm>>,
+    /// Names of VMs being created or imported right now (see `ensure_new`).
+    creating: Mutex<HashSet<String>>,
     replica: Mutex<Option<ReplicaHost>>,
     peers: Mutex<HashMap<String, transport::Peer>>,
     /// When the previous daemon was last alive (its heartbeat), read before this one stamps.
@@ -175,6 +189,7 @@ impl Shared {
             nbd: Mutex::new(None),
             vms: Mutex::new(BTreeMap::new()),
             broken: Mutex::new(BTreeMap::new()),
+            creating: Mutex::new(HashSet::new()),
             replica: Mutex::new(None),
             peers: Mutex::new(HashMap::new()),
             replica_primaries: Mutex::new(HashMap::new()),
@@ -469,7 +484,7 @@ impl Shared {
     pub fn create_vm(&self, name: &str, sizes: &[u64]) -> anyhow::Result<VmInfo> {
         vms::validate_vm_name(name).map_err(|e| bad_request(e.to_string()))?;
         vms::validate_sizes(sizes).map_err(|e| bad_request(e.to_string()))?;
-        self.ensure_new(name)?;
+        let _reserved = self.ensure_new(name)?;
         let made = vms::create_disks(
             &self.data_dir,
             name,
@@ -482,7 +497,7 @@ impl Shared {
 
     pub fn import_vm(&self, name: &str, images: &[PathBuf]) -> anyhow::Result<VmInfo> {
         vms::validate_vm_name(name).map_err(|e| bad_request(e.to_string()))?;
-        self.ensure_new(name)?;
+        let _reserved = self.ensure_new(name)?;
         for img in images {
             if !img.exists() {
                 return Err(bad_request(format!(
@@ -501,14 +516,27 @@ impl Shared {
         self.install_or_clean_up(name, made)
     }
 
-    fn ensure_new(&self, name: &str) -> anyhow::Result<()> {
+    /// Reserves `name` for a VM being created or imported: a second request for the same name
+    /// gets a conflict at once instead of racing the first one (which would then remove the
+    /// first VM's files while cleaning up after itself). Released when the guard drops.
+    fn ensure_new(&self, name: &str) -> anyhow::Result<NameReservation<'_>> {
+        let mut creating = self.creating.lock();
+        if creating.contains(name) {
+            return Err(conflict(format!(
+                "VM {name} is being created by another request"
+            )));
+        }
         if self.vms.lock().contains_key(name)
             || self.broken.lock().contains_key(name)
             || vms::vm_dir(&self.data_dir, name).exists()
         {
             return Err(conflict(format!("VM {name} already exists")));
         }
-        Ok(())
+        creating.insert(name.to_string());
+        Ok(NameReservation {
+            shared: self,
+            name: name.to_string(),
+        })
     }
 
     /// Installs a new VM, or removes what a failed create or import left behind so that the
