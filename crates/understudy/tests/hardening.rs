@@ -98,48 +98,6 @@ impl Drop for Proxy {
     }
 }
 
-/// strace attached to every thread of `pid`, injecting a fault; detached on drop.
-struct Strace(Child);
-
-impl Strace {
-    fn attach(pid: u32, inject: &[&str]) -> Strace {
-        require("strace", "strace");
-        let mut c = Command::new("strace");
-        c.args(["-f", "-qq", "-o", "/dev/null"]);
-        for i in inject {
-            c.args(["-e", i]);
-        }
-        let child = c
-            .arg("-p")
-            .arg(pid.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        // Attached once the main thread and every other one names a tracer.
-        wait_until("strace to attach", Duration::from_secs(20), || {
-            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-            tasks.flatten().all(|t| {
-                std::fs::read_to_string(t.path().join("status"))
-                    .map(|s| {
-                        s.lines()
-                            .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
-                    })
-                    .unwrap_or(true)
-            })
-        });
-        Strace(child)
-    }
-}
-
-impl Drop for Strace {
-    fn drop(&mut self) {
-        // SIGTERM: strace detaches and lets delayed calls go on.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
 fn status(h: &Host, vm: &str) -> serde_json::Value {
     h.json(&["replication", "status", vm])
 }

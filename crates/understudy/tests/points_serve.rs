@@ -19,17 +19,7 @@ const DISK: &str = "8M";
 
 /// A primary and a replica server (keeping [`RETAIN`] points) that trust each other.
 fn pair_retaining(root: &Path) -> (Host, Host) {
-    let a = Host::start(root, "primary");
-    let b = Host::start_with(root, "replica", &["--retain-points", RETAIN]);
-    trust_each_other(&a, &b);
-    let storage = b.dir.join("storage");
-    b.ok(&[
-        "replica-server",
-        "enable",
-        "--storage",
-        storage.to_str().unwrap(),
-    ]);
-    (a, b)
+    pair_with_args(root, &[], &["--retain-points", RETAIN])
 }
 
 fn write(uri: &str, cmd: &str) {

@@ -37,13 +37,7 @@ fn replica_under_small_fd_limit_commits_every_cycle_and_keeps_serving_nbd() {
     let pid = b.pid().unwrap().to_string();
     sh(Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={NOFILE}:{NOFILE}")]));
     trust_each_other(&a, &b);
-    let storage = b.dir.join("storage");
-    b.ok(&[
-        "replica-server",
-        "enable",
-        "--storage",
-        storage.to_str().unwrap(),
-    ]);
+    enable_replica_server(&b);
     // The replica host is also a primary.
     b.ok(&["vm", "create", "local", "--disk", "4M"]);
     let local = b.nbd_uri("local", 0);
@@ -82,7 +76,7 @@ fn replica_under_small_fd_limit_commits_every_cycle_and_keeps_serving_nbd() {
         .unwrap()
         .count();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let journal = std::fs::read_dir(storage.join("vm0/journal"))
+    let journal = std::fs::read_dir(b.dir.join("storage/vm0/journal"))
         .unwrap()
         .count();
     eprintln!(

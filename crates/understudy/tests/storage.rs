@@ -9,7 +9,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -29,40 +29,12 @@ for i in range(2):
         print("err:", e)
 "#;
 
-fn tracer_attached(pid: u32) -> bool {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    tasks.filter_map(Result::ok).all(|t| {
-        std::fs::read_to_string(t.path().join("status"))
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
-    })
-}
-
-/// Attaches strace to the daemon so that the first fdatasync from now on fails with EIO;
-/// returns once every thread of the daemon is traced.
-fn inject_eio_on_next_fdatasync(pid: u32) -> Child {
-    let child = Command::new("strace")
-        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=fdatasync"])
-        .args(["-e", "inject=fdatasync:error=EIO:when=1", "-p"])
-        .arg(pid.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn strace");
-    wait_until("strace to attach", Duration::from_secs(20), || {
-        tracer_attached(pid)
-    });
-    child
-}
-
-fn detach(mut strace: Child, pid: u32) {
-    // SIGINT: strace detaches from every thread before it exits.
-    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
-    strace.wait().expect("strace exit");
-    wait_until("strace to detach", Duration::from_secs(20), || {
-        !tracer_attached(pid)
-    });
+/// strace on the daemon so that the first fdatasync from now on fails with EIO.
+fn inject_eio_on_next_fdatasync(pid: u32) -> Strace {
+    Strace::attach(
+        pid,
+        &["trace=fdatasync", "inject=fdatasync:error=EIO:when=1"],
+    )
 }
 
 fn flush_twice(uri: &str) -> Vec<String> {
@@ -95,7 +67,7 @@ fn failed_fdatasync_is_sticky_recorded_and_blocks_the_clean_marker() {
     qemu_io_ok(&uri, &["write -P 1 0 4k"]);
     let strace = inject_eio_on_next_fdatasync(pid);
     let flushes = flush_twice(&uri);
-    detach(strace, pid);
+    drop(strace);
     assert_eq!(flushes.len(), 2, "{flushes:?}");
     assert!(flushes[0].starts_with("err"), "first flush: {flushes:?}");
     assert!(
@@ -122,7 +94,7 @@ fn failed_fdatasync_is_sticky_recorded_and_blocks_the_clean_marker() {
     qemu_io_ok(&solo, &["write -P 1 0 4k"]);
     let strace = inject_eio_on_next_fdatasync(pid);
     let flushes = flush_twice(&solo);
-    detach(strace, pid);
+    drop(strace);
     assert!(flushes.iter().all(|f| f.starts_with("err")), "{flushes:?}");
     wait_until("the storage event of solo", Duration::from_secs(20), || {
         !storage_events(&p, "solo").is_empty()

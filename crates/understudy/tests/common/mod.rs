@@ -241,9 +241,20 @@ pub fn pair(root: &Path) -> (Host, Host) {
 
 /// `pair`, the primary daemon started with extra `serve` arguments.
 pub fn pair_with(root: &Path, primary_args: &[&str]) -> (Host, Host) {
+    pair_with_args(root, primary_args, &[])
+}
+
+/// `pair`, each daemon started with extra `serve` arguments.
+pub fn pair_with_args(root: &Path, primary_args: &[&str], replica_args: &[&str]) -> (Host, Host) {
     let a = Host::start_with(root, "primary", primary_args);
-    let b = Host::start(root, "replica");
+    let b = Host::start_with(root, "replica", replica_args);
     trust_each_other(&a, &b);
+    enable_replica_server(&b);
+    (a, b)
+}
+
+/// `replica-server enable --storage <its data dir>/storage` on `b`.
+pub fn enable_replica_server(b: &Host) {
     let storage = b.dir.join("storage");
     b.ok(&[
         "replica-server",
@@ -251,7 +262,6 @@ pub fn pair_with(root: &Path, primary_args: &[&str]) -> (Host, Host) {
         "--storage",
         storage.to_str().unwrap(),
     ]);
-    (a, b)
 }
 
 pub fn trust_each_other(a: &Host, b: &Host) {
@@ -490,4 +500,72 @@ pub fn replicate(primary: &Host, replica: &Host, vm: &str, disks: &[&str], frequ
         &freq,
     ]);
     primary.ok(&["replication", "start", vm, "--wait"]);
+}
+
+/// Whether every thread of `pid` is traced (`TracerPid` set in each task's status).
+fn traced(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("status"))
+            .map(|s| {
+                s.lines().any(|l| {
+                    l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0")
+                })
+            })
+            .unwrap_or(true)
+    })
+}
+
+/// Whether no thread of `pid` is traced any more.
+fn untraced(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("status"))
+            .map(|s| s.lines().any(|l| l.trim_end() == "TracerPid:\t0"))
+            .unwrap_or(true)
+    })
+}
+
+/// strace attached to every thread of a daemon, injecting faults (`-e inject=...`); returns
+/// once every thread is traced. Dropping it detaches (SIGINT) and waits, boundedly, until no
+/// thread is traced, so later system calls run untouched.
+pub struct Strace {
+    child: Child,
+    pid: u32,
+}
+
+impl Strace {
+    pub fn attach(pid: u32, exprs: &[&str]) -> Strace {
+        require("strace", "strace");
+        let mut c = Command::new("strace");
+        c.args(["-f", "-qq", "-o", "/dev/null"]);
+        for e in exprs {
+            c.args(["-e", e]);
+        }
+        let child = c
+            .arg("-p")
+            .arg(pid.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn strace");
+        wait_until("strace to attach", Duration::from_secs(20), || traced(pid));
+        Strace { child, pid }
+    }
+}
+
+impl Drop for Strace {
+    fn drop(&mut self) {
+        // SIGINT: strace detaches from every thread (delayed calls go on) before it exits.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !untraced(self.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
