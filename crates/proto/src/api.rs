@@ -145,6 +145,12 @@ pub enum ReplicationState {
     Replicating,
     Suspended,
     ResynchronizationRequired,
+    /// A resynchronization was scheduled (`replication resume --resynchronize --at TIME`) and
+    /// has not started yet.
+    WaitingForStartResynchronize,
+    /// A resynchronization is running: the replica's newest point is being brought back in
+    /// line with the primary.
+    Resynchronizing,
     /// Replica side: receiving points.
     Replica,
 }

@@ -6,7 +6,9 @@
 //! never rename one.
 
 pub mod api;
+pub mod ids;
 pub mod peer;
 pub mod time;
 
 pub use api::*;
+pub use ids::{DiskIndex, Generation, Seq, VmName, DISKS_PER_VM_MAX, VM_NAME_MAX};

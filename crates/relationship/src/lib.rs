@@ -1,0 +1,1 @@
+//! The replication relationship core (skeleton; see docs/formats/relationship.md).

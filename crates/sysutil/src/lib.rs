@@ -1,0 +1,1 @@
+//! Small system-call helpers (skeleton).
