@@ -4,11 +4,13 @@
 //! local daemon. Only `identity` and `trust` work on files directly, so a host can be paired
 //! before its daemon first runs.
 
+mod api;
 mod cli;
-mod daemon;
 mod demo;
-mod errfmt;
 mod nbd_client;
+mod serve;
+
+use host::errfmt;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -102,6 +104,24 @@ pub struct ServeArgs {
     /// Tests only: recovery points kept per replica VM instead of 64.
     #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub retain_points: Option<u64>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> host::HostConfig {
+        host::HostConfig {
+            listen: self.listen,
+            name: self.name,
+            cert: self.cert,
+            key: self.key,
+            ca: self.ca,
+            cbw_memory: self.cbw_memory,
+            cbw_spill_max: self.cbw_spill_max,
+            hello_timeout: self.hello_timeout,
+            upload_idle_timeout: self.upload_idle_timeout,
+            answer_timeout: self.answer_timeout,
+            retain_points: self.retain_points,
+        }
+    }
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -342,7 +362,7 @@ enum PointsCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => daemon::serve(&cli.data_dir, args),
+        Command::Serve(args) => serve::serve(&cli.data_dir, args.into_config()),
         Command::Demo => demo::run(),
         Command::Identity => cli::identity(&cli.data_dir),
         Command::Trust(TrustCmd::Add { file, role, names }) => {

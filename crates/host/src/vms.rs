@@ -8,12 +8,13 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use tracker::{CutGate, DiskOptions, OpenState, TrackedDisk};
 
-use super::catalog::{DiskRecord, VmRecord};
+use crate::catalog::{DiskRecord, VmRecord};
+use crate::error::bad_request;
 
 /// Longest VM name accepted; names appear in paths, export names and URIs.
-pub const VM_NAME_MAX: usize = 64;
-/// Most disks per VM; each is one export and one tracker.
-pub const DISKS_PER_VM_MAX: usize = 16;
+pub use proto::VM_NAME_MAX;
+/// The one limit on disks per VM (`proto::DISKS_PER_VM_MAX`), as a length.
+pub const DISKS_PER_VM_MAX: usize = proto::DISKS_PER_VM_MAX as usize;
 /// Largest disk: 64 TiB. The tracker keeps four 4 KiB-granular bitmaps per disk in memory
 /// (2 MiB per TiB each), so this bounds them at 512 MiB per disk; beyond it an allocation
 /// failure would abort the daemon instead of refusing the request.
@@ -22,17 +23,17 @@ pub const DISK_SIZE_MAX: u64 = 64 << 40;
 /// Checks the disk sizes of a new VM (the CLI checks too; the API never trusts it).
 pub fn validate_sizes(sizes: &[u64]) -> anyhow::Result<()> {
     if sizes.is_empty() || sizes.len() > DISKS_PER_VM_MAX {
-        bail!(
+        return Err(bad_request(format!(
             "a VM has 1 to {DISKS_PER_VM_MAX} disks, got {}",
             sizes.len()
-        );
+        )));
     }
     for (i, &size) in sizes.iter().enumerate() {
         if size == 0 || size % 4096 != 0 || size > DISK_SIZE_MAX {
-            bail!(
+            return Err(bad_request(format!(
                 "disk {i}: size {size} must be a non-zero multiple of 4 KiB, at most {} TiB",
                 DISK_SIZE_MAX >> 40
-            );
+            )));
         }
     }
     Ok(())
@@ -87,15 +88,9 @@ pub fn libvirt_disk_xml(
     )
 }
 
+/// Checks a VM name (the one rule, `proto::VmName`); a refusal is the user's mistake.
 pub fn validate_vm_name(name: &str) -> anyhow::Result<()> {
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if name.is_empty() || name.len() > VM_NAME_MAX || !ok_chars || name.starts_with(['-', '.']) {
-        bail!(
-            "invalid VM name {name:?}: use 1-{VM_NAME_MAX} letters, digits, '.', '_' or '-', not starting with '-' or '.'"
-        );
-    }
+    proto::VmName::parse(name).map_err(|e| bad_request(e.to_string()))?;
     Ok(())
 }
 
@@ -112,10 +107,10 @@ pub fn create_disks(
     options: &DiskOptions,
 ) -> anyhow::Result<(VmRecord, Vm)> {
     if sizes.is_empty() || sizes.len() > DISKS_PER_VM_MAX {
-        bail!(
+        return Err(bad_request(format!(
             "a VM has 1 to {DISKS_PER_VM_MAX} disks, got {}",
             sizes.len()
-        );
+        )));
     }
     let dir = vm_dir(data_dir, name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -157,25 +152,25 @@ pub fn import_disks(
     options: &DiskOptions,
 ) -> anyhow::Result<(VmRecord, Vm)> {
     if images.is_empty() || images.len() > DISKS_PER_VM_MAX {
-        bail!(
+        return Err(bad_request(format!(
             "a VM has 1 to {DISKS_PER_VM_MAX} disks, got {}",
             images.len()
-        );
+        )));
     }
     let dir = vm_dir(data_dir, name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut sizes = Vec::new();
     for (i, image) in images.iter().enumerate() {
-        let size = super::qemu_img::virtual_size(image)?;
+        let size = crate::qemu_img::virtual_size(image)?;
         if size == 0 || size % 4096 != 0 || size > DISK_SIZE_MAX {
-            return Err(super::api::bad_request(format!(
+            return Err(crate::error::bad_request(format!(
                 "{}: virtual size {size} is not a non-zero multiple of 4 KiB of at most {} TiB",
                 image.display(),
                 DISK_SIZE_MAX >> 40
             )));
         }
         let rec = disk_record(&dir, i as u32, size);
-        super::qemu_img::convert_to_raw(image, Path::new(&rec.file))?;
+        crate::qemu_img::convert_to_raw(image, Path::new(&rec.file))?;
         sizes.push(size);
     }
     let records = sizes
@@ -190,7 +185,7 @@ pub fn import_disks(
 
 fn new_record(name: &str, now_ns: u64, disks: Vec<DiskRecord>) -> VmRecord {
     VmRecord {
-        version: super::catalog::RECORD_VERSION,
+        version: crate::catalog::RECORD_VERSION,
         name: name.to_string(),
         created_unix_ns: now_ns,
         disks,

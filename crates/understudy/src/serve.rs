@@ -2,28 +2,10 @@
 //! over NBD, runs one replication task per replicating VM, accepts replicas from peers when
 //! it is a replica server, and answers the CLI on `<data-dir>/api.sock`.
 //!
-//! [`Shared`] is the one owner of host state; the API and the peer routes go through it.
-//! The data path (NBD worker threads → tracker) never waits on anything here.
+//! This module is only the wiring: the runtime, the sockets, the signals. The host itself is
+//! the `host` crate ([`Shared`]); the local API is `api.rs`.
 
-mod activation;
-mod api;
-mod catalog;
-mod durable;
-mod events;
-mod guest;
-mod heap;
-mod heartbeat;
-mod host;
-mod peer_client;
-mod primary;
-mod qemu_img;
-mod replica_host;
-mod session;
-mod shipper;
-mod upload;
-mod vms;
-
-pub use host::Shared;
+use host::{events, heap, replica_host, shared as host_state, HostConfig, Shared};
 
 use std::path::Path;
 use std::time::Duration;
@@ -31,12 +13,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use hyper_util::rt::TokioIo;
 
-use crate::ServeArgs;
+use crate::api;
 
 /// How long shutdown waits for each replication task to stop before going on.
 const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn serve(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
+pub fn serve(data_dir: &Path, args: HostConfig) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
@@ -53,7 +35,7 @@ pub fn serve(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
     restrict_data_dir(&data_dir)?;
-    let _lock = host::lock_data_dir(&data_dir)?;
+    let _lock = host_state::lock_data_dir(&data_dir)?;
     heap::configure();
     raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -77,16 +59,16 @@ fn restrict_data_dir(data_dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(data_dir)?.permissions().mode();
     if mode & 0o007 != 0 {
-        host::set_mode(data_dir, mode & 0o750)?;
+        host_state::set_mode(data_dir, mode & 0o750)?;
     }
     let catalog = data_dir.join("catalog.redb");
     if catalog.exists() {
-        host::set_mode(&catalog, 0o600)?;
+        host_state::set_mode(&catalog, 0o600)?;
     }
     Ok(())
 }
 
-async fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
+async fn run(data_dir: &Path, args: HostConfig) -> anyhow::Result<()> {
     let stop_signal = watch_stop_signals();
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -106,7 +88,7 @@ async fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
     let api_listener = tokio::net::UnixListener::bind(&api_path)
         .with_context(|| format!("binding {}", api_path.display()))?;
     // The API controls the host: owner and group only.
-    host::set_mode(&api_path, 0o660)?;
+    host_state::set_mode(&api_path, 0o660)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let peer_shared = shared.clone();

@@ -15,9 +15,9 @@ use replica::{ReplicaError, ReplicaVm};
 
 use super::replica_side::{point_infos_of, resolve_point};
 use super::Shared;
-use crate::daemon::api::{bad_request, not_found};
-use crate::daemon::catalog::{Catalog, ServedRecord};
-use crate::daemon::events;
+use crate::catalog::{Catalog, ServedRecord};
+use crate::error::{bad_request, not_found};
+use crate::events;
 
 /// Longest `points serve --for`: 30 days. A pin holds retention back for that VM (its journal
 /// grows past the pinned point), so an expiry is meant for hours or days; longer is "until
@@ -439,7 +439,7 @@ mod tests {
     fn export_names_never_collide_with_primary_exports() {
         assert_eq!(export_name("web", 12, 0), "web@12-0");
         // A primary VM's export is `<vm>-<disk>` and VM names have no '@'.
-        assert!(crate::daemon::vms::validate_vm_name("web@12").is_err());
+        assert!(crate::vms::validate_vm_name("web@12").is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The local API on `<data-dir>/api.sock`: JSON over HTTP/1.1, one closed set of routes. It
-//! translates requests into calls on [`Shared`] and the replication tasks, and errors into
-//! status codes (a refusal is 4xx, "retry later" is 503, never a 500 for a user mistake).
+//! translates requests into calls on [`Shared`] and the replication tasks, and the host's typed
+//! errors into status codes: not found 404, conflict (already exists, wrong state) 409, invalid
+//! 400, "retry later" 503; anything unexpected 500, never a 4xx.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,47 +18,24 @@ use proto::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::primary::Cmd;
-use super::Shared;
+use host::error::{bad_request, kind_of, not_found, ErrorKind};
+
+use host::primary::Cmd;
+use host::Shared;
 
 /// Largest API request body; every request is a small JSON document.
 const API_BODY_MAX_BYTES: usize = 1 << 20;
 
-/// An API refusal with its HTTP status.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct ApiErr {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-pub fn transient(message: impl Into<String>) -> anyhow::Error {
-    ApiErr {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        message: message.into(),
+/// The HTTP status of an error: the host's typed refusals map to 4xx/503 here and only here;
+/// anything else is unexpected and answers 500 (logged once, here).
+fn status_of(e: &anyhow::Error) -> StatusCode {
+    match kind_of(e) {
+        Some(ErrorKind::NotFound) => StatusCode::NOT_FOUND,
+        Some(ErrorKind::Conflict) => StatusCode::CONFLICT,
+        Some(ErrorKind::Invalid) => StatusCode::BAD_REQUEST,
+        Some(ErrorKind::Transient) => StatusCode::SERVICE_UNAVAILABLE,
+        None => StatusCode::INTERNAL_SERVER_ERROR,
     }
-    .into()
-}
-pub fn not_found(message: impl Into<String>) -> anyhow::Error {
-    ApiErr {
-        status: StatusCode::NOT_FOUND,
-        message: message.into(),
-    }
-    .into()
-}
-pub fn conflict(message: impl Into<String>) -> anyhow::Error {
-    ApiErr {
-        status: StatusCode::CONFLICT,
-        message: message.into(),
-    }
-    .into()
-}
-pub fn bad_request(message: impl Into<String>) -> anyhow::Error {
-    ApiErr {
-        status: StatusCode::BAD_REQUEST,
-        message: message.into(),
-    }
-    .into()
 }
 
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -66,13 +44,15 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Ful
     match route(shared, req).await {
         Ok(body) => json_response(StatusCode::OK, body),
         Err(e) => {
-            let (status, transient) = match e.downcast_ref::<ApiErr>() {
-                Some(a) => (a.status, a.status == StatusCode::SERVICE_UNAVAILABLE),
-                None => (StatusCode::UNPROCESSABLE_ENTITY, false),
-            };
-            tracing::debug!("{method} {path}: {status}: {e:#}");
+            let status = status_of(&e);
+            let transient = status == StatusCode::SERVICE_UNAVAILABLE;
+            if status.is_server_error() && !transient {
+                tracing::error!("{method} {path}: {status}: {e:#}");
+            } else {
+                tracing::debug!("{method} {path}: {status}: {e:#}");
+            }
             let err = proto::ApiError {
-                error: crate::errfmt::one_line(&e),
+                error: host::errfmt::one_line(&e),
                 transient,
             };
             json_response(status, serde_json::to_vec(&err).unwrap_or_default())

@@ -53,5 +53,5 @@ pub fn convert_to_raw(src: &Path, dest: &Path) -> anyhow::Result<()> {
             );
         }
     }
-    super::durable::publish(&tmp, dest)
+    crate::durable::publish(&tmp, dest)
 }

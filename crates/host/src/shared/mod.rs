@@ -18,13 +18,13 @@ use proto::{
 };
 use tracker::OpenState;
 
-use super::api::{bad_request, conflict, not_found};
-use super::catalog::{Catalog, ReplicationRecord, VmRecord};
-use super::events::{self, Events};
-use super::heartbeat;
-use super::primary::{self, Replication};
-use super::vms::{self, Vm};
-use crate::ServeArgs;
+use crate::catalog::{Catalog, ReplicationRecord, VmRecord};
+use crate::error::{bad_request, conflict, not_found};
+use crate::events::{self, Events};
+use crate::heartbeat;
+use crate::primary::{self, Replication};
+use crate::vms::{self, Vm};
+use crate::HostConfig;
 
 mod replica_side;
 mod served;
@@ -83,11 +83,11 @@ pub struct Shared {
     /// How VM disks are opened (`serve --cbw-memory`).
     pub disk_options: tracker::DiskOptions,
     /// Admission of replica uploads (per VM, per peer).
-    pub uploads: super::replica_host::UploadLimits,
+    pub uploads: crate::replica_host::UploadLimits,
     /// Wakes the replica's retention task after a commit.
     pub retention_wake: tokio::sync::Notify,
     /// Deadlines of calls to replicas (`serve --hello-timeout ...`).
-    pub peer_timeouts: super::peer_client::PeerTimeouts,
+    pub peer_timeouts: crate::peer_client::PeerTimeouts,
     pub tls: transport::TlsContext,
     pub events: Events,
     catalog: Catalog,
@@ -106,7 +106,7 @@ pub struct Shared {
     /// (VM, disk) whose storage error was reported (one event per disk per daemon run).
     storage_reported: Mutex<HashSet<(String, usize)>>,
     /// Interrupted uploads kept for a resume (replica side).
-    pub partials: Arc<crate::daemon::replica_host::Partials>,
+    pub partials: Arc<crate::replica_host::Partials>,
     /// Recovery points served over NBD (and pinned), `points serve`.
     served: Mutex<served::Served>,
     /// Recovery points kept per replica VM (`serve --retain-points`, tests only).
@@ -139,7 +139,7 @@ fn vm_key(name: &str) -> String {
 }
 
 impl Shared {
-    pub async fn open(data_dir: &Path, args: &ServeArgs) -> anyhow::Result<Arc<Shared>> {
+    pub async fn open(data_dir: &Path, args: &HostConfig) -> anyhow::Result<Arc<Shared>> {
         let host_name = args.name.clone().unwrap_or_else(default_host_name);
         let listen_host = args
             .listen
@@ -162,7 +162,7 @@ impl Shared {
         let events = Events::new(data_dir.join("events.log"));
         let served = served::Served::load(&catalog)?;
         let exports = Arc::new(nbd::StaticRegistry::new());
-        let nbd_socket = match super::activation::nbd_socket_path()? {
+        let nbd_socket = match crate::activation::nbd_socket_path()? {
             Some(p) => p,
             None => data_dir.join("nbd.sock"),
         };
@@ -177,7 +177,7 @@ impl Shared {
             },
             uploads: Default::default(),
             retention_wake: tokio::sync::Notify::new(),
-            peer_timeouts: super::peer_client::PeerTimeouts {
+            peer_timeouts: crate::peer_client::PeerTimeouts {
                 hello: Duration::from_secs(args.hello_timeout.max(1)),
                 upload_idle: Duration::from_secs(args.upload_idle_timeout.max(1)),
                 answer: Duration::from_secs(args.answer_timeout.max(1)),
@@ -198,7 +198,7 @@ impl Shared {
             served: Mutex::new(served),
             retain_points: args
                 .retain_points
-                .map_or(super::replica_host::RETAIN_POINTS, |n| n as usize),
+                .map_or(crate::replica_host::RETAIN_POINTS, |n| n as usize),
             last_alive_ns: heartbeat::last_alive_ns(data_dir),
         });
 
@@ -206,7 +206,7 @@ impl Shared {
         // when the previous daemon stopped (qemu `reconnect-delay`) connects at once and
         // waits in the socket's backlog; it is accepted as soon as the VMs are open, so it
         // never meets a missing export.
-        let (listener, owned_socket) = match super::activation::nbd_listener()? {
+        let (listener, owned_socket) = match crate::activation::nbd_listener()? {
             // systemd socket activation: the unit owns the socket, its path and its mode.
             Some(listener) => (listener, None),
             None => {
@@ -644,7 +644,7 @@ impl Shared {
     }
 
     /// How `vm`'s guest is quiesced (`vm set`), read at each application-consistent cut.
-    pub fn guest_settings(&self, vm: &str) -> Option<super::guest::GuestSettings> {
+    pub fn guest_settings(&self, vm: &str) -> Option<crate::guest::GuestSettings> {
         self.vms.lock().get(vm).and_then(|e| e.record.guest.clone())
     }
 
@@ -704,7 +704,7 @@ impl Shared {
             ));
         }
         let mut record = entry.record.clone();
-        record.guest = (g != super::guest::GuestSettings::default()).then_some(g);
+        record.guest = (g != crate::guest::GuestSettings::default()).then_some(g);
         self.catalog.put(&vm_key(&req.vm), &record)?;
         entry.record = record;
         drop(vms);
@@ -830,7 +830,7 @@ impl Shared {
         // Like Enable-VMReplication: the replica must accept us now, or nothing changes. First
         // contact: any replica identity the trust scopes allow; the one met is pinned below.
         let peer = transport::Peer::expecting(req.replica.clone(), self.tls.clone(), None)?;
-        let reply = super::peer_client::hello(
+        let reply = crate::peer_client::hello(
             &peer,
             &primary::hello_of(self, &vm, &record),
             &self.peer_timeouts,
@@ -951,7 +951,7 @@ impl Shared {
         let repls = self.replications();
         for r in repls {
             let stopped =
-                tokio::time::timeout(timeout, r.command(super::primary::Cmd::Shutdown)).await;
+                tokio::time::timeout(timeout, r.command(crate::primary::Cmd::Shutdown)).await;
             if stopped.is_err() {
                 tracing::warn!(vm = %r.vm.name, "replication task did not stop in time");
             }

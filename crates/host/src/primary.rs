@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::peer_client::PeerRefusal;
+use crate::peer_client::PeerRefusal;
 use anyhow::{anyhow, Context};
 use delta::{Compression, DeltaHeader, DeltaKind, DiskEntry};
 use parking_lot::Mutex;
@@ -21,11 +21,11 @@ use proto::time::{now_unix_ns, rfc3339_from_unix_ns};
 use proto::{Measure, Progress, ReplicationState, ReplicationStatus, SyncResult};
 use tokio::sync::{mpsc, oneshot};
 
-use super::catalog::ReplicationRecord;
-use super::events;
-use super::session::{self, HealthInput, Reconcile};
-use super::vms::Vm;
-use super::Shared;
+use crate::catalog::ReplicationRecord;
+use crate::events;
+use crate::session::{self, HealthInput, Reconcile};
+use crate::vms::Vm;
+use crate::Shared;
 
 /// Commands a replication task accepts (the API's only way in).
 pub enum Cmd {
@@ -131,7 +131,7 @@ impl Replication {
     ) -> anyhow::Result<T> {
         let (tx, rx) = oneshot::channel();
         self.cmd.try_send(make(tx)).map_err(|_| {
-            super::api::transient(format!("replication of {} is busy; retry", self.vm.name))
+            crate::error::transient(format!("replication of {} is busy; retry", self.vm.name))
         })?;
         rx.await
             .map_err(|_| anyhow!("replication of {} stopped", self.vm.name))
@@ -346,7 +346,7 @@ impl InFlight {
         // Where the replica stands is unknown now (the point may have committed there).
         self.repl.rt.lock().need_hello = true;
         for w in self.waiters {
-            let _ = w.send(Err(super::api::transient(why.to_string())));
+            let _ = w.send(Err(crate::error::transient(why.to_string())));
         }
     }
 }
@@ -386,7 +386,7 @@ async fn run(
                 inflight = Some(InFlight::start(&shared, &repl, waiters));
             } else {
                 for w in waiters {
-                    let _ = w.send(Err(super::api::transient(format!(
+                    let _ = w.send(Err(crate::error::transient(format!(
                         "{} cannot sync now: replication is {state:?}",
                         repl.vm.name
                     ))));
@@ -408,7 +408,7 @@ async fn run(
                     Cmd::Shutdown(done) => {
                         if let Some(f) = inflight.take() { f.cancel("the daemon is stopping"); }
                         for w in queued_syncs.drain(..) {
-                            let _ = w.send(Err(super::api::transient("the daemon is stopping")));
+                            let _ = w.send(Err(crate::error::transient("the daemon is stopping")));
                         }
                         let _ = done.send(());
                         return;
@@ -425,7 +425,7 @@ async fn run(
                         let stalled_ns = now_unix_ns()
                             .saturating_sub(repl.last_progress_ns.load(Ordering::Relaxed));
                         if inflight.is_some() && stalled_ns > SYNC_STALL_REFUSAL.as_nanos() as u64 {
-                            let _ = reply.send(Err(super::api::transient(format!(
+                            let _ = reply.send(Err(crate::error::transient(format!(
                                 "a cycle of {} is in progress and the replica has taken no data and given no answer for {} s; retry later",
                                 repl.vm.name,
                                 stalled_ns / 1_000_000_000
@@ -434,13 +434,13 @@ async fn run(
                             if queued_syncs.len() < CMD_QUEUE {
                                 queued_syncs.push(reply);
                             } else {
-                                let _ = reply.send(Err(super::api::transient(format!(
+                                let _ = reply.send(Err(crate::error::transient(format!(
                                     "replication of {} is busy; retry", repl.vm.name))));
                             }
                         } else if state == ReplicationState::Replicating {
                             inflight = Some(InFlight::start(&shared, &repl, vec![reply]));
                         } else {
-                            let _ = reply.send(Err(super::api::transient(format!(
+                            let _ = reply.send(Err(crate::error::transient(format!(
                                 "{} cannot sync now: replication is {state:?}", repl.vm.name))));
                         }
                     }
@@ -499,8 +499,8 @@ async fn run(
                 }
                 if let Some(first) = first {
                     let _ = first.send(r.map_err(|e| {
-                        if super::peer_client::is_transient(&e) {
-                            super::api::transient(crate::errfmt::one_line(&e))
+                        if crate::peer_client::is_transient(&e) {
+                            crate::error::transient(crate::errfmt::one_line(&e))
                         } else {
                             e
                         }
@@ -535,10 +535,10 @@ fn start_initial(shared: &Shared, repl: &Replication) -> anyhow::Result<()> {
     let disks = {
         let rt = repl.rt.lock();
         if rt.record.initial_started {
-            return Err(anyhow!(
+            return Err(crate::error::conflict(format!(
                 "initial replication of {} was already started",
                 repl.vm.name
-            ));
+            )));
         }
         rt.record.disks.clone()
     };
@@ -562,11 +562,10 @@ fn start_initial(shared: &Shared, repl: &Replication) -> anyhow::Result<()> {
 fn resume(shared: &Shared, repl: &Replication, resync: bool) -> anyhow::Result<()> {
     let needs_resync = repl.rt.lock().record.resync_reason.is_some();
     if needs_resync && !resync {
-        return Err(anyhow!(
+        return Err(crate::error::conflict(format!(
             "{} requires resynchronization; run `understudy replication resume {} --resynchronize`",
-            repl.vm.name,
-            repl.vm.name
-        ));
+            repl.vm.name, repl.vm.name
+        )));
     }
     if resync {
         // Full resynchronization: every block of every replicated disk is sent (holes as
@@ -629,7 +628,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     if repl.rt.lock().need_hello {
         let hello = hello_of(shared, &repl.vm, &record);
         let reply: HelloReply =
-            super::peer_client::hello(&peer, &hello, &shared.peer_timeouts).await?;
+            crate::peer_client::hello(&peer, &hello, &shared.peer_timeouts).await?;
         let full = record.pending_full;
         match session::reconcile(
             record.last_seq,
@@ -698,7 +697,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     let (cut, quiesced) = tokio::task::spawn_blocking(move || match quiesce {
         Some(settings) => {
             let (cut, q) =
-                super::guest::quiesced(&vm_for_hooks, &settings, || tracker::cut(&gate, &selected));
+                crate::guest::quiesced(&vm_for_hooks, &settings, || tracker::cut(&gate, &selected));
             (cut, Some(q))
         }
         None => (tracker::cut(&gate, &selected), None),
@@ -759,7 +758,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     let checksum = header.checksum(&key)?;
     let indexes = record.disks.clone();
     let (sender, body) = transport::body_channel(transport::DEFAULT_BODY_CHANNEL_CHUNKS);
-    let (relay, writer) = super::upload::Relay::new(sender);
+    let (relay, writer) = crate::upload::Relay::new(sender);
     let repl2 = repl.clone();
     // The encoder runs on its own thread at normal priority. Lowering it (nice 5) was
     // measured to cost the guest more, not less: a slower shipper keeps the frozen epoch open
@@ -771,7 +770,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
         .spawn(move || {
             let pairs: Vec<(u32, &tracker::FrozenDisk)> =
                 indexes.iter().copied().zip(cut.disks.iter()).collect();
-            let r = super::shipper::encode_cut(writer, &header, &key, &pairs, &repl2.progress_done)
+            let r = crate::shipper::encode_cut(writer, &header, &key, &pairs, &repl2.progress_done)
                 .and_then(|(w, s)| w.finish().map(|_| s).map_err(anyhow::Error::from));
             let _ = enc_tx.send((cut, r));
         })
@@ -781,7 +780,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     // Copy-before-write abandoned (spill cap): the reason, whatever the upload reports.
     let abandoned = cut.disks.iter().find_map(|d| d.abandoned());
 
-    let outcome: anyhow::Result<(DeltaReply, super::shipper::ShipSummary)> = match (put, encoded) {
+    let outcome: anyhow::Result<(DeltaReply, crate::shipper::ShipSummary)> = match (put, encoded) {
         (Ok(reply), Ok(summary)) => Ok((reply, summary)),
         (Err(e), _) => Err(e),
         (Ok(_), Err(e)) => Err(e.context("reading the cut")),
@@ -790,7 +789,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
         Ok((reply, summary)) => {
             tokio::task::spawn_blocking(move || {
                 cut.commit();
-                super::heap::give_back();
+                crate::heap::give_back();
             })
             .await
             .context("commit task")?;
@@ -844,7 +843,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
         Err(e) => {
             tokio::task::spawn_blocking(move || {
                 cut.abort();
-                super::heap::give_back();
+                crate::heap::give_back();
             })
             .await
             .context("abort task")?;
@@ -891,7 +890,7 @@ fn app_consistent_due(
     shared: &Shared,
     vm: &str,
     record: &ReplicationRecord,
-) -> Option<super::guest::GuestSettings> {
+) -> Option<crate::guest::GuestSettings> {
     let every_h = record.history.as_ref()?.app_consistent_every_hours?;
     let settings = shared.guest_settings(vm).filter(|g| g.can_quiesce())?;
     let every_ns = u64::from(every_h) * 3600 * 1_000_000_000;
@@ -906,7 +905,7 @@ fn app_consistent_due(
 /// (qemu-ga has no timeout of its own on Linux); before its first cycle the VM's task asks the
 /// agent and thaws a frozen guest. Bounded like every agent call; an absent agent is logged only.
 async fn thaw_at_start(shared: &Shared, vm: &str, sock: String) {
-    match tokio::task::spawn_blocking(move || super::guest::thaw_if_frozen(&sock)).await {
+    match tokio::task::spawn_blocking(move || crate::guest::thaw_if_frozen(&sock)).await {
         Ok(Ok(true)) => shared.events.emit(
             events::GUEST_THAWED_AT_START,
             Some(vm),
@@ -920,7 +919,7 @@ async fn thaw_at_start(shared: &Shared, vm: &str, sock: String) {
 }
 
 /// Counts and reports the outcome of an application-consistent attempt.
-fn note_quiesce(shared: &Shared, repl: &Replication, q: &super::guest::Quiesced) {
+fn note_quiesce(shared: &Shared, repl: &Replication, q: &crate::guest::Quiesced) {
     let vm = &repl.vm.name;
     match &q.freeze_error {
         None => {
@@ -961,15 +960,15 @@ async fn upload_delta(
     peer: &transport::Peer,
     seq: u64,
     checksum: &[u8; 32],
-    relay: &super::upload::Relay,
+    relay: &crate::upload::Relay,
     body: transport::BoxBody,
 ) -> anyhow::Result<DeltaReply> {
     let vm = &repl.vm.name;
-    let watch = super::upload::Watch {
+    let watch = crate::upload::Watch {
         timeouts: &shared.peer_timeouts,
         last_progress_ns: &repl.last_progress_ns,
     };
-    super::upload::upload(peer, vm, seq, checksum, relay, body, watch, |at| {
+    crate::upload::upload(peer, vm, seq, checksum, relay, body, watch, |at| {
         {
             let mut rt = repl.rt.lock();
             rt.counters.resumed_uploads += 1;
@@ -987,5 +986,5 @@ async fn upload_delta(
 
 /// Health and status of a VM with no replication task (e.g. not enabled).
 pub fn not_enabled(vm: &str) -> anyhow::Error {
-    anyhow!("replication is not enabled for {vm}; run `understudy replication enable {vm} --replica HOST:PORT`")
+    crate::error::conflict(format!("replication is not enabled for {vm}; run `understudy replication enable {vm} --replica HOST:PORT`"))
 }

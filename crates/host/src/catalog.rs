@@ -30,7 +30,7 @@ pub struct VmRecord {
     /// How the guest is quiesced for application-consistent points (`vm set`); absent when
     /// never set (every point crash-consistent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest: Option<super::guest::GuestSettings>,
+    pub guest: Option<crate::guest::GuestSettings>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -18,10 +18,10 @@ use replica::{Incoming as Receiver, ReplicaError, ReplicaVm};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use transport::{BoxBody, PeerInfo};
 
-use super::catalog::ReplicaOwner;
-use super::events;
-use super::primary::delta_key;
-use super::Shared;
+use crate::catalog::ReplicaOwner;
+use crate::events;
+use crate::primary::delta_key;
+use crate::Shared;
 
 /// Largest hello body; it lists at most a few disks.
 const HELLO_MAX_BYTES: usize = 64 << 10;
@@ -326,7 +326,7 @@ async fn route(
         )
     })?;
     let caller = ReplicaOwner {
-        version: super::catalog::RECORD_VERSION,
+        version: crate::catalog::RECORD_VERSION,
         peer_name: name.clone(),
         ca_fingerprint,
     };
@@ -357,7 +357,7 @@ async fn route(
                     "VM name in path and body differ",
                 ));
             }
-            super::vms::validate_vm_name(vm)
+            crate::vms::validate_vm_name(vm)
                 .map_err(|e| refuse(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
             let disks: Vec<delta::DiskEntry> = hello
                 .disks
@@ -384,7 +384,7 @@ async fn route(
             .map_err(hello_refusal)?;
             if let Some(h) = &hello.history {
                 // Recorded in the VM's manifest; retention applies it from its next pass.
-                let policy = super::host::history_to_store(h);
+                let policy = crate::shared::history_to_store(h);
                 let rvm2 = rvm.clone();
                 tokio::task::spawn_blocking(move || rvm2.set_history(policy))
                     .await
@@ -911,7 +911,7 @@ async fn receive(
         }
         let point = rvm.commit(*incoming);
         // The upload's buffers are free now: give them back (see `heap`).
-        super::heap::give_back();
+        crate::heap::give_back();
         let point = point?;
         Ok(DeltaReply {
             seq: point.seq,

@@ -20,7 +20,7 @@ use parking_lot::{Condvar, Mutex};
 use proto::peer::DeltaReply;
 use transport::{BodySender, BoxBody, Peer};
 
-use super::peer_client::{self, PeerRefusal};
+use crate::peer_client::{self, PeerRefusal};
 
 /// Bytes of the delta stream kept for a replay. Everything sent and not yet consumed by the
 /// replica is in flight in at most: the replica's HTTP/2 stream window (8 MiB,
@@ -33,7 +33,7 @@ const _: () = assert!(
         >= transport::STREAM_WINDOW_BYTES as u64
             + transport::SEND_BUFFER_BYTES as u64
             + transport::DEFAULT_BODY_CHANNEL_CHUNKS as u64
-                * super::shipper::READ_CHUNK_BYTES as u64
+                * crate::shipper::READ_CHUNK_BYTES as u64
             + CHUNK_BYTES as u64,
     "the replay window must hold everything that can be in flight"
 );

@@ -15,9 +15,9 @@ use proto::{
 use replica::{ReplicaError, ReplicaStore};
 
 use super::{ReplicaHost, Shared, REPLICA_CFG_KEY};
-use crate::daemon::api::{bad_request, not_found, transient};
-use crate::daemon::catalog::ReplicaOwner;
-use crate::daemon::events;
+use crate::catalog::ReplicaOwner;
+use crate::error::{bad_request, not_found, transient};
+use crate::events;
 
 /// The replica store as the daemon holds it.
 pub(super) enum StoreSlot {
@@ -442,7 +442,10 @@ impl Shared {
             generation: rvm.generation(),
             progress: None,
             last_error: None,
-            history: rvm.history().as_ref().map(super::history_from_store),
+            history: rvm
+                .history()
+                .as_ref()
+                .map(crate::shared::history_from_store),
             replica: Some(proto::ReplicaFacts {
                 points_kept: points.len() as u64,
                 journal_bytes: points.iter().map(|p| p.stored_bytes).sum(),
