@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use host::error::{bad_request, kind_of, not_found, ErrorKind};
 
+use host::owner::HostCommand;
 use host::primary::Cmd;
 use host::Shared;
 
@@ -87,6 +88,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
     let path = req.uri().path().trim_end_matches('/').to_string();
     let parts: Vec<&str> = path.split('/').skip(1).collect();
     let m = req.method().clone();
+    let owner = shared.owner();
     match (m, parts.as_slice()) {
         (Method::GET, ["v1", "host"]) => to_json(&shared.host_info()),
         (Method::GET, ["v1", "events"]) => to_json(&shared.events.recent(None)),
@@ -97,18 +99,19 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
         (Method::GET, ["v1", "replica-server"]) => to_json(&shared.replica_config()),
         (Method::POST, ["v1", "replica-server"]) => {
             let cfg: ReplicaServerConfig = body(req).await?;
-            let s = shared.clone();
-            to_json(&blocking(move || s.enable_replica_server(cfg)).await?)
+            to_json(
+                &owner
+                    .call(|r| HostCommand::EnableReplicaServer(cfg, r))
+                    .await?,
+            )
         }
         (Method::POST, ["v1", "replica-server", "disable"]) => {
-            let s = shared.clone();
-            to_json(&blocking(move || s.disable_replica_server()).await?)
+            to_json(&owner.call(HostCommand::DisableReplicaServer).await?)
         }
         (Method::GET, ["v1", "vms"]) => to_json(&shared.vm_infos()),
         (Method::POST, ["v1", "vms"]) => {
             let r: CreateVm = body(req).await?;
-            let s = shared.clone();
-            to_json(&blocking(move || s.create_vm(&r.name, &r.disk_sizes_bytes)).await?)
+            to_json(&owner.call(|reply| HostCommand::CreateVm(r, reply)).await?)
         }
         (Method::POST, ["v1", "vms", "import"]) => {
             let r: ImportVm = body(req).await?;
@@ -119,8 +122,15 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
                     p.display()
                 )));
             }
-            let s = shared.clone();
-            to_json(&blocking(move || s.import_vm(&r.name, &images)).await?)
+            to_json(
+                &owner
+                    .call(|reply| HostCommand::ImportVm {
+                        name: r.name,
+                        images,
+                        reply,
+                    })
+                    .await?,
+            )
         }
         (Method::GET, ["v1", "vms", name]) => to_json(&shared.vm_info(name)?),
         (Method::POST, ["v1", "vms", name, "set"]) => {
@@ -128,8 +138,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
             if r.vm != *name {
                 return Err(bad_request("VM name in path and body differ"));
             }
-            let s = shared.clone();
-            to_json(&blocking(move || s.set_vm(&r)).await?)
+            to_json(&owner.call(|reply| HostCommand::SetVm(r, reply)).await?)
         }
         (Method::GET, ["v1", "replication"]) => to_json(&shared.all_status()),
         (Method::GET, ["v1", "vms", name, "replication"]) => to_json(&shared.status(name)?),
@@ -148,8 +157,11 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
             if r.vm != *name {
                 return Err(bad_request("VM name in path and body differ"));
             }
-            let s = shared.clone();
-            to_json(&blocking(move || s.set_replication(&r)).await?)
+            to_json(
+                &owner
+                    .call(|reply| HostCommand::SetReplication(r, reply))
+                    .await?,
+            )
         }
         (Method::POST, ["v1", "vms", name, "replication", action]) => {
             let repl = shared.replication(name)?;
@@ -196,16 +208,22 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
             if r.vm != *name {
                 return Err(bad_request("VM name in path and body differ"));
             }
-            let s = shared.clone();
-            to_json(&blocking(move || s.serve_point(&r)).await?)
+            to_json(
+                &owner
+                    .call(|reply| HostCommand::ServePoint(r, reply))
+                    .await?,
+            )
         }
         (Method::POST, ["v1", "points", name, "unserve"]) => {
             let r: UnservePoint = body(req).await?;
             if r.vm != *name {
                 return Err(bad_request("VM name in path and body differ"));
             }
-            let s = shared.clone();
-            to_json(&blocking(move || s.unserve_point(&r)).await?)
+            to_json(
+                &owner
+                    .call(|reply| HostCommand::UnservePoint(r, reply))
+                    .await?,
+            )
         }
         (m, _) => Err(not_found(format!("no such API route: {m} {path}"))),
     }

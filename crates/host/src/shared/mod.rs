@@ -70,6 +70,13 @@ pub const NBD_RECONNECT_DELAY_SECS: u32 = 30;
 /// [`NBD_RECONNECT_DELAY_SECS`]: a VM still opening then is reported broken, the rest serve.
 const VM_OPEN_DEADLINE: Duration = Duration::from_secs(15);
 
+/// A `replication enable` whose replica already accepted the VM, waiting for the command
+/// owner to commit it.
+pub struct PreparedEnable {
+    vm: String,
+    record: ReplicationRecord,
+}
+
 struct ReplicaHost {
     cfg: ReplicaServerConfig,
     store: replica_side::StoreSlot,
@@ -111,6 +118,9 @@ pub struct Shared {
     served: Mutex<served::Served>,
     /// Recovery points kept per replica VM (`serve --retain-points`, tests only).
     pub retain_points: usize,
+    /// The one owner of host-level changes (`owner.rs`): every create, import, enable, set
+    /// and serve goes through it.
+    owner: crate::owner::Owner,
 }
 
 /// Holds an exclusive `flock` on `<data-dir>/daemon.lock` for the daemon's lifetime, so two
@@ -166,7 +176,9 @@ impl Shared {
             Some(p) => p,
             None => data_dir.join("nbd.sock"),
         };
+        let (owner, owner_rx, owner_view) = crate::owner::Owner::new();
         let shared = Arc::new(Shared {
+            owner,
             host_name,
             data_dir: data_dir.to_path_buf(),
             listen: args.listen.clone(),
@@ -263,6 +275,7 @@ impl Shared {
         }
         tokio::spawn(watch_storage(Arc::downgrade(&shared)));
         tokio::spawn(served::watch_expiries(Arc::downgrade(&shared)));
+        tokio::spawn(crate::owner::run(shared.clone(), owner_rx, owner_view));
         Ok(shared)
     }
 
@@ -481,7 +494,7 @@ impl Shared {
 
     // ----- VMs -----
 
-    pub fn create_vm(&self, name: &str, sizes: &[u64]) -> anyhow::Result<VmInfo> {
+    pub(crate) fn create_vm(&self, name: &str, sizes: &[u64]) -> anyhow::Result<VmInfo> {
         vms::validate_vm_name(name).map_err(|e| bad_request(e.to_string()))?;
         vms::validate_sizes(sizes).map_err(|e| bad_request(e.to_string()))?;
         let _reserved = self.ensure_new(name)?;
@@ -495,7 +508,7 @@ impl Shared {
         self.install_or_clean_up(name, made)
     }
 
-    pub fn import_vm(&self, name: &str, images: &[PathBuf]) -> anyhow::Result<VmInfo> {
+    pub(crate) fn import_vm(&self, name: &str, images: &[PathBuf]) -> anyhow::Result<VmInfo> {
         vms::validate_vm_name(name).map_err(|e| bad_request(e.to_string()))?;
         let _reserved = self.ensure_new(name)?;
         for img in images {
@@ -569,10 +582,9 @@ impl Shared {
         self.vm_info(&name)
     }
 
+    /// Every VM of this host, from the command owner's latest snapshot.
     pub fn vm_infos(&self) -> Vec<VmInfo> {
-        let mut names: Vec<String> = self.vms.lock().keys().cloned().collect();
-        names.extend(self.broken.lock().keys().cloned());
-        names.sort();
+        let names = self.owner.view().vms.clone();
         names.iter().filter_map(|n| self.vm_info(n).ok()).collect()
     }
 
@@ -650,7 +662,7 @@ impl Shared {
 
     /// `vm set`: the guest agent socket and the freeze/thaw hooks. Every value is checked
     /// first; a refusal changes nothing.
-    pub fn set_vm(&self, req: &proto::SetVm) -> anyhow::Result<VmInfo> {
+    pub(crate) fn set_vm(&self, req: &proto::SetVm) -> anyhow::Result<VmInfo> {
         if req.guest_agent.is_none()
             && !req.no_guest_agent
             && req.pre_freeze_hook.is_none()
@@ -773,10 +785,23 @@ impl Shared {
         Ok(p)
     }
 
+    /// `replication enable`: checks the request and says hello to the replica (which must
+    /// accept the VM now, like Enable-VMReplication), then hands the result to the host's
+    /// command owner, which checks again and commits ([`Shared::install_replication`]).
     pub async fn enable_replication(
         self: &Arc<Self>,
         req: EnableReplication,
     ) -> anyhow::Result<ReplicationStatus> {
+        let prepared = self.prepare_enable(req).await?;
+        self.owner
+            .call(|reply| crate::owner::HostCommand::EnableReplication(Box::new(prepared), reply))
+            .await
+    }
+
+    async fn prepare_enable(
+        self: &Arc<Self>,
+        req: EnableReplication,
+    ) -> anyhow::Result<PreparedEnable> {
         check_frequency(req.frequency_secs)?;
         if let Some(h) = &req.history {
             check_history(h)?;
@@ -844,23 +869,65 @@ impl Shared {
             )));
         }
         record.replica_name = peer.connected_name().await;
-        self.save_replication(&req.vm, &record)?;
-        let repl = Replication::spawn(self.clone(), vm, record, None);
-        if let Some(e) = self.vms.lock().get_mut(&req.vm) {
+        Ok(PreparedEnable { vm: req.vm, record })
+    }
+
+    /// Commits a prepared enable (the command owner's half): the VM must still exist and not
+    /// be replicating already (another request may have enabled it meanwhile).
+    pub(crate) fn install_replication(
+        self: &Arc<Self>,
+        p: PreparedEnable,
+    ) -> anyhow::Result<ReplicationStatus> {
+        let vm = {
+            let vms = self.vms.lock();
+            let e = vms
+                .get(&p.vm)
+                .ok_or_else(|| not_found(format!("no VM named {} on this host", p.vm)))?;
+            if e.record.replication.is_some() {
+                return Err(conflict(format!(
+                    "replication is already enabled for {}",
+                    p.vm
+                )));
+            }
+            e.vm.clone()
+        };
+        self.save_replication(&p.vm, &p.record)?;
+        let repl = Replication::spawn(self.clone(), vm, p.record.clone(), None);
+        if let Some(e) = self.vms.lock().get_mut(&p.vm) {
             e.repl = Some(repl.clone());
         }
         self.events.emit(
             events::REPLICATION_ENABLED,
-            Some(&req.vm),
+            Some(&p.vm),
             "info",
-            &format!("replication enabled to {}", req.replica),
+            &format!("replication enabled to {}", p.record.replica),
         );
         Ok(repl.status())
     }
 
+    /// The host's command owner: the only way to change host-level state.
+    pub fn owner(&self) -> &crate::owner::Owner {
+        &self.owner
+    }
+
+    /// What the owner publishes after each command.
+    pub(crate) fn snapshot(&self, commands: u64) -> crate::owner::HostView {
+        let mut vms: Vec<String> = self.vms.lock().keys().cloned().collect();
+        vms.extend(self.broken.lock().keys().cloned());
+        vms.sort();
+        crate::owner::HostView {
+            commands,
+            vms,
+            replica_server: self.replica.lock().as_ref().is_some_and(|h| h.cfg.enabled),
+        }
+    }
+
     /// `replication set`: changes the frequency, compression and recovery history of a
     /// replicating VM in place. Every value is checked first; a refusal changes nothing.
-    pub fn set_replication(&self, req: &SetReplication) -> anyhow::Result<ReplicationStatus> {
+    pub(crate) fn set_replication(
+        &self,
+        req: &SetReplication,
+    ) -> anyhow::Result<ReplicationStatus> {
         let repl = self.replication(&req.vm)?;
         if let Some(f) = req.frequency_secs {
             check_frequency(f)?;

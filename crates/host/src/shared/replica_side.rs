@@ -240,7 +240,7 @@ impl Shared {
         }
     }
 
-    pub fn enable_replica_server(
+    pub(crate) fn enable_replica_server(
         &self,
         cfg: ReplicaServerConfig,
     ) -> anyhow::Result<ReplicaServerConfig> {
@@ -285,7 +285,7 @@ impl Shared {
         Ok(cfg)
     }
 
-    pub fn disable_replica_server(&self) -> anyhow::Result<ReplicaServerConfig> {
+    pub(crate) fn disable_replica_server(&self) -> anyhow::Result<ReplicaServerConfig> {
         let mut guard = self.replica.lock();
         let h = guard
             .as_mut()

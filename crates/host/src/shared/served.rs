@@ -120,7 +120,7 @@ impl Shared {
 
     /// `points serve`: pins the point, records it, then exports its disks (all, or `disk`).
     /// Serving a served point again adds disks and replaces its expiry.
-    pub fn serve_point(&self, req: &ServePoint) -> anyhow::Result<ServedPoint> {
+    pub(crate) fn serve_point(&self, req: &ServePoint) -> anyhow::Result<ServedPoint> {
         let rvm = self.replica_vm(&req.vm)?;
         let point = resolve_point(&rvm, &req.vm, &req.point)?;
         let all: Vec<u32> = rvm.disks().iter().map(|d| d.index).collect();
@@ -211,7 +211,7 @@ impl Shared {
     }
 
     /// `points unserve`: one point, or every served point of the VM.
-    pub fn unserve_point(&self, req: &UnservePoint) -> anyhow::Result<Vec<u64>> {
+    pub(crate) fn unserve_point(&self, req: &UnservePoint) -> anyhow::Result<Vec<u64>> {
         let mut served = self.served.lock();
         let keys: Vec<(String, u64)> = match req.point {
             Some(seq) => {
