@@ -236,3 +236,34 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| anyhow!("worker task failed: {e}"))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn unexpected_errors_are_500_never_a_4xx() {
+        assert_eq!(
+            status_of(&anyhow!("disk on fire")),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        let io = std::io::Error::other("EIO");
+        let e = Err::<(), _>(io).context("writing the catalog").unwrap_err();
+        assert_eq!(status_of(&e), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn typed_refusals_keep_their_status_through_context() {
+        let e = Err::<(), _>(host::error::conflict("VM web already exists"))
+            .context("creating web")
+            .unwrap_err();
+        assert_eq!(status_of(&e), StatusCode::CONFLICT);
+        assert_eq!(status_of(&not_found("no VM")), StatusCode::NOT_FOUND);
+        assert_eq!(status_of(&bad_request("bad")), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            status_of(&host::error::transient("busy")),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+}
