@@ -12,11 +12,12 @@ pub fn virtual_size(image: &Path) -> anyhow::Result<u64> {
         .output()
         .context("running qemu-img (install Debian's qemu-utils)")?;
     if !out.status.success() {
-        bail!(
+        // The image the user named cannot be read as a disk image: their input, not ours.
+        return Err(crate::error::bad_request(format!(
             "qemu-img info {}: {}",
             image.display(),
             String::from_utf8_lossy(&out.stderr).trim()
-        );
+        )));
     }
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("parsing qemu-img info output")?;
