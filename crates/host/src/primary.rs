@@ -309,6 +309,7 @@ pub fn hello_of(shared: &Shared, vm: &Vm, r: &ReplicationRecord) -> Hello {
             })
             .collect(),
         history: r.history,
+        state: Some(Replication::state_of(r)),
     }
 }
 

@@ -30,6 +30,10 @@ pub struct Hello {
     /// none was set: the replica then keeps what it has). See `peer-protocol.md`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<crate::HistoryPolicy>,
+    /// The primary's relationship state (absent from older primaries): the replica shows the
+    /// same state. See `peer-protocol.md`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<crate::ReplicationState>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
