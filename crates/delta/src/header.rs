@@ -146,28 +146,7 @@ impl DeltaHeader {
         if self.parent_seq >= self.seq {
             return Err(DeltaError::BadHeader("parent_seq must be below seq"));
         }
-        if self.disks.is_empty() || self.disks.len() > DISKS_PER_VM_MAX as usize {
-            return Err(DeltaError::BadHeader(
-                "disk count must be 1..=16 (DISKS_PER_VM_MAX)",
-            ));
-        }
-        for (i, d) in self.disks.iter().enumerate() {
-            if d.size_bytes == 0 || d.size_bytes % BLOCK_BYTES != 0 || d.size_bytes > DISK_BYTES_MAX
-            {
-                return Err(DeltaError::BadHeader(
-                    "disk size must be a non-zero multiple of 4096 and at most 1 PiB",
-                ));
-            }
-            if d.index >= DISKS_PER_VM_MAX {
-                return Err(DeltaError::BadHeader(
-                    "disk index must be below 16 (DISKS_PER_VM_MAX)",
-                ));
-            }
-            if self.disks[..i].iter().any(|o| o.index == d.index) {
-                return Err(DeltaError::BadHeader("duplicate disk index"));
-            }
-        }
-        Ok(())
+        validate_disks(&self.disks)
     }
 
     /// The header checksum (its last 32 bytes) this header has under `key`: what identifies
@@ -222,6 +201,34 @@ impl DeltaHeader {
         out.extend_from_slice(sum.as_bytes());
         out
     }
+}
+
+/// Checks a disk table against the format's rules (the ones a VM's disks obey on the primary):
+/// 1..=[`DISKS_PER_VM_MAX`] disks, indices unique and below it, sizes non-zero multiples of
+/// [`BLOCK_BYTES`] up to [`DISK_BYTES_MAX`]. Shared by the header and the replica store, so a
+/// disk table is judged by one rule everywhere.
+pub fn validate_disks(disks: &[DiskEntry]) -> Result<(), DeltaError> {
+    if disks.is_empty() || disks.len() > DISKS_PER_VM_MAX as usize {
+        return Err(DeltaError::BadHeader(
+            "disk count must be 1..=16 (DISKS_PER_VM_MAX)",
+        ));
+    }
+    for (i, d) in disks.iter().enumerate() {
+        if d.size_bytes == 0 || d.size_bytes % BLOCK_BYTES != 0 || d.size_bytes > DISK_BYTES_MAX {
+            return Err(DeltaError::BadHeader(
+                "disk size must be a non-zero multiple of 4096 and at most 1 PiB",
+            ));
+        }
+        if d.index >= DISKS_PER_VM_MAX {
+            return Err(DeltaError::BadHeader(
+                "disk index must be below 16 (DISKS_PER_VM_MAX)",
+            ));
+        }
+        if disks[..i].iter().any(|o| o.index == d.index) {
+            return Err(DeltaError::BadHeader("duplicate disk index"));
+        }
+    }
+    Ok(())
 }
 
 /// Parses the 16-byte preamble and returns the total header length it announces.

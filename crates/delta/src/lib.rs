@@ -26,7 +26,7 @@ pub use error::DeltaError;
 pub use frame::{
     decode_payload, decode_stored_frame, FrameInfo, FrameKind, PayloadDecoder, StoredFrame,
 };
-pub use header::{Compression, DeltaHeader, DeltaKind, DiskEntry};
+pub use header::{validate_disks, Compression, DeltaHeader, DeltaKind, DiskEntry};
 /// The identifier types and bounds a header shares with the primary (`crates/proto`).
 pub use proto::{Generation, Seq, VmName, DISKS_PER_VM_MAX, VM_NAME_MAX};
 pub use reader::{DeltaReader, Frame, FrameBody};
