@@ -13,10 +13,10 @@ const KEY: [u8; 32] = [0x5a; 32];
 fn valid_header() -> Vec<u8> {
     let header = delta::DeltaHeader {
         app_consistent: false,
-        vm_id: "fuzz".into(),
-        generation: 1,
-        seq: 2,
-        parent_seq: 1,
+        vm_id: delta::VmName::parse("fuzz").unwrap(),
+        generation: delta::Generation(1),
+        seq: delta::Seq(2),
+        parent_seq: delta::Seq(1),
         cut_time_unix_ns: 1,
         kind: delta::DeltaKind::Incremental,
         compression: delta::Compression::Zstd,

@@ -26,10 +26,10 @@ const KEY: [u8; 32] = [5u8; 32];
 fn header(disk_bytes: u64) -> DeltaHeader {
     DeltaHeader {
         app_consistent: false,
-        vm_id: "bench".into(),
-        generation: 1,
-        seq: 1,
-        parent_seq: 0,
+        vm_id: delta::VmName::parse("bench").unwrap(),
+        generation: delta::Generation(1),
+        seq: delta::Seq(1),
+        parent_seq: delta::Seq(0),
         cut_time_unix_ns: 0,
         kind: DeltaKind::Initial,
         compression: Compression::Zstd,

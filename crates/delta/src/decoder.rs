@@ -382,10 +382,10 @@ mod tests {
     fn header() -> DeltaHeader {
         DeltaHeader {
             app_consistent: false,
-            vm_id: "vm".into(),
-            generation: 1,
-            seq: 1,
-            parent_seq: 0,
+            vm_id: proto::VmName::parse("vm").unwrap(),
+            generation: proto::Generation(1),
+            seq: proto::Seq(1),
+            parent_seq: proto::Seq(0),
             cut_time_unix_ns: 0,
             kind: DeltaKind::Initial,
             compression: Compression::None,

@@ -2,9 +2,9 @@
 //! byte encoding (see `docs/formats/delta.md`, "Header"). Also owns the key derivation, since
 //! the header checksum is the first use of the key.
 
-use crate::{
-    DeltaError, BLOCK_BYTES, DISKS_MAX, DISK_BYTES_MAX, HEADER_BYTES_MAX, VM_ID_BYTES_MAX,
-};
+use proto::{Generation, Seq, VmName, DISKS_PER_VM_MAX};
+
+use crate::{DeltaError, BLOCK_BYTES, DISK_BYTES_MAX, HEADER_BYTES_MAX};
 
 pub(crate) const MAGIC: [u8; 8] = *b"USDELTA\0";
 /// Format version written and the only one read (`docs/formats/delta.md`, "Versioning").
@@ -102,8 +102,13 @@ impl Compression {
 }
 
 /// One replicated disk: its index within the VM and its size.
+///
+/// `index` stays a plain `u32` (not `proto::DiskIndex`): it is compared with every frame's
+/// `disk` field and keys the replica's per-disk maps, all `u32` on the wire and in memory, so a
+/// newtype here would only add conversions at each of those places.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DiskEntry {
+    /// Below [`DISKS_PER_VM_MAX`] (the primary numbers a VM's disks 0, 1, ...).
     pub index: u32,
     pub size_bytes: u64,
 }
@@ -111,10 +116,11 @@ pub struct DiskEntry {
 /// Everything the header says about a delta.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeltaHeader {
-    pub vm_id: String,
-    pub generation: u64,
-    pub seq: u64,
-    pub parent_seq: u64,
+    /// The VM's name: validated once, when the header is built or decoded.
+    pub vm_id: VmName,
+    pub generation: Generation,
+    pub seq: Seq,
+    pub parent_seq: Seq,
     pub cut_time_unix_ns: u64,
     pub kind: DeltaKind,
     pub compression: Compression,
@@ -132,30 +138,15 @@ impl DeltaHeader {
     /// Checks every rule of the format that does not depend on bytes (shared by writer and
     /// reader so that the writer can never produce what the reader refuses).
     pub fn validate(&self) -> Result<(), DeltaError> {
-        if self.vm_id.is_empty() || self.vm_id.len() > VM_ID_BYTES_MAX {
-            return Err(DeltaError::BadHeader("vm_id must be 1..=255 bytes"));
-        }
-        if self.seq == 0 {
+        // `vm_id` is a `VmName`, valid by construction (1..=VM_NAME_MAX bytes, so its length
+        // fits the one-byte `vm_id_len`).
+        if self.seq == Seq(0) {
             return Err(DeltaError::BadHeader("seq must be at least 1"));
         }
         if self.parent_seq >= self.seq {
             return Err(DeltaError::BadHeader("parent_seq must be below seq"));
         }
-        if self.disks.is_empty() || self.disks.len() > DISKS_MAX as usize {
-            return Err(DeltaError::BadHeader("disk count must be 1..=256"));
-        }
-        for (i, d) in self.disks.iter().enumerate() {
-            if d.size_bytes == 0 || d.size_bytes % BLOCK_BYTES != 0 || d.size_bytes > DISK_BYTES_MAX
-            {
-                return Err(DeltaError::BadHeader(
-                    "disk size must be a non-zero multiple of 4096 and at most 1 PiB",
-                ));
-            }
-            if self.disks[..i].iter().any(|o| o.index == d.index) {
-                return Err(DeltaError::BadHeader("duplicate disk index"));
-            }
-        }
-        Ok(())
+        validate_disks(&self.disks)
     }
 
     /// The header checksum (its last 32 bytes) this header has under `key`: what identifies
@@ -193,9 +184,9 @@ impl DeltaHeader {
         out.push(self.vm_id.len() as u8);
         out.push(0);
         for v in [
-            self.generation,
-            self.seq,
-            self.parent_seq,
+            self.generation.get(),
+            self.seq.get(),
+            self.parent_seq.get(),
             self.cut_time_unix_ns,
         ] {
             out.extend_from_slice(&v.to_le_bytes());
@@ -210,6 +201,34 @@ impl DeltaHeader {
         out.extend_from_slice(sum.as_bytes());
         out
     }
+}
+
+/// Checks a disk table against the format's rules (the ones a VM's disks obey on the primary):
+/// 1..=[`DISKS_PER_VM_MAX`] disks, indices unique and below it, sizes non-zero multiples of
+/// [`BLOCK_BYTES`] up to [`DISK_BYTES_MAX`]. Shared by the header and the replica store, so a
+/// disk table is judged by one rule everywhere.
+pub fn validate_disks(disks: &[DiskEntry]) -> Result<(), DeltaError> {
+    if disks.is_empty() || disks.len() > DISKS_PER_VM_MAX as usize {
+        return Err(DeltaError::BadHeader(
+            "disk count must be 1..=16 (DISKS_PER_VM_MAX)",
+        ));
+    }
+    for (i, d) in disks.iter().enumerate() {
+        if d.size_bytes == 0 || d.size_bytes % BLOCK_BYTES != 0 || d.size_bytes > DISK_BYTES_MAX {
+            return Err(DeltaError::BadHeader(
+                "disk size must be a non-zero multiple of 4096 and at most 1 PiB",
+            ));
+        }
+        if d.index >= DISKS_PER_VM_MAX {
+            return Err(DeltaError::BadHeader(
+                "disk index must be below 16 (DISKS_PER_VM_MAX)",
+            ));
+        }
+        if disks[..i].iter().any(|o| o.index == d.index) {
+            return Err(DeltaError::BadHeader("duplicate disk index"));
+        }
+    }
+    Ok(())
 }
 
 /// Parses the 16-byte preamble and returns the total header length it announces.
@@ -258,8 +277,10 @@ pub(crate) fn parse_header(bytes: &[u8], keys: &Keys) -> Result<DeltaHeader, Del
     let parent_seq = c.u64()?;
     let cut_time_unix_ns = c.u64()?;
     let disk_count = c.u32()?;
-    if disk_count == 0 || disk_count > DISKS_MAX {
-        return Err(DeltaError::BadHeader("disk count must be 1..=256"));
+    if disk_count == 0 || disk_count > DISKS_PER_VM_MAX {
+        return Err(DeltaError::BadHeader(
+            "disk count must be 1..=16 (DISKS_PER_VM_MAX)",
+        ));
     }
     if DeltaHeader::encoded_len(vm_id_len, disk_count as usize) != bytes.len() {
         return Err(DeltaError::BadHeader(
@@ -275,8 +296,11 @@ pub(crate) fn parse_header(bytes: &[u8], keys: &Keys) -> Result<DeltaHeader, Del
     let kind = DeltaKind::from_code(kind)?;
     let compression = Compression::from_code(compression)?;
     let vm_id = std::str::from_utf8(c.bytes(vm_id_len)?)
-        .map_err(|_| DeltaError::BadHeader("vm_id is not UTF-8"))?
-        .to_owned();
+        .ok()
+        .and_then(|s| VmName::parse(s).ok())
+        .ok_or(DeltaError::BadHeader(
+            "vm_id must be a valid VM name (1-64 letters, digits, '.', '_', '-')",
+        ))?;
     let mut disks = Vec::with_capacity(disk_count as usize);
     for _ in 0..disk_count {
         let index = c.u32()?;
@@ -286,9 +310,9 @@ pub(crate) fn parse_header(bytes: &[u8], keys: &Keys) -> Result<DeltaHeader, Del
     let header = DeltaHeader {
         app_consistent: flags & FLAG_APP_CONSISTENT != 0,
         vm_id,
-        generation,
-        seq,
-        parent_seq,
+        generation: Generation(generation),
+        seq: Seq(seq),
+        parent_seq: Seq(parent_seq),
         cut_time_unix_ns,
         kind,
         compression,
@@ -359,10 +383,10 @@ mod tests {
 
     fn header(app_consistent: bool) -> DeltaHeader {
         DeltaHeader {
-            vm_id: "vm".into(),
-            generation: 1,
-            seq: 2,
-            parent_seq: 1,
+            vm_id: VmName::parse("vm").unwrap(),
+            generation: Generation(1),
+            seq: Seq(2),
+            parent_seq: Seq(1),
             cut_time_unix_ns: 5,
             kind: DeltaKind::Incremental,
             compression: Compression::None,
@@ -394,5 +418,77 @@ mod tests {
             parse_header(&bytes, &keys),
             Err(DeltaError::UnsupportedFlags(3))
         ));
+    }
+
+    /// Re-signs `bytes` (a whole encoded header) after a test edited its body.
+    fn resign(bytes: &mut [u8], keys: &Keys) {
+        let body = bytes.len() - CHECKSUM_BYTES;
+        let sum = blake3::keyed_hash(&keys.header, &bytes[..body]);
+        bytes[body..].copy_from_slice(sum.as_bytes());
+    }
+
+    #[test]
+    fn delta_header_with_more_disks_than_a_vm_may_have_is_refused() {
+        let keys = Keys::derive(&[7; 32]);
+        let mut h = header(false);
+        h.disks = (0..DISKS_PER_VM_MAX)
+            .map(|index| DiskEntry {
+                index,
+                size_bytes: 4096,
+            })
+            .collect();
+        // The most a VM may have is accepted both ways.
+        h.validate().unwrap();
+        assert_eq!(parse_header(&h.encode(&keys), &keys).unwrap(), h);
+        // One more: the writer refuses to build it, and the reader refuses it on the wire even
+        // with a correct checksum (as a hostile or buggy peer holding the key could send).
+        h.disks.push(DiskEntry {
+            index: DISKS_PER_VM_MAX,
+            size_bytes: 4096,
+        });
+        assert!(matches!(h.validate(), Err(DeltaError::BadHeader(_))));
+        assert!(matches!(
+            parse_header(&h.encode(&keys), &keys),
+            Err(DeltaError::BadHeader(_))
+        ));
+        // A disk index a VM cannot have is refused too.
+        let mut h = header(false);
+        h.disks[0].index = DISKS_PER_VM_MAX;
+        assert!(matches!(h.validate(), Err(DeltaError::BadHeader(_))));
+        assert!(matches!(
+            parse_header(&h.encode(&keys), &keys),
+            Err(DeltaError::BadHeader(_))
+        ));
+    }
+
+    #[test]
+    fn delta_header_vm_id_is_refused_unless_the_primary_could_name_a_vm_so() {
+        let keys = Keys::derive(&[7; 32]);
+        let mut h = header(false);
+        h.vm_id = VmName::parse("abcd").unwrap();
+        let good = h.encode(&keys);
+        assert_eq!(parse_header(&good, &keys).unwrap().vm_id, "abcd");
+        let at = PREAMBLE_BYTES + FIXED_BYTES;
+        assert_eq!(&good[at..at + 4], b"abcd");
+        // Names the old 1..=255-byte UTF-8 rule let through but the primary never creates (the
+        // replica store refused some of them later, with a rule of its own): refused at the
+        // header, never a panic.
+        let bad: [&[u8; 4]; 6] = [
+            b"a/..",
+            b"-abc",
+            b".abc",
+            b"a bc",
+            b"\xff\xfe\x00a",
+            b"\xc3\xa9ab",
+        ];
+        for bad in bad {
+            let mut bytes = good.clone();
+            bytes[at..at + 4].copy_from_slice(bad);
+            resign(&mut bytes, &keys);
+            assert!(
+                matches!(parse_header(&bytes, &keys), Err(DeltaError::BadHeader(_))),
+                "{bad:?} accepted"
+            );
+        }
     }
 }

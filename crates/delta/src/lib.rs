@@ -26,7 +26,9 @@ pub use error::DeltaError;
 pub use frame::{
     decode_payload, decode_stored_frame, FrameInfo, FrameKind, PayloadDecoder, StoredFrame,
 };
-pub use header::{Compression, DeltaHeader, DeltaKind, DiskEntry};
+pub use header::{validate_disks, Compression, DeltaHeader, DeltaKind, DiskEntry};
+/// The identifier types and bounds a header shares with the primary (`crates/proto`).
+pub use proto::{Generation, Seq, VmName, DISKS_PER_VM_MAX, VM_NAME_MAX};
 pub use reader::{DeltaReader, Frame, FrameBody};
 pub use writer::{DeltaWriter, SharedWrite};
 
@@ -38,18 +40,12 @@ pub const BLOCK_BYTES: u64 = 4096;
 /// a time) and the read amplification of a random 4 KiB read served from a stored frame.
 pub const FRAME_DATA_BYTES_MAX: u64 = 1 << 20;
 
-/// Largest header. A header with 256 disks and a 255-byte VM id is 3,415 bytes.
+/// Largest header. A header with `DISKS_PER_VM_MAX` = 16 disks and a `VM_NAME_MAX` = 64-byte
+/// VM id is 344 bytes; 4096 leaves room to grow without a reader allocating much on a lie.
 pub const HEADER_BYTES_MAX: u32 = 4096;
-
-/// Most disks in one delta. Far above what a VM attaches (virtio-blk tops out at a few dozen
-/// in practice) while keeping the header small and bounded.
-pub const DISKS_MAX: u32 = 256;
 
 /// Largest disk: 1 PiB. Keeps `offset + len` far away from `u64` overflow.
 pub const DISK_BYTES_MAX: u64 = 1 << 50;
-
-/// Longest VM id, in bytes (it is stored with a one-byte length).
-pub const VM_ID_BYTES_MAX: usize = 255;
 
 /// zstd level used by the writer: a "fast" (negative) level. On blocks a `fio` run wrote,
 /// level -3 encodes (with hashing) at ~840 MiB/s per core against ~530 at level 1, for 25 %

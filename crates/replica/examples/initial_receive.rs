@@ -89,10 +89,10 @@ fn main() {
     };
     let mut header = DeltaHeader {
         app_consistent: false,
-        vm_id: "bench".into(),
-        generation: 1,
-        seq: 1,
-        parent_seq: 0,
+        vm_id: delta::VmName::parse("bench").unwrap(),
+        generation: delta::Generation(1),
+        seq: delta::Seq(1),
+        parent_seq: delta::Seq(0),
         cut_time_unix_ns: 1,
         kind: DeltaKind::Initial,
         compression: Compression::Zstd,
@@ -105,8 +105,8 @@ fn main() {
         w.finish().unwrap().0
     };
     if journal {
-        header.seq = 2;
-        header.parent_seq = 1;
+        header.seq = delta::Seq(2);
+        header.parent_seq = delta::Seq(1);
         header.kind = DeltaKind::Incremental;
     }
     let t = Instant::now();
@@ -146,7 +146,14 @@ fn main() {
         std::thread::sleep(std::time::Duration::from_secs(pause_s));
         let dir = tempfile::tempdir_in(&parent).unwrap();
         let store = ReplicaStore::open(dir.path()).unwrap();
-        let vm = store.create_vm("bench", 1, &[disk], KEY).unwrap();
+        let vm = store
+            .create_vm(
+                &delta::VmName::parse("bench").unwrap(),
+                delta::Generation(1),
+                &[disk],
+                KEY,
+            )
+            .unwrap();
         if journal {
             let mut inc = vm.begin_receive().unwrap();
             inc.write_all(&first).unwrap();

@@ -13,6 +13,16 @@ use crate::{failpoint, ReplicaStore, ReplicaVm};
 
 const KEY: [u8; 32] = [1u8; 32];
 const VM: &str = "db";
+
+/// A VM name for tests (the store takes names validated once, as `VmName`).
+fn name(s: &str) -> proto::VmName {
+    proto::VmName::parse(s).unwrap()
+}
+
+/// The test VM's name.
+fn vm_id() -> proto::VmName {
+    name(VM)
+}
 const BLOCKS: u64 = 32;
 
 /// Header of delta `seq` in a chain starting at 1 (Initial, then Incremental), generation 1,
@@ -25,10 +35,10 @@ pub(crate) fn chain_header(
 ) -> DeltaHeader {
     DeltaHeader {
         app_consistent: false,
-        vm_id: vm.into(),
-        generation: 1,
-        seq,
-        parent_seq: seq - 1,
+        vm_id: proto::VmName::parse(vm).unwrap(),
+        generation: proto::Generation(1),
+        seq: proto::Seq(seq),
+        parent_seq: proto::Seq(seq - 1),
         cut_time_unix_ns: seq,
         kind: if seq == 1 {
             DeltaKind::Initial
@@ -111,9 +121,9 @@ fn send(vm: &ReplicaVm, bytes: &[u8]) -> Result<crate::PointInfo, crate::Replica
 
 fn check(dir: &Path, model: &Model, must_have: &[u64]) -> Vec<u64> {
     let store = ReplicaStore::open(dir).unwrap();
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     assert_eq!(vm.damage(), None);
-    let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq).collect();
+    let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq.get()).collect();
     for s in must_have {
         assert!(seqs.contains(s), "point {s} lost; points now {seqs:?}");
     }
@@ -123,7 +133,7 @@ fn check(dir: &Path, model: &Model, must_have: &[u64]) -> Vec<u64> {
             .get(&s)
             .unwrap_or_else(|| panic!("unknown point {s} listed"));
         for (&disk, img) in want {
-            let view = vm.view(s, disk).unwrap();
+            let view = vm.view(proto::Seq(s), disk).unwrap();
             let mut buf = vec![0u8; img.len()];
             view.read_range(&mut buf, 0).unwrap();
             assert!(buf == *img, "point {s} disk {disk} differs after reopen");
@@ -141,7 +151,9 @@ fn check(dir: &Path, model: &Model, must_have: &[u64]) -> Vec<u64> {
 fn setup(points: u64) -> (tempfile::TempDir, ReplicaStore, Model) {
     let dir = tempfile::tempdir().unwrap();
     let store = ReplicaStore::open(dir.path()).unwrap();
-    let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+    let vm = store
+        .create_vm(&vm_id(), proto::Generation(1), &disks(), KEY)
+        .unwrap();
     let mut model = Model::new();
     for seq in 1..=points {
         model.commit(&vm, seq);
@@ -158,7 +170,7 @@ fn crash_at_each_commit_step_keeps_earlier_points() {
     ];
     for (step, survives) in steps {
         let (dir, store, mut model) = setup(2);
-        let vm = store.vm(VM).unwrap();
+        let vm = store.vm(&vm_id()).unwrap();
         let (bytes, images) = model.delta(3);
         failpoint::arm(step);
         let r = send(&vm, &bytes);
@@ -181,7 +193,7 @@ fn crash_at_each_commit_step_keeps_earlier_points() {
 #[test]
 fn a_commit_failing_after_the_rename_wedges_until_reopen() {
     let (dir, store, mut model) = setup(2);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     let (bytes, images) = model.delta(3);
     failpoint::arm("commit.after_rename");
     assert!(send(&vm, &bytes).is_err());
@@ -207,7 +219,7 @@ fn crash_at_each_fold_step_keeps_remaining_points() {
         "fold.after_manifest",
     ] {
         let (dir, store, model) = setup(4);
-        let vm = store.vm(VM).unwrap();
+        let vm = store.vm(&vm_id()).unwrap();
         assert_eq!(vm.points().len(), 4);
         failpoint::arm(step);
         let r = vm.retain(2);
@@ -224,7 +236,7 @@ fn crash_at_each_fold_step_keeps_remaining_points() {
         assert_eq!((manifest.base_seq, manifest.folding), (2, None), "{step}");
         // Retention continues normally afterwards.
         let store = ReplicaStore::open(dir.path()).unwrap();
-        store.vm(VM).unwrap().retain(2).unwrap();
+        store.vm(&vm_id()).unwrap().retain(2).unwrap();
         drop(store);
         assert_eq!(check(dir.path(), &model, &[3, 4]), vec![3, 4], "{step}");
     }
@@ -235,10 +247,10 @@ fn crash_at_each_fold_step_keeps_remaining_points() {
 fn initial(blocks: &[(u32, u64, u8)]) -> (Vec<u8>, BTreeMap<u32, Vec<u8>>) {
     let header = DeltaHeader {
         app_consistent: false,
-        vm_id: VM.into(),
-        generation: 1,
-        seq: 1,
-        parent_seq: 0,
+        vm_id: proto::VmName::parse(VM).unwrap(),
+        generation: proto::Generation(1),
+        seq: proto::Seq(1),
+        parent_seq: proto::Seq(0),
         cut_time_unix_ns: 1,
         kind: DeltaKind::Initial,
         compression: Compression::Zstd,
@@ -296,18 +308,18 @@ fn second_attempt_blocks() -> Vec<(u32, u64, u8)> {
 /// write most of the blocks of the first must read exactly as its own image: zeros elsewhere.
 fn second_attempt_reads_exactly(dir: &Path) {
     let store = ReplicaStore::open(dir).unwrap();
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     assert!(vm.points().is_empty());
-    assert_eq!(vm.latest_seq(), 0);
+    assert_eq!(vm.latest_seq().get(), 0);
     let (bytes, images) = initial(&second_attempt_blocks());
-    assert_eq!(send_chunked(&vm, &bytes).unwrap().seq, 1);
+    assert_eq!(send_chunked(&vm, &bytes).unwrap().seq.get(), 1);
     let mut model = Model::new();
     model.points.insert(1, images.clone());
     model.images = images;
     drop(vm);
     assert_eq!(check(dir, &model, &[1]), vec![1]);
     // Later points build on it as usual.
-    model.commit(&store.vm(VM).unwrap(), 2);
+    model.commit(&store.vm(&vm_id()).unwrap(), 2);
     drop(store);
     assert_eq!(check(dir, &model, &[1, 2]), vec![1, 2]);
 }
@@ -331,7 +343,9 @@ fn crash_at_each_step_of_the_first_point_commit() {
     for (step, survives) in steps {
         let dir = tempfile::tempdir().unwrap();
         let store = ReplicaStore::open(dir.path()).unwrap();
-        let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+        let vm = store
+            .create_vm(&vm_id(), proto::Generation(1), &disks(), KEY)
+            .unwrap();
         let (bytes, images) = initial(&first_attempt_blocks());
         failpoint::arm(step);
         let r = send_chunked(&vm, &bytes);
@@ -368,7 +382,9 @@ fn a_refused_first_point_leaves_nothing_and_the_next_attempt_starts_from_zeros()
     for (what, attempt) in attempts {
         let dir = tempfile::tempdir().unwrap();
         let store = ReplicaStore::open(dir.path()).unwrap();
-        let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+        let vm = store
+            .create_vm(&vm_id(), proto::Generation(1), &disks(), KEY)
+            .unwrap();
         let r = send_chunked(&vm, attempt);
         assert!(
             matches!(
@@ -378,7 +394,7 @@ fn a_refused_first_point_leaves_nothing_and_the_next_attempt_starts_from_zeros()
             "{what}: {r:?}"
         );
         assert!(vm.points().is_empty(), "{what}");
-        assert_eq!(vm.latest_seq(), 0, "{what}");
+        assert_eq!(vm.latest_seq().get(), 0, "{what}");
         // Same process, no reopen: the next attempt resets the base itself.
         let (bytes2, images2) = initial(&second_attempt_blocks());
         send_chunked(&vm, &bytes2).unwrap();
@@ -386,7 +402,10 @@ fn a_refused_first_point_leaves_nothing_and_the_next_attempt_starts_from_zeros()
         model.points.insert(1, images2);
         for (&disk, img) in &model.points[&1] {
             let mut buf = vec![0u8; img.len()];
-            vm.view(1, disk).unwrap().read_range(&mut buf, 0).unwrap();
+            vm.view(proto::Seq(1), disk)
+                .unwrap()
+                .read_range(&mut buf, 0)
+                .unwrap();
             assert!(
                 buf == *img,
                 "{what}: disk {disk} keeps blocks of the refused attempt"
@@ -402,7 +421,9 @@ fn a_refused_first_point_leaves_nothing_and_the_next_attempt_starts_from_zeros()
 fn crash_mid_first_point_then_a_new_attempt_starts_from_zeros() {
     let dir = tempfile::tempdir().unwrap();
     let store = ReplicaStore::open(dir.path()).unwrap();
-    let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+    let vm = store
+        .create_vm(&vm_id(), proto::Generation(1), &disks(), KEY)
+        .unwrap();
     let (bytes, _) = initial(&first_attempt_blocks());
     let mut inc = vm.begin_receive().unwrap();
     inc.write_all(&bytes[..bytes.len() * 3 / 4]).unwrap();
@@ -427,7 +448,9 @@ fn crash_mid_first_point_then_a_new_attempt_starts_from_zeros() {
 fn a_newer_first_point_attempt_supersedes_an_older_one() {
     let dir = tempfile::tempdir().unwrap();
     let store = ReplicaStore::open(dir.path()).unwrap();
-    let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+    let vm = store
+        .create_vm(&vm_id(), proto::Generation(1), &disks(), KEY)
+        .unwrap();
     let (old, _) = initial(&first_attempt_blocks());
     let (new, images) = initial(&second_attempt_blocks());
     let mut a = vm.begin_receive().unwrap();
@@ -443,7 +466,7 @@ fn a_newer_first_point_attempt_supersedes_an_older_one() {
         vm.commit(a),
         Err(crate::ReplicaError::ReceiveFailed(_))
     ));
-    assert_eq!(vm.commit(b).unwrap().seq, 1);
+    assert_eq!(vm.commit(b).unwrap().seq.get(), 1);
     let mut model = Model::new();
     model.points.insert(1, images.clone());
     model.images = images;
@@ -456,7 +479,7 @@ fn a_newer_first_point_attempt_supersedes_an_older_one() {
 #[test]
 fn crash_while_receiving_leaves_no_partial_and_no_point() {
     let (dir, store, model) = setup(1);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     let (bytes, _) = model.delta(2);
     let mut inc = vm.begin_receive().unwrap();
     inc.write_all(&bytes[..bytes.len() / 2]).unwrap();
@@ -471,7 +494,9 @@ fn crash_while_receiving_leaves_no_partial_and_no_point() {
 fn a_failed_first_point_manifest_write_blocks_resets_until_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let store = ReplicaStore::open(dir.path()).unwrap();
-    let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+    let vm = store
+        .create_vm(&vm_id(), proto::Generation(1), &disks(), KEY)
+        .unwrap();
     let (bytes, images) = initial(&first_attempt_blocks());
     // Simulates a manifest write failing at the rename (the on-disk state is then unknown).
     failpoint::arm("write_atomic.before_rename");
@@ -484,8 +509,8 @@ fn a_failed_first_point_manifest_write_blocks_resets_until_reopen() {
     drop(vm);
     drop(store);
     let store = ReplicaStore::open(dir.path()).unwrap();
-    let vm = store.vm(VM).unwrap();
-    assert_eq!(send_chunked(&vm, &bytes).unwrap().seq, 1);
+    let vm = store.vm(&vm_id()).unwrap();
+    assert_eq!(send_chunked(&vm, &bytes).unwrap().seq.get(), 1);
     let mut model = Model::new();
     model.points.insert(1, images);
     drop(vm);
@@ -502,7 +527,7 @@ fn emfile_at_open_is_transient_never_quarantines_journal_files() {
     drop(store);
     failpoint::arm("journal.open");
     let store = ReplicaStore::open(dir.path()).unwrap();
-    assert!(store.vm(VM).is_none());
+    assert!(store.vm(&vm_id()).is_none());
     let pending = store.pending();
     assert_eq!(pending.len(), 1, "{pending:?}");
     assert!(
@@ -519,7 +544,7 @@ fn emfile_at_open_is_transient_never_quarantines_journal_files() {
     assert_eq!(manifest.damage, None);
     // The descriptors are back: the next attempt opens it with every point.
     assert_eq!(store.open_pending(), 0);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     assert_eq!(vm.damage(), None);
     drop(vm);
     drop(store);
@@ -532,8 +557,8 @@ fn emfile_at_open_is_transient_never_quarantines_journal_files() {
 #[test]
 fn merge_keeps_every_other_point_byte_equal() {
     let (dir, store, mut model) = setup(6);
-    let vm = store.vm(VM).unwrap();
-    let view4 = vm.view(4, 0).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
+    let view4 = vm.view(proto::Seq(4), 0).unwrap();
     assert!(crate::merge::merge_into_next(&vm.inner, 3).unwrap());
     let mut buf = vec![0u8; model.points[&4][&0].len()];
     view4.read_range(&mut buf, 0).unwrap();
@@ -551,7 +576,7 @@ fn merge_keeps_every_other_point_byte_equal() {
     drop(store);
     assert_eq!(check(dir.path(), &model, &[1, 4, 5, 6]), vec![1, 4, 5, 6]);
     let store = ReplicaStore::open(dir.path()).unwrap();
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     vm.retain(2).unwrap();
     model.commit(&vm, 7);
     drop(vm);
@@ -570,7 +595,7 @@ fn crash_at_each_merge_step_keeps_every_other_point() {
         ("merge.before_delete", false),
     ] {
         let (dir, store, model) = setup(5);
-        let vm = store.vm(VM).unwrap();
+        let vm = store.vm(&vm_id()).unwrap();
         failpoint::arm(step);
         let r = crate::merge::merge_into_next(&vm.inner, 3);
         assert!(
@@ -593,7 +618,7 @@ fn crash_at_each_merge_step_keeps_every_other_point() {
 #[test]
 fn history_policy_retires_points_between_kept_ones_but_not_pinned_ones() {
     let (dir, store, mut model) = setup(6);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     let bad = crate::HistoryPolicy {
         recovery_history: 25,
         app_consistent_every_hours: None,
@@ -609,10 +634,10 @@ fn history_policy_retires_points_between_kept_ones_but_not_pinned_ones() {
         ..bad
     })
     .unwrap();
-    let pinned = vm.view(4, 0).unwrap();
+    let pinned = vm.view(proto::Seq(4), 0).unwrap();
     // Cut times are 1..6 ns: all in the first hour, whose first point (1) is the hourly one.
     vm.apply_history(10, 64).unwrap();
-    let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq).collect();
+    let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq.get()).collect();
     assert_eq!(seqs, vec![1, 4, 6]);
     let kinds: Vec<crate::PointKind> = vm.points_with_kinds(10).iter().map(|p| p.1).collect();
     assert_eq!(
@@ -632,7 +657,15 @@ fn history_policy_retires_points_between_kept_ones_but_not_pinned_ones() {
     drop(store);
     assert_eq!(check(dir.path(), &model, &[1, 6]), vec![1, 6]);
     let store = ReplicaStore::open(dir.path()).unwrap();
-    assert_eq!(store.vm(VM).unwrap().history().unwrap().recovery_history, 1);
+    assert_eq!(
+        store
+            .vm(&vm_id())
+            .unwrap()
+            .history()
+            .unwrap()
+            .recovery_history,
+        1
+    );
 }
 
 /// Retired points are hidden and compacted (merges of similar sizes, like a binary counter)
@@ -643,7 +676,7 @@ fn history_policy_retires_points_between_kept_ones_but_not_pinned_ones() {
 #[test]
 fn retired_points_are_hidden_and_compacted_in_a_few_files() {
     let (dir, store, mut model) = setup(1);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     vm.set_history(crate::HistoryPolicy {
         recovery_history: 1,
         app_consistent_every_hours: None,
@@ -654,7 +687,7 @@ fn retired_points_are_hidden_and_compacted_in_a_few_files() {
     for seq in 2..=64 {
         model.commit(&vm, seq);
         vm.apply_history(100, 64).unwrap();
-        let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq).collect();
+        let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq.get()).collect();
         assert_eq!(
             seqs,
             vec![1, seq],
@@ -680,7 +713,7 @@ fn retired_points_are_hidden_and_compacted_in_a_few_files() {
 #[test]
 fn crash_while_hiding_points_keeps_every_point() {
     let (dir, store, mut model) = setup(5);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     vm.set_history(crate::HistoryPolicy {
         recovery_history: 1,
         app_consistent_every_hours: None,
@@ -697,7 +730,7 @@ fn crash_while_hiding_points_keeps_every_point() {
         vec![1, 2, 3, 4, 5]
     );
     let store = ReplicaStore::open(dir.path()).unwrap();
-    store.vm(VM).unwrap().apply_history(100, 64).unwrap();
+    store.vm(&vm_id()).unwrap().apply_history(100, 64).unwrap();
     drop(store);
     for s in 2..5 {
         model.points.remove(&s);
@@ -711,7 +744,7 @@ fn crash_while_hiding_points_keeps_every_point() {
 #[test]
 fn a_kept_prefix_survives_a_restart_and_the_upload_continues() {
     let (dir, store, mut model) = setup(1);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     let (bytes, images) = model.delta(2);
     let cut = bytes.len() / 2 + 7;
     let mut inc = vm.begin_receive().unwrap();
@@ -723,12 +756,15 @@ fn a_kept_prefix_survives_a_restart_and_the_upload_continues() {
     drop(store);
 
     let store = ReplicaStore::open(dir.path()).unwrap();
-    let vm = store.vm(VM).unwrap();
-    assert_eq!(vm.kept_prefix(2), Some((sum, cut as u64)));
+    let vm = store.vm(&vm_id()).unwrap();
+    assert_eq!(vm.kept_prefix(proto::Seq(2)), Some((sum, cut as u64)));
     let mut other = sum;
     other[0] ^= 1;
-    assert!(vm.adopt_kept(2, &other).unwrap().is_none(), "another delta");
-    let mut inc = vm.adopt_kept(2, &sum).unwrap().unwrap();
+    assert!(
+        vm.adopt_kept(proto::Seq(2), &other).unwrap().is_none(),
+        "another delta"
+    );
+    let mut inc = vm.adopt_kept(proto::Seq(2), &sum).unwrap().unwrap();
     assert_eq!(inc.received_bytes(), cut as u64);
     inc.write_all(&bytes[cut..]).unwrap();
     vm.commit(inc).unwrap();
@@ -743,14 +779,17 @@ fn a_kept_prefix_survives_a_restart_and_the_upload_continues() {
 #[test]
 fn a_stale_kept_prefix_is_deleted_at_open() {
     let (dir, store, mut model) = setup(1);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     let (bytes, _) = model.delta(2);
     let mut inc = vm.begin_receive().unwrap();
     inc.write_all(&bytes[..bytes.len() / 3]).unwrap();
     assert!(inc.persist_prefix().unwrap());
     std::mem::forget(inc);
     model.commit(&vm, 2);
-    assert!(vm.kept_prefix(2).is_some(), "still there until open");
+    assert!(
+        vm.kept_prefix(proto::Seq(2)).is_some(),
+        "still there until open"
+    );
     drop(vm);
     drop(store);
     assert_eq!(check(dir.path(), &model, &[1, 2]), vec![1, 2]);

@@ -16,6 +16,16 @@ use crate::{ReplicaStore, ReplicaVm};
 
 const KEY: [u8; 32] = [9u8; 32];
 const VM: &str = "direct";
+
+/// A VM name for tests (the store takes names validated once, as `VmName`).
+fn name(s: &str) -> proto::VmName {
+    proto::VmName::parse(s).unwrap()
+}
+
+/// The test VM's name.
+fn vm_id() -> proto::VmName {
+    name(VM)
+}
 const MIB: u64 = 1 << 20;
 const KIB: u64 = 1 << 10;
 
@@ -92,7 +102,10 @@ fn send(vm: &ReplicaVm, bytes: &[u8]) {
 fn assert_point(vm: &ReplicaVm, seq: u64, want: &Images, what: &str) {
     for (&disk, img) in want {
         let mut buf = vec![0u8; img.len()];
-        vm.view(seq, disk).unwrap().read_range(&mut buf, 0).unwrap();
+        vm.view(proto::Seq(seq), disk)
+            .unwrap()
+            .read_range(&mut buf, 0)
+            .unwrap();
         assert!(buf == *img, "{what}: point {seq} disk {disk} differs");
     }
 }
@@ -170,7 +183,9 @@ fn points_written_directly_or_not_read_back_exactly() {
         let what = format!("{refusal:?}");
         let dir = tempfile::tempdir().unwrap();
         let store = ReplicaStore::open(dir.path()).unwrap();
-        let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+        let vm = store
+            .create_vm(&vm_id(), proto::Generation(1), &disks(), KEY)
+            .unwrap();
         let mut images: Images = disks()
             .iter()
             .map(|d| (d.index, vec![0u8; d.size_bytes as usize]))
@@ -205,14 +220,14 @@ fn points_written_directly_or_not_read_back_exactly() {
         // Folds 1 and 2 into the base through the same writer.
         vm.retain(2).unwrap();
         refuse_direct(Refusal::Never);
-        let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq).collect();
+        let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq.get()).collect();
         assert_eq!(seqs, vec![3, 4], "{what}");
         for seq in [3, 4] {
             assert_point(&vm, seq, &points[&seq], &what);
         }
         drop((vm, store));
         let store = ReplicaStore::open(dir.path()).unwrap();
-        let vm = store.vm(VM).unwrap();
+        let vm = store.vm(&vm_id()).unwrap();
         assert_eq!(vm.damage(), None, "{what}");
         for seq in [3, 4] {
             assert_point(&vm, seq, &points[&seq], &format!("{what}, reopened"));

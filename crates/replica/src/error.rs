@@ -18,8 +18,6 @@ pub enum ReplicaError {
     Delta(#[from] delta::DeltaError),
     #[error("delta incomplete: no verified footer after {received_bytes} bytes")]
     Incomplete { received_bytes: u64 },
-    #[error("invalid VM id {0:?}: use 1-255 of [A-Za-z0-9._-], not starting with '.'")]
-    InvalidVmId(String),
     #[error("invalid disk table: {0}")]
     InvalidDisks(&'static str),
     #[error("VM {vm_id} already exists with a different generation, disk table or key")]

@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 
 use delta::{DeltaReader, FrameBody};
+use proto::Seq;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -64,13 +65,13 @@ impl ReplicaVm {
     }
 
     /// Open views per point seq (what holds a point against retention today).
-    pub fn pinned_points(&self) -> BTreeMap<u64, usize> {
+    pub fn pinned_points(&self) -> BTreeMap<Seq, usize> {
         self.inner
             .pins
             .lock()
             .iter()
             .filter(|(_, &n)| n > 0)
-            .map(|(&s, &n)| (s, n))
+            .map(|(&s, &n)| (Seq(s), n))
             .collect()
     }
 
@@ -115,6 +116,7 @@ impl ReplicaVm {
                 .iter()
                 .map(|p| p.seq)
                 .filter(|s| !keep.contains(s))
+                .map(Seq::get)
                 .collect();
             if !retire.is_empty() && hide(&self.inner, &retire)? {
                 continue;
@@ -227,7 +229,7 @@ pub(crate) fn fold_next(inner: &VmInner) -> Result<bool, ReplicaError> {
 
 /// Finishes a fold found interrupted at open (`entry` was verified but is not in the index).
 pub(crate) fn finish_fold(inner: &VmInner, entry: JournalEntry) -> Result<(), ReplicaError> {
-    let s = entry.info.seq;
+    let s = entry.info.seq.get();
     tracing::warn!(vm = %inner.vm_id, seq = s, "finishing a fold interrupted by a crash");
     let path = entry.file.path.clone();
     apply_to_base(inner, &path)?;

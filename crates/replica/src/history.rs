@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use delta::DeltaKind;
+use proto::Seq;
 use serde::{Deserialize, Serialize};
 
 use crate::PointInfo;
@@ -92,7 +93,7 @@ impl PointKind {
 /// The hourly points of `points` (any order) under `policy` at `now_ns`: per UTC clock hour
 /// of the last `recovery_history` hours (the current one included), its first
 /// application-consistent point, else its first point.
-fn hourly(points: &[PointInfo], policy: &HistoryPolicy, now_ns: u64) -> BTreeSet<u64> {
+fn hourly(points: &[PointInfo], policy: &HistoryPolicy, now_ns: u64) -> BTreeSet<Seq> {
     let n = u64::from(policy.recovery_history);
     if n == 0 {
         return BTreeSet::new();
@@ -101,7 +102,7 @@ fn hourly(points: &[PointInfo], policy: &HistoryPolicy, now_ns: u64) -> BTreeSet
     // Per hour: (is not application-consistent, seq), the smallest wins, so an hour's first
     // application-consistent point is its hourly point when it has one (as Hyper-V keeps its
     // VSS points), else its first point.
-    let mut first_of_hour: BTreeMap<u64, (bool, u64)> = BTreeMap::new();
+    let mut first_of_hour: BTreeMap<u64, (bool, Seq)> = BTreeMap::new();
     for p in points {
         let hour = p.cut_time_unix_ns / HOUR_NS;
         if hour < first_hour {
@@ -118,7 +119,7 @@ fn hourly(points: &[PointInfo], policy: &HistoryPolicy, now_ns: u64) -> BTreeSet
 
 /// The seqs of `points` that `policy` keeps at `now_ns`: the newest, every point of the
 /// any-point window, and the hourly points. Everything else may be folded or merged away.
-pub fn kept(points: &[PointInfo], policy: &HistoryPolicy, now_ns: u64) -> BTreeSet<u64> {
+pub fn kept(points: &[PointInfo], policy: &HistoryPolicy, now_ns: u64) -> BTreeSet<Seq> {
     let mut out = hourly(points, policy, now_ns);
     if let Some(newest) = points.iter().map(|p| p.seq).max() {
         out.insert(newest);
@@ -174,7 +175,7 @@ mod tests {
 
     fn point(seq: u64, cut: u64) -> PointInfo {
         PointInfo {
-            seq,
+            seq: Seq(seq),
             cut_time_unix_ns: cut,
             kind: if seq == 1 {
                 DeltaKind::Initial
@@ -203,7 +204,10 @@ mod tests {
         let now = 4 * 60 * MIN + 5 * MIN; // 04:05
         let k = kept(&pts, &policy(2, 0), now);
         // Hours 03 and 04: their first points (03:00 = seq 10, 04:00 = seq 13, the newest).
-        assert_eq!(k.into_iter().collect::<Vec<_>>(), vec![10, 13]);
+        assert_eq!(
+            k.into_iter().map(Seq::get).collect::<Vec<_>>(),
+            vec![10, 13]
+        );
         let kinds = classify(&pts, Some(&policy(2, 0)), now);
         assert_eq!(kinds[0], PointKind::Initial);
         assert_eq!(kinds[9], PointKind::Hourly);
@@ -218,7 +222,10 @@ mod tests {
         pts[11].app_consistent = true;
         let now = 4 * 60 * MIN + 25 * MIN;
         let k = kept(&pts, &policy(2, 0), now);
-        assert_eq!(k.into_iter().collect::<Vec<_>>(), vec![12, 13, 14]);
+        assert_eq!(
+            k.into_iter().map(Seq::get).collect::<Vec<_>>(),
+            vec![12, 13, 14]
+        );
         let kinds = classify(&pts, Some(&policy(2, 0)), now);
         assert_eq!(kinds[11], PointKind::AppConsistent);
         assert_eq!(kinds[9], PointKind::Standard);
@@ -232,12 +239,14 @@ mod tests {
         assert_eq!(
             kept(&pts, &policy(0, 0), now)
                 .into_iter()
+                .map(Seq::get)
                 .collect::<Vec<_>>(),
             vec![10]
         );
         assert_eq!(
             kept(&pts, &policy(0, 180), now)
                 .into_iter()
+                .map(Seq::get)
                 .collect::<Vec<_>>(),
             vec![7, 8, 9, 10]
         );
@@ -288,7 +297,7 @@ mod tests {
             }).collect();
             let mut now = cut;
             let mut remaining = all.clone();
-            let mut removed: BTreeSet<u64> = BTreeSet::new();
+            let mut removed: BTreeSet<Seq> = BTreeSet::new();
             for s in steps {
                 now += s * 1_000_000_000;
                 let k = kept(&remaining, &pol, now);

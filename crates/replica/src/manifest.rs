@@ -41,7 +41,8 @@ pub(crate) struct PointRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Manifest {
-    pub vm_id: String,
+    /// Validated when the manifest is read (`VmName` deserializes through `VmName::parse`).
+    pub vm_id: proto::VmName,
     pub generation: u64,
     /// The delta key, 64 lowercase hex digits.
     pub key: String,
@@ -147,7 +148,7 @@ mod tests {
 
     fn sample() -> Manifest {
         Manifest {
-            vm_id: "web-0".into(),
+            vm_id: proto::VmName::parse("web-0").unwrap(),
             generation: 2,
             key: hex(&[0xab; 32]),
             disks: vec![DiskRecord {

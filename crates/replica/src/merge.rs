@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use delta::{Compression, DeltaHeader, DeltaWriter};
+use proto::{Generation, Seq};
 
 use crate::index::{resolve, JournalFile, Layer, SegSrc};
 use crate::store::FILE_MODE;
@@ -117,9 +118,9 @@ fn plan(inner: &VmInner, a: u64) -> Option<Plan> {
         // The merged point is b's state, so it is as consistent as b.
         app_consistent: b_entry.info.app_consistent,
         vm_id: inner.vm_id.clone(),
-        generation: st.generation,
-        seq: b,
-        parent_seq: parent,
+        generation: Generation(st.generation),
+        seq: Seq(b),
+        parent_seq: Seq(parent),
         cut_time_unix_ns: b_entry.info.cut_time_unix_ns,
         kind: b_entry.info.kind,
         compression: Compression::Zstd,

@@ -23,6 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use delta::{DeltaHeader, DeltaKind, Event, FrameInfo, FrameKind, PushDecoder};
+use proto::Seq;
 
 use crate::appender::JournalAppender;
 use crate::base_writer::BaseWriter;
@@ -162,7 +163,7 @@ impl Incoming {
         durable::fsync_file(&file, path)?;
         let checksum = header.checksum(&self.vm.key)?;
         let dir = self.vm.dir.join(INCOMING_DIR);
-        let link = dir.join(kept_name(header.seq, &checksum, self.received_bytes));
+        let link = dir.join(kept_name(header.seq.get(), &checksum, self.received_bytes));
         if self.kept.as_ref() != Some(&link) {
             let _ = std::fs::remove_file(&link);
             std::fs::hard_link(path, &link).map_err(ReplicaError::io("link", &link))?;
@@ -251,10 +252,10 @@ fn open_sink(
         return Err(ReplicaError::ReceiveFailed("header received twice".into()));
     };
     // check_sequence passed, so parent_seq == latest_seq(): 0 means no point exists.
-    if h.parent_seq == 0 {
+    if h.parent_seq == Seq(0) {
         let epoch = vm.begin_first_point()?;
         let writer = BaseWriter::open(vm, Some((vm.clone(), epoch)))?;
-        tracing::info!(vm = %vm.vm_id, seq = h.seq, kind = h.kind.as_str(), "receiving the first point straight into the base images");
+        tracing::info!(vm = %vm.vm_id, seq = h.seq.get(), kind = h.kind.as_str(), "receiving the first point straight into the base images");
         return Ok(Sink::Base { epoch, writer });
     }
     let n = vm.next_incoming.fetch_add(1, Ordering::Relaxed);
@@ -339,7 +340,7 @@ fn check_sequence(vm: &VmInner, h: &DeltaHeader) -> Result<(), ReplicaError> {
     let st = vm.state.read();
     if st.removed {
         return Err(ReplicaError::Removed {
-            vm_id: vm.vm_id.clone(),
+            vm_id: vm.vm_id.to_string(),
         });
     }
     vm.check_header(h, st.generation, true)?;
@@ -348,16 +349,16 @@ fn check_sequence(vm: &VmInner, h: &DeltaHeader) -> Result<(), ReplicaError> {
     if let Some(damage) = &st.damage {
         if h.kind != DeltaKind::Full {
             return Err(ReplicaError::VmDamaged {
-                vm_id: vm.vm_id.clone(),
+                vm_id: vm.vm_id.to_string(),
                 damage: damage.clone(),
             });
         }
     }
     let latest = st.latest_seq();
-    if h.parent_seq != latest || h.seq != latest + 1 {
+    if h.parent_seq.get() != latest || h.seq.get() != latest + 1 {
         return Err(ReplicaError::OutOfSequence {
             expected: latest + 1,
-            got: h.seq,
+            got: h.seq.get(),
         });
     }
     Ok(())
@@ -369,7 +370,7 @@ impl ReplicaVm {
         let vm = self.inner.clone();
         if vm.state.read().removed {
             return Err(ReplicaError::Removed {
-                vm_id: vm.vm_id.clone(),
+                vm_id: vm.vm_id.to_string(),
             });
         }
         Ok(Incoming {
@@ -389,7 +390,8 @@ impl ReplicaVm {
 
     /// The durably kept prefix of an interrupted upload of `seq` (see
     /// [`Incoming::persist_prefix`]), if any: its header checksum and length.
-    pub fn kept_prefix(&self, seq: u64) -> Option<([u8; 32], u64)> {
+    pub fn kept_prefix(&self, seq: Seq) -> Option<([u8; 32], u64)> {
+        let seq = seq.get();
         let dir = self.inner.dir.join(INCOMING_DIR);
         std::fs::read_dir(dir)
             .ok()?
@@ -418,7 +420,7 @@ impl ReplicaVm {
     /// prefix deleted) if it is missing or does not verify.
     pub fn adopt_kept(
         &self,
-        seq: u64,
+        seq: Seq,
         checksum: &[u8; 32],
     ) -> Result<Option<Incoming>, ReplicaError> {
         use std::io::Read;
@@ -426,7 +428,7 @@ impl ReplicaVm {
         let Some((sum, len)) = self.kept_prefix(seq).filter(|(s, _)| s == checksum) else {
             return Ok(None);
         };
-        let path = dir.join(kept_name(seq, &sum, len));
+        let path = dir.join(kept_name(seq.get(), &sum, len));
         let mut file = File::open(&path).map_err(ReplicaError::io("open", &path))?;
         let mut incoming = self.begin_receive()?;
         let mut buf = vec![0u8; 1 << 20];
@@ -441,12 +443,12 @@ impl ReplicaVm {
             left -= n as u64;
         }
         if !ok || incoming.header_checksum() != Some(*checksum) {
-            tracing::warn!(vm = %self.inner.vm_id, seq, "kept prefix of an interrupted upload does not verify: deleted");
+            tracing::warn!(vm = %self.inner.vm_id, seq = seq.get(), "kept prefix of an interrupted upload does not verify: deleted");
             durable::remove_file(&path)?;
             return Ok(None);
         }
         incoming.kept = Some(path);
-        tracing::info!(vm = %self.inner.vm_id, seq, len, "continuing an upload kept across a restart");
+        tracing::info!(vm = %self.inner.vm_id, seq = seq.get(), len, "continuing an upload kept across a restart");
         Ok(Some(incoming))
     }
 
@@ -477,7 +479,7 @@ impl ReplicaVm {
                 return Err(ReplicaError::ReceiveFailed("already committed".into()))
             }
         }
-        tracing::info!(vm = %vm.vm_id, seq = info.seq, kind = header.kind.as_str(), bytes = summary.stored_bytes, "recovery point committed");
+        tracing::info!(vm = %vm.vm_id, seq = info.seq.get(), kind = header.kind.as_str(), bytes = summary.stored_bytes, "recovery point committed");
         Ok(info)
     }
 }
@@ -508,7 +510,7 @@ fn commit_first_point(
     failpoint::hit("first.before_manifest")?;
     let full = header.kind == DeltaKind::Full;
     let written = vm.update_manifest(|st| {
-        st.base_seq = info.seq;
+        st.base_seq = info.seq.get();
         st.base_point = Some(info);
         st.folding = None;
         if full {
@@ -600,7 +602,7 @@ fn write_journal(
     durable::fsync_file(file.file(), &partial)?;
     drop(file);
     failpoint::hit("commit.before_rename")?;
-    let seq = header.seq;
+    let seq = header.seq.get();
     let jpath = vm.journal_path(seq);
     if let Err(e) = durable::rename(&partial, &jpath) {
         if jpath.exists() {

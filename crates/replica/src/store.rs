@@ -8,8 +8,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use delta::{DiskEntry, BLOCK_BYTES, DISKS_MAX, DISK_BYTES_MAX, VM_ID_BYTES_MAX};
+use delta::DiskEntry;
 use parking_lot::{Mutex, RwLock};
+use proto::{Generation, VmName};
 
 use crate::budget::{IndexBudget, INDEX_FRAMES_MAX};
 use crate::fds::JournalFds;
@@ -29,12 +30,12 @@ pub(crate) const FILE_MODE: u32 = 0o600;
 pub struct ReplicaStore {
     dir: PathBuf,
     marker: StoreMarker,
-    vms: RwLock<BTreeMap<String, Arc<ReplicaVm>>>,
+    vms: RwLock<BTreeMap<VmName, Arc<ReplicaVm>>>,
     /// VM directories that could not be opened, with the reason.
-    broken: RwLock<BTreeMap<String, String>>,
+    broken: RwLock<BTreeMap<VmName, String>>,
     /// VM directories not opened yet (their journal is verified by
     /// [`ReplicaStore::open_pending`]), with the transient reason of the last failed attempt.
-    pending: RwLock<BTreeMap<String, Option<String>>>,
+    pending: RwLock<BTreeMap<VmName, Option<String>>>,
     /// Serializes create/remove.
     admin: Mutex<()>,
     /// Open journal files of every VM (bounded).
@@ -42,36 +43,13 @@ pub struct ReplicaStore {
     /// Indexed frames of every VM (bounded).
     budget: Arc<IndexBudget>,
 }
-/// VM ids become directory names: a conservative character set, no leading dot (ours).
-fn validate_vm_id(vm_id: &str) -> Result<(), ReplicaError> {
-    let ok = !vm_id.is_empty()
-        && vm_id.len() <= VM_ID_BYTES_MAX
-        && !vm_id.starts_with('.')
-        && vm_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if ok {
-        Ok(())
-    } else {
-        Err(ReplicaError::InvalidVmId(vm_id.into()))
-    }
-}
-
+/// The disk table rule of the delta format (`delta::validate_disks`), which is the primary's:
+/// one rule for what a VM's disks may be, on the wire and in the store.
 fn validate_disks(disks: &[DiskEntry]) -> Result<(), ReplicaError> {
-    if disks.is_empty() || disks.len() > DISKS_MAX as usize {
-        return Err(ReplicaError::InvalidDisks("a VM has 1 to 256 disks"));
-    }
-    for (i, d) in disks.iter().enumerate() {
-        if d.size_bytes == 0 || d.size_bytes % BLOCK_BYTES != 0 || d.size_bytes > DISK_BYTES_MAX {
-            return Err(ReplicaError::InvalidDisks(
-                "disk sizes are non-zero multiples of 4096, at most 1 PiB",
-            ));
-        }
-        if disks[..i].iter().any(|o| o.index == d.index) {
-            return Err(ReplicaError::InvalidDisks("duplicate disk index"));
-        }
-    }
-    Ok(())
+    delta::validate_disks(disks).map_err(|e| match e {
+        delta::DeltaError::BadHeader(why) => ReplicaError::InvalidDisks(why),
+        _ => ReplicaError::InvalidDisks("invalid disk table"),
+    })
 }
 
 fn sorted(disks: &[DiskEntry]) -> Vec<DiskEntry> {
@@ -157,7 +135,12 @@ impl ReplicaStore {
                 }
                 continue;
             }
-            if !path.is_dir() || validate_vm_id(&name).is_err() {
+            // A directory whose name no VM can have is not ours (VM directories are created
+            // only under a valid `VmName`).
+            let Ok(name) = VmName::parse(&name) else {
+                continue;
+            };
+            if !path.is_dir() {
                 continue;
             }
             pending.insert(name, None);
@@ -217,9 +200,13 @@ impl ReplicaStore {
     /// A VM opens, or is broken with the reason, or stays pending when the failure was
     /// transient. Returns how many VMs are still pending.
     pub fn open_pending(&self) -> usize {
-        let names: Vec<String> = self.pending.read().keys().cloned().collect();
+        let names: Vec<VmName> = self.pending.read().keys().cloned().collect();
         for name in names {
-            let opened = open_vm(&self.dir.join(&name), self.fds.clone(), self.budget.clone());
+            let opened = open_vm(
+                &self.dir.join(name.as_str()),
+                self.fds.clone(),
+                self.budget.clone(),
+            );
             // Create/remove may have run meanwhile: only a still-pending VM is decided here.
             let _a = self.admin.lock();
             let mut pending = self.pending.write();
@@ -227,7 +214,7 @@ impl ReplicaStore {
                 continue;
             }
             match opened {
-                Ok(vm) if vm.vm_id() == name => {
+                Ok(vm) if *vm.vm_id() == name => {
                     if let Some(d) = vm.damage() {
                         tracing::error!(vm = %name, damage = %d, "replica damaged: resynchronization required");
                     }
@@ -255,7 +242,7 @@ impl ReplicaStore {
     }
 
     /// VMs not opened yet, with the transient reason of their last failed attempt.
-    pub fn pending(&self) -> Vec<(String, Option<String>)> {
+    pub fn pending(&self) -> Vec<(VmName, Option<String>)> {
         self.pending
             .read()
             .iter()
@@ -264,7 +251,7 @@ impl ReplicaStore {
     }
 
     /// Whether `vm_id` is waiting to be opened (verified).
-    pub fn is_pending(&self, vm_id: &str) -> bool {
+    pub fn is_pending(&self, vm_id: &VmName) -> bool {
         self.pending.read().contains_key(vm_id)
     }
 
@@ -277,12 +264,11 @@ impl ReplicaStore {
     /// Idempotent when the VM exists with the same generation, disks and key.
     pub fn create_vm(
         &self,
-        vm_id: &str,
-        generation: u64,
+        vm_id: &VmName,
+        generation: Generation,
         disks: &[DiskEntry],
         key: [u8; 32],
     ) -> Result<Arc<ReplicaVm>, ReplicaError> {
-        validate_vm_id(vm_id)?;
         validate_disks(disks)?;
         let _a = self.admin.lock();
         if let Some(vm) = self.vm(vm_id) {
@@ -293,19 +279,19 @@ impl ReplicaStore {
                 Ok(vm)
             } else {
                 Err(ReplicaError::AlreadyExists {
-                    vm_id: vm_id.into(),
+                    vm_id: vm_id.to_string(),
                 })
             };
         }
         if self.pending.read().contains_key(vm_id) {
             return Err(ReplicaError::Verifying {
-                vm_id: vm_id.into(),
+                vm_id: vm_id.to_string(),
             });
         }
-        let dir = self.dir.join(vm_id);
+        let dir = self.dir.join(vm_id.as_str());
         if self.broken.read().contains_key(vm_id) || dir.exists() {
             return Err(ReplicaError::AlreadyExists {
-                vm_id: vm_id.into(),
+                vm_id: vm_id.to_string(),
             });
         }
         let tmp = self.dir.join(format!(".{vm_id}{CREATING_SUFFIX}"));
@@ -327,8 +313,8 @@ impl ReplicaStore {
             durable::fsync_file(&f, &path)?;
         }
         let manifest = Manifest {
-            vm_id: vm_id.into(),
-            generation,
+            vm_id: vm_id.clone(),
+            generation: generation.get(),
             key: hex(&key),
             disks: disks
                 .iter()
@@ -351,12 +337,12 @@ impl ReplicaStore {
         durable::fsync_dir(&tmp)?;
         durable::rename(&tmp, &dir)?;
         let vm = Arc::new(open_vm(&dir, self.fds.clone(), self.budget.clone())?);
-        self.vms.write().insert(vm_id.into(), vm.clone());
-        tracing::info!(vm = %vm_id, generation, disks = disks.len(), "replica VM created");
+        self.vms.write().insert(vm_id.clone(), vm.clone());
+        tracing::info!(vm = %vm_id, %generation, disks = disks.len(), "replica VM created");
         Ok(vm)
     }
 
-    pub fn vm(&self, vm_id: &str) -> Option<Arc<ReplicaVm>> {
+    pub fn vm(&self, vm_id: &VmName) -> Option<Arc<ReplicaVm>> {
         self.vms.read().get(vm_id).cloned()
     }
 
@@ -365,7 +351,7 @@ impl ReplicaStore {
     }
 
     /// VM directories that could not be opened, with the reason (never silently skipped).
-    pub fn broken(&self) -> Vec<(String, String)> {
+    pub fn broken(&self) -> Vec<(VmName, String)> {
         self.broken
             .read()
             .iter()
@@ -375,15 +361,14 @@ impl ReplicaStore {
 
     /// Deletes a VM's replica and all its points (also a broken or pending one). Reads of open
     /// views fail from then on (`Removed`).
-    pub fn remove_vm(&self, vm_id: &str) -> Result<(), ReplicaError> {
-        validate_vm_id(vm_id)?;
+    pub fn remove_vm(&self, vm_id: &VmName) -> Result<(), ReplicaError> {
         let _a = self.admin.lock();
         let vm = self.vms.write().remove(vm_id);
         let was_broken = self.broken.write().remove(vm_id).is_some();
         let was_pending = self.pending.write().remove(vm_id).is_some();
         if vm.is_none() && !was_broken && !was_pending {
             return Err(ReplicaError::NotFound {
-                vm_id: vm_id.into(),
+                vm_id: vm_id.to_string(),
             });
         }
         if let Some(vm) = &vm {
@@ -395,7 +380,7 @@ impl ReplicaStore {
             st.journal.clear();
             self.budget.release(frames);
         }
-        let dir = self.dir.join(vm_id);
+        let dir = self.dir.join(vm_id.as_str());
         let gone = self.dir.join(format!(".{vm_id}{REMOVING_SUFFIX}"));
         durable::remove_dir_all(&gone)?;
         durable::rename(&dir, &gone)?;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use delta::{decode_stored_frame, FrameKind};
 use nbd::BlockBackend;
 use nbd::Extent;
+use proto::Seq;
 
 use crate::index::{resolve, FrameRef, SegSrc};
 use crate::vm::{ReplicaVm, VmInner};
@@ -39,12 +40,13 @@ pub struct PointView {
 
 impl ReplicaVm {
     /// A read-only view of `disk` at point `seq`, for NBD export or backup.
-    pub fn point_disk(&self, seq: u64, disk: u32) -> Result<Arc<dyn BlockBackend>, ReplicaError> {
+    pub fn point_disk(&self, seq: Seq, disk: u32) -> Result<Arc<dyn BlockBackend>, ReplicaError> {
         Ok(Arc::new(self.view(seq, disk)?))
     }
 
     /// Same as [`ReplicaVm::point_disk`], with the concrete type.
-    pub fn view(&self, seq: u64, disk: u32) -> Result<PointView, ReplicaError> {
+    pub fn view(&self, seq: Seq, disk: u32) -> Result<PointView, ReplicaError> {
+        let seq = seq.get();
         let vm = &self.inner;
         let size_bytes = vm.disk(disk)?.size_bytes;
         // Lock order: pins, then state (as in fold).
@@ -63,7 +65,7 @@ impl ReplicaVm {
 
     /// Writes `disk` at point `seq` to `to` as a sparse raw image (zero ranges left as holes),
     /// through a temporary file that is fsynced and renamed into place.
-    pub fn export_raw(&self, seq: u64, disk: u32, to: &Path) -> Result<(), ReplicaError> {
+    pub fn export_raw(&self, seq: Seq, disk: u32, to: &Path) -> Result<(), ReplicaError> {
         let view = self.view(seq, disk)?;
         let mut tmp = to.as_os_str().to_owned();
         tmp.push(".partial");
@@ -123,8 +125,8 @@ fn write_nonzero_blocks(f: &File, buf: &[u8], offset: u64) -> io::Result<()> {
 }
 
 impl PointView {
-    pub fn seq(&self) -> u64 {
-        self.seq
+    pub fn seq(&self) -> Seq {
+        Seq(self.seq)
     }
 
     pub fn disk(&self) -> u32 {
@@ -283,7 +285,7 @@ pub(crate) fn read_frame(
             let st = vm.state.read();
             if st.removed {
                 return Err(ReplicaError::Removed {
-                    vm_id: vm.vm_id.clone(),
+                    vm_id: vm.vm_id.to_string(),
                 });
             }
             // Folded into the base, or merged into a newer file of the same point: the

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use delta::{DeltaHeader, DeltaKind, DeltaReader, DeltaSummary, DiskEntry};
 use parking_lot::{Mutex, RwLock};
+use proto::{Generation, Seq, VmName};
 
 use crate::budget::IndexBudget;
 use crate::fds::JournalFds;
@@ -28,7 +29,7 @@ const JOURNAL_SUFFIX: &str = ".delta";
 /// A recovery point as listed to users.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PointInfo {
-    pub seq: u64,
+    pub seq: Seq,
     pub cut_time_unix_ns: u64,
     pub kind: DeltaKind,
     /// Uncompressed bytes of DATA frames in the delta that made this point.
@@ -56,7 +57,7 @@ impl PointInfo {
 
     fn to_record(self) -> PointRecord {
         PointRecord {
-            seq: self.seq,
+            seq: self.seq.get(),
             cut_time_unix_ns: self.cut_time_unix_ns,
             kind: self.kind.as_str().into(),
             data_bytes: self.data_bytes,
@@ -68,7 +69,7 @@ impl PointInfo {
 
     fn from_record(r: &PointRecord) -> Option<Self> {
         Some(PointInfo {
-            seq: r.seq,
+            seq: Seq(r.seq),
             cut_time_unix_ns: r.cut_time_unix_ns,
             kind: DeltaKind::from_name(&r.kind)?,
             data_bytes: r.data_bytes,
@@ -119,7 +120,7 @@ impl VmState {
     }
 
     pub fn has_point(&self, seq: u64) -> bool {
-        self.base_point.is_some_and(|b| b.seq == seq)
+        self.base_point.is_some_and(|b| b.seq == Seq(seq))
             || (self.journal.contains_key(&seq) && !self.hidden.contains(&seq))
     }
 
@@ -145,7 +146,7 @@ pub(crate) struct BaseImage {
 /// The shared body of a VM (views hold it by `Arc`).
 pub(crate) struct VmInner {
     pub dir: PathBuf,
-    pub vm_id: String,
+    pub vm_id: VmName,
     pub key: [u8; 32],
     pub disks: Vec<DiskEntry>,
     pub base: BTreeMap<u32, BaseImage>,
@@ -183,17 +184,17 @@ pub struct ReplicaVm {
 }
 
 impl ReplicaVm {
-    pub fn vm_id(&self) -> &str {
+    pub fn vm_id(&self) -> &VmName {
         &self.inner.vm_id
     }
 
     /// Seq of the newest point; 0 when nothing was committed yet.
-    pub fn latest_seq(&self) -> u64 {
-        self.inner.state.read().latest_seq()
+    pub fn latest_seq(&self) -> Seq {
+        Seq(self.inner.state.read().latest_seq())
     }
 
-    pub fn generation(&self) -> u64 {
-        self.inner.state.read().generation
+    pub fn generation(&self) -> Generation {
+        Generation(self.inner.state.read().generation)
     }
 
     pub fn disks(&self) -> Vec<DiskEntry> {
@@ -209,7 +210,7 @@ impl ReplicaVm {
                 st.journal
                     .values()
                     .map(|e| e.info)
-                    .filter(|p| !st.hidden.contains(&p.seq)),
+                    .filter(|p| !st.hidden.contains(&p.seq.get())),
             )
             .collect()
     }
@@ -228,7 +229,8 @@ impl ReplicaVm {
     }
 
     /// Raises the lineage generation (fencing after failover); deltas must then carry it.
-    pub fn set_generation(&self, generation: u64) -> Result<(), ReplicaError> {
+    pub fn set_generation(&self, generation: Generation) -> Result<(), ReplicaError> {
+        let generation = generation.get();
         let _m = self.inner.mutate.lock();
         let current = self.inner.state.read().generation;
         if generation < current {
@@ -348,7 +350,7 @@ impl VmInner {
             let st = self.state.read();
             if st.removed {
                 return Err(ReplicaError::Removed {
-                    vm_id: self.vm_id.clone(),
+                    vm_id: self.vm_id.to_string(),
                 });
             }
             let latest = st.latest_seq();
@@ -405,19 +407,20 @@ impl VmInner {
     ) -> Result<(), ReplicaError> {
         if h.vm_id != self.vm_id {
             return Err(ReplicaError::WrongVm {
-                expected: self.vm_id.clone(),
-                got: h.vm_id.clone(),
+                expected: self.vm_id.to_string(),
+                got: h.vm_id.to_string(),
             });
         }
+        let got = h.generation.get();
         let ok = if exact_generation {
-            h.generation == generation
+            got == generation
         } else {
-            h.generation <= generation
+            got <= generation
         };
         if !ok {
             return Err(ReplicaError::WrongGeneration {
                 expected: generation,
-                got: h.generation,
+                got,
             });
         }
         let mut a = h.disks.clone();
@@ -459,10 +462,10 @@ impl VmInner {
         let mut r = DeltaReader::new(BufReader::new(file), &self.key)?;
         let h = r.header().clone();
         self.check_header(&h, generation, false)?;
-        if h.seq != seq || h.parent_seq != parent {
+        if h.seq != Seq(seq) || h.parent_seq != Seq(parent) {
             return Err(ReplicaError::OutOfSequence {
                 expected: seq,
-                got: h.seq,
+                got: h.seq.get(),
             });
         }
         let mut layers: BTreeMap<u32, Layer> = BTreeMap::new();
@@ -759,7 +762,7 @@ fn recover_journal(inner: &Arc<VmInner>, m: &Manifest) -> Result<(), ReplicaErro
     {
         let mut st = inner.state.write();
         for entry in loaded {
-            st.journal.insert(entry.info.seq, entry);
+            st.journal.insert(entry.info.seq.get(), entry);
         }
         // Seqs a merge absorbed are gone (written back with the next manifest).
         let VmState {

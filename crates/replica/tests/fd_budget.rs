@@ -8,6 +8,10 @@ use delta::{Compression, DeltaHeader, DeltaKind, DeltaWriter, DiskEntry};
 use replica::{ReplicaStore, ReplicaVm, JOURNAL_FDS_MAX};
 
 const KEY: [u8; 32] = [7u8; 32];
+
+fn name(s: &str) -> delta::VmName {
+    delta::VmName::parse(s).unwrap()
+}
 const VMS: u64 = 100;
 const POINTS: u64 = 100;
 const BLOCK: u64 = 4096;
@@ -36,10 +40,10 @@ fn content(vm: u64, seq: u64) -> Vec<u8> {
 fn delta(vm: u64, seq: u64) -> Vec<u8> {
     let header = DeltaHeader {
         app_consistent: false,
-        vm_id: format!("vm-{vm}"),
-        generation: 1,
-        seq,
-        parent_seq: seq - 1,
+        vm_id: name(&format!("vm-{vm}")),
+        generation: delta::Generation(1),
+        seq: delta::Seq(seq),
+        parent_seq: delta::Seq(seq - 1),
         cut_time_unix_ns: seq * 1_000_000_000,
         kind: if seq == 1 {
             DeltaKind::Initial
@@ -94,7 +98,12 @@ fn hundred_vms_of_hundred_points_fit_in_1024_fds() {
     let vms: Vec<_> = (0..VMS)
         .map(|v| {
             store
-                .create_vm(&format!("vm-{v}"), 1, &disk(), KEY)
+                .create_vm(
+                    &name(&format!("vm-{v}")),
+                    delta::Generation(1),
+                    &disk(),
+                    KEY,
+                )
                 .unwrap()
         })
         .collect();
@@ -106,7 +115,7 @@ fn hundred_vms_of_hundred_points_fit_in_1024_fds() {
         // Reads of older points go through the cache too.
         let vm = &vms[(seq % VMS) as usize];
         let mut buf = vec![0u8; BLOCK as usize];
-        vm.point_disk(seq, 0)
+        vm.point_disk(delta::Seq(seq), 0)
             .unwrap()
             .read_at(&mut buf, block_of(seq) * BLOCK)
             .unwrap();
@@ -121,12 +130,12 @@ fn hundred_vms_of_hundred_points_fit_in_1024_fds() {
     assert!(store.broken().is_empty(), "{:?}", store.broken());
     assert!(store.pending().is_empty(), "{:?}", store.pending());
     for v in 0..VMS {
-        let vm = store.vm(&format!("vm-{v}")).unwrap();
+        let vm = store.vm(&name(&format!("vm-{v}"))).unwrap();
         assert_eq!(vm.points().len() as u64, POINTS);
         assert_eq!(vm.damage(), None);
         let mut buf = vec![0u8; BLOCK as usize];
         for seq in 1..=POINTS {
-            vm.point_disk(seq, 0)
+            vm.point_disk(delta::Seq(seq), 0)
                 .unwrap()
                 .read_at(&mut buf, block_of(seq) * BLOCK)
                 .unwrap();

@@ -32,7 +32,7 @@ proptest! {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let store = ReplicaStore::open(dir.path()).unwrap();
-        let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+        let vm = store.create_vm(&vm_id(), delta::Generation(1), &disks(), KEY).unwrap();
         let mut model = Model::new();
         for (i, (ops, zstd)) in deltas.iter().enumerate() {
             let kind = if i == 0 { DeltaKind::Initial } else { DeltaKind::Incremental };
@@ -40,18 +40,18 @@ proptest! {
             let (bytes, images) = model.delta(kind, compression, ops);
             let info = send(&vm, &bytes).unwrap();
             model.accept(images);
-            prop_assert_eq!(info.seq, model.latest);
-            prop_assert_eq!(vm.latest_seq(), model.latest);
+            prop_assert_eq!(info.seq.get(), model.latest);
+            prop_assert_eq!(vm.latest_seq().get(), model.latest);
         }
         prop_assert_eq!(vm.points().len(), deltas.len());
         assert_points_match(&vm, &model);
         vm.retain(keep).unwrap();
         prop_assert_eq!(vm.points().len(), keep.min(deltas.len()));
-        prop_assert_eq!(vm.points().last().unwrap().seq, model.latest);
+        prop_assert_eq!(vm.points().last().unwrap().seq.get(), model.latest);
         assert_points_match(&vm, &model);
         drop((vm, store));
         let store = ReplicaStore::open(dir.path()).unwrap();
-        let vm = store.vm(VM).unwrap();
+        let vm = store.vm(&vm_id()).unwrap();
         prop_assert_eq!(vm.damage(), None);
         prop_assert_eq!(vm.points().len(), keep.min(deltas.len()));
         assert_points_match(&vm, &model);
@@ -61,7 +61,9 @@ proptest! {
 fn store_with_points(n: u64) -> (tempfile::TempDir, ReplicaStore, Model) {
     let dir = tempfile::tempdir().unwrap();
     let store = ReplicaStore::open(dir.path()).unwrap();
-    let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+    let vm = store
+        .create_vm(&vm_id(), delta::Generation(1), &disks(), KEY)
+        .unwrap();
     let mut model = Model::new();
     for i in 0..n {
         let kind = if i == 0 {
@@ -93,7 +95,7 @@ fn store_with_points(n: u64) -> (tempfile::TempDir, ReplicaStore, Model) {
 #[test]
 fn out_of_sequence_duplicate_and_foreign_deltas_are_refused_and_change_nothing() {
     let (_dir, store, model) = store_with_points(2);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     let before = vm.points();
     let ops = [Op::Data {
         disk: 0,
@@ -143,23 +145,23 @@ fn out_of_sequence_duplicate_and_foreign_deltas_are_refused_and_change_nothing()
     assert!(matches!(send(&vm, &flipped), Err(ReplicaError::Delta(_))));
 
     assert_eq!(vm.points(), before);
-    assert_eq!(vm.latest_seq(), 2);
+    assert_eq!(vm.latest_seq().get(), 2);
     assert_points_match(&vm, &model);
     let incoming = std::fs::read_dir(_dir.path().join(VM).join("incoming"))
         .unwrap()
         .count();
     assert_eq!(incoming, 0, "refused deltas must not leave partial files");
     // The right delta still commits afterwards.
-    assert_eq!(send(&vm, &good).unwrap().seq, 3);
+    assert_eq!(send(&vm, &good).unwrap().seq.get(), 3);
 }
 
 #[test]
 fn generation_raised_after_failover_is_enforced() {
     let (_dir, store, mut model) = store_with_points(1);
-    let vm = store.vm(VM).unwrap();
-    vm.set_generation(2).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
+    vm.set_generation(delta::Generation(2)).unwrap();
     assert!(matches!(
-        vm.set_generation(1),
+        vm.set_generation(delta::Generation(1)),
         Err(ReplicaError::GenerationRegression { .. })
     ));
     let ops = [Op::Zero {
@@ -182,15 +184,15 @@ fn generation_raised_after_failover_is_enforced() {
     drop(vm);
     drop(store);
     let store = ReplicaStore::open(_dir.path()).unwrap();
-    let vm = store.vm(VM).unwrap();
-    assert_eq!(vm.generation(), 2);
+    let vm = store.vm(&vm_id()).unwrap();
+    assert_eq!(vm.generation().get(), 2);
     assert_points_match(&vm, &model);
 }
 
 #[test]
 fn corrupted_journal_file_is_reported_at_reopen_and_never_served() {
     let (dir, store, model) = store_with_points(4);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     assert_eq!(vm.points().len(), 4);
     drop(vm);
     drop(store);
@@ -206,10 +208,10 @@ fn corrupted_journal_file_is_reported_at_reopen_and_never_served() {
     std::fs::write(&path, &bytes).unwrap();
 
     let store = ReplicaStore::open(dir.path()).unwrap();
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     let damage = vm.damage().expect("damage must be reported");
     assert!(damage.contains("00000000000000000003.delta"), "{damage}");
-    let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq).collect();
+    let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq.get()).collect();
     assert_eq!(
         seqs,
         vec![1, 2],
@@ -217,7 +219,7 @@ fn corrupted_journal_file_is_reported_at_reopen_and_never_served() {
     );
     assert_points_match(&vm, &model);
     assert!(matches!(
-        vm.point_disk(3, 0),
+        vm.point_disk(delta::Seq(3), 0),
         Err(ReplicaError::NoSuchPoint { seq: 3 })
     ));
     assert!(dir
@@ -230,7 +232,7 @@ fn corrupted_journal_file_is_reported_at_reopen_and_never_served() {
     drop(store);
     // Damage survives a restart (the quarantined file is no longer in the journal).
     let store = ReplicaStore::open(dir.path()).unwrap();
-    assert!(store.vm(VM).unwrap().damage().is_some());
+    assert!(store.vm(&vm_id()).unwrap().damage().is_some());
 }
 
 #[test]
@@ -247,9 +249,9 @@ fn a_full_delta_after_damage_clears_it() {
     bytes[last] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
     let store = ReplicaStore::open(dir.path()).unwrap();
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     assert!(vm.damage().is_some());
-    assert_eq!(vm.latest_seq(), 2);
+    assert_eq!(vm.latest_seq().get(), 2);
     model.points.remove(&3);
     model.latest = 2;
     model.images = model.points[&2].clone();
@@ -283,13 +285,15 @@ fn export_raw_is_sparse_and_exact() {
         index: 0,
         size_bytes: size,
     }];
-    let vm = store.create_vm("big", 1, &disks, KEY).unwrap();
+    let vm = store
+        .create_vm(&name("big"), delta::Generation(1), &disks, KEY)
+        .unwrap();
     let header = delta::DeltaHeader {
         app_consistent: false,
-        vm_id: "big".into(),
-        generation: 1,
-        seq: 1,
-        parent_seq: 0,
+        vm_id: delta::VmName::parse("big").unwrap(),
+        generation: delta::Generation(1),
+        seq: delta::Seq(1),
+        parent_seq: delta::Seq(0),
         cut_time_unix_ns: 1,
         kind: DeltaKind::Initial,
         compression: Compression::Zstd,
@@ -303,8 +307,8 @@ fn export_raw_is_sparse_and_exact() {
     // A second point on top, still in the journal.
     let header2 = delta::DeltaHeader {
         app_consistent: false,
-        seq: 2,
-        parent_seq: 1,
+        seq: delta::Seq(2),
+        parent_seq: delta::Seq(1),
         kind: DeltaKind::Incremental,
         ..header
     };
@@ -315,7 +319,7 @@ fn export_raw_is_sparse_and_exact() {
     send(&vm, &d2).unwrap();
 
     let out = dir.path().join("export.raw");
-    vm.export_raw(2, 0, &out).unwrap();
+    vm.export_raw(delta::Seq(2), 0, &out).unwrap();
     let meta = std::fs::metadata(&out).unwrap();
     assert_eq!(meta.len(), size);
     assert!(
@@ -331,7 +335,7 @@ fn export_raw_is_sparse_and_exact() {
     assert!(!dir.path().join("export.raw.partial").exists());
 
     // block_status reports the zero ranges as zero/hole and the data as data.
-    let view = vm.point_disk(2, 0).unwrap();
+    let view = vm.point_disk(delta::Seq(2), 0).unwrap();
     let ext = view.block_status(0, size).unwrap();
     assert_eq!(ext.iter().map(|e| e.len_bytes).sum::<u64>(), size);
     assert!(ext[0].zero && ext[0].hole && ext[0].len_bytes >= 8 << 20);
@@ -345,18 +349,18 @@ fn export_raw_is_sparse_and_exact() {
 #[test]
 fn retention_never_folds_away_a_point_an_open_view_reads() {
     let (_dir, store, model) = store_with_points(4);
-    let vm = store.vm(VM).unwrap();
-    let view = vm.point_disk(2, 0).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
+    let view = vm.point_disk(delta::Seq(2), 0).unwrap();
     vm.retain(1).unwrap();
     // Point 1 (base) was folded into 2; 2 is in use, so folding stopped there.
-    let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq).collect();
+    let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq.get()).collect();
     assert_eq!(seqs, vec![2, 3, 4]);
     let mut buf = vec![0u8; model.points[&2][&0].len()];
     view.read_at(&mut buf, 0).unwrap();
     assert!(buf == model.points[&2][&0]);
     drop(view);
     vm.retain(1).unwrap();
-    let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq).collect();
+    let seqs: Vec<u64> = vm.points().iter().map(|p| p.seq.get()).collect();
     assert_eq!(seqs, vec![4]);
     assert_points_match(&vm, &model);
 }
@@ -364,8 +368,8 @@ fn retention_never_folds_away_a_point_an_open_view_reads() {
 #[test]
 fn a_view_of_a_journal_point_stays_exact_while_retention_folds_it() {
     let (_dir, store, model) = store_with_points(4);
-    let vm = store.vm(VM).unwrap();
-    let view = vm.point_disk(4, 1).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
+    let view = vm.point_disk(delta::Seq(4), 1).unwrap();
     vm.retain(1).unwrap();
     assert_eq!(vm.points().len(), 1);
     let mut buf = vec![0u8; model.points[&4][&1].len()];
@@ -377,28 +381,28 @@ fn a_view_of_a_journal_point_stays_exact_while_retention_folds_it() {
 fn create_is_idempotent_and_remove_deletes() {
     let dir = tempfile::tempdir().unwrap();
     let store = ReplicaStore::open(dir.path()).unwrap();
-    let a = store.create_vm(VM, 1, &disks(), KEY).unwrap();
-    let b = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+    let a = store
+        .create_vm(&vm_id(), delta::Generation(1), &disks(), KEY)
+        .unwrap();
+    let b = store
+        .create_vm(&vm_id(), delta::Generation(1), &disks(), KEY)
+        .unwrap();
     assert!(std::sync::Arc::ptr_eq(&a, &b));
     assert!(matches!(
-        store.create_vm(VM, 2, &disks(), KEY),
+        store.create_vm(&vm_id(), delta::Generation(2), &disks(), KEY),
         Err(ReplicaError::AlreadyExists { .. })
     ));
-    assert!(matches!(
-        store.create_vm("../x", 1, &disks(), KEY),
-        Err(ReplicaError::InvalidVmId(_))
-    ));
-    assert_eq!(a.latest_seq(), 0);
+    assert_eq!(a.latest_seq().get(), 0);
     assert!(a.points().is_empty());
-    store.remove_vm(VM).unwrap();
-    assert!(store.vm(VM).is_none());
+    store.remove_vm(&vm_id()).unwrap();
+    assert!(store.vm(&vm_id()).is_none());
     assert!(!dir.path().join(VM).exists());
     assert!(matches!(
         a.begin_receive(),
         Err(ReplicaError::Removed { .. })
     ));
     assert!(matches!(
-        store.remove_vm(VM),
+        store.remove_vm(&vm_id()),
         Err(ReplicaError::NotFound { .. })
     ));
 }
@@ -407,13 +411,17 @@ fn create_is_idempotent_and_remove_deletes() {
 fn corrupt_manifest_is_reported_and_other_vms_still_open() {
     let dir = tempfile::tempdir().unwrap();
     let store = ReplicaStore::open(dir.path()).unwrap();
-    store.create_vm("a", 1, &disks(), KEY).unwrap();
-    store.create_vm("b", 1, &disks(), KEY).unwrap();
+    store
+        .create_vm(&name("a"), delta::Generation(1), &disks(), KEY)
+        .unwrap();
+    store
+        .create_vm(&name("b"), delta::Generation(1), &disks(), KEY)
+        .unwrap();
     drop(store);
     std::fs::write(dir.path().join("a").join("store.json"), b"{}").unwrap();
     let store = ReplicaStore::open(dir.path()).unwrap();
-    assert!(store.vm("b").is_some());
-    assert!(store.vm("a").is_none());
+    assert!(store.vm(&name("b")).is_some());
+    assert!(store.vm(&name("a")).is_none());
     assert_eq!(store.broken().len(), 1);
     assert_eq!(store.broken()[0].0, "a");
 }
@@ -429,14 +437,14 @@ fn journal_files_are_valid_deltas() {
         .join(format!("{:020}.delta", 2));
     let f = std::fs::File::open(path).unwrap();
     let mut r = DeltaReader::new(std::io::BufReader::new(f), &KEY).unwrap();
-    assert_eq!(r.header().seq, 2);
+    assert_eq!(r.header().seq.get(), 2);
     r.verify_to_end().unwrap();
 }
 
 #[test]
 fn incoming_refuses_bytes_after_the_first_error() {
     let (_dir, store, model) = store_with_points(1);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     let (bytes, _) = model.delta_with(
         5,
         4,
@@ -464,7 +472,7 @@ fn incoming_refuses_bytes_after_the_first_error() {
 #[test]
 fn a_journal_file_damaged_while_open_is_an_error_never_wrong_bytes() {
     let (dir, store, _model) = store_with_points(3);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     let path = dir
         .path()
         .join(VM)
@@ -478,7 +486,7 @@ fn a_journal_file_damaged_while_open_is_an_error_never_wrong_bytes() {
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &bytes[at..at + 1], at as u64).unwrap();
     let failed = [0u32, 1].iter().any(|&disk| {
-        let view = vm.point_disk(3, disk).unwrap();
+        let view = vm.point_disk(delta::Seq(3), disk).unwrap();
         let mut buf = vec![0u8; view.size_bytes() as usize];
         view.read_at(&mut buf, 0).is_err()
     });
@@ -493,7 +501,7 @@ fn a_journal_file_damaged_while_open_is_an_error_never_wrong_bytes() {
 #[test]
 fn damage_found_at_runtime_refuses_increments_until_a_full_delta() {
     let (dir, store, mut model) = store_with_points(3);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     let path = dir
         .path()
         .join(VM)
@@ -504,7 +512,7 @@ fn damage_found_at_runtime_refuses_increments_until_a_full_delta() {
     bytes[at] ^= 0x10;
     std::fs::write(&path, &bytes).unwrap();
     let failed = [0u32, 1].iter().any(|&disk| {
-        let view = vm.point_disk(3, disk).unwrap();
+        let view = vm.point_disk(delta::Seq(3), disk).unwrap();
         let mut buf = vec![0u8; view.size_bytes() as usize];
         view.read_at(&mut buf, 0).is_err()
     });
@@ -521,7 +529,7 @@ fn damage_found_at_runtime_refuses_increments_until_a_full_delta() {
         matches!(refused, Err(ReplicaError::VmDamaged { .. })),
         "{refused:?}"
     );
-    assert_eq!(vm.latest_seq(), 3);
+    assert_eq!(vm.latest_seq().get(), 3);
     let ops = [
         Op::Data {
             disk: 0,
@@ -540,16 +548,16 @@ fn damage_found_at_runtime_refuses_increments_until_a_full_delta() {
     send(&vm, &full).unwrap();
     model.accept(images);
     assert_eq!(vm.damage(), None);
-    assert_eq!(vm.latest_seq(), 4);
+    assert_eq!(vm.latest_seq().get(), 4);
 }
 
 #[test]
 fn reads_stay_exact_while_commits_and_retention_run_concurrently() {
     let (_dir, store, mut model) = store_with_points(2);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     let pinned = 2u64;
     let want = model.points[&pinned].clone();
-    let view = vm.point_disk(pinned, 0).unwrap();
+    let view = vm.point_disk(delta::Seq(pinned), 0).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let stop = stop.clone();
@@ -579,7 +587,7 @@ fn reads_stay_exact_while_commits_and_retention_run_concurrently() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(reader.join().unwrap() > 0);
     // The pinned point kept retention from folding past it; everything listed is exact.
-    assert_eq!(vm.points().first().unwrap().seq, pinned);
+    assert_eq!(vm.points().first().unwrap().seq.get(), pinned);
     assert_points_match(&vm, &model);
     vm.retain(2).unwrap();
     assert_eq!(vm.points().len(), 2);
@@ -601,14 +609,14 @@ proptest! {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let store = ReplicaStore::open(dir.path()).unwrap();
-        let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+        let vm = store.create_vm(&vm_id(), delta::Generation(1), &disks(), KEY).unwrap();
         let mut model = Model::new();
         let kind = if full { DeltaKind::Full } else { DeltaKind::Initial };
         let compression = if zstd { Compression::Zstd } else { Compression::None };
         let (bytes, images) = model.delta(kind, compression, &ops);
         let info = send(&vm, &bytes).unwrap();
         model.accept(images);
-        prop_assert_eq!(info.seq, 1);
+        prop_assert_eq!(info.seq.get(), 1);
         prop_assert_eq!(info.stored_bytes, bytes.len() as u64);
         prop_assert_eq!(vm.points(), vec![info]);
         let journal = dir.path().join(VM).join("journal");
@@ -620,7 +628,7 @@ proptest! {
         assert_points_match(&vm, &model);
         drop((vm, store));
         let store = ReplicaStore::open(dir.path()).unwrap();
-        let vm = store.vm(VM).unwrap();
+        let vm = store.vm(&vm_id()).unwrap();
         prop_assert_eq!(vm.damage(), None);
         prop_assert_eq!(vm.points().len(), 2);
         assert_points_match(&vm, &model);
@@ -631,7 +639,9 @@ proptest! {
 fn a_first_point_is_refused_by_name_like_any_delta_and_leaves_no_point() {
     let dir = tempfile::tempdir().unwrap();
     let store = ReplicaStore::open(dir.path()).unwrap();
-    let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+    let vm = store
+        .create_vm(&vm_id(), delta::Generation(1), &disks(), KEY)
+        .unwrap();
     let model = Model::new();
     let ops = [Op::Data {
         disk: 0,
@@ -667,12 +677,12 @@ fn a_first_point_is_refused_by_name_like_any_delta_and_leaves_no_point() {
         Err(ReplicaError::Incomplete { .. })
     ));
     assert!(vm.points().is_empty());
-    assert_eq!(vm.latest_seq(), 0);
+    assert_eq!(vm.latest_seq().get(), 0);
     drop((vm, store));
     let store = ReplicaStore::open(dir.path()).unwrap();
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     assert!(vm.points().is_empty());
-    assert_eq!(send(&vm, &good).unwrap().seq, 1);
+    assert_eq!(send(&vm, &good).unwrap().seq.get(), 1);
     let mut model = model;
     model.accept(images);
     assert_points_match(&vm, &model);
@@ -686,14 +696,17 @@ fn a_deferred_store_lists_vms_as_pending_until_verified() {
     let (dir, store, model) = store_with_points(3);
     drop(store);
     let store = ReplicaStore::open_deferred(dir.path()).unwrap();
-    assert!(store.vm(VM).is_none() && store.is_pending(VM));
-    let refused = store.create_vm(VM, 1, &disks(), KEY).err().unwrap();
+    assert!(store.vm(&vm_id()).is_none() && store.is_pending(&vm_id()));
+    let refused = store
+        .create_vm(&vm_id(), delta::Generation(1), &disks(), KEY)
+        .err()
+        .unwrap();
     assert!(
         matches!(refused, ReplicaError::Verifying { .. }) && refused.is_transient(),
         "{refused:?}"
     );
     assert_eq!(store.open_pending(), 0);
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     assert_points_match(&vm, &model);
 }
 
@@ -707,7 +720,9 @@ fn index_memory_is_bounded_by_folding_sooner_or_refusing_transiently() {
     let dir = tempfile::tempdir().unwrap();
     let store = ReplicaStore::open(dir.path()).unwrap();
     store.set_index_frames_max(MAX);
-    let vm = store.create_vm(VM, 1, &disks(), KEY).unwrap();
+    let vm = store
+        .create_vm(&vm_id(), delta::Generation(1), &disks(), KEY)
+        .unwrap();
     let mut model = Model::new();
     let two_frames = |i: u64| {
         [
@@ -756,7 +771,7 @@ fn index_memory_is_bounded_by_folding_sooner_or_refusing_transiently() {
         matches!(refused, ReplicaError::IndexFull { .. }) && refused.is_transient(),
         "{refused:?}"
     );
-    assert_eq!(vm.latest_seq(), model.latest);
+    assert_eq!(vm.latest_seq().get(), model.latest);
     store.set_index_frames_max(100);
     send(&vm, &big).unwrap();
     model.accept(images);
@@ -769,7 +784,7 @@ fn index_memory_is_bounded_by_folding_sooner_or_refusing_transiently() {
     drop(vm);
     drop(store);
     let store = ReplicaStore::open(dir.path()).unwrap();
-    let vm = store.vm(VM).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
     let (indexed, _) = store.index_frames();
     assert!(indexed <= 6, "{indexed} frames indexed after reopen");
     assert_points_match(&vm, &model);
@@ -804,4 +819,92 @@ fn open_deferred_refuses_a_missing_directory_or_marker_and_creates_nothing() {
         matches!(e, ReplicaError::BadStoreMarker { .. }) && e.to_string().contains("checksum"),
         "{e}"
     );
+}
+
+/// The replica had a VM-id rule of its own (1-255 bytes, a leading '-' allowed), wider than the
+/// primary's: now both use `VmName`, so a name is accepted by the primary, in a delta header
+/// and by the store alike, and a directory no VM can be named is not taken for a VM.
+#[test]
+fn replica_and_primary_accept_the_same_vm_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    // The longest name the primary accepts travels in a delta and survives a reopen.
+    let longest = "v".repeat(delta::VM_NAME_MAX);
+    let vm = store
+        .create_vm(&name(&longest), delta::Generation(1), &disks(), KEY)
+        .unwrap();
+    let header = delta::DeltaHeader {
+        app_consistent: false,
+        vm_id: name(&longest),
+        generation: delta::Generation(1),
+        seq: delta::Seq(1),
+        parent_seq: delta::Seq(0),
+        cut_time_unix_ns: 1,
+        kind: DeltaKind::Initial,
+        compression: Compression::None,
+        disks: disks(),
+    };
+    let mut w = delta::DeltaWriter::new(Vec::new(), &header, &KEY).unwrap();
+    w.data(0, 0, &[5u8; BLOCK as usize]).unwrap();
+    let bytes = w.finish().unwrap().0;
+    assert_eq!(send(&vm, &bytes).unwrap().seq, delta::Seq(1));
+    drop(vm);
+    drop(store);
+    // Names the old replica rule accepted and the primary never creates: one byte too long,
+    // a leading '-'. Laid out like VM directories, they are still not VMs of the store.
+    for bad in ["v".repeat(delta::VM_NAME_MAX + 1), "-web".to_string()] {
+        assert!(delta::VmName::parse(&bad).is_err(), "{bad:?}");
+        std::fs::create_dir(dir.path().join(&bad)).unwrap();
+        std::fs::copy(
+            dir.path().join(&longest).join("store.json"),
+            dir.path().join(&bad).join("store.json"),
+        )
+        .unwrap();
+    }
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    let names: Vec<String> = store.vms().iter().map(|v| v.vm_id().to_string()).collect();
+    assert_eq!(names, [longest.as_str()]);
+    assert!(store.broken().is_empty(), "{:?}", store.broken());
+    assert!(store.pending().is_empty());
+    let vm = store.vm(&name(&longest)).unwrap();
+    assert_eq!(vm.latest_seq(), delta::Seq(1));
+    assert_eq!(
+        read_point(&vm, 1, 0)[..BLOCK as usize],
+        [5u8; BLOCK as usize]
+    );
+}
+
+/// The replica accepted VMs of up to 256 disks while a primary never has more than 16: the
+/// store now refuses, by the one limit, a disk table no primary could send.
+#[test]
+fn replica_refuses_a_vm_with_more_disks_than_a_vm_may_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    let table = |n: u32| -> Vec<delta::DiskEntry> {
+        (0..n)
+            .map(|index| delta::DiskEntry {
+                index,
+                size_bytes: BLOCK,
+            })
+            .collect()
+    };
+    store
+        .create_vm(
+            &name("most"),
+            delta::Generation(1),
+            &table(delta::DISKS_PER_VM_MAX),
+            KEY,
+        )
+        .unwrap();
+    assert!(matches!(
+        store.create_vm(
+            &name("too-many"),
+            delta::Generation(1),
+            &table(delta::DISKS_PER_VM_MAX + 1),
+            KEY
+        ),
+        Err(ReplicaError::InvalidDisks(_))
+    ));
+    assert!(store.vm(&name("too-many")).is_none());
+    assert!(!dir.path().join("too-many").exists());
 }

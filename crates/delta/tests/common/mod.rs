@@ -11,10 +11,10 @@ pub const DISK_BYTES: u64 = 256 * 1024;
 pub fn header(compression: Compression) -> DeltaHeader {
     DeltaHeader {
         app_consistent: false,
-        vm_id: "web-0".into(),
-        generation: 3,
-        seq: 5,
-        parent_seq: 4,
+        vm_id: delta::VmName::parse("web-0").unwrap(),
+        generation: delta::Generation(3),
+        seq: delta::Seq(5),
+        parent_seq: delta::Seq(4),
         cut_time_unix_ns: 1_700_000_000_000_000_000,
         kind: DeltaKind::Incremental,
         compression,

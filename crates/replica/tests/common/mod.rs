@@ -12,6 +12,16 @@ use replica::{PointInfo, ReplicaError, ReplicaVm};
 
 pub const KEY: [u8; 32] = [3u8; 32];
 pub const VM: &str = "web-0";
+
+/// A VM name for tests (the store takes names validated once, as `VmName`).
+pub fn name(s: &str) -> delta::VmName {
+    delta::VmName::parse(s).unwrap()
+}
+
+/// The test VM's name.
+pub fn vm_id() -> delta::VmName {
+    name(VM)
+}
 pub const BLOCK: u64 = 4096;
 
 pub fn disks() -> Vec<DiskEntry> {
@@ -115,10 +125,10 @@ impl Model {
     ) -> (Vec<u8>, Images) {
         let header = DeltaHeader {
             app_consistent: false,
-            vm_id: VM.into(),
-            generation,
-            seq,
-            parent_seq,
+            vm_id: delta::VmName::parse(VM).unwrap(),
+            generation: delta::Generation(generation),
+            seq: delta::Seq(seq),
+            parent_seq: delta::Seq(parent_seq),
             cut_time_unix_ns: seq * 1_000_000_000,
             kind,
             compression,
@@ -180,7 +190,7 @@ pub fn send(vm: &ReplicaVm, bytes: &[u8]) -> Result<PointInfo, ReplicaError> {
 
 /// Reads a whole disk at a point through the NBD backend, in uneven pieces.
 pub fn read_point(vm: &ReplicaVm, seq: u64, disk: u32) -> Vec<u8> {
-    let view = vm.point_disk(seq, disk).unwrap();
+    let view = vm.point_disk(delta::Seq(seq), disk).unwrap();
     assert!(view.read_only());
     let size = view.size_bytes() as usize;
     let mut out = vec![0u8; size];
@@ -202,11 +212,11 @@ pub fn assert_points_match(vm: &ReplicaVm, model: &Model) {
     for p in points {
         let want = model
             .points
-            .get(&p.seq)
+            .get(&p.seq.get())
             .unwrap_or_else(|| panic!("replica lists unknown point {}", p.seq));
         for (&disk, img) in want {
             assert!(
-                read_point(vm, p.seq, disk) == *img,
+                read_point(vm, p.seq.get(), disk) == *img,
                 "point {} disk {disk} differs from the model",
                 p.seq
             );
