@@ -48,13 +48,13 @@ pub struct ReplicationRecord {
     pub compression: proto::Compression,
     pub disks: Vec<u32>,
     pub replication_id: String,
-    pub generation: u64,
+    pub generation: proto::Generation,
     /// Newest point the replica is known to have committed.
-    pub last_seq: u64,
+    pub last_seq: proto::Seq,
     pub last_cut_unix_ns: Option<u64>,
     /// A point that was being shipped when this record was written: the replica may have
     /// committed it without this host hearing back (crash, lost answer).
-    pub inflight_seq: Option<u64>,
+    pub inflight_seq: Option<proto::Seq>,
     pub initial_done: bool,
     pub initial_started: bool,
     pub suspended: bool,

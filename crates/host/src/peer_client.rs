@@ -90,7 +90,7 @@ pub async fn hello(
 pub async fn put_delta_watched(
     peer: &Peer,
     vm: &str,
-    seq: u64,
+    seq: proto::Seq,
     body: BoxBody,
     resume: Option<(u64, &str)>,
     timeouts: &PeerTimeouts,
@@ -222,7 +222,7 @@ impl Body for WatchedBody {
 pub async fn put_delta(
     peer: &Peer,
     vm: &str,
-    seq: u64,
+    seq: proto::Seq,
     body: BoxBody,
     resume: Option<(u64, &str)>,
 ) -> anyhow::Result<DeltaReply> {
@@ -248,7 +248,7 @@ pub async fn put_delta(
 pub async fn partial(
     peer: &Peer,
     vm: &str,
-    seq: u64,
+    seq: proto::Seq,
     timeouts: &PeerTimeouts,
 ) -> anyhow::Result<PartialReply> {
     let path = format!("/v1/replicas/{vm}/deltas/{seq}/partial");

@@ -180,7 +180,7 @@ impl Replication {
         });
         let total = self.progress_total.load(Ordering::Relaxed);
         ReplicationStatus {
-            vm: self.vm.name.clone(),
+            vm: self.vm.name.to_string(),
             role: "Primary".into(),
             state,
             health,
@@ -193,8 +193,8 @@ impl Replication {
             last_replication_time: r.last_cut_unix_ns.map(rfc3339_from_unix_ns),
             last_replication_unix_ns: r.last_cut_unix_ns,
             pending_bytes: self.pending_bytes(&r.disks),
-            last_seq: r.last_seq,
-            generation: r.generation,
+            last_seq: r.last_seq.get(),
+            generation: r.generation.get(),
             progress: (total > 0).then(|| Progress {
                 done_bytes: self.progress_done.load(Ordering::Relaxed).min(total),
                 total_bytes: total,
@@ -649,7 +649,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
                 );
                 let mut rt = repl.rt.lock();
                 rt.record.last_seq = seq;
-                if seq == 1 {
+                if seq == proto::Seq(1) {
                     rt.record.initial_done = true;
                 }
                 drop(rt);
@@ -684,7 +684,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     } else {
         DeltaKind::Incremental
     };
-    let seq = record.last_seq + 1;
+    let seq = record.last_seq.next();
     let selected: Vec<Arc<tracker::TrackedDisk>> = record
         .disks
         .iter()
@@ -833,8 +833,8 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
             repl.progress_total.store(0, Ordering::Relaxed);
             repl.persist(shared);
             Ok(SyncResult {
-                vm: vm_name,
-                seq: reply.seq,
+                vm: vm_name.to_string(),
+                seq: reply.seq.get(),
                 cut_time_unix_ns: cut_ns,
                 delta_bytes,
                 sent_bytes,
@@ -959,7 +959,7 @@ async fn upload_delta(
     shared: &Shared,
     repl: &Replication,
     peer: &transport::Peer,
-    seq: u64,
+    seq: proto::Seq,
     checksum: &[u8; 32],
     relay: &crate::upload::Relay,
     body: transport::BoxBody,

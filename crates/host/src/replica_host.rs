@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use parking_lot::Mutex;
 use proto::peer::{DeltaReply, Hello, HelloReply, PartialReply, PeerError};
+use proto::{Seq, VmName};
 use replica::{Incoming as Receiver, ReplicaError, ReplicaVm};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use transport::{BoxBody, PeerInfo};
@@ -56,14 +57,14 @@ enum Slot {
     /// `ended` closes when it has stopped and been kept or finished.
     Running {
         id: u64,
-        seq: u64,
+        seq: Seq,
         cut_off: Arc<Notify>,
         ended: watch::Receiver<()>,
     },
     /// Upload `id` of `seq` broke in the transport; its receiver waits for a resume.
     Kept {
         id: u64,
-        seq: u64,
+        seq: Seq,
         checksum: [u8; 32],
         incoming: Box<Receiver>,
     },
@@ -81,7 +82,7 @@ impl Partials {
     /// Registers a new upload of `seq` as the VM's running one. Whatever the VM had (a kept
     /// upload, another running one) is superseded: the kept receiver is returned to be
     /// dropped off the runtime; a running one will find it cannot be kept.
-    fn start(&self, vm: &str, seq: u64) -> (Registration, Option<Box<Receiver>>) {
+    fn start(&self, vm: &str, seq: Seq) -> (Registration, Option<Box<Receiver>>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cut_off = Arc::new(Notify::new());
         let (ended, ended_rx) = watch::channel(());
@@ -104,7 +105,7 @@ impl Partials {
     /// If an upload of `seq` is running for `vm`, cuts it off and waits (bounded) until it
     /// stopped and was kept. The primary asks for a resume only after its own upload failed,
     /// so that upload's connection is dead even when this side has not noticed yet.
-    async fn settle(&self, vm: &str, seq: u64) {
+    async fn settle(&self, vm: &str, seq: Seq) {
         let waiting = match self.slots.lock().get(vm) {
             Some(Slot::Running {
                 seq: s,
@@ -124,7 +125,7 @@ impl Partials {
     }
 
     /// The kept upload of `seq`, if any: (header checksum, bytes received).
-    fn kept(&self, vm: &str, seq: u64) -> Option<([u8; 32], u64)> {
+    fn kept(&self, vm: &str, seq: Seq) -> Option<([u8; 32], u64)> {
         match self.slots.lock().get(vm) {
             Some(Slot::Kept {
                 seq: s,
@@ -141,7 +142,7 @@ impl Partials {
     fn resume(
         &self,
         vm: &str,
-        seq: u64,
+        seq: Seq,
         checksum: &[u8; 32],
         from: u64,
     ) -> Option<(Registration, Box<Receiver>)> {
@@ -177,7 +178,7 @@ impl Partials {
         self: &Arc<Self>,
         vm: &str,
         id: u64,
-        seq: u64,
+        seq: Seq,
         checksum: [u8; 32],
         incoming: Box<Receiver>,
     ) -> Option<Box<Receiver>> {
@@ -209,7 +210,7 @@ impl Partials {
                     }
                 };
                 if let Some(Slot::Kept { mut incoming, .. }) = expired {
-                    tracing::info!(%vm, seq, "interrupted upload not resumed in time: dropped");
+                    tracing::info!(%vm, %seq, "interrupted upload not resumed in time: dropped");
                     let _ = tokio::task::spawn_blocking(move || incoming.discard_kept()).await;
                 }
             });
@@ -330,8 +331,21 @@ async fn route(
         peer_name: name.clone(),
         ca_fingerprint,
     };
+    // Every route names a replica VM: its name is validated once, here.
+    let vm_name = match parts.as_slice() {
+        ["v1", "replicas", vm, ..] => VmName::parse(vm)
+            .map_err(|e| refuse(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?,
+        _ => {
+            return Err(refuse(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route {path}"),
+            ))
+        }
+    };
+    let vm = &vm_name;
     match (req.method().clone(), parts.as_slice()) {
-        (Method::POST, ["v1", "replicas", vm, "hello"]) => {
+        (Method::POST, ["v1", "replicas", _, "hello"]) => {
             let bytes = http_body_util::Limited::new(req.into_body(), HELLO_MAX_BYTES)
                 .collect()
                 .await
@@ -357,8 +371,6 @@ async fn route(
                     "VM name in path and body differ",
                 ));
             }
-            crate::vms::validate_vm_name(vm)
-                .map_err(|e| refuse(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
             let disks: Vec<delta::DiskEntry> = hello
                 .disks
                 .iter()
@@ -373,7 +385,7 @@ async fn route(
             // caller knows its key).
             let owner = check_owner(shared, vm, &caller, true)?;
             let store2 = store.clone();
-            let vm_name = vm.to_string();
+            let vm_name = vm.clone();
             let key = delta_key(&hello.replication_id);
             let generation = hello.generation;
             let rvm = tokio::task::spawn_blocking(move || {
@@ -409,12 +421,12 @@ async fn route(
             shared.note_replica_primary(vm, &hello.primary_host);
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
-        (Method::GET, ["v1", "replicas", vm, "state"]) => {
+        (Method::GET, ["v1", "replicas", _, "state"]) => {
             let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
             check_owner(shared, vm, &caller, false)?;
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
-        (Method::GET, ["v1", "replicas", vm, "deltas", seq, "partial"]) => {
+        (Method::GET, ["v1", "replicas", _, "deltas", seq, "partial"]) => {
             let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
             check_owner(shared, vm, &caller, false)?;
             let seq = parse_seq(seq)?;
@@ -437,7 +449,7 @@ async fn route(
                     format!("no interrupted upload of point {seq} of {vm} is kept here"),
                 );
                 // Tells a primary whose answer was lost that the point was committed.
-                r.err.expected_seq = Some(rvm.latest_seq() + 1);
+                r.err.expected_seq = Some(rvm.latest_seq().next());
                 r
             })?;
             let reply = PartialReply {
@@ -447,7 +459,7 @@ async fn route(
             };
             Ok(serde_json::to_vec(&reply).unwrap_or_default())
         }
-        (Method::PUT, ["v1", "replicas", vm, "deltas", seq]) => {
+        (Method::PUT, ["v1", "replicas", _, "deltas", seq]) => {
             let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
             check_owner(shared, vm, &caller, false)?;
             let seq = parse_seq(seq)?;
@@ -556,9 +568,11 @@ pub fn spawn_retention(shared: Arc<Shared>) {
 }
 
 /// A refusal for a VM the store does not list: unknown, or not opened yet.
-fn missing(store: &replica::ReplicaStore, vm: &str) -> Refusal {
+fn missing(store: &replica::ReplicaStore, vm: &VmName) -> Refusal {
     if store.is_pending(vm) {
-        return replica_refusal(ReplicaError::Verifying { vm_id: vm.into() });
+        return replica_refusal(ReplicaError::Verifying {
+            vm_id: vm.to_string(),
+        });
     }
     unknown(vm)
 }
@@ -608,8 +622,8 @@ fn check_owner(
     Ok(owner)
 }
 
-fn parse_seq(seq: &str) -> Result<u64, Refusal> {
-    seq.parse().map_err(|_| {
+fn parse_seq(seq: &str) -> Result<Seq, Refusal> {
+    seq.parse().map(Seq).map_err(|_| {
         refuse(
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -727,12 +741,12 @@ impl UploadLimits {
 async fn receive(
     shared: Arc<Shared>,
     rvm: Arc<ReplicaVm>,
-    seq: u64,
+    seq: Seq,
     mut body: Incoming,
     resume: Option<(u64, [u8; 32])>,
     peer: String,
 ) -> Result<DeltaReply, Refusal> {
-    let expected = rvm.latest_seq() + 1;
+    let expected = rvm.latest_seq().next();
     if seq != expected {
         let mut r = refuse(
             StatusCode::CONFLICT,
@@ -786,7 +800,7 @@ async fn receive(
                     (reg, Box::new(adopted))
                 }
             };
-            tracing::info!(%vm, seq, from, "resuming an interrupted upload");
+            tracing::info!(%vm, %seq, from, "resuming an interrupted upload");
             (reg, Some(kept), None)
         }
     };
@@ -872,7 +886,7 @@ async fn receive(
     let (mut incoming, ok) = settle_write(idle.take(), writing.take()).await?;
     store_failed |= !ok;
     let clean_end = interrupted.is_none();
-    tracing::debug!(%vm, seq, ?interrupted, store_failed, pending = batch_bytes, "upload body ended");
+    tracing::debug!(%vm, %seq, ?interrupted, store_failed, pending = batch_bytes, "upload body ended");
     let finished = tokio::task::spawn_blocking(move || -> Result<DeltaReply, ReplicaError> {
         use std::io::Write;
         // Dropped when this upload has stopped: tells `settle` it may look for it.
@@ -890,11 +904,11 @@ async fn receive(
                 // Durably too, so that a restart of this daemon does not lose it (journal
                 // mode; a first point is kept in memory only).
                 if let Err(e) = incoming.persist_prefix() {
-                    tracing::warn!(%vm, seq, "cannot keep the interrupted upload on disk: {e}");
+                    tracing::warn!(%vm, %seq, "cannot keep the interrupted upload on disk: {e}");
                 }
                 match partials.keep(&vm, id, seq, checksum, incoming) {
                     None => {
-                        tracing::info!(%vm, seq, received, "upload interrupted: kept for a resume")
+                        tracing::info!(%vm, %seq, received, "upload interrupted: kept for a resume")
                     }
                     Some(mut superseded) => superseded.discard_kept(),
                 }
@@ -961,9 +975,9 @@ fn hello_refusal(e: ReplicaError) -> Refusal {
         ReplicaError::AlreadyExists { .. } | ReplicaError::GenerationRegression { .. } => {
             refuse(StatusCode::CONFLICT, "conflict", msg)
         }
-        ReplicaError::InvalidVmId(_)
-        | ReplicaError::InvalidDisks(_)
-        | ReplicaError::InvalidHistory(_) => refuse(StatusCode::BAD_REQUEST, "bad_request", msg),
+        ReplicaError::InvalidDisks(_) | ReplicaError::InvalidHistory(_) => {
+            refuse(StatusCode::BAD_REQUEST, "bad_request", msg)
+        }
         _ => refuse(StatusCode::SERVICE_UNAVAILABLE, "store_error", msg),
     }
 }
@@ -982,7 +996,7 @@ fn replica_refusal(e: ReplicaError) -> Refusal {
         ReplicaError::VmDamaged { .. } => refuse(StatusCode::CONFLICT, "damaged", msg),
         ReplicaError::OutOfSequence { expected, .. } => {
             let mut r = refuse(StatusCode::CONFLICT, "out_of_sequence", msg);
-            r.err.expected_seq = Some(expected);
+            r.err.expected_seq = Some(Seq(expected));
             r
         }
         // Everything that is wrong with the delta itself (docs/formats/peer-protocol.md),

@@ -1,7 +1,7 @@
 //! The replication session's decisions, without I/O: how a primary reconciles its record with
 //! what the replica reports, and how health follows from state and history. Time is passed in.
 
-use proto::{Health, ReplicationState};
+use proto::{Generation, Health, ReplicationState, Seq};
 
 /// What the primary does after asking the replica where it stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,17 +12,17 @@ pub enum Reconcile {
     /// lost answer). Adopting it is safe: the blocks of that point are still marked dirty here
     /// (an aborted cut merges back, a crash re-marks the hot extents), so the next point
     /// re-ships them on top.
-    AdoptInflight(u64),
+    AdoptInflight(Seq),
     /// The replica cannot follow from here; the reason is shown to the user.
     Diverged(String),
 }
 
 pub fn reconcile(
-    last_seq: u64,
-    inflight: Option<u64>,
-    generation: u64,
-    replica_latest: u64,
-    replica_generation: u64,
+    last_seq: Seq,
+    inflight: Option<Seq>,
+    generation: Generation,
+    replica_latest: Seq,
+    replica_generation: Generation,
     replica_damage: Option<&str>,
 ) -> Reconcile {
     if let Some(d) = replica_damage {
@@ -36,7 +36,7 @@ pub fn reconcile(
     if replica_latest == last_seq {
         return Reconcile::InSync;
     }
-    if inflight == Some(replica_latest) && replica_latest == last_seq + 1 {
+    if inflight == Some(replica_latest) && replica_latest == last_seq.next() {
         return Reconcile::AdoptInflight(replica_latest);
     }
     if replica_latest < last_seq {
@@ -63,8 +63,8 @@ pub enum OutOfSequence {
 
 /// Judges a refusal of delta `sent` (this primary's in-flight point is `inflight`) by a
 /// replica that expects `expected` next.
-pub fn judge_out_of_sequence(sent: u64, inflight: Option<u64>, expected: u64) -> OutOfSequence {
-    if inflight == Some(sent) && expected == sent + 1 {
+pub fn judge_out_of_sequence(sent: Seq, inflight: Option<Seq>, expected: Seq) -> OutOfSequence {
+    if inflight == Some(sent) && expected == sent.next() {
         OutOfSequence::AlreadyDelivered
     } else {
         OutOfSequence::Diverged(out_of_sequence_reason(sent, expected))
@@ -72,7 +72,8 @@ pub fn judge_out_of_sequence(sent: u64, inflight: Option<u64>, expected: u64) ->
 }
 
 /// Why the replica refused delta `sent` because it expects `expected` instead.
-pub fn out_of_sequence_reason(sent: u64, expected: u64) -> String {
+pub fn out_of_sequence_reason(sent: Seq, expected: Seq) -> String {
+    let (sent, expected) = (sent.get(), expected.get());
     if expected < sent {
         format!(
             "the replica expects point {expected} but this primary already committed point {}: it was restored from an older copy",
@@ -181,113 +182,4 @@ pub fn health(h: &HealthInput<'_>) -> (Health, Vec<String>) {
     (level, reasons)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reconcile_covers_every_case() {
-        assert_eq!(reconcile(5, None, 1, 5, 1, None), Reconcile::InSync);
-        assert_eq!(
-            reconcile(5, Some(6), 1, 6, 1, None),
-            Reconcile::AdoptInflight(6)
-        );
-        assert!(matches!(
-            reconcile(5, None, 1, 6, 1, None),
-            Reconcile::Diverged(_)
-        ));
-        assert!(
-            matches!(reconcile(5, Some(6), 1, 3, 1, None), Reconcile::Diverged(r) if r.contains("older copy"))
-        );
-        assert!(matches!(
-            reconcile(5, None, 1, 5, 2, None),
-            Reconcile::Diverged(_)
-        ));
-        assert!(
-            matches!(reconcile(5, None, 1, 5, 1, Some("bad")), Reconcile::Diverged(r) if r.contains("damaged"))
-        );
-    }
-
-    #[test]
-    fn out_of_sequence_reasons_name_the_cause() {
-        assert!(out_of_sequence_reason(6, 3).contains("older copy"));
-        assert!(out_of_sequence_reason(6, 9).contains("never sent"));
-    }
-
-    #[test]
-    fn lost_answer_is_adopted_not_a_divergence() {
-        // Point 7 committed on the replica, its answer was lost, the retry (7 again) is refused
-        // because the replica expects 8: already delivered.
-        assert_eq!(
-            judge_out_of_sequence(7, Some(7), 8),
-            OutOfSequence::AlreadyDelivered
-        );
-        // Expects something else, or 7 was never in flight here: a real divergence.
-        assert!(matches!(
-            judge_out_of_sequence(7, Some(7), 9),
-            OutOfSequence::Diverged(r) if r.contains("never sent")
-        ));
-        assert!(matches!(
-            judge_out_of_sequence(7, Some(7), 5),
-            OutOfSequence::Diverged(r) if r.contains("older copy")
-        ));
-        assert!(matches!(
-            judge_out_of_sequence(7, None, 8),
-            OutOfSequence::Diverged(_)
-        ));
-    }
-
-    fn input(state: ReplicationState, lag_s: u64, failures: u64) -> HealthInput<'static> {
-        let now = 10_000_000_000_000;
-        HealthInput {
-            state,
-            now_ns: now,
-            last_cut_ns: Some(now - lag_s * 1_000_000_000),
-            frequency_secs: 30,
-            consecutive_failures: failures,
-            last_error: Some("connection refused"),
-            resync_reason: Some("primary crashed"),
-            app_consistent_failures: 0,
-            app_consistent_error: None,
-        }
-    }
-
-    #[test]
-    fn repeated_app_consistent_failures_turn_health_warning() {
-        let mut h = input(ReplicationState::Replicating, 10, 0);
-        h.app_consistent_failures = APP_CONSISTENT_WARNING_FAILURES - 1;
-        assert_eq!(health(&h).0, Health::Normal);
-        h.app_consistent_failures = APP_CONSISTENT_WARNING_FAILURES;
-        h.app_consistent_error = Some("the guest agent did not answer in time");
-        let (level, reasons) = health(&h);
-        assert_eq!(level, Health::Warning);
-        assert!(reasons[0].contains("guest agent"), "{reasons:?}");
-    }
-
-    #[test]
-    fn health_follows_state_lag_and_failures() {
-        assert_eq!(
-            health(&input(ReplicationState::Replicating, 10, 0)).0,
-            Health::Normal
-        );
-        assert_eq!(
-            health(&input(ReplicationState::Replicating, 10, 1)).0,
-            Health::Warning
-        );
-        assert_eq!(
-            health(&input(ReplicationState::Replicating, 100, 0)).0,
-            Health::Warning
-        );
-        assert_eq!(
-            health(&input(ReplicationState::Replicating, 400, 0)).0,
-            Health::Critical
-        );
-        let (h, why) = health(&input(ReplicationState::ResynchronizationRequired, 0, 0));
-        assert_eq!(h, Health::Critical);
-        assert!(why[0].contains("primary crashed"));
-        assert_eq!(
-            health(&input(ReplicationState::Suspended, 0, 0)).0,
-            Health::Warning
-        );
-    }
-}
+// The unit tests of these rules moved with them to the `relationship` crate.

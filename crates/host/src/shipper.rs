@@ -308,10 +308,10 @@ mod tests {
     fn header(disk_bytes: u64) -> DeltaHeader {
         DeltaHeader {
             app_consistent: false,
-            vm_id: "t".into(),
-            generation: 1,
-            seq: 1,
-            parent_seq: 0,
+            vm_id: proto::VmName::parse("t").unwrap(),
+            generation: proto::Generation(1),
+            seq: proto::Seq(1),
+            parent_seq: proto::Seq(0),
             cut_time_unix_ns: 0,
             kind: DeltaKind::Initial,
             compression: Compression::Zstd,

@@ -317,7 +317,7 @@ pub struct Watch<'a> {
 pub async fn upload(
     peer: &Peer,
     vm: &str,
-    seq: u64,
+    seq: proto::Seq,
     checksum: &[u8; 32],
     relay: &Relay,
     body: BoxBody,
@@ -370,7 +370,7 @@ pub async fn upload(
             return Err(err);
         }
         stalled += 1;
-        tracing::info!(%vm, seq, attempt = stalled, "upload interrupted ({err:#}); resuming in {backoff:?}");
+        tracing::info!(%vm, %seq, attempt = stalled, "upload interrupted ({err:#}); resuming in {backoff:?}");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(RESUME_BACKOFF_MAX);
         let from = match peer_client::partial(peer, vm, seq, watch.timeouts).await {
@@ -432,7 +432,7 @@ enum Failure {
 
 /// True when the replica answered that it keeps nothing of `seq` and expects exactly `seq`
 /// next (so it did not commit it with the answer lost: sending it again is not a replay).
-fn starts_over(err: &anyhow::Error, seq: u64) -> bool {
+fn starts_over(err: &anyhow::Error, seq: proto::Seq) -> bool {
     err.downcast_ref::<PeerRefusal>()
         .is_some_and(|r| r.0.code == "no_partial" && r.0.expected_seq == Some(seq))
 }
@@ -569,16 +569,16 @@ mod tests {
             anyhow::Error::from(PeerRefusal(proto::peer::PeerError {
                 code: "no_partial".into(),
                 error: "x".into(),
-                expected_seq: Some(expected),
+                expected_seq: Some(proto::Seq(expected)),
             }))
         };
-        assert!(starts_over(&no_partial(5), 5));
-        assert!(!starts_over(&no_partial(6), 5));
+        assert!(starts_over(&no_partial(5), proto::Seq(5)));
+        assert!(!starts_over(&no_partial(6), proto::Seq(5)));
         let other = anyhow::Error::from(PeerRefusal(proto::peer::PeerError {
             code: "not_found".into(),
             error: "x".into(),
-            expected_seq: Some(5),
+            expected_seq: Some(proto::Seq(5)),
         }));
-        assert!(!starts_over(&other, 5), "a version-1 replica");
+        assert!(!starts_over(&other, proto::Seq(5)), "a version-1 replica");
     }
 }

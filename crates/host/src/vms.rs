@@ -41,7 +41,7 @@ pub fn validate_sizes(sizes: &[u64]) -> anyhow::Result<()> {
 
 /// A VM and its opened disks.
 pub struct Vm {
-    pub name: String,
+    pub name: proto::VmName,
     pub gate: Arc<CutGate>,
     pub disks: Vec<Arc<TrackedDisk>>,
     /// What each disk's tracker found at open; drives "never silent" at startup.
@@ -94,6 +94,11 @@ pub fn validate_vm_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The validated name of a VM being created, imported or opened from the catalog.
+fn parse_name(name: &str) -> anyhow::Result<proto::VmName> {
+    proto::VmName::parse(name).map_err(|e| bad_request(e.to_string()))
+}
+
 pub fn vm_dir(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join("vms").join(name)
 }
@@ -135,7 +140,7 @@ pub fn create_disks(
     Ok((
         record,
         Vm {
-            name: name.to_string(),
+            name: parse_name(name)?,
             gate,
             disks,
             open_states,
@@ -232,7 +237,7 @@ pub fn open_vm(record: &VmRecord, options: &DiskOptions) -> anyhow::Result<Vm> {
         open_states.push(report.state);
     }
     Ok(Vm {
-        name: record.name.clone(),
+        name: parse_name(&record.name)?,
         gate,
         disks,
         open_states,

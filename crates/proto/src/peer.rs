@@ -11,6 +11,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{Generation, Seq, VmName};
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerDisk {
     pub index: u32,
@@ -19,11 +21,11 @@ pub struct PeerDisk {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hello {
-    pub vm: String,
+    pub vm: VmName,
     /// Random id of this replication relationship (hex); both sides derive the delta key
     /// from it, so a delta of another relationship never verifies.
     pub replication_id: String,
-    pub generation: u64,
+    pub generation: Generation,
     pub primary_host: String,
     pub disks: Vec<PeerDisk>,
     /// The relationship's recovery-history policy (absent from older primaries, and when
@@ -39,8 +41,8 @@ pub struct Hello {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HelloReply {
     pub vm: String,
-    pub latest_seq: u64,
-    pub generation: u64,
+    pub latest_seq: Seq,
+    pub generation: Generation,
     /// Set when the replica found its copy damaged (a corrupt journal file, ...).
     #[serde(default)]
     pub damage: Option<String>,
@@ -48,7 +50,7 @@ pub struct HelloReply {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeltaReply {
-    pub seq: u64,
+    pub seq: Seq,
     pub cut_time_unix_ns: u64,
     pub stored_bytes: u64,
 }
@@ -62,7 +64,7 @@ pub const HEADER_CHECKSUM_HEADER: &str = "understudy-header-checksum";
 /// `header_checksum` (64 hex), of which it consumed the first `received_bytes` bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartialReply {
-    pub seq: u64,
+    pub seq: Seq,
     pub header_checksum: String,
     pub received_bytes: u64,
 }
@@ -74,5 +76,5 @@ pub struct PeerError {
     pub code: String,
     pub error: String,
     #[serde(default)]
-    pub expected_seq: Option<u64>,
+    pub expected_seq: Option<Seq>,
 }

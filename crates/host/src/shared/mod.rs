@@ -749,8 +749,8 @@ impl Shared {
             last_replication_time: r.last_cut_unix_ns.map(rfc3339_from_unix_ns),
             last_replication_unix_ns: r.last_cut_unix_ns,
             pending_bytes: 0,
-            last_seq: r.last_seq,
-            generation: r.generation,
+            last_seq: r.last_seq.get(),
+            generation: r.generation.get(),
             progress: None,
             last_error: Some(why),
             history: r.history,
@@ -839,8 +839,8 @@ impl Shared {
             compression: req.compression,
             disks,
             replication_id: random_id()?,
-            generation: 1,
-            last_seq: 0,
+            generation: proto::Generation(1),
+            last_seq: proto::Seq(0),
             last_cut_unix_ns: None,
             inflight_seq: None,
             initial_done: false,
@@ -862,7 +862,7 @@ impl Shared {
         )
         .await
         .with_context(|| format!("replica {} did not accept {}", req.replica, req.vm))?;
-        if reply.latest_seq != 0 {
+        if reply.latest_seq != proto::Seq(0) {
             return Err(conflict(format!(
                 "replica {} already holds points of {} from another relationship; remove them there first",
                 req.replica, req.vm

@@ -334,13 +334,16 @@ impl Shared {
                 )))
             }
         };
-        if store.is_pending(name) {
+        let Ok(vm_name) = proto::VmName::parse(name) else {
+            return Err(not_found(format!("no replica of {name:?} on this host")));
+        };
+        if store.is_pending(&vm_name) {
             return Err(transient(format!(
                 "the replica of {name} is being verified after the daemon started; try again shortly"
             )));
         }
         store
-            .vm(name)
+            .vm(&vm_name)
             .ok_or_else(|| not_found(format!("no replica of {name} on this host")))
     }
 
@@ -351,7 +354,12 @@ impl Shared {
                 .vms()
                 .iter()
                 .map(|v| v.vm_id().to_string())
-                .chain(store.pending().into_iter().map(|(name, _)| name))
+                .chain(
+                    store
+                        .pending()
+                        .into_iter()
+                        .map(|(name, _)| name.to_string()),
+                )
                 .collect(),
             _ => Vec::new(),
         }
@@ -438,8 +446,8 @@ impl Shared {
             last_replication_time: last.map(|p| rfc3339_from_unix_ns(p.cut_time_unix_ns)),
             last_replication_unix_ns: last.map(|p| p.cut_time_unix_ns),
             pending_bytes: 0,
-            last_seq: rvm.latest_seq(),
-            generation: rvm.generation(),
+            last_seq: rvm.latest_seq().get(),
+            generation: rvm.generation().get(),
             progress: None,
             last_error: None,
             history: rvm
@@ -483,7 +491,7 @@ impl Shared {
         let seq = point.seq;
         self.point_infos(&rvm)
             .into_iter()
-            .find(|p| p.id == seq)
+            .find(|p| p.id == seq.get())
             .ok_or_else(|| not_found(format!("{} has no point {seq} any more", req.vm)))
     }
 }
@@ -508,7 +516,7 @@ pub(super) fn resolve_point(
     })?;
     points
         .iter()
-        .find(|p| p.seq == id)
+        .find(|p| p.seq.get() == id)
         .copied()
         .ok_or_else(|| not_found(format!("{vm} has no point {id}")))
 }
@@ -525,7 +533,7 @@ pub(super) fn point_infos_of(rvm: &replica::ReplicaVm, served: &BTreeSet<u64>) -
         .into_iter()
         .map(|(p, kind)| {
             let mut pinned_by = Vec::new();
-            if served.contains(&p.seq) {
+            if served.contains(&p.seq.get()) {
                 pinned_by.push("points serve".to_string());
             }
             if pins.contains_key(&p.seq) && pinned_by.is_empty() {
@@ -537,7 +545,7 @@ pub(super) fn point_infos_of(rvm: &replica::ReplicaVm, served: &BTreeSet<u64>) -
                 });
             }
             PointInfo {
-                id: p.seq,
+                id: p.seq.get(),
                 cut_time: rfc3339_from_unix_ns(p.cut_time_unix_ns),
                 created_at: rfc3339_from_unix_ns(p.cut_time_unix_ns),
                 cut_time_unix_ns: p.cut_time_unix_ns,

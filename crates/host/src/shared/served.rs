@@ -138,7 +138,7 @@ impl Shared {
         let now = now_unix_ns();
         let expires = expiry_of(req, now)?;
         self.ensure_pins(&rvm);
-        let seq = point.seq;
+        let seq = point.seq.get();
         let key = (req.vm.clone(), seq);
         let mut served = self.served.lock();
         let (mut record, mut exports) = match served.points.get(&key) {
@@ -161,7 +161,7 @@ impl Shared {
             if exports.iter().any(|(x, _)| *x == d) {
                 continue;
             }
-            let view = rvm.view(seq, d).map_err(|e| match e {
+            let view = rvm.view(proto::Seq(seq), d).map_err(|e| match e {
                 ReplicaError::NoSuchPoint { .. } => {
                     not_found(format!("{} has no point {seq} any more", req.vm))
                 }
@@ -336,7 +336,7 @@ impl Shared {
             let mut views = Vec::new();
             let mut failed = None;
             for &d in &record.disks {
-                match rvm.view(record.seq, d) {
+                match rvm.view(proto::Seq(record.seq), d) {
                     Ok(v) => views.push((d, v)),
                     Err(e) => {
                         failed = Some(e);
