@@ -146,7 +146,10 @@ mod tests {
         )
         .expect_err("fails");
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
-        assert_eq!(fsync_dir(&missing).expect_err("fails").kind(), io::ErrorKind::NotFound);
+        assert_eq!(
+            fsync_dir(&missing).expect_err("fails").kind(),
+            io::ErrorKind::NotFound
+        );
     }
 
     #[test]

@@ -53,7 +53,8 @@ mod tests {
         file.set_len(8 * MIB).expect("size");
         // Data at [1 MiB, 2 MiB) and [5 MiB, 5 MiB + 64 KiB); holes elsewhere. Runs this far
         // apart are separate on every file system that reports holes (ext4, xfs, tmpfs).
-        file.write_all_at(&vec![1u8; MIB as usize], MIB).expect("write");
+        file.write_all_at(&vec![1u8; MIB as usize], MIB)
+            .expect("write");
         file.write_all_at(&[2u8; 65536], 5 * MIB).expect("write");
 
         let mut runs = Vec::new();
@@ -65,7 +66,9 @@ mod tests {
                 pos = data;
                 continue;
             }
-            let hole = seek_hole(&file, pos).expect("SEEK_HOLE").expect("EOF is a hole");
+            let hole = seek_hole(&file, pos)
+                .expect("SEEK_HOLE")
+                .expect("EOF is a hole");
             runs.push((pos, hole, "data"));
             pos = hole;
         }

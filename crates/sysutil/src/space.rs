@@ -114,7 +114,8 @@ mod tests {
 
     fn filled(len: u64, byte: u8) -> File {
         let file = tempfile::tempfile().expect("temp file");
-        file.write_all_at(&vec![byte; len as usize], 0).expect("fill");
+        file.write_all_at(&vec![byte; len as usize], 0)
+            .expect("fill");
         file.sync_all().expect("sync");
         file
     }
@@ -134,7 +135,10 @@ mod tests {
     fn punched_hole_reads_zeros_and_frees_its_blocks() {
         let file = filled(4 * MIB, 7);
         let before = allocated(&file);
-        assert!(before >= 4 * MIB, "fully written file is allocated: {before}");
+        assert!(
+            before >= 4 * MIB,
+            "fully written file is allocated: {before}"
+        );
         punch_hole(&file, MIB, 2 * MIB).expect("punch (ext4, xfs and tmpfs all can)");
         assert!(read(&file, MIB, 2 * MIB).iter().all(|&b| b == 0));
         assert!(read(&file, 0, MIB).iter().all(|&b| b == 7));
@@ -176,7 +180,9 @@ mod tests {
         write_zeros(&file, 1000, 2 * MIB + 5).expect("zeros");
         let all = read(&file, 0, 3 * MIB);
         assert!(all[..1000].iter().all(|&b| b == 5));
-        assert!(all[1000..1000 + 2 * MIB as usize + 5].iter().all(|&b| b == 0));
+        assert!(all[1000..1000 + 2 * MIB as usize + 5]
+            .iter()
+            .all(|&b| b == 0));
         assert!(all[1000 + 2 * MIB as usize + 5..].iter().all(|&b| b == 5));
     }
 
