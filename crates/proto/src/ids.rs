@@ -172,7 +172,16 @@ mod tests {
             let n = VmName::parse(ok).unwrap();
             assert_eq!(serde_json::to_string(&n).unwrap(), format!("\"{ok}\""));
         }
-        for bad in ["", "-a", ".a", "a/b", "a b", "é", &"x".repeat(VM_NAME_MAX + 1), ".."] {
+        for bad in [
+            "",
+            "-a",
+            ".a",
+            "a/b",
+            "a b",
+            "é",
+            &"x".repeat(VM_NAME_MAX + 1),
+            "..",
+        ] {
             assert!(VmName::parse(bad).is_err(), "{bad:?} accepted");
             assert!(serde_json::from_str::<VmName>(&format!("{bad:?}")).is_err());
         }
@@ -183,7 +192,10 @@ mod tests {
     #[test]
     fn numeric_ids_serialize_as_plain_numbers() {
         assert_eq!(serde_json::to_string(&Seq(7)).unwrap(), "7");
-        assert_eq!(serde_json::from_str::<Generation>("3").unwrap(), Generation(3));
+        assert_eq!(
+            serde_json::from_str::<Generation>("3").unwrap(),
+            Generation(3)
+        );
         assert_eq!(Seq(u64::MAX).next(), Seq(u64::MAX));
         assert_eq!(DiskIndex(2).to_string(), "2");
     }
