@@ -1,20 +1,16 @@
 //! [`FileBackend`]: a raw (usually sparse) image file or block device served with
-//! `pread`/`pwrite`, `fdatasync`, `fallocate` and `SEEK_DATA`/`SEEK_HOLE`. The free functions
-//! are public so crates that wrap a file (the tracker) reuse them. This module owns the
-//! system calls on one file; it must never validate protocol ranges (the codec did).
+//! `pread`/`pwrite`, `fdatasync`, `fallocate` and `SEEK_DATA`/`SEEK_HOLE` (the system calls
+//! themselves are `sysutil`'s). [`seek_data_extents`] is public so crates that wrap a file
+//! reuse it. This module must never validate protocol ranges (the codec did).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::backend::{BlockBackend, Extent};
 use crate::limits::BLOCK_STATUS_EXTENTS_MAX;
-
-/// Size of the zero buffer used when the filesystem cannot zero a range itself (1 MiB: a
-/// few hundred system calls per GiB, small enough to live on the heap once per call).
-const ZERO_CHUNK_BYTES: usize = 1024 * 1024;
+use sysutil::{is_unsupported, punch_hole, zero_range};
 
 /// A raw image file as an NBD export.
 #[derive(Debug)]
@@ -122,12 +118,7 @@ impl BlockBackend for FileBackend {
                 other => return other.and_then(|()| sync_if(&self.file, fua)),
             }
         }
-        match fallocate(
-            &self.file,
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len_bytes,
-        ) {
+        match sysutil::zero_range_in_place(&self.file, offset, len_bytes) {
             // Some filesystems answer EINVAL for modes they lack: still "not fast", not misuse.
             Err(e) if is_unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL) => {
                 Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
@@ -141,14 +132,8 @@ impl BlockBackend for FileBackend {
     }
 
     fn cache(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
-        let (off, len) = (to_off(offset)?, to_off(len_bytes)?);
-        // SAFETY: posix_fadvise only reads its integer arguments; the fd is owned by self.file
-        // and stays open for the duration of the call.
-        let rc = unsafe {
-            libc::posix_fadvise(self.file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED)
-        };
         // A hint that fails changes nothing the client can observe; report success.
-        let _ = rc;
+        let _ = sysutil::will_need(&self.file, offset, len_bytes);
         Ok(())
     }
 }
@@ -158,91 +143,6 @@ fn sync_if(file: &File, fua: bool) -> io::Result<()> {
         file.sync_data()
     } else {
         Ok(())
-    }
-}
-
-fn is_unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
-    )
-}
-
-fn to_off(v: u64) -> io::Result<libc::off_t> {
-    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, len_bytes: u64) -> io::Result<()> {
-    if len_bytes == 0 {
-        return Ok(()); // fallocate rejects a zero length with EINVAL
-    }
-    let (off, len) = (to_off(offset)?, to_off(len_bytes)?);
-    loop {
-        // SAFETY: fallocate takes only integers; the fd is valid while `file` is borrowed.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
-/// Deallocates `[offset, offset + len_bytes)` without changing the file size; the range reads
-/// back as zeros. Fails with `EOPNOTSUPP` where the filesystem cannot punch holes.
-pub fn punch_hole(file: &File, offset: u64, len_bytes: u64) -> io::Result<()> {
-    fallocate(
-        file,
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        len_bytes,
-    )
-}
-
-/// Makes a range read as zeros while keeping it allocated: `FALLOC_FL_ZERO_RANGE`, or
-/// writing zeros where the filesystem does not support it.
-pub fn zero_range(file: &File, offset: u64, len_bytes: u64) -> io::Result<()> {
-    match fallocate(
-        file,
-        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        len_bytes,
-    ) {
-        Err(e) if is_unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL) => {
-            write_zeros(file, offset, len_bytes)
-        }
-        other => other,
-    }
-}
-
-/// Writes explicit zeros over a range, in 1 MiB system calls.
-pub fn write_zeros(file: &File, offset: u64, len_bytes: u64) -> io::Result<()> {
-    let chunk = vec![0u8; ZERO_CHUNK_BYTES.min(usize::try_from(len_bytes).unwrap_or(usize::MAX))];
-    let mut done = 0u64;
-    while done < len_bytes {
-        let n = (len_bytes - done).min(chunk.len() as u64);
-        // `n <= chunk.len()`, so the cast and the slice are in bounds.
-        file.write_all_at(&chunk[..n as usize], offset + done)?;
-        done += n;
-    }
-    Ok(())
-}
-
-fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off = to_off(offset)?;
-    // SAFETY: lseek takes only integers; the fd is valid while `file` is borrowed. The file
-    // position it moves is never used: all I/O here is positional (pread/pwrite).
-    let rc = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if rc >= 0 {
-        return Ok(Some(rc as u64));
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ENXIO) {
-        Ok(None) // no data (or hole) at or after `offset` before the end of the file
-    } else {
-        Err(err)
     }
 }
 
@@ -259,7 +159,7 @@ pub fn seek_data_extents(
     let mut extents: Vec<Extent> = Vec::new();
     let mut pos = offset;
     while pos < end && extents.len() < extents_max.max(1) {
-        let data = match lseek(file, pos, libc::SEEK_DATA) {
+        let data = match sysutil::seek_data(file, pos) {
             Ok(d) => d,
             // Block devices and some filesystems do not implement SEEK_DATA: all data.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && extents.is_empty() => {
@@ -275,7 +175,7 @@ pub fn seek_data_extents(
             None => (end, true),
             Some(d) if d > pos => (d.min(end), true),
             Some(_) => {
-                let h = lseek(file, pos, libc::SEEK_HOLE)?.unwrap_or(end);
+                let h = sysutil::seek_hole(file, pos)?.unwrap_or(end);
                 (h.clamp(pos + 1, end), false)
             }
         };

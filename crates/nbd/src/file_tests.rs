@@ -1,7 +1,6 @@
 //! FileBackend tests on real sparse files in a temporary directory.
 
 use super::*;
-use std::io::Write;
 
 fn sparse(size: u64) -> (tempfile::NamedTempFile, FileBackend) {
     let f = tempfile::NamedTempFile::new().expect("temp file");
@@ -66,18 +65,6 @@ fn trim_and_write_zeroes_read_back_zero() {
     b.trim(0, 65536, false).expect("trim");
     let extents = b.block_status(0, 65536).expect("status");
     assert!(extents[0].hole, "trim punched a hole: {extents:?}");
-}
-
-#[test]
-fn write_zeros_fallback_writes_explicit_zeros() {
-    let mut f = tempfile::tempfile().expect("temp");
-    f.write_all(&[5u8; 3 << 20]).expect("fill");
-    write_zeros(&f, 1000, (2 << 20) + 5).expect("zeros");
-    let mut buf = vec![0u8; 3 << 20];
-    f.read_exact_at(&mut buf, 0).expect("read");
-    assert!(buf[..1000].iter().all(|&x| x == 5));
-    assert!(buf[1000..1000 + (2 << 20) + 5].iter().all(|&x| x == 0));
-    assert!(buf[1000 + (2 << 20) + 5..].iter().all(|&x| x == 5));
 }
 
 #[test]

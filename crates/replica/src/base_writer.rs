@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::direct::DirectFile;
 use crate::pipeline::{Executor, Job, WritePipeline, WRITE_BUFFER_BYTES};
 use crate::vm::VmInner;
-use crate::{fold, ReplicaError};
+use crate::ReplicaError;
 
 /// The writer thread's side: one file per disk, and the first point's epoch if any.
 struct BaseTargets {
@@ -59,7 +59,7 @@ fn apply(files: &mut BTreeMap<u32, DirectFile>, job: &Job) -> Result<(), Replica
             let f = files
                 .get(&target)
                 .ok_or(ReplicaError::NoSuchDisk { disk: target })?;
-            fold::punch_hole(f.file(), offset, len)
+            punch_hole(f.file(), offset, len)
                 .map_err(ReplicaError::io("punch hole in base image", f.path()))
         }
         Job::Barrier(_) => Ok(()),
@@ -143,5 +143,16 @@ impl BaseWriter {
             w.buffered_bytes += b;
         }
         Ok(w)
+    }
+}
+
+/// Makes `[offset, offset + len)` read as zeros, deallocating it when the file system can
+/// (where it cannot, `EOPNOTSUPP`, zeros are written instead).
+fn punch_hole(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    match sysutil::punch_hole(file, offset, len) {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            sysutil::write_zeros(file, offset, len)
+        }
+        other => other,
     }
 }

@@ -1,11 +1,13 @@
 //! The one module that makes things durable: atomic file replacement (tmp + fsync + rename +
 //! fsync dir), durable renames and removals, directory fsync. No other module calls
-//! `fs::rename` or removes a file that matters for recovery.
+//! `fs::rename` or removes a file that matters for recovery. The file-system calls are
+//! `sysutil`'s; this module adds the replica's policy: temporary names, the retry of a
+//! directory fsync that ran out of descriptors, failpoints, errors naming the path.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{self, File};
 use std::path::Path;
+
+use sysutil::{parent_dir as parent, FileMode};
 
 use crate::ReplicaError;
 
@@ -19,7 +21,7 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), ReplicaError> {
     // (a wedged VM). Wait a little for descriptors to come back before giving up.
     let mut attempt = 0;
     loop {
-        match File::open(dir).and_then(|d| d.sync_all()) {
+        match sysutil::fsync_dir(dir) {
             Ok(()) => return Ok(()),
             Err(e) if crate::fds::is_transient_io(&e) && attempt < FSYNC_DIR_TRANSIENT_RETRIES => {
                 attempt += 1;
@@ -41,29 +43,14 @@ pub(crate) fn fsync_file(file: &File, path: &Path) -> Result<(), ReplicaError> {
     file.sync_all().map_err(ReplicaError::io("fsync", path))
 }
 
-fn parent(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
 /// Replaces `path` with `bytes` atomically: readers see the old or the new content, never a
 /// mix, and after return the new content survives a crash. The file gets mode `mode`.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ReplicaError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(TMP_SUFFIX);
     let tmp = Path::new(&tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(tmp)
-        .map_err(ReplicaError::io("create", tmp))?;
-    f.write_all(bytes).map_err(ReplicaError::io("write", tmp))?;
-    fsync_file(&f, tmp)?;
-    drop(f);
+    sysutil::write_synced(tmp, bytes, FileMode::Umask(mode))
+        .map_err(ReplicaError::io("write", tmp))?;
     crate::failpoint::hit("write_atomic.before_rename")?;
     rename(tmp, path)
 }

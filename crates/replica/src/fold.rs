@@ -5,8 +5,6 @@
 
 use std::fs::File;
 use std::io::BufReader;
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 
 use delta::{DeltaReader, FrameBody};
 use proto::Seq;
@@ -18,9 +16,6 @@ use crate::vm::{JournalEntry, ReplicaVm, VmInner};
 use crate::{
     classify, durable, failpoint, kept, merge, HistoryPolicy, PointInfo, PointKind, ReplicaError,
 };
-
-/// Chunk used when a file system cannot punch holes and zeros must be written instead.
-const ZERO_WRITE_CHUNK_BYTES: u64 = 1 << 20;
 
 impl ReplicaVm {
     /// Folds the oldest deltas into the base images until at most `keep_points` points remain
@@ -285,36 +280,4 @@ fn apply_to_base(inner: &VmInner, path: &std::path::Path) -> Result<(), ReplicaE
         durable::fsync_file(&b.file, &b.path)?;
     }
     failpoint::hit("fold.after_apply")
-}
-
-/// Makes `[offset, offset + len)` read as zeros, deallocating it when the file system can.
-pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-    };
-    // SAFETY: fallocate only reads its integer arguments; the fd is owned by `file`, which
-    // outlives the call.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            off,
-            l,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-        return Err(err);
-    }
-    let zeros = vec![0u8; ZERO_WRITE_CHUNK_BYTES.min(len) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
 }

@@ -6,7 +6,6 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -227,21 +226,14 @@ impl PointView {
 /// Data/hole runs of `[start, end)` of a sparse file (SEEK_DATA / SEEK_HOLE). When the file
 /// system cannot say, everything is data (always correct, merely less sparse).
 fn base_runs(file: &File, start: u64, end: u64) -> Vec<(u64, bool)> {
-    let fd = file.as_raw_fd();
-    let seek = |pos: u64, whence: libc::c_int| -> Option<u64> {
-        let pos = libc::off_t::try_from(pos).ok()?;
-        // SAFETY: lseek only reads its integer arguments; the fd is owned by `file`, alive for
-        // this call. The file offset it moves is unused: all I/O here is positional.
-        let r = unsafe { libc::lseek(fd, pos, whence) };
-        u64::try_from(r).ok()
-    };
     let mut runs = Vec::new();
     let mut pos = start;
     while pos < end {
-        let data = match seek(pos, libc::SEEK_DATA) {
-            Some(d) => d.min(end),
-            None if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => end,
-            None => {
+        let data = match sysutil::seek_data(file, pos) {
+            Ok(Some(d)) => d.min(end),
+            // ENXIO: only a hole follows.
+            Ok(None) => end,
+            Err(_) => {
                 runs.push((end - pos, false));
                 break;
             }
@@ -251,7 +243,9 @@ fn base_runs(file: &File, start: u64, end: u64) -> Vec<(u64, bool)> {
             pos = data;
             continue;
         }
-        let hole = seek(pos, libc::SEEK_HOLE)
+        let hole = sysutil::seek_hole(file, pos)
+            .ok()
+            .flatten()
             .unwrap_or(end)
             .min(end)
             .max(pos + 1);

@@ -107,13 +107,13 @@ impl TrackedDisk {
 
     fn zero(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
         if may_trim {
-            match nbd::file::punch_hole(&self.file, offset, len) {
+            match sysutil::punch_hole(&self.file, offset, len) {
                 Err(e) if sys::unsupported(&e) => {}
                 other => return other,
             }
         }
         // ZERO_RANGE, falling back to writing zeros where the filesystem cannot.
-        nbd::file::zero_range(&self.file, offset, len)
+        sysutil::zero_range(&self.file, offset, len)
     }
 }
 
@@ -143,7 +143,7 @@ impl BlockBackend for TrackedDisk {
 
     fn trim(&self, offset: u64, len_bytes: u64, fua: bool) -> io::Result<()> {
         self.modify_in_pieces(offset, len_bytes, |off, len| {
-            match nbd::file::punch_hole(&self.file, off, len) {
+            match sysutil::punch_hole(&self.file, off, len) {
                 // Trim is advisory: leaving the data in place is a valid outcome.
                 Err(e) if sys::unsupported(&e) => Ok(()),
                 other => other,
@@ -175,7 +175,7 @@ impl BlockBackend for TrackedDisk {
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end && out.len() < BLOCK_STATUS_EXTENTS_MAX {
-            let data = sys::seek_data(&self.file, pos)?.unwrap_or(end).min(end);
+            let data = sysutil::seek_data(&self.file, pos)?.unwrap_or(end).min(end);
             if data > pos {
                 out.push(Extent {
                     len_bytes: data - pos,
@@ -185,7 +185,7 @@ impl BlockBackend for TrackedDisk {
                 pos = data;
                 continue;
             }
-            let hole = sys::seek_hole(&self.file, pos)?
+            let hole = sysutil::seek_hole(&self.file, pos)?
                 .unwrap_or(end)
                 .min(end)
                 .max(pos + 1);
@@ -208,7 +208,7 @@ impl BlockBackend for TrackedDisk {
 
     fn cache(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
         check_range(self, offset, len_bytes)?;
-        sys::will_need(&self.file, offset, len_bytes)
+        sysutil::will_need(&self.file, offset, len_bytes)
     }
 }
 

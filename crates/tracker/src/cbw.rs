@@ -702,7 +702,7 @@ impl TrackedDisk {
         if !untouched {
             return Ok(false);
         }
-        let hole = match sys::seek_data(&self.file, offset)? {
+        let hole = match sysutil::seek_data(&self.file, offset)? {
             None => true,
             Some(data) => data >= end,
         };

@@ -20,7 +20,7 @@ use crate::durable;
 use crate::error::{IoContext, TrackerError};
 use crate::formats::{self, CleanMarker, Fingerprint};
 use crate::recovery::{self, Restored, BITMAP_NAME};
-use crate::{sys, OpenReport, OpenState, BLOCK_BYTES};
+use crate::{OpenReport, OpenState, BLOCK_BYTES};
 
 pub(crate) const CBW_NAME: &str = "disk.cbw";
 const LOCK_NAME: &str = "lock";
@@ -170,7 +170,7 @@ impl TrackedDisk {
             .truncate(false)
             .open(&lock_path)
             .ctx("open lock file", &lock_path)?;
-        if !sys::try_lock_exclusive(&lock).ctx("lock state directory", &lock_path)? {
+        if !sysutil::try_lock_exclusive(&lock).ctx("lock state directory", &lock_path)? {
             return Err(TrackerError::StateLocked {
                 path: state_dir.to_path_buf(),
             });
@@ -377,11 +377,11 @@ impl TrackedDisk {
         let mut bytes = 0;
         let mut pos = 0;
         while pos < self.size {
-            let data = match sys::seek_data(&self.file, pos).ctx("SEEK_DATA", &self.image)? {
+            let data = match sysutil::seek_data(&self.file, pos).ctx("SEEK_DATA", &self.image)? {
                 Some(d) if d < self.size => d,
                 _ => break,
             };
-            let hole = sys::seek_hole(&self.file, data)
+            let hole = sysutil::seek_hole(&self.file, data)
                 .ctx("SEEK_HOLE", &self.image)?
                 .unwrap_or(self.size)
                 .min(self.size);

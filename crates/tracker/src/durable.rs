@@ -5,35 +5,27 @@
 //! what is written; it only guarantees that after `write_atomic` returns, a crash leaves the
 //! new content, and before it returns, the old content or the new one, never a mix.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::Path;
+
+use sysutil::FileMode;
 
 use crate::error::{IoContext, TrackerError};
 
 /// Fsyncs a directory so that renames, creations and unlinks in it are durable.
 pub(crate) fn fsync_dir(dir: &Path) -> Result<(), TrackerError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .ctx("fsync directory", dir)
+    sysutil::fsync_dir(dir).ctx("fsync directory", dir)
 }
 
-/// Atomically replaces `dir/name` with `bytes`.
+/// Atomically replaces `dir/name` with `bytes` (through `dir/name.tmp`, removed if the
+/// replace fails before the rename).
 pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), TrackerError> {
     let tmp = dir.join(format!("{name}.tmp"));
     let target = dir.join(name);
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .ctx("create temporary", &tmp)?;
-        f.write_all(bytes).ctx("write temporary", &tmp)?;
-        f.sync_all().ctx("fsync temporary", &tmp)?;
-    }
-    fs::rename(&tmp, &target).ctx("rename into place", &target)?;
-    fsync_dir(dir)
+    // 0o666 narrowed by the umask: what `File::create` gives.
+    sysutil::replace_file(&target, &tmp, bytes, FileMode::Umask(0o666))
+        .ctx("replace atomically", &target)
 }
 
 /// Removes `dir/name` durably. A missing file is not an error.

@@ -5,10 +5,11 @@
 //! temporary file in the same directory, fsync it, rename it over the target, fsync the
 //! directory. It must never be used for large data (it rewrites whole files).
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
+
+use sysutil::FileMode;
 
 use crate::TransportError;
 
@@ -28,55 +29,28 @@ pub(crate) fn create_dir(dir: &Path) -> Result<(), TransportError> {
         .map_err(|e| TransportError::io("create directory", dir, e))
 }
 
-/// Atomically replaces `path` with `contents`, with permission bits `mode`.
+/// Atomically replaces `path` with `contents`, with permission bits exactly `mode` (whatever
+/// the umask). The temporary file is `.<name>.tmp.<pid>` in the same directory, removed when
+/// the replace fails.
 pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), TransportError> {
-    let dir = parent(path);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(|e| TransportError::io("create", &tmp, e))?;
-        // The umask may have narrowed `mode`; a stale tmp file may have had other bits.
-        file.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(|e| TransportError::io("set permissions of", &tmp, e))?;
-        file.write_all(contents)
-            .map_err(|e| TransportError::io("write", &tmp, e))?;
-        file.sync_all()
-            .map_err(|e| TransportError::io("fsync", &tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| TransportError::io("rename into place", path, e))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result?;
-    sync_dir(dir)
+    let tmp = sysutil::parent_dir(path).join(format!(".{name}.tmp.{}", std::process::id()));
+    sysutil::replace_file(path, &tmp, contents, FileMode::Exact(mode))
+        .map_err(|e| TransportError::io("replace atomically", path, e))
 }
 
-/// Fsyncs a directory so that renames and creations in it are durable.
+/// Fsyncs a directory so that renames, creations and removals in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), TransportError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| TransportError::io("fsync directory", dir, e))
-}
-
-fn parent(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
+    sysutil::fsync_dir(dir).map_err(|e| TransportError::io("fsync directory", dir, e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn replaces_contents_with_requested_mode_and_leaves_no_tmp() {
