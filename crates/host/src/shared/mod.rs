@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -128,12 +127,11 @@ pub struct Shared {
 pub fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     let path = dir.join("daemon.lock");
     let f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    // SAFETY: flock on a file descriptor we own; no memory is shared with the kernel.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        bail!("another understudy daemon is using {}", dir.display());
+    match sysutil::try_lock_exclusive(&f) {
+        Ok(true) => Ok(f),
+        Ok(false) => bail!("another understudy daemon is using {}", dir.display()),
+        Err(e) => Err(e).with_context(|| format!("locking {}", path.display())),
     }
-    Ok(f)
 }
 
 fn default_host_name() -> String {
