@@ -243,6 +243,7 @@ impl Relationship {
                 last_app_consistent_unix_ns: rec.last_app_consistent_unix_ns,
             },
             need_hello: true,
+            inflight_cut_unix_ns: None,
         })
     }
 

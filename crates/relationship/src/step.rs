@@ -31,6 +31,10 @@ pub struct Relationship {
     /// In memory only: where the replica stands is unknown (after a load, a failure or a
     /// cancelled cycle), so the next cycle asks (hello) before it cuts.
     pub need_hello: bool,
+    /// In memory only: the cut time of the point in flight, as `CutTaken` gave it. An answer
+    /// is that point's only if it names the same cut: a late answer of an older attempt at the
+    /// same `seq` (before a restart of the cycle, a resynchronization) never counts.
+    pub inflight_cut_unix_ns: Option<u64>,
 }
 
 impl Relationship {
@@ -45,7 +49,13 @@ impl Relationship {
                 ..Progress::default()
             },
             need_hello: true,
+            inflight_cut_unix_ns: None,
         }
+    }
+
+    fn clear_inflight(&mut self) {
+        self.progress.inflight_seq = None;
+        self.inflight_cut_unix_ns = None;
     }
 }
 
@@ -98,9 +108,10 @@ pub enum Event {
         generation: Generation,
         damage: Option<String>,
     },
-    /// The cycle's cut of point `seq` was taken (not yet uploaded).
-    CutTaken { seq: Seq },
-    /// The replica committed point `seq` (its answer to the upload).
+    /// The cycle's cut of point `seq` was taken at `cut_unix_ns` (history clock; not yet
+    /// uploaded).
+    CutTaken { seq: Seq, cut_unix_ns: u64 },
+    /// The replica committed point `seq`, cut at `cut_unix_ns` (its answer to the upload).
     Committed {
         seq: Seq,
         cut_unix_ns: u64,
@@ -306,9 +317,10 @@ pub fn step(
             generation,
             damage,
         } => s.hello_answered(latest_seq, generation, damage.as_deref()),
-        Event::CutTaken { seq } => {
+        Event::CutTaken { seq, cut_unix_ns } => {
             if rel.state.cycles() && !rel.need_hello && seq == rel.progress.last_seq.next() {
                 s.next.progress.inflight_seq = Some(seq);
+                s.next.inflight_cut_unix_ns = Some(cut_unix_ns);
                 s.actions.push(Action::Persist);
             } else {
                 // Not the cut this relationship expects: it must not be shipped.
@@ -519,7 +531,7 @@ impl Step {
         self.next.state = State::Resynchronizing { reason };
         // A point cut before now is not the Full one: its answer must not end the
         // resynchronization. The next hello adopts whatever the replica has instead.
-        self.next.progress.inflight_seq = None;
+        self.next.clear_inflight();
         self.cancel_cycle();
         self.actions.extend([
             Action::MarkAllDirty,
@@ -587,7 +599,7 @@ impl Step {
             Reconcile::InSync if cycling => self.next.need_hello = false,
             Reconcile::AdoptInflight(seq) if cycling => {
                 self.next.progress.last_seq = seq;
-                self.next.progress.inflight_seq = None;
+                self.next.clear_inflight();
                 self.next.need_hello = false;
                 self.point_committed();
                 self.actions.push(emit(
@@ -602,7 +614,7 @@ impl Step {
             // the one place `last_seq` may go back.
             Reconcile::Diverged(_) if matches!(self.next.state, State::Resynchronizing { .. }) => {
                 self.next.progress.last_seq = latest_seq;
-                self.next.progress.inflight_seq = None;
+                self.next.clear_inflight();
                 self.next.need_hello = false;
                 self.actions.push(Action::Persist);
             }
@@ -619,12 +631,16 @@ impl Step {
         let p = &self.next.progress;
         // Only the answer for the point in flight counts: a late answer of an older cycle,
         // or one that arrives after a cancel, changes nothing (the next hello reconciles).
-        if !self.next.state.cycles() || p.inflight_seq != Some(seq) || seq != p.last_seq.next() {
+        if !self.next.state.cycles()
+            || p.inflight_seq != Some(seq)
+            || seq != p.last_seq.next()
+            || self.next.inflight_cut_unix_ns != Some(cut_unix_ns)
+        {
             return;
         }
+        self.next.clear_inflight();
         let p = &mut self.next.progress;
         p.last_seq = seq;
-        p.inflight_seq = None;
         p.last_cut_unix_ns = Some(cut_unix_ns);
         if app_consistent {
             p.last_app_consistent_unix_ns = Some(cut_unix_ns);
@@ -659,9 +675,10 @@ impl Step {
                 if refusal.expected_seq.is_some()
                     && matches!(self.next.state, State::Resynchronizing { .. }) =>
             {
-                if self.next.progress.inflight_seq.take().is_some() {
+                if self.next.progress.inflight_seq.is_some() {
                     self.actions.push(Action::Persist);
                 }
+                self.next.clear_inflight();
             }
             OutOfSequence::Diverged(reason) => self.require_resync(reason),
         }

@@ -71,6 +71,13 @@ fn committed(seq: u64) -> Event {
     }
 }
 
+/// A relationship with point `seq` in flight, cut at `NOW`.
+fn in_flight(mut r: Relationship, seq: u64) -> Relationship {
+    r.progress.inflight_seq = Some(Seq(seq));
+    r.inflight_cut_unix_ns = Some(NOW);
+    r
+}
+
 fn out_of_sequence(seq: u64, expected: u64) -> Event {
     Event::CycleFailed {
         seq: Seq(seq),
@@ -390,7 +397,10 @@ fn divergent_hello_while_resynchronizing_adopts_the_replicas_latest() {
 fn cut_is_recorded_in_flight_before_upload() {
     let (next, actions) = ok(
         &primary(State::Replicating, 4),
-        Event::CutTaken { seq: Seq(5) },
+        Event::CutTaken {
+            seq: Seq(5),
+            cut_unix_ns: NOW,
+        },
     );
     assert_eq!(next.progress.inflight_seq, Some(Seq(5)));
     assert_eq!(actions, [Action::Persist]);
@@ -406,7 +416,13 @@ fn unexpected_cut_is_cancelled_not_shipped() {
         (pending, 5),
         (primary(suspended(Resumable::Replicating), 4), 5),
     ] {
-        let (next, actions) = ok(&r, Event::CutTaken { seq: Seq(seq) });
+        let (next, actions) = ok(
+            &r,
+            Event::CutTaken {
+                seq: Seq(seq),
+                cut_unix_ns: NOW,
+            },
+        );
         assert_eq!(actions, [Action::CancelCycle]);
         assert_eq!(next.progress, r.progress);
         assert!(next.need_hello);
@@ -426,21 +442,21 @@ fn commit_of_the_inflight_point_advances_and_ends_initial_and_resync() {
         ),
         (State::Replicating, None),
     ] {
-        let mut r = primary(from, 4);
-        r.progress.inflight_seq = Some(Seq(5));
+        let r = in_flight(primary(from, 4), 5);
         let (next, actions) = ok(
             &r,
             Event::Committed {
                 seq: Seq(5),
-                cut_unix_ns: 42,
+                cut_unix_ns: NOW,
                 app_consistent: true,
             },
         );
         assert_eq!(next.state, State::Replicating);
         assert_eq!(next.progress.last_seq, Seq(5));
         assert_eq!(next.progress.inflight_seq, None);
-        assert_eq!(next.progress.last_cut_unix_ns, Some(42));
-        assert_eq!(next.progress.last_app_consistent_unix_ns, Some(42));
+        assert_eq!(next.progress.last_cut_unix_ns, Some(NOW));
+        assert_eq!(next.progress.last_app_consistent_unix_ns, Some(NOW));
+        assert_eq!(next.inflight_cut_unix_ns, None);
         assert_eq!(persist_index(&actions), 0);
         assert_eq!(emitted(&actions), done.into_iter().collect::<Vec<_>>());
     }
@@ -448,11 +464,20 @@ fn commit_of_the_inflight_point_advances_and_ends_initial_and_resync() {
 
 #[test]
 fn late_answer_of_an_older_cycle_changes_nothing() {
-    let mut r = primary(State::Replicating, 6);
-    r.progress.inflight_seq = Some(Seq(7));
+    let r = in_flight(primary(State::Replicating, 6), 7);
     for seq in [5, 6, 8] {
         assert_eq!(ok(&r, committed(seq)), (r.clone(), vec![]));
     }
+    // The answer of an earlier attempt at the same point (another cut) does not count either.
+    let earlier = Event::Committed {
+        seq: Seq(7),
+        cut_unix_ns: NOW - 1,
+        app_consistent: false,
+    };
+    assert_eq!(ok(&r, earlier), (r.clone(), vec![]));
+    // After a restart the cut time is unknown: only the next hello can adopt the point.
+    let reloaded = Relationship::from_record(web(), r.to_record()).unwrap();
+    assert_eq!(ok(&reloaded, committed(7)), (reloaded.clone(), vec![]));
     // And an answer after the cycle was cancelled by a suspend.
     let mut s = r.clone();
     s.state = suspended(Resumable::Replicating);

@@ -161,21 +161,23 @@ impl Harness {
             }
             Op::Cut { off_by } => {
                 let (seq, _) = self.plan?;
+                self.now += 1;
                 Event::CutTaken {
                     seq: add(seq, off_by),
+                    cut_unix_ns: self.now,
                 }
             }
             Op::Committed { inflight, offset } => {
-                let seq = match (inflight, p.inflight_seq) {
-                    (true, Some(s)) => s,
-                    _ => add(p.last_seq, offset),
+                let (seq, cut_unix_ns) = match (inflight, p.inflight_seq) {
+                    (true, Some(s)) => (s, self.rel.inflight_cut_unix_ns.unwrap_or(self.now)),
+                    _ => (add(p.last_seq, offset), self.now),
                 };
                 self.replica_holds(seq);
                 self.cycle_running = false;
                 self.plan = None;
                 Event::Committed {
                     seq,
-                    cut_unix_ns: self.now,
+                    cut_unix_ns,
                     app_consistent: false,
                 }
             }
@@ -279,7 +281,7 @@ impl Harness {
                         _ => {}
                     }
                 }
-                if let Event::CutTaken { seq } = event {
+                if let Event::CutTaken { seq, .. } = event {
                     if next.progress.inflight_seq == Some(seq) && actions == [Action::Persist] {
                         let (_, kind) = self.plan.expect("a cut is only taken with a plan");
                         self.cuts.insert(seq, (kind, self.epoch));
@@ -311,6 +313,7 @@ impl Harness {
                 .unwrap();
         let mut expect = self.rel.clone();
         expect.need_hello = true;
+        expect.inflight_cut_unix_ns = None;
         prop_assert_eq!(back, expect);
         Ok(())
     }
@@ -429,7 +432,13 @@ fn every_state_is_reachable_from_ready_for_initial_replication() {
             },
             T0,
         ));
-        alphabet.push((Event::CutTaken { seq: Seq(s) }, T0));
+        alphabet.push((
+            Event::CutTaken {
+                seq: Seq(s),
+                cut_unix_ns: T0,
+            },
+            T0,
+        ));
         alphabet.push((
             Event::Committed {
                 seq: Seq(s),
