@@ -1,0 +1,204 @@
+//! Health (Hyper-V Replica's Normal / Warning / Critical) from a relationship's state and the
+//! facts the daemon counts (failures in a row, application-consistent fallbacks). Time is
+//! passed in.
+
+use proto::Health;
+
+use crate::{Relationship, State};
+
+/// What the daemon counts about a relationship besides its state.
+#[derive(Debug, Clone, Default)]
+pub struct HealthFacts<'a> {
+    pub frequency_secs: u32,
+    pub consecutive_failures: u64,
+    pub last_error: Option<&'a str>,
+    /// Application-consistent cuts that fell back to crash-consistent in a row, and the last
+    /// reason.
+    pub app_consistent_failures: u64,
+    pub app_consistent_error: Option<&'a str>,
+}
+
+/// Application-consistent cuts failed in a row after which health turns Warning: one failure
+/// can be a guest busy at that moment (the point is still taken, crash-consistent); three in a
+/// row mean the agent or hook is broken and the recovery history has no application-consistent
+/// point.
+pub const APP_CONSISTENT_WARNING_FAILURES: u64 = 3;
+
+/// Cycles of lag after which health turns Warning, and then Critical.
+pub const LAG_WARNING_CYCLES: u64 = 3;
+pub const LAG_CRITICAL_CYCLES: u64 = 12;
+
+/// The relationship's health and why it is not Normal, one sentence each. Never Normal while
+/// the replica may have diverged: `ResynchronizationRequired` is Critical,
+/// `WaitingForStartResynchronize` and `Resynchronizing` are Warning until the `Full` delta
+/// commits.
+pub fn health(
+    rel: &Relationship,
+    facts: &HealthFacts<'_>,
+    now_unix_ns: u64,
+) -> (Health, Vec<String>) {
+    let mut reasons = Vec::new();
+    let mut level = Health::Normal;
+    let mut raise = |to: Health, why: String, reasons: &mut Vec<String>| {
+        if to as u8 > level as u8 {
+            level = to;
+        }
+        reasons.push(why);
+    };
+    match &rel.state {
+        State::ResynchronizationRequired { reason } => raise(
+            Health::Critical,
+            format!("resynchronization required: {reason}"),
+            &mut reasons,
+        ),
+        State::Suspended { .. } => raise(
+            Health::Warning,
+            "replication is suspended".into(),
+            &mut reasons,
+        ),
+        State::ReadyForInitialReplication => raise(
+            Health::Warning,
+            "initial replication has not started".into(),
+            &mut reasons,
+        ),
+        State::WaitingForStartResynchronize { at_unix_ns, .. } => raise(
+            Health::Warning,
+            format!(
+                "a resynchronization is scheduled in {} s; until it completes the replica may not match the primary",
+                at_unix_ns.saturating_sub(now_unix_ns) / 1_000_000_000
+            ),
+            &mut reasons,
+        ),
+        State::Resynchronizing { .. } => raise(
+            Health::Warning,
+            "a resynchronization is in progress; until it completes the replica may not match the primary".into(),
+            &mut reasons,
+        ),
+        State::InitialReplicationInProgress | State::Replicating => {}
+    }
+    if facts.consecutive_failures > 0 {
+        raise(
+            Health::Warning,
+            format!(
+                "{} cycle(s) failed in a row; last error: {}",
+                facts.consecutive_failures,
+                facts.last_error.unwrap_or("unknown")
+            ),
+            &mut reasons,
+        );
+    }
+    if facts.app_consistent_failures >= APP_CONSISTENT_WARNING_FAILURES {
+        raise(
+            Health::Warning,
+            format!(
+                "{} application-consistent cut(s) in a row fell back to crash-consistent; last error: {}",
+                facts.app_consistent_failures,
+                facts.app_consistent_error.unwrap_or("unknown")
+            ),
+            &mut reasons,
+        );
+    }
+    if let (Some(last), State::Replicating) = (rel.progress.last_cut_unix_ns, &rel.state) {
+        let lag_s = now_unix_ns.saturating_sub(last) / 1_000_000_000;
+        let f = u64::from(facts.frequency_secs.max(1));
+        if lag_s > f * LAG_CRITICAL_CYCLES {
+            raise(
+                Health::Critical,
+                format!("the newest point is {lag_s} s old ({} cycles)", lag_s / f),
+                &mut reasons,
+            );
+        } else if lag_s > f * LAG_WARNING_CYCLES {
+            raise(
+                Health::Warning,
+                format!("the newest point is {lag_s} s old ({} cycles)", lag_s / f),
+                &mut reasons,
+            );
+        }
+    }
+    (level, reasons)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Resumable, Role};
+    use proto::{Generation, VmName};
+
+    const NOW: u64 = 10_000_000_000_000;
+
+    fn rel(state: State, lag_s: u64) -> Relationship {
+        let mut r = Relationship::new(VmName::parse("web").unwrap(), Role::Primary, Generation(1));
+        r.state = state;
+        r.progress.last_cut_unix_ns = Some(NOW - lag_s * 1_000_000_000);
+        r
+    }
+
+    fn facts(failures: u64) -> HealthFacts<'static> {
+        HealthFacts {
+            frequency_secs: 30,
+            consecutive_failures: failures,
+            last_error: Some("connection refused"),
+            app_consistent_failures: 0,
+            app_consistent_error: None,
+        }
+    }
+
+    #[test]
+    fn repeated_app_consistent_failures_turn_health_warning() {
+        let r = rel(State::Replicating, 10);
+        let mut f = facts(0);
+        f.app_consistent_failures = APP_CONSISTENT_WARNING_FAILURES - 1;
+        assert_eq!(health(&r, &f, NOW).0, Health::Normal);
+        f.app_consistent_failures = APP_CONSISTENT_WARNING_FAILURES;
+        f.app_consistent_error = Some("the guest agent did not answer in time");
+        let (level, reasons) = health(&r, &f, NOW);
+        assert_eq!(level, Health::Warning);
+        assert!(reasons[0].contains("guest agent"), "{reasons:?}");
+    }
+
+    #[test]
+    fn health_follows_state_lag_and_failures() {
+        let h = |s: State, lag, fail| health(&rel(s, lag), &facts(fail), NOW);
+        assert_eq!(h(State::Replicating, 10, 0).0, Health::Normal);
+        assert_eq!(h(State::Replicating, 10, 1).0, Health::Warning);
+        assert_eq!(h(State::Replicating, 100, 0).0, Health::Warning);
+        assert_eq!(h(State::Replicating, 400, 0).0, Health::Critical);
+        let (level, why) = h(
+            State::ResynchronizationRequired {
+                reason: "primary crashed".into(),
+            },
+            0,
+            0,
+        );
+        assert_eq!(level, Health::Critical);
+        assert!(why[0].contains("primary crashed"));
+        assert_eq!(
+            h(
+                State::Suspended {
+                    resume_to: Resumable::Replicating
+                },
+                0,
+                0
+            )
+            .0,
+            Health::Warning
+        );
+        assert_eq!(
+            h(State::InitialReplicationInProgress, 0, 0).0,
+            Health::Normal
+        );
+    }
+
+    #[test]
+    fn resynchronization_is_never_normal_health() {
+        let waiting = State::WaitingForStartResynchronize {
+            reason: None,
+            at_unix_ns: NOW + 60_000_000_000,
+        };
+        let (level, why) = health(&rel(waiting, 0), &facts(0), NOW);
+        assert_eq!(level, Health::Warning);
+        assert!(why[0].contains("scheduled in 60 s"), "{why:?}");
+        let running = State::Resynchronizing { reason: None };
+        assert_eq!(health(&rel(running, 0), &facts(0), NOW).0, Health::Warning);
+    }
+}

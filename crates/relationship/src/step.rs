@@ -1,0 +1,760 @@
+//! The state machine: [`step`] turns a relationship and an event into the next relationship
+//! and the actions the daemon must run, in order. No I/O, no clock: time is passed in.
+
+use proto::{Generation, ReplicationState, Seq, VmName};
+
+use crate::reconcile::{judge_out_of_sequence, reconcile, OutOfSequence, Reconcile};
+use crate::{Resumable, Role, State};
+
+/// Where the relationship's points stand.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Progress {
+    pub generation: Generation,
+    /// Newest point the replica is known to have committed (0: none).
+    pub last_seq: Seq,
+    /// The point being shipped (recorded before its upload starts): the replica may have
+    /// committed it without this host hearing back.
+    pub inflight_seq: Option<Seq>,
+    /// History-clock time of the cut of `last_seq`.
+    pub last_cut_unix_ns: Option<u64>,
+    /// History-clock time of the newest application-consistent cut committed.
+    pub last_app_consistent_unix_ns: Option<u64>,
+}
+
+/// One relationship as the daemon holds it in memory.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Relationship {
+    pub vm: VmName,
+    pub role: Role,
+    pub state: State,
+    pub progress: Progress,
+    /// In memory only: where the replica stands is unknown (after a load, a failure or a
+    /// cancelled cycle), so the next cycle asks (hello) before it cuts.
+    pub need_hello: bool,
+    /// In memory only: the cut time of the point in flight, as `CutTaken` gave it. An answer
+    /// is that point's only if it names the same cut: a late answer of an older attempt at the
+    /// same `seq` (before a restart of the cycle, a resynchronization) never counts.
+    pub inflight_cut_unix_ns: Option<u64>,
+}
+
+impl Relationship {
+    /// A relationship just enabled: `ReadyForInitialReplication`, no point yet.
+    pub fn new(vm: VmName, role: Role, generation: Generation) -> Relationship {
+        Relationship {
+            vm,
+            role,
+            state: State::ReadyForInitialReplication,
+            progress: Progress {
+                generation,
+                ..Progress::default()
+            },
+            need_hello: true,
+            inflight_cut_unix_ns: None,
+        }
+    }
+
+    fn clear_inflight(&mut self) {
+        self.progress.inflight_seq = None;
+        self.inflight_cut_unix_ns = None;
+    }
+}
+
+/// What a delta (a cycle) carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CycleKind {
+    /// The first point: every allocated block.
+    Initial,
+    /// The blocks written since the previous point.
+    Incremental,
+    /// Every block (holes as zeros), on top of whatever the replica has: a resynchronization.
+    Full,
+}
+
+/// What the replica said when it refused a delta (`PeerRefusal`, `peer-protocol.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerRefusalFacts {
+    /// The point the replica expects next (`out_of_sequence`).
+    pub expected_seq: Option<Seq>,
+    /// The refusal means the replica cannot follow as is.
+    pub needs_resync: bool,
+    pub error: String,
+}
+
+/// Everything that can happen to a relationship. Commands (from the API) can be refused;
+/// the other events are facts and never are (a fact that does not apply changes nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    // ---- Commands (primary).
+    /// `replication start`.
+    StartInitial,
+    /// `replication suspend`.
+    Suspend,
+    /// `replication resume`.
+    Resume,
+    /// `replication resume --resynchronize [--at TIME]`. `reason`: shown with the state;
+    /// `None` keeps the reason the relationship required it for.
+    Resynchronize {
+        at_unix_ns: Option<u64>,
+        reason: Option<String>,
+    },
+    // ---- Facts (primary).
+    /// Time passed: a due scheduled resynchronization starts.
+    Tick,
+    /// The cycle timer fired (or `sync`) and no cycle is running.
+    CycleDue,
+    /// The replica answered the cycle's hello.
+    HelloAnswered {
+        latest_seq: Seq,
+        generation: Generation,
+        damage: Option<String>,
+    },
+    /// The cycle's cut of point `seq` was taken at `cut_unix_ns` (history clock; not yet
+    /// uploaded).
+    CutTaken { seq: Seq, cut_unix_ns: u64 },
+    /// The replica committed point `seq`, cut at `cut_unix_ns` (its answer to the upload).
+    Committed {
+        seq: Seq,
+        cut_unix_ns: u64,
+        app_consistent: bool,
+    },
+    /// The cycle shipping point `seq` failed (transport, refusal, local error).
+    CycleFailed {
+        seq: Seq,
+        error: String,
+        refusal: Option<PeerRefusalFacts>,
+    },
+    /// Local change tracking of the VM is lost for good (a sticky storage error).
+    StorageFailed { reason: String },
+    /// The daemon restarted (the relationship was loaded from its record).
+    Restarted,
+    // ---- Facts (replica).
+    /// The primary said hello. `primary_state`: the state it reports, when it reports one;
+    /// `latest_seq`: this replica's newest point.
+    HelloReceived {
+        primary_state: Option<ReplicationState>,
+        generation: Generation,
+        latest_seq: Seq,
+    },
+    /// A delta started arriving.
+    DeltaStarted { kind: CycleKind },
+    /// A delta was committed as point `seq`.
+    DeltaCommitted {
+        seq: Seq,
+        kind: CycleKind,
+        cut_unix_ns: u64,
+    },
+    /// The replica cannot follow (an out-of-sequence delta, a damaged store).
+    Diverged { reason: String },
+}
+
+/// What an emitted event says; the daemon maps each to its event id (`events.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    InitialStarted,
+    InitialDone,
+    Suspended,
+    Resumed,
+    ResyncRequired,
+    AnswerLostAdopted,
+    ResyncScheduled,
+    ResyncStarted,
+    ResyncDone,
+    CycleFailed,
+}
+
+impl EventKind {
+    /// The event's level in the event log.
+    pub fn level(self) -> &'static str {
+        match self {
+            EventKind::ResyncRequired => "error",
+            EventKind::CycleFailed => "warning",
+            _ => "info",
+        }
+    }
+}
+
+/// What the daemon does, in order. It installs the new relationship only if every action up
+/// to and including `Persist` succeeded; fallible preparation (scans) therefore comes before
+/// `Persist`, and nothing after `Persist` can undo the step.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Mark every allocated block of the replicated disks dirty (a scan; can fail).
+    MarkAllocatedDirty,
+    /// Mark every block of the replicated disks dirty (a full resynchronization).
+    MarkAllDirty,
+    /// Write the new relationship's record durably.
+    Persist,
+    /// Log an event.
+    Emit { kind: EventKind, message: String },
+    /// Start a cycle. With `hello_first` the daemon asks the replica first and feeds
+    /// `HelloAnswered`; `seq` and `kind` are then what the cycle will ship if the answer finds
+    /// the replica in sync, and the answer's step says what to cut (`TakeCut`). Without, a
+    /// `TakeCut` follows at once.
+    StartCycle {
+        seq: Seq,
+        kind: CycleKind,
+        hello_first: bool,
+    },
+    /// Take the cut of point `seq` (then feed `CutTaken`, and upload only after its `Persist`).
+    TakeCut { seq: Seq, kind: CycleKind },
+    /// Abort the running cycle, if any (its blocks stay dirty).
+    CancelCycle,
+    /// Give back the copy-before-write memory pool (no cut until the next cycle).
+    ReleaseCopyBeforeWrite,
+    /// Tell the peer about the state change (a hello; best effort, failures ignored).
+    SayHello,
+    /// Run a cycle now instead of at the next period.
+    ScheduleCycleNow,
+}
+
+/// Whether a refused command conflicts with the relationship's state, or makes no sense here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    Conflict,
+    Invalid,
+}
+
+/// A refused event: nothing changed. `message` is one line, naming the command to run where
+/// one helps.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    pub message: String,
+}
+
+fn conflict(message: String) -> Refusal {
+    Refusal {
+        kind: RefusalKind::Conflict,
+        message,
+    }
+}
+
+fn invalid(message: String) -> Refusal {
+    Refusal {
+        kind: RefusalKind::Invalid,
+        message,
+    }
+}
+
+fn emit(kind: EventKind, message: impl Into<String>) -> Action {
+    Action::Emit {
+        kind,
+        message: message.into(),
+    }
+}
+
+/// The next relationship and the actions that get there, or a refusal (nothing changes).
+pub fn step(
+    rel: &Relationship,
+    event: Event,
+    now_unix_ns: u64,
+) -> Result<(Relationship, Vec<Action>), Refusal> {
+    let mut s = Step {
+        next: rel.clone(),
+        actions: Vec::new(),
+    };
+    let vm = rel.vm.clone();
+    match (&event, rel.role) {
+        (
+            Event::HelloReceived { .. }
+            | Event::DeltaStarted { .. }
+            | Event::DeltaCommitted { .. }
+            | Event::Diverged { .. },
+            Role::Primary,
+        ) => {
+            return Err(invalid(format!(
+                "{vm} is replicated from this host: it is not a replica here"
+            )))
+        }
+        (
+            Event::StartInitial
+            | Event::Suspend
+            | Event::Resume
+            | Event::Resynchronize { .. }
+            | Event::CycleDue
+            | Event::HelloAnswered { .. }
+            | Event::CutTaken { .. }
+            | Event::Committed { .. }
+            | Event::CycleFailed { .. },
+            Role::Replica,
+        ) => {
+            return Err(invalid(format!(
+                "{vm} is a replica on this host; run this on its primary"
+            )))
+        }
+        _ => {}
+    }
+    match event {
+        Event::StartInitial => s.start_initial()?,
+        Event::Suspend => s.suspend()?,
+        Event::Resume => s.resume()?,
+        Event::Resynchronize { at_unix_ns, reason } => {
+            s.resynchronize(at_unix_ns, reason, now_unix_ns)?
+        }
+        Event::Tick => {
+            if let State::WaitingForStartResynchronize { reason, at_unix_ns } = &rel.state {
+                if *at_unix_ns <= now_unix_ns {
+                    s.start_resync(reason.clone());
+                }
+            }
+        }
+        Event::CycleDue => {
+            if rel.state.cycles() {
+                let (seq, kind) = s.cut_plan();
+                s.actions.push(Action::StartCycle {
+                    seq,
+                    kind,
+                    hello_first: rel.need_hello,
+                });
+                if !rel.need_hello {
+                    s.actions.push(Action::TakeCut { seq, kind });
+                }
+            }
+        }
+        Event::HelloAnswered {
+            latest_seq,
+            generation,
+            damage,
+        } => s.hello_answered(latest_seq, generation, damage.as_deref()),
+        Event::CutTaken { seq, cut_unix_ns } => {
+            if rel.state.cycles() && !rel.need_hello && seq == rel.progress.last_seq.next() {
+                s.next.progress.inflight_seq = Some(seq);
+                s.next.inflight_cut_unix_ns = Some(cut_unix_ns);
+                s.actions.push(Action::Persist);
+            } else {
+                // Not the cut this relationship expects: it must not be shipped.
+                s.cancel_cycle();
+            }
+        }
+        Event::Committed {
+            seq,
+            cut_unix_ns,
+            app_consistent,
+        } => s.committed(seq, cut_unix_ns, app_consistent),
+        Event::CycleFailed {
+            seq,
+            error,
+            refusal,
+        } => s.cycle_failed(seq, &error, refusal),
+        Event::StorageFailed { reason } => s.require_resync(reason),
+        Event::Restarted => s.next.need_hello = true,
+        Event::HelloReceived {
+            primary_state,
+            generation,
+            latest_seq,
+        } => s.hello_received(primary_state, generation, latest_seq, now_unix_ns),
+        Event::DeltaStarted { kind } => {
+            let to = match (kind, &rel.state) {
+                (CycleKind::Full, State::Resynchronizing { .. }) => None,
+                (CycleKind::Full, _) => Some(State::Resynchronizing {
+                    reason: rel.state.reason().map(String::from),
+                }),
+                (CycleKind::Initial, State::ReadyForInitialReplication) => {
+                    Some(State::InitialReplicationInProgress)
+                }
+                _ => None,
+            };
+            if let Some(to) = to {
+                s.next.state = to;
+                s.actions.push(Action::Persist);
+            }
+        }
+        Event::DeltaCommitted {
+            seq,
+            kind,
+            cut_unix_ns,
+        } => {
+            s.next.progress.last_seq = seq;
+            s.next.progress.last_cut_unix_ns = Some(cut_unix_ns);
+            // A damaged or diverged replica is repaired only by a Full delta (or a new
+            // first point).
+            let repaired = kind != CycleKind::Incremental;
+            if repaired || !matches!(rel.state, State::ResynchronizationRequired { .. }) {
+                s.next.state = State::Replicating;
+            }
+            s.actions.push(Action::Persist);
+        }
+        Event::Diverged { reason } => s.require_resync(reason),
+    }
+    Ok((s.next, s.actions))
+}
+
+struct Step {
+    next: Relationship,
+    actions: Vec<Action>,
+}
+
+impl Step {
+    fn vm(&self) -> &VmName {
+        &self.next.vm
+    }
+
+    fn resync_hint(&self) -> String {
+        let vm = self.vm();
+        format!("{vm} requires resynchronization; run `understudy replication resume {vm} --resynchronize`")
+    }
+
+    /// The seq and kind of the next cut in the current state.
+    fn cut_plan(&self) -> (Seq, CycleKind) {
+        let kind = match self.next.state {
+            State::InitialReplicationInProgress => CycleKind::Initial,
+            State::Resynchronizing { .. } => CycleKind::Full,
+            _ => CycleKind::Incremental,
+        };
+        (self.next.progress.last_seq.next(), kind)
+    }
+
+    fn cancel_cycle(&mut self) {
+        self.actions.push(Action::CancelCycle);
+        self.next.need_hello = true;
+    }
+
+    fn start_initial(&mut self) -> Result<(), Refusal> {
+        let vm = self.vm().clone();
+        match self.next.state {
+            State::ReadyForInitialReplication => {
+                self.next.state = State::InitialReplicationInProgress;
+                self.actions.extend([
+                    Action::MarkAllocatedDirty,
+                    Action::Persist,
+                    emit(EventKind::InitialStarted, "initial replication started"),
+                    Action::SayHello,
+                    Action::ScheduleCycleNow,
+                ]);
+                Ok(())
+            }
+            State::Suspended {
+                resume_to: Resumable::ReadyForInitialReplication,
+            } => Err(conflict(format!(
+                "replication of {vm} is suspended; run `understudy replication resume {vm}` first"
+            ))),
+            State::ResynchronizationRequired { .. } => Err(conflict(self.resync_hint())),
+            _ => Err(conflict(format!(
+                "initial replication of {vm} was already started"
+            ))),
+        }
+    }
+
+    fn suspend(&mut self) -> Result<(), Refusal> {
+        let vm = self.vm().clone();
+        let resume_to = match self.next.state {
+            State::Suspended { .. } => return Ok(()),
+            State::ReadyForInitialReplication => Resumable::ReadyForInitialReplication,
+            State::InitialReplicationInProgress => Resumable::InitialReplicationInProgress,
+            State::Replicating => Resumable::Replicating,
+            State::Resynchronizing { .. } => Resumable::Resynchronizing,
+            State::ResynchronizationRequired { .. } => return Err(conflict(self.resync_hint())),
+            State::WaitingForStartResynchronize { .. } => {
+                return Err(conflict(format!(
+                    "a resynchronization of {vm} is scheduled; run `understudy replication resume {vm} --resynchronize` to start it now"
+                )))
+            }
+        };
+        self.next.state = State::Suspended { resume_to };
+        self.cancel_cycle();
+        self.actions.extend([
+            Action::Persist,
+            Action::ReleaseCopyBeforeWrite,
+            emit(EventKind::Suspended, "replication suspended"),
+            Action::SayHello,
+        ]);
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), Refusal> {
+        match self.next.state {
+            State::Suspended { resume_to } => {
+                self.next.state = resume_to.state();
+                self.actions.extend([
+                    Action::Persist,
+                    emit(EventKind::Resumed, "replication resumed"),
+                    Action::SayHello,
+                    Action::ScheduleCycleNow,
+                ]);
+                Ok(())
+            }
+            State::ResynchronizationRequired { .. } => Err(conflict(self.resync_hint())),
+            // Not suspended: nothing to resume.
+            _ => Ok(()),
+        }
+    }
+
+    fn resynchronize(
+        &mut self,
+        at_unix_ns: Option<u64>,
+        reason: Option<String>,
+        now_unix_ns: u64,
+    ) -> Result<(), Refusal> {
+        let vm = self.vm().clone();
+        if !self.next.state.initial_done() {
+            return Err(conflict(match self.next.state {
+                State::ReadyForInitialReplication
+                | State::Suspended {
+                    resume_to: Resumable::ReadyForInitialReplication,
+                } => format!(
+                    "the initial replication of {vm} has not started, so there is nothing to resynchronize; run `understudy replication start {vm}`"
+                ),
+                _ => format!(
+                    "the initial replication of {vm} has not completed; a resynchronization is possible once it has"
+                ),
+            }));
+        }
+        let reason = reason.or_else(|| self.next.state.reason().map(String::from));
+        match at_unix_ns {
+            Some(at) if at > now_unix_ns => {
+                self.next.state = State::WaitingForStartResynchronize {
+                    reason,
+                    at_unix_ns: at,
+                };
+                self.cancel_cycle();
+                self.actions.extend([
+                    Action::Persist,
+                    emit(
+                        EventKind::ResyncScheduled,
+                        format!(
+                            "resynchronization scheduled in {} s",
+                            (at - now_unix_ns) / 1_000_000_000
+                        ),
+                    ),
+                    Action::SayHello,
+                ]);
+            }
+            _ => self.start_resync(reason),
+        }
+        Ok(())
+    }
+
+    /// Starts a full resynchronization: every block is shipped as one `Full` delta on top of
+    /// whatever the replica has.
+    fn start_resync(&mut self, reason: Option<String>) {
+        self.next.state = State::Resynchronizing { reason };
+        // A point cut before now is not the Full one: its answer must not end the
+        // resynchronization. The next hello adopts whatever the replica has instead.
+        self.next.clear_inflight();
+        self.cancel_cycle();
+        self.actions.extend([
+            Action::MarkAllDirty,
+            Action::Persist,
+            emit(EventKind::ResyncStarted, "resynchronization started"),
+            Action::SayHello,
+            Action::ScheduleCycleNow,
+        ]);
+    }
+
+    /// The replica can no longer follow: only a resynchronization leaves this state. The
+    /// first reason stays.
+    fn require_resync(&mut self, reason: String) {
+        if matches!(self.next.state, State::ResynchronizationRequired { .. }) {
+            return;
+        }
+        let message = format!("resynchronization required: {reason}");
+        self.next.state = State::ResynchronizationRequired { reason };
+        self.cancel_cycle();
+        self.actions.extend([
+            Action::Persist,
+            emit(EventKind::ResyncRequired, message),
+            Action::SayHello,
+        ]);
+    }
+
+    /// Leaves `InitialReplicationInProgress` / `Resynchronizing` when their point committed.
+    fn point_committed(&mut self) {
+        let done = match self.next.state {
+            State::InitialReplicationInProgress => Some((
+                EventKind::InitialDone,
+                format!(
+                    "initial replication complete (point {})",
+                    self.next.progress.last_seq
+                ),
+            )),
+            State::Resynchronizing { .. } => Some((
+                EventKind::ResyncDone,
+                format!(
+                    "resynchronization complete (point {})",
+                    self.next.progress.last_seq
+                ),
+            )),
+            _ => None,
+        };
+        self.next.state = State::Replicating;
+        self.actions.push(Action::Persist);
+        if let Some((kind, message)) = done {
+            self.actions.push(emit(kind, message));
+        }
+    }
+
+    fn hello_answered(&mut self, latest_seq: Seq, generation: Generation, damage: Option<&str>) {
+        let p = &self.next.progress;
+        let judged = reconcile(
+            p.last_seq,
+            p.inflight_seq,
+            p.generation,
+            latest_seq,
+            generation,
+            damage,
+        );
+        let cycling = self.next.state.cycles();
+        match judged {
+            Reconcile::InSync if cycling => self.next.need_hello = false,
+            Reconcile::AdoptInflight(seq) if cycling => {
+                self.next.progress.last_seq = seq;
+                self.next.clear_inflight();
+                self.next.need_hello = false;
+                self.point_committed();
+                self.actions.push(emit(
+                    EventKind::AnswerLostAdopted,
+                    format!("the replica holds point {seq}, whose answer this primary never got; adopting it"),
+                ));
+            }
+            // A hello answered after its cycle was cancelled: the next cycle asks again.
+            Reconcile::InSync | Reconcile::AdoptInflight(_) => return,
+            // A full resynchronization writes every block, so it may follow any point, and it
+            // repairs a damaged replica (the store clears its damage on a Full delta). This is
+            // the one place `last_seq` may go back.
+            Reconcile::Diverged(_) if matches!(self.next.state, State::Resynchronizing { .. }) => {
+                self.next.progress.last_seq = latest_seq;
+                self.next.clear_inflight();
+                self.next.need_hello = false;
+                self.actions.push(Action::Persist);
+            }
+            Reconcile::Diverged(reason) => {
+                self.require_resync(reason);
+                return;
+            }
+        }
+        let (seq, kind) = self.cut_plan();
+        self.actions.push(Action::TakeCut { seq, kind });
+    }
+
+    fn committed(&mut self, seq: Seq, cut_unix_ns: u64, app_consistent: bool) {
+        let p = &self.next.progress;
+        // Only the answer for the point in flight counts: a late answer of an older cycle,
+        // or one that arrives after a cancel, changes nothing (the next hello reconciles).
+        if !self.next.state.cycles()
+            || p.inflight_seq != Some(seq)
+            || seq != p.last_seq.next()
+            || self.next.inflight_cut_unix_ns != Some(cut_unix_ns)
+        {
+            return;
+        }
+        self.next.clear_inflight();
+        let p = &mut self.next.progress;
+        p.last_seq = seq;
+        p.last_cut_unix_ns = Some(cut_unix_ns);
+        if app_consistent {
+            p.last_app_consistent_unix_ns = Some(cut_unix_ns);
+        }
+        self.point_committed();
+    }
+
+    fn cycle_failed(&mut self, seq: Seq, error: &str, refusal: Option<PeerRefusalFacts>) {
+        self.next.need_hello = true;
+        self.actions.push(emit(
+            EventKind::CycleFailed,
+            format!("replication cycle failed: {error}"),
+        ));
+        let Some(refusal) = refusal.filter(|r| r.needs_resync) else {
+            return;
+        };
+        // A refusal of an older cycle's point says nothing about where the replica stands
+        // now; the next hello asks.
+        if seq != self.next.progress.last_seq.next() {
+            return;
+        }
+        let judged = match refusal.expected_seq {
+            Some(expected) => judge_out_of_sequence(seq, self.next.progress.inflight_seq, expected),
+            None => OutOfSequence::Diverged(refusal.error.clone()),
+        };
+        match judged {
+            // The next hello adopts it (the failure set need_hello) and says so.
+            OutOfSequence::AlreadyDelivered => {}
+            // A Full delta refused out of sequence: the next hello adopts whatever the replica
+            // has and a new Full delta follows it; the one in flight is not the one to adopt.
+            OutOfSequence::Diverged(_)
+                if refusal.expected_seq.is_some()
+                    && matches!(self.next.state, State::Resynchronizing { .. }) =>
+            {
+                if self.next.progress.inflight_seq.is_some() {
+                    self.actions.push(Action::Persist);
+                }
+                self.next.clear_inflight();
+            }
+            OutOfSequence::Diverged(reason) => self.require_resync(reason),
+        }
+    }
+
+    fn hello_received(
+        &mut self,
+        primary_state: Option<ReplicationState>,
+        generation: Generation,
+        latest_seq: Seq,
+        now_unix_ns: u64,
+    ) {
+        let before = self.next.clone();
+        let new_life = generation != before.progress.generation;
+        if new_life {
+            self.next.progress = Progress {
+                generation,
+                ..Progress::default()
+            };
+        }
+        self.next.progress.last_seq = latest_seq;
+        let derived = if latest_seq == Seq(0) {
+            Resumable::InitialReplicationInProgress
+        } else {
+            Resumable::Replicating
+        };
+        let kept_reason = before.state.reason().map(String::from);
+        let mirrored = match primary_state {
+            Some(ReplicationState::ReadyForInitialReplication) => State::ReadyForInitialReplication,
+            Some(ReplicationState::InitialReplicationInProgress) => {
+                State::InitialReplicationInProgress
+            }
+            Some(ReplicationState::Replicating) => State::Replicating,
+            Some(ReplicationState::Suspended) => State::Suspended {
+                resume_to: match before.state {
+                    State::Suspended { resume_to } => resume_to,
+                    _ => derived,
+                },
+            },
+            Some(ReplicationState::ResynchronizationRequired) => State::ResynchronizationRequired {
+                reason: kept_reason
+                    .unwrap_or_else(|| "the primary requires resynchronization".to_string()),
+            },
+            Some(ReplicationState::WaitingForStartResynchronize) => {
+                State::WaitingForStartResynchronize {
+                    reason: kept_reason,
+                    at_unix_ns: match before.state {
+                        State::WaitingForStartResynchronize { at_unix_ns, .. } => at_unix_ns,
+                        _ => now_unix_ns,
+                    },
+                }
+            }
+            Some(ReplicationState::Resynchronizing) => State::Resynchronizing {
+                reason: kept_reason,
+            },
+            Some(ReplicationState::Replica) | None => derived.state(),
+        };
+        // What this replica knows about its own divergence stays until the primary acts on it
+        // (or starts a new generation).
+        let keeps_divergence = !new_life
+            && matches!(before.state, State::ResynchronizationRequired { .. })
+            && !matches!(
+                mirrored,
+                State::ResynchronizationRequired { .. }
+                    | State::WaitingForStartResynchronize { .. }
+                    | State::Resynchronizing { .. }
+            );
+        if !keeps_divergence {
+            self.next.state = mirrored;
+        }
+        if self.next != before {
+            self.actions.push(Action::Persist);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "step_tests.rs"]
+mod tests;

@@ -1,0 +1,736 @@
+//! One test per transition and per refusal of [`step`].
+
+use super::*;
+
+const G: Generation = Generation(1);
+const NOW: u64 = 1_000_000_000_000;
+
+fn web() -> VmName {
+    VmName::parse("web").unwrap()
+}
+
+fn primary(state: State, last_seq: u64) -> Relationship {
+    let mut r = Relationship::new(web(), Role::Primary, G);
+    r.state = state;
+    r.progress.last_seq = Seq(last_seq);
+    r.need_hello = false;
+    r
+}
+
+fn replica(state: State, last_seq: u64) -> Relationship {
+    let mut r = primary(state, last_seq);
+    r.role = Role::Replica;
+    r
+}
+
+fn ok(rel: &Relationship, ev: Event) -> (Relationship, Vec<Action>) {
+    step(rel, ev, NOW).expect("step refused")
+}
+
+fn refused(rel: &Relationship, ev: Event) -> Refusal {
+    step(rel, ev, NOW).expect_err("step accepted")
+}
+
+fn emitted(actions: &[Action]) -> Vec<EventKind> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Emit { kind, .. } => Some(*kind),
+            _ => None,
+        })
+        .collect()
+}
+
+fn persist_index(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .position(|a| *a == Action::Persist)
+        .expect("no Persist")
+}
+
+fn resync(at: Option<u64>) -> Event {
+    Event::Resynchronize {
+        at_unix_ns: at,
+        reason: None,
+    }
+}
+
+fn hello(latest: u64) -> Event {
+    Event::HelloAnswered {
+        latest_seq: Seq(latest),
+        generation: G,
+        damage: None,
+    }
+}
+
+fn committed(seq: u64) -> Event {
+    Event::Committed {
+        seq: Seq(seq),
+        cut_unix_ns: NOW,
+        app_consistent: false,
+    }
+}
+
+/// A relationship with point `seq` in flight, cut at `NOW`.
+fn in_flight(mut r: Relationship, seq: u64) -> Relationship {
+    r.progress.inflight_seq = Some(Seq(seq));
+    r.inflight_cut_unix_ns = Some(NOW);
+    r
+}
+
+fn out_of_sequence(seq: u64, expected: u64) -> Event {
+    Event::CycleFailed {
+        seq: Seq(seq),
+        error: "out of sequence".into(),
+        refusal: Some(PeerRefusalFacts {
+            expected_seq: Some(Seq(expected)),
+            needs_resync: true,
+            error: "out of sequence".into(),
+        }),
+    }
+}
+
+fn required() -> State {
+    State::ResynchronizationRequired {
+        reason: "diverged".into(),
+    }
+}
+
+fn suspended(to: Resumable) -> State {
+    State::Suspended { resume_to: to }
+}
+
+#[test]
+fn start_initial_scans_before_it_persists() {
+    let (next, actions) = ok(
+        &primary(State::ReadyForInitialReplication, 0),
+        Event::StartInitial,
+    );
+    assert_eq!(next.state, State::InitialReplicationInProgress);
+    assert_eq!(actions[0], Action::MarkAllocatedDirty);
+    assert_eq!(persist_index(&actions), 1);
+    assert_eq!(emitted(&actions), [EventKind::InitialStarted]);
+    assert!(actions.contains(&Action::ScheduleCycleNow));
+}
+
+#[test]
+fn start_initial_twice_is_a_conflict() {
+    for s in [State::InitialReplicationInProgress, State::Replicating] {
+        let r = refused(&primary(s, 1), Event::StartInitial);
+        assert_eq!(r.kind, RefusalKind::Conflict);
+        assert_eq!(r.message, "initial replication of web was already started");
+    }
+    let r = refused(
+        &primary(suspended(Resumable::ReadyForInitialReplication), 0),
+        Event::StartInitial,
+    );
+    assert!(
+        r.message.contains("`understudy replication resume web`"),
+        "{r}"
+    );
+    let r = refused(&primary(required(), 3), Event::StartInitial);
+    assert!(r.message.contains("--resynchronize"), "{r}");
+}
+
+#[test]
+fn suspend_remembers_where_to_resume_and_cancels_the_cycle() {
+    for (from, to) in [
+        (
+            State::ReadyForInitialReplication,
+            Resumable::ReadyForInitialReplication,
+        ),
+        (
+            State::InitialReplicationInProgress,
+            Resumable::InitialReplicationInProgress,
+        ),
+        (State::Replicating, Resumable::Replicating),
+        (
+            State::Resynchronizing { reason: None },
+            Resumable::Resynchronizing,
+        ),
+    ] {
+        let (next, actions) = ok(&primary(from.clone(), 2), Event::Suspend);
+        assert_eq!(next.state, suspended(to));
+        assert!(next.need_hello);
+        assert_eq!(actions[0], Action::CancelCycle);
+        assert!(actions.contains(&Action::ReleaseCopyBeforeWrite));
+        assert_eq!(emitted(&actions), [EventKind::Suspended]);
+        // And resume returns there.
+        let (back, actions) = ok(&next, Event::Resume);
+        assert_eq!(back.state.name(), from.name());
+        assert_eq!(emitted(&actions), [EventKind::Resumed]);
+        assert!(actions.contains(&Action::ScheduleCycleNow));
+    }
+    // Suspending twice changes nothing.
+    let s = primary(suspended(Resumable::Replicating), 2);
+    assert_eq!(ok(&s, Event::Suspend), (s.clone(), vec![]));
+}
+
+#[test]
+fn suspend_is_refused_while_a_resynchronization_is_required_or_scheduled() {
+    let r = refused(&primary(required(), 3), Event::Suspend);
+    assert_eq!(r.kind, RefusalKind::Conflict);
+    assert_eq!(
+        r.message,
+        "web requires resynchronization; run `understudy replication resume web --resynchronize`"
+    );
+    let waiting = State::WaitingForStartResynchronize {
+        reason: None,
+        at_unix_ns: NOW + 1,
+    };
+    let r = refused(&primary(waiting, 3), Event::Suspend);
+    assert!(r.message.contains("scheduled"), "{r}");
+}
+
+#[test]
+fn resume_without_resynchronize_is_refused_when_resync_is_required() {
+    let r = refused(&primary(required(), 3), Event::Resume);
+    assert_eq!(r.kind, RefusalKind::Conflict);
+    assert_eq!(
+        r.message,
+        "web requires resynchronization; run `understudy replication resume web --resynchronize`"
+    );
+    // Resuming what runs changes nothing.
+    let s = primary(State::Replicating, 3);
+    assert_eq!(ok(&s, Event::Resume), (s.clone(), vec![]));
+}
+
+#[test]
+fn resynchronize_now_marks_everything_dirty_and_forgets_the_old_inflight_point() {
+    let mut r = primary(required(), 5);
+    r.progress.inflight_seq = Some(Seq(6));
+    let (next, actions) = ok(&r, resync(None));
+    assert_eq!(
+        next.state,
+        State::Resynchronizing {
+            reason: Some("diverged".into())
+        }
+    );
+    assert_eq!(next.progress.inflight_seq, None);
+    assert!(next.need_hello);
+    let p = persist_index(&actions);
+    let dirty = actions
+        .iter()
+        .position(|a| *a == Action::MarkAllDirty)
+        .unwrap();
+    assert!(dirty < p, "{actions:?}");
+    assert_eq!(emitted(&actions), [EventKind::ResyncStarted]);
+    // From Replicating and from a suspended relationship too; a time in the past is now.
+    for s in [State::Replicating, suspended(Resumable::Replicating)] {
+        let (next, _) = ok(&primary(s, 5), resync(Some(NOW - 1)));
+        assert_eq!(next.state, State::Resynchronizing { reason: None });
+    }
+}
+
+#[test]
+fn resynchronize_at_a_future_time_waits_then_starts_on_tick() {
+    let at = NOW + 30_000_000_000;
+    let (waiting, actions) = ok(&primary(required(), 5), resync(Some(at)));
+    assert_eq!(
+        waiting.state,
+        State::WaitingForStartResynchronize {
+            reason: Some("diverged".into()),
+            at_unix_ns: at
+        }
+    );
+    assert_eq!(emitted(&actions), [EventKind::ResyncScheduled]);
+    // Not yet due: nothing.
+    assert_eq!(
+        step(&waiting, Event::Tick, at - 1).unwrap(),
+        (waiting.clone(), vec![])
+    );
+    assert_eq!(step(&waiting, Event::CycleDue, at - 1).unwrap().1, vec![]);
+    let (started, actions) = step(&waiting, Event::Tick, at).unwrap();
+    assert!(matches!(started.state, State::Resynchronizing { .. }));
+    assert!(actions.contains(&Action::MarkAllDirty));
+}
+
+#[test]
+fn resynchronize_before_the_initial_replication_is_refused() {
+    for s in [
+        State::ReadyForInitialReplication,
+        State::InitialReplicationInProgress,
+        suspended(Resumable::ReadyForInitialReplication),
+        suspended(Resumable::InitialReplicationInProgress),
+    ] {
+        let r = refused(&primary(s, 0), resync(None));
+        assert_eq!(r.kind, RefusalKind::Conflict);
+        assert!(r.message.contains("initial replication of web"), "{r}");
+    }
+}
+
+#[test]
+fn cycle_due_starts_a_cycle_only_where_cycles_run() {
+    for (s, kind) in [
+        (State::InitialReplicationInProgress, CycleKind::Initial),
+        (State::Replicating, CycleKind::Incremental),
+        (State::Resynchronizing { reason: None }, CycleKind::Full),
+    ] {
+        let (next, actions) = ok(&primary(s.clone(), 4), Event::CycleDue);
+        assert_eq!(next, primary(s, 4));
+        assert_eq!(
+            actions,
+            [
+                Action::StartCycle {
+                    seq: Seq(5),
+                    kind,
+                    hello_first: false
+                },
+                Action::TakeCut { seq: Seq(5), kind }
+            ]
+        );
+    }
+    let mut r = primary(State::Replicating, 4);
+    r.need_hello = true;
+    let (_, actions) = ok(&r, Event::CycleDue);
+    assert_eq!(
+        actions,
+        [Action::StartCycle {
+            seq: Seq(5),
+            kind: CycleKind::Incremental,
+            hello_first: true
+        }]
+    );
+    for s in [
+        State::ReadyForInitialReplication,
+        suspended(Resumable::Replicating),
+        required(),
+        State::WaitingForStartResynchronize {
+            reason: None,
+            at_unix_ns: NOW + 1,
+        },
+    ] {
+        assert_eq!(ok(&primary(s, 4), Event::CycleDue).1, vec![]);
+    }
+}
+
+#[test]
+fn hello_in_sync_clears_need_hello_and_says_what_to_cut() {
+    let mut r = primary(State::Replicating, 4);
+    r.need_hello = true;
+    let (next, actions) = ok(&r, hello(4));
+    assert!(!next.need_hello);
+    assert_eq!(
+        actions,
+        [Action::TakeCut {
+            seq: Seq(5),
+            kind: CycleKind::Incremental
+        }]
+    );
+}
+
+#[test]
+fn lost_answer_of_the_first_point_is_adopted_and_ends_the_initial_replication() {
+    let mut r = primary(State::InitialReplicationInProgress, 0);
+    r.progress.inflight_seq = Some(Seq(1));
+    r.need_hello = true;
+    let (next, actions) = ok(&r, hello(1));
+    assert_eq!(next.state, State::Replicating);
+    assert_eq!(next.progress.last_seq, Seq(1));
+    assert_eq!(next.progress.inflight_seq, None);
+    assert_eq!(persist_index(&actions), 0);
+    assert_eq!(
+        emitted(&actions),
+        [EventKind::InitialDone, EventKind::AnswerLostAdopted]
+    );
+    assert_eq!(
+        actions.last(),
+        Some(&Action::TakeCut {
+            seq: Seq(2),
+            kind: CycleKind::Incremental
+        })
+    );
+}
+
+#[test]
+fn divergent_hello_requires_resynchronization_and_cancels_the_cycle() {
+    let mut r = primary(State::Replicating, 7);
+    r.need_hello = true;
+    let (next, actions) = ok(&r, hello(3));
+    assert!(
+        matches!(&next.state, State::ResynchronizationRequired { reason } if reason.contains("older copy"))
+    );
+    assert_eq!(actions[0], Action::CancelCycle);
+    assert_eq!(emitted(&actions), [EventKind::ResyncRequired]);
+    // Damage and another generation too.
+    let damaged = Event::HelloAnswered {
+        latest_seq: Seq(7),
+        generation: G,
+        damage: Some("journal checksum".into()),
+    };
+    assert!(matches!(
+        ok(&r, damaged).0.state,
+        State::ResynchronizationRequired { .. }
+    ));
+    let other = Event::HelloAnswered {
+        latest_seq: Seq(7),
+        generation: Generation(2),
+        damage: None,
+    };
+    assert!(matches!(
+        ok(&r, other).0.state,
+        State::ResynchronizationRequired { .. }
+    ));
+}
+
+#[test]
+fn divergent_hello_while_resynchronizing_adopts_the_replicas_latest() {
+    let mut r = primary(State::Resynchronizing { reason: None }, 7);
+    r.need_hello = true;
+    let (next, actions) = ok(&r, hello(3));
+    assert_eq!(next.progress.last_seq, Seq(3));
+    assert!(matches!(next.state, State::Resynchronizing { .. }));
+    assert!(!next.need_hello);
+    assert_eq!(
+        actions,
+        [
+            Action::Persist,
+            Action::TakeCut {
+                seq: Seq(4),
+                kind: CycleKind::Full
+            }
+        ]
+    );
+}
+
+#[test]
+fn cut_is_recorded_in_flight_before_upload() {
+    let (next, actions) = ok(
+        &primary(State::Replicating, 4),
+        Event::CutTaken {
+            seq: Seq(5),
+            cut_unix_ns: NOW,
+        },
+    );
+    assert_eq!(next.progress.inflight_seq, Some(Seq(5)));
+    assert_eq!(actions, [Action::Persist]);
+}
+
+#[test]
+fn unexpected_cut_is_cancelled_not_shipped() {
+    // Wrong seq, hello pending, or not a cycling state.
+    let mut pending = primary(State::Replicating, 4);
+    pending.need_hello = true;
+    for (r, seq) in [
+        (primary(State::Replicating, 4), 7),
+        (pending, 5),
+        (primary(suspended(Resumable::Replicating), 4), 5),
+    ] {
+        let (next, actions) = ok(
+            &r,
+            Event::CutTaken {
+                seq: Seq(seq),
+                cut_unix_ns: NOW,
+            },
+        );
+        assert_eq!(actions, [Action::CancelCycle]);
+        assert_eq!(next.progress, r.progress);
+        assert!(next.need_hello);
+    }
+}
+
+#[test]
+fn commit_of_the_inflight_point_advances_and_ends_initial_and_resync() {
+    for (from, done) in [
+        (
+            State::InitialReplicationInProgress,
+            Some(EventKind::InitialDone),
+        ),
+        (
+            State::Resynchronizing { reason: None },
+            Some(EventKind::ResyncDone),
+        ),
+        (State::Replicating, None),
+    ] {
+        let r = in_flight(primary(from, 4), 5);
+        let (next, actions) = ok(
+            &r,
+            Event::Committed {
+                seq: Seq(5),
+                cut_unix_ns: NOW,
+                app_consistent: true,
+            },
+        );
+        assert_eq!(next.state, State::Replicating);
+        assert_eq!(next.progress.last_seq, Seq(5));
+        assert_eq!(next.progress.inflight_seq, None);
+        assert_eq!(next.progress.last_cut_unix_ns, Some(NOW));
+        assert_eq!(next.progress.last_app_consistent_unix_ns, Some(NOW));
+        assert_eq!(next.inflight_cut_unix_ns, None);
+        assert_eq!(persist_index(&actions), 0);
+        assert_eq!(emitted(&actions), done.into_iter().collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn late_answer_of_an_older_cycle_changes_nothing() {
+    let r = in_flight(primary(State::Replicating, 6), 7);
+    for seq in [5, 6, 8] {
+        assert_eq!(ok(&r, committed(seq)), (r.clone(), vec![]));
+    }
+    // The answer of an earlier attempt at the same point (another cut) does not count either.
+    let earlier = Event::Committed {
+        seq: Seq(7),
+        cut_unix_ns: NOW - 1,
+        app_consistent: false,
+    };
+    assert_eq!(ok(&r, earlier), (r.clone(), vec![]));
+    // After a restart the cut time is unknown: only the next hello can adopt the point.
+    let reloaded = Relationship::from_record(web(), r.to_record()).unwrap();
+    assert_eq!(ok(&reloaded, committed(7)), (reloaded.clone(), vec![]));
+    // And an answer after the cycle was cancelled by a suspend.
+    let mut s = r.clone();
+    s.state = suspended(Resumable::Replicating);
+    assert_eq!(ok(&s, committed(7)), (s.clone(), vec![]));
+}
+
+#[test]
+fn failed_cycle_asks_again_next_time() {
+    let r = primary(State::Replicating, 6);
+    let (next, actions) = ok(
+        &r,
+        Event::CycleFailed {
+            seq: Seq(7),
+            error: "connection reset".into(),
+            refusal: None,
+        },
+    );
+    assert!(next.need_hello);
+    assert_eq!(next.state, State::Replicating);
+    assert_eq!(emitted(&actions), [EventKind::CycleFailed]);
+}
+
+#[test]
+fn already_delivered_refusal_is_not_a_divergence() {
+    let mut r = primary(State::Replicating, 6);
+    r.progress.inflight_seq = Some(Seq(7));
+    let (next, _) = ok(&r, out_of_sequence(7, 8));
+    assert_eq!(next.state, State::Replicating);
+    assert!(next.need_hello);
+    // The next hello adopts it.
+    let (next, _) = ok(&next, hello(7));
+    assert_eq!(next.progress.last_seq, Seq(7));
+}
+
+#[test]
+fn divergent_refusal_requires_resynchronization() {
+    let mut r = primary(State::Replicating, 6);
+    r.progress.inflight_seq = Some(Seq(7));
+    let (next, actions) = ok(&r, out_of_sequence(7, 4));
+    assert!(
+        matches!(&next.state, State::ResynchronizationRequired { reason } if reason.contains("older copy"))
+    );
+    assert_eq!(
+        emitted(&actions),
+        [EventKind::CycleFailed, EventKind::ResyncRequired]
+    );
+    // A refusal without an expected point (wrong generation, bad key) too.
+    let other = Event::CycleFailed {
+        seq: Seq(7),
+        error: "refused".into(),
+        refusal: Some(PeerRefusalFacts {
+            expected_seq: None,
+            needs_resync: true,
+            error: "wrong generation".into(),
+        }),
+    };
+    assert!(
+        matches!(ok(&r, other).0.state, State::ResynchronizationRequired { reason } if reason == "wrong generation")
+    );
+}
+
+#[test]
+fn stale_refusal_of_an_older_cycle_is_not_a_divergence() {
+    // Point 7 was adopted; the refusal of the first attempt at 7 arrives late.
+    let r = primary(State::Replicating, 7);
+    let (next, _) = ok(&r, out_of_sequence(7, 8));
+    assert_eq!(next.state, State::Replicating);
+}
+
+#[test]
+fn refused_full_delta_is_resolved_by_the_next_hello_not_adopted() {
+    let mut r = primary(State::Resynchronizing { reason: None }, 5);
+    r.progress.inflight_seq = Some(Seq(6));
+    let (next, actions) = ok(&r, out_of_sequence(6, 9));
+    assert!(matches!(next.state, State::Resynchronizing { .. }));
+    assert_eq!(next.progress.inflight_seq, None);
+    assert!(actions.contains(&Action::Persist));
+    // The replica holds 8: adopted as the base of the next Full delta, not as its end.
+    let (next, _) = ok(&next, hello(8));
+    assert!(matches!(next.state, State::Resynchronizing { .. }));
+    assert_eq!(next.progress.last_seq, Seq(8));
+}
+
+#[test]
+fn storage_failure_requires_resynchronization_once() {
+    let (next, actions) = ok(
+        &primary(State::Replicating, 3),
+        Event::StorageFailed {
+            reason: "the tracker's bitmap cannot be written".into(),
+        },
+    );
+    assert!(matches!(
+        next.state,
+        State::ResynchronizationRequired { .. }
+    ));
+    assert_eq!(emitted(&actions), [EventKind::ResyncRequired]);
+    // The first reason stays.
+    let (again, actions) = ok(
+        &next,
+        Event::StorageFailed {
+            reason: "other".into(),
+        },
+    );
+    assert_eq!(again, next);
+    assert_eq!(actions, vec![]);
+}
+
+#[test]
+fn restart_asks_the_replica_first() {
+    let (next, actions) = ok(&primary(State::Replicating, 3), Event::Restarted);
+    assert!(next.need_hello);
+    assert_eq!(actions, vec![]);
+}
+
+#[test]
+fn replica_events_are_invalid_on_the_primary_and_commands_on_the_replica() {
+    let r = refused(
+        &primary(State::Replicating, 3),
+        Event::Diverged { reason: "x".into() },
+    );
+    assert_eq!(r.kind, RefusalKind::Invalid);
+    assert_eq!(
+        r.message,
+        "web is replicated from this host: it is not a replica here"
+    );
+    for ev in [
+        Event::StartInitial,
+        Event::Suspend,
+        Event::Resume,
+        resync(None),
+        Event::CycleDue,
+    ] {
+        let r = refused(&replica(State::Replicating, 3), ev);
+        assert_eq!(r.kind, RefusalKind::Invalid);
+        assert_eq!(
+            r.message,
+            "web is a replica on this host; run this on its primary"
+        );
+    }
+}
+
+#[test]
+fn replica_mirrors_the_primarys_state_or_derives_it() {
+    let r = replica(State::ReadyForInitialReplication, 0);
+    let hello = |state, latest| Event::HelloReceived {
+        primary_state: state,
+        generation: G,
+        latest_seq: Seq(latest),
+    };
+    let (next, actions) = ok(&r, hello(None, 0));
+    assert_eq!(next.state, State::InitialReplicationInProgress);
+    assert_eq!(actions, [Action::Persist]);
+    assert_eq!(ok(&r, hello(None, 4)).0.state, State::Replicating);
+    assert_eq!(
+        ok(&r, hello(Some(ReplicationState::Suspended), 4)).0.state,
+        suspended(Resumable::Replicating)
+    );
+    assert_eq!(
+        ok(&r, hello(Some(ReplicationState::Resynchronizing), 4))
+            .0
+            .state,
+        State::Resynchronizing { reason: None }
+    );
+    // Unchanged: nothing to persist.
+    let same = replica(State::Replicating, 4);
+    assert_eq!(ok(&same, hello(None, 4)), (same.clone(), vec![]));
+    // The replica's own divergence stays until the primary acts on it.
+    let diverged = replica(required(), 4);
+    assert_eq!(
+        ok(&diverged, hello(Some(ReplicationState::Replicating), 4))
+            .0
+            .state,
+        required()
+    );
+    // A new generation starts over.
+    let (next, _) = ok(
+        &diverged,
+        Event::HelloReceived {
+            primary_state: None,
+            generation: Generation(2),
+            latest_seq: Seq(0),
+        },
+    );
+    assert_eq!(next.state, State::InitialReplicationInProgress);
+    assert_eq!(next.progress.generation, Generation(2));
+}
+
+#[test]
+fn replica_follows_deltas_and_divergence() {
+    let r = replica(State::Replicating, 4);
+    let (next, _) = ok(
+        &r,
+        Event::DeltaStarted {
+            kind: CycleKind::Full,
+        },
+    );
+    assert_eq!(next.state, State::Resynchronizing { reason: None });
+    assert_eq!(
+        ok(
+            &r,
+            Event::DeltaStarted {
+                kind: CycleKind::Incremental
+            }
+        ),
+        (r.clone(), vec![])
+    );
+    let commit = |kind| Event::DeltaCommitted {
+        seq: Seq(5),
+        kind,
+        cut_unix_ns: 9,
+    };
+    let (done, actions) = ok(&next, commit(CycleKind::Full));
+    assert_eq!(done.state, State::Replicating);
+    assert_eq!(done.progress.last_seq, Seq(5));
+    assert_eq!(actions, [Action::Persist]);
+    let (diverged, actions) = ok(
+        &r,
+        Event::Diverged {
+            reason: "out of sequence".into(),
+        },
+    );
+    assert!(matches!(
+        diverged.state,
+        State::ResynchronizationRequired { .. }
+    ));
+    assert_eq!(emitted(&actions), [EventKind::ResyncRequired]);
+    // Only a Full delta repairs it.
+    assert!(matches!(
+        ok(&diverged, commit(CycleKind::Incremental)).0.state,
+        State::ResynchronizationRequired { .. }
+    ));
+    assert_eq!(
+        ok(&diverged, commit(CycleKind::Full)).0.state,
+        State::Replicating
+    );
+}
+
+#[test]
+fn state_names_are_the_hyper_v_ones() {
+    assert_eq!(
+        State::WaitingForStartResynchronize {
+            reason: None,
+            at_unix_ns: 0
+        }
+        .name(),
+        ReplicationState::WaitingForStartResynchronize
+    );
+    assert_eq!(
+        required().name(),
+        ReplicationState::ResynchronizationRequired
+    );
+    assert_eq!(
+        suspended(Resumable::Resynchronizing).name(),
+        ReplicationState::Suspended
+    );
+}

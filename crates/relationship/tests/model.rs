@@ -1,0 +1,526 @@
+//! Model tests of the relationship core: random event sequences (proptest) and a breadth-first
+//! search over a finite event alphabet.
+//!
+//! The random sequences play the daemon honestly (a cut is taken only when the core said
+//! `TakeCut`, a cycle starts only when none runs) and the replica arbitrarily (any hello
+//! answer, any commit answer, any refusal, at any time). The test keeps its own record of
+//! reality, the "ghost divergence": set whenever it tells the core something that means the
+//! replica diverged (a divergent hello answer, a divergent refusal, damage, a storage
+//! failure), cleared only when a `Full` point cut after that divergence commits.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+
+use proptest::prelude::*;
+use proto::{Generation, Health, ReplicationState, Seq, VmName};
+use relationship::{
+    health, step, Action, CycleKind, Event, HealthFacts, PeerRefusalFacts, Relationship,
+    RelationshipRecord, Resumable, Role, State,
+};
+
+const T0: u64 = 1_000_000_000_000;
+const SEC: u64 = 1_000_000_000;
+const G: Generation = Generation(1);
+
+fn web() -> VmName {
+    VmName::parse("web").unwrap()
+}
+
+/// One random move: a command, a daemon fact, or a replica answer. Numbers are offsets from
+/// where the relationship stands, so interesting answers (in sync, adoptable, off by a few)
+/// are likely.
+#[derive(Debug, Clone)]
+enum Op {
+    StartInitial,
+    Suspend,
+    Resume,
+    Resynchronize {
+        in_secs: Option<u8>,
+    },
+    Advance {
+        secs: u8,
+    },
+    CycleDue,
+    Hello {
+        offset: i8,
+        other_generation: bool,
+        damaged: bool,
+    },
+    Cut {
+        off_by: i8,
+    },
+    Committed {
+        inflight: bool,
+        offset: i8,
+    },
+    Failed {
+        current: bool,
+        refusal: Option<(Option<i8>, bool)>,
+    },
+    StorageFailed,
+    Restarted,
+    ReplicaEvent,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => Just(Op::StartInitial),
+        1 => Just(Op::Suspend),
+        1 => Just(Op::Resume),
+        1 => proptest::option::of(0u8..60).prop_map(|in_secs| Op::Resynchronize { in_secs }),
+        1 => (0u8..60).prop_map(|secs| Op::Advance { secs }),
+        4 => Just(Op::CycleDue),
+        4 => (prop_oneof![4 => Just(0i8), 3 => Just(1i8), 2 => -3i8..4], prop::bool::weighted(0.05), prop::bool::weighted(0.05))
+            .prop_map(|(offset, other_generation, damaged)| Op::Hello { offset, other_generation, damaged }),
+        4 => prop_oneof![6 => Just(0i8), 1 => -2i8..3].prop_map(|off_by| Op::Cut { off_by }),
+        4 => (prop::bool::weighted(0.8), -2i8..3).prop_map(|(inflight, offset)| Op::Committed { inflight, offset }),
+        2 => (prop::bool::weighted(0.8), proptest::option::of((proptest::option::of(-3i8..4), any::<bool>())))
+            .prop_map(|(current, refusal)| Op::Failed { current, refusal }),
+        1 => Just(Op::StorageFailed),
+        1 => Just(Op::Restarted),
+        1 => Just(Op::ReplicaEvent),
+    ]
+}
+
+fn add(seq: Seq, offset: i8) -> Seq {
+    Seq(seq.get().saturating_add_signed(i64::from(offset)))
+}
+
+/// The test's side: the daemon's cycle and the reality behind the answers.
+struct Harness {
+    rel: Relationship,
+    now: u64,
+    cycle_running: bool,
+    /// What the core said to cut in the running cycle.
+    plan: Option<(Seq, CycleKind)>,
+    /// Cuts the core accepted, with the divergence epoch they were taken in.
+    cuts: HashMap<Seq, (CycleKind, u64)>,
+    ghost: bool,
+    epoch: u64,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness {
+            rel: Relationship::new(web(), Role::Primary, G),
+            now: T0,
+            cycle_running: false,
+            plan: None,
+            cuts: HashMap::new(),
+            ghost: false,
+            epoch: 0,
+        }
+    }
+
+    fn diverge(&mut self) {
+        self.ghost = true;
+        self.epoch += 1;
+    }
+
+    /// The replica holds `seq`: if it is a Full point cut after the divergence, it repaired it.
+    fn replica_holds(&mut self, seq: Seq) {
+        if self.cuts.get(&seq) == Some(&(CycleKind::Full, self.epoch)) {
+            self.ghost = false;
+        }
+    }
+
+    fn event_of(&mut self, op: &Op) -> Option<Event> {
+        let p = self.rel.progress.clone();
+        Some(match *op {
+            Op::StartInitial => Event::StartInitial,
+            Op::Suspend => Event::Suspend,
+            Op::Resume => Event::Resume,
+            Op::Resynchronize { in_secs } => Event::Resynchronize {
+                at_unix_ns: in_secs.map(|s| self.now + u64::from(s) * SEC),
+                reason: None,
+            },
+            Op::Advance { secs } => {
+                self.now += u64::from(secs) * SEC;
+                Event::Tick
+            }
+            Op::CycleDue if self.cycle_running => return None,
+            Op::CycleDue => Event::CycleDue,
+            Op::Hello {
+                offset,
+                other_generation,
+                damaged,
+            } => {
+                let latest = add(p.last_seq, offset);
+                let generation = if other_generation { Generation(2) } else { G };
+                let in_sync = latest == p.last_seq
+                    || (p.inflight_seq == Some(latest) && latest == p.last_seq.next());
+                if damaged || other_generation || !in_sync {
+                    self.diverge();
+                } else {
+                    self.replica_holds(latest);
+                }
+                Event::HelloAnswered {
+                    latest_seq: latest,
+                    generation,
+                    damage: damaged.then(|| "a journal block fails its checksum".to_string()),
+                }
+            }
+            Op::Cut { off_by } => {
+                let (seq, _) = self.plan?;
+                self.now += 1;
+                Event::CutTaken {
+                    seq: add(seq, off_by),
+                    cut_unix_ns: self.now,
+                }
+            }
+            Op::Committed { inflight, offset } => {
+                let (seq, cut_unix_ns) = match (inflight, p.inflight_seq) {
+                    (true, Some(s)) => (s, self.rel.inflight_cut_unix_ns.unwrap_or(self.now)),
+                    _ => (add(p.last_seq, offset), self.now),
+                };
+                self.replica_holds(seq);
+                self.cycle_running = false;
+                self.plan = None;
+                Event::Committed {
+                    seq,
+                    cut_unix_ns,
+                    app_consistent: false,
+                }
+            }
+            Op::Failed { current, refusal } => {
+                let seq = if current {
+                    p.last_seq.next()
+                } else {
+                    p.last_seq
+                };
+                let refusal = refusal.map(|(expected, needs_resync)| PeerRefusalFacts {
+                    expected_seq: expected.map(|o| add(seq, o)),
+                    needs_resync,
+                    error: "refused".into(),
+                });
+                if let Some(r) = &refusal {
+                    let delivered =
+                        r.expected_seq == Some(seq.next()) && p.inflight_seq == Some(seq);
+                    if r.needs_resync && seq == p.last_seq.next() && !delivered {
+                        self.diverge();
+                    }
+                }
+                self.cycle_running = false;
+                self.plan = None;
+                Event::CycleFailed {
+                    seq,
+                    error: "refused".into(),
+                    refusal,
+                }
+            }
+            Op::StorageFailed => {
+                self.diverge();
+                Event::StorageFailed {
+                    reason: "the tracker's state file cannot be written".into(),
+                }
+            }
+            Op::Restarted => {
+                // The daemon restarts: the cycle is gone, the relationship is reloaded.
+                self.cycle_running = false;
+                self.plan = None;
+                let rec = self.rel.to_record();
+                self.rel = Relationship::from_record(web(), rec).unwrap();
+                Event::Restarted
+            }
+            Op::ReplicaEvent => Event::DeltaStarted {
+                kind: CycleKind::Full,
+            },
+        })
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        let Some(event) = self.event_of(op) else {
+            return Ok(());
+        };
+        let command = matches!(
+            event,
+            Event::StartInitial
+                | Event::Suspend
+                | Event::Resume
+                | Event::Resynchronize { .. }
+                | Event::DeltaStarted { .. }
+        );
+        let before = self.rel.clone();
+        match step(&before, event.clone(), self.now) {
+            Err(refusal) => {
+                // (a) Only commands are refused, in one line, and the same again: a refused
+                // command changes nothing (the daemon keeps `before`).
+                prop_assert!(command, "fact {event:?} refused: {refusal}");
+                prop_assert!(!refusal.message.is_empty() && !refusal.message.contains('\n'));
+                prop_assert_eq!(step(&before, event, self.now).unwrap_err(), refusal);
+            }
+            Ok((next, actions)) => {
+                // Every change of the durable record is persisted.
+                if next.to_record() != before.to_record() {
+                    prop_assert!(
+                        actions.contains(&Action::Persist),
+                        "{event:?}: {before:?} -> {next:?} without Persist: {actions:?}"
+                    );
+                }
+                // (c) last_seq goes back only by the documented resync adoption.
+                if next.progress.last_seq < before.progress.last_seq {
+                    prop_assert!(
+                        matches!(before.state, State::Resynchronizing { .. })
+                            && matches!(event, Event::HelloAnswered { .. }),
+                        "last_seq went back on {event:?}: {before:?} -> {next:?}"
+                    );
+                }
+                for a in &actions {
+                    match a {
+                        Action::StartCycle { .. } => {
+                            self.cycle_running = true;
+                            self.plan = None;
+                        }
+                        Action::TakeCut { seq, kind } => {
+                            prop_assert_eq!(*seq, next.progress.last_seq.next());
+                            self.plan = Some((*seq, *kind));
+                        }
+                        Action::CancelCycle => {
+                            self.cycle_running = false;
+                            self.plan = None;
+                        }
+                        _ => {}
+                    }
+                }
+                if let Event::CutTaken { seq, .. } = event {
+                    if next.progress.inflight_seq == Some(seq) && actions == [Action::Persist] {
+                        let (_, kind) = self.plan.expect("a cut is only taken with a plan");
+                        self.cuts.insert(seq, (kind, self.epoch));
+                    }
+                }
+                self.rel = next;
+            }
+        }
+        // (b) Never Normal while the replica may have diverged.
+        let (h, why) = health(
+            &self.rel,
+            &HealthFacts {
+                frequency_secs: 30,
+                ..HealthFacts::default()
+            },
+            self.now,
+        );
+        if self.ghost {
+            prop_assert!(
+                h != Health::Normal,
+                "Normal health after a divergence: {:?} ({why:?})",
+                self.rel
+            );
+        }
+        // (d) The record round-trips through JSON.
+        let json = serde_json::to_string(&self.rel.to_record()).unwrap();
+        let back =
+            Relationship::from_record(web(), RelationshipRecord::from_json(&web(), &json).unwrap())
+                .unwrap();
+        let mut expect = self.rel.clone();
+        expect.need_hello = true;
+        expect.inflight_cut_unix_ns = None;
+        prop_assert_eq!(back, expect);
+        Ok(())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_event_sequences_keep_the_invariants(ops in prop::collection::vec(op(), 1..120)) {
+        let mut h = Harness::new();
+        for op in &ops {
+            h.apply(op)?;
+        }
+    }
+}
+
+fn name_of(s: &State) -> String {
+    match s {
+        State::Suspended { resume_to } => format!("Suspended({resume_to:?})"),
+        other => format!("{:?}", other.name()),
+    }
+}
+
+/// Every state, each `Suspended` with each place to resume to.
+fn every_state_name() -> BTreeSet<String> {
+    let mut all: BTreeSet<String> = [
+        State::ReadyForInitialReplication,
+        State::InitialReplicationInProgress,
+        State::Replicating,
+        State::ResynchronizationRequired {
+            reason: String::new(),
+        },
+        State::WaitingForStartResynchronize {
+            reason: None,
+            at_unix_ns: 0,
+        },
+        State::Resynchronizing { reason: None },
+    ]
+    .iter()
+    .map(name_of)
+    .collect();
+    for r in [
+        Resumable::ReadyForInitialReplication,
+        Resumable::InitialReplicationInProgress,
+        Resumable::Replicating,
+        Resumable::Resynchronizing,
+    ] {
+        all.insert(name_of(&State::Suspended { resume_to: r }));
+    }
+    all
+}
+
+fn bfs(start: Relationship, alphabet: &[(Event, u64)]) -> BTreeSet<String> {
+    let mut seen = HashSet::new();
+    let mut names = BTreeSet::new();
+    let mut queue = VecDeque::from([start.clone()]);
+    seen.insert(start);
+    while let Some(rel) = queue.pop_front() {
+        names.insert(name_of(&rel.state));
+        for (event, now) in alphabet {
+            if let Ok((next, _)) = step(&rel, event.clone(), *now) {
+                if seen.insert(next.clone()) {
+                    queue.push_back(next);
+                }
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn every_state_is_reachable_from_ready_for_initial_replication() {
+    let mut alphabet = vec![
+        (Event::StartInitial, T0),
+        (Event::Suspend, T0),
+        (Event::Resume, T0),
+        (
+            Event::Resynchronize {
+                at_unix_ns: None,
+                reason: None,
+            },
+            T0,
+        ),
+        (
+            Event::Resynchronize {
+                at_unix_ns: Some(T0 + 50 * SEC),
+                reason: None,
+            },
+            T0,
+        ),
+        (Event::Tick, T0 + 100 * SEC),
+        (Event::CycleDue, T0),
+        (Event::Restarted, T0),
+        (
+            Event::StorageFailed {
+                reason: "lost".into(),
+            },
+            T0,
+        ),
+        (
+            Event::HelloAnswered {
+                latest_seq: Seq(1),
+                generation: G,
+                damage: Some("bad".into()),
+            },
+            T0,
+        ),
+    ];
+    for s in 0..=3 {
+        alphabet.push((
+            Event::HelloAnswered {
+                latest_seq: Seq(s),
+                generation: G,
+                damage: None,
+            },
+            T0,
+        ));
+        alphabet.push((
+            Event::CutTaken {
+                seq: Seq(s),
+                cut_unix_ns: T0,
+            },
+            T0,
+        ));
+        alphabet.push((
+            Event::Committed {
+                seq: Seq(s),
+                cut_unix_ns: T0,
+                app_consistent: false,
+            },
+            T0,
+        ));
+        alphabet.push((
+            Event::CycleFailed {
+                seq: Seq(s),
+                error: "refused".into(),
+                refusal: Some(PeerRefusalFacts {
+                    expected_seq: Some(Seq(s + 1)),
+                    needs_resync: true,
+                    error: "x".into(),
+                }),
+            },
+            T0,
+        ));
+    }
+    let reached = bfs(Relationship::new(web(), Role::Primary, G), &alphabet);
+    assert_eq!(reached, every_state_name(), "primary");
+
+    // The replica's view reaches every state too.
+    let mut alphabet = vec![
+        (
+            Event::Diverged {
+                reason: "out of sequence".into(),
+            },
+            T0,
+        ),
+        (Event::Restarted, T0),
+    ];
+    for kind in [CycleKind::Initial, CycleKind::Incremental, CycleKind::Full] {
+        alphabet.push((Event::DeltaStarted { kind }, T0));
+        alphabet.push((
+            Event::DeltaCommitted {
+                seq: Seq(1),
+                kind,
+                cut_unix_ns: T0,
+            },
+            T0,
+        ));
+    }
+    let states = [
+        None,
+        Some(ReplicationState::ReadyForInitialReplication),
+        Some(ReplicationState::InitialReplicationInProgress),
+        Some(ReplicationState::Replicating),
+        Some(ReplicationState::Suspended),
+        Some(ReplicationState::ResynchronizationRequired),
+        Some(ReplicationState::WaitingForStartResynchronize),
+        Some(ReplicationState::Resynchronizing),
+        Some(ReplicationState::Replica),
+    ];
+    for primary_state in states {
+        for latest in 0..=1 {
+            alphabet.push((
+                Event::HelloReceived {
+                    primary_state,
+                    generation: G,
+                    latest_seq: Seq(latest),
+                },
+                T0,
+            ));
+        }
+    }
+    let reached = bfs(Relationship::new(web(), Role::Replica, G), &alphabet);
+    for name in [
+        "ReadyForInitialReplication",
+        "InitialReplicationInProgress",
+        "Replicating",
+        "ResynchronizationRequired",
+        "WaitingForStartResynchronize",
+        "Resynchronizing",
+        "Suspended(InitialReplicationInProgress)",
+        "Suspended(Replicating)",
+    ] {
+        assert!(
+            reached.contains(name),
+            "replica never reaches {name}: {reached:?}"
+        );
+    }
+}
