@@ -14,7 +14,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 
 /// Version of the JSON documents stored in the catalog; bump on incompatible change.
-pub const RECORD_VERSION: u32 = 1;
+/// Version 2 moved a VM's replication out of `vm/<name>` into `relationship/<name>` (one record
+/// per VM, whatever role this host plays), its state into one enum (`relationship.md`).
+pub const RECORD_VERSION: u32 = 2;
 
 pub struct Catalog {
     db: Database,
@@ -26,7 +28,6 @@ pub struct VmRecord {
     pub name: String,
     pub created_unix_ns: u64,
     pub disks: Vec<DiskRecord>,
-    pub replication: Option<ReplicationRecord>,
     /// How the guest is quiesced for application-consistent points (`vm set`); absent when
     /// never set (every point crash-consistent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -41,6 +42,39 @@ pub struct DiskRecord {
     pub state_dir: String,
 }
 
+/// `relationship/<vm>`: the one replication relationship of a VM on this host, whichever
+/// role this host plays in it (`catalog.md`). The role, state and progress are the
+/// relationship core's record (`relationship.md`); a primary adds the settings it ships with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RelationshipDoc {
+    pub relationship: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<ReplicationRecord>,
+}
+
+impl RelationshipDoc {
+    pub fn key(vm: &str) -> String {
+        format!("relationship/{vm}")
+    }
+
+    /// The core's record, checked (version, shape): one line when it cannot be read.
+    pub fn record(
+        &self,
+        vm: &proto::VmName,
+    ) -> Result<relationship::RelationshipRecord, relationship::RecordError> {
+        relationship::RelationshipRecord::from_value(vm, self.relationship.clone())
+    }
+
+    pub fn new(rel: &relationship::Relationship, primary: Option<ReplicationRecord>) -> Self {
+        RelationshipDoc {
+            relationship: serde_json::to_value(rel.to_record()).unwrap_or_default(),
+            primary,
+        }
+    }
+}
+
+/// What a primary replicates and how: the relationship's settings (`replication enable/set`).
+/// Its state and progress are in the relationship record next to it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplicationRecord {
     pub replica: String,
@@ -48,33 +82,52 @@ pub struct ReplicationRecord {
     pub compression: proto::Compression,
     pub disks: Vec<u32>,
     pub replication_id: String,
-    pub generation: proto::Generation,
-    /// Newest point the replica is known to have committed.
-    pub last_seq: proto::Seq,
-    pub last_cut_unix_ns: Option<u64>,
-    /// A point that was being shipped when this record was written: the replica may have
-    /// committed it without this host hearing back (crash, lost answer).
-    pub inflight_seq: Option<proto::Seq>,
-    pub initial_done: bool,
-    pub initial_started: bool,
-    pub suspended: bool,
-    pub resync_reason: Option<String>,
-    /// A full resynchronization was requested and has not committed yet.
-    #[serde(default)]
-    pub pending_full: bool,
     /// Peer name in the replica's certificate when the relationship was set up (`replication
     /// enable`): later connections must reach that same replica identity. Absent in records
     /// written before it existed; then recorded at the next successful hello.
     #[serde(default)]
     pub replica_name: Option<String>,
     /// Recovery-history policy sent to the replica in every hello (`replication enable/set`);
-    /// absent in older records and when never set (the replica keeps its newest 64 points).
+    /// absent when never set (the replica keeps its newest 64 points).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<proto::HistoryPolicy>,
-    /// History-clock time (`proto::time`) of the newest application-consistent cut that the
-    /// replica committed: the next one is due `app_consistent_every_hours` after it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_app_consistent_unix_ns: Option<u64>,
+}
+
+/// A version-1 `vm/<name>` record: the replication with its flags inside. Read only to
+/// migrate it (`Catalog::migrate`).
+#[derive(Debug, Clone, Deserialize)]
+struct VmRecordV1 {
+    name: String,
+    created_unix_ns: u64,
+    disks: Vec<DiskRecord>,
+    replication: Option<ReplicationRecordV1>,
+    #[serde(default)]
+    guest: Option<crate::guest::GuestSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ReplicationRecordV1 {
+    replica: String,
+    frequency_secs: u32,
+    compression: proto::Compression,
+    disks: Vec<u32>,
+    replication_id: String,
+    generation: u64,
+    last_seq: u64,
+    last_cut_unix_ns: Option<u64>,
+    inflight_seq: Option<u64>,
+    initial_done: bool,
+    initial_started: bool,
+    suspended: bool,
+    resync_reason: Option<String>,
+    #[serde(default)]
+    pending_full: bool,
+    #[serde(default)]
+    replica_name: Option<String>,
+    #[serde(default)]
+    history: Option<proto::HistoryPolicy>,
+    #[serde(default)]
+    last_app_consistent_unix_ns: Option<u64>,
 }
 
 /// Replica side: the primary identity that created a replica VM (`replica-owner/<vm>`). Only
@@ -136,6 +189,78 @@ impl Catalog {
         tx.commit()
             .with_context(|| format!("committing {key} to the catalog"))?;
         Ok(())
+    }
+
+    /// Writes several records in one commit: all of them or none after a crash.
+    pub fn put_many(&self, items: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(KV)?;
+            for (key, bytes) in items {
+                t.insert(key.as_str(), bytes.as_slice())?;
+            }
+        }
+        tx.commit().context("committing to the catalog")?;
+        Ok(())
+    }
+
+    /// Brings `vm/<name>` records of version 1 to version 2: the replication moves to
+    /// `relationship/<name>` with its flags turned into one state (`relationship::migrate_v1`),
+    /// both written in one commit per VM. A record of a version this daemon does not know is
+    /// refused with one line, and nothing is changed. Returns the VMs migrated.
+    pub fn migrate(&self) -> anyhow::Result<Vec<String>> {
+        let mut migrated = Vec::new();
+        for (key, value) in self.scan::<serde_json::Value>("vm/")? {
+            let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+            match version {
+                2 => continue,
+                1 => {}
+                v => anyhow::bail!(
+                    "catalog record {key} has version {v}; this understudy reads versions 1 and 2 (was it written by a newer understudy?)"
+                ),
+            }
+            let old: VmRecordV1 = serde_json::from_value(value)
+                .with_context(|| format!("catalog record {key} is damaged"))?;
+            let mut items = Vec::new();
+            let new = VmRecord {
+                version: RECORD_VERSION,
+                name: old.name.clone(),
+                created_unix_ns: old.created_unix_ns,
+                disks: old.disks,
+                guest: old.guest,
+            };
+            items.push((key.clone(), serde_json::to_vec(&new)?));
+            if let Some(r) = old.replication {
+                let record = relationship::RelationshipRecord::from_v1(
+                    r.initial_started,
+                    r.initial_done,
+                    r.suspended,
+                    r.resync_reason,
+                    r.pending_full,
+                    r.generation,
+                    r.last_seq,
+                    r.inflight_seq,
+                    r.last_cut_unix_ns,
+                    r.last_app_consistent_unix_ns,
+                );
+                let doc = RelationshipDoc {
+                    relationship: serde_json::to_value(record)?,
+                    primary: Some(ReplicationRecord {
+                        replica: r.replica,
+                        frequency_secs: r.frequency_secs,
+                        compression: r.compression,
+                        disks: r.disks,
+                        replication_id: r.replication_id,
+                        replica_name: r.replica_name,
+                        history: r.history,
+                    }),
+                };
+                items.push((RelationshipDoc::key(&old.name), serde_json::to_vec(&doc)?));
+            }
+            self.put_many(&items)?;
+            migrated.push(old.name);
+        }
+        Ok(migrated)
     }
 
     /// Removes `key` (nothing to remove is fine), durably.

@@ -12,6 +12,5 @@ pub fn publish(tmp: &Path, dest: &Path) -> anyhow::Result<()> {
     File::open(tmp)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing {}", tmp.display()))?;
-    sysutil::rename_durable(tmp, dest)
-        .with_context(|| format!("renaming into {}", dest.display()))
+    sysutil::rename_durable(tmp, dest).with_context(|| format!("renaming into {}", dest.display()))
 }

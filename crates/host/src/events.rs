@@ -28,6 +28,9 @@ pub const SUSPENDED: u32 = 2005;
 pub const RESUMED: u32 = 2006;
 pub const ANSWER_LOST_ADOPTED: u32 = 2007;
 pub const REPLICATION_SET: u32 = 2008;
+pub const RESYNC_SCHEDULED: u32 = 2009;
+pub const RESYNC_STARTED: u32 = 2010;
+pub const RESYNC_DONE: u32 = 2011;
 pub const UPLOAD_RESUMED: u32 = 2020;
 /// An application-consistent cut fell back to crash-consistent (agent or hook failure).
 pub const APP_CONSISTENT_FAILED: u32 = 2021;

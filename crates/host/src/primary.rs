@@ -1,6 +1,8 @@
-//! The primary side of a replication relationship: one task per replicating VM that owns its
-//! [`ReplicationRecord`], takes a crash-consistent cut every `frequency` seconds (or on
-//! demand), streams the delta to the replica and commits or aborts the cut on the answer.
+//! The primary side of a replication relationship: one task per replicating VM. It holds the
+//! relationship (`relationship::Relationship`, the pure core's state) and the VM's replication
+//! settings, feeds every command and every fact of a cycle to `relationship::step`, and
+//! executes the actions it returns: take a cut every `frequency` seconds (or on demand), stream
+//! the delta to the replica, persist, log. The core decides; this module only does.
 //!
 //! The guest is never involved beyond the tracker's bounded pause at the cut: a slow or dead
 //! replica only makes the next cut bigger (aborted cuts merge back into the live bitmap).
@@ -16,14 +18,17 @@ use crate::peer_client::PeerRefusal;
 use anyhow::{anyhow, Context};
 use delta::{Compression, DeltaHeader, DeltaKind, DiskEntry};
 use parking_lot::Mutex;
-use proto::peer::{DeltaReply, Hello, HelloReply, PeerDisk};
+use proto::peer::{DeltaReply, Hello};
 use proto::time::{now_unix_ns, rfc3339_from_unix_ns};
-use proto::{Measure, Progress, ReplicationState, ReplicationStatus, SyncResult};
+use proto::{Measure, Progress, ReplicationState, ReplicationStatus, Seq, SyncResult};
+use relationship::{
+    Action, CycleKind, Event, EventKind, HealthFacts, PeerRefusalFacts, RefusalKind, Relationship,
+    State,
+};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::catalog::ReplicationRecord;
+use crate::catalog::{RelationshipDoc, ReplicationRecord};
 use crate::events;
-use crate::session::{self, HealthInput, Reconcile};
 use crate::vms::Vm;
 use crate::Shared;
 
@@ -33,13 +38,18 @@ pub enum Cmd {
     Sync(oneshot::Sender<anyhow::Result<SyncResult>>),
     Suspend(oneshot::Sender<anyhow::Result<()>>),
     Resume {
+        /// Resynchronize: now (`at_unix_ns` None or past) or at that time.
         resync: bool,
+        at_unix_ns: Option<u64>,
         reply: oneshot::Sender<anyhow::Result<()>>,
     },
     Shutdown(oneshot::Sender<()>),
     /// The settings changed (`replication set`): cycle now (its hello carries a new history
     /// policy) and schedule the next ones with the new frequency.
     Reschedule,
+    /// The VM's local storage failed for good (sticky write-back error): the replica may have
+    /// diverged; resynchronization required.
+    StorageFailed(String),
 }
 
 /// Bound on queued commands per VM; API calls beyond it get a transient refusal.
@@ -51,6 +61,9 @@ const SYNC_STALL_REFUSAL: Duration = Duration::from_secs(5);
 /// Retry delays after a failed cycle: capped exponential backoff.
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How often a task waiting for a scheduled resynchronization checks the time (the core
+/// starts it at the first tick at or after its time).
+const TICK: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct Counters {
@@ -72,13 +85,14 @@ struct Counters {
 }
 
 struct Runtime {
-    record: ReplicationRecord,
+    /// What is replicated and how (`replication enable/set`).
+    settings: ReplicationRecord,
+    /// The relationship: one state, the points' progress (the core's).
+    rel: Relationship,
     last_error: Option<String>,
     /// Why the last application-consistent cut fell back to crash-consistent.
     app_error: Option<String>,
     counters: Counters,
-    /// True until the replica confirmed where it stands since this task started or failed.
-    need_hello: bool,
 }
 
 /// Shared view of one VM's replication, read by the API and driven by its task.
@@ -94,34 +108,55 @@ pub struct Replication {
     cmd: mpsc::Sender<Cmd>,
 }
 
+/// What the loop must do after an event (the actions the executor does not run itself).
+#[derive(Default)]
+struct LoopActions {
+    cancel_cycle: bool,
+    cycle_now: bool,
+    say_hello: bool,
+    start_cycle: Option<Plan>,
+    take_cut: Option<Plan>,
+}
+
+/// The seq and kind of a cut the core asked for.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    seq: Seq,
+    kind: CycleKind,
+    hello_first: bool,
+}
+
 impl Replication {
     /// `thaw_agent`: the guest agent socket of a VM opened at daemon start, asked before the
-    /// first cycle to thaw a guest that a previous run left frozen.
+    /// first cycle to thaw a guest that a previous run left frozen. `first`: events fed to the
+    /// core before anything else (what the daemon found at start).
     pub fn spawn(
         shared: Arc<Shared>,
         vm: Arc<Vm>,
-        record: ReplicationRecord,
+        settings: ReplicationRecord,
+        rel: Relationship,
         thaw_agent: Option<String>,
+        first: Vec<Event>,
     ) -> Arc<Replication> {
         let (tx, rx) = mpsc::channel(CMD_QUEUE);
         let repl = Arc::new(Replication {
             vm,
             rt: Mutex::new(Runtime {
-                record,
+                settings,
+                rel,
                 last_error: None,
                 app_error: None,
                 counters: Counters {
                     since_ns: now_unix_ns(),
                     ..Default::default()
                 },
-                need_hello: true,
             }),
             progress_done: AtomicU64::new(0),
             progress_total: AtomicU64::new(0),
             last_progress_ns: Arc::new(AtomicU64::new(0)),
             cmd: tx,
         });
-        tokio::spawn(run(shared, repl.clone(), rx, thaw_agent));
+        tokio::spawn(run(shared, repl.clone(), rx, thaw_agent, first));
         repl
     }
 
@@ -137,22 +172,18 @@ impl Replication {
             .map_err(|_| anyhow!("replication of {} stopped", self.vm.name))
     }
 
+    /// The settings (what is replicated and how).
     pub fn record(&self) -> ReplicationRecord {
-        self.rt.lock().record.clone()
+        self.rt.lock().settings.clone()
     }
 
-    pub fn state_of(r: &ReplicationRecord) -> ReplicationState {
-        if r.resync_reason.is_some() {
-            ReplicationState::ResynchronizationRequired
-        } else if r.suspended {
-            ReplicationState::Suspended
-        } else if !r.initial_started {
-            ReplicationState::ReadyForInitialReplication
-        } else if !r.initial_done {
-            ReplicationState::InitialReplicationInProgress
-        } else {
-            ReplicationState::Replicating
-        }
+    /// The relationship as the core holds it.
+    pub fn relationship(&self) -> Relationship {
+        self.rt.lock().rel.clone()
+    }
+
+    pub fn state(&self) -> ReplicationState {
+        self.rt.lock().rel.state.name()
     }
 
     pub fn pending_bytes(&self, disks: &[u32]) -> u64 {
@@ -165,50 +196,38 @@ impl Replication {
 
     pub fn status(&self) -> ReplicationStatus {
         let rt = self.rt.lock();
-        let r = &rt.record;
-        let state = Self::state_of(r);
-        let (health, health_reasons) = session::health(&HealthInput {
-            state,
-            now_ns: now_unix_ns(),
-            last_cut_ns: r.last_cut_unix_ns,
-            frequency_secs: r.frequency_secs,
-            consecutive_failures: rt.counters.consecutive_failures,
-            last_error: rt.last_error.as_deref(),
-            resync_reason: r.resync_reason.as_deref(),
-            app_consistent_failures: rt.counters.app_consecutive_failures,
-            app_consistent_error: rt.app_error.as_deref(),
-        });
+        let (r, rel) = (&rt.settings, &rt.rel);
+        let (health, health_reasons) = relationship::health(
+            rel,
+            &HealthFacts {
+                frequency_secs: r.frequency_secs,
+                consecutive_failures: rt.counters.consecutive_failures,
+                last_error: rt.last_error.as_deref(),
+                app_consistent_failures: rt.counters.app_consecutive_failures,
+                app_consistent_error: rt.app_error.as_deref(),
+            },
+            now_unix_ns(),
+        );
         let total = self.progress_total.load(Ordering::Relaxed);
-        ReplicationStatus {
-            vm: self.vm.name.to_string(),
-            role: "Primary".into(),
-            state,
+        status_of(
+            &self.vm.name,
+            r,
+            rel,
             health,
             health_reasons,
-            resync_reason: r.resync_reason.clone(),
-            peer: r.replica.clone(),
-            frequency_secs: r.frequency_secs,
-            compression: r.compression,
-            disks: r.disks.clone(),
-            last_replication_time: r.last_cut_unix_ns.map(rfc3339_from_unix_ns),
-            last_replication_unix_ns: r.last_cut_unix_ns,
-            pending_bytes: self.pending_bytes(&r.disks),
-            last_seq: r.last_seq.get(),
-            generation: r.generation.get(),
-            progress: (total > 0).then(|| Progress {
+            self.pending_bytes(&r.disks),
+            (total > 0).then(|| Progress {
                 done_bytes: self.progress_done.load(Ordering::Relaxed).min(total),
                 total_bytes: total,
             }),
-            last_error: rt.last_error.clone(),
-            history: r.history,
-            replica: None,
-        }
+            rt.last_error.clone(),
+        )
     }
 
-    /// `replication set`: applies settings already checked by the caller to the record,
-    /// persists it, and says hello again before the next cycle so the replica learns a new
-    /// history policy. The next cycle uses the new frequency and compression; nothing else
-    /// changes (no new initial replication).
+    /// `replication set`: applies settings already checked by the caller, persists them, and
+    /// says hello again before the next cycle so the replica learns a new history policy. The
+    /// next cycle uses the new frequency and compression; nothing else changes (no new initial
+    /// replication).
     pub fn set(
         &self,
         shared: &Shared,
@@ -219,17 +238,19 @@ impl Replication {
         {
             let mut rt = self.rt.lock();
             if let Some(f) = frequency_secs {
-                rt.record.frequency_secs = f;
+                rt.settings.frequency_secs = f;
             }
             if let Some(c) = compression {
-                rt.record.compression = c;
+                rt.settings.compression = c;
             }
             if history.is_some() {
-                rt.record.history = history;
-                rt.need_hello = true;
+                rt.settings.history = history;
+                rt.rel.need_hello = true;
             }
         }
-        self.persist(shared);
+        if let Err(e) = self.persist_current(shared) {
+            tracing::error!(vm = %self.vm.name, "cannot persist replication settings: {e:#}");
+        }
         // A full queue means commands are pending; the next cycle still uses the new values.
         let _ = self.cmd.try_send(Cmd::Reschedule);
     }
@@ -262,28 +283,160 @@ impl Replication {
         }
     }
 
-    fn persist(&self, shared: &Shared) {
-        let rec = self.rt.lock().record.clone();
-        if let Err(e) = off_runtime(|| shared.save_replication(&self.vm.name, &rec)) {
-            tracing::error!(vm = %self.vm.name, "cannot persist replication state: {e:#}");
+    fn persist_current(&self, shared: &Shared) -> anyhow::Result<()> {
+        let (rel, settings) = {
+            let rt = self.rt.lock();
+            (rt.rel.clone(), rt.settings.clone())
+        };
+        let doc = RelationshipDoc::new(&rel, Some(settings));
+        off_runtime(|| shared.save_relationship(&self.vm.name, &doc))
+    }
+
+    /// The VM's storage failed for good: the task feeds it to the core (resynchronization
+    /// required) as soon as it can.
+    pub(crate) fn require_resync(&self, reason: String) {
+        if !matches!(
+            self.rt.lock().rel.state,
+            State::ResynchronizationRequired { .. }
+        ) {
+            let _ = self.cmd.try_send(Cmd::StorageFailed(reason));
         }
     }
 
-    pub(crate) fn require_resync(&self, shared: &Shared, reason: String) {
-        {
-            let mut rt = self.rt.lock();
-            if rt.record.resync_reason.is_some() {
-                return;
+    /// Feeds one event to the core and executes what it says: scans, persisting, events and
+    /// giving memory back here; what concerns the cycle and the schedule is returned to the
+    /// loop. The new relationship is installed only if every action up to and including
+    /// `Persist` succeeded; a refusal changes nothing and comes back as a typed error.
+    fn apply(&self, shared: &Shared, event: Event) -> anyhow::Result<LoopActions> {
+        let (current, settings) = {
+            let rt = self.rt.lock();
+            (rt.rel.clone(), rt.settings.clone())
+        };
+        let (next, actions) =
+            relationship::step(&current, event, now_unix_ns()).map_err(|r| match r.kind {
+                RefusalKind::Conflict => crate::error::conflict(r.message),
+                RefusalKind::Invalid => crate::error::bad_request(r.message),
+            })?;
+        let mut out = LoopActions::default();
+        let mut installed = false;
+        for action in actions {
+            match action {
+                Action::MarkAllocatedDirty => {
+                    for &i in &settings.disks {
+                        if let Some(d) = self.vm.disks.get(i as usize) {
+                            off_runtime(|| d.mark_allocated_dirty()).with_context(|| {
+                                format!("scanning disk {i} of {}", self.vm.name)
+                            })?;
+                        }
+                    }
+                }
+                Action::MarkAllDirty => {
+                    for &i in &settings.disks {
+                        if let Some(d) = self.vm.disks.get(i as usize) {
+                            d.mark_all_dirty();
+                        }
+                    }
+                }
+                Action::Persist => {
+                    let doc = RelationshipDoc::new(&next, Some(settings.clone()));
+                    off_runtime(|| shared.save_relationship(&self.vm.name, &doc))?;
+                    self.rt.lock().rel = next.clone();
+                    installed = true;
+                }
+                Action::Emit { kind, message } => {
+                    shared
+                        .events
+                        .emit(event_id(kind), Some(&self.vm.name), kind.level(), &message);
+                }
+                Action::ReleaseCopyBeforeWrite => {
+                    for d in &self.vm.disks {
+                        d.release_cbw_memory();
+                    }
+                }
+                Action::CancelCycle => out.cancel_cycle = true,
+                Action::ScheduleCycleNow => out.cycle_now = true,
+                Action::SayHello => out.say_hello = true,
+                Action::StartCycle {
+                    seq,
+                    kind,
+                    hello_first,
+                } => {
+                    out.start_cycle = Some(Plan {
+                        seq,
+                        kind,
+                        hello_first,
+                    })
+                }
+                Action::TakeCut { seq, kind } => {
+                    out.take_cut = Some(Plan {
+                        seq,
+                        kind,
+                        hello_first: false,
+                    })
+                }
             }
-            rt.record.resync_reason = Some(reason.clone());
         }
-        shared.events.emit(
-            events::RESYNC_REQUIRED,
-            Some(&self.vm.name),
-            "error",
-            &format!("resynchronization required: {reason}"),
-        );
-        self.persist(shared);
+        if !installed {
+            // In-memory changes only (where the replica stands is unknown, ...).
+            self.rt.lock().rel = next;
+        }
+        Ok(out)
+    }
+}
+
+/// The event id of what the core reports (`docs/events.md`).
+fn event_id(kind: EventKind) -> u32 {
+    match kind {
+        EventKind::InitialStarted => events::INITIAL_STARTED,
+        EventKind::InitialDone => events::INITIAL_DONE,
+        EventKind::Suspended => events::SUSPENDED,
+        EventKind::Resumed => events::RESUMED,
+        EventKind::ResyncRequired => events::RESYNC_REQUIRED,
+        EventKind::AnswerLostAdopted => events::ANSWER_LOST_ADOPTED,
+        EventKind::ResyncScheduled => events::RESYNC_SCHEDULED,
+        EventKind::ResyncStarted => events::RESYNC_STARTED,
+        EventKind::ResyncDone => events::RESYNC_DONE,
+        EventKind::CycleFailed => events::CYCLE_FAILED,
+    }
+}
+
+/// The status of a primary relationship from its settings and its relationship (also for a
+/// VM that could not be opened, with the health given).
+#[allow(clippy::too_many_arguments)]
+pub fn status_of(
+    vm: &str,
+    r: &ReplicationRecord,
+    rel: &Relationship,
+    health: proto::Health,
+    health_reasons: Vec<String>,
+    pending_bytes: u64,
+    progress: Option<Progress>,
+    last_error: Option<String>,
+) -> ReplicationStatus {
+    let p = &rel.progress;
+    ReplicationStatus {
+        vm: vm.to_string(),
+        role: "Primary".into(),
+        state: rel.state.name(),
+        health,
+        health_reasons,
+        resync_reason: match &rel.state {
+            State::ResynchronizationRequired { reason } => Some(reason.clone()),
+            _ => None,
+        },
+        peer: r.replica.clone(),
+        frequency_secs: r.frequency_secs,
+        compression: r.compression,
+        disks: r.disks.clone(),
+        last_replication_time: p.last_cut_unix_ns.map(rfc3339_from_unix_ns),
+        last_replication_unix_ns: p.last_cut_unix_ns,
+        pending_bytes,
+        last_seq: p.last_seq.get(),
+        generation: p.generation.get(),
+        progress,
+        last_error,
+        history: r.history,
+        replica: None,
     }
 }
 
@@ -292,24 +445,24 @@ pub fn delta_key(replication_id: &str) -> [u8; 32] {
     blake3::derive_key("understudy delta key v1", replication_id.as_bytes())
 }
 
-pub fn hello_of(shared: &Shared, vm: &Vm, r: &ReplicationRecord) -> Hello {
+pub fn hello_of(shared: &Shared, vm: &Vm, r: &ReplicationRecord, rel: &Relationship) -> Hello {
     Hello {
         vm: vm.name.clone(),
         replication_id: r.replication_id.clone(),
-        generation: r.generation,
+        generation: rel.progress.generation,
         primary_host: shared.host_name.clone(),
         disks: r
             .disks
             .iter()
             .filter_map(|&i| {
-                vm.disks.get(i as usize).map(|d| PeerDisk {
+                vm.disks.get(i as usize).map(|d| proto::peer::PeerDisk {
                     index: i,
                     size_bytes: d.size_bytes(),
                 })
             })
             .collect(),
         history: r.history,
-        state: Some(Replication::state_of(r)),
+        state: Some(rel.state.name()),
     }
 }
 
@@ -328,13 +481,14 @@ impl InFlight {
     fn start(
         shared: &Arc<Shared>,
         repl: &Arc<Replication>,
+        plan: Plan,
         waiters: Vec<oneshot::Sender<anyhow::Result<SyncResult>>>,
     ) -> InFlight {
         let (s, r) = (shared.clone(), repl.clone());
         repl.last_progress_ns
             .store(now_unix_ns(), Ordering::Relaxed);
         InFlight {
-            fut: Box::pin(async move { cycle(&s, &r).await }),
+            fut: Box::pin(async move { cycle(&s, &r, plan).await }),
             repl: repl.clone(),
             started: Instant::now(),
             waiters,
@@ -345,7 +499,7 @@ impl InFlight {
     fn cancel(self, why: &str) {
         drop(self.fut);
         // Where the replica stands is unknown now (the point may have committed there).
-        self.repl.rt.lock().need_hello = true;
+        self.repl.rt.lock().rel.need_hello = true;
         for w in self.waiters {
             let _ = w.send(Err(crate::error::transient(why.to_string())));
         }
@@ -360,14 +514,56 @@ async fn poll_inflight(inflight: &mut Option<InFlight>) -> anyhow::Result<SyncRe
     }
 }
 
+/// Tells the replica about a state change (a hello), in the background and best effort: a
+/// replica that cannot be reached learns it at the next cycle's hello.
+fn say_hello(shared: &Arc<Shared>, repl: &Arc<Replication>) {
+    let (settings, rel) = {
+        let rt = repl.rt.lock();
+        (rt.settings.clone(), rt.rel.clone())
+    };
+    let hello = hello_of(shared, &repl.vm, &settings, &rel);
+    let s = shared.clone();
+    tokio::spawn(async move {
+        let Ok(peer) = s.peer(&settings.replica, settings.replica_name.as_deref()) else {
+            return;
+        };
+        if let Err(e) = crate::peer_client::hello(&peer, &hello, &s.peer_timeouts).await {
+            tracing::debug!(vm = %hello.vm, "telling the replica about a state change: {e:#}");
+        }
+    });
+}
+
+/// Starts a cycle when the core asks for one (`CycleDue` → `StartCycle`).
+fn due_cycle(
+    shared: &Arc<Shared>,
+    repl: &Arc<Replication>,
+    waiters: Vec<oneshot::Sender<anyhow::Result<SyncResult>>>,
+) -> Result<InFlight, Vec<oneshot::Sender<anyhow::Result<SyncResult>>>> {
+    match repl.apply(shared, Event::CycleDue) {
+        Ok(LoopActions {
+            start_cycle: Some(plan),
+            ..
+        }) => Ok(InFlight::start(shared, repl, plan, waiters)),
+        _ => Err(waiters),
+    }
+}
+
 async fn run(
     shared: Arc<Shared>,
     repl: Arc<Replication>,
     mut rx: mpsc::Receiver<Cmd>,
     thaw_agent: Option<String>,
+    first: Vec<Event>,
 ) {
     if let Some(sock) = thaw_agent {
         thaw_at_start(&shared, &repl.vm.name, sock).await;
+    }
+    for event in first {
+        match repl.apply(&shared, event) {
+            Ok(a) if a.say_hello => say_hello(&shared, &repl),
+            Ok(_) => {}
+            Err(e) => tracing::error!(vm = %repl.vm.name, "at start: {e:#}"),
+        }
     }
     let mut next_at = Instant::now();
     let mut retry = RETRY_MIN;
@@ -378,34 +574,31 @@ async fn run(
     loop {
         let (state, freq) = {
             let rt = repl.rt.lock();
-            (Replication::state_of(&rt.record), rt.record.frequency_secs)
+            (rt.rel.state.clone(), rt.settings.frequency_secs)
         };
         let period = Duration::from_secs(u64::from(freq));
         if inflight.is_none() && !queued_syncs.is_empty() {
             let waiters = std::mem::take(&mut queued_syncs);
-            if state == ReplicationState::Replicating {
-                inflight = Some(InFlight::start(&shared, &repl, waiters));
-            } else {
-                for w in waiters {
-                    let _ = w.send(Err(crate::error::transient(format!(
-                        "{} cannot sync now: replication is {state:?}",
-                        repl.vm.name
-                    ))));
+            match due_cycle(&shared, &repl, waiters) {
+                Ok(f) => inflight = Some(f),
+                Err(waiters) => {
+                    for w in waiters {
+                        let _ = w.send(Err(cannot_sync(&repl.vm.name, &state)));
+                    }
                 }
             }
         }
-        let periodic = matches!(
-            state,
-            ReplicationState::Replicating | ReplicationState::InitialReplicationInProgress
-        );
+        let periodic = state.cycles();
+        let waiting = matches!(state, State::WaitingForStartResynchronize { .. });
         let sleep = tokio::time::sleep_until(next_at.into());
+        let tick = tokio::time::sleep(TICK);
         tokio::select! {
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else {
                     if let Some(f) = inflight.take() { f.cancel("the daemon is stopping"); }
                     return;
                 };
-                match cmd {
+                let (reply, result) = match cmd {
                     Cmd::Shutdown(done) => {
                         if let Some(f) = inflight.take() { f.cancel("the daemon is stopping"); }
                         for w in queued_syncs.drain(..) {
@@ -416,11 +609,7 @@ async fn run(
                     }
                     Cmd::Reschedule => {
                         next_at = Instant::now();
-                    }
-                    Cmd::Start(reply) => {
-                        let r = off_runtime(|| start_initial(&shared, &repl));
-                        next_at = Instant::now();
-                        let _ = reply.send(r);
+                        continue;
                     }
                     Cmd::Sync(reply) => {
                         let stalled_ns = now_unix_ns()
@@ -438,37 +627,52 @@ async fn run(
                                 let _ = reply.send(Err(crate::error::transient(format!(
                                     "replication of {} is busy; retry", repl.vm.name))));
                             }
-                        } else if state == ReplicationState::Replicating {
-                            inflight = Some(InFlight::start(&shared, &repl, vec![reply]));
                         } else {
-                            let _ = reply.send(Err(crate::error::transient(format!(
-                                "{} cannot sync now: replication is {state:?}", repl.vm.name))));
-                        }
-                    }
-                    Cmd::Suspend(reply) => {
-                        if let Some(f) = inflight.take() {
-                            f.cancel("the cycle was cancelled: replication was suspended");
-                        }
-                        repl.rt.lock().record.suspended = true;
-                        repl.persist(&shared);
-                        // No cut until resume: give back the copy-before-write memory pool.
-                        for d in &repl.vm.disks {
-                            d.release_cbw_memory();
-                        }
-                        shared.events.emit(events::SUSPENDED, Some(&repl.vm.name), "info", "replication suspended");
-                        let _ = reply.send(Ok(()));
-                    }
-                    Cmd::Resume { resync, reply } => {
-                        if resync {
-                            // A resynchronization changes what the next delta is: start over.
-                            if let Some(f) = inflight.take() {
-                                f.cancel("the cycle was cancelled: a resynchronization started");
+                            match due_cycle(&shared, &repl, vec![reply]) {
+                                Ok(f) => inflight = Some(f),
+                                Err(waiters) => {
+                                    for w in waiters {
+                                        let _ = w.send(Err(cannot_sync(&repl.vm.name, &state)));
+                                    }
+                                }
                             }
                         }
-                        let r = off_runtime(|| resume(&shared, &repl, resync));
-                        next_at = Instant::now();
-                        let _ = reply.send(r);
+                        continue;
                     }
+                    Cmd::Start(reply) => (Some(reply), repl.apply(&shared, Event::StartInitial)),
+                    Cmd::Suspend(reply) => (Some(reply), repl.apply(&shared, Event::Suspend)),
+                    Cmd::Resume { resync: false, reply, .. } => {
+                        (Some(reply), repl.apply(&shared, Event::Resume))
+                    }
+                    Cmd::Resume { resync: true, at_unix_ns, reply } => (
+                        Some(reply),
+                        repl.apply(&shared, Event::Resynchronize { at_unix_ns, reason: None }),
+                    ),
+                    Cmd::StorageFailed(reason) => {
+                        (None, repl.apply(&shared, Event::StorageFailed { reason }))
+                    }
+                };
+                let result = result.map(|a| {
+                    if a.cancel_cycle {
+                        if let Some(f) = inflight.take() {
+                            f.cancel(&format!(
+                                "the cycle was cancelled: replication is now {:?}",
+                                repl.state()
+                            ));
+                        }
+                    }
+                    if a.cycle_now {
+                        next_at = Instant::now();
+                    }
+                    if a.say_hello {
+                        say_hello(&shared, &repl);
+                    }
+                });
+                match reply {
+                    Some(reply) => { let _ = reply.send(result); }
+                    None => if let Err(e) = result {
+                        tracing::error!(vm = %repl.vm.name, "{e:#}");
+                    },
                 }
             }
             r = poll_inflight(&mut inflight) => {
@@ -509,10 +713,28 @@ async fn run(
                 }
             }
             _ = sleep, if periodic && inflight.is_none() => {
-                inflight = Some(InFlight::start(&shared, &repl, Vec::new()));
+                if let Ok(f) = due_cycle(&shared, &repl, Vec::new()) {
+                    inflight = Some(f);
+                }
+            }
+            _ = tick, if waiting => {
+                match repl.apply(&shared, Event::Tick) {
+                    Ok(a) => {
+                        if a.cycle_now { next_at = Instant::now(); }
+                        if a.say_hello { say_hello(&shared, &repl); }
+                    }
+                    Err(e) => tracing::error!(vm = %repl.vm.name, "{e:#}"),
+                }
             }
         }
     }
+}
+
+fn cannot_sync(vm: &str, state: &State) -> anyhow::Error {
+    crate::error::transient(format!(
+        "{vm} cannot sync now: replication is {:?}",
+        state.name()
+    ))
 }
 
 /// Runs blocking work (catalog commits, bitmap scans) from the replication task without
@@ -532,76 +754,14 @@ fn jitter(d: Duration) -> Duration {
     d + d * r / 4000
 }
 
-fn start_initial(shared: &Shared, repl: &Replication) -> anyhow::Result<()> {
-    let disks = {
-        let rt = repl.rt.lock();
-        if rt.record.initial_started {
-            return Err(crate::error::conflict(format!(
-                "initial replication of {} was already started",
-                repl.vm.name
-            )));
-        }
-        rt.record.disks.clone()
-    };
-    for &i in &disks {
-        if let Some(d) = repl.vm.disks.get(i as usize) {
-            d.mark_allocated_dirty()
-                .with_context(|| format!("scanning disk {i} of {}", repl.vm.name))?;
-        }
-    }
-    repl.rt.lock().record.initial_started = true;
-    repl.persist(shared);
-    shared.events.emit(
-        events::INITIAL_STARTED,
-        Some(&repl.vm.name),
-        "info",
-        "initial replication started",
-    );
-    Ok(())
-}
-
-fn resume(shared: &Shared, repl: &Replication, resync: bool) -> anyhow::Result<()> {
-    let needs_resync = repl.rt.lock().record.resync_reason.is_some();
-    if needs_resync && !resync {
-        return Err(crate::error::conflict(format!(
-            "{} requires resynchronization; run `understudy replication resume {} --resynchronize`",
-            repl.vm.name, repl.vm.name
-        )));
-    }
-    if resync {
-        // Full resynchronization: every block of every replicated disk is sent (holes as
-        // ZERO frames) on top of the replica's newest point, so earlier points survive.
-        let disks = repl.rt.lock().record.disks.clone();
-        for &i in &disks {
-            if let Some(d) = repl.vm.disks.get(i as usize) {
-                d.mark_all_dirty();
-            }
-        }
-        let mut rt = repl.rt.lock();
-        rt.record.resync_reason = None;
-        rt.record.suspended = false;
-        rt.record.pending_full = true;
-        rt.need_hello = true;
-    } else {
-        repl.rt.lock().record.suspended = false;
-    }
-    repl.persist(shared);
-    shared.events.emit(
-        events::RESUMED,
-        Some(&repl.vm.name),
-        "info",
-        if resync {
-            "resynchronization started"
-        } else {
-            "replication resumed"
-        },
-    );
-    Ok(())
-}
-
-/// One replication cycle: reconcile if needed, cut, ship, commit or abort.
-async fn cycle(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::Result<SyncResult> {
-    let result = cycle_inner(shared, repl).await;
+/// One replication cycle: ask the replica where it stands if needed, cut, ship, and tell the
+/// core what happened (it commits or aborts).
+async fn cycle(
+    shared: &Arc<Shared>,
+    repl: &Arc<Replication>,
+    plan: Plan,
+) -> anyhow::Result<SyncResult> {
+    let result = cycle_inner(shared, repl, plan).await;
     let mut rt = repl.rt.lock();
     match &result {
         Ok(_) => {
@@ -612,79 +772,73 @@ async fn cycle(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::Result<
             rt.last_error = Some(crate::errfmt::one_line(e));
             rt.counters.failed += 1;
             rt.counters.consecutive_failures += 1;
-            rt.need_hello = true;
+            rt.rel.need_hello = true;
         }
     }
     result
 }
 
-async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::Result<SyncResult> {
+async fn cycle_inner(
+    shared: &Arc<Shared>,
+    repl: &Arc<Replication>,
+    plan: Plan,
+) -> anyhow::Result<SyncResult> {
     if let Some(reason) = shared.check_storage(&repl.vm.name) {
         return Err(anyhow!(reason));
     }
-    let record = repl.record();
+    let (record, rel) = {
+        let rt = repl.rt.lock();
+        (rt.settings.clone(), rt.rel.clone())
+    };
     let peer = shared.peer(&record.replica, record.replica_name.as_deref())?;
     let vm_name = repl.vm.name.clone();
 
-    if repl.rt.lock().need_hello {
-        let hello = hello_of(shared, &repl.vm, &record);
-        let reply: HelloReply =
-            crate::peer_client::hello(&peer, &hello, &shared.peer_timeouts).await?;
-        let full = record.pending_full;
-        match session::reconcile(
-            record.last_seq,
-            record.inflight_seq,
-            record.generation,
-            reply.latest_seq,
-            reply.generation,
-            reply.damage.as_deref(),
-        ) {
-            Reconcile::InSync => {}
-            Reconcile::AdoptInflight(seq) => {
-                shared.events.emit(
-                    events::ANSWER_LOST_ADOPTED,
-                    Some(&vm_name),
-                    "info",
-                    &format!("the replica holds point {seq}, whose answer this primary never got; adopting it"),
-                );
-                let mut rt = repl.rt.lock();
-                rt.record.last_seq = seq;
-                if seq == proto::Seq(1) {
-                    rt.record.initial_done = true;
-                }
-                drop(rt);
-                repl.persist(shared);
-            }
-            // A full resynchronization writes every block, so it may follow any point, and
-            // it repairs a damaged replica (the store clears its damage on a Full delta).
-            Reconcile::Diverged(_) if full => {
-                repl.rt.lock().record.last_seq = reply.latest_seq;
-                repl.persist(shared);
-            }
-            Reconcile::Diverged(reason) => {
-                repl.require_resync(shared, reason.clone());
-                return Err(anyhow!(reason));
+    let mut plan = plan;
+    if plan.hello_first {
+        let hello = hello_of(shared, &repl.vm, &record, &rel);
+        let reply = crate::peer_client::hello(&peer, &hello, &shared.peer_timeouts).await?;
+        let next = repl.apply(
+            shared,
+            Event::HelloAnswered {
+                latest_seq: reply.latest_seq,
+                generation: reply.generation,
+                damage: reply.damage.clone(),
+            },
+        )?;
+        match next.take_cut {
+            Some(p) => plan = p,
+            None => {
+                return Err(anyhow!(
+                    "{} does not cut now: replication is {:?}{}",
+                    vm_name,
+                    repl.state(),
+                    repl.relationship()
+                        .state
+                        .reason()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                ))
             }
         }
-        repl.rt.lock().need_hello = false;
         if record.replica_name.is_none() {
             // A relationship set up before replica names were pinned: pin the one met now.
             if let Some(name) = peer.connected_name().await {
-                repl.rt.lock().record.replica_name = Some(name);
-                repl.persist(shared);
+                repl.rt.lock().settings.replica_name = Some(name);
+                repl.persist_current(shared)?;
             }
         }
     }
 
-    let record = repl.record();
-    let kind = if record.pending_full {
-        DeltaKind::Full
-    } else if !record.initial_done {
-        DeltaKind::Initial
-    } else {
-        DeltaKind::Incremental
+    let (record, rel) = {
+        let rt = repl.rt.lock();
+        (rt.settings.clone(), rt.rel.clone())
     };
-    let seq = record.last_seq.next();
+    let kind = match plan.kind {
+        CycleKind::Full => DeltaKind::Full,
+        CycleKind::Initial => DeltaKind::Initial,
+        CycleKind::Incremental => DeltaKind::Incremental,
+    };
+    let seq = plan.seq;
     let selected: Vec<Arc<tracker::TrackedDisk>> = record
         .disks
         .iter()
@@ -693,7 +847,7 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     let gate = repl.vm.gate.clone();
     // Application-consistent when due: freeze, cut, thaw on the blocking thread, every step
     // bounded (`guest.rs`); any failure leaves a crash-consistent cut.
-    let quiesce = app_consistent_due(shared, &vm_name, &record);
+    let quiesce = app_consistent_due(shared, &vm_name, &record, &rel);
     let vm_for_hooks = vm_name.clone();
     let (cut, quiesced) = tokio::task::spawn_blocking(move || match quiesce {
         Some(settings) => {
@@ -722,11 +876,28 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     let cut_ns = proto::time::history_clock_ns(cut.cut_time_unix_ns);
     let pause_us = cut.pause.as_micros() as u64;
 
-    {
-        let mut rt = repl.rt.lock();
-        rt.record.inflight_seq = Some(seq);
+    // The core records the point in flight (persisted before the upload starts), or says the
+    // cut is not one to ship (the relationship changed meanwhile).
+    let taken = repl.apply(
+        shared,
+        Event::CutTaken {
+            seq,
+            cut_unix_ns: cut_ns,
+        },
+    );
+    match taken {
+        Ok(a) if !a.cancel_cycle => {}
+        other => {
+            tokio::task::spawn_blocking(move || cut.abort())
+                .await
+                .context("abort task")?;
+            other?;
+            return Err(anyhow!(
+                "the cut of point {seq} was not shipped: replication is now {:?}",
+                repl.state()
+            ));
+        }
     }
-    repl.persist(shared);
 
     let total: u64 = cut.disks.iter().map(|d| d.dirty_bytes()).sum();
     repl.progress_done.store(0, Ordering::Relaxed);
@@ -735,9 +906,9 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
     let header = DeltaHeader {
         app_consistent,
         vm_id: vm_name.clone(),
-        generation: record.generation,
+        generation: rel.progress.generation,
         seq,
-        parent_seq: record.last_seq,
+        parent_seq: Seq(seq.get().saturating_sub(1)),
         cut_time_unix_ns: cut_ns,
         kind,
         compression: match record.compression {
@@ -799,16 +970,6 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
             let delta_bytes = summary.data_bytes + summary.zero_bytes;
             {
                 let mut rt = repl.rt.lock();
-                let r = &mut rt.record;
-                r.last_seq = reply.seq;
-                r.last_cut_unix_ns = Some(cut_ns);
-                if app_consistent {
-                    r.last_app_consistent_unix_ns = Some(cut_ns);
-                }
-                r.inflight_seq = None;
-                let first = !r.initial_done;
-                r.initial_done = true;
-                r.pending_full = false;
                 let c = &mut rt.counters;
                 c.ok += 1;
                 c.delta_bytes_total += delta_bytes;
@@ -820,18 +981,18 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
                 if app_consistent {
                     c.app_ok += 1;
                 }
-                drop(rt);
-                if first {
-                    shared.events.emit(
-                        events::INITIAL_DONE,
-                        Some(&vm_name),
-                        "info",
-                        &format!("initial replication complete ({delta_bytes} bytes)"),
-                    );
-                }
             }
             repl.progress_total.store(0, Ordering::Relaxed);
-            repl.persist(shared);
+            // The core installs the point (persisted) and leaves the initial replication or
+            // a resynchronization when that was its point.
+            repl.apply(
+                shared,
+                Event::Committed {
+                    seq: reply.seq,
+                    cut_unix_ns: cut_ns,
+                    app_consistent,
+                },
+            )?;
             Ok(SyncResult {
                 vm: vm_name.to_string(),
                 seq: reply.seq.get(),
@@ -853,31 +1014,23 @@ async fn cycle_inner(shared: &Arc<Shared>, repl: &Arc<Replication>) -> anyhow::R
                 Some(why) => e.context(why),
                 None => e,
             };
-            if let Some(refusal) = e.downcast_ref::<PeerRefusal>() {
-                if refusal.needs_resync() {
-                    let inflight = repl.rt.lock().record.inflight_seq;
-                    let judged = match refusal.0.expected_seq {
-                        Some(expected) => session::judge_out_of_sequence(seq, inflight, expected),
-                        None => session::OutOfSequence::Diverged(refusal.0.error.clone()),
-                    };
-                    match judged {
-                        session::OutOfSequence::AlreadyDelivered => {
-                            // The next hello adopts it (the cycle's failure sets need_hello)
-                            // and says so (event 2007).
-                            tracing::info!(vm = %vm_name, "the replica already holds point {seq}: its answer was lost");
-                        }
-                        session::OutOfSequence::Diverged(reason) => {
-                            repl.require_resync(shared, reason)
-                        }
-                    }
-                }
+            let refusal = e.downcast_ref::<PeerRefusal>().map(|r| PeerRefusalFacts {
+                expected_seq: r.0.expected_seq,
+                needs_resync: r.needs_resync(),
+                error: r.0.error.clone(),
+            });
+            // The core judges a refusal (a lost answer is "already delivered", anything else
+            // that cannot follow requires a resynchronization) and logs the failure.
+            if let Err(fed) = repl.apply(
+                shared,
+                Event::CycleFailed {
+                    seq,
+                    error: crate::errfmt::one_line(&e),
+                    refusal,
+                },
+            ) {
+                tracing::error!(vm = %vm_name, "recording a failed cycle: {fed:#}");
             }
-            shared.events.emit(
-                events::CYCLE_FAILED,
-                Some(&vm_name),
-                "warning",
-                &format!("replication cycle failed: {}", crate::errfmt::one_line(&e)),
-            );
             Err(e)
         }
     }
@@ -891,11 +1044,12 @@ fn app_consistent_due(
     shared: &Shared,
     vm: &str,
     record: &ReplicationRecord,
+    rel: &Relationship,
 ) -> Option<crate::guest::GuestSettings> {
     let every_h = record.history.as_ref()?.app_consistent_every_hours?;
     let settings = shared.guest_settings(vm).filter(|g| g.can_quiesce())?;
     let every_ns = u64::from(every_h) * 3600 * 1_000_000_000;
-    let due = match record.last_app_consistent_unix_ns {
+    let due = match rel.progress.last_app_consistent_unix_ns {
         None => true,
         Some(last) => proto::time::history_now_ns() >= last.saturating_add(every_ns),
     };

@@ -384,6 +384,14 @@ async fn route(
             // once the store has accepted the hello (for an existing VM that proves the
             // caller knows its key).
             let owner = check_owner(shared, vm, &caller, true)?;
+            // One relationship per VM on a host: not a replica of a VM it replicates.
+            if shared.role_of(vm) == Some(relationship::Role::Primary) {
+                return Err(refuse(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!("{vm} is replicated from this host ({}); it cannot also be a replica of it here", shared.host_name),
+                ));
+            }
             let store2 = store.clone();
             let vm_name = vm.clone();
             let key = delta_key(&hello.replication_id);
@@ -419,6 +427,20 @@ async fn route(
                 )?;
             }
             shared.note_replica_primary(vm, &hello.primary_host);
+            // The replica's view of the relationship: the state the primary reports.
+            let event = relationship::Event::HelloReceived {
+                primary_state: hello.state,
+                generation: hello.generation,
+                latest_seq: rvm.latest_seq(),
+            };
+            tokio::task::block_in_place(|| shared.replica_event(vm, hello.generation, event))
+                .map_err(|e| {
+                    refuse(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "store_error",
+                        host_one_line(&e),
+                    )
+                })?;
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
         (Method::GET, ["v1", "replicas", _, "state"]) => {
@@ -491,6 +513,28 @@ async fn route(
             })??;
             // Retention runs in its own task (woken here), never in the request's path.
             shared.retention_wake.notify_one();
+            let kind = match rvm
+                .points()
+                .iter()
+                .find(|p| p.seq == point.seq)
+                .map(|p| p.kind)
+            {
+                Some(delta::DeltaKind::Full) => relationship::CycleKind::Full,
+                Some(delta::DeltaKind::Initial) => relationship::CycleKind::Initial,
+                _ => relationship::CycleKind::Incremental,
+            };
+            let event = relationship::Event::DeltaCommitted {
+                seq: point.seq,
+                kind,
+                cut_unix_ns: point.cut_time_unix_ns,
+            };
+            let generation = rvm.generation();
+            if let Err(e) =
+                tokio::task::block_in_place(|| shared.replica_event(vm, generation, event))
+            {
+                // The point is committed; only the replica's view of the state lags.
+                tracing::error!(%vm, "recording the committed point: {e:#}");
+            }
             shared.events.emit(
                 events::POINT_COMMITTED,
                 Some(vm),
@@ -662,6 +706,10 @@ fn unknown(vm: &str) -> Refusal {
         "unknown_vm",
         format!("no replica of {vm} here; the primary must say hello first"),
     )
+}
+
+fn host_one_line(e: &anyhow::Error) -> String {
+    crate::errfmt::one_line(e)
 }
 
 fn hello_reply(rvm: &ReplicaVm) -> HelloReply {

@@ -194,7 +194,6 @@ fn new_record(name: &str, now_ns: u64, disks: Vec<DiskRecord>) -> VmRecord {
         name: name.to_string(),
         created_unix_ns: now_ns,
         disks,
-        replication: None,
         guest: None,
     }
 }

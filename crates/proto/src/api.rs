@@ -137,6 +137,13 @@ pub struct SetReplication {
     pub keep_every_point_for_secs: Option<u64>,
 }
 
+/// `POST /v1/vms/{vm}/replication/resynchronize`: now, or at `at_unix_ns`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Resynchronize {
+    #[serde(default)]
+    pub at_unix_ns: Option<u64>,
+}
+
 /// Replication state names follow Hyper-V Replica's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplicationState {

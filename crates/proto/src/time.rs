@@ -16,6 +16,89 @@ pub fn rfc3339_from_unix_ns(unix_ns: u64) -> String {
     )
 }
 
+/// Parses an RFC 3339 timestamp (`2026-12-03T18:30:00Z`, fractions and `+01:00`-style offsets
+/// allowed; `T` or a space between date and time) into unix nanoseconds. `None` when it is not
+/// one, or before 1970.
+pub fn unix_ns_from_rfc3339(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        if t.bytes().all(|c| c.is_ascii_digit()) {
+            t.parse().ok()
+        } else {
+            None
+        }
+    };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut rest = &s[19..];
+    let mut nanos: i64 = 0;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 {
+            return None;
+        }
+        let mut scale = 100_000_000i64;
+        for c in frac[..digits].bytes().take(9) {
+            nanos += i64::from(c - b'0') * scale;
+            scale /= 10;
+        }
+        rest = &frac[digits..];
+    }
+    let offset_s: i64 = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let ob = rest.as_bytes();
+            if ob.len() != 6 || !matches!(ob[0], b'+' | b'-') || ob[3] != b':' {
+                return None;
+            }
+            let h: i64 = rest.get(1..3)?.parse().ok()?;
+            let m: i64 = rest.get(4..6)?.parse().ok()?;
+            let v = h * 3600 + m * 60;
+            if ob[0] == b'+' {
+                v
+            } else {
+                -v
+            }
+        }
+    };
+    let days = days_from_civil(year, month as u32, day as u32);
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_s;
+    if secs < 0 {
+        return None;
+    }
+    u64::try_from(secs)
+        .ok()?
+        .checked_mul(1_000_000_000)?
+        .checked_add(nanos as u64)
+}
+
+/// (year, month, day) to days since 1970-01-01 (Howard Hinnant's `days_from_civil`).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
 /// (Howard Hinnant's `civil_from_days` algorithm).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
@@ -92,5 +175,36 @@ mod tests {
             rfc3339_from_unix_ns(1_795_324_887_000_000_000),
             "2026-11-22T05:21:27.000Z"
         );
+    }
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_parses_what_it_formats_and_offsets() {
+        for ns in [0u64, 1_767_225_600_123_000_000, 1_795_000_000_000_000_000] {
+            assert_eq!(unix_ns_from_rfc3339(&rfc3339_from_unix_ns(ns)), Some(ns));
+        }
+        assert_eq!(
+            unix_ns_from_rfc3339("2026-01-01T01:00:00+01:00"),
+            unix_ns_from_rfc3339("2026-01-01T00:00:00Z")
+        );
+        assert_eq!(
+            unix_ns_from_rfc3339("2026-01-01 00:00:00Z"),
+            Some(1_767_225_600_000_000_000)
+        );
+        for bad in [
+            "",
+            "tomorrow",
+            "2026-13-01T00:00:00Z",
+            "2026-01-01T00:00:00",
+            "2026-01-01T00:00:00+1",
+            "1969-12-31T23:59:59Z",
+            "2026-01-01T00:00:00.Z",
+        ] {
+            assert_eq!(unix_ns_from_rfc3339(bad), None, "{bad:?}");
+        }
     }
 }

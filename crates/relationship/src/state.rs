@@ -85,7 +85,7 @@ impl State {
 
     /// Whether the initial replication has completed (a point exists on the replica), as far
     /// as the state tells.
-    pub(crate) fn initial_done(&self) -> bool {
+    pub fn initial_done(&self) -> bool {
         match self {
             State::ReadyForInitialReplication | State::InitialReplicationInProgress => false,
             State::Suspended { resume_to } => !matches!(

@@ -163,6 +163,17 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
                     .await?,
             )
         }
+        (Method::POST, ["v1", "vms", name, "replication", "resynchronize"]) => {
+            let repl = shared.replication(name)?;
+            let r: proto::Resynchronize = body(req).await?;
+            repl.command(|reply| Cmd::Resume {
+                resync: true,
+                at_unix_ns: r.at_unix_ns,
+                reply,
+            })
+            .await??;
+            to_json(&repl.status())
+        }
         (Method::POST, ["v1", "vms", name, "replication", action]) => {
             let repl = shared.replication(name)?;
             match *action {
@@ -171,13 +182,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
                 "resume" => {
                     repl.command(|reply| Cmd::Resume {
                         resync: false,
-                        reply,
-                    })
-                    .await??
-                }
-                "resynchronize" => {
-                    repl.command(|reply| Cmd::Resume {
-                        resync: true,
+                        at_unix_ns: None,
                         reply,
                     })
                     .await??

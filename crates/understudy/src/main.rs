@@ -294,6 +294,10 @@ enum ReplicationCmd {
         name: String,
         #[arg(long)]
         resynchronize: bool,
+        /// With --resynchronize: start it at this time (RFC 3339, e.g. 2026-12-03T18:30:00Z)
+        /// instead of now; until then the VM is WaitingForStartResynchronize.
+        #[arg(long, value_name = "TIME", requires = "resynchronize")]
+        at: Option<String>,
     },
 }
 
@@ -449,16 +453,12 @@ fn main() -> ExitCode {
                 ReplicationCmd::Suspend { name } => cli::replication_action(&api, &name, "suspend"),
                 ReplicationCmd::Resume {
                     name,
-                    resynchronize,
-                } => cli::replication_action(
-                    &api,
-                    &name,
-                    if resynchronize {
-                        "resynchronize"
-                    } else {
-                        "resume"
-                    },
-                ),
+                    resynchronize: true,
+                    at,
+                } => cli::resynchronize(&api, &name, at.as_deref()),
+                ReplicationCmd::Resume { name, .. } => {
+                    cli::replication_action(&api, &name, "resume")
+                }
             }
         }
         Command::Points(cmd) => {

@@ -17,13 +17,14 @@ use proto::{
 };
 use tracker::OpenState;
 
-use crate::catalog::{Catalog, ReplicationRecord, VmRecord};
+use crate::catalog::{Catalog, RelationshipDoc, ReplicationRecord, VmRecord};
 use crate::error::{bad_request, conflict, not_found};
 use crate::events::{self, Events};
 use crate::heartbeat;
 use crate::primary::{self, Replication};
 use crate::vms::{self, Vm};
 use crate::HostConfig;
+use relationship::{Event, Relationship, Role};
 
 mod replica_side;
 mod served;
@@ -37,8 +38,20 @@ const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 struct VmEntry {
     record: VmRecord,
     vm: Arc<Vm>,
-    repl: Option<Arc<Replication>>,
 }
+
+/// The one replication relationship of a VM on this host, in the role this host plays in it:
+/// one record per VM name (`relationship/<vm>` in the catalog), so a VM is never primary and
+/// replica here at once, and reversing the direction changes the role of the same record.
+pub enum Relation {
+    /// This host ships the VM's points: its task holds the relationship.
+    Primary(Arc<Replication>),
+    /// This host receives them: the relationship as the replica sees it.
+    Replica(Relationship),
+}
+
+/// A primary relationship read from the catalog: its settings and the core's relationship.
+type PrimaryRelation = (ReplicationRecord, Relationship);
 
 /// A VM name reserved while its VM is created or imported (`Shared::ensure_new`).
 struct NameReservation<'a> {
@@ -57,6 +70,8 @@ impl Drop for NameReservation<'_> {
 struct BrokenVm {
     record: VmRecord,
     reason: String,
+    /// Its relationship as recorded (shown by `replication status`, never run).
+    relationship: Option<PrimaryRelation>,
 }
 
 /// NBD `reconnect-delay` (seconds) in the qemu and libvirt attachments `vm show` prints: how
@@ -74,6 +89,7 @@ const VM_OPEN_DEADLINE: Duration = Duration::from_secs(15);
 pub struct PreparedEnable {
     vm: String,
     record: ReplicationRecord,
+    rel: Relationship,
 }
 
 struct ReplicaHost {
@@ -100,6 +116,8 @@ pub struct Shared {
     exports: Arc<nbd::StaticRegistry>,
     nbd: Mutex<Option<nbd::NbdServer>>,
     vms: Mutex<BTreeMap<String, VmEntry>>,
+    /// Every replication relationship of this host, by VM name, in its role.
+    relationships: Mutex<BTreeMap<String, Relation>>,
     broken: Mutex<BTreeMap<String, BrokenVm>>,
     /// Names of VMs being created or imported right now (see `ensure_new`).
     creating: Mutex<HashSet<String>>,
@@ -198,6 +216,7 @@ impl Shared {
             exports: exports.clone(),
             nbd: Mutex::new(None),
             vms: Mutex::new(BTreeMap::new()),
+            relationships: Mutex::new(BTreeMap::new()),
             broken: Mutex::new(BTreeMap::new()),
             creating: Mutex::new(HashSet::new()),
             replica: Mutex::new(None),
@@ -234,18 +253,25 @@ impl Shared {
         // is reported broken with the reason, and every other VM is served.
         // All at once, under one deadline: a VM whose storage hangs is reported broken and
         // never keeps the others (whose guests wait in the socket's backlog) off the air.
+        // A catalog of the previous version is brought to this one first (one commit per VM);
+        // one of a version this daemon does not know is refused with one line.
+        for vm in shared.catalog.migrate()? {
+            tracing::info!(vm = %vm, "catalog record moved to version {}", crate::catalog::RECORD_VERSION);
+        }
+        let mut primaries = shared.load_relationships()?;
         let records: Vec<(String, VmRecord)> = shared.catalog.scan("vm/")?;
         let opening: Vec<_> = records
             .into_iter()
             .map(|(_, record)| {
+                let rel = primaries.remove(&record.name);
                 let rec2 = record.clone();
                 let options = shared.disk_options.clone();
                 let task = tokio::task::spawn_blocking(move || vms::open_vm(&rec2, &options));
-                (record, task)
+                (record, rel, task)
             })
             .collect();
         let deadline = tokio::time::Instant::now() + VM_OPEN_DEADLINE;
-        for (record, task) in opening {
+        for (record, rel, task) in opening {
             let opened = match tokio::time::timeout_at(deadline, task).await {
                 Ok(joined) => joined.map_err(anyhow::Error::from).and_then(|r| r),
                 Err(_) => Err(anyhow!(
@@ -254,8 +280,8 @@ impl Shared {
                 )),
             };
             match opened {
-                Ok(vm) => shared.install_opened(record, vm),
-                Err(e) => shared.mark_broken(record, &e),
+                Ok(vm) => shared.install_opened(record, vm, rel),
+                Err(e) => shared.mark_broken(record, &e, rel),
             }
         }
         let server = nbd::NbdServer::serve_unix_listener(
@@ -277,27 +303,59 @@ impl Shared {
         Ok(shared)
     }
 
-    /// Serves a VM opened at start and resumes its replication.
-    fn install_opened(self: &Arc<Self>, record: VmRecord, vm: Vm) {
-        let vm = Arc::new(vm);
-        self.add_exports(&vm);
-        let repl = match record.replication.clone() {
-            Some(mut r) => {
-                self.judge_open_states(&vm, &mut r);
-                if let Err(e) = self.save_replication(&vm.name, &r) {
-                    tracing::error!(vm = %vm.name, "cannot persist replication state: {e:#}");
+    /// Reads every relationship record (`relationship/<vm>`): replica ones go to the map at
+    /// once, primary ones are returned to be started with their VM. A record this daemon
+    /// cannot read (another version, damaged) stops the start with one line.
+    fn load_relationships(&self) -> anyhow::Result<BTreeMap<String, PrimaryRelation>> {
+        let mut primaries = BTreeMap::new();
+        for (key, doc) in self.catalog.scan::<RelationshipDoc>("relationship/")? {
+            let name = key.trim_start_matches("relationship/");
+            let vm = proto::VmName::parse(name)
+                .with_context(|| format!("catalog record {key} names an invalid VM"))?;
+            let rel = Relationship::from_record(vm, doc.record(&proto::VmName::parse(name)?)?)?;
+            match (rel.role, doc.primary) {
+                (Role::Primary, Some(settings)) => {
+                    primaries.insert(name.to_string(), (settings, rel));
                 }
-                let agent = record.guest.as_ref().and_then(|g| g.agent_socket.clone());
-                Some(Replication::spawn(self.clone(), vm.clone(), r, agent))
+                (Role::Primary, None) => {
+                    bail!("catalog record {key} is damaged: a primary relationship without its settings")
+                }
+                (Role::Replica, _) => {
+                    self.relationships
+                        .lock()
+                        .insert(name.to_string(), Relation::Replica(rel));
+                }
             }
-            None => None,
-        };
-        self.vms
-            .lock()
-            .insert(record.name.clone(), VmEntry { record, vm, repl });
+        }
+        Ok(primaries)
     }
 
-    fn mark_broken(&self, record: VmRecord, e: &anyhow::Error) {
+    /// Serves a VM opened at start and resumes its replication.
+    fn install_opened(self: &Arc<Self>, record: VmRecord, vm: Vm, rel: Option<PrimaryRelation>) {
+        let vm = Arc::new(vm);
+        self.add_exports(&vm);
+        if let Some((settings, rel)) = rel {
+            let mut first = vec![Event::Restarted];
+            if let Some(reason) = self.judge_open_states(&vm, &settings, &rel) {
+                first.push(Event::StorageFailed { reason });
+            }
+            let agent = record.guest.as_ref().and_then(|g| g.agent_socket.clone());
+            let repl = Replication::spawn(self.clone(), vm.clone(), settings, rel, agent, first);
+            self.relationships
+                .lock()
+                .insert(record.name.clone(), Relation::Primary(repl));
+        }
+        self.vms
+            .lock()
+            .insert(record.name.clone(), VmEntry { record, vm });
+    }
+
+    fn mark_broken(
+        &self,
+        record: VmRecord,
+        e: &anyhow::Error,
+        relationship: Option<PrimaryRelation>,
+    ) {
         let reason = crate::errfmt::one_line(e);
         tracing::error!(vm = %record.name, "cannot open: {reason}");
         self.events.emit(
@@ -306,9 +364,14 @@ impl Shared {
             "error",
             &format!("VM cannot be opened and is not served: {reason}"),
         );
-        self.broken
-            .lock()
-            .insert(record.name.clone(), BrokenVm { record, reason });
+        self.broken.lock().insert(
+            record.name.clone(),
+            BrokenVm {
+                record,
+                reason,
+                relationship,
+            },
+        );
     }
 
     /// Fsyncgate: reports every disk of `name` whose image storage failed a sync (the tracker
@@ -316,11 +379,8 @@ impl Shared {
     /// replicated disk, resynchronization required (the replica may hold data the primary's
     /// disk lost, or the reverse). Returns the reason of the first failed replicated disk.
     pub fn check_storage(&self, name: &str) -> Option<String> {
-        let (vm, repl) = {
-            let vms = self.vms.lock();
-            let e = vms.get(name)?;
-            (e.vm.clone(), e.repl.clone())
-        };
+        let vm = self.vms.lock().get(name)?.vm.clone();
+        let repl = self.primary_of(name);
         let mut first = None;
         for (i, d) in vm.disks.iter().enumerate() {
             let Some(error) = d.storage_error() else {
@@ -335,7 +395,7 @@ impl Shared {
             }
             if let Some(repl) = &repl {
                 if repl.record().disks.contains(&(i as u32)) {
-                    repl.require_resync(self, reason.clone());
+                    repl.require_resync(reason.clone());
                     first.get_or_insert(reason);
                 }
             }
@@ -344,10 +404,25 @@ impl Shared {
     }
 
     /// Promise 3 at startup: decide from what the trackers found whether the replica can
-    /// still follow, and say so.
-    fn judge_open_states(&self, vm: &Vm, r: &mut ReplicationRecord) {
-        if r.resync_reason.is_some() {
-            return;
+    /// still follow. Returns why a resynchronization is required (the core makes it so);
+    /// prepares the dirty bits of an interrupted initial replication.
+    fn judge_open_states(
+        &self,
+        vm: &Vm,
+        r: &ReplicationRecord,
+        rel: &Relationship,
+    ) -> Option<String> {
+        use relationship::{Resumable, State};
+        let initial_in_progress = matches!(
+            rel.state,
+            State::InitialReplicationInProgress
+                | State::Suspended {
+                    resume_to: Resumable::InitialReplicationInProgress
+                }
+        );
+        let initial_done = rel.state.initial_done();
+        if matches!(rel.state, State::ResynchronizationRequired { .. }) {
+            return None;
         }
         // Disks of an interrupted initial replication whose tracking cannot say what changed.
         let mut untracked: Vec<u32> = Vec::new();
@@ -384,7 +459,7 @@ impl Shared {
                 )),
             };
             if let Some(reason) = reason {
-                if r.initial_started && !r.initial_done {
+                if initial_in_progress {
                     // The replica may hold point 1 already (committed, answer lost), and
                     // reconcile then adopts it: re-sending only what is allocated now would
                     // leave whatever became a hole since on the replica (silent divergence).
@@ -393,19 +468,12 @@ impl Shared {
                     untracked.push(i as u32);
                     continue;
                 }
-                if r.initial_done {
-                    self.events.emit(
-                        events::RESYNC_REQUIRED,
-                        Some(&vm.name),
-                        "error",
-                        &format!("resynchronization required: {reason}"),
-                    );
-                    r.resync_reason = Some(reason);
-                    return;
+                if initial_done {
+                    return Some(reason);
                 }
             }
         }
-        if r.initial_started && !r.initial_done {
+        if initial_in_progress {
             // An interrupted initial replication starts over (its delta never committed, or
             // reconcile adopts it and the rest goes as an ordinary delta).
             for &i in &r.disks {
@@ -419,6 +487,7 @@ impl Shared {
                 }
             }
         }
+        None
     }
 
     /// After an unclean stop the activity log covers the daemon's own writes; an edit made
@@ -470,24 +539,25 @@ impl Shared {
         }
     }
 
-    pub fn save_replication(&self, vm: &str, r: &ReplicationRecord) -> anyhow::Result<()> {
-        let mut vms = self.vms.lock();
-        let record = match vms.get_mut(vm) {
-            Some(e) => {
-                e.record.replication = Some(r.clone());
-                e.record.clone()
-            }
-            None => {
-                let mut rec: VmRecord = self
-                    .catalog
-                    .get(&vm_key(vm))?
-                    .ok_or_else(|| anyhow!("VM {vm} vanished"))?;
-                rec.replication = Some(r.clone());
-                rec
-            }
-        };
-        drop(vms);
-        self.catalog.put(&vm_key(vm), &record)
+    /// Writes a VM's relationship record (`relationship/<vm>`), durably.
+    pub fn save_relationship(&self, vm: &str, doc: &RelationshipDoc) -> anyhow::Result<()> {
+        self.catalog.put(&RelationshipDoc::key(vm), doc)
+    }
+
+    /// The primary relationship of `name`, if this host ships its points.
+    fn primary_of(&self, name: &str) -> Option<Arc<Replication>> {
+        match self.relationships.lock().get(name) {
+            Some(Relation::Primary(r)) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    /// The role this host plays for VM `name`, if it has a relationship for it.
+    pub fn role_of(&self, name: &str) -> Option<Role> {
+        self.relationships.lock().get(name).map(|r| match r {
+            Relation::Primary(_) => Role::Primary,
+            Relation::Replica(_) => Role::Replica,
+        })
     }
 
     // ----- VMs -----
@@ -569,14 +639,7 @@ impl Shared {
         let vm = Arc::new(vm);
         self.add_exports(&vm);
         let name = record.name.clone();
-        self.vms.lock().insert(
-            name.clone(),
-            VmEntry {
-                record,
-                vm,
-                repl: None,
-            },
-        );
+        self.vms.lock().insert(name.clone(), VmEntry { record, vm });
         self.vm_info(&name)
     }
 
@@ -600,21 +663,27 @@ impl Shared {
                 }
             }
         };
-        let repl_disks = record
-            .replication
-            .as_ref()
-            .map(|r| r.disks.clone())
+        let broken_rel = self
+            .broken
+            .lock()
+            .get(name)
+            .and_then(|b| b.relationship.as_ref().map(|(s, _)| s.disks.clone()));
+        let repl_disks = self
+            .primary_of(name)
+            .map(|r| r.record().disks)
+            .or(broken_rel)
             .unwrap_or_default();
+        let role = match self.role_of(name) {
+            Some(Role::Primary) => "Primary",
+            Some(Role::Replica) => "Replica",
+            None if !repl_disks.is_empty() => "Primary",
+            None => "None",
+        };
         let socket = self.nbd_socket.display().to_string();
         Ok(VmInfo {
             name: record.name.clone(),
             created_at: rfc3339_from_unix_ns(record.created_unix_ns),
-            replication_role: if record.replication.is_some() {
-                "Primary"
-            } else {
-                "None"
-            }
-            .into(),
+            replication_role: role.into(),
             disks: record
                 .disks
                 .iter()
@@ -731,39 +800,35 @@ impl Shared {
     fn broken_status(&self, name: &str) -> Option<ReplicationStatus> {
         let broken = self.broken.lock();
         let b = broken.get(name)?;
-        let r = b.record.replication.as_ref()?;
+        let (r, rel) = b.relationship.as_ref()?;
         let why = format!("the VM could not be opened: {}", b.reason);
-        Some(ReplicationStatus {
-            vm: name.to_string(),
-            role: "Primary".into(),
-            state: Replication::state_of(r),
-            health: proto::Health::Critical,
-            health_reasons: vec![why.clone()],
-            resync_reason: r.resync_reason.clone(),
-            peer: r.replica.clone(),
-            frequency_secs: r.frequency_secs,
-            compression: r.compression,
-            disks: r.disks.clone(),
-            last_replication_time: r.last_cut_unix_ns.map(rfc3339_from_unix_ns),
-            last_replication_unix_ns: r.last_cut_unix_ns,
-            pending_bytes: 0,
-            last_seq: r.last_seq.get(),
-            generation: r.generation.get(),
-            progress: None,
-            last_error: Some(why),
-            history: r.history,
-            replica: None,
-        })
+        Some(primary::status_of(
+            name,
+            r,
+            rel,
+            proto::Health::Critical,
+            vec![why.clone()],
+            0,
+            None,
+            Some(why),
+        ))
     }
 
     // ----- replication (primary side) -----
 
     pub fn replication(&self, name: &str) -> anyhow::Result<Arc<Replication>> {
-        let vms = self.vms.lock();
-        let e = vms
-            .get(name)
-            .ok_or_else(|| not_found(format!("no VM named {name} on this host")))?;
-        e.repl.clone().ok_or_else(|| primary::not_enabled(name))
+        if let Some(r) = self.primary_of(name) {
+            return Ok(r);
+        }
+        if self.role_of(name) == Some(Role::Replica) {
+            return Err(conflict(format!(
+                "{name} is a replica on this host; run this on its primary"
+            )));
+        }
+        if !self.vms.lock().contains_key(name) && !self.broken.lock().contains_key(name) {
+            return Err(not_found(format!("no VM named {name} on this host")));
+        }
+        Err(primary::not_enabled(name))
     }
 
     /// The shared link to the replica at `addr` whose certificate names `expect` (the name
@@ -809,12 +874,7 @@ impl Shared {
             let e = vms
                 .get(&req.vm)
                 .ok_or_else(|| not_found(format!("no VM named {} on this host", req.vm)))?;
-            if e.record.replication.is_some() {
-                return Err(conflict(format!(
-                    "replication is already enabled for {}",
-                    req.vm
-                )));
-            }
+            self.check_no_relationship(&req.vm)?;
             e.vm.clone()
         };
         let all: Vec<u32> = (0..vm.disks.len() as u32).collect();
@@ -837,25 +897,16 @@ impl Shared {
             compression: req.compression,
             disks,
             replication_id: random_id()?,
-            generation: proto::Generation(1),
-            last_seq: proto::Seq(0),
-            last_cut_unix_ns: None,
-            inflight_seq: None,
-            initial_done: false,
-            initial_started: false,
-            suspended: false,
-            resync_reason: None,
-            pending_full: false,
             replica_name: None,
             history: req.history,
-            last_app_consistent_unix_ns: None,
         };
+        let rel = Relationship::new(vm.name.clone(), Role::Primary, proto::Generation(1));
         // Like Enable-VMReplication: the replica must accept us now, or nothing changes. First
         // contact: any replica identity the trust scopes allow; the one met is pinned below.
         let peer = transport::Peer::expecting(req.replica.clone(), self.tls.clone(), None)?;
         let reply = crate::peer_client::hello(
             &peer,
-            &primary::hello_of(self, &vm, &record),
+            &primary::hello_of(self, &vm, &record, &rel),
             &self.peer_timeouts,
         )
         .await
@@ -867,7 +918,11 @@ impl Shared {
             )));
         }
         record.replica_name = peer.connected_name().await;
-        Ok(PreparedEnable { vm: req.vm, record })
+        Ok(PreparedEnable {
+            vm: req.vm,
+            record,
+            rel,
+        })
     }
 
     /// Commits a prepared enable (the command owner's half): the VM must still exist and not
@@ -881,19 +936,14 @@ impl Shared {
             let e = vms
                 .get(&p.vm)
                 .ok_or_else(|| not_found(format!("no VM named {} on this host", p.vm)))?;
-            if e.record.replication.is_some() {
-                return Err(conflict(format!(
-                    "replication is already enabled for {}",
-                    p.vm
-                )));
-            }
+            self.check_no_relationship(&p.vm)?;
             e.vm.clone()
         };
-        self.save_replication(&p.vm, &p.record)?;
-        let repl = Replication::spawn(self.clone(), vm, p.record.clone(), None);
-        if let Some(e) = self.vms.lock().get_mut(&p.vm) {
-            e.repl = Some(repl.clone());
-        }
+        self.save_relationship(&p.vm, &RelationshipDoc::new(&p.rel, Some(p.record.clone())))?;
+        let repl = Replication::spawn(self.clone(), vm, p.record.clone(), p.rel, None, Vec::new());
+        self.relationships
+            .lock()
+            .insert(p.vm.clone(), Relation::Primary(repl.clone()));
         self.events.emit(
             events::REPLICATION_ENABLED,
             Some(&p.vm),
@@ -901,6 +951,19 @@ impl Shared {
             &format!("replication enabled to {}", p.record.replica),
         );
         Ok(repl.status())
+    }
+
+    /// Refuses a second relationship for a VM: one per VM name, in one role.
+    fn check_no_relationship(&self, vm: &str) -> anyhow::Result<()> {
+        match self.role_of(vm) {
+            None => Ok(()),
+            Some(Role::Primary) => {
+                Err(conflict(format!("replication is already enabled for {vm}")))
+            }
+            Some(Role::Replica) => Err(conflict(format!(
+                "{vm} is a replica on this host; it cannot also be replicated from here"
+            ))),
+        }
     }
 
     /// The host's command owner: the only way to change host-level state.
@@ -971,7 +1034,7 @@ impl Shared {
 
     pub fn status(&self, name: &str) -> anyhow::Result<ReplicationStatus> {
         self.check_storage(name);
-        if let Some(repl) = self.vms.lock().get(name).and_then(|e| e.repl.clone()) {
+        if let Some(repl) = self.primary_of(name) {
             return Ok(repl.status());
         }
         if let Some(st) = self.broken_status(name) {
@@ -988,10 +1051,13 @@ impl Shared {
 
     /// Every replication task on this host (taken out of the lock, so callers may await).
     fn replications(&self) -> Vec<Arc<Replication>> {
-        self.vms
+        self.relationships
             .lock()
             .values()
-            .filter_map(|e| e.repl.clone())
+            .filter_map(|r| match r {
+                Relation::Primary(r) => Some(r.clone()),
+                Relation::Replica(_) => None,
+            })
             .collect()
     }
 

@@ -307,6 +307,52 @@ impl Shared {
         self.catalog.put(&replica_owner_key(vm), owner)
     }
 
+    /// Feeds a fact about replica VM `vm` to its relationship (role `Replica`; created at the
+    /// first hello), persists what changed and logs what the core reports (blocking: a catalog
+    /// commit). A VM this host replicates from here is refused: one relationship per VM.
+    pub fn replica_event(
+        &self,
+        vm: &proto::VmName,
+        generation: proto::Generation,
+        event: relationship::Event,
+    ) -> anyhow::Result<()> {
+        use relationship::{Action, Relationship, Role};
+        let mut rels = self.relationships.lock();
+        let current = match rels.get(vm.as_str()) {
+            Some(super::Relation::Primary(_)) => {
+                return Err(crate::error::conflict(format!(
+                    "{vm} is replicated from this host; it cannot also be a replica here"
+                )))
+            }
+            Some(super::Relation::Replica(r)) => r.clone(),
+            None => Relationship::new(vm.clone(), Role::Replica, generation),
+        };
+        let (next, actions) = relationship::step(&current, event, proto::time::now_unix_ns())
+            .map_err(|r| crate::error::conflict(r.message))?;
+        for action in actions {
+            match action {
+                Action::Persist => {
+                    self.save_relationship(vm, &crate::catalog::RelationshipDoc::new(&next, None))?
+                }
+                Action::Emit { kind, message } => {
+                    tracing::info!(vm = %vm, ?kind, "{message}");
+                }
+                // The replica ships nothing and cuts nothing.
+                _ => {}
+            }
+        }
+        rels.insert(vm.to_string(), super::Relation::Replica(next));
+        Ok(())
+    }
+
+    /// The replica role's relationship of `vm`, if one is recorded.
+    fn replica_relationship(&self, vm: &str) -> Option<relationship::Relationship> {
+        match self.relationships.lock().get(vm) {
+            Some(super::Relation::Replica(r)) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
     pub fn note_replica_primary(&self, vm: &str, primary: &str) {
         self.replica_primaries
             .lock()
@@ -377,7 +423,9 @@ impl Shared {
         Some(ReplicationStatus {
             vm: name.to_string(),
             role: "Replica".into(),
-            state: ReplicationState::Replica,
+            state: self
+                .replica_relationship(name)
+                .map_or(ReplicationState::Replicating, |r| r.state.name()),
             health: Health::Warning,
             health_reasons: reasons,
             resync_reason: None,
@@ -413,24 +461,53 @@ impl Shared {
         let points = rvm.points();
         let last = points.last();
         let damage = rvm.damage();
+        // The relationship as this replica knows it (the state its primary reported, what it
+        // committed); a replica from before relationship records: what it holds says.
+        let rel = self.replica_relationship(name).unwrap_or_else(|| {
+            let mut r = relationship::Relationship::new(
+                rvm.vm_id().clone(),
+                relationship::Role::Replica,
+                rvm.generation(),
+            );
+            r.state = if points.is_empty() {
+                relationship::State::InitialReplicationInProgress
+            } else {
+                relationship::State::Replicating
+            };
+            r
+        });
+        let mut state = rel.state.name();
+        let mut resync_reason = match &rel.state {
+            relationship::State::ResynchronizationRequired { reason } => Some(reason.clone()),
+            _ => None,
+        };
+        // The replica's own finding outranks what the primary said last.
+        if let Some(d) = &damage {
+            state = ReplicationState::ResynchronizationRequired;
+            resync_reason = Some(format!("replica copy damaged: {d}"));
+        }
+        let (mut health, mut health_reasons) = relationship::health(
+            &rel,
+            &relationship::HealthFacts {
+                // The primary's frequency is not known here: no lag rule on this side.
+                frequency_secs: u32::MAX,
+                ..Default::default()
+            },
+            proto::time::now_unix_ns(),
+        );
+        if let Some(why) = &resync_reason {
+            if damage.is_some() {
+                health = Health::Critical;
+                health_reasons.push(why.clone());
+            }
+        }
         Some(ReplicationStatus {
             vm: name.to_string(),
             role: "Replica".into(),
-            state: if damage.is_some() {
-                ReplicationState::ResynchronizationRequired
-            } else {
-                ReplicationState::Replica
-            },
-            health: if damage.is_some() {
-                Health::Critical
-            } else {
-                Health::Normal
-            },
-            health_reasons: damage
-                .iter()
-                .map(|d| format!("replica copy damaged: {d}"))
-                .collect(),
-            resync_reason: damage,
+            state,
+            health,
+            health_reasons,
+            resync_reason,
             // The primary's host name from its last hello, else (after a restart, before
             // its next hello) the identity the VM is bound to, recorded in the catalog.
             peer: self

@@ -470,6 +470,22 @@ pub fn replication_action(api: &Api, name: &str, action: &str) -> anyhow::Result
     Ok(())
 }
 
+/// `replication resume NAME --resynchronize [--at TIME]`.
+pub fn resynchronize(api: &Api, name: &str, at: Option<&str>) -> anyhow::Result<()> {
+    let at_unix_ns = match at {
+        None => None,
+        Some(t) => Some(proto::time::unix_ns_from_rfc3339(t).ok_or_else(|| {
+            anyhow::anyhow!("invalid --at {t:?}: give an RFC 3339 time, e.g. 2026-12-03T18:30:00Z")
+        })?),
+    };
+    let st: ReplicationStatus = api.post(
+        &format!("/v1/vms/{}/replication/resynchronize", path_segment(name)?),
+        &proto::Resynchronize { at_unix_ns },
+    )?;
+    println!("{}: {:?}", st.vm, st.state);
+    Ok(())
+}
+
 pub fn points_list(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
     let points: Vec<PointInfo> = api.get(&format!("/v1/points/{}", path_segment(name)?))?;
     if json {
