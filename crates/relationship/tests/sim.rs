@@ -14,6 +14,9 @@
 //! - once the primary has heard from a replica that diverged (restored from an older copy,
 //!   damaged), it is in `ResynchronizationRequired` (or already resynchronizing) with health
 //!   not Normal, until a `Full` point cut after the divergence commits;
+//! - the replica host runs the same core (role Replica): after each hello it shows the
+//!   primary's state name (or its own `ResynchronizationRequired`), and when the primary is
+//!   in sync as above it shows `Replicating` at the same point;
 //! - at the end, without faults, the relationship returns to `Replicating` with Normal health
 //!   and the replica's newest point equal to the primary's disk.
 
@@ -81,6 +84,10 @@ struct Replica {
     points: Vec<Point>,
     generation: Generation,
     damaged: bool,
+    /// The replica host's view of the relationship (the same core, role Replica) and its
+    /// last persisted record.
+    rel: Relationship,
+    persisted: String,
 }
 
 impl Replica {
@@ -246,6 +253,8 @@ impl World {
                 points: Vec::new(),
                 generation: G,
                 damaged: false,
+                persisted: record_json(&Relationship::new(web(), Role::Replica, G)),
+                rel: Relationship::new(web(), Role::Replica, G),
             },
             late: Vec::new(),
             ghost: false,
@@ -332,8 +341,44 @@ impl World {
                 }
                 self.note(format!("  -> {:?} {actions:?}", next.state));
                 self.p.rel = next;
+                // Tell the replica about the change, best effort.
+                if actions.contains(&Action::SayHello) && !self.rng.chance(self.faults.hello_lost) {
+                    self.replica_hears_hello();
+                }
                 Ok(actions)
             }
+        }
+    }
+
+    /// Steps the replica host's core with a fact; it is never refused.
+    fn replica_fact(&mut self, event: Event) {
+        self.note(format!("replica: {event:?}"));
+        match step(&self.r.rel, event, self.now) {
+            Err(refusal) => self.fail(&format!("the replica refused a fact: {refusal}")),
+            Ok((next, actions)) => {
+                if actions.contains(&Action::Persist) {
+                    self.r.persisted = record_json(&next);
+                }
+                self.note(format!("  replica -> {:?}", next.state));
+                self.r.rel = next;
+            }
+        }
+    }
+
+    /// A hello from the primary reaches the replica host: it mirrors the primary's state.
+    fn replica_hears_hello(&mut self) {
+        let primary_state = self.p.rel.state.name();
+        self.replica_fact(Event::HelloReceived {
+            primary_state: Some(primary_state),
+            generation: self.p.rel.progress.generation,
+            latest_seq: self.r.latest(),
+        });
+        let shown = self.r.rel.state.name();
+        let keeps_divergence = matches!(self.r.rel.state, State::ResynchronizationRequired { .. });
+        if shown != primary_state && !keeps_divergence {
+            self.fail(&format!(
+                "after a hello the replica shows {shown:?} but the primary is {primary_state:?}"
+            ));
         }
     }
 
@@ -411,6 +456,7 @@ impl World {
                 return self.failed(seq, "hello: connection reset", None);
             }
             self.tampered = false;
+            self.replica_hears_hello();
             let damage = self
                 .r
                 .damaged
@@ -466,7 +512,16 @@ impl World {
                 None,
             );
         }
+        self.replica_fact(Event::DeltaStarted { kind });
+        let latest = self.r.latest();
         if let Err(refusal) = self.r.apply(&delta) {
+            // Not a divergence when the replica already holds that point (a retry after a
+            // lost answer).
+            if self.r.damaged || delta.seq != latest {
+                self.replica_fact(Event::Diverged {
+                    reason: refusal.error.clone(),
+                });
+            }
             self.p.dirty.extend(&frozen);
             if self.rng.chance(self.faults.answer_late) {
                 // The refusal arrives after the primary gave up on the cycle.
@@ -484,6 +539,11 @@ impl World {
             return self.failed(seq, &error, Some(refusal));
         }
         self.note(format!("replica commits {seq} ({kind:?})"));
+        self.replica_fact(Event::DeltaCommitted {
+            seq,
+            kind,
+            cut_unix_ns: cut_ns,
+        });
         self.stats.commits += 1;
         if kind == CycleKind::Full && delta.epoch == self.epoch {
             self.ghost = false;
@@ -554,6 +614,9 @@ impl World {
         if !self.r.points.is_empty() && self.rng.chance(self.faults.replica_restored_older) {
             let keep = self.rng.below(self.r.points.len() as u64) as usize;
             self.r.points.truncate(keep);
+            // The replica host restarts on the older copy, with its relationship record.
+            let rec = RelationshipRecord::from_json(&web(), &self.r.persisted).unwrap();
+            self.r.rel = Relationship::from_record(web(), rec).unwrap();
             self.tampered = true;
             if self.r.latest() < self.p.rel.progress.last_seq {
                 self.diverge(&format!("restored from an older copy (point {keep})"));
@@ -563,6 +626,9 @@ impl World {
         }
         if self.rng.chance(self.faults.replica_damaged) {
             self.r.damaged = true;
+            self.replica_fact(Event::Diverged {
+                reason: "a journal block fails its checksum".into(),
+            });
             self.diverge("damaged");
         }
     }
@@ -649,6 +715,13 @@ impl World {
                     "Replicating and Normal, but the replica's newest point is {} and the primary's last_seq {}",
                     self.r.latest(),
                     rel.progress.last_seq
+                ));
+            }
+            let view = &self.r.rel;
+            if view.state != State::Replicating || view.progress.last_seq != rel.progress.last_seq {
+                self.fail(&format!(
+                    "in sync, but the replica host shows {:?} at point {}",
+                    view.state, view.progress.last_seq
                 ));
             }
             let img = &self
