@@ -7,7 +7,7 @@
 //!   daemon observed) into the next relationship and the [`Action`]s to run, in order, or a
 //!   [`Refusal`] that changes nothing. The daemon executes the actions and installs the new
 //!   relationship only if every action up to and including [`Action::Persist`] succeeded.
-//! - [`health`] derives Normal / Warning / Critical; time is passed in.
+//! - [`health()`](fn@health) derives Normal / Warning / Critical; time is passed in.
 //! - [`record`] is the persisted form (`docs/formats/relationship.md`, version 2) and the
 //!   migration from version 1's flags.
 //! - [`reconcile`](mod@reconcile) holds the reconcile rules of `docs/formats/peer-protocol.md`.

@@ -293,7 +293,10 @@ pub fn step(
             s.resynchronize(at_unix_ns, reason, now_unix_ns)?
         }
         Event::Tick => {
-            if let State::WaitingForStartResynchronize { reason, at_unix_ns } = &rel.state {
+            // On the replica the state only mirrors the primary's: the primary starts it.
+            if let (State::WaitingForStartResynchronize { reason, at_unix_ns }, Role::Primary) =
+                (&rel.state, rel.role)
+            {
                 if *at_unix_ns <= now_unix_ns {
                     s.start_resync(reason.clone());
                 }

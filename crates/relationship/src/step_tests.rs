@@ -734,3 +734,13 @@ fn state_names_are_the_hyper_v_ones() {
         ReplicationState::Suspended
     );
 }
+
+#[test]
+fn replica_waiting_for_resync_does_not_start_one_on_tick() {
+    let waiting = State::WaitingForStartResynchronize {
+        reason: None,
+        at_unix_ns: NOW - 1,
+    };
+    let r = replica(waiting, 4);
+    assert_eq!(ok(&r, Event::Tick), (r.clone(), vec![]));
+}
