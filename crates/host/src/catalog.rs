@@ -327,3 +327,101 @@ mod tests {
         assert_eq!(c.get::<u32>("x").unwrap(), Some(3));
     }
 }
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+
+    fn v1_vm(replication: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "version": 1, "name": "web", "created_unix_ns": 5,
+            "disks": [{"index": 0, "size_bytes": 4096, "file": "/x/disk-0.raw", "state_dir": "/x/disk-0.state"}],
+            "replication": replication,
+        })
+    }
+
+    fn v1_replication(flags: serde_json::Value) -> serde_json::Value {
+        let mut r = serde_json::json!({
+            "replica": "b:1", "frequency_secs": 30, "compression": "zstd", "disks": [0],
+            "replication_id": "abcd", "generation": 3, "last_seq": 7, "last_cut_unix_ns": 9,
+            "inflight_seq": 8, "initial_done": true, "initial_started": true, "suspended": false,
+            "resync_reason": null, "replica_name": "b",
+        });
+        for (k, v) in flags.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        r
+    }
+
+    #[test]
+    fn version_1_catalog_is_migrated_to_one_relationship_record_per_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.redb")).unwrap();
+        c.put(
+            "vm/web",
+            &v1_vm(v1_replication(serde_json::json!({"suspended": true}))),
+        )
+        .unwrap();
+        c.put("vm/plain", &{
+            let mut v = v1_vm(serde_json::Value::Null);
+            v["name"] = "plain".into();
+            v
+        })
+        .unwrap();
+        assert_eq!(
+            c.migrate().unwrap(),
+            vec!["plain".to_string(), "web".to_string()]
+        );
+        // Idempotent: a second start finds nothing to do.
+        assert!(c.migrate().unwrap().is_empty());
+
+        let vm: VmRecord = c.get("vm/web").unwrap().unwrap();
+        assert_eq!(vm.version, 2);
+        let doc: RelationshipDoc = c.get("relationship/web").unwrap().unwrap();
+        let name = proto::VmName::parse("web").unwrap();
+        let rel = relationship::Relationship::from_record(name.clone(), doc.record(&name).unwrap())
+            .unwrap();
+        assert_eq!(rel.role, relationship::Role::Primary);
+        assert_eq!(
+            rel.state,
+            relationship::State::Suspended {
+                resume_to: relationship::Resumable::Replicating
+            }
+        );
+        assert_eq!(rel.progress.last_seq, proto::Seq(7));
+        assert_eq!(rel.progress.inflight_seq, Some(proto::Seq(8)));
+        assert_eq!(rel.progress.generation, proto::Generation(3));
+        let settings = doc.primary.unwrap();
+        assert_eq!(settings.replica, "b:1");
+        assert_eq!(settings.replication_id, "abcd");
+        assert!(c
+            .get::<RelationshipDoc>("relationship/plain")
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn catalog_of_an_unknown_version_is_refused_in_one_line_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.redb")).unwrap();
+        let mut v = v1_vm(serde_json::Value::Null);
+        v["version"] = 9.into();
+        c.put("vm/web", &v).unwrap();
+        let e = c.migrate().unwrap_err().to_string();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains("version 9"), "{e}");
+        let kept: serde_json::Value = c.get("vm/web").unwrap().unwrap();
+        assert_eq!(kept, v);
+    }
+
+    #[test]
+    fn relationship_record_of_an_unknown_version_is_refused_in_one_line() {
+        let doc = RelationshipDoc {
+            relationship: serde_json::json!({"version": 3, "role": "Primary"}),
+            primary: None,
+        };
+        let name = proto::VmName::parse("web").unwrap();
+        let e = doc.record(&name).unwrap_err().to_string();
+        assert!(e.contains("version 3") && e.lines().count() == 1, "{e}");
+    }
+}
