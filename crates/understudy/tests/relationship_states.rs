@@ -112,14 +112,12 @@ fn both_hosts_report_the_same_state_through_every_transition() {
     }
 }
 
-/// A host that replicates a VM cannot also be its replica: one relationship per VM, in one
-/// role (reverse replication changes the role of that one record).
+/// A host that replicates a VM cannot also be its replica, nor the reverse: one relationship
+/// per VM, in one role (reverse replication changes the role of that one record).
 #[test]
 fn a_host_is_never_primary_and_replica_of_one_vm() {
     let root = tempfile::tempdir().unwrap();
     let (a, b) = pair(root.path());
-    // b replicates its own `web` to a, and a has a `web` it replicates to b.
-    enable_replica_server(&a);
     a.ok(&["vm", "create", "web", "--disk", "4M"]);
     a.ok(&[
         "replication",
@@ -130,6 +128,7 @@ fn a_host_is_never_primary_and_replica_of_one_vm() {
         "--frequency",
         "3600",
     ]);
+    // b is web's replica: its own VM of that name cannot replicate from b.
     b.ok(&["vm", "create", "web", "--disk", "4M"]);
     let out = b.run(&[
         "replication",
@@ -140,7 +139,25 @@ fn a_host_is_never_primary_and_replica_of_one_vm() {
         "--frequency",
         "3600",
     ]);
-    assert!(!out.status.success(), "b's web may not replicate to a");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("web is a replica on this host"), "{err}");
+
+    // a replicates web: a third host's web cannot make a its replica.
+    enable_replica_server(&a);
+    let c = Host::start(root.path(), "third");
+    trust_each_other(&a, &c);
+    c.ok(&["vm", "create", "web", "--disk", "4M"]);
+    let out = c.run(&[
+        "replication",
+        "enable",
+        "web",
+        "--replica",
+        &a.addr(),
+        "--frequency",
+        "3600",
+    ]);
+    assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("it cannot also be a replica"), "{err}");
     assert_eq!(status(&a, "web")["role"], "Primary");
