@@ -47,9 +47,12 @@ pub enum Cmd {
     /// The settings changed (`replication set`): cycle now (its hello carries a new history
     /// policy) and schedule the next ones with the new frequency.
     Reschedule,
-    /// The VM's local storage failed for good (sticky write-back error): the replica may have
-    /// diverged; resynchronization required.
-    StorageFailed(String),
+    /// An event was fed to the core outside this task (a storage failure seen by a status
+    /// read): what it asked of the loop.
+    Followup {
+        cancel_cycle: bool,
+        say_hello: bool,
+    },
 }
 
 /// Bound on queued commands per VM; API calls beyond it get a transient refusal.
@@ -106,6 +109,9 @@ pub struct Replication {
     /// refused at once instead of waiting for the deadlines.
     last_progress_ns: Arc<AtomicU64>,
     cmd: mpsc::Sender<Cmd>,
+    /// Held for a whole [`Replication::apply`]: two events are never stepped from the same
+    /// relationship (the task's own and one fed from outside it).
+    apply_lock: Mutex<()>,
 }
 
 /// What the loop must do after an event (the actions the executor does not run itself).
@@ -155,6 +161,7 @@ impl Replication {
             progress_total: AtomicU64::new(0),
             last_progress_ns: Arc::new(AtomicU64::new(0)),
             cmd: tx,
+            apply_lock: Mutex::new(()),
         });
         tokio::spawn(run(shared, repl.clone(), rx, thaw_agent, first));
         repl
@@ -292,14 +299,25 @@ impl Replication {
         off_runtime(|| shared.save_relationship(&self.vm.name, &doc))
     }
 
-    /// The VM's storage failed for good: the task feeds it to the core (resynchronization
-    /// required) as soon as it can.
-    pub(crate) fn require_resync(&self, reason: String) {
-        if !matches!(
+    /// The VM's storage failed for good: the core makes the relationship require a
+    /// resynchronization at once (a status read right after shows it); the task then cancels
+    /// a cycle in flight and tells the replica.
+    pub(crate) fn require_resync(&self, shared: &Shared, reason: String) {
+        if matches!(
             self.rt.lock().rel.state,
             State::ResynchronizationRequired { .. }
         ) {
-            let _ = self.cmd.try_send(Cmd::StorageFailed(reason));
+            return;
+        }
+        match self.apply(shared, Event::StorageFailed { reason }) {
+            Ok(a) if a.cancel_cycle || a.say_hello => {
+                let _ = self.cmd.try_send(Cmd::Followup {
+                    cancel_cycle: a.cancel_cycle,
+                    say_hello: a.say_hello,
+                });
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(vm = %self.vm.name, "recording a storage failure: {e:#}"),
         }
     }
 
@@ -308,6 +326,7 @@ impl Replication {
     /// loop. The new relationship is installed only if every action up to and including
     /// `Persist` succeeded; a refusal changes nothing and comes back as a typed error.
     fn apply(&self, shared: &Shared, event: Event) -> anyhow::Result<LoopActions> {
+        let _one_at_a_time = self.apply_lock.lock();
         let (current, settings) = {
             let rt = self.rt.lock();
             (rt.rel.clone(), rt.settings.clone())
@@ -648,9 +667,10 @@ async fn run(
                         Some(reply),
                         repl.apply(&shared, Event::Resynchronize { at_unix_ns, reason: None }),
                     ),
-                    Cmd::StorageFailed(reason) => {
-                        (None, repl.apply(&shared, Event::StorageFailed { reason }))
-                    }
+                    Cmd::Followup { cancel_cycle, say_hello } => (
+                        None,
+                        Ok(LoopActions { cancel_cycle, say_hello, ..Default::default() }),
+                    ),
                 };
                 let result = result.map(|a| {
                     if a.cancel_cycle {

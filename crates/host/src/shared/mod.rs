@@ -395,7 +395,7 @@ impl Shared {
             }
             if let Some(repl) = &repl {
                 if repl.record().disks.contains(&(i as u32)) {
-                    repl.require_resync(reason.clone());
+                    repl.require_resync(self, reason.clone());
                     first.get_or_insert(reason);
                 }
             }
