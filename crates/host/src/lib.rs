@@ -22,7 +22,6 @@ pub mod peer_client;
 pub mod primary;
 pub mod qemu_img;
 pub mod replica_host;
-pub mod session;
 pub mod shared;
 pub mod shipper;
 pub mod upload;
