@@ -141,6 +141,11 @@ pub struct ReplicaOwner {
     pub ca_fingerprint: String,
 }
 
+impl ReplicaOwner {
+    /// Its format has not changed since version 1 of the catalog.
+    pub const VERSION: u32 = 1;
+}
+
 /// Replica side: a recovery point served over NBD, and so pinned (`served/<vm>/<seq>`,
 /// `docs/formats/catalog.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

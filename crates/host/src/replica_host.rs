@@ -327,7 +327,7 @@ async fn route(
         )
     })?;
     let caller = ReplicaOwner {
-        version: crate::catalog::RECORD_VERSION,
+        version: ReplicaOwner::VERSION,
         peer_name: name.clone(),
         ca_fingerprint,
     };
