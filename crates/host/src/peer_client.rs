@@ -35,6 +35,25 @@ impl PeerRefusal {
 /// Whether a failed call is worth retrying as is (a `sync` then exits 75): a deadline passed,
 /// the transport failed, or the replica is busy or still opening. Refusals that need a person
 /// (trust, allow list, ownership, corrupt data, resynchronization) are not.
+/// The kind of a failed call to a peer, for the caller's own answer: transient (unreachable,
+/// deadline, busy) → retry later; the peer's considered refusal → invalid request when the
+/// peer said so, else a conflict with the peer's state. Never "unexpected": a peer saying no
+/// is not a bug of this host.
+pub fn typed(e: anyhow::Error) -> anyhow::Error {
+    let line = crate::errfmt::one_line(&e);
+    if is_transient(&e) {
+        crate::error::transient(line)
+    } else if let Some(r) = e.downcast_ref::<PeerRefusal>() {
+        if r.0.code == "bad_request" {
+            crate::error::bad_request(line)
+        } else {
+            crate::error::conflict(line)
+        }
+    } else {
+        e
+    }
+}
+
 pub fn is_transient(e: &anyhow::Error) -> bool {
     if e.downcast_ref::<PeerTimeout>().is_some()
         || e.downcast_ref::<transport::TransportError>().is_some()

@@ -67,6 +67,9 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// How often a task waiting for a scheduled resynchronization checks the time (the core
 /// starts it at the first tick at or after its time).
 const TICK: Duration = Duration::from_secs(1);
+/// How often a state change the replica has not heard of yet is told again (a hello): in the
+/// states without cycles nothing else would tell it.
+const HELLO_RETRY: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct Counters {
@@ -112,6 +115,8 @@ pub struct Replication {
     /// Held for a whole [`Replication::apply`]: two events are never stepped from the same
     /// relationship (the task's own and one fed from outside it).
     apply_lock: Mutex<()>,
+    /// The replica has not confirmed the latest state change yet (a hello failed).
+    hello_owed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the loop must do after an event (the actions the executor does not run itself).
@@ -162,6 +167,7 @@ impl Replication {
             last_progress_ns: Arc::new(AtomicU64::new(0)),
             cmd: tx,
             apply_lock: Mutex::new(()),
+            hello_owed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         });
         tokio::spawn(run(shared, repl.clone(), rx, thaw_agent, first));
         repl
@@ -232,7 +238,7 @@ impl Replication {
     }
 
     /// `replication set`: applies settings already checked by the caller, persists them, and
-    /// says hello again before the next cycle so the replica learns a new history policy. The
+    /// says hello so the replica learns a new history policy. The
     /// next cycle uses the new frequency and compression; nothing else changes (no new initial
     /// replication).
     pub fn set(
@@ -241,7 +247,9 @@ impl Replication {
         frequency_secs: Option<u32>,
         compression: Option<proto::Compression>,
         history: Option<proto::HistoryPolicy>,
-    ) {
+    ) -> anyhow::Result<()> {
+        // Under the apply lock: a step in progress persists the settings it read.
+        let _one_at_a_time = self.apply_lock.lock();
         {
             let mut rt = self.rt.lock();
             if let Some(f) = frequency_secs {
@@ -252,14 +260,16 @@ impl Replication {
             }
             if history.is_some() {
                 rt.settings.history = history;
-                rt.rel.need_hello = true;
             }
         }
-        if let Err(e) = self.persist_current(shared) {
-            tracing::error!(vm = %self.vm.name, "cannot persist replication settings: {e:#}");
+        self.persist_current(shared)?;
+        // The task says hello (the replica learns a new history policy at once) and cycles
+        // with the new frequency. A full queue means commands are pending; the hello owed
+        // and the next cycle still carry the new values.
+        if self.cmd.try_send(Cmd::Reschedule).is_err() {
+            self.hello_owed.store(true, Ordering::Relaxed);
         }
-        // A full queue means commands are pending; the next cycle still uses the new values.
-        let _ = self.cmd.try_send(Cmd::Reschedule);
+        Ok(())
     }
 
     pub fn measure(&self) -> Measure {
@@ -299,6 +309,14 @@ impl Replication {
         off_runtime(|| shared.save_relationship(&self.vm.name, &doc))
     }
 
+    /// Where the replica stands is unknown (a cycle failed or was cancelled): the next cycle
+    /// asks first. An in-memory fact, set under the apply lock so no step in progress
+    /// overwrites it.
+    fn mark_need_hello(&self) {
+        let _one_at_a_time = self.apply_lock.lock();
+        self.rt.lock().rel.need_hello = true;
+    }
+
     /// The VM's storage failed for good: the core makes the relationship require a
     /// resynchronization at once (a status read right after shows it); the task then cancels
     /// a cycle in flight and tells the replica.
@@ -311,10 +329,15 @@ impl Replication {
         }
         match self.apply(shared, Event::StorageFailed { reason }) {
             Ok(a) if a.cancel_cycle || a.say_hello => {
-                let _ = self.cmd.try_send(Cmd::Followup {
+                let sent = self.cmd.try_send(Cmd::Followup {
                     cancel_cycle: a.cancel_cycle,
                     say_hello: a.say_hello,
                 });
+                if sent.is_err() {
+                    // The queue is full: the cycle in flight finds the core refusing its cut
+                    // or commit; the replica is told at the next retry.
+                    self.hello_owed.store(true, Ordering::Relaxed);
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::error!(vm = %self.vm.name, "recording a storage failure: {e:#}"),
@@ -352,7 +375,12 @@ impl Replication {
                 Action::MarkAllDirty => {
                     for &i in &settings.disks {
                         if let Some(d) = self.vm.disks.get(i as usize) {
-                            d.mark_all_dirty();
+                            d.mark_all_dirty().with_context(|| {
+                                format!(
+                                    "marking disk {i} of {} for a full resynchronization",
+                                    self.vm.name
+                                )
+                            })?;
                         }
                     }
                 }
@@ -518,7 +546,7 @@ impl InFlight {
     fn cancel(self, why: &str) {
         drop(self.fut);
         // Where the replica stands is unknown now (the point may have committed there).
-        self.repl.rt.lock().rel.need_hello = true;
+        self.repl.mark_need_hello();
         for w in self.waiters {
             let _ = w.send(Err(crate::error::transient(why.to_string())));
         }
@@ -541,13 +569,19 @@ fn say_hello(shared: &Arc<Shared>, repl: &Arc<Replication>) {
         (rt.settings.clone(), rt.rel.clone())
     };
     let hello = hello_of(shared, &repl.vm, &settings, &rel);
-    let s = shared.clone();
+    repl.hello_owed.store(true, Ordering::Relaxed);
+    let (s, r) = (shared.clone(), repl.clone());
     tokio::spawn(async move {
         let Ok(peer) = s.peer(&settings.replica, settings.replica_name.as_deref()) else {
             return;
         };
-        if let Err(e) = crate::peer_client::hello(&peer, &hello, &s.peer_timeouts).await {
-            tracing::debug!(vm = %hello.vm, "telling the replica about a state change: {e:#}");
+        match crate::peer_client::hello(&peer, &hello, &s.peer_timeouts).await {
+            // Told, unless the state changed again meanwhile (that change owes its own).
+            Ok(_) if hello.state == Some(r.state()) => r.hello_owed.store(false, Ordering::Relaxed),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(vm = %hello.vm, "telling the replica about a state change: {e:#}")
+            }
         }
     });
 }
@@ -590,6 +624,7 @@ async fn run(
     // `sync` calls that arrived while a cycle was running: a fresh cycle (a new cut, so it
     // holds every write acknowledged before the call) answers them when that one ends.
     let mut queued_syncs: Vec<oneshot::Sender<anyhow::Result<SyncResult>>> = Vec::new();
+    let mut hello_retry_at: Option<Instant> = None;
     loop {
         let (state, freq) = {
             let rt = repl.rt.lock();
@@ -611,6 +646,18 @@ async fn run(
         let waiting = matches!(state, State::WaitingForStartResynchronize { .. });
         let sleep = tokio::time::sleep_until(next_at.into());
         let tick = tokio::time::sleep(TICK);
+        // A hello owed is told again HELLO_RETRY after it became owed (a deadline kept across
+        // iterations: other arms firing never push it back).
+        if !repl.hello_owed.load(Ordering::Relaxed) {
+            hello_retry_at = None;
+        } else if hello_retry_at.is_none() {
+            hello_retry_at = Some(Instant::now() + HELLO_RETRY);
+        }
+        let hello_retry = tokio::time::sleep_until(
+            hello_retry_at
+                .unwrap_or_else(|| Instant::now() + HELLO_RETRY)
+                .into(),
+        );
         tokio::select! {
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else {
@@ -628,6 +675,7 @@ async fn run(
                     }
                     Cmd::Reschedule => {
                         next_at = Instant::now();
+                        say_hello(&shared, &repl);
                         continue;
                     }
                     Cmd::Sync(reply) => {
@@ -723,19 +771,17 @@ async fn run(
                     });
                 }
                 if let Some(first) = first {
-                    let _ = first.send(r.map_err(|e| {
-                        if crate::peer_client::is_transient(&e) {
-                            crate::error::transient(crate::errfmt::one_line(&e))
-                        } else {
-                            e
-                        }
-                    }));
+                    let _ = first.send(r.map_err(crate::peer_client::typed));
                 }
             }
             _ = sleep, if periodic && inflight.is_none() => {
                 if let Ok(f) = due_cycle(&shared, &repl, Vec::new()) {
                     inflight = Some(f);
                 }
+            }
+            _ = hello_retry, if hello_retry_at.is_some() => {
+                hello_retry_at = None;
+                say_hello(&shared, &repl);
             }
             _ = tick, if waiting => {
                 match repl.apply(&shared, Event::Tick) {
@@ -782,6 +828,9 @@ async fn cycle(
     plan: Plan,
 ) -> anyhow::Result<SyncResult> {
     let result = cycle_inner(shared, repl, plan).await;
+    if result.is_err() {
+        repl.mark_need_hello();
+    }
     let mut rt = repl.rt.lock();
     match &result {
         Ok(_) => {
@@ -792,7 +841,6 @@ async fn cycle(
             rt.last_error = Some(crate::errfmt::one_line(e));
             rt.counters.failed += 1;
             rt.counters.consecutive_failures += 1;
-            rt.rel.need_hello = true;
         }
     }
     result
@@ -843,6 +891,7 @@ async fn cycle_inner(
         if record.replica_name.is_none() {
             // A relationship set up before replica names were pinned: pin the one met now.
             if let Some(name) = peer.connected_name().await {
+                let _one_at_a_time = repl.apply_lock.lock();
                 repl.rt.lock().settings.replica_name = Some(name);
                 repl.persist_current(shared)?;
             }

@@ -433,14 +433,24 @@ async fn route(
                 generation: hello.generation,
                 latest_seq: rvm.latest_seq(),
             };
-            tokio::task::block_in_place(|| shared.replica_event(vm, hello.generation, event))
-                .map_err(|e| {
-                    refuse(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "store_error",
-                        host_one_line(&e),
-                    )
-                })?;
+            let damage = rvm.damage().map(|reason| relationship::Event::Diverged {
+                reason: format!("the replica's copy is damaged: {reason}"),
+            });
+            tokio::task::block_in_place(|| {
+                shared.replica_event(vm, hello.generation, event)?;
+                // The replica's own finding, recorded as its state until a Full point repairs it.
+                match damage {
+                    Some(d) => shared.replica_event(vm, hello.generation, d),
+                    None => Ok(()),
+                }
+            })
+            .map_err(|e| {
+                refuse(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store_error",
+                    host_one_line(&e),
+                )
+            })?;
             Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
         }
         (Method::GET, ["v1", "replicas", _, "state"]) => {

@@ -371,9 +371,15 @@ pub fn step(
             s.next.progress.last_seq = seq;
             s.next.progress.last_cut_unix_ns = Some(cut_unix_ns);
             // A damaged or diverged replica is repaired only by a Full delta (or a new
-            // first point).
+            // first point). A state the primary chose (suspended, a resynchronization
+            // scheduled) stays: a point whose upload ended just before it does not undo it.
             let repaired = kind != CycleKind::Incremental;
-            if repaired || !matches!(rel.state, State::ResynchronizationRequired { .. }) {
+            let to_replicating = match &rel.state {
+                State::ResynchronizationRequired { .. } => repaired,
+                State::Suspended { .. } | State::WaitingForStartResynchronize { .. } => false,
+                _ => true,
+            };
+            if to_replicating {
                 s.next.state = State::Replicating;
             }
             s.actions.push(Action::Persist);

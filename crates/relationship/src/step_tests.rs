@@ -744,3 +744,38 @@ fn replica_waiting_for_resync_does_not_start_one_on_tick() {
     let r = replica(waiting, 4);
     assert_eq!(ok(&r, Event::Tick), (r.clone(), vec![]));
 }
+
+/// Regression (review): a point whose upload ended just before the primary suspended (or
+/// scheduled a resynchronization) committed after the replica mirrored that state, and the
+/// replica then showed Replicating while the primary stayed Suspended.
+#[test]
+fn late_commit_does_not_undo_a_state_the_primary_chose() {
+    let commit = Event::DeltaCommitted {
+        seq: Seq(5),
+        kind: CycleKind::Incremental,
+        cut_unix_ns: 9,
+    };
+    for state in [
+        State::Suspended {
+            resume_to: Resumable::Replicating,
+        },
+        State::WaitingForStartResynchronize {
+            reason: None,
+            at_unix_ns: 100,
+        },
+    ] {
+        let r = replica(state.clone(), 4);
+        let (next, actions) = ok(&r, commit.clone());
+        assert_eq!(next.state, state);
+        assert_eq!(next.progress.last_seq, Seq(5), "progress still follows");
+        assert_eq!(actions, [Action::Persist]);
+    }
+    // A replica that missed the hello starting the initial replication still follows it.
+    let r = replica(State::ReadyForInitialReplication, 0);
+    let initial = Event::DeltaCommitted {
+        seq: Seq(1),
+        kind: CycleKind::Initial,
+        cut_unix_ns: 9,
+    };
+    assert_eq!(ok(&r, initial).0.state, State::Replicating);
+}

@@ -464,7 +464,7 @@ fn cbw_run(disk: &Arc<TrackedDisk>, gate: &CutGate, p: &Pattern, config: &CbwCon
     let mut frozen = PassTime::default();
     let mut shipping = Duration::ZERO;
     for e in 1..=epochs {
-        disk.mark_all_dirty();
+        disk.mark_all_dirty().unwrap();
         let c = cut(gate, std::slice::from_ref(disk)).expect("cut");
         std::thread::scope(|s| {
             let writers = s.spawn(|| pass(disk, p, config.writers, e));

@@ -360,14 +360,13 @@ impl TrackedDisk {
         persisted
     }
 
-    /// Marks every block dirty: the next cut ships the whole disk.
-    pub fn mark_all_dirty(&self) {
+    /// Marks every block dirty: the next cut ships the whole disk. An error means the marks
+    /// could not be made durable (a crash would lose them): the caller must not rely on them.
+    pub fn mark_all_dirty(&self) -> Result<(), TrackerError> {
         if self.nblocks == 0 {
-            return;
+            return Ok(());
         }
-        if let Err(e) = self.set_dirty_ranges(&[(0, self.nblocks - 1)]) {
-            tracing::error!(image = %self.image.display(), error = %e, "mark_all_dirty could not persist");
-        }
+        self.set_dirty_ranges(&[(0, self.nblocks - 1)])
     }
 
     /// Marks every allocated block dirty (SEEK_DATA/SEEK_HOLE): the next cut ships the disk

@@ -209,7 +209,7 @@ fn memory_stays_within_its_bound() {
     let d = &f.disk;
     d.write_at(&vec![0x11u8; (4 * MIB) as usize], 0, false)
         .expect("fill");
-    d.mark_all_dirty();
+    d.mark_all_dirty().unwrap();
     let c = cut(&f.gate, std::slice::from_ref(d)).expect("cut");
     for m in 0..4 {
         d.write_at(&vec![0x22u8; MIB as usize], m * MIB, false)
@@ -250,7 +250,7 @@ fn shipping_copies_in_memory_first_still_ships_every_block_once() {
     let stamp = |b: u64| (b % 251) as u8 + 1;
     let content: Vec<u8> = (0..size).map(|i| stamp(i / B)).collect();
     d.write_at(&content, 0, false).expect("fill");
-    d.mark_all_dirty();
+    d.mark_all_dirty().unwrap();
     let c = cut(&f.gate, std::slice::from_ref(d)).expect("cut");
     let fd = &c.disks[0];
     for blk in [5, 6, 300, 700, 767] {

@@ -571,7 +571,7 @@ fn mark_allocated_dirty_is_sparse_aware_and_mark_all_covers_the_disk() {
         .iter()
         .all(|(o, l)| *o <= EXTENT_BYTES + 3 * B && EXTENT_BYTES + 4 * B <= o + l));
     c.commit();
-    d.mark_all_dirty();
+    d.mark_all_dirty().unwrap();
     assert_eq!(d.dirty_bytes(), size);
     assert_eq!(d.hot_extents(), 4);
     drop(d);
@@ -605,7 +605,7 @@ fn holes_are_skipped_only_when_no_cut_time_data_hides_in_them() {
     d.write_at(&vec![7u8; MIB as usize], 0, false).expect("w0");
     d.write_at(&vec![9u8; MIB as usize], MIB, false)
         .expect("w1");
-    d.mark_all_dirty();
+    d.mark_all_dirty().unwrap();
     let c = cut(&gate, std::slice::from_ref(&d)).expect("cut");
     let fd = &c.disks[0];
     // After the cut the guest punches MiB 1: copy-before-write keeps its 9s aside.

@@ -83,7 +83,37 @@ fn both_hosts_report_the_same_state_through_every_transition() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("RFC 3339"));
 
-    // Started now instead: Resynchronizing until its Full point commits, then Replicating.
+    // Rescheduled 3 s from now: it starts by itself at that time and completes.
+    let soon = proto::time::rfc3339_from_unix_ns(proto::time::now_unix_ns() + 3_000_000_000);
+    let before = point_ids(&b, "web").len();
+    a.ok(&[
+        "replication",
+        "resume",
+        "web",
+        "--resynchronize",
+        "--at",
+        &soon,
+    ]);
+    assert_eq!(status(&a, "web")["state"], "WaitingForStartResynchronize");
+    wait_until(
+        "the scheduled resync to run",
+        Duration::from_secs(60),
+        || status(&a, "web")["state"] == "Replicating" && point_ids(&b, "web").len() > before,
+    );
+    both_say(&a, &b, "web", "Replicating");
+
+    // A time already past starts it at once.
+    a.ok(&[
+        "replication",
+        "resume",
+        "web",
+        "--resynchronize",
+        "--at",
+        "2001-01-01T00:00:00Z",
+    ]);
+    assert_ne!(status(&a, "web")["state"], "WaitingForStartResynchronize");
+
+    // Started now: Resynchronizing until its Full point commits, then Replicating.
     a.ok(&["replication", "resume", "web", "--resynchronize"]);
     assert_eq!(status(&a, "web")["state"], "Resynchronizing");
     wait_until("the resync point", Duration::from_secs(30), || {

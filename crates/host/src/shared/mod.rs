@@ -181,7 +181,16 @@ impl Shared {
             }
             _ => transport::load_or_create(&data_dir.join("identity"), &host_name, &extra)?,
         };
-        std::fs::write(data_dir.join("identity.pem"), identity.ca_pem())?;
+        // Rewritten at each start, atomically: a crash never leaves a torn CA file that a peer
+        // admin would copy.
+        let pem = data_dir.join("identity.pem");
+        sysutil::replace_file(
+            &pem,
+            &data_dir.join("identity.pem.tmp"),
+            identity.ca_pem().as_bytes(),
+            sysutil::FileMode::Umask(0o644),
+        )
+        .with_context(|| format!("writing {}", pem.display()))?;
         let trust = transport::TrustStore::open(&data_dir.join("trust"))?;
         let tls = transport::TlsContext::new(identity, trust)?;
         let catalog = Catalog::open(&data_dir.join("catalog.redb"))?;
@@ -478,11 +487,20 @@ impl Shared {
             // reconcile adopts it and the rest goes as an ordinary delta).
             for &i in &r.disks {
                 if let Some(d) = vm.disks.get(i as usize) {
-                    if untracked.contains(&i) {
-                        d.mark_all_dirty();
-                    } else if let Err(e) = d.mark_allocated_dirty() {
-                        tracing::error!(vm = %vm.name, "rescanning disk {i}: {e}; sending it whole");
-                        d.mark_all_dirty();
+                    let marked = if untracked.contains(&i) {
+                        d.mark_all_dirty()
+                    } else {
+                        d.mark_allocated_dirty().map(|_| ()).or_else(|e| {
+                            tracing::error!(vm = %vm.name, "rescanning disk {i}: {e}; sending it whole");
+                            d.mark_all_dirty()
+                        })
+                    };
+                    if let Err(e) = marked {
+                        // What must be re-sent cannot be recorded: only a resynchronization
+                        // can bring the replica back in line.
+                        return Some(format!(
+                            "disk {i}: the blocks of the interrupted initial replication cannot be marked for sending: {e}"
+                        ));
                     }
                 }
             }
@@ -869,14 +887,7 @@ impl Shared {
         if let Some(h) = &req.history {
             check_history(h)?;
         }
-        let vm = {
-            let vms = self.vms.lock();
-            let e = vms
-                .get(&req.vm)
-                .ok_or_else(|| not_found(format!("no VM named {} on this host", req.vm)))?;
-            self.check_no_relationship(&req.vm)?;
-            e.vm.clone()
-        };
+        let vm = self.vm_without_relationship(&req.vm)?;
         let all: Vec<u32> = (0..vm.disks.len() as u32).collect();
         let mut disks = req.disks.clone().unwrap_or(all);
         disks.sort_unstable();
@@ -910,7 +921,8 @@ impl Shared {
             &self.peer_timeouts,
         )
         .await
-        .with_context(|| format!("replica {} did not accept {}", req.replica, req.vm))?;
+        .with_context(|| format!("replica {} did not accept {}", req.replica, req.vm))
+        .map_err(crate::peer_client::typed)?;
         if reply.latest_seq != proto::Seq(0) {
             return Err(conflict(format!(
                 "replica {} already holds points of {} from another relationship; remove them there first",
@@ -931,14 +943,7 @@ impl Shared {
         self: &Arc<Self>,
         p: PreparedEnable,
     ) -> anyhow::Result<ReplicationStatus> {
-        let vm = {
-            let vms = self.vms.lock();
-            let e = vms
-                .get(&p.vm)
-                .ok_or_else(|| not_found(format!("no VM named {} on this host", p.vm)))?;
-            self.check_no_relationship(&p.vm)?;
-            e.vm.clone()
-        };
+        let vm = self.vm_without_relationship(&p.vm)?;
         self.save_relationship(&p.vm, &RelationshipDoc::new(&p.rel, Some(p.record.clone())))?;
         let repl = Replication::spawn(self.clone(), vm, p.record.clone(), p.rel, None, Vec::new());
         self.relationships
@@ -951,6 +956,18 @@ impl Shared {
             &format!("replication enabled to {}", p.record.replica),
         );
         Ok(repl.status())
+    }
+
+    /// The VM `name`, which must have no relationship yet (`replication enable`).
+    fn vm_without_relationship(&self, name: &str) -> anyhow::Result<Arc<Vm>> {
+        let vm = self
+            .vms
+            .lock()
+            .get(name)
+            .map(|e| e.vm.clone())
+            .ok_or_else(|| not_found(format!("no VM named {name} on this host")))?;
+        self.check_no_relationship(name)?;
+        Ok(vm)
     }
 
     /// Refuses a second relationship for a VM: one per VM name, in one role.
@@ -1017,7 +1034,7 @@ impl Shared {
                 "nothing to change: give --frequency, --compression, --recovery-history, --app-consistent-every or --keep-every-point-for",
             ));
         }
-        repl.set(self, req.frequency_secs, req.compression, history);
+        repl.set(self, req.frequency_secs, req.compression, history)?;
         self.events.emit(
             events::REPLICATION_SET,
             Some(&req.vm),

@@ -1,6 +1,6 @@
 //! The replica-server side of [`Shared`]: its settings, the replica store, and what the API
 //! shows of replica VMs (status, points, exports). The peer routes that receive deltas are in
-//! `daemon/replica_host.rs`.
+//! `replica_host.rs`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -266,8 +266,25 @@ impl Shared {
             // In the foreground: whoever enables learns at once what is wrong with the storage.
             // This is the one place a store is set up (directory and marker created).
             let dir = PathBuf::from(&cfg.storage);
-            let marker = ReplicaStore::init_storage(&dir, &self.host_name)
-                .with_context(|| format!("setting up replica storage {}", dir.display()))?;
+            let marker = ReplicaStore::init_storage(&dir, &self.host_name).map_err(|e| {
+                // A directory the daemon cannot use is the admin's to fix (400).
+                let user = matches!(&e, ReplicaError::Io { source, .. } if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound
+                        | std::io::ErrorKind::PermissionDenied
+                        | std::io::ErrorKind::ReadOnlyFilesystem
+                        | std::io::ErrorKind::NotADirectory
+                        | std::io::ErrorKind::StorageFull
+                        | std::io::ErrorKind::AlreadyExists
+                ));
+                let e = anyhow::Error::from(e)
+                    .context(format!("setting up replica storage {}", dir.display()));
+                if user {
+                    bad_request(crate::errfmt::one_line(&e))
+                } else {
+                    e
+                }
+            })?;
             cfg.store_id = Some(marker.store_id);
             let (store, _) = open_store(&cfg, &self.host_name)?;
             let store = Arc::new(store);
@@ -343,6 +360,17 @@ impl Shared {
         }
         rels.insert(vm.to_string(), super::Relation::Replica(next));
         Ok(())
+    }
+
+    /// The primary of replica VM `name`: its host name from its last hello, else (after a
+    /// restart, before its next hello) the identity the VM is bound to, in the catalog.
+    fn primary_name_of(&self, name: &str) -> String {
+        self.replica_primaries
+            .lock()
+            .get(name)
+            .cloned()
+            .or_else(|| self.replica_owner(name).ok().flatten().map(|o| o.peer_name))
+            .unwrap_or_default()
     }
 
     /// The replica role's relationship of `vm`, if one is recorded.
@@ -429,15 +457,7 @@ impl Shared {
             health: Health::Warning,
             health_reasons: reasons,
             resync_reason: None,
-            // The primary's host name from its last hello, else (after a restart, before
-            // its next hello) the identity the VM is bound to, recorded in the catalog.
-            peer: self
-                .replica_primaries
-                .lock()
-                .get(name)
-                .cloned()
-                .or_else(|| self.replica_owner(name).ok().flatten().map(|o| o.peer_name))
-                .unwrap_or_default(),
+            peer: self.primary_name_of(name),
             frequency_secs: 0,
             compression: Compression::None,
             disks: Vec::new(),
@@ -508,15 +528,7 @@ impl Shared {
             health,
             health_reasons,
             resync_reason,
-            // The primary's host name from its last hello, else (after a restart, before
-            // its next hello) the identity the VM is bound to, recorded in the catalog.
-            peer: self
-                .replica_primaries
-                .lock()
-                .get(name)
-                .cloned()
-                .or_else(|| self.replica_owner(name).ok().flatten().map(|o| o.peer_name))
-                .unwrap_or_default(),
+            peer: self.primary_name_of(name),
             frequency_secs: 0,
             compression: Compression::None,
             disks: rvm.disks().iter().map(|d| d.index).collect(),
@@ -562,8 +574,28 @@ impl Shared {
             )));
         }
         rvm.export_raw(point.seq, req.disk, Path::new(&req.to))
-            .with_context(|| {
-                format!("exporting {} point {} disk {}", req.vm, point.seq, req.disk)
+            .map_err(|e| {
+                // A destination the daemon cannot create (missing directory, no permission,
+                // full file system) is the user's to fix: 400, not an internal error.
+                let dest = Path::new(&req.to);
+                let user = matches!(&e, ReplicaError::Io { source, path, .. }
+                    if path.starts_with(dest.parent().unwrap_or(dest)) && matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound
+                        | std::io::ErrorKind::PermissionDenied
+                        | std::io::ErrorKind::ReadOnlyFilesystem
+                        | std::io::ErrorKind::StorageFull
+                        | std::io::ErrorKind::IsADirectory
+                ));
+                let e = anyhow::Error::from(e).context(format!(
+                    "exporting {} point {} disk {}",
+                    req.vm, point.seq, req.disk
+                ));
+                if user {
+                    bad_request(crate::errfmt::one_line(&e))
+                } else {
+                    e
+                }
             })?;
         let seq = point.seq;
         self.point_infos(&rvm)
