@@ -118,6 +118,8 @@ pub struct Shared {
     vms: Mutex<BTreeMap<String, VmEntry>>,
     /// Every replication relationship of this host, by VM name, in its role.
     relationships: Mutex<BTreeMap<String, Relation>>,
+    /// Serializes the replica side's relationship events (`replica_event`).
+    replica_events: Mutex<()>,
     broken: Mutex<BTreeMap<String, BrokenVm>>,
     /// Names of VMs being created or imported right now (see `ensure_new`).
     creating: Mutex<HashSet<String>>,
@@ -226,6 +228,7 @@ impl Shared {
             nbd: Mutex::new(None),
             vms: Mutex::new(BTreeMap::new()),
             relationships: Mutex::new(BTreeMap::new()),
+            replica_events: Mutex::new(()),
             broken: Mutex::new(BTreeMap::new()),
             creating: Mutex::new(HashSet::new()),
             replica: Mutex::new(None),
@@ -943,6 +946,9 @@ impl Shared {
         self: &Arc<Self>,
         p: PreparedEnable,
     ) -> anyhow::Result<ReplicationStatus> {
+        // A replica event for the same name (a peer's hello) cannot slip in between the check
+        // and the record: one relationship per VM.
+        let _no_replica_event = self.replica_events.lock();
         let vm = self.vm_without_relationship(&p.vm)?;
         self.save_relationship(&p.vm, &RelationshipDoc::new(&p.rel, Some(p.record.clone())))?;
         let repl = Replication::spawn(self.clone(), vm, p.record.clone(), p.rel, None, Vec::new());

@@ -334,8 +334,11 @@ impl Shared {
         event: relationship::Event,
     ) -> anyhow::Result<()> {
         use relationship::{Action, Relationship, Role};
-        let mut rels = self.relationships.lock();
-        let current = match rels.get(vm.as_str()) {
+        // One replica event at a time (step, persist, install in order); the relationships
+        // map itself is locked only to read and to install, never across the catalog's sync,
+        // so status reads and the primary side never wait for a replica's commit.
+        let _in_order = self.replica_events.lock();
+        let current = match self.relationships.lock().get(vm.as_str()) {
             Some(super::Relation::Primary(_)) => {
                 return Err(crate::error::conflict(format!(
                     "{vm} is replicated from this host; it cannot also be a replica here"
@@ -358,6 +361,7 @@ impl Shared {
                 _ => {}
             }
         }
+        let mut rels = self.relationships.lock();
         rels.insert(vm.to_string(), super::Relation::Replica(next));
         Ok(())
     }
