@@ -169,7 +169,16 @@ impl Replication {
             apply_lock: Mutex::new(()),
             hello_owed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         });
-        tokio::spawn(run(shared, repl.clone(), rx, thaw_agent, first));
+        // What the daemon found at start is the relationship's state before anyone can read
+        // it (a status right after the start shows a resynchronization required at once).
+        for event in first {
+            match repl.apply(&shared, event) {
+                Ok(a) if a.say_hello => repl.hello_owed.store(true, Ordering::Relaxed),
+                Ok(_) => {}
+                Err(e) => tracing::error!(vm = %repl.vm.name, "at start: {e:#}"),
+            }
+        }
+        tokio::spawn(run(shared, repl.clone(), rx, thaw_agent));
         repl
     }
 
@@ -606,17 +615,12 @@ async fn run(
     repl: Arc<Replication>,
     mut rx: mpsc::Receiver<Cmd>,
     thaw_agent: Option<String>,
-    first: Vec<Event>,
 ) {
     if let Some(sock) = thaw_agent {
         thaw_at_start(&shared, &repl.vm.name, sock).await;
     }
-    for event in first {
-        match repl.apply(&shared, event) {
-            Ok(a) if a.say_hello => say_hello(&shared, &repl),
-            Ok(_) => {}
-            Err(e) => tracing::error!(vm = %repl.vm.name, "at start: {e:#}"),
-        }
+    if repl.hello_owed.load(Ordering::Relaxed) {
+        say_hello(&shared, &repl);
     }
     let mut next_at = Instant::now();
     let mut retry = RETRY_MIN;
