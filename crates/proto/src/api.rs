@@ -160,6 +160,18 @@ pub enum ReplicationState {
     Resynchronizing,
     /// Replica side: receiving points.
     Replica,
+    /// Replica side: a test failover (`failover start --test`) serves `NAME-test` over a
+    /// point; replication goes on.
+    TestFailoverInProgress,
+    /// Replica side: `failover start` serves writable disks over a point; nothing is received
+    /// until `failover complete` or `failover stop`.
+    FailedOverWaitingCompletion,
+    /// The failover completed: the VM runs on this host (now its primary); no replication
+    /// until `replication reverse`.
+    FailedOver,
+    /// Primary side: `failover prepare` fenced the VM and its last change committed on the
+    /// replica; the replica may fail over with no data loss.
+    PreparedForFailover,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

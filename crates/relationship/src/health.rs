@@ -4,7 +4,7 @@
 
 use proto::Health;
 
-use crate::{Relationship, State};
+use crate::{Relationship, Role, State};
 
 /// What the daemon counts about a relationship besides its state.
 #[derive(Debug, Clone, Default)]
@@ -31,12 +31,18 @@ pub const LAG_CRITICAL_CYCLES: u64 = 12;
 /// The relationship's health and why it is not Normal, one sentence each. Never Normal while
 /// the replica may have diverged: `ResynchronizationRequired` is Critical,
 /// `WaitingForStartResynchronize` and `Resynchronizing` are Warning until the `Full` delta
-/// commits.
+/// commits. A test failover is as healthy as the replication beside it (its `underlying`
+/// state); the other failover states are Warning.
 pub fn health(
     rel: &Relationship,
     facts: &HealthFacts<'_>,
     now_unix_ns: u64,
 ) -> (Health, Vec<String>) {
+    if let State::TestFailoverInProgress { underlying, .. } = &rel.state {
+        let mut beside = rel.clone();
+        beside.state = (**underlying).clone();
+        return health(&beside, facts, now_unix_ns);
+    }
     let mut reasons = Vec::new();
     let mut level = Health::Normal;
     let mut raise = |to: Health, why: String, reasons: &mut Vec<String>| {
@@ -74,6 +80,34 @@ pub fn health(
             "a resynchronization is in progress; until it completes the replica may not match the primary".into(),
             &mut reasons,
         ),
+        State::FailedOverWaitingCompletion { point } => raise(
+            Health::Warning,
+            format!(
+                "failed over to point {point}; run `understudy failover complete {vm}` or `understudy failover stop {vm}`",
+                vm = rel.vm
+            ),
+            &mut reasons,
+        ),
+        State::FailedOver => raise(
+            Health::Warning,
+            "reverse replication is not set up: the VM is not protected".into(),
+            &mut reasons,
+        ),
+        State::PreparedForFailover { seq } => raise(
+            Health::Warning,
+            match rel.role {
+                Role::Primary => {
+                    "prepared for a planned failover; the VM must not run here".into()
+                }
+                Role::Replica => format!(
+                    "the primary is prepared for a planned failover to point {seq}; run `understudy failover start {vm}` here",
+                    vm = rel.vm
+                ),
+            },
+            &mut reasons,
+        ),
+        // Handled above.
+        State::TestFailoverInProgress { .. } => {}
         State::InitialReplicationInProgress | State::Replicating => {}
     }
     if facts.consecutive_failures > 0 {

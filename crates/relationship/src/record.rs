@@ -57,8 +57,20 @@ pub enum StateRecord {
     Resynchronizing {
         reason: Option<String>,
     },
-    // Issue 10: PreparedForFailover, FailedOver, FailedOverWaitingCompletion,
-    // TestFailoverInProgress (no version bump: an older reader refuses an unknown name).
+    // The failover states (added without a version bump: an older reader refuses an
+    // unknown name in one line).
+    TestFailoverInProgress {
+        point: u64,
+        /// Never a failover state (refused as damaged).
+        underlying: Box<StateRecord>,
+    },
+    FailedOverWaitingCompletion {
+        point: u64,
+    },
+    FailedOver,
+    PreparedForFailover {
+        seq: u64,
+    },
 }
 
 /// Why a record cannot be read; one line.
@@ -197,11 +209,23 @@ fn state_record(s: &State) -> StateRecord {
             StateRecord::WaitingForStartResynchronize { reason, at_unix_ns }
         }
         State::Resynchronizing { reason } => StateRecord::Resynchronizing { reason },
+        State::TestFailoverInProgress { point, underlying } => {
+            StateRecord::TestFailoverInProgress {
+                point: point.get(),
+                underlying: Box::new(state_record(&underlying)),
+            }
+        }
+        State::FailedOverWaitingCompletion { point } => {
+            StateRecord::FailedOverWaitingCompletion { point: point.get() }
+        }
+        State::FailedOver => StateRecord::FailedOver,
+        State::PreparedForFailover { seq } => StateRecord::PreparedForFailover { seq: seq.get() },
     }
 }
 
-fn state(s: StateRecord) -> State {
-    match s {
+/// The state a record holds, or why it cannot be one (a test failover over a failover).
+fn state(s: StateRecord) -> Result<State, String> {
+    Ok(match s {
         StateRecord::ReadyForInitialReplication => State::ReadyForInitialReplication,
         StateRecord::InitialReplicationInProgress => State::InitialReplicationInProgress,
         StateRecord::Replicating => State::Replicating,
@@ -215,7 +239,25 @@ fn state(s: StateRecord) -> State {
             State::WaitingForStartResynchronize { reason, at_unix_ns }
         }
         StateRecord::Resynchronizing { reason } => State::Resynchronizing { reason },
-    }
+        StateRecord::TestFailoverInProgress { point, underlying } => {
+            let underlying = state(*underlying)?;
+            if underlying.is_failover() {
+                return Err(format!(
+                    "a test failover's underlying state cannot be {:?}",
+                    underlying.name()
+                ));
+            }
+            State::TestFailoverInProgress {
+                point: Seq(point),
+                underlying: Box::new(underlying),
+            }
+        }
+        StateRecord::FailedOverWaitingCompletion { point } => {
+            State::FailedOverWaitingCompletion { point: Seq(point) }
+        }
+        StateRecord::FailedOver => State::FailedOver,
+        StateRecord::PreparedForFailover { seq } => State::PreparedForFailover { seq: Seq(seq) },
+    })
 }
 
 impl Relationship {
@@ -228,13 +270,17 @@ impl Relationship {
                 found: rec.version.to_string(),
             });
         }
+        let state = state(rec.state).map_err(|detail| RecordError::Damaged {
+            vm: vm.to_string(),
+            detail,
+        })?;
         Ok(Relationship {
             vm,
             role: match rec.role {
                 RoleRecord::Primary => Role::Primary,
                 RoleRecord::Replica => Role::Replica,
             },
-            state: state(rec.state),
+            state,
             progress: Progress {
                 generation: Generation(rec.generation),
                 last_seq: Seq(rec.last_seq),

@@ -1,6 +1,6 @@
 //! The one state of a relationship (Hyper-V names) and the role this host plays in it.
 
-use proto::ReplicationState;
+use proto::{ReplicationState, Seq};
 
 /// Which side of the relationship this host is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,11 +40,25 @@ pub enum State {
     },
     /// A `Full` delta (every block) is being shipped on top of the replica's newest point.
     Resynchronizing { reason: Option<String> },
-    // Issue 10 adds the failover states here: PreparedForFailover, FailedOver,
-    // FailedOverWaitingCompletion, TestFailoverInProgress. Adding one means: a variant here,
-    // its name in `State::name` (and `proto::ReplicationState`), its record form in
-    // `record.rs` (`StateRecord` and the two conversions), its health in `health.rs`, and the
-    // events that enter and leave it in `step.rs`; the compiler points at every `match`.
+    /// Replica role: a test failover serves `NAME-test` over copy-on-write disks of `point`.
+    /// Replication goes on: hellos and points update `underlying`, the state the replica
+    /// would show without the test (never a failover state), which `failover stop --test`
+    /// returns to.
+    TestFailoverInProgress { point: Seq, underlying: Box<State> },
+    /// Replica role: `failover start` serves writable disks over `point`; the replica
+    /// receives nothing until `failover complete` or `failover stop`.
+    FailedOverWaitingCompletion { point: Seq },
+    /// Primary role, after `failover complete`: the VM runs on this host; no cycles until
+    /// reverse replication is set up.
+    FailedOver,
+    /// Primary role: the VM is fenced and point `seq`, its last change, committed on the
+    /// replica (planned failover); no cycles until `replication resume` cancels it. Replica
+    /// role: the primary reported it at a hello (`seq`: this replica's newest point).
+    PreparedForFailover { seq: Seq },
+    // Adding a state means: a variant here, its name in `State::name` (and
+    // `proto::ReplicationState`), its record form in `record.rs` (`StateRecord` and the two
+    // conversions), its health in `health.rs`, and the events that enter and leave it in
+    // `step.rs`; the compiler points at every `match`.
 }
 
 impl State {
@@ -60,7 +74,34 @@ impl State {
                 ReplicationState::WaitingForStartResynchronize
             }
             State::Resynchronizing { .. } => ReplicationState::Resynchronizing,
+            State::TestFailoverInProgress { .. } => ReplicationState::TestFailoverInProgress,
+            State::FailedOverWaitingCompletion { .. } => {
+                ReplicationState::FailedOverWaitingCompletion
+            }
+            State::FailedOver => ReplicationState::FailedOver,
+            State::PreparedForFailover { .. } => ReplicationState::PreparedForFailover,
         }
+    }
+
+    /// Whether the replica accepts deltas and hellos in this state: not while a failover
+    /// (not a test) serves writable disks, nor once it completed. The host refuses uploads and
+    /// hellos with a named reason when this is false.
+    pub fn accepts_deltas(&self) -> bool {
+        !matches!(
+            self,
+            State::FailedOverWaitingCompletion { .. } | State::FailedOver
+        )
+    }
+
+    /// A failover state: one of the four of issue 10.
+    pub fn is_failover(&self) -> bool {
+        matches!(
+            self,
+            State::TestFailoverInProgress { .. }
+                | State::FailedOverWaitingCompletion { .. }
+                | State::FailedOver
+                | State::PreparedForFailover { .. }
+        )
     }
 
     /// States in which the primary runs replication cycles.
@@ -79,6 +120,7 @@ impl State {
             State::ResynchronizationRequired { reason } => Some(reason),
             State::WaitingForStartResynchronize { reason, .. }
             | State::Resynchronizing { reason } => reason.as_deref(),
+            State::TestFailoverInProgress { underlying, .. } => underlying.reason(),
             _ => None,
         }
     }

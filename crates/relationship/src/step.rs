@@ -145,6 +145,27 @@ pub enum Event {
     },
     /// The replica cannot follow (an out-of-sequence delta, a damaged store).
     Diverged { reason: String },
+    // ---- Failover commands (replica).
+    /// `failover start NAME [--point ID] [--test]`: serve point `point` (the host checked that
+    /// it exists in the store). `test`: as the `NAME-test` VM over copy-on-write disks while
+    /// replication goes on; otherwise writable disks over the point and nothing is received
+    /// until `FailoverComplete` or `FailoverStop`. Again (not a test) while failed over:
+    /// discards what was written and starts over from `point`.
+    FailoverStart { point: Seq, test: bool },
+    /// `failover stop NAME [--test]`: ends a test failover (`test`), or cancels a failover
+    /// that is not complete. On the primary, `failover stop NAME` cancels a prepare, as
+    /// `Resume` does.
+    FailoverStop { test: bool },
+    /// `failover complete NAME`: keep the chosen point; this host becomes the VM's primary.
+    FailoverComplete,
+    // ---- Failover (primary).
+    /// `failover prepare NAME`: the host fenced the VM (no NBD client, new connections
+    /// refused) and then a cycle committed point `seq`, the VM's last change. Refused unless
+    /// `Replicating` with `seq` the newest committed point and nothing in flight.
+    Prepared { seq: Seq },
+    // `Event::Reverse` (`replication reverse NAME --replica HOST:PORT`) goes here: from
+    // `FailedOver` (and the old primary's side) to replicating in the other direction. Not
+    // built yet; until it is, `FailedOver` refuses every replication command naming it.
 }
 
 /// What an emitted event says; the daemon maps each to its event id (`events.rs`).
@@ -160,6 +181,12 @@ pub enum EventKind {
     ResyncStarted,
     ResyncDone,
     CycleFailed,
+    TestFailoverStarted,
+    TestFailoverStopped,
+    FailoverStarted,
+    FailoverCancelled,
+    FailoverCompleted,
+    PreparedForFailover,
 }
 
 impl EventKind {
@@ -205,6 +232,19 @@ pub enum Action {
     SayHello,
     /// Run a cycle now instead of at the next period.
     ScheduleCycleNow,
+    /// Serve point `point`'s disks writable (can fail, so it comes before `Persist`). `test`:
+    /// create the `NAME-test` VM over copy-on-write disks of the point; otherwise writable
+    /// disks over the point for the VM itself.
+    ServeFailover { point: Seq, test: bool },
+    /// Stop serving the failover's disks (the test VM, or the failed-over disks) and throw
+    /// their writes away.
+    DropFailover { test: bool },
+    /// Keep the failed-over disks as the VM's disks and drop the other points (can fail, so
+    /// it comes before `Persist`; run again after a crash before `Persist`, it must find the
+    /// work done).
+    CompleteFailover { point: Seq },
+    /// Let NBD clients connect to the VM's disks again (the end of a prepare's fence).
+    Unfence,
 }
 
 /// Whether a refused command conflicts with the relationship's state, or makes no sense here.
@@ -276,13 +316,77 @@ pub fn step(
             | Event::HelloAnswered { .. }
             | Event::CutTaken { .. }
             | Event::Committed { .. }
-            | Event::CycleFailed { .. },
+            | Event::CycleFailed { .. }
+            | Event::Prepared { .. },
             Role::Replica,
         ) => {
             return Err(invalid(format!(
                 "{vm} is a replica on this host; run this on its primary"
             )))
         }
+        _ => {}
+    }
+    match (&rel.state, rel.role) {
+        (State::FailedOver, _) => match event {
+            Event::StartInitial
+            | Event::Suspend
+            | Event::Resume
+            | Event::Resynchronize { .. }
+            | Event::Prepared { .. } => return Err(conflict(s.reverse_hint())),
+            // No cycle runs and there is no replica: a late fact of the old relationship
+            // changes nothing (the reverse decides what to send).
+            Event::Tick
+            | Event::CycleDue
+            | Event::HelloAnswered { .. }
+            | Event::CutTaken { .. }
+            | Event::Committed { .. }
+            | Event::CycleFailed { .. }
+            | Event::StorageFailed { .. } => return Ok((s.next, s.actions)),
+            _ => {}
+        },
+        (State::PreparedForFailover { .. }, Role::Primary) => match event {
+            Event::StartInitial | Event::Suspend | Event::Resynchronize { .. } => {
+                return Err(conflict(s.prepared_hint()))
+            }
+            _ => {}
+        },
+        // A test runs beside replication: the replica's facts change the state it would show
+        // without the test, which the test keeps.
+        (State::TestFailoverInProgress { point, underlying }, Role::Replica) => {
+            if let Event::HelloReceived { .. }
+            | Event::DeltaStarted { .. }
+            | Event::DeltaCommitted { .. }
+            | Event::Diverged { .. }
+            | Event::Restarted
+            | Event::Tick = event
+            {
+                let mut inner = rel.clone();
+                inner.state = (**underlying).clone();
+                let (mut next, actions) = step(&inner, event, now_unix_ns)?;
+                next.state = State::TestFailoverInProgress {
+                    point: *point,
+                    underlying: Box::new(next.state),
+                };
+                return Ok((next, actions));
+            }
+        }
+        // Writable disks are served over the chosen point: the host refuses uploads and hellos
+        // (`accepts_deltas`). A delta that was already being received when the failover
+        // started may still commit: the store holds it, so progress says so; the state stays.
+        (State::FailedOverWaitingCompletion { .. }, Role::Replica) => match event {
+            Event::HelloReceived { .. } | Event::DeltaStarted { .. } | Event::Diverged { .. } => {
+                return Ok((s.next, s.actions))
+            }
+            Event::DeltaCommitted {
+                seq, cut_unix_ns, ..
+            } => {
+                s.next.progress.last_seq = seq;
+                s.next.progress.last_cut_unix_ns = Some(cut_unix_ns);
+                s.actions.push(Action::Persist);
+                return Ok((s.next, s.actions));
+            }
+            _ => {}
+        },
         _ => {}
     }
     match event {
@@ -385,6 +489,10 @@ pub fn step(
             s.actions.push(Action::Persist);
         }
         Event::Diverged { reason } => s.require_resync(reason),
+        Event::FailoverStart { point, test } => s.failover_start(point, test)?,
+        Event::FailoverStop { test } => s.failover_stop(test)?,
+        Event::FailoverComplete => s.failover_complete()?,
+        Event::Prepared { seq } => s.prepared(seq)?,
     }
     Ok((s.next, s.actions))
 }
@@ -402,6 +510,16 @@ impl Step {
     fn resync_hint(&self) -> String {
         let vm = self.vm();
         format!("{vm} requires resynchronization; run `understudy replication resume {vm} --resynchronize`")
+    }
+
+    fn reverse_hint(&self) -> String {
+        let vm = self.vm();
+        format!("the failover of {vm} is complete and the VM runs on this host; set up reverse replication: `understudy replication reverse {vm} --replica HOST:PORT`")
+    }
+
+    fn prepared_hint(&self) -> String {
+        let vm = self.vm();
+        format!("{vm} is prepared for a planned failover; run `understudy failover start {vm}` on the replica, or `understudy replication resume {vm}` to cancel the prepare")
     }
 
     /// The seq and kind of the next cut in the current state.
@@ -459,6 +577,15 @@ impl Step {
                     "a resynchronization of {vm} is scheduled; run `understudy replication resume {vm} --resynchronize` to start it now"
                 )))
             }
+            // Refused before `step` gets here (primary-role states) or by the role check
+            // (replica-role states); kept total for the compiler.
+            State::FailedOver => return Err(conflict(self.reverse_hint())),
+            State::PreparedForFailover { .. } => return Err(conflict(self.prepared_hint())),
+            State::TestFailoverInProgress { .. } | State::FailedOverWaitingCompletion { .. } => {
+                return Err(invalid(format!(
+                    "{vm} is a replica on this host; run this on its primary"
+                )))
+            }
         };
         self.next.state = State::Suspended { resume_to };
         self.cancel_cycle();
@@ -484,6 +611,10 @@ impl Step {
                 Ok(())
             }
             State::ResynchronizationRequired { .. } => Err(conflict(self.resync_hint())),
+            State::PreparedForFailover { .. } => {
+                self.cancel_prepare("planned failover cancelled (replication resumed)");
+                Ok(())
+            }
             // Not suspended: nothing to resume.
             _ => Ok(()),
         }
@@ -558,13 +689,18 @@ impl Step {
             return;
         }
         let message = format!("resynchronization required: {reason}");
+        // A primary prepared for failover whose replica can no longer follow is not prepared:
+        // the fence ends with the prepare (after `Persist`, as `cancel_prepare` says why).
+        let unfence = self.next.role == Role::Primary
+            && matches!(self.next.state, State::PreparedForFailover { .. });
         self.next.state = State::ResynchronizationRequired { reason };
         self.cancel_cycle();
-        self.actions.extend([
-            Action::Persist,
-            emit(EventKind::ResyncRequired, message),
-            Action::SayHello,
-        ]);
+        self.actions.push(Action::Persist);
+        if unfence {
+            self.actions.push(Action::Unfence);
+        }
+        self.actions
+            .extend([emit(EventKind::ResyncRequired, message), Action::SayHello]);
     }
 
     /// Leaves `InitialReplicationInProgress` / `Resynchronizing` when their point committed.
@@ -693,6 +829,238 @@ impl Step {
         }
     }
 
+    fn no_failover(&self) -> Refusal {
+        let vm = self.vm();
+        conflict(format!(
+            "no failover of {vm} is in progress; run `understudy failover start {vm}` first"
+        ))
+    }
+
+    /// `failover start` (replica role; the host checked that `point` exists in the store).
+    fn failover_start(&mut self, point: Seq, test: bool) -> Result<(), Refusal> {
+        let vm = self.vm().clone();
+        if self.next.role == Role::Primary {
+            return Err(match self.next.state {
+                State::FailedOver => conflict(self.reverse_hint()),
+                _ => invalid(format!(
+                    "{vm} is replicated from this host: it is not a replica here; run `understudy failover start {vm}` on its replica host"
+                )),
+            });
+        }
+        let newest = self.next.progress.last_seq;
+        if newest == Seq(0) {
+            return Err(conflict(format!(
+                "{vm} has no committed point yet; a failover needs one (the initial replication must complete first)"
+            )));
+        }
+        if point == Seq(0) || point > newest {
+            return Err(invalid(format!(
+                "point {point} of {vm} does not exist here (the newest is {newest})"
+            )));
+        }
+        match (&self.next.state, test) {
+            (State::TestFailoverInProgress { point: running, .. }, true) => Err(conflict(format!(
+                "a test failover of {vm} is already running (point {running}); run `understudy failover stop {vm} --test` first"
+            ))),
+            (State::TestFailoverInProgress { .. }, false) => Err(conflict(format!(
+                "a test failover of {vm} is running; stop the test failover first: `understudy failover stop {vm} --test`"
+            ))),
+            (State::FailedOverWaitingCompletion { point: running }, true) => Err(conflict(format!(
+                "{vm} is failed over to point {running}; run `understudy failover complete {vm}` or `understudy failover stop {vm}` first"
+            ))),
+            (State::FailedOverWaitingCompletion { point: running }, false) => {
+                let running = *running;
+                self.next.state = State::FailedOverWaitingCompletion { point };
+                self.actions.extend([
+                    Action::DropFailover { test: false },
+                    Action::ServeFailover { point, test: false },
+                    Action::Persist,
+                    emit(
+                        EventKind::FailoverStarted,
+                        format!("failover started again at point {point} (what was written over point {running} is discarded)"),
+                    ),
+                ]);
+                Ok(())
+            }
+            (_, true) => {
+                let underlying = Box::new(self.next.state.clone());
+                self.next.state = State::TestFailoverInProgress { point, underlying };
+                self.actions.extend([
+                    Action::ServeFailover { point, test: true },
+                    Action::Persist,
+                    emit(
+                        EventKind::TestFailoverStarted,
+                        format!("test failover started at point {point} ({vm}-test); replication goes on"),
+                    ),
+                ]);
+                Ok(())
+            }
+            (_, false) => {
+                self.next.state = State::FailedOverWaitingCompletion { point };
+                self.actions.extend([
+                    Action::ServeFailover { point, test: false },
+                    Action::Persist,
+                    emit(
+                        EventKind::FailoverStarted,
+                        format!("failover started at point {point}; the replica receives nothing until `failover complete` or `failover stop`"),
+                    ),
+                ]);
+                Ok(())
+            }
+        }
+    }
+
+    /// `failover stop [--test]`.
+    fn failover_stop(&mut self, test: bool) -> Result<(), Refusal> {
+        let vm = self.vm().clone();
+        match (&self.next.state, self.next.role, test) {
+            (State::PreparedForFailover { .. }, Role::Primary, false) => {
+                self.cancel_prepare("planned failover cancelled");
+                Ok(())
+            }
+            (State::FailedOver, _, _) => Err(conflict(self.reverse_hint())),
+            (_, Role::Primary, _) => Err(invalid(format!(
+                "{vm} is replicated from this host: it is not a replica here; run `understudy failover stop {vm}` on its replica host"
+            ))),
+            (State::TestFailoverInProgress { underlying, .. }, _, true) => {
+                self.next.state = (**underlying).clone();
+                self.actions.extend([
+                    Action::DropFailover { test: true },
+                    Action::Persist,
+                    emit(
+                        EventKind::TestFailoverStopped,
+                        format!("test failover stopped; {vm}-test and its writes are gone"),
+                    ),
+                ]);
+                Ok(())
+            }
+            (State::TestFailoverInProgress { .. }, _, false) => Err(conflict(format!(
+                "the failover of {vm} in progress is a test; run `understudy failover stop {vm} --test`"
+            ))),
+            (State::FailedOverWaitingCompletion { .. }, _, false) => {
+                self.next.state = if self.next.progress.last_seq == Seq(0) {
+                    State::InitialReplicationInProgress
+                } else {
+                    State::Replicating
+                };
+                // Where the primary stands is not known here any more: its next hello says.
+                self.actions.extend([
+                    Action::DropFailover { test: false },
+                    Action::Persist,
+                    emit(
+                        EventKind::FailoverCancelled,
+                        "failover cancelled; what was written is discarded and the replica receives again",
+                    ),
+                ]);
+                Ok(())
+            }
+            (State::FailedOverWaitingCompletion { .. }, _, true) => Err(conflict(format!(
+                "no test failover of {vm} is in progress ({vm} is failed over); run `understudy failover stop {vm}` to cancel the failover"
+            ))),
+            (_, _, true) => Err(conflict(format!(
+                "no test failover of {vm} is in progress"
+            ))),
+            (_, _, false) => Err(self.no_failover()),
+        }
+    }
+
+    /// `failover complete`: this host becomes the VM's primary, at the chosen point.
+    fn failover_complete(&mut self) -> Result<(), Refusal> {
+        let vm = self.vm().clone();
+        match (&self.next.state, self.next.role) {
+            // Already complete (a retry after a lost answer): nothing to do.
+            (State::FailedOver, _) => Ok(()),
+            (_, Role::Primary) => Err(invalid(format!(
+                "{vm} is replicated from this host: it is not a replica here; run `understudy failover complete {vm}` on its replica host"
+            ))),
+            (State::FailedOverWaitingCompletion { point }, Role::Replica) => {
+                let point = *point;
+                self.next.role = Role::Primary;
+                self.next.state = State::FailedOver;
+                let p = &mut self.next.progress;
+                // The VM starts from `point`; the newer points are dropped with the older.
+                if p.last_seq != point {
+                    p.last_cut_unix_ns = None;
+                    p.last_app_consistent_unix_ns = None;
+                }
+                p.last_seq = point;
+                self.next.clear_inflight();
+                self.next.need_hello = true;
+                self.actions.extend([
+                    Action::CompleteFailover { point },
+                    Action::Persist,
+                    emit(
+                        EventKind::FailoverCompleted,
+                        format!("failover complete at point {point}: {vm} runs on this host; set up reverse replication: `understudy replication reverse {vm} --replica HOST:PORT`"),
+                    ),
+                ]);
+                Ok(())
+            }
+            (State::TestFailoverInProgress { .. }, Role::Replica) => Err(conflict(format!(
+                "a test failover cannot be completed; run `understudy failover stop {vm} --test`, then `understudy failover start {vm}`"
+            ))),
+            (_, Role::Replica) => Err(self.no_failover()),
+        }
+    }
+
+    /// `failover prepare` (primary role): the host fenced the VM and a cycle committed `seq`.
+    fn prepared(&mut self, seq: Seq) -> Result<(), Refusal> {
+        let vm = self.vm().clone();
+        let p = &self.next.progress;
+        match self.next.state {
+            State::PreparedForFailover { seq: prepared } if prepared == seq => return Ok(()),
+            State::PreparedForFailover { seq: prepared } => {
+                return Err(conflict(format!(
+                    "{vm} is already prepared for a planned failover at point {prepared}"
+                )))
+            }
+            State::Replicating => {}
+            ref other => {
+                return Err(conflict(format!(
+                    "{vm} is {:?}; a planned failover needs it Replicating",
+                    other.name()
+                )))
+            }
+        }
+        if let Some(inflight) = p.inflight_seq {
+            return Err(conflict(format!(
+                "point {inflight} of {vm} is still being shipped; a planned failover waits until it commits"
+            )));
+        }
+        if seq != p.last_seq {
+            return Err(conflict(format!(
+                "point {seq} is not the newest point of {vm} the replica committed ({}); a planned failover needs the last change committed",
+                p.last_seq
+            )));
+        }
+        self.next.state = State::PreparedForFailover { seq };
+        self.cancel_cycle();
+        self.actions.extend([
+            Action::Persist,
+            Action::ReleaseCopyBeforeWrite,
+            emit(
+                EventKind::PreparedForFailover,
+                format!("prepared for a planned failover at point {seq}; the VM is fenced: run `understudy failover start {vm}` on the replica"),
+            ),
+            Action::SayHello,
+        ]);
+        Ok(())
+    }
+
+    /// Ends a prepare: replicating again, the fence lifted. `Persist` comes before `Unfence`:
+    /// a record that says prepared never outlives the fence it claims.
+    fn cancel_prepare(&mut self, message: &str) {
+        self.next.state = State::Replicating;
+        self.next.need_hello = true;
+        self.actions.extend([
+            Action::Persist,
+            Action::Unfence,
+            emit(EventKind::FailoverCancelled, message),
+            Action::SayHello,
+            Action::ScheduleCycleNow,
+        ]);
+    }
+
     fn hello_received(
         &mut self,
         primary_state: Option<ReplicationState>,
@@ -743,7 +1111,18 @@ impl Step {
             Some(ReplicationState::Resynchronizing) => State::Resynchronizing {
                 reason: kept_reason,
             },
-            Some(ReplicationState::Replica) | None => derived.state(),
+            Some(ReplicationState::PreparedForFailover) => {
+                State::PreparedForFailover { seq: latest_seq }
+            }
+            // A replica's own states (and a completed failover's): never a primary's to
+            // report, so not mirrored.
+            Some(
+                ReplicationState::Replica
+                | ReplicationState::TestFailoverInProgress
+                | ReplicationState::FailedOverWaitingCompletion
+                | ReplicationState::FailedOver,
+            )
+            | None => derived.state(),
         };
         // What this replica knows about its own divergence stays until the primary acts on it
         // (or starts a new generation).
