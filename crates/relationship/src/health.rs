@@ -235,4 +235,61 @@ mod tests {
         let running = State::Resynchronizing { reason: None };
         assert_eq!(health(&rel(running, 0), &facts(0), NOW).0, Health::Warning);
     }
+
+    #[test]
+    fn failover_states_health() {
+        use proto::Seq;
+        let test = |under: State| State::TestFailoverInProgress {
+            point: Seq(3),
+            underlying: Box::new(under),
+        };
+        // A test failover is as healthy as the replication beside it.
+        assert_eq!(
+            health(&rel(test(State::Replicating), 10), &facts(0), NOW).0,
+            Health::Normal
+        );
+        assert_eq!(
+            health(&rel(test(State::Replicating), 400), &facts(0), NOW).0,
+            Health::Critical
+        );
+        assert_eq!(
+            health(&rel(test(State::Replicating), 10), &facts(1), NOW).0,
+            Health::Warning
+        );
+        let diverged = test(State::ResynchronizationRequired {
+            reason: "damaged".into(),
+        });
+        assert_eq!(
+            health(&rel(diverged, 0), &facts(0), NOW).0,
+            Health::Critical
+        );
+        let (level, why) = health(
+            &rel(State::FailedOverWaitingCompletion { point: Seq(4) }, 0),
+            &facts(0),
+            NOW,
+        );
+        assert_eq!(level, Health::Warning);
+        assert!(
+            why[0].starts_with("failed over to point 4; run `understudy failover complete web`"),
+            "{why:?}"
+        );
+        let (level, why) = health(&rel(State::FailedOver, 0), &facts(0), NOW);
+        assert_eq!(level, Health::Warning);
+        assert_eq!(
+            why,
+            ["reverse replication is not set up: the VM is not protected"]
+        );
+        let prepared = rel(State::PreparedForFailover { seq: Seq(7) }, 0);
+        let (level, why) = health(&prepared, &facts(0), NOW);
+        assert_eq!(level, Health::Warning);
+        assert_eq!(
+            why,
+            ["prepared for a planned failover; the VM must not run here"]
+        );
+        let mut on_replica = prepared;
+        on_replica.role = Role::Replica;
+        let (level, why) = health(&on_replica, &facts(0), NOW);
+        assert_eq!(level, Health::Warning);
+        assert!(why[0].contains("failover start web"), "{why:?}");
+    }
 }

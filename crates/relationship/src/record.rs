@@ -440,4 +440,78 @@ mod tests {
         assert_eq!(rel.progress.inflight_seq, Some(Seq(10)));
         assert_eq!(rel.progress.generation, Generation(3));
     }
+
+    #[test]
+    fn failover_states_round_trip_as_relationship_md_shows() {
+        let text = r#"{"version": 2, "role": "Replica",
+            "state": { "name": "TestFailoverInProgress",
+                       "detail": { "point": 12, "underlying": { "name": "Replicating" } } },
+            "generation": 1, "last_seq": 14, "inflight_seq": null, "last_cut_unix_ns": null,
+            "last_app_consistent_unix_ns": null}"#;
+        let rel =
+            Relationship::from_record(web(), RelationshipRecord::from_json(&web(), text).unwrap())
+                .unwrap();
+        assert_eq!(
+            rel.state,
+            State::TestFailoverInProgress {
+                point: Seq(12),
+                underlying: Box::new(State::Replicating)
+            }
+        );
+        let states = [
+            State::TestFailoverInProgress {
+                point: Seq(3),
+                underlying: Box::new(State::ResynchronizationRequired {
+                    reason: "damaged".into(),
+                }),
+            },
+            State::TestFailoverInProgress {
+                point: Seq(3),
+                underlying: Box::new(State::Suspended {
+                    resume_to: Resumable::Replicating,
+                }),
+            },
+            State::FailedOverWaitingCompletion { point: Seq(4) },
+            State::FailedOver,
+            State::PreparedForFailover { seq: Seq(7) },
+        ];
+        for s in states {
+            let mut r = Relationship::new(web(), Role::Replica, Generation(2));
+            r.state = s;
+            r.progress.last_seq = Seq(9);
+            let json = serde_json::to_string(&r.to_record()).unwrap();
+            let back = Relationship::from_record(
+                web(),
+                RelationshipRecord::from_json(&web(), &json).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(back, r, "{json}");
+        }
+        assert_eq!(
+            serde_json::to_value(StateRecord::FailedOverWaitingCompletion { point: 4 }).unwrap(),
+            serde_json::json!({"name": "FailedOverWaitingCompletion", "detail": {"point": 4}})
+        );
+        assert_eq!(
+            serde_json::to_value(StateRecord::PreparedForFailover { seq: 7 }).unwrap(),
+            serde_json::json!({"name": "PreparedForFailover", "detail": {"seq": 7}})
+        );
+    }
+
+    #[test]
+    fn test_failover_over_a_failover_state_is_refused_in_one_line() {
+        let text = r#"{"version": 2, "role": "Replica",
+            "state": { "name": "TestFailoverInProgress",
+                       "detail": { "point": 12, "underlying": { "name": "FailedOver" } } },
+            "generation": 1, "last_seq": 14, "inflight_seq": null, "last_cut_unix_ns": null,
+            "last_app_consistent_unix_ns": null}"#;
+        let rec = RelationshipRecord::from_json(&web(), text).unwrap();
+        let e = Relationship::from_record(web(), rec)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("relationship record of web is damaged"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+    }
 }

@@ -779,3 +779,453 @@ fn late_commit_does_not_undo_a_state_the_primary_chose() {
     };
     assert_eq!(ok(&r, initial).0.state, State::Replicating);
 }
+
+// ---- Failover (issue 10).
+
+fn start(point: u64, test: bool) -> Event {
+    Event::FailoverStart {
+        point: Seq(point),
+        test,
+    }
+}
+
+fn testing(point: u64, underlying: State) -> State {
+    State::TestFailoverInProgress {
+        point: Seq(point),
+        underlying: Box::new(underlying),
+    }
+}
+
+fn failed_over(point: u64) -> State {
+    State::FailedOverWaitingCompletion { point: Seq(point) }
+}
+
+fn delta_committed(seq: u64) -> Event {
+    Event::DeltaCommitted {
+        seq: Seq(seq),
+        kind: CycleKind::Incremental,
+        cut_unix_ns: NOW,
+    }
+}
+
+fn replica_hello(state: ReplicationState, latest: u64) -> Event {
+    Event::HelloReceived {
+        primary_state: Some(state),
+        generation: G,
+        latest_seq: Seq(latest),
+    }
+}
+
+#[test]
+fn test_failover_starts_from_any_replica_state_with_a_point() {
+    for from in [
+        State::Replicating,
+        suspended(Resumable::Replicating),
+        required(),
+        State::Resynchronizing { reason: None },
+        State::PreparedForFailover { seq: Seq(5) },
+    ] {
+        let (next, actions) = ok(&replica(from.clone(), 5), start(3, true));
+        assert_eq!(next.state, testing(3, from));
+        assert_eq!(
+            actions[0],
+            Action::ServeFailover {
+                point: Seq(3),
+                test: true
+            }
+        );
+        assert_eq!(persist_index(&actions), 1);
+        assert_eq!(emitted(&actions), [EventKind::TestFailoverStarted]);
+        assert!(next.state.accepts_deltas());
+    }
+}
+
+#[test]
+fn failover_without_a_committed_point_is_refused() {
+    for test in [true, false] {
+        let r = refused(
+            &replica(State::InitialReplicationInProgress, 0),
+            start(1, test),
+        );
+        assert_eq!(r.kind, RefusalKind::Conflict);
+        assert!(r.message.contains("no committed point"), "{r}");
+        // A point newer than the newest committed one cannot exist.
+        let r = refused(&replica(State::Replicating, 4), start(5, test));
+        assert_eq!(r.kind, RefusalKind::Invalid);
+        assert!(r.message.contains("newest is 4"), "{r}");
+        let r = refused(&replica(State::Replicating, 4), start(0, test));
+        assert_eq!(r.kind, RefusalKind::Invalid);
+    }
+}
+
+#[test]
+fn second_test_failover_is_refused_in_one_line() {
+    let r = refused(&replica(testing(3, State::Replicating), 5), start(4, true));
+    assert_eq!(r.kind, RefusalKind::Conflict);
+    assert_eq!(
+        r.message,
+        "a test failover of web is already running (point 3); run `understudy failover stop web --test` first"
+    );
+}
+
+#[test]
+fn replication_goes_on_during_a_test_failover() {
+    let r = replica(testing(3, State::Replicating), 5);
+    let (next, actions) = ok(&r, delta_committed(6));
+    assert_eq!(next.state, testing(3, State::Replicating));
+    assert_eq!(next.progress.last_seq, Seq(6));
+    assert_eq!(actions, [Action::Persist]);
+    // The primary's state is remembered, not shown, while the test runs.
+    let (next, actions) = ok(&r, replica_hello(ReplicationState::Suspended, 5));
+    assert_eq!(
+        next.state,
+        testing(3, suspended(Resumable::Replicating)),
+        "{actions:?}"
+    );
+    assert!(actions.contains(&Action::Persist));
+    // A damaged store shows through the test: the underlying state requires a resync.
+    let (next, _) = ok(
+        &r,
+        Event::Diverged {
+            reason: "damaged".into(),
+        },
+    );
+    assert_eq!(
+        next.state,
+        testing(
+            3,
+            State::ResynchronizationRequired {
+                reason: "damaged".into()
+            }
+        )
+    );
+    assert_eq!(next.state.reason(), Some("damaged"));
+    let (next, _) = ok(
+        &r,
+        Event::DeltaStarted {
+            kind: CycleKind::Full,
+        },
+    );
+    assert_eq!(
+        next.state,
+        testing(3, State::Resynchronizing { reason: None })
+    );
+}
+
+#[test]
+fn test_failover_stop_returns_to_the_state_without_the_test() {
+    let underlying = suspended(Resumable::Replicating);
+    let (next, actions) = ok(
+        &replica(testing(3, underlying.clone()), 5),
+        Event::FailoverStop { test: true },
+    );
+    assert_eq!(next.state, underlying);
+    assert_eq!(actions[0], Action::DropFailover { test: true });
+    assert_eq!(persist_index(&actions), 1);
+    assert_eq!(emitted(&actions), [EventKind::TestFailoverStopped]);
+}
+
+#[test]
+fn test_failover_stop_without_a_test_is_refused() {
+    for s in [State::Replicating, failed_over(3)] {
+        let r = refused(&replica(s, 5), Event::FailoverStop { test: true });
+        assert_eq!(r.kind, RefusalKind::Conflict);
+        assert!(r.message.starts_with("no test failover of web"), "{r}");
+    }
+    // `failover stop` (not --test) during a test names the right command.
+    let r = refused(
+        &replica(testing(3, State::Replicating), 5),
+        Event::FailoverStop { test: false },
+    );
+    assert!(
+        r.message.contains("`understudy failover stop web --test`"),
+        "{r}"
+    );
+}
+
+#[test]
+fn failover_start_serves_the_point_and_stops_receiving() {
+    let (next, actions) = ok(&replica(State::Replicating, 5), start(4, false));
+    assert_eq!(next.state, failed_over(4));
+    assert_eq!(next.role, Role::Replica);
+    assert_eq!(
+        actions[0],
+        Action::ServeFailover {
+            point: Seq(4),
+            test: false
+        }
+    );
+    assert_eq!(persist_index(&actions), 1);
+    assert_eq!(emitted(&actions), [EventKind::FailoverStarted]);
+    assert!(!next.state.accepts_deltas());
+}
+
+#[test]
+fn failover_during_a_test_failover_is_refused() {
+    let r = refused(&replica(testing(3, State::Replicating), 5), start(4, false));
+    assert_eq!(r.kind, RefusalKind::Conflict);
+    assert!(
+        r.message
+            .contains("stop the test failover first: `understudy failover stop web --test`"),
+        "{r}"
+    );
+    // And a test while failed over.
+    let r = refused(&replica(failed_over(3), 5), start(4, true));
+    assert!(r.message.contains("failed over to point 3"), "{r}");
+}
+
+#[test]
+fn failover_start_again_starts_over_from_another_point() {
+    let (next, actions) = ok(&replica(failed_over(4), 5), start(2, false));
+    assert_eq!(next.state, failed_over(2));
+    assert_eq!(
+        actions[..3],
+        [
+            Action::DropFailover { test: false },
+            Action::ServeFailover {
+                point: Seq(2),
+                test: false
+            },
+            Action::Persist,
+        ]
+    );
+    assert_eq!(emitted(&actions), [EventKind::FailoverStarted]);
+}
+
+#[test]
+fn failover_stop_cancels_and_the_replica_receives_again() {
+    let (next, actions) = ok(
+        &replica(failed_over(4), 5),
+        Event::FailoverStop { test: false },
+    );
+    assert_eq!(next.state, State::Replicating);
+    assert_eq!(next.role, Role::Replica);
+    assert!(next.state.accepts_deltas());
+    assert_eq!(actions[0], Action::DropFailover { test: false });
+    assert_eq!(persist_index(&actions), 1);
+    assert_eq!(emitted(&actions), [EventKind::FailoverCancelled]);
+    let r = refused(
+        &replica(State::Replicating, 5),
+        Event::FailoverStop { test: false },
+    );
+    assert_eq!(
+        r.message,
+        "no failover of web is in progress; run `understudy failover start web` first"
+    );
+}
+
+#[test]
+fn failed_over_replica_ignores_hellos_but_records_a_late_commit() {
+    let r = replica(failed_over(4), 5);
+    for ev in [
+        replica_hello(ReplicationState::Replicating, 5),
+        Event::DeltaStarted {
+            kind: CycleKind::Full,
+        },
+        Event::Diverged { reason: "x".into() },
+    ] {
+        let (next, actions) = ok(&r, ev);
+        assert_eq!(next, r);
+        assert!(actions.is_empty());
+    }
+    let (next, actions) = ok(&r, delta_committed(6));
+    assert_eq!(next.state, failed_over(4));
+    assert_eq!(next.progress.last_seq, Seq(6));
+    assert_eq!(actions, [Action::Persist]);
+}
+
+#[test]
+fn failover_complete_makes_this_host_the_primary() {
+    let mut r = replica(failed_over(4), 5);
+    r.progress.last_cut_unix_ns = Some(NOW);
+    let (next, actions) = ok(&r, Event::FailoverComplete);
+    assert_eq!(next.role, Role::Primary);
+    assert_eq!(next.state, State::FailedOver);
+    assert_eq!(next.progress.last_seq, Seq(4));
+    assert_eq!(next.progress.last_cut_unix_ns, None);
+    // The host's work (can fail) comes before Persist.
+    assert_eq!(actions[0], Action::CompleteFailover { point: Seq(4) });
+    assert_eq!(persist_index(&actions), 1);
+    assert_eq!(emitted(&actions), [EventKind::FailoverCompleted]);
+    assert!(!next.state.accepts_deltas());
+    assert!(!next.state.cycles());
+    // A retry after a lost answer finds it done.
+    let (again, actions) = ok(&next, Event::FailoverComplete);
+    assert_eq!(again, next);
+    assert!(actions.is_empty());
+}
+
+#[test]
+fn failover_complete_without_start_is_refused() {
+    for s in [State::Replicating, required()] {
+        let r = refused(&replica(s, 5), Event::FailoverComplete);
+        assert_eq!(r.kind, RefusalKind::Conflict);
+        assert_eq!(
+            r.message,
+            "no failover of web is in progress; run `understudy failover start web` first"
+        );
+    }
+    let r = refused(
+        &replica(testing(3, State::Replicating), 5),
+        Event::FailoverComplete,
+    );
+    assert!(
+        r.message.contains("a test failover cannot be completed"),
+        "{r}"
+    );
+    let r = refused(&primary(State::Replicating, 5), Event::FailoverComplete);
+    assert_eq!(r.kind, RefusalKind::Invalid);
+}
+
+#[test]
+fn failed_over_refuses_replication_commands_naming_reverse() {
+    let r = primary(State::FailedOver, 4);
+    for ev in [
+        Event::StartInitial,
+        Event::Suspend,
+        Event::Resume,
+        resync(None),
+        Event::Prepared { seq: Seq(4) },
+        start(4, false),
+        Event::FailoverStop { test: false },
+    ] {
+        let e = refused(&r, ev.clone());
+        assert_eq!(e.kind, RefusalKind::Conflict, "{ev:?}");
+        assert!(
+            e.message
+                .contains("`understudy replication reverse web --replica HOST:PORT`"),
+            "{e}"
+        );
+        assert!(!e.message.contains('\n'));
+    }
+    // No cycle, and a late fact of the old relationship changes nothing.
+    for ev in [
+        Event::CycleDue,
+        hello(9),
+        committed(5),
+        out_of_sequence(5, 2),
+        Event::StorageFailed {
+            reason: "lost".into(),
+        },
+    ] {
+        let (next, actions) = ok(&r, ev);
+        assert_eq!(next, r);
+        assert!(actions.is_empty());
+    }
+}
+
+#[test]
+fn prepared_is_accepted_only_when_the_last_change_committed() {
+    let (next, actions) = ok(
+        &primary(State::Replicating, 7),
+        Event::Prepared { seq: Seq(7) },
+    );
+    assert_eq!(next.state, State::PreparedForFailover { seq: Seq(7) });
+    assert!(!next.state.cycles());
+    assert!(actions.contains(&Action::CancelCycle));
+    assert!(actions.contains(&Action::Persist));
+    assert_eq!(emitted(&actions), [EventKind::PreparedForFailover]);
+    // Again with the same point: nothing to do.
+    let (again, actions) = ok(&next, Event::Prepared { seq: Seq(7) });
+    assert_eq!(again, next);
+    assert!(actions.is_empty());
+    // No cycle in this state.
+    let (_, actions) = ok(&next, Event::CycleDue);
+    assert!(actions.is_empty());
+}
+
+#[test]
+fn prepared_is_refused_unless_replicating_in_sync() {
+    let stale = refused(
+        &primary(State::Replicating, 7),
+        Event::Prepared { seq: Seq(6) },
+    );
+    assert!(stale.message.contains("not the newest point"), "{stale}");
+    let flying = refused(
+        &in_flight(primary(State::Replicating, 7), 8),
+        Event::Prepared { seq: Seq(7) },
+    );
+    assert!(flying.message.contains("still being shipped"), "{flying}");
+    for s in [
+        suspended(Resumable::Replicating),
+        required(),
+        State::InitialReplicationInProgress,
+    ] {
+        let r = refused(&primary(s, 7), Event::Prepared { seq: Seq(7) });
+        assert_eq!(r.kind, RefusalKind::Conflict);
+        assert!(r.message.contains("needs it Replicating"), "{r}");
+    }
+    let r = refused(
+        &replica(State::Replicating, 7),
+        Event::Prepared { seq: Seq(7) },
+    );
+    assert_eq!(r.kind, RefusalKind::Invalid);
+}
+
+#[test]
+fn resume_cancels_a_prepare_and_unfences_after_persist() {
+    let p = primary(State::PreparedForFailover { seq: Seq(7) }, 7);
+    for ev in [Event::Resume, Event::FailoverStop { test: false }] {
+        let (next, actions) = ok(&p, ev);
+        assert_eq!(next.state, State::Replicating);
+        let unfence = actions.iter().position(|a| *a == Action::Unfence).unwrap();
+        assert!(persist_index(&actions) < unfence, "{actions:?}");
+        assert_eq!(emitted(&actions), [EventKind::FailoverCancelled]);
+        assert!(actions.contains(&Action::ScheduleCycleNow));
+    }
+    for ev in [Event::StartInitial, Event::Suspend, resync(None)] {
+        let r = refused(&p, ev);
+        assert!(r.message.contains("prepared for a planned failover"), "{r}");
+        assert!(!r.message.contains('\n'));
+    }
+}
+
+#[test]
+fn divergence_while_prepared_unfences() {
+    let p = primary(State::PreparedForFailover { seq: Seq(7) }, 7);
+    let (next, actions) = ok(
+        &p,
+        Event::StorageFailed {
+            reason: "lost".into(),
+        },
+    );
+    assert!(matches!(
+        next.state,
+        State::ResynchronizationRequired { .. }
+    ));
+    let unfence = actions.iter().position(|a| *a == Action::Unfence).unwrap();
+    assert!(persist_index(&actions) < unfence);
+}
+
+#[test]
+fn replica_mirrors_a_prepared_primary_and_may_fail_over_from_it() {
+    let (next, _) = ok(
+        &replica(State::Replicating, 7),
+        replica_hello(ReplicationState::PreparedForFailover, 7),
+    );
+    assert_eq!(next.state, State::PreparedForFailover { seq: Seq(7) });
+    let (next, _) = ok(&next, start(7, false));
+    assert_eq!(next.state, failed_over(7));
+    // A primary never reports a replica's failover states: not mirrored.
+    for s in [
+        ReplicationState::TestFailoverInProgress,
+        ReplicationState::FailedOverWaitingCompletion,
+        ReplicationState::FailedOver,
+    ] {
+        let (next, _) = ok(&replica(State::Replicating, 7), replica_hello(s, 7));
+        assert_eq!(next.state, State::Replicating);
+    }
+}
+
+#[test]
+fn accepts_deltas_is_false_exactly_while_failed_over() {
+    for (s, accepts) in [
+        (State::Replicating, true),
+        (testing(1, State::Replicating), true),
+        (State::PreparedForFailover { seq: Seq(1) }, true),
+        (failed_over(1), false),
+        (State::FailedOver, false),
+    ] {
+        assert_eq!(s.accepts_deltas(), accepts, "{s:?}");
+    }
+}
