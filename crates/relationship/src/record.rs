@@ -61,7 +61,7 @@ pub enum StateRecord {
     // unknown name in one line).
     TestFailoverInProgress {
         point: u64,
-        /// Never a failover state (refused as damaged).
+        /// Never a test or a failover (refused as damaged).
         underlying: Box<StateRecord>,
     },
     FailedOverWaitingCompletion {
@@ -241,7 +241,7 @@ fn state(s: StateRecord) -> Result<State, String> {
         StateRecord::Resynchronizing { reason } => State::Resynchronizing { reason },
         StateRecord::TestFailoverInProgress { point, underlying } => {
             let underlying = state(*underlying)?;
-            if underlying.is_failover() {
+            if underlying.serves_failover() {
                 return Err(format!(
                     "a test failover's underlying state cannot be {:?}",
                     underlying.name()

@@ -42,7 +42,7 @@ pub enum State {
     Resynchronizing { reason: Option<String> },
     /// Replica role: a test failover serves `NAME-test` over copy-on-write disks of `point`.
     /// Replication goes on: hellos and points update `underlying`, the state the replica
-    /// would show without the test (never a failover state), which `failover stop --test`
+    /// would show without the test (never a state that serves a failover), which `failover stop --test`
     /// returns to.
     TestFailoverInProgress { point: Seq, underlying: Box<State> },
     /// Replica role: `failover start` serves writable disks over `point`; the replica
@@ -93,14 +93,15 @@ impl State {
         )
     }
 
-    /// A failover state: one of the four of issue 10.
-    pub fn is_failover(&self) -> bool {
+    /// A state a test failover cannot run over: one that serves a failover itself (a test,
+    /// an unplanned failover, a completed one). `PreparedForFailover` (mirrored from the
+    /// primary) is not one.
+    pub(crate) fn serves_failover(&self) -> bool {
         matches!(
             self,
             State::TestFailoverInProgress { .. }
                 | State::FailedOverWaitingCompletion { .. }
                 | State::FailedOver
-                | State::PreparedForFailover { .. }
         )
     }
 

@@ -59,6 +59,16 @@ enum Op {
     StorageFailed,
     Restarted,
     ReplicaEvent,
+    /// `failover prepare`: the host says point `last_seq + offset` committed while fenced.
+    Prepared {
+        offset: i8,
+    },
+    /// A failover command on the primary (refused, except `failover stop` cancelling a
+    /// prepare).
+    Failover {
+        which: u8,
+        test: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -78,7 +88,68 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::StorageFailed),
         1 => Just(Op::Restarted),
         1 => Just(Op::ReplicaEvent),
+        2 => prop_oneof![4 => Just(0i8), 1 => -1i8..2].prop_map(|offset| Op::Prepared { offset }),
+        1 => (0u8..3, any::<bool>()).prop_map(|(which, test)| Op::Failover { which, test }),
     ]
+}
+
+fn failover_event(which: u8, test: bool, point: Seq) -> Event {
+    match which {
+        0 => Event::FailoverStart { point, test },
+        1 => Event::FailoverStop { test },
+        _ => Event::FailoverComplete,
+    }
+}
+
+/// Commands (refusable): from the API. The other events are facts.
+fn is_command(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::StartInitial
+            | Event::Suspend
+            | Event::Resume
+            | Event::Resynchronize { .. }
+            | Event::FailoverStart { .. }
+            | Event::FailoverStop { .. }
+            | Event::FailoverComplete
+            | Event::Prepared { .. }
+    )
+}
+
+/// A relationship's state as a test asserts on it: `accepts_deltas` is false exactly in the
+/// two states of a failover that is not a test, and a test never runs over a failover state.
+fn check_state(rel: &Relationship) -> Result<(), TestCaseError> {
+    let failed_over = matches!(
+        rel.state,
+        State::FailedOverWaitingCompletion { .. } | State::FailedOver
+    );
+    prop_assert_eq!(rel.state.accepts_deltas(), !failed_over, "{:?}", rel.state);
+    if let State::TestFailoverInProgress { underlying, .. } = &rel.state {
+        prop_assert!(
+            !matches!(
+                **underlying,
+                State::TestFailoverInProgress { .. }
+                    | State::FailedOverWaitingCompletion { .. }
+                    | State::FailedOver
+            ),
+            "{:?}",
+            rel.state
+        );
+    }
+    Ok(())
+}
+
+/// The record of `rel` round-trips through JSON.
+fn check_round_trip(rel: &Relationship) -> Result<(), TestCaseError> {
+    let json = serde_json::to_string(&rel.to_record()).unwrap();
+    let back =
+        Relationship::from_record(web(), RelationshipRecord::from_json(&web(), &json).unwrap())
+            .unwrap();
+    let mut expect = rel.clone();
+    expect.need_hello = true;
+    expect.inflight_cut_unix_ns = None;
+    prop_assert_eq!(back, expect);
+    Ok(())
 }
 
 fn add(seq: Seq, offset: i8) -> Seq {
@@ -224,6 +295,10 @@ impl Harness {
             Op::ReplicaEvent => Event::DeltaStarted {
                 kind: CycleKind::Full,
             },
+            Op::Prepared { offset } => Event::Prepared {
+                seq: add(p.last_seq, offset),
+            },
+            Op::Failover { which, test } => failover_event(which, test, p.last_seq),
         })
     }
 
@@ -231,14 +306,7 @@ impl Harness {
         let Some(event) = self.event_of(op) else {
             return Ok(());
         };
-        let command = matches!(
-            event,
-            Event::StartInitial
-                | Event::Suspend
-                | Event::Resume
-                | Event::Resynchronize { .. }
-                | Event::DeltaStarted { .. }
-        );
+        let command = is_command(&event) || matches!(event, Event::DeltaStarted { .. });
         let before = self.rel.clone();
         match step(&before, event.clone(), self.now) {
             Err(refusal) => {
@@ -307,14 +375,8 @@ impl Harness {
             );
         }
         // (d) The record round-trips through JSON.
-        let json = serde_json::to_string(&self.rel.to_record()).unwrap();
-        let back =
-            Relationship::from_record(web(), RelationshipRecord::from_json(&web(), &json).unwrap())
-                .unwrap();
-        let mut expect = self.rel.clone();
-        expect.need_hello = true;
-        expect.inflight_cut_unix_ns = None;
-        prop_assert_eq!(back, expect);
+        check_round_trip(&self.rel)?;
+        check_state(&self.rel)?;
         Ok(())
     }
 }
@@ -325,6 +387,237 @@ proptest! {
     #[test]
     fn random_event_sequences_keep_the_invariants(ops in prop::collection::vec(op(), 1..120)) {
         let mut h = Harness::new();
+        for op in &ops {
+            h.apply(op)?;
+        }
+    }
+}
+
+/// One random move on the replica host: a hello, a delta, a failover command, and after a
+/// completed failover (this host is the primary) a replication command or fact.
+#[derive(Debug, Clone)]
+enum ReplicaOp {
+    Hello {
+        state: usize,
+        offset: i8,
+        other_generation: bool,
+    },
+    DeltaStarted {
+        kind: usize,
+    },
+    DeltaCommitted {
+        kind: usize,
+    },
+    Diverged,
+    Restarted,
+    FailoverStart {
+        back: u8,
+        test: bool,
+    },
+    FailoverStop {
+        test: bool,
+    },
+    FailoverComplete,
+    Primary {
+        which: u8,
+    },
+}
+
+const KINDS: [CycleKind; 3] = [CycleKind::Initial, CycleKind::Incremental, CycleKind::Full];
+
+const PRIMARY_STATES: [Option<ReplicationState>; 14] = [
+    None,
+    Some(ReplicationState::ReadyForInitialReplication),
+    Some(ReplicationState::InitialReplicationInProgress),
+    Some(ReplicationState::Replicating),
+    Some(ReplicationState::Suspended),
+    Some(ReplicationState::ResynchronizationRequired),
+    Some(ReplicationState::WaitingForStartResynchronize),
+    Some(ReplicationState::Resynchronizing),
+    Some(ReplicationState::Replica),
+    Some(ReplicationState::TestFailoverInProgress),
+    Some(ReplicationState::FailedOverWaitingCompletion),
+    Some(ReplicationState::FailedOver),
+    Some(ReplicationState::PreparedForFailover),
+    Some(ReplicationState::Replicating),
+];
+
+fn replica_op() -> impl Strategy<Value = ReplicaOp> {
+    prop_oneof![
+        4 => (0..PRIMARY_STATES.len(), prop_oneof![4 => Just(0i8), 1 => -1i8..2], prop::bool::weighted(0.05))
+            .prop_map(|(state, offset, other_generation)| ReplicaOp::Hello { state, offset, other_generation }),
+        1 => (0..KINDS.len()).prop_map(|kind| ReplicaOp::DeltaStarted { kind }),
+        4 => prop_oneof![4 => Just(1usize), 1 => 0..KINDS.len()].prop_map(|kind| ReplicaOp::DeltaCommitted { kind }),
+        1 => Just(ReplicaOp::Diverged),
+        1 => Just(ReplicaOp::Restarted),
+        3 => (0u8..3, any::<bool>()).prop_map(|(back, test)| ReplicaOp::FailoverStart { back, test }),
+        2 => any::<bool>().prop_map(|test| ReplicaOp::FailoverStop { test }),
+        1 => Just(ReplicaOp::FailoverComplete),
+        1 => (0u8..8).prop_map(|which| ReplicaOp::Primary { which }),
+    ]
+}
+
+/// The replica host's side: its relationship, and the same replica's relationship as it
+/// would be without the test failover that is running (fed the same facts, no failover).
+struct ReplicaHarness {
+    rel: Relationship,
+    now: u64,
+    without_test: Option<Relationship>,
+}
+
+impl ReplicaHarness {
+    fn event_of(&mut self, op: &ReplicaOp) -> Event {
+        let last = self.rel.progress.last_seq;
+        match *op {
+            ReplicaOp::Hello {
+                state,
+                offset,
+                other_generation,
+            } => Event::HelloReceived {
+                primary_state: PRIMARY_STATES[state],
+                generation: if other_generation { Generation(2) } else { G },
+                latest_seq: add(last, offset),
+            },
+            ReplicaOp::DeltaStarted { kind } => Event::DeltaStarted { kind: KINDS[kind] },
+            ReplicaOp::DeltaCommitted { kind } => {
+                self.now += SEC;
+                Event::DeltaCommitted {
+                    seq: last.next(),
+                    kind: KINDS[kind],
+                    cut_unix_ns: self.now,
+                }
+            }
+            ReplicaOp::Diverged => Event::Diverged {
+                reason: "a journal block fails its checksum".into(),
+            },
+            ReplicaOp::Restarted => {
+                let reload =
+                    |r: &Relationship| Relationship::from_record(web(), r.to_record()).unwrap();
+                self.rel = reload(&self.rel);
+                self.without_test = self.without_test.as_ref().map(reload);
+                Event::Restarted
+            }
+            ReplicaOp::FailoverStart { back, test } => Event::FailoverStart {
+                point: Seq(last.get().saturating_sub(u64::from(back))),
+                test,
+            },
+            ReplicaOp::FailoverStop { test } => Event::FailoverStop { test },
+            ReplicaOp::FailoverComplete => Event::FailoverComplete,
+            ReplicaOp::Primary { which } => match which {
+                0 => Event::StartInitial,
+                1 => Event::Suspend,
+                2 => Event::Resume,
+                3 => Event::Resynchronize {
+                    at_unix_ns: None,
+                    reason: None,
+                },
+                4 => Event::Prepared { seq: last },
+                5 => Event::CycleDue,
+                6 => Event::HelloAnswered {
+                    latest_seq: last,
+                    generation: G,
+                    damage: None,
+                },
+                _ => Event::StorageFailed {
+                    reason: "lost".into(),
+                },
+            },
+        }
+    }
+
+    fn apply(&mut self, op: &ReplicaOp) -> Result<(), TestCaseError> {
+        let event = self.event_of(op);
+        let before = self.rel.clone();
+        let replica_fact = matches!(
+            event,
+            Event::HelloReceived { .. }
+                | Event::DeltaStarted { .. }
+                | Event::DeltaCommitted { .. }
+                | Event::Diverged { .. }
+        );
+        let primary_fact = matches!(
+            event,
+            Event::CycleDue
+                | Event::HelloAnswered { .. }
+                | Event::CutTaken { .. }
+                | Event::Committed { .. }
+                | Event::CycleFailed { .. }
+        );
+        let may_refuse = is_command(&event)
+            || (replica_fact && before.role == Role::Primary)
+            || (primary_fact && before.role == Role::Replica);
+        match step(&before, event.clone(), self.now) {
+            Err(refusal) => {
+                prop_assert!(may_refuse, "{event:?} refused in {before:?}: {refusal}");
+                prop_assert!(!refusal.message.is_empty() && !refusal.message.contains('\n'));
+                prop_assert_eq!(step(&before, event, self.now).unwrap_err(), refusal);
+            }
+            Ok((next, actions)) => {
+                if next.to_record() != before.to_record() {
+                    prop_assert!(
+                        actions.contains(&Action::Persist),
+                        "{event:?}: {before:?} -> {next:?} without Persist: {actions:?}"
+                    );
+                }
+                if let Event::FailoverStop { .. } = event {
+                    prop_assert!(next.state.accepts_deltas(), "{before:?} -> {next:?}");
+                }
+                match (&event, &next.state) {
+                    (Event::FailoverStart { test: true, .. }, _) => {
+                        // A test failover changes nothing of the replica's points.
+                        prop_assert_eq!(&next.progress, &before.progress);
+                        self.without_test = Some(before.clone());
+                    }
+                    (Event::FailoverStop { test: true }, _) => {
+                        prop_assert_eq!(&next.progress, &before.progress);
+                        let without = self.without_test.take().expect("a test was running");
+                        prop_assert_eq!(&next.state, &without.state);
+                        prop_assert_eq!(&next.progress, &without.progress);
+                    }
+                    (_, State::TestFailoverInProgress { underlying, .. }) => {
+                        // Replication goes on beside the test exactly as without it.
+                        let mut without = self.without_test.take().expect("a test was running");
+                        if !is_command(&event) {
+                            if let Ok((w, _)) = step(&without, event.clone(), self.now) {
+                                without = w;
+                            }
+                        }
+                        prop_assert_eq!(&**underlying, &without.state);
+                        prop_assert_eq!(&next.progress, &without.progress);
+                        self.without_test = Some(without);
+                    }
+                    _ => self.without_test = None,
+                }
+                self.rel = next;
+            }
+        }
+        check_state(&self.rel)?;
+        check_round_trip(&self.rel)?;
+        if matches!(
+            self.rel.state,
+            State::FailedOverWaitingCompletion { .. }
+                | State::FailedOver
+                | State::PreparedForFailover { .. }
+        ) {
+            let (h, _) = health(&self.rel, &HealthFacts::default(), self.now);
+            prop_assert!(h != Health::Normal, "{:?}", self.rel.state);
+        }
+        Ok(())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_failover_sequences_on_the_replica_keep_the_invariants(
+        ops in prop::collection::vec(replica_op(), 1..120)
+    ) {
+        let mut h = ReplicaHarness {
+            rel: Relationship::new(web(), Role::Replica, G),
+            now: T0,
+            without_test: None,
+        };
         for op in &ops {
             h.apply(op)?;
         }
@@ -352,6 +645,13 @@ fn every_state_name() -> BTreeSet<String> {
             at_unix_ns: 0,
         },
         State::Resynchronizing { reason: None },
+        State::TestFailoverInProgress {
+            point: Seq(1),
+            underlying: Box::new(State::Replicating),
+        },
+        State::FailedOverWaitingCompletion { point: Seq(1) },
+        State::FailedOver,
+        State::PreparedForFailover { seq: Seq(1) },
     ]
     .iter()
     .map(name_of)
@@ -408,6 +708,7 @@ fn every_state_is_reachable_from_ready_for_initial_replication() {
         (Event::Tick, T0 + 100 * SEC),
         (Event::CycleDue, T0),
         (Event::Restarted, T0),
+        (Event::FailoverStop { test: false }, T0),
         (
             Event::StorageFailed {
                 reason: "lost".into(),
@@ -447,6 +748,7 @@ fn every_state_is_reachable_from_ready_for_initial_replication() {
             },
             T0,
         ));
+        alphabet.push((Event::Prepared { seq: Seq(s) }, T0));
         alphabet.push((
             Event::CycleFailed {
                 seq: Seq(s),
@@ -460,8 +762,19 @@ fn every_state_is_reachable_from_ready_for_initial_replication() {
             T0,
         ));
     }
-    let reached = bfs(Relationship::new(web(), Role::Primary, G), &alphabet);
-    assert_eq!(reached, every_state_name(), "primary");
+    let primary = bfs(Relationship::new(web(), Role::Primary, G), &alphabet);
+    let replica_only: BTreeSet<String> = [
+        "TestFailoverInProgress",
+        "FailedOverWaitingCompletion",
+        "FailedOver",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(
+        primary,
+        &every_state_name() - &replica_only,
+        "primary (the failovers start on the replica)"
+    );
 
     // The replica's view reaches every state too.
     let mut alphabet = vec![
@@ -472,7 +785,19 @@ fn every_state_is_reachable_from_ready_for_initial_replication() {
             T0,
         ),
         (Event::Restarted, T0),
+        (Event::FailoverStop { test: true }, T0),
+        (Event::FailoverStop { test: false }, T0),
+        (Event::FailoverComplete, T0),
     ];
+    for test in [true, false] {
+        alphabet.push((
+            Event::FailoverStart {
+                point: Seq(1),
+                test,
+            },
+            T0,
+        ));
+    }
     for kind in [CycleKind::Initial, CycleKind::Incremental, CycleKind::Full] {
         alphabet.push((Event::DeltaStarted { kind }, T0));
         alphabet.push((
@@ -494,6 +819,7 @@ fn every_state_is_reachable_from_ready_for_initial_replication() {
         Some(ReplicationState::WaitingForStartResynchronize),
         Some(ReplicationState::Resynchronizing),
         Some(ReplicationState::Replica),
+        Some(ReplicationState::PreparedForFailover),
     ];
     for primary_state in states {
         for latest in 0..=1 {
@@ -517,10 +843,15 @@ fn every_state_is_reachable_from_ready_for_initial_replication() {
         "Resynchronizing",
         "Suspended(InitialReplicationInProgress)",
         "Suspended(Replicating)",
+        "TestFailoverInProgress",
+        "FailedOverWaitingCompletion",
+        "FailedOver",
+        "PreparedForFailover",
     ] {
         assert!(
             reached.contains(name),
             "replica never reaches {name}: {reached:?}"
         );
     }
+    assert_eq!(&primary | &reached, every_state_name(), "every state");
 }
