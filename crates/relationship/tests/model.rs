@@ -491,8 +491,9 @@ impl ReplicaHarness {
                 reason: "a journal block fails its checksum".into(),
             },
             ReplicaOp::Restarted => {
-                let reload =
-                    |r: &Relationship| Relationship::from_record(web(), r.to_record()).unwrap();
+                fn reload(r: &Relationship) -> Relationship {
+                    Relationship::from_record(web(), r.to_record()).unwrap()
+                }
                 self.rel = reload(&self.rel);
                 self.without_test = self.without_test.as_ref().map(reload);
                 Event::Restarted
