@@ -17,6 +17,10 @@
 //! - the replica host runs the same core (role Replica): after each hello it shows the
 //!   primary's state name (or its own `ResynchronizationRequired`), and when the primary is
 //!   in sync as above it shows `Replicating` at the same point;
+//! - a test failover on the replica host (started and stopped at random) never disturbs the
+//!   replica's points: the point under the test VM keeps its contents while the test VM
+//!   writes (to its own copy-on-write layer), replication goes on, and the replica host's
+//!   checks above hold for the state it would show without the test;
 //! - at the end, without faults, the relationship returns to `Replicating` with Normal health
 //!   and the replica's newest point equal to the primary's disk.
 
@@ -88,6 +92,17 @@ struct Replica {
     /// last persisted record.
     rel: Relationship,
     persisted: String,
+    /// A running test failover: its point, that point's contents when the test started, and
+    /// the test VM's copy-on-write layer (the blocks it wrote).
+    test: Option<(Seq, Vec<u32>, Vec<(usize, u32)>)>,
+}
+
+/// The state a replica host would show without a running test failover.
+fn without_test(s: &State) -> &State {
+    match s {
+        State::TestFailoverInProgress { underlying, .. } => underlying,
+        other => other,
+    }
 }
 
 impl Replica {
@@ -170,6 +185,8 @@ struct Faults {
     replica_restored_older: u64,
     replica_damaged: u64,
     suspend: u64,
+    /// A test failover starts on the replica host (when none runs), or stops (when one runs).
+    test_failover: u64,
 }
 
 const FAULTY: Faults = Faults {
@@ -181,6 +198,7 @@ const FAULTY: Faults = Faults {
     replica_restored_older: 8,
     replica_damaged: 4,
     suspend: 5,
+    test_failover: 30,
 };
 
 const CALM: Faults = Faults {
@@ -192,6 +210,7 @@ const CALM: Faults = Faults {
     replica_restored_older: 0,
     replica_damaged: 0,
     suspend: 0,
+    test_failover: 0,
 };
 
 struct World {
@@ -223,6 +242,8 @@ struct Stats {
     restarts: u64,
     adopted: u64,
     late_answers: u64,
+    test_failovers: u64,
+    commits_during_tests: u64,
 }
 
 fn web() -> VmName {
@@ -255,6 +276,7 @@ impl World {
                 damaged: false,
                 persisted: record_json(&Relationship::new(web(), Role::Replica, G)),
                 rel: Relationship::new(web(), Role::Replica, G),
+                test: None,
             },
             late: Vec::new(),
             ghost: false,
@@ -373,8 +395,9 @@ impl World {
             generation: self.p.rel.progress.generation,
             latest_seq: self.r.latest(),
         });
-        let shown = self.r.rel.state.name();
-        let keeps_divergence = matches!(self.r.rel.state, State::ResynchronizationRequired { .. });
+        let view = without_test(&self.r.rel.state);
+        let shown = view.name();
+        let keeps_divergence = matches!(view, State::ResynchronizationRequired { .. });
         if shown != primary_state && !keeps_divergence {
             self.fail(&format!(
                 "after a hello the replica shows {shown:?} but the primary is {primary_state:?}"
@@ -545,6 +568,9 @@ impl World {
             cut_unix_ns: cut_ns,
         });
         self.stats.commits += 1;
+        if self.r.test.is_some() {
+            self.stats.commits_during_tests += 1;
+        }
         if kind == CycleKind::Full && delta.epoch == self.epoch {
             self.ghost = false;
         }
@@ -610,8 +636,76 @@ impl World {
         }
     }
 
+    /// The replica host's user: starts a test failover over a random point now and then,
+    /// lets the test VM write, and stops it.
+    fn test_failover(&mut self) {
+        match self.r.test.take() {
+            None => {
+                if self.r.points.is_empty() || !self.rng.chance(self.faults.test_failover) {
+                    return;
+                }
+                let i = self.rng.below(self.r.points.len() as u64) as usize;
+                let point = self.r.points[i].seq;
+                let event = Event::FailoverStart { point, test: true };
+                self.note(format!("replica: {event:?}"));
+                let Ok((next, actions)) = step(&self.r.rel, event, self.now) else {
+                    // (The replica host's view may not know that point yet.)
+                    return;
+                };
+                if actions.first() != Some(&Action::ServeFailover { point, test: true })
+                    || next.progress != self.r.rel.progress
+                {
+                    self.fail(&format!("a test failover start ran {actions:?}"));
+                }
+                self.r.persisted = record_json(&next);
+                self.r.rel = next;
+                self.r.test = Some((point, self.r.points[i].image.clone(), Vec::new()));
+                self.stats.test_failovers += 1;
+            }
+            Some((point, image, mut written)) => {
+                // The test VM writes to its own layer.
+                for _ in 0..self.rng.below(3) {
+                    let b = self.rng.below(BLOCKS as u64) as usize;
+                    written.push((b, self.rng.next() as u32));
+                }
+                if !self.rng.chance(self.faults.test_failover * 3) {
+                    self.r.test = Some((point, image, written));
+                    return;
+                }
+                let before = self.r.rel.clone();
+                let State::TestFailoverInProgress { underlying, .. } = &before.state else {
+                    self.fail(&format!(
+                        "a test runs but the replica shows {:?}",
+                        before.state
+                    ));
+                };
+                let event = Event::FailoverStop { test: true };
+                self.note(format!(
+                    "replica: {event:?} ({} test writes)",
+                    written.len()
+                ));
+                match step(&before, event, self.now) {
+                    Ok((next, actions))
+                        if actions.first() == Some(&Action::DropFailover { test: true })
+                            && next.state == **underlying
+                            && next.progress == before.progress
+                            && next.state.accepts_deltas() =>
+                    {
+                        self.r.persisted = record_json(&next);
+                        self.r.rel = next;
+                    }
+                    other => self.fail(&format!("a test failover stop gave {other:?}")),
+                }
+            }
+        }
+    }
+
     fn replica_faults(&mut self) {
-        if !self.r.points.is_empty() && self.rng.chance(self.faults.replica_restored_older) {
+        // (Not while a test failover runs: its point would go with the restore.)
+        if !self.r.points.is_empty()
+            && self.r.test.is_none()
+            && self.rng.chance(self.faults.replica_restored_older)
+        {
             let keep = self.rng.below(self.r.points.len() as u64) as usize;
             self.r.points.truncate(keep);
             // The replica host restarts on the older copy, with its relationship record.
@@ -648,6 +742,7 @@ impl World {
             self.fact(event);
         }
         self.replica_faults();
+        self.test_failover();
         self.operator();
         self.fact(Event::Tick);
         self.guest_writes();
@@ -676,6 +771,14 @@ impl World {
     }
 
     fn check(&self) {
+        if let Some((point, image, _)) = &self.r.test {
+            let held = self.r.points.iter().find(|p| p.seq == *point);
+            if held.map(|p| &p.image) != Some(image) {
+                self.fail(&format!(
+                    "the point under the test failover ({point}) changed or went away"
+                ));
+            }
+        }
         for (i, p) in self.r.points.iter().enumerate() {
             if p.seq != Seq(i as u64 + 1) {
                 self.fail(&format!(
@@ -718,7 +821,9 @@ impl World {
                 ));
             }
             let view = &self.r.rel;
-            if view.state != State::Replicating || view.progress.last_seq != rel.progress.last_seq {
+            if *without_test(&view.state) != State::Replicating
+                || view.progress.last_seq != rel.progress.last_seq
+            {
                 self.fail(&format!(
                     "in sync, but the replica host shows {:?} at point {}",
                     view.state, view.progress.last_seq
@@ -806,6 +911,7 @@ fn simulation_with_lost_and_late_answers_crashes_and_divergence() {
         w.calm_down();
         eprintln!("seed {seed}: {:?}", w.stats);
         assert!(w.stats.divergences > 0 && w.stats.resyncs_done > 0 && w.stats.adopted > 0);
+        assert!(w.stats.test_failovers > 0 && w.stats.commits_during_tests > 0);
     }
 }
 
