@@ -92,10 +92,13 @@ struct Replica {
     /// last persisted record.
     rel: Relationship,
     persisted: String,
-    /// A running test failover: its point, that point's contents when the test started, and
-    /// the test VM's copy-on-write layer (the blocks it wrote).
-    test: Option<(Seq, Vec<u32>, Vec<(usize, u32)>)>,
+    /// A running test failover.
+    test: Option<TestVm>,
 }
+
+/// A test failover's point, that point's contents when the test started, and the test VM's
+/// copy-on-write layer (the blocks it wrote).
+type TestVm = (Seq, Vec<u32>, Vec<(usize, u32)>);
 
 /// The state a replica host would show without a running test failover.
 fn without_test(s: &State) -> &State {
