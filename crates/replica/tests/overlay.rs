@@ -1,6 +1,8 @@
 //! `replica::Overlay` from the outside: served over NBD and driven by the real `qemu-io`, and
 //! killed with SIGKILL in the middle of unflushed writes (a real process, not a drop).
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -8,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use nbd::{BlockBackend, MemoryBackend, NbdServer, ServerConfig, StaticRegistry};
 use proto::Seq;
-use replica::Overlay;
+use replica::{Overlay, ReplicaStore};
+
+use common::{disks, send, vm_id, Model, Op, KEY};
+use delta::{Compression, DeltaKind};
 
 const BS: usize = 4096;
 const MIB: usize = 1 << 20;
@@ -210,4 +215,63 @@ fn flushed_writes_survive_sigkill_and_unflushed_blocks_are_whole() {
         );
     }
     assert_eq!(ov.written_blocks(), vec![0..20]);
+}
+
+#[test]
+fn an_overlay_over_a_point_view_keeps_its_point_while_replication_and_retention_go_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = ReplicaStore::open(&dir.path().join("store")).expect("store");
+    let vm = store
+        .create_vm(&vm_id(), delta::Generation(1), &disks(), KEY)
+        .expect("vm");
+    let mut model = Model::new();
+    let commit = |model: &mut Model, i: u64| {
+        let kind = if i == 0 {
+            DeltaKind::Initial
+        } else {
+            DeltaKind::Incremental
+        };
+        let ops = [Op::Data {
+            disk: 0,
+            block: i * 5,
+            blocks: 8,
+            seed: 100 + i as u8,
+        }];
+        let (bytes, images) = model.delta(kind, Compression::Zstd, &ops);
+        send(&vm, &bytes).expect("commit");
+        model.accept(images);
+    };
+    commit(&mut model, 0);
+    commit(&mut model, 1);
+    let point = Seq(2);
+    let base = vm.point_disk(point, 0).expect("view");
+    let ov_dir = dir.path().join("failover/web/disk0");
+    let ov = Overlay::create(&ov_dir, base, point, 0).expect("create");
+    ov.write_at(&[0xa5; 3000], 7 * BS as u64 + 100, true)
+        .expect("write");
+    let mut want = model.points[&2][&0].clone();
+    want[7 * BS + 100..7 * BS + 3100].fill(0xa5);
+    // Replication goes on under the failover disk, and retention keeps only the newest point,
+    // except the one the overlay reads.
+    commit(&mut model, 2);
+    commit(&mut model, 3);
+    vm.retain(1).expect("retain");
+    assert!(
+        vm.points().iter().any(|p| p.seq == point),
+        "retention folded the point under the overlay"
+    );
+    let mut got = vec![0; want.len()];
+    ov.read_at(&mut got, 0).expect("read");
+    assert!(
+        got == want,
+        "overlay over the point differs from point + writes"
+    );
+    let image = dir.path().join("disk0.raw");
+    ov.materialize(&image).expect("materialize");
+    assert!(std::fs::read(&image).expect("image") == want);
+    assert_eq!(ov.written_blocks(), vec![7..8]);
+    // Once the overlay is gone, retention proceeds.
+    drop(ov);
+    vm.retain(1).expect("retain");
+    assert_eq!(vm.points().len(), 1);
 }
