@@ -64,6 +64,8 @@ pub enum ReplicaError {
     BadStoreMarker { path: PathBuf, reason: String },
     #[error("the replica's index is full ({indexed} of {max} frames indexed, this delta has {frames}); retention folds older points, try again")]
     IndexFull { indexed: u64, max: u64, frames: u64 },
+    #[error("failover overlay {dir}: {reason}")]
+    Overlay { dir: PathBuf, reason: String },
     #[error("injected failure at {0}")]
     Injected(&'static str),
 }

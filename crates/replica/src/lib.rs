@@ -20,6 +20,7 @@ mod index;
 mod manifest;
 mod marker;
 mod merge;
+mod overlay;
 mod payload;
 mod pipeline;
 mod receive;
@@ -42,6 +43,7 @@ pub use history::{
     KEEP_EVERY_POINT_FOR_MAX_SECS, RECOVERY_HISTORY_MAX,
 };
 pub use marker::StoreMarker;
+pub use overlay::{Overlay, MATERIALIZE_CHUNK_BYTES, OVERLAY_BLOCK_BYTES, OVERLAY_DISK_BYTES_MAX};
 pub use receive::Incoming;
 pub use store::ReplicaStore;
 pub use view::PointView;
