@@ -31,6 +31,7 @@ pub const REPLICATION_SET: u32 = 2008;
 pub const RESYNC_SCHEDULED: u32 = 2009;
 pub const RESYNC_STARTED: u32 = 2010;
 pub const RESYNC_DONE: u32 = 2011;
+pub const PREPARED_FOR_FAILOVER: u32 = 2012;
 pub const UPLOAD_RESUMED: u32 = 2020;
 /// An application-consistent cut fell back to crash-consistent (agent or hook failure).
 pub const APP_CONSISTENT_FAILED: u32 = 2021;
@@ -39,6 +40,9 @@ pub const GUEST_THAW_FAILED: u32 = 2022;
 pub const POINT_COMMITTED: u32 = 3000;
 pub const PEER_REFUSED: u32 = 3002;
 pub const REPLICA_STORE_UNAVAILABLE: u32 = 3003;
+pub const FAILOVER_STARTED: u32 = 3030;
+pub const FAILOVER_STOPPED: u32 = 3031;
+pub const FAILOVER_COMPLETED: u32 = 3032;
 pub const POINT_SERVED: u32 = 3020;
 pub const POINT_UNSERVED: u32 = 3021;
 

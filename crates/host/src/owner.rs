@@ -40,6 +40,18 @@ pub enum HostCommand {
     UnservePoint(UnservePoint, Reply<Vec<u64>>),
     EnableReplicaServer(ReplicaServerConfig, Reply<ReplicaServerConfig>),
     DisableReplicaServer(Reply<ReplicaServerConfig>),
+    /// `failover start NAME [--point] [--test]` on the replica host.
+    FailoverStart {
+        vm: String,
+        req: proto::FailoverStart,
+        reply: Reply<proto::FailoverInfo>,
+    },
+    /// `failover stop NAME [--test]`: the name the failover was served as.
+    FailoverStop {
+        vm: String,
+        test: bool,
+        reply: Reply<String>,
+    },
 }
 
 /// What readers see of the host without asking the owner: published after every command.
@@ -134,6 +146,13 @@ pub async fn run(
             }
             HostCommand::DisableReplicaServer(reply) => {
                 let _ = reply.send(blocking(move || s.disable_replica_server()).await);
+            }
+            HostCommand::FailoverStart { vm, req, reply } => {
+                let r = blocking(move || s.failover_start(&vm, &req.point, req.test)).await;
+                let _ = reply.send(r);
+            }
+            HostCommand::FailoverStop { vm, test, reply } => {
+                let _ = reply.send(blocking(move || s.failover_stop(&vm, test)).await);
             }
         }
         commands += 1;

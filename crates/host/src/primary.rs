@@ -409,6 +409,17 @@ impl Replication {
                         d.release_cbw_memory();
                     }
                 }
+                // Planned failover (prepare) does not fence this host's VMs yet, so there is
+                // nothing to lift; a prepare is never fed to the core by this host so far.
+                Action::Unfence => {}
+                Action::ServeFailover { .. }
+                | Action::DropFailover { .. }
+                | Action::CompleteFailover { .. } => {
+                    return Err(anyhow!(
+                        "{}: a failover action reached the primary's task (a replica-side step)",
+                        self.vm.name
+                    ))
+                }
                 Action::CancelCycle => out.cancel_cycle = true,
                 Action::ScheduleCycleNow => out.cycle_now = true,
                 Action::SayHello => out.say_hello = true,
@@ -453,6 +464,10 @@ fn event_id(kind: EventKind) -> u32 {
         EventKind::ResyncStarted => events::RESYNC_STARTED,
         EventKind::ResyncDone => events::RESYNC_DONE,
         EventKind::CycleFailed => events::CYCLE_FAILED,
+        EventKind::TestFailoverStarted | EventKind::FailoverStarted => events::FAILOVER_STARTED,
+        EventKind::TestFailoverStopped | EventKind::FailoverCancelled => events::FAILOVER_STOPPED,
+        EventKind::FailoverCompleted => events::FAILOVER_COMPLETED,
+        EventKind::PreparedForFailover => events::PREPARED_FOR_FAILOVER,
     }
 }
 

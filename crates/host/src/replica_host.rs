@@ -384,6 +384,9 @@ async fn route(
             // once the store has accepted the hello (for an existing VM that proves the
             // caller knows its key).
             let owner = check_owner(shared, vm, &caller, true)?;
+            if let Some(why) = shared.replica_refuses(vm) {
+                return Err(refuse(StatusCode::CONFLICT, "failed_over", why));
+            }
             // One relationship per VM on a host: not a replica of a VM it replicates.
             if shared.role_of(vm) == Some(relationship::Role::Primary) {
                 return Err(refuse(
@@ -494,6 +497,9 @@ async fn route(
         (Method::PUT, ["v1", "replicas", _, "deltas", seq]) => {
             let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
             check_owner(shared, vm, &caller, false)?;
+            if let Some(why) = shared.replica_refuses(vm) {
+                return Err(refuse(StatusCode::CONFLICT, "failed_over", why));
+            }
             let seq = parse_seq(seq)?;
             let resume = resume_headers(&req)?;
             // A commit may fold (index memory): served points are pinned before (blocking: the

@@ -407,3 +407,37 @@ pub struct Event {
     pub level: String,
     pub message: String,
 }
+
+/// `POST /v1/vms/{vm}/failover/start`: the point (`latest` or an id) and whether it is a test.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailoverStart {
+    #[serde(default = "latest")]
+    pub point: String,
+    #[serde(default)]
+    pub test: bool,
+}
+
+fn latest() -> String {
+    "latest".into()
+}
+
+/// `POST /v1/vms/{vm}/failover/stop`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FailoverStop {
+    #[serde(default)]
+    pub test: bool,
+}
+
+/// A failover served on the replica host: the VM's disks at `point`, writable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailoverInfo {
+    /// The replica VM failed over.
+    pub vm: String,
+    /// The name its disks are served as (`vm show` takes it): the VM's own name, or
+    /// `NAME-test` for a test failover.
+    pub served_as: String,
+    pub point: u64,
+    pub test: bool,
+    /// One writable `nbd_uri` per disk.
+    pub disks: Vec<DiskInfo>,
+}

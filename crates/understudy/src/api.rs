@@ -192,6 +192,27 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
             }
             to_json(&repl.status())
         }
+        (Method::POST, ["v1", "vms", name, "failover", "start"]) => {
+            let req: proto::FailoverStart = body(req).await?;
+            let vm = name.to_string();
+            to_json(
+                &owner
+                    .call(|reply| HostCommand::FailoverStart { vm, req, reply })
+                    .await?,
+            )
+        }
+        (Method::POST, ["v1", "vms", name, "failover", "stop"]) => {
+            let r: proto::FailoverStop = body(req).await?;
+            let vm = name.to_string();
+            let stopped = owner
+                .call(|reply| HostCommand::FailoverStop {
+                    vm,
+                    test: r.test,
+                    reply,
+                })
+                .await?;
+            to_json(&serde_json::json!({ "stopped": stopped }))
+        }
         (Method::GET, ["v1", "points", name]) => to_json(&shared.points(name)?),
         (Method::POST, ["v1", "points", name, "export"]) => {
             let r: ExportPoint = body(req).await?;

@@ -60,6 +60,9 @@ enum Command {
     /// Recovery points on a replica host.
     #[command(subcommand)]
     Points(PointsCmd),
+    /// Bring a VM up on the replica host from a recovery point (test or real failover).
+    #[command(subcommand)]
+    Failover(FailoverCmd),
     /// The guided end-to-end tour on loopback (temporary directory, no setup).
     Demo,
 }
@@ -317,6 +320,30 @@ pub struct HistoryArgs {
 }
 
 #[derive(Subcommand)]
+enum FailoverCmd {
+    /// On the replica host: serve NAME's disks at a recovery point, writable (copy-on-write
+    /// over the point, ready at once). With --test they are served as NAME-test and
+    /// replication goes on; without, as NAME, and the replica stops receiving.
+    Start {
+        name: String,
+        /// `latest` or a point id (`points list`).
+        #[arg(long, default_value = "latest")]
+        point: String,
+        #[arg(long)]
+        test: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a test failover (--test: NAME-test and its writes are thrown away) or cancel a
+    /// failover (the replica goes back to receiving).
+    Stop {
+        name: String,
+        #[arg(long)]
+        test: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum PointsCmd {
     /// List the recovery points of a replica VM.
     List {
@@ -459,6 +486,18 @@ fn main() -> ExitCode {
                 ReplicationCmd::Resume { name, .. } => {
                     cli::replication_action(&api, &name, "resume")
                 }
+            }
+        }
+        Command::Failover(cmd) => {
+            let api = cli::Api::new(&cli.data_dir);
+            match cmd {
+                FailoverCmd::Start {
+                    name,
+                    point,
+                    test,
+                    json,
+                } => cli::failover_start(&api, &name, &point, test, json),
+                FailoverCmd::Stop { name, test } => cli::failover_stop(&api, &name, test),
             }
         }
         Command::Points(cmd) => {

@@ -26,8 +26,11 @@ use crate::vms::{self, Vm};
 use crate::HostConfig;
 use relationship::{Event, Relationship, Role};
 
+mod failover;
 mod replica_side;
 mod served;
+
+pub use failover::{served_name, FailoverRecord};
 
 const REPLICA_CFG_KEY: &str = "replica-server";
 /// How often every disk is checked for a storage (write-back) error: the error is also seen at
@@ -120,6 +123,8 @@ pub struct Shared {
     relationships: Mutex<BTreeMap<String, Relation>>,
     /// Serializes the replica side's relationship events (`replica_event`).
     replica_events: Mutex<()>,
+    /// Failovers served on this host (`failover start`), by served name.
+    failovers: Mutex<failover::Failovers>,
     broken: Mutex<BTreeMap<String, BrokenVm>>,
     /// Names of VMs being created or imported right now (see `ensure_new`).
     creating: Mutex<HashSet<String>>,
@@ -229,6 +234,7 @@ impl Shared {
             vms: Mutex::new(BTreeMap::new()),
             relationships: Mutex::new(BTreeMap::new()),
             replica_events: Mutex::new(()),
+            failovers: Mutex::new(Default::default()),
             broken: Mutex::new(BTreeMap::new()),
             creating: Mutex::new(HashSet::new()),
             replica: Mutex::new(None),
@@ -666,11 +672,20 @@ impl Shared {
 
     /// Every VM of this host, from the command owner's latest snapshot.
     pub fn vm_infos(&self) -> Vec<VmInfo> {
-        let names = self.owner.view().vms.clone();
+        let mut names = self.owner.view().vms.clone();
+        for f in self.failover_names() {
+            if !names.contains(&f) {
+                names.push(f);
+            }
+        }
+        names.sort();
         names.iter().filter_map(|n| self.vm_info(n).ok()).collect()
     }
 
     pub fn vm_info(&self, name: &str) -> anyhow::Result<VmInfo> {
+        if let Some(info) = self.failover_vm_info(name) {
+            return Ok(info);
+        }
         let (record, broken) = {
             let vms = self.vms.lock();
             match vms.get(name) {
@@ -700,7 +715,6 @@ impl Shared {
             None if !repl_disks.is_empty() => "Primary",
             None => "None",
         };
-        let socket = self.nbd_socket.display().to_string();
         Ok(VmInfo {
             name: record.name.clone(),
             created_at: rfc3339_from_unix_ns(record.created_unix_ns),
@@ -709,28 +723,13 @@ impl Shared {
                 .disks
                 .iter()
                 .map(|d| {
-                    let export = vms::export_name(name, d.index);
-                    DiskInfo {
-                        index: d.index,
-                        size_bytes: d.size_bytes,
-                        nbd_uri: format!("nbd+unix:///{export}?socket={socket}"),
-                        qemu_blockdev: vms::qemu_blockdev(
-                            &export,
-                            &vms::qemu_node_name(name, d.index),
-                            &socket,
-                            NBD_RECONNECT_DELAY_SECS,
-                        ),
-                        qemu_node_name: vms::qemu_node_name(name, d.index),
-                        libvirt_xml: vms::libvirt_disk_xml(
-                            &export,
-                            &socket,
-                            d.index,
-                            NBD_RECONNECT_DELAY_SECS,
-                        ),
-                        export_name: export,
-                        path: d.file.clone(),
-                        replicated: repl_disks.contains(&d.index),
-                    }
+                    self.disk_info(
+                        name,
+                        d.index,
+                        d.size_bytes,
+                        &d.file,
+                        repl_disks.contains(&d.index),
+                    )
                 })
                 .collect(),
             broken,
@@ -741,6 +740,36 @@ impl Shared {
                 .and_then(|g| g.pre_freeze_hook.clone()),
             post_thaw_hook: record.guest.as_ref().and_then(|g| g.post_thaw_hook.clone()),
         })
+    }
+
+    /// How a disk served on this host's NBD socket is shown (`vm show`): its URI and the
+    /// qemu and libvirt attachments with `reconnect-delay`.
+    pub(crate) fn disk_info(
+        &self,
+        vm: &str,
+        index: u32,
+        size_bytes: u64,
+        path: &str,
+        replicated: bool,
+    ) -> DiskInfo {
+        let socket = self.nbd_socket.display().to_string();
+        let export = vms::export_name(vm, index);
+        DiskInfo {
+            index,
+            size_bytes,
+            nbd_uri: format!("nbd+unix:///{export}?socket={socket}"),
+            qemu_blockdev: vms::qemu_blockdev(
+                &export,
+                &vms::qemu_node_name(vm, index),
+                &socket,
+                NBD_RECONNECT_DELAY_SECS,
+            ),
+            qemu_node_name: vms::qemu_node_name(vm, index),
+            libvirt_xml: vms::libvirt_disk_xml(&export, &socket, index, NBD_RECONNECT_DELAY_SECS),
+            export_name: export,
+            path: path.to_string(),
+            replicated,
+        }
     }
 
     /// How `vm`'s guest is quiesced (`vm set`), read at each application-consistent cut.

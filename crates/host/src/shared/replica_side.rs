@@ -333,6 +333,19 @@ impl Shared {
         generation: proto::Generation,
         event: relationship::Event,
     ) -> anyhow::Result<()> {
+        self.replica_event_with(vm, generation, event, |_| Ok(()))
+    }
+
+    /// [`Shared::replica_event`] with the actions that concern this host beyond persisting and
+    /// logging (serving or dropping a failover) run by `act`, in the core's order; the new
+    /// relationship is installed only if every action succeeded. A refusal changes nothing.
+    pub(crate) fn replica_event_with(
+        &self,
+        vm: &proto::VmName,
+        generation: proto::Generation,
+        event: relationship::Event,
+        mut act: impl FnMut(relationship::Action) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         use relationship::{Action, Relationship, Role};
         // One replica event at a time (step, persist, install in order); the relationships
         // map itself is locked only to read and to install, never across the catalog's sync,
@@ -348,7 +361,10 @@ impl Shared {
             None => Relationship::new(vm.clone(), Role::Replica, generation),
         };
         let (next, actions) = relationship::step(&current, event, proto::time::now_unix_ns())
-            .map_err(|r| crate::error::conflict(r.message))?;
+            .map_err(|r| match r.kind {
+                relationship::RefusalKind::Conflict => crate::error::conflict(r.message),
+                relationship::RefusalKind::Invalid => crate::error::bad_request(r.message),
+            })?;
         for action in actions {
             match action {
                 Action::Persist => {
@@ -357,8 +373,7 @@ impl Shared {
                 Action::Emit { kind, message } => {
                     tracing::info!(vm = %vm, ?kind, "{message}");
                 }
-                // The replica ships nothing and cuts nothing.
-                _ => {}
+                other => act(other)?,
             }
         }
         let mut rels = self.relationships.lock();
@@ -375,6 +390,18 @@ impl Shared {
             .cloned()
             .or_else(|| self.replica_owner(name).ok().flatten().map(|o| o.peer_name))
             .unwrap_or_default()
+    }
+
+    /// Why replica VM `vm` takes no hello and no delta now (a failover to one of its points is
+    /// in progress or complete), if so.
+    pub fn replica_refuses(&self, vm: &str) -> Option<String> {
+        let rel = self.replica_relationship(vm)?;
+        (!rel.state.accepts_deltas()).then(|| {
+            format!(
+                "{vm} is {:?} on its replica host: it receives nothing until the failover is stopped (`understudy failover stop {vm}`) or reversed",
+                rel.state.name()
+            )
+        })
     }
 
     /// The replica role's relationship of `vm`, if one is recorded.

@@ -376,6 +376,9 @@ impl Shared {
             return false;
         }
         served.pinned_vms.insert(vm);
+        drop(served);
+        // Failovers over this VM's points are pinned by their overlays' views.
+        self.reopen_failovers(rvm);
         true
     }
 

@@ -486,6 +486,52 @@ pub fn resynchronize(api: &Api, name: &str, at: Option<&str>) -> anyhow::Result<
     Ok(())
 }
 
+/// `failover start NAME [--point] [--test] [--json]`.
+pub fn failover_start(
+    api: &Api,
+    name: &str,
+    point: &str,
+    test: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let info: proto::FailoverInfo = api.post(
+        &format!("/v1/vms/{}/failover/start", path_segment(name)?),
+        &proto::FailoverStart {
+            point: point.to_string(),
+            test,
+        },
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!(
+            "{}: {} of {} at point {}; writable disks:",
+            info.served_as,
+            if info.test {
+                "test failover"
+            } else {
+                "failover"
+            },
+            info.vm,
+            info.point
+        );
+        for d in &info.disks {
+            println!("  disk {}: {}", d.index, d.nbd_uri);
+        }
+    }
+    Ok(())
+}
+
+/// `failover stop NAME [--test]`.
+pub fn failover_stop(api: &Api, name: &str, test: bool) -> anyhow::Result<()> {
+    let r: serde_json::Value = api.post(
+        &format!("/v1/vms/{}/failover/stop", path_segment(name)?),
+        &proto::FailoverStop { test },
+    )?;
+    println!("{} stopped", r["stopped"].as_str().unwrap_or(name));
+    Ok(())
+}
+
 pub fn points_list(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
     let points: Vec<PointInfo> = api.get(&format!("/v1/points/{}", path_segment(name)?))?;
     if json {

@@ -1,0 +1,349 @@
+//! Failover on the replica host (`failover start/stop`): a VM's disks at a chosen recovery
+//! point, writable through copy-on-write overlays (`replica::Overlay`), served on this host's
+//! NBD socket. A test failover serves them as `NAME-test` while replication goes on; a
+//! failover proper serves them as `NAME` and the replica stops receiving. The relationship core
+//! decides (`Event::FailoverStart/Stop`); this module executes its `ServeFailover` and
+//! `DropFailover` actions and brings served failovers back after a restart.
+//!
+//! Crash safety: the catalog record `failover/<served name>` is written before the overlays'
+//! exports appear and deleted before the overlays are discarded, so after a crash a failover is
+//! either served again at start (its overlays reopened with what the guest flushed) or gone.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use proto::time::{now_unix_ns, rfc3339_from_unix_ns};
+use proto::{FailoverInfo, Seq, VmInfo};
+use relationship::{Action, Event};
+use replica::{Overlay, ReplicaVm};
+use serde::{Deserialize, Serialize};
+
+use super::Shared;
+use crate::error::{bad_request, conflict, not_found};
+use crate::events;
+
+/// `failover/<served name>` in the catalog (`docs/formats/catalog.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    pub version: u32,
+    /// The replica VM failed over.
+    pub vm: String,
+    /// The name its disks are served as: `vm`, or `vm-test` for a test failover.
+    pub served_as: String,
+    pub point: u64,
+    pub test: bool,
+    pub disks: Vec<FailoverDisk>,
+    pub created_unix_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverDisk {
+    pub index: u32,
+    pub size_bytes: u64,
+}
+
+impl FailoverRecord {
+    pub const VERSION: u32 = 1;
+
+    pub fn key(served_as: &str) -> String {
+        format!("failover/{served_as}")
+    }
+}
+
+/// The failovers served on this host, by served name.
+#[derive(Default)]
+pub(super) struct Failovers {
+    served: BTreeMap<String, Served>,
+}
+
+struct Served {
+    record: FailoverRecord,
+    overlays: Vec<(u32, Arc<Overlay>)>,
+}
+
+/// The name a failover of `vm` is served as.
+pub fn served_name(vm: &str, test: bool) -> String {
+    if test {
+        format!("{vm}-test")
+    } else {
+        vm.to_string()
+    }
+}
+
+impl Shared {
+    fn failover_dir(&self, served_as: &str, disk: u32) -> PathBuf {
+        self.data_dir
+            .join("failover")
+            .join(served_as)
+            .join(format!("disk-{disk}"))
+    }
+
+    /// `failover start NAME [--point ID|latest] [--test]` (the command owner's half).
+    pub(crate) fn failover_start(
+        &self,
+        vm: &str,
+        point: &str,
+        test: bool,
+    ) -> anyhow::Result<FailoverInfo> {
+        let rvm = self.replica_vm(vm)?;
+        let p = super::replica_side::resolve_point(&rvm, vm, point)?;
+        let served_as = served_name(vm, test);
+        proto::VmName::parse(&served_as)
+            .map_err(|e| bad_request(format!("{e} (the test failover's name is {vm}-test)")))?;
+        if test && (self.vms.lock().contains_key(&served_as) || self.role_of(&served_as).is_some())
+        {
+            return Err(conflict(format!(
+                "a VM named {served_as} already exists on this host; a test failover of {vm} needs that name"
+            )));
+        }
+        let generation = rvm.generation();
+        self.replica_event_with(
+            rvm.vm_id(),
+            generation,
+            Event::FailoverStart { point: p.seq, test },
+            |action| match action {
+                Action::ServeFailover { point, test } => {
+                    self.serve_failover(&rvm, point, test, true)
+                }
+                Action::DropFailover { test } => self.drop_failover(vm, test),
+                _ => Ok(()),
+            },
+        )?;
+        self.events.emit(
+            events::FAILOVER_STARTED,
+            Some(vm),
+            "info",
+            &format!(
+                "{} of {vm} to point {} (cut {}): disks served as {served_as}",
+                if test { "test failover" } else { "failover" },
+                p.seq,
+                rfc3339_from_unix_ns(p.cut_time_unix_ns)
+            ),
+        );
+        self.failover_info(&served_as)
+    }
+
+    /// `failover stop NAME [--test]`: the failover's disks and everything written to them go;
+    /// a failover proper returns the replica to receiving.
+    pub(crate) fn failover_stop(&self, vm: &str, test: bool) -> anyhow::Result<String> {
+        let rvm = self.replica_vm(vm)?;
+        let served_as = served_name(vm, test);
+        if !self.failovers.lock().served.contains_key(&served_as) {
+            return Err(conflict(format!(
+                "no {} of {vm} is in progress",
+                if test { "test failover" } else { "failover" }
+            )));
+        }
+        let generation = rvm.generation();
+        self.replica_event_with(
+            rvm.vm_id(),
+            generation,
+            Event::FailoverStop { test },
+            |action| match action {
+                Action::DropFailover { test } => self.drop_failover(vm, test),
+                _ => Ok(()),
+            },
+        )?;
+        self.events.emit(
+            events::FAILOVER_STOPPED,
+            Some(vm),
+            "info",
+            &format!("{served_as} stopped: its disks and what was written to them are gone"),
+        );
+        Ok(served_as)
+    }
+
+    /// Makes the overlays of a failover of `rvm` at `point` and serves them. `fresh`: a new
+    /// failover (its record written first); else one found in the catalog at start, whose
+    /// overlays are reopened with what was flushed to them.
+    fn serve_failover(
+        &self,
+        rvm: &ReplicaVm,
+        point: Seq,
+        test: bool,
+        fresh: bool,
+    ) -> anyhow::Result<()> {
+        let vm = rvm.vm_id().to_string();
+        let served_as = served_name(&vm, test);
+        let record = FailoverRecord {
+            version: FailoverRecord::VERSION,
+            vm: vm.clone(),
+            served_as: served_as.clone(),
+            point: point.get(),
+            test,
+            disks: rvm
+                .disks()
+                .iter()
+                .map(|d| FailoverDisk {
+                    index: d.index,
+                    size_bytes: d.size_bytes,
+                })
+                .collect(),
+            created_unix_ns: now_unix_ns(),
+        };
+        if fresh {
+            self.catalog
+                .put(&FailoverRecord::key(&served_as), &record)
+                .context("recording the failover")?;
+        }
+        let mut overlays = Vec::new();
+        for d in &record.disks {
+            let opened = (|| {
+                let view = rvm.view(point, d.index)?;
+                let dir = self.failover_dir(&served_as, d.index);
+                if fresh {
+                    Overlay::create(&dir, Arc::new(view), point, d.index)
+                } else {
+                    Overlay::open(&dir, Arc::new(view), point, d.index)
+                }
+            })();
+            match opened {
+                Ok(o) => overlays.push((d.index, Arc::new(o))),
+                Err(e) => {
+                    if fresh {
+                        // Nothing was served yet: leave nothing behind.
+                        let _ = self.catalog.delete(&FailoverRecord::key(&served_as));
+                        for (i, _) in &overlays {
+                            let _ = Overlay::discard(&self.failover_dir(&served_as, *i));
+                        }
+                    }
+                    return Err(anyhow::Error::from(e).context(format!(
+                        "preparing disk {} of {served_as} over point {point}",
+                        d.index
+                    )));
+                }
+            }
+        }
+        for (i, o) in &overlays {
+            let backend: Arc<dyn nbd::BlockBackend> = o.clone();
+            self.exports.add_with_description(
+                crate::vms::export_name(&served_as, *i),
+                format!("{served_as} disk {i} (failover of {vm} at point {point})"),
+                backend,
+            );
+        }
+        self.failovers
+            .lock()
+            .served
+            .insert(served_as, Served { record, overlays });
+        Ok(())
+    }
+
+    /// Ends the failover of `vm` served as `served_name(vm, test)`: the record first, then the
+    /// exports (and the connections using them), then the overlays.
+    fn drop_failover(&self, vm: &str, test: bool) -> anyhow::Result<()> {
+        let served_as = served_name(vm, test);
+        self.catalog
+            .delete(&FailoverRecord::key(&served_as))
+            .context("forgetting the failover")?;
+        let Some(served) = self.failovers.lock().served.remove(&served_as) else {
+            return Ok(());
+        };
+        for (i, _) in &served.overlays {
+            let name = crate::vms::export_name(&served_as, *i);
+            self.exports.remove(&name);
+            if let Some(server) = self.nbd.lock().as_ref() {
+                server.close_export_connections(&name);
+            }
+        }
+        drop(served);
+        for i in 0..crate::vms::DISKS_PER_VM_MAX as u32 {
+            let dir = self.failover_dir(&served_as, i);
+            if dir.exists() {
+                Overlay::discard(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            }
+        }
+        let _ = std::fs::remove_dir(self.data_dir.join("failover").join(&served_as));
+        Ok(())
+    }
+
+    /// After a start, when replica VM `rvm` is open: serves again the failovers the catalog
+    /// records for it (before retention may fold the point under them). A failover that cannot
+    /// be served again is reported, never silently dropped.
+    pub(super) fn reopen_failovers(&self, rvm: &ReplicaVm) {
+        let vm = rvm.vm_id().to_string();
+        let records: Vec<FailoverRecord> = match self.catalog.scan("failover/") {
+            Ok(r) => r.into_iter().map(|(_, r)| r).collect(),
+            Err(e) => {
+                tracing::error!(%vm, "reading failover records: {e:#}");
+                return;
+            }
+        };
+        for r in records.into_iter().filter(|r| r.vm == vm) {
+            if self.failovers.lock().served.contains_key(&r.served_as) {
+                continue;
+            }
+            match self.serve_failover(rvm, Seq(r.point), r.test, false) {
+                Ok(()) => tracing::info!(%vm, served_as = %r.served_as, "failover served again"),
+                Err(e) => self.events.emit(
+                    events::FAILOVER_STOPPED,
+                    Some(&vm),
+                    "error",
+                    &format!(
+                        "{} could not be served again after the restart: {}",
+                        r.served_as,
+                        crate::errfmt::one_line(&e)
+                    ),
+                ),
+            }
+        }
+    }
+
+    /// `vm show` of a failover's disks.
+    pub(super) fn failover_vm_info(&self, served_as: &str) -> Option<VmInfo> {
+        let failovers = self.failovers.lock();
+        let s = failovers.served.get(served_as)?;
+        let r = &s.record;
+        Some(VmInfo {
+            name: served_as.to_string(),
+            created_at: rfc3339_from_unix_ns(r.created_unix_ns),
+            replication_role: if r.test { "TestFailover" } else { "FailedOver" }.into(),
+            disks: r
+                .disks
+                .iter()
+                .map(|d| {
+                    let dir = self.failover_dir(served_as, d.index);
+                    self.disk_info(
+                        served_as,
+                        d.index,
+                        d.size_bytes,
+                        &dir.display().to_string(),
+                        false,
+                    )
+                })
+                .collect(),
+            broken: None,
+            guest_agent: None,
+            pre_freeze_hook: None,
+            post_thaw_hook: None,
+        })
+    }
+
+    /// What `failover start` answers: the served name, the point, and a writable `nbd_uri`
+    /// per disk.
+    fn failover_info(&self, served_as: &str) -> anyhow::Result<FailoverInfo> {
+        let info = self
+            .failover_vm_info(served_as)
+            .ok_or_else(|| not_found(format!("no failover served as {served_as}")))?;
+        let failovers = self.failovers.lock();
+        let r = &failovers
+            .served
+            .get(served_as)
+            .ok_or_else(|| not_found(format!("no failover served as {served_as}")))?
+            .record;
+        Ok(FailoverInfo {
+            vm: r.vm.clone(),
+            served_as: served_as.to_string(),
+            point: r.point,
+            test: r.test,
+            disks: info.disks,
+        })
+    }
+
+    /// The served names of every failover on this host.
+    pub(super) fn failover_names(&self) -> Vec<String> {
+        self.failovers.lock().served.keys().cloned().collect()
+    }
+}

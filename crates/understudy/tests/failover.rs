@@ -1,0 +1,208 @@
+//! Failover on the replica host: a test failover (`NAME-test`, copy-on-write over a point,
+//! replication going on) that a real guest boots from and writes to, and a failover proper
+//! (writable disks as `NAME`, the replica refusing to receive until it is stopped).
+
+mod common;
+#[path = "common/guest.rs"]
+mod guest;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// Boots, checks the file replicated before the point, writes one of its own and powers off.
+/// A second boot of the same disks finds the guest's own file too.
+const GUEST_SCRIPT: &str = r#"
+if ! mount -t ext4 /dev/vda /mnt; then echo GUEST-MOUNT-FAILED; poweroff -f; fi
+echo "GUEST-FILE $(cat /mnt/hello.txt)"
+if [ -f /mnt/guest.txt ]; then echo "GUEST-OWN $(cat /mnt/guest.txt)"; fi
+echo "written-by-the-test-vm" > /mnt/guest.txt
+sync
+umount /mnt
+echo GUEST-DONE
+"#;
+
+fn status(h: &Host, vm: &str) -> serde_json::Value {
+    h.json(&["replication", "status", vm])
+}
+
+fn blockdev_of(disk: &serde_json::Value) -> (String, String) {
+    (
+        disk["qemu_blockdev"].as_str().unwrap().to_string(),
+        disk["qemu_node_name"].as_str().unwrap().to_string(),
+    )
+}
+
+fn one_line_failure(out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "expected a refusal");
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    err
+}
+
+/// `failover start --test` gives `NAME-test` over a point at once; a real guest boots from it,
+/// mounts the replicated file system, writes, and finds its write after a reboot; replication
+/// of the VM goes on meanwhile (new points applied, the test's point never folded); `failover
+/// stop --test` throws the test VM and its writes away.
+#[test]
+fn test_failover_boots_a_guest_while_replication_goes_on() {
+    require("mkfs.ext4", "e2fsprogs");
+    let root = tempfile::tempdir().unwrap();
+    let scratch = root.path();
+    let kit = guest::build(scratch, GUEST_SCRIPT);
+    let (a, b) = pair_with_args(scratch, &[], &["--retain-points", "2"]);
+    let files = scratch.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("hello.txt"), "replicated-before-the-point\n").unwrap();
+    let image = scratch.join("fs.raw");
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&files)
+        .arg(&image)
+        .arg("32M"));
+    a.ok(&["vm", "import", "fs", "--image", image.to_str().unwrap()]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "fs",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "3600",
+    ]);
+    a.ok(&["replication", "start", "fs", "--wait"]);
+    let point = point_ids(&b, "fs").last().copied().unwrap();
+
+    let info = b.json(&[
+        "failover",
+        "start",
+        "fs",
+        "--test",
+        "--point",
+        &point.to_string(),
+    ]);
+    assert_eq!(info["served_as"], "fs-test", "{info}");
+    assert_eq!(info["point"], point, "{info}");
+    let shown = b.json(&["vm", "show", "fs-test"]);
+    assert_eq!(shown["disks"][0]["nbd_uri"], info["disks"][0]["nbd_uri"]);
+    assert_eq!(status(&b, "fs")["state"], "TestFailoverInProgress");
+    // One test failover per VM at a time.
+    let err = one_line_failure(&b.run(&["failover", "start", "fs", "--test"]));
+    assert!(err.contains("test failover"), "{err}");
+
+    // Replication goes on: the primary's disk changes and new points are applied, more than
+    // the replica keeps, so retention runs past the test's point (which it must not fold).
+    let uri = a.nbd_uri("fs", 0);
+    for i in 0..3 {
+        qemu_io_ok(&uri, &[&format!("write -P {} 30M 512k", i + 1)]);
+        sync_until_ok(&a, "fs", 20);
+    }
+    assert!(point_ids(&b, "fs").last().copied().unwrap() >= point + 3);
+
+    let (blockdev, node) = blockdev_of(&info["disks"][0]);
+    let mut g = guest::Guest::start(&kit, &[(blockdev.clone(), node.clone())]);
+    let console = g.wait_exit(Duration::from_secs(240));
+    assert!(
+        console.contains("GUEST-FILE replicated-before-the-point"),
+        "{console}"
+    );
+    assert!(console.contains("GUEST-DONE"), "{console}");
+    let mut g = guest::Guest::start(&kit, &[(blockdev, node)]);
+    let console = g.wait_exit(Duration::from_secs(240));
+    assert!(
+        console.contains("GUEST-OWN written-by-the-test-vm"),
+        "the test VM's write is on its disk: {console}"
+    );
+    // The test VM's writes never reach the replica's points.
+    let st = status(&b, "fs");
+    assert_eq!(st["health"], "Normal", "{st}");
+
+    let out = b.ok(&["failover", "stop", "fs", "--test"]);
+    assert!(out.contains("fs-test"), "{out}");
+    assert!(!b.run(&["vm", "show", "fs-test"]).status.success());
+    assert!(
+        !b.dir.join("failover").join("fs-test").exists(),
+        "nothing of the test VM remains"
+    );
+    assert_eq!(status(&b, "fs")["state"], "Replicating");
+    let err = one_line_failure(&b.run(&["failover", "stop", "fs", "--test"]));
+    assert!(err.contains("no test failover"), "{err}");
+}
+
+/// A failover proper: writable disks as `NAME` at the chosen point; starting again at another
+/// point discards what was written; the replica refuses the primary meanwhile; `failover stop`
+/// returns it to receiving. A test failover that survives a restart is served again.
+#[test]
+fn failover_to_a_point_and_back_to_receiving() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, mut b) = pair(root.path());
+    a.ok(&["vm", "create", "web", "--disk", "8M"]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "web",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "3600",
+    ]);
+    a.ok(&["replication", "start", "web", "--wait"]);
+    let uri = a.nbd_uri("web", 0);
+    qemu_io_ok(&uri, &["write -P 1 0 1M"]);
+    let p1 = sync_until_ok(&a, "web", 20)["seq"].as_u64().unwrap();
+    qemu_io_ok(&uri, &["write -P 2 0 1M"]);
+    let p2 = sync_until_ok(&a, "web", 20)["seq"].as_u64().unwrap();
+
+    // Bad input first: nothing changes.
+    let err = one_line_failure(&b.run(&["failover", "start", "nope"]));
+    assert!(err.contains("nope"), "{err}");
+    let err = one_line_failure(&b.run(&["failover", "start", "web", "--point", "999"]));
+    assert!(err.contains("999"), "{err}");
+    let err = one_line_failure(&a.run(&["failover", "start", "web"]));
+    assert!(err.contains("web"), "{err}");
+    assert_eq!(status(&b, "web")["state"], "Replicating");
+
+    let info = b.json(&["failover", "start", "web", "--point", &p1.to_string()]);
+    assert_eq!(info["served_as"], "web");
+    let fo = b.json(&["vm", "show", "web"])["disks"][0]["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    qemu_io_ok(&fo, &["read -P 1 0 1M"]);
+    qemu_io_ok(&fo, &["write -P 9 0 64k"]);
+    qemu_io_ok(&fo, &["read -P 9 0 64k"]);
+    assert_eq!(status(&b, "web")["state"], "FailedOverWaitingCompletion");
+    // The primary is refused meanwhile, with the reason.
+    qemu_io_ok(&uri, &["write -P 3 0 4k"]);
+    let out = a.run(&["replication", "sync", "web"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("failover"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Another point: what was written is discarded.
+    b.ok(&["failover", "start", "web", "--point", &p2.to_string()]);
+    qemu_io_ok(&fo, &["read -P 2 0 1M"]);
+
+    // A restart serves the failover again, with what was flushed.
+    qemu_io_ok(&fo, &["write -P 7 1M 64k", "flush"]);
+    b.stop();
+    b.restart();
+    let fo = b.json(&["vm", "show", "web"])["disks"][0]["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    qemu_io_ok(&fo, &["read -P 2 0 1M", "read -P 7 1M 64k"]);
+    assert_eq!(status(&b, "web")["state"], "FailedOverWaitingCompletion");
+
+    b.ok(&["failover", "stop", "web"]);
+    assert_eq!(status(&b, "web")["state"], "Replicating");
+    let synced = sync_until_ok(&a, "web", 20);
+    assert!(synced["seq"].as_u64().unwrap() > p2, "{synced}");
+    let events = events(&b);
+    assert!(events.iter().any(|e| e["id"] == 3030));
+    assert!(events.iter().any(|e| e["id"] == 3031));
+}
