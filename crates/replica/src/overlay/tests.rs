@@ -68,6 +68,7 @@ enum Op {
     Zero {
         off: u64,
         len: u64,
+        fast: bool,
     },
     Read {
         off: u64,
@@ -101,7 +102,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (range(), any::<u64>(), any::<bool>())
             .prop_map(|((off, len), seed, fua)| Op::Write { off, len, seed, fua }),
         2 => range().prop_map(|(off, len)| Op::Trim { off, len }),
-        2 => range().prop_map(|(off, len)| Op::Zero { off, len }),
+        2 => (range(), any::<bool>()).prop_map(|((off, len), fast)| Op::Zero { off, len, fast }),
         3 => range().prop_map(|(off, len)| Op::Read { off, len }),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
@@ -142,8 +143,12 @@ proptest! {
                     model[off as usize..(off + len) as usize].fill(0);
                     touch(&mut written, off, len);
                 }
-                Op::Zero { off, len } => {
-                    ov.write_zeroes(off, len, true, false).expect("zero");
+                Op::Zero { off, len, fast } => {
+                    if fast {
+                        ov.write_zeroes_fast(off, len, true, false).expect("fast zero");
+                    } else {
+                        ov.write_zeroes(off, len, true, false).expect("zero");
+                    }
                     model[off as usize..(off + len) as usize].fill(0);
                     touch(&mut written, off, len);
                 }
