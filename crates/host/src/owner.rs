@@ -46,6 +46,11 @@ pub enum HostCommand {
         req: proto::FailoverStart,
         reply: Reply<proto::FailoverInfo>,
     },
+    /// `failover complete NAME` on the replica host.
+    FailoverComplete {
+        vm: String,
+        reply: Reply<VmInfo>,
+    },
     /// `failover stop NAME [--test]`: the name the failover was served as.
     FailoverStop {
         vm: String,
@@ -150,6 +155,9 @@ pub async fn run(
             HostCommand::FailoverStart { vm, req, reply } => {
                 let r = blocking(move || s.failover_start(&vm, &req.point, req.test)).await;
                 let _ = reply.send(r);
+            }
+            HostCommand::FailoverComplete { vm, reply } => {
+                let _ = reply.send(blocking(move || s.failover_complete(&vm)).await);
             }
             HostCommand::FailoverStop { vm, test, reply } => {
                 let _ = reply.send(blocking(move || s.failover_stop(&vm, test)).await);

@@ -188,6 +188,31 @@ pub fn import_disks(
     Ok((record, vm))
 }
 
+/// Makes a VM of raw disks that `write` produces at the paths it is given (a failover's
+/// disks, materialized when it completes), with fresh change tracking.
+pub fn adopt_disks(
+    data_dir: &Path,
+    name: &str,
+    sizes: &[u64],
+    now_ns: u64,
+    options: &DiskOptions,
+    mut write: impl FnMut(u32, &Path) -> anyhow::Result<()>,
+) -> anyhow::Result<(VmRecord, Vm)> {
+    let dir = vm_dir(data_dir, name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let records: Vec<DiskRecord> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| disk_record(&dir, i as u32, size))
+        .collect();
+    for r in &records {
+        write(r.index, Path::new(&r.file))?;
+    }
+    let record = new_record(name, now_ns, records);
+    let vm = open_vm(&record, options)?;
+    Ok((record, vm))
+}
+
 fn new_record(name: &str, now_ns: u64, disks: Vec<DiskRecord>) -> VmRecord {
     VmRecord {
         version: crate::catalog::RECORD_VERSION,

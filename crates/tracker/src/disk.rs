@@ -369,6 +369,20 @@ impl TrackedDisk {
         self.set_dirty_ranges(&[(0, self.nblocks - 1)])
     }
 
+    /// Marks the 4 KiB blocks in `ranges` (block indexes, end exclusive) dirty, durably: the
+    /// next cut ships them (a failed-over VM's writes, for the reverse replication).
+    pub fn mark_dirty_blocks(&self, ranges: &[std::ops::Range<u64>]) -> Result<(), TrackerError> {
+        let inclusive: Vec<(u64, u64)> = ranges
+            .iter()
+            .filter(|r| r.start < r.end && r.start < self.nblocks)
+            .map(|r| (r.start, r.end.min(self.nblocks) - 1))
+            .collect();
+        if inclusive.is_empty() {
+            return Ok(());
+        }
+        self.set_dirty_ranges(&inclusive)
+    }
+
     /// Marks every allocated block dirty (SEEK_DATA/SEEK_HOLE): the next cut ships the disk
     /// sparse-aware. Returns the bytes marked.
     pub fn mark_allocated_dirty(&self) -> Result<u64, TrackerError> {

@@ -201,6 +201,14 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
                     .await?,
             )
         }
+        (Method::POST, ["v1", "vms", name, "failover", "complete"]) => {
+            let vm = name.to_string();
+            to_json(
+                &owner
+                    .call(|reply| HostCommand::FailoverComplete { vm, reply })
+                    .await?,
+            )
+        }
         (Method::POST, ["v1", "vms", name, "failover", "stop"]) => {
             let r: proto::FailoverStop = body(req).await?;
             let vm = name.to_string();

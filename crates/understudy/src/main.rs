@@ -334,6 +334,10 @@ enum FailoverCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Keep the failover: NAME's failover disks (the chosen point and what was written since)
+    /// become the disks of a primary VM of this host; the other points are dropped. Shut the
+    /// VM down first.
+    Complete { name: String },
     /// End a test failover (--test: NAME-test and its writes are thrown away) or cancel a
     /// failover (the replica goes back to receiving).
     Stop {
@@ -498,6 +502,7 @@ fn main() -> ExitCode {
                     json,
                 } => cli::failover_start(&api, &name, &point, test, json),
                 FailoverCmd::Stop { name, test } => cli::failover_stop(&api, &name, test),
+                FailoverCmd::Complete { name } => cli::failover_complete(&api, &name),
             }
         }
         Command::Points(cmd) => {

@@ -206,3 +206,76 @@ fn failover_to_a_point_and_back_to_receiving() {
     assert!(events.iter().any(|e| e["id"] == 3030));
     assert!(events.iter().any(|e| e["id"] == 3031));
 }
+
+/// `failover complete`: the chosen point plus what was written on the failover disks become a
+/// primary VM of the replica host (state FailedOver, Warning until it is protected again); the
+/// replica's copy and its other points are gone; the old primary is refused; it all survives a
+/// restart.
+#[test]
+fn failover_complete_makes_the_vm_a_primary_vm_of_the_replica_host() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, mut b) = pair(root.path());
+    a.ok(&["vm", "create", "web", "--disk", "8M"]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "web",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "3600",
+    ]);
+    a.ok(&["replication", "start", "web", "--wait"]);
+    let uri = a.nbd_uri("web", 0);
+    qemu_io_ok(&uri, &["write -P 1 0 2M"]);
+    let p1 = sync_until_ok(&a, "web", 20)["seq"].as_u64().unwrap();
+    qemu_io_ok(&uri, &["write -P 2 0 2M"]);
+    sync_until_ok(&a, "web", 20);
+
+    let err = one_line_failure(&b.run(&["failover", "complete", "web"]));
+    assert!(err.contains("failover start"), "{err}");
+    b.ok(&["failover", "start", "web", "--point", &p1.to_string()]);
+    let fo = b.json(&["vm", "show", "web"])["disks"][0]["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    qemu_io_ok(&fo, &["write -P 9 1M 64k"]);
+
+    b.ok(&["failover", "complete", "web"]);
+    let st = status(&b, "web");
+    assert_eq!(st["role"], "Primary", "{st}");
+    assert_eq!(st["state"], "FailedOver", "{st}");
+    assert_eq!(st["health"], "Warning", "{st}");
+    let disk = b.json(&["vm", "show", "web"])["disks"][0]["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    qemu_io_ok(
+        &disk,
+        &["read -P 1 0 1M", "read -P 9 1M 64k", "read -P 1 1088k 960k"],
+    );
+    assert!(
+        !b.run(&["points", "list", "web"]).status.success(),
+        "the replica's copy is gone"
+    );
+    assert!(!b.dir.join("failover").join("web").exists());
+    // The old primary cannot ship to it.
+    qemu_io_ok(&uri, &["write -P 3 0 4k"]);
+    assert!(!a.run(&["replication", "sync", "web"]).status.success());
+
+    b.stop();
+    b.restart();
+    let st = status(&b, "web");
+    assert_eq!(st["state"], "FailedOver", "{st}");
+    let disk = b.json(&["vm", "show", "web"])["disks"][0]["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    qemu_io_ok(
+        &disk,
+        &["read -P 9 1M 64k", "write -P 5 0 4k", "read -P 5 0 4k"],
+    );
+    let err = one_line_failure(&b.run(&["failover", "complete", "web"]));
+    assert!(err.contains("web"), "{err}");
+    assert!(events(&b).iter().any(|e| e["id"] == 3032));
+}

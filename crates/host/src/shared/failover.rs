@@ -155,6 +155,169 @@ impl Shared {
         Ok(served_as)
     }
 
+    /// `failover complete NAME`: the failover's disks (the chosen point and what was written
+    /// since) become the disks of a primary VM of this host, tracked from the start of the
+    /// failover (those blocks are marked dirty for the reverse replication); the replica's
+    /// copy and its other points are dropped, as Hyper-V does. The VM must be shut down (no
+    /// NBD client on its failover disks): its disks change underneath.
+    pub(crate) fn failover_complete(self: &Arc<Self>, vm: &str) -> anyhow::Result<VmInfo> {
+        let rvm = self.replica_vm(vm)?;
+        let overlays: Vec<(u32, Arc<Overlay>)> = match self.failovers.lock().served.get(vm) {
+            Some(s) if !s.record.test => s.overlays.clone(),
+            _ => {
+                return Err(conflict(format!(
+                    "no failover of {vm} is in progress; run `understudy failover start {vm}` first"
+                )))
+            }
+        };
+        if let Some(server) = self.nbd.lock().as_ref() {
+            let busy: usize = overlays
+                .iter()
+                .map(|(i, _)| server.export_connections(&crate::vms::export_name(vm, *i)))
+                .sum();
+            if busy > 0 {
+                return Err(crate::error::transient(format!(
+                    "{vm} still has {busy} NBD connection(s) on its failover disks: shut the VM down, then run `understudy failover complete {vm}` again"
+                )));
+            }
+        }
+        let generation = rvm.generation();
+        let sizes: Vec<u64> = rvm.disks().iter().map(|d| d.size_bytes).collect();
+        let mut made: Option<(crate::catalog::VmRecord, crate::vms::Vm)> = None;
+        self.replica_event_with(rvm.vm_id(), generation, Event::FailoverComplete, |action| {
+            if let Action::CompleteFailover { .. } = action {
+                made = Some(self.materialize_failover(vm, &sizes, &overlays)?);
+            }
+            Ok(())
+        })?;
+        // The failover disks' views of the point go before the replica's copy does.
+        drop(overlays);
+        drop(rvm);
+        // The relationship is FailedOver (persisted): now the rest follows, each step safe to
+        // redo (`finish_complete` runs again at start if a crash cut it short).
+        let Some((record, new_vm)) = made else {
+            // Already completed (a retry): nothing more to do.
+            return self.vm_info(vm);
+        };
+        self.finish_complete(vm, record, new_vm)?;
+        self.events.emit(
+            events::FAILOVER_COMPLETED,
+            Some(vm),
+            "info",
+            &format!("failover of {vm} completed: it is a primary VM of this host now; protect it with `understudy replication reverse {vm} --replica HOST:PORT`"),
+        );
+        self.vm_info(vm)
+    }
+
+    /// Writes the merged disks of a failover as the raw disks of a new primary VM and records
+    /// it (`vm/<name>`): the failed-over VM's writes are marked dirty in its tracking.
+    fn materialize_failover(
+        &self,
+        vm: &str,
+        sizes: &[u64],
+        overlays: &[(u32, Arc<Overlay>)],
+    ) -> anyhow::Result<(crate::catalog::VmRecord, crate::vms::Vm)> {
+        if self.vms.lock().contains_key(vm) {
+            return Err(conflict(format!(
+                "a VM named {vm} already exists on this host; remove it before completing the failover"
+            )));
+        }
+        for (_, o) in overlays {
+            nbd::BlockBackend::flush(o.as_ref()).context("flushing a failover disk")?;
+        }
+        let (record, new_vm) = crate::vms::adopt_disks(
+            &self.data_dir,
+            vm,
+            sizes,
+            now_unix_ns(),
+            &self.disk_options,
+            |index, path| {
+                let o = overlays
+                    .iter()
+                    .find(|(i, _)| *i == index)
+                    .map(|(_, o)| o.clone())
+                    .ok_or_else(|| anyhow::anyhow!("disk {index} of {vm} has no failover disk"))?;
+                o.materialize(path)
+                    .with_context(|| format!("writing disk {index} of {vm}"))?;
+                Ok(())
+            },
+        )?;
+        for (i, o) in overlays {
+            if let Some(d) = new_vm.disks.get(*i as usize) {
+                d.mark_dirty_blocks(&o.written_blocks())
+                    .with_context(|| format!("recording what was written to disk {i} of {vm}"))?;
+            }
+        }
+        self.catalog
+            .put(&format!("vm/{vm}"), &record)
+            .context("recording the VM")?;
+        Ok((record, new_vm))
+    }
+
+    /// After the relationship says FailedOver: the failover's exports and overlays go, the
+    /// VM's own disks are served under the same names, and the replica's copy is dropped.
+    fn finish_complete(
+        self: &Arc<Self>,
+        vm: &str,
+        record: crate::catalog::VmRecord,
+        new_vm: crate::vms::Vm,
+    ) -> anyhow::Result<()> {
+        self.drop_failover(vm, false)?;
+        self.install_failed_over(record, new_vm);
+        if let Some((store, _)) = self.replica_store() {
+            if let Ok(name) = proto::VmName::parse(vm) {
+                store
+                    .remove_vm(&name)
+                    .with_context(|| format!("dropping the replica's copy of {vm}"))?;
+            }
+        }
+        let _ = self.catalog.delete(&format!("replica-owner/{vm}"));
+        Ok(())
+    }
+
+    /// Status of a VM failed over to this host (role Primary, state FailedOver).
+    pub(super) fn failed_over_status(&self, vm: &str) -> Option<proto::ReplicationStatus> {
+        let rel = match self.relationships.lock().get(vm) {
+            Some(super::Relation::FailedOver(r)) => r.clone(),
+            _ => return None,
+        };
+        let (health, health_reasons) = relationship::health(
+            &rel,
+            &relationship::HealthFacts {
+                frequency_secs: u32::MAX,
+                ..Default::default()
+            },
+            now_unix_ns(),
+        );
+        let disks = self
+            .vms
+            .lock()
+            .get(vm)
+            .map(|e| e.record.disks.iter().map(|d| d.index).collect())
+            .unwrap_or_default();
+        Some(proto::ReplicationStatus {
+            vm: vm.to_string(),
+            role: "Primary".into(),
+            state: rel.state.name(),
+            health,
+            health_reasons,
+            resync_reason: None,
+            peer: String::new(),
+            frequency_secs: 0,
+            compression: proto::Compression::None,
+            disks,
+            last_replication_time: rel.progress.last_cut_unix_ns.map(rfc3339_from_unix_ns),
+            last_replication_unix_ns: rel.progress.last_cut_unix_ns,
+            pending_bytes: 0,
+            last_seq: rel.progress.last_seq.get(),
+            generation: rel.progress.generation.get(),
+            progress: None,
+            last_error: None,
+            history: None,
+            replica: None,
+        })
+    }
+
     /// Makes the overlays of a failover of `rvm` at `point` and serves them. `fresh`: a new
     /// failover (its record written first); else one found in the catalog at start, whose
     /// overlays are reopened with what was flushed to them.
@@ -273,6 +436,18 @@ impl Shared {
         };
         for r in records.into_iter().filter(|r| r.vm == vm) {
             if self.failovers.lock().served.contains_key(&r.served_as) {
+                continue;
+            }
+            if !r.test && self.vms.lock().contains_key(&r.vm) {
+                // A completion was cut short after the VM's own disks were written: its disks
+                // are served under these names; `failover complete` (or the start, once the
+                // relationship says FailedOver) finishes the rest.
+                tracing::warn!(%vm, "failover completion was interrupted; finishing it");
+                if self.role_of(&r.vm) == Some(relationship::Role::Primary) {
+                    if let Err(e) = self.drop_failover(&r.vm, false) {
+                        tracing::error!(%vm, "finishing an interrupted completion: {e:#}");
+                    }
+                }
                 continue;
             }
             match self.serve_failover(rvm, Seq(r.point), r.test, false) {

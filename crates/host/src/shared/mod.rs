@@ -51,6 +51,9 @@ pub enum Relation {
     Primary(Arc<Replication>),
     /// This host receives them: the relationship as the replica sees it.
     Replica(Relationship),
+    /// This host was the replica and a failover completed here: it runs the VM (a primary
+    /// VM of this host now), with nothing replicating it until `replication reverse`.
+    FailedOver(Relationship),
 }
 
 /// A primary relationship read from the catalog: its settings and the core's relationship.
@@ -335,6 +338,11 @@ impl Shared {
                 (Role::Primary, Some(settings)) => {
                     primaries.insert(name.to_string(), (settings, rel));
                 }
+                (Role::Primary, None) if rel.state == relationship::State::FailedOver => {
+                    self.relationships
+                        .lock()
+                        .insert(name.to_string(), Relation::FailedOver(rel));
+                }
                 (Role::Primary, None) => {
                     bail!("catalog record {key} is damaged: a primary relationship without its settings")
                 }
@@ -346,6 +354,15 @@ impl Shared {
             }
         }
         Ok(primaries)
+    }
+
+    /// Serves a VM that a completed failover made a primary VM of this host.
+    pub(super) fn install_failed_over(&self, record: VmRecord, vm: Vm) {
+        let vm = Arc::new(vm);
+        self.add_exports(&vm);
+        self.vms
+            .lock()
+            .insert(record.name.clone(), VmEntry { record, vm });
     }
 
     /// Serves a VM opened at start and resumes its replication.
@@ -584,6 +601,7 @@ impl Shared {
         self.relationships.lock().get(name).map(|r| match r {
             Relation::Primary(_) => Role::Primary,
             Relation::Replica(_) => Role::Replica,
+            Relation::FailedOver(_) => Role::Primary,
         })
     }
 
@@ -1009,6 +1027,9 @@ impl Shared {
     fn check_no_relationship(&self, vm: &str) -> anyhow::Result<()> {
         match self.role_of(vm) {
             None => Ok(()),
+            Some(Role::Primary) if self.primary_of(vm).is_none() => Err(conflict(format!(
+                "{vm} was failed over to this host; protect it with `understudy replication reverse {vm} --replica HOST:PORT`"
+            ))),
             Some(Role::Primary) => {
                 Err(conflict(format!("replication is already enabled for {vm}")))
             }
@@ -1089,6 +1110,9 @@ impl Shared {
         if let Some(repl) = self.primary_of(name) {
             return Ok(repl.status());
         }
+        if let Some(st) = self.failed_over_status(name) {
+            return Ok(st);
+        }
         if let Some(st) = self.broken_status(name) {
             return Ok(st);
         }
@@ -1108,7 +1132,7 @@ impl Shared {
             .values()
             .filter_map(|r| match r {
                 Relation::Primary(r) => Some(r.clone()),
-                Relation::Replica(_) => None,
+                Relation::Replica(_) | Relation::FailedOver(_) => None,
             })
             .collect()
     }
@@ -1120,6 +1144,18 @@ impl Shared {
         }
         let repls = self.replications();
         let mut out: Vec<ReplicationStatus> = repls.iter().map(|r| r.status()).collect();
+        let failed_over: Vec<String> = self
+            .relationships
+            .lock()
+            .iter()
+            .filter(|(_, r)| matches!(r, Relation::FailedOver(_)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        out.extend(
+            failed_over
+                .iter()
+                .filter_map(|n| self.failed_over_status(n)),
+        );
         let broken: Vec<String> = self.broken.lock().keys().cloned().collect();
         out.extend(broken.iter().filter_map(|n| self.broken_status(n)));
         out.extend(

@@ -357,7 +357,7 @@ impl Shared {
                     "{vm} is replicated from this host; it cannot also be a replica here"
                 )))
             }
-            Some(super::Relation::Replica(r)) => r.clone(),
+            Some(super::Relation::Replica(r)) | Some(super::Relation::FailedOver(r)) => r.clone(),
             None => Relationship::new(vm.clone(), Role::Replica, generation),
         };
         let (next, actions) = relationship::step(&current, event, proto::time::now_unix_ns())
@@ -376,8 +376,13 @@ impl Shared {
                 other => act(other)?,
             }
         }
-        let mut rels = self.relationships.lock();
-        rels.insert(vm.to_string(), super::Relation::Replica(next));
+        let installed = if next.role == Role::Replica {
+            super::Relation::Replica(next)
+        } else {
+            // A completed failover: this host runs the VM now.
+            super::Relation::FailedOver(next)
+        };
+        self.relationships.lock().insert(vm.to_string(), installed);
         Ok(())
     }
 
@@ -395,7 +400,10 @@ impl Shared {
     /// Why replica VM `vm` takes no hello and no delta now (a failover to one of its points is
     /// in progress or complete), if so.
     pub fn replica_refuses(&self, vm: &str) -> Option<String> {
-        let rel = self.replica_relationship(vm)?;
+        let rel = match self.relationships.lock().get(vm) {
+            Some(super::Relation::Replica(r)) | Some(super::Relation::FailedOver(r)) => r.clone(),
+            _ => return None,
+        };
         (!rel.state.accepts_deltas()).then(|| {
             format!(
                 "{vm} is {:?} on its replica host: it receives nothing until the failover is stopped (`understudy failover stop {vm}`) or reversed",

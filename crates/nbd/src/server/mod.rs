@@ -148,6 +148,15 @@ impl NbdServer {
         self.inner.conns.lock().len()
     }
 
+    /// Connections currently using export `name` (a VM still running on its disks).
+    pub fn export_connections(&self, name: &str) -> usize {
+        let conns = self.inner.conns.lock();
+        conns
+            .values()
+            .filter(|c| c.export.lock().as_deref() == Some(name))
+            .count()
+    }
+
     /// Closes every connection serving export `name` (for example before the export is
     /// fenced or replaced); returns how many were closed. Requests in flight finish their
     /// backend call. Remove the export from the registry first: then no client, even one in

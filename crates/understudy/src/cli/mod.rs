@@ -522,6 +522,22 @@ pub fn failover_start(
     Ok(())
 }
 
+/// `failover complete NAME`.
+pub fn failover_complete(api: &Api, name: &str) -> anyhow::Result<()> {
+    let vm: proto::VmInfo = api.post(
+        &format!("/v1/vms/{}/failover/complete", path_segment(name)?),
+        &serde_json::json!({}),
+    )?;
+    println!(
+        "{}: failover complete; it runs on this host now, disks:",
+        vm.name
+    );
+    for d in &vm.disks {
+        println!("  disk {}: {}", d.index, d.nbd_uri);
+    }
+    Ok(())
+}
+
 /// `failover stop NAME [--test]`.
 pub fn failover_stop(api: &Api, name: &str, test: bool) -> anyhow::Result<()> {
     let r: serde_json::Value = api.post(
