@@ -46,7 +46,7 @@ fn one_line_failure(out: &std::process::Output) -> String {
 /// of the VM goes on meanwhile (new points applied, the test's point never folded); `failover
 /// stop --test` throws the test VM and its writes away.
 #[test]
-fn test_failover_boots_a_guest_while_replication_goes_on() {
+fn a_real_guest_boots_from_test_and_unplanned_failover_while_replication_goes_on() {
     require("mkfs.ext4", "e2fsprogs");
     let root = tempfile::tempdir().unwrap();
     let scratch = root.path();
@@ -128,6 +128,43 @@ fn test_failover_boots_a_guest_while_replication_goes_on() {
     assert_eq!(status(&b, "fs")["state"], "Replicating");
     let err = one_line_failure(&b.run(&["failover", "stop", "fs", "--test"]));
     assert!(err.contains("no test failover"), "{err}");
+
+    // Unplanned failover to the same point: a guest boots from it, finds the replicated file
+    // and none of the test VM's writes; completed, the VM keeps its write across a boot and
+    // its file system checks clean.
+    let info = b.json(&["failover", "start", "fs", "--point", &point.to_string()]);
+    let (blockdev, node) = blockdev_of(&info["disks"][0]);
+    let mut g = guest::Guest::start(&kit, &[(blockdev, node)]);
+    let console = g.wait_exit(Duration::from_secs(240));
+    assert!(
+        console.contains("GUEST-FILE replicated-before-the-point"),
+        "{console}"
+    );
+    assert!(
+        !console.contains("GUEST-OWN"),
+        "the test VM's write is gone: {console}"
+    );
+    b.ok(&["failover", "complete", "fs"]);
+    let disk = b.json(&["vm", "show", "fs"])["disks"][0].clone();
+    let (blockdev, node) = blockdev_of(&disk);
+    let mut g = guest::Guest::start(&kit, &[(blockdev, node)]);
+    let console = g.wait_exit(Duration::from_secs(240));
+    assert!(
+        console.contains("GUEST-OWN written-by-the-test-vm"),
+        "{console}"
+    );
+    let copy = scratch.join("completed.raw");
+    copy_out(disk["nbd_uri"].as_str().unwrap(), &copy);
+    let fsck = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
 }
 
 /// A failover proper: writable disks as `NAME` at the chosen point; starting again at another
