@@ -44,6 +44,9 @@ pub enum Cmd {
         reply: oneshot::Sender<anyhow::Result<()>>,
     },
     Shutdown(oneshot::Sender<()>),
+    /// `failover prepare`: fence the VM (no NBD client may use its disks), ship every last
+    /// change and wait until the replica committed it; then PreparedForFailover.
+    Prepare(oneshot::Sender<anyhow::Result<()>>),
     /// The settings changed (`replication set`): cycle now (its hello carries a new history
     /// policy) and schedule the next ones with the new frequency.
     Reschedule,
@@ -409,9 +412,9 @@ impl Replication {
                         d.release_cbw_memory();
                     }
                 }
-                // Planned failover (prepare) does not fence this host's VMs yet, so there is
-                // nothing to lift; a prepare is never fed to the core by this host so far.
-                Action::Unfence => {}
+                // A prepare was cancelled (or lost to a divergence): the VM's disks are
+                // served again.
+                Action::Unfence => shared.unfence_vm(&self.vm),
                 Action::ServeFailover { .. }
                 | Action::DropFailover { .. }
                 | Action::CompleteFailover { .. } => {
@@ -644,7 +647,41 @@ async fn run(
     // holds every write acknowledged before the call) answers them when that one ends.
     let mut queued_syncs: Vec<oneshot::Sender<anyhow::Result<SyncResult>>> = Vec::new();
     let mut hello_retry_at: Option<Instant> = None;
+    // A `failover prepare` in progress: the VM is fenced; it is answered when a cycle that
+    // started after the fence commits (then every change is on the replica).
+    let mut preparing: Option<Preparing> = None;
     loop {
+        if inflight.is_none() && preparing.as_ref().is_some_and(|p| p.cycle_started) {
+            // The prepare's cycle was cancelled (suspend, a resync, a divergence).
+            let p = preparing.take().expect("checked above");
+            shared.unfence_vm(&repl.vm);
+            let _ = p.reply.send(Err(crate::error::conflict(format!(
+                "the prepare of {} was cancelled: replication is {:?}; the VM is unfenced",
+                repl.vm.name,
+                repl.state()
+            ))));
+        }
+        if inflight.is_none() {
+            if let Some(p) = preparing.as_mut() {
+                if !p.cycle_started {
+                    match due_cycle(&shared, &repl, Vec::new()) {
+                        Ok(f) => {
+                            inflight = Some(f);
+                            p.cycle_started = true;
+                        }
+                        Err(_) => {
+                            let p = preparing.take().expect("checked above");
+                            shared.unfence_vm(&repl.vm);
+                            let _ = p.reply.send(Err(crate::error::conflict(format!(
+                                "{} cannot be prepared: replication is {:?}",
+                                repl.vm.name,
+                                repl.state()
+                            ))));
+                        }
+                    }
+                }
+            }
+        }
         let (state, freq) = {
             let rt = repl.rt.lock();
             (rt.rel.state.clone(), rt.settings.frequency_secs)
@@ -725,6 +762,26 @@ async fn run(
                         }
                         continue;
                     }
+                    Cmd::Prepare(reply) => {
+                        if preparing.is_some() {
+                            let _ = reply.send(Err(crate::error::transient(format!(
+                                "a prepare of {} is already in progress", repl.vm.name))));
+                        } else if !matches!(repl.relationship().state, State::Replicating) {
+                            let _ = reply.send(Err(crate::error::conflict(format!(
+                                "{} cannot be prepared for a planned failover: replication is {:?} (it must be Replicating)",
+                                repl.vm.name, repl.state()))));
+                        } else {
+                            match shared.fence_vm(&repl.vm) {
+                                Ok(()) => {
+                                    // A cycle already running may have cut before the last
+                                    // writes: the prepare waits for one that starts after.
+                                    preparing = Some(Preparing { reply, cycle_started: false });
+                                }
+                                Err(e) => { let _ = reply.send(Err(e)); }
+                            }
+                        }
+                        continue;
+                    }
                     Cmd::Start(reply) => (Some(reply), repl.apply(&shared, Event::StartInitial)),
                     Cmd::Suspend(reply) => (Some(reply), repl.apply(&shared, Event::Suspend)),
                     Cmd::Resume { resync: false, reply, .. } => {
@@ -779,6 +836,13 @@ async fn run(
                         retry = (retry * 2).min(RETRY_MAX);
                     }
                 }
+                if let Some(p) = preparing.take() {
+                    if !p.cycle_started {
+                        preparing = Some(p);
+                    } else {
+                        finish_prepare(&shared, &repl, p, &r);
+                    }
+                }
                 // Every caller gets the outcome; the first keeps the error's type (transient,
                 // refusal) for the API's status code.
                 let mut waiters = done.waiters.into_iter();
@@ -813,6 +877,51 @@ async fn run(
             }
         }
     }
+}
+
+/// A `failover prepare` waiting for its cycle.
+struct Preparing {
+    reply: oneshot::Sender<anyhow::Result<()>>,
+    /// The cycle that ships the last changes (started after the fence) is running.
+    cycle_started: bool,
+}
+
+/// The prepare's cycle ended: on success, with nothing left to ship, the relationship is
+/// PreparedForFailover at the point just committed; otherwise the VM is unfenced and the
+/// prepare fails with why.
+fn finish_prepare(
+    shared: &Arc<Shared>,
+    repl: &Arc<Replication>,
+    p: Preparing,
+    cycle: &anyhow::Result<SyncResult>,
+) {
+    let outcome = match cycle {
+        Err(e) => Err(crate::error::transient(format!(
+            "the last changes of {} could not be shipped: {}; the VM is unfenced, run `failover prepare` again",
+            repl.vm.name,
+            crate::errfmt::one_line(e)
+        ))),
+        Ok(_) => {
+            let pending = repl.pending_bytes(&repl.record().disks);
+            if pending > 0 {
+                Err(crate::error::transient(format!(
+                    "{} still has {pending} bytes to ship (was it written to after the fence?); the VM is unfenced, run `failover prepare` again",
+                    repl.vm.name
+                )))
+            } else {
+                let seq = repl.relationship().progress.last_seq;
+                repl.apply(shared, Event::Prepared { seq }).map(|a| {
+                    if a.say_hello {
+                        say_hello(shared, repl);
+                    }
+                })
+            }
+        }
+    };
+    if outcome.is_err() {
+        shared.unfence_vm(&repl.vm);
+    }
+    let _ = p.reply.send(outcome);
 }
 
 fn cannot_sync(vm: &str, state: &State) -> anyhow::Error {

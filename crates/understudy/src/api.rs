@@ -201,6 +201,11 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
                     .await?,
             )
         }
+        (Method::POST, ["v1", "vms", name, "failover", "prepare"]) => {
+            let repl = shared.replication(name)?;
+            repl.command(Cmd::Prepare).await??;
+            to_json(&repl.status())
+        }
         (Method::POST, ["v1", "vms", name, "failover", "complete"]) => {
             let vm = name.to_string();
             to_json(

@@ -334,6 +334,10 @@ enum FailoverCmd {
         #[arg(long)]
         json: bool,
     },
+    /// On the primary host, planned failover: with the VM shut down, fence it (its disks are
+    /// no longer served), ship every last change and wait until the replica committed it.
+    /// `replication resume NAME` cancels it.
+    Prepare { name: String },
     /// Keep the failover: NAME's failover disks (the chosen point and what was written since)
     /// become the disks of a primary VM of this host; the other points are dropped. Shut the
     /// VM down first.
@@ -503,6 +507,9 @@ fn main() -> ExitCode {
                 } => cli::failover_start(&api, &name, &point, test, json),
                 FailoverCmd::Stop { name, test } => cli::failover_stop(&api, &name, test),
                 FailoverCmd::Complete { name } => cli::failover_complete(&api, &name),
+                FailoverCmd::Prepare { name } => {
+                    cli::replication_action_path(&api, &name, "failover/prepare")
+                }
             }
         }
         Command::Points(cmd) => {

@@ -316,3 +316,99 @@ fn failover_complete_makes_the_vm_a_primary_vm_of_the_replica_host() {
     assert!(err.contains("web"), "{err}");
     assert!(events(&b).iter().any(|e| e["id"] == 3032));
 }
+
+/// Planned failover with zero data loss: `failover prepare` refuses while a client uses the
+/// disks, then fences the VM (its disks are no longer served), ships every last change and
+/// waits for the replica's commit; both hosts say PreparedForFailover; the replica's latest
+/// point holds the last write; a failover there to it and `complete` lose nothing.
+/// `replication resume` cancels a prepare and serves the disks again.
+#[test]
+fn planned_failover_ships_every_last_change_and_loses_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = pair(root.path());
+    for vm in ["web", "db"] {
+        a.ok(&["vm", "create", vm, "--disk", "8M"]);
+        a.ok(&[
+            "replication",
+            "enable",
+            vm,
+            "--replica",
+            &b.addr(),
+            "--frequency",
+            "3600",
+        ]);
+        a.ok(&["replication", "start", vm, "--wait"]);
+    }
+    let uri = a.nbd_uri("web", 0);
+    qemu_io_ok(&uri, &["write -P 4 0 1M"]); // acknowledged, not shipped yet
+
+    // A client still connected: refused (retry later), nothing changed.
+    let mut holder = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import nbd, sys, time\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\nprint('connected', flush=True)\ntime.sleep(30)",
+            &uri,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "connected");
+    let out = a.run(&["failover", "prepare", "web"]);
+    assert_eq!(out.status.code(), Some(75), "a transient refusal");
+    let err = one_line_failure(&out);
+    assert!(err.contains("shut the VM down"), "{err}");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(status(&a, "web")["state"], "Replicating");
+    qemu_io_ok(&uri, &["read -P 4 0 1M"]);
+
+    a.ok(&["failover", "prepare", "web"]);
+    let st = status(&a, "web");
+    assert_eq!(st["state"], "PreparedForFailover", "{st}");
+    assert_eq!(st["pending_bytes"], 0, "{st}");
+    wait_until(
+        "the replica to say prepared",
+        Duration::from_secs(30),
+        || status(&b, "web")["state"] == "PreparedForFailover",
+    );
+    // Fenced: the disks are not served any more.
+    let fenced = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 4k", &uri])
+        .output()
+        .unwrap();
+    assert!(
+        !fenced.status.success(),
+        "a fenced VM's disk must not be served"
+    );
+
+    let info = b.json(&["failover", "start", "web"]);
+    let fo = info["disks"][0]["nbd_uri"].as_str().unwrap().to_string();
+    qemu_io_ok(&fo, &["read -P 4 0 1M"]);
+    b.ok(&["failover", "complete", "web"]);
+    let disk = b.json(&["vm", "show", "web"])["disks"][0]["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    qemu_io_ok(&disk, &["read -P 4 0 1M"]);
+    assert_eq!(status(&b, "web")["state"], "FailedOver");
+
+    // Cancel: resume unfences.
+    let db = a.nbd_uri("db", 0);
+    a.ok(&["failover", "prepare", "db"]);
+    assert!(!Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 4k", &db])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    a.ok(&["replication", "resume", "db"]);
+    assert_eq!(status(&a, "db")["state"], "Replicating");
+    qemu_io_ok(&db, &["write -P 6 0 4k", "read -P 6 0 4k"]);
+    sync_until_ok(&a, "db", 20);
+}

@@ -368,7 +368,13 @@ impl Shared {
     /// Serves a VM opened at start and resumes its replication.
     fn install_opened(self: &Arc<Self>, record: VmRecord, vm: Vm, rel: Option<PrimaryRelation>) {
         let vm = Arc::new(vm);
-        self.add_exports(&vm);
+        // A VM prepared for a planned failover stays fenced across a restart.
+        let fenced = rel.as_ref().is_some_and(|(_, r)| {
+            matches!(r.state, relationship::State::PreparedForFailover { .. })
+        });
+        if !fenced {
+            self.add_exports(&vm);
+        }
         if let Some((settings, rel)) = rel {
             let mut first = vec![Event::Restarted];
             if let Some(reason) = self.judge_open_states(&vm, &settings, &rel) {
@@ -560,6 +566,33 @@ impl Shared {
             )),
             Err(e) => Some(format!("disk {disk}: cannot check {}: {e}", image.display())),
         }
+    }
+
+    /// Fences a VM for a planned failover: its disks are no longer served (new NBD
+    /// connections are refused). Refused, and nothing changed, while a client still uses them.
+    pub(crate) fn fence_vm(&self, vm: &Vm) -> anyhow::Result<()> {
+        for i in 0..vm.disks.len() as u32 {
+            self.exports.remove(&vms::export_name(&vm.name, i));
+        }
+        let busy: usize = match self.nbd.lock().as_ref() {
+            Some(server) => (0..vm.disks.len() as u32)
+                .map(|i| server.export_connections(&vms::export_name(&vm.name, i)))
+                .sum(),
+            None => 0,
+        };
+        if busy > 0 {
+            self.add_exports(vm);
+            return Err(crate::error::transient(format!(
+                "{} still has {busy} NBD connection(s) on its disks: shut the VM down first, then run `understudy failover prepare {}` again",
+                vm.name, vm.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Serves a fenced VM's disks again (a prepare cancelled or failed).
+    pub(crate) fn unfence_vm(&self, vm: &Vm) {
+        self.add_exports(vm);
     }
 
     fn add_exports(&self, vm: &Vm) {

@@ -462,8 +462,13 @@ pub fn replication_measure(api: &Api, name: &str, json: bool) -> anyhow::Result<
 }
 
 pub fn replication_action(api: &Api, name: &str, action: &str) -> anyhow::Result<()> {
+    replication_action_path(api, name, &format!("replication/{action}"))
+}
+
+/// POSTs to `/v1/vms/NAME/<path>` and prints the replication state it answers.
+pub fn replication_action_path(api: &Api, name: &str, path: &str) -> anyhow::Result<()> {
     let st: ReplicationStatus = api.post(
-        &format!("/v1/vms/{}/replication/{action}", path_segment(name)?),
+        &format!("/v1/vms/{}/{path}", path_segment(name)?),
         &serde_json::json!({}),
     )?;
     println!("{}: {:?}", st.vm, st.state);
