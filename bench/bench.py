@@ -668,14 +668,59 @@ def t11():
         fmt_ratio(repl / qrss), "≤ 2× (+32 MiB/TiB)", repl <= limit)
 
 
+# ---------------------------------------------------------------- T12: failover
+
+def t12():
+    """Failover on the replica host (issue 10): the time from `failover start` to writable disks
+    for a 64 GiB disk (it must not depend on the size: copy-on-write over the point), and the
+    write IOPS of a guest on the failover disk against the same fio run on the primary's export
+    (both 4 KiB random writes, QD 8)."""
+    size = 64 * GiB
+    runtime = ARGS.runtime
+    with Pair("t12") as pair:
+        pair.a.cli("vm", "create", "big", "--disk", size_arg(size))
+        uri = pair.a.nbd_uri("big")
+        run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write", "--bs=1m",
+             "--io_size=256m", "--refill_buffers", "--output-format=json",
+             f"--output={os.path.join(WORK, 'fio-t12-fill.json')}"])
+        pair.a.cli("replication", "enable", "big", "--replica", pair.b.addr, "--frequency", "3600",
+                   "--compression", ARGS.compression)
+        pair.a.cli("replication", "start", "big", "--wait")
+        starts = []
+        for _ in range(max(3, ARGS.runs)):
+            t = timed(lambda: pair.b.json("failover", "start", "big", "--test"))
+            starts.append(t)
+            pair.b.cli("failover", "stop", "big", "--test")
+        info = pair.b.json("failover", "start", "big", "--test")
+        fo_uri = info["disks"][0]["nbd_uri"]
+        extra = ("--size=1g", "--randrepeat=0")
+        ours, ref = [], []
+        for _ in range(ARGS.runs):
+            ref.append(iops_w(fio(uri, "randwrite", "4k", 8, runtime, extra)))
+            settle()
+            ours.append(iops_w(fio(fo_uri, "randwrite", "4k", 8, runtime, extra)))
+            settle()
+        pair.b.cli("failover", "stop", "big", "--test")
+    t = med(starts)
+    detail(f"T12 failover start of a 64 GiB disk: {spread(starts, lambda x: f'{x:.2f} s')}; "
+           f"4 KiB random write IOPS on the failover disk {spread(ours, lambda x: f'{x:.0f}')}, "
+           f"on the primary's export {spread(ref, lambda x: f'{x:.0f}')}")
+    row("T12a", "failover start to writable disks, 64 GiB disk (CLI round trip included)",
+        f"{t:.2f} s", "—", "—", "< 2 s", t < 2.0)
+    us, them = med(ours), med(ref)
+    row("T12b", "4 KiB random write IOPS on a failover disk (vs the primary's export)",
+        f"{us:.0f}", f"{them:.0f}", fmt_ratio(us / them), "≥ 0.8×", us / them >= 0.8)
+
+
 # ---------------------------------------------------------------- main
 
-TESTS = {"T1": t1, "T2": t2, "T3": t3, "T4": t4, "T5": t5_t6, "T6": t5_t6, "T9": t9, "T10": t10, "T11": t11}
+TESTS = {"T1": t1, "T2": t2, "T3": t3, "T4": t4, "T5": t5_t6, "T6": t5_t6, "T9": t9, "T10": t10, "T11": t11,
+         "T12": t12}
 TARGETS_NOT_YET = [
     ("T7", "resync of two identical 2 GiB images", "≤ 1.5× b3sum, ≤ 0.5× rsync, ≤ 0.01 % on the wire"),
     ("T8", "resync with 1 % scattered 4 KiB changes", "≤ 0.5× rsync, payload ≤ 0.25× rsync literal"),
 ]
-ORDER = ["T1", "T2", "T3", "T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11"]
+ORDER = ["T1", "T2", "T3", "T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12"]
 
 
 def machine():
