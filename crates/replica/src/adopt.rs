@@ -220,7 +220,8 @@ fn write_nonzero(dst: &File, path: &Path, bytes: &[u8], offset: u64) -> Result<(
         match (zero, run) {
             (false, None) => run = Some(at),
             (true, Some(s)) => {
-                dst.write_all_at(&bytes[s..at], offset + s as u64)
+                failpoint::hit_os("adopt.write", libc::ENOSPC)
+                    .and_then(|()| dst.write_all_at(&bytes[s..at], offset + s as u64))
                     .map_err(ReplicaError::io("write base image", path))?;
                 run = None;
             }
@@ -229,7 +230,8 @@ fn write_nonzero(dst: &File, path: &Path, bytes: &[u8], offset: u64) -> Result<(
         at += block.len();
     }
     if let Some(s) = run {
-        dst.write_all_at(&bytes[s..], offset + s as u64)
+        failpoint::hit_os("adopt.write", libc::ENOSPC)
+            .and_then(|()| dst.write_all_at(&bytes[s..], offset + s as u64))
             .map_err(ReplicaError::io("write base image", path))?;
     }
     Ok(())

@@ -188,3 +188,49 @@ fn a_refused_link_falls_back_to_a_copy() {
     );
     assert_images_intact(&paths, &bytes);
 }
+
+/// A copy that fails for a full disk (an I/O error, no crash) removes what it wrote (a partial
+/// copy must not hold space until a restart): no `.creating` directory, no VM, the images
+/// intact, and a retry succeeds.
+#[test]
+fn a_copy_failing_for_a_full_disk_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir_in("/dev/shm").expect("a tmpfs at /dev/shm");
+    let (paths, bytes) = write_images(images.path());
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    failpoint::arm("adopt.write");
+    let err = adopt(&store, &paths).unwrap_err();
+    assert!(
+        matches!(&err, crate::ReplicaError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC)),
+        "{err:?}"
+    );
+    let mut names: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["understudy-store.json".to_string()]);
+    assert!(store.vm(&vm_id()).is_none());
+    assert_images_intact(&paths, &bytes);
+    adopt(&store, &paths).unwrap();
+    assert_adopted(&store, &bytes);
+}
+
+/// An adoption that fails after its rename (the VM is on disk; here the open is stopped) is
+/// not lost: the VM is pending, a retry is refused as transient (`Verifying`), and once the
+/// store opens it the retry is answered by the idempotent rule.
+#[test]
+fn an_adoption_failing_after_its_rename_is_opened_later_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let (paths, bytes) = write_images(images.path());
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    failpoint::arm("adopt.after_rename");
+    assert!(adopt(&store, &paths).is_err());
+    assert!(store.is_pending(&vm_id()));
+    let err = adopt(&store, &paths).unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    assert_eq!(store.open_pending(), 0);
+    adopt(&store, &paths).unwrap();
+    assert_adopted(&store, &bytes);
+}
