@@ -66,6 +66,8 @@ pub enum ReplicaError {
     IndexFull { indexed: u64, max: u64, frames: u64 },
     #[error("failover overlay {dir}: {reason}")]
     Overlay { dir: PathBuf, reason: String },
+    #[error("cannot adopt the disk images of {vm_id}: {reason}")]
+    Adopt { vm_id: String, reason: String },
     #[error("injected failure at {0}")]
     Injected(&'static str),
 }

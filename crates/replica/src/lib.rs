@@ -6,6 +6,7 @@
 //! Architecture invariant: a point is listed only when every byte it reads is durable, and a
 //! journal file that fails validation is reported ([`ReplicaVm::damage`]), never served.
 
+mod adopt;
 mod appender;
 mod base_writer;
 mod budget;
@@ -29,10 +30,13 @@ mod view;
 mod vm;
 
 #[cfg(test)]
+mod adopt_tests;
+#[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
 mod direct_tests;
 
+pub use adopt::{AdoptedBase, ADOPT_COPY_CHUNK_BYTES};
 pub use budget::INDEX_FRAMES_MAX;
 pub use delta::{DeltaKind, DiskEntry};
 pub use error::ReplicaError;

@@ -8,16 +8,17 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use delta::DiskEntry;
+use delta::{DeltaKind, DiskEntry};
 use parking_lot::{Mutex, RwLock};
-use proto::{Generation, VmName};
+use proto::{Generation, Seq, VmName};
 
+use crate::adopt::{self, AdoptedBase};
 use crate::budget::{IndexBudget, INDEX_FRAMES_MAX};
 use crate::fds::JournalFds;
-use crate::manifest::{hex, DiskRecord, Manifest};
+use crate::manifest::{hex, DiskRecord, Manifest, PointRecord};
 use crate::marker::{self, StoreMarker};
 use crate::vm::{base_path, open_vm, ReplicaVm, BASE_DIR, INCOMING_DIR, JOURNAL_DIR};
-use crate::{durable, ReplicaError};
+use crate::{durable, failpoint, ReplicaError};
 
 const CREATING_SUFFIX: &str = ".creating";
 const REMOVING_SUFFIX: &str = ".removing";
@@ -56,6 +57,42 @@ fn sorted(disks: &[DiskEntry]) -> Vec<DiskEntry> {
     let mut d = disks.to_vec();
     d.sort_by_key(|d| d.index);
     d
+}
+
+/// The manifest of a new VM without any point.
+fn new_manifest(
+    vm_id: &VmName,
+    generation: Generation,
+    disks: &[DiskEntry],
+    key: [u8; 32],
+) -> Manifest {
+    Manifest {
+        vm_id: vm_id.clone(),
+        generation: generation.get(),
+        key: hex(&key),
+        disks: disks
+            .iter()
+            .map(|d| DiskRecord {
+                index: d.index,
+                size_bytes: d.size_bytes,
+            })
+            .collect(),
+        base_point: None,
+        base_seq: 0,
+        folding: None,
+        damage: None,
+        history: None,
+        hidden: Vec::new(),
+    }
+}
+
+/// fsyncs a `.creating` directory and its subdirectories, so that every entry made in them is
+/// durable before the rename that puts the VM in place.
+fn fsync_creating(tmp: &Path) -> Result<(), ReplicaError> {
+    for sub in [BASE_DIR, JOURNAL_DIR, INCOMING_DIR] {
+        durable::fsync_dir(&tmp.join(sub))?;
+    }
+    durable::fsync_dir(tmp)
 }
 
 impl ReplicaStore {
@@ -271,35 +308,16 @@ impl ReplicaStore {
     ) -> Result<Arc<ReplicaVm>, ReplicaError> {
         validate_disks(disks)?;
         let _a = self.admin.lock();
-        if let Some(vm) = self.vm(vm_id) {
-            let same = vm.generation() == generation
+        if let Some(vm) = self.existing(vm_id, |vm| {
+            vm.generation() == generation
                 && sorted(&vm.disks()) == sorted(disks)
-                && vm.inner.key == key;
-            return if same {
-                Ok(vm)
-            } else {
-                Err(ReplicaError::AlreadyExists {
-                    vm_id: vm_id.to_string(),
-                })
-            };
-        }
-        if self.pending.read().contains_key(vm_id) {
-            return Err(ReplicaError::Verifying {
-                vm_id: vm_id.to_string(),
-            });
+                && vm.inner.key == key
+        })? {
+            return Ok(vm);
         }
         let dir = self.dir.join(vm_id.as_str());
-        if self.broken.read().contains_key(vm_id) || dir.exists() {
-            return Err(ReplicaError::AlreadyExists {
-                vm_id: vm_id.to_string(),
-            });
-        }
-        let tmp = self.dir.join(format!(".{vm_id}{CREATING_SUFFIX}"));
-        durable::remove_dir_all(&tmp)?;
-        durable::create_dir(&tmp)?;
-        for sub in [BASE_DIR, JOURNAL_DIR, INCOMING_DIR] {
-            durable::create_dir(&tmp.join(sub))?;
-        }
+        let tmp = self.creating_path(vm_id);
+        self.start_creating(&tmp)?;
         for d in disks {
             let path = base_path(&tmp, d.index);
             let f = OpenOptions::new()
@@ -312,34 +330,195 @@ impl ReplicaStore {
                 .map_err(ReplicaError::io("resize base image", &path))?;
             durable::fsync_file(&f, &path)?;
         }
-        let manifest = Manifest {
-            vm_id: vm_id.clone(),
-            generation: generation.get(),
-            key: hex(&key),
-            disks: disks
-                .iter()
-                .map(|d| DiskRecord {
-                    index: d.index,
-                    size_bytes: d.size_bytes,
-                })
-                .collect(),
-            base_point: None,
-            base_seq: 0,
-            folding: None,
-            damage: None,
-            history: None,
-            hidden: Vec::new(),
-        };
-        manifest.store(&tmp)?;
-        for sub in [BASE_DIR, JOURNAL_DIR, INCOMING_DIR] {
-            durable::fsync_dir(&tmp.join(sub))?;
-        }
-        durable::fsync_dir(&tmp)?;
+        new_manifest(vm_id, generation, disks, key).store(&tmp)?;
+        fsync_creating(&tmp)?;
         durable::rename(&tmp, &dir)?;
         let vm = Arc::new(open_vm(&dir, self.fds.clone(), self.budget.clone())?);
         self.vms.write().insert(vm_id.clone(), vm.clone());
         tracing::info!(vm = %vm_id, %generation, disks = disks.len(), "replica VM created");
         Ok(vm)
+    }
+
+    /// Creates the replica of a VM whose base images are the given raw disk images, already at
+    /// point `base.seq` (reverse replication after a planned failover: the old primary's own
+    /// disks hold the point the new primary started from). The VM then has exactly that point,
+    /// and the first delta it takes is an ordinary `base.seq + 1` on parent `base.seq`: no
+    /// initial replication. See "Adopting a VM (reverse replication)" in the format doc.
+    ///
+    /// `images` names one raw image per disk (`(disk index, path)`), each a regular file of
+    /// exactly its disk's size that nothing writes any more. **The caller hands them over**:
+    /// on the store's file system a base image is a hard link to the caller's file (the same
+    /// inode; its mode becomes 0600), elsewhere a sparse copy. After `Ok` the caller removes
+    /// its own names of the images and never writes them again; after an error they are
+    /// intact (also after a crash at any step).
+    ///
+    /// Refused with nothing changed: an invalid disk table, `base.seq` 0, an image missing,
+    /// extra, doubled, not a regular file or of another size than its disk (`Adopt`), a VM of
+    /// that name that is pending (`Verifying`), broken or different (`AlreadyExists`). A VM
+    /// of that name with the same generation, disks and key whose base holds `base.seq` (with
+    /// the same cut time while listed) is returned as is: a retry after a lost answer.
+    pub fn adopt_vm(
+        &self,
+        vm_id: &VmName,
+        generation: Generation,
+        disks: &[DiskEntry],
+        key: [u8; 32],
+        images: &[(u32, PathBuf)],
+        base: AdoptedBase,
+    ) -> Result<Arc<ReplicaVm>, ReplicaError> {
+        validate_disks(disks)?;
+        if base.seq == Seq(0) {
+            return Err(ReplicaError::Adopt {
+                vm_id: vm_id.to_string(),
+                reason: "images cannot hold point 0 (no point): adopt needs the point they hold"
+                    .into(),
+            });
+        }
+        let _a = self.admin.lock();
+        if let Some(vm) = self.existing(vm_id, |vm| {
+            let st = vm.inner.state.read();
+            st.generation == generation.get()
+                && sorted(&vm.disks()) == sorted(disks)
+                && vm.inner.key == key
+                && st.base_seq == base.seq.get()
+                && st
+                    .base_point
+                    .map_or(true, |p| p.cut_time_unix_ns == base.cut_time_unix_ns)
+        })? {
+            tracing::info!(vm = %vm_id, seq = base.seq.get(), "replica VM already adopted (a retry)");
+            return Ok(vm);
+        }
+        let images = adopt::check_images(vm_id, disks, images)?;
+        let dir = self.dir.join(vm_id.as_str());
+        let tmp = self.creating_path(vm_id);
+        let built = self.build_adopted(vm_id, generation, disks, key, &images, base, &tmp);
+        let committed = built.and_then(|placed| {
+            durable::rename(&tmp, &dir)?;
+            Ok(placed)
+        });
+        let placed = match committed {
+            Ok(placed) => placed,
+            Err(e) => {
+                // An injected failure stands for a crash: nothing runs after it (open removes
+                // the leftover). Otherwise a partial copy must not hold space until a restart.
+                if !dir.exists() && !matches!(e, ReplicaError::Injected(_)) {
+                    if let Err(c) = durable::remove_dir_all(&tmp) {
+                        tracing::warn!(vm = %vm_id, error = %c, "cannot remove a failed adoption's directory (open removes it)");
+                    }
+                }
+                if dir.exists() {
+                    // Renamed into place: the VM exists on disk; open it later.
+                    self.pending
+                        .write()
+                        .insert(vm_id.clone(), Some(e.to_string()));
+                }
+                return Err(e);
+            }
+        };
+        let opened = failpoint::hit("adopt.after_rename")
+            .and_then(|()| open_vm(&dir, self.fds.clone(), self.budget.clone()));
+        let vm = match opened {
+            Ok(vm) => Arc::new(vm),
+            Err(e) => {
+                self.pending
+                    .write()
+                    .insert(vm_id.clone(), Some(e.to_string()));
+                return Err(e);
+            }
+        };
+        self.vms.write().insert(vm_id.clone(), vm.clone());
+        let linked = placed
+            .iter()
+            .filter(|p| **p == adopt::Placed::Linked)
+            .count();
+        tracing::info!(vm = %vm_id, %generation, seq = base.seq.get(), disks = disks.len(), linked, copied = disks.len() - linked, "replica VM adopted from disk images (no initial replication)");
+        Ok(vm)
+    }
+
+    /// Steps 1-4 of an adoption (format doc): the VM complete in its `.creating` directory.
+    #[allow(clippy::too_many_arguments)]
+    fn build_adopted(
+        &self,
+        vm_id: &VmName,
+        generation: Generation,
+        disks: &[DiskEntry],
+        key: [u8; 32],
+        images: &[(DiskEntry, PathBuf)],
+        base: AdoptedBase,
+        tmp: &Path,
+    ) -> Result<Vec<adopt::Placed>, ReplicaError> {
+        self.start_creating(tmp)?;
+        let mut placed = Vec::with_capacity(images.len());
+        for (d, image) in images {
+            placed.push(adopt::place_image(
+                vm_id,
+                d,
+                image,
+                &base_path(tmp, d.index),
+            )?);
+            failpoint::hit("adopt.after_image")?;
+        }
+        let mut manifest = new_manifest(vm_id, generation, disks, key);
+        manifest.base_seq = base.seq.get();
+        manifest.base_point = Some(PointRecord {
+            seq: base.seq.get(),
+            cut_time_unix_ns: base.cut_time_unix_ns,
+            // The point kinds are the delta kinds; see "Point kind" in the format doc.
+            kind: DeltaKind::Initial.as_str().into(),
+            data_bytes: 0,
+            zero_bytes: 0,
+            stored_bytes: 0,
+            app_consistent: false,
+        });
+        manifest.store(tmp)?;
+        fsync_creating(tmp)?;
+        failpoint::hit("adopt.before_rename")?;
+        Ok(placed)
+    }
+
+    /// The VM of that name when it exists and `same` says the request is a retry of the one
+    /// that made it; `AlreadyExists` when it differs (or is broken, or a directory of that
+    /// name exists), `Verifying` while it is pending; `None` when no such VM is there.
+    fn existing(
+        &self,
+        vm_id: &VmName,
+        same: impl FnOnce(&ReplicaVm) -> bool,
+    ) -> Result<Option<Arc<ReplicaVm>>, ReplicaError> {
+        let exists = || ReplicaError::AlreadyExists {
+            vm_id: vm_id.to_string(),
+        };
+        if let Some(vm) = self.vm(vm_id) {
+            return if same(&vm) {
+                Ok(Some(vm))
+            } else {
+                Err(exists())
+            };
+        }
+        if self.pending.read().contains_key(vm_id) {
+            return Err(ReplicaError::Verifying {
+                vm_id: vm_id.to_string(),
+            });
+        }
+        if self.broken.read().contains_key(vm_id) || self.dir.join(vm_id.as_str()).exists() {
+            return Err(exists());
+        }
+        Ok(None)
+    }
+
+    /// Where a VM is built before it is renamed into place (deleted at open).
+    fn creating_path(&self, vm_id: &VmName) -> PathBuf {
+        self.dir.join(format!(".{vm_id}{CREATING_SUFFIX}"))
+    }
+
+    /// Makes `tmp` a fresh `.<vm>.creating` directory with its subdirectories (a leftover one
+    /// is removed first).
+    fn start_creating(&self, tmp: &Path) -> Result<(), ReplicaError> {
+        durable::remove_dir_all(tmp)?;
+        durable::create_dir(tmp)?;
+        for sub in [BASE_DIR, JOURNAL_DIR, INCOMING_DIR] {
+            durable::create_dir(&tmp.join(sub))?;
+        }
+        Ok(())
     }
 
     pub fn vm(&self, vm_id: &VmName) -> Option<Arc<ReplicaVm>> {
