@@ -32,6 +32,7 @@ pub const RESYNC_SCHEDULED: u32 = 2009;
 pub const RESYNC_STARTED: u32 = 2010;
 pub const RESYNC_DONE: u32 = 2011;
 pub const PREPARED_FOR_FAILOVER: u32 = 2012;
+pub const REPLICATION_REVERSED: u32 = 2013;
 pub const UPLOAD_RESUMED: u32 = 2020;
 /// An application-consistent cut fell back to crash-consistent (agent or hook failure).
 pub const APP_CONSISTENT_FAILED: u32 = 2021;

@@ -46,6 +46,11 @@ pub enum HostCommand {
         req: proto::FailoverStart,
         reply: Reply<proto::FailoverInfo>,
     },
+    /// `replication reverse NAME` whose old primary already accepted it.
+    InstallReverse(
+        Box<crate::shared::PreparedReverse>,
+        Reply<ReplicationStatus>,
+    ),
     /// `failover complete NAME` on the replica host.
     FailoverComplete {
         vm: String,
@@ -155,6 +160,9 @@ pub async fn run(
             HostCommand::FailoverStart { vm, req, reply } => {
                 let r = blocking(move || s.failover_start(&vm, &req.point, req.test)).await;
                 let _ = reply.send(r);
+            }
+            HostCommand::InstallReverse(prepared, reply) => {
+                let _ = reply.send(blocking(move || s.install_reverse(*prepared)).await);
             }
             HostCommand::FailoverComplete { vm, reply } => {
                 let _ = reply.send(blocking(move || s.failover_complete(&vm)).await);

@@ -537,6 +537,7 @@ pub fn hello_of(shared: &Shared, vm: &Vm, r: &ReplicationRecord, rel: &Relations
             .collect(),
         history: r.history,
         state: Some(rel.state.name()),
+        reverse: None,
     }
 }
 

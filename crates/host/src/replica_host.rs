@@ -387,6 +387,26 @@ async fn route(
             if let Some(why) = shared.replica_refuses(vm) {
                 return Err(refuse(StatusCode::CONFLICT, "failed_over", why));
             }
+            // A reverse hello: this host, prepared for a planned failover, takes the VM back
+            // as its replica, its own disks the base.
+            if let Some(rev) = hello.reverse {
+                shared
+                    .accept_reverse(&hello, rev, delta_key(&hello.replication_id))
+                    .await
+                    .map_err(|e| {
+                        let code = match crate::error::kind_of(&e) {
+                            Some(crate::error::ErrorKind::Invalid) => "bad_request",
+                            Some(crate::error::ErrorKind::Conflict) => "conflict",
+                            _ => "store_error",
+                        };
+                        let status = match code {
+                            "bad_request" => StatusCode::BAD_REQUEST,
+                            "conflict" => StatusCode::CONFLICT,
+                            _ => StatusCode::INTERNAL_SERVER_ERROR,
+                        };
+                        refuse(status, code, crate::errfmt::one_line(&e))
+                    })?;
+            }
             // One relationship per VM on a host: not a replica of a VM it replicates.
             if shared.role_of(vm) == Some(relationship::Role::Primary) {
                 return Err(refuse(

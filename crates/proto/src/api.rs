@@ -441,3 +441,18 @@ pub struct FailoverInfo {
     /// One writable `nbd_uri` per disk.
     pub disks: Vec<DiskInfo>,
 }
+
+/// `POST /v1/vms/{vm}/replication/reverse`: after a planned failover to this host, replicate the
+/// VM back to its old primary (which becomes the replica, its disks the base).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReverseReplication {
+    pub vm: String,
+    pub replica: String,
+    pub frequency_secs: u32,
+    #[serde(default = "zstd")]
+    pub compression: Compression,
+}
+
+fn zstd() -> Compression {
+    Compression::Zstd
+}

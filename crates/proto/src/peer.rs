@@ -36,6 +36,19 @@ pub struct Hello {
     /// same state. See `peer-protocol.md`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<crate::ReplicationState>,
+    /// Reverse replication (`replication reverse`): this hello comes from the host a VM was
+    /// failed over to, and asks the old primary, prepared for that failover at point `seq` of
+    /// generation `generation`, to become the replica of the new relationship (`generation`
+    /// + 1) with its own disks as the base: no initial replication. See `peer-protocol.md`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse: Option<ReverseOf>,
+}
+
+/// The relationship a reverse hello turns around, and the point both hosts hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReverseOf {
+    pub generation: Generation,
+    pub seq: Seq,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -163,6 +163,13 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
                     .await?,
             )
         }
+        (Method::POST, ["v1", "vms", name, "replication", "reverse"]) => {
+            let r: proto::ReverseReplication = body(req).await?;
+            if r.vm != *name {
+                return Err(bad_request("VM name in path and body differ"));
+            }
+            to_json(&shared.reverse_replication(r).await?)
+        }
         (Method::POST, ["v1", "vms", name, "replication", "resynchronize"]) => {
             let repl = shared.replication(name)?;
             let r: proto::Resynchronize = body(req).await?;

@@ -292,6 +292,19 @@ enum ReplicationCmd {
     },
     /// Pause shipping (changes keep being tracked).
     Suspend { name: String },
+    /// After a planned failover to this host (`failover complete`): replicate NAME back to its
+    /// old primary, which becomes the replica with its own disks as the base (no initial
+    /// replication; only what the VM wrote since the failover is sent).
+    Reverse {
+        name: String,
+        /// The old primary, HOST:PORT (a replica server, prepared with `failover prepare`).
+        #[arg(long)]
+        replica: String,
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        frequency: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Resume shipping; with --resynchronize, bring a VM in ResynchronizationRequired back.
     Resume {
         name: String,
@@ -491,6 +504,12 @@ fn main() -> ExitCode {
                     resynchronize: true,
                     at,
                 } => cli::resynchronize(&api, &name, at.as_deref()),
+                ReplicationCmd::Reverse {
+                    name,
+                    replica,
+                    frequency,
+                    json,
+                } => cli::reverse(&api, &name, &replica, frequency, json),
                 ReplicationCmd::Resume { name, .. } => {
                     cli::replication_action(&api, &name, "resume")
                 }

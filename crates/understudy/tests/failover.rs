@@ -412,3 +412,94 @@ fn planned_failover_ships_every_last_change_and_loses_nothing() {
     qemu_io_ok(&db, &["write -P 6 0 4k", "read -P 6 0 4k"]);
     sync_until_ok(&a, "db", 20);
 }
+
+/// Planned failover and failback with nothing lost: A→B (prepare on A, failover start and
+/// complete on B, `replication reverse` on B: A takes the VM back as its replica with its own
+/// disks as the base, so only what the VM wrote on B crosses), then B→A the same way; the VM
+/// ends on A with every write of both sides.
+#[test]
+fn planned_failover_and_failback_round_trip_send_only_new_writes() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = pair(root.path());
+    enable_replica_server(&a);
+    a.ok(&["vm", "create", "web", "--disk", "64M"]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "web",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "3600",
+    ]);
+    let on_a = a.nbd_uri("web", 0);
+    qemu_io_ok(&on_a, &["write -P 1 0 32M"]);
+    a.ok(&["replication", "start", "web", "--wait"]);
+    qemu_io_ok(&on_a, &["write -P 2 0 1M"]);
+
+    // A → B.
+    a.ok(&["failover", "prepare", "web"]);
+    b.ok(&["failover", "start", "web"]);
+    b.ok(&["failover", "complete", "web"]);
+    let on_b = b.nbd_uri("web", 0);
+    qemu_io_ok(
+        &on_b,
+        &["read -P 2 0 1M", "read -P 1 1M 31M", "write -P 3 8M 1M"],
+    );
+    let st = b.json(&[
+        "replication",
+        "reverse",
+        "web",
+        "--replica",
+        &a.addr(),
+        "--frequency",
+        "3600",
+    ]);
+    assert_eq!(st["state"], "Replicating", "{st}");
+    assert_eq!(st["role"], "Primary", "{st}");
+    sync_until_ok(&b, "web", 20);
+    // Every cycle since the reverse, together: the 1 MiB written on B, nothing of the 32 MiB
+    // both hosts already held.
+    let m = b.json(&["replication", "measure", "web"]);
+    let shipped =
+        m["average_delta_bytes"].as_u64().unwrap() * m["successful_cycles"].as_u64().unwrap();
+    println!("reverse after a planned failover shipped {shipped} bytes of a 64 MiB disk (32 MiB written)");
+    assert!(
+        (1 << 20..=2 << 20).contains(&shipped),
+        "only the failed-over VM's writes cross: {m}"
+    );
+    assert_eq!(a.json(&["replication", "status", "web"])["role"], "Replica");
+
+    // B → A (failback).
+    qemu_io_ok(&on_b, &["write -P 4 16M 1M"]);
+    b.ok(&["failover", "prepare", "web"]);
+    a.ok(&["failover", "start", "web"]);
+    a.ok(&["failover", "complete", "web"]);
+    let st = a.json(&[
+        "replication",
+        "reverse",
+        "web",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "3600",
+    ]);
+    assert_eq!(st["state"], "Replicating", "{st}");
+    let on_a = a.nbd_uri("web", 0);
+    qemu_io_ok(
+        &on_a,
+        &[
+            "read -P 2 0 1M",
+            "read -P 1 1M 7M",
+            "read -P 3 8M 1M",
+            "read -P 1 9M 7M",
+            "read -P 4 16M 1M",
+            "read -P 1 17M 15M",
+            "read -P 0 32M 32M",
+        ],
+    );
+    qemu_io_ok(&on_a, &["write -P 5 0 4k"]);
+    let back = sync_until_ok(&a, "web", 20);
+    assert!(back["delta_bytes"].as_u64().unwrap() <= 1 << 20, "{back}");
+    assert_eq!(b.json(&["replication", "status", "web"])["role"], "Replica");
+}

@@ -28,9 +28,11 @@ use relationship::{Event, Relationship, Role};
 
 mod failover;
 mod replica_side;
+mod reverse;
 mod served;
 
 pub use failover::{served_name, FailoverRecord};
+pub use reverse::PreparedReverse;
 
 const REPLICA_CFG_KEY: &str = "replica-server";
 /// How often every disk is checked for a storage (write-back) error: the error is also seen at

@@ -527,6 +527,31 @@ pub fn failover_start(
     Ok(())
 }
 
+/// `replication reverse NAME --replica HOST:PORT [--frequency S]`.
+pub fn reverse(
+    api: &Api,
+    name: &str,
+    replica: &str,
+    frequency: u32,
+    json: bool,
+) -> anyhow::Result<()> {
+    let st: ReplicationStatus = api.post(
+        &format!("/v1/vms/{}/replication/reverse", path_segment(name)?),
+        &proto::ReverseReplication {
+            vm: name.to_string(),
+            replica: replica.to_string(),
+            frequency_secs: frequency,
+            compression: proto::Compression::Zstd,
+        },
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        println!("{}: {:?}, replicating to {}", st.vm, st.state, st.peer);
+    }
+    Ok(())
+}
+
 /// `failover complete NAME`.
 pub fn failover_complete(api: &Api, name: &str) -> anyhow::Result<()> {
     let vm: proto::VmInfo = api.post(
