@@ -181,6 +181,10 @@ impl Replication {
                 Err(e) => tracing::error!(vm = %repl.vm.name, "at start: {e:#}"),
             }
         }
+        // The replica hears this host's state once after every start (a state without cycles,
+        // prepared or suspended, would otherwise never be told if the daemon stopped before
+        // its hello went out).
+        repl.hello_owed.store(true, Ordering::Relaxed);
         tokio::spawn(run(shared, repl.clone(), rx, thaw_agent));
         repl
     }

@@ -16,13 +16,16 @@ use std::sync::Arc;
 use anyhow::Context;
 use proto::time::{now_unix_ns, rfc3339_from_unix_ns};
 use proto::{FailoverInfo, Seq, VmInfo};
-use relationship::{Action, Event};
+use relationship::{Action, Event, State};
 use replica::{Overlay, ReplicaVm};
 use serde::{Deserialize, Serialize};
 
 use super::Shared;
 use crate::error::{bad_request, conflict, not_found};
 use crate::events;
+
+/// How long ending a failover waits for the NBD connections it closed to let go of its disks.
+const OVERLAY_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `failover/<served name>` in the catalog (`docs/formats/catalog.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,22 +165,34 @@ impl Shared {
     /// NBD client on its failover disks): its disks change underneath.
     pub(crate) fn failover_complete(self: &Arc<Self>, vm: &str) -> anyhow::Result<VmInfo> {
         let rvm = self.replica_vm(vm)?;
-        let overlays: Vec<(u32, Arc<Overlay>)> = match self.failovers.lock().served.get(vm) {
-            Some(s) if !s.record.test => s.overlays.clone(),
-            _ => {
-                return Err(conflict(format!(
-                    "no failover of {vm} is in progress; run `understudy failover start {vm}` first"
-                )))
-            }
-        };
+        let served: Option<Vec<(u32, Arc<Overlay>)>> = self
+            .failovers
+            .lock()
+            .served
+            .get(vm)
+            .filter(|s| !s.record.test)
+            .map(|s| s.overlays.clone());
+        // A completion cut short after the VM's own disks were written and recorded: they are
+        // served already; only the relationship and the clean-up are left.
+        let resumed = served.is_none()
+            && self.vms.lock().contains_key(vm)
+            && self
+                .catalog
+                .get::<FailoverRecord>(&FailoverRecord::key(vm))?
+                .is_some_and(|r| !r.test);
+        if served.is_none() && !resumed {
+            return Err(conflict(format!(
+                "no failover of {vm} is in progress; run `understudy failover start {vm}` first"
+            )));
+        }
+        let overlays = served.unwrap_or_default();
         if let Some(server) = self.nbd.lock().as_ref() {
-            let busy: usize = overlays
-                .iter()
-                .map(|(i, _)| server.export_connections(&crate::vms::export_name(vm, *i)))
+            let busy: usize = (0..rvm.disks().len() as u32)
+                .map(|i| server.export_connections(&crate::vms::export_name(vm, i)))
                 .sum();
             if busy > 0 {
                 return Err(crate::error::transient(format!(
-                    "{vm} still has {busy} NBD connection(s) on its failover disks: shut the VM down, then run `understudy failover complete {vm}` again"
+                    "{vm} still has {busy} NBD connection(s) on its disks: shut the VM down, then run `understudy failover complete {vm}` again"
                 )));
             }
         }
@@ -186,20 +201,18 @@ impl Shared {
         let mut made: Option<(crate::catalog::VmRecord, crate::vms::Vm)> = None;
         self.replica_event_with(rvm.vm_id(), generation, Event::FailoverComplete, |action| {
             if let Action::CompleteFailover { .. } = action {
-                made = Some(self.materialize_failover(vm, &sizes, &overlays)?);
+                if !resumed {
+                    made = Some(self.materialize_failover(vm, &sizes, &overlays)?);
+                }
             }
             Ok(())
         })?;
         // The failover disks' views of the point go before the replica's copy does.
         drop(overlays);
         drop(rvm);
-        // The relationship is FailedOver (persisted): now the rest follows, each step safe to
-        // redo (`finish_complete` runs again at start if a crash cut it short).
-        let Some((record, new_vm)) = made else {
-            // Already completed (a retry): nothing more to do.
-            return self.vm_info(vm);
-        };
-        self.finish_complete(vm, record, new_vm)?;
+        // The relationship is FailedOver (persisted): the rest follows, each step safe to redo
+        // (a start after a crash here finishes it: `reopen_failovers`).
+        self.finish_complete(vm, made)?;
         self.events.emit(
             events::FAILOVER_COMPLETED,
             Some(vm),
@@ -259,20 +272,13 @@ impl Shared {
     fn finish_complete(
         self: &Arc<Self>,
         vm: &str,
-        record: crate::catalog::VmRecord,
-        new_vm: crate::vms::Vm,
+        made: Option<(crate::catalog::VmRecord, crate::vms::Vm)>,
     ) -> anyhow::Result<()> {
         self.drop_failover(vm, false)?;
-        self.install_failed_over(record, new_vm);
-        if let Some((store, _)) = self.replica_store() {
-            if let Ok(name) = proto::VmName::parse(vm) {
-                store
-                    .remove_vm(&name)
-                    .with_context(|| format!("dropping the replica's copy of {vm}"))?;
-            }
+        if let Some((record, new_vm)) = made {
+            self.install_failed_over(record, new_vm);
         }
-        let _ = self.catalog.delete(&format!("replica-owner/{vm}"));
-        Ok(())
+        self.forget_replica_copy(vm)
     }
 
     /// Status of a VM failed over to this host (role Primary, state FailedOver).
@@ -357,6 +363,10 @@ impl Shared {
                 let view = rvm.view(point, d.index)?;
                 let dir = self.failover_dir(&served_as, d.index);
                 if fresh {
+                    // A directory no record names is what a failed clean-up left: discard it.
+                    if dir.exists() {
+                        Overlay::discard(&dir)?;
+                    }
                     Overlay::create(&dir, Arc::new(view), point, d.index)
                 } else {
                     Overlay::open(&dir, Arc::new(view), point, d.index)
@@ -401,17 +411,26 @@ impl Shared {
         self.catalog
             .delete(&FailoverRecord::key(&served_as))
             .context("forgetting the failover")?;
-        let Some(served) = self.failovers.lock().served.remove(&served_as) else {
-            return Ok(());
-        };
-        for (i, _) in &served.overlays {
-            let name = crate::vms::export_name(&served_as, *i);
-            self.exports.remove(&name);
-            if let Some(server) = self.nbd.lock().as_ref() {
-                server.close_export_connections(&name);
+        if let Some(served) = self.failovers.lock().served.remove(&served_as) {
+            for (i, _) in &served.overlays {
+                let name = crate::vms::export_name(&served_as, *i);
+                self.exports.remove(&name);
+                if let Some(server) = self.nbd.lock().as_ref() {
+                    server.close_export_connections(&name);
+                }
+            }
+            // A closed connection's thread lets go of its disk a moment later: wait (bounded)
+            // until this is the last holder, so the overlay can be discarded.
+            let deadline = std::time::Instant::now() + OVERLAY_RELEASE_WAIT;
+            while served
+                .overlays
+                .iter()
+                .any(|(_, o)| Arc::strong_count(o) > 1)
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
-        drop(served);
         for i in 0..crate::vms::DISKS_PER_VM_MAX as u32 {
             let dir = self.failover_dir(&served_as, i);
             if dir.exists() {
@@ -428,26 +447,58 @@ impl Shared {
     pub(super) fn reopen_failovers(&self, rvm: &ReplicaVm) {
         let vm = rvm.vm_id().to_string();
         let records: Vec<FailoverRecord> = match self.catalog.scan("failover/") {
-            Ok(r) => r.into_iter().map(|(_, r)| r).collect(),
+            Ok(r) => r
+                .into_iter()
+                .map(|(_, r): (String, FailoverRecord)| r)
+                .filter(|r| r.vm == vm)
+                .collect(),
             Err(e) => {
                 tracing::error!(%vm, "reading failover records: {e:#}");
                 return;
             }
         };
-        for r in records.into_iter().filter(|r| r.vm == vm) {
+        let rel = match self.relationships.lock().get(&vm) {
+            Some(super::Relation::Replica(r)) | Some(super::Relation::FailedOver(r)) => {
+                Some(r.clone())
+            }
+            _ => None,
+        };
+        if rel.as_ref().is_some_and(|r| r.state == State::FailedOver) {
+            // A completion cut short after the relationship said FailedOver: its failover
+            // disks and the replica's copy go now (the VM's own disks are served already).
+            tracing::warn!(%vm, "failover completion was interrupted; finishing it");
+            for r in &records {
+                if let Err(e) = self.drop_failover(&r.vm, r.test) {
+                    tracing::error!(%vm, "finishing an interrupted completion: {e:#}");
+                }
+            }
+            if let Err(e) = self.forget_replica_copy(&vm) {
+                tracing::error!(%vm, "finishing an interrupted completion: {e:#}");
+            }
+            return;
+        }
+        // The failovers the relationship says exist; a record it does not name is a start
+        // cut short before it became durable, and is rolled back.
+        let expected: Option<(Seq, bool)> = rel.and_then(|r| match r.state {
+            State::FailedOverWaitingCompletion { point } => Some((point, false)),
+            State::TestFailoverInProgress { point, .. } => Some((point, true)),
+            _ => None,
+        });
+        for r in records {
             if self.failovers.lock().served.contains_key(&r.served_as) {
                 continue;
             }
-            if !r.test && self.vms.lock().contains_key(&r.vm) {
-                // A completion was cut short after the VM's own disks were written: its disks
-                // are served under these names; `failover complete` (or the start, once the
-                // relationship says FailedOver) finishes the rest.
-                tracing::warn!(%vm, "failover completion was interrupted; finishing it");
-                if self.role_of(&r.vm) == Some(relationship::Role::Primary) {
-                    if let Err(e) = self.drop_failover(&r.vm, false) {
-                        tracing::error!(%vm, "finishing an interrupted completion: {e:#}");
-                    }
+            if expected != Some((Seq(r.point), r.test)) {
+                tracing::warn!(%vm, served_as = %r.served_as, "rolling back a failover start cut short");
+                if let Err(e) = self.drop_failover(&r.vm, r.test) {
+                    tracing::error!(%vm, "rolling back a failover start: {e:#}");
                 }
+                continue;
+            }
+            if !r.test && self.vms.lock().contains_key(&r.vm) {
+                // A completion cut short after the VM's own disks were written and recorded:
+                // those are served; `failover complete` finishes it.
+                tracing::warn!(%vm, "failover completion was interrupted; run `failover complete` again");
                 continue;
             }
             match self.serve_failover(rvm, Seq(r.point), r.test, false) {
@@ -464,6 +515,20 @@ impl Shared {
                 ),
             }
         }
+    }
+
+    /// Drops the replica store's copy of a VM that a completed failover made a primary VM of
+    /// this host, and the record of which primary owned it.
+    fn forget_replica_copy(&self, vm: &str) -> anyhow::Result<()> {
+        if let (Some((store, _)), Ok(name)) = (self.replica_store(), proto::VmName::parse(vm)) {
+            if store.vm(&name).is_some() || store.is_pending(&name) {
+                store
+                    .remove_vm(&name)
+                    .with_context(|| format!("dropping the replica's copy of {vm}"))?;
+            }
+        }
+        let _ = self.catalog.delete(&format!("replica-owner/{vm}"));
+        Ok(())
     }
 
     /// `vm show` of a failover's disks.

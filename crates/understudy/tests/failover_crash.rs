@@ -1,0 +1,198 @@
+//! Crash in the middle of a failover: the replica daemon is killed (SIGKILL) at a random moment
+//! during `failover start` and again during `failover complete`, for several VMs; after each
+//! restart the state is one the next command (or the restart itself) finishes, and the chosen
+//! point's data is never lost. The primary is killed during `failover prepare` likewise.
+//! Random moments come from a seed printed at the start; set UNDERSTUDY_TEST_SEED to replay.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use rand::{Rng, SeedableRng};
+
+fn seed() -> u64 {
+    let seed = std::env::var("UNDERSTUDY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("seed {seed} (replay with UNDERSTUDY_TEST_SEED={seed})");
+    seed
+}
+
+/// Starts `understudy ARGS` against `h` without waiting for it.
+fn spawn_cli(h: &Host, args: &[&str]) -> Child {
+    Command::new(EXE)
+        .arg("--data-dir")
+        .arg(&h.dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Runs `args` on `h` and kills `h`'s daemon `delay_ms` later (the command may or may not have
+/// finished), then restarts the daemon.
+fn kill_during(h: &mut Host, args: &[&str], delay_ms: u64) {
+    let mut cli = spawn_cli(h, args);
+    std::thread::sleep(Duration::from_millis(delay_ms));
+    h.kill9();
+    let _ = cli.wait();
+    h.restart();
+}
+
+fn state(h: &Host, vm: &str) -> String {
+    h.json(&["replication", "status", vm])["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn disk_uri(h: &Host, vm: &str) -> String {
+    h.json(&["vm", "show", vm])["disks"][0]["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn kill_9_during_failover_start_and_complete_never_loses_the_point() {
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let root = tempfile::tempdir().unwrap();
+    let (a, mut b) = pair(root.path());
+    let vms = ["web0", "web1", "web2"];
+    let mut points = Vec::new();
+    for vm in vms {
+        a.ok(&["vm", "create", vm, "--disk", "64M"]);
+        a.ok(&[
+            "replication",
+            "enable",
+            vm,
+            "--replica",
+            &b.addr(),
+            "--frequency",
+            "3600",
+        ]);
+        let uri = a.nbd_uri(vm, 0);
+        qemu_io_ok(&uri, &["write -P 1 0 48M"]);
+        a.ok(&["replication", "start", vm, "--wait"]);
+        let p = point_ids(&b, vm).last().copied().unwrap();
+        qemu_io_ok(&uri, &["write -P 2 0 48M"]); // a later point the failover must not show
+        sync_until_ok(&a, vm, 20);
+        points.push(p);
+    }
+    for (vm, p) in vms.iter().zip(&points) {
+        let point = p.to_string();
+        let delay = rng.gen_range(0..120);
+        println!("{vm}: killing the replica {delay} ms into `failover start --point {point}`");
+        kill_during(&mut b, &["failover", "start", vm, "--point", &point], delay);
+        match state(&b, vm).as_str() {
+            "FailedOverWaitingCompletion" => {}
+            "Replicating" => {
+                // The start never became durable: nothing of it remains, and it runs again.
+                assert!(!b.dir.join("failover").join(vm).exists(), "{vm}: leftovers");
+                b.ok(&["failover", "start", vm, "--point", &point]);
+            }
+            other => panic!("{vm}: after a kill during start: {other} (seed {seed})"),
+        }
+        let fo = disk_uri(&b, vm);
+        qemu_io_ok(&fo, &["read -P 1 0 48M", "write -P 9 0 64k", "flush"]);
+
+        let delay = rng.gen_range(0..400);
+        println!("{vm}: killing the replica {delay} ms into `failover complete`");
+        kill_during(&mut b, &["failover", "complete", vm], delay);
+        match state(&b, vm).as_str() {
+            "FailedOver" => {}
+            "FailedOverWaitingCompletion" => {
+                // The next command finishes it.
+                b.ok(&["failover", "complete", vm]);
+            }
+            other => panic!("{vm}: after a kill during complete: {other} (seed {seed})"),
+        }
+        assert_eq!(state(&b, vm), "FailedOver");
+        let disk = disk_uri(&b, vm);
+        qemu_io_ok(
+            &disk,
+            &[
+                "read -P 9 0 64k",
+                "read -P 1 64k 48960k",
+                "read -P 0 48M 16M",
+            ],
+        );
+        // A completion cut short is finished when the replica store opens (in the background
+        // after the restart): the failover disks go.
+        let dir = b.dir.join("failover").join(vm);
+        wait_until(
+            &format!("{vm}'s failover disks to go (seed {seed})"),
+            Duration::from_secs(20),
+            || !dir.exists(),
+        );
+        assert!(
+            !b.run(&["points", "list", vm]).status.success(),
+            "{vm}: the replica's copy must be gone"
+        );
+    }
+}
+
+#[test]
+fn kill_9_during_failover_prepare_leaves_the_vm_replicating_or_prepared() {
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let root = tempfile::tempdir().unwrap();
+    let (mut a, b) = pair(root.path());
+    for round in 0..3 {
+        let vm = format!("db{round}");
+        a.ok(&["vm", "create", &vm, "--disk", "64M"]);
+        a.ok(&[
+            "replication",
+            "enable",
+            &vm,
+            "--replica",
+            &b.addr(),
+            "--frequency",
+            "3600",
+        ]);
+        a.ok(&["replication", "start", &vm, "--wait"]);
+        let uri = a.nbd_uri(&vm, 0);
+        qemu_io_ok(&uri, &["write -P 7 0 32M"]); // the last changes the prepare must ship
+        let delay = rng.gen_range(0..300);
+        println!("{vm}: killing the primary {delay} ms into `failover prepare`");
+        kill_during(&mut a, &["failover", "prepare", &vm], delay);
+        match state(&a, &vm).as_str() {
+            "PreparedForFailover" => {
+                // Fenced across the restart, and the replica holds every change.
+                let out = Command::new("qemu-io")
+                    .args(["-f", "raw", "-c", "read 0 4k", &uri])
+                    .output()
+                    .unwrap();
+                assert!(
+                    !out.status.success(),
+                    "{vm}: a prepared VM must stay fenced"
+                );
+            }
+            "Replicating" => {
+                // Not prepared: the disks are served, and a prepare now completes.
+                qemu_io_ok(&uri, &["read -P 7 0 32M"]);
+                a.ok(&["failover", "prepare", &vm]);
+            }
+            other => panic!("{vm}: after a kill during prepare: {other} (seed {seed})"),
+        }
+        wait_until(
+            "the replica to hear of the prepare",
+            Duration::from_secs(30),
+            || b.json(&["replication", "status", &vm])["state"] == "PreparedForFailover",
+        );
+        let info = b.json(&["failover", "start", &vm]);
+        let fo = info["disks"][0]["nbd_uri"].as_str().unwrap().to_string();
+        qemu_io_ok(&fo, &["read -P 7 0 32M"]);
+        b.ok(&["failover", "stop", &vm]);
+    }
+}
