@@ -315,6 +315,31 @@ fn failover_complete_makes_the_vm_a_primary_vm_of_the_replica_host() {
     let err = one_line_failure(&b.run(&["failover", "complete", "web"]));
     assert!(err.contains("web"), "{err}");
     assert!(events(&b).iter().any(|e| e["id"] == 3032));
+
+    // Reverse: to a host that does not trust this one (nothing changes), and to the old
+    // primary, which was not prepared (an unplanned failover): refused in one line.
+    let stranger = Host::start(root.path(), "stranger");
+    let err = one_line_failure(&b.run(&[
+        "replication",
+        "reverse",
+        "web",
+        "--replica",
+        &stranger.addr(),
+    ]));
+    assert!(err.contains("reverse"), "{err}");
+    assert_eq!(status(&b, "web")["state"], "FailedOver");
+    enable_replica_server(&a);
+    let err = one_line_failure(&b.run(&["replication", "reverse", "web", "--replica", &a.addr()]));
+    assert!(err.contains("failover prepare"), "{err}");
+    assert_eq!(status(&b, "web")["state"], "FailedOver");
+    assert_eq!(
+        status(&a, "web")["role"],
+        "Primary",
+        "the old primary is untouched"
+    );
+    // Reverse of a VM that was not failed over here.
+    let err = one_line_failure(&a.run(&["replication", "reverse", "web", "--replica", &b.addr()]));
+    assert!(err.contains("FailedOver"), "{err}");
 }
 
 /// Planned failover with zero data loss: `failover prepare` refuses while a client uses the
