@@ -61,9 +61,10 @@ pub struct Template(Vec<Piece>);
 const KNOWN: &str = "{name}, {diskN}, {blockdevN}, {nodeN}; write {{ and }} for literal braces";
 
 impl Template {
-    /// Parses `command`; `disks_max` is the number of disks a `{diskN}` may name. Every
-    /// refusal is one line naming what is wrong.
-    pub fn parse(command: &str, disks_max: u32) -> Result<Template, String> {
+    /// Parses `command`; `disks` are the indexes of the VM's disks (what `{diskN}` may name:
+    /// a replica VM may hold only some of its primary's disks). Every refusal is one line
+    /// naming what is wrong.
+    pub fn parse(command: &str, disks: &[u32]) -> Result<Template, String> {
         if command.trim().is_empty() {
             return Err("the launch command is empty (use --no-launch to remove it)".into());
         }
@@ -101,9 +102,11 @@ impl Template {
                 format!("unknown placeholder {{{shown}}} in the launch command; placeholders are {KNOWN}")
             })?;
             if let Piece::Disk(n) | Piece::Blockdev(n) | Piece::Node(n) = piece {
-                if n >= disks_max {
+                if !disks.contains(&n) {
+                    let have: Vec<String> = disks.iter().map(u32::to_string).collect();
                     return Err(format!(
-                        "the launch command names {{{word}}} but the VM has {disks_max} disk(s) (numbered from 0)"
+                        "the launch command names {{{word}}} but the VM's disks are {}",
+                        have.join(", ")
                     ));
                 }
             }
@@ -301,7 +304,7 @@ mod tests {
     fn placeholders_are_filled_single_quoted() {
         let t = Template::parse(
             "qemu -name {name} -blockdev {blockdev1} -device virtio-blk-pci,drive={node1} {disk0}",
-            2,
+            &[0, 1],
         )
         .unwrap();
         let out = t.render("web-test", &[disk(0), disk(1)]).unwrap();
@@ -325,7 +328,7 @@ mod tests {
 
     #[test]
     fn doubled_braces_are_literal() {
-        let t = Template::parse("echo ${{HOME}} {{x}} }", 1).unwrap();
+        let t = Template::parse("echo ${{HOME}} {{x}} }", &[0]).unwrap();
         assert_eq!(t.render("w", &[]).unwrap(), "echo ${HOME} {x} }");
     }
 
@@ -337,15 +340,35 @@ mod tests {
             ("echo {disk}", "unknown placeholder {disk}"),
             ("echo {disk-1}", "unknown placeholder {disk-1}"),
             ("echo {disk0", "unclosed {"),
-            ("echo {disk2}", "{disk2} but the VM has 2 disk(s)"),
+            ("echo {disk2}", "{disk2} but the VM's disks are 0, 1"),
             ("", "empty"),
         ] {
-            let err = Template::parse(cmd, 2).unwrap_err();
+            let disks: &[u32] = if cmd.contains("node1") {
+                &[0, 2]
+            } else {
+                &[0, 1]
+            };
+            let err = Template::parse(cmd, disks).unwrap_err();
             assert!(err.contains(want), "{cmd}: {err}");
             assert_eq!(err.lines().count(), 1, "{err}");
         }
         let long = "x".repeat(LAUNCH_COMMAND_MAX + 1);
-        assert!(Template::parse(&long, 1).unwrap_err().contains("at most"));
+        assert!(Template::parse(&long, &[0])
+            .unwrap_err()
+            .contains("at most"));
+    }
+
+    /// A replica of disks 0 and 2 of its primary (`replication enable --disks 0,2`) has two
+    /// disks, indexes 0 and 2: `{disk2}` is fine, `{node1}` is not.
+    #[test]
+    fn a_replica_of_some_disks_is_checked_by_their_indexes_not_their_count() {
+        let t = Template::parse("echo {disk2}", &[0, 2]).unwrap();
+        assert_eq!(
+            t.render("web", &[disk(0), disk(2)]).unwrap(),
+            "echo 'nbd+unix:///web-2?socket=/var/lib/u/nbd.sock'"
+        );
+        let err = Template::parse("echo {node1}", &[0, 2]).unwrap_err();
+        assert!(err.contains("{node1} but the VM's disks are 0, 2"), "{err}");
     }
 
     #[test]

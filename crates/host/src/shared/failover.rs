@@ -102,11 +102,10 @@ impl Shared {
                     "{vm} has no launch command for --start: set one with `understudy vm set {vm} --launch 'COMMAND'`"
                 ))
             })?;
-            Some(
-                Template::parse(&command, rvm.disks().len() as u32).map_err(|e| {
-                    bad_request(format!("the launch command of {vm} cannot be used: {e}"))
-                })?,
-            )
+            let disks: Vec<u32> = rvm.disks().iter().map(|d| d.index).collect();
+            Some(Template::parse(&command, &disks).map_err(|e| {
+                bad_request(format!("the launch command of {vm} cannot be used: {e}"))
+            })?)
         } else {
             None
         };

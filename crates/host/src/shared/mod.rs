@@ -874,9 +874,13 @@ impl Shared {
             }
         }
         // A primary VM of this host, or else a replica VM (the launch command only).
-        let primary_disks = self.vms.lock().get(&req.vm).map(|e| e.record.disks.len());
-        let disks = match primary_disks {
-            Some(n) => n,
+        let primary_disks: Option<Vec<u32>> = self
+            .vms
+            .lock()
+            .get(&req.vm)
+            .map(|e| e.record.disks.iter().map(|d| d.index).collect());
+        let disks = match &primary_disks {
+            Some(d) => d.clone(),
             None => {
                 let rvm = match self.replica_vm(&req.vm) {
                     Ok(rvm) => rvm,
@@ -899,11 +903,11 @@ impl Shared {
                         req.vm
                     )));
                 }
-                rvm.disks().len()
+                rvm.disks().iter().map(|d| d.index).collect()
             }
         };
         if let Some(cmd) = &req.launch {
-            crate::launch::Template::parse(cmd, disks as u32).map_err(bad_request)?;
+            crate::launch::Template::parse(cmd, &disks).map_err(bad_request)?;
         }
         if guest_change {
             self.set_guest(req)?;
