@@ -44,6 +44,11 @@ pub const REPLICA_STORE_UNAVAILABLE: u32 = 3003;
 pub const FAILOVER_STARTED: u32 = 3030;
 pub const FAILOVER_STOPPED: u32 = 3031;
 pub const FAILOVER_COMPLETED: u32 = 3032;
+/// `failover start --start`: the launch command ran (exited 0), was left running, or ended
+/// later.
+pub const LAUNCH_STARTED: u32 = 3040;
+/// `failover start --start`: the launch command failed (the failover stays).
+pub const LAUNCH_FAILED: u32 = 3041;
 pub const POINT_SERVED: u32 = 3020;
 pub const POINT_UNSERVED: u32 = 3021;
 

@@ -17,6 +17,7 @@ pub mod events;
 pub mod guest;
 pub mod heap;
 pub mod heartbeat;
+pub mod launch;
 pub mod owner;
 pub mod peer_client;
 pub mod primary;

@@ -40,7 +40,8 @@ pub enum HostCommand {
     UnservePoint(UnservePoint, Reply<Vec<u64>>),
     EnableReplicaServer(ReplicaServerConfig, Reply<ReplicaServerConfig>),
     DisableReplicaServer(Reply<ReplicaServerConfig>),
-    /// `failover start NAME [--point] [--test]` on the replica host.
+    /// `failover start NAME [--point] [--test] [--start]` on the replica host. The launch
+    /// command (`--start`) runs after the command is done, beside the owner.
     FailoverStart {
         vm: String,
         req: proto::FailoverStart,
@@ -158,8 +159,25 @@ pub async fn run(
                 let _ = reply.send(blocking(move || s.disable_replica_server()).await);
             }
             HostCommand::FailoverStart { vm, req, reply } => {
-                let r = blocking(move || s.failover_start(&vm, &req.point, req.test)).await;
-                let _ = reply.send(r);
+                let r =
+                    blocking(move || s.failover_start(&vm, &req.point, req.test, req.start)).await;
+                match r {
+                    // The launch command may take up to `LAUNCH_WAIT`: it runs beside the
+                    // owner, which goes on with the next command (the failover is done).
+                    Ok((info, Some(launch))) => {
+                        let s = shared.clone();
+                        tokio::spawn(async move {
+                            let r = blocking(move || Ok(s.launch(info, launch))).await;
+                            let _ = reply.send(r);
+                        });
+                    }
+                    Ok((info, None)) => {
+                        let _ = reply.send(Ok(info));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             HostCommand::InstallReverse(prepared, reply) => {
                 let _ = reply.send(blocking(move || s.install_reverse(*prepared)).await);

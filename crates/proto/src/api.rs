@@ -67,6 +67,11 @@ pub struct VmInfo {
     pub pre_freeze_hook: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_thaw_hook: Option<String>,
+    /// The command template `failover start NAME --start` runs (`vm set --launch`). `vm set`
+    /// of a replica VM (which has no `vm show` on its replica host) answers with the name,
+    /// role `Replica`, no disks and this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<String>,
 }
 
 /// `vm set`: how the guest is quiesced for application-consistent points. Each field given
@@ -82,6 +87,12 @@ pub struct SetVm {
     pub pre_freeze_hook: Option<String>,
     #[serde(default)]
     pub post_thaw_hook: Option<String>,
+    /// The command template `failover start --start` runs (`docs/formats/catalog.md`,
+    /// `launch/<vm>`); also for a replica VM.
+    #[serde(default)]
+    pub launch: Option<String>,
+    #[serde(default)]
+    pub no_launch: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -415,6 +426,9 @@ pub struct FailoverStart {
     pub point: String,
     #[serde(default)]
     pub test: bool,
+    /// Run the VM's launch command (`vm set --launch`) once the disks are served.
+    #[serde(default)]
+    pub start: bool,
 }
 
 fn latest() -> String {
@@ -440,6 +454,13 @@ pub struct FailoverInfo {
     pub test: bool,
     /// One writable `nbd_uri` per disk.
     pub disks: Vec<DiskInfo>,
+    /// With `--start`: what became of the launch command (`exited 0`, `started (pid N)`, or
+    /// why it failed, with the end of its output). The failover stays either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launched: Option<String>,
+    /// The launch command failed (`launched` says why); the CLI exits 1.
+    #[serde(default)]
+    pub launch_failed: bool,
 }
 
 /// `POST /v1/vms/{vm}/replication/reverse`: after a planned failover to this host, replicate the

@@ -223,6 +223,16 @@ enum VmCmd {
         /// Shell command run after the cut whenever the pre-freeze hook ran; "" removes it.
         #[arg(long, value_name = "CMD")]
         post_thaw_hook: Option<String>,
+        /// Command `failover start NAME --start` runs (sh -c) once the failover disks are
+        /// served, e.g. 'virsh start {name}'. Placeholders, single-quoted when filled: {name}
+        /// (NAME or NAME-test), {diskN} (disk N's nbd_uri), {blockdevN} (its qemu -blockdev
+        /// argument), {nodeN} (its node name); {{ and }} are literal braces. Also for a replica
+        /// VM.
+        #[arg(long, value_name = "CMD", conflicts_with = "no_launch")]
+        launch: Option<String>,
+        /// Forget the launch command.
+        #[arg(long)]
+        no_launch: bool,
     },
     /// Show one VM and its disks.
     Show {
@@ -344,6 +354,10 @@ enum FailoverCmd {
         point: String,
         #[arg(long)]
         test: bool,
+        /// Then run the VM's launch command (`vm set NAME --launch`): waited for up to 10 s,
+        /// left running after that; if it fails the failover stays and the exit status is 1.
+        #[arg(long)]
+        start: bool,
         #[arg(long)]
         json: bool,
     },
@@ -451,13 +465,20 @@ fn main() -> ExitCode {
                     no_guest_agent,
                     pre_freeze_hook,
                     post_thaw_hook,
+                    launch,
+                    no_launch,
                 } => cli::vm_set(
                     &api,
-                    &name,
                     guest_agent.as_deref(),
-                    no_guest_agent,
-                    pre_freeze_hook,
-                    post_thaw_hook,
+                    proto::SetVm {
+                        vm: name,
+                        guest_agent: None,
+                        no_guest_agent,
+                        pre_freeze_hook,
+                        post_thaw_hook,
+                        launch,
+                        no_launch,
+                    },
                 ),
             }
         }
@@ -522,8 +543,14 @@ fn main() -> ExitCode {
                     name,
                     point,
                     test,
+                    start,
                     json,
-                } => cli::failover_start(&api, &name, &point, test, json),
+                } => cli::failover_start(
+                    &api,
+                    &name,
+                    proto::FailoverStart { point, test, start },
+                    json,
+                ),
                 FailoverCmd::Stop { name, test } => cli::failover_stop(&api, &name, test),
                 FailoverCmd::Complete { name } => cli::failover_complete(&api, &name),
                 FailoverCmd::Prepare { name } => {

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::Shared;
 use crate::error::{bad_request, conflict, not_found};
 use crate::events;
+use crate::launch::{Launch, Outcome, Template, LAUNCH_WAIT};
 
 /// How long ending a failover waits for the NBD connections it closed to let go of its disks.
 const OVERLAY_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -83,18 +84,34 @@ impl Shared {
             .join(format!("disk-{disk}"))
     }
 
-    /// `failover start NAME [--point ID|latest] [--test]` (the command owner's half).
+    /// `failover start NAME [--point ID|latest] [--test] [--start]` (the command owner's
+    /// half). With `start`, the VM's launch command is checked before anything changes and
+    /// returned filled in, for [`Shared::launch`] to run once the owner is free again.
     pub(crate) fn failover_start(
         &self,
         vm: &str,
         point: &str,
         test: bool,
-    ) -> anyhow::Result<FailoverInfo> {
+        start: bool,
+    ) -> anyhow::Result<(FailoverInfo, Option<Launch>)> {
         let rvm = self.replica_vm(vm)?;
         let p = super::replica_side::resolve_point(&rvm, vm, point)?;
         let served_as = served_name(vm, test);
         proto::VmName::parse(&served_as)
             .map_err(|e| bad_request(format!("{e} (the test failover's name is {vm}-test)")))?;
+        let template = if start {
+            let command = self.launch_command(vm)?.ok_or_else(|| {
+                bad_request(format!(
+                    "{vm} has no launch command for --start: set one with `understudy vm set {vm} --launch 'COMMAND'`"
+                ))
+            })?;
+            let disks: Vec<u32> = rvm.disks().iter().map(|d| d.index).collect();
+            Some(Template::parse(&command, &disks).map_err(|e| {
+                bad_request(format!("the launch command of {vm} cannot be used: {e}"))
+            })?)
+        } else {
+            None
+        };
         if test && (self.vms.lock().contains_key(&served_as) || self.role_of(&served_as).is_some())
         {
             return Err(conflict(format!(
@@ -125,7 +142,102 @@ impl Shared {
                 rfc3339_from_unix_ns(p.cut_time_unix_ns)
             ),
         );
-        self.failover_info(&served_as)
+        let info = self.failover_info(&served_as)?;
+        let launch = match template {
+            None => None,
+            Some(t) => match t.render(&served_as, &info.disks) {
+                Ok(command) => Some(Launch {
+                    vm: vm.to_string(),
+                    served_as: served_as.clone(),
+                    command,
+                    log: self.launch_log(&served_as),
+                }),
+                Err(why) => {
+                    // Checked before the failover; a disk missing now is reported, the
+                    // failover stays.
+                    let mut info = info;
+                    self.events.emit(
+                        events::LAUNCH_FAILED,
+                        Some(vm),
+                        "error",
+                        &format!("{served_as}: launch command not started: {why}"),
+                    );
+                    info.launched = Some(format!("not started: {why}"));
+                    info.launch_failed = true;
+                    return Ok((info, None));
+                }
+            },
+        };
+        Ok((info, launch))
+    }
+
+    /// Where the output of the launch command of failover `served_as` goes (rewritten at each
+    /// launch).
+    fn launch_log(&self, served_as: &str) -> PathBuf {
+        self.data_dir
+            .join("launch")
+            .join(format!("{served_as}.log"))
+    }
+
+    /// Runs a launch prepared by [`Shared::failover_start`] (up to [`LAUNCH_WAIT`]) and says
+    /// in `info` what became of it. A command still running then is left running, and
+    /// reaped by a thread of its own that records its end as an event.
+    pub(crate) fn launch(self: &Arc<Self>, mut info: FailoverInfo, launch: Launch) -> FailoverInfo {
+        let vm = launch.vm.clone();
+        let served_as = launch.served_as.clone();
+        let log = launch.log.display().to_string();
+        match crate::launch::run(&launch, LAUNCH_WAIT) {
+            Outcome::Exited => {
+                info.launched = Some("exited 0".into());
+                self.events.emit(
+                    events::LAUNCH_STARTED,
+                    Some(&vm),
+                    "info",
+                    &format!("launch command of {served_as} ran and exited 0 (output in {log})"),
+                );
+            }
+            Outcome::Running { pid, mut child } => {
+                info.launched = Some(format!("started (pid {pid})"));
+                self.events.emit(
+                    events::LAUNCH_STARTED,
+                    Some(&vm),
+                    "info",
+                    &format!("launch command of {served_as} started (pid {pid}, output in {log})"),
+                );
+                let shared = Arc::downgrade(self);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("launch-{pid}"))
+                    .spawn(move || {
+                        let how = match child.wait() {
+                            Ok(st) => crate::launch::describe(st),
+                            Err(e) => format!("unknown ({e})"),
+                        };
+                        if let Some(s) = shared.upgrade() {
+                            s.events.emit(
+                                events::LAUNCH_STARTED,
+                                Some(&vm),
+                                "info",
+                                &format!("launch command of {served_as} (pid {pid}) ended: {how}"),
+                            );
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(pid, "no thread to reap the launch command: {e}");
+                }
+            }
+            Outcome::Failed(why) => {
+                let why = format!("{why} (the failover stays; output in {log})");
+                self.events.emit(
+                    events::LAUNCH_FAILED,
+                    Some(&vm),
+                    "error",
+                    &format!("{served_as}: {why}"),
+                );
+                info.launched = Some(why);
+                info.launch_failed = true;
+            }
+        }
+        info
     }
 
     /// `failover stop NAME [--test]`: the failover's disks and everything written to them go;
@@ -558,6 +670,7 @@ impl Shared {
             guest_agent: None,
             pre_freeze_hook: None,
             post_thaw_hook: None,
+            launch: None,
         })
     }
 
@@ -579,6 +692,8 @@ impl Shared {
             point: r.point,
             test: r.test,
             disks: info.disks,
+            launched: None,
+            launch_failed: false,
         })
     }
 

@@ -792,6 +792,10 @@ impl Shared {
                 .as_ref()
                 .and_then(|g| g.pre_freeze_hook.clone()),
             post_thaw_hook: record.guest.as_ref().and_then(|g| g.post_thaw_hook.clone()),
+            launch: self.launch_command(name).unwrap_or_else(|e| {
+                tracing::warn!(vm = %name, "reading its launch command: {e:#}");
+                None
+            }),
         })
     }
 
@@ -830,21 +834,28 @@ impl Shared {
         self.vms.lock().get(vm).and_then(|e| e.record.guest.clone())
     }
 
-    /// `vm set`: the guest agent socket and the freeze/thaw hooks. Every value is checked
-    /// first; a refusal changes nothing.
+    /// `vm set`: the guest agent socket, the freeze/thaw hooks (primary VMs) and the launch
+    /// command (primary or replica VMs). Every value is checked first; a refusal changes
+    /// nothing.
     pub(crate) fn set_vm(&self, req: &proto::SetVm) -> anyhow::Result<VmInfo> {
-        if req.guest_agent.is_none()
-            && !req.no_guest_agent
-            && req.pre_freeze_hook.is_none()
-            && req.post_thaw_hook.is_none()
-        {
+        let guest_change = req.guest_agent.is_some()
+            || req.no_guest_agent
+            || req.pre_freeze_hook.is_some()
+            || req.post_thaw_hook.is_some();
+        let launch_change = req.launch.is_some() || req.no_launch;
+        if !guest_change && !launch_change {
             return Err(bad_request(
-                "nothing to change: give --guest-agent, --no-guest-agent, --pre-freeze-hook or --post-thaw-hook",
+                "nothing to change: give --launch, --no-launch, --guest-agent, --no-guest-agent, --pre-freeze-hook or --post-thaw-hook",
             ));
         }
         if req.guest_agent.is_some() && req.no_guest_agent {
             return Err(bad_request(
                 "--guest-agent and --no-guest-agent contradict each other",
+            ));
+        }
+        if req.launch.is_some() && req.no_launch {
+            return Err(bad_request(
+                "--launch and --no-launch contradict each other",
             ));
         }
         if let Some(sock) = &req.guest_agent {
@@ -862,6 +873,90 @@ impl Shared {
                 return Err(bad_request("a hook must be one line of shell"));
             }
         }
+        // A primary VM of this host, or else a replica VM (the launch command only).
+        let primary_disks: Option<Vec<u32>> = self
+            .vms
+            .lock()
+            .get(&req.vm)
+            .map(|e| e.record.disks.iter().map(|d| d.index).collect());
+        let disks = match &primary_disks {
+            Some(d) => d.clone(),
+            None => {
+                let rvm = match self.replica_vm(&req.vm) {
+                    Ok(rvm) => rvm,
+                    Err(e)
+                        if crate::error::kind_of(&e)
+                            == Some(crate::error::ErrorKind::Transient) =>
+                    {
+                        return Err(e)
+                    }
+                    Err(_) => {
+                        return Err(not_found(format!(
+                            "no VM named {} on this host (neither a primary nor a replica VM)",
+                            req.vm
+                        )))
+                    }
+                };
+                if guest_change {
+                    return Err(bad_request(format!(
+                        "{} is a replica VM on this host: only --launch and --no-launch apply to it (set the guest agent and hooks on its primary host)",
+                        req.vm
+                    )));
+                }
+                rvm.disks().iter().map(|d| d.index).collect()
+            }
+        };
+        if let Some(cmd) = &req.launch {
+            crate::launch::Template::parse(cmd, &disks).map_err(bad_request)?;
+        }
+        if guest_change {
+            self.set_guest(req)?;
+        }
+        if let Some(cmd) = &req.launch {
+            let record = crate::launch::LaunchRecord {
+                version: crate::launch::LaunchRecord::VERSION,
+                vm: req.vm.clone(),
+                command: cmd.clone(),
+            };
+            self.catalog
+                .put(&crate::launch::LaunchRecord::key(&req.vm), &record)
+                .context("recording the launch command")?;
+        }
+        if req.no_launch {
+            self.catalog
+                .delete(&crate::launch::LaunchRecord::key(&req.vm))
+                .context("forgetting the launch command")?;
+        }
+        if launch_change {
+            self.events.emit(
+                events::VM_SET,
+                Some(&req.vm),
+                "info",
+                if req.no_launch {
+                    "launch command removed (vm set)"
+                } else {
+                    "launch command set (vm set)"
+                },
+            );
+        }
+        if primary_disks.is_some() {
+            return self.vm_info(&req.vm);
+        }
+        Ok(VmInfo {
+            name: req.vm.clone(),
+            disks: Vec::new(),
+            created_at: String::new(),
+            replication_role: "Replica".into(),
+            broken: None,
+            guest_agent: None,
+            pre_freeze_hook: None,
+            post_thaw_hook: None,
+            launch: self.launch_command(&req.vm)?,
+        })
+    }
+
+    /// The guest quiescing half of `vm set` (checked by the caller), on a primary VM.
+    fn set_guest(&self, req: &proto::SetVm) -> anyhow::Result<()> {
         let mut vms = self.vms.lock();
         let entry = vms
             .get_mut(&req.vm)
@@ -896,7 +991,22 @@ impl Shared {
             "info",
             "guest quiescing settings changed (vm set)",
         );
-        self.vm_info(&req.vm)
+        Ok(())
+    }
+
+    /// The launch command recorded for `vm` (`launch/<vm>`), if any.
+    pub(crate) fn launch_command(&self, vm: &str) -> anyhow::Result<Option<String>> {
+        let record: Option<crate::launch::LaunchRecord> =
+            self.catalog.get(&crate::launch::LaunchRecord::key(vm))?;
+        match record {
+            None => Ok(None),
+            Some(r) if r.version == crate::launch::LaunchRecord::VERSION => Ok(Some(r.command)),
+            Some(r) => Err(anyhow::anyhow!(
+                "catalog record launch/{vm} has version {}; this understudy reads version {}",
+                r.version,
+                crate::launch::LaunchRecord::VERSION
+            )),
+        }
     }
 
     /// Replication status of a VM that could not be opened: its recorded state, Critical.

@@ -174,28 +174,12 @@ pub fn vm_list(api: &Api, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn vm_set(
-    api: &Api,
-    name: &str,
-    guest_agent: Option<&Path>,
-    no_guest_agent: bool,
-    pre_freeze_hook: Option<String>,
-    post_thaw_hook: Option<String>,
-) -> anyhow::Result<()> {
-    let guest_agent = match guest_agent {
-        Some(p) => Some(absolute(p)?.display().to_string()),
-        None => None,
-    };
-    let vm: VmInfo = api.post(
-        &format!("/v1/vms/{}/set", path_segment(name)?),
-        &proto::SetVm {
-            vm: name.to_string(),
-            guest_agent,
-            no_guest_agent,
-            pre_freeze_hook,
-            post_thaw_hook,
-        },
-    )?;
+/// `vm set NAME ...`: `req` as the flags gave it; the guest agent socket is made absolute.
+pub fn vm_set(api: &Api, guest_agent: Option<&Path>, mut req: proto::SetVm) -> anyhow::Result<()> {
+    if let Some(p) = guest_agent {
+        req.guest_agent = Some(absolute(p)?.display().to_string());
+    }
+    let vm: VmInfo = api.post(&format!("/v1/vms/{}/set", path_segment(&req.vm)?), &req)?;
     output::print_vm(&vm);
     Ok(())
 }
@@ -491,20 +475,17 @@ pub fn resynchronize(api: &Api, name: &str, at: Option<&str>) -> anyhow::Result<
     Ok(())
 }
 
-/// `failover start NAME [--point] [--test] [--json]`.
+/// `failover start NAME [--point] [--test] [--start] [--json]`. A launch command that failed
+/// (`--start`) is an error (exit 1) after the answer is printed: the failover stays.
 pub fn failover_start(
     api: &Api,
     name: &str,
-    point: &str,
-    test: bool,
+    req: proto::FailoverStart,
     json: bool,
 ) -> anyhow::Result<()> {
     let info: proto::FailoverInfo = api.post(
         &format!("/v1/vms/{}/failover/start", path_segment(name)?),
-        &proto::FailoverStart {
-            point: point.to_string(),
-            test,
-        },
+        &req,
     )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&info)?);
@@ -523,6 +504,16 @@ pub fn failover_start(
         for d in &info.disks {
             println!("  disk {}: {}", d.index, d.nbd_uri);
         }
+        if let (Some(l), false) = (&info.launched, info.launch_failed) {
+            println!("launch command: {l}");
+        }
+    }
+    if info.launch_failed {
+        bail!(
+            "{} is served, but its launch failed: {}",
+            info.served_as,
+            info.launched.as_deref().unwrap_or("no reason given")
+        );
     }
     Ok(())
 }

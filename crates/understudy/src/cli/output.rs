@@ -30,10 +30,14 @@ pub fn progress_bar() -> ProgressBar {
 }
 
 pub fn print_vm(vm: &VmInfo) {
-    println!(
-        "VM {} (created {}, replication: {})",
-        vm.name, vm.created_at, vm.replication_role
-    );
+    if vm.created_at.is_empty() {
+        println!("VM {} (replication: {})", vm.name, vm.replication_role);
+    } else {
+        println!(
+            "VM {} (created {}, replication: {})",
+            vm.name, vm.created_at, vm.replication_role
+        );
+    }
     if let Some(why) = &vm.broken {
         println!("  BROKEN, not served: {why}");
     }
@@ -45,6 +49,9 @@ pub fn print_vm(vm: &VmInfo) {
     }
     if let Some(h) = &vm.post_thaw_hook {
         println!("  post-thaw hook: {h}");
+    }
+    if let Some(l) = &vm.launch {
+        println!("  launch: {l}");
     }
     for d in &vm.disks {
         println!(
