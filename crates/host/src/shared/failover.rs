@@ -579,10 +579,10 @@ impl Shared {
             // A completion cut short after the relationship said FailedOver: its failover
             // disks and the replica's copy go now (the VM's own disks are served already).
             tracing::warn!(%vm, "failover completion was interrupted; finishing it");
-            for r in &records {
-                if let Err(e) = self.drop_failover(&r.vm, r.test) {
-                    tracing::error!(%vm, "finishing an interrupted completion: {e:#}");
-                }
+            // Whether or not its record is still there (a crash in the middle of dropping it
+            // leaves the directories alone otherwise).
+            if let Err(e) = self.drop_failover(&vm, false) {
+                tracing::error!(%vm, "finishing an interrupted completion: {e:#}");
             }
             if let Err(e) = self.forget_replica_copy(&vm) {
                 tracing::error!(%vm, "finishing an interrupted completion: {e:#}");
