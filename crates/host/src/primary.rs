@@ -790,6 +790,14 @@ async fn run(
                     Cmd::Start(reply) => (Some(reply), repl.apply(&shared, Event::StartInitial)),
                     Cmd::Suspend(reply) => (Some(reply), repl.apply(&shared, Event::Suspend)),
                     Cmd::Resume { resync: false, reply, .. } => {
+                        // Cancelling a prepare serves the disks again: only once the replica
+                        // confirms it has not failed over (else both hosts would take writes).
+                        if matches!(repl.relationship().state, State::PreparedForFailover { .. }) {
+                            if let Err(e) = replica_not_failed_over(&shared, &repl).await {
+                                let _ = reply.send(Err(e));
+                                continue;
+                            }
+                        }
                         (Some(reply), repl.apply(&shared, Event::Resume))
                     }
                     Cmd::Resume { resync: true, at_unix_ns, reply } => (
@@ -902,7 +910,7 @@ fn finish_prepare(
 ) {
     let outcome = match cycle {
         Err(e) => Err(crate::error::transient(format!(
-            "the last changes of {} could not be shipped: {}; the VM is unfenced, run `failover prepare` again",
+            "the last changes of {} could not be shipped: {}; the VM is unfenced, run `understudy failover prepare` again",
             repl.vm.name,
             crate::errfmt::one_line(e)
         ))),
@@ -910,7 +918,7 @@ fn finish_prepare(
             let pending = repl.pending_bytes(&repl.record().disks);
             if pending > 0 {
                 Err(crate::error::transient(format!(
-                    "{} still has {pending} bytes to ship (was it written to after the fence?); the VM is unfenced, run `failover prepare` again",
+                    "{} still has {pending} bytes to ship (was it written to after the fence?); the VM is unfenced, run `understudy failover prepare` again",
                     repl.vm.name
                 )))
             } else {
@@ -927,6 +935,34 @@ fn finish_prepare(
         shared.unfence_vm(&repl.vm);
     }
     let _ = p.reply.send(outcome);
+}
+
+/// Asks the replica (a hello) whether it has failed over to this VM; Ok only if it answers and
+/// has not.
+async fn replica_not_failed_over(
+    shared: &Arc<Shared>,
+    repl: &Arc<Replication>,
+) -> anyhow::Result<()> {
+    let (settings, rel) = {
+        let rt = repl.rt.lock();
+        (rt.settings.clone(), rt.rel.clone())
+    };
+    let vm = &repl.vm.name;
+    let peer = shared.peer(&settings.replica, settings.replica_name.as_deref())?;
+    let hello = hello_of(shared, &repl.vm, &settings, &rel);
+    match crate::peer_client::hello(&peer, &hello, &shared.peer_timeouts).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.downcast_ref::<PeerRefusal>().is_some_and(|r| r.0.code == "failed_over") => {
+            Err(crate::error::conflict(format!(
+                "the replica host has failed over {vm}: the prepare cannot be cancelled and its disks stay fenced here ({})",
+                crate::errfmt::one_line(&e)
+            )))
+        }
+        Err(e) => Err(crate::error::transient(format!(
+            "cannot confirm with the replica that {vm} was not failed over there, so its disks stay fenced; retry when it answers ({})",
+            crate::errfmt::one_line(&e)
+        ))),
+    }
 }
 
 fn cannot_sync(vm: &str, state: &State) -> anyhow::Error {

@@ -118,6 +118,11 @@ impl Shared {
                 "a VM named {served_as} already exists on this host; a test failover of {vm} needs that name"
             )));
         }
+        if !test && self.vms.lock().contains_key(vm) {
+            return Err(conflict(format!(
+                "a VM named {vm} already runs on this host (or a `failover complete` of it was cut short: run `understudy failover complete {vm}`): its failover disks would take its names"
+            )));
+        }
         let generation = rvm.generation();
         self.replica_event_with(
             rvm.vm_id(),
@@ -245,12 +250,8 @@ impl Shared {
     pub(crate) fn failover_stop(&self, vm: &str, test: bool) -> anyhow::Result<String> {
         let rvm = self.replica_vm(vm)?;
         let served_as = served_name(vm, test);
-        if !self.failovers.lock().served.contains_key(&served_as) {
-            return Err(conflict(format!(
-                "no {} of {vm} is in progress",
-                if test { "test failover" } else { "failover" }
-            )));
-        }
+        // The relationship decides whether there is a failover to stop (after a restart its
+        // disks may not be served again yet; dropping them is safe to repeat).
         let generation = rvm.generation();
         self.replica_event_with(
             rvm.vm_id(),
@@ -293,32 +294,72 @@ impl Shared {
                 .get::<FailoverRecord>(&FailoverRecord::key(vm))?
                 .is_some_and(|r| !r.test);
         if served.is_none() && !resumed {
+            if self
+                .catalog
+                .get::<FailoverRecord>(&FailoverRecord::key(vm))?
+                .is_some_and(|r| !r.test)
+            {
+                return Err(crate::error::transient(format!(
+                    "the failover disks of {vm} are being served again after the daemon started; retry shortly"
+                )));
+            }
             return Err(conflict(format!(
                 "no failover of {vm} is in progress; run `understudy failover start {vm}` first"
             )));
         }
         let overlays = served.unwrap_or_default();
-        if let Some(server) = self.nbd.lock().as_ref() {
-            let busy: usize = (0..rvm.disks().len() as u32)
-                .map(|i| server.export_connections(&crate::vms::export_name(vm, i)))
-                .sum();
-            if busy > 0 {
-                return Err(crate::error::transient(format!(
-                    "{vm} still has {busy} NBD connection(s) on its disks: shut the VM down, then run `understudy failover complete {vm}` again"
-                )));
+        // Fenced first, then checked: no client may connect and write into a failover disk
+        // while it is copied (an acknowledged write would be lost).
+        for (i, _) in &overlays {
+            self.exports.remove(&crate::vms::export_name(vm, *i));
+        }
+        let busy: usize = match self.nbd.lock().as_ref() {
+            Some(server) => rvm
+                .disks()
+                .iter()
+                .map(|d| server.export_connections(&crate::vms::export_name(vm, d.index)))
+                .sum(),
+            None => 0,
+        };
+        let reserve = |overlays: &[(u32, Arc<Overlay>)]| {
+            for (i, o) in overlays {
+                let backend: Arc<dyn nbd::BlockBackend> = o.clone();
+                self.exports.add_with_description(
+                    crate::vms::export_name(vm, *i),
+                    format!("{vm} disk {i} (failover)"),
+                    backend,
+                );
             }
+        };
+        if busy > 0 {
+            reserve(&overlays);
+            return Err(crate::error::transient(format!(
+                "{vm} still has {busy} NBD connection(s) on its disks: shut the VM down, then run `understudy failover complete {vm}` again"
+            )));
         }
         let generation = rvm.generation();
-        let sizes: Vec<u64> = rvm.disks().iter().map(|d| d.size_bytes).collect();
+        // The new VM's disks are numbered 0..n in the order of the replica's disk indexes.
+        let mut sizes: Vec<(u32, u64)> = rvm
+            .disks()
+            .iter()
+            .map(|d| (d.index, d.size_bytes))
+            .collect();
+        sizes.sort_unstable();
         let mut made: Option<(crate::catalog::VmRecord, crate::vms::Vm)> = None;
-        self.replica_event_with(rvm.vm_id(), generation, Event::FailoverComplete, |action| {
-            if let Action::CompleteFailover { .. } = action {
-                if !resumed {
-                    made = Some(self.materialize_failover(vm, &sizes, &overlays)?);
+        let stepped =
+            self.replica_event_with(rvm.vm_id(), generation, Event::FailoverComplete, |action| {
+                if let Action::CompleteFailover { .. } = action {
+                    if !resumed {
+                        made = Some(self.materialize_failover(vm, &sizes, &overlays)?);
+                    }
                 }
-            }
-            Ok(())
-        })?;
+                Ok(())
+            });
+        if let Err(e) = stepped {
+            // Nothing was completed: the failover disks are served again as they were.
+            reserve(&overlays);
+            return Err(e);
+        }
         // The failover disks' views of the point go before the replica's copy does.
         drop(overlays);
         drop(rvm);
@@ -339,7 +380,7 @@ impl Shared {
     fn materialize_failover(
         &self,
         vm: &str,
-        sizes: &[u64],
+        sizes: &[(u32, u64)],
         overlays: &[(u32, Arc<Overlay>)],
     ) -> anyhow::Result<(crate::catalog::VmRecord, crate::vms::Vm)> {
         if self.vms.lock().contains_key(vm) {
@@ -350,13 +391,18 @@ impl Shared {
         for (_, o) in overlays {
             nbd::BlockBackend::flush(o.as_ref()).context("flushing a failover disk")?;
         }
+        let by_position: Vec<u64> = sizes.iter().map(|&(_, size)| size).collect();
         let (record, new_vm) = crate::vms::adopt_disks(
             &self.data_dir,
             vm,
-            sizes,
+            &by_position,
             now_unix_ns(),
             &self.disk_options,
-            |index, path| {
+            |position, path| {
+                let index = sizes
+                    .get(position as usize)
+                    .map(|&(i, _)| i)
+                    .ok_or_else(|| anyhow::anyhow!("{vm} has no disk at position {position}"))?;
                 let o = overlays
                     .iter()
                     .find(|(i, _)| *i == index)
@@ -367,8 +413,11 @@ impl Shared {
                 Ok(())
             },
         )?;
-        for (i, o) in overlays {
-            if let Some(d) = new_vm.disks.get(*i as usize) {
+        for (position, &(index, _)) in sizes.iter().enumerate() {
+            let Some((i, o)) = overlays.iter().find(|(i, _)| *i == index) else {
+                continue;
+            };
+            if let Some(d) = new_vm.disks.get(position) {
                 d.mark_dirty_blocks(&o.written_blocks())
                     .with_context(|| format!("recording what was written to disk {i} of {vm}"))?;
             }

@@ -282,7 +282,20 @@ impl Shared {
             tracing::info!(vm = %vm, "catalog record moved to version {}", crate::catalog::RECORD_VERSION);
         }
         let mut primaries = shared.load_relationships()?;
-        let records: Vec<(String, VmRecord)> = shared.catalog.scan("vm/")?;
+        let mut records: Vec<(String, VmRecord)> = shared.catalog.scan("vm/")?;
+        // A VM whose relationship says this host is its replica was handed to the replica
+        // store by a reverse cut short before the VM was forgotten: finish it, never serve it
+        // (its images are the replica's base now).
+        records.retain(|(_, r)| {
+            if shared.role_of(&r.name) != Some(Role::Replica) {
+                return true;
+            }
+            tracing::warn!(vm = %r.name, "finishing a reverse cut short: forgetting the old primary VM");
+            if let Err(e) = shared.forget_vm(&r.name) {
+                tracing::error!(vm = %r.name, "finishing a reverse: {e:#}");
+            }
+            false
+        });
         let opening: Vec<_> = records
             .into_iter()
             .map(|(_, record)| {

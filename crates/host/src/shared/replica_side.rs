@@ -406,7 +406,7 @@ impl Shared {
         };
         (!rel.state.accepts_deltas()).then(|| {
             format!(
-                "{vm} is {:?} on its replica host: it receives nothing until the failover is stopped (`understudy failover stop {vm}`) or reversed",
+                "{vm} is {:?} on its replica host: it receives nothing from this primary (a failover there is stopped with `understudy failover stop {vm}` on that host)",
                 rel.state.name()
             )
         })

@@ -5,7 +5,8 @@
 //! its own disks as the replica's base (`ReplicaStore::adopt_vm`): no initial replication, only
 //! what the VM wrote since the failover crosses the network.
 //!
-//! Both halves are idempotent, so a reverse whose answer was lost is simply run again.
+//! Both halves are idempotent, so a reverse whose answer was lost is simply run again: the new
+//! relationship's id is recorded (`reverse/<vm>`) before the hello and reused by a retry.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,15 +72,26 @@ impl Shared {
             .map(|e| e.vm.clone())
             .ok_or_else(|| not_found(format!("no VM named {} on this host", req.vm)))?;
         let generation = Generation(old.progress.generation.get() + 1);
+        // The new relationship's id (its delta key) is chosen once and kept until the reverse
+        // is installed: a retry after a lost answer, or after this host was killed, must say
+        // the same key the old primary already adopted its disks with.
+        let pending_key = format!("reverse/{}", req.vm);
+        let replication_id = match self.catalog.get::<ReplicationRecord>(&pending_key)? {
+            Some(p) if p.replica == req.replica => p.replication_id,
+            _ => super::random_id()?,
+        };
         let mut settings = ReplicationRecord {
             replica: req.replica.clone(),
             frequency_secs: req.frequency_secs,
             compression: req.compression,
             disks: (0..vm.disks.len() as u32).collect(),
-            replication_id: super::random_id()?,
+            replication_id,
             replica_name: None,
             history: None,
         };
+        self.catalog
+            .put(&pending_key, &settings)
+            .context("recording the reverse in progress")?;
         let mut rel = Relationship::new(vm.name.clone(), Role::Primary, generation);
         rel.state = State::Replicating;
         rel.progress.last_seq = REVERSED_BASE_SEQ;
@@ -140,6 +152,7 @@ impl Shared {
             &p.vm,
             &RelationshipDoc::new(&p.rel, Some(p.settings.clone())),
         )?;
+        let _ = self.catalog.delete(&format!("reverse/{}", p.vm));
         let repl = Replication::spawn(
             self.clone(),
             vm,
@@ -275,7 +288,7 @@ impl Shared {
 
     /// Removes a primary VM whose disks were handed to the replica store: its record, its
     /// entry, and its directory (the store holds its own links to the images).
-    fn forget_vm(&self, vm: &str) -> anyhow::Result<()> {
+    pub(super) fn forget_vm(&self, vm: &str) -> anyhow::Result<()> {
         self.catalog.delete(&format!("vm/{vm}"))?;
         let entry = self.vms.lock().remove(vm);
         drop(entry);
