@@ -720,7 +720,7 @@ TARGETS_NOT_YET = [
     ("T7", "resync of two identical 2 GiB images", "≤ 1.5× b3sum, ≤ 0.5× rsync, ≤ 0.01 % on the wire"),
     ("T8", "resync with 1 % scattered 4 KiB changes", "≤ 0.5× rsync, payload ≤ 0.25× rsync literal"),
 ]
-ORDER = ["T1", "T2", "T3", "T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12"]
+ORDER = ["T1", "T2", "T3", "T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12", "T12a", "T12b"]
 
 
 def machine():
