@@ -538,3 +538,66 @@ fn planned_failover_and_failback_round_trip_send_only_new_writes() {
     assert!(back["delta_bytes"].as_u64().unwrap() <= 1 << 20, "{back}");
     assert_eq!(b.json(&["replication", "status", "web"])["role"], "Replica");
 }
+
+/// Planned failover end to end with a real guest: a guest on the primary writes a file and shuts
+/// down; `failover prepare` ships it; on the replica `failover start` and `complete`, and a
+/// guest booted from the replica's disks finds the file; `e2fsck -fn` is clean.
+#[test]
+fn a_real_guest_finds_its_last_file_after_a_planned_failover() {
+    require("mkfs.ext4", "e2fsprogs");
+    let root = tempfile::tempdir().unwrap();
+    let scratch = root.path();
+    let kit = guest::build(scratch, GUEST_SCRIPT);
+    let (a, b) = pair(scratch);
+    let files = scratch.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("hello.txt"), "replicated-before-the-point\n").unwrap();
+    let image = scratch.join("fs.raw");
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&files)
+        .arg(&image)
+        .arg("32M"));
+    a.ok(&["vm", "import", "fs", "--image", image.to_str().unwrap()]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "fs",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "3600",
+    ]);
+    a.ok(&["replication", "start", "fs", "--wait"]);
+
+    // The guest runs on the primary and writes its file; nothing has shipped it yet.
+    let disk = a.json(&["vm", "show", "fs"])["disks"][0].clone();
+    let mut g = guest::Guest::start(&kit, &[blockdev_of(&disk)]);
+    let console = g.wait_exit(Duration::from_secs(240));
+    assert!(console.contains("GUEST-DONE"), "{console}");
+
+    wait_until("the prepare", Duration::from_secs(30), || {
+        a.run(&["failover", "prepare", "fs"]).status.success()
+    });
+    b.ok(&["failover", "start", "fs"]);
+    b.ok(&["failover", "complete", "fs"]);
+    let disk = b.json(&["vm", "show", "fs"])["disks"][0].clone();
+    let mut g = guest::Guest::start(&kit, &[blockdev_of(&disk)]);
+    let console = g.wait_exit(Duration::from_secs(240));
+    assert!(
+        console.contains("GUEST-OWN written-by-the-test-vm"),
+        "the file written on the primary just before the prepare: {console}"
+    );
+    let copy = scratch.join("after.raw");
+    copy_out(disk["nbd_uri"].as_str().unwrap(), &copy);
+    let fsck = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
