@@ -17,6 +17,7 @@ use anyhow::Context;
 use proto::time::{now_unix_ns, rfc3339_from_unix_ns};
 use proto::{FailoverInfo, Seq, VmInfo};
 use relationship::{Action, Event, State};
+
 use replica::{Overlay, ReplicaVm};
 use serde::{Deserialize, Serialize};
 
@@ -345,18 +346,34 @@ impl Shared {
             .map(|d| (d.index, d.size_bytes))
             .collect();
         sizes.sort_unstable();
+        // The disks are written before the relationship's step, outside the lock every replica
+        // hello and commit of this host takes (a copy of a large disk takes minutes). Only a
+        // relationship still waiting for completion gets them; a crash in between is finished
+        // by the next `failover complete` (its disks are found recorded, `resumed`).
+        let waiting = matches!(
+            self.replica_relationship(vm).map(|r| r.state),
+            Some(State::FailedOverWaitingCompletion { .. })
+        );
         let mut made: Option<(crate::catalog::VmRecord, crate::vms::Vm)> = None;
-        let stepped =
-            self.replica_event_with(rvm.vm_id(), generation, Event::FailoverComplete, |action| {
-                if let Action::CompleteFailover { .. } = action {
-                    if !resumed {
-                        made = Some(self.materialize_failover(vm, &sizes, &overlays)?);
-                    }
+        if waiting && !resumed {
+            match self.materialize_failover(vm, &sizes, &overlays) {
+                Ok(m) => made = Some(m),
+                Err(e) => {
+                    reserve(&overlays);
+                    return Err(e);
                 }
-                Ok(())
-            });
+            }
+        }
+        let stepped =
+            self.replica_event_with(rvm.vm_id(), generation, Event::FailoverComplete, |_| Ok(()));
         if let Err(e) = stepped {
-            // Nothing was completed: the failover disks are served again as they were.
+            // Not completed: the failover disks are served again as they were, and a VM made
+            // for it is taken back.
+            if let Some((record, new_vm)) = made.take() {
+                drop(new_vm);
+                let _ = self.catalog.delete(&format!("vm/{}", record.name));
+                let _ = std::fs::remove_dir_all(crate::vms::vm_dir(&self.data_dir, vm));
+            }
             reserve(&overlays);
             return Err(e);
         }

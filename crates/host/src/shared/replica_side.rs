@@ -413,7 +413,7 @@ impl Shared {
     }
 
     /// The replica role's relationship of `vm`, if one is recorded.
-    fn replica_relationship(&self, vm: &str) -> Option<relationship::Relationship> {
+    pub(super) fn replica_relationship(&self, vm: &str) -> Option<relationship::Relationship> {
         match self.relationships.lock().get(vm) {
             Some(super::Relation::Replica(r)) => Some(r.clone()),
             _ => None,
