@@ -623,6 +623,9 @@ impl Shared {
     /// records for it (before retention may fold the point under them). A failover that cannot
     /// be served again is reported, never silently dropped.
     pub(super) fn reopen_failovers(&self, rvm: &ReplicaVm) {
+        // One replica event at a time: a `failover start` or `stop` arriving right after the
+        // start waits for this instead of racing it.
+        let _in_order = self.replica_events.lock();
         let vm = rvm.vm_id().to_string();
         let records: Vec<FailoverRecord> = match self.catalog.scan("failover/") {
             Ok(r) => r
