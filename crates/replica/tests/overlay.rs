@@ -127,13 +127,10 @@ fn stamp(b: usize, n: u64) -> Vec<u8> {
     v
 }
 
-/// The child of `flushed_writes_survive_sigkill_and_unflushed_blocks_are_whole`: run only
-/// from it (with the directory in the environment); fails when run on its own.
-#[test]
-#[ignore = "the child process of the SIGKILL test, which runs it"]
-fn kill_child_writer() {
-    let dir = std::env::var_os(CHILD_DIR_ENV).expect("run by the SIGKILL test only");
-    let dir = Path::new(&dir);
+/// What the child process of `flushed_writes_survive_sigkill_and_unflushed_blocks_are_whole`
+/// does (the same test, re-run with the directory in the environment): write, flush, then keep
+/// writing without a flush until it is killed. Never returns.
+fn kill_child_writer(dir: &Path) {
     let base = Arc::new(MemoryBackend::read_only(kill_base()));
     let ov = Overlay::create(&dir.join("ov"), base, Seq(8), 1).expect("create");
     // Flushed: blocks 0..16 whole, one sector in each of 16..20.
@@ -164,9 +161,18 @@ fn kill_child_writer() {
 
 #[test]
 fn flushed_writes_survive_sigkill_and_unflushed_blocks_are_whole() {
+    if let Some(dir) = std::env::var_os(CHILD_DIR_ENV) {
+        // This run is the child the test below kills.
+        kill_child_writer(Path::new(&dir));
+        unreachable!("the child writes until it is killed");
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--ignored", "--exact", "kill_child_writer", "--nocapture"])
+        .args([
+            "--exact",
+            "flushed_writes_survive_sigkill_and_unflushed_blocks_are_whole",
+            "--nocapture",
+        ])
         .env(CHILD_DIR_ENV, dir.path())
         .spawn()
         .expect("spawn child");
