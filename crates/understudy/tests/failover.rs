@@ -52,26 +52,7 @@ fn a_real_guest_boots_from_test_and_unplanned_failover_while_replication_goes_on
     let scratch = root.path();
     let kit = guest::build(scratch, GUEST_SCRIPT);
     let (a, b) = pair_with_args(scratch, &[], &["--retain-points", "2"]);
-    let files = scratch.join("files");
-    std::fs::create_dir_all(&files).unwrap();
-    std::fs::write(files.join("hello.txt"), "replicated-before-the-point\n").unwrap();
-    let image = scratch.join("fs.raw");
-    sh(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&files)
-        .arg(&image)
-        .arg("32M"));
-    a.ok(&["vm", "import", "fs", "--image", image.to_str().unwrap()]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "fs",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "3600",
-    ]);
-    a.ok(&["replication", "start", "fs", "--wait"]);
+    replicate_ext4(scratch, &a, &b, "fs", "replicated-before-the-point");
     let point = point_ids(&b, "fs").last().copied().unwrap();
 
     let info = b.json(&[
@@ -549,26 +530,7 @@ fn a_real_guest_finds_its_last_file_after_a_planned_failover() {
     let scratch = root.path();
     let kit = guest::build(scratch, GUEST_SCRIPT);
     let (a, b) = pair(scratch);
-    let files = scratch.join("files");
-    std::fs::create_dir_all(&files).unwrap();
-    std::fs::write(files.join("hello.txt"), "replicated-before-the-point\n").unwrap();
-    let image = scratch.join("fs.raw");
-    sh(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&files)
-        .arg(&image)
-        .arg("32M"));
-    a.ok(&["vm", "import", "fs", "--image", image.to_str().unwrap()]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "fs",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "3600",
-    ]);
-    a.ok(&["replication", "start", "fs", "--wait"]);
+    replicate_ext4(scratch, &a, &b, "fs", "replicated-before-the-point");
 
     // The guest runs on the primary and writes its file; nothing has shipped it yet.
     let disk = a.json(&["vm", "show", "fs"])["disks"][0].clone();

@@ -59,26 +59,7 @@ fn failover_start_with_start_boots_a_real_guest_from_the_launch_command() {
     let scratch = root.path();
     let kit = guest::build(scratch, GUEST_SCRIPT);
     let (a, b) = pair(scratch);
-    let files = scratch.join("files");
-    std::fs::create_dir_all(&files).unwrap();
-    std::fs::write(files.join("hello.txt"), "replicated-before-the-point\n").unwrap();
-    let image = scratch.join("fs.raw");
-    sh(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&files)
-        .arg(&image)
-        .arg("32M"));
-    a.ok(&["vm", "import", "fs", "--image", image.to_str().unwrap()]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "fs",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "3600",
-    ]);
-    a.ok(&["replication", "start", "fs", "--wait"]);
+    replicate_ext4(scratch, &a, &b, "fs", "replicated-before-the-point");
 
     let serial = scratch.join("serial.log");
     let template = format!(

@@ -430,26 +430,7 @@ fn a_guest_mounts_a_served_point_read_only() {
     let scratch = root.path();
     let kit = guest::build(scratch, GUEST_SCRIPT);
     let (a, b) = pair_retaining(scratch);
-    let files = scratch.join("files");
-    std::fs::create_dir_all(&files).unwrap();
-    std::fs::write(files.join("hello.txt"), "written-before-point-one\n").unwrap();
-    let image = scratch.join("fs.raw");
-    sh(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&files)
-        .arg(&image)
-        .arg("32M"));
-    a.ok(&["vm", "import", "fs", "--image", image.to_str().unwrap()]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "fs",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "3600",
-    ]);
-    a.ok(&["replication", "start", "fs", "--wait"]);
+    replicate_ext4(scratch, &a, &b, "fs", "written-before-point-one");
     let served = serve(&b, "fs", &["--point", "latest"]);
     let disk = &served["disks"][0];
     let blockdev = disk["qemu_blockdev"].as_str().unwrap().to_string();

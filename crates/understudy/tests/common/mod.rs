@@ -502,6 +502,33 @@ pub fn replicate(primary: &Host, replica: &Host, vm: &str, disks: &[&str], frequ
     primary.ok(&["replication", "start", vm, "--wait"]);
 }
 
+/// Makes a 32 MiB ext4 image (`mkfs.ext4 -d`) holding `hello.txt` with `hello` and a newline,
+/// imports it on `primary` as `vm` and replicates it to `replica` (hourly, started and waited
+/// for): the file system real guests of the end-to-end tests mount.
+pub fn replicate_ext4(scratch: &Path, primary: &Host, replica: &Host, vm: &str, hello: &str) {
+    require("mkfs.ext4", "e2fsprogs");
+    let files = scratch.join(format!("{vm}-files"));
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("hello.txt"), format!("{hello}\n")).unwrap();
+    let image = scratch.join(format!("{vm}.raw"));
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&files)
+        .arg(&image)
+        .arg("32M"));
+    primary.ok(&["vm", "import", vm, "--image", image.to_str().unwrap()]);
+    primary.ok(&[
+        "replication",
+        "enable",
+        vm,
+        "--replica",
+        &replica.addr(),
+        "--frequency",
+        "3600",
+    ]);
+    primary.ok(&["replication", "start", vm, "--wait"]);
+}
+
 /// Whether every thread of `pid` is traced (`TracerPid` set in each task's status).
 fn traced(pid: u32) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
