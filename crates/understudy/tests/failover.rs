@@ -155,17 +155,7 @@ fn a_real_guest_boots_from_test_and_unplanned_failover_while_replication_goes_on
 fn failover_to_a_point_and_back_to_receiving() {
     let root = tempfile::tempdir().unwrap();
     let (a, mut b) = pair(root.path());
-    a.ok(&["vm", "create", "web", "--disk", "8M"]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "web",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "3600",
-    ]);
-    a.ok(&["replication", "start", "web", "--wait"]);
+    replicate(&a, &b, "web", &["8M"], 3600);
     let uri = a.nbd_uri("web", 0);
     qemu_io_ok(&uri, &["write -P 1 0 1M"]);
     let p1 = sync_until_ok(&a, "web", 20)["seq"].as_u64().unwrap();
@@ -233,17 +223,7 @@ fn failover_to_a_point_and_back_to_receiving() {
 fn failover_complete_makes_the_vm_a_primary_vm_of_the_replica_host() {
     let root = tempfile::tempdir().unwrap();
     let (a, mut b) = pair(root.path());
-    a.ok(&["vm", "create", "web", "--disk", "8M"]);
-    a.ok(&[
-        "replication",
-        "enable",
-        "web",
-        "--replica",
-        &b.addr(),
-        "--frequency",
-        "3600",
-    ]);
-    a.ok(&["replication", "start", "web", "--wait"]);
+    replicate(&a, &b, "web", &["8M"], 3600);
     let uri = a.nbd_uri("web", 0);
     qemu_io_ok(&uri, &["write -P 1 0 2M"]);
     let p1 = sync_until_ok(&a, "web", 20)["seq"].as_u64().unwrap();
