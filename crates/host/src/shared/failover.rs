@@ -322,16 +322,7 @@ impl Shared {
                 .sum(),
             None => 0,
         };
-        let reserve = |overlays: &[(u32, Arc<Overlay>)]| {
-            for (i, o) in overlays {
-                let backend: Arc<dyn nbd::BlockBackend> = o.clone();
-                self.exports.add_with_description(
-                    crate::vms::export_name(vm, *i),
-                    format!("{vm} disk {i} (failover)"),
-                    backend,
-                );
-            }
-        };
+        let reserve = |overlays: &[(u32, Arc<Overlay>)]| self.export_overlays(vm, overlays);
         if busy > 0 {
             reserve(&overlays);
             return Err(crate::error::transient(format!(
@@ -567,19 +558,24 @@ impl Shared {
                 }
             }
         }
-        for (i, o) in &overlays {
-            let backend: Arc<dyn nbd::BlockBackend> = o.clone();
-            self.exports.add_with_description(
-                crate::vms::export_name(&served_as, *i),
-                format!("{served_as} disk {i} (failover of {vm} at point {point})"),
-                backend,
-            );
-        }
+        self.export_overlays(&served_as, &overlays);
         self.failovers
             .lock()
             .served
             .insert(served_as, Served { record, overlays });
         Ok(())
+    }
+
+    /// Serves a failover's overlays as the NBD exports of `served_as` (`<served_as>-<disk>`).
+    fn export_overlays(&self, served_as: &str, overlays: &[(u32, Arc<Overlay>)]) {
+        for (i, o) in overlays {
+            let backend: Arc<dyn nbd::BlockBackend> = o.clone();
+            self.exports.add_with_description(
+                crate::vms::export_name(served_as, *i),
+                format!("{served_as} disk {i} (failover)"),
+                backend,
+            );
+        }
     }
 
     /// Ends the failover of `vm` served as `served_name(vm, test)`: the record first, then the
