@@ -1,7 +1,9 @@
 //! Crash in the middle of a failover: the replica daemon is killed (SIGKILL) at a random moment
 //! during `failover start` and again during `failover complete`, for several VMs; after each
 //! restart the state is one the next command (or the restart itself) finishes, and the chosen
-//! point's data is never lost. The primary is killed during `failover prepare` likewise.
+//! point's data is never lost. The primary is killed during `failover prepare` likewise; the
+//! replica during `failover stop` and during a second `failover start` at another point; either
+//! host during `replication reverse`.
 //! Random moments come from a seed printed at the start; set UNDERSTUDY_TEST_SEED to replay.
 
 mod common;
@@ -187,7 +189,7 @@ fn kill_9_during_failover_prepare_leaves_the_vm_replicating_or_prepared() {
             "Replicating" => {
                 // Not prepared: the disks are served, and a prepare now completes.
                 qemu_io_ok(&uri, &["read -P 7 0 32M"]);
-                a.ok(&["failover", "prepare", &vm]);
+                prepare_until_ok(&a, &vm);
             }
             other => panic!("{vm}: after a kill during prepare: {other} (seed {seed})"),
         }
@@ -200,5 +202,99 @@ fn kill_9_during_failover_prepare_leaves_the_vm_replicating_or_prepared() {
         let fo = info["disks"][0]["nbd_uri"].as_str().unwrap().to_string();
         qemu_io_ok(&fo, &["read -P 7 0 32M"]);
         b.ok(&["failover", "stop", &vm]);
+    }
+}
+
+/// `vm show VM` on `h` once it answers (a failover is served again in the background after
+/// a restart, when the replica store has opened).
+fn served_disk(h: &Host, vm: &str, why: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !h.run(&["vm", "show", vm]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {why}; {vm} is {}\n--- daemon log ---\n{}",
+            state(h, vm),
+            tail(&h.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    disk_uri(h, vm)
+}
+
+/// `vm create VM --disk 64M` on `a`, 48 MiB of pattern 1 replicated to `b` (point p1), then
+/// 48 MiB of pattern 2 (point p2). Returns (p1, p2).
+fn two_points(a: &Host, b: &Host, vm: &str) -> (u64, u64) {
+    a.ok(&["vm", "create", vm, "--disk", "64M"]);
+    a.ok(&[
+        "replication",
+        "enable",
+        vm,
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "3600",
+    ]);
+    let uri = a.nbd_uri(vm, 0);
+    qemu_io_ok(&uri, &["write -P 1 0 48M"]);
+    a.ok(&["replication", "start", vm, "--wait"]);
+    let p1 = point_ids(b, vm).last().copied().unwrap();
+    qemu_io_ok(&uri, &["write -P 2 0 48M"]);
+    let p2 = sync_until_ok(a, vm, 20)["seq"].as_u64().unwrap();
+    (p1, p2)
+}
+
+/// Regression: a `failover stop`, or a `failover start` at another point, killed after it had
+/// deleted the failover's record but before the relationship moved on left a relationship
+/// saying `FailedOverWaitingCompletion` whose disks nobody served (`vm show` not found, no
+/// event). Now the restart serves the relationship's point afresh. The kill lands in that
+/// window deterministically: strace delays every unlink of the daemon (the overlays'
+/// discard, which comes after the record's deletion and before the relationship's step).
+#[test]
+fn failover_cut_short_after_its_record_went_is_served_afresh_not_left_unserved() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, mut b) = pair(root.path());
+    for (vm, again) in [("cut0", false), ("cut1", true)] {
+        let (p1, p2) = two_points(&a, &b, vm);
+        b.ok(&["failover", "start", vm, "--point", &p1.to_string()]);
+        qemu_io_ok(&disk_uri(&b, vm), &["write -P 9 56M 1M", "flush"]);
+        let p2s = p2.to_string();
+        let args: Vec<&str> = if again {
+            vec!["failover", "start", vm, "--point", &p2s]
+        } else {
+            vec!["failover", "stop", vm]
+        };
+        {
+            let _slow = Strace::attach(
+                b.pid().unwrap(),
+                &["inject=unlink,unlinkat:delay_enter=3000000"],
+            );
+            let mut cli = spawn_cli(&b, &args);
+            // The record is deleted before the failover leaves the served map (`vm show`),
+            // and the discard's unlinks come next.
+            wait_until(
+                &format!("{vm}'s failover to leave the served map"),
+                Duration::from_secs(30),
+                || !b.run(&["vm", "show", vm]).status.success(),
+            );
+            b.kill9();
+            let _ = cli.wait();
+        }
+        b.restart();
+        assert_eq!(state(&b, vm), "FailedOverWaitingCompletion", "{vm}");
+        let fo = served_disk(&b, vm, &format!("{vm}'s failover disk"));
+        qemu_io_ok(&fo, &["read -P 1 0 48M", "read -P 0 48M 16M"]);
+        assert!(
+            events(&b).iter().any(|e| e["id"] == 3030
+                && e["vm"] == vm
+                && e["message"].as_str().unwrap_or("").contains("afresh")),
+            "{vm}: the restart says what it did"
+        );
+        // The next command works as usual.
+        b.ok(&args);
+        if again {
+            qemu_io_ok(&disk_uri(&b, vm), &["read -P 2 0 48M", "read -P 0 48M 16M"]);
+            b.ok(&["failover", "stop", vm]);
+        }
+        assert_eq!(state(&b, vm), "Replicating");
     }
 }

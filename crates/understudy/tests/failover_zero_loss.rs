@@ -8,7 +8,6 @@
 mod common;
 
 use std::process::Command;
-use std::time::Duration;
 
 use common::*;
 
@@ -82,20 +81,6 @@ fn verify_workload(uri: &str, region: (u64, u64), seed: u64) {
     );
 }
 
-/// `failover prepare` on `h`, retried while a client that just closed is still connected (75).
-fn prepare(h: &Host, vm: &str) {
-    wait_until("the prepare", Duration::from_secs(30), || {
-        let out = h.run(&["failover", "prepare", vm]);
-        assert!(
-            out.status.success() || out.status.code() == Some(75),
-            "prepare on {}: {}",
-            h.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.status.success()
-    });
-}
-
 /// (bytes of the deltas, bytes sent) since the relationship of `vm` on `h` started.
 fn shipped(h: &Host, vm: &str) -> (u64, u64) {
     let m = h.json(&["replication", "measure", vm]);
@@ -134,7 +119,7 @@ fn planned_failover_and_failback_lose_no_acknowledged_write() {
     let written1 = write_workload(&a.nbd_uri("web", 0), FIRST, 1);
 
     // A → B, planned.
-    prepare(&a, "web");
+    prepare_until_ok(&a, "web");
     b.ok(&["failover", "start", "web"]);
     b.ok(&["failover", "complete", "web"]);
     let on_b = b.nbd_uri("web", 0);
@@ -145,7 +130,7 @@ fn planned_failover_and_failback_lose_no_acknowledged_write() {
     assert_eq!(a.json(&["replication", "status", "web"])["role"], "Replica");
     let written2 = write_workload(&on_b, SECOND, 2);
     verify_workload(&on_b, FIRST, 1);
-    prepare(&b, "web");
+    prepare_until_ok(&b, "web");
     let (delta, sent) = shipped(&b, "web");
     println!(
         "reverse B→A shipped {delta} bytes of deltas ({sent} sent) of a {DISK}-byte disk; \

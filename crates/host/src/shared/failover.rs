@@ -661,6 +661,9 @@ impl Shared {
             State::TestFailoverInProgress { point, .. } => Some((point, true)),
             _ => None,
         });
+        let recorded = records
+            .iter()
+            .any(|r| expected == Some((Seq(r.point), r.test)));
         for r in records {
             if self.failovers.lock().served.contains_key(&r.served_as) {
                 continue;
@@ -687,6 +690,39 @@ impl Shared {
                     &format!(
                         "{} could not be served again after the restart: {}",
                         r.served_as,
+                        crate::errfmt::one_line(&e)
+                    ),
+                ),
+            }
+        }
+        // The relationship names a failover whose record is gone: a `failover stop`, or a
+        // `failover start` at another point, cut short after it dropped the record (and maybe
+        // the overlays) and before the relationship moved on. What was written is discarded
+        // already (the command's first step); the point is served afresh, so that the state
+        // the relationship says is true and the next `failover start/stop/complete` works.
+        if let Some((point, test)) = expected.filter(|_| !recorded) {
+            let served_as = served_name(&vm, test);
+            if self.failovers.lock().served.contains_key(&served_as)
+                || (!test && self.vms.lock().contains_key(&vm))
+            {
+                return;
+            }
+            tracing::warn!(%vm, %served_as, "a failover stop or start was cut short; serving point {point} afresh");
+            match self.serve_failover(rvm, point, test, true) {
+                Ok(()) => self.events.emit(
+                    events::FAILOVER_STARTED,
+                    Some(&vm),
+                    "warning",
+                    &format!(
+                        "{served_as} served afresh at point {point} after a `failover stop` or `failover start` cut short by the restart: what was written to its disks is gone"
+                    ),
+                ),
+                Err(e) => self.events.emit(
+                    events::FAILOVER_STOPPED,
+                    Some(&vm),
+                    "error",
+                    &format!(
+                        "{served_as} could not be served again after the restart: {}",
                         crate::errfmt::one_line(&e)
                     ),
                 ),

@@ -398,6 +398,21 @@ pub fn sync_until_ok(primary: &Host, vm: &str, attempts: usize) -> serde_json::V
     );
 }
 
+/// `failover prepare VM` on `h`, retried while the refusal is transient (75: a client that
+/// just closed is still connected to the VM's disks for a moment).
+pub fn prepare_until_ok(h: &Host, vm: &str) {
+    wait_until("the prepare", Duration::from_secs(30), || {
+        let out = h.run(&["failover", "prepare", vm]);
+        assert!(
+            out.status.success() || out.status.code() == Some(75),
+            "failover prepare {vm} on {}: {}",
+            h.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.status.success()
+    });
+}
+
 /// The host's event log (`<data-dir>/events.log`, JSON lines).
 pub fn events(h: &Host) -> Vec<serde_json::Value> {
     std::fs::read_to_string(h.dir.join("events.log"))
