@@ -205,6 +205,28 @@ fn kill_9_during_failover_prepare_leaves_the_vm_replicating_or_prepared() {
     }
 }
 
+/// Runs `args` on `cli` and kills `killed`'s daemon `delay_ms` later, then restarts it.
+fn kill_other_during(cli: &Host, killed: &mut Host, args: &[&str], delay_ms: u64) {
+    let mut c = spawn_cli(cli, args);
+    std::thread::sleep(Duration::from_millis(delay_ms));
+    killed.kill9();
+    let _ = c.wait();
+    killed.restart();
+}
+
+/// How long `f` took, in ms.
+fn timed<T>(f: impl FnOnce() -> T) -> u64 {
+    let t = std::time::Instant::now();
+    let _ = f();
+    t.elapsed().as_millis() as u64
+}
+
+/// A random moment for a kill, over the whole of a command like one that took `took_ms` (a
+/// CLI round trip: spawning it is part of the time, and a kill after it ended is a case too).
+fn kill_delay(rng: &mut rand::rngs::StdRng, took_ms: u64) -> u64 {
+    rng.gen_range(0..=took_ms * 3 / 2 + 5)
+}
+
 /// `vm show VM` on `h` once it answers (a failover is served again in the background after
 /// a restart, when the replica store has opened).
 fn served_disk(h: &Host, vm: &str, why: &str) -> String {
@@ -241,6 +263,229 @@ fn two_points(a: &Host, b: &Host, vm: &str) -> (u64, u64) {
     qemu_io_ok(&uri, &["write -P 2 0 48M"]);
     let p2 = sync_until_ok(a, vm, 20)["seq"].as_u64().unwrap();
     (p1, p2)
+}
+
+/// Kill -9 of the replica during `failover stop` of an unplanned failover whose disk was
+/// written: after the restart the VM is either still failed over (its disk served, and a
+/// stop then works) or receiving again; nothing of the failover is left, and the next sync
+/// commits a point equal to the primary's disk.
+#[test]
+fn kill_9_during_failover_stop_leaves_it_failed_over_or_receiving() {
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let root = tempfile::tempdir().unwrap();
+    let (a, mut b) = pair(root.path());
+    for vm in ["stop0", "stop1", "stop2"] {
+        let (p1, _) = two_points(&a, &b, vm);
+        let took = timed(|| b.ok(&["failover", "start", vm, "--point", &p1.to_string()]));
+        let fo = disk_uri(&b, vm);
+        qemu_io_ok(&fo, &["write -P 9 0 4M", "write -P 9 50M 4M", "flush"]);
+        // The primary writes on meanwhile (refused by the replica until the stop).
+        qemu_io_ok(&a.nbd_uri(vm, 0), &["write -P 3 8M 1M"]);
+
+        let delay = kill_delay(&mut rng, took);
+        println!("{vm}: killing the replica {delay} ms into `failover stop`");
+        kill_during(&mut b, &["failover", "stop", vm], delay);
+        match state(&b, vm).as_str() {
+            "FailedOverWaitingCompletion" => {
+                // Still failed over: its disk is served, at the point (with or without what
+                // was written on it), and a stop now works.
+                let fo = served_disk(&b, vm, &format!("{vm}'s failover disk (seed {seed})"));
+                qemu_io_ok(&fo, &["read -P 1 4M 44M"]);
+                b.ok(&["failover", "stop", vm]);
+            }
+            "Replicating" => {}
+            other => panic!("{vm}: after a kill during stop: {other} (seed {seed})"),
+        }
+        assert_eq!(state(&b, vm), "Replicating");
+        assert!(
+            !b.run(&["vm", "show", vm]).status.success(),
+            "{vm}: no failover disk is served (seed {seed})"
+        );
+        let dir = b.dir.join("failover").join(vm);
+        wait_until(
+            &format!("{vm}'s failover disks to go (seed {seed})"),
+            Duration::from_secs(20),
+            || !dir.exists(),
+        );
+        sync_until_ok(&a, vm, 20);
+        assert!(
+            latest_equals_primary(&a, &b, vm, 0, root.path()),
+            "{vm}: the point after the stop equals the primary (seed {seed})"
+        );
+    }
+}
+
+/// Kill -9 of the replica during a second `failover start --point OTHER` (which discards what
+/// was written over the first point): after the restart the failover disk reads as one of the
+/// two points, never a mix, and the first failover's writes are there only with the first
+/// point.
+#[test]
+fn kill_9_during_a_second_failover_start_serves_one_point_never_a_mix() {
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let root = tempfile::tempdir().unwrap();
+    let (a, mut b) = pair(root.path());
+    for vm in ["again0", "again1", "again2"] {
+        let (p1, p2) = two_points(&a, &b, vm);
+        let took = timed(|| b.ok(&["failover", "start", vm, "--point", &p1.to_string()]));
+        let fo = disk_uri(&b, vm);
+        // Where neither point has data: present only while the first failover is.
+        qemu_io_ok(&fo, &["write -P 9 56M 1M", "flush"]);
+
+        let delay = kill_delay(&mut rng, took);
+        println!("{vm}: killing the replica {delay} ms into `failover start --point {p2}`");
+        kill_during(
+            &mut b,
+            &["failover", "start", vm, "--point", &p2.to_string()],
+            delay,
+        );
+        assert_eq!(
+            state(&b, vm),
+            "FailedOverWaitingCompletion",
+            "{vm}: still failed over (seed {seed})"
+        );
+        let fo = served_disk(&b, vm, &format!("{vm}'s failover disk (seed {seed})"));
+        let copy = root.path().join(format!("{vm}.raw"));
+        copy_out(&fo, &copy);
+        let data = std::fs::read(&copy).unwrap();
+        std::fs::remove_file(&copy).unwrap();
+        let point = data[0];
+        assert!(
+            (point == 1 || point == 2) && data[..48 << 20].iter().all(|&x| x == point),
+            "{vm}: the first 48 MiB are all of one point (seed {seed})"
+        );
+        let written = &data[56 << 20..57 << 20];
+        let kept = written.iter().all(|&x| x == 9);
+        assert!(
+            kept || written.iter().all(|&x| x == 0),
+            "{vm}: the first failover's write is whole or gone (seed {seed})"
+        );
+        assert!(
+            !kept || point == 1,
+            "{vm}: the first failover's write over point {p1} appears on point {p2} (seed {seed})"
+        );
+        assert!(
+            data[48 << 20..56 << 20].iter().all(|&x| x == 0)
+                && data[57 << 20..].iter().all(|&x| x == 0),
+            "{vm}: nothing else was written (seed {seed})"
+        );
+        let afresh = events(&b).iter().any(|e| {
+            e["id"] == 3030
+                && e["vm"] == vm
+                && e["message"].as_str().unwrap_or("").contains("afresh")
+        });
+        println!(
+            "{vm}: after the restart the failover is at point {} ({} the first failover's write{})",
+            if point == 1 { p1 } else { p2 },
+            if kept { "with" } else { "without" },
+            if afresh { "; served afresh" } else { "" }
+        );
+        assert!(
+            kept || point == 2 || afresh,
+            "{vm}: the first failover, served again, lost its flushed write (seed {seed})"
+        );
+        b.ok(&["failover", "stop", vm]);
+    }
+}
+
+/// Kill -9 of the old primary (A), and separately of the new primary (B), during `replication
+/// reverse` on B after a planned failover: running the reverse again finishes it, and a sync
+/// from B then commits on A a point equal to B's disk.
+#[test]
+fn kill_9_of_either_host_during_reverse_is_finished_by_running_it_again() {
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let root = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(root.path());
+    enable_replica_server(&a);
+    for (round, kill_a) in [(0, true), (1, false), (2, true), (3, false)] {
+        let vm = format!("rev{round}");
+        a.ok(&["vm", "create", &vm, "--disk", "64M"]);
+        a.ok(&[
+            "replication",
+            "enable",
+            &vm,
+            "--replica",
+            &b.addr(),
+            "--frequency",
+            "3600",
+        ]);
+        let uri = a.nbd_uri(&vm, 0);
+        qemu_io_ok(&uri, &["write -P 1 0 32M"]);
+        a.ok(&["replication", "start", &vm, "--wait"]);
+        qemu_io_ok(&uri, &["write -P 2 0 1M"]);
+        prepare_until_ok(&a, &vm);
+        b.ok(&["failover", "start", &vm]);
+        b.ok(&["failover", "complete", &vm]);
+        qemu_io_ok(&disk_uri(&b, &vm), &["write -P 3 8M 1M"]);
+        let took = timed(|| b.ok(&["replication", "status", &vm]));
+
+        let args = [
+            "replication",
+            "reverse",
+            vm.as_str(),
+            "--replica",
+            &a.addr(),
+            "--frequency",
+            "3600",
+        ];
+        // A reverse is a CLI round trip like `replication status`, plus a TLS hello to the
+        // old primary and its adoption of its disks (links, a catalog commit or two).
+        let delay = rng.gen_range(0..=took * 6 + 30);
+        let who = if kill_a { "old primary" } else { "new primary" };
+        println!("{vm}: killing the {who} {delay} ms into `replication reverse`");
+        if kill_a {
+            kill_other_during(&b, &mut a, &args, delay);
+        } else {
+            kill_during(&mut b, &args, delay);
+        }
+        let st = b.json(&["replication", "status", &vm]);
+        println!(
+            "{vm}: after the restart B says {} / {}",
+            st["role"], st["state"]
+        );
+        // The old primary's disks stay refused to guests whatever the kill interrupted.
+        let fenced = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read 0 4k", &uri])
+            .output()
+            .unwrap();
+        assert!(
+            !fenced.status.success(),
+            "{vm}: the old primary serves its disks again (seed {seed})"
+        );
+        if st["state"] != "Replicating" {
+            // Run again (a transient refusal while a host comes back is retried).
+            wait_until(
+                &format!("the reverse of {vm} to finish (seed {seed})"),
+                Duration::from_secs(30),
+                || {
+                    let out = b.run(&args);
+                    if !out.status.success() {
+                        eprintln!(
+                            "reverse of {vm} again: {}",
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        );
+                    }
+                    out.status.success()
+                },
+            );
+        }
+        let st = b.json(&["replication", "status", &vm]);
+        assert_eq!(st["role"], "Primary", "{vm}: {st} (seed {seed})");
+        assert_eq!(st["state"], "Replicating", "{vm}: {st} (seed {seed})");
+        assert_eq!(
+            a.json(&["replication", "status", &vm])["role"],
+            "Replica",
+            "{vm} (seed {seed})"
+        );
+        qemu_io_ok(&disk_uri(&b, &vm), &["write -P 4 16M 1M"]);
+        sync_until_ok(&b, &vm, 20);
+        assert!(
+            latest_equals_primary(&b, &a, &vm, 0, root.path()),
+            "{vm}: A's copy equals B's disk (seed {seed})"
+        );
+    }
 }
 
 /// Regression: a `failover stop`, or a `failover start` at another point, killed after it had
