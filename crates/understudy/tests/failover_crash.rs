@@ -543,3 +543,98 @@ fn failover_cut_short_after_its_record_went_is_served_afresh_not_left_unserved()
         assert_eq!(state(&b, vm), "Replicating");
     }
 }
+
+/// Kill -9 of the old primary in the middle of adopting its disks as the replica's base (a
+/// window a random kill rarely hits; strace holds the daemon in it): while its images are
+/// linked into the store's `.creating` directory, and once the adopted VM was renamed into
+/// place (before or while the replica's relationship is recorded). The old primary's disks
+/// stay refused to guests, running the reverse again finishes it, and the next sync from
+/// the new primary commits a point equal to its disk.
+#[test]
+fn kill_9_of_the_old_primary_while_it_adopts_its_disks_is_finished_by_running_reverse_again() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut a, b) = pair(root.path());
+    enable_replica_server(&a);
+    let storage = a.dir.join("storage");
+    for (vm, slow, reached) in [
+        (
+            "adopt0",
+            "inject=link,linkat:delay_enter=3000000",
+            ".adopt0.creating",
+        ),
+        (
+            "adopt1",
+            "inject=fsync,fdatasync:delay_enter=1000000",
+            "adopt1",
+        ),
+    ] {
+        a.ok(&["vm", "create", vm, "--disk", "64M"]);
+        a.ok(&[
+            "replication",
+            "enable",
+            vm,
+            "--replica",
+            &b.addr(),
+            "--frequency",
+            "3600",
+        ]);
+        let uri = a.nbd_uri(vm, 0);
+        qemu_io_ok(&uri, &["write -P 1 0 32M"]);
+        a.ok(&["replication", "start", vm, "--wait"]);
+        prepare_until_ok(&a, vm);
+        b.ok(&["failover", "start", vm]);
+        b.ok(&["failover", "complete", vm]);
+        qemu_io_ok(&disk_uri(&b, vm), &["write -P 3 8M 1M"]);
+
+        let args = ["replication", "reverse", vm, "--replica", &a.addr()];
+        {
+            let _slow = Strace::attach(a.pid().unwrap(), &[slow]);
+            let mut cli = spawn_cli(&b, &args);
+            wait_until(
+                &format!("{vm}: the adoption to reach {reached}"),
+                Duration::from_secs(60),
+                || storage.join(reached).exists(),
+            );
+            println!("{vm}: killing the old primary once {reached} exists");
+            a.kill9();
+            let _ = cli.wait();
+        }
+        a.restart();
+        let fenced = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read 0 4k", &uri])
+            .output()
+            .unwrap();
+        assert!(
+            !fenced.status.success(),
+            "{vm}: the old primary serves its disks again"
+        );
+        println!(
+            "{vm}: after the restart A says {} / {}",
+            a.json(&["replication", "status", vm])["role"],
+            a.json(&["replication", "status", vm])["state"]
+        );
+        if b.json(&["replication", "status", vm])["state"] != "Replicating" {
+            wait_until(
+                &format!("the reverse of {vm} to finish"),
+                Duration::from_secs(30),
+                || {
+                    let out = b.run(&args);
+                    if !out.status.success() {
+                        println!(
+                            "reverse of {vm} again: {}",
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        );
+                    }
+                    out.status.success()
+                },
+            );
+        }
+        assert_eq!(a.json(&["replication", "status", vm])["role"], "Replica");
+        qemu_io_ok(&disk_uri(&b, vm), &["write -P 4 16M 1M"]);
+        sync_until_ok(&b, vm, 20);
+        assert!(
+            latest_equals_primary(&b, &a, vm, 0, root.path()),
+            "{vm}: A's copy equals B's disk"
+        );
+    }
+}
