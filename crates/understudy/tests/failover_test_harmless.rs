@@ -1,14 +1,15 @@
 //! Promise "test failover is harmless": while a test failover VM (`NAME-test`) writes to its
 //! disks, the primary runs the stamped-block workload of the cut checker (tests/cutcheck) and
 //! new points keep arriving on the replica; every new point, served read-only (`points serve`),
-//! passes the cut checker, and none holds a write of the test VM. After `failover stop --test`
-//! nothing of the test VM remains: no VM, no export, no overlay file, and the replica is back
-//! to replicating.
+//! passes the cut checker, and none holds a write of the test VM. `failover stop --test` with
+//! the test VM still connected cuts its connection, and nothing of it remains: no VM, no
+//! export, no overlay file, and the replica is back to replicating.
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use common::*;
 
@@ -35,6 +36,23 @@ fn listed_exports(h: &Host) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Connects to the URI in argv[1] and writes, prints "connected", waits for a line on stdin,
+/// then writes again and prints whether that write was refused.
+const HELD_WRITER: &str = r#"
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b"\x5a" * 65536, 0)
+print("connected", flush=True)
+sys.stdin.readline()
+try:
+    h.pwrite(b"\x5a" * 65536, 65536)
+    h.flush()
+    print("written-after-stop", flush=True)
+except nbd.Error as e:
+    print("refused", e, flush=True)
+"#;
 
 /// Every file under `dir` (none when it does not exist).
 fn files_under(dir: &Path) -> Vec<String> {
@@ -183,8 +201,24 @@ fn test_failover_is_harmless_points_keep_passing_the_cut_checker() {
         b.ok(&["points", "unserve", "web", "--point", &p["id"].to_string()]);
     }
 
-    // Stop: nothing of the test VM remains, and the replica is back to replicating.
+    // Stop, with the test VM still connected to its disk: nothing of it remains, its
+    // connection is cut, and the replica is back to replicating.
+    let mut holder = Command::new(PY)
+        .args(["-c", HELD_WRITER, &test_uris[0]])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "connected");
     b.ok(&["failover", "stop", "web", "--test"]);
+    writeln!(holder.stdin.as_mut().unwrap()).unwrap();
+    let after = lines.next().unwrap().unwrap();
+    let _ = holder.wait();
+    assert!(
+        after.starts_with("refused"),
+        "the test VM's connection is cut at stop: {after}"
+    );
     let out = b.run(&["vm", "show", "web-test"]);
     assert!(!out.status.success(), "web-test is gone");
     let exports = listed_exports(&b);
