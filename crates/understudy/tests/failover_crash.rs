@@ -498,15 +498,30 @@ fn kill_9_of_either_host_during_reverse_is_finished_by_running_it_again() {
 fn failover_cut_short_after_its_record_went_is_served_afresh_not_left_unserved() {
     let root = tempfile::tempdir().unwrap();
     let (a, mut b) = pair(root.path());
-    for (vm, again) in [("cut0", false), ("cut1", true)] {
+    // (VM, the command cut short: a stop, a start at another point, a test failover's stop)
+    for (vm, again, test) in [
+        ("cut0", false, false),
+        ("cut1", true, false),
+        ("cut2", false, true),
+    ] {
         let (p1, p2) = two_points(&a, &b, vm);
-        b.ok(&["failover", "start", vm, "--point", &p1.to_string()]);
-        qemu_io_ok(&disk_uri(&b, vm), &["write -P 9 56M 1M", "flush"]);
-        let p2s = p2.to_string();
-        let args: Vec<&str> = if again {
-            vec!["failover", "start", vm, "--point", &p2s]
+        let served_as = if test {
+            format!("{vm}-test")
         } else {
-            vec!["failover", "stop", vm]
+            vm.to_string()
+        };
+        let p1s = p1.to_string();
+        let mut start = vec!["failover", "start", vm, "--point", &p1s];
+        if test {
+            start.push("--test");
+        }
+        b.ok(&start);
+        qemu_io_ok(&disk_uri(&b, &served_as), &["write -P 9 56M 1M", "flush"]);
+        let p2s = p2.to_string();
+        let args: Vec<&str> = match (again, test) {
+            (true, _) => vec!["failover", "start", vm, "--point", &p2s],
+            (false, true) => vec!["failover", "stop", vm, "--test"],
+            (false, false) => vec!["failover", "stop", vm],
         };
         {
             let _slow = Strace::attach(
@@ -517,16 +532,21 @@ fn failover_cut_short_after_its_record_went_is_served_afresh_not_left_unserved()
             // The record is deleted before the failover leaves the served map (`vm show`),
             // and the discard's unlinks come next.
             wait_until(
-                &format!("{vm}'s failover to leave the served map"),
+                &format!("{served_as} to leave the served map"),
                 Duration::from_secs(30),
-                || !b.run(&["vm", "show", vm]).status.success(),
+                || !b.run(&["vm", "show", &served_as]).status.success(),
             );
             b.kill9();
             let _ = cli.wait();
         }
         b.restart();
-        assert_eq!(state(&b, vm), "FailedOverWaitingCompletion", "{vm}");
-        let fo = served_disk(&b, vm, &format!("{vm}'s failover disk"));
+        let expected = if test {
+            "TestFailoverInProgress"
+        } else {
+            "FailedOverWaitingCompletion"
+        };
+        assert_eq!(state(&b, vm), expected, "{vm}");
+        let fo = served_disk(&b, &served_as, &format!("{served_as}'s failover disk"));
         qemu_io_ok(&fo, &["read -P 1 0 48M", "read -P 0 48M 16M"]);
         assert!(
             events(&b).iter().any(|e| e["id"] == 3030
@@ -541,6 +561,7 @@ fn failover_cut_short_after_its_record_went_is_served_afresh_not_left_unserved()
             b.ok(&["failover", "stop", vm]);
         }
         assert_eq!(state(&b, vm), "Replicating");
+        assert!(!b.dir.join("failover").join(&served_as).exists(), "{vm}");
     }
 }
 
