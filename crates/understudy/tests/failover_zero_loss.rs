@@ -2,8 +2,9 @@
 //! VM on A while replication runs; a planned failover A→B (`failover prepare` on A, `failover
 //! start` + `complete` on B) keeps every acknowledged write (fio `--verify_only` replays the
 //! workload against B's disk); `replication reverse` ships back only what the VM wrote on B; a
-//! failback B→A the same way keeps both workloads' writes. The bytes each reverse shipped are
-//! printed against what was written after the failover.
+//! failback B→A the same way (with writes on A's failover disks before `complete`) keeps every
+//! workload's writes, on A and in B's newest point. The bytes each reverse shipped are printed
+//! against what was written after the failover.
 
 mod common;
 
@@ -17,20 +18,31 @@ const FIRST: (u64, u64) = (0, 64 << 20);
 /// The second workload (on B, after the reverse): a region of its own, so the first workload's
 /// pattern can still be verified after it.
 const SECOND: (u64, u64) = (128 << 20, 16 << 20);
+/// The third workload (on A's failover disks during the failback, before `complete`).
+const THIRD: (u64, u64) = (200 << 20, 8 << 20);
 /// Slack for what a reverse may ship beyond what was written: tracking is per block, and
 /// each cycle's metadata.
 const SLACK: u64 = 8 << 20;
 
-/// One fio job over `[offset, offset + size)` of `uri`: random writes of 4k-64k, each block
+/// One fio job over `[offset, offset + size)` of `target` (an NBD URI, or a raw file):
+/// random writes of 4k-64k, each block
 /// written once (fio's random map) with a crc32c verify header, from random seed `seed`; with
 /// `verify_only`, the same job replayed as reads checking every block it wrote. Returns
 /// fio's JSON job; asserts success.
-fn fio(uri: &str, (offset, size): (u64, u64), seed: u64, verify_only: bool) -> serde_json::Value {
+fn fio(
+    target: &str,
+    (offset, size): (u64, u64),
+    seed: u64,
+    verify_only: bool,
+) -> serde_json::Value {
     let mut c = Command::new("fio");
+    if target.starts_with("nbd") {
+        c.args(["--ioengine=nbd", &format!("--uri={target}")]);
+    } else {
+        c.args(["--ioengine=psync", &format!("--filename={target}")]);
+    }
     c.args([
         "--name=zero-loss",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
         "--rw=randwrite",
         "--bsrange=4k-64k",
         "--iodepth=8",
@@ -55,7 +67,7 @@ fn fio(uri: &str, (offset, size): (u64, u64), seed: u64, verify_only: bool) -> s
     match json {
         Some(j) if out.status.success() && j["jobs"][0]["error"] == 0 => j["jobs"][0].clone(),
         _ => panic!(
-            "fio {} of seed {seed} on {uri} failed ({}): {}\n{stdout}",
+            "fio {} of seed {seed} on {target} failed ({}): {}\n{stdout}",
             if verify_only { "verify" } else { "write" },
             out.status,
             String::from_utf8_lossy(&out.stderr)
@@ -144,23 +156,35 @@ fn planned_failover_and_failback_lose_no_acknowledged_write() {
         "the reverse ships what was written ({written2}), not the disk: {sent} sent"
     );
 
-    // B → A (failback), planned.
-    a.ok(&["failover", "start", "web"]);
+    // B → A (failback), planned; the VM writes on A's failover disks before `complete`.
+    let info = a.json(&["failover", "start", "web"]);
+    let written3 = write_workload(info["disks"][0]["nbd_uri"].as_str().unwrap(), THIRD, 3);
     a.ok(&["failover", "complete", "web"]);
     let on_a = a.nbd_uri("web", 0);
-    verify_workload(&on_a, FIRST, 1);
-    verify_workload(&on_a, SECOND, 2);
+    for (region, seed) in [(FIRST, 1), (SECOND, 2), (THIRD, 3)] {
+        verify_workload(&on_a, region, seed);
+    }
 
-    // And A → B again: nothing written since the failback, so (almost) nothing crosses.
+    // And A → B again: what was written on the failover disks crosses, nothing else.
     reverse(&a, "web", &b);
     assert_eq!(b.json(&["replication", "status", "web"])["role"], "Replica");
     sync_until_ok(&a, "web", 20);
     let (delta, sent) = shipped(&a, "web");
-    println!("reverse A→B shipped {delta} bytes of deltas ({sent} sent); nothing written after the failback");
-    assert!(
-        sent < SLACK,
-        "nothing was written after the failback: {sent} sent"
+    println!(
+        "reverse A→B shipped {delta} bytes of deltas ({sent} sent); {written3} bytes written \
+         on A's failover disks after the failback"
     );
-    verify_workload(&on_a, FIRST, 1);
-    verify_workload(&on_a, SECOND, 2);
+    assert!(delta + 1024 >= written3, "{delta} < {written3}");
+    assert!(
+        sent < 4 * written3 + SLACK && sent < DISK / 4,
+        "the reverse ships what was written ({written3}), not the disk: {sent} sent"
+    );
+    // Both copies hold every workload: A's disk, and B's newest point.
+    let on_b_copy = root.path().join("b-latest.raw");
+    export_point(&b, "web", "latest", 0, &on_b_copy);
+    for (region, seed) in [(FIRST, 1), (SECOND, 2), (THIRD, 3)] {
+        verify_workload(&on_a, region, seed);
+        verify_workload(on_b_copy.to_str().unwrap(), region, seed);
+    }
+    std::fs::remove_file(&on_b_copy).unwrap();
 }
