@@ -3,7 +3,7 @@
 //! restart the state is one the next command (or the restart itself) finishes, and the chosen
 //! point's data is never lost. The primary is killed during `failover prepare` likewise; the
 //! replica during `failover stop` and during a second `failover start` at another point; either
-//! host during `replication reverse`.
+//! host during `replication reverse`; the replica during `failover prepare`.
 //! Random moments come from a seed printed at the start; set UNDERSTUDY_TEST_SEED to replay.
 
 mod common;
@@ -657,5 +657,95 @@ fn kill_9_of_the_old_primary_while_it_adopts_its_disks_is_finished_by_running_re
             latest_equals_primary(&b, &a, vm, 0, root.path()),
             "{vm}: A's copy equals B's disk"
         );
+    }
+}
+
+/// Kill -9 of the replica during `failover prepare` on the primary (while the last changes
+/// ship): the prepare either finished (the primary PreparedForFailover, its disks fenced) or
+/// failed and left the VM replicating; running it again once the replica is back finishes it,
+/// and a failover on the replica then has the primary's last write.
+#[test]
+fn kill_9_of_the_replica_during_failover_prepare_is_finished_by_preparing_again() {
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let root = tempfile::tempdir().unwrap();
+    let (a, mut b) = pair(root.path());
+    for round in 0..3 {
+        let vm = format!("prep{round}");
+        a.ok(&["vm", "create", &vm, "--disk", "64M"]);
+        a.ok(&[
+            "replication",
+            "enable",
+            &vm,
+            "--replica",
+            &b.addr(),
+            "--frequency",
+            "3600",
+        ]);
+        a.ok(&["replication", "start", &vm, "--wait"]);
+        let uri = a.nbd_uri(&vm, 0);
+        // A sync of the same size as what the prepare ships tells how long that takes here.
+        qemu_io_ok(&uri, &["write -P 6 0 32M"]);
+        let took = timed(|| sync_until_ok(&a, &vm, 20));
+        qemu_io_ok(&uri, &["write -P 7 0 32M"]); // the last changes the prepare must ship
+
+        let delay = kill_delay(&mut rng, took);
+        println!("{vm}: killing the replica {delay} ms into `failover prepare` on the primary");
+        let mut cli = spawn_cli(&a, &["failover", "prepare", &vm]);
+        std::thread::sleep(Duration::from_millis(delay));
+        b.kill9();
+        let prepared = cli.wait().unwrap().success();
+        b.restart();
+        let st = state(&a, &vm);
+        println!(
+            "{vm}: the prepare {} ({st})",
+            if prepared { "succeeded" } else { "failed" }
+        );
+        match st.as_str() {
+            "PreparedForFailover" => {}
+            "Replicating" => {
+                assert!(
+                    !prepared,
+                    "{vm}: a prepare that succeeded left it {st} (seed {seed})"
+                );
+                // Not prepared: the disks are served again, and a prepare once the replica
+                // answers completes.
+                qemu_io_ok(&uri, &["read -P 7 0 32M"]);
+                wait_until(
+                    &format!("the prepare of {vm} again (seed {seed})"),
+                    Duration::from_secs(30),
+                    || {
+                        let out = a.run(&["failover", "prepare", &vm]);
+                        if !out.status.success() {
+                            println!(
+                                "prepare of {vm} again: {}",
+                                String::from_utf8_lossy(&out.stderr).trim()
+                            );
+                        }
+                        out.status.success()
+                    },
+                );
+            }
+            other => {
+                panic!("{vm}: after a kill of the replica during prepare: {other} (seed {seed})")
+            }
+        }
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read 0 4k", &uri])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{vm}: a prepared VM is fenced (seed {seed})"
+        );
+        wait_until(
+            &format!("the replica to hear of the prepare of {vm} (seed {seed})"),
+            Duration::from_secs(30),
+            || b.json(&["replication", "status", &vm])["state"] == "PreparedForFailover",
+        );
+        let info = b.json(&["failover", "start", &vm]);
+        let fo = info["disks"][0]["nbd_uri"].as_str().unwrap().to_string();
+        qemu_io_ok(&fo, &["read -P 7 0 32M", "read -P 0 32M 32M"]);
+        b.ok(&["failover", "stop", &vm]);
     }
 }
