@@ -183,6 +183,9 @@ pub enum ReplicationState {
     /// Primary side: `failover prepare` fenced the VM and its last change committed on the
     /// replica; the replica may fail over with no data loss.
     PreparedForFailover,
+    /// Primary side: the replica host failed the VM over without this host (an unplanned
+    /// failover); no cycle runs and the VM's disks are fenced here.
+    FencedAfterFailover,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

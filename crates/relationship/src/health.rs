@@ -106,6 +106,11 @@ pub fn health(
             },
             &mut reasons,
         ),
+        State::FencedAfterFailover { reason, .. } => raise(
+            Health::Critical,
+            format!("the replica host failed this VM over; its disks are fenced here and nothing is replicated: {reason}"),
+            &mut reasons,
+        ),
         // Handled above.
         State::TestFailoverInProgress { .. } => {}
         State::InitialReplicationInProgress | State::Replicating => {}

@@ -71,6 +71,12 @@ pub enum StateRecord {
     PreparedForFailover {
         seq: u64,
     },
+    FencedAfterFailover {
+        reason: String,
+        resume_to: ResumableRecord,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resync: Option<String>,
+    },
 }
 
 /// Why a record cannot be read; one line.
@@ -220,6 +226,15 @@ fn state_record(s: &State) -> StateRecord {
         }
         State::FailedOver => StateRecord::FailedOver,
         State::PreparedForFailover { seq } => StateRecord::PreparedForFailover { seq: seq.get() },
+        State::FencedAfterFailover {
+            reason,
+            resume_to,
+            resync,
+        } => StateRecord::FencedAfterFailover {
+            reason,
+            resume_to: resumable_record(resume_to),
+            resync,
+        },
     }
 }
 
@@ -257,6 +272,15 @@ fn state(s: StateRecord) -> Result<State, String> {
         }
         StateRecord::FailedOver => State::FailedOver,
         StateRecord::PreparedForFailover { seq } => State::PreparedForFailover { seq: Seq(seq) },
+        StateRecord::FencedAfterFailover {
+            reason,
+            resume_to,
+            resync,
+        } => State::FencedAfterFailover {
+            reason,
+            resume_to: resumable(resume_to),
+            resync,
+        },
     })
 }
 

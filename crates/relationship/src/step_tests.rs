@@ -84,6 +84,7 @@ fn out_of_sequence(seq: u64, expected: u64) -> Event {
         error: "out of sequence".into(),
         refusal: Some(PeerRefusalFacts {
             expected_seq: Some(Seq(expected)),
+            failed_over: false,
             needs_resync: true,
             error: "out of sequence".into(),
         }),
@@ -530,6 +531,7 @@ fn divergent_refusal_requires_resynchronization() {
         error: "refused".into(),
         refusal: Some(PeerRefusalFacts {
             expected_seq: None,
+            failed_over: false,
             needs_resync: true,
             error: "wrong generation".into(),
         }),
@@ -1228,4 +1230,102 @@ fn accepts_deltas_is_false_exactly_while_failed_over() {
     ] {
         assert_eq!(s.accepts_deltas(), accepts, "{s:?}");
     }
+}
+
+fn told_failed_over() -> Event {
+    Event::ReplicaFailedOver {
+        reason: "web is FailedOver on its replica host".into(),
+    }
+}
+
+#[test]
+fn old_primary_told_of_a_failover_fences_and_never_ships_again() {
+    let mut p = primary(State::Replicating, 7);
+    p.progress.inflight_seq = Some(Seq(8));
+    let (next, actions) = ok(&p, told_failed_over());
+    assert!(matches!(
+        next.state,
+        State::FencedAfterFailover {
+            resume_to: Resumable::Replicating,
+            resync: None,
+            ..
+        }
+    ));
+    // Fenced before anything else, the cycle cancelled, the point in flight kept for the
+    // hello that may end the fence.
+    assert_eq!(actions.first(), Some(&Action::Fence));
+    assert!(actions.contains(&Action::CancelCycle));
+    assert!(actions.contains(&Action::Persist));
+    assert_eq!(next.progress.inflight_seq, Some(Seq(8)));
+    assert_eq!(emitted(&actions), [EventKind::FencedAfterFailover]);
+    // The same news as the refusal of an upload.
+    let refusal = Event::CycleFailed {
+        seq: Seq(8),
+        error: "failed over".into(),
+        refusal: Some(PeerRefusalFacts {
+            expected_seq: None,
+            failed_over: true,
+            needs_resync: false,
+            error: "failed over".into(),
+        }),
+    };
+    let (by_refusal, _) = ok(&p, refusal);
+    assert!(matches!(
+        by_refusal.state,
+        State::FencedAfterFailover { .. }
+    ));
+    // Nothing ships any more; replication commands are refused naming the ways out.
+    let (after, actions) = ok(&next, Event::CycleDue);
+    assert_eq!(after, next);
+    assert!(actions.is_empty());
+    for ev in [Event::StartInitial, Event::Suspend, resync(None)] {
+        let r = refused(&next, ev);
+        assert!(r.message.contains("replication reverse"), "{r}");
+        assert!(r.message.contains("replication remove"), "{r}");
+    }
+}
+
+#[test]
+fn fenced_primary_learns_a_divergence_and_resume_leads_to_resync() {
+    let p = primary(State::Replicating, 7);
+    let (fenced, _) = ok(&p, told_failed_over());
+    let (still, actions) = ok(
+        &fenced,
+        Event::StorageFailed {
+            reason: "tracking lost".into(),
+        },
+    );
+    assert!(matches!(
+        &still.state,
+        State::FencedAfterFailover { resync: Some(r), .. } if r.contains("tracking lost")
+    ));
+    assert!(!actions.contains(&Action::Unfence));
+    assert!(!actions
+        .iter()
+        .any(|a| matches!(a, Action::StartCycle { .. } | Action::TakeCut { .. })));
+    let (resumed, actions) = ok(&still, Event::Resume);
+    assert!(matches!(
+        resumed.state,
+        State::ResynchronizationRequired { .. }
+    ));
+    let unfence = actions.iter().position(|a| *a == Action::Unfence).unwrap();
+    assert!(persist_index(&actions) < unfence);
+    // Without one, resume returns to the state before the fence.
+    let (resumed, _) = ok(&fenced, Event::Resume);
+    assert_eq!(resumed.state, State::Replicating);
+    assert!(resumed.need_hello);
+    let ready = primary(State::ReadyForInitialReplication, 0);
+    let (fenced, _) = ok(&ready, told_failed_over());
+    assert_eq!(
+        ok(&fenced, Event::Resume).0.state,
+        State::ReadyForInitialReplication
+    );
+}
+
+#[test]
+fn prepared_primary_stays_prepared_when_the_replica_fails_over() {
+    let p = primary(State::PreparedForFailover { seq: Seq(7) }, 7);
+    let (next, actions) = ok(&p, told_failed_over());
+    assert_eq!(next, p);
+    assert!(actions.is_empty());
 }
