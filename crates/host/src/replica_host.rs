@@ -389,8 +389,9 @@ async fn route(
             }
             // A reverse hello: this host, prepared for a planned failover, takes the VM back
             // as its replica, its own disks the base.
+            let mut reverse_answer = None;
             if let Some(rev) = hello.reverse {
-                shared
+                reverse_answer = shared
                     .accept_reverse(&hello, rev, delta_key(&hello.replication_id))
                     .await
                     .map_err(|e| {
@@ -406,6 +407,11 @@ async fn route(
                         };
                         refuse(status, code, crate::errfmt::one_line(&e))
                     })?;
+            }
+            // The VM was failed over to this host and reversed (this host is the primary of
+            // a newer generation): the caller is the old primary, and must stop.
+            if let Some(why) = shared.failed_over_here(vm, hello.generation) {
+                return Err(refuse(StatusCode::CONFLICT, "failed_over", why));
             }
             // One relationship per VM on a host: not a replica of a VM it replicates.
             if shared.role_of(vm) == Some(relationship::Role::Primary) {
@@ -474,7 +480,9 @@ async fn route(
                     host_one_line(&e),
                 )
             })?;
-            Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
+            let mut reply = hello_reply(&rvm);
+            reply.reverse = reverse_answer;
+            Ok(serde_json::to_vec(&reply).unwrap_or_default())
         }
         (Method::GET, ["v1", "replicas", _, "state"]) => {
             let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
@@ -570,6 +578,9 @@ async fn route(
             {
                 // The point is committed; only the replica's view of the state lags.
                 tracing::error!(%vm, "recording the committed point: {e:#}");
+            }
+            if point.seq > proto::Seq(1) {
+                tokio::task::block_in_place(|| shared.forget_reverse_answer(vm));
             }
             shared.events.emit(
                 events::POINT_COMMITTED,
@@ -754,6 +765,7 @@ fn hello_reply(rvm: &ReplicaVm) -> HelloReply {
         latest_seq: rvm.latest_seq(),
         generation: rvm.generation(),
         damage: rvm.damage(),
+        reverse: None,
     }
 }
 

@@ -357,7 +357,10 @@ impl Harness {
                 // leaves it, lifting the fence.
                 if matches!(before.state, State::FencedAfterFailover { .. }) {
                     prop_assert!(
-                        !actions.iter().any(|a| matches!(a, Action::StartCycle { .. } | Action::TakeCut { .. })),
+                        !actions.iter().any(|a| matches!(
+                            a,
+                            Action::StartCycle { .. } | Action::TakeCut { .. }
+                        )),
                         "{event:?} shipped while fenced: {actions:?}"
                     );
                     if !matches!(next.state, State::FencedAfterFailover { .. }) {

@@ -262,11 +262,7 @@ mod tests {
         ];
         for r in refused {
             let e = r.expect_err("a fenced disk took a modification");
-            assert_eq!(
-                nbd::NbdErrno::from_io(&e),
-                nbd::NbdErrno::Perm,
-                "{e}"
-            );
+            assert_eq!(nbd::NbdErrno::from_io(&e), nbd::NbdErrno::Perm, "{e}");
             assert!(e.to_string().contains("fenced"), "{e}");
         }
         let mut buf = [0u8; 4096];

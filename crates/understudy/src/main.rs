@@ -302,6 +302,11 @@ enum ReplicationCmd {
     },
     /// Pause shipping (changes keep being tracked).
     Suspend { name: String },
+    /// On the primary: stop replicating NAME from this host, whatever its state (Hyper-V's
+    /// Remove-VMReplication). Its disks are served again, also after a fence (this is how an
+    /// admin forces a VM failed over elsewhere back into service here); the replica keeps
+    /// its copy and its points.
+    Remove { name: String },
     /// After a planned failover to this host (`failover complete`): replicate NAME back to its
     /// old primary, which becomes the replica with its own disks as the base (no initial
     /// replication; only what the VM wrote since the failover is sent).
@@ -520,6 +525,7 @@ fn main() -> ExitCode {
                     cli::replication_measure(&api, &name, json)
                 }
                 ReplicationCmd::Suspend { name } => cli::replication_action(&api, &name, "suspend"),
+                ReplicationCmd::Remove { name } => cli::replication_remove(&api, &name),
                 ReplicationCmd::Resume {
                     name,
                     resynchronize: true,

@@ -341,13 +341,19 @@ impl Shared {
         // hello and commit of this host takes (a copy of a large disk takes minutes). Only a
         // relationship still waiting for completion gets them; a crash in between is finished
         // by the next `failover complete` (its disks are found recorded, `resumed`).
-        let waiting = matches!(
-            self.replica_relationship(vm).map(|r| r.state),
-            Some(State::FailedOverWaitingCompletion { .. })
-        );
+        let point = match self.replica_relationship(vm).map(|r| r.state) {
+            Some(State::FailedOverWaitingCompletion { point }) => Some(point),
+            _ => None,
+        };
         let mut made: Option<(crate::catalog::VmRecord, crate::vms::Vm)> = None;
-        if waiting && !resumed {
-            match self.materialize_failover(vm, &sizes, &overlays) {
+        if let (Some(point), false) = (point, resumed) {
+            // What the replica applied after the point: a host that holds a later point (the
+            // old primary, at a reverse) differs from the kept disks there too.
+            let after: Vec<(u32, Vec<(u64, u64)>)> = sizes
+                .iter()
+                .map(|&(i, _)| (i, rvm.changed_after(point, i)))
+                .collect();
+            match self.materialize_failover(vm, &sizes, &overlays, &after) {
                 Ok(m) => made = Some(m),
                 Err(e) => {
                     reserve(&overlays);
@@ -390,6 +396,7 @@ impl Shared {
         vm: &str,
         sizes: &[(u32, u64)],
         overlays: &[(u32, Arc<Overlay>)],
+        after: &[(u32, Vec<(u64, u64)>)],
     ) -> anyhow::Result<(crate::catalog::VmRecord, crate::vms::Vm)> {
         if self.vms.lock().contains_key(vm) {
             return Err(conflict(format!(
@@ -428,6 +435,14 @@ impl Shared {
             if let Some(d) = new_vm.disks.get(position) {
                 d.mark_dirty_blocks(&o.written_blocks())
                     .with_context(|| format!("recording what was written to disk {i} of {vm}"))?;
+                let newer = after
+                    .iter()
+                    .find(|(a, _)| a == i)
+                    .map(|(_, r)| crate::vms::byte_ranges_to_blocks(r))
+                    .unwrap_or_default();
+                d.mark_dirty_blocks(&newer).with_context(|| {
+                    format!("recording what the points after the failover's point changed on disk {i} of {vm}")
+                })?;
             }
         }
         self.catalog

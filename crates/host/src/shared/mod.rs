@@ -383,11 +383,18 @@ impl Shared {
     /// Serves a VM opened at start and resumes its replication.
     fn install_opened(self: &Arc<Self>, record: VmRecord, vm: Vm, rel: Option<PrimaryRelation>) {
         let vm = Arc::new(vm);
-        // A VM prepared for a planned failover stays fenced across a restart.
+        // A VM prepared for a planned failover, or failed over elsewhere, stays fenced
+        // across a restart.
         let fenced = rel.as_ref().is_some_and(|(_, r)| {
-            matches!(r.state, relationship::State::PreparedForFailover { .. })
+            matches!(
+                r.state,
+                relationship::State::PreparedForFailover { .. }
+                    | relationship::State::FencedAfterFailover { .. }
+            )
         });
-        if !fenced {
+        if fenced {
+            self.fence_vm_now(&vm);
+        } else {
             self.add_exports(&vm);
         }
         if let Some((settings, rel)) = rel {
@@ -602,11 +609,26 @@ impl Shared {
                 vm.name, vm.name
             )));
         }
+        for d in &vm.disks {
+            d.set_fenced(true);
+        }
         Ok(())
     }
 
-    /// Serves a fenced VM's disks again (a prepare cancelled or failed).
+    /// Fences a VM whatever uses it (another host failed it over): its disks are no longer
+    /// served, and every write of a connection still open fails.
+    pub(crate) fn fence_vm_now(&self, vm: &Vm) {
+        for (i, d) in vm.disks.iter().enumerate() {
+            d.set_fenced(true);
+            self.exports.remove(&vms::export_name(&vm.name, i as u32));
+        }
+    }
+
+    /// Serves a fenced VM's disks again (a prepare cancelled or failed, a fence lifted).
     pub(crate) fn unfence_vm(&self, vm: &Vm) {
+        for d in &vm.disks {
+            d.set_fenced(false);
+        }
         self.add_exports(vm);
     }
 
