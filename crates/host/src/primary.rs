@@ -516,9 +516,11 @@ pub fn status_of(
         state: rel.state.name(),
         health,
         health_reasons,
+        // Why a resynchronization is required, scheduled or running (a reverse after an
+        // unplanned failover says what it sends), or why the VM is fenced.
         resync_reason: match &rel.state {
-            State::ResynchronizationRequired { reason } => Some(reason.clone()),
-            _ => None,
+            State::FencedAfterFailover { reason, .. } => Some(reason.clone()),
+            other => other.reason().map(String::from),
         },
         peer: r.replica.clone(),
         frequency_secs: r.frequency_secs,

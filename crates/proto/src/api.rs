@@ -210,7 +210,8 @@ pub struct ReplicationStatus {
     pub health: Health,
     /// Why health is not Normal, one sentence each.
     pub health_reasons: Vec<String>,
-    /// Set when `state` is ResynchronizationRequired.
+    /// Why a resynchronization is required, scheduled or running (its reason, when it has one),
+    /// or why the VM is fenced (`FencedAfterFailover`).
     pub resync_reason: Option<String>,
     /// The other host (`HOST:PORT` on the primary, the primary's name on the replica).
     pub peer: String,
