@@ -115,7 +115,10 @@ pub fn write_image(path: &Path, files: &SeedFiles, volume_id: u32) -> io::Result
                 .fat_type(fatfs::FatType::Fat12),
         )?;
         {
-            let fs = fatfs::FileSystem::new(&mut file, fatfs::FsOptions::new())?;
+            let fs = fatfs::FileSystem::new(
+                &mut file,
+                fatfs::FsOptions::new().time_provider(&UTC_CLOCK),
+            )?;
             for (name, text) in [
                 ("meta-data", &files.meta_data),
                 ("user-data", &files.user_data),
@@ -136,6 +139,55 @@ pub fn write_image(path: &Path, files: &SeedFiles, volume_id: u32) -> io::Result
         return Err(e);
     }
     sysutil::rename_durable(&tmp, path)
+}
+
+/// The files' timestamps: the time the seed is made, in UTC (FAT keeps local time without a
+/// zone; a guest reads nothing from it). Without it `fatfs` (built without `chrono`) writes
+/// the invalid date 1980-00-00.
+#[derive(Debug)]
+struct UtcClock;
+
+static UTC_CLOCK: UtcClock = UtcClock;
+
+impl fatfs::TimeProvider for UtcClock {
+    fn get_current_date(&self) -> fatfs::Date {
+        self.get_current_date_time().date
+    }
+
+    fn get_current_date_time(&self) -> fatfs::DateTime {
+        fat_date_time(proto::time::now_unix_ns() / 1_000_000_000)
+    }
+}
+
+/// A Unix time as a FAT date and time (UTC), within FAT's years 1980-2107.
+fn fat_date_time(unix_secs: u64) -> fatfs::DateTime {
+    // FAT's range: 1980-01-01 to 2107-12-31.
+    let secs = unix_secs.clamp(315_532_800, 4_354_819_199);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    fatfs::DateTime {
+        date: fatfs::Date {
+            year: year as u16,
+            month: month as u16,
+            day: day as u16,
+        },
+        time: fatfs::Time {
+            hour: (rem / 3600) as u16,
+            min: (rem / 60 % 60) as u16,
+            sec: (rem % 60) as u16,
+            millis: 0,
+        },
+    }
 }
 
 /// Opens a seed image to serve it.
@@ -169,6 +221,19 @@ mod tests {
             "# understudy failover seed, layout 1\ninstance-id: \"understudy-1e5-test-2-7-0000000000000abc\"\nlocal-hostname: \"1e5\"\n"
         );
         assert!(f.user_data.starts_with("#cloud-config\n"));
+    }
+
+    #[test]
+    fn fat_timestamps_are_valid_utc_dates() {
+        let d = fat_date_time(1_796_300_000); // 2026-12-03T12:13:20Z
+        assert_eq!((d.date.year, d.date.month, d.date.day), (2026, 12, 3));
+        assert_eq!((d.time.hour, d.time.min, d.time.sec), (12, 13, 20));
+        let d = fat_date_time(951_782_400); // 2000-02-29T00:00:00Z
+        assert_eq!((d.date.year, d.date.month, d.date.day), (2000, 2, 29));
+        let d = fat_date_time(0);
+        assert_eq!((d.date.year, d.date.month, d.date.day), (1980, 1, 1));
+        let d = fat_date_time(u64::MAX);
+        assert_eq!((d.date.year, d.date.month, d.date.day), (2107, 12, 31));
     }
 
     #[test]
