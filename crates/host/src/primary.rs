@@ -562,6 +562,7 @@ pub fn hello_of(shared: &Shared, vm: &Vm, r: &ReplicationRecord, rel: &Relations
         history: r.history,
         state: Some(rel.state.name()),
         reverse: None,
+        failover_network: shared.failover_network_for_hello(&vm.name),
     }
 }
 

@@ -371,6 +371,8 @@ async fn route(
                     "VM name in path and body differ",
                 ));
             }
+            crate::Shared::check_hello_failover_network(hello.failover_network.as_deref())
+                .map_err(|why| refuse(StatusCode::BAD_REQUEST, "bad_request", why))?;
             let disks: Vec<delta::DiskEntry> = hello
                 .disks
                 .iter()
@@ -456,6 +458,17 @@ async fn route(
                 )?;
             }
             shared.note_replica_primary(vm, &hello.primary_host);
+            // The primary's failover network settings (a catalog commit when they changed).
+            tokio::task::block_in_place(|| {
+                shared.note_primary_failover_network(vm, hello.failover_network.as_deref())
+            })
+            .map_err(|e| {
+                refuse(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store_error",
+                    host_one_line(&e),
+                )
+            })?;
             // The replica's view of the relationship: the state the primary reports.
             let event = relationship::Event::HelloReceived {
                 primary_state: hello.state,

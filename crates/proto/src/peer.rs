@@ -42,6 +42,11 @@ pub struct Hello {
     /// + 1) with its own disks as the base: no initial replication. See `peer-protocol.md`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverse: Option<ReverseOf>,
+    /// The primary's `vm set --failover-network` value, normalized (absent: none, or an older
+    /// primary): the addresses a failover on the replica host gives the VM. See
+    /// `peer-protocol.md` and `failover-seed.md`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_network: Option<String>,
 }
 
 /// The relationship a reverse hello turns around, and the point both hosts hold.

@@ -233,6 +233,15 @@ enum VmCmd {
         /// Forget the launch command.
         #[arg(long)]
         no_launch: bool,
+        /// Addresses a failover of NAME gives a Linux guest through cloud-init (a NoCloud seed
+        /// disk served as NAME-seed), e.g. 'ipv4=10.2.0.5/24,gateway=10.2.0.1,dns=10.2.0.53';
+        /// keys ipv4, gateway, ipv6, gateway6, dns (repeatable), mac. Set on the primary it
+        /// reaches the replica host; set on the replica host it overrides the primary's.
+        #[arg(long, value_name = "SETTINGS", conflicts_with = "no_failover_network")]
+        failover_network: Option<String>,
+        /// Forget the failover network settings (on the replica host: its override).
+        #[arg(long)]
+        no_failover_network: bool,
     },
     /// Show one VM and its disks.
     Show {
@@ -472,6 +481,8 @@ fn main() -> ExitCode {
                     post_thaw_hook,
                     launch,
                     no_launch,
+                    failover_network,
+                    no_failover_network,
                 } => cli::vm_set(
                     &api,
                     guest_agent.as_deref(),
@@ -483,6 +494,8 @@ fn main() -> ExitCode {
                         post_thaw_hook,
                         launch,
                         no_launch,
+                        failover_network,
+                        no_failover_network,
                     },
                 ),
             }

@@ -107,9 +107,15 @@ impl Shared {
                 ))
             })?;
             let disks: Vec<u32> = rvm.disks().iter().map(|d| d.index).collect();
-            Some(Template::parse(&command, &disks).map_err(|e| {
+            let t = Template::parse(&command, &disks).map_err(|e| {
                 bad_request(format!("the launch command of {vm} cannot be used: {e}"))
-            })?)
+            })?;
+            if t.uses_seed() && self.failover_network(vm)?.is_none() {
+                return Err(bad_request(format!(
+                    "the launch command of {vm} names the seed disk, but {vm} has no failover network settings: set them with `understudy vm set {vm} --failover-network '...'`"
+                )));
+            }
+            Some(t)
         } else {
             None
         };
@@ -151,7 +157,7 @@ impl Shared {
         let info = self.failover_info(&served_as)?;
         let launch = match template {
             None => None,
-            Some(t) => match t.render(&served_as, &info.disks) {
+            Some(t) => match t.render(&served_as, &info.disks, info.seed.as_ref()) {
                 Ok(command) => Some(Launch {
                     vm: vm.to_string(),
                     served_as: served_as.clone(),
@@ -573,6 +579,26 @@ impl Shared {
                 }
             }
         }
+        // The cloud-init seed (failover network settings), made anew: a fresh failover
+        // without its seed is refused; one served again after a restart goes on without it.
+        if let Err(e) = self.serve_seed(&vm, &served_as, rvm.generation().get(), point.get()) {
+            if fresh {
+                let _ = self.catalog.delete(&FailoverRecord::key(&served_as));
+                for (i, _) in &overlays {
+                    let _ = Overlay::discard(&self.failover_dir(&served_as, *i));
+                }
+                return Err(e.context(format!("preparing the cloud-init seed of {served_as}")));
+            }
+            self.events.emit(
+                events::FAILOVER_STOPPED,
+                Some(&vm),
+                "error",
+                &format!(
+                    "the cloud-init seed of {served_as} could not be made again after the restart: {}",
+                    crate::errfmt::one_line(&e)
+                ),
+            );
+        }
         self.export_overlays(&served_as, &overlays);
         self.failovers
             .lock()
@@ -626,6 +652,7 @@ impl Shared {
                 Overlay::discard(&dir).with_context(|| format!("removing {}", dir.display()))?;
             }
         }
+        self.drop_seed(&served_as)?;
         let _ = std::fs::remove_dir(self.data_dir.join("failover").join(&served_as));
         Ok(())
     }
@@ -751,6 +778,8 @@ impl Shared {
             pre_freeze_hook: None,
             post_thaw_hook: None,
             launch: None,
+            failover_network: self.failover_network(&r.vm).ok().flatten(),
+            seed: self.seed_info(served_as),
         })
     }
 
@@ -774,6 +803,7 @@ impl Shared {
             disks: info.disks,
             launched: None,
             launch_failed: false,
+            seed: info.seed,
         })
     }
 
