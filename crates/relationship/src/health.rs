@@ -93,7 +93,7 @@ pub fn health(
             "reverse replication is not set up: the VM is not protected".into(),
             &mut reasons,
         ),
-        State::PreparedForFailover { seq } => raise(
+        State::PreparedForFailover { seq, .. } => raise(
             Health::Warning,
             match rel.role {
                 Role::Primary => {
@@ -284,7 +284,13 @@ mod tests {
             why,
             ["reverse replication is not set up: the VM is not protected"]
         );
-        let prepared = rel(State::PreparedForFailover { seq: Seq(7) }, 0);
+        let prepared = rel(
+            State::PreparedForFailover {
+                seq: Seq(7),
+                resync: None,
+            },
+            0,
+        );
         let (level, why) = health(&prepared, &facts(0), NOW);
         assert_eq!(level, Health::Warning);
         assert_eq!(

@@ -54,7 +54,10 @@ pub enum State {
     /// Primary role: the VM is fenced and point `seq`, its last change, committed on the
     /// replica (planned failover); no cycles until `replication resume` cancels it. Replica
     /// role: the primary reported it at a hello (`seq`: this replica's newest point).
-    PreparedForFailover { seq: Seq },
+    /// `resync` (primary role): the replica was found unable to follow, or local tracking
+    /// was lost, while prepared; the fence stays (the replica may have failed over), and
+    /// cancelling the prepare leads to `ResynchronizationRequired`.
+    PreparedForFailover { seq: Seq, resync: Option<String> },
     /// Primary role: the replica host failed the VM over (it said so, `failed_over`) while
     /// this host still took itself for the primary: an unplanned failover. No cycle runs for
     /// this generation again, and the VM's disks are fenced (no new NBD client, writes of an

@@ -779,17 +779,32 @@ impl Step {
         if matches!(self.next.state, State::ResynchronizationRequired { .. }) {
             return;
         }
+        // A primary prepared for a planned failover stays prepared, and fenced: the replica
+        // may already have failed over to the prepared point, so serving the disks here could
+        // make two primaries. Cancelling the prepare (after the replica confirms it did not
+        // fail over) then leads to the resynchronization.
+        if let (State::PreparedForFailover { seq, resync }, Role::Primary) =
+            (&self.next.state, self.next.role)
+        {
+            if resync.is_none() {
+                self.next.state = State::PreparedForFailover {
+                    seq: *seq,
+                    resync: Some(reason.clone()),
+                };
+                self.actions.extend([
+                    Action::Persist,
+                    emit(
+                        EventKind::ResyncRequired,
+                        format!("resynchronization required once the prepare is cancelled (the VM stays fenced: the replica may have failed over): {reason}"),
+                    ),
+                ]);
+            }
+            return;
+        }
         let message = format!("resynchronization required: {reason}");
-        // A primary prepared for failover whose replica can no longer follow is not prepared:
-        // the fence ends with the prepare (after `Persist`, as `cancel_prepare` says why).
-        let unfence = self.next.role == Role::Primary
-            && matches!(self.next.state, State::PreparedForFailover { .. });
         self.next.state = State::ResynchronizationRequired { reason };
         self.cancel_cycle();
         self.actions.push(Action::Persist);
-        if unfence {
-            self.actions.push(Action::Unfence);
-        }
         self.actions
             .extend([emit(EventKind::ResyncRequired, message), Action::SayHello]);
     }
@@ -1104,8 +1119,8 @@ impl Step {
         let vm = self.vm().clone();
         let p = &self.next.progress;
         match self.next.state {
-            State::PreparedForFailover { seq: prepared } if prepared == seq => return Ok(()),
-            State::PreparedForFailover { seq: prepared } => {
+            State::PreparedForFailover { seq: prepared, .. } if prepared == seq => return Ok(()),
+            State::PreparedForFailover { seq: prepared, .. } => {
                 return Err(conflict(format!(
                     "{vm} is already prepared for a planned failover at point {prepared}"
                 )))
@@ -1129,7 +1144,7 @@ impl Step {
                 p.last_seq
             )));
         }
-        self.next.state = State::PreparedForFailover { seq };
+        self.next.state = State::PreparedForFailover { seq, resync: None };
         self.cancel_cycle();
         self.actions.extend([
             Action::Persist,
@@ -1190,7 +1205,15 @@ impl Step {
     /// Ends a prepare: replicating again, the fence lifted. `Persist` comes before `Unfence`:
     /// a record that says prepared never outlives the fence it claims.
     fn cancel_prepare(&mut self, message: &str) {
-        self.next.state = State::Replicating;
+        self.next.state = match &self.next.state {
+            State::PreparedForFailover {
+                resync: Some(reason),
+                ..
+            } => State::ResynchronizationRequired {
+                reason: reason.clone(),
+            },
+            _ => State::Replicating,
+        };
         self.next.need_hello = true;
         self.actions.extend([
             Action::Persist,
@@ -1252,7 +1275,10 @@ impl Step {
                 reason: kept_reason,
             },
             Some(ReplicationState::PreparedForFailover) => {
-                State::PreparedForFailover { seq: latest_seq }
+                State::PreparedForFailover {
+                    seq: latest_seq,
+                    resync: None,
+                }
             }
             // A replica's own states (and a completed failover's): never a primary's to
             // report, so not mirrored.

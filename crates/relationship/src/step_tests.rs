@@ -825,7 +825,10 @@ fn test_failover_starts_from_any_replica_state_with_a_point() {
         suspended(Resumable::Replicating),
         required(),
         State::Resynchronizing { reason: None },
-        State::PreparedForFailover { seq: Seq(5) },
+        State::PreparedForFailover {
+            seq: Seq(5),
+            resync: None,
+        },
     ] {
         let (next, actions) = ok(&replica(from.clone(), 5), start(3, true));
         assert_eq!(next.state, testing(3, from));
@@ -1122,7 +1125,10 @@ fn prepared_is_accepted_only_when_the_last_change_committed() {
         &primary(State::Replicating, 7),
         Event::Prepared { seq: Seq(7) },
     );
-    assert_eq!(next.state, State::PreparedForFailover { seq: Seq(7) });
+    assert_eq!(next.state, State::PreparedForFailover {
+            seq: Seq(7),
+            resync: None,
+        });
     assert!(!next.state.cycles());
     assert!(actions.contains(&Action::CancelCycle));
     assert!(actions.contains(&Action::Persist));
@@ -1166,7 +1172,10 @@ fn prepared_is_refused_unless_replicating_in_sync() {
 
 #[test]
 fn resume_cancels_a_prepare_and_unfences_after_persist() {
-    let p = primary(State::PreparedForFailover { seq: Seq(7) }, 7);
+    let p = primary(State::PreparedForFailover {
+            seq: Seq(7),
+            resync: None,
+        }, 7);
     for ev in [Event::Resume, Event::FailoverStop { test: false }] {
         let (next, actions) = ok(&p, ev);
         assert_eq!(next.state, State::Replicating);
@@ -1182,9 +1191,18 @@ fn resume_cancels_a_prepare_and_unfences_after_persist() {
     }
 }
 
+/// A divergence learned while prepared does not lift the fence (the replica may have failed
+/// over to the prepared point: serving the disks here would make two primaries); cancelling
+/// the prepare leads to the resynchronization, unfenced only after `Persist`.
 #[test]
-fn divergence_while_prepared_unfences() {
-    let p = primary(State::PreparedForFailover { seq: Seq(7) }, 7);
+fn divergence_while_prepared_keeps_the_fence_and_cancel_leads_to_resync() {
+    let p = primary(
+        State::PreparedForFailover {
+            seq: Seq(7),
+            resync: None,
+        },
+        7,
+    );
     let (next, actions) = ok(
         &p,
         Event::StorageFailed {
@@ -1192,7 +1210,14 @@ fn divergence_while_prepared_unfences() {
         },
     );
     assert!(matches!(
-        next.state,
+        &next.state,
+        State::PreparedForFailover { seq: Seq(7), resync: Some(r) } if r == "lost"
+    ));
+    assert!(!actions.contains(&Action::Unfence), "{actions:?}");
+    assert!(actions.contains(&Action::Persist));
+    let (cancelled, actions) = ok(&next, Event::Resume);
+    assert!(matches!(
+        cancelled.state,
         State::ResynchronizationRequired { .. }
     ));
     let unfence = actions.iter().position(|a| *a == Action::Unfence).unwrap();
@@ -1205,7 +1230,10 @@ fn replica_mirrors_a_prepared_primary_and_may_fail_over_from_it() {
         &replica(State::Replicating, 7),
         replica_hello(ReplicationState::PreparedForFailover, 7),
     );
-    assert_eq!(next.state, State::PreparedForFailover { seq: Seq(7) });
+    assert_eq!(next.state, State::PreparedForFailover {
+            seq: Seq(7),
+            resync: None,
+        });
     let (next, _) = ok(&next, start(7, false));
     assert_eq!(next.state, failed_over(7));
     // A primary never reports a replica's failover states: not mirrored.
@@ -1224,7 +1252,10 @@ fn accepts_deltas_is_false_exactly_while_failed_over() {
     for (s, accepts) in [
         (State::Replicating, true),
         (testing(1, State::Replicating), true),
-        (State::PreparedForFailover { seq: Seq(1) }, true),
+        (State::PreparedForFailover {
+            seq: Seq(1),
+            resync: None,
+        }, true),
         (failed_over(1), false),
         (State::FailedOver, false),
     ] {
@@ -1324,7 +1355,10 @@ fn fenced_primary_learns_a_divergence_and_resume_leads_to_resync() {
 
 #[test]
 fn prepared_primary_stays_prepared_when_the_replica_fails_over() {
-    let p = primary(State::PreparedForFailover { seq: Seq(7) }, 7);
+    let p = primary(State::PreparedForFailover {
+            seq: Seq(7),
+            resync: None,
+        }, 7);
     let (next, actions) = ok(&p, told_failed_over());
     assert_eq!(next, p);
     assert!(actions.is_empty());

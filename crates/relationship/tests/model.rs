@@ -696,7 +696,10 @@ fn every_state_name() -> BTreeSet<String> {
         },
         State::FailedOverWaitingCompletion { point: Seq(1) },
         State::FailedOver,
-        State::PreparedForFailover { seq: Seq(1) },
+        State::PreparedForFailover {
+            seq: Seq(1),
+            resync: None,
+        },
         State::FencedAfterFailover {
             reason: String::new(),
             resume_to: Resumable::Replicating,

@@ -283,7 +283,8 @@ impl Shared {
                 self.host_name, rel.progress.generation, rev.generation
             )));
         }
-        let planned = matches!(rel.state, State::PreparedForFailover { seq } if seq == rev.seq);
+        // Prepared at that point, and nothing found wrong since: the disks hold the point.
+        let planned = matches!(rel.state, State::PreparedForFailover { seq, resync: None } if seq == rev.seq);
         let sizes: Vec<(u32, u64)> = repl
             .vm
             .disks
@@ -521,6 +522,10 @@ fn unplanned_answer(vm: &crate::vms::Vm, state: &State) -> ReverseAnswer {
             return full("a resynchronization was pending on this host".into())
         }
         State::FencedAfterFailover {
+            resync: Some(reason),
+            ..
+        }
+        | State::PreparedForFailover {
             resync: Some(reason),
             ..
         } => return full(format!("this host required a resynchronization ({reason})")),
