@@ -33,6 +33,10 @@ pub const RESYNC_STARTED: u32 = 2010;
 pub const RESYNC_DONE: u32 = 2011;
 pub const PREPARED_FOR_FAILOVER: u32 = 2012;
 pub const REPLICATION_REVERSED: u32 = 2013;
+/// The replica host failed the VM over while this host was its primary: fenced.
+pub const FENCED_AFTER_FAILOVER: u32 = 2014;
+/// `replication remove`: the VM is not replicated from this host any more.
+pub const REPLICATION_REMOVED: u32 = 2015;
 pub const UPLOAD_RESUMED: u32 = 2020;
 /// An application-consistent cut fell back to crash-consistent (agent or hook failure).
 pub const APP_CONSISTENT_FAILED: u32 = 2021;

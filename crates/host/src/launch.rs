@@ -2,7 +2,8 @@
 //! (catalog `launch/<vm>`, `docs/formats/catalog.md`) and `failover start NAME --start` runs
 //! once the failover's disks are served.
 //!
-//! The template's placeholders (`{name}`, `{diskN}`, `{blockdevN}`, `{nodeN}`) are checked when
+//! The template's placeholders (`{name}`, `{diskN}`, `{blockdevN}`, `{nodeN}`, and `{seed}`,
+//! `{seedblockdev}`, `{seednode}` for the failover's cloud-init seed disk) are checked when
 //! it is set and filled at launch with values single-quoted for `/bin/sh -c`. The command is
 //! started detached (its own process group, stdin from /dev/null, stdout and stderr to a log
 //! file in the data directory): it is meant to start a VM that keeps running (`virsh start`
@@ -52,13 +53,18 @@ enum Piece {
     Disk(u32),
     Blockdev(u32),
     Node(u32),
+    /// The failover's cloud-init seed disk (`failover-seed.md`): its `nbd_uri`, its qemu
+    /// `-blockdev` argument, its node name.
+    Seed,
+    SeedBlockdev,
+    SeedNode,
 }
 
 /// A parsed command template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template(Vec<Piece>);
 
-const KNOWN: &str = "{name}, {diskN}, {blockdevN}, {nodeN}; write {{ and }} for literal braces";
+const KNOWN: &str = "{name}, {diskN}, {blockdevN}, {nodeN}, {seed}, {seedblockdev}, {seednode}; write {{ and }} for literal braces";
 
 impl Template {
     /// Parses `command`; `disks` are the indexes of the VM's disks (what `{diskN}` may name:
@@ -122,11 +128,28 @@ impl Template {
         Ok(Template(pieces))
     }
 
+    /// Whether the template names the seed disk (it needs failover network settings).
+    pub fn uses_seed(&self) -> bool {
+        self.0
+            .iter()
+            .any(|p| matches!(p, Piece::Seed | Piece::SeedBlockdev | Piece::SeedNode))
+    }
+
     /// The command with every placeholder replaced by its value, single-quoted.
-    pub fn render(&self, name: &str, disks: &[proto::DiskInfo]) -> Result<String, String> {
+    pub fn render(
+        &self,
+        name: &str,
+        disks: &[proto::DiskInfo],
+        seed: Option<&proto::SeedInfo>,
+    ) -> Result<String, String> {
         let disk = |n: u32| {
             disks.iter().find(|d| d.index == n).ok_or_else(|| {
                 format!("the launch command names disk {n}, which {name} does not have")
+            })
+        };
+        let seed = || {
+            seed.ok_or_else(|| {
+                format!("the launch command names the seed disk, which {name} does not have (no failover network settings)")
             })
         };
         let mut out = String::new();
@@ -137,6 +160,9 @@ impl Template {
                 Piece::Disk(n) => out.push_str(&shell_quote(&disk(*n)?.nbd_uri)),
                 Piece::Blockdev(n) => out.push_str(&shell_quote(&disk(*n)?.qemu_blockdev)),
                 Piece::Node(n) => out.push_str(&shell_quote(&disk(*n)?.qemu_node_name)),
+                Piece::Seed => out.push_str(&shell_quote(&seed()?.nbd_uri)),
+                Piece::SeedBlockdev => out.push_str(&shell_quote(&seed()?.qemu_blockdev)),
+                Piece::SeedNode => out.push_str(&shell_quote(&seed()?.qemu_node_name)),
             }
         }
         Ok(out)
@@ -144,8 +170,12 @@ impl Template {
 }
 
 fn placeholder(word: &str) -> Option<Piece> {
-    if word == "name" {
-        return Some(Piece::Name);
+    match word {
+        "name" => return Some(Piece::Name),
+        "seed" => return Some(Piece::Seed),
+        "seedblockdev" => return Some(Piece::SeedBlockdev),
+        "seednode" => return Some(Piece::SeedNode),
+        _ => {}
     }
     let (make, digits): (fn(u32) -> Piece, &str) = if let Some(d) = word.strip_prefix("disk") {
         (Piece::Disk, d)
@@ -307,12 +337,40 @@ mod tests {
             &[0, 1],
         )
         .unwrap();
-        let out = t.render("web-test", &[disk(0), disk(1)]).unwrap();
+        let out = t.render("web-test", &[disk(0), disk(1)], None).unwrap();
         assert_eq!(
             out,
             "qemu -name 'web-test' -blockdev 'driver=nbd,export=web-1,node-name=disk1-web' \
              -device virtio-blk-pci,drive='disk1-web' 'nbd+unix:///web-0?socket=/var/lib/u/nbd.sock'"
         );
+    }
+
+    #[test]
+    fn the_seed_placeholders_are_filled_or_refused_without_a_seed() {
+        let t = Template::parse(
+            "qemu {disk0} -drive file={seed},if=virtio,readonly=on -blockdev {seedblockdev} -device virtio-blk-pci,drive={seednode}",
+            &[0],
+        )
+        .unwrap();
+        assert!(t.uses_seed());
+        assert!(!Template::parse("qemu {disk0}", &[0]).unwrap().uses_seed());
+        let seed = proto::SeedInfo {
+            export_name: "web-seed".into(),
+            nbd_uri: "nbd+unix:///web-seed?socket=/s".into(),
+            size_bytes: 1 << 20,
+            path: String::new(),
+            qemu_blockdev: "driver=nbd,export=web-seed,node-name=seed-web,read-only=on".into(),
+            qemu_node_name: "seed-web".into(),
+            libvirt_xml: String::new(),
+        };
+        let out = t.render("web", &[disk(0)], Some(&seed)).unwrap();
+        assert_eq!(
+            out,
+            "qemu 'nbd+unix:///web-0?socket=/var/lib/u/nbd.sock' -drive file='nbd+unix:///web-seed?socket=/s',if=virtio,readonly=on \
+             -blockdev 'driver=nbd,export=web-seed,node-name=seed-web,read-only=on' -device virtio-blk-pci,drive='seed-web'"
+        );
+        let err = t.render("web", &[disk(0)], None).unwrap_err();
+        assert!(err.contains("no failover network settings"), "{err}");
     }
 
     #[test]
@@ -329,7 +387,7 @@ mod tests {
     #[test]
     fn doubled_braces_are_literal() {
         let t = Template::parse("echo ${{HOME}} {{x}} }", &[0]).unwrap();
-        assert_eq!(t.render("w", &[]).unwrap(), "echo ${HOME} {x} }");
+        assert_eq!(t.render("w", &[], None).unwrap(), "echo ${HOME} {x} }");
     }
 
     #[test]
@@ -364,7 +422,7 @@ mod tests {
     fn a_replica_of_some_disks_is_checked_by_their_indexes_not_their_count() {
         let t = Template::parse("echo {disk2}", &[0, 2]).unwrap();
         assert_eq!(
-            t.render("web", &[disk(0), disk(2)]).unwrap(),
+            t.render("web", &[disk(0), disk(2)], None).unwrap(),
             "echo 'nbd+unix:///web-2?socket=/var/lib/u/nbd.sock'"
         );
         let err = Template::parse("echo {node1}", &[0, 2]).unwrap_err();

@@ -57,6 +57,11 @@ pub enum HostCommand {
         vm: String,
         reply: Reply<VmInfo>,
     },
+    /// `replication remove NAME` on the primary: no relationship any more, the disks served.
+    RemoveReplication {
+        vm: String,
+        reply: Reply<String>,
+    },
     /// `failover stop NAME [--test]`: the name the failover was served as.
     FailoverStop {
         vm: String,
@@ -187,6 +192,9 @@ pub async fn run(
             }
             HostCommand::FailoverStop { vm, test, reply } => {
                 let _ = reply.send(blocking(move || s.failover_stop(&vm, test)).await);
+            }
+            HostCommand::RemoveReplication { vm, reply } => {
+                let _ = reply.send(s.remove_replication(&vm).await);
             }
         }
         commands += 1;

@@ -333,6 +333,21 @@ impl Replication {
         self.rt.lock().rel.need_hello = true;
     }
 
+    /// The replica host said it failed the VM over (`failed_over` to a hello outside a
+    /// cycle): the core fences the VM; the task then cancels a cycle in flight.
+    pub(crate) fn replica_failed_over(&self, shared: &Shared, reason: String) {
+        match self.apply(shared, Event::ReplicaFailedOver { reason }) {
+            Ok(a) if a.cancel_cycle => {
+                let _ = self.cmd.try_send(Cmd::Followup {
+                    cancel_cycle: true,
+                    say_hello: false,
+                });
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(vm = %self.vm.name, "recording a failover elsewhere: {e:#}"),
+        }
+    }
+
     /// The VM's storage failed for good: the core makes the relationship require a
     /// resynchronization at once (a status read right after shows it); the task then cancels
     /// a cycle in flight and tells the replica.
@@ -419,6 +434,8 @@ impl Replication {
                 // A prepare was cancelled (or lost to a divergence): the VM's disks are
                 // served again.
                 Action::Unfence => shared.unfence_vm(&self.vm),
+                // The replica host failed the VM over: nothing here may take writes.
+                Action::Fence => shared.fence_vm_now(&self.vm),
                 Action::ServeFailover { .. }
                 | Action::DropFailover { .. }
                 | Action::CompleteFailover { .. } => {
@@ -475,6 +492,7 @@ fn event_id(kind: EventKind) -> u32 {
         EventKind::TestFailoverStopped | EventKind::FailoverCancelled => events::FAILOVER_STOPPED,
         EventKind::FailoverCompleted => events::FAILOVER_COMPLETED,
         EventKind::PreparedForFailover => events::PREPARED_FOR_FAILOVER,
+        EventKind::FencedAfterFailover => events::FENCED_AFTER_FAILOVER,
     }
 }
 
@@ -498,9 +516,11 @@ pub fn status_of(
         state: rel.state.name(),
         health,
         health_reasons,
+        // Why a resynchronization is required, scheduled or running (a reverse after an
+        // unplanned failover says what it sends), or why the VM is fenced.
         resync_reason: match &rel.state {
-            State::ResynchronizationRequired { reason } => Some(reason.clone()),
-            _ => None,
+            State::FencedAfterFailover { reason, .. } => Some(reason.clone()),
+            other => other.reason().map(String::from),
         },
         peer: r.replica.clone(),
         frequency_secs: r.frequency_secs,
@@ -542,6 +562,7 @@ pub fn hello_of(shared: &Shared, vm: &Vm, r: &ReplicationRecord, rel: &Relations
         history: r.history,
         state: Some(rel.state.name()),
         reverse: None,
+        failover_network: shared.failover_network_for_hello(&vm.name),
     }
 }
 
@@ -611,9 +632,14 @@ fn say_hello(shared: &Arc<Shared>, repl: &Arc<Replication>) {
             // Told, unless the state changed again meanwhile (that change owes its own).
             Ok(_) if hello.state == Some(r.state()) => r.hello_owed.store(false, Ordering::Relaxed),
             Ok(_) => {}
-            Err(e) => {
-                tracing::debug!(vm = %hello.vm, "telling the replica about a state change: {e:#}")
-            }
+            Err(e) => match e.downcast_ref::<PeerRefusal>() {
+                Some(refusal) if refusal.0.code == "failed_over" => {
+                    r.replica_failed_over(&s, refusal.0.error.clone())
+                }
+                _ => {
+                    tracing::debug!(vm = %hello.vm, "telling the replica about a state change: {e:#}")
+                }
+            },
         }
     });
 }
@@ -792,7 +818,10 @@ async fn run(
                     Cmd::Resume { resync: false, reply, .. } => {
                         // Cancelling a prepare serves the disks again: only once the replica
                         // confirms it has not failed over (else both hosts would take writes).
-                        if matches!(repl.relationship().state, State::PreparedForFailover { .. }) {
+                        if matches!(
+                            repl.relationship().state,
+                            State::PreparedForFailover { .. } | State::FencedAfterFailover { .. }
+                        ) {
                             if let Err(e) = replica_not_failed_over(&shared, &repl).await {
                                 let _ = reply.send(Err(e));
                                 continue;
@@ -1255,6 +1284,7 @@ async fn cycle_inner(
             let refusal = e.downcast_ref::<PeerRefusal>().map(|r| PeerRefusalFacts {
                 expected_seq: r.0.expected_seq,
                 needs_resync: r.needs_resync(),
+                failed_over: r.0.code == "failed_over",
                 error: r.0.error.clone(),
             });
             // The core judges a refusal (a lost answer is "already delivered", anything else

@@ -371,6 +371,8 @@ async fn route(
                     "VM name in path and body differ",
                 ));
             }
+            crate::Shared::check_hello_failover_network(hello.failover_network.as_deref())
+                .map_err(|why| refuse(StatusCode::BAD_REQUEST, "bad_request", why))?;
             let disks: Vec<delta::DiskEntry> = hello
                 .disks
                 .iter()
@@ -389,8 +391,9 @@ async fn route(
             }
             // A reverse hello: this host, prepared for a planned failover, takes the VM back
             // as its replica, its own disks the base.
+            let mut reverse_answer = None;
             if let Some(rev) = hello.reverse {
-                shared
+                reverse_answer = shared
                     .accept_reverse(&hello, rev, delta_key(&hello.replication_id))
                     .await
                     .map_err(|e| {
@@ -406,6 +409,11 @@ async fn route(
                         };
                         refuse(status, code, crate::errfmt::one_line(&e))
                     })?;
+            }
+            // The VM was failed over to this host and reversed (this host is the primary of
+            // a newer generation): the caller is the old primary, and must stop.
+            if let Some(why) = shared.failed_over_here(vm, hello.generation) {
+                return Err(refuse(StatusCode::CONFLICT, "failed_over", why));
             }
             // One relationship per VM on a host: not a replica of a VM it replicates.
             if shared.role_of(vm) == Some(relationship::Role::Primary) {
@@ -450,6 +458,17 @@ async fn route(
                 )?;
             }
             shared.note_replica_primary(vm, &hello.primary_host);
+            // The primary's failover network settings (a catalog commit when they changed).
+            tokio::task::block_in_place(|| {
+                shared.note_primary_failover_network(vm, hello.failover_network.as_deref())
+            })
+            .map_err(|e| {
+                refuse(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store_error",
+                    host_one_line(&e),
+                )
+            })?;
             // The replica's view of the relationship: the state the primary reports.
             let event = relationship::Event::HelloReceived {
                 primary_state: hello.state,
@@ -474,7 +493,9 @@ async fn route(
                     host_one_line(&e),
                 )
             })?;
-            Ok(serde_json::to_vec(&hello_reply(&rvm)).unwrap_or_default())
+            let mut reply = hello_reply(&rvm);
+            reply.reverse = reverse_answer;
+            Ok(serde_json::to_vec(&reply).unwrap_or_default())
         }
         (Method::GET, ["v1", "replicas", _, "state"]) => {
             let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
@@ -570,6 +591,9 @@ async fn route(
             {
                 // The point is committed; only the replica's view of the state lags.
                 tracing::error!(%vm, "recording the committed point: {e:#}");
+            }
+            if point.seq > proto::Seq(1) {
+                tokio::task::block_in_place(|| shared.forget_reverse_answer(vm));
             }
             shared.events.emit(
                 events::POINT_COMMITTED,
@@ -754,6 +778,7 @@ fn hello_reply(rvm: &ReplicaVm) -> HelloReply {
         latest_seq: rvm.latest_seq(),
         generation: rvm.generation(),
         damage: rvm.damage(),
+        reverse: None,
     }
 }
 

@@ -268,6 +268,17 @@ pub fn open_vm(record: &VmRecord, options: &DiskOptions) -> anyhow::Result<Vm> {
     })
 }
 
+/// Byte ranges `(offset, len)` as ranges of tracker blocks (`tracker::BLOCK_BYTES`), end
+/// exclusive, each covering every block its bytes touch.
+pub fn byte_ranges_to_blocks(ranges: &[(u64, u64)]) -> Vec<std::ops::Range<u64>> {
+    let b = tracker::BLOCK_BYTES;
+    ranges
+        .iter()
+        .filter(|(_, len)| *len > 0)
+        .map(|&(off, len)| off / b..(off.saturating_add(len)).div_ceil(b))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,6 +72,28 @@ pub struct VmInfo {
     /// role `Replica`, no disks and this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launch: Option<String>,
+    /// The addresses a failover of this VM gives it (`vm set --failover-network`), normalized;
+    /// on the replica host the one in force (set there, else the primary's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_network: Option<String>,
+    /// A failover's cloud-init NoCloud seed disk (`failover-seed.md`), served read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<SeedInfo>,
+}
+
+/// The seed disk of a failover (`NAME-seed`, `NAME-test-seed`): read-only, attach it next to
+/// the failover's disks and cloud-init in the guest applies the failover network settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedInfo {
+    pub export_name: String,
+    pub nbd_uri: String,
+    pub size_bytes: u64,
+    pub path: String,
+    /// A ready qemu `-blockdev` argument (read-only, with `reconnect-delay`).
+    pub qemu_blockdev: String,
+    pub qemu_node_name: String,
+    /// A libvirt `<disk type='network'>` element with `<readonly/>`.
+    pub libvirt_xml: String,
 }
 
 /// `vm set`: how the guest is quiesced for application-consistent points. Each field given
@@ -93,6 +115,12 @@ pub struct SetVm {
     pub launch: Option<String>,
     #[serde(default)]
     pub no_launch: bool,
+    /// The addresses a failover gives the VM (`failover-seed.md`); also for a replica VM,
+    /// where it overrides the primary's.
+    #[serde(default)]
+    pub failover_network: Option<String>,
+    #[serde(default)]
+    pub no_failover_network: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +211,9 @@ pub enum ReplicationState {
     /// Primary side: `failover prepare` fenced the VM and its last change committed on the
     /// replica; the replica may fail over with no data loss.
     PreparedForFailover,
+    /// Primary side: the replica host failed the VM over without this host (an unplanned
+    /// failover); no cycle runs and the VM's disks are fenced here.
+    FencedAfterFailover,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,7 +238,8 @@ pub struct ReplicationStatus {
     pub health: Health,
     /// Why health is not Normal, one sentence each.
     pub health_reasons: Vec<String>,
-    /// Set when `state` is ResynchronizationRequired.
+    /// Why a resynchronization is required, scheduled or running (its reason, when it has one),
+    /// or why the VM is fenced (`FencedAfterFailover`).
     pub resync_reason: Option<String>,
     /// The other host (`HOST:PORT` on the primary, the primary's name on the replica).
     pub peer: String,
@@ -461,6 +493,9 @@ pub struct FailoverInfo {
     /// The launch command failed (`launched` says why); the CLI exits 1.
     #[serde(default)]
     pub launch_failed: bool,
+    /// The cloud-init seed disk, when the VM has failover network settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<SeedInfo>,
 }
 
 /// `POST /v1/vms/{vm}/replication/reverse`: after a planned failover to this host, replicate the

@@ -42,6 +42,11 @@ pub struct Hello {
     /// + 1) with its own disks as the base: no initial replication. See `peer-protocol.md`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverse: Option<ReverseOf>,
+    /// The primary's `vm set --failover-network` value, normalized (absent: none, or an older
+    /// primary): the addresses a failover on the replica host gives the VM. See
+    /// `peer-protocol.md` and `failover-seed.md`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_network: Option<String>,
 }
 
 /// The relationship a reverse hello turns around, and the point both hosts hold.
@@ -59,6 +64,35 @@ pub struct HelloReply {
     /// Set when the replica found its copy damaged (a corrupt journal file, ...).
     #[serde(default)]
     pub damage: Option<String>,
+    /// The old primary's answer to a reverse hello (`peer-protocol.md`, "Reverse
+    /// replication in the hello"); absent otherwise, and from an older host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse: Option<ReverseAnswer>,
+}
+
+/// Most byte ranges a reverse answer lists (in all disks); beyond, the old primary asks for
+/// every block instead. A range is at most ~30 bytes of JSON, so the answer stays well inside
+/// the 1 MiB a peer's answer may take (`PEER_REPLY_MAX_BYTES`), and a disk written in that
+/// many separate places since its last point is better sent whole.
+pub const REVERSE_RANGES_MAX: usize = 16_384;
+
+/// How the old primary's disks stand against the new primary's point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReverseAnswer {
+    /// Prepared for that failover: the disks hold the point exactly.
+    pub planned: bool,
+    /// Unplanned: the blocks this host had not shipped, per disk, as `[offset, len]`.
+    #[serde(default)]
+    pub differs: Vec<DiskRanges>,
+    /// Unplanned, and this host's tracking cannot say what differs: every block must be sent.
+    #[serde(default)]
+    pub full_send: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRanges {
+    pub index: u32,
+    pub ranges: Vec<[u64; 2]>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

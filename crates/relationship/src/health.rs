@@ -93,7 +93,7 @@ pub fn health(
             "reverse replication is not set up: the VM is not protected".into(),
             &mut reasons,
         ),
-        State::PreparedForFailover { seq } => raise(
+        State::PreparedForFailover { seq, .. } => raise(
             Health::Warning,
             match rel.role {
                 Role::Primary => {
@@ -104,6 +104,11 @@ pub fn health(
                     vm = rel.vm
                 ),
             },
+            &mut reasons,
+        ),
+        State::FencedAfterFailover { reason, .. } => raise(
+            Health::Critical,
+            format!("the replica host failed this VM over; its disks are fenced here and nothing is replicated: {reason}"),
             &mut reasons,
         ),
         // Handled above.
@@ -279,7 +284,13 @@ mod tests {
             why,
             ["reverse replication is not set up: the VM is not protected"]
         );
-        let prepared = rel(State::PreparedForFailover { seq: Seq(7) }, 0);
+        let prepared = rel(
+            State::PreparedForFailover {
+                seq: Seq(7),
+                resync: None,
+            },
+            0,
+        );
         let (level, why) = health(&prepared, &facts(0), NOW);
         assert_eq!(level, Health::Warning);
         assert_eq!(

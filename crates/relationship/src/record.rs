@@ -70,6 +70,14 @@ pub enum StateRecord {
     FailedOver,
     PreparedForFailover {
         seq: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resync: Option<String>,
+    },
+    FencedAfterFailover {
+        reason: String,
+        resume_to: ResumableRecord,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resync: Option<String>,
     },
 }
 
@@ -219,7 +227,19 @@ fn state_record(s: &State) -> StateRecord {
             StateRecord::FailedOverWaitingCompletion { point: point.get() }
         }
         State::FailedOver => StateRecord::FailedOver,
-        State::PreparedForFailover { seq } => StateRecord::PreparedForFailover { seq: seq.get() },
+        State::PreparedForFailover { seq, resync } => StateRecord::PreparedForFailover {
+            seq: seq.get(),
+            resync,
+        },
+        State::FencedAfterFailover {
+            reason,
+            resume_to,
+            resync,
+        } => StateRecord::FencedAfterFailover {
+            reason,
+            resume_to: resumable_record(resume_to),
+            resync,
+        },
     }
 }
 
@@ -256,7 +276,19 @@ fn state(s: StateRecord) -> Result<State, String> {
             State::FailedOverWaitingCompletion { point: Seq(point) }
         }
         StateRecord::FailedOver => State::FailedOver,
-        StateRecord::PreparedForFailover { seq } => State::PreparedForFailover { seq: Seq(seq) },
+        StateRecord::PreparedForFailover { seq, resync } => State::PreparedForFailover {
+            seq: Seq(seq),
+            resync,
+        },
+        StateRecord::FencedAfterFailover {
+            reason,
+            resume_to,
+            resync,
+        } => State::FencedAfterFailover {
+            reason,
+            resume_to: resumable(resume_to),
+            resync,
+        },
     })
 }
 
@@ -473,7 +505,10 @@ mod tests {
             },
             State::FailedOverWaitingCompletion { point: Seq(4) },
             State::FailedOver,
-            State::PreparedForFailover { seq: Seq(7) },
+            State::PreparedForFailover {
+                seq: Seq(7),
+                resync: None,
+            },
         ];
         for s in states {
             let mut r = Relationship::new(web(), Role::Replica, Generation(2));
@@ -492,7 +527,11 @@ mod tests {
             serde_json::json!({"name": "FailedOverWaitingCompletion", "detail": {"point": 4}})
         );
         assert_eq!(
-            serde_json::to_value(StateRecord::PreparedForFailover { seq: 7 }).unwrap(),
+            serde_json::to_value(StateRecord::PreparedForFailover {
+                seq: 7,
+                resync: None
+            })
+            .unwrap(),
             serde_json::json!({"name": "PreparedForFailover", "detail": {"seq": 7}})
         );
     }

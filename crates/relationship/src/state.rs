@@ -54,7 +54,23 @@ pub enum State {
     /// Primary role: the VM is fenced and point `seq`, its last change, committed on the
     /// replica (planned failover); no cycles until `replication resume` cancels it. Replica
     /// role: the primary reported it at a hello (`seq`: this replica's newest point).
-    PreparedForFailover { seq: Seq },
+    /// `resync` (primary role): the replica was found unable to follow, or local tracking
+    /// was lost, while prepared; the fence stays (the replica may have failed over), and
+    /// cancelling the prepare leads to `ResynchronizationRequired`.
+    PreparedForFailover { seq: Seq, resync: Option<String> },
+    /// Primary role: the replica host failed the VM over (it said so, `failed_over`) while
+    /// this host still took itself for the primary: an unplanned failover. No cycle runs for
+    /// this generation again, and the VM's disks are fenced (no new NBD client, writes of an
+    /// open one fail) until `replication resume` finds the failover stopped there, the new
+    /// primary reverses replication to this host, or `replication remove` forces them back.
+    /// `resume_to`: where `resume` returns (the state before the fence). `resync`: the
+    /// replica could not follow before the fence, or was found to have diverged meanwhile (a
+    /// late refusal, local tracking lost); `resume` then leads to `ResynchronizationRequired`.
+    FencedAfterFailover {
+        reason: String,
+        resume_to: Resumable,
+        resync: Option<String>,
+    },
     // Adding a state means: a variant here, its name in `State::name` (and
     // `proto::ReplicationState`), its record form in `record.rs` (`StateRecord` and the two
     // conversions), its health in `health.rs`, and the events that enter and leave it in
@@ -80,6 +96,7 @@ impl State {
             }
             State::FailedOver => ReplicationState::FailedOver,
             State::PreparedForFailover { .. } => ReplicationState::PreparedForFailover,
+            State::FencedAfterFailover { .. } => ReplicationState::FencedAfterFailover,
         }
     }
 

@@ -77,6 +77,9 @@ pub struct PeerRefusalFacts {
     pub expected_seq: Option<Seq>,
     /// The refusal means the replica cannot follow as is.
     pub needs_resync: bool,
+    /// The replica host failed the VM over (`failed_over`): this host is not its primary
+    /// any more.
+    pub failed_over: bool,
     pub error: String,
 }
 
@@ -163,6 +166,10 @@ pub enum Event {
     /// refused) and then a cycle committed point `seq`, the VM's last change. Refused unless
     /// `Replicating` with `seq` the newest committed point and nothing in flight.
     Prepared { seq: Seq },
+    /// The replica host said it failed the VM over (`failed_over`, at a hello or an upload):
+    /// the primary fences the VM and ships nothing more for this generation. A primary
+    /// prepared for a planned failover stays prepared (that failover is the expected one).
+    ReplicaFailedOver { reason: String },
     // `Event::Reverse` (`replication reverse NAME --replica HOST:PORT`) goes here: from
     // `FailedOver` (and the old primary's side) to replicating in the other direction. Not
     // built yet; until it is, `FailedOver` refuses every replication command naming it.
@@ -187,13 +194,14 @@ pub enum EventKind {
     FailoverCancelled,
     FailoverCompleted,
     PreparedForFailover,
+    FencedAfterFailover,
 }
 
 impl EventKind {
     /// The event's level in the event log.
     pub fn level(self) -> &'static str {
         match self {
-            EventKind::ResyncRequired => "error",
+            EventKind::ResyncRequired | EventKind::FencedAfterFailover => "error",
             EventKind::CycleFailed => "warning",
             _ => "info",
         }
@@ -245,6 +253,9 @@ pub enum Action {
     CompleteFailover { point: Seq },
     /// Let NBD clients connect to the VM's disks again (the end of a prepare's fence).
     Unfence,
+    /// Fence the VM's disks whatever uses them: no new NBD connection, and writes of a
+    /// connection still open fail (an unplanned failover happened elsewhere).
+    Fence,
 }
 
 /// Whether a refused command conflicts with the relationship's state, or makes no sense here.
@@ -317,7 +328,8 @@ pub fn step(
             | Event::CutTaken { .. }
             | Event::Committed { .. }
             | Event::CycleFailed { .. }
-            | Event::Prepared { .. },
+            | Event::Prepared { .. }
+            | Event::ReplicaFailedOver { .. },
             Role::Replica,
         ) => {
             return Err(invalid(format!(
@@ -342,6 +354,52 @@ pub fn step(
             | Event::Committed { .. }
             | Event::CycleFailed { .. }
             | Event::StorageFailed { .. } => return Ok((s.next, s.actions)),
+            _ => {}
+        },
+        (
+            State::FencedAfterFailover {
+                reason,
+                resume_to,
+                resync,
+            },
+            Role::Primary,
+        ) => match event {
+            Event::StartInitial
+            | Event::Suspend
+            | Event::Resynchronize { .. }
+            | Event::Prepared { .. } => return Err(conflict(s.fenced_hint())),
+            Event::ReplicaFailedOver { .. } => return Ok((s.next, s.actions)),
+            // Late facts of the cancelled cycle, and local tracking lost: judged as for a
+            // suspended relationship (nothing ships), and a divergence found is kept for when
+            // the fence ends; the point in flight stays recorded for the next hello to adopt.
+            Event::HelloAnswered { .. }
+            | Event::CycleFailed { .. }
+            | Event::Committed { .. }
+            | Event::CutTaken { .. }
+            | Event::StorageFailed { .. } => {
+                let mut inner = rel.clone();
+                inner.state = State::Suspended {
+                    resume_to: Resumable::Replicating,
+                };
+                let (mut next, actions) = step(&inner, event, now_unix_ns)?;
+                let resync = match next.state {
+                    State::ResynchronizationRequired { reason } => Some(reason),
+                    _ => resync.clone(),
+                };
+                next.state = State::FencedAfterFailover {
+                    reason: reason.clone(),
+                    resume_to: *resume_to,
+                    resync,
+                };
+                let mut kept: Vec<Action> = actions
+                    .into_iter()
+                    .filter(|a| matches!(a, Action::Emit { .. } | Action::CancelCycle))
+                    .collect();
+                if next.to_record() != rel.to_record() {
+                    kept.insert(0, Action::Persist);
+                }
+                return Ok((next, kept));
+            }
             _ => {}
         },
         (State::PreparedForFailover { .. }, Role::Primary) => match event {
@@ -493,6 +551,7 @@ pub fn step(
         Event::FailoverStop { test } => s.failover_stop(test)?,
         Event::FailoverComplete => s.failover_complete()?,
         Event::Prepared { seq } => s.prepared(seq)?,
+        Event::ReplicaFailedOver { reason } => s.fence_after_failover(reason),
     }
     Ok((s.next, s.actions))
 }
@@ -515,6 +574,11 @@ impl Step {
     fn reverse_hint(&self) -> String {
         let vm = self.vm();
         format!("the failover of {vm} is complete and the VM runs on this host; set up reverse replication: `understudy replication reverse {vm} --replica HOST:PORT`")
+    }
+
+    fn fenced_hint(&self) -> String {
+        let vm = self.vm();
+        format!("the replica host failed {vm} over, so its disks are fenced here; make this host its replica with `understudy replication reverse {vm} --replica THIS_HOST:PORT` on the new primary, run `understudy replication resume {vm}` if that failover was stopped, or `understudy replication remove {vm}` to use the disks here without replication")
     }
 
     fn prepared_hint(&self) -> String {
@@ -581,6 +645,7 @@ impl Step {
             // (replica-role states); kept total for the compiler.
             State::FailedOver => return Err(conflict(self.reverse_hint())),
             State::PreparedForFailover { .. } => return Err(conflict(self.prepared_hint())),
+            State::FencedAfterFailover { .. } => return Err(conflict(self.fenced_hint())),
             State::TestFailoverInProgress { .. } | State::FailedOverWaitingCompletion { .. } => {
                 return Err(invalid(format!(
                     "{vm} is a replica on this host; run this on its primary"
@@ -613,6 +678,32 @@ impl Step {
             State::ResynchronizationRequired { .. } => Err(conflict(self.resync_hint())),
             State::PreparedForFailover { .. } => {
                 self.cancel_prepare("planned failover cancelled (replication resumed)");
+                Ok(())
+            }
+            // The host resumes only after the replica answered a hello again (its failover
+            // was stopped): where it stands is reconciled by the next cycle's hello.
+            State::FencedAfterFailover {
+                ref resync,
+                resume_to,
+                ..
+            } => {
+                self.next.state = match resync {
+                    Some(reason) => State::ResynchronizationRequired {
+                        reason: reason.clone(),
+                    },
+                    None => resume_to.state(),
+                };
+                self.next.need_hello = true;
+                self.actions.extend([
+                    Action::Persist,
+                    Action::Unfence,
+                    emit(
+                        EventKind::Resumed,
+                        "replication resumed: the replica host's failover was stopped; the VM's disks are served again",
+                    ),
+                    Action::SayHello,
+                    Action::ScheduleCycleNow,
+                ]);
                 Ok(())
             }
             // Not suspended: nothing to resume.
@@ -688,17 +779,32 @@ impl Step {
         if matches!(self.next.state, State::ResynchronizationRequired { .. }) {
             return;
         }
+        // A primary prepared for a planned failover stays prepared, and fenced: the replica
+        // may already have failed over to the prepared point, so serving the disks here could
+        // make two primaries. Cancelling the prepare (after the replica confirms it did not
+        // fail over) then leads to the resynchronization.
+        if let (State::PreparedForFailover { seq, resync }, Role::Primary) =
+            (&self.next.state, self.next.role)
+        {
+            if resync.is_none() {
+                self.next.state = State::PreparedForFailover {
+                    seq: *seq,
+                    resync: Some(reason.clone()),
+                };
+                self.actions.extend([
+                    Action::Persist,
+                    emit(
+                        EventKind::ResyncRequired,
+                        format!("resynchronization required once the prepare is cancelled (the VM stays fenced: the replica may have failed over): {reason}"),
+                    ),
+                ]);
+            }
+            return;
+        }
         let message = format!("resynchronization required: {reason}");
-        // A primary prepared for failover whose replica can no longer follow is not prepared:
-        // the fence ends with the prepare (after `Persist`, as `cancel_prepare` says why).
-        let unfence = self.next.role == Role::Primary
-            && matches!(self.next.state, State::PreparedForFailover { .. });
         self.next.state = State::ResynchronizationRequired { reason };
         self.cancel_cycle();
         self.actions.push(Action::Persist);
-        if unfence {
-            self.actions.push(Action::Unfence);
-        }
         self.actions
             .extend([emit(EventKind::ResyncRequired, message), Action::SayHello]);
     }
@@ -799,6 +905,11 @@ impl Step {
             EventKind::CycleFailed,
             format!("replication cycle failed: {error}"),
         ));
+        if refusal.as_ref().is_some_and(|r| r.failed_over) {
+            let reason = refusal.map(|r| r.error).unwrap_or_default();
+            self.fence_after_failover(reason);
+            return;
+        }
         let Some(refusal) = refusal.filter(|r| r.needs_resync) else {
             return;
         };
@@ -1008,8 +1119,8 @@ impl Step {
         let vm = self.vm().clone();
         let p = &self.next.progress;
         match self.next.state {
-            State::PreparedForFailover { seq: prepared } if prepared == seq => return Ok(()),
-            State::PreparedForFailover { seq: prepared } => {
+            State::PreparedForFailover { seq: prepared, .. } if prepared == seq => return Ok(()),
+            State::PreparedForFailover { seq: prepared, .. } => {
                 return Err(conflict(format!(
                     "{vm} is already prepared for a planned failover at point {prepared}"
                 )))
@@ -1033,7 +1144,7 @@ impl Step {
                 p.last_seq
             )));
         }
-        self.next.state = State::PreparedForFailover { seq };
+        self.next.state = State::PreparedForFailover { seq, resync: None };
         self.cancel_cycle();
         self.actions.extend([
             Action::Persist,
@@ -1047,10 +1158,62 @@ impl Step {
         Ok(())
     }
 
+    /// The replica host failed the VM over: fence first (it cannot fail, and must hold even
+    /// if the record cannot be written), then never ship for this generation again.
+    fn fence_after_failover(&mut self, reason: String) {
+        let (resume_to, resync) = match &self.next.state {
+            // The planned failover going on (the VM is fenced already), or already known.
+            State::PreparedForFailover { .. }
+            | State::FencedAfterFailover { .. }
+            | State::FailedOver
+            | State::TestFailoverInProgress { .. }
+            | State::FailedOverWaitingCompletion { .. } => return,
+            State::ReadyForInitialReplication => (Resumable::ReadyForInitialReplication, None),
+            State::InitialReplicationInProgress => (Resumable::InitialReplicationInProgress, None),
+            State::Replicating => (Resumable::Replicating, None),
+            State::Resynchronizing { .. } => (Resumable::Resynchronizing, None),
+            State::Suspended { resume_to } => (*resume_to, None),
+            State::ResynchronizationRequired { reason } => {
+                (Resumable::Replicating, Some(reason.clone()))
+            }
+            State::WaitingForStartResynchronize { reason, .. } => (
+                Resumable::Replicating,
+                Some(
+                    reason
+                        .clone()
+                        .unwrap_or_else(|| "a resynchronization was scheduled".into()),
+                ),
+            ),
+        };
+        self.next.state = State::FencedAfterFailover {
+            reason: reason.clone(),
+            resume_to,
+            resync,
+        };
+        self.actions.push(Action::Fence);
+        self.cancel_cycle();
+        self.actions.extend([
+            Action::Persist,
+            Action::ReleaseCopyBeforeWrite,
+            emit(
+                EventKind::FencedAfterFailover,
+                format!("the replica host failed this VM over while this host was its primary (split brain avoided): nothing more is shipped and its disks are fenced here: {reason}"),
+            ),
+        ]);
+    }
+
     /// Ends a prepare: replicating again, the fence lifted. `Persist` comes before `Unfence`:
     /// a record that says prepared never outlives the fence it claims.
     fn cancel_prepare(&mut self, message: &str) {
-        self.next.state = State::Replicating;
+        self.next.state = match &self.next.state {
+            State::PreparedForFailover {
+                resync: Some(reason),
+                ..
+            } => State::ResynchronizationRequired {
+                reason: reason.clone(),
+            },
+            _ => State::Replicating,
+        };
         self.next.need_hello = true;
         self.actions.extend([
             Action::Persist,
@@ -1112,7 +1275,10 @@ impl Step {
                 reason: kept_reason,
             },
             Some(ReplicationState::PreparedForFailover) => {
-                State::PreparedForFailover { seq: latest_seq }
+                State::PreparedForFailover {
+                    seq: latest_seq,
+                    resync: None,
+                }
             }
             // A replica's own states (and a completed failover's): never a primary's to
             // report, so not mirrored.
@@ -1120,7 +1286,8 @@ impl Step {
                 ReplicationState::Replica
                 | ReplicationState::TestFailoverInProgress
                 | ReplicationState::FailedOverWaitingCompletion
-                | ReplicationState::FailedOver,
+                | ReplicationState::FailedOver
+                | ReplicationState::FencedAfterFailover,
             )
             | None => derived.state(),
         };

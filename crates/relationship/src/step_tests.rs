@@ -84,6 +84,7 @@ fn out_of_sequence(seq: u64, expected: u64) -> Event {
         error: "out of sequence".into(),
         refusal: Some(PeerRefusalFacts {
             expected_seq: Some(Seq(expected)),
+            failed_over: false,
             needs_resync: true,
             error: "out of sequence".into(),
         }),
@@ -530,6 +531,7 @@ fn divergent_refusal_requires_resynchronization() {
         error: "refused".into(),
         refusal: Some(PeerRefusalFacts {
             expected_seq: None,
+            failed_over: false,
             needs_resync: true,
             error: "wrong generation".into(),
         }),
@@ -823,7 +825,10 @@ fn test_failover_starts_from_any_replica_state_with_a_point() {
         suspended(Resumable::Replicating),
         required(),
         State::Resynchronizing { reason: None },
-        State::PreparedForFailover { seq: Seq(5) },
+        State::PreparedForFailover {
+            seq: Seq(5),
+            resync: None,
+        },
     ] {
         let (next, actions) = ok(&replica(from.clone(), 5), start(3, true));
         assert_eq!(next.state, testing(3, from));
@@ -1120,7 +1125,10 @@ fn prepared_is_accepted_only_when_the_last_change_committed() {
         &primary(State::Replicating, 7),
         Event::Prepared { seq: Seq(7) },
     );
-    assert_eq!(next.state, State::PreparedForFailover { seq: Seq(7) });
+    assert_eq!(next.state, State::PreparedForFailover {
+            seq: Seq(7),
+            resync: None,
+        });
     assert!(!next.state.cycles());
     assert!(actions.contains(&Action::CancelCycle));
     assert!(actions.contains(&Action::Persist));
@@ -1164,7 +1172,10 @@ fn prepared_is_refused_unless_replicating_in_sync() {
 
 #[test]
 fn resume_cancels_a_prepare_and_unfences_after_persist() {
-    let p = primary(State::PreparedForFailover { seq: Seq(7) }, 7);
+    let p = primary(State::PreparedForFailover {
+            seq: Seq(7),
+            resync: None,
+        }, 7);
     for ev in [Event::Resume, Event::FailoverStop { test: false }] {
         let (next, actions) = ok(&p, ev);
         assert_eq!(next.state, State::Replicating);
@@ -1180,9 +1191,18 @@ fn resume_cancels_a_prepare_and_unfences_after_persist() {
     }
 }
 
+/// A divergence learned while prepared does not lift the fence (the replica may have failed
+/// over to the prepared point: serving the disks here would make two primaries); cancelling
+/// the prepare leads to the resynchronization, unfenced only after `Persist`.
 #[test]
-fn divergence_while_prepared_unfences() {
-    let p = primary(State::PreparedForFailover { seq: Seq(7) }, 7);
+fn divergence_while_prepared_keeps_the_fence_and_cancel_leads_to_resync() {
+    let p = primary(
+        State::PreparedForFailover {
+            seq: Seq(7),
+            resync: None,
+        },
+        7,
+    );
     let (next, actions) = ok(
         &p,
         Event::StorageFailed {
@@ -1190,7 +1210,14 @@ fn divergence_while_prepared_unfences() {
         },
     );
     assert!(matches!(
-        next.state,
+        &next.state,
+        State::PreparedForFailover { seq: Seq(7), resync: Some(r) } if r == "lost"
+    ));
+    assert!(!actions.contains(&Action::Unfence), "{actions:?}");
+    assert!(actions.contains(&Action::Persist));
+    let (cancelled, actions) = ok(&next, Event::Resume);
+    assert!(matches!(
+        cancelled.state,
         State::ResynchronizationRequired { .. }
     ));
     let unfence = actions.iter().position(|a| *a == Action::Unfence).unwrap();
@@ -1203,7 +1230,10 @@ fn replica_mirrors_a_prepared_primary_and_may_fail_over_from_it() {
         &replica(State::Replicating, 7),
         replica_hello(ReplicationState::PreparedForFailover, 7),
     );
-    assert_eq!(next.state, State::PreparedForFailover { seq: Seq(7) });
+    assert_eq!(next.state, State::PreparedForFailover {
+            seq: Seq(7),
+            resync: None,
+        });
     let (next, _) = ok(&next, start(7, false));
     assert_eq!(next.state, failed_over(7));
     // A primary never reports a replica's failover states: not mirrored.
@@ -1222,10 +1252,114 @@ fn accepts_deltas_is_false_exactly_while_failed_over() {
     for (s, accepts) in [
         (State::Replicating, true),
         (testing(1, State::Replicating), true),
-        (State::PreparedForFailover { seq: Seq(1) }, true),
+        (State::PreparedForFailover {
+            seq: Seq(1),
+            resync: None,
+        }, true),
         (failed_over(1), false),
         (State::FailedOver, false),
     ] {
         assert_eq!(s.accepts_deltas(), accepts, "{s:?}");
     }
+}
+
+fn told_failed_over() -> Event {
+    Event::ReplicaFailedOver {
+        reason: "web is FailedOver on its replica host".into(),
+    }
+}
+
+#[test]
+fn old_primary_told_of_a_failover_fences_and_never_ships_again() {
+    let mut p = primary(State::Replicating, 7);
+    p.progress.inflight_seq = Some(Seq(8));
+    let (next, actions) = ok(&p, told_failed_over());
+    assert!(matches!(
+        next.state,
+        State::FencedAfterFailover {
+            resume_to: Resumable::Replicating,
+            resync: None,
+            ..
+        }
+    ));
+    // Fenced before anything else, the cycle cancelled, the point in flight kept for the
+    // hello that may end the fence.
+    assert_eq!(actions.first(), Some(&Action::Fence));
+    assert!(actions.contains(&Action::CancelCycle));
+    assert!(actions.contains(&Action::Persist));
+    assert_eq!(next.progress.inflight_seq, Some(Seq(8)));
+    assert_eq!(emitted(&actions), [EventKind::FencedAfterFailover]);
+    // The same news as the refusal of an upload.
+    let refusal = Event::CycleFailed {
+        seq: Seq(8),
+        error: "failed over".into(),
+        refusal: Some(PeerRefusalFacts {
+            expected_seq: None,
+            failed_over: true,
+            needs_resync: false,
+            error: "failed over".into(),
+        }),
+    };
+    let (by_refusal, _) = ok(&p, refusal);
+    assert!(matches!(
+        by_refusal.state,
+        State::FencedAfterFailover { .. }
+    ));
+    // Nothing ships any more; replication commands are refused naming the ways out.
+    let (after, actions) = ok(&next, Event::CycleDue);
+    assert_eq!(after, next);
+    assert!(actions.is_empty());
+    for ev in [Event::StartInitial, Event::Suspend, resync(None)] {
+        let r = refused(&next, ev);
+        assert!(r.message.contains("replication reverse"), "{r}");
+        assert!(r.message.contains("replication remove"), "{r}");
+    }
+}
+
+#[test]
+fn fenced_primary_learns_a_divergence_and_resume_leads_to_resync() {
+    let p = primary(State::Replicating, 7);
+    let (fenced, _) = ok(&p, told_failed_over());
+    let (still, actions) = ok(
+        &fenced,
+        Event::StorageFailed {
+            reason: "tracking lost".into(),
+        },
+    );
+    assert!(matches!(
+        &still.state,
+        State::FencedAfterFailover { resync: Some(r), .. } if r.contains("tracking lost")
+    ));
+    assert!(!actions.contains(&Action::Unfence));
+    assert!(!actions
+        .iter()
+        .any(|a| matches!(a, Action::StartCycle { .. } | Action::TakeCut { .. })));
+    let (resumed, actions) = ok(&still, Event::Resume);
+    assert!(matches!(
+        resumed.state,
+        State::ResynchronizationRequired { .. }
+    ));
+    let unfence = actions.iter().position(|a| *a == Action::Unfence).unwrap();
+    assert!(persist_index(&actions) < unfence);
+    // Without one, resume returns to the state before the fence.
+    let (resumed, _) = ok(&fenced, Event::Resume);
+    assert_eq!(resumed.state, State::Replicating);
+    assert!(resumed.need_hello);
+    let ready = primary(State::ReadyForInitialReplication, 0);
+    let (fenced, _) = ok(&ready, told_failed_over());
+    assert_eq!(
+        ok(&fenced, Event::Resume).0.state,
+        State::ReadyForInitialReplication
+    );
+}
+
+#[test]
+fn prepared_primary_stays_prepared_when_the_replica_fails_over() {
+    let p = primary(State::PreparedForFailover {
+            seq: Seq(7),
+            resync: None,
+        }, 7);
+    let (next, actions) = ok(&p, told_failed_over());
+    assert_eq!(next, p);
+    assert!(actions.is_empty());
 }

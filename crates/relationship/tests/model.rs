@@ -69,6 +69,11 @@ enum Op {
         which: u8,
         test: bool,
     },
+    /// The replica host says it failed the VM over (`failed_over`): as a fact, or as the
+    /// refusal of the running cycle.
+    ReplicaFailedOver {
+        via_cycle: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -90,6 +95,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::ReplicaEvent),
         2 => prop_oneof![4 => Just(0i8), 1 => -1i8..2].prop_map(|offset| Op::Prepared { offset }),
         1 => (0u8..3, any::<bool>()).prop_map(|(which, test)| Op::Failover { which, test }),
+        1 => any::<bool>().prop_map(|via_cycle| Op::ReplicaFailedOver { via_cycle }),
     ]
 }
 
@@ -260,6 +266,7 @@ impl Harness {
                 };
                 let refusal = refusal.map(|(expected, needs_resync)| PeerRefusalFacts {
                     expected_seq: expected.map(|o| add(seq, o)),
+                    failed_over: false,
                     needs_resync,
                     error: "refused".into(),
                 });
@@ -299,6 +306,19 @@ impl Harness {
                 seq: add(p.last_seq, offset),
             },
             Op::Failover { which, test } => failover_event(which, test, p.last_seq),
+            Op::ReplicaFailedOver { via_cycle: false } => Event::ReplicaFailedOver {
+                reason: "web is FailedOver on its replica host".into(),
+            },
+            Op::ReplicaFailedOver { via_cycle: true } => Event::CycleFailed {
+                seq: p.last_seq.next(),
+                error: "web is FailedOver on its replica host".into(),
+                refusal: Some(PeerRefusalFacts {
+                    expected_seq: None,
+                    failed_over: true,
+                    needs_resync: false,
+                    error: "web is FailedOver on its replica host".into(),
+                }),
+            },
         })
     }
 
@@ -331,6 +351,27 @@ impl Harness {
                             && matches!(event, Event::HelloAnswered { .. }),
                         "last_seq went back on {event:?}: {before:?} -> {next:?}"
                     );
+                }
+                // (e) Fenced after a failover elsewhere: nothing ships for this generation,
+                // and only `resume` (which the host runs after the replica answered again)
+                // leaves it, lifting the fence.
+                if matches!(before.state, State::FencedAfterFailover { .. }) {
+                    prop_assert!(
+                        !actions.iter().any(|a| matches!(
+                            a,
+                            Action::StartCycle { .. } | Action::TakeCut { .. }
+                        )),
+                        "{event:?} shipped while fenced: {actions:?}"
+                    );
+                    if !matches!(next.state, State::FencedAfterFailover { .. }) {
+                        prop_assert_eq!(&event, &Event::Resume);
+                        prop_assert!(actions.contains(&Action::Unfence));
+                    }
+                }
+                if matches!(next.state, State::FencedAfterFailover { .. })
+                    && !matches!(before.state, State::FencedAfterFailover { .. })
+                {
+                    prop_assert!(actions.contains(&Action::Fence), "{actions:?}");
                 }
                 for a in &actions {
                     match a {
@@ -367,6 +408,9 @@ impl Harness {
             },
             self.now,
         );
+        if matches!(self.rel.state, State::FencedAfterFailover { .. }) {
+            prop_assert_eq!(h, Health::Critical);
+        }
         if self.ghost {
             prop_assert!(
                 h != Health::Normal,
@@ -652,7 +696,15 @@ fn every_state_name() -> BTreeSet<String> {
         },
         State::FailedOverWaitingCompletion { point: Seq(1) },
         State::FailedOver,
-        State::PreparedForFailover { seq: Seq(1) },
+        State::PreparedForFailover {
+            seq: Seq(1),
+            resync: None,
+        },
+        State::FencedAfterFailover {
+            reason: String::new(),
+            resume_to: Resumable::Replicating,
+            resync: None,
+        },
     ]
     .iter()
     .map(name_of)
@@ -711,6 +763,12 @@ fn every_state_is_reachable_from_ready_for_initial_replication() {
         (Event::Restarted, T0),
         (Event::FailoverStop { test: false }, T0),
         (
+            Event::ReplicaFailedOver {
+                reason: "failed over there".into(),
+            },
+            T0,
+        ),
+        (
             Event::StorageFailed {
                 reason: "lost".into(),
             },
@@ -756,6 +814,7 @@ fn every_state_is_reachable_from_ready_for_initial_replication() {
                 error: "refused".into(),
                 refusal: Some(PeerRefusalFacts {
                     expected_seq: Some(Seq(s + 1)),
+                    failed_over: false,
                     needs_resync: true,
                     error: "x".into(),
                 }),

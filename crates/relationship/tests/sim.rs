@@ -118,6 +118,7 @@ impl Replica {
         if d.generation != self.generation {
             return Err(PeerRefusalFacts {
                 expected_seq: None,
+                failed_over: false,
                 needs_resync: true,
                 error: "wrong generation".into(),
             });
@@ -125,6 +126,7 @@ impl Replica {
         if self.damaged && d.kind != CycleKind::Full {
             return Err(PeerRefusalFacts {
                 expected_seq: None,
+                failed_over: false,
                 needs_resync: true,
                 error: "the replica's copy is damaged".into(),
             });
@@ -133,6 +135,7 @@ impl Replica {
         if d.seq != expected {
             return Err(PeerRefusalFacts {
                 expected_seq: Some(expected),
+                failed_over: false,
                 needs_resync: true,
                 error: format!("out of sequence: expected {expected}, got {}", d.seq),
             });

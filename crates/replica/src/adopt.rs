@@ -23,12 +23,16 @@ pub const ADOPT_COPY_CHUNK_BYTES: usize = 1 << 20;
 const ZERO_BLOCK_BYTES: usize = 4096;
 
 /// The point the adopted images hold: the point the new primary started from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdoptedBase {
     /// Its seq (≥ 1): the next delta the replica takes is `seq + 1` on parent `seq`.
     pub seq: Seq,
     /// Its cut time, as the point was listed where it was taken.
     pub cut_time_unix_ns: u64,
+    /// `Some(reason)`: the images do not hold that point exactly (the old primary's own last
+    /// state, after an unplanned failover); the VM is created damaged, so it takes only a
+    /// `Full` delta next, whose commit clears it.
+    pub damage: Option<String>,
 }
 
 /// How an image became a base image.

@@ -38,6 +38,7 @@ fn base() -> AdoptedBase {
     AdoptedBase {
         seq: Seq(S),
         cut_time_unix_ns: 77,
+        damage: None,
     }
 }
 

@@ -136,6 +136,11 @@ impl Layer {
         }
     }
 
+    /// The ranges `[start, end)` this layer covers, in order.
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.extents.iter().map(|(s, (e, _))| (*s, *e))
+    }
+
     /// Number of extents (for tests and metrics).
     #[cfg(test)]
     pub fn len(&self) -> usize {

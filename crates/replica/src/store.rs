@@ -391,7 +391,7 @@ impl ReplicaStore {
         let images = adopt::check_images(vm_id, disks, images)?;
         let dir = self.dir.join(vm_id.as_str());
         let tmp = self.creating_path(vm_id);
-        let built = self.build_adopted(vm_id, generation, disks, key, &images, base, &tmp);
+        let built = self.build_adopted(vm_id, generation, disks, key, &images, base.clone(), &tmp);
         let committed = built.and_then(|placed| {
             durable::rename(&tmp, &dir)?;
             Ok(placed)
@@ -470,6 +470,7 @@ impl ReplicaStore {
             stored_bytes: 0,
             app_consistent: false,
         });
+        manifest.damage = base.damage.clone();
         manifest.store(tmp)?;
         fsync_creating(tmp)?;
         failpoint::hit("adopt.before_rename")?;

@@ -222,6 +222,30 @@ impl ReplicaVm {
         self.inner.state.read().damage.clone()
     }
 
+    /// The byte ranges `(offset, len)` of `disk` that the points after `seq` wrote (coalesced,
+    /// in order): where the newest point may differ from point `seq`. A failover to `seq`
+    /// that is completed keeps point `seq`, and a reverse replication must send these ranges
+    /// to a host that holds a later point.
+    pub fn changed_after(&self, seq: Seq, disk: u32) -> Vec<(u64, u64)> {
+        let st = self.inner.state.read();
+        let mut all: Vec<(u64, u64)> = st
+            .journal
+            .range(seq.get().saturating_add(1)..)
+            .filter_map(|(_, e)| e.layers.get(&disk))
+            .flat_map(|l| l.ranges().collect::<Vec<_>>())
+            .collect();
+        drop(st);
+        all.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in all {
+            match out.last_mut() {
+                Some((_, last_end)) if s <= *last_end => *last_end = (*last_end).max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        out.into_iter().map(|(s, e)| (s, e - s)).collect()
+    }
+
     /// Forgets the recorded damage (the daemon resynchronized by other means).
     pub fn clear_damage(&self) -> Result<(), ReplicaError> {
         let _m = self.inner.mutate.lock();

@@ -24,6 +24,7 @@ fn base() -> AdoptedBase {
     AdoptedBase {
         seq: Seq(S),
         cut_time_unix_ns: CUT,
+        damage: None,
     }
 }
 
@@ -291,6 +292,7 @@ fn a_refused_adoption_changes_nothing_and_leaves_the_images_intact() {
                 AdoptedBase {
                     seq: Seq(seq),
                     cut_time_unix_ns: CUT,
+                    damage: None,
                 },
             )
             .map(|_| ())
@@ -407,6 +409,7 @@ fn adopt_retry_after_a_lost_answer_is_idempotent() {
                 AdoptedBase {
                     seq: Seq(seq),
                     cut_time_unix_ns: cut,
+                    damage: None,
                 },
             )
             .map(|_| ())

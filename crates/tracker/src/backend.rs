@@ -29,6 +29,16 @@ const BLOCK_STATUS_EXTENTS_MAX: usize = 64;
 /// write of zeros on a filesystem without `FALLOC_FL_ZERO_RANGE`.
 pub(crate) const ZERO_PIECE_BYTES: u64 = 32 * 1024 * 1024;
 
+fn fenced(disk: &TrackedDisk) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "{} is fenced: the VM was failed over to another host",
+            disk.image.display()
+        ),
+    )
+}
+
 fn check_range(disk: &TrackedDisk, offset: u64, len: u64) -> io::Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= disk.size => Ok(()),
@@ -47,6 +57,9 @@ impl TrackedDisk {
     /// Runs one modifying operation on `offset..offset+len` inside the tracking protocol.
     fn modify(&self, offset: u64, len: u64, op: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
         check_range(self, offset, len)?;
+        if self.fenced.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(fenced(self));
+        }
         if len == 0 {
             return Ok(());
         }
@@ -234,6 +247,31 @@ mod tests {
         let e = Arc::clone(&ends);
         *d.between_pieces.lock() = Some(Box::new(move |end| e.lock().push(end)));
         ends
+    }
+
+    #[test]
+    fn fenced_disk_refuses_every_modification_and_keeps_its_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_gate, d) = disk(dir.path(), 1 << 20);
+        d.write_at(&[7u8; 4096], 8192, false).expect("write");
+        d.set_fenced(true);
+        let refused = [
+            d.write_at(&[9u8; 4096], 8192, false),
+            d.trim(8192, 4096, false),
+            d.write_zeroes(0, 1 << 20, true, false),
+        ];
+        for r in refused {
+            let e = r.expect_err("a fenced disk took a modification");
+            assert_eq!(nbd::NbdErrno::from_io(&e), nbd::NbdErrno::Perm, "{e}");
+            assert!(e.to_string().contains("fenced"), "{e}");
+        }
+        let mut buf = [0u8; 4096];
+        d.read_at(&mut buf, 8192).expect("reads go on");
+        assert_eq!(buf, [7u8; 4096]);
+        assert_eq!(d.unshipped_ranges(), vec![(8192, 4096)]);
+        d.set_fenced(false);
+        d.write_at(&[9u8; 4096], 0, false).expect("unfenced");
+        assert_eq!(d.unshipped_ranges(), vec![(0, 4096), (8192, 4096)]);
     }
 
     #[test]

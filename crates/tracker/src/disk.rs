@@ -77,6 +77,8 @@ pub struct TrackedDisk {
     pub(crate) frozen: FrozenState,
     pub(crate) al: ActivityLog,
     pub(crate) shut_down: AtomicBool,
+    /// Fenced (`set_fenced`): every modifying call fails (NBD `EPERM`).
+    pub(crate) fenced: AtomicBool,
     /// The first failed sync of the image, as text ("fdatasync: Input/output error ..."):
     /// sticky until the disk is reopened (see `sync_image`).
     storage_error: parking_lot::Mutex<Option<String>>,
@@ -239,6 +241,7 @@ impl TrackedDisk {
             ),
             al,
             shut_down: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
             storage_error: parking_lot::Mutex::new(None),
             storage_failed: AtomicBool::new(false),
             #[cfg(test)]
@@ -252,6 +255,35 @@ impl TrackedDisk {
 
     pub fn size_bytes(&self) -> u64 {
         self.size
+    }
+
+    /// Fences the disk (`true`): from now on every write, trim and write-zeroes fails with
+    /// a permission error (NBD `EPERM`) and changes nothing, whoever sends it (an NBD connection opened before the
+    /// fence included); reads go on. Another host took over the VM, and a write here would
+    /// be one the replica never sees.
+    pub fn set_fenced(&self, fenced: bool) {
+        self.fenced.store(fenced, Ordering::Release);
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Blocks not on the replica (active ∪ the frozen map of a cut not committed) as byte
+    /// ranges `(offset, len)`: coalesced, block aligned, clipped to the size.
+    pub fn unshipped_ranges(&self) -> Vec<(u64, u64)> {
+        let (a, f) = (self.active(), self.frozen_map());
+        let union = crate::bitmap::Bitmap::new(self.nblocks);
+        union.or_from(a);
+        union.or_from(f);
+        union
+            .runs()
+            .into_iter()
+            .map(|(b, n)| {
+                let off = b * BLOCK_BYTES;
+                (off, ((b + n) * BLOCK_BYTES).min(self.size) - off)
+            })
+            .collect()
     }
 
     pub fn image_path(&self) -> &Path {

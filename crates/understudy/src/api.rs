@@ -170,6 +170,13 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
             }
             to_json(&shared.reverse_replication(r).await?)
         }
+        (Method::POST, ["v1", "vms", name, "replication", "remove"]) => {
+            let vm = name.to_string();
+            let message = owner
+                .call(|reply| HostCommand::RemoveReplication { vm, reply })
+                .await?;
+            to_json(&serde_json::json!({ "message": message }))
+        }
         (Method::POST, ["v1", "vms", name, "replication", "resynchronize"]) => {
             let repl = shared.replication(name)?;
             let r: proto::Resynchronize = body(req).await?;

@@ -233,6 +233,15 @@ enum VmCmd {
         /// Forget the launch command.
         #[arg(long)]
         no_launch: bool,
+        /// Addresses a failover of NAME gives a Linux guest through cloud-init (a NoCloud seed
+        /// disk served as NAME-seed), e.g. 'ipv4=10.2.0.5/24,gateway=10.2.0.1,dns=10.2.0.53';
+        /// keys ipv4, gateway, ipv6, gateway6, dns (repeatable), mac. Set on the primary it
+        /// reaches the replica host; set on the replica host it overrides the primary's.
+        #[arg(long, value_name = "SETTINGS", conflicts_with = "no_failover_network")]
+        failover_network: Option<String>,
+        /// Forget the failover network settings (on the replica host: its override).
+        #[arg(long)]
+        no_failover_network: bool,
     },
     /// Show one VM and its disks.
     Show {
@@ -302,6 +311,11 @@ enum ReplicationCmd {
     },
     /// Pause shipping (changes keep being tracked).
     Suspend { name: String },
+    /// On the primary: stop replicating NAME from this host, whatever its state (Hyper-V's
+    /// Remove-VMReplication). Its disks are served again, also after a fence (this is how an
+    /// admin forces a VM failed over elsewhere back into service here); the replica keeps
+    /// its copy and its points.
+    Remove { name: String },
     /// After a planned failover to this host (`failover complete`): replicate NAME back to its
     /// old primary, which becomes the replica with its own disks as the base (no initial
     /// replication; only what the VM wrote since the failover is sent).
@@ -467,6 +481,8 @@ fn main() -> ExitCode {
                     post_thaw_hook,
                     launch,
                     no_launch,
+                    failover_network,
+                    no_failover_network,
                 } => cli::vm_set(
                     &api,
                     guest_agent.as_deref(),
@@ -478,6 +494,8 @@ fn main() -> ExitCode {
                         post_thaw_hook,
                         launch,
                         no_launch,
+                        failover_network,
+                        no_failover_network,
                     },
                 ),
             }
@@ -520,6 +538,7 @@ fn main() -> ExitCode {
                     cli::replication_measure(&api, &name, json)
                 }
                 ReplicationCmd::Suspend { name } => cli::replication_action(&api, &name, "suspend"),
+                ReplicationCmd::Remove { name } => cli::replication_remove(&api, &name),
                 ReplicationCmd::Resume {
                     name,
                     resynchronize: true,

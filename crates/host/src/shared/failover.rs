@@ -107,9 +107,15 @@ impl Shared {
                 ))
             })?;
             let disks: Vec<u32> = rvm.disks().iter().map(|d| d.index).collect();
-            Some(Template::parse(&command, &disks).map_err(|e| {
+            let t = Template::parse(&command, &disks).map_err(|e| {
                 bad_request(format!("the launch command of {vm} cannot be used: {e}"))
-            })?)
+            })?;
+            if t.uses_seed() && self.failover_network(vm)?.is_none() {
+                return Err(bad_request(format!(
+                    "the launch command of {vm} names the seed disk, but {vm} has no failover network settings: set them with `understudy vm set {vm} --failover-network '...'`"
+                )));
+            }
+            Some(t)
         } else {
             None
         };
@@ -151,7 +157,7 @@ impl Shared {
         let info = self.failover_info(&served_as)?;
         let launch = match template {
             None => None,
-            Some(t) => match t.render(&served_as, &info.disks) {
+            Some(t) => match t.render(&served_as, &info.disks, info.seed.as_ref()) {
                 Ok(command) => Some(Launch {
                     vm: vm.to_string(),
                     served_as: served_as.clone(),
@@ -341,13 +347,19 @@ impl Shared {
         // hello and commit of this host takes (a copy of a large disk takes minutes). Only a
         // relationship still waiting for completion gets them; a crash in between is finished
         // by the next `failover complete` (its disks are found recorded, `resumed`).
-        let waiting = matches!(
-            self.replica_relationship(vm).map(|r| r.state),
-            Some(State::FailedOverWaitingCompletion { .. })
-        );
+        let point = match self.replica_relationship(vm).map(|r| r.state) {
+            Some(State::FailedOverWaitingCompletion { point }) => Some(point),
+            _ => None,
+        };
         let mut made: Option<(crate::catalog::VmRecord, crate::vms::Vm)> = None;
-        if waiting && !resumed {
-            match self.materialize_failover(vm, &sizes, &overlays) {
+        if let (Some(point), false) = (point, resumed) {
+            // What the replica applied after the point: a host that holds a later point (the
+            // old primary, at a reverse) differs from the kept disks there too.
+            let after: Vec<(u32, Vec<(u64, u64)>)> = sizes
+                .iter()
+                .map(|&(i, _)| (i, rvm.changed_after(point, i)))
+                .collect();
+            match self.materialize_failover(vm, &sizes, &overlays, &after) {
                 Ok(m) => made = Some(m),
                 Err(e) => {
                     reserve(&overlays);
@@ -390,6 +402,7 @@ impl Shared {
         vm: &str,
         sizes: &[(u32, u64)],
         overlays: &[(u32, Arc<Overlay>)],
+        after: &[(u32, Vec<(u64, u64)>)],
     ) -> anyhow::Result<(crate::catalog::VmRecord, crate::vms::Vm)> {
         if self.vms.lock().contains_key(vm) {
             return Err(conflict(format!(
@@ -428,6 +441,14 @@ impl Shared {
             if let Some(d) = new_vm.disks.get(position) {
                 d.mark_dirty_blocks(&o.written_blocks())
                     .with_context(|| format!("recording what was written to disk {i} of {vm}"))?;
+                let newer = after
+                    .iter()
+                    .find(|(a, _)| a == i)
+                    .map(|(_, r)| crate::vms::byte_ranges_to_blocks(r))
+                    .unwrap_or_default();
+                d.mark_dirty_blocks(&newer).with_context(|| {
+                    format!("recording what the points after the failover's point changed on disk {i} of {vm}")
+                })?;
             }
         }
         self.catalog
@@ -558,6 +579,26 @@ impl Shared {
                 }
             }
         }
+        // The cloud-init seed (failover network settings), made anew: a fresh failover
+        // without its seed is refused; one served again after a restart goes on without it.
+        if let Err(e) = self.serve_seed(&vm, &served_as, rvm.generation().get(), point.get()) {
+            if fresh {
+                let _ = self.catalog.delete(&FailoverRecord::key(&served_as));
+                for (i, _) in &overlays {
+                    let _ = Overlay::discard(&self.failover_dir(&served_as, *i));
+                }
+                return Err(e.context(format!("preparing the cloud-init seed of {served_as}")));
+            }
+            self.events.emit(
+                events::FAILOVER_STOPPED,
+                Some(&vm),
+                "error",
+                &format!(
+                    "the cloud-init seed of {served_as} could not be made again after the restart: {}",
+                    crate::errfmt::one_line(&e)
+                ),
+            );
+        }
         self.export_overlays(&served_as, &overlays);
         self.failovers
             .lock()
@@ -611,6 +652,7 @@ impl Shared {
                 Overlay::discard(&dir).with_context(|| format!("removing {}", dir.display()))?;
             }
         }
+        self.drop_seed(&served_as)?;
         let _ = std::fs::remove_dir(self.data_dir.join("failover").join(&served_as));
         Ok(())
     }
@@ -772,6 +814,8 @@ impl Shared {
             pre_freeze_hook: None,
             post_thaw_hook: None,
             launch: None,
+            failover_network: self.failover_network(&r.vm).ok().flatten(),
+            seed: self.seed_info(served_as),
         })
     }
 
@@ -795,6 +839,7 @@ impl Shared {
             disks: info.disks,
             launched: None,
             launch_failed: false,
+            seed: info.seed,
         })
     }
 

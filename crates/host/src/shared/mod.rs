@@ -29,6 +29,7 @@ use relationship::{Event, Relationship, Role};
 mod failover;
 mod replica_side;
 mod reverse;
+mod seed;
 mod served;
 
 pub use failover::{served_name, FailoverRecord};
@@ -383,11 +384,18 @@ impl Shared {
     /// Serves a VM opened at start and resumes its replication.
     fn install_opened(self: &Arc<Self>, record: VmRecord, vm: Vm, rel: Option<PrimaryRelation>) {
         let vm = Arc::new(vm);
-        // A VM prepared for a planned failover stays fenced across a restart.
+        // A VM prepared for a planned failover, or failed over elsewhere, stays fenced
+        // across a restart.
         let fenced = rel.as_ref().is_some_and(|(_, r)| {
-            matches!(r.state, relationship::State::PreparedForFailover { .. })
+            matches!(
+                r.state,
+                relationship::State::PreparedForFailover { .. }
+                    | relationship::State::FencedAfterFailover { .. }
+            )
         });
-        if !fenced {
+        if fenced {
+            self.fence_vm_now(&vm);
+        } else {
             self.add_exports(&vm);
         }
         if let Some((settings, rel)) = rel {
@@ -602,11 +610,26 @@ impl Shared {
                 vm.name, vm.name
             )));
         }
+        for d in &vm.disks {
+            d.set_fenced(true);
+        }
         Ok(())
     }
 
-    /// Serves a fenced VM's disks again (a prepare cancelled or failed).
+    /// Fences a VM whatever uses it (another host failed it over): its disks are no longer
+    /// served, and every write of a connection still open fails.
+    pub(crate) fn fence_vm_now(&self, vm: &Vm) {
+        for (i, d) in vm.disks.iter().enumerate() {
+            d.set_fenced(true);
+            self.exports.remove(&vms::export_name(&vm.name, i as u32));
+        }
+    }
+
+    /// Serves a fenced VM's disks again (a prepare cancelled or failed, a fence lifted).
     pub(crate) fn unfence_vm(&self, vm: &Vm) {
+        for d in &vm.disks {
+            d.set_fenced(false);
+        }
         self.add_exports(vm);
     }
 
@@ -758,9 +781,13 @@ impl Shared {
                 Some(e) => (e.record.clone(), None),
                 None => {
                     let broken = self.broken.lock();
-                    let b = broken
-                        .get(name)
-                        .ok_or_else(|| not_found(format!("no VM named {name} on this host")))?;
+                    let Some(b) = broken.get(name) else {
+                        drop(broken);
+                        drop(vms);
+                        return self
+                            .replica_vm_info(name)
+                            .ok_or_else(|| not_found(format!("no VM named {name} on this host")));
+                    };
                     (b.record.clone(), Some(b.reason.clone()))
                 }
             }
@@ -809,6 +836,11 @@ impl Shared {
                 tracing::warn!(vm = %name, "reading its launch command: {e:#}");
                 None
             }),
+            failover_network: self.failover_network(name).unwrap_or_else(|e| {
+                tracing::warn!(vm = %name, "reading its failover network settings: {e:#}");
+                None
+            }),
+            seed: None,
         })
     }
 
@@ -856,11 +888,22 @@ impl Shared {
             || req.pre_freeze_hook.is_some()
             || req.post_thaw_hook.is_some();
         let launch_change = req.launch.is_some() || req.no_launch;
-        if !guest_change && !launch_change {
+        let network_change = req.failover_network.is_some() || req.no_failover_network;
+        if !guest_change && !launch_change && !network_change {
             return Err(bad_request(
-                "nothing to change: give --launch, --no-launch, --guest-agent, --no-guest-agent, --pre-freeze-hook or --post-thaw-hook",
+                "nothing to change: give --launch, --no-launch, --failover-network, --no-failover-network, --guest-agent, --no-guest-agent, --pre-freeze-hook or --post-thaw-hook",
             ));
         }
+        if req.failover_network.is_some() && req.no_failover_network {
+            return Err(bad_request(
+                "--failover-network and --no-failover-network contradict each other",
+            ));
+        }
+        let network = req
+            .failover_network
+            .as_deref()
+            .map(Self::check_failover_network)
+            .transpose()?;
         if req.guest_agent.is_some() && req.no_guest_agent {
             return Err(bad_request(
                 "--guest-agent and --no-guest-agent contradict each other",
@@ -912,7 +955,7 @@ impl Shared {
                 };
                 if guest_change {
                     return Err(bad_request(format!(
-                        "{} is a replica VM on this host: only --launch and --no-launch apply to it (set the guest agent and hooks on its primary host)",
+                        "{} is a replica VM on this host: only --launch, --no-launch, --failover-network and --no-failover-network apply to it (set the guest agent and hooks on its primary host)",
                         req.vm
                     )));
                 }
@@ -952,11 +995,22 @@ impl Shared {
                 },
             );
         }
+        if network_change {
+            self.set_failover_network(&req.vm, network)?;
+        }
         if primary_disks.is_some() {
             return self.vm_info(&req.vm);
         }
-        Ok(VmInfo {
-            name: req.vm.clone(),
+        self.replica_vm_info(&req.vm)
+            .ok_or_else(|| not_found(format!("no VM named {} on this host", req.vm)))
+    }
+
+    /// What `vm show` and `vm set` answer for a replica VM of this host (it has no `vm/<name>`
+    /// here): the name, role `Replica`, no disks, and its launch and failover network settings.
+    fn replica_vm_info(&self, name: &str) -> Option<VmInfo> {
+        self.replica_vm(name).ok()?;
+        Some(VmInfo {
+            name: name.to_string(),
             disks: Vec::new(),
             created_at: String::new(),
             replication_role: "Replica".into(),
@@ -964,7 +1018,15 @@ impl Shared {
             guest_agent: None,
             pre_freeze_hook: None,
             post_thaw_hook: None,
-            launch: self.launch_command(&req.vm)?,
+            launch: self.launch_command(name).unwrap_or_else(|e| {
+                tracing::warn!(vm = %name, "reading its launch command: {e:#}");
+                None
+            }),
+            failover_network: self.failover_network(name).unwrap_or_else(|e| {
+                tracing::warn!(vm = %name, "reading its failover network settings: {e:#}");
+                None
+            }),
+            seed: None,
         })
     }
 

@@ -412,6 +412,21 @@ impl Shared {
         })
     }
 
+    /// Why a hello of generation `generation` for `vm` is from a primary this host replaced:
+    /// the VM runs here as the primary of a newer generation (failed over, then reversed).
+    pub fn failed_over_here(&self, vm: &str, generation: proto::Generation) -> Option<String> {
+        let rel = match self.relationships.lock().get(vm) {
+            Some(super::Relation::Primary(r)) => r.relationship(),
+            _ => return None,
+        };
+        (rel.progress.generation > generation).then(|| {
+            format!(
+                "{vm} was failed over to {} and runs there as the primary of generation {} (this hello is of generation {generation}); make the old primary its replica with `understudy replication reverse {vm} --replica HOST:PORT` on {}",
+                self.host_name, rel.progress.generation, self.host_name
+            )
+        })
+    }
+
     /// The replica role's relationship of `vm`, if one is recorded.
     pub(super) fn replica_relationship(&self, vm: &str) -> Option<relationship::Relationship> {
         match self.relationships.lock().get(vm) {

@@ -560,6 +560,16 @@ pub fn failover_complete(api: &Api, name: &str) -> anyhow::Result<()> {
 }
 
 /// `failover stop NAME [--test]`.
+/// `replication remove NAME`.
+pub fn replication_remove(api: &Api, name: &str) -> anyhow::Result<()> {
+    let r: serde_json::Value = api.post(
+        &format!("/v1/vms/{}/replication/remove", path_segment(name)?),
+        &serde_json::json!({}),
+    )?;
+    println!("{}", r["message"].as_str().unwrap_or("replication removed"));
+    Ok(())
+}
+
 pub fn failover_stop(api: &Api, name: &str, test: bool) -> anyhow::Result<()> {
     let r: serde_json::Value = api.post(
         &format!("/v1/vms/{}/failover/stop", path_segment(name)?),

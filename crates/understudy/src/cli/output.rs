@@ -53,6 +53,9 @@ pub fn print_vm(vm: &VmInfo) {
     if let Some(l) = &vm.launch {
         println!("  launch: {l}");
     }
+    if let Some(n) = &vm.failover_network {
+        println!("  failover network: {n}");
+    }
     for d in &vm.disks {
         println!(
             "  disk {}  {:>10}  {}",
@@ -66,6 +69,13 @@ pub fn print_vm(vm: &VmInfo) {
                 d.qemu_blockdev, d.qemu_node_name
             );
         }
+    }
+    if let Some(seed) = &vm.seed {
+        println!(
+            "  seed (cloud-init, read-only)  {:>10}  {}",
+            bytes(seed.size_bytes),
+            seed.nbd_uri
+        );
     }
 }
 
