@@ -227,11 +227,24 @@ fn kill_delay(rng: &mut rand::rngs::StdRng, took_ms: u64) -> u64 {
     rng.gen_range(0..=took_ms * 3 / 2 + 5)
 }
 
-/// `vm show VM` on `h` once it answers (a failover is served again in the background after
+/// Whether `h` serves failover disks as `name` (`vm show` also answers for a replica VM, with
+/// role Replica and no disks).
+fn failover_served(h: &Host, name: &str) -> bool {
+    let out = h.run(&["vm", "show", name, "--json"]);
+    out.status.success()
+        && serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|v| {
+            matches!(
+                v["replication_role"].as_str(),
+                Some("FailedOver" | "TestFailover")
+            )
+        })
+}
+
+/// `vm show VM` on `h` once it serves failover disks (a failover is served again in the background after
 /// a restart, when the replica store has opened).
 fn served_disk(h: &Host, vm: &str, why: &str) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !h.run(&["vm", "show", vm]).status.success() {
+    while !failover_served(h, vm) {
         assert!(
             std::time::Instant::now() < deadline,
             "timed out waiting for {why}; {vm} is {}\n--- daemon log ---\n{}",
@@ -299,7 +312,7 @@ fn kill_9_during_failover_stop_leaves_it_failed_over_or_receiving() {
         }
         assert_eq!(state(&b, vm), "Replicating");
         assert!(
-            !b.run(&["vm", "show", vm]).status.success(),
+            !failover_served(&b, vm),
             "{vm}: no failover disk is served (seed {seed})"
         );
         let dir = b.dir.join("failover").join(vm);
@@ -534,7 +547,7 @@ fn failover_cut_short_after_its_record_went_is_served_afresh_not_left_unserved()
             wait_until(
                 &format!("{served_as} to leave the served map"),
                 Duration::from_secs(30),
-                || !b.run(&["vm", "show", &served_as]).status.success(),
+                || !failover_served(&b, &served_as),
             );
             b.kill9();
             let _ = cli.wait();
