@@ -399,8 +399,12 @@ fn failover_network_set_on_the_replica_host_overrides_and_no_setting_means_no_se
     // A failover proper serves db-seed; completing it drops the seed.
     let info = b.json(&["failover", "start", "db"]);
     assert_eq!(info["seed"]["nbd_uri"], seed_uri("db").as_str());
-    let (network, _) = Seed::copy(&seed_uri("db"), &root.path().join("s3")).check("db");
+    let (network, third) = Seed::copy(&seed_uri("db"), &root.path().join("s3")).check("db");
     assert!(network.contains("10.9.0.7/16"), "{network}");
+    // Starting over (`failover start` again, here at the same point) makes it anew.
+    b.ok(&["failover", "start", "db", "--point", "latest"]);
+    let (_, fourth) = Seed::copy(&seed_uri("db"), &root.path().join("s4")).check("db");
+    assert_ne!(third, fourth);
     b.ok(&["failover", "complete", "db"]);
     let vm = show(&b, "db");
     assert!(vm.get("seed").is_none(), "{vm}");
