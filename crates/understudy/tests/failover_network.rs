@@ -16,18 +16,39 @@
 //!   (`util.pathprefix2dict` with the datasource's required and optional files) accepts the
 //!   files, and its YAML loader reads meta-data's `instance-id` and `local-hostname`.
 //!
+//! - a real Linux guest (Debian's cloud kernel, busybox, `qemu-system-x86_64` attaching the
+//!   seed with the `qemu_blockdev` that `vm show` prints, read-only) probes it with `blkid`
+//!   (`TYPE="vfat"`, `LABEL="cidata"`, as cloud-init does in a guest), mounts it as `vfat` and
+//!   reads the files: the kernel cloud-init runs on reads our image.
+//!
 //! A missing tool fails the test (`scripts/test` installs `mtools` and `cloud-init`).
 
 mod common;
+#[path = "common/guest.rs"]
+mod guest;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 
 const NET: &str = "dns=10.2.0.53, ipv4=10.2.0.5/24,gateway=10.2.0.1,ipv6=FD00::5/64,gateway6=fd00::1,dns=fd00::53";
 const NET_NORMALIZED: &str =
     "ipv4=10.2.0.5/24,gateway=10.2.0.1,ipv6=fd00::5/64,gateway6=fd00::1,dns=10.2.0.53,dns=fd00::53";
+
+/// The guest mounts its only disk, the seed, as vfat and prints what cloud-init would read.
+const GUEST_SCRIPT: &str = r#"
+echo "GUEST-BLKID $(/usr/sbin/blkid -p /dev/vda)"
+if ! mount -t vfat -o ro /dev/vda /mnt; then echo GUEST-MOUNT-FAILED; poweroff -f; fi
+ls /mnt | tr '\n' ' ' | sed 's/^/GUEST-LS /'; echo
+grep gateway4 /mnt/network-config | sed 's/^ */GUEST-NET /'
+grep local-hostname /mnt/meta-data | sed 's/^/GUEST-META /'
+umount /mnt
+"#;
+
+/// Modules the cloud kernel needs for vfat (built as modules in Debian's cloud kernel).
+const VFAT_MODULES: [&str; 5] = ["fat", "vfat", "nls_cp437", "nls_ascii", "nls_utf8"];
 
 fn require_tools() {
     require("nbdcopy", "libnbd-bin");
@@ -237,6 +258,45 @@ fn failover_network_set_on_the_primary_reaches_the_test_failovers_seed_disk() {
         "a write to the seed was accepted: {text}"
     );
 
+    // A real guest reads it, attached as `vm show` says (read-only blockdev).
+    let kit = guest::build_with(
+        root.path(),
+        GUEST_SCRIPT,
+        &VFAT_MODULES,
+        &["/usr/sbin/blkid"],
+    );
+    let blockdev = vm["seed"]["qemu_blockdev"].as_str().unwrap().to_string();
+    assert!(blockdev.ends_with(",read-only=on"), "{blockdev}");
+    let node = vm["seed"]["qemu_node_name"].as_str().unwrap().to_string();
+    let mut g = guest::Guest::start(&kit, &[(blockdev, node)]);
+    let console = g.wait_exit(Duration::from_secs(240));
+    assert!(console.contains("GUEST-END"), "{console}");
+    assert!(!console.contains("GUEST-MOUNT-FAILED"), "{console}");
+    let line = |tag: &str| {
+        console
+            .lines()
+            .find(|l| l.contains(tag))
+            .unwrap_or_else(|| panic!("{tag} missing:\n{console}"))
+            .to_string()
+    };
+    let blkid = line("GUEST-BLKID");
+    assert!(
+        blkid.contains("LABEL=\"cidata\"") && blkid.contains("TYPE=\"vfat\""),
+        "{blkid}\n{console}"
+    );
+    let ls = line("GUEST-LS");
+    for f in ["meta-data", "network-config", "user-data"] {
+        assert!(ls.contains(f), "{ls}");
+    }
+    assert!(
+        line("GUEST-NET").contains("gateway4: \"10.2.0.1\""),
+        "{console}"
+    );
+    assert!(
+        line("GUEST-META").contains("local-hostname: \"web\""),
+        "{console}"
+    );
+
     // Across a restart of the replica daemon the seed is served again, made anew.
     b.stop();
     b.restart();
@@ -285,6 +345,17 @@ fn failover_network_set_on_the_replica_host_overrides_and_no_setting_means_no_se
     assert!(!none.status.success(), "a seed is served without settings");
     assert!(!b.dir.join("failover/db-test/seed.img").exists());
     b.ok(&["failover", "stop", "db", "--test"]);
+    // A launch command naming the seed is refused before anything changes when there is none.
+    b.ok(&[
+        "vm",
+        "set",
+        "db",
+        "--launch",
+        "test -n {seed} && test -n {seedblockdev}",
+    ]);
+    let err = one_line_failure(&b.run(&["failover", "start", "db", "--test", "--start"]));
+    assert!(err.contains("no failover network settings"), "{err}");
+    assert!(!b.run(&["vm", "show", "db-test"]).status.success());
 
     // Set on the replica host: it applies there.
     let local = "ipv4=192.0.2.10/24,gateway=192.0.2.1,dns=192.0.2.53,mac=52:54:00:AA:bb:01";
@@ -296,8 +367,9 @@ fn failover_network_set_on_the_replica_host_overrides_and_no_setting_means_no_se
     a.ok(&["vm", "set", "db", "--failover-network", "ipv4=10.9.0.7/16"]);
     assert_eq!(show(&b, "db")["failover_network"], local_norm);
 
-    let info = b.json(&["failover", "start", "db", "--test"]);
+    let info = b.json(&["failover", "start", "db", "--test", "--start"]);
     assert_eq!(info["seed"]["nbd_uri"], seed_uri("db-test").as_str());
+    assert_eq!(info["launched"], "exited 0", "{info}");
     let s = Seed::copy(&seed_uri("db-test"), &root.path().join("s1"));
     let (network, first) = s.check("db");
     assert!(
@@ -327,8 +399,12 @@ fn failover_network_set_on_the_replica_host_overrides_and_no_setting_means_no_se
     // A failover proper serves db-seed; completing it drops the seed.
     let info = b.json(&["failover", "start", "db"]);
     assert_eq!(info["seed"]["nbd_uri"], seed_uri("db").as_str());
-    let (network, _) = Seed::copy(&seed_uri("db"), &root.path().join("s3")).check("db");
+    let (network, third) = Seed::copy(&seed_uri("db"), &root.path().join("s3")).check("db");
     assert!(network.contains("10.9.0.7/16"), "{network}");
+    // Starting over (`failover start` again, here at the same point) makes it anew.
+    b.ok(&["failover", "start", "db", "--point", "latest"]);
+    let (_, fourth) = Seed::copy(&seed_uri("db"), &root.path().join("s4")).check("db");
+    assert_ne!(third, fourth);
     b.ok(&["failover", "complete", "db"]);
     let vm = show(&b, "db");
     assert!(vm.get("seed").is_none(), "{vm}");

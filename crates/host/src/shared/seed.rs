@@ -275,3 +275,29 @@ fn seed_node_name(served_as: &str) -> String {
     n.truncate(31);
     n
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hello whose failover network a replica refuses (a newer primary's syntax) is a bad
+    /// request in one line, before anything changes; no value is fine.
+    #[test]
+    fn a_hello_with_a_bad_failover_network_is_refused_in_one_line() {
+        assert!(Shared::check_hello_failover_network(None).is_ok());
+        assert!(Shared::check_hello_failover_network(Some("ipv4=10.0.0.5/24")).is_ok());
+        let err =
+            Shared::check_hello_failover_network(Some("ipv4=10.0.0.5/24,vlan=7")).unwrap_err();
+        assert!(
+            err.contains("refused here") && err.contains("vlan"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1);
+    }
+
+    #[test]
+    fn seed_node_names_fit_qemu() {
+        assert_eq!(seed_node_name("web-test"), "seed-web-test");
+        assert_eq!(seed_node_name(&"x".repeat(64)).len(), 31);
+    }
+}
