@@ -1274,12 +1274,10 @@ impl Step {
             Some(ReplicationState::Resynchronizing) => State::Resynchronizing {
                 reason: kept_reason,
             },
-            Some(ReplicationState::PreparedForFailover) => {
-                State::PreparedForFailover {
-                    seq: latest_seq,
-                    resync: None,
-                }
-            }
+            Some(ReplicationState::PreparedForFailover) => State::PreparedForFailover {
+                seq: latest_seq,
+                resync: None,
+            },
             // A replica's own states (and a completed failover's): never a primary's to
             // report, so not mirrored.
             Some(

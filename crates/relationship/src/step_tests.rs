@@ -1125,10 +1125,13 @@ fn prepared_is_accepted_only_when_the_last_change_committed() {
         &primary(State::Replicating, 7),
         Event::Prepared { seq: Seq(7) },
     );
-    assert_eq!(next.state, State::PreparedForFailover {
+    assert_eq!(
+        next.state,
+        State::PreparedForFailover {
             seq: Seq(7),
             resync: None,
-        });
+        }
+    );
     assert!(!next.state.cycles());
     assert!(actions.contains(&Action::CancelCycle));
     assert!(actions.contains(&Action::Persist));
@@ -1172,10 +1175,13 @@ fn prepared_is_refused_unless_replicating_in_sync() {
 
 #[test]
 fn resume_cancels_a_prepare_and_unfences_after_persist() {
-    let p = primary(State::PreparedForFailover {
+    let p = primary(
+        State::PreparedForFailover {
             seq: Seq(7),
             resync: None,
-        }, 7);
+        },
+        7,
+    );
     for ev in [Event::Resume, Event::FailoverStop { test: false }] {
         let (next, actions) = ok(&p, ev);
         assert_eq!(next.state, State::Replicating);
@@ -1230,10 +1236,13 @@ fn replica_mirrors_a_prepared_primary_and_may_fail_over_from_it() {
         &replica(State::Replicating, 7),
         replica_hello(ReplicationState::PreparedForFailover, 7),
     );
-    assert_eq!(next.state, State::PreparedForFailover {
+    assert_eq!(
+        next.state,
+        State::PreparedForFailover {
             seq: Seq(7),
             resync: None,
-        });
+        }
+    );
     let (next, _) = ok(&next, start(7, false));
     assert_eq!(next.state, failed_over(7));
     // A primary never reports a replica's failover states: not mirrored.
@@ -1252,10 +1261,13 @@ fn accepts_deltas_is_false_exactly_while_failed_over() {
     for (s, accepts) in [
         (State::Replicating, true),
         (testing(1, State::Replicating), true),
-        (State::PreparedForFailover {
-            seq: Seq(1),
-            resync: None,
-        }, true),
+        (
+            State::PreparedForFailover {
+                seq: Seq(1),
+                resync: None,
+            },
+            true,
+        ),
         (failed_over(1), false),
         (State::FailedOver, false),
     ] {
@@ -1355,10 +1367,13 @@ fn fenced_primary_learns_a_divergence_and_resume_leads_to_resync() {
 
 #[test]
 fn prepared_primary_stays_prepared_when_the_replica_fails_over() {
-    let p = primary(State::PreparedForFailover {
+    let p = primary(
+        State::PreparedForFailover {
             seq: Seq(7),
             resync: None,
-        }, 7);
+        },
+        7,
+    );
     let (next, actions) = ok(&p, told_failed_over());
     assert_eq!(next, p);
     assert!(actions.is_empty());

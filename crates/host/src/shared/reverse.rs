@@ -284,7 +284,8 @@ impl Shared {
             )));
         }
         // Prepared at that point, and nothing found wrong since: the disks hold the point.
-        let planned = matches!(rel.state, State::PreparedForFailover { seq, resync: None } if seq == rev.seq);
+        let planned =
+            matches!(rel.state, State::PreparedForFailover { seq, resync: None } if seq == rev.seq);
         let sizes: Vec<(u32, u64)> = repl
             .vm
             .disks
