@@ -396,7 +396,7 @@ fn planned_failover_ships_every_last_change_and_loses_nothing() {
 
     // Cancel: resume unfences.
     let db = a.nbd_uri("db", 0);
-    a.ok(&["failover", "prepare", "db"]);
+    prepare_until_ok(&a, "db");
     assert!(!Command::new("qemu-io")
         .args(["-f", "raw", "-c", "read 0 4k", &db])
         .output()
@@ -434,7 +434,7 @@ fn planned_failover_and_failback_round_trip_send_only_new_writes() {
     qemu_io_ok(&on_a, &["write -P 2 0 1M"]);
 
     // A → B.
-    a.ok(&["failover", "prepare", "web"]);
+    prepare_until_ok(&a, "web");
     b.ok(&["failover", "start", "web"]);
     b.ok(&["failover", "complete", "web"]);
     let on_b = b.nbd_uri("web", 0);
@@ -468,7 +468,7 @@ fn planned_failover_and_failback_round_trip_send_only_new_writes() {
 
     // B → A (failback).
     qemu_io_ok(&on_b, &["write -P 4 16M 1M"]);
-    b.ok(&["failover", "prepare", "web"]);
+    prepare_until_ok(&b, "web");
     a.ok(&["failover", "start", "web"]);
     a.ok(&["failover", "complete", "web"]);
     let st = a.json(&[
