@@ -37,6 +37,10 @@ pub const REPLICATION_REVERSED: u32 = 2013;
 pub const FENCED_AFTER_FAILOVER: u32 = 2014;
 /// `replication remove`: the VM is not replicated from this host any more.
 pub const REPLICATION_REMOVED: u32 = 2015;
+/// A resynchronization's compare of a disk started (Hyper-V's 29242).
+pub const RESYNC_COMPARE_STARTED: u32 = 2016;
+/// A resynchronization's compare of a disk ended (Hyper-V's 29244).
+pub const RESYNC_COMPARE_DONE: u32 = 2017;
 pub const UPLOAD_RESUMED: u32 = 2020;
 /// An application-consistent cut fell back to crash-consistent (agent or hook failure).
 pub const APP_CONSISTENT_FAILED: u32 = 2021;

@@ -23,6 +23,7 @@ pub mod peer_client;
 pub mod primary;
 pub mod qemu_img;
 pub mod replica_host;
+pub mod resync;
 pub mod seed;
 pub mod shared;
 pub mod shipper;

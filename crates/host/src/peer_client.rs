@@ -102,6 +102,17 @@ pub async fn hello(
         })?
 }
 
+/// Asks the replica for hashes of chunks of its newest point (`resync.md`).
+pub async fn resync_hashes(
+    peer: &Peer,
+    vm: &str,
+    req: &proto::peer::HashRequest,
+) -> anyhow::Result<proto::peer::HashReply> {
+    let body = serde_json::to_vec(req)?;
+    let path = format!("/v1/replicas/{vm}/resync/hashes");
+    call(peer, Method::POST, &path, transport::full(body), &[]).await
+}
+
 /// Uploads delta `seq` with two deadlines: the body must make progress (bytes taken by the
 /// connection) at least every `upload_idle`, and once it has all been sent the answer must
 /// come within `answer`. When either passes, or this future is dropped, the body is cancelled:

@@ -91,6 +91,8 @@ struct Counters {
     app_ok: u64,
     app_failures: u64,
     app_consecutive_failures: u64,
+    resynchronized_bytes: u64,
+    resync_compared_bytes: u64,
 }
 
 struct Runtime {
@@ -302,6 +304,8 @@ impl Replication {
             average_delta_bytes: c.delta_bytes_total.checked_div(c.ok).unwrap_or(0),
             maximum_delta_bytes: c.delta_bytes_max,
             sent_bytes_total: c.sent_bytes_total,
+            resynchronized_bytes_total: c.resynchronized_bytes,
+            resync_compared_bytes_total: c.resync_compared_bytes,
             average_latency_ms: c.latency_ms_total.checked_div(c.ok).unwrap_or(0),
             maximum_latency_ms: c.latency_ms_max,
             maximum_cut_pause_us: c.cut_pause_us_max,
@@ -966,6 +970,132 @@ fn finish_prepare(
     let _ = p.reply.send(outcome);
 }
 
+/// A disk of a cut shared with the compare's hashing threads.
+struct CutDisk {
+    cut: Arc<tracker::Cut>,
+    position: usize,
+}
+
+impl crate::resync::ChunkSource for CutDisk {
+    fn size_bytes(&self) -> u64 {
+        self.cut.disks[self.position].size_bytes()
+    }
+
+    fn known_zero(&self, offset: u64, len: u64) -> anyhow::Result<bool> {
+        crate::resync::ChunkSource::known_zero(&self.cut.disks[self.position], offset, len)
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> anyhow::Result<()> {
+        crate::resync::ChunkSource::read(&self.cut.disks[self.position], buf, offset)
+    }
+}
+
+/// The compare of a resynchronization: each disk of the cut against the replica's newest
+/// point; the blocks found equal are marked shipped (never read again), so the shipper reads
+/// only those that differ. `None` when the replica cannot compare (an older version): every
+/// block is shipped, as before.
+async fn compare_with_replica(
+    shared: &Arc<Shared>,
+    repl: &Arc<Replication>,
+    peer: &transport::Peer,
+    seq: Seq,
+    indexes: &[u32],
+    cut: tracker::Cut,
+) -> anyhow::Result<(tracker::Cut, Option<crate::resync::CompareStats>)> {
+    let vm = repl.vm.name.to_string();
+    let base = Seq(seq.get().saturating_sub(1));
+    let key = crate::resync::new_key()?;
+    let cut = Arc::new(cut);
+    let mut stats = crate::resync::CompareStats::default();
+    let mut found: Vec<Vec<(u64, u64)>> = Vec::new();
+    let mut unsupported = false;
+    for (position, &index) in indexes.iter().enumerate() {
+        let disk: Arc<dyn crate::resync::ChunkSource + Send + Sync> = Arc::new(CutDisk {
+            cut: cut.clone(),
+            position,
+        });
+        let size = disk.size_bytes();
+        shared.events.emit(
+            events::RESYNC_COMPARE_STARTED,
+            Some(&vm),
+            "info",
+            &format!(
+                "resynchronization compares disk {index} with the replica's point {base}: blocks 0 to {} ({size} bytes)",
+                size.div_ceil(tracker::BLOCK_BYTES).saturating_sub(1)
+            ),
+        );
+        let started = Instant::now();
+        let before = stats;
+        let ranges = crate::resync::compare_disk(
+            peer,
+            &vm,
+            base,
+            index,
+            disk,
+            &key,
+            shared.peer_timeouts.answer,
+            &mut stats,
+        )
+        .await;
+        let ranges = match ranges {
+            Ok(r) => r,
+            Err(e)
+                if e.downcast_ref::<PeerRefusal>()
+                    .is_some_and(|r| r.0.code == "not_found") =>
+            {
+                unsupported = true;
+                shared.events.emit(
+                    events::RESYNC_COMPARE_DONE,
+                    Some(&vm),
+                    "warning",
+                    "the replica cannot compare (an older version): every block is sent",
+                );
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        shared.events.emit(
+            events::RESYNC_COMPARE_DONE,
+            Some(&vm),
+            "info",
+            &format!(
+                "resynchronization compared disk {index}: {} bytes in {} chunks, {} blocks refined, {} blocks differ ({} bytes to send), in {:.1} s",
+                stats.compared_bytes - before.compared_bytes,
+                stats.chunks - before.chunks,
+                stats.blocks_refined - before.blocks_refined,
+                stats.differing_blocks - before.differing_blocks,
+                stats.differing_bytes - before.differing_bytes,
+                crate::resync::secs_since(started)
+            ),
+        );
+        found.push(ranges);
+    }
+    let cut =
+        Arc::try_unwrap(cut).map_err(|_| anyhow!("the compare of {vm} still holds its cut"))?;
+    if unsupported {
+        return Ok((cut, None));
+    }
+    // What is equal is shipped without a read: its copies go back to the pool now.
+    let cut = tokio::task::spawn_blocking(move || -> anyhow::Result<tracker::Cut> {
+        for (disk, differs) in cut.disks.iter().zip(found.iter()) {
+            let mut at = 0u64;
+            for &(o, l) in differs
+                .iter()
+                .chain(std::iter::once(&(disk.size_bytes(), 0)))
+            {
+                if o > at {
+                    disk.discard(at, o - at)?;
+                }
+                at = o + l;
+            }
+        }
+        Ok(cut)
+    })
+    .await
+    .context("the discard task")??;
+    Ok((cut, Some(stats)))
+}
+
 /// Asks the replica (a hello) whether it has failed over to this VM; Ok only if it answers and
 /// has not.
 async fn replica_not_failed_over(
@@ -1169,6 +1299,20 @@ async fn cycle_inner(
     let total: u64 = cut.disks.iter().map(|d| d.dirty_bytes()).sum();
     repl.progress_done.store(0, Ordering::Relaxed);
     repl.progress_total.store(total, Ordering::Relaxed);
+    // A resynchronization ships only the blocks that differ from the replica's newest point
+    // (`docs/formats/resync.md`): the others are marked shipped without being read.
+    let (cut, compared) = if plan.kind == CycleKind::Full {
+        match compare_with_replica(shared, repl, &peer, seq, &record.disks, cut).await {
+            Ok(r) => r,
+            Err(e) => return Err(e.context("comparing with the replica")),
+        }
+    } else {
+        (cut, None)
+    };
+    if let Some(c) = &compared {
+        repl.progress_total
+            .store(c.differing_bytes, Ordering::Relaxed);
+    }
 
     let header = DeltaHeader {
         app_consistent,
@@ -1238,6 +1382,10 @@ async fn cycle_inner(
             {
                 let mut rt = repl.rt.lock();
                 let c = &mut rt.counters;
+                if let Some(cmp) = &compared {
+                    c.resynchronized_bytes += delta_bytes;
+                    c.resync_compared_bytes += cmp.compared_bytes;
+                }
                 c.ok += 1;
                 c.delta_bytes_total += delta_bytes;
                 c.delta_bytes_max = c.delta_bytes_max.max(delta_bytes);

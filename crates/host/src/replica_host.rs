@@ -497,6 +497,80 @@ async fn route(
             reply.reverse = reverse_answer;
             Ok(serde_json::to_vec(&reply).unwrap_or_default())
         }
+        (Method::POST, ["v1", "replicas", _, "resync", "hashes"]) => {
+            let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
+            check_owner(shared, vm, &caller, false)?;
+            if let Some(why) = shared.replica_refuses(vm) {
+                return Err(refuse(StatusCode::CONFLICT, "failed_over", why));
+            }
+            let bytes = http_body_util::Limited::new(req.into_body(), HELLO_MAX_BYTES)
+                .collect()
+                .await
+                .map_err(|e| {
+                    refuse(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        format!("reading a hash request: {e}"),
+                    )
+                })?
+                .to_bytes();
+            let hreq: proto::peer::HashRequest = serde_json::from_slice(&bytes).map_err(|e| {
+                refuse(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("invalid hash request: {e}"),
+                )
+            })?;
+            let latest = rvm.latest_seq();
+            if hreq.seq != latest {
+                let mut r = refuse(
+                    StatusCode::CONFLICT,
+                    "out_of_sequence",
+                    format!(
+                        "hashes of point {} asked, but the newest point of {vm} here is {latest}",
+                        hreq.seq
+                    ),
+                );
+                r.err.expected_seq = Some(latest.next());
+                return Err(r);
+            }
+            let size = rvm
+                .disks()
+                .iter()
+                .find(|d| d.index == hreq.disk)
+                .map(|d| d.size_bytes)
+                .ok_or_else(|| {
+                    refuse(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        format!("{vm} has no disk {}", hreq.disk),
+                    )
+                })?;
+            let key = crate::resync::check_request(&hreq, size)
+                .map_err(|why| refuse(StatusCode::BAD_REQUEST, "bad_request", why))?;
+            let rvm2 = rvm.clone();
+            let (seq, disk, chunk_bytes) = (hreq.seq, hreq.disk, hreq.chunk_bytes);
+            let hashes = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+                let view = rvm2.view(seq, disk)?;
+                Ok(
+                    crate::resync::hash_chunks(&view, &key, chunk_bytes, &hreq.offsets)?
+                        .into_iter()
+                        .map(|h| h.to_wire())
+                        .collect(),
+                )
+            })
+            .await
+            .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+            .map_err(|e| {
+                refuse(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store_error",
+                    host_one_line(&e),
+                )
+            })?;
+            let reply = proto::peer::HashReply { seq, disk, hashes };
+            Ok(serde_json::to_vec(&reply).unwrap_or_default())
+        }
         (Method::GET, ["v1", "replicas", _, "state"]) => {
             let rvm = store.vm(vm).ok_or_else(|| missing(&store, vm))?;
             check_owner(shared, vm, &caller, false)?;

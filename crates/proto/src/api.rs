@@ -288,6 +288,13 @@ pub struct Measure {
     pub maximum_delta_bytes: u64,
     /// Bytes sent on the wire (after compression).
     pub sent_bytes_total: u64,
+    /// Bytes of the blocks that differed from the replica and were shipped by
+    /// resynchronizations (Hyper-V's "Resynchronized Bytes"), since the daemon started.
+    #[serde(default)]
+    pub resynchronized_bytes_total: u64,
+    /// Bytes compared with the replica by resynchronizations, since the daemon started.
+    #[serde(default)]
+    pub resync_compared_bytes_total: u64,
     pub average_latency_ms: u64,
     pub maximum_latency_ms: u64,
     /// Longest guest-write pause at a cut.

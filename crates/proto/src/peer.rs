@@ -125,3 +125,28 @@ pub struct PeerError {
     #[serde(default)]
     pub expected_seq: Option<Seq>,
 }
+
+/// Most chunks one resync hash request names (`resync.md`): 4 GiB of 1 MiB chunks, and an
+/// answer (~35 bytes of JSON per hash) far inside the 1 MiB a peer's answer may take.
+pub const HASH_CHUNKS_MAX: usize = 4096;
+
+/// `POST /v1/replicas/{vm}/resync/hashes` (`docs/formats/resync.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HashRequest {
+    /// The replica's point to hash: its newest.
+    pub seq: Seq,
+    pub disk: u32,
+    /// The compare key, 64 hex digits.
+    pub key: String,
+    /// 1048576 or 4096.
+    pub chunk_bytes: u64,
+    pub offsets: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HashReply {
+    pub seq: Seq,
+    pub disk: u32,
+    /// One per offset, in order: `"z"` (all zeros) or 32 hex digits.
+    pub hashes: Vec<String>,
+}

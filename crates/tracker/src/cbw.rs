@@ -540,6 +540,22 @@ impl TrackedDisk {
 
     /// Reads content as of cut `epoch` (see `FrozenDisk::read_at`).
     pub(crate) fn read_frozen(&self, epoch: u64, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_frozen_as(epoch, buf, offset, true)
+    }
+
+    /// `read_frozen` without shipping anything (`consume` false): the blocks stay in the cut,
+    /// their copies held, so they can be read (or peeked) again. A resync's compare peeks.
+    pub(crate) fn peek_frozen(&self, epoch: u64, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_frozen_as(epoch, buf, offset, false)
+    }
+
+    fn read_frozen_as(
+        &self,
+        epoch: u64,
+        buf: &mut [u8],
+        offset: u64,
+        consume: bool,
+    ) -> io::Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
             .filter(|e| *e <= self.size)
@@ -626,7 +642,7 @@ impl TrackedDisk {
                             lo,
                         )?;
                         // Read whole, an image block is shipped: no copy is needed any more.
-                        for blk in (b..=e).filter(|blk| whole(*blk)) {
+                        for blk in (b..=e).filter(|blk| consume && whole(*blk)) {
                             self.secured.set(blk);
                         }
                     }
@@ -635,7 +651,7 @@ impl TrackedDisk {
                             &mut buf[(lo - offset) as usize..(hi - offset) as usize],
                             lo,
                         )?;
-                        for blk in (b..=e).filter(|blk| whole(*blk)) {
+                        for blk in (b..=e).filter(|blk| consume && whole(*blk)) {
                             st.present.clear_range(blk, blk);
                         }
                     }
@@ -651,7 +667,7 @@ impl TrackedDisk {
                             let at = (from_lo - blk * BLOCK_BYTES) as usize;
                             buf[(from_lo - offset) as usize..(from_hi - offset) as usize]
                                 .copy_from_slice(&copy[at..at + (from_hi - from_lo) as usize]);
-                            if whole(blk) {
+                            if consume && whole(blk) {
                                 // Shipped: forget the copy, its slot serves the next one.
                                 stripe.in_memory.remove(&blk);
                                 st.present.clear_range(blk, blk);
@@ -675,6 +691,65 @@ impl TrackedDisk {
     /// Decided under the region's stripe lock, where no block can gain a copy. Anything else
     /// returns false and changes nothing (the caller reads normally).
     pub(crate) fn frozen_hole(&self, epoch: u64, offset: u64, len: u64) -> io::Result<bool> {
+        self.frozen_hole_as(epoch, offset, len, true)
+    }
+
+    /// Marks the whole blocks of `offset..offset+len` in the cut as shipped without reading
+    /// them, and gives their copies back (a resync found them equal on the replica, so they
+    /// are never read: their copies must not hold the pool until the commit).
+    pub(crate) fn discard_frozen(&self, epoch: u64, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.saturating_add(len).min(self.size);
+        if end <= offset {
+            return Ok(());
+        }
+        let st = &self.frozen;
+        let frozen = self.frozen_map();
+        let (first, last) = (
+            offset.div_ceil(BLOCK_BYTES),
+            (end / BLOCK_BYTES).saturating_sub(1),
+        );
+        // The last block of a disk whose size is not a multiple of a block is whole at `size`.
+        let last = if end == self.size && !end.is_multiple_of(BLOCK_BYTES) {
+            end / BLOCK_BYTES
+        } else {
+            last
+        };
+        if first > last || first * BLOCK_BYTES >= end {
+            return Ok(());
+        }
+        let mut region = first;
+        while region <= last {
+            let rend = region_end(region, last);
+            let mut stripe = st.stripe(region);
+            if !st.open.load(Ordering::Acquire) || st.epoch.load(Ordering::Acquire) != epoch {
+                return Err(read_error(format!(
+                    "{}: cut already committed or aborted",
+                    self.image.display()
+                )));
+            }
+            let mut freed = Vec::new();
+            for b in region..=rend {
+                if !frozen.test(b) {
+                    continue;
+                }
+                if let Some(slot) = stripe.in_memory.remove(&b) {
+                    freed.push(slot);
+                }
+                st.present.clear_range(b, b);
+                self.secured.set(b);
+            }
+            st.pool.give_back(&freed);
+            region = rend + 1;
+        }
+        Ok(())
+    }
+
+    /// `frozen_hole` that marks nothing (`consume` false): a resync's compare asks it.
+    pub(crate) fn peek_frozen_hole(&self, epoch: u64, offset: u64, len: u64) -> io::Result<bool> {
+        self.frozen_hole_as(epoch, offset, len, false)
+    }
+
+    fn frozen_hole_as(&self, epoch: u64, offset: u64, len: u64, consume: bool) -> io::Result<bool> {
         let Some(end) = offset.checked_add(len).filter(|e| *e <= self.size) else {
             return Ok(false);
         };
@@ -706,7 +781,7 @@ impl TrackedDisk {
             None => true,
             Some(data) => data >= end,
         };
-        if hole {
+        if hole && consume {
             self.secured.set_range(first, last);
         }
         Ok(hole)

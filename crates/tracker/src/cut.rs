@@ -205,6 +205,23 @@ impl FrozenDisk {
         self.disk.read_frozen(self.epoch, buf, offset)
     }
 
+    /// Reads content as of the cut like `read_at`, but ships nothing: the blocks stay in the
+    /// cut (their copies held) and can be read again. A resynchronization compares with it.
+    pub fn peek_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.disk.peek_frozen(self.epoch, buf, offset)
+    }
+
+    /// Ships the whole blocks of `offset..offset+len_bytes` without reading them (a resync
+    /// found them equal on the replica): they count as read, and their copies are given back.
+    pub fn discard(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+        self.disk.discard_frozen(self.epoch, offset, len_bytes)
+    }
+
+    /// `skip_if_hole` that marks nothing as read (for a compare).
+    pub fn peek_hole(&self, offset: u64, len_bytes: u64) -> io::Result<bool> {
+        self.disk.peek_frozen_hole(self.epoch, offset, len_bytes)
+    }
+
     /// The first range at or after `from` (a block boundary) that this cut has not shipped
     /// yet (neither read whole by `read_at` nor skipped by `skip_if_hole`), at most
     /// `len_bytes_max` long (a multiple of the block size) and never crossing a 1 MiB boundary,
@@ -252,6 +269,52 @@ mod tests {
     use super::*;
     use nbd::BlockBackend;
     use std::sync::atomic::AtomicBool;
+
+    /// A compare peeks at the cut (the guest overwriting a peeked block still gets its cut
+    /// content copied aside), the blocks found equal are discarded unread, and the shipper
+    /// then finds exactly the others, reading them as of the cut.
+    #[test]
+    fn peeked_blocks_stay_in_the_cut_and_discarded_ones_are_not_shipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gate = CutGate::new();
+        let disk = TrackedDisk::create(
+            &dir.path().join("img"),
+            64 * BLOCK_BYTES,
+            &dir.path().join("state"),
+            gate.clone(),
+        )
+        .expect("create");
+        disk.write_at(&[1u8; 8 * BLOCK_BYTES as usize], 0, false)
+            .expect("write");
+        disk.mark_all_dirty().expect("mark");
+        let c = cut(&gate, std::slice::from_ref(&disk)).expect("cut");
+        let f = &c.disks[0];
+        let mut buf = vec![0u8; 8 * BLOCK_BYTES as usize];
+        f.peek_at(&mut buf, 0).expect("peek");
+        assert!(buf.iter().all(|&b| b == 1));
+        // The guest overwrites block 2 after the peek: its cut content is kept.
+        disk.write_at(&[9u8; BLOCK_BYTES as usize], 2 * BLOCK_BYTES, false)
+            .expect("guest write");
+        assert!(f
+            .peek_hole(32 * BLOCK_BYTES, 4 * BLOCK_BYTES)
+            .expect("hole"));
+        // Blocks 0-1 and 3-63 were equal; blocks 2 differs.
+        f.discard(0, 2 * BLOCK_BYTES).expect("discard");
+        f.discard(3 * BLOCK_BYTES, 61 * BLOCK_BYTES)
+            .expect("discard");
+        assert_eq!(
+            f.next_unshipped(0, 1 << 20),
+            Some((2 * BLOCK_BYTES, BLOCK_BYTES))
+        );
+        let mut block = vec![0u8; BLOCK_BYTES as usize];
+        f.read_at(&mut block, 2 * BLOCK_BYTES).expect("read");
+        assert!(
+            block.iter().all(|&b| b == 1),
+            "cut content, not the guest's"
+        );
+        assert_eq!(f.next_unshipped(3 * BLOCK_BYTES, 1 << 20), None);
+        c.commit();
+    }
 
     #[test]
     fn abort_merge_takes_the_gate_so_it_cannot_race_shutdown_union() {

@@ -1,0 +1,422 @@
+//! Resynchronization by comparison (`docs/formats/resync.md`): both hosts hash the same chunks
+//! with a per-cycle key, the primary compares, refines the chunks that differ to 4 KiB blocks,
+//! and its `Full` delta carries only the blocks that differ.
+//!
+//! The hashing is the same code on both sides: [`hash_chunks`] over a [`ChunkSource`], which
+//! is the primary's cut ([`tracker::FrozenDisk`]) or the replica's newest point
+//! ([`replica::PointView`]). A source says when a range is known to be zero without reading it
+//! (a hole), so holes cost neither side a read.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context};
+use proto::peer::{HashReply, HashRequest, HASH_CHUNKS_MAX};
+use proto::Seq;
+
+/// The first pass compares chunks of this size.
+pub const COMPARE_CHUNK_BYTES: u64 = 1 << 20;
+/// Chunks that differ are compared again in blocks of this size (the tracker's block): the
+/// unit a resync ships.
+pub const REFINE_BLOCK_BYTES: u64 = 4096;
+/// Bytes of the keyed BLAKE3 kept per chunk: 128 bits, with a key nobody else knows.
+const HASH_BYTES: usize = 16;
+
+/// A chunk's digest: all zeros, or the truncated keyed hash of its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkHash {
+    Zero,
+    Hash([u8; HASH_BYTES]),
+}
+
+impl ChunkHash {
+    fn of(key: &[u8; 32], bytes: &[u8]) -> ChunkHash {
+        if crate::shipper::is_zero(bytes) {
+            return ChunkHash::Zero;
+        }
+        let full = blake3::keyed_hash(key, bytes);
+        let mut h = [0u8; HASH_BYTES];
+        h.copy_from_slice(&full.as_bytes()[..HASH_BYTES]);
+        ChunkHash::Hash(h)
+    }
+
+    pub fn to_wire(self) -> String {
+        match self {
+            ChunkHash::Zero => "z".into(),
+            ChunkHash::Hash(h) => h.iter().map(|b| format!("{b:02x}")).collect(),
+        }
+    }
+
+    /// `None` unless `s` is `"z"` or 32 hex digits.
+    pub fn from_wire(s: &str) -> Option<ChunkHash> {
+        if s == "z" {
+            return Some(ChunkHash::Zero);
+        }
+        if s.len() != HASH_BYTES * 2 {
+            return None;
+        }
+        let mut h = [0u8; HASH_BYTES];
+        for (i, b) in h.iter_mut().enumerate() {
+            *b = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
+        }
+        Some(ChunkHash::Hash(h))
+    }
+}
+
+/// Parses a compare key (64 hex digits).
+pub fn parse_key(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut k = [0u8; 32];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(k)
+}
+
+fn key_hex(k: &[u8; 32]) -> String {
+    k.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a side hashes: one disk, as of the cut or the point.
+pub trait ChunkSource {
+    fn size_bytes(&self) -> u64;
+    /// True when `offset..offset+len` is known to read as zeros without reading it.
+    fn known_zero(&self, offset: u64, len: u64) -> anyhow::Result<bool>;
+    fn read(&self, buf: &mut [u8], offset: u64) -> anyhow::Result<()>;
+}
+
+impl ChunkSource for tracker::FrozenDisk {
+    fn size_bytes(&self) -> u64 {
+        tracker::FrozenDisk::size_bytes(self)
+    }
+
+    // Peeks: the blocks stay in the cut for the shipper to read the ones that differ.
+    fn known_zero(&self, offset: u64, len: u64) -> anyhow::Result<bool> {
+        Ok(self.peek_hole(offset, len)?)
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> anyhow::Result<()> {
+        Ok(self.peek_at(buf, offset)?)
+    }
+}
+
+impl ChunkSource for replica::PointView {
+    fn size_bytes(&self) -> u64 {
+        nbd::BlockBackend::size_bytes(self)
+    }
+
+    fn known_zero(&self, offset: u64, len: u64) -> anyhow::Result<bool> {
+        let extents = self.status(offset, len)?;
+        let zero: u64 = extents
+            .iter()
+            .take_while(|e| e.zero)
+            .map(|e| e.len_bytes)
+            .sum();
+        Ok(zero >= len)
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> anyhow::Result<()> {
+        Ok(self.read_range(buf, offset)?)
+    }
+}
+
+/// Checks a hash request against a disk of `size` bytes: one line saying what is wrong.
+pub fn check_request(req: &HashRequest, size: u64) -> Result<[u8; 32], String> {
+    let key = parse_key(&req.key).ok_or("the compare key is not 64 hex digits")?;
+    if req.chunk_bytes != COMPARE_CHUNK_BYTES && req.chunk_bytes != REFINE_BLOCK_BYTES {
+        return Err(format!(
+            "chunk_bytes {} is neither {COMPARE_CHUNK_BYTES} nor {REFINE_BLOCK_BYTES}",
+            req.chunk_bytes
+        ));
+    }
+    if req.offsets.len() > HASH_CHUNKS_MAX {
+        return Err(format!(
+            "{} chunks asked at once; at most {HASH_CHUNKS_MAX}",
+            req.offsets.len()
+        ));
+    }
+    if let Some(o) = req
+        .offsets
+        .iter()
+        .find(|&&o| o % req.chunk_bytes != 0 || o >= size)
+    {
+        return Err(format!(
+            "offset {o} is not a multiple of {} below the disk's size {size}",
+            req.chunk_bytes
+        ));
+    }
+    Ok(key)
+}
+
+/// Hashes the chunks of `src` at `offsets` (each `chunk_bytes`, the last one of the disk
+/// shorter). Holes known to the source are not read.
+pub fn hash_chunks(
+    src: &dyn ChunkSource,
+    key: &[u8; 32],
+    chunk_bytes: u64,
+    offsets: &[u64],
+) -> anyhow::Result<Vec<ChunkHash>> {
+    let size = src.size_bytes();
+    let mut buf = vec![0u8; chunk_bytes as usize];
+    let mut out = Vec::with_capacity(offsets.len());
+    for &o in offsets {
+        let len = chunk_bytes.min(size.saturating_sub(o));
+        if len == 0 {
+            return Err(anyhow!("offset {o} is beyond the disk's size {size}"));
+        }
+        if src.known_zero(o, len)? {
+            out.push(ChunkHash::Zero);
+            continue;
+        }
+        let b = &mut buf[..len as usize];
+        src.read(b, o)?;
+        out.push(ChunkHash::of(key, b));
+    }
+    Ok(out)
+}
+
+/// What a compare found and did, for the events and counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CompareStats {
+    pub compared_bytes: u64,
+    pub chunks: u64,
+    pub blocks_refined: u64,
+    pub differing_blocks: u64,
+    pub differing_bytes: u64,
+}
+
+/// Asks the replica for hashes; checks its answer names what was asked.
+async fn replica_hashes(
+    peer: &transport::Peer,
+    vm: &str,
+    req: &HashRequest,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Vec<ChunkHash>> {
+    let reply: HashReply =
+        tokio::time::timeout(timeout, crate::peer_client::resync_hashes(peer, vm, req))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "the replica did not answer a resync hash request within {} s",
+                    timeout.as_secs()
+                )
+            })??;
+    if reply.seq != req.seq || reply.disk != req.disk {
+        return Err(anyhow!(
+            "the replica answered hashes of point {} disk {} for point {} disk {}",
+            reply.seq,
+            reply.disk,
+            req.seq,
+            req.disk
+        ));
+    }
+    if reply.hashes.len() != req.offsets.len() {
+        return Err(anyhow!(
+            "the replica answered {} hashes for {} chunks",
+            reply.hashes.len(),
+            req.offsets.len()
+        ));
+    }
+    reply
+        .hashes
+        .iter()
+        .map(|h| {
+            ChunkHash::from_wire(h)
+                .ok_or_else(|| anyhow!("the replica answered a malformed hash {h:?}"))
+        })
+        .collect()
+}
+
+/// One pass: the offsets (of `chunk_bytes`) whose hashes differ between the replica's point
+/// `seq` and `disk` of the cut, both sides hashing each batch at the same time.
+#[allow(clippy::too_many_arguments)]
+async fn differing(
+    peer: &transport::Peer,
+    vm: &str,
+    seq: Seq,
+    index: u32,
+    disk: Arc<dyn ChunkSource + Send + Sync>,
+    key: &[u8; 32],
+    chunk_bytes: u64,
+    offsets: Vec<u64>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for batch in offsets.chunks(HASH_CHUNKS_MAX) {
+        let req = HashRequest {
+            seq,
+            disk: index,
+            key: key_hex(key),
+            chunk_bytes,
+            offsets: batch.to_vec(),
+        };
+        let (src, k, b) = (disk.clone(), *key, batch.to_vec());
+        let local =
+            tokio::task::spawn_blocking(move || hash_chunks(src.as_ref(), &k, chunk_bytes, &b));
+        let (theirs, ours) = tokio::join!(replica_hashes(peer, vm, &req, timeout), local);
+        let theirs = theirs?;
+        let ours = ours.context("the hashing task")??;
+        out.extend(
+            batch
+                .iter()
+                .zip(ours.iter().zip(theirs.iter()))
+                .filter(|(_, (a, b))| a != b)
+                .map(|(o, _)| *o),
+        );
+    }
+    Ok(out)
+}
+
+/// Compares `disk` of the cut with the replica's point `seq`: the byte ranges `(offset, len)`
+/// (4 KiB blocks, coalesced) that differ.
+pub async fn compare_disk(
+    peer: &transport::Peer,
+    vm: &str,
+    seq: Seq,
+    index: u32,
+    disk: Arc<dyn ChunkSource + Send + Sync>,
+    key: &[u8; 32],
+    timeout: std::time::Duration,
+    stats: &mut CompareStats,
+) -> anyhow::Result<Vec<(u64, u64)>> {
+    let size = disk.size_bytes();
+    let chunks: Vec<u64> = (0..size.div_ceil(COMPARE_CHUNK_BYTES))
+        .map(|c| c * COMPARE_CHUNK_BYTES)
+        .collect();
+    stats.chunks += chunks.len() as u64;
+    stats.compared_bytes += size;
+    let coarse = differing(
+        peer,
+        vm,
+        seq,
+        index,
+        disk.clone(),
+        key,
+        COMPARE_CHUNK_BYTES,
+        chunks,
+        timeout,
+    )
+    .await?;
+    let blocks: Vec<u64> = coarse
+        .iter()
+        .flat_map(|&c| {
+            let end = (c + COMPARE_CHUNK_BYTES).min(size);
+            (c..end).step_by(REFINE_BLOCK_BYTES as usize)
+        })
+        .collect();
+    stats.blocks_refined += blocks.len() as u64;
+    let fine = differing(
+        peer,
+        vm,
+        seq,
+        index,
+        disk,
+        key,
+        REFINE_BLOCK_BYTES,
+        blocks,
+        timeout,
+    )
+    .await?;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for o in fine {
+        let len = REFINE_BLOCK_BYTES.min(size - o);
+        stats.differing_blocks += 1;
+        stats.differing_bytes += len;
+        match ranges.last_mut() {
+            Some((s, l)) if *s + *l == o => *l += len,
+            _ => ranges.push((o, len)),
+        }
+    }
+    Ok(ranges)
+}
+
+/// A fresh compare key.
+pub fn new_key() -> anyhow::Result<[u8; 32]> {
+    let mut k = [0u8; 32];
+    let mut f = std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
+    std::io::Read::read_exact(&mut f, &mut k).context("drawing a compare key")?;
+    Ok(k)
+}
+
+/// Seconds since `t`, for events.
+pub fn secs_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Mem(Vec<u8>, std::sync::atomic::AtomicU64);
+
+    impl ChunkSource for Mem {
+        fn size_bytes(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn known_zero(&self, _: u64, _: u64) -> anyhow::Result<bool> {
+            Ok(false)
+        }
+        fn read(&self, buf: &mut [u8], offset: u64) -> anyhow::Result<()> {
+            self.1
+                .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn wire_form_round_trips_and_refuses_anything_else() {
+        let h = ChunkHash::of(&[7; 32], b"data");
+        assert_eq!(ChunkHash::from_wire(&h.to_wire()), Some(h));
+        assert_eq!(ChunkHash::from_wire("z"), Some(ChunkHash::Zero));
+        for bad in ["", "Z", "00", &"g".repeat(32), &"0".repeat(33)] {
+            assert_eq!(ChunkHash::from_wire(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_hash_depends_on_the_key_and_zeros_need_none() {
+        let a = ChunkHash::of(&[1; 32], b"same bytes");
+        let b = ChunkHash::of(&[2; 32], b"same bytes");
+        assert_ne!(a, b);
+        assert_eq!(ChunkHash::of(&[1; 32], &[0u8; 4096]), ChunkHash::Zero);
+    }
+
+    #[test]
+    fn last_chunk_is_short_and_offsets_past_the_end_are_refused() {
+        let src = Mem(vec![5u8; 5000], Default::default());
+        let h = hash_chunks(&src, &[0; 32], 4096, &[0, 4096]).unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[1], ChunkHash::of(&[0; 32], &[5u8; 904]));
+        assert!(hash_chunks(&src, &[0; 32], 4096, &[8192]).is_err());
+    }
+
+    #[test]
+    fn requests_are_checked_in_one_line() {
+        let ok = HashRequest {
+            seq: Seq(1),
+            disk: 0,
+            key: "ab".repeat(32),
+            chunk_bytes: 4096,
+            offsets: vec![0, 4096],
+        };
+        assert!(check_request(&ok, 8192).is_ok());
+        let mut r = ok.clone();
+        r.key = "xy".into();
+        assert!(check_request(&r, 8192).unwrap_err().contains("key"));
+        let mut r = ok.clone();
+        r.chunk_bytes = 512;
+        assert!(check_request(&r, 8192).unwrap_err().contains("512"));
+        let mut r = ok.clone();
+        r.offsets = vec![8192];
+        assert!(check_request(&r, 8192).unwrap_err().contains("8192"));
+        let mut r = ok.clone();
+        r.offsets = vec![0; HASH_CHUNKS_MAX + 1];
+        assert!(check_request(&r, 8192).unwrap_err().contains("at most"));
+        let mut r = ok;
+        r.offsets = vec![100];
+        assert!(check_request(&r, 8192).is_err());
+    }
+}
