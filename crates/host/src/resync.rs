@@ -271,6 +271,7 @@ async fn differing(
 
 /// Compares `disk` of the cut with the replica's point `seq`: the byte ranges `(offset, len)`
 /// (4 KiB blocks, coalesced) that differ.
+#[allow(clippy::too_many_arguments)]
 pub async fn compare_disk(
     peer: &transport::Peer,
     vm: &str,
