@@ -108,7 +108,7 @@ fn resync_points_taken_while_a_guest_writes_pass_the_cut_checker() {
     let repo = repo_root();
     let log = root.path().join("workload.log");
     let blocks = "2048";
-    let mut workload = Command::new(py)
+    let workload = Command::new(py)
         .arg(repo.join("tests/cutcheck/workload.py"))
         .args(["--uri", &a.nbd_uri("web", 0), "--uri", &a.nbd_uri("web", 1)])
         .args(["--connections", "2", "--qd", "8", "--blocks", blocks])
