@@ -1015,6 +1015,7 @@ async fn compare_with_replica(
             position,
         });
         let size = disk.size_bytes();
+        let ranges = cut.disks[position].ranges();
         shared.events.emit(
             events::RESYNC_COMPARE_STARTED,
             Some(&vm),
@@ -1032,6 +1033,7 @@ async fn compare_with_replica(
             base,
             index,
             disk,
+            &ranges,
             &key,
             shared.peer_timeouts.answer,
             &mut stats,

@@ -269,8 +269,42 @@ async fn differing(
     Ok(out)
 }
 
-/// Compares `disk` of the cut with the replica's point `seq`: the byte ranges `(offset, len)`
-/// (4 KiB blocks, coalesced) that differ.
+/// Splits the cut's ranges (byte ranges, block aligned) into the 1 MiB chunks they cover whole
+/// and the 4 KiB blocks of the chunks they cover in part.
+pub fn plan(ranges: &[(u64, u64)], size: u64) -> (Vec<u64>, Vec<u64>) {
+    let (mut chunks, mut blocks) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    let mut chunk = 0;
+    while chunk < size {
+        let end = (chunk + COMPARE_CHUNK_BYTES).min(size);
+        // Ranges are sorted and disjoint: the ones that touch [chunk, end).
+        while i < ranges.len() && ranges[i].0 + ranges[i].1 <= chunk {
+            i += 1;
+        }
+        let mut j = i;
+        let mut covered = 0;
+        let mut in_chunk = Vec::new();
+        while j < ranges.len() && ranges[j].0 < end {
+            let (s, e) = (ranges[j].0.max(chunk), (ranges[j].0 + ranges[j].1).min(end));
+            covered += e - s;
+            in_chunk.push((s, e));
+            j += 1;
+        }
+        if covered == end - chunk {
+            chunks.push(chunk);
+        } else {
+            for (s, e) in in_chunk {
+                blocks.extend((s..e).step_by(REFINE_BLOCK_BYTES as usize));
+            }
+        }
+        chunk = end;
+    }
+    (chunks, blocks)
+}
+
+/// Compares the blocks of the cut's `ranges` of `disk` (byte ranges, block aligned, sorted:
+/// every block for a full resynchronization) with the replica's point `seq`: the byte ranges
+/// `(offset, len)` (4 KiB blocks, coalesced) that differ.
 #[allow(clippy::too_many_arguments)]
 pub async fn compare_disk(
     peer: &transport::Peer,
@@ -278,16 +312,15 @@ pub async fn compare_disk(
     seq: Seq,
     index: u32,
     disk: Arc<dyn ChunkSource + Send + Sync>,
+    ranges: &[(u64, u64)],
     key: &[u8; 32],
     timeout: std::time::Duration,
     stats: &mut CompareStats,
 ) -> anyhow::Result<Vec<(u64, u64)>> {
     let size = disk.size_bytes();
-    let chunks: Vec<u64> = (0..size.div_ceil(COMPARE_CHUNK_BYTES))
-        .map(|c| c * COMPARE_CHUNK_BYTES)
-        .collect();
+    let (chunks, partial) = plan(ranges, size);
     stats.chunks += chunks.len() as u64;
-    stats.compared_bytes += size;
+    stats.compared_bytes += ranges.iter().map(|r| r.1).sum::<u64>();
     let coarse = differing(
         peer,
         vm,
@@ -300,13 +333,15 @@ pub async fn compare_disk(
         timeout,
     )
     .await?;
-    let blocks: Vec<u64> = coarse
+    let mut blocks: Vec<u64> = coarse
         .iter()
         .flat_map(|&c| {
             let end = (c + COMPARE_CHUNK_BYTES).min(size);
             (c..end).step_by(REFINE_BLOCK_BYTES as usize)
         })
         .collect();
+    blocks.extend(partial);
+    blocks.sort_unstable();
     stats.blocks_refined += blocks.len() as u64;
     let fine = differing(
         peer,
@@ -392,6 +427,21 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert_eq!(h[1], ChunkHash::of(&[0; 32], &[5u8; 904]));
         assert!(hash_chunks(&src, &[0; 32], 4096, &[8192]).is_err());
+    }
+
+    #[test]
+    fn whole_chunks_are_compared_coarse_and_parts_block_by_block() {
+        const M: u64 = COMPARE_CHUNK_BYTES;
+        const B: u64 = REFINE_BLOCK_BYTES;
+        // Every block of a 2.5 MiB disk: two whole chunks and a short last one (whole too).
+        let size = 2 * M + M / 2;
+        assert_eq!(plan(&[(0, size)], size), (vec![0, M, 2 * M], vec![]));
+        // Two blocks in the first chunk, the second chunk whole.
+        let (chunks, blocks) = plan(&[(0, 2 * B), (M, M)], size);
+        assert_eq!(chunks, vec![M]);
+        assert_eq!(blocks, vec![0, B]);
+        // Nothing in the cut: nothing to compare.
+        assert_eq!(plan(&[], size), (vec![], vec![]));
     }
 
     #[test]

@@ -205,10 +205,10 @@ fn an_old_primary_back_after_a_failover_is_fenced_until_removed() {
 }
 
 /// An old primary whose tracking cannot say what differs (a resynchronization is pending
-/// there: what it holds may differ anywhere) gets every block at a reverse, and the reverse
-/// says so.
+/// there: what it holds may differ anywhere) has every block compared at a reverse (the
+/// resync engine: only what differs is sent), and the reverse says so.
 #[test]
-fn reverse_to_an_old_primary_without_trusted_tracking_sends_every_block() {
+fn reverse_to_an_old_primary_without_trusted_tracking_compares_every_block() {
     let root = tempfile::tempdir().unwrap();
     let scratch = root.path();
     let (a, b) = pair(scratch);
@@ -248,6 +248,13 @@ fn reverse_to_an_old_primary_without_trusted_tracking_sends_every_block() {
     wait_until("B replicating", Duration::from_secs(20), || {
         status(&b, "web")["state"] == "Replicating"
     });
+    // Both hold the same data: all 16 MiB compared, next to nothing sent.
+    let m = b.json(&["replication", "measure", "web"]);
+    assert_eq!(m["resync_compared_bytes_total"], 16 << 20, "{m}");
+    assert!(
+        m["resynchronized_bytes_total"].as_u64().unwrap() < 1 << 20,
+        "{m}"
+    );
     assert!(
         a_copy_equals_b_disk(&a, &b, scratch),
         "A's copy differs from B's disk"

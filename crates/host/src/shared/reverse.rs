@@ -567,7 +567,9 @@ fn unplanned_answer(vm: &crate::vms::Vm, state: &State) -> ReverseAnswer {
 /// One line saying what a reverse after an unplanned failover sends.
 pub(crate) fn reverse_reason(a: &ReverseAnswer) -> String {
     match &a.full_send {
-        Some(why) => format!("a reverse after an unplanned failover sends every block: {why}"),
+        Some(why) => format!(
+            "a reverse after an unplanned failover compares every block and sends those that differ: {why}"
+        ),
         None => {
             let bytes: u64 = a
                 .differs
