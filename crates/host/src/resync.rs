@@ -203,6 +203,13 @@ async fn replica_hashes(
                     timeout.as_secs()
                 )
             })??;
+    check_reply(req, &reply)
+}
+
+/// The replica's answer, if it answers exactly what was asked: the same point and disk, one
+/// well-formed hash per chunk. Anything else is refused with what is wrong, and nothing of it
+/// is used.
+pub fn check_reply(req: &HashRequest, reply: &HashReply) -> anyhow::Result<Vec<ChunkHash>> {
     if reply.seq != req.seq || reply.disk != req.disk {
         return Err(anyhow!(
             "the replica answered hashes of point {} disk {} for point {} disk {}",
@@ -442,6 +449,39 @@ mod tests {
         assert_eq!(blocks, vec![0, B]);
         // Nothing in the cut: nothing to compare.
         assert_eq!(plan(&[], size), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_reply_that_is_not_what_was_asked_is_refused_with_why() {
+        let req = HashRequest {
+            seq: Seq(4),
+            disk: 1,
+            key: "ab".repeat(32),
+            chunk_bytes: COMPARE_CHUNK_BYTES,
+            offsets: vec![0, COMPARE_CHUNK_BYTES],
+        };
+        let good = HashReply {
+            seq: Seq(4),
+            disk: 1,
+            hashes: vec!["z".into(), "0f".repeat(16)],
+        };
+        assert_eq!(check_reply(&req, &good).unwrap().len(), 2);
+        let mut more = good.clone();
+        more.hashes.push("z".into());
+        let e = check_reply(&req, &more).unwrap_err().to_string();
+        assert!(e.contains("3 hashes for 2 chunks"), "{e}");
+        let mut other = good.clone();
+        other.seq = Seq(3);
+        assert!(check_reply(&req, &other)
+            .unwrap_err()
+            .to_string()
+            .contains("point 3"));
+        let mut bad = good;
+        bad.hashes[1] = "not a hash".into();
+        assert!(check_reply(&req, &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("malformed"));
     }
 
     #[test]
