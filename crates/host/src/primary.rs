@@ -93,6 +93,7 @@ struct Counters {
     app_consecutive_failures: u64,
     resynchronized_bytes: u64,
     resync_compared_bytes: u64,
+    resync_hash_bytes: u64,
 }
 
 struct Runtime {
@@ -306,6 +307,7 @@ impl Replication {
             sent_bytes_total: c.sent_bytes_total,
             resynchronized_bytes_total: c.resynchronized_bytes,
             resync_compared_bytes_total: c.resync_compared_bytes,
+            resync_hash_bytes_total: c.resync_hash_bytes,
             average_latency_ms: c.latency_ms_total.checked_div(c.ok).unwrap_or(0),
             maximum_latency_ms: c.latency_ms_max,
             maximum_cut_pause_us: c.cut_pause_us_max,
@@ -1387,6 +1389,7 @@ async fn cycle_inner(
                 if let Some(cmp) = &compared {
                     c.resynchronized_bytes += delta_bytes;
                     c.resync_compared_bytes += cmp.compared_bytes;
+                    c.resync_hash_bytes += cmp.hash_bytes;
                 }
                 c.ok += 1;
                 c.delta_bytes_total += delta_bytes;

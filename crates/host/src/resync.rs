@@ -185,6 +185,8 @@ pub struct CompareStats {
     pub blocks_refined: u64,
     pub differing_blocks: u64,
     pub differing_bytes: u64,
+    /// JSON bytes of the hash requests and answers (HTTP/2 and TLS framing not counted).
+    pub hash_bytes: u64,
 }
 
 /// Asks the replica for hashes; checks its answer names what was asked.
@@ -249,6 +251,7 @@ async fn differing(
     chunk_bytes: u64,
     offsets: Vec<u64>,
     timeout: std::time::Duration,
+    hash_bytes: &mut u64,
 ) -> anyhow::Result<Vec<u64>> {
     let mut out = Vec::new();
     for batch in offsets.chunks(HASH_CHUNKS_MAX) {
@@ -264,6 +267,13 @@ async fn differing(
             tokio::task::spawn_blocking(move || hash_chunks(src.as_ref(), &k, chunk_bytes, &b));
         let (theirs, ours) = tokio::join!(replica_hashes(peer, vm, &req, timeout), local);
         let theirs = theirs?;
+        // The request as sent, and the answer: one hash (32 hex digits, or "z") per chunk.
+        *hash_bytes += serde_json::to_vec(&req).map_or(0, |v| v.len() as u64)
+            + 40
+            + theirs
+                .iter()
+                .map(|h| if *h == ChunkHash::Zero { 4 } else { 35 })
+                .sum::<u64>();
         let ours = ours.context("the hashing task")??;
         out.extend(
             batch
@@ -338,6 +348,7 @@ pub async fn compare_disk(
         COMPARE_CHUNK_BYTES,
         chunks,
         timeout,
+        &mut stats.hash_bytes,
     )
     .await?;
     let mut blocks: Vec<u64> = coarse
@@ -360,6 +371,7 @@ pub async fn compare_disk(
         REFINE_BLOCK_BYTES,
         blocks,
         timeout,
+        &mut stats.hash_bytes,
     )
     .await?;
     let mut ranges: Vec<(u64, u64)> = Vec::new();

@@ -295,6 +295,10 @@ pub struct Measure {
     /// Bytes compared with the replica by resynchronizations, since the daemon started.
     #[serde(default)]
     pub resync_compared_bytes_total: u64,
+    /// JSON bytes of the resynchronizations' hash requests and answers, since the daemon
+    /// started (with `sent_bytes_total`, what a resync costs on the wire).
+    #[serde(default)]
+    pub resync_hash_bytes_total: u64,
     pub average_latency_ms: u64,
     pub maximum_latency_ms: u64,
     /// Longest guest-write pause at a cut.
