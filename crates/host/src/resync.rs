@@ -16,8 +16,11 @@ use proto::Seq;
 
 /// The first pass compares chunks of this size.
 pub const COMPARE_CHUNK_BYTES: u64 = 1 << 20;
-/// Chunks that differ are compared again in blocks of this size (the tracker's block): the
-/// unit a resync ships.
+/// Chunks that differ are compared again in pieces of this size, and the pieces that differ
+/// in blocks of [`REFINE_BLOCK_BYTES`]: scattered changes then cost 16 + 16 hashes per
+/// differing chunk rather than 256.
+pub const REFINE_MID_BYTES: u64 = 64 << 10;
+/// The last pass compares blocks of this size (the tracker's block): the unit a resync ships.
 pub const REFINE_BLOCK_BYTES: u64 = 4096;
 /// Bytes of the keyed BLAKE3 kept per chunk: 128 bits, with a key nobody else knows.
 const HASH_BYTES: usize = 16;
@@ -85,7 +88,13 @@ pub trait ChunkSource {
     /// True when `offset..offset+len` is known to read as zeros without reading it.
     fn known_zero(&self, offset: u64, len: u64) -> anyhow::Result<bool>;
     fn read(&self, buf: &mut [u8], offset: u64) -> anyhow::Result<()>;
+    /// Read-ahead hint: `offset..offset+len` will be read soon.
+    fn will_need(&self, _offset: u64, _len: u64) {}
 }
+
+/// Chunks read ahead of the one being hashed: cold disks are read with several requests in
+/// flight while the hashing goes on.
+const READ_AHEAD_CHUNKS: usize = 8;
 
 impl ChunkSource for tracker::FrozenDisk {
     fn size_bytes(&self) -> u64 {
@@ -99,6 +108,10 @@ impl ChunkSource for tracker::FrozenDisk {
 
     fn read(&self, buf: &mut [u8], offset: u64) -> anyhow::Result<()> {
         Ok(self.peek_at(buf, offset)?)
+    }
+
+    fn will_need(&self, offset: u64, len: u64) {
+        tracker::FrozenDisk::will_need(self, offset, len)
     }
 }
 
@@ -120,14 +133,18 @@ impl ChunkSource for replica::PointView {
     fn read(&self, buf: &mut [u8], offset: u64) -> anyhow::Result<()> {
         Ok(self.read_range(buf, offset)?)
     }
+
+    fn will_need(&self, offset: u64, len: u64) {
+        replica::PointView::will_need(self, offset, len)
+    }
 }
 
 /// Checks a hash request against a disk of `size` bytes: one line saying what is wrong.
 pub fn check_request(req: &HashRequest, size: u64) -> Result<[u8; 32], String> {
     let key = parse_key(&req.key).ok_or("the compare key is not 64 hex digits")?;
-    if req.chunk_bytes != COMPARE_CHUNK_BYTES && req.chunk_bytes != REFINE_BLOCK_BYTES {
+    if ![COMPARE_CHUNK_BYTES, REFINE_MID_BYTES, REFINE_BLOCK_BYTES].contains(&req.chunk_bytes) {
         return Err(format!(
-            "chunk_bytes {} is neither {COMPARE_CHUNK_BYTES} nor {REFINE_BLOCK_BYTES}",
+            "chunk_bytes {} is none of {COMPARE_CHUNK_BYTES}, {REFINE_MID_BYTES}, {REFINE_BLOCK_BYTES}",
             req.chunk_bytes
         ));
     }
@@ -161,7 +178,16 @@ pub fn hash_chunks(
     let size = src.size_bytes();
     let mut buf = vec![0u8; chunk_bytes as usize];
     let mut out = Vec::with_capacity(offsets.len());
-    for &o in offsets {
+    let ahead = |i: usize| {
+        if let Some(&o) = offsets.get(i) {
+            src.will_need(o, chunk_bytes.min(size.saturating_sub(o)));
+        }
+    };
+    for i in 0..READ_AHEAD_CHUNKS {
+        ahead(i);
+    }
+    for (i, &o) in offsets.iter().enumerate() {
+        ahead(i + READ_AHEAD_CHUNKS);
         let len = chunk_bytes.min(size.saturating_sub(o));
         if len == 0 {
             return Err(anyhow!("offset {o} is beyond the disk's size {size}"));
@@ -351,13 +377,27 @@ pub async fn compare_disk(
         &mut stats.hash_bytes,
     )
     .await?;
-    let mut blocks: Vec<u64> = coarse
-        .iter()
-        .flat_map(|&c| {
-            let end = (c + COMPARE_CHUNK_BYTES).min(size);
-            (c..end).step_by(REFINE_BLOCK_BYTES as usize)
-        })
-        .collect();
+    let pieces = |of: &[u64], from: u64, to: u64| -> Vec<u64> {
+        of.iter()
+            .flat_map(|&c| (c..(c + from).min(size)).step_by(to as usize))
+            .collect()
+    };
+    let mids = pieces(&coarse, COMPARE_CHUNK_BYTES, REFINE_MID_BYTES);
+    stats.blocks_refined += mids.len() as u64;
+    let mid = differing(
+        peer,
+        vm,
+        seq,
+        index,
+        disk.clone(),
+        key,
+        REFINE_MID_BYTES,
+        mids,
+        timeout,
+        &mut stats.hash_bytes,
+    )
+    .await?;
+    let mut blocks = pieces(&mid, REFINE_MID_BYTES, REFINE_BLOCK_BYTES);
     blocks.extend(partial);
     blocks.sort_unstable();
     stats.blocks_refined += blocks.len() as u64;

@@ -143,6 +143,14 @@ impl PointView {
         }
     }
 
+    /// Read-ahead hint for the base image's `offset..offset+len` (speed only; errors ignored):
+    /// a resync's compare reads a point sequentially.
+    pub fn will_need(&self, offset: u64, len: u64) {
+        if let Some(base) = self.vm.base.get(&self.disk) {
+            let _ = sysutil::will_need(&base.file, offset, len);
+        }
+    }
+
     /// Fills `buf` with the point's bytes at `offset`.
     pub fn read_range(&self, buf: &mut [u8], offset: u64) -> Result<(), ReplicaError> {
         self.check_range(offset, buf.len() as u64)?;

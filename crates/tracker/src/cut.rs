@@ -217,6 +217,11 @@ impl FrozenDisk {
         self.disk.discard_frozen(self.epoch, offset, len_bytes)
     }
 
+    /// Read-ahead hint for the image's `offset..offset+len_bytes` (speed only; errors ignored).
+    pub fn will_need(&self, offset: u64, len_bytes: u64) {
+        let _ = sysutil::will_need(&self.disk.file, offset, len_bytes);
+    }
+
     /// `skip_if_hole` that marks nothing as read (for a compare).
     pub fn peek_hole(&self, offset: u64, len_bytes: u64) -> io::Result<bool> {
         self.disk.peek_frozen_hole(self.epoch, offset, len_bytes)
