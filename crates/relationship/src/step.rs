@@ -801,7 +801,10 @@ impl Step {
             }
             return;
         }
-        let message = format!("resynchronization required: {reason}");
+        let message = format!(
+            "resynchronization required ({}): {reason}",
+            crate::condition::label(&reason)
+        );
         self.next.state = State::ResynchronizationRequired { reason };
         self.cancel_cycle();
         self.actions.push(Action::Persist);
@@ -1260,7 +1263,7 @@ impl Step {
             },
             Some(ReplicationState::ResynchronizationRequired) => State::ResynchronizationRequired {
                 reason: kept_reason
-                    .unwrap_or_else(|| "the primary requires resynchronization".to_string()),
+                    .unwrap_or_else(|| crate::condition::REPORTED_BY_PRIMARY.to_string()),
             },
             Some(ReplicationState::WaitingForStartResynchronize) => {
                 State::WaitingForStartResynchronize {

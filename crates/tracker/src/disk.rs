@@ -300,6 +300,13 @@ impl TrackedDisk {
         self.al.degraded()
     }
 
+    /// Why the activity log degraded (its first I/O error, or the image's failed sync), once
+    /// it has: the daemon reports it and requires a resynchronization, since a crash from
+    /// now on could not say what changed.
+    pub fn tracking_error(&self) -> Option<String> {
+        self.al.degraded_reason()
+    }
+
     /// The first error a sync (`fdatasync`/`fsync`) of the image reported since the disk was
     /// opened, or `None`. Once set, every FLUSH and FUA write fails with EIO and
     /// `shutdown_clean` writes no clean marker: the pages of some write the guest was told is

@@ -405,7 +405,7 @@ fn image_modified_while_stopped_is_detected() {
     drop(file);
     let (_g, d, state) = reopen(&f);
     assert!(
-        matches!(&state, OpenState::ModifiedOutside { reason } if reason.contains("modified")),
+        matches!(&state, OpenState::ModifiedOutside { reason, replaced: false } if reason.contains("modified")),
         "{state:?}"
     );
     assert!(state.requires_resync());
@@ -413,6 +413,57 @@ fn image_modified_while_stopped_is_detected() {
         d.dirty_bytes(),
         0,
         "tracking restarts empty; the daemon resyncs"
+    );
+}
+
+/// A copy of the image taken earlier, copied back over it with its timestamps
+/// (`cp --preserve=all`, a restore from backup): same inode and size, an older mtime.
+#[test]
+fn older_copy_restored_over_the_image_is_a_revert() {
+    let f = fixture();
+    let (_gate, d) = create(&f, 32 * B);
+    d.write_at(&block(1), 0, true).expect("w");
+    let older = f.image.with_extension("older");
+    let cp = std::process::Command::new("cp")
+        .arg("--preserve=all")
+        .arg(&f.image)
+        .arg(&older)
+        .status()
+        .expect("cp");
+    assert!(cp.success());
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    d.write_at(&block(2), 0, true).expect("w");
+    d.shutdown_clean().expect("shutdown");
+    drop(d);
+    let cp = std::process::Command::new("cp")
+        .arg("--preserve=all")
+        .arg(&older)
+        .arg(&f.image)
+        .status()
+        .expect("cp");
+    assert!(cp.success());
+    let (_g, _d, state) = reopen(&f);
+    assert!(
+        matches!(&state, OpenState::ModifiedOutside { replaced: true, reason } if reason.contains("older copy")),
+        "{state:?}"
+    );
+}
+
+/// Another file renamed over the image (a restored snapshot file): another inode.
+#[test]
+fn image_file_replaced_is_a_revert() {
+    let f = fixture();
+    let (_gate, d) = create(&f, 32 * B);
+    d.write_at(&block(1), 0, true).expect("w");
+    d.shutdown_clean().expect("shutdown");
+    drop(d);
+    let other = f.image.with_extension("other");
+    fs::copy(&f.image, &other).expect("copy");
+    fs::rename(&other, &f.image).expect("rename");
+    let (_g, _d, state) = reopen(&f);
+    assert!(
+        matches!(&state, OpenState::ModifiedOutside { replaced: true, reason } if reason.contains("replaced")),
+        "{state:?}"
     );
 }
 
@@ -430,7 +481,7 @@ fn resized_image_is_detected() {
         .expect("grow");
     let (_g, _d, state) = reopen(&f);
     assert!(
-        matches!(&state, OpenState::ModifiedOutside { reason } if reason.contains("size")),
+        matches!(&state, OpenState::ModifiedOutside { reason, .. } if reason.contains("size")),
         "{state:?}"
     );
 }

@@ -511,6 +511,8 @@ impl Shared {
             health: Health::Warning,
             health_reasons: reasons,
             resync_reason: None,
+            resync_condition: None,
+            resync_condition_hyperv: None,
             peer: self.primary_name_of(name),
             frequency_secs: 0,
             compression: Compression::None,
@@ -558,8 +560,14 @@ impl Shared {
         // The replica's own finding outranks what the primary said last.
         if let Some(d) = &damage {
             state = ReplicationState::ResynchronizationRequired;
-            resync_reason = Some(format!("replica copy damaged: {d}"));
+            resync_reason = Some(format!(
+                "replica copy {}: {d}",
+                relationship::condition::DAMAGED
+            ));
         }
+        let resync_condition = resync_reason
+            .as_deref()
+            .map(relationship::condition::classify);
         let (mut health, mut health_reasons) = relationship::health(
             &rel,
             &relationship::HealthFacts {
@@ -572,7 +580,10 @@ impl Shared {
         if let Some(why) = &resync_reason {
             if damage.is_some() {
                 health = Health::Critical;
-                health_reasons.push(why.clone());
+                health_reasons.push(format!(
+                    "resynchronization required ({}): {why}",
+                    relationship::condition::label(why)
+                ));
             }
         }
         Some(ReplicationStatus {
@@ -582,6 +593,8 @@ impl Shared {
             health,
             health_reasons,
             resync_reason,
+            resync_condition,
+            resync_condition_hyperv: resync_condition.map(|c| c.hyperv_condition().to_string()),
             peer: self.primary_name_of(name),
             frequency_secs: 0,
             compression: Compression::None,
