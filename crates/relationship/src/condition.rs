@@ -14,7 +14,7 @@ pub const TRACKING_WRITE_FAILED: &str = "change tracking state could not be writ
 /// The image's storage failed a sync (fsyncgate).
 pub const STORAGE_WRITE_FAILED: &str = "storage reported a write-back error";
 /// The image was replaced by another file or by an older copy while the daemon was down.
-pub const REVERTED_TO_OLDER: &str = "was replaced by another or an older copy";
+pub const REVERTED_TO_OLDER: &str = "was replaced by another file or an older copy";
 /// The image was written while the daemon was down.
 pub const MODIFIED_WHILE_OFF: &str = "was modified outside Understudy";
 /// An unclean stop the activity log (or the heartbeat) cannot cover.
