@@ -375,3 +375,59 @@ fn invalid_delta_in_the_replica_journal_is_replica_invalid_delta() {
     assert_resync_named(&a, "web", "replica_invalid_delta");
     let _ = std::fs::remove_file(root.path().join("x.raw"));
 }
+
+/// Row "Write failure to tracking log file", for the bitmap written at a clean stop (its
+/// fsync fails): the stop is then unclean (no clean-stop marker, the daemon exits non-zero),
+/// and the next start recovers from the activity log, which still covers every dirty block.
+/// Nothing is dropped silently and no resynchronization is needed: the replica converges.
+#[test]
+fn bitmap_write_failure_at_stop_recovers_from_the_activity_log() {
+    tools();
+    let root = tempfile::tempdir().unwrap();
+    let (mut a, b) = pair(root.path());
+    replicate(&a, &b, "web", &["16M"], 3600);
+    // Pending at the stop: only the bitmap (or the activity log) can say so.
+    qemu_io_ok(&a.nbd_uri("web", 0), &["write -q -P 0x77 2M 64k"]);
+    let state = state_dir_of(&a, "web");
+    let pid = a.pid().unwrap();
+    let tmp = state.join("bitmap.tmp");
+    let strace = Strace::attach_args(
+        pid,
+        &[
+            "-e",
+            "trace=fsync",
+            "-e",
+            "inject=fsync:error=EIO:when=1",
+            "-P",
+            tmp.to_str().unwrap(),
+        ],
+    );
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    wait_until("the daemon to exit", Duration::from_secs(30), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+            .unwrap_or(true)
+    });
+    drop(strace);
+    a.kill9();
+    assert!(
+        !state.join("clean").exists(),
+        "a clean-stop marker was written although the bitmap failed"
+    );
+    assert!(
+        a.log().contains("closing disk 0"),
+        "the failed stop is not logged:\n{}",
+        tail(&a.log(), 20)
+    );
+    a.restart();
+    let st = status(&a, "web");
+    assert_eq!(st["state"], "Replicating", "{st}");
+    assert!(
+        events(&a)
+            .iter()
+            .any(|e| e["id"] == 1002 && e["vm"] == "web"),
+        "no unclean-recovery event 1002"
+    );
+    sync_until_ok(&a, "web", 10);
+    assert!(latest_equals_primary(&a, &b, "web", 0, root.path()));
+}
