@@ -681,3 +681,32 @@ fn holes_are_skipped_only_when_no_cut_time_data_hides_in_them() {
     assert_eq!(read_frozen(fd, 0, MIB), vec![7u8; MIB as usize]);
     c.commit();
 }
+
+/// An edit right after a clean stop, within the same tick of the kernel's coarse clock as
+/// the disk's last write, would leave size, inode, mtime and ctime all equal to the clean
+/// marker's (kernels before 6.13 stamp inode times with the coarse clock): the clean stop
+/// waits for the clock to pass that tick (`sys::wait_past_change_time`). On a kernel with
+/// fine-grained change times (6.13+) this passes without the wait too.
+#[test]
+fn edit_in_the_same_clock_tick_as_the_clean_stop_is_detected() {
+    let mut missed = 0;
+    for _ in 0..20 {
+        let f = fixture();
+        let (_gate, d) = create(&f, 32 * B);
+        d.write_at(&block(1), 0, false).expect("w");
+        d.shutdown_clean().expect("shutdown");
+        drop(d);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&f.image)
+            .expect("open image");
+        file.write_all_at(&[0xAAu8; 16], 5 * B)
+            .expect("outside write");
+        drop(file);
+        let (_g, _d, state) = reopen(&f);
+        if !state.requires_resync() {
+            missed += 1;
+        }
+    }
+    assert_eq!(missed, 0, "edits right after a clean stop went unseen");
+}
