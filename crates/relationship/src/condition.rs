@@ -139,6 +139,46 @@ mod tests {
         assert_eq!(classify("wrong generation"), ResyncCondition::Other);
     }
 
+    /// A replica that mirrored the primary's `ResynchronizationRequired` (reason unknown to
+    /// it) and then finds its own damage names the damage, and logs it; a known first
+    /// reason stays.
+    #[test]
+    fn replica_finding_replaces_the_mirrored_placeholder() {
+        use crate::{step, Action, Event, EventKind, Relationship, Role, State};
+        let vm = proto::VmName::parse("web").unwrap();
+        let mut r = Relationship::new(vm, Role::Replica, Generation(1));
+        r.state = State::ResynchronizationRequired {
+            reason: REPORTED_BY_PRIMARY.into(),
+        };
+        let found = "the replica's copy is damaged: journal /s/j/7.delta: bad frame";
+        let (next, actions) = step(
+            &r,
+            Event::Diverged {
+                reason: found.into(),
+            },
+            1,
+        )
+        .unwrap();
+        assert_eq!(
+            of_state(&next.state),
+            Some(ResyncCondition::ReplicaInvalidDelta)
+        );
+        assert!(actions.iter().any(|a| matches!(
+            a,
+            Action::Emit { kind: EventKind::ResyncRequired, message } if message.contains("replica_invalid_delta")
+        )));
+        let (again, actions) = step(
+            &next,
+            Event::Diverged {
+                reason: "the replica's copy is damaged: something else".into(),
+            },
+            2,
+        )
+        .unwrap();
+        assert_eq!(again.state, next.state, "the first known reason stays");
+        assert!(actions.is_empty(), "{actions:?}");
+    }
+
     #[test]
     fn every_condition_has_a_distinct_id_and_a_hyperv_row() {
         use ResyncCondition::*;

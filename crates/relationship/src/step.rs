@@ -774,10 +774,13 @@ impl Step {
     }
 
     /// The replica can no longer follow: only a resynchronization leaves this state. The
-    /// first reason stays.
+    /// first reason stays, except the placeholder of a replica that mirrored the primary's
+    /// state without knowing why: its own finding replaces it (and is logged).
     fn require_resync(&mut self, reason: String) {
-        if matches!(self.next.state, State::ResynchronizationRequired { .. }) {
-            return;
+        if let State::ResynchronizationRequired { reason: first } = &self.next.state {
+            if first != crate::condition::REPORTED_BY_PRIMARY {
+                return;
+            }
         }
         // A primary prepared for a planned failover stays prepared, and fenced: the replica
         // may already have failed over to the prepared point, so serving the disks here could

@@ -283,6 +283,9 @@ fn replica_restored_from_an_older_copy_is_replica_restored_older() {
     std::fs::remove_dir_all(&vm_dir).unwrap();
     sh(Command::new("cp").arg("-a").arg(&backup).arg(&vm_dir));
     b.restart();
+    // The replica finds it itself at start (its record says it committed point 3), before
+    // any hello.
+    assert_resync_named(&b, "web", "replica_restored_older");
     qemu_io_ok(&uri, &["write -q -P 3 0 64k"]);
     let out = a.run(&["replication", "sync", "web"]);
     assert!(
@@ -373,6 +376,7 @@ fn invalid_delta_in_the_replica_journal_is_replica_invalid_delta() {
     qemu_io_ok(&uri, &["write -q -P 6 1M 4k"]);
     let _ = a.run(&["replication", "sync", "web"]);
     assert_resync_named(&a, "web", "replica_invalid_delta");
+    assert_resync_named(&b, "web", "replica_invalid_delta");
     let _ = std::fs::remove_file(root.path().join("x.raw"));
 }
 
