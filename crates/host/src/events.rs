@@ -16,6 +16,8 @@ pub const UNCLEAN_RECOVERED: u32 = 1002;
 pub const VM_BROKEN: u32 = 1003;
 pub const STORAGE_FAILED: u32 = 1004;
 pub const VM_SET: u32 = 1005;
+/// A disk's activity log could not be written (tracking goes on in memory).
+pub const TRACKING_FAILED: u32 = 1007;
 /// The guest was found frozen at daemon start (the daemon died between freeze and thaw) and
 /// was thawed.
 pub const GUEST_THAWED_AT_START: u32 = 1006;

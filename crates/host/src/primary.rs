@@ -528,6 +528,9 @@ pub fn status_of(
             State::FencedAfterFailover { reason, .. } => Some(reason.clone()),
             other => other.reason().map(String::from),
         },
+        resync_condition: relationship::condition::of_state(&rel.state),
+        resync_condition_hyperv: relationship::condition::of_state(&rel.state)
+            .map(|c| c.hyperv_condition().to_string()),
         peer: r.replica.clone(),
         frequency_secs: r.frequency_secs,
         compression: r.compression,

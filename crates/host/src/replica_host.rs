@@ -639,9 +639,31 @@ async fn route(
                 resume,
                 name.clone(),
             );
-            let point = tokio::spawn(upload).await.map_err(|e| {
-                refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            })??;
+            let point = match tokio::spawn(upload)
+                .await
+                .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+            {
+                Ok(point) => point,
+                Err(refused) => {
+                    // The replica's own finding: recorded (and logged, event 2004) here as at
+                    // a hello, not only by the primary.
+                    if let Some(d) = rvm.damage().filter(|_| refused.err.code == "damaged") {
+                        let event = relationship::Event::Diverged {
+                            reason: format!(
+                                "the replica's copy is {}: {d}",
+                                relationship::condition::DAMAGED
+                            ),
+                        };
+                        let generation = rvm.generation();
+                        if let Err(e) = tokio::task::block_in_place(|| {
+                            shared.replica_event(vm, generation, event)
+                        }) {
+                            tracing::error!(%vm, "recording the replica's damage: {e:#}");
+                        }
+                    }
+                    return Err(refused);
+                }
+            };
             // Retention runs in its own task (woken here), never in the request's path.
             shared.retention_wake.notify_one();
             let kind = match rvm

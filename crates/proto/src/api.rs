@@ -216,6 +216,76 @@ pub enum ReplicationState {
     FencedAfterFailover,
 }
 
+/// Why a VM needs resynchronization, named once for `replication status` and events: each
+/// value is one row of Hyper-V Replica's table of resynchronization triggers (see
+/// `docs/resync-triggers.md`). The id (`snake_case`) is stable; monitoring may match on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResyncCondition {
+    /// A disk image was written while the daemon (and so the VM) was stopped.
+    ModifiedWhileOff,
+    /// A disk image was replaced by another file, or by an older copy of itself (its mtime
+    /// went back), while the daemon was stopped: a restore or a snapshot revert.
+    RevertedToOlder,
+    /// The change tracking state (activity log) could not be written: tracking goes on in
+    /// memory but would not survive a crash.
+    TrackingWriteFailed,
+    /// The image's storage reported a write-back error (a failed fsync of the image).
+    StorageWriteFailed,
+    /// The daemon stopped uncleanly and its activity log (or its heartbeat) cannot say what
+    /// changed since.
+    UncleanStopUntracked,
+    /// The replica holds points this primary never shipped, or another generation's.
+    ReplicaOutOfSequence,
+    /// The replica is behind what it already committed: restored from an older copy.
+    ReplicaRestoredOlder,
+    /// A delta stored on the replica failed verification (an invalid delta in its journal).
+    ReplicaInvalidDelta,
+    /// The replica's copy is damaged otherwise (an interrupted fold, a base not yet repaired).
+    ReplicaDamaged,
+    /// The replica mirrors the primary's state; the primary's status names the condition.
+    ReportedByPrimary,
+    /// A reason this daemon does not classify (a record written by another version).
+    Other,
+}
+
+impl ResyncCondition {
+    /// The condition of Hyper-V Replica's table it corresponds to.
+    pub fn hyperv_condition(self) -> &'static str {
+        match self {
+            ResyncCondition::ModifiedWhileOff => "Modify VHD when VM is turned off",
+            ResyncCondition::RevertedToOlder => "Reverting the volume to an older point in time",
+            ResyncCondition::TrackingWriteFailed | ResyncCondition::StorageWriteFailed => {
+                "Write failure to tracking log file"
+            }
+            ResyncCondition::UncleanStopUntracked => "Tracking log file is not closed gracefully",
+            ResyncCondition::ReplicaOutOfSequence
+            | ResyncCondition::ReplicaRestoredOlder
+            | ResyncCondition::ReplicaInvalidDelta
+            | ResyncCondition::ReplicaDamaged => "Out-of-sequence or Invalid log file is applied",
+            ResyncCondition::ReportedByPrimary => "Resynchronization required on the primary",
+            ResyncCondition::Other => "Resynchronization required",
+        }
+    }
+
+    /// The stable id, as serialized.
+    pub fn id(self) -> &'static str {
+        match self {
+            ResyncCondition::ModifiedWhileOff => "modified_while_off",
+            ResyncCondition::RevertedToOlder => "reverted_to_older",
+            ResyncCondition::TrackingWriteFailed => "tracking_write_failed",
+            ResyncCondition::StorageWriteFailed => "storage_write_failed",
+            ResyncCondition::UncleanStopUntracked => "unclean_stop_untracked",
+            ResyncCondition::ReplicaOutOfSequence => "replica_out_of_sequence",
+            ResyncCondition::ReplicaRestoredOlder => "replica_restored_older",
+            ResyncCondition::ReplicaInvalidDelta => "replica_invalid_delta",
+            ResyncCondition::ReplicaDamaged => "replica_damaged",
+            ResyncCondition::ReportedByPrimary => "reported_by_primary",
+            ResyncCondition::Other => "other",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Health {
     Normal,
@@ -241,6 +311,13 @@ pub struct ReplicationStatus {
     /// Why a resynchronization is required, scheduled or running (its reason, when it has one),
     /// or why the VM is fenced (`FencedAfterFailover`).
     pub resync_reason: Option<String>,
+    /// Which resynchronization trigger `resync_reason` is (a stable id), and the Hyper-V
+    /// Replica condition it corresponds to; both present exactly when `resync_reason` names
+    /// a resynchronization (not a fence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_condition: Option<ResyncCondition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_condition_hyperv: Option<String>,
     /// The other host (`HOST:PORT` on the primary, the primary's name on the replica).
     pub peer: String,
     pub frequency_secs: u32,

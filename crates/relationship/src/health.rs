@@ -54,7 +54,10 @@ pub fn health(
     match &rel.state {
         State::ResynchronizationRequired { reason } => raise(
             Health::Critical,
-            format!("resynchronization required: {reason}"),
+            format!(
+                "resynchronization required ({}): {reason}",
+                crate::condition::label(reason)
+            ),
             &mut reasons,
         ),
         State::Suspended { .. } => raise(

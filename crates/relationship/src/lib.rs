@@ -10,8 +10,10 @@
 //! - [`health()`](fn@health) derives Normal / Warning / Critical; time is passed in.
 //! - [`record`] is the persisted form (`docs/formats/relationship.md`, version 2) and the
 //!   migration from version 1's flags.
+//! - [`condition`] names the resynchronization trigger of a reason (Hyper-V's table).
 //! - [`reconcile`](mod@reconcile) holds the reconcile rules of `docs/formats/peer-protocol.md`.
 
+pub mod condition;
 pub mod health;
 pub mod reconcile;
 pub mod record;

@@ -3,6 +3,8 @@
 
 use proto::{Generation, Seq};
 
+use crate::condition::{DAMAGED, NEVER_SENT, OTHER_GENERATION, RESTORED_OLDER};
+
 /// What the primary does after asking the replica where it stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reconcile {
@@ -26,11 +28,11 @@ pub fn reconcile(
     replica_damage: Option<&str>,
 ) -> Reconcile {
     if let Some(d) = replica_damage {
-        return Reconcile::Diverged(format!("the replica's copy is damaged: {d}"));
+        return Reconcile::Diverged(format!("the replica's copy is {DAMAGED}: {d}"));
     }
     if replica_generation != generation {
         return Reconcile::Diverged(format!(
-            "the replica is at generation {replica_generation} but this primary is at {generation}"
+            "{OTHER_GENERATION} {replica_generation} but this primary is at {generation}"
         ));
     }
     if replica_latest == last_seq {
@@ -41,11 +43,11 @@ pub fn reconcile(
     }
     if replica_latest < last_seq {
         return Reconcile::Diverged(format!(
-            "the replica has point {replica_latest} but already committed point {last_seq}: it was restored from an older copy"
+            "the replica has point {replica_latest} but already committed point {last_seq}: {RESTORED_OLDER}"
         ));
     }
     Reconcile::Diverged(format!(
-        "the replica has point {replica_latest} which this primary never shipped (it shipped up to {last_seq})"
+        "the replica has point {replica_latest}: it {NEVER_SENT} (it shipped up to {last_seq})"
     ))
 }
 
@@ -76,10 +78,10 @@ pub fn out_of_sequence_reason(sent: Seq, expected: Seq) -> String {
     let shipped = sent.get().saturating_sub(1);
     if expected < sent {
         format!(
-            "the replica expects point {expected} but this primary already committed point {shipped}: it was restored from an older copy"
+            "the replica expects point {expected} but this primary already committed point {shipped}: {RESTORED_OLDER}"
         )
     } else {
-        format!("the replica expects point {expected} but this primary only shipped up to {shipped}: it holds points this primary never sent")
+        format!("the replica expects point {expected} but this primary only shipped up to {shipped}: it {NEVER_SENT}")
     }
 }
 

@@ -774,10 +774,13 @@ impl Step {
     }
 
     /// The replica can no longer follow: only a resynchronization leaves this state. The
-    /// first reason stays.
+    /// first reason stays, except the placeholder of a replica that mirrored the primary's
+    /// state without knowing why: its own finding replaces it (and is logged).
     fn require_resync(&mut self, reason: String) {
-        if matches!(self.next.state, State::ResynchronizationRequired { .. }) {
-            return;
+        if let State::ResynchronizationRequired { reason: first } = &self.next.state {
+            if first != crate::condition::REPORTED_BY_PRIMARY {
+                return;
+            }
         }
         // A primary prepared for a planned failover stays prepared, and fenced: the replica
         // may already have failed over to the prepared point, so serving the disks here could
@@ -801,7 +804,10 @@ impl Step {
             }
             return;
         }
-        let message = format!("resynchronization required: {reason}");
+        let message = format!(
+            "resynchronization required ({}): {reason}",
+            crate::condition::label(&reason)
+        );
         self.next.state = State::ResynchronizationRequired { reason };
         self.cancel_cycle();
         self.actions.push(Action::Persist);
@@ -1260,7 +1266,7 @@ impl Step {
             },
             Some(ReplicationState::ResynchronizationRequired) => State::ResynchronizationRequired {
                 reason: kept_reason
-                    .unwrap_or_else(|| "the primary requires resynchronization".to_string()),
+                    .unwrap_or_else(|| crate::condition::REPORTED_BY_PRIMARY.to_string()),
             },
             Some(ReplicationState::WaitingForStartResynchronize) => {
                 State::WaitingForStartResynchronize {

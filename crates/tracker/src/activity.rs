@@ -56,6 +56,8 @@ pub(crate) struct ActivityLog {
     group_done: Condvar,
     file: Mutex<LogFile>,
     degraded: AtomicBool,
+    /// Why the log degraded (the first error), for the daemon to report.
+    degraded_reason: Mutex<Option<String>>,
     /// The in-memory hot set shrank since the file was last rewritten.
     pruned: AtomicBool,
 }
@@ -98,6 +100,7 @@ impl ActivityLog {
                 shut_down: false,
             }),
             degraded: AtomicBool::new(false),
+            degraded_reason: Mutex::new(None),
             pruned: AtomicBool::new(false),
         })
     }
@@ -117,6 +120,19 @@ impl ActivityLog {
 
     pub(crate) fn degraded(&self) -> bool {
         self.degraded.load(Ordering::Acquire)
+    }
+
+    /// Why the log degraded, once it has.
+    pub(crate) fn degraded_reason(&self) -> Option<String> {
+        if !self.degraded() {
+            return None;
+        }
+        Some(
+            self.degraded_reason
+                .lock()
+                .clone()
+                .unwrap_or_else(|| "the activity log failed".into()),
+        )
     }
 
     pub(crate) fn hot_count(&self) -> u64 {
@@ -295,8 +311,14 @@ impl ActivityLog {
     /// Stops recording after an I/O error, of the log itself or of the image's storage: the
     /// log is deleted (durably) so that a crash from now on is never taken as recoverable.
     pub(crate) fn degrade(&self, err: &dyn std::fmt::Display) {
-        if self.degraded.swap(true, Ordering::AcqRel) {
-            return;
+        // The reason goes first: whoever sees `degraded` finds it.
+        {
+            let mut reason = self.degraded_reason.lock();
+            if self.degraded() {
+                return;
+            }
+            *reason = Some(err.to_string());
+            self.degraded.store(true, Ordering::Release);
         }
         tracing::error!(dir = %self.dir.display(), error = %err,
             "activity log failed; tracking continues in memory but a crash now means resync");

@@ -20,6 +20,7 @@ use crate::durable;
 use crate::error::{IoContext, TrackerError};
 use crate::formats::{self, CleanMarker, Fingerprint};
 use crate::recovery::{self, Restored, BITMAP_NAME};
+use crate::sys;
 use crate::{OpenReport, OpenState, BLOCK_BYTES};
 
 pub(crate) const CBW_NAME: &str = "disk.cbw";
@@ -300,6 +301,13 @@ impl TrackedDisk {
         self.al.degraded()
     }
 
+    /// Why the activity log degraded (its first I/O error, or the image's failed sync), once
+    /// it has: the daemon reports it and requires a resynchronization, since a crash from
+    /// now on could not say what changed.
+    pub fn tracking_error(&self) -> Option<String> {
+        self.al.degraded_reason()
+    }
+
     /// The first error a sync (`fdatasync`/`fsync`) of the image reported since the disk was
     /// opened, or `None`. Once set, every FLUSH and FUA write fails with EIO and
     /// `shutdown_clean` writes no clean marker: the pages of some write the guest was told is
@@ -460,6 +468,14 @@ impl TrackedDisk {
         let bitmap = formats::encode_bitmap(self.size, BLOCK_BYTES, &words);
         durable::write_atomic(&self.state_dir, BITMAP_NAME, &bitmap)?;
         let meta = self.file.metadata().ctx("stat image", &self.image)?;
+        // Racy clean marker (git's "racily clean" index): an edit stamped in the same clock
+        // tick as the image's last change would leave the fingerprint equal. Let the clock
+        // pass that tick first, then take the fingerprint.
+        let meta = if sys::wait_past_change_time(Fingerprint::of(&meta).ctime_ns) {
+            self.file.metadata().ctx("stat image", &self.image)?
+        } else {
+            meta
+        };
         let marker = CleanMarker {
             fingerprint: Fingerprint::of(&meta),
             bitmap_hash: *blake3::hash(&bitmap).as_bytes(),

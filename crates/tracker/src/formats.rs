@@ -93,22 +93,42 @@ impl Fingerprint {
         }
     }
 
-    /// Human-readable difference, or `None` when equal.
-    pub(crate) fn diff(&self, now: &Fingerprint) -> Option<String> {
-        if self.size != now.size {
-            Some(format!(
-                "image size changed from {} to {} bytes",
-                self.size, now.size
+    /// Human-readable difference and whether the image was replaced (another inode, or an
+    /// mtime that went back: an older copy's timestamps restored over it), or `None` when
+    /// equal. The ctime is what no copy can restore: any write, truncate, `utimensat` or
+    /// rename of the image sets it to now.
+    pub(crate) fn diff(&self, now: &Fingerprint) -> Option<(String, bool)> {
+        if self.ino != now.ino {
+            Some((
+                format!(
+                    "image inode changed from {} to {} (file replaced)",
+                    self.ino, now.ino
+                ),
+                true,
             ))
-        } else if self.ino != now.ino {
-            Some(format!(
-                "image inode changed from {} to {} (file replaced)",
-                self.ino, now.ino
+        } else if now.mtime_ns < self.mtime_ns {
+            Some((
+                format!(
+                    "image mtime went back from {} to {} ns (an older copy restored over it)",
+                    self.mtime_ns, now.mtime_ns
+                ),
+                true,
+            ))
+        } else if self.size != now.size {
+            Some((
+                format!(
+                    "image size changed from {} to {} bytes",
+                    self.size, now.size
+                ),
+                false,
             ))
         } else if self.mtime_ns != now.mtime_ns || self.ctime_ns != now.ctime_ns {
-            Some(format!(
-                "image modified after the clean stop (mtime {} -> {}, ctime {} -> {} ns)",
-                self.mtime_ns, now.mtime_ns, self.ctime_ns, now.ctime_ns
+            Some((
+                format!(
+                    "image modified after the clean stop (mtime {} -> {}, ctime {} -> {} ns)",
+                    self.mtime_ns, now.mtime_ns, self.ctime_ns, now.ctime_ns
+                ),
+                false,
             ))
         } else {
             None

@@ -51,8 +51,10 @@ pub enum OpenState {
     /// changed blocks is unknown; the daemon must resync. Tracking restarts empty.
     TrackingLost { reason: String },
     /// The image changed while the daemon was stopped (fingerprint or size mismatch): the
-    /// daemon must resync. Tracking restarts empty.
-    ModifiedOutside { reason: String },
+    /// daemon must resync. Tracking restarts empty. `replaced`: the image file was replaced
+    /// by another one (another inode), or its content by an older copy (its mtime went back,
+    /// as `cp --preserve=timestamps` of an older copy does): a restore or snapshot revert.
+    ModifiedOutside { reason: String, replaced: bool },
 }
 
 impl OpenState {

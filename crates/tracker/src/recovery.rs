@@ -63,9 +63,14 @@ fn lost(reason: impl Into<String>) -> (OpenState, Restored) {
 }
 
 fn modified(reason: impl Into<String>) -> (OpenState, Restored) {
+    modified_as(reason, false)
+}
+
+fn modified_as(reason: impl Into<String>, replaced: bool) -> (OpenState, Restored) {
     (
         OpenState::ModifiedOutside {
             reason: reason.into(),
+            replaced,
         },
         Restored::Nothing,
     )
@@ -92,8 +97,8 @@ pub(crate) fn load(
             Ok(m) => m,
             Err(reason) => return Ok(lost(format!("clean-stop marker unusable: {reason}"))),
         };
-        if let Some(diff) = marker.fingerprint.diff(now) {
-            return Ok(modified(diff));
+        if let Some((diff, replaced)) = marker.fingerprint.diff(now) {
+            return Ok(modified_as(diff, replaced));
         }
         let bytes = match bitmap {
             None => {

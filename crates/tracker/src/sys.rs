@@ -338,3 +338,70 @@ mod tests {
             .is_err());
     }
 }
+
+/// The longest a clean stop waits for the clock to pass the image's last change time: a
+/// filesystem with 1 s timestamps needs up to 1 s; a change time further ahead than this is
+/// a clock that was stepped back, which no wait fixes.
+const CHANGE_TIME_WAIT_MAX_NS: i64 = 2_000_000_000;
+
+/// The kernel's coarse wall clock, the one it stamps inode times with.
+fn coarse_now_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_REALTIME_COARSE always exists on Linux.
+    if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } != 0 {
+        return i64::MAX;
+    }
+    ts.tv_sec
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec)
+}
+
+/// Waits until any change made from now on gets a change time later than `ctime_ns`: the
+/// kernel's coarse clock has passed it (by one second when the time has no nanoseconds, a
+/// filesystem with 1 s timestamps). Without it, an edit made just after a clean stop, in the
+/// same tick as the disk's last write, leaves size, inode, mtime and ctime all equal to the
+/// clean marker's (kernels before 6.13 stamp with the coarse clock, one tick is 1-10 ms).
+/// Returns whether it waited (then the caller takes the fingerprint again).
+pub(crate) fn wait_past_change_time(ctime_ns: i64) -> bool {
+    let granularity = if ctime_ns % 1_000_000_000 == 0 {
+        1_000_000_000
+    } else {
+        1
+    };
+    let deadline = ctime_ns.saturating_add(granularity);
+    let mut waited = false;
+    loop {
+        let now = coarse_now_ns();
+        if now >= deadline || deadline - now > CHANGE_TIME_WAIT_MAX_NS {
+            return waited;
+        }
+        waited = true;
+        let nap = (deadline - now).clamp(1_000_000, 10_000_000);
+        std::thread::sleep(std::time::Duration::from_nanos(nap as u64));
+    }
+}
+
+#[cfg(test)]
+mod change_time_tests {
+    use super::*;
+
+    #[test]
+    fn waits_until_the_coarse_clock_passes_the_change_time() {
+        let now = coarse_now_ns();
+        wait_past_change_time(now);
+        assert!(
+            coarse_now_ns() > now,
+            "a change in this tick must be waited past"
+        );
+        // A 1 s filesystem: the next second.
+        let second = now - now % 1_000_000_000;
+        wait_past_change_time(second);
+        assert!(coarse_now_ns() >= second + 1_000_000_000);
+        // Long past: no wait. Far ahead (clock stepped back): no endless wait.
+        assert!(!wait_past_change_time(now - 60_000_000_000));
+        assert!(!wait_past_change_time(now + 3_600_000_000_000));
+    }
+}

@@ -405,7 +405,7 @@ fn image_modified_while_stopped_is_detected() {
     drop(file);
     let (_g, d, state) = reopen(&f);
     assert!(
-        matches!(&state, OpenState::ModifiedOutside { reason } if reason.contains("modified")),
+        matches!(&state, OpenState::ModifiedOutside { reason, replaced: false } if reason.contains("modified")),
         "{state:?}"
     );
     assert!(state.requires_resync());
@@ -413,6 +413,57 @@ fn image_modified_while_stopped_is_detected() {
         d.dirty_bytes(),
         0,
         "tracking restarts empty; the daemon resyncs"
+    );
+}
+
+/// A copy of the image taken earlier, copied back over it with its timestamps
+/// (`cp --preserve=all`, a restore from backup): same inode and size, an older mtime.
+#[test]
+fn older_copy_restored_over_the_image_is_a_revert() {
+    let f = fixture();
+    let (_gate, d) = create(&f, 32 * B);
+    d.write_at(&block(1), 0, true).expect("w");
+    let older = f.image.with_extension("older");
+    let cp = std::process::Command::new("cp")
+        .arg("--preserve=all")
+        .arg(&f.image)
+        .arg(&older)
+        .status()
+        .expect("cp");
+    assert!(cp.success());
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    d.write_at(&block(2), 0, true).expect("w");
+    d.shutdown_clean().expect("shutdown");
+    drop(d);
+    let cp = std::process::Command::new("cp")
+        .arg("--preserve=all")
+        .arg(&older)
+        .arg(&f.image)
+        .status()
+        .expect("cp");
+    assert!(cp.success());
+    let (_g, _d, state) = reopen(&f);
+    assert!(
+        matches!(&state, OpenState::ModifiedOutside { replaced: true, reason } if reason.contains("older copy")),
+        "{state:?}"
+    );
+}
+
+/// Another file renamed over the image (a restored snapshot file): another inode.
+#[test]
+fn image_file_replaced_is_a_revert() {
+    let f = fixture();
+    let (_gate, d) = create(&f, 32 * B);
+    d.write_at(&block(1), 0, true).expect("w");
+    d.shutdown_clean().expect("shutdown");
+    drop(d);
+    let other = f.image.with_extension("other");
+    fs::copy(&f.image, &other).expect("copy");
+    fs::rename(&other, &f.image).expect("rename");
+    let (_g, _d, state) = reopen(&f);
+    assert!(
+        matches!(&state, OpenState::ModifiedOutside { replaced: true, reason } if reason.contains("replaced")),
+        "{state:?}"
     );
 }
 
@@ -430,7 +481,7 @@ fn resized_image_is_detected() {
         .expect("grow");
     let (_g, _d, state) = reopen(&f);
     assert!(
-        matches!(&state, OpenState::ModifiedOutside { reason } if reason.contains("size")),
+        matches!(&state, OpenState::ModifiedOutside { reason, .. } if reason.contains("size")),
         "{state:?}"
     );
 }
@@ -629,4 +680,33 @@ fn holes_are_skipped_only_when_no_cut_time_data_hides_in_them() {
     assert!(fd.skip_if_hole(3 * MIB, MIB).expect("probe 3"));
     assert_eq!(read_frozen(fd, 0, MIB), vec![7u8; MIB as usize]);
     c.commit();
+}
+
+/// An edit right after a clean stop, within the same tick of the kernel's coarse clock as
+/// the disk's last write, would leave size, inode, mtime and ctime all equal to the clean
+/// marker's (kernels before 6.13 stamp inode times with the coarse clock): the clean stop
+/// waits for the clock to pass that tick (`sys::wait_past_change_time`). On a kernel with
+/// fine-grained change times (6.13+) this passes without the wait too.
+#[test]
+fn edit_in_the_same_clock_tick_as_the_clean_stop_is_detected() {
+    let mut missed = 0;
+    for _ in 0..20 {
+        let f = fixture();
+        let (_gate, d) = create(&f, 32 * B);
+        d.write_at(&block(1), 0, false).expect("w");
+        d.shutdown_clean().expect("shutdown");
+        drop(d);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&f.image)
+            .expect("open image");
+        file.write_all_at(&[0xAAu8; 16], 5 * B)
+            .expect("outside write");
+        drop(file);
+        let (_g, _d, state) = reopen(&f);
+        if !state.requires_resync() {
+            missed += 1;
+        }
+    }
+    assert_eq!(missed, 0, "edits right after a clean stop went unseen");
 }

@@ -79,6 +79,13 @@ fn failed_fdatasync_is_sticky_recorded_and_blocks_the_clean_marker() {
 
     let st = p.json(&["replication", "status", "web"]);
     assert_eq!(st["state"], "ResynchronizationRequired", "{st}");
+    assert_eq!(st["health"], "Critical", "{st}");
+    // The seed's "Write failure to tracking log file" row, named (docs/resync-triggers.md).
+    assert_eq!(st["resync_condition"], "storage_write_failed", "{st}");
+    assert_eq!(
+        st["resync_condition_hyperv"], "Write failure to tracking log file",
+        "{st}"
+    );
     let reason = st["resync_reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("disk 0: the primary's storage reported a write-back error (fdatasync: ")

@@ -498,6 +498,8 @@ impl Shared {
             health,
             health_reasons,
             resync_reason: None,
+            resync_condition: None,
+            resync_condition_hyperv: None,
             peer: String::new(),
             frequency_secs: 0,
             compression: proto::Compression::None,

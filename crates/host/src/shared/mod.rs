@@ -140,8 +140,9 @@ pub struct Shared {
     last_alive_ns: Option<u64>,
     /// Replica VM name → the primary host that replicates it (for status).
     replica_primaries: Mutex<HashMap<String, String>>,
-    /// (VM, disk) whose storage error was reported (one event per disk per daemon run).
-    storage_reported: Mutex<HashSet<(String, usize)>>,
+    /// (VM, disk, event id) whose storage or tracking failure was reported (one event of each
+    /// per disk per daemon run).
+    storage_reported: Mutex<HashSet<(String, usize, u32)>>,
     /// Interrupted uploads kept for a resume (replica side).
     pub partials: Arc<crate::replica_host::Partials>,
     /// Recovery points served over NBD (and pinned), `points serve`.
@@ -447,15 +448,32 @@ impl Shared {
         let repl = self.primary_of(name);
         let mut first = None;
         for (i, d) in vm.disks.iter().enumerate() {
-            let Some(error) = d.storage_error() else {
+            use relationship::condition::{STORAGE_WRITE_FAILED, TRACKING_WRITE_FAILED};
+            let (event, reason) = if let Some(error) = d.storage_error() {
+                (
+                    events::STORAGE_FAILED,
+                    format!(
+                        "disk {i}: the primary's {STORAGE_WRITE_FAILED} ({error}); data the guest was told is durable may not be"
+                    ),
+                )
+            } else if let Some(error) = d.tracking_error() {
+                // Tracking goes on in memory and the guest is served, but a crash from now on
+                // could not say what changed: never dropped silently.
+                (
+                    events::TRACKING_FAILED,
+                    format!(
+                        "disk {i}: its {TRACKING_WRITE_FAILED} ({error}); the guest is still served, but a crash would leave the changes untracked"
+                    ),
+                )
+            } else {
                 continue;
             };
-            let reason = format!(
-                "disk {i}: the primary's storage reported a write-back error ({error}); data the guest was told is durable may not be"
-            );
-            if self.storage_reported.lock().insert((name.to_string(), i)) {
-                self.events
-                    .emit(events::STORAGE_FAILED, Some(name), "error", &reason);
+            if self
+                .storage_reported
+                .lock()
+                .insert((name.to_string(), i, event))
+            {
+                self.events.emit(event, Some(name), "error", &reason);
             }
             if let Some(repl) = &repl {
                 if repl.record().disks.contains(&(i as u32)) {
@@ -476,6 +494,9 @@ impl Shared {
         r: &ReplicationRecord,
         rel: &Relationship,
     ) -> Option<String> {
+        use relationship::condition::{
+            MODIFIED_WHILE_OFF, REVERTED_TO_OLDER, TRACKING_LOST, TRACKING_WRITE_FAILED,
+        };
         use relationship::{Resumable, State};
         let initial_in_progress = matches!(
             rel.state,
@@ -512,15 +533,22 @@ impl Shared {
                         None
                     }
                 }
-                OpenState::FirstOpen => {
-                    Some(format!("the change tracking state of disk {i} is missing"))
-                }
-                OpenState::TrackingLost { reason } => {
-                    Some(format!("change tracking of disk {i} was lost: {reason}"))
-                }
-                OpenState::ModifiedOutside { reason } => Some(format!(
-                    "disk {i} was modified outside Understudy: {reason}"
+                OpenState::FirstOpen => Some(format!(
+                    "disk {i}: {TRACKING_LOST}: its state directory is empty"
                 )),
+                OpenState::TrackingLost { reason } => {
+                    Some(format!("disk {i}: {TRACKING_LOST}: {reason}"))
+                }
+                OpenState::ModifiedOutside {
+                    reason,
+                    replaced: true,
+                } => Some(format!(
+                    "disk {i} {REVERTED_TO_OLDER} while the daemon was stopped: {reason}"
+                )),
+                OpenState::ModifiedOutside {
+                    reason,
+                    replaced: false,
+                } => Some(format!("disk {i} {MODIFIED_WHILE_OFF}: {reason}")),
             };
             if let Some(reason) = reason {
                 if initial_in_progress {
@@ -554,7 +582,7 @@ impl Shared {
                         // What must be re-sent cannot be recorded: only a resynchronization
                         // can bring the replica back in line.
                         return Some(format!(
-                            "disk {i}: the blocks of the interrupted initial replication cannot be marked for sending: {e}"
+                            "disk {i}: {TRACKING_WRITE_FAILED} (the blocks of the interrupted initial replication cannot be marked for sending: {e})"
                         ));
                     }
                 }
@@ -566,16 +594,17 @@ impl Shared {
     /// After an unclean stop the activity log covers the daemon's own writes; an edit made
     /// while it was down is caught by comparing the image's ctime with the heartbeat.
     fn edited_while_down(&self, vm: &Vm, disk: usize) -> Option<String> {
+        use relationship::condition::{MODIFIED_WHILE_OFF, UNCLEAN_STOP_UNTRACKED};
         let image = vm.disks.get(disk)?.image_path().to_path_buf();
         let Some(alive) = self.last_alive_ns else {
             return Some(format!(
-                "disk {disk} was not shut down cleanly and this host has no record of when its daemon stopped, so edits made while it was down cannot be ruled out"
+                "disk {disk} {UNCLEAN_STOP_UNTRACKED} and this host has no record of when its daemon stopped, so edits made while it was down cannot be ruled out"
             ));
         };
         let now = now_unix_ns();
         if heartbeat::clock_behind(alive, now) {
             return Some(format!(
-                "disk {disk} was not shut down cleanly and this host's clock ({}) is behind the daemon's last heartbeat ({}): the clock was stepped back, so edits made while the daemon was down cannot be ruled out",
+                "disk {disk} {UNCLEAN_STOP_UNTRACKED} and this host's clock ({}) is behind the daemon's last heartbeat ({}): the clock was stepped back, so edits made while the daemon was down cannot be ruled out",
                 rfc3339_from_unix_ns(now),
                 rfc3339_from_unix_ns(alive)
             ));
@@ -583,11 +612,14 @@ impl Shared {
         match heartbeat::changed_after(&image, alive) {
             Ok(None) => None,
             Ok(Some(ctime)) => Some(format!(
-                "disk {disk} was modified outside Understudy after the daemon stopped uncleanly (image changed at {}, daemon last alive at {})",
+                "disk {disk} {MODIFIED_WHILE_OFF} after the daemon stopped uncleanly (image changed at {}, daemon last alive at {})",
                 rfc3339_from_unix_ns(ctime),
                 rfc3339_from_unix_ns(alive)
             )),
-            Err(e) => Some(format!("disk {disk}: cannot check {}: {e}", image.display())),
+            Err(e) => Some(format!(
+                "disk {disk} {UNCLEAN_STOP_UNTRACKED} and whether it was edited since cannot be checked ({}: {e})",
+                image.display()
+            )),
         }
     }
 

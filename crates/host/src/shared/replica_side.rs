@@ -218,15 +218,48 @@ impl Shared {
         }
     }
 
-    /// Events for what opening the store found: damaged and unopenable VMs.
+    /// What opening the store found: damaged and unopenable VMs (events), and VMs whose
+    /// copy is older than what their relationship recorded as committed. A damaged or older
+    /// copy requires a resynchronization at once (the core records it and logs event 2004
+    /// naming the condition), not only at the primary's next hello.
     fn report_replica_store(&self, store: &ReplicaStore) {
+        use relationship::condition::{DAMAGED, RESTORED_OLDER};
         for rvm in store.vms() {
-            if let Some(d) = rvm.damage() {
+            let vm = rvm.vm_id();
+            let reason = if let Some(d) = rvm.damage() {
+                format!("the replica's copy is {DAMAGED}: {d}")
+            } else {
+                // Checked before any hello: a hello records the store's newest point as the
+                // relationship's progress. A commit records its point only after the store
+                // made it durable, so the record is never ahead of an intact store.
+                let Some(rel) = self.replica_relationship(vm) else {
+                    continue;
+                };
+                if rel.progress.generation != rvm.generation()
+                    || !rel.state.accepts_deltas()
+                    || rvm.latest_seq() >= rel.progress.last_seq
+                {
+                    continue;
+                }
+                format!(
+                    "the replica has point {} but had committed point {}: {RESTORED_OLDER}",
+                    rvm.latest_seq(),
+                    rel.progress.last_seq
+                )
+            };
+            let event = relationship::Event::Diverged {
+                reason: reason.clone(),
+            };
+            if let Err(e) = self.replica_event(vm, rvm.generation(), event) {
+                tracing::error!(vm = %vm, "recording that the replica needs resynchronization: {e:#}");
                 self.events.emit(
                     events::RESYNC_REQUIRED,
-                    Some(rvm.vm_id()),
+                    Some(vm),
                     "error",
-                    &format!("replica copy damaged: {d}"),
+                    &format!(
+                        "resynchronization required ({}): {reason}",
+                        relationship::condition::label(&reason)
+                    ),
                 );
             }
         }
@@ -370,6 +403,16 @@ impl Shared {
                 Action::Persist => {
                     self.save_relationship(vm, &crate::catalog::RelationshipDoc::new(&next, None))?
                 }
+                // The replica's own finding that it cannot follow is an event here too; the
+                // other transitions are the primary's to report.
+                Action::Emit {
+                    kind: relationship::EventKind::ResyncRequired,
+                    message,
+                } => {
+                    tracing::error!(vm = %vm, "{message}");
+                    self.events
+                        .emit(events::RESYNC_REQUIRED, Some(vm), "error", &message);
+                }
                 Action::Emit { kind, message } => {
                     tracing::info!(vm = %vm, ?kind, "{message}");
                 }
@@ -511,6 +554,8 @@ impl Shared {
             health: Health::Warning,
             health_reasons: reasons,
             resync_reason: None,
+            resync_condition: None,
+            resync_condition_hyperv: None,
             peer: self.primary_name_of(name),
             frequency_secs: 0,
             compression: Compression::None,
@@ -558,8 +603,14 @@ impl Shared {
         // The replica's own finding outranks what the primary said last.
         if let Some(d) = &damage {
             state = ReplicationState::ResynchronizationRequired;
-            resync_reason = Some(format!("replica copy damaged: {d}"));
+            resync_reason = Some(format!(
+                "replica copy {}: {d}",
+                relationship::condition::DAMAGED
+            ));
         }
+        let resync_condition = resync_reason
+            .as_deref()
+            .map(relationship::condition::classify);
         let (mut health, mut health_reasons) = relationship::health(
             &rel,
             &relationship::HealthFacts {
@@ -572,7 +623,10 @@ impl Shared {
         if let Some(why) = &resync_reason {
             if damage.is_some() {
                 health = Health::Critical;
-                health_reasons.push(why.clone());
+                health_reasons.push(format!(
+                    "resynchronization required ({}): {why}",
+                    relationship::condition::label(why)
+                ));
             }
         }
         Some(ReplicationStatus {
@@ -582,6 +636,8 @@ impl Shared {
             health,
             health_reasons,
             resync_reason,
+            resync_condition,
+            resync_condition_hyperv: resync_condition.map(|c| c.hyperv_condition().to_string()),
             peer: self.primary_name_of(name),
             frequency_secs: 0,
             compression: Compression::None,

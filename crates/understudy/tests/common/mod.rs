@@ -582,12 +582,21 @@ pub struct Strace {
 
 impl Strace {
     pub fn attach(pid: u32, exprs: &[&str]) -> Strace {
+        let args: Vec<String> = exprs
+            .iter()
+            .flat_map(|e| ["-e".into(), e.to_string()])
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Strace::attach_args(pid, &args)
+    }
+
+    /// `attach` with strace arguments as given (e.g. `-P PATH` to trace, and so inject
+    /// into, only the system calls on that file).
+    pub fn attach_args(pid: u32, args: &[&str]) -> Strace {
         require("strace", "strace");
         let mut c = Command::new("strace");
         c.args(["-f", "-qq", "-o", "/dev/null"]);
-        for e in exprs {
-            c.args(["-e", e]);
-        }
+        c.args(args);
         let child = c
             .arg("-p")
             .arg(pid.to_string())
