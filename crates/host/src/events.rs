@@ -37,6 +37,9 @@ pub const REPLICATION_REVERSED: u32 = 2013;
 pub const FENCED_AFTER_FAILOVER: u32 = 2014;
 /// `replication remove`: the VM is not replicated from this host any more.
 pub const REPLICATION_REMOVED: u32 = 2015;
+/// `replication resync-cancel`: the resynchronization stopped; the replica's points are as
+/// before it; the VM requires resynchronization again.
+pub const RESYNC_CANCELLED: u32 = 2019;
 pub const UPLOAD_RESUMED: u32 = 2020;
 /// An application-consistent cut fell back to crash-consistent (agent or hook failure).
 pub const APP_CONSISTENT_FAILED: u32 = 2021;

@@ -487,6 +487,7 @@ fn event_id(kind: EventKind) -> u32 {
         EventKind::ResyncScheduled => events::RESYNC_SCHEDULED,
         EventKind::ResyncStarted => events::RESYNC_STARTED,
         EventKind::ResyncDone => events::RESYNC_DONE,
+        EventKind::ResyncCancelled => events::RESYNC_CANCELLED,
         EventKind::CycleFailed => events::CYCLE_FAILED,
         EventKind::TestFailoverStarted | EventKind::FailoverStarted => events::FAILOVER_STARTED,
         EventKind::TestFailoverStopped | EventKind::FailoverCancelled => events::FAILOVER_STOPPED,
