@@ -91,6 +91,28 @@ pub struct ReplicationRecord {
     /// absent when never set (the replica keeps its newest 64 points).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<proto::HistoryPolicy>,
+    /// `replication set --auto-resynchronize on`: a required resynchronization starts by
+    /// itself (`relationship::AutoResync`). Absent (older records too): off, manual.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_resynchronize: bool,
+    /// `--resynchronize-window`: `"HH:MM-HH:MM"` (UTC) auto-resynchronization starts in;
+    /// absent: any time. Kept when auto is off (Hyper-V keeps its interval too). A value that
+    /// does not parse makes the record damaged (the start is refused in one line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resynchronize_window: Option<relationship::ResyncWindow>,
+}
+
+impl ReplicationRecord {
+    /// What the relationship core is told about auto-resynchronization.
+    pub fn auto_resync(&self) -> relationship::AutoResync {
+        if self.auto_resynchronize {
+            relationship::AutoResync::On {
+                window: self.resynchronize_window,
+            }
+        } else {
+            relationship::AutoResync::Off
+        }
+    }
 }
 
 /// A version-1 `vm/<name>` record: the replication with its flags inside. Read only to
@@ -258,6 +280,8 @@ impl Catalog {
                         replication_id: r.replication_id,
                         replica_name: r.replica_name,
                         history: r.history,
+                        auto_resynchronize: false,
+                        resynchronize_window: None,
                     }),
                 };
                 items.push((RelationshipDoc::key(&old.name), serde_json::to_vec(&doc)?));
