@@ -188,11 +188,7 @@ impl Replication {
             progress_since_ns: AtomicU64::new(0),
             resync_compared_blocks: AtomicU64::new(0),
             resync_sent_bytes: AtomicU64::new(0),
-            resync_started_ns: AtomicU64::new(if resyncing_at_start {
-                now_unix_ns()
-            } else {
-                0
-            }),
+            resync_started_ns: AtomicU64::new(if resyncing_at_start { now_unix_ns() } else { 0 }),
             last_progress_ns: Arc::new(AtomicU64::new(0)),
             cmd: tx,
             apply_lock: Mutex::new(()),

@@ -1311,10 +1311,11 @@ impl Shared {
         let window = match req.resynchronize_window.as_deref().map(str::trim) {
             None => None,
             Some(w) if w.eq_ignore_ascii_case("none") => Some(None),
-            Some(w) => Some(Some(
-                relationship::ResyncWindow::parse(w)
-                    .map_err(|e| bad_request(format!("--resynchronize-window: {e}")))?,
-            )),
+            Some(w) => {
+                Some(Some(relationship::ResyncWindow::parse(w).map_err(|e| {
+                    bad_request(format!("--resynchronize-window: {e}"))
+                })?))
+            }
         };
         let auto = (req.auto_resynchronize.is_some() || window.is_some())
             .then_some((req.auto_resynchronize, window));

@@ -518,7 +518,10 @@ fn wait_resync(api: &Api, name: &str, seg: &str) -> anyhow::Result<()> {
         match st.state {
             ReplicationState::Replicating => {
                 finish(&bar);
-                println!("resynchronization of {name} complete (point {})", st.last_seq);
+                println!(
+                    "resynchronization of {name} complete (point {})",
+                    st.last_seq
+                );
                 return Ok(());
             }
             ReplicationState::Resynchronizing | ReplicationState::WaitingForStartResynchronize => {
