@@ -487,7 +487,7 @@ pub fn resynchronize(api: &Api, name: &str, at: Option<&str>, wait: bool) -> any
     )?;
     println!("{}: {:?}", st.vm, st.state);
     if wait {
-        wait_resync(api, name, &seg)?;
+        wait_resync(api, name, seg)?;
     }
     Ok(())
 }
