@@ -444,6 +444,53 @@ mod migration_tests {
     }
 
     #[test]
+    fn auto_resynchronize_settings_are_optional_and_a_bad_window_is_damaged() {
+        let older = serde_json::json!({
+            "replica": "r:1", "frequency_secs": 30, "compression": "zstd", "disks": [0],
+            "replication_id": "x"
+        });
+        let r: ReplicationRecord = serde_json::from_value(older.clone()).unwrap();
+        assert_eq!(r.auto_resync(), relationship::AutoResync::Off);
+        // Off and no window: nothing new is written (an older reader sees the same record).
+        let back = serde_json::to_value(&r).unwrap();
+        assert!(
+            back.get("auto_resynchronize").is_none() && back.get("resynchronize_window").is_none()
+        );
+
+        let mut on = older.clone();
+        on["auto_resynchronize"] = true.into();
+        on["resynchronize_window"] = "18:30-06:00".into();
+        let r: ReplicationRecord = serde_json::from_value(on).unwrap();
+        assert_eq!(
+            r.auto_resync(),
+            relationship::AutoResync::On {
+                window: Some(relationship::ResyncWindow::parse("18:30-06:00").unwrap())
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(&r).unwrap()["resynchronize_window"],
+            "18:30-06:00"
+        );
+        // The window is kept when auto is off.
+        let mut off = older.clone();
+        off["resynchronize_window"] = "01:00-02:00".into();
+        let r: ReplicationRecord = serde_json::from_value(off).unwrap();
+        assert_eq!(r.auto_resync(), relationship::AutoResync::Off);
+        assert!(r.resynchronize_window.is_some());
+
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.redb")).unwrap();
+        let mut bad = older;
+        bad["resynchronize_window"] = "25:00-01:00".into();
+        c.put("reverse/web", &bad).unwrap();
+        let e = format!(
+            "{:#}",
+            c.get::<ReplicationRecord>("reverse/web").unwrap_err()
+        );
+        assert!(e.contains("damaged") && e.lines().count() == 1, "{e}");
+    }
+
+    #[test]
     fn relationship_record_of_an_unknown_version_is_refused_in_one_line() {
         let doc = RelationshipDoc {
             relationship: serde_json::json!({"version": 3, "role": "Primary"}),
