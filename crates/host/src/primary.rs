@@ -593,9 +593,9 @@ pub fn resync_progress(
     started_ns: u64,
     now_ns: u64,
 ) -> proto::ResyncProgress {
-    let elapsed_s = now_ns.saturating_sub(since_ns) / 1_000_000_000;
-    let rate = if since_ns > 0 && total > 0 && elapsed_s > 0 {
-        done / elapsed_s
+    let elapsed_ms = now_ns.saturating_sub(since_ns) / 1_000_000;
+    let rate = if since_ns > 0 && total > 0 && elapsed_ms > 0 {
+        u64::try_from(u128::from(done) * 1000 / u128::from(elapsed_ms)).unwrap_or(u64::MAX)
     } else {
         0
     };

@@ -353,7 +353,7 @@ enum ReplicationCmd {
     },
     /// Cancel a resynchronization running, scheduled or suspended: the replica keeps its
     /// points exactly as before it began, and the VM is ResynchronizationRequired again.
-    #[command(alias = "resync-stop")]
+    #[command(visible_alias = "resync-stop")]
     ResyncCancel { name: String },
 }
 

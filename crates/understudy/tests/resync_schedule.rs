@@ -421,6 +421,7 @@ fn resync_cancel_at_random_moments_leaves_the_replica_points_bit_identical() {
 
 #[test]
 fn status_shows_the_resync_progress_during_a_throttled_resync_of_256_mib() {
+    require("script", "bsdutils");
     let root = tempfile::tempdir().unwrap();
     let (a, b) = pair(root.path());
     // 48 MiB of random data in a 256 MiB disk at 12 MiB/s: about 4 s to watch.
@@ -429,7 +430,7 @@ fn status_shows_the_resync_progress_during_a_throttled_resync_of_256_mib() {
 
     a.ok(&["replication", "resume", "web", "--resynchronize"]);
     let (mut samples, mut moving) = (0, 0);
-    let mut text_seen = false;
+    let (mut text_seen, mut bar_seen) = (false, false);
     loop {
         let st = status(&a, "web");
         match st["state"].as_str().unwrap() {
@@ -463,12 +464,20 @@ fn status_shows_the_resync_progress_during_a_throttled_resync_of_256_mib() {
             let text = a.ok(&["replication", "status", "web"]);
             text_seen = text.contains("resynchronization since");
             println!("{text}");
+            // On a terminal (a pty from `script`) the same command draws a progress bar.
+            let cmd = format!(
+                "{EXE} --data-dir {} replication status web",
+                a.dir.display()
+            );
+            let tty = sh(Command::new("script").args(["-qec", &cmd, "/dev/null"]));
+            bar_seen |= tty.contains("resynchronization [");
         }
         std::thread::sleep(Duration::from_millis(300));
     }
     println!("{samples} samples, {moving} with progress and a rate");
     assert!(moving >= 2, "the resync object never showed progress");
     assert!(text_seen, "the text status never showed the resync line");
+    assert!(bar_seen, "no progress bar on a terminal");
     assert!(status(&a, "web").get("resync").is_none());
     assert!(latest_equals_primary(&a, &b, "web", 0, root.path()));
 }
