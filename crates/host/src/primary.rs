@@ -74,6 +74,10 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// How often a task waiting for a scheduled resynchronization checks the time (the core
 /// starts it at the first tick at or after its time).
 const TICK: Duration = Duration::from_secs(1);
+/// How long `resync-cancel` waits for the replica to say where the cancelled upload stands
+/// (`partial`, then a hello), in all: a cancel is often run because the link is bad, and must
+/// not wait out two hello deadlines (docs/limits.md).
+const CANCEL_ASK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a state change the replica has not heard of yet is told again (a hello): in the
 /// states without cycles nothing else would tell it.
 const HELLO_RETRY: Duration = Duration::from_secs(10);
@@ -987,7 +991,13 @@ async fn run(
                                 f.cancel("the resynchronization was cancelled");
                             }
                             match rel.progress.inflight_seq {
-                                Some(seq) => replica_after_upload(&shared, &repl, seq).await,
+                                Some(seq) => tokio::time::timeout(
+                                    CANCEL_ASK_TIMEOUT,
+                                    replica_after_upload(&shared, &repl, seq),
+                                )
+                                .await
+                                .ok()
+                                .flatten(),
                                 None => None,
                             }
                         } else {

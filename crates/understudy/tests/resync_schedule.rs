@@ -481,3 +481,32 @@ fn status_shows_the_resync_progress_during_a_throttled_resync_of_256_mib() {
     assert!(status(&a, "web").get("resync").is_none());
     assert!(latest_equals_primary(&a, &b, "web", 0, root.path()));
 }
+
+#[test]
+fn resync_cancel_with_the_replica_down_still_cancels_and_its_points_stay() {
+    require("cmp", "diffutils");
+    let root = tempfile::tempdir().unwrap();
+    let (a, mut b) = pair(root.path());
+    // 40 MiB at 4 MiB/s: socket buffers on the way hold a few MiB, the rest takes seconds.
+    let throttle = Throttle::start(b.addr(), 4 << 20);
+    replicate_random(&a, &throttle.addr(), "web", "48M", 40 << 20, root.path());
+    let before = export_points(&b, "web", root.path(), "before");
+
+    a.ok(&["replication", "resume", "web", "--resynchronize"]);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(state(&a, "web"), "Resynchronizing");
+    b.kill9();
+    let started = Instant::now();
+    a.ok(&["replication", "resync-cancel", "web"]);
+    // Bounded (docs/limits.md): a cancel never waits out the hello deadlines.
+    assert!(started.elapsed() < Duration::from_secs(25));
+    let st = status(&a, "web");
+    assert_eq!(st["state"], "ResynchronizationRequired", "{st}");
+    b.restart();
+    b.wait_replica_store();
+    assert_points_identical(&b, "web", root.path(), &before);
+    // The replica learns the state at the next hello (every 10 s until told).
+    wait_until("the replica to hear of it", Duration::from_secs(30), || {
+        state(&b, "web") == "ResynchronizationRequired"
+    });
+}
