@@ -91,6 +91,28 @@ pub struct ReplicationRecord {
     /// absent when never set (the replica keeps its newest 64 points).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<proto::HistoryPolicy>,
+    /// `replication set --auto-resynchronize on`: a required resynchronization starts by
+    /// itself (`relationship::AutoResync`). Absent (older records too): off, manual.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_resynchronize: bool,
+    /// `--resynchronize-window`: `"HH:MM-HH:MM"` (UTC) auto-resynchronization starts in;
+    /// absent: any time. Kept when auto is off (Hyper-V keeps its interval too). A value that
+    /// does not parse makes the record damaged (the start is refused in one line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resynchronize_window: Option<relationship::ResyncWindow>,
+}
+
+impl ReplicationRecord {
+    /// What the relationship core is told about auto-resynchronization.
+    pub fn auto_resync(&self) -> relationship::AutoResync {
+        if self.auto_resynchronize {
+            relationship::AutoResync::On {
+                window: self.resynchronize_window,
+            }
+        } else {
+            relationship::AutoResync::Off
+        }
+    }
 }
 
 /// A version-1 `vm/<name>` record: the replication with its flags inside. Read only to
@@ -258,6 +280,8 @@ impl Catalog {
                         replication_id: r.replication_id,
                         replica_name: r.replica_name,
                         history: r.history,
+                        auto_resynchronize: false,
+                        resynchronize_window: None,
                     }),
                 };
                 items.push((RelationshipDoc::key(&old.name), serde_json::to_vec(&doc)?));
@@ -417,6 +441,53 @@ mod migration_tests {
         assert!(e.contains("version 9"), "{e}");
         let kept: serde_json::Value = c.get("vm/web").unwrap().unwrap();
         assert_eq!(kept, v);
+    }
+
+    #[test]
+    fn auto_resynchronize_settings_are_optional_and_a_bad_window_is_damaged() {
+        let older = serde_json::json!({
+            "replica": "r:1", "frequency_secs": 30, "compression": "zstd", "disks": [0],
+            "replication_id": "x"
+        });
+        let r: ReplicationRecord = serde_json::from_value(older.clone()).unwrap();
+        assert_eq!(r.auto_resync(), relationship::AutoResync::Off);
+        // Off and no window: nothing new is written (an older reader sees the same record).
+        let back = serde_json::to_value(&r).unwrap();
+        assert!(
+            back.get("auto_resynchronize").is_none() && back.get("resynchronize_window").is_none()
+        );
+
+        let mut on = older.clone();
+        on["auto_resynchronize"] = true.into();
+        on["resynchronize_window"] = "18:30-06:00".into();
+        let r: ReplicationRecord = serde_json::from_value(on).unwrap();
+        assert_eq!(
+            r.auto_resync(),
+            relationship::AutoResync::On {
+                window: Some(relationship::ResyncWindow::parse("18:30-06:00").unwrap())
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(&r).unwrap()["resynchronize_window"],
+            "18:30-06:00"
+        );
+        // The window is kept when auto is off.
+        let mut off = older.clone();
+        off["resynchronize_window"] = "01:00-02:00".into();
+        let r: ReplicationRecord = serde_json::from_value(off).unwrap();
+        assert_eq!(r.auto_resync(), relationship::AutoResync::Off);
+        assert!(r.resynchronize_window.is_some());
+
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.redb")).unwrap();
+        let mut bad = older;
+        bad["resynchronize_window"] = "25:00-01:00".into();
+        c.put("reverse/web", &bad).unwrap();
+        let e = format!(
+            "{:#}",
+            c.get::<ReplicationRecord>("reverse/web").unwrap_err()
+        );
+        assert!(e.contains("damaged") && e.lines().count() == 1, "{e}");
     }
 
     #[test]

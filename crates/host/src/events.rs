@@ -43,6 +43,9 @@ pub const REPLICATION_REMOVED: u32 = 2015;
 pub const RESYNC_COMPARE_STARTED: u32 = 2016;
 /// A resynchronization's compare of a disk ended (Hyper-V's 29244).
 pub const RESYNC_COMPARE_DONE: u32 = 2017;
+/// `replication resync-cancel`: the resynchronization stopped; the replica's points are as
+/// before it; the VM requires resynchronization again.
+pub const RESYNC_CANCELLED: u32 = 2019;
 pub const UPLOAD_RESUMED: u32 = 2020;
 /// An application-consistent cut fell back to crash-consistent (agent or hook failure).
 pub const APP_CONSISTENT_FAILED: u32 = 2021;

@@ -44,6 +44,10 @@ pub enum Cmd {
         reply: oneshot::Sender<anyhow::Result<()>>,
     },
     Shutdown(oneshot::Sender<()>),
+    /// `replication resync-cancel`: stop the resynchronization's cycle, make sure its upload
+    /// stopped on the replica (and learn whether its point had committed), then back to
+    /// `ResynchronizationRequired`.
+    ResyncCancel(oneshot::Sender<anyhow::Result<()>>),
     /// `failover prepare`: fence the VM (no NBD client may use its disks), ship every last
     /// change and wait until the replica committed it; then PreparedForFailover.
     Prepare(oneshot::Sender<anyhow::Result<()>>),
@@ -70,6 +74,10 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// How often a task waiting for a scheduled resynchronization checks the time (the core
 /// starts it at the first tick at or after its time).
 const TICK: Duration = Duration::from_secs(1);
+/// How long `resync-cancel` waits for the replica to say where the cancelled upload stands
+/// (`partial`, then a hello), in all: a cancel is often run because the link is bad, and must
+/// not wait out two hello deadlines (docs/limits.md).
+const CANCEL_ASK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a state change the replica has not heard of yet is told again (a hello): in the
 /// states without cycles nothing else would tell it.
 const HELLO_RETRY: Duration = Duration::from_secs(10);
@@ -113,6 +121,16 @@ pub struct Replication {
     rt: Mutex<Runtime>,
     progress_done: AtomicU64,
     progress_total: AtomicU64,
+    /// When the current cycle's progress started counting (unix ns): the rate shown.
+    progress_since_ns: AtomicU64,
+    /// Resynchronization counters for `replication status` (`resync` object): the resync
+    /// engine bumps them as it goes (blocks compared with the replica's hashes, bytes put on
+    /// the wire for the resynchronization); reset to 0 when a resynchronization starts.
+    pub resync_compared_blocks: AtomicU64,
+    pub resync_sent_bytes: AtomicU64,
+    /// When the running resynchronization started (unix ns; at spawn for one found running
+    /// at daemon start); 0 when none runs.
+    resync_started_ns: AtomicU64,
     /// When the cycle in flight last saw the replica take data or the cycle started (unix ns):
     /// a `sync` that arrives while it has been stalled longer than [`SYNC_STALL_REFUSAL`] is
     /// refused at once instead of waiting for the deadlines.
@@ -156,6 +174,10 @@ impl Replication {
         first: Vec<Event>,
     ) -> Arc<Replication> {
         let (tx, rx) = mpsc::channel(CMD_QUEUE);
+        let mut rel = rel;
+        // A setting of the VM's replication (catalog), held by the core.
+        rel.auto_resync = settings.auto_resync();
+        let resyncing_at_start = matches!(rel.state, State::Resynchronizing { .. });
         let repl = Arc::new(Replication {
             vm,
             rt: Mutex::new(Runtime {
@@ -170,6 +192,10 @@ impl Replication {
             }),
             progress_done: AtomicU64::new(0),
             progress_total: AtomicU64::new(0),
+            progress_since_ns: AtomicU64::new(0),
+            resync_compared_blocks: AtomicU64::new(0),
+            resync_sent_bytes: AtomicU64::new(0),
+            resync_started_ns: AtomicU64::new(if resyncing_at_start { now_unix_ns() } else { 0 }),
             last_progress_ns: Arc::new(AtomicU64::new(0)),
             cmd: tx,
             apply_lock: Mutex::new(()),
@@ -241,47 +267,76 @@ impl Replication {
             now_unix_ns(),
         );
         let total = self.progress_total.load(Ordering::Relaxed);
-        status_of(
+        let done = self.progress_done.load(Ordering::Relaxed).min(total);
+        let mut st = status_of(
             &self.vm.name,
             r,
             rel,
             health,
             health_reasons,
             self.pending_bytes(&r.disks),
-            (total > 0).then(|| Progress {
-                done_bytes: self.progress_done.load(Ordering::Relaxed).min(total),
+            (total > 0).then_some(Progress {
+                done_bytes: done,
                 total_bytes: total,
             }),
             rt.last_error.clone(),
-        )
+        );
+        if matches!(rel.state, State::Resynchronizing { .. }) {
+            st.resync = Some(resync_progress(
+                total,
+                done,
+                self.resync_compared_blocks.load(Ordering::Relaxed),
+                self.resync_sent_bytes.load(Ordering::Relaxed),
+                self.progress_since_ns.load(Ordering::Relaxed),
+                self.resync_started_ns.load(Ordering::Relaxed),
+                now_unix_ns(),
+            ));
+        }
+        st
     }
 
     /// `replication set`: applies settings already checked by the caller, persists them, and
     /// says hello so the replica learns a new history policy. The
     /// next cycle uses the new frequency and compression; nothing else changes (no new initial
-    /// replication).
+    /// replication). A new auto-resynchronize setting goes to the core, which schedules a
+    /// resynchronization already required when it turns on.
     pub fn set(
         &self,
         shared: &Shared,
         frequency_secs: Option<u32>,
         compression: Option<proto::Compression>,
         history: Option<proto::HistoryPolicy>,
+        auto: Option<(Option<bool>, Option<Option<relationship::ResyncWindow>>)>,
     ) -> anyhow::Result<()> {
-        // Under the apply lock: a step in progress persists the settings it read.
-        let _one_at_a_time = self.apply_lock.lock();
         {
-            let mut rt = self.rt.lock();
-            if let Some(f) = frequency_secs {
-                rt.settings.frequency_secs = f;
+            // Under the apply lock: a step in progress persists the settings it read.
+            let _one_at_a_time = self.apply_lock.lock();
+            {
+                let mut rt = self.rt.lock();
+                if let Some(f) = frequency_secs {
+                    rt.settings.frequency_secs = f;
+                }
+                if let Some(c) = compression {
+                    rt.settings.compression = c;
+                }
+                if history.is_some() {
+                    rt.settings.history = history;
+                }
+                if let Some((on, window)) = auto {
+                    if let Some(on) = on {
+                        rt.settings.auto_resynchronize = on;
+                    }
+                    if let Some(window) = window {
+                        rt.settings.resynchronize_window = window;
+                    }
+                }
             }
-            if let Some(c) = compression {
-                rt.settings.compression = c;
-            }
-            if history.is_some() {
-                rt.settings.history = history;
-            }
+            self.persist_current(shared)?;
         }
-        self.persist_current(shared)?;
+        if auto.is_some() {
+            let auto = self.rt.lock().settings.auto_resync();
+            self.apply(shared, Event::SetAutoResync { auto })?;
+        }
         // The task says hello (the replica learns a new history policy at once) and cycles
         // with the new frequency. A full queue means commands are pending; the hello owed
         // and the next cycle still carry the new values.
@@ -329,6 +384,20 @@ impl Replication {
         };
         let doc = RelationshipDoc::new(&rel, Some(settings));
         off_runtime(|| shared.save_relationship(&self.vm.name, &doc))
+    }
+
+    /// A resynchronization started (its counters start from 0) or ended (none runs).
+    fn note_resync(&self, before: &State, after: &State) {
+        let was = matches!(before, State::Resynchronizing { .. });
+        let is = matches!(after, State::Resynchronizing { .. });
+        if is && !was {
+            self.resync_compared_blocks.store(0, Ordering::Relaxed);
+            self.resync_sent_bytes.store(0, Ordering::Relaxed);
+            self.resync_started_ns
+                .store(now_unix_ns(), Ordering::Relaxed);
+        } else if was && !is {
+            self.resync_started_ns.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Where the replica stands is unknown (a cycle failed or was cancelled): the next cycle
@@ -426,6 +495,7 @@ impl Replication {
                     off_runtime(|| shared.save_relationship(&self.vm.name, &doc))?;
                     self.rt.lock().rel = next.clone();
                     installed = true;
+                    self.note_resync(&current.state, &next.state);
                 }
                 Action::Emit { kind, message } => {
                     shared
@@ -481,6 +551,75 @@ impl Replication {
     }
 }
 
+/// Whether `resync-cancel` has something to cancel (the core refuses it otherwise).
+fn resync_may_cancel(state: &State) -> bool {
+    matches!(
+        state,
+        State::Resynchronizing { .. }
+            | State::WaitingForStartResynchronize { .. }
+            | State::Suspended {
+                resume_to: relationship::Resumable::Resynchronizing
+            }
+    )
+}
+
+/// After the primary dropped the upload of `seq`: makes sure the replica's side of it stopped
+/// too (the `partial` call cuts a running upload off and waits until it was kept or
+/// committed, `peer-protocol.md`), then asks where the replica stands (a hello). `None` when
+/// it cannot be asked: the cancel goes on (the link being down is a reason to cancel).
+async fn replica_after_upload(
+    shared: &Arc<Shared>,
+    repl: &Arc<Replication>,
+    seq: Seq,
+) -> Option<(Seq, proto::Generation)> {
+    let (settings, rel) = {
+        let rt = repl.rt.lock();
+        (rt.settings.clone(), rt.rel.clone())
+    };
+    let peer = shared
+        .peer(&settings.replica, settings.replica_name.as_deref())
+        .ok()?;
+    // Its answer (kept or not) does not matter: only that the upload ended there.
+    let _ = crate::peer_client::partial(&peer, &repl.vm.name, seq, &shared.peer_timeouts).await;
+    let hello = hello_of(shared, &repl.vm, &settings, &rel);
+    match crate::peer_client::hello(&peer, &hello, &shared.peer_timeouts).await {
+        Ok(reply) => Some((reply.latest_seq, reply.generation)),
+        Err(e) => {
+            tracing::info!(vm = %repl.vm.name, "resync-cancel could not ask the replica where it stands: {e:#}");
+            None
+        }
+    }
+}
+
+/// The `resync` object of `replication status`: from the current cycle's progress and the
+/// engine's counters. The rate is over the current pass (`since_ns`: when its progress
+/// started counting); the ETA follows from it.
+pub fn resync_progress(
+    total: u64,
+    done: u64,
+    compared_blocks: u64,
+    sent_bytes: u64,
+    since_ns: u64,
+    started_ns: u64,
+    now_ns: u64,
+) -> proto::ResyncProgress {
+    let elapsed_ms = now_ns.saturating_sub(since_ns) / 1_000_000;
+    let rate = if since_ns > 0 && total > 0 && elapsed_ms > 0 {
+        u64::try_from(u128::from(done) * 1000 / u128::from(elapsed_ms)).unwrap_or(u64::MAX)
+    } else {
+        0
+    };
+    proto::ResyncProgress {
+        bytes_total: total,
+        bytes_done: done,
+        blocks_compared: compared_blocks,
+        bytes_sent: sent_bytes,
+        rate_bytes_per_sec: rate,
+        eta_secs: (rate > 0).then(|| (total - done).div_ceil(rate)),
+        started_at: rfc3339_from_unix_ns(if started_ns > 0 { started_ns } else { now_ns }),
+    }
+}
+
 /// The event id of what the core reports (`docs/events.md`).
 fn event_id(kind: EventKind) -> u32 {
     match kind {
@@ -493,6 +632,7 @@ fn event_id(kind: EventKind) -> u32 {
         EventKind::ResyncScheduled => events::RESYNC_SCHEDULED,
         EventKind::ResyncStarted => events::RESYNC_STARTED,
         EventKind::ResyncDone => events::RESYNC_DONE,
+        EventKind::ResyncCancelled => events::RESYNC_CANCELLED,
         EventKind::CycleFailed => events::CYCLE_FAILED,
         EventKind::TestFailoverStarted | EventKind::FailoverStarted => events::FAILOVER_STARTED,
         EventKind::TestFailoverStopped | EventKind::FailoverCancelled => events::FAILOVER_STOPPED,
@@ -544,6 +684,15 @@ pub fn status_of(
         last_error,
         history: r.history,
         replica: None,
+        auto_resynchronize: r.auto_resynchronize,
+        resynchronize_window: r.resynchronize_window.map(|w| format!("{w} UTC")),
+        resync_start_time: match rel.state {
+            State::WaitingForStartResynchronize { at_unix_ns, .. } => {
+                Some(rfc3339_from_unix_ns(at_unix_ns))
+            }
+            _ => None,
+        },
+        resync: None,
     }
 }
 
@@ -842,6 +991,42 @@ async fn run(
                         Some(reply),
                         repl.apply(&shared, Event::Resynchronize { at_unix_ns, reason: None }),
                     ),
+                    Cmd::ResyncCancel(reply) => {
+                        let rel = repl.relationship();
+                        let replica = if resync_may_cancel(&rel.state) {
+                            // Nothing more of the resynchronization is sent; then the replica
+                            // says where it stands once its side of the upload stopped.
+                            if let Some(f) = inflight.take() {
+                                f.cancel("the resynchronization was cancelled");
+                            }
+                            match rel.progress.inflight_seq {
+                                Some(seq) => tokio::time::timeout(
+                                    CANCEL_ASK_TIMEOUT,
+                                    replica_after_upload(&shared, &repl, seq),
+                                )
+                                .await
+                                .ok()
+                                .flatten(),
+                                None => None,
+                            }
+                        } else {
+                            None
+                        };
+                        let result = repl.apply(&shared, Event::ResyncCancel { replica }).and_then(|a| {
+                            match repl.relationship().state {
+                                State::ResynchronizationRequired { .. } => Ok(a),
+                                _ => {
+                                    if a.say_hello { say_hello(&shared, &repl); }
+                                    Err(crate::error::conflict(format!(
+                                        "the resynchronization of {} had already completed on the replica (point {}); nothing was cancelled",
+                                        repl.vm.name,
+                                        repl.relationship().progress.last_seq
+                                    )))
+                                }
+                            }
+                        });
+                        (Some(reply), result)
+                    }
                     Cmd::Followup { cancel_cycle, say_hello } => (
                         None,
                         Ok(LoopActions { cancel_cycle, say_hello, ..Default::default() }),
@@ -1305,6 +1490,8 @@ async fn cycle_inner(
 
     let total: u64 = cut.disks.iter().map(|d| d.dirty_bytes()).sum();
     repl.progress_done.store(0, Ordering::Relaxed);
+    repl.progress_since_ns
+        .store(now_unix_ns(), Ordering::Relaxed);
     repl.progress_total.store(total, Ordering::Relaxed);
     // A resynchronization ships only the blocks that differ from the replica's newest point
     // (`docs/formats/resync.md`): the others are marked shipped without being read.
@@ -1566,4 +1753,24 @@ async fn upload_delta(
 /// Health and status of a VM with no replication task (e.g. not enabled).
 pub fn not_enabled(vm: &str) -> anyhow::Error {
     crate::error::conflict(format!("replication is not enabled for {vm}; run `understudy replication enable {vm} --replica HOST:PORT`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resync_progress_has_a_rate_and_an_eta_once_it_moved() {
+        const S: u64 = 1_000_000_000;
+        let p = resync_progress(1000, 0, 0, 0, 10 * S, 5 * S, 10 * S);
+        assert_eq!((p.rate_bytes_per_sec, p.eta_secs), (0, None));
+        assert_eq!(p.started_at, "1970-01-01T00:00:05.000Z");
+        let p = resync_progress(1000, 400, 7, 300, 10 * S, 5 * S, 12 * S);
+        assert_eq!(p.rate_bytes_per_sec, 200);
+        assert_eq!(p.eta_secs, Some(3));
+        assert_eq!((p.blocks_compared, p.bytes_sent), (7, 300));
+        // No cycle has counted yet.
+        let p = resync_progress(0, 0, 0, 0, 0, 0, 12 * S);
+        assert_eq!((p.rate_bytes_per_sec, p.eta_secs), (0, None));
+    }
 }

@@ -174,6 +174,12 @@ pub struct SetReplication {
     pub app_consistent_every_hours: Option<u32>,
     #[serde(default)]
     pub keep_every_point_for_secs: Option<u64>,
+    /// `--auto-resynchronize on|off`: whether a required resynchronization starts by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_resynchronize: Option<bool>,
+    /// `--resynchronize-window HH:MM-HH:MM` (UTC; it may wrap midnight), or `none` to remove it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resynchronize_window: Option<String>,
 }
 
 /// `POST /v1/vms/{vm}/replication/resynchronize`: now, or at `at_unix_ns`.
@@ -299,6 +305,25 @@ pub struct Progress {
     pub total_bytes: u64,
 }
 
+/// `replication status` while `Resynchronizing`: how far the resynchronization got.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncProgress {
+    /// Bytes the resynchronization covers (its cut's disks).
+    pub bytes_total: u64,
+    /// Bytes of it done (read, compared or sent) so far.
+    pub bytes_done: u64,
+    /// Blocks compared with the replica so far (0 for an engine that sends every block).
+    pub blocks_compared: u64,
+    /// Bytes put on the wire for it so far (after compression).
+    pub bytes_sent: u64,
+    /// `bytes_done` per second since the current pass began (0 until it moved).
+    pub rate_bytes_per_sec: u64,
+    /// Seconds left at that rate (`None` until there is a rate).
+    pub eta_secs: Option<u64>,
+    /// RFC 3339 UTC time it started (on this daemon run, when it restarted since).
+    pub started_at: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplicationStatus {
     pub vm: String,
@@ -340,6 +365,19 @@ pub struct ReplicationStatus {
     /// On the replica host: what it holds of this VM (`None` on the primary).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica: Option<ReplicaFacts>,
+    /// Primary: whether a required resynchronization starts by itself
+    /// (`replication set --auto-resynchronize`).
+    #[serde(default)]
+    pub auto_resynchronize: bool,
+    /// Primary: the window auto-resynchronization starts in, `HH:MM-HH:MM UTC`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resynchronize_window: Option<String>,
+    /// `WaitingForStartResynchronize`: when it starts (RFC 3339 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_start_time: Option<String>,
+    /// `Resynchronizing` (primary): its progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<ResyncProgress>,
 }
 
 /// What a replica host holds of one VM, reported by `replication status` there.

@@ -7,6 +7,8 @@
 //!   daemon observed) into the next relationship and the [`Action`]s to run, in order, or a
 //!   [`Refusal`] that changes nothing. The daemon executes the actions and installs the new
 //!   relationship only if every action up to and including [`Action::Persist`] succeeded.
+//! - [`AutoResync`] says whether a required resynchronization starts by itself, and when
+//!   ([`ResyncWindow`], UTC).
 //! - [`health()`](fn@health) derives Normal / Warning / Critical; time is passed in.
 //! - [`record`] is the persisted form (`docs/formats/relationship.md`, version 2) and the
 //!   migration from version 1's flags.
@@ -17,11 +19,13 @@ pub mod condition;
 pub mod health;
 pub mod reconcile;
 pub mod record;
+mod schedule;
 mod state;
 mod step;
 
 pub use health::{health, HealthFacts};
 pub use record::{migrate_v1, RecordError, RelationshipRecord};
+pub use schedule::{AutoResync, ResyncWindow};
 pub use state::{Resumable, Role, State};
 pub use step::{
     step, Action, CycleKind, Event, EventKind, PeerRefusalFacts, Progress, Refusal, RefusalKind,

@@ -322,6 +322,8 @@ impl Relationship {
             },
             need_hello: true,
             inflight_cut_unix_ns: None,
+            // A setting of the VM's replication (`catalog.md`): the host sets it.
+            auto_resync: crate::AutoResync::Off,
         })
     }
 

@@ -4,7 +4,7 @@
 use proto::{Generation, ReplicationState, Seq, VmName};
 
 use crate::reconcile::{judge_out_of_sequence, reconcile, OutOfSequence, Reconcile};
-use crate::{Resumable, Role, State};
+use crate::{AutoResync, Resumable, Role, State};
 
 /// Where the relationship's points stand.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -35,6 +35,11 @@ pub struct Relationship {
     /// is that point's only if it names the same cut: a late answer of an older attempt at the
     /// same `seq` (before a restart of the cycle, a resynchronization) never counts.
     pub inflight_cut_unix_ns: Option<u64>,
+    /// Primary role: whether a resynchronization starts by itself when the relationship
+    /// becomes `ResynchronizationRequired` (`replication set --auto-resynchronize`). A setting
+    /// stored with the VM's replication settings (`catalog.md`), not in the relationship's
+    /// record: the host sets it after loading, and changes it with [`Event::SetAutoResync`].
+    pub auto_resync: AutoResync,
 }
 
 impl Relationship {
@@ -50,6 +55,7 @@ impl Relationship {
             },
             need_hello: true,
             inflight_cut_unix_ns: None,
+            auto_resync: AutoResync::Off,
         }
     }
 
@@ -100,6 +106,18 @@ pub enum Event {
         at_unix_ns: Option<u64>,
         reason: Option<String>,
     },
+    /// `replication set NAME --auto-resynchronize on|off [--resynchronize-window W]`: stored
+    /// in the relationship; a relationship already `ResynchronizationRequired` is scheduled
+    /// at once when it turns on (a resynchronization already scheduled or running stays when
+    /// it turns off: `ResyncCancel` stops it).
+    SetAutoResync { auto: AutoResync },
+    /// `replication resync-cancel NAME`: a resynchronization running, scheduled, or suspended
+    /// while running goes back to `ResynchronizationRequired` with its reason. `replica`: the
+    /// replica's newest point and generation as the host found them after the upload in
+    /// flight stopped there (`None`: the replica could not be asked); when that is the
+    /// resynchronization's point in flight, it had committed: the core adopts it (the
+    /// resynchronization is complete and nothing is cancelled).
+    ResyncCancel { replica: Option<(Seq, Generation)> },
     // ---- Facts (primary).
     /// Time passed: a due scheduled resynchronization starts.
     Tick,
@@ -187,6 +205,7 @@ pub enum EventKind {
     ResyncScheduled,
     ResyncStarted,
     ResyncDone,
+    ResyncCancelled,
     CycleFailed,
     TestFailoverStarted,
     TestFailoverStopped,
@@ -304,6 +323,7 @@ pub fn step(
     let mut s = Step {
         next: rel.clone(),
         actions: Vec::new(),
+        now_unix_ns,
     };
     let vm = rel.vm.clone();
     match (&event, rel.role) {
@@ -323,6 +343,8 @@ pub fn step(
             | Event::Suspend
             | Event::Resume
             | Event::Resynchronize { .. }
+            | Event::SetAutoResync { .. }
+            | Event::ResyncCancel { .. }
             | Event::CycleDue
             | Event::HelloAnswered { .. }
             | Event::CutTaken { .. }
@@ -381,7 +403,10 @@ pub fn step(
                 inner.state = State::Suspended {
                     resume_to: Resumable::Replicating,
                 };
+                // Nothing is scheduled while fenced: `resume` does that when the fence ends.
+                inner.auto_resync = AutoResync::Off;
                 let (mut next, actions) = step(&inner, event, now_unix_ns)?;
+                next.auto_resync = rel.auto_resync;
                 let resync = match next.state {
                     State::ResynchronizationRequired { reason } => Some(reason),
                     _ => resync.clone(),
@@ -454,6 +479,8 @@ pub fn step(
         Event::Resynchronize { at_unix_ns, reason } => {
             s.resynchronize(at_unix_ns, reason, now_unix_ns)?
         }
+        Event::SetAutoResync { auto } => s.set_auto_resync(auto),
+        Event::ResyncCancel { replica } => s.resync_cancel(replica)?,
         Event::Tick => {
             // On the replica the state only mirrors the primary's: the primary starts it.
             if let (State::WaitingForStartResynchronize { reason, at_unix_ns }, Role::Primary) =
@@ -559,6 +586,7 @@ pub fn step(
 struct Step {
     next: Relationship,
     actions: Vec<Action>,
+    now_unix_ns: u64,
 }
 
 impl Step {
@@ -694,6 +722,7 @@ impl Step {
                     None => resume_to.state(),
                 };
                 self.next.need_hello = true;
+                let scheduled = self.auto_schedule();
                 self.actions.extend([
                     Action::Persist,
                     Action::Unfence,
@@ -701,9 +730,10 @@ impl Step {
                         EventKind::Resumed,
                         "replication resumed: the replica host's failover was stopped; the VM's disks are served again",
                     ),
-                    Action::SayHello,
-                    Action::ScheduleCycleNow,
                 ]);
+                self.actions.extend(scheduled);
+                self.actions
+                    .extend([Action::SayHello, Action::ScheduleCycleNow]);
                 Ok(())
             }
             // Not suspended: nothing to resume.
@@ -810,9 +840,127 @@ impl Step {
         );
         self.next.state = State::ResynchronizationRequired { reason };
         self.cancel_cycle();
+        let scheduled = self.auto_schedule();
         self.actions.push(Action::Persist);
-        self.actions
-            .extend([emit(EventKind::ResyncRequired, message), Action::SayHello]);
+        self.actions.push(emit(EventKind::ResyncRequired, message));
+        self.actions.extend(scheduled);
+        self.actions.push(Action::SayHello);
+    }
+
+    /// A primary that just became `ResynchronizationRequired` with `auto_resync` on: the
+    /// resynchronization is scheduled (`WaitingForStartResynchronize`) at once, or at the
+    /// window's next start. A `Tick` starts it (within a second when due now): the start's
+    /// scan of the disks can fail, and that must never undo the state just entered. Returns
+    /// the event to log after `Persist`.
+    fn auto_schedule(&mut self) -> Option<Action> {
+        let State::ResynchronizationRequired { reason } = &self.next.state else {
+            return None;
+        };
+        if self.next.role != Role::Primary {
+            return None;
+        }
+        let now = self.now_unix_ns;
+        let at = self.next.auto_resync.start_at(now)?;
+        let reason = reason.clone();
+        self.next.state = State::WaitingForStartResynchronize {
+            reason: Some(reason),
+            at_unix_ns: at,
+        };
+        let when = match self.next.auto_resync {
+            AutoResync::On { window: Some(w) } if at > now => format!(
+                "at the next start of its window {w} UTC, in {} s",
+                (at - now) / 1_000_000_000
+            ),
+            AutoResync::On { window: Some(w) } => format!("now (inside its window {w} UTC)"),
+            _ => "now".to_string(),
+        };
+        Some(emit(
+            EventKind::ResyncScheduled,
+            format!(
+                "resynchronization scheduled automatically (auto-resynchronize on): starts {when}"
+            ),
+        ))
+    }
+
+    /// `replication set --auto-resynchronize`: kept; a relationship waiting for an admin is
+    /// scheduled now that it need not.
+    fn set_auto_resync(&mut self, auto: AutoResync) {
+        self.next.auto_resync = auto;
+        if let Some(scheduled) = self.auto_schedule() {
+            self.actions
+                .extend([Action::Persist, scheduled, Action::SayHello]);
+        }
+    }
+
+    /// `replication resync-cancel`: back to `ResynchronizationRequired` with the reason the
+    /// resynchronization ran for. The cycle in flight is cancelled (its `Full` delta is never
+    /// committed: the host stopped its upload before asking the replica, `replica`). Auto
+    /// resynchronization does not start it again: the admin chose to stop it.
+    fn resync_cancel(&mut self, replica: Option<(Seq, Generation)>) -> Result<(), Refusal> {
+        let vm = self.vm().clone();
+        let reason = match &self.next.state {
+            State::Resynchronizing { reason }
+            | State::WaitingForStartResynchronize { reason, .. } => reason.clone(),
+            State::Suspended {
+                resume_to: Resumable::Resynchronizing,
+            } => None,
+            other => {
+                return Err(conflict(format!(
+                    "no resynchronization of {vm} is running or scheduled (it is {:?})",
+                    other.name()
+                )))
+            }
+        };
+        // The resynchronization's point committed before its upload stopped (the answer was
+        // lost or not read yet): it is complete, and there is nothing to cancel.
+        let p = &self.next.progress;
+        let suspended = matches!(self.next.state, State::Suspended { .. });
+        if let (Some((latest, generation)), Some(inflight), true) = (
+            replica,
+            p.inflight_seq,
+            suspended || matches!(self.next.state, State::Resynchronizing { .. }),
+        ) {
+            if latest == inflight && generation == p.generation && latest == p.last_seq.next() {
+                self.next.progress.last_seq = latest;
+                if let Some(cut) = self.next.inflight_cut_unix_ns {
+                    self.next.progress.last_cut_unix_ns = Some(cut);
+                }
+                self.next.clear_inflight();
+                self.cancel_cycle();
+                self.point_committed();
+                if suspended {
+                    // Still suspended: `resume` goes on replicating.
+                    self.next.state = State::Suspended {
+                        resume_to: Resumable::Replicating,
+                    };
+                }
+                self.actions.push(emit(
+                    EventKind::AnswerLostAdopted,
+                    format!("the replica holds point {latest}, the resynchronization's, whose answer this primary never got; adopting it (nothing was cancelled)"),
+                ));
+                return Ok(());
+            }
+        }
+        let reason = reason.unwrap_or_else(|| {
+            "a resynchronization started by the admin was cancelled before it completed".into()
+        });
+        self.next.state = State::ResynchronizationRequired {
+            reason: reason.clone(),
+        };
+        // Whatever was cut for the resynchronization is given up: its answer, if one comes
+        // late, never ends a later resynchronization (the next hello reconciles).
+        self.next.clear_inflight();
+        self.cancel_cycle();
+        self.actions.extend([
+            Action::Persist,
+            Action::ReleaseCopyBeforeWrite,
+            emit(
+                EventKind::ResyncCancelled,
+                format!("resynchronization cancelled; the replica keeps its points as they were, and {vm} still requires resynchronization: {reason}"),
+            ),
+            Action::SayHello,
+        ]);
+        Ok(())
     }
 
     /// Leaves `InitialReplicationInProgress` / `Resynchronizing` when their point committed.
@@ -1221,13 +1369,15 @@ impl Step {
             _ => State::Replicating,
         };
         self.next.need_hello = true;
+        let scheduled = self.auto_schedule();
         self.actions.extend([
             Action::Persist,
             Action::Unfence,
             emit(EventKind::FailoverCancelled, message),
-            Action::SayHello,
-            Action::ScheduleCycleNow,
         ]);
+        self.actions.extend(scheduled);
+        self.actions
+            .extend([Action::SayHello, Action::ScheduleCycleNow]);
     }
 
     fn hello_received(

@@ -1378,3 +1378,360 @@ fn prepared_primary_stays_prepared_when_the_replica_fails_over() {
     assert_eq!(next, p);
     assert!(actions.is_empty());
 }
+
+// ---- Auto resynchronization and resync-cancel (issue 11, item 2).
+
+/// 2026-12-03T00:00:00Z plus `h` hours `m` minutes: window tests need a time of day.
+fn day_at(h: u64, m: u64) -> u64 {
+    (1_796_256_000 + h * 3600 + m * 60) * 1_000_000_000
+}
+
+fn auto(window: Option<&str>) -> AutoResync {
+    AutoResync::On {
+        window: window.map(|w| crate::ResyncWindow::parse(w).unwrap()),
+    }
+}
+
+fn storage_failed() -> Event {
+    Event::StorageFailed {
+        reason: "the tracker's state cannot be written".into(),
+    }
+}
+
+fn with_auto(mut r: Relationship, a: AutoResync) -> Relationship {
+    r.auto_resync = a;
+    r
+}
+
+fn cancel(replica: Option<(u64, Generation)>) -> Event {
+    Event::ResyncCancel {
+        replica: replica.map(|(s, g)| (Seq(s), g)),
+    }
+}
+
+#[test]
+fn auto_resync_off_leaves_a_divergence_to_the_admin() {
+    let (next, actions) = ok(&primary(State::Replicating, 3), storage_failed());
+    assert!(matches!(
+        next.state,
+        State::ResynchronizationRequired { .. }
+    ));
+    assert_eq!(emitted(&actions), [EventKind::ResyncRequired]);
+}
+
+#[test]
+fn auto_resync_on_without_a_window_schedules_now_and_the_next_tick_starts_it() {
+    let rel = with_auto(primary(State::Replicating, 3), auto(None));
+    let (next, actions) = ok(&rel, storage_failed());
+    assert_eq!(
+        next.state,
+        State::WaitingForStartResynchronize {
+            reason: Some("the tracker's state cannot be written".into()),
+            at_unix_ns: NOW,
+        }
+    );
+    // Logged why first, then that it is scheduled; no scan in this step (a failing scan must
+    // not undo the state entered).
+    assert_eq!(
+        emitted(&actions),
+        [EventKind::ResyncRequired, EventKind::ResyncScheduled]
+    );
+    assert!(!actions.contains(&Action::MarkAllDirty));
+    assert!(actions.contains(&Action::CancelCycle));
+    let (started, actions) = ok(&next, Event::Tick);
+    assert_eq!(
+        started.state,
+        State::Resynchronizing {
+            reason: Some("the tracker's state cannot be written".into())
+        }
+    );
+    assert!(actions.contains(&Action::MarkAllDirty));
+}
+
+#[test]
+fn auto_resync_with_a_window_outside_it_waits_for_its_next_start() {
+    let rel = with_auto(primary(State::Replicating, 3), auto(Some("18:30-06:00")));
+    let now = day_at(12, 0);
+    let (next, _) = step(&rel, storage_failed(), now).unwrap();
+    assert_eq!(
+        next.state,
+        State::WaitingForStartResynchronize {
+            reason: Some("the tracker's state cannot be written".into()),
+            at_unix_ns: day_at(18, 30),
+        }
+    );
+    // A tick before then changes nothing; one at the start starts it.
+    let (same, actions) = step(&next, Event::Tick, day_at(18, 29)).unwrap();
+    assert_eq!(same, next);
+    assert!(actions.is_empty());
+    let (started, _) = step(&next, Event::Tick, day_at(18, 30)).unwrap();
+    assert!(matches!(started.state, State::Resynchronizing { .. }));
+}
+
+#[test]
+fn auto_resync_with_a_window_inside_it_starts_now() {
+    let rel = with_auto(primary(State::Replicating, 3), auto(Some("09:00-17:00")));
+    let (next, _) = step(&rel, storage_failed(), day_at(10, 15)).unwrap();
+    assert!(matches!(
+        next.state,
+        State::WaitingForStartResynchronize { at_unix_ns, .. } if at_unix_ns == day_at(10, 15)
+    ));
+}
+
+#[test]
+fn auto_resync_with_a_window_that_wraps_midnight() {
+    let rel = with_auto(primary(State::Replicating, 3), auto(Some("22:00-02:00")));
+    for (now, at) in [
+        (day_at(23, 0), day_at(23, 0)),
+        (day_at(1, 59), day_at(1, 59)),
+        (day_at(2, 0), day_at(22, 0)),
+        (day_at(21, 59), day_at(22, 0)),
+    ] {
+        let (next, _) = step(&rel, storage_failed(), now).unwrap();
+        assert!(
+            matches!(next.state, State::WaitingForStartResynchronize { at_unix_ns, .. } if at_unix_ns == at),
+            "{now}: {:?}",
+            next.state
+        );
+    }
+}
+
+#[test]
+fn auto_resync_applies_to_a_divergent_hello_and_a_refusal() {
+    let rel = with_auto(primary(State::Replicating, 3), auto(None));
+    let (next, _) = ok(&rel, hello(7));
+    assert!(matches!(
+        next.state,
+        State::WaitingForStartResynchronize { .. }
+    ));
+    let (next, _) = ok(&in_flight(rel, 4), out_of_sequence(4, 2));
+    assert!(matches!(
+        next.state,
+        State::WaitingForStartResynchronize { .. }
+    ));
+}
+
+#[test]
+fn turning_auto_resync_on_schedules_a_required_resync_and_off_keeps_a_scheduled_one() {
+    let rel = primary(required(), 3);
+    let (next, actions) = ok(&rel, Event::SetAutoResync { auto: auto(None) });
+    assert_eq!(next.auto_resync, auto(None));
+    assert_eq!(
+        next.state,
+        State::WaitingForStartResynchronize {
+            reason: Some("diverged".into()),
+            at_unix_ns: NOW
+        }
+    );
+    assert!(actions.contains(&Action::Persist));
+    assert_eq!(emitted(&actions), [EventKind::ResyncScheduled]);
+    // Off: stored; what is scheduled stays (resync-cancel stops it).
+    let (off, actions) = ok(
+        &next,
+        Event::SetAutoResync {
+            auto: AutoResync::Off,
+        },
+    );
+    assert_eq!(off.auto_resync, AutoResync::Off);
+    assert_eq!(off.state, next.state);
+    assert!(actions.is_empty());
+    // In any other state: only stored.
+    let (rep, actions) = ok(
+        &primary(State::Replicating, 3),
+        Event::SetAutoResync { auto: auto(None) },
+    );
+    assert_eq!(rep.state, State::Replicating);
+    assert!(actions.is_empty());
+    // A replica has no say.
+    refused(
+        &replica(State::Replicating, 3),
+        Event::SetAutoResync { auto: auto(None) },
+    );
+}
+
+#[test]
+fn auto_resync_after_a_cancelled_prepare_and_a_fence_that_ends() {
+    let rel = with_auto(
+        primary(
+            State::PreparedForFailover {
+                seq: Seq(3),
+                resync: Some("diverged".into()),
+            },
+            3,
+        ),
+        auto(None),
+    );
+    let (next, _) = ok(&rel, Event::Resume);
+    assert!(matches!(
+        next.state,
+        State::WaitingForStartResynchronize { .. }
+    ));
+    let rel = with_auto(
+        primary(
+            State::FencedAfterFailover {
+                reason: "failed over".into(),
+                resume_to: Resumable::Replicating,
+                resync: Some("diverged".into()),
+            },
+            3,
+        ),
+        auto(None),
+    );
+    let (next, actions) = ok(&rel, Event::Resume);
+    assert!(matches!(
+        next.state,
+        State::WaitingForStartResynchronize { .. }
+    ));
+    assert!(actions.contains(&Action::Unfence));
+}
+
+#[test]
+fn resync_cancel_from_resynchronizing_goes_back_to_required_with_the_reason() {
+    let rel = in_flight(
+        primary(
+            State::Resynchronizing {
+                reason: Some("diverged".into()),
+            },
+            3,
+        ),
+        4,
+    );
+    let (next, actions) = ok(&rel, cancel(Some((3, G))));
+    assert_eq!(next.state, required());
+    assert_eq!(next.progress.inflight_seq, None);
+    assert_eq!(next.progress.last_seq, Seq(3));
+    assert!(actions.contains(&Action::CancelCycle));
+    assert!(persist_index(&actions) < actions.len());
+    assert_eq!(emitted(&actions), [EventKind::ResyncCancelled]);
+    // The replica could not be asked: cancelled all the same.
+    let (next, _) = ok(&rel, cancel(None));
+    assert_eq!(next.state, required());
+}
+
+#[test]
+fn resync_cancel_from_waiting_and_from_suspended_while_resynchronizing() {
+    let waiting = primary(
+        State::WaitingForStartResynchronize {
+            reason: Some("diverged".into()),
+            at_unix_ns: NOW + 100,
+        },
+        3,
+    );
+    assert_eq!(ok(&waiting, cancel(None)).0.state, required());
+    let suspended = primary(suspended(Resumable::Resynchronizing), 3);
+    let (next, _) = ok(&suspended, cancel(Some((3, G))));
+    assert!(matches!(
+        next.state,
+        State::ResynchronizationRequired { ref reason } if reason.contains("cancelled")
+    ));
+    // A resync the admin forced (no reason) is still required after a cancel, with why.
+    let forced = primary(State::Resynchronizing { reason: None }, 3);
+    assert!(matches!(
+        ok(&forced, cancel(None)).0.state,
+        State::ResynchronizationRequired { .. }
+    ));
+}
+
+#[test]
+fn resync_cancel_with_auto_on_does_not_start_it_again() {
+    let rel = with_auto(
+        primary(
+            State::Resynchronizing {
+                reason: Some("diverged".into()),
+            },
+            3,
+        ),
+        auto(None),
+    );
+    let (next, actions) = ok(&rel, cancel(None));
+    assert_eq!(next.state, required());
+    assert!(!emitted(&actions).contains(&EventKind::ResyncScheduled));
+    let (same, _) = ok(&next, Event::Tick);
+    assert_eq!(same.state, required());
+}
+
+#[test]
+fn resync_cancel_after_the_full_point_committed_adopts_it() {
+    let rel = in_flight(
+        primary(
+            State::Resynchronizing {
+                reason: Some("diverged".into()),
+            },
+            3,
+        ),
+        4,
+    );
+    let (next, actions) = ok(&rel, cancel(Some((4, G))));
+    assert_eq!(next.state, State::Replicating);
+    assert_eq!(next.progress.last_seq, Seq(4));
+    assert_eq!(next.progress.last_cut_unix_ns, Some(NOW));
+    assert!(emitted(&actions).contains(&EventKind::ResyncDone));
+    // Another generation's point 4 is not this resynchronization's.
+    let (next, _) = ok(&rel, cancel(Some((4, Generation(2)))));
+    assert_eq!(next.state, required());
+    // Suspended while its last upload committed: adopted, and still suspended.
+    let mut suspended_rel = rel.clone();
+    suspended_rel.state = suspended(Resumable::Resynchronizing);
+    let (next, _) = ok(&suspended_rel, cancel(Some((4, G))));
+    assert_eq!(next.state, suspended(Resumable::Replicating));
+    assert_eq!(next.progress.last_seq, Seq(4));
+}
+
+#[test]
+fn resync_cancel_is_refused_in_one_line_when_no_resync_runs() {
+    for state in [
+        State::Replicating,
+        required(),
+        State::ReadyForInitialReplication,
+        State::InitialReplicationInProgress,
+        suspended(Resumable::Replicating),
+        State::PreparedForFailover {
+            seq: Seq(3),
+            resync: None,
+        },
+        State::FailedOver,
+    ] {
+        let r = refused(&primary(state.clone(), 3), cancel(None));
+        assert_eq!(r.kind, RefusalKind::Conflict, "{state:?}");
+        assert!(
+            r.message
+                .contains("no resynchronization of web is running or scheduled")
+                && !r.message.contains('\n'),
+            "{state:?}: {}",
+            r.message
+        );
+    }
+    let r = refused(
+        &replica(State::Resynchronizing { reason: None }, 3),
+        cancel(None),
+    );
+    assert_eq!(r.kind, RefusalKind::Invalid);
+}
+
+#[test]
+fn fenced_primary_with_auto_resync_keeps_the_divergence_for_when_the_fence_ends() {
+    let rel = with_auto(
+        primary(
+            State::FencedAfterFailover {
+                reason: "failed over".into(),
+                resume_to: Resumable::Replicating,
+                resync: None,
+            },
+            3,
+        ),
+        auto(None),
+    );
+    let (next, _) = ok(&rel, storage_failed());
+    assert!(matches!(
+        next.state,
+        State::FencedAfterFailover {
+            resync: Some(_),
+            ..
+        }
+    ));
+    let (resumed, _) = ok(&next, Event::Resume);
+    assert!(matches!(
+        resumed.state,
+        State::WaitingForStartResynchronize { .. }
+    ));
+}

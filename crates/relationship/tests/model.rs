@@ -13,8 +13,8 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use proptest::prelude::*;
 use proto::{Generation, Health, ReplicationState, Seq, VmName};
 use relationship::{
-    health, step, Action, CycleKind, Event, HealthFacts, PeerRefusalFacts, Relationship,
-    RelationshipRecord, Resumable, Role, State,
+    health, step, Action, AutoResync, CycleKind, Event, HealthFacts, PeerRefusalFacts,
+    Relationship, RelationshipRecord, Resumable, Role, State,
 };
 
 const T0: u64 = 1_000_000_000_000;
@@ -74,6 +74,16 @@ enum Op {
     ReplicaFailedOver {
         via_cycle: bool,
     },
+    /// `replication set --auto-resynchronize on|off [--resynchronize-window]`: `None` off;
+    /// `Some(None)` on at any time; `Some(Some(h))` on in a two-hour window from hour `h` UTC.
+    SetAutoResync {
+        auto: Option<Option<u8>>,
+    },
+    /// `replication resync-cancel`: the replica's newest point after the upload stopped, as
+    /// an offset from `last_seq` (`None`: not reachable).
+    ResyncCancel {
+        answer: Option<i8>,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -96,7 +106,22 @@ fn op() -> impl Strategy<Value = Op> {
         2 => prop_oneof![4 => Just(0i8), 1 => -1i8..2].prop_map(|offset| Op::Prepared { offset }),
         1 => (0u8..3, any::<bool>()).prop_map(|(which, test)| Op::Failover { which, test }),
         1 => any::<bool>().prop_map(|via_cycle| Op::ReplicaFailedOver { via_cycle }),
+        1 => proptest::option::of(proptest::option::of(0u8..24)).prop_map(|auto| Op::SetAutoResync { auto }),
+        2 => proptest::option::of(prop_oneof![3 => Just(0i8), 3 => Just(1i8), 1 => -1i8..3])
+            .prop_map(|answer| Op::ResyncCancel { answer }),
     ]
+}
+
+fn auto_of(auto: Option<Option<u8>>) -> AutoResync {
+    match auto {
+        None => AutoResync::Off,
+        Some(hour) => AutoResync::On {
+            window: hour.map(|h| {
+                let start = u16::from(h) * 60;
+                relationship::ResyncWindow::new(start, (start + 120) % (24 * 60)).unwrap()
+            }),
+        },
+    }
 }
 
 fn failover_event(which: u8, test: bool, point: Seq) -> Event {
@@ -119,6 +144,8 @@ fn is_command(event: &Event) -> bool {
             | Event::FailoverStop { .. }
             | Event::FailoverComplete
             | Event::Prepared { .. }
+            | Event::SetAutoResync { .. }
+            | Event::ResyncCancel { .. }
     )
 }
 
@@ -154,6 +181,8 @@ fn check_round_trip(rel: &Relationship) -> Result<(), TestCaseError> {
     let mut expect = rel.clone();
     expect.need_hello = true;
     expect.inflight_cut_unix_ns = None;
+    // A setting of the VM's replication, not of the record: the host restores it.
+    expect.auto_resync = AutoResync::Off;
     prop_assert_eq!(back, expect);
     Ok(())
 }
@@ -296,7 +325,10 @@ impl Harness {
                 self.cycle_running = false;
                 self.plan = None;
                 let rec = self.rel.to_record();
+                let auto = self.rel.auto_resync;
                 self.rel = Relationship::from_record(web(), rec).unwrap();
+                // The host sets it again from the VM's replication settings.
+                self.rel.auto_resync = auto;
                 Event::Restarted
             }
             Op::ReplicaEvent => Event::DeltaStarted {
@@ -309,6 +341,30 @@ impl Harness {
             Op::ReplicaFailedOver { via_cycle: false } => Event::ReplicaFailedOver {
                 reason: "web is FailedOver on its replica host".into(),
             },
+            Op::SetAutoResync { auto } => Event::SetAutoResync {
+                auto: auto_of(auto),
+            },
+            Op::ResyncCancel { answer } => {
+                // The host stopped the upload in flight before asking: the cycle is gone.
+                let replica = answer.map(|o| (add(p.last_seq, o), G));
+                let resyncing = matches!(
+                    self.rel.state,
+                    State::Resynchronizing { .. }
+                        | State::WaitingForStartResynchronize { .. }
+                        | State::Suspended {
+                            resume_to: Resumable::Resynchronizing
+                        }
+                );
+                // What the answer says of the replica counts only if the cancel is taken.
+                if let (Some((latest, _)), true) = (replica, resyncing) {
+                    if p.inflight_seq == Some(latest) && latest == p.last_seq.next() {
+                        self.replica_holds(latest);
+                    } else if latest != p.last_seq {
+                        self.diverge();
+                    }
+                }
+                Event::ResyncCancel { replica }
+            }
             Op::ReplicaFailedOver { via_cycle: true } => Event::CycleFailed {
                 seq: p.last_seq.next(),
                 error: "web is FailedOver on its replica host".into(),
@@ -372,6 +428,40 @@ impl Harness {
                     && !matches!(before.state, State::FencedAfterFailover { .. })
                 {
                     prop_assert!(actions.contains(&Action::Fence), "{actions:?}");
+                }
+                // (f) A cancel leaves the resynchronization required, unless the replica
+                // said its point had committed (then adopted: nothing to cancel).
+                if let Event::ResyncCancel { replica } = &event {
+                    let adopted = replica
+                        .is_some_and(|(latest, _)| before.progress.inflight_seq == Some(latest));
+                    match &next.state {
+                        State::ResynchronizationRequired { .. } => {}
+                        State::Replicating
+                        | State::Suspended {
+                            resume_to: Resumable::Replicating,
+                        } if adopted => {}
+                        other => prop_assert!(false, "cancel led to {other:?} from {before:?}"),
+                    }
+                    prop_assert!(actions.contains(&Action::CancelCycle));
+                }
+                // (g) With auto-resynchronize on, a primary never waits for an admin: a fact
+                // that makes the resynchronization required schedules it in the same step.
+                if before.role == Role::Primary
+                    && next.auto_resync != AutoResync::Off
+                    && !matches!(event, Event::ResyncCancel { .. })
+                    && matches!(next.state, State::ResynchronizationRequired { .. })
+                    && !matches!(before.state, State::ResynchronizationRequired { .. })
+                {
+                    prop_assert!(
+                        false,
+                        "{event:?} left {before:?} waiting for an admin: {next:?}"
+                    );
+                }
+                if let State::WaitingForStartResynchronize { at_unix_ns, .. } = next.state {
+                    if !matches!(before.state, State::WaitingForStartResynchronize { .. }) {
+                        // Scheduled in the future only by `--at` or a window.
+                        prop_assert!(at_unix_ns >= self.now, "scheduled in the past: {next:?}");
+                    }
                 }
                 for a in &actions {
                     match a {
@@ -759,6 +849,19 @@ fn every_state_is_reachable_from_ready_for_initial_replication() {
             T0,
         ),
         (Event::Tick, T0 + 100 * SEC),
+        (Event::ResyncCancel { replica: None }, T0),
+        (
+            Event::SetAutoResync {
+                auto: AutoResync::On { window: None },
+            },
+            T0,
+        ),
+        (
+            Event::SetAutoResync {
+                auto: AutoResync::Off,
+            },
+            T0,
+        ),
         (Event::CycleDue, T0),
         (Event::Restarted, T0),
         (Event::FailoverStop { test: false }, T0),

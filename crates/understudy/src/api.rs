@@ -202,6 +202,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
                     .await??
                 }
                 "sync" => return to_json(&repl.command(Cmd::Sync).await??),
+                "resync-cancel" | "resync-stop" => repl.command(Cmd::ResyncCancel).await??,
                 other => return Err(not_found(format!("unknown replication action {other:?}"))),
             }
             to_json(&repl.status())

@@ -269,8 +269,8 @@ enum ReplicationCmd {
         #[command(flatten)]
         history: HistoryArgs,
     },
-    /// Change a replicating VM's frequency, compression or recovery history (no new initial
-    /// replication).
+    /// Change a replicating VM's frequency, compression, recovery history or resynchronization
+    /// schedule (no new initial replication).
     Set {
         name: String,
         /// Seconds between cycles, 1 to 3600.
@@ -280,6 +280,14 @@ enum ReplicationCmd {
         compression: Option<String>,
         #[command(flatten)]
         history: HistoryArgs,
+        /// Start a required resynchronization by itself (on), or wait for `replication resume
+        /// NAME --resynchronize` (off, the default).
+        #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+        auto_resynchronize: Option<String>,
+        /// With auto-resynchronize on: start only inside this daily window, HH:MM-HH:MM in UTC
+        /// (it may wrap midnight, e.g. 18:30-06:00); `none` removes it (any time).
+        #[arg(long, value_name = "HH:MM-HH:MM")]
+        resynchronize_window: Option<String>,
     },
     /// Start initial replication.
     Start {
@@ -338,7 +346,15 @@ enum ReplicationCmd {
         /// instead of now; until then the VM is WaitingForStartResynchronize.
         #[arg(long, value_name = "TIME", requires = "resynchronize")]
         at: Option<String>,
+        /// With --resynchronize: follow it to the end (a progress bar on a terminal); exit 0
+        /// once Replicating, non-zero with the reason if it ends ResynchronizationRequired.
+        #[arg(long, requires = "resynchronize")]
+        wait: bool,
     },
+    /// Cancel a resynchronization running, scheduled or suspended: the replica keeps its
+    /// points exactly as before it began, and the VM is ResynchronizationRequired again.
+    #[command(visible_alias = "resync-stop")]
+    ResyncCancel { name: String },
 }
 
 /// Recovery history, as Hyper-V's `-RecoveryHistory` and `-VSSSnapshotFrequencyHour`, plus a
@@ -524,7 +540,17 @@ fn main() -> ExitCode {
                     frequency,
                     compression,
                     history,
-                } => cli::replication_set(&api, &name, frequency, compression.as_deref(), &history),
+                    auto_resynchronize,
+                    resynchronize_window,
+                } => cli::replication_set(
+                    &api,
+                    &name,
+                    frequency,
+                    compression.as_deref(),
+                    &history,
+                    auto_resynchronize.as_deref().map(|v| v == "on"),
+                    resynchronize_window,
+                ),
                 ReplicationCmd::Start {
                     name,
                     wait,
@@ -543,7 +569,11 @@ fn main() -> ExitCode {
                     name,
                     resynchronize: true,
                     at,
-                } => cli::resynchronize(&api, &name, at.as_deref()),
+                    wait,
+                } => cli::resynchronize(&api, &name, at.as_deref(), wait),
+                ReplicationCmd::ResyncCancel { name } => {
+                    cli::replication_action(&api, &name, "resync-cancel")
+                }
                 ReplicationCmd::Reverse {
                     name,
                     replica,

@@ -513,6 +513,10 @@ impl Shared {
             last_error: None,
             history: None,
             replica: None,
+            auto_resynchronize: false,
+            resynchronize_window: None,
+            resync_start_time: None,
+            resync: None,
         })
     }
 

@@ -1212,6 +1212,8 @@ impl Shared {
             replication_id: random_id()?,
             replica_name: None,
             history: req.history,
+            auto_resynchronize: false,
+            resynchronize_window: None,
         };
         let rel = Relationship::new(vm.name.clone(), Role::Primary, proto::Generation(1));
         // Like Enable-VMReplication: the replica must accept us now, or nothing changes. First
@@ -1337,21 +1339,42 @@ impl Shared {
         } else {
             None
         };
-        if req.frequency_secs.is_none() && req.compression.is_none() && !history_given {
+        // `none` removes the window (any time); anything else must be HH:MM-HH:MM (UTC).
+        let window = match req.resynchronize_window.as_deref().map(str::trim) {
+            None => None,
+            Some(w) if w.eq_ignore_ascii_case("none") => Some(None),
+            Some(w) => {
+                Some(Some(relationship::ResyncWindow::parse(w).map_err(|e| {
+                    bad_request(format!("--resynchronize-window: {e}"))
+                })?))
+            }
+        };
+        let auto = (req.auto_resynchronize.is_some() || window.is_some())
+            .then_some((req.auto_resynchronize, window));
+        if req.frequency_secs.is_none()
+            && req.compression.is_none()
+            && !history_given
+            && auto.is_none()
+        {
             return Err(bad_request(
-                "nothing to change: give --frequency, --compression, --recovery-history, --app-consistent-every or --keep-every-point-for",
+                "nothing to change: give --frequency, --compression, --recovery-history, --app-consistent-every, --keep-every-point-for, --auto-resynchronize or --resynchronize-window",
             ));
         }
-        repl.set(self, req.frequency_secs, req.compression, history)?;
+        repl.set(self, req.frequency_secs, req.compression, history, auto)?;
+        let r = repl.record();
         self.events.emit(
             events::REPLICATION_SET,
             Some(&req.vm),
             "info",
             &format!(
-                "replication settings changed: frequency {} s, compression {:?}, history {:?}",
-                repl.record().frequency_secs,
-                repl.record().compression,
-                repl.record().history
+                "replication settings changed: frequency {} s, compression {:?}, history {:?}, auto-resynchronize {}{}",
+                r.frequency_secs,
+                r.compression,
+                r.history,
+                if r.auto_resynchronize { "on" } else { "off" },
+                r.resynchronize_window
+                    .map(|w| format!(" (window {w} UTC)"))
+                    .unwrap_or_default()
             ),
         );
         Ok(repl.status())

@@ -569,6 +569,10 @@ impl Shared {
             last_error: None,
             history: None,
             replica: None,
+            auto_resynchronize: false,
+            resynchronize_window: None,
+            resync_start_time: None,
+            resync: None,
         })
     }
 
@@ -660,6 +664,10 @@ impl Shared {
                     proto::time::now_unix_ns().saturating_sub(p.cut_time_unix_ns) / 1_000_000_000
                 }),
             }),
+            auto_resynchronize: false,
+            resynchronize_window: None,
+            resync_start_time: None,
+            resync: None,
         })
     }
 

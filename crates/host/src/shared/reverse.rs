@@ -104,6 +104,8 @@ impl Shared {
             replication_id,
             replica_name: None,
             history: None,
+            auto_resynchronize: false,
+            resynchronize_window: None,
         };
         self.catalog
             .put(&pending_key, &settings)

@@ -296,6 +296,8 @@ pub fn replication_set(
     frequency: Option<u32>,
     compression: Option<&str>,
     history: &crate::HistoryArgs,
+    auto_resynchronize: Option<bool>,
+    resynchronize_window: Option<String>,
 ) -> anyhow::Result<()> {
     let keep = match &history.keep_every_point_for {
         Some(d) => Some(parse_history_window_secs(d)?),
@@ -314,20 +316,23 @@ pub fn replication_set(
         recovery_history: history.recovery_history,
         app_consistent_every_hours: history.app_consistent_every,
         keep_every_point_for_secs: keep,
+        auto_resynchronize,
+        resynchronize_window,
     };
     let st: ReplicationStatus = api.post(
         &format!("/v1/vms/{}/replication/set", path_segment(name)?),
         &req,
     )?;
     println!(
-        "{}: every {} s, compression {}, {}",
+        "{}: every {} s, compression {}, {}, {}",
         st.vm,
         st.frequency_secs,
         match st.compression {
             Compression::Zstd => "zstd",
             Compression::None => "none",
         },
-        output::history_summary(st.history.as_ref())
+        output::history_summary(st.history.as_ref()),
+        output::auto_resync_summary(&st)
     );
     Ok(())
 }
@@ -428,6 +433,14 @@ pub fn replication_status(api: &Api, name: Option<&str>, json: bool) -> anyhow::
         }
     } else {
         output::print_status(&list);
+        // One VM on a terminal while it resynchronizes: where it stands, as a bar.
+        if let (Some(_), [st]) = (name, list.as_slice()) {
+            if let (Some(r), true) = (&st.resync, std::io::stdout().is_terminal()) {
+                let bar = output::resync_bar(indicatif::ProgressDrawTarget::stdout());
+                output::show_resync(&bar, r);
+                bar.abandon();
+            }
+        }
     }
     Ok(())
 }
@@ -459,20 +472,74 @@ pub fn replication_action_path(api: &Api, name: &str, path: &str) -> anyhow::Res
     Ok(())
 }
 
-/// `replication resume NAME --resynchronize [--at TIME]`.
-pub fn resynchronize(api: &Api, name: &str, at: Option<&str>) -> anyhow::Result<()> {
+/// `replication resume NAME --resynchronize [--at TIME] [--wait]`.
+pub fn resynchronize(api: &Api, name: &str, at: Option<&str>, wait: bool) -> anyhow::Result<()> {
     let at_unix_ns = match at {
         None => None,
         Some(t) => Some(proto::time::unix_ns_from_rfc3339(t).ok_or_else(|| {
             anyhow::anyhow!("invalid --at {t:?}: give an RFC 3339 time, e.g. 2026-12-03T18:30:00Z")
         })?),
     };
+    let seg = path_segment(name)?;
     let st: ReplicationStatus = api.post(
-        &format!("/v1/vms/{}/replication/resynchronize", path_segment(name)?),
+        &format!("/v1/vms/{seg}/replication/resynchronize"),
         &proto::Resynchronize { at_unix_ns },
     )?;
     println!("{}: {:?}", st.vm, st.state);
+    if wait {
+        wait_resync(api, name, seg)?;
+    }
     Ok(())
+}
+
+/// How often `--wait` asks for the status of a resynchronization.
+const RESYNC_POLL: Duration = Duration::from_millis(250);
+
+/// `--wait`: follows a resynchronization (a bar on a terminal) until the VM replicates again
+/// (Ok) or it stops without completing (an error saying why).
+fn wait_resync(api: &Api, name: &str, seg: &str) -> anyhow::Result<()> {
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| output::resync_bar(indicatif::ProgressDrawTarget::stderr()));
+    let finish = |bar: &Option<indicatif::ProgressBar>| {
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+    };
+    loop {
+        let st: ReplicationStatus = api.get(&format!("/v1/vms/{seg}/replication"))?;
+        if let Some(bar) = &bar {
+            match (&st.resync, &st.resync_start_time) {
+                (Some(r), _) => output::show_resync(bar, r),
+                (None, Some(at)) => bar.set_message(format!("waiting: starts at {at}")),
+                _ => {}
+            }
+        }
+        match st.state {
+            ReplicationState::Replicating => {
+                finish(&bar);
+                println!(
+                    "resynchronization of {name} complete (point {})",
+                    st.last_seq
+                );
+                return Ok(());
+            }
+            ReplicationState::Resynchronizing | ReplicationState::WaitingForStartResynchronize => {
+                std::thread::sleep(RESYNC_POLL)
+            }
+            ReplicationState::ResynchronizationRequired => {
+                finish(&bar);
+                bail!(
+                    "{name}: the resynchronization stopped; resynchronization required: {}",
+                    st.resync_reason.unwrap_or_default()
+                )
+            }
+            other => {
+                finish(&bar);
+                bail!("{name}: the resynchronization stopped: replication is {other:?}")
+            }
+        }
+    }
 }
 
 /// `failover start NAME [--point] [--test] [--start] [--json]`. A launch command that failed
