@@ -1227,6 +1227,7 @@ async fn compare_with_replica(
             &key,
             shared.peer_timeouts.answer,
             &mut stats,
+            &repl.resync_compared_blocks,
         )
         .await;
         let ranges = match ranges {
@@ -1577,6 +1578,8 @@ async fn cycle_inner(
                 let mut rt = repl.rt.lock();
                 let c = &mut rt.counters;
                 if let Some(cmp) = &compared {
+                    repl.resync_sent_bytes
+                        .fetch_add(sent_bytes, Ordering::Relaxed);
                     c.resynchronized_bytes += delta_bytes;
                     c.resync_compared_bytes += cmp.compared_bytes;
                     c.resync_hash_bytes += cmp.hash_bytes;

@@ -278,6 +278,7 @@ async fn differing(
     offsets: Vec<u64>,
     timeout: std::time::Duration,
     hash_bytes: &mut u64,
+    compared_blocks: Option<&std::sync::atomic::AtomicU64>,
 ) -> anyhow::Result<Vec<u64>> {
     let mut out = Vec::new();
     for batch in offsets.chunks(HASH_CHUNKS_MAX) {
@@ -293,6 +294,13 @@ async fn differing(
             tokio::task::spawn_blocking(move || hash_chunks(src.as_ref(), &k, chunk_bytes, &b));
         let (theirs, ours) = tokio::join!(replica_hashes(peer, vm, &req, timeout), local);
         let theirs = theirs?;
+        if let Some(c) = compared_blocks {
+            let bytes = batch.len() as u64 * chunk_bytes;
+            c.fetch_add(
+                bytes / REFINE_BLOCK_BYTES,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         // The request as sent, and the answer: one hash (32 hex digits, or "z") per chunk.
         *hash_bytes += serde_json::to_vec(&req).map_or(0, |v| v.len() as u64)
             + 40
@@ -359,6 +367,7 @@ pub async fn compare_disk(
     key: &[u8; 32],
     timeout: std::time::Duration,
     stats: &mut CompareStats,
+    compared_blocks: &std::sync::atomic::AtomicU64,
 ) -> anyhow::Result<Vec<(u64, u64)>> {
     let size = disk.size_bytes();
     let (chunks, partial) = plan(ranges, size);
@@ -375,6 +384,7 @@ pub async fn compare_disk(
         chunks,
         timeout,
         &mut stats.hash_bytes,
+        Some(compared_blocks),
     )
     .await?;
     let pieces = |of: &[u64], from: u64, to: u64| -> Vec<u64> {
@@ -395,9 +405,11 @@ pub async fn compare_disk(
         mids,
         timeout,
         &mut stats.hash_bytes,
+        None,
     )
     .await?;
     let mut blocks = pieces(&mid, REFINE_MID_BYTES, REFINE_BLOCK_BYTES);
+    compared_blocks.fetch_add(partial.len() as u64, std::sync::atomic::Ordering::Relaxed);
     blocks.extend(partial);
     blocks.sort_unstable();
     stats.blocks_refined += blocks.len() as u64;
@@ -412,6 +424,7 @@ pub async fn compare_disk(
         blocks,
         timeout,
         &mut stats.hash_bytes,
+        None,
     )
     .await?;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
