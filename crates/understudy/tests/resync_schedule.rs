@@ -139,6 +139,22 @@ fn replicate_random(a: &Host, via: &str, vm: &str, size: &str, len: u64, scratch
         "3600",
     ]);
     a.ok(&["replication", "start", vm, "--wait"]);
+    diverge(a, vm, len, len + 1, scratch);
+}
+
+/// Rewrites `[0, len)` of `vm`'s disk with other random bytes, not shipped (suspended): a
+/// resync compares and finds every block of it different, so it has `len` bytes to send.
+fn diverge(a: &Host, vm: &str, len: u64, seed: u64, scratch: &Path) {
+    a.ok(&["replication", "suspend", vm]);
+    let data = scratch.join(format!("{vm}-random-{seed}"));
+    let mut bytes = vec![0u8; len as usize];
+    rand::rngs::StdRng::seed_from_u64(seed).fill(&mut bytes[..]);
+    std::fs::write(&data, &bytes).unwrap();
+    qemu_io_ok(
+        &a.nbd_uri(vm, 0),
+        &[&format!("write -q -s {} 0 {len}", data.display())],
+    );
+    std::fs::remove_file(&data).unwrap();
 }
 
 /// Every point of `vm` on the replica: its id and its disk 0 exported to `dir/<tag>-<id>.raw`.
@@ -335,8 +351,9 @@ fn resync_cancel_at_random_moments_leaves_the_replica_points_bit_identical() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
     let root = tempfile::tempdir().unwrap();
     let (a, b) = pair(root.path());
-    // 24 MiB of random data at 8 MiB/s: a resync's Full delta takes about 3 s on the wire.
-    let throttle = Throttle::start(b.addr(), 8 << 20);
+    // 24 MiB of random data at 4 MiB/s: a resync's Full delta (the blocks its compare found
+    // different) takes seconds on the wire, and every cancel below comes within 1.5 s.
+    let throttle = Throttle::start(b.addr(), 4 << 20);
     replicate_random(&a, &throttle.addr(), "web", "32M", 24 << 20, root.path());
 
     let (mut cancelled, mut completed) = (0, 0);
@@ -345,7 +362,7 @@ fn resync_cancel_at_random_moments_leaves_the_replica_points_bit_identical() {
             break;
         }
         let before = export_points(&b, "web", root.path(), "before");
-        let delay = rng.gen_range(0..3500u64);
+        let delay = rng.gen_range(0..1500u64);
         // The first round starts it with --wait, which must end non-zero naming the reason.
         let waiter = (round == 0).then(|| {
             Command::new(EXE)
@@ -397,10 +414,15 @@ fn resync_cancel_at_random_moments_leaves_the_replica_points_bit_identical() {
                 assert!(cmp(file, &now), "point {id} changed");
                 std::fs::remove_file(&now).unwrap();
             }
-            println!("round {round}: the resync completed before the cancel ({delay} ms)");
+            println!(
+                "round {round}: the resync completed before the cancel ({delay} ms): {}",
+                err.trim()
+            );
             if let Some(w) = waiter {
                 let _ = w.wait_with_output();
             }
+            // In line again: the next round needs something to compare and send.
+            diverge(&a, "web", 24 << 20, 1000 + round, root.path());
         }
         for (_, f) in before {
             std::fs::remove_file(f).unwrap();
