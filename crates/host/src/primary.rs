@@ -335,7 +335,13 @@ impl Replication {
         }
         if auto.is_some() {
             let auto = self.rt.lock().settings.auto_resync();
-            self.apply(shared, Event::SetAutoResync { auto })?;
+            if let Err(e) = self.apply(shared, Event::SetAutoResync { auto }) {
+                // The setting is saved; only scheduling a required resynchronization failed
+                // (it could not be persisted): the core still holds the new setting.
+                let _one_at_a_time = self.apply_lock.lock();
+                self.rt.lock().rel.auto_resync = auto;
+                return Err(e);
+            }
         }
         // The task says hello (the replica learns a new history policy at once) and cycles
         // with the new frequency. A full queue means commands are pending; the hello owed
@@ -615,7 +621,7 @@ pub fn resync_progress(
         blocks_compared: compared_blocks,
         bytes_sent: sent_bytes,
         rate_bytes_per_sec: rate,
-        eta_secs: (rate > 0).then(|| (total - done).div_ceil(rate)),
+        eta_secs: (rate > 0).then(|| total.saturating_sub(done).div_ceil(rate)),
         started_at: rfc3339_from_unix_ns(if started_ns > 0 { started_ns } else { now_ns }),
     }
 }
