@@ -140,6 +140,33 @@ fn older_copy_restored_over_the_image_is_reverted_to_older() {
     let _ = std::fs::remove_file(&older);
 }
 
+/// Row "Reverting the volume to an older point in time", the whole VM directory (image and
+/// its tracker state, clean-stop marker included) restored from a backup with `cp -a`: the
+/// restored marker matches the restored image's size and mtime, but not its ctime.
+#[test]
+fn vm_directory_restored_with_its_tracker_state_is_reverted_to_older() {
+    tools();
+    let root = tempfile::tempdir().unwrap();
+    let (mut a, b) = pair(root.path());
+    replicate(&a, &b, "web", &["16M"], 3600);
+    let dir = a.dir.join("vms/web");
+    let backup = root.path().join("web-backup");
+    a.stop();
+    sh(Command::new("cp").arg("-a").arg(&dir).arg(&backup));
+    a.restart();
+    qemu_io_ok(&a.nbd_uri("web", 0), &["write -q -P 0x21 0 1M"]);
+    sync_until_ok(&a, "web", 10);
+    a.stop();
+    // Restored in place (`cp -a backup/. dir/`): same inodes, the backup's timestamps.
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", backup.display()))
+        .arg(&dir));
+    a.restart();
+    assert_resync_named(&a, "web", "reverted_to_older");
+    let _ = std::fs::remove_dir_all(&backup);
+}
+
 /// Row "Reverting the VM to an older snapshot": the snapshot's bytes written back into the
 /// raw image (`qemu-img convert -n`, what reverting a raw file to a saved copy is). The
 /// image's mtime moves forward, so this reads as a modification, named as such.
