@@ -473,6 +473,12 @@ impl Shared {
                     ),
                 )
             } else {
+                // A re-armed activity log (a resynchronization) reports its next failure again.
+                self.storage_reported.lock().remove(&(
+                    name.to_string(),
+                    i,
+                    events::TRACKING_FAILED,
+                ));
                 continue;
             };
             if self
