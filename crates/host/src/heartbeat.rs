@@ -3,8 +3,10 @@
 //! which extents were being written, but not whether someone edited an image while the daemon
 //! was down. An image whose inode change time (ctime) is later than the last stamp plus
 //! [`INTERVAL`] and [`SLACK`] was changed by someone else after the daemon died: that VM needs
-//! resynchronization. Edits within that short window after a crash are not seen; that limit is
-//! written in ARCHITECTURE.md. A stamp lost to a power failure only makes the check stricter.
+//! resynchronization (`modified_while_off`; no stamp, or a clock behind it:
+//! `unclean_stop_untracked`, `docs/resync-triggers.md`). Edits within that short window after a
+//! crash are not seen; that limit is written in ARCHITECTURE.md and docs/resync-triggers.md. A
+//! stamp lost to a power failure only makes the check stricter.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -243,6 +243,29 @@ impl ActivityLog {
         }
     }
 
+    /// Brings a degraded log back: rewrites it with every extent of the disk and, once that
+    /// is durable, records again. Every extent is hot from then on, so every write made while
+    /// the log was degraded (or racing with this) is covered (rule 2) whatever its bitmap
+    /// says. Used when every block is marked dirty anyway (a full resynchronization), which
+    /// re-establishes what the tracking covers. Returns whether the log records again.
+    pub(crate) fn rearm_all(&self) -> Result<bool, TrackerError> {
+        if !self.degraded() {
+            return Ok(false);
+        }
+        let mut lf = self.file.lock();
+        let all: Vec<u64> = (0..self.hot.nbits()).collect();
+        self.drop_clean_marker(&mut lf)?;
+        self.rewrite(&mut lf, &all)?;
+        for e in all {
+            self.hot.set(e);
+        }
+        let mut reason = self.degraded_reason.lock();
+        *reason = None;
+        self.degraded.store(false, Ordering::Release);
+        tracing::warn!(dir = %self.dir.display(), "activity log rewritten with every extent; tracking survives a crash again");
+        Ok(true)
+    }
+
     fn drop_clean_marker(&self, lf: &mut LogFile) -> Result<(), TrackerError> {
         if lf.shut_down {
             durable::remove(&self.dir, CLEAN_NAME)?;
@@ -427,5 +450,30 @@ mod tests {
         assert!(log.degraded());
         assert!(log.all_hot(0, 3), "writes proceed when degraded");
         assert!(!dir.path().join(AL_NAME).exists());
+    }
+
+    /// A degraded log stayed degraded for the life of the disk: a resynchronization required
+    /// for it could never complete (the daemon found the failure again at once). Marking
+    /// every block dirty re-arms it with every extent.
+    #[test]
+    fn degraded_log_is_rearmed_with_every_extent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = ActivityLog::create(dir.path(), 4 * EXTENT_BYTES, &[]).expect("create");
+        assert!(!log.rearm_all().expect("healthy"), "nothing to re-arm");
+        {
+            let path = dir.path().join(AL_NAME);
+            log.file.lock().file = File::open(&path).expect("ro");
+        }
+        log.ensure(0, 0, false);
+        assert!(log.degraded_reason().is_some());
+        assert!(log.rearm_all().expect("rearm"));
+        assert!(!log.degraded());
+        assert_eq!(log.degraded_reason(), None);
+        assert_eq!(read(dir.path()).extents, vec![0, 1, 2, 3]);
+        // It records again: a later failure degrades it again.
+        log.file.lock().file = File::open(dir.path().join(AL_NAME)).expect("ro");
+        log.prune(&Bitmap::new(4 * BLOCKS_PER_EXTENT));
+        log.ensure(1, 1, false);
+        assert!(log.degraded());
     }
 }

@@ -402,9 +402,18 @@ impl TrackedDisk {
 
     /// Marks every block dirty: the next cut ships the whole disk. An error means the marks
     /// could not be made durable (a crash would lose them): the caller must not rely on them.
+    /// A degraded activity log (its own I/O error, not the image's storage) is rewritten
+    /// with every extent and records again: a full resynchronization re-establishes the
+    /// tracking after `tracking_error()`.
     pub fn mark_all_dirty(&self) -> Result<(), TrackerError> {
         if self.nblocks == 0 {
             return Ok(());
+        }
+        if self.storage_error().is_none() {
+            // On failure the log stays degraded (and says so); the marks are still made.
+            if let Err(e) = self.al.rearm_all() {
+                tracing::error!(image = %self.image.display(), error = %e, "the activity log cannot be rewritten; it stays degraded");
+            }
         }
         self.set_dirty_ranges(&[(0, self.nblocks - 1)])
     }

@@ -93,10 +93,10 @@ impl Fingerprint {
         }
     }
 
-    /// Human-readable difference and whether the image was replaced (another inode, or an
-    /// mtime that went back: an older copy's timestamps restored over it), or `None` when
-    /// equal. The ctime is what no copy can restore: any write, truncate, `utimensat` or
-    /// rename of the image sets it to now.
+    /// Human-readable difference and whether the image was replaced (another inode, an
+    /// mtime that went back, or an unchanged mtime with a later ctime: a copy's timestamps
+    /// restored over it), or `None` when equal. The ctime is what no copy can restore: any
+    /// write, truncate, `utimensat` or rename of the image sets it to now.
     pub(crate) fn diff(&self, now: &Fingerprint) -> Option<(String, bool)> {
         if self.ino != now.ino {
             Some((
@@ -111,6 +111,20 @@ impl Fingerprint {
                 format!(
                     "image mtime went back from {} to {} ns (an older copy restored over it)",
                     self.mtime_ns, now.mtime_ns
+                ),
+                true,
+            ))
+        } else if self.size == now.size
+            && self.mtime_ns == now.mtime_ns
+            && self.ctime_ns != now.ctime_ns
+        {
+            // Any write moves the mtime; an unchanged mtime with a later ctime is a copy
+            // restored with its timestamps (a whole directory restored with its tracker
+            // state), or a change of the file's metadata only.
+            Some((
+                format!(
+                    "image ctime changed from {} to {} ns with its mtime unchanged (a copy restored with its timestamps, or its metadata changed)",
+                    self.ctime_ns, now.ctime_ns
                 ),
                 true,
             ))

@@ -411,6 +411,8 @@ fn clock_behind_the_last_heartbeat_cannot_rule_out_edits() {
         st["resync_reason"].as_str().unwrap().contains("clock"),
         "{st}"
     );
+    // The seed's "tracking log file is not closed gracefully" row (docs/resync-triggers.md).
+    assert_eq!(st["resync_condition"], "unclean_stop_untracked", "{st}");
 }
 
 fn api_post(h: &Host, path: &str, body: &str) -> (u16, String) {

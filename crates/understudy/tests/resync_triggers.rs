@@ -140,6 +140,33 @@ fn older_copy_restored_over_the_image_is_reverted_to_older() {
     let _ = std::fs::remove_file(&older);
 }
 
+/// Row "Reverting the volume to an older point in time", the whole VM directory (image and
+/// its tracker state, clean-stop marker included) restored from a backup with `cp -a`: the
+/// restored marker matches the restored image's size and mtime, but not its ctime.
+#[test]
+fn vm_directory_restored_with_its_tracker_state_is_reverted_to_older() {
+    tools();
+    let root = tempfile::tempdir().unwrap();
+    let (mut a, b) = pair(root.path());
+    replicate(&a, &b, "web", &["16M"], 3600);
+    let dir = a.dir.join("vms/web");
+    let backup = root.path().join("web-backup");
+    a.stop();
+    sh(Command::new("cp").arg("-a").arg(&dir).arg(&backup));
+    a.restart();
+    qemu_io_ok(&a.nbd_uri("web", 0), &["write -q -P 0x21 0 1M"]);
+    sync_until_ok(&a, "web", 10);
+    a.stop();
+    // Restored in place (`cp -a backup/. dir/`): same inodes, the backup's timestamps.
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", backup.display()))
+        .arg(&dir));
+    a.restart();
+    assert_resync_named(&a, "web", "reverted_to_older");
+    let _ = std::fs::remove_dir_all(&backup);
+}
+
 /// Row "Reverting the VM to an older snapshot": the snapshot's bytes written back into the
 /// raw image (`qemu-img convert -n`, what reverting a raw file to a saved copy is). The
 /// image's mtime moves forward, so this reads as a modification, named as such.
@@ -240,6 +267,76 @@ fn activity_log_write_failure_requires_resync_and_keeps_serving() {
         &["write -q -P 0x66 48M 64k", "read -q -P 0x66 48M 64k"],
     );
     qemu_io_ok(&uri, &["read -q -P 0x55 40M 64k"]);
+    resync_rearms_tracking(&a, &b, root.path());
+}
+
+/// The same failure during the initial replication: the initial replication sends every
+/// block whatever the tracking says, so it completes (point 1 on the replica), and the
+/// resynchronization is required once it has (the tracking, in memory only, would not
+/// survive a crash); `resume --resynchronize` then brings the replica back in line.
+#[test]
+fn activity_log_write_failure_during_initial_replication_requires_resync_after_it() {
+    tools();
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = pair(root.path());
+    a.ok(&["vm", "create", "web", "--disk", "16M"]);
+    let uri = a.nbd_uri("web", 0);
+    qemu_io_ok(&uri, &["write -q -P 0x31 0 1M"]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "web",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "3600",
+    ]);
+    // The start marks every block dirty, which rewrites the activity log with every extent
+    // (a temporary file, fsynced, renamed): that fsync fails.
+    let tmp = state_dir_of(&a, "web").join("activity.log.tmp");
+    let strace = Strace::attach_args(
+        a.pid().unwrap(),
+        &[
+            "-e",
+            "trace=fsync",
+            "-e",
+            "inject=fsync:error=EIO:when=1",
+            "-P",
+            tmp.to_str().unwrap(),
+        ],
+    );
+    let first = a.run(&["replication", "start", "web"]);
+    println!(
+        "start with the failing activity log: {} {}",
+        first.status,
+        String::from_utf8_lossy(&first.stderr).trim()
+    );
+    drop(strace);
+    wait_until("event 1007", Duration::from_secs(30), || {
+        events(&a)
+            .iter()
+            .any(|e| e["id"] == 1007 && e["vm"] == "web")
+    });
+    if !first.status.success() {
+        a.ok(&["replication", "start", "web"]);
+    }
+    wait_until("point 1 on the replica", Duration::from_secs(60), || {
+        !point_ids(&b, "web").is_empty()
+    });
+    assert_resync_named(&a, "web", "tracking_write_failed");
+    resync_rearms_tracking(&a, &b, root.path());
+}
+
+/// `resume --resynchronize` after a tracking-write failure: the resync marks every block and
+/// re-arms the activity log, so the replica catches up and the VM stays `Replicating` (the
+/// storage check, every second, no longer finds the failure).
+fn resync_rearms_tracking(a: &Host, b: &Host, scratch: &Path) {
+    a.ok(&["replication", "resume", "web", "--resynchronize"]);
+    sync_until_ok(a, "web", 20);
+    assert!(latest_equals_primary(a, b, "web", 0, scratch));
+    std::thread::sleep(Duration::from_secs(2));
+    let st = status(a, "web");
+    assert_eq!(st["state"], "Replicating", "{st}");
 }
 
 /// Row "Tracking log file is not closed gracefully" when the activity log cannot cover it:

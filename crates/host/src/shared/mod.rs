@@ -442,11 +442,18 @@ impl Shared {
     /// Fsyncgate: reports every disk of `name` whose image storage failed a sync (the tracker
     /// keeps the first error and fails every later FLUSH/FUA): one event per disk, and, for a
     /// replicated disk, resynchronization required (the replica may hold data the primary's
-    /// disk lost, or the reverse). Returns the reason of the first failed replicated disk.
+    /// disk lost, or the reverse). Likewise a disk whose activity log could not be written
+    /// (event 1007). Returns the reason of the first failed replicated disk.
     pub fn check_storage(&self, name: &str) -> Option<String> {
         let vm = self.vms.lock().get(name)?.vm.clone();
         let repl = self.primary_of(name);
         let mut first = None;
+        // An initial replication sends every block whatever the tracking says (and one
+        // interrupted by a crash with lost tracking is sent whole): a tracking failure during
+        // it requires the resynchronization only once it completed (a later check).
+        let initial_done = repl
+            .as_ref()
+            .is_some_and(|r| r.relationship().state.initial_done());
         for (i, d) in vm.disks.iter().enumerate() {
             use relationship::condition::{STORAGE_WRITE_FAILED, TRACKING_WRITE_FAILED};
             let (event, reason) = if let Some(error) = d.storage_error() {
@@ -466,6 +473,12 @@ impl Shared {
                     ),
                 )
             } else {
+                // A re-armed activity log (a resynchronization) reports its next failure again.
+                self.storage_reported.lock().remove(&(
+                    name.to_string(),
+                    i,
+                    events::TRACKING_FAILED,
+                ));
                 continue;
             };
             if self
@@ -474,6 +487,9 @@ impl Shared {
                 .insert((name.to_string(), i, event))
             {
                 self.events.emit(event, Some(name), "error", &reason);
+            }
+            if event == events::TRACKING_FAILED && !initial_done {
+                continue;
             }
             if let Some(repl) = &repl {
                 if repl.record().disks.contains(&(i as u32)) {
