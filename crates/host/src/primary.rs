@@ -1238,16 +1238,21 @@ async fn compare_with_replica(
         .await;
         let ranges = match ranges {
             Ok(r) => r,
+            // An older replica (no such route), or a damaged copy that cannot be read: every
+            // block is sent, as a resynchronization did before it compared.
             Err(e)
                 if e.downcast_ref::<PeerRefusal>()
-                    .is_some_and(|r| r.0.code == "not_found") =>
+                    .is_some_and(|r| r.0.code == "not_found" || r.0.code == "damaged") =>
             {
                 unsupported = true;
                 shared.events.emit(
                     events::RESYNC_COMPARE_DONE,
                     Some(&vm),
                     "warning",
-                    "the replica cannot compare (an older version): every block is sent",
+                    &format!(
+                        "the replica cannot compare ({}): every block is sent",
+                        crate::errfmt::one_line(&e)
+                    ),
                 );
                 break;
             }

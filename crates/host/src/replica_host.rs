@@ -521,6 +521,15 @@ async fn route(
                     format!("invalid hash request: {e}"),
                 )
             })?;
+            // A damaged copy cannot be read to compare: the primary sends every block instead
+            // (the Full delta repairs it).
+            if let Some(damage) = rvm.damage() {
+                return Err(refuse(
+                    StatusCode::CONFLICT,
+                    "damaged",
+                    format!("{vm} cannot be compared here: its copy is damaged ({damage})"),
+                ));
+            }
             let latest = rvm.latest_seq();
             if hreq.seq != latest {
                 let mut r = refuse(
