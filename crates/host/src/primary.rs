@@ -35,6 +35,9 @@ use crate::Shared;
 /// Commands a replication task accepts (the API's only way in).
 pub enum Cmd {
     Start(oneshot::Sender<anyhow::Result<()>>),
+    /// `replication start --use-existing`, once the replica adopted the copy as point 1
+    /// ([`start_from_existing`]).
+    StartFromExisting(oneshot::Sender<anyhow::Result<()>>),
     Sync(oneshot::Sender<anyhow::Result<SyncResult>>),
     Suspend(oneshot::Sender<anyhow::Result<()>>),
     Resume {
@@ -566,8 +569,52 @@ pub fn hello_of(shared: &Shared, vm: &Vm, r: &ReplicationRecord, rel: &Relations
         history: r.history,
         state: Some(rel.state.name()),
         reverse: None,
+        use_existing: None,
         failover_network: shared.failover_network_for_hello(&vm.name),
     }
+}
+
+/// `replication start NAME --use-existing PATH...`: the replica host adopts `paths` (raw
+/// images there, one per replicated disk) as point 1 of the replica VM, marked damaged, then
+/// the relationship starts as a resynchronization whose compare sends only the blocks that
+/// differ (`peer-protocol.md`, "An existing copy in the hello"). A refusal of either host
+/// changes nothing here.
+pub async fn start_from_existing(
+    shared: &Arc<Shared>,
+    repl: &Arc<Replication>,
+    paths: Vec<String>,
+) -> anyhow::Result<()> {
+    let (settings, rel) = {
+        let rt = repl.rt.lock();
+        (rt.settings.clone(), rt.rel.clone())
+    };
+    // Refused here exactly when the core would refuse it, before the replica is asked.
+    let (started, _) = relationship::step(&rel, Event::StartInitialFromExisting, now_unix_ns())
+        .map_err(|r| match r.kind {
+            RefusalKind::Conflict => crate::error::conflict(r.message),
+            RefusalKind::Invalid => crate::error::bad_request(r.message),
+        })?;
+    let mut hello = hello_of(shared, &repl.vm, &settings, &started);
+    hello.use_existing = Some(paths);
+    let peer = shared.peer(&settings.replica, settings.replica_name.as_deref())?;
+    let reply = crate::peer_client::hello(&peer, &hello, &shared.peer_timeouts)
+        .await
+        .with_context(|| {
+            format!(
+                "the replica {} did not adopt the existing copy of {}",
+                settings.replica, repl.vm.name
+            )
+        })
+        .map_err(crate::peer_client::typed)?;
+    if reply.latest_seq != relationship::EXISTING_COPY_SEQ
+        || reply.generation != rel.progress.generation
+    {
+        return Err(crate::error::conflict(format!(
+            "the replica {} answered point {} of generation {} instead of adopting the existing copy of {} as point 1 (an older version?)",
+            settings.replica, reply.latest_seq, reply.generation, repl.vm.name
+        )));
+    }
+    repl.command(Cmd::StartFromExisting).await?
 }
 
 /// A cycle in progress, polled by the task's loop next to its commands so that `suspend`,
@@ -818,6 +865,10 @@ async fn run(
                         continue;
                     }
                     Cmd::Start(reply) => (Some(reply), repl.apply(&shared, Event::StartInitial)),
+                    Cmd::StartFromExisting(reply) => (
+                        Some(reply),
+                        repl.apply(&shared, Event::StartInitialFromExisting),
+                    ),
                     Cmd::Suspend(reply) => (Some(reply), repl.apply(&shared, Event::Suspend)),
                     Cmd::Resume { resync: false, reply, .. } => {
                         // Cancelling a prepare serves the disks again: only once the replica

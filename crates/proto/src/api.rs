@@ -183,6 +183,15 @@ pub struct Resynchronize {
     pub at_unix_ns: Option<u64>,
 }
 
+/// `POST /v1/vms/{vm}/replication/start` (an empty body: over the network, now).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StartReplication {
+    /// Raw images on the replica host to start from (`--use-existing`), one per replicated
+    /// disk in disk order; empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub use_existing: Vec<String>,
+}
+
 /// Replication state names follow Hyper-V Replica's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplicationState {

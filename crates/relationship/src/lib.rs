@@ -23,5 +23,5 @@ pub use record::{migrate_v1, RecordError, RelationshipRecord};
 pub use state::{Resumable, Role, State};
 pub use step::{
     step, Action, CycleKind, Event, EventKind, PeerRefusalFacts, Progress, Refusal, RefusalKind,
-    Relationship,
+    Relationship, EXISTING_COPY_SEQ, INITIAL_FROM_EXISTING_REASON,
 };

@@ -6,6 +6,15 @@ use proto::{Generation, ReplicationState, Seq, VmName};
 use crate::reconcile::{judge_out_of_sequence, reconcile, OutOfSequence, Reconcile};
 use crate::{Resumable, Role, State};
 
+/// The reason shown while an initial replication from an existing copy compares
+/// (`replication start --use-existing`).
+pub const INITIAL_FROM_EXISTING_REASON: &str =
+    "initial replication from an existing copy on the replica: only the blocks that differ are sent";
+
+/// The point an existing copy on the replica becomes (`replication start --use-existing`):
+/// the first, so the compare that follows is point 2.
+pub const EXISTING_COPY_SEQ: Seq = Seq(1);
+
 /// Where the relationship's points stand.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Progress {
@@ -90,6 +99,10 @@ pub enum Event {
     // ---- Commands (primary).
     /// `replication start`.
     StartInitial,
+    /// `replication start --use-existing PATH...`: the replica host adopted existing images
+    /// as point 1 of its (new) replica VM, marked damaged until compared. The first cycle is
+    /// a `Full` one, which compares every block with them and ships only those that differ.
+    StartInitialFromExisting,
     /// `replication suspend`.
     Suspend,
     /// `replication resume`.
@@ -320,6 +333,7 @@ pub fn step(
         }
         (
             Event::StartInitial
+            | Event::StartInitialFromExisting
             | Event::Suspend
             | Event::Resume
             | Event::Resynchronize { .. }
@@ -341,6 +355,7 @@ pub fn step(
     match (&rel.state, rel.role) {
         (State::FailedOver, _) => match event {
             Event::StartInitial
+            | Event::StartInitialFromExisting
             | Event::Suspend
             | Event::Resume
             | Event::Resynchronize { .. }
@@ -365,6 +380,7 @@ pub fn step(
             Role::Primary,
         ) => match event {
             Event::StartInitial
+            | Event::StartInitialFromExisting
             | Event::Suspend
             | Event::Resynchronize { .. }
             | Event::Prepared { .. } => return Err(conflict(s.fenced_hint())),
@@ -403,9 +419,10 @@ pub fn step(
             _ => {}
         },
         (State::PreparedForFailover { .. }, Role::Primary) => match event {
-            Event::StartInitial | Event::Suspend | Event::Resynchronize { .. } => {
-                return Err(conflict(s.prepared_hint()))
-            }
+            Event::StartInitial
+            | Event::StartInitialFromExisting
+            | Event::Suspend
+            | Event::Resynchronize { .. } => return Err(conflict(s.prepared_hint())),
             _ => {}
         },
         // A test runs beside replication: the replica's facts change the state it would show
@@ -449,6 +466,7 @@ pub fn step(
     }
     match event {
         Event::StartInitial => s.start_initial()?,
+        Event::StartInitialFromExisting => s.start_initial_from_existing()?,
         Event::Suspend => s.suspend()?,
         Event::Resume => s.resume()?,
         Event::Resynchronize { at_unix_ns, reason } => {
@@ -625,6 +643,32 @@ impl Step {
                 "initial replication of {vm} was already started"
             ))),
         }
+    }
+
+    /// The replica adopted existing images as point 1 (damaged until compared): every block
+    /// is marked and the first cycle is the compare of a resynchronization (`Full`, seq 2).
+    fn start_initial_from_existing(&mut self) -> Result<(), Refusal> {
+        if self.next.state != State::ReadyForInitialReplication {
+            // The same refusals as a network start.
+            return self.start_initial();
+        }
+        self.next.state = State::Resynchronizing {
+            reason: Some(INITIAL_FROM_EXISTING_REASON.into()),
+        };
+        self.next.progress.last_seq = EXISTING_COPY_SEQ;
+        self.next.clear_inflight();
+        self.next.need_hello = true;
+        self.actions.extend([
+            Action::MarkAllDirty,
+            Action::Persist,
+            emit(
+                EventKind::InitialStarted,
+                "initial replication started from an existing copy on the replica",
+            ),
+            Action::SayHello,
+            Action::ScheduleCycleNow,
+        ]);
+        Ok(())
     }
 
     fn suspend(&mut self) -> Result<(), Refusal> {

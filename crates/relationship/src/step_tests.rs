@@ -134,6 +134,64 @@ fn start_initial_twice_is_a_conflict() {
 }
 
 #[test]
+fn start_from_existing_copy_marks_every_block_and_compares_as_point_2() {
+    let (next, actions) = ok(
+        &primary(State::ReadyForInitialReplication, 0),
+        Event::StartInitialFromExisting,
+    );
+    assert_eq!(
+        next.state,
+        State::Resynchronizing {
+            reason: Some(INITIAL_FROM_EXISTING_REASON.into())
+        }
+    );
+    assert_eq!(next.progress.last_seq, EXISTING_COPY_SEQ);
+    assert!(next.need_hello);
+    // Every block, not only the allocated ones: the copy may hold data where the primary
+    // has holes.
+    assert_eq!(actions[0], Action::MarkAllDirty);
+    assert_eq!(persist_index(&actions), 1);
+    assert_eq!(emitted(&actions), [EventKind::InitialStarted]);
+    assert!(actions.contains(&Action::ScheduleCycleNow));
+    // The replica answers with the adopted copy, damaged until compared: the cycle is the
+    // Full compare, point 2.
+    let (after, actions) = ok(
+        &next,
+        Event::HelloAnswered {
+            latest_seq: Seq(1),
+            generation: G,
+            damage: Some("an existing copy, not yet compared with the primary".into()),
+        },
+    );
+    assert!(matches!(after.state, State::Resynchronizing { .. }));
+    assert!(actions.contains(&Action::TakeCut {
+        seq: Seq(2),
+        kind: CycleKind::Full
+    }));
+    let (done, _) = ok(&in_flight(after, 2), committed(2));
+    assert_eq!(done.state, State::Replicating);
+    assert_eq!(done.progress.last_seq, Seq(2));
+}
+
+#[test]
+fn start_from_existing_copy_is_refused_where_a_start_is() {
+    for s in [State::InitialReplicationInProgress, State::Replicating] {
+        let r = refused(&primary(s, 1), Event::StartInitialFromExisting);
+        assert_eq!(r.message, "initial replication of web was already started");
+    }
+    let r = refused(
+        &primary(suspended(Resumable::ReadyForInitialReplication), 0),
+        Event::StartInitialFromExisting,
+    );
+    assert_eq!(r.kind, RefusalKind::Conflict);
+    let r = refused(
+        &replica(State::ReadyForInitialReplication, 0),
+        Event::StartInitialFromExisting,
+    );
+    assert!(r.message.contains("run this on its primary"), "{r}");
+}
+
+#[test]
 fn suspend_remembers_where_to_resume_and_cancels_the_cycle() {
     for (from, to) in [
         (

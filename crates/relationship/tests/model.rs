@@ -112,6 +112,7 @@ fn is_command(event: &Event) -> bool {
     matches!(
         event,
         Event::StartInitial
+            | Event::StartInitialFromExisting
             | Event::Suspend
             | Event::Resume
             | Event::Resynchronize { .. }

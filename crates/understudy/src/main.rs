@@ -290,6 +290,10 @@ enum ReplicationCmd {
         /// With --wait: give up after this many seconds (exit 75; replication goes on).
         #[arg(long, requires = "wait")]
         timeout: Option<u64>,
+        /// Start from an existing copy: a raw image ON THE REPLICA HOST, one per replicated
+        /// disk in disk order (repeat the option). Only the blocks that differ are sent.
+        #[arg(long = "use-existing", value_name = "PATH")]
+        use_existing: Vec<String>,
     },
     /// Cut and ship now; returns when the replica has committed the point.
     Sync {
@@ -529,7 +533,8 @@ fn main() -> ExitCode {
                     name,
                     wait,
                     timeout,
-                } => cli::replication_start(&api, &name, wait, timeout),
+                    use_existing,
+                } => cli::replication_start(&api, &name, wait, timeout, use_existing),
                 ReplicationCmd::Sync { name, json } => cli::replication_sync(&api, &name, json),
                 ReplicationCmd::Status { name, json } => {
                     cli::replication_status(&api, name.as_deref(), json)

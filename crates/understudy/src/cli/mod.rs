@@ -337,14 +337,20 @@ pub fn replication_start(
     name: &str,
     wait: bool,
     timeout_secs: Option<u64>,
+    use_existing: Vec<String>,
 ) -> anyhow::Result<()> {
     let deadline = timeout_secs.map(|t| std::time::Instant::now() + Duration::from_secs(t));
     let seg = path_segment(name)?;
+    let from_existing = !use_existing.is_empty();
     let _: ReplicationStatus = api.post(
         &format!("/v1/vms/{seg}/replication/start"),
-        &serde_json::json!({}),
+        &proto::StartReplication { use_existing },
     )?;
     if !wait {
+        if from_existing {
+            println!("initial replication of {name} started from the existing copy on the replica: only the blocks that differ are sent; follow it with `understudy replication status {name}`");
+            return Ok(());
+        }
         println!("initial replication of {name} started; follow it with `understudy replication status {name}`");
         return Ok(());
     }

@@ -1,0 +1,159 @@
+//! Initial replication from an existing copy (`replication start NAME --use-existing PATH...`),
+//! the replica host's half: raw images already on this host become point 1 of a new replica VM
+//! (`ReplicaStore::adopt_vm`, as a reverse after an unplanned failover does), marked damaged
+//! until the primary's first cycle, a resynchronization, compared them and sent the blocks
+//! that differ. See `peer-protocol.md`, "An existing copy in the hello".
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use proto::peer::Hello;
+use relationship::{Relationship, Role, State, EXISTING_COPY_SEQ, INITIAL_FROM_EXISTING_REASON};
+
+use super::{Relation, Shared};
+use crate::catalog::RelationshipDoc;
+use crate::error::{bad_request, conflict};
+
+/// The damage an adopted existing copy carries until the primary's compare arrives: the
+/// replica then takes only a `Full` delta.
+pub const EXISTING_COPY_DAMAGE: &str = "an existing copy, not yet compared with the primary";
+
+impl Shared {
+    /// Adopts the hello's `use_existing` images as point 1 of the replica VM. Refused (one
+    /// line, nothing changed) unless there is one raw regular file of its disk's size per disk
+    /// and the replica VM holds no point. A retry of an adoption already done is answered the
+    /// same.
+    pub async fn accept_existing(
+        self: &Arc<Self>,
+        hello: &Hello,
+        paths: &[String],
+        key: [u8; 32],
+    ) -> anyhow::Result<()> {
+        let vm = hello.vm.clone();
+        if self.role_of(&vm) == Some(Role::Primary) {
+            return Err(conflict(format!(
+                "{vm} is replicated from this host ({}); it cannot also be a replica of it here",
+                self.host_name
+            )));
+        }
+        let (store, _) = self.replica_store().ok_or_else(|| {
+            conflict(format!(
+                "{} is not a replica server; run `understudy replica-server enable` there",
+                self.host_name
+            ))
+        })?;
+        if let Some(rvm) = store.vm(&vm) {
+            let latest = rvm.latest_seq();
+            let retry = latest == EXISTING_COPY_SEQ
+                && rvm.generation() == hello.generation
+                && rvm.damage().as_deref() == Some(EXISTING_COPY_DAMAGE);
+            if retry {
+                return Ok(());
+            }
+            if latest.get() > 0 {
+                return Err(conflict(format!(
+                    "the replica of {vm} on {} already holds point {latest}: an existing copy can only start a replica that has no point",
+                    self.host_name
+                )));
+            }
+        }
+        if paths.len() != hello.disks.len() {
+            return Err(bad_request(format!(
+                "{vm} replicates {} disk(s) but {} existing image(s) were given: give one per disk, in disk order",
+                hello.disks.len(),
+                paths.len()
+            )));
+        }
+        let mut images = Vec::with_capacity(paths.len());
+        for (d, p) in hello.disks.iter().zip(paths) {
+            let path = PathBuf::from(p);
+            let checked = tokio::task::block_in_place(|| check_existing(&path, d.size_bytes));
+            checked.map_err(|why| {
+                bad_request(format!(
+                    "existing image for disk {} of {vm}: {why}",
+                    d.index
+                ))
+            })?;
+            images.push((d.index, path));
+        }
+        let disks: Vec<delta::DiskEntry> = hello
+            .disks
+            .iter()
+            .map(|d| delta::DiskEntry {
+                index: d.index,
+                size_bytes: d.size_bytes,
+            })
+            .collect();
+        let base = replica::AdoptedBase {
+            seq: EXISTING_COPY_SEQ,
+            cut_time_unix_ns: proto::time::now_unix_ns(),
+            damage: Some(EXISTING_COPY_DAMAGE.into()),
+        };
+        let generation = hello.generation;
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let _no_other_event = s.replica_events.lock();
+            // The empty replica VM an earlier hello made (`replication enable`) gives way.
+            if store.vm(&vm).is_some() {
+                store
+                    .remove_vm(&vm)
+                    .with_context(|| format!("removing the empty replica VM {vm}"))?;
+            }
+            store
+                .adopt_vm(&vm, generation, &disks, key, &images, base.clone())
+                .with_context(|| format!("adopting the existing images of {vm}"))?;
+            let mut rel = Relationship::new(vm.clone(), Role::Replica, generation);
+            rel.state = State::Resynchronizing {
+                reason: Some(INITIAL_FROM_EXISTING_REASON.into()),
+            };
+            rel.progress.last_seq = EXISTING_COPY_SEQ;
+            rel.progress.last_cut_unix_ns = Some(base.cut_time_unix_ns);
+            s.save_relationship(&vm, &RelationshipDoc::new(&rel, None))?;
+            s.relationships
+                .lock()
+                .insert(vm.to_string(), Relation::Replica(rel));
+            Ok(())
+        })
+        .await
+        .context("the adopt task")??;
+        self.events.emit(
+            crate::events::INITIAL_FROM_EXISTING,
+            Some(&hello.vm),
+            "info",
+            &format!(
+                "{} adopted {} existing image(s) as point 1 of {}; the primary compares them and sends only the blocks that differ",
+                self.host_name,
+                paths.len(),
+                hello.vm
+            ),
+        );
+        Ok(())
+    }
+}
+
+/// Why `path` cannot be the existing copy of a disk of `size` bytes, if it cannot: it must be
+/// an absolute path to a regular file (not a symlink), raw, of exactly that size.
+fn check_existing(path: &Path, size: u64) -> Result<(), String> {
+    let shown = path.display();
+    if !path.is_absolute() {
+        return Err(format!("{shown} is not an absolute path"));
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{shown}: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err(format!("{shown} is not a regular file"));
+    }
+    let format = crate::qemu_img::format(path).map_err(|e| crate::errfmt::one_line(&e))?;
+    if format != "raw" {
+        return Err(format!(
+            "{shown} is a {format} image; convert it with `qemu-img convert -O raw {shown} IMAGE.raw` and give that"
+        ));
+    }
+    if meta.len() != size {
+        return Err(format!(
+            "size mismatch: {shown} is {} bytes but the primary's disk is {size} bytes",
+            meta.len()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! Initial replication by every route the seed names besides the network: from an existing
+//! copy on the replica (`replication start --use-existing`: the resync engine compares it and
+//! sends only the blocks that differ), scheduled (`replication start --at`), and from external
+//! media (`replication start --to-media` / `replication import-media`).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn status(h: &Host, vm: &str) -> serde_json::Value {
+    h.json(&["replication", "status", vm])
+}
+
+fn measure(h: &Host, vm: &str) -> serde_json::Value {
+    h.json(&["replication", "measure", vm])
+}
+
+/// A VM with 40 MiB of data on a 64 MiB disk, enabled for replication to `b`, not started.
+fn vm_with_data(a: &Host, b: &Host) {
+    a.ok(&["vm", "create", "web", "--disk", "64M"]);
+    qemu_io_ok(&a.nbd_uri("web", 0), &["write -P 1 0 40M", "flush"]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "web",
+        "--replica",
+        &b.addr(),
+        "--frequency",
+        "3600",
+    ]);
+}
+
+/// The seed's "use an existing virtual machine on the replica server as the initial copy": a
+/// copy of the disk taken earlier (the primary changed since) is adopted on the replica, and
+/// only the blocks that differ cross the network, not the 40 MiB of data.
+#[test]
+fn start_from_an_existing_copy_sends_only_the_blocks_that_differ() {
+    let root = tempfile::tempdir().unwrap();
+    let scratch = root.path();
+    let (a, b) = pair(scratch);
+    vm_with_data(&a, &b);
+    // The copy "on the replica host" (both daemons share this machine).
+    let copy = scratch.join("replica-side-copy.raw");
+    sh(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(disk_path(&a, "web", 0))
+        .arg(&copy));
+    // The primary goes on after the copy: 3 scattered blocks and 1 MiB.
+    qemu_io_ok(
+        &a.nbd_uri("web", 0),
+        &[
+            "write -P 7 4096 4k",
+            "write -P 8 20M 4k",
+            "write -P 9 39M 4k",
+            "write -P 10 50M 1M",
+            "flush",
+        ],
+    );
+    let out = a.ok(&[
+        "replication",
+        "start",
+        "web",
+        "--use-existing",
+        copy.to_str().unwrap(),
+        "--wait",
+    ]);
+    println!("{out}");
+    wait_until("replicating", Duration::from_secs(30), || {
+        status(&a, "web")["state"] == "Replicating"
+    });
+    assert!(latest_equals_primary(&a, &b, "web", 0, scratch));
+    let m = measure(&a, "web");
+    let sent = m["resynchronized_bytes_total"].as_u64().unwrap();
+    println!("the compare sent {sent} bytes (1 MiB + 12 KiB differ; 40 MiB of data)");
+    assert_eq!(sent, (1 << 20) + 3 * 4096, "only the changes cross: {m}");
+    // Point 1 is the copy, point 2 the compare's result.
+    assert_eq!(point_ids(&b, "web"), [1, 2]);
+    assert!(
+        events(&b).iter().any(|e| e["id"] == 2030),
+        "no adoption event on the replica host"
+    );
+    // Replication goes on from there as usual.
+    qemu_io_ok(&a.nbd_uri("web", 0), &["write -P 11 1M 64k"]);
+    sync_until_ok(&a, "web", 20);
+    assert!(latest_equals_primary(&a, &b, "web", 0, scratch));
+}
+
+/// The seed's "size mismatch" exception, and images the replica cannot adopt: refused in one
+/// line that says why, and nothing changes on either host (the network start still works).
+#[test]
+fn an_existing_copy_of_another_size_or_format_is_refused_in_one_line() {
+    let root = tempfile::tempdir().unwrap();
+    let scratch = root.path();
+    let (a, b) = pair(scratch);
+    vm_with_data(&a, &b);
+    let small = scratch.join("small.raw");
+    sh(Command::new("truncate").arg("-s").arg("32M").arg(&small));
+    let refused = |path: &str| -> String {
+        let out = a.run(&["replication", "start", "web", "--use-existing", path]);
+        assert!(!out.status.success(), "accepted {path}");
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        assert_eq!(err.lines().count(), 1, "not one line: {err}");
+        assert_eq!(status(&a, "web")["state"], "ReadyForInitialReplication");
+        err
+    };
+    let err = refused(small.to_str().unwrap());
+    assert!(
+        err.contains("size mismatch") && err.contains("33554432") && err.contains("67108864"),
+        "{err}"
+    );
+    let qcow = scratch.join("copy.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&qcow)
+        .arg("64M"));
+    let err = refused(qcow.to_str().unwrap());
+    assert!(
+        err.contains("qcow2") && err.contains("qemu-img convert -O raw"),
+        "{err}"
+    );
+    let err = refused(scratch.join("missing.raw").to_str().unwrap());
+    assert!(err.contains("missing.raw"), "{err}");
+    assert!(point_ids(&b, "web").is_empty());
+    // Nothing changed: the ordinary start still works.
+    a.ok(&["replication", "start", "web", "--wait"]);
+    assert!(latest_equals_primary(&a, &b, "web", 0, scratch));
+}
