@@ -38,6 +38,11 @@ pub enum Cmd {
     /// `replication start --use-existing`, once the replica adopted the copy as point 1
     /// ([`start_from_existing`]).
     StartFromExisting(oneshot::Sender<anyhow::Result<()>>),
+    /// `replication start --at TIME`.
+    StartAt {
+        at_unix_ns: u64,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
     Sync(oneshot::Sender<anyhow::Result<SyncResult>>),
     Suspend(oneshot::Sender<anyhow::Result<()>>),
     Resume {
@@ -486,6 +491,7 @@ impl Replication {
 fn event_id(kind: EventKind) -> u32 {
     match kind {
         EventKind::InitialStarted => events::INITIAL_STARTED,
+        EventKind::InitialScheduled => events::INITIAL_SCHEDULED,
         EventKind::InitialDone => events::INITIAL_DONE,
         EventKind::Suspended => events::SUSPENDED,
         EventKind::Resumed => events::RESUMED,
@@ -781,7 +787,10 @@ async fn run(
             }
         }
         let periodic = state.cycles();
-        let waiting = matches!(state, State::WaitingForStartResynchronize { .. });
+        let waiting = matches!(
+            state,
+            State::WaitingForStartResynchronize { .. } | State::InitialReplicationScheduled { .. }
+        );
         let sleep = tokio::time::sleep_until(next_at.into());
         let tick = tokio::time::sleep(TICK);
         // A hello owed is told again HELLO_RETRY after it became owed (a deadline kept across
@@ -865,6 +874,10 @@ async fn run(
                         continue;
                     }
                     Cmd::Start(reply) => (Some(reply), repl.apply(&shared, Event::StartInitial)),
+                    Cmd::StartAt { at_unix_ns, reply } => (
+                        Some(reply),
+                        repl.apply(&shared, Event::ScheduleInitial { at_unix_ns }),
+                    ),
                     Cmd::StartFromExisting(reply) => (
                         Some(reply),
                         repl.apply(&shared, Event::StartInitialFromExisting),

@@ -190,6 +190,9 @@ pub struct StartReplication {
     /// disk in disk order; empty: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub use_existing: Vec<String>,
+    /// Start at this time instead of now (`--at`); not with `use_existing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_unix_ns: Option<u64>,
 }
 
 /// Replication state names follow Hyper-V Replica's.

@@ -42,6 +42,10 @@ pub enum ResumableRecord {
 #[serde(tag = "name", content = "detail")]
 pub enum StateRecord {
     ReadyForInitialReplication,
+    /// Added without a version bump (an older reader refuses the name in one line).
+    InitialReplicationScheduled {
+        at_unix_ns: u64,
+    },
     InitialReplicationInProgress,
     Replicating,
     Suspended {
@@ -205,6 +209,9 @@ fn resumable(r: ResumableRecord) -> Resumable {
 fn state_record(s: &State) -> StateRecord {
     match s.clone() {
         State::ReadyForInitialReplication => StateRecord::ReadyForInitialReplication,
+        State::InitialReplicationScheduled { at_unix_ns } => {
+            StateRecord::InitialReplicationScheduled { at_unix_ns }
+        }
         State::InitialReplicationInProgress => StateRecord::InitialReplicationInProgress,
         State::Replicating => StateRecord::Replicating,
         State::Suspended { resume_to } => StateRecord::Suspended {
@@ -247,6 +254,9 @@ fn state_record(s: &State) -> StateRecord {
 fn state(s: StateRecord) -> Result<State, String> {
     Ok(match s {
         StateRecord::ReadyForInitialReplication => State::ReadyForInitialReplication,
+        StateRecord::InitialReplicationScheduled { at_unix_ns } => {
+            State::InitialReplicationScheduled { at_unix_ns }
+        }
         StateRecord::InitialReplicationInProgress => State::InitialReplicationInProgress,
         StateRecord::Replicating => State::Replicating,
         StateRecord::Suspended { resume_to } => State::Suspended {

@@ -25,6 +25,9 @@ pub enum Resumable {
 pub enum State {
     /// Enabled; the initial replication has not started.
     ReadyForInitialReplication,
+    /// `replication start --at TIME`: the initial replication starts by itself at
+    /// `at_unix_ns`; until then as `ReadyForInitialReplication` (the name shown).
+    InitialReplicationScheduled { at_unix_ns: u64 },
     /// The first point (an `Initial` delta) is being shipped.
     InitialReplicationInProgress,
     /// Incremental points every cycle.
@@ -81,7 +84,9 @@ impl State {
     /// The name shown by `replication status` (the same on both hosts).
     pub fn name(&self) -> ReplicationState {
         match self {
-            State::ReadyForInitialReplication => ReplicationState::ReadyForInitialReplication,
+            State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. } => {
+                ReplicationState::ReadyForInitialReplication
+            }
             State::InitialReplicationInProgress => ReplicationState::InitialReplicationInProgress,
             State::Replicating => ReplicationState::Replicating,
             State::Suspended { .. } => ReplicationState::Suspended,
@@ -147,7 +152,9 @@ impl State {
     /// as the state tells.
     pub fn initial_done(&self) -> bool {
         match self {
-            State::ReadyForInitialReplication | State::InitialReplicationInProgress => false,
+            State::ReadyForInitialReplication
+            | State::InitialReplicationScheduled { .. }
+            | State::InitialReplicationInProgress => false,
             State::Suspended { resume_to } => !matches!(
                 resume_to,
                 Resumable::ReadyForInitialReplication | Resumable::InitialReplicationInProgress

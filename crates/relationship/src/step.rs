@@ -103,6 +103,9 @@ pub enum Event {
     /// as point 1 of its (new) replica VM, marked damaged until compared. The first cycle is
     /// a `Full` one, which compares every block with them and ships only those that differ.
     StartInitialFromExisting,
+    /// `replication start --at TIME`: start the initial replication at `at_unix_ns` (now if
+    /// it is not in the future).
+    ScheduleInitial { at_unix_ns: u64 },
     /// `replication suspend`.
     Suspend,
     /// `replication resume`.
@@ -192,6 +195,7 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
     InitialStarted,
+    InitialScheduled,
     InitialDone,
     Suspended,
     Resumed,
@@ -334,6 +338,7 @@ pub fn step(
         (
             Event::StartInitial
             | Event::StartInitialFromExisting
+            | Event::ScheduleInitial { .. }
             | Event::Suspend
             | Event::Resume
             | Event::Resynchronize { .. }
@@ -356,6 +361,7 @@ pub fn step(
         (State::FailedOver, _) => match event {
             Event::StartInitial
             | Event::StartInitialFromExisting
+            | Event::ScheduleInitial { .. }
             | Event::Suspend
             | Event::Resume
             | Event::Resynchronize { .. }
@@ -381,6 +387,7 @@ pub fn step(
         ) => match event {
             Event::StartInitial
             | Event::StartInitialFromExisting
+            | Event::ScheduleInitial { .. }
             | Event::Suspend
             | Event::Resynchronize { .. }
             | Event::Prepared { .. } => return Err(conflict(s.fenced_hint())),
@@ -421,6 +428,7 @@ pub fn step(
         (State::PreparedForFailover { .. }, Role::Primary) => match event {
             Event::StartInitial
             | Event::StartInitialFromExisting
+            | Event::ScheduleInitial { .. }
             | Event::Suspend
             | Event::Resynchronize { .. } => return Err(conflict(s.prepared_hint())),
             _ => {}
@@ -467,12 +475,20 @@ pub fn step(
     match event {
         Event::StartInitial => s.start_initial()?,
         Event::StartInitialFromExisting => s.start_initial_from_existing()?,
+        Event::ScheduleInitial { at_unix_ns } => s.schedule_initial(at_unix_ns, now_unix_ns)?,
         Event::Suspend => s.suspend()?,
         Event::Resume => s.resume()?,
         Event::Resynchronize { at_unix_ns, reason } => {
             s.resynchronize(at_unix_ns, reason, now_unix_ns)?
         }
         Event::Tick => {
+            if let (State::InitialReplicationScheduled { at_unix_ns }, Role::Primary) =
+                (&rel.state, rel.role)
+            {
+                if *at_unix_ns <= now_unix_ns {
+                    s.start_initial()?;
+                }
+            }
             // On the replica the state only mirrors the primary's: the primary starts it.
             if let (State::WaitingForStartResynchronize { reason, at_unix_ns }, Role::Primary) =
                 (&rel.state, rel.role)
@@ -622,7 +638,7 @@ impl Step {
     fn start_initial(&mut self) -> Result<(), Refusal> {
         let vm = self.vm().clone();
         match self.next.state {
-            State::ReadyForInitialReplication => {
+            State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. } => {
                 self.next.state = State::InitialReplicationInProgress;
                 self.actions.extend([
                     Action::MarkAllocatedDirty,
@@ -648,7 +664,10 @@ impl Step {
     /// The replica adopted existing images as point 1 (damaged until compared): every block
     /// is marked and the first cycle is the compare of a resynchronization (`Full`, seq 2).
     fn start_initial_from_existing(&mut self) -> Result<(), Refusal> {
-        if self.next.state != State::ReadyForInitialReplication {
+        if !matches!(
+            self.next.state,
+            State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. }
+        ) {
             // The same refusals as a network start.
             return self.start_initial();
         }
@@ -671,6 +690,33 @@ impl Step {
         Ok(())
     }
 
+    /// `replication start --at TIME`: waits (no cycle) until `at_unix_ns`, when a `Tick`
+    /// starts it; a time not in the future starts it now. Again while scheduled: the new time.
+    fn schedule_initial(&mut self, at_unix_ns: u64, now_unix_ns: u64) -> Result<(), Refusal> {
+        if !matches!(
+            self.next.state,
+            State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. }
+        ) {
+            return self.start_initial();
+        }
+        if at_unix_ns <= now_unix_ns {
+            return self.start_initial();
+        }
+        self.next.state = State::InitialReplicationScheduled { at_unix_ns };
+        self.actions.extend([
+            Action::Persist,
+            emit(
+                EventKind::InitialScheduled,
+                format!(
+                    "initial replication scheduled at {} (in {} s)",
+                    proto::time::rfc3339_from_unix_ns(at_unix_ns),
+                    (at_unix_ns - now_unix_ns) / 1_000_000_000
+                ),
+            ),
+        ]);
+        Ok(())
+    }
+
     fn suspend(&mut self) -> Result<(), Refusal> {
         let vm = self.vm().clone();
         let resume_to = match self.next.state {
@@ -683,6 +729,11 @@ impl Step {
             State::WaitingForStartResynchronize { .. } => {
                 return Err(conflict(format!(
                     "a resynchronization of {vm} is scheduled; run `understudy replication resume {vm} --resynchronize` to start it now"
+                )))
+            }
+            State::InitialReplicationScheduled { .. } => {
+                return Err(conflict(format!(
+                    "the initial replication of {vm} is scheduled; run `understudy replication start {vm}` to start it now"
                 )))
             }
             // Refused before `step` gets here (primary-role states) or by the role check
@@ -765,6 +816,7 @@ impl Step {
         if !self.next.state.initial_done() {
             return Err(conflict(match self.next.state {
                 State::ReadyForInitialReplication
+                | State::InitialReplicationScheduled { .. }
                 | State::Suspended {
                     resume_to: Resumable::ReadyForInitialReplication,
                 } => format!(
@@ -1212,7 +1264,9 @@ impl Step {
             | State::FailedOver
             | State::TestFailoverInProgress { .. }
             | State::FailedOverWaitingCompletion { .. } => return,
-            State::ReadyForInitialReplication => (Resumable::ReadyForInitialReplication, None),
+            State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. } => {
+                (Resumable::ReadyForInitialReplication, None)
+            }
             State::InitialReplicationInProgress => (Resumable::InitialReplicationInProgress, None),
             State::Replicating => (Resumable::Replicating, None),
             State::Resynchronizing { .. } => (Resumable::Resynchronizing, None),

@@ -192,6 +192,59 @@ fn start_from_existing_copy_is_refused_where_a_start_is() {
 }
 
 #[test]
+fn scheduled_initial_replication_waits_then_starts_by_itself() {
+    let at = NOW + 30 * 1_000_000_000;
+    let (next, actions) = ok(
+        &primary(State::ReadyForInitialReplication, 0),
+        Event::ScheduleInitial { at_unix_ns: at },
+    );
+    assert_eq!(
+        next.state,
+        State::InitialReplicationScheduled { at_unix_ns: at }
+    );
+    assert_eq!(
+        next.state.name(),
+        ReplicationState::ReadyForInitialReplication
+    );
+    assert_eq!(actions[0], Action::Persist);
+    assert_eq!(emitted(&actions), [EventKind::InitialScheduled]);
+    assert!(!next.state.cycles());
+    // No cycle before the time.
+    let (early, actions) = step(&next, Event::Tick, at - 1).unwrap();
+    assert_eq!(early.state, next.state);
+    assert!(actions.is_empty());
+    let (_, actions) = ok(&next, Event::CycleDue);
+    assert!(actions.is_empty());
+    // At the time: as `replication start`.
+    let (started, actions) = step(&next, Event::Tick, at).unwrap();
+    assert_eq!(started.state, State::InitialReplicationInProgress);
+    assert_eq!(actions[0], Action::MarkAllocatedDirty);
+    assert_eq!(emitted(&actions), [EventKind::InitialStarted]);
+    // `replication start` while scheduled starts now; a time in the past too.
+    let (now, _) = ok(&next, Event::StartInitial);
+    assert_eq!(now.state, State::InitialReplicationInProgress);
+    let (past, _) = ok(
+        &primary(State::ReadyForInitialReplication, 0),
+        Event::ScheduleInitial { at_unix_ns: NOW },
+    );
+    assert_eq!(past.state, State::InitialReplicationInProgress);
+    // Suspend and resynchronize are refused with what to run instead.
+    let r = refused(&next, Event::Suspend);
+    assert!(r.message.contains("replication start web"), "{r}");
+    let r = refused(&next, resync(None));
+    assert!(r.message.contains("has not started"), "{r}");
+    // Once started it cannot be scheduled again.
+    let r = refused(
+        &primary(State::Replicating, 3),
+        Event::ScheduleInitial { at_unix_ns: at },
+    );
+    assert_eq!(r.message, "initial replication of web was already started");
+    // It survives a restart.
+    let reloaded = Relationship::from_record(web(), next.to_record()).unwrap();
+    assert_eq!(reloaded.state, next.state);
+}
+
+#[test]
 fn suspend_remembers_where_to_resume_and_cancels_the_cycle() {
     for (from, to) in [
         (

@@ -113,6 +113,7 @@ fn is_command(event: &Event) -> bool {
         event,
         Event::StartInitial
             | Event::StartInitialFromExisting
+            | Event::ScheduleInitial { .. }
             | Event::Suspend
             | Event::Resume
             | Event::Resynchronize { .. }

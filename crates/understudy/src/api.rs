@@ -206,10 +206,20 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
         (Method::POST, ["v1", "vms", name, "replication", "start"]) => {
             let repl = shared.replication(name)?;
             let r: proto::StartReplication = body_or_default(req).await?;
-            if r.use_existing.is_empty() {
-                repl.command(Cmd::Start).await??;
-            } else {
-                host::primary::start_from_existing(&shared, &repl, r.use_existing).await?;
+            match (r.use_existing.is_empty(), r.at_unix_ns) {
+                (true, None) => repl.command(Cmd::Start).await??,
+                (true, Some(at_unix_ns)) => {
+                    repl.command(|reply| Cmd::StartAt { at_unix_ns, reply })
+                        .await??
+                }
+                (false, None) => {
+                    host::primary::start_from_existing(&shared, &repl, r.use_existing).await?
+                }
+                (false, Some(_)) => {
+                    return Err(bad_request(
+                        "an initial replication from an existing copy starts now: give --at or --use-existing, not both",
+                    ))
+                }
             }
             to_json(&repl.status())
         }

@@ -292,8 +292,12 @@ enum ReplicationCmd {
         timeout: Option<u64>,
         /// Start from an existing copy: a raw image ON THE REPLICA HOST, one per replicated
         /// disk in disk order (repeat the option). Only the blocks that differ are sent.
-        #[arg(long = "use-existing", value_name = "PATH")]
+        #[arg(long = "use-existing", value_name = "PATH", conflicts_with = "at")]
         use_existing: Vec<String>,
+        /// Start at this time (RFC 3339, e.g. 2026-12-03T18:30:00Z) instead of now; until
+        /// then the VM stays ReadyForInitialReplication and its status shows the time.
+        #[arg(long)]
+        at: Option<String>,
     },
     /// Cut and ship now; returns when the replica has committed the point.
     Sync {
@@ -534,7 +538,10 @@ fn main() -> ExitCode {
                     wait,
                     timeout,
                     use_existing,
-                } => cli::replication_start(&api, &name, wait, timeout, use_existing),
+                    at,
+                } => {
+                    cli::replication_start(&api, &name, wait, timeout, use_existing, at.as_deref())
+                }
                 ReplicationCmd::Sync { name, json } => cli::replication_sync(&api, &name, json),
                 ReplicationCmd::Status { name, json } => {
                     cli::replication_status(&api, name.as_deref(), json)

@@ -128,3 +128,42 @@ fn an_existing_copy_of_another_size_or_format_is_refused_in_one_line() {
     a.ok(&["replication", "start", "web", "--wait"]);
     assert!(latest_equals_primary(&a, &b, "web", 0, scratch));
 }
+
+/// The seed's scheduled initial replication: `replication start --at TIME` leaves the VM
+/// `ReadyForInitialReplication` (its status shows the time, nothing ships), and it starts by
+/// itself at that time.
+#[test]
+fn scheduled_initial_replication_starts_by_itself_at_its_time() {
+    let root = tempfile::tempdir().unwrap();
+    let scratch = root.path();
+    let (a, b) = pair(scratch);
+    vm_with_data(&a, &b);
+    let at = sh(Command::new("date").args(["-u", "-d", "+6 seconds", "+%Y-%m-%dT%H:%M:%SZ"]))
+        .trim()
+        .to_string();
+    let out = a.ok(&["replication", "start", "web", "--at", &at]);
+    assert!(out.contains("scheduled"), "{out}");
+    let st = status(&a, "web");
+    assert_eq!(st["state"], "ReadyForInitialReplication", "{st}");
+    let reasons = st["health_reasons"].to_string();
+    assert!(
+        reasons.contains("initial replication is scheduled at"),
+        "{st}"
+    );
+    assert!(
+        events(&a).iter().any(|e| e["id"] == 2031),
+        "no scheduled event"
+    );
+    // An invalid time is refused in one line, nothing changed.
+    let bad = a.run(&["replication", "start", "web", "--at", "tomorrow"]);
+    assert!(!bad.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&bad.stderr).trim().lines().count(),
+        1
+    );
+    // Then by itself, with nobody running `start`.
+    wait_until("replicating", Duration::from_secs(60), || {
+        status(&a, "web")["state"] == "Replicating"
+    });
+    assert!(latest_equals_primary(&a, &b, "web", 0, scratch));
+}

@@ -338,14 +338,30 @@ pub fn replication_start(
     wait: bool,
     timeout_secs: Option<u64>,
     use_existing: Vec<String>,
+    at: Option<&str>,
 ) -> anyhow::Result<()> {
     let deadline = timeout_secs.map(|t| std::time::Instant::now() + Duration::from_secs(t));
     let seg = path_segment(name)?;
     let from_existing = !use_existing.is_empty();
-    let _: ReplicationStatus = api.post(
+    let at_unix_ns = match at {
+        None => None,
+        Some(t) => Some(proto::time::unix_ns_from_rfc3339(t).ok_or_else(|| {
+            anyhow::anyhow!("invalid --at {t:?}: give an RFC 3339 time, e.g. 2026-12-03T18:30:00Z")
+        })?),
+    };
+    let st: ReplicationStatus = api.post(
         &format!("/v1/vms/{seg}/replication/start"),
-        &proto::StartReplication { use_existing },
+        &proto::StartReplication {
+            use_existing,
+            at_unix_ns,
+        },
     )?;
+    if !wait && st.state == ReplicationState::ReadyForInitialReplication {
+        if let Some(t) = at {
+            println!("initial replication of {name} scheduled at {t}; it starts by itself then");
+            return Ok(());
+        }
+    }
     if !wait {
         if from_existing {
             println!("initial replication of {name} started from the existing copy on the replica: only the blocks that differ are sent; follow it with `understudy replication status {name}`");
