@@ -623,6 +623,128 @@ pub async fn start_from_existing(
     repl.command(Cmd::StartFromExisting).await?
 }
 
+/// `replication start NAME --to-media DIR` (`docs/formats/initial-media.md`): cuts point 1,
+/// writes it with its manifest into `dir` (durably), then records the relationship as
+/// waiting for the replica to import it; the cut is committed only then (what the guest
+/// writes after it stays dirty and ships as point 2). Any failure aborts the cut and leaves
+/// the relationship `ReadyForInitialReplication`.
+pub async fn start_to_media(
+    shared: &Arc<Shared>,
+    repl: &Arc<Replication>,
+    dir: String,
+) -> anyhow::Result<crate::media::Manifest> {
+    let dir = std::path::PathBuf::from(dir);
+    let (record, rel) = {
+        let rt = repl.rt.lock();
+        (rt.settings.clone(), rt.rel.clone())
+    };
+    // Refused here exactly when the core would refuse it, before anything is written.
+    relationship::step(
+        &rel,
+        Event::InitialMediaWritten { cut_unix_ns: 0 },
+        now_unix_ns(),
+    )
+    .map_err(|r| match r.kind {
+        RefusalKind::Conflict => crate::error::conflict(r.message),
+        RefusalKind::Invalid => crate::error::bad_request(r.message),
+    })?;
+    if let Some(reason) = shared.check_storage(&repl.vm.name) {
+        return Err(anyhow!(reason));
+    }
+    let dir2 = dir.clone();
+    tokio::task::spawn_blocking(move || crate::media::prepare_dir(&dir2))
+        .await
+        .context("media task")??;
+    let selected: Vec<Arc<tracker::TrackedDisk>> = record
+        .disks
+        .iter()
+        .filter_map(|&i| repl.vm.disks.get(i as usize).cloned())
+        .collect();
+    // Point 1 holds every allocated block, as a network initial replication's does.
+    for (i, d) in record.disks.iter().zip(&selected) {
+        off_runtime(|| d.mark_allocated_dirty())
+            .with_context(|| format!("scanning disk {i} of {}", repl.vm.name))?;
+    }
+    let gate = repl.vm.gate.clone();
+    let cut = tokio::task::spawn_blocking(move || tracker::cut(&gate, &selected))
+        .await
+        .context("cut task")??;
+    let cut_ns = proto::time::history_clock_ns(cut.cut_time_unix_ns);
+    let header = DeltaHeader {
+        app_consistent: false,
+        vm_id: repl.vm.name.clone(),
+        generation: rel.progress.generation,
+        seq: Seq(1),
+        parent_seq: Seq(0),
+        cut_time_unix_ns: cut_ns,
+        kind: DeltaKind::Initial,
+        compression: match record.compression {
+            proto::Compression::Zstd => Compression::Zstd,
+            proto::Compression::None => Compression::None,
+        },
+        disks: record
+            .disks
+            .iter()
+            .filter_map(|&i| {
+                repl.vm.disks.get(i as usize).map(|d| DiskEntry {
+                    index: i,
+                    size_bytes: d.size_bytes(),
+                })
+            })
+            .collect(),
+    };
+    let key = delta_key(&record.replication_id);
+    let indexes = record.disks.clone();
+    let (repl2, dir2) = (repl.clone(), dir.clone());
+    let (cut, written) = tokio::task::spawn_blocking(move || {
+        let pairs: Vec<(u32, &tracker::FrozenDisk)> =
+            indexes.iter().copied().zip(cut.disks.iter()).collect();
+        let w = crate::media::write_media(&dir2, &header, &key, &pairs, &repl2.progress_done);
+        (cut, w)
+    })
+    .await
+    .context("media task")?;
+    let manifest = match written {
+        Ok(m) => m,
+        Err(e) => {
+            tokio::task::spawn_blocking(move || cut.abort())
+                .await
+                .context("abort task")?;
+            return Err(e.context(format!(
+                "writing the media of {} to {}",
+                repl.vm.name,
+                dir.display()
+            )));
+        }
+    };
+    match repl.apply(
+        shared,
+        Event::InitialMediaWritten {
+            cut_unix_ns: cut_ns,
+        },
+    ) {
+        Ok(a) => {
+            tokio::task::spawn_blocking(move || {
+                cut.commit();
+                crate::heap::give_back();
+            })
+            .await
+            .context("commit task")?;
+            if a.say_hello {
+                say_hello(shared, repl);
+            }
+            Ok(manifest)
+        }
+        Err(e) => {
+            tokio::task::spawn_blocking(move || cut.abort())
+                .await
+                .context("abort task")?;
+            crate::media::remove_media(&dir);
+            Err(e)
+        }
+    }
+}
+
 /// A cycle in progress, polled by the task's loop next to its commands so that `suspend`,
 /// `resume` and shutdown are answered at once: they cancel it (dropping it aborts the cut and
 /// the upload; the blocks stay dirty).
@@ -1269,6 +1391,11 @@ async fn cycle_inner(
         )?;
         match next.take_cut {
             Some(p) => plan = p,
+            None if repl.relationship().state == State::InitialReplicationByMedia => {
+                return Err(anyhow!(
+                    "{vm_name}: the replica does not hold point 1 yet: import the media there with `understudy replication import-media {vm_name} --from DIR`"
+                ));
+            }
             None => {
                 return Err(anyhow!(
                     "{} does not cut now: replication is {:?}{}",

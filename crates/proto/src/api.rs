@@ -193,6 +193,17 @@ pub struct StartReplication {
     /// Start at this time instead of now (`--at`); not with `use_existing`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at_unix_ns: Option<u64>,
+    /// Write point 1 to this directory (`--to-media`, `initial-media.md`) instead of sending
+    /// it; alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_media: Option<String>,
+}
+
+/// `POST /v1/vms/{vm}/replication/import-media` on the replica host (`initial-media.md`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportMedia {
+    /// The media directory, absolute.
+    pub from: String,
 }
 
 /// Replication state names follow Hyper-V Replica's.

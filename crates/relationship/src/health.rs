@@ -67,6 +67,11 @@ pub fn health(
             "initial replication has not started".into(),
             &mut reasons,
         ),
+        State::InitialReplicationByMedia => raise(
+            Health::Warning,
+            "the initial replication was written to media and waits for `replication import-media` on the replica host".into(),
+            &mut reasons,
+        ),
         State::InitialReplicationScheduled { at_unix_ns } => raise(
             Health::Warning,
             format!(

@@ -47,6 +47,8 @@ pub enum StateRecord {
         at_unix_ns: u64,
     },
     InitialReplicationInProgress,
+    /// Added without a version bump (an older reader refuses the name in one line).
+    InitialReplicationByMedia,
     Replicating,
     Suspended {
         resume_to: ResumableRecord,
@@ -213,6 +215,7 @@ fn state_record(s: &State) -> StateRecord {
             StateRecord::InitialReplicationScheduled { at_unix_ns }
         }
         State::InitialReplicationInProgress => StateRecord::InitialReplicationInProgress,
+        State::InitialReplicationByMedia => StateRecord::InitialReplicationByMedia,
         State::Replicating => StateRecord::Replicating,
         State::Suspended { resume_to } => StateRecord::Suspended {
             resume_to: resumable_record(resume_to),
@@ -258,6 +261,7 @@ fn state(s: StateRecord) -> Result<State, String> {
             State::InitialReplicationScheduled { at_unix_ns }
         }
         StateRecord::InitialReplicationInProgress => State::InitialReplicationInProgress,
+        StateRecord::InitialReplicationByMedia => State::InitialReplicationByMedia,
         StateRecord::Replicating => State::Replicating,
         StateRecord::Suspended { resume_to } => State::Suspended {
             resume_to: resumable(resume_to),

@@ -30,6 +30,10 @@ pub enum State {
     InitialReplicationScheduled { at_unix_ns: u64 },
     /// The first point (an `Initial` delta) is being shipped.
     InitialReplicationInProgress,
+    /// `replication start --to-media DIR` wrote point 1 (in flight) to external media; shown
+    /// as `InitialReplicationInProgress`. Cycles only say hello until the replica holds point
+    /// 1 (`replication import-media`), which is then adopted and point 2 ships.
+    InitialReplicationByMedia,
     /// Incremental points every cycle.
     Replicating,
     /// No cycles until `replication resume`, which returns to `resume_to`.
@@ -87,7 +91,9 @@ impl State {
             State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. } => {
                 ReplicationState::ReadyForInitialReplication
             }
-            State::InitialReplicationInProgress => ReplicationState::InitialReplicationInProgress,
+            State::InitialReplicationInProgress | State::InitialReplicationByMedia => {
+                ReplicationState::InitialReplicationInProgress
+            }
             State::Replicating => ReplicationState::Replicating,
             State::Suspended { .. } => ReplicationState::Suspended,
             State::ResynchronizationRequired { .. } => ReplicationState::ResynchronizationRequired,
@@ -132,6 +138,7 @@ impl State {
         matches!(
             self,
             State::InitialReplicationInProgress
+                | State::InitialReplicationByMedia
                 | State::Replicating
                 | State::Resynchronizing { .. }
         )
@@ -154,7 +161,8 @@ impl State {
         match self {
             State::ReadyForInitialReplication
             | State::InitialReplicationScheduled { .. }
-            | State::InitialReplicationInProgress => false,
+            | State::InitialReplicationInProgress
+            | State::InitialReplicationByMedia => false,
             State::Suspended { resume_to } => !matches!(
                 resume_to,
                 Resumable::ReadyForInitialReplication | Resumable::InitialReplicationInProgress

@@ -106,6 +106,9 @@ pub enum Event {
     /// `replication start --at TIME`: start the initial replication at `at_unix_ns` (now if
     /// it is not in the future).
     ScheduleInitial { at_unix_ns: u64 },
+    /// `replication start --to-media DIR`: point 1, cut at `cut_unix_ns`, is durably on the
+    /// media (and its cut committed locally). It stays in flight until the replica holds it.
+    InitialMediaWritten { cut_unix_ns: u64 },
     /// `replication suspend`.
     Suspend,
     /// `replication resume`.
@@ -339,6 +342,7 @@ pub fn step(
             Event::StartInitial
             | Event::StartInitialFromExisting
             | Event::ScheduleInitial { .. }
+            | Event::InitialMediaWritten { .. }
             | Event::Suspend
             | Event::Resume
             | Event::Resynchronize { .. }
@@ -476,6 +480,7 @@ pub fn step(
         Event::StartInitial => s.start_initial()?,
         Event::StartInitialFromExisting => s.start_initial_from_existing()?,
         Event::ScheduleInitial { at_unix_ns } => s.schedule_initial(at_unix_ns, now_unix_ns)?,
+        Event::InitialMediaWritten { cut_unix_ns } => s.initial_media_written(cut_unix_ns)?,
         Event::Suspend => s.suspend()?,
         Event::Resume => s.resume()?,
         Event::Resynchronize { at_unix_ns, reason } => {
@@ -638,8 +643,12 @@ impl Step {
     fn start_initial(&mut self) -> Result<(), Refusal> {
         let vm = self.vm().clone();
         match self.next.state {
-            State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. } => {
+            // From media too: `replication start` gives up on the media.
+            State::ReadyForInitialReplication
+            | State::InitialReplicationScheduled { .. }
+            | State::InitialReplicationByMedia => {
                 self.next.state = State::InitialReplicationInProgress;
+                self.next.clear_inflight();
                 self.actions.extend([
                     Action::MarkAllocatedDirty,
                     Action::Persist,
@@ -661,9 +670,40 @@ impl Step {
         }
     }
 
+    fn media_hint(&self) -> String {
+        let vm = self.vm();
+        format!("the initial replication of {vm} was written to media; run `understudy replication import-media {vm} --from DIR` on the replica host, or `understudy replication start {vm}` to send it over the network instead")
+    }
+
+    /// `replication start --to-media`: point 1 is on the media and stays in flight until the
+    /// replica holds it; the cycles only ask (hello) meanwhile.
+    fn initial_media_written(&mut self, cut_unix_ns: u64) -> Result<(), Refusal> {
+        match self.next.state {
+            State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. } => {}
+            State::InitialReplicationByMedia => return Err(conflict(self.media_hint())),
+            _ => return self.start_initial(),
+        }
+        self.next.state = State::InitialReplicationByMedia;
+        self.next.progress.inflight_seq = Some(Seq(1));
+        self.next.inflight_cut_unix_ns = Some(cut_unix_ns);
+        self.next.need_hello = true;
+        self.actions.extend([
+            Action::Persist,
+            emit(
+                EventKind::InitialStarted,
+                "initial replication written to media: it completes when the replica imports it (`replication import-media`)",
+            ),
+            Action::SayHello,
+        ]);
+        Ok(())
+    }
+
     /// The replica adopted existing images as point 1 (damaged until compared): every block
     /// is marked and the first cycle is the compare of a resynchronization (`Full`, seq 2).
     fn start_initial_from_existing(&mut self) -> Result<(), Refusal> {
+        if self.next.state == State::InitialReplicationByMedia {
+            return Err(conflict(self.media_hint()));
+        }
         if !matches!(
             self.next.state,
             State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. }
@@ -693,6 +733,9 @@ impl Step {
     /// `replication start --at TIME`: waits (no cycle) until `at_unix_ns`, when a `Tick`
     /// starts it; a time not in the future starts it now. Again while scheduled: the new time.
     fn schedule_initial(&mut self, at_unix_ns: u64, now_unix_ns: u64) -> Result<(), Refusal> {
+        if self.next.state == State::InitialReplicationByMedia {
+            return Err(conflict(self.media_hint()));
+        }
         if !matches!(
             self.next.state,
             State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. }
@@ -736,6 +779,7 @@ impl Step {
                     "the initial replication of {vm} is scheduled; run `understudy replication start {vm}` to start it now"
                 )))
             }
+            State::InitialReplicationByMedia => return Err(conflict(self.media_hint())),
             // Refused before `step` gets here (primary-role states) or by the role check
             // (replica-role states); kept total for the compiler.
             State::FailedOver => return Err(conflict(self.reverse_hint())),
@@ -908,7 +952,7 @@ impl Step {
     /// Leaves `InitialReplicationInProgress` / `Resynchronizing` when their point committed.
     fn point_committed(&mut self) {
         let done = match self.next.state {
-            State::InitialReplicationInProgress => Some((
+            State::InitialReplicationInProgress | State::InitialReplicationByMedia => Some((
                 EventKind::InitialDone,
                 format!(
                     "initial replication complete (point {})",
@@ -941,6 +985,30 @@ impl Step {
             generation,
             damage,
         );
+        if self.next.state == State::InitialReplicationByMedia {
+            match judged {
+                // The media is not imported yet: nothing ships; the next cycle asks again.
+                Reconcile::InSync => {
+                    self.next.need_hello = true;
+                    return;
+                }
+                Reconcile::AdoptInflight(seq) => {
+                    self.next.progress.last_seq = seq;
+                    self.next.progress.last_cut_unix_ns = self.next.inflight_cut_unix_ns;
+                    self.next.clear_inflight();
+                    self.next.need_hello = false;
+                    // Replicating, persisted, with "initial replication complete".
+                    self.point_committed();
+                }
+                Reconcile::Diverged(reason) => {
+                    self.require_resync(reason);
+                    return;
+                }
+            }
+            let (seq, kind) = self.cut_plan();
+            self.actions.push(Action::TakeCut { seq, kind });
+            return;
+        }
         let cycling = self.next.state.cycles();
         match judged {
             Reconcile::InSync if cycling => self.next.need_hello = false,
@@ -1267,7 +1335,9 @@ impl Step {
             State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. } => {
                 (Resumable::ReadyForInitialReplication, None)
             }
-            State::InitialReplicationInProgress => (Resumable::InitialReplicationInProgress, None),
+            State::InitialReplicationInProgress | State::InitialReplicationByMedia => {
+                (Resumable::InitialReplicationInProgress, None)
+            }
             State::Replicating => (Resumable::Replicating, None),
             State::Resynchronizing { .. } => (Resumable::Resynchronizing, None),
             State::Suspended { resume_to } => (*resume_to, None),

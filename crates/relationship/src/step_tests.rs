@@ -245,6 +245,65 @@ fn scheduled_initial_replication_waits_then_starts_by_itself() {
 }
 
 #[test]
+fn initial_media_waits_for_the_import_then_adopts_point_1_and_ships_point_2() {
+    let (media, actions) = ok(
+        &primary(State::ReadyForInitialReplication, 0),
+        Event::InitialMediaWritten { cut_unix_ns: NOW },
+    );
+    assert_eq!(media.state, State::InitialReplicationByMedia);
+    assert_eq!(
+        media.state.name(),
+        ReplicationState::InitialReplicationInProgress
+    );
+    assert_eq!(media.progress.inflight_seq, Some(Seq(1)));
+    assert_eq!(actions[0], Action::Persist);
+    assert_eq!(emitted(&actions), [EventKind::InitialStarted]);
+    // A cycle only asks: the replica has nothing yet, so nothing is cut.
+    let (_, actions) = ok(&media, Event::CycleDue);
+    assert!(matches!(
+        actions[0],
+        Action::StartCycle {
+            hello_first: true,
+            ..
+        }
+    ));
+    let (waiting, actions) = ok(&media, hello(0));
+    assert_eq!(waiting.state, State::InitialReplicationByMedia);
+    assert!(waiting.need_hello);
+    assert!(!actions.iter().any(|a| matches!(a, Action::TakeCut { .. })));
+    // The replica imported it: point 1 adopted, point 2 (the writes since the cut) is cut.
+    let (done, actions) = ok(&waiting, hello(1));
+    assert_eq!(done.state, State::Replicating);
+    assert_eq!(done.progress.last_seq, Seq(1));
+    assert_eq!(done.progress.inflight_seq, None);
+    assert_eq!(emitted(&actions), [EventKind::InitialDone]);
+    assert!(actions.contains(&Action::TakeCut {
+        seq: Seq(2),
+        kind: CycleKind::Incremental
+    }));
+    // Commands while waiting: `start` gives up on the media, the others are refused.
+    let (network, actions) = ok(&media, Event::StartInitial);
+    assert_eq!(network.state, State::InitialReplicationInProgress);
+    assert_eq!(network.progress.inflight_seq, None);
+    assert_eq!(actions[0], Action::MarkAllocatedDirty);
+    for ev in [
+        Event::Suspend,
+        Event::InitialMediaWritten { cut_unix_ns: NOW },
+        Event::StartInitialFromExisting,
+        Event::ScheduleInitial {
+            at_unix_ns: NOW * 2,
+        },
+    ] {
+        let r = refused(&media, ev);
+        assert!(r.message.contains("import-media"), "{r}");
+    }
+    // Across a restart the point stays in flight.
+    let reloaded = Relationship::from_record(web(), media.to_record()).unwrap();
+    assert_eq!(reloaded.state, State::InitialReplicationByMedia);
+    assert_eq!(reloaded.progress.inflight_seq, Some(Seq(1)));
+}
+
+#[test]
 fn suspend_remembers_where_to_resume_and_cancels_the_cycle() {
     for (from, to) in [
         (

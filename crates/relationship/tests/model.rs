@@ -114,6 +114,7 @@ fn is_command(event: &Event) -> bool {
         Event::StartInitial
             | Event::StartInitialFromExisting
             | Event::ScheduleInitial { .. }
+            | Event::InitialMediaWritten { .. }
             | Event::Suspend
             | Event::Resume
             | Event::Resynchronize { .. }

@@ -203,9 +203,22 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
             .await??;
             to_json(&repl.status())
         }
+        (Method::POST, ["v1", "vms", name, "replication", "import-media"]) => {
+            let r: proto::ImportMedia = body(req).await?;
+            to_json(&shared.import_media(name, &r.from).await?)
+        }
         (Method::POST, ["v1", "vms", name, "replication", "start"]) => {
             let repl = shared.replication(name)?;
             let r: proto::StartReplication = body_or_default(req).await?;
+            if let Some(dir) = r.to_media {
+                if !r.use_existing.is_empty() || r.at_unix_ns.is_some() {
+                    return Err(bad_request(
+                        "--to-media writes the initial copy now: give it alone",
+                    ));
+                }
+                let manifest = host::primary::start_to_media(&shared, &repl, dir).await?;
+                return to_json(&manifest);
+            }
             match (r.use_existing.is_empty(), r.at_unix_ns) {
                 (true, None) => repl.command(Cmd::Start).await??,
                 (true, Some(at_unix_ns)) => {

@@ -167,3 +167,91 @@ fn scheduled_initial_replication_starts_by_itself_at_its_time() {
     });
     assert!(latest_equals_primary(&a, &b, "web", 0, scratch));
 }
+
+/// The seed's "send initial copy using external media": point 1 goes to a directory that is
+/// carried to the replica host and imported there (verified completely: a flipped byte is
+/// refused in one line and the replica stays without a point); the primary adopts it at its
+/// next hello, and only what the guest wrote after the cut crosses the network, as point 2.
+#[test]
+fn initial_copy_by_external_media_is_verified_and_only_later_writes_cross() {
+    let root = tempfile::tempdir().unwrap();
+    let scratch = root.path();
+    let (a, b) = pair(scratch);
+    vm_with_data(&a, &b);
+    let media = scratch.join("usb-disk");
+    let out = a.ok(&[
+        "replication",
+        "start",
+        "web",
+        "--to-media",
+        media.to_str().unwrap(),
+    ]);
+    println!("{out}");
+    assert_eq!(status(&a, "web")["state"], "InitialReplicationInProgress");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(media.join("understudy-media.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["seq"], 1, "{manifest}");
+    assert_eq!(manifest["vm"], "web", "{manifest}");
+    // The guest goes on writing after the cut.
+    qemu_io_ok(&a.nbd_uri("web", 0), &["write -P 5 30M 64k", "flush"]);
+    // Nothing ships over the network meanwhile.
+    let refused = a.run(&["replication", "sync", "web"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("import-media"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(point_ids(&b, "web").is_empty());
+
+    // Carried to the replica host: once intact, once with one byte flipped.
+    let carried = scratch.join("carried");
+    let damaged = scratch.join("damaged");
+    for to in [&carried, &damaged] {
+        sh(Command::new("cp").arg("-r").arg(&media).arg(to));
+    }
+    let delta = damaged.join("point-1.delta");
+    let mut bytes = std::fs::read(&delta).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&delta, bytes).unwrap();
+    let bad = b.run(&[
+        "replication",
+        "import-media",
+        "web",
+        "--from",
+        damaged.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success(), "a damaged media was imported");
+    let err = String::from_utf8_lossy(&bad.stderr).trim().to_string();
+    assert_eq!(err.lines().count(), 1, "not one line: {err}");
+    println!("refused: {err}");
+    assert!(err.contains("point-1.delta"), "{err}");
+    assert!(point_ids(&b, "web").is_empty(), "the replica took a point");
+
+    let out = b.ok(&[
+        "replication",
+        "import-media",
+        "web",
+        "--from",
+        carried.to_str().unwrap(),
+    ]);
+    println!("{out}");
+    assert_eq!(point_ids(&b, "web"), [1]);
+    // The primary adopts point 1 at its next hello and ships the writes since the cut.
+    let r = sync_until_ok(&a, "web", 20);
+    assert_eq!(r["seq"], 2, "{r}");
+    let shipped = r["delta_bytes"].as_u64().unwrap();
+    assert!(
+        shipped < 1 << 20,
+        "point 2 carried {shipped} bytes, not the 64 KiB written: {r}"
+    );
+    assert_eq!(status(&a, "web")["state"], "Replicating");
+    assert!(latest_equals_primary(&a, &b, "web", 0, scratch));
+    // Point 1 is the media's cut: without the write made after it.
+    let p1 = scratch.join("p1.raw");
+    export_point(&b, "web", "1", 0, &p1);
+    let p1 = std::fs::read(&p1).unwrap();
+    assert!(p1[30 << 20..(30 << 20) + 65536].iter().all(|&x| x == 1));
+}

@@ -157,3 +157,72 @@ fn check_existing(path: &Path, size: u64) -> Result<(), String> {
     }
     Ok(())
 }
+
+impl Shared {
+    /// `replication import-media NAME --from DIR` on the replica host
+    /// (`docs/formats/initial-media.md`): verifies the media completely through the upload's
+    /// receiver and commits it as point 1 of the (empty) replica VM. Refused in one line,
+    /// nothing changed, when anything does not check.
+    pub async fn import_media(
+        self: &Arc<Self>,
+        vm: &str,
+        from: &str,
+    ) -> anyhow::Result<proto::peer::DeltaReply> {
+        let dir = PathBuf::from(from);
+        if !dir.is_absolute() {
+            return Err(bad_request(format!(
+                "media directory {from} must be an absolute path"
+            )));
+        }
+        let (store, _) = self.replica_store().ok_or_else(|| {
+            conflict(format!(
+                "{} is not a replica server; run `understudy replica-server enable` here first",
+                self.host_name
+            ))
+        })?;
+        let name = proto::VmName::parse(vm).map_err(|e| bad_request(e.to_string()))?;
+        let rvm = store.vm(&name).ok_or_else(|| {
+            crate::error::not_found(format!(
+                "no replica of {vm} on this host: run `understudy replication enable {vm} --replica THIS_HOST:PORT` on the primary first (its hello creates it)"
+            ))
+        })?;
+        if let Some(why) = self.replica_refuses(&name) {
+            return Err(conflict(why));
+        }
+        let vm_s = vm.to_string();
+        let rvm2 = rvm.clone();
+        let point = tokio::task::spawn_blocking(move || {
+            let (manifest, delta) = crate::media::read_manifest(&dir, &vm_s)?;
+            let point = crate::media::import_media(&rvm2, &manifest, &delta)?;
+            crate::heap::give_back();
+            Ok::<_, anyhow::Error>(point)
+        })
+        .await
+        .context("the import task")??;
+        let event = relationship::Event::DeltaCommitted {
+            seq: point.seq,
+            kind: relationship::CycleKind::Initial,
+            cut_unix_ns: point.cut_time_unix_ns,
+        };
+        let generation = rvm.generation();
+        if let Err(e) = tokio::task::block_in_place(|| self.replica_event(&name, generation, event))
+        {
+            // The point is committed; only the replica's view of the state lags.
+            tracing::error!(%vm, "recording the imported point: {e:#}");
+        }
+        self.events.emit(
+            crate::events::POINT_COMMITTED,
+            Some(&name),
+            "info",
+            &format!(
+                "point {} imported from media {from} ({} bytes stored)",
+                point.seq, point.stored_bytes
+            ),
+        );
+        Ok(proto::peer::DeltaReply {
+            seq: point.seq,
+            cut_time_unix_ns: point.cut_time_unix_ns,
+            stored_bytes: point.stored_bytes,
+        })
+    }
+}

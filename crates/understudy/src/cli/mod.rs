@@ -354,6 +354,7 @@ pub fn replication_start(
         &proto::StartReplication {
             use_existing,
             at_unix_ns,
+            to_media: None,
         },
     )?;
     if !wait && st.state == ReplicationState::ReadyForInitialReplication {
@@ -482,6 +483,37 @@ pub fn replication_action_path(api: &Api, name: &str, path: &str) -> anyhow::Res
 }
 
 /// `replication resume NAME --resynchronize [--at TIME]`.
+/// `replication start NAME --to-media DIR`.
+pub fn replication_start_to_media(api: &Api, name: &str, dir: &str) -> anyhow::Result<()> {
+    let dir = absolute(Path::new(dir))?.display().to_string();
+    let m: serde_json::Value = api.post(
+        &format!("/v1/vms/{}/replication/start", path_segment(name)?),
+        &proto::StartReplication {
+            to_media: Some(dir.clone()),
+            ..Default::default()
+        },
+    )?;
+    println!(
+        "point 1 of {name} written to {dir} ({} bytes); carry it to the replica host and run `understudy replication import-media {name} --from DIR` there",
+        m["delta_bytes"]
+    );
+    Ok(())
+}
+
+/// `replication import-media NAME --from DIR` (on the replica host).
+pub fn replication_import_media(api: &Api, name: &str, from: &str) -> anyhow::Result<()> {
+    let from = absolute(Path::new(from))?.display().to_string();
+    let r: proto::peer::DeltaReply = api.post(
+        &format!("/v1/vms/{}/replication/import-media", path_segment(name)?),
+        &proto::ImportMedia { from: from.clone() },
+    )?;
+    println!(
+        "point {} of {name} imported from {from} ({} bytes stored); the primary adopts it at its next cycle",
+        r.seq, r.stored_bytes
+    );
+    Ok(())
+}
+
 pub fn resynchronize(api: &Api, name: &str, at: Option<&str>) -> anyhow::Result<()> {
     let at_unix_ns = match at {
         None => None,
