@@ -1353,6 +1353,10 @@ async fn cycle(
             rt.last_error = None;
             rt.counters.consecutive_failures = 0;
         }
+        // Waiting for the media's import is not a failure (the state says it is waiting).
+        Err(e) if e.downcast_ref::<WaitingForMedia>().is_some() => {
+            rt.last_error = Some(crate::errfmt::one_line(e));
+        }
         Err(e) => {
             rt.last_error = Some(crate::errfmt::one_line(e));
             rt.counters.failed += 1;
@@ -1361,6 +1365,19 @@ async fn cycle(
     }
     result
 }
+
+/// A cycle of `InitialReplicationByMedia` whose hello found the replica without point 1: it
+/// asked, and ships nothing until the media is imported there.
+#[derive(Debug)]
+struct WaitingForMedia(String);
+
+impl std::fmt::Display for WaitingForMedia {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WaitingForMedia {}
 
 async fn cycle_inner(
     shared: &Arc<Shared>,
@@ -1392,9 +1409,9 @@ async fn cycle_inner(
         match next.take_cut {
             Some(p) => plan = p,
             None if repl.relationship().state == State::InitialReplicationByMedia => {
-                return Err(anyhow!(
+                return Err(anyhow!(WaitingForMedia(format!(
                     "{vm_name}: the replica does not hold point 1 yet: import the media there with `understudy replication import-media {vm_name} --from DIR`"
-                ));
+                ))));
             }
             None => {
                 return Err(anyhow!(

@@ -204,6 +204,8 @@ fn initial_copy_by_external_media_is_verified_and_only_later_writes_cross() {
         String::from_utf8_lossy(&refused.stderr)
     );
     assert!(point_ids(&b, "web").is_empty());
+    // Waiting for the import is not a failed cycle.
+    assert_eq!(measure(&a, "web")["failed_cycles"], 0);
 
     // Carried to the replica host: once intact, once with one byte flipped.
     let carried = scratch.join("carried");
