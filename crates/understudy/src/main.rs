@@ -290,8 +290,9 @@ enum ReplicationCmd {
         /// With --wait: give up after this many seconds (exit 75; replication goes on).
         #[arg(long, requires = "wait")]
         timeout: Option<u64>,
-        /// Start from an existing copy: a raw image ON THE REPLICA HOST, one per replicated
-        /// disk in disk order (repeat the option). Only the blocks that differ are sent.
+        /// Start from an existing copy: a raw image ON THE REPLICA HOST, in the `+existing`
+        /// directory of its replica storage, one per replicated disk in disk order (repeat the
+        /// option). The replica adopts the file itself; only the blocks that differ are sent.
         #[arg(long = "use-existing", value_name = "PATH", conflicts_with_all = ["at", "to_media"])]
         use_existing: Vec<String>,
         /// Write the initial copy (point 1: sparse, checksummed, keyed) to DIR, to carry to

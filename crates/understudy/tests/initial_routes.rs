@@ -18,6 +18,14 @@ fn measure(h: &Host, vm: &str) -> serde_json::Value {
     h.json(&["replication", "measure", vm])
 }
 
+/// Where the replica host's admin puts existing copies: `+existing` in its storage directory
+/// (created here).
+fn existing_dir(b: &Host) -> std::path::PathBuf {
+    let d = b.dir.join("storage").join("+existing");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// A VM with 40 MiB of data on a 64 MiB disk, enabled for replication to `b`, not started.
 fn vm_with_data(a: &Host, b: &Host) {
     a.ok(&["vm", "create", "web", "--disk", "64M"]);
@@ -42,8 +50,9 @@ fn start_from_an_existing_copy_sends_only_the_blocks_that_differ() {
     let scratch = root.path();
     let (a, b) = pair(scratch);
     vm_with_data(&a, &b);
-    // The copy "on the replica host" (both daemons share this machine).
-    let copy = scratch.join("replica-side-copy.raw");
+    // The copy on the replica host (both daemons share this machine), where its admin puts
+    // existing copies.
+    let copy = existing_dir(&b).join("web-0.raw");
     sh(Command::new("cp")
         .arg("--sparse=always")
         .arg(disk_path(&a, "web", 0))
@@ -96,7 +105,8 @@ fn an_existing_copy_of_another_size_or_format_is_refused_in_one_line() {
     let scratch = root.path();
     let (a, b) = pair(scratch);
     vm_with_data(&a, &b);
-    let small = scratch.join("small.raw");
+    let existing = existing_dir(&b);
+    let small = existing.join("small.raw");
     sh(Command::new("truncate").arg("-s").arg("32M").arg(&small));
     let refused = |path: &str| -> String {
         let out = a.run(&["replication", "start", "web", "--use-existing", path]);
@@ -111,7 +121,7 @@ fn an_existing_copy_of_another_size_or_format_is_refused_in_one_line() {
         err.contains("size mismatch") && err.contains("33554432") && err.contains("67108864"),
         "{err}"
     );
-    let qcow = scratch.join("copy.qcow2");
+    let qcow = existing.join("copy.qcow2");
     sh(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&qcow)
@@ -121,8 +131,25 @@ fn an_existing_copy_of_another_size_or_format_is_refused_in_one_line() {
         err.contains("qcow2") && err.contains("qemu-img convert -O raw"),
         "{err}"
     );
-    let err = refused(scratch.join("missing.raw").to_str().unwrap());
+    let err = refused(existing.join("missing.raw").to_str().unwrap());
     assert!(err.contains("missing.raw"), "{err}");
+    // A file the replica host's admin did not put in `+existing` (here: the primary's own
+    // image, of the right size) is never adopted: the replica would write into it.
+    let outside = disk_path(&a, "web", 0);
+    let err = refused(outside.to_str().unwrap());
+    assert!(
+        err.contains("is not in") && err.contains("+existing"),
+        "{err}"
+    );
+    // Nor through `..` out of it.
+    let mut escape = existing.clone();
+    for _ in 1..existing.components().count() {
+        escape.push("..");
+    }
+    let escape = escape.join(outside.strip_prefix("/").unwrap());
+    assert!(escape.exists(), "{}", escape.display());
+    let err = refused(escape.to_str().unwrap());
+    assert!(err.contains("is not in"), "{err}");
     assert!(point_ids(&b, "web").is_empty());
     // Nothing changed: the ordinary start still works.
     a.ok(&["replication", "start", "web", "--wait"]);

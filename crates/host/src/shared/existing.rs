@@ -15,6 +15,12 @@ use super::{Relation, Shared};
 use crate::catalog::RelationshipDoc;
 use crate::error::{bad_request, conflict};
 
+/// The directory, inside the replica server's storage directory, that existing copies must
+/// be in: the replica host adopts (hard-links, then writes into) only files its admin put
+/// there, so a primary can never name another file of the host (another VM's replica, a
+/// system file). A name no VM can have, so the store never takes it for a VM.
+pub const EXISTING_COPIES_DIR: &str = "+existing";
+
 /// The damage an adopted existing copy carries until the primary's compare arrives: the
 /// replica then takes only a `Full` delta.
 pub const EXISTING_COPY_DAMAGE: &str = "an existing copy, not yet compared with the primary";
@@ -37,12 +43,13 @@ impl Shared {
                 self.host_name
             )));
         }
-        let (store, _) = self.replica_store().ok_or_else(|| {
+        let (store, cfg) = self.replica_store().ok_or_else(|| {
             conflict(format!(
                 "{} is not a replica server; run `understudy replica-server enable` there",
                 self.host_name
             ))
         })?;
+        let root = Path::new(&cfg.storage).join(EXISTING_COPIES_DIR);
         if let Some(rvm) = store.vm(&vm) {
             let latest = rvm.latest_seq();
             let retry = latest == EXISTING_COPY_SEQ
@@ -68,8 +75,9 @@ impl Shared {
         let mut images = Vec::with_capacity(paths.len());
         for (d, p) in hello.disks.iter().zip(paths) {
             let path = PathBuf::from(p);
-            let checked = tokio::task::block_in_place(|| check_existing(&path, d.size_bytes));
-            checked.map_err(|why| {
+            let checked =
+                tokio::task::block_in_place(|| check_existing(&root, &path, d.size_bytes));
+            let path = checked.map_err(|why| {
                 bad_request(format!(
                     "existing image for disk {} of {vm}: {why}",
                     d.index
@@ -132,9 +140,10 @@ impl Shared {
     }
 }
 
-/// Why `path` cannot be the existing copy of a disk of `size` bytes, if it cannot: it must be
-/// an absolute path to a regular file (not a symlink), raw, of exactly that size.
-fn check_existing(path: &Path, size: u64) -> Result<(), String> {
+/// The existing copy of a disk of `size` bytes at `path` (canonical), or why it cannot be:
+/// an absolute path to a regular file (not a symlink) inside `root`
+/// ([`EXISTING_COPIES_DIR`]), raw, of exactly that size.
+fn check_existing(root: &Path, path: &Path, size: u64) -> Result<PathBuf, String> {
     let shown = path.display();
     if !path.is_absolute() {
         return Err(format!("{shown} is not an absolute path"));
@@ -143,6 +152,16 @@ fn check_existing(path: &Path, size: u64) -> Result<(), String> {
     if !meta.file_type().is_file() {
         return Err(format!("{shown} is not a regular file"));
     }
+    let inside = match (root.canonicalize(), path.canonicalize()) {
+        (Ok(r), Ok(p)) if p.starts_with(&r) => Some(p),
+        _ => None,
+    };
+    let Some(canonical) = inside else {
+        return Err(format!(
+            "{shown} is not in {}: this replica host adopts only copies its admin put there (move or copy it there, e.g. `cp --sparse=always`)",
+            root.display()
+        ));
+    };
     let format = crate::qemu_img::format(path).map_err(|e| crate::errfmt::one_line(&e))?;
     if format != "raw" {
         return Err(format!(
@@ -155,7 +174,7 @@ fn check_existing(path: &Path, size: u64) -> Result<(), String> {
             meta.len()
         ));
     }
-    Ok(())
+    Ok(canonical)
 }
 
 impl Shared {
