@@ -51,6 +51,10 @@ pub const UPLOAD_RESUMED: u32 = 2020;
 pub const APP_CONSISTENT_FAILED: u32 = 2021;
 /// The guest could not be thawed (agent) or the post-thaw hook failed after a cut.
 pub const GUEST_THAW_FAILED: u32 = 2022;
+/// The replica host adopted existing images as point 1 (`replication start --use-existing`).
+pub const INITIAL_FROM_EXISTING: u32 = 2030;
+/// `replication start --at TIME`: the initial replication starts by itself then.
+pub const INITIAL_SCHEDULED: u32 = 2031;
 pub const POINT_COMMITTED: u32 = 3000;
 pub const PEER_REFUSED: u32 = 3002;
 pub const REPLICA_STORE_UNAVAILABLE: u32 = 3003;

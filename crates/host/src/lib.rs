@@ -18,6 +18,7 @@ pub mod guest;
 pub mod heap;
 pub mod heartbeat;
 pub mod launch;
+pub mod media;
 pub mod owner;
 pub mod peer_client;
 pub mod primary;

@@ -35,6 +35,14 @@ use crate::Shared;
 /// Commands a replication task accepts (the API's only way in).
 pub enum Cmd {
     Start(oneshot::Sender<anyhow::Result<()>>),
+    /// `replication start --use-existing`, once the replica adopted the copy as point 1
+    /// ([`start_from_existing`]).
+    StartFromExisting(oneshot::Sender<anyhow::Result<()>>),
+    /// `replication start --at TIME`.
+    StartAt {
+        at_unix_ns: u64,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
     Sync(oneshot::Sender<anyhow::Result<SyncResult>>),
     Suspend(oneshot::Sender<anyhow::Result<()>>),
     Resume {
@@ -630,6 +638,7 @@ pub fn resync_progress(
 fn event_id(kind: EventKind) -> u32 {
     match kind {
         EventKind::InitialStarted => events::INITIAL_STARTED,
+        EventKind::InitialScheduled => events::INITIAL_SCHEDULED,
         EventKind::InitialDone => events::INITIAL_DONE,
         EventKind::Suspended => events::SUSPENDED,
         EventKind::Resumed => events::RESUMED,
@@ -726,7 +735,173 @@ pub fn hello_of(shared: &Shared, vm: &Vm, r: &ReplicationRecord, rel: &Relations
         history: r.history,
         state: Some(rel.state.name()),
         reverse: None,
+        use_existing: None,
         failover_network: shared.failover_network_for_hello(&vm.name),
+    }
+}
+
+/// `replication start NAME --use-existing PATH...`: the replica host adopts `paths` (raw
+/// images there, one per replicated disk) as point 1 of the replica VM, marked damaged, then
+/// the relationship starts as a resynchronization whose compare sends only the blocks that
+/// differ (`peer-protocol.md`, "An existing copy in the hello"). A refusal of either host
+/// changes nothing here.
+pub async fn start_from_existing(
+    shared: &Arc<Shared>,
+    repl: &Arc<Replication>,
+    paths: Vec<String>,
+) -> anyhow::Result<()> {
+    let (settings, rel) = {
+        let rt = repl.rt.lock();
+        (rt.settings.clone(), rt.rel.clone())
+    };
+    // Refused here exactly when the core would refuse it, before the replica is asked.
+    let (started, _) = relationship::step(&rel, Event::StartInitialFromExisting, now_unix_ns())
+        .map_err(|r| match r.kind {
+            RefusalKind::Conflict => crate::error::conflict(r.message),
+            RefusalKind::Invalid => crate::error::bad_request(r.message),
+        })?;
+    let mut hello = hello_of(shared, &repl.vm, &settings, &started);
+    hello.use_existing = Some(paths);
+    let peer = shared.peer(&settings.replica, settings.replica_name.as_deref())?;
+    let reply = crate::peer_client::hello(&peer, &hello, &shared.peer_timeouts)
+        .await
+        .with_context(|| {
+            format!(
+                "the replica {} did not adopt the existing copy of {}",
+                settings.replica, repl.vm.name
+            )
+        })
+        .map_err(crate::peer_client::typed)?;
+    if reply.latest_seq != relationship::EXISTING_COPY_SEQ
+        || reply.generation != rel.progress.generation
+    {
+        return Err(crate::error::conflict(format!(
+            "the replica {} answered point {} of generation {} instead of adopting the existing copy of {} as point 1 (an older version?)",
+            settings.replica, reply.latest_seq, reply.generation, repl.vm.name
+        )));
+    }
+    repl.command(Cmd::StartFromExisting).await?
+}
+
+/// `replication start NAME --to-media DIR` (`docs/formats/initial-media.md`): cuts point 1,
+/// writes it with its manifest into `dir` (durably), then records the relationship as
+/// waiting for the replica to import it; the cut is committed only then (what the guest
+/// writes after it stays dirty and ships as point 2). Any failure aborts the cut and leaves
+/// the relationship `ReadyForInitialReplication`.
+pub async fn start_to_media(
+    shared: &Arc<Shared>,
+    repl: &Arc<Replication>,
+    dir: String,
+) -> anyhow::Result<crate::media::Manifest> {
+    let dir = std::path::PathBuf::from(dir);
+    let (record, rel) = {
+        let rt = repl.rt.lock();
+        (rt.settings.clone(), rt.rel.clone())
+    };
+    // Refused here exactly when the core would refuse it, before anything is written.
+    relationship::step(
+        &rel,
+        Event::InitialMediaWritten { cut_unix_ns: 0 },
+        now_unix_ns(),
+    )
+    .map_err(|r| match r.kind {
+        RefusalKind::Conflict => crate::error::conflict(r.message),
+        RefusalKind::Invalid => crate::error::bad_request(r.message),
+    })?;
+    if let Some(reason) = shared.check_storage(&repl.vm.name) {
+        return Err(anyhow!(reason));
+    }
+    let dir2 = dir.clone();
+    tokio::task::spawn_blocking(move || crate::media::prepare_dir(&dir2))
+        .await
+        .context("media task")??;
+    let selected: Vec<Arc<tracker::TrackedDisk>> = record
+        .disks
+        .iter()
+        .filter_map(|&i| repl.vm.disks.get(i as usize).cloned())
+        .collect();
+    // Point 1 holds every allocated block, as a network initial replication's does.
+    for (i, d) in record.disks.iter().zip(&selected) {
+        off_runtime(|| d.mark_allocated_dirty())
+            .with_context(|| format!("scanning disk {i} of {}", repl.vm.name))?;
+    }
+    let gate = repl.vm.gate.clone();
+    let cut = tokio::task::spawn_blocking(move || tracker::cut(&gate, &selected))
+        .await
+        .context("cut task")??;
+    let cut_ns = proto::time::history_clock_ns(cut.cut_time_unix_ns);
+    let header = DeltaHeader {
+        app_consistent: false,
+        vm_id: repl.vm.name.clone(),
+        generation: rel.progress.generation,
+        seq: Seq(1),
+        parent_seq: Seq(0),
+        cut_time_unix_ns: cut_ns,
+        kind: DeltaKind::Initial,
+        compression: match record.compression {
+            proto::Compression::Zstd => Compression::Zstd,
+            proto::Compression::None => Compression::None,
+        },
+        disks: record
+            .disks
+            .iter()
+            .filter_map(|&i| {
+                repl.vm.disks.get(i as usize).map(|d| DiskEntry {
+                    index: i,
+                    size_bytes: d.size_bytes(),
+                })
+            })
+            .collect(),
+    };
+    let key = delta_key(&record.replication_id);
+    let indexes = record.disks.clone();
+    let (repl2, dir2) = (repl.clone(), dir.clone());
+    let (cut, written) = tokio::task::spawn_blocking(move || {
+        let pairs: Vec<(u32, &tracker::FrozenDisk)> =
+            indexes.iter().copied().zip(cut.disks.iter()).collect();
+        let w = crate::media::write_media(&dir2, &header, &key, &pairs, &repl2.progress_done);
+        (cut, w)
+    })
+    .await
+    .context("media task")?;
+    let manifest = match written {
+        Ok(m) => m,
+        Err(e) => {
+            tokio::task::spawn_blocking(move || cut.abort())
+                .await
+                .context("abort task")?;
+            return Err(e.context(format!(
+                "writing the media of {} to {}",
+                repl.vm.name,
+                dir.display()
+            )));
+        }
+    };
+    match repl.apply(
+        shared,
+        Event::InitialMediaWritten {
+            cut_unix_ns: cut_ns,
+        },
+    ) {
+        Ok(a) => {
+            tokio::task::spawn_blocking(move || {
+                cut.commit();
+                crate::heap::give_back();
+            })
+            .await
+            .context("commit task")?;
+            if a.say_hello {
+                say_hello(shared, repl);
+            }
+            Ok(manifest)
+        }
+        Err(e) => {
+            tokio::task::spawn_blocking(move || cut.abort())
+                .await
+                .context("abort task")?;
+            crate::media::remove_media(&dir);
+            Err(e)
+        }
     }
 }
 
@@ -894,7 +1069,10 @@ async fn run(
             }
         }
         let periodic = state.cycles();
-        let waiting = matches!(state, State::WaitingForStartResynchronize { .. });
+        let waiting = matches!(
+            state,
+            State::WaitingForStartResynchronize { .. } | State::InitialReplicationScheduled { .. }
+        );
         let sleep = tokio::time::sleep_until(next_at.into());
         let tick = tokio::time::sleep(TICK);
         // A hello owed is told again HELLO_RETRY after it became owed (a deadline kept across
@@ -978,6 +1156,14 @@ async fn run(
                         continue;
                     }
                     Cmd::Start(reply) => (Some(reply), repl.apply(&shared, Event::StartInitial)),
+                    Cmd::StartAt { at_unix_ns, reply } => (
+                        Some(reply),
+                        repl.apply(&shared, Event::ScheduleInitial { at_unix_ns }),
+                    ),
+                    Cmd::StartFromExisting(reply) => (
+                        Some(reply),
+                        repl.apply(&shared, Event::StartInitialFromExisting),
+                    ),
                     Cmd::Suspend(reply) => (Some(reply), repl.apply(&shared, Event::Suspend)),
                     Cmd::Resume { resync: false, reply, .. } => {
                         // Cancelling a prepare serves the disks again: only once the replica
@@ -1369,6 +1555,10 @@ async fn cycle(
             rt.last_error = None;
             rt.counters.consecutive_failures = 0;
         }
+        // Waiting for the media's import is not a failure (the state says it is waiting).
+        Err(e) if e.downcast_ref::<WaitingForMedia>().is_some() => {
+            rt.last_error = Some(crate::errfmt::one_line(e));
+        }
         Err(e) => {
             rt.last_error = Some(crate::errfmt::one_line(e));
             rt.counters.failed += 1;
@@ -1377,6 +1567,19 @@ async fn cycle(
     }
     result
 }
+
+/// A cycle of `InitialReplicationByMedia` whose hello found the replica without point 1: it
+/// asked, and ships nothing until the media is imported there.
+#[derive(Debug)]
+struct WaitingForMedia(String);
+
+impl std::fmt::Display for WaitingForMedia {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WaitingForMedia {}
 
 async fn cycle_inner(
     shared: &Arc<Shared>,
@@ -1407,6 +1610,11 @@ async fn cycle_inner(
         )?;
         match next.take_cut {
             Some(p) => plan = p,
+            None if repl.relationship().state == State::InitialReplicationByMedia => {
+                return Err(anyhow!(WaitingForMedia(format!(
+                    "{vm_name}: the replica does not hold point 1 yet: import the media there with `understudy replication import-media {vm_name} --from DIR`"
+                ))));
+            }
             None => {
                 return Err(anyhow!(
                     "{} does not cut now: replication is {:?}{}",

@@ -26,6 +26,29 @@ pub fn virtual_size(image: &Path) -> anyhow::Result<u64> {
         .with_context(|| format!("qemu-img info {} reported no virtual-size", image.display()))
 }
 
+/// The format `qemu-img info` finds in `image` ("raw", "qcow2", ...). Opened shared (`-U`):
+/// an image another process holds is still read.
+pub fn format(image: &Path) -> anyhow::Result<String> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(image)
+        .output()
+        .context("running qemu-img (install Debian's qemu-utils)")?;
+    if !out.status.success() {
+        return Err(crate::error::bad_request(format!(
+            "qemu-img info {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing qemu-img info output")?;
+    v.get("format")
+        .and_then(|s| s.as_str())
+        .map(String::from)
+        .with_context(|| format!("qemu-img info {} reported no format", image.display()))
+}
+
 /// Converts `src` (any format) to a raw sparse file at `dest`, written to a temporary name
 /// first so a failed conversion leaves nothing behind.
 pub fn convert_to_raw(src: &Path, dest: &Path) -> anyhow::Result<()> {

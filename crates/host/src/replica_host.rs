@@ -410,6 +410,25 @@ async fn route(
                         refuse(status, code, crate::errfmt::one_line(&e))
                     })?;
             }
+            // An existing copy on this host becomes the replica VM's point 1 (`replication
+            // start --use-existing`).
+            if let Some(paths) = &hello.use_existing {
+                shared
+                    .accept_existing(&hello, paths, delta_key(&hello.replication_id))
+                    .await
+                    .map_err(|e| {
+                        let (status, code) = match crate::error::kind_of(&e) {
+                            Some(crate::error::ErrorKind::Invalid) => {
+                                (StatusCode::BAD_REQUEST, "bad_request")
+                            }
+                            Some(crate::error::ErrorKind::Conflict) => {
+                                (StatusCode::CONFLICT, "conflict")
+                            }
+                            _ => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
+                        };
+                        refuse(status, code, crate::errfmt::one_line(&e))
+                    })?;
+            }
             // The VM was failed over to this host and reversed (this host is the primary of
             // a newer generation): the caller is the old primary, and must stop.
             if let Some(why) = shared.failed_over_here(vm, hello.generation) {

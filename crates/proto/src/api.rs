@@ -189,6 +189,29 @@ pub struct Resynchronize {
     pub at_unix_ns: Option<u64>,
 }
 
+/// `POST /v1/vms/{vm}/replication/start` (an empty body: over the network, now).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StartReplication {
+    /// Raw images on the replica host to start from (`--use-existing`), one per replicated
+    /// disk in disk order; empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub use_existing: Vec<String>,
+    /// Start at this time instead of now (`--at`); not with `use_existing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_unix_ns: Option<u64>,
+    /// Write point 1 to this directory (`--to-media`, `initial-media.md`) instead of sending
+    /// it; alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_media: Option<String>,
+}
+
+/// `POST /v1/vms/{vm}/replication/import-media` on the replica host (`initial-media.md`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportMedia {
+    /// The media directory, absolute.
+    pub from: String,
+}
+
 /// Replication state names follow Hyper-V Replica's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplicationState {

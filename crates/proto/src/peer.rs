@@ -47,6 +47,12 @@ pub struct Hello {
     /// `peer-protocol.md` and `failover-seed.md`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover_network: Option<String>,
+    /// `replication start --use-existing PATH...`: raw images on the replica host, one per
+    /// disk in the order of `disks`, that the replica adopts as point 1 of a new replica VM
+    /// (marked damaged until the primary's compare arrives). See `peer-protocol.md`, "An
+    /// existing copy in the hello".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_existing: Option<Vec<String>>,
 }
 
 /// The relationship a reverse hello turns around, and the point both hosts hold.

@@ -70,6 +70,20 @@ pub fn health(
             "initial replication has not started".into(),
             &mut reasons,
         ),
+        State::InitialReplicationByMedia => raise(
+            Health::Warning,
+            "the initial replication was written to media and waits for `replication import-media` on the replica host".into(),
+            &mut reasons,
+        ),
+        State::InitialReplicationScheduled { at_unix_ns } => raise(
+            Health::Warning,
+            format!(
+                "initial replication is scheduled at {} (in {} s)",
+                proto::time::rfc3339_from_unix_ns(*at_unix_ns),
+                at_unix_ns.saturating_sub(now_unix_ns) / 1_000_000_000
+            ),
+            &mut reasons,
+        ),
         State::WaitingForStartResynchronize { at_unix_ns, .. } => raise(
             Health::Warning,
             format!(

@@ -29,5 +29,5 @@ pub use schedule::{AutoResync, ResyncWindow};
 pub use state::{Resumable, Role, State};
 pub use step::{
     step, Action, CycleKind, Event, EventKind, PeerRefusalFacts, Progress, Refusal, RefusalKind,
-    Relationship,
+    Relationship, EXISTING_COPY_SEQ, INITIAL_FROM_EXISTING_REASON,
 };

@@ -42,7 +42,13 @@ pub enum ResumableRecord {
 #[serde(tag = "name", content = "detail")]
 pub enum StateRecord {
     ReadyForInitialReplication,
+    /// Added without a version bump (an older reader refuses the name in one line).
+    InitialReplicationScheduled {
+        at_unix_ns: u64,
+    },
     InitialReplicationInProgress,
+    /// Added without a version bump (an older reader refuses the name in one line).
+    InitialReplicationByMedia,
     Replicating,
     Suspended {
         resume_to: ResumableRecord,
@@ -205,7 +211,11 @@ fn resumable(r: ResumableRecord) -> Resumable {
 fn state_record(s: &State) -> StateRecord {
     match s.clone() {
         State::ReadyForInitialReplication => StateRecord::ReadyForInitialReplication,
+        State::InitialReplicationScheduled { at_unix_ns } => {
+            StateRecord::InitialReplicationScheduled { at_unix_ns }
+        }
         State::InitialReplicationInProgress => StateRecord::InitialReplicationInProgress,
+        State::InitialReplicationByMedia => StateRecord::InitialReplicationByMedia,
         State::Replicating => StateRecord::Replicating,
         State::Suspended { resume_to } => StateRecord::Suspended {
             resume_to: resumable_record(resume_to),
@@ -247,7 +257,11 @@ fn state_record(s: &State) -> StateRecord {
 fn state(s: StateRecord) -> Result<State, String> {
     Ok(match s {
         StateRecord::ReadyForInitialReplication => State::ReadyForInitialReplication,
+        StateRecord::InitialReplicationScheduled { at_unix_ns } => {
+            State::InitialReplicationScheduled { at_unix_ns }
+        }
         StateRecord::InitialReplicationInProgress => State::InitialReplicationInProgress,
+        StateRecord::InitialReplicationByMedia => State::InitialReplicationByMedia,
         StateRecord::Replicating => State::Replicating,
         StateRecord::Suspended { resume_to } => State::Suspended {
             resume_to: resumable(resume_to),

@@ -25,8 +25,15 @@ pub enum Resumable {
 pub enum State {
     /// Enabled; the initial replication has not started.
     ReadyForInitialReplication,
+    /// `replication start --at TIME`: the initial replication starts by itself at
+    /// `at_unix_ns`; until then as `ReadyForInitialReplication` (the name shown).
+    InitialReplicationScheduled { at_unix_ns: u64 },
     /// The first point (an `Initial` delta) is being shipped.
     InitialReplicationInProgress,
+    /// `replication start --to-media DIR` wrote point 1 (in flight) to external media; shown
+    /// as `InitialReplicationInProgress`. Cycles only say hello until the replica holds point
+    /// 1 (`replication import-media`), which is then adopted and point 2 ships.
+    InitialReplicationByMedia,
     /// Incremental points every cycle.
     Replicating,
     /// No cycles until `replication resume`, which returns to `resume_to`.
@@ -81,8 +88,12 @@ impl State {
     /// The name shown by `replication status` (the same on both hosts).
     pub fn name(&self) -> ReplicationState {
         match self {
-            State::ReadyForInitialReplication => ReplicationState::ReadyForInitialReplication,
-            State::InitialReplicationInProgress => ReplicationState::InitialReplicationInProgress,
+            State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. } => {
+                ReplicationState::ReadyForInitialReplication
+            }
+            State::InitialReplicationInProgress | State::InitialReplicationByMedia => {
+                ReplicationState::InitialReplicationInProgress
+            }
             State::Replicating => ReplicationState::Replicating,
             State::Suspended { .. } => ReplicationState::Suspended,
             State::ResynchronizationRequired { .. } => ReplicationState::ResynchronizationRequired,
@@ -127,6 +138,7 @@ impl State {
         matches!(
             self,
             State::InitialReplicationInProgress
+                | State::InitialReplicationByMedia
                 | State::Replicating
                 | State::Resynchronizing { .. }
         )
@@ -147,7 +159,10 @@ impl State {
     /// as the state tells.
     pub fn initial_done(&self) -> bool {
         match self {
-            State::ReadyForInitialReplication | State::InitialReplicationInProgress => false,
+            State::ReadyForInitialReplication
+            | State::InitialReplicationScheduled { .. }
+            | State::InitialReplicationInProgress
+            | State::InitialReplicationByMedia => false,
             State::Suspended { resume_to } => !matches!(
                 resume_to,
                 Resumable::ReadyForInitialReplication | Resumable::InitialReplicationInProgress

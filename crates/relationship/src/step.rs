@@ -6,6 +6,15 @@ use proto::{Generation, ReplicationState, Seq, VmName};
 use crate::reconcile::{judge_out_of_sequence, reconcile, OutOfSequence, Reconcile};
 use crate::{AutoResync, Resumable, Role, State};
 
+/// The reason shown while an initial replication from an existing copy compares
+/// (`replication start --use-existing`).
+pub const INITIAL_FROM_EXISTING_REASON: &str =
+    "initial replication from an existing copy on the replica: only the blocks that differ are sent";
+
+/// The point an existing copy on the replica becomes (`replication start --use-existing`):
+/// the first, so the compare that follows is point 2.
+pub const EXISTING_COPY_SEQ: Seq = Seq(1);
+
 /// Where the relationship's points stand.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Progress {
@@ -96,6 +105,16 @@ pub enum Event {
     // ---- Commands (primary).
     /// `replication start`.
     StartInitial,
+    /// `replication start --use-existing PATH...`: the replica host adopted existing images
+    /// as point 1 of its (new) replica VM, marked damaged until compared. The first cycle is
+    /// a `Full` one, which compares every block with them and ships only those that differ.
+    StartInitialFromExisting,
+    /// `replication start --at TIME`: start the initial replication at `at_unix_ns` (now if
+    /// it is not in the future).
+    ScheduleInitial { at_unix_ns: u64 },
+    /// `replication start --to-media DIR`: point 1, cut at `cut_unix_ns`, is durably on the
+    /// media (and its cut committed locally). It stays in flight until the replica holds it.
+    InitialMediaWritten { cut_unix_ns: u64 },
     /// `replication suspend`.
     Suspend,
     /// `replication resume`.
@@ -197,6 +216,7 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
     InitialStarted,
+    InitialScheduled,
     InitialDone,
     Suspended,
     Resumed,
@@ -340,6 +360,9 @@ pub fn step(
         }
         (
             Event::StartInitial
+            | Event::StartInitialFromExisting
+            | Event::ScheduleInitial { .. }
+            | Event::InitialMediaWritten { .. }
             | Event::Suspend
             | Event::Resume
             | Event::Resynchronize { .. }
@@ -363,6 +386,8 @@ pub fn step(
     match (&rel.state, rel.role) {
         (State::FailedOver, _) => match event {
             Event::StartInitial
+            | Event::StartInitialFromExisting
+            | Event::ScheduleInitial { .. }
             | Event::Suspend
             | Event::Resume
             | Event::Resynchronize { .. }
@@ -387,6 +412,8 @@ pub fn step(
             Role::Primary,
         ) => match event {
             Event::StartInitial
+            | Event::StartInitialFromExisting
+            | Event::ScheduleInitial { .. }
             | Event::Suspend
             | Event::Resynchronize { .. }
             | Event::Prepared { .. } => return Err(conflict(s.fenced_hint())),
@@ -428,9 +455,11 @@ pub fn step(
             _ => {}
         },
         (State::PreparedForFailover { .. }, Role::Primary) => match event {
-            Event::StartInitial | Event::Suspend | Event::Resynchronize { .. } => {
-                return Err(conflict(s.prepared_hint()))
-            }
+            Event::StartInitial
+            | Event::StartInitialFromExisting
+            | Event::ScheduleInitial { .. }
+            | Event::Suspend
+            | Event::Resynchronize { .. } => return Err(conflict(s.prepared_hint())),
             _ => {}
         },
         // A test runs beside replication: the replica's facts change the state it would show
@@ -474,6 +503,9 @@ pub fn step(
     }
     match event {
         Event::StartInitial => s.start_initial()?,
+        Event::StartInitialFromExisting => s.start_initial_from_existing()?,
+        Event::ScheduleInitial { at_unix_ns } => s.schedule_initial(at_unix_ns, now_unix_ns)?,
+        Event::InitialMediaWritten { cut_unix_ns } => s.initial_media_written(cut_unix_ns)?,
         Event::Suspend => s.suspend()?,
         Event::Resume => s.resume()?,
         Event::Resynchronize { at_unix_ns, reason } => {
@@ -482,6 +514,13 @@ pub fn step(
         Event::SetAutoResync { auto } => s.set_auto_resync(auto),
         Event::ResyncCancel { replica } => s.resync_cancel(replica)?,
         Event::Tick => {
+            if let (State::InitialReplicationScheduled { at_unix_ns }, Role::Primary) =
+                (&rel.state, rel.role)
+            {
+                if *at_unix_ns <= now_unix_ns {
+                    s.start_initial()?;
+                }
+            }
             // On the replica the state only mirrors the primary's: the primary starts it.
             if let (State::WaitingForStartResynchronize { reason, at_unix_ns }, Role::Primary) =
                 (&rel.state, rel.role)
@@ -632,8 +671,12 @@ impl Step {
     fn start_initial(&mut self) -> Result<(), Refusal> {
         let vm = self.vm().clone();
         match self.next.state {
-            State::ReadyForInitialReplication => {
+            // From media too: `replication start` gives up on the media.
+            State::ReadyForInitialReplication
+            | State::InitialReplicationScheduled { .. }
+            | State::InitialReplicationByMedia => {
                 self.next.state = State::InitialReplicationInProgress;
+                self.next.clear_inflight();
                 self.actions.extend([
                     Action::MarkAllocatedDirty,
                     Action::Persist,
@@ -655,6 +698,96 @@ impl Step {
         }
     }
 
+    fn media_hint(&self) -> String {
+        let vm = self.vm();
+        format!("the initial replication of {vm} was written to media; run `understudy replication import-media {vm} --from DIR` on the replica host, or `understudy replication start {vm}` to send it over the network instead")
+    }
+
+    /// `replication start --to-media`: point 1 is on the media and stays in flight until the
+    /// replica holds it; the cycles only ask (hello) meanwhile.
+    fn initial_media_written(&mut self, cut_unix_ns: u64) -> Result<(), Refusal> {
+        match self.next.state {
+            State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. } => {}
+            State::InitialReplicationByMedia => return Err(conflict(self.media_hint())),
+            _ => return self.start_initial(),
+        }
+        self.next.state = State::InitialReplicationByMedia;
+        self.next.progress.inflight_seq = Some(Seq(1));
+        self.next.inflight_cut_unix_ns = Some(cut_unix_ns);
+        self.next.need_hello = true;
+        self.actions.extend([
+            Action::Persist,
+            emit(
+                EventKind::InitialStarted,
+                "initial replication written to media: it completes when the replica imports it (`replication import-media`)",
+            ),
+            Action::SayHello,
+        ]);
+        Ok(())
+    }
+
+    /// The replica adopted existing images as point 1 (damaged until compared): every block
+    /// is marked and the first cycle is the compare of a resynchronization (`Full`, seq 2).
+    fn start_initial_from_existing(&mut self) -> Result<(), Refusal> {
+        if self.next.state == State::InitialReplicationByMedia {
+            return Err(conflict(self.media_hint()));
+        }
+        if !matches!(
+            self.next.state,
+            State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. }
+        ) {
+            // The same refusals as a network start.
+            return self.start_initial();
+        }
+        self.next.state = State::Resynchronizing {
+            reason: Some(INITIAL_FROM_EXISTING_REASON.into()),
+        };
+        self.next.progress.last_seq = EXISTING_COPY_SEQ;
+        self.next.clear_inflight();
+        self.next.need_hello = true;
+        self.actions.extend([
+            Action::MarkAllDirty,
+            Action::Persist,
+            emit(
+                EventKind::InitialStarted,
+                "initial replication started from an existing copy on the replica",
+            ),
+            Action::SayHello,
+            Action::ScheduleCycleNow,
+        ]);
+        Ok(())
+    }
+
+    /// `replication start --at TIME`: waits (no cycle) until `at_unix_ns`, when a `Tick`
+    /// starts it; a time not in the future starts it now. Again while scheduled: the new time.
+    fn schedule_initial(&mut self, at_unix_ns: u64, now_unix_ns: u64) -> Result<(), Refusal> {
+        if self.next.state == State::InitialReplicationByMedia {
+            return Err(conflict(self.media_hint()));
+        }
+        if !matches!(
+            self.next.state,
+            State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. }
+        ) {
+            return self.start_initial();
+        }
+        if at_unix_ns <= now_unix_ns {
+            return self.start_initial();
+        }
+        self.next.state = State::InitialReplicationScheduled { at_unix_ns };
+        self.actions.extend([
+            Action::Persist,
+            emit(
+                EventKind::InitialScheduled,
+                format!(
+                    "initial replication scheduled at {} (in {} s)",
+                    proto::time::rfc3339_from_unix_ns(at_unix_ns),
+                    (at_unix_ns - now_unix_ns) / 1_000_000_000
+                ),
+            ),
+        ]);
+        Ok(())
+    }
+
     fn suspend(&mut self) -> Result<(), Refusal> {
         let vm = self.vm().clone();
         let resume_to = match self.next.state {
@@ -669,6 +802,12 @@ impl Step {
                     "a resynchronization of {vm} is scheduled; run `understudy replication resume {vm} --resynchronize` to start it now"
                 )))
             }
+            State::InitialReplicationScheduled { .. } => {
+                return Err(conflict(format!(
+                    "the initial replication of {vm} is scheduled; run `understudy replication start {vm}` to start it now"
+                )))
+            }
+            State::InitialReplicationByMedia => return Err(conflict(self.media_hint())),
             // Refused before `step` gets here (primary-role states) or by the role check
             // (replica-role states); kept total for the compiler.
             State::FailedOver => return Err(conflict(self.reverse_hint())),
@@ -751,6 +890,7 @@ impl Step {
         if !self.next.state.initial_done() {
             return Err(conflict(match self.next.state {
                 State::ReadyForInitialReplication
+                | State::InitialReplicationScheduled { .. }
                 | State::Suspended {
                     resume_to: Resumable::ReadyForInitialReplication,
                 } => format!(
@@ -966,7 +1106,7 @@ impl Step {
     /// Leaves `InitialReplicationInProgress` / `Resynchronizing` when their point committed.
     fn point_committed(&mut self) {
         let done = match self.next.state {
-            State::InitialReplicationInProgress => Some((
+            State::InitialReplicationInProgress | State::InitialReplicationByMedia => Some((
                 EventKind::InitialDone,
                 format!(
                     "initial replication complete (point {})",
@@ -999,6 +1139,30 @@ impl Step {
             generation,
             damage,
         );
+        if self.next.state == State::InitialReplicationByMedia {
+            match judged {
+                // The media is not imported yet: nothing ships; the next cycle asks again.
+                Reconcile::InSync => {
+                    self.next.need_hello = true;
+                    return;
+                }
+                Reconcile::AdoptInflight(seq) => {
+                    self.next.progress.last_seq = seq;
+                    self.next.progress.last_cut_unix_ns = self.next.inflight_cut_unix_ns;
+                    self.next.clear_inflight();
+                    self.next.need_hello = false;
+                    // Replicating, persisted, with "initial replication complete".
+                    self.point_committed();
+                }
+                Reconcile::Diverged(reason) => {
+                    self.require_resync(reason);
+                    return;
+                }
+            }
+            let (seq, kind) = self.cut_plan();
+            self.actions.push(Action::TakeCut { seq, kind });
+            return;
+        }
         let cycling = self.next.state.cycles();
         match judged {
             Reconcile::InSync if cycling => self.next.need_hello = false,
@@ -1322,8 +1486,12 @@ impl Step {
             | State::FailedOver
             | State::TestFailoverInProgress { .. }
             | State::FailedOverWaitingCompletion { .. } => return,
-            State::ReadyForInitialReplication => (Resumable::ReadyForInitialReplication, None),
-            State::InitialReplicationInProgress => (Resumable::InitialReplicationInProgress, None),
+            State::ReadyForInitialReplication | State::InitialReplicationScheduled { .. } => {
+                (Resumable::ReadyForInitialReplication, None)
+            }
+            State::InitialReplicationInProgress | State::InitialReplicationByMedia => {
+                (Resumable::InitialReplicationInProgress, None)
+            }
             State::Replicating => (Resumable::Replicating, None),
             State::Resynchronizing { .. } => (Resumable::Resynchronizing, None),
             State::Suspended { resume_to } => (*resume_to, None),

@@ -134,6 +134,176 @@ fn start_initial_twice_is_a_conflict() {
 }
 
 #[test]
+fn start_from_existing_copy_marks_every_block_and_compares_as_point_2() {
+    let (next, actions) = ok(
+        &primary(State::ReadyForInitialReplication, 0),
+        Event::StartInitialFromExisting,
+    );
+    assert_eq!(
+        next.state,
+        State::Resynchronizing {
+            reason: Some(INITIAL_FROM_EXISTING_REASON.into())
+        }
+    );
+    assert_eq!(next.progress.last_seq, EXISTING_COPY_SEQ);
+    assert!(next.need_hello);
+    // Every block, not only the allocated ones: the copy may hold data where the primary
+    // has holes.
+    assert_eq!(actions[0], Action::MarkAllDirty);
+    assert_eq!(persist_index(&actions), 1);
+    assert_eq!(emitted(&actions), [EventKind::InitialStarted]);
+    assert!(actions.contains(&Action::ScheduleCycleNow));
+    // The replica answers with the adopted copy, damaged until compared: the cycle is the
+    // Full compare, point 2.
+    let (after, actions) = ok(
+        &next,
+        Event::HelloAnswered {
+            latest_seq: Seq(1),
+            generation: G,
+            damage: Some("an existing copy, not yet compared with the primary".into()),
+        },
+    );
+    assert!(matches!(after.state, State::Resynchronizing { .. }));
+    assert!(actions.contains(&Action::TakeCut {
+        seq: Seq(2),
+        kind: CycleKind::Full
+    }));
+    let (done, _) = ok(&in_flight(after, 2), committed(2));
+    assert_eq!(done.state, State::Replicating);
+    assert_eq!(done.progress.last_seq, Seq(2));
+}
+
+#[test]
+fn start_from_existing_copy_is_refused_where_a_start_is() {
+    for s in [State::InitialReplicationInProgress, State::Replicating] {
+        let r = refused(&primary(s, 1), Event::StartInitialFromExisting);
+        assert_eq!(r.message, "initial replication of web was already started");
+    }
+    let r = refused(
+        &primary(suspended(Resumable::ReadyForInitialReplication), 0),
+        Event::StartInitialFromExisting,
+    );
+    assert_eq!(r.kind, RefusalKind::Conflict);
+    let r = refused(
+        &replica(State::ReadyForInitialReplication, 0),
+        Event::StartInitialFromExisting,
+    );
+    assert!(r.message.contains("run this on its primary"), "{r}");
+}
+
+#[test]
+fn scheduled_initial_replication_waits_then_starts_by_itself() {
+    let at = NOW + 30 * 1_000_000_000;
+    let (next, actions) = ok(
+        &primary(State::ReadyForInitialReplication, 0),
+        Event::ScheduleInitial { at_unix_ns: at },
+    );
+    assert_eq!(
+        next.state,
+        State::InitialReplicationScheduled { at_unix_ns: at }
+    );
+    assert_eq!(
+        next.state.name(),
+        ReplicationState::ReadyForInitialReplication
+    );
+    assert_eq!(actions[0], Action::Persist);
+    assert_eq!(emitted(&actions), [EventKind::InitialScheduled]);
+    assert!(!next.state.cycles());
+    // No cycle before the time.
+    let (early, actions) = step(&next, Event::Tick, at - 1).unwrap();
+    assert_eq!(early.state, next.state);
+    assert!(actions.is_empty());
+    let (_, actions) = ok(&next, Event::CycleDue);
+    assert!(actions.is_empty());
+    // At the time: as `replication start`.
+    let (started, actions) = step(&next, Event::Tick, at).unwrap();
+    assert_eq!(started.state, State::InitialReplicationInProgress);
+    assert_eq!(actions[0], Action::MarkAllocatedDirty);
+    assert_eq!(emitted(&actions), [EventKind::InitialStarted]);
+    // `replication start` while scheduled starts now; a time in the past too.
+    let (now, _) = ok(&next, Event::StartInitial);
+    assert_eq!(now.state, State::InitialReplicationInProgress);
+    let (past, _) = ok(
+        &primary(State::ReadyForInitialReplication, 0),
+        Event::ScheduleInitial { at_unix_ns: NOW },
+    );
+    assert_eq!(past.state, State::InitialReplicationInProgress);
+    // Suspend and resynchronize are refused with what to run instead.
+    let r = refused(&next, Event::Suspend);
+    assert!(r.message.contains("replication start web"), "{r}");
+    let r = refused(&next, resync(None));
+    assert!(r.message.contains("has not started"), "{r}");
+    // Once started it cannot be scheduled again.
+    let r = refused(
+        &primary(State::Replicating, 3),
+        Event::ScheduleInitial { at_unix_ns: at },
+    );
+    assert_eq!(r.message, "initial replication of web was already started");
+    // It survives a restart.
+    let reloaded = Relationship::from_record(web(), next.to_record()).unwrap();
+    assert_eq!(reloaded.state, next.state);
+}
+
+#[test]
+fn initial_media_waits_for_the_import_then_adopts_point_1_and_ships_point_2() {
+    let (media, actions) = ok(
+        &primary(State::ReadyForInitialReplication, 0),
+        Event::InitialMediaWritten { cut_unix_ns: NOW },
+    );
+    assert_eq!(media.state, State::InitialReplicationByMedia);
+    assert_eq!(
+        media.state.name(),
+        ReplicationState::InitialReplicationInProgress
+    );
+    assert_eq!(media.progress.inflight_seq, Some(Seq(1)));
+    assert_eq!(actions[0], Action::Persist);
+    assert_eq!(emitted(&actions), [EventKind::InitialStarted]);
+    // A cycle only asks: the replica has nothing yet, so nothing is cut.
+    let (_, actions) = ok(&media, Event::CycleDue);
+    assert!(matches!(
+        actions[0],
+        Action::StartCycle {
+            hello_first: true,
+            ..
+        }
+    ));
+    let (waiting, actions) = ok(&media, hello(0));
+    assert_eq!(waiting.state, State::InitialReplicationByMedia);
+    assert!(waiting.need_hello);
+    assert!(!actions.iter().any(|a| matches!(a, Action::TakeCut { .. })));
+    // The replica imported it: point 1 adopted, point 2 (the writes since the cut) is cut.
+    let (done, actions) = ok(&waiting, hello(1));
+    assert_eq!(done.state, State::Replicating);
+    assert_eq!(done.progress.last_seq, Seq(1));
+    assert_eq!(done.progress.inflight_seq, None);
+    assert_eq!(emitted(&actions), [EventKind::InitialDone]);
+    assert!(actions.contains(&Action::TakeCut {
+        seq: Seq(2),
+        kind: CycleKind::Incremental
+    }));
+    // Commands while waiting: `start` gives up on the media, the others are refused.
+    let (network, actions) = ok(&media, Event::StartInitial);
+    assert_eq!(network.state, State::InitialReplicationInProgress);
+    assert_eq!(network.progress.inflight_seq, None);
+    assert_eq!(actions[0], Action::MarkAllocatedDirty);
+    for ev in [
+        Event::Suspend,
+        Event::InitialMediaWritten { cut_unix_ns: NOW },
+        Event::StartInitialFromExisting,
+        Event::ScheduleInitial {
+            at_unix_ns: NOW * 2,
+        },
+    ] {
+        let r = refused(&media, ev);
+        assert!(r.message.contains("import-media"), "{r}");
+    }
+    // Across a restart the point stays in flight.
+    let reloaded = Relationship::from_record(web(), media.to_record()).unwrap();
+    assert_eq!(reloaded.state, State::InitialReplicationByMedia);
+    assert_eq!(reloaded.progress.inflight_seq, Some(Seq(1)));
+}
+
+#[test]
 fn suspend_remembers_where_to_resume_and_cancels_the_cycle() {
     for (from, to) in [
         (

@@ -137,6 +137,9 @@ fn is_command(event: &Event) -> bool {
     matches!(
         event,
         Event::StartInitial
+            | Event::StartInitialFromExisting
+            | Event::ScheduleInitial { .. }
+            | Event::InitialMediaWritten { .. }
             | Event::Suspend
             | Event::Resume
             | Event::Resynchronize { .. }

@@ -84,6 +84,21 @@ async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> anyhow::Result<T> 
     serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("invalid request: {e}")))
 }
 
+/// A request body that may be empty (an older client's `POST` without one): the default.
+async fn body_or_default<T: DeserializeOwned + Default>(
+    req: Request<Incoming>,
+) -> anyhow::Result<T> {
+    let bytes = Limited::new(req.into_body(), API_BODY_MAX_BYTES)
+        .collect()
+        .await
+        .map_err(|e| bad_request(format!("reading request body: {e}")))?
+        .to_bytes();
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("invalid request: {e}")))
+}
+
 async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Vec<u8>> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let parts: Vec<&str> = path.split('/').skip(1).collect();
@@ -188,10 +203,42 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
             .await??;
             to_json(&repl.status())
         }
+        (Method::POST, ["v1", "vms", name, "replication", "import-media"]) => {
+            let r: proto::ImportMedia = body(req).await?;
+            to_json(&shared.import_media(name, &r.from).await?)
+        }
+        (Method::POST, ["v1", "vms", name, "replication", "start"]) => {
+            let repl = shared.replication(name)?;
+            let r: proto::StartReplication = body_or_default(req).await?;
+            if let Some(dir) = r.to_media {
+                if !r.use_existing.is_empty() || r.at_unix_ns.is_some() {
+                    return Err(bad_request(
+                        "--to-media writes the initial copy now: give it alone",
+                    ));
+                }
+                let manifest = host::primary::start_to_media(&shared, &repl, dir).await?;
+                return to_json(&manifest);
+            }
+            match (r.use_existing.is_empty(), r.at_unix_ns) {
+                (true, None) => repl.command(Cmd::Start).await??,
+                (true, Some(at_unix_ns)) => {
+                    repl.command(|reply| Cmd::StartAt { at_unix_ns, reply })
+                        .await??
+                }
+                (false, None) => {
+                    host::primary::start_from_existing(&shared, &repl, r.use_existing).await?
+                }
+                (false, Some(_)) => {
+                    return Err(bad_request(
+                        "an initial replication from an existing copy starts now: give --at or --use-existing, not both",
+                    ))
+                }
+            }
+            to_json(&repl.status())
+        }
         (Method::POST, ["v1", "vms", name, "replication", action]) => {
             let repl = shared.replication(name)?;
             match *action {
-                "start" => repl.command(Cmd::Start).await??,
                 "suspend" => repl.command(Cmd::Suspend).await??,
                 "resume" => {
                     repl.command(|reply| Cmd::Resume {

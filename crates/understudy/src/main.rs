@@ -298,6 +298,28 @@ enum ReplicationCmd {
         /// With --wait: give up after this many seconds (exit 75; replication goes on).
         #[arg(long, requires = "wait")]
         timeout: Option<u64>,
+        /// Start from an existing copy: a raw image ON THE REPLICA HOST, in the `+existing`
+        /// directory of its replica storage, one per replicated disk in disk order (repeat the
+        /// option). The replica adopts the file itself; only the blocks that differ are sent.
+        #[arg(long = "use-existing", value_name = "PATH", conflicts_with_all = ["at", "to_media"])]
+        use_existing: Vec<String>,
+        /// Write the initial copy (point 1: sparse, checksummed, keyed) to DIR, to carry to
+        /// the replica host and import there with `replication import-media`; nothing is sent
+        /// over the network until then.
+        #[arg(long = "to-media", value_name = "DIR", conflicts_with_all = ["at", "wait"])]
+        to_media: Option<String>,
+        /// Start at this time (RFC 3339, e.g. 2026-12-03T18:30:00Z) instead of now; until
+        /// then the VM stays ReadyForInitialReplication and its status shows the time.
+        #[arg(long)]
+        at: Option<String>,
+    },
+    /// On the replica host: verify the initial copy that `replication start --to-media` wrote
+    /// and commit it as the replica's first point.
+    ImportMedia {
+        name: String,
+        /// The media directory (absolute, or relative to the current directory).
+        #[arg(long)]
+        from: String,
     },
     /// Cut and ship now; returns when the replica has committed the point.
     Sync {
@@ -553,9 +575,22 @@ fn main() -> ExitCode {
                 ),
                 ReplicationCmd::Start {
                     name,
+                    to_media: Some(dir),
+                    ..
+                } => cli::replication_start_to_media(&api, &name, &dir),
+                ReplicationCmd::Start {
+                    name,
                     wait,
                     timeout,
-                } => cli::replication_start(&api, &name, wait, timeout),
+                    use_existing,
+                    at,
+                    to_media: None,
+                } => {
+                    cli::replication_start(&api, &name, wait, timeout, use_existing, at.as_deref())
+                }
+                ReplicationCmd::ImportMedia { name, from } => {
+                    cli::replication_import_media(&api, &name, &from)
+                }
                 ReplicationCmd::Sync { name, json } => cli::replication_sync(&api, &name, json),
                 ReplicationCmd::Status { name, json } => {
                     cli::replication_status(&api, name.as_deref(), json)

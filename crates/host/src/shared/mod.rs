@@ -26,6 +26,7 @@ use crate::vms::{self, Vm};
 use crate::HostConfig;
 use relationship::{Event, Relationship, Role};
 
+mod existing;
 mod failover;
 mod replica_side;
 mod reverse;

@@ -342,14 +342,37 @@ pub fn replication_start(
     name: &str,
     wait: bool,
     timeout_secs: Option<u64>,
+    use_existing: Vec<String>,
+    at: Option<&str>,
 ) -> anyhow::Result<()> {
     let deadline = timeout_secs.map(|t| std::time::Instant::now() + Duration::from_secs(t));
     let seg = path_segment(name)?;
-    let _: ReplicationStatus = api.post(
+    let from_existing = !use_existing.is_empty();
+    let at_unix_ns = match at {
+        None => None,
+        Some(t) => Some(proto::time::unix_ns_from_rfc3339(t).ok_or_else(|| {
+            anyhow::anyhow!("invalid --at {t:?}: give an RFC 3339 time, e.g. 2026-12-03T18:30:00Z")
+        })?),
+    };
+    let st: ReplicationStatus = api.post(
         &format!("/v1/vms/{seg}/replication/start"),
-        &serde_json::json!({}),
+        &proto::StartReplication {
+            use_existing,
+            at_unix_ns,
+            to_media: None,
+        },
     )?;
+    if !wait && st.state == ReplicationState::ReadyForInitialReplication {
+        if let Some(t) = at {
+            println!("initial replication of {name} scheduled at {t}; it starts by itself then");
+            return Ok(());
+        }
+    }
     if !wait {
+        if from_existing {
+            println!("initial replication of {name} started from the existing copy on the replica: only the blocks that differ are sent; follow it with `understudy replication status {name}`");
+            return Ok(());
+        }
         println!("initial replication of {name} started; follow it with `understudy replication status {name}`");
         return Ok(());
     }
@@ -469,6 +492,37 @@ pub fn replication_action_path(api: &Api, name: &str, path: &str) -> anyhow::Res
         &serde_json::json!({}),
     )?;
     println!("{}: {:?}", st.vm, st.state);
+    Ok(())
+}
+
+/// `replication start NAME --to-media DIR`.
+pub fn replication_start_to_media(api: &Api, name: &str, dir: &str) -> anyhow::Result<()> {
+    let dir = absolute(Path::new(dir))?.display().to_string();
+    let m: serde_json::Value = api.post(
+        &format!("/v1/vms/{}/replication/start", path_segment(name)?),
+        &proto::StartReplication {
+            to_media: Some(dir.clone()),
+            ..Default::default()
+        },
+    )?;
+    println!(
+        "point 1 of {name} written to {dir} ({} bytes); carry it to the replica host and run `understudy replication import-media {name} --from DIR` there",
+        m["delta_bytes"]
+    );
+    Ok(())
+}
+
+/// `replication import-media NAME --from DIR` (on the replica host).
+pub fn replication_import_media(api: &Api, name: &str, from: &str) -> anyhow::Result<()> {
+    let from = absolute(Path::new(from))?.display().to_string();
+    let r: proto::peer::DeltaReply = api.post(
+        &format!("/v1/vms/{}/replication/import-media", path_segment(name)?),
+        &proto::ImportMedia { from: from.clone() },
+    )?;
+    println!(
+        "point {} of {name} imported from {from} ({} bytes stored); the primary adopts it at its next cycle",
+        r.seq, r.stored_bytes
+    );
     Ok(())
 }
 
