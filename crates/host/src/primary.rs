@@ -1370,6 +1370,10 @@ impl crate::resync::ChunkSource for CutDisk {
     fn read(&self, buf: &mut [u8], offset: u64) -> anyhow::Result<()> {
         crate::resync::ChunkSource::read(&self.cut.disks[self.position], buf, offset)
     }
+
+    fn will_need(&self, offset: u64, len: u64) {
+        crate::resync::ChunkSource::will_need(&self.cut.disks[self.position], offset, len)
+    }
 }
 
 /// The compare of a resynchronization: each disk of the cut against the replica's newest
@@ -1383,14 +1387,24 @@ async fn compare_with_replica(
     seq: Seq,
     indexes: &[u32],
     cut: tracker::Cut,
-) -> anyhow::Result<(tracker::Cut, Option<crate::resync::CompareStats>)> {
+) -> Result<
+    (tracker::Cut, Option<crate::resync::CompareStats>),
+    (Option<tracker::Cut>, anyhow::Error),
+> {
     let vm = repl.vm.name.to_string();
     let base = Seq(seq.get().saturating_sub(1));
-    let key = crate::resync::new_key()?;
+    // A replica with no point (its store was lost and made again): nothing to compare with,
+    // every block is sent.
+    if base == Seq(0) {
+        return Ok((cut, None));
+    }
+    let key = match crate::resync::new_key() {
+        Ok(k) => k,
+        Err(e) => return Err((Some(cut), e)),
+    };
     let cut = Arc::new(cut);
+    let unshare = |cut: Arc<tracker::Cut>| Arc::try_unwrap(cut).ok();
     let mut stats = crate::resync::CompareStats::default();
-    let mut found: Vec<Vec<(u64, u64)>> = Vec::new();
-    let mut unsupported = false;
     for (position, &index) in indexes.iter().enumerate() {
         let disk: Arc<dyn crate::resync::ChunkSource + Send + Sync> = Arc::new(CutDisk {
             cut: cut.clone(),
@@ -1409,7 +1423,7 @@ async fn compare_with_replica(
         );
         let started = Instant::now();
         let before = stats;
-        let ranges = crate::resync::compare_disk(
+        let compared = crate::resync::compare_disk(
             peer,
             &vm,
             base,
@@ -1422,15 +1436,15 @@ async fn compare_with_replica(
             &repl.resync_compared_blocks,
         )
         .await;
-        let ranges = match ranges {
+        let differs = match compared {
             Ok(r) => r,
             // An older replica (no such route), or a damaged copy that cannot be read: every
-            // block is sent, as a resynchronization did before it compared.
+            // block is sent, as a resynchronization did before it compared. Disks compared
+            // already had their equal blocks marked shipped: those are equal on the replica.
             Err(e)
                 if e.downcast_ref::<PeerRefusal>()
                     .is_some_and(|r| r.0.code == "not_found" || r.0.code == "damaged") =>
             {
-                unsupported = true;
                 shared.events.emit(
                     events::RESYNC_COMPARE_DONE,
                     Some(&vm),
@@ -1440,9 +1454,12 @@ async fn compare_with_replica(
                         crate::errfmt::one_line(&e)
                     ),
                 );
-                break;
+                return match unshare(cut) {
+                    Some(cut) => Ok((cut, None)),
+                    None => Err((None, anyhow!("the compare of {vm} still holds its cut"))),
+                };
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err((unshare(cut), e)),
         };
         shared.events.emit(
             events::RESYNC_COMPARE_DONE,
@@ -1458,16 +1475,11 @@ async fn compare_with_replica(
                 crate::resync::secs_since(started)
             ),
         );
-        found.push(ranges);
-    }
-    let cut =
-        Arc::try_unwrap(cut).map_err(|_| anyhow!("the compare of {vm} still holds its cut"))?;
-    if unsupported {
-        return Ok((cut, None));
-    }
-    // What is equal is shipped without a read: its copies go back to the pool now.
-    let cut = tokio::task::spawn_blocking(move || -> anyhow::Result<tracker::Cut> {
-        for (disk, differs) in cut.disks.iter().zip(found.iter()) {
+        // What is equal is shipped without a read, disk by disk: its copies go back to the
+        // pool now rather than after the last disk's compare.
+        let c = cut.clone();
+        let discarded = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let disk = &c.disks[position];
             let mut at = 0u64;
             for &(o, l) in differs
                 .iter()
@@ -1478,12 +1490,19 @@ async fn compare_with_replica(
                 }
                 at = o + l;
             }
+            Ok(())
+        })
+        .await
+        .map_err(|e| anyhow!("the discard task: {e}"))
+        .and_then(|r| r);
+        if let Err(e) = discarded {
+            return Err((unshare(cut), e));
         }
-        Ok(cut)
-    })
-    .await
-    .context("the discard task")??;
-    Ok((cut, Some(stats)))
+    }
+    match unshare(cut) {
+        Some(cut) => Ok((cut, Some(stats))),
+        None => Err((None, anyhow!("the compare of {vm} still holds its cut"))),
+    }
 }
 
 /// Asks the replica (a hello) whether it has failed over to this VM; Ok only if it answers and
@@ -1718,7 +1737,34 @@ async fn cycle_inner(
     let (cut, compared) = if plan.kind == CycleKind::Full {
         match compare_with_replica(shared, repl, &peer, seq, &record.disks, cut).await {
             Ok(r) => r,
-            Err(e) => return Err(e.context("comparing with the replica")),
+            Err((cut, e)) => {
+                // As a failed upload: the cut goes back (its blocks stay dirty) and the core
+                // judges the refusal (a failover there fences, out of sequence reconciles).
+                if let Some(cut) = cut {
+                    tokio::task::spawn_blocking(move || cut.abort())
+                        .await
+                        .context("abort task")?;
+                }
+                repl.progress_total.store(0, Ordering::Relaxed);
+                let e = e.context("comparing with the replica");
+                let refusal = e.downcast_ref::<PeerRefusal>().map(|r| PeerRefusalFacts {
+                    expected_seq: r.0.expected_seq,
+                    needs_resync: r.needs_resync(),
+                    failed_over: r.0.code == "failed_over",
+                    error: r.0.error.clone(),
+                });
+                if let Err(fed) = repl.apply(
+                    shared,
+                    Event::CycleFailed {
+                        seq,
+                        error: crate::errfmt::one_line(&e),
+                        refusal,
+                    },
+                ) {
+                    tracing::error!(vm = %vm_name, "recording a failed cycle: {fed:#}");
+                }
+                return Err(e);
+            }
         }
     } else {
         (cut, None)

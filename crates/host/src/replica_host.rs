@@ -26,6 +26,9 @@ use crate::Shared;
 
 /// Largest hello body; it lists at most a few disks.
 const HELLO_MAX_BYTES: usize = 64 << 10;
+/// A resync hash request: at most `HASH_CHUNKS_MAX` offsets of up to 20 digits each, plus the
+/// key and the fields.
+const HASH_REQUEST_MAX_BYTES: usize = proto::peer::HASH_CHUNKS_MAX * 21 + 1024;
 /// Recovery points kept per replica VM that has no recovery-history policy (set by `replication
 /// enable/set` and carried in the hello); older deltas are folded into the base images.
 pub const RETAIN_POINTS: usize = 64;
@@ -522,7 +525,7 @@ async fn route(
             if let Some(why) = shared.replica_refuses(vm) {
                 return Err(refuse(StatusCode::CONFLICT, "failed_over", why));
             }
-            let bytes = http_body_util::Limited::new(req.into_body(), HELLO_MAX_BYTES)
+            let bytes = http_body_util::Limited::new(req.into_body(), HASH_REQUEST_MAX_BYTES)
                 .collect()
                 .await
                 .map_err(|e| {
@@ -590,11 +593,19 @@ async fn route(
             .await
             .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
             .map_err(|e| {
-                refuse(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "store_error",
-                    host_one_line(&e),
-                )
+                // Damage found while reading: the primary sends every block instead.
+                let damaged = e
+                    .downcast_ref::<replica::ReplicaError>()
+                    .is_some_and(|r| matches!(r, replica::ReplicaError::Damaged(_)));
+                if damaged {
+                    refuse(StatusCode::CONFLICT, "damaged", host_one_line(&e))
+                } else {
+                    refuse(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "store_error",
+                        host_one_line(&e),
+                    )
+                }
             })?;
             let reply = proto::peer::HashReply { seq, disk, hashes };
             Ok(serde_json::to_vec(&reply).unwrap_or_default())

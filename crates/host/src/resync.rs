@@ -22,6 +22,10 @@ pub const COMPARE_CHUNK_BYTES: u64 = 1 << 20;
 pub const REFINE_MID_BYTES: u64 = 64 << 10;
 /// The last pass compares blocks of this size (the tracker's block): the unit a resync ships.
 pub const REFINE_BLOCK_BYTES: u64 = 4096;
+/// Bytes one hash request covers at most: the replica answers after reading them, within the
+/// peer answer deadline (120 s by default: 2 MiB/s suffices), and a failed request costs at most
+/// this much reading again.
+pub const HASH_REQUEST_BYTES_MAX: u64 = 256 << 20;
 /// Bytes of the keyed BLAKE3 kept per chunk: 128 bits, with a key nobody else knows.
 const HASH_BYTES: usize = 16;
 
@@ -55,7 +59,7 @@ impl ChunkHash {
         if s == "z" {
             return Some(ChunkHash::Zero);
         }
-        if s.len() != HASH_BYTES * 2 {
+        if s.len() != HASH_BYTES * 2 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         let mut h = [0u8; HASH_BYTES];
@@ -68,7 +72,7 @@ impl ChunkHash {
 
 /// Parses a compare key (64 hex digits).
 pub fn parse_key(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut k = [0u8; 32];
@@ -281,7 +285,8 @@ async fn differing(
     compared_blocks: Option<&std::sync::atomic::AtomicU64>,
 ) -> anyhow::Result<Vec<u64>> {
     let mut out = Vec::new();
-    for batch in offsets.chunks(HASH_CHUNKS_MAX) {
+    let per_request = ((HASH_REQUEST_BYTES_MAX / chunk_bytes) as usize).clamp(1, HASH_CHUNKS_MAX);
+    for batch in offsets.chunks(per_request) {
         let req = HashRequest {
             seq,
             disk: index,
@@ -479,7 +484,8 @@ mod tests {
         let h = ChunkHash::of(&[7; 32], b"data");
         assert_eq!(ChunkHash::from_wire(&h.to_wire()), Some(h));
         assert_eq!(ChunkHash::from_wire("z"), Some(ChunkHash::Zero));
-        for bad in ["", "Z", "00", &"g".repeat(32), &"0".repeat(33)] {
+        let plus = format!("+{}", "f".repeat(31));
+        for bad in ["", "Z", "00", &"g".repeat(32), &"0".repeat(33), &plus] {
             assert_eq!(ChunkHash::from_wire(bad), None, "{bad}");
         }
     }

@@ -699,7 +699,9 @@ impl TrackedDisk {
     /// are never read: their copies must not hold the pool until the commit).
     pub(crate) fn discard_frozen(&self, epoch: u64, offset: u64, len: u64) -> io::Result<()> {
         let end = offset.saturating_add(len).min(self.size);
-        if end <= offset {
+        // Nothing whole to discard: an empty range, or a part of one block (the disk's short
+        // last block is whole at the disk's end).
+        if end <= offset || (end - offset < BLOCK_BYTES && end != self.size) {
             return Ok(());
         }
         let st = &self.frozen;
