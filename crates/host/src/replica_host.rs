@@ -543,15 +543,9 @@ async fn route(
                     format!("invalid hash request: {e}"),
                 )
             })?;
-            // A damaged copy cannot be read to compare: the primary sends every block instead
-            // (the Full delta repairs it).
-            if let Some(damage) = rvm.damage() {
-                return Err(refuse(
-                    StatusCode::CONFLICT,
-                    "damaged",
-                    format!("{vm} cannot be compared here: its copy is damaged ({damage})"),
-                ));
-            }
+            // A copy marked damaged may still be readable (disks adopted as a base are marked
+            // so until their first Full point): the compare reads it, and only damage met while
+            // reading refuses it (`damaged`, below), when the primary sends every block.
             let latest = rvm.latest_seq();
             if hreq.seq != latest {
                 let mut r = refuse(
