@@ -1752,6 +1752,7 @@ async fn cycle_inner(
                     needs_resync: r.needs_resync(),
                     failed_over: r.0.code == "failed_over",
                     error: r.0.error.clone(),
+                    cut_unix_ns: Some(cut_ns),
                 });
                 if let Err(fed) = repl.apply(
                     shared,
@@ -1897,6 +1898,7 @@ async fn cycle_inner(
                 needs_resync: r.needs_resync(),
                 failed_over: r.0.code == "failed_over",
                 error: r.0.error.clone(),
+                cut_unix_ns: Some(cut_ns),
             });
             // The core judges a refusal (a lost answer is "already delivered", anything else
             // that cannot follow requires a resynchronization) and logs the failure.

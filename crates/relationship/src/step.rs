@@ -95,6 +95,11 @@ pub struct PeerRefusalFacts {
     /// The replica host failed the VM over (`failed_over`): this host is not its primary
     /// any more.
     pub failed_over: bool,
+    /// The cut time of the upload refused (`None`: not an upload's refusal). Only the refusal
+    /// of the upload in flight (`inflight_cut_unix_ns`) says where the replica stands; a late
+    /// one of an earlier cycle may name the same point number after a resynchronization
+    /// moved `last_seq` back.
+    pub cut_unix_ns: Option<u64>,
     pub error: String,
 }
 
@@ -1232,8 +1237,15 @@ impl Step {
             return;
         };
         // A refusal of an older cycle's point says nothing about where the replica stands
-        // now; the next hello asks.
-        if seq != self.next.progress.last_seq.next() {
+        // now; the next hello asks. Only an upload is refused so (its point is in flight: the
+        // cut was recorded before it started), so a refusal of a point not in flight is a late
+        // one of an earlier cycle, even when its number came round again after a
+        // resynchronization moved `last_seq` back.
+        if seq != self.next.progress.last_seq.next()
+            || self.next.progress.inflight_seq != Some(seq)
+            || refusal.cut_unix_ns.is_none()
+            || refusal.cut_unix_ns != self.next.inflight_cut_unix_ns
+        {
             return;
         }
         let judged = match refusal.expected_seq {

@@ -84,6 +84,7 @@ fn out_of_sequence(seq: u64, expected: u64) -> Event {
         error: "out of sequence".into(),
         refusal: Some(PeerRefusalFacts {
             expected_seq: Some(Seq(expected)),
+            cut_unix_ns: Some(NOW),
             failed_over: false,
             needs_resync: true,
             error: "out of sequence".into(),
@@ -370,6 +371,7 @@ fn resume_without_resynchronize_is_refused_when_resync_is_required() {
 fn resynchronize_now_marks_everything_dirty_and_forgets_the_old_inflight_point() {
     let mut r = primary(required(), 5);
     r.progress.inflight_seq = Some(Seq(6));
+    r.inflight_cut_unix_ns = Some(NOW);
     let (next, actions) = ok(&r, resync(None));
     assert_eq!(
         next.state,
@@ -494,6 +496,7 @@ fn hello_in_sync_clears_need_hello_and_says_what_to_cut() {
 fn lost_answer_of_the_first_point_is_adopted_and_ends_the_initial_replication() {
     let mut r = primary(State::InitialReplicationInProgress, 0);
     r.progress.inflight_seq = Some(Seq(1));
+    r.inflight_cut_unix_ns = Some(NOW);
     r.need_hello = true;
     let (next, actions) = ok(&r, hello(1));
     assert_eq!(next.state, State::Replicating);
@@ -675,6 +678,7 @@ fn failed_cycle_asks_again_next_time() {
 fn already_delivered_refusal_is_not_a_divergence() {
     let mut r = primary(State::Replicating, 6);
     r.progress.inflight_seq = Some(Seq(7));
+    r.inflight_cut_unix_ns = Some(NOW);
     let (next, _) = ok(&r, out_of_sequence(7, 8));
     assert_eq!(next.state, State::Replicating);
     assert!(next.need_hello);
@@ -687,6 +691,7 @@ fn already_delivered_refusal_is_not_a_divergence() {
 fn divergent_refusal_requires_resynchronization() {
     let mut r = primary(State::Replicating, 6);
     r.progress.inflight_seq = Some(Seq(7));
+    r.inflight_cut_unix_ns = Some(NOW);
     let (next, actions) = ok(&r, out_of_sequence(7, 4));
     assert!(
         matches!(&next.state, State::ResynchronizationRequired { reason } if reason.contains("older copy"))
@@ -701,6 +706,7 @@ fn divergent_refusal_requires_resynchronization() {
         error: "refused".into(),
         refusal: Some(PeerRefusalFacts {
             expected_seq: None,
+            cut_unix_ns: Some(NOW),
             failed_over: false,
             needs_resync: true,
             error: "wrong generation".into(),
@@ -723,6 +729,7 @@ fn stale_refusal_of_an_older_cycle_is_not_a_divergence() {
 fn refused_full_delta_is_resolved_by_the_next_hello_not_adopted() {
     let mut r = primary(State::Resynchronizing { reason: None }, 5);
     r.progress.inflight_seq = Some(Seq(6));
+    r.inflight_cut_unix_ns = Some(NOW);
     let (next, actions) = ok(&r, out_of_sequence(6, 9));
     assert!(matches!(next.state, State::Resynchronizing { .. }));
     assert_eq!(next.progress.inflight_seq, None);
@@ -1455,6 +1462,7 @@ fn told_failed_over() -> Event {
 fn old_primary_told_of_a_failover_fences_and_never_ships_again() {
     let mut p = primary(State::Replicating, 7);
     p.progress.inflight_seq = Some(Seq(8));
+    p.inflight_cut_unix_ns = Some(NOW);
     let (next, actions) = ok(&p, told_failed_over());
     assert!(matches!(
         next.state,
@@ -1477,6 +1485,7 @@ fn old_primary_told_of_a_failover_fences_and_never_ships_again() {
         error: "failed over".into(),
         refusal: Some(PeerRefusalFacts {
             expected_seq: None,
+            cut_unix_ns: None,
             failed_over: true,
             needs_resync: false,
             error: "failed over".into(),
@@ -1903,5 +1912,36 @@ fn fenced_primary_with_auto_resync_keeps_the_divergence_for_when_the_fence_ends(
     assert!(matches!(
         resumed.state,
         State::WaitingForStartResynchronize { .. }
+    ));
+}
+
+/// A refusal of an earlier cycle arriving late, naming the same point number as the upload in
+/// flight (numbers come round again after a resynchronization moved `last_seq` back), says
+/// nothing about where the replica stands: only the refusal of the cut in flight is judged.
+#[test]
+fn late_refusal_of_an_earlier_cycle_with_the_same_point_number_is_not_judged() {
+    let r = in_flight(primary(State::Replicating, 19), 20);
+    let late = Event::CycleFailed {
+        seq: Seq(20),
+        error: "out of sequence: expected 15, got 20".into(),
+        refusal: Some(PeerRefusalFacts {
+            expected_seq: Some(Seq(15)),
+            cut_unix_ns: Some(NOW - 1),
+            failed_over: false,
+            needs_resync: true,
+            error: "out of sequence: expected 15, got 20".into(),
+        }),
+    };
+    let (next, _) = ok(&r, late);
+    assert_eq!(next.state, State::Replicating);
+    assert!(
+        next.need_hello,
+        "the next hello asks where the replica stands"
+    );
+    // The same refusal of the cut in flight is judged.
+    let (next, _) = ok(&r, out_of_sequence(20, 15));
+    assert!(matches!(
+        next.state,
+        State::ResynchronizationRequired { .. }
     ));
 }

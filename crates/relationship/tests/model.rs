@@ -296,8 +296,15 @@ impl Harness {
                 } else {
                     p.last_seq
                 };
+                // An upload's refusal names its cut: the one in flight when `current`.
+                let cut = if current {
+                    self.rel.inflight_cut_unix_ns
+                } else {
+                    None
+                };
                 let refusal = refusal.map(|(expected, needs_resync)| PeerRefusalFacts {
                     expected_seq: expected.map(|o| add(seq, o)),
+                    cut_unix_ns: cut,
                     failed_over: false,
                     needs_resync,
                     error: "refused".into(),
@@ -305,7 +312,14 @@ impl Harness {
                 if let Some(r) = &refusal {
                     let delivered =
                         r.expected_seq == Some(seq.next()) && p.inflight_seq == Some(seq);
-                    if r.needs_resync && seq == p.last_seq.next() && !delivered {
+                    // Only an upload's refusal says where the replica stands: its point is in
+                    // flight (a refusal of a point not in flight is a late one).
+                    if r.needs_resync
+                        && seq == p.last_seq.next()
+                        && p.inflight_seq == Some(seq)
+                        && r.cut_unix_ns.is_some()
+                        && !delivered
+                    {
                         self.diverge();
                     }
                 }
@@ -373,6 +387,7 @@ impl Harness {
                 error: "web is FailedOver on its replica host".into(),
                 refusal: Some(PeerRefusalFacts {
                     expected_seq: None,
+                    cut_unix_ns: None,
                     failed_over: true,
                     needs_resync: false,
                     error: "web is FailedOver on its replica host".into(),
@@ -920,6 +935,7 @@ fn every_state_is_reachable_from_ready_for_initial_replication() {
                 error: "refused".into(),
                 refusal: Some(PeerRefusalFacts {
                     expected_seq: Some(Seq(s + 1)),
+                    cut_unix_ns: None,
                     failed_over: false,
                     needs_resync: true,
                     error: "x".into(),

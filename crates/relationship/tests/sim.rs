@@ -76,6 +76,8 @@ struct Delta {
     oracle: Vec<u32>,
     /// The divergence epoch the cut was taken in.
     epoch: u64,
+    /// The cut's time: its refusal names it.
+    cut_ns: u64,
 }
 
 struct Point {
@@ -118,6 +120,7 @@ impl Replica {
         if d.generation != self.generation {
             return Err(PeerRefusalFacts {
                 expected_seq: None,
+                cut_unix_ns: Some(d.cut_ns),
                 failed_over: false,
                 needs_resync: true,
                 error: "wrong generation".into(),
@@ -126,6 +129,7 @@ impl Replica {
         if self.damaged && d.kind != CycleKind::Full {
             return Err(PeerRefusalFacts {
                 expected_seq: None,
+                cut_unix_ns: Some(d.cut_ns),
                 failed_over: false,
                 needs_resync: true,
                 error: "the replica's copy is damaged".into(),
@@ -135,6 +139,7 @@ impl Replica {
         if d.seq != expected {
             return Err(PeerRefusalFacts {
                 expected_seq: Some(expected),
+                cut_unix_ns: Some(d.cut_ns),
                 failed_over: false,
                 needs_resync: true,
                 error: format!("out of sequence: expected {expected}, got {}", d.seq),
@@ -532,6 +537,7 @@ impl World {
             blocks,
             oracle,
             epoch: self.epoch,
+            cut_ns,
         };
         if self.rng.chance(self.faults.upload_lost) {
             self.p.dirty.extend(&frozen);
