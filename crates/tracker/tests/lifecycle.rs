@@ -703,7 +703,20 @@ fn edit_in_the_same_clock_tick_as_the_clean_stop_is_detected() {
         file.write_all_at(&[0xAAu8; 16], 5 * B)
             .expect("outside write");
         drop(file);
-        let (_g, _d, state) = reopen(&f);
+        // The disk's last reference may still be going away on another thread (its state
+        // lock is released with it): open again once it is.
+        let state = (0..200)
+            .find_map(
+                |_| match TrackedDisk::open(&f.image, &f.state, CutGate::new()) {
+                    Ok((_d, report)) => Some(report.state),
+                    Err(e) if format!("{e:?}").contains("StateLocked") => {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        None
+                    }
+                    Err(e) => panic!("open: {e:?}"),
+                },
+            )
+            .expect("the state lock was never released");
         if !state.requires_resync() {
             missed += 1;
         }
