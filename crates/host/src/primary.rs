@@ -830,29 +830,15 @@ pub async fn start_to_media(
         .await
         .context("cut task")??;
     let cut_ns = proto::time::history_clock_ns(cut.cut_time_unix_ns);
-    let header = DeltaHeader {
-        app_consistent: false,
-        vm_id: repl.vm.name.clone(),
-        generation: rel.progress.generation,
-        seq: Seq(1),
-        parent_seq: Seq(0),
-        cut_time_unix_ns: cut_ns,
-        kind: DeltaKind::Initial,
-        compression: match record.compression {
-            proto::Compression::Zstd => Compression::Zstd,
-            proto::Compression::None => Compression::None,
-        },
-        disks: record
-            .disks
-            .iter()
-            .filter_map(|&i| {
-                repl.vm.disks.get(i as usize).map(|d| DiskEntry {
-                    index: i,
-                    size_bytes: d.size_bytes(),
-                })
-            })
-            .collect(),
-    };
+    let header = delta_header(
+        repl,
+        &record,
+        &rel,
+        Seq(1),
+        DeltaKind::Initial,
+        cut_ns,
+        false,
+    );
     let key = delta_key(&record.replication_id);
     let indexes = record.disks.clone();
     let (repl2, dir2) = (repl.clone(), dir.clone());
@@ -1352,6 +1338,52 @@ fn finish_prepare(
     let _ = p.reply.send(outcome);
 }
 
+/// The header of the delta shipping point `seq` of a cut taken at `cut_ns` (history clock).
+fn delta_header(
+    repl: &Replication,
+    record: &ReplicationRecord,
+    rel: &Relationship,
+    seq: Seq,
+    kind: DeltaKind,
+    cut_ns: u64,
+    app_consistent: bool,
+) -> DeltaHeader {
+    DeltaHeader {
+        app_consistent,
+        vm_id: repl.vm.name.clone(),
+        generation: rel.progress.generation,
+        seq,
+        parent_seq: Seq(seq.get().saturating_sub(1)),
+        cut_time_unix_ns: cut_ns,
+        kind,
+        compression: match record.compression {
+            proto::Compression::Zstd => Compression::Zstd,
+            proto::Compression::None => Compression::None,
+        },
+        disks: record
+            .disks
+            .iter()
+            .filter_map(|&i| {
+                repl.vm.disks.get(i as usize).map(|d| DiskEntry {
+                    index: i,
+                    size_bytes: d.size_bytes(),
+                })
+            })
+            .collect(),
+    }
+}
+
+/// What the core needs of the replica's refusal of the upload of the cut taken at `cut_ns`.
+fn refusal_facts(e: &anyhow::Error, cut_ns: u64) -> Option<PeerRefusalFacts> {
+    e.downcast_ref::<PeerRefusal>().map(|r| PeerRefusalFacts {
+        expected_seq: r.0.expected_seq,
+        needs_resync: r.needs_resync(),
+        failed_over: r.0.code == "failed_over",
+        error: r.0.error.clone(),
+        cut_unix_ns: Some(cut_ns),
+    })
+}
+
 /// A disk of a cut shared with the compare's hashing threads.
 struct CutDisk {
     cut: Arc<tracker::Cut>,
@@ -1747,13 +1779,7 @@ async fn cycle_inner(
                 }
                 repl.progress_total.store(0, Ordering::Relaxed);
                 let e = e.context("comparing with the replica");
-                let refusal = e.downcast_ref::<PeerRefusal>().map(|r| PeerRefusalFacts {
-                    expected_seq: r.0.expected_seq,
-                    needs_resync: r.needs_resync(),
-                    failed_over: r.0.code == "failed_over",
-                    error: r.0.error.clone(),
-                    cut_unix_ns: Some(cut_ns),
-                });
+                let refusal = refusal_facts(&e, cut_ns);
                 if let Err(fed) = repl.apply(
                     shared,
                     Event::CycleFailed {
@@ -1775,29 +1801,7 @@ async fn cycle_inner(
             .store(c.differing_bytes, Ordering::Relaxed);
     }
 
-    let header = DeltaHeader {
-        app_consistent,
-        vm_id: vm_name.clone(),
-        generation: rel.progress.generation,
-        seq,
-        parent_seq: Seq(seq.get().saturating_sub(1)),
-        cut_time_unix_ns: cut_ns,
-        kind,
-        compression: match record.compression {
-            proto::Compression::Zstd => Compression::Zstd,
-            proto::Compression::None => Compression::None,
-        },
-        disks: record
-            .disks
-            .iter()
-            .filter_map(|&i| {
-                repl.vm.disks.get(i as usize).map(|d| DiskEntry {
-                    index: i,
-                    size_bytes: d.size_bytes(),
-                })
-            })
-            .collect(),
-    };
+    let header = delta_header(repl, &record, &rel, seq, kind, cut_ns, app_consistent);
     let key = delta_key(&record.replication_id);
     let checksum = header.checksum(&key)?;
     let indexes = record.disks.clone();
@@ -1893,13 +1897,7 @@ async fn cycle_inner(
                 Some(why) => e.context(why),
                 None => e,
             };
-            let refusal = e.downcast_ref::<PeerRefusal>().map(|r| PeerRefusalFacts {
-                expected_seq: r.0.expected_seq,
-                needs_resync: r.needs_resync(),
-                failed_over: r.0.code == "failed_over",
-                error: r.0.error.clone(),
-                cut_unix_ns: Some(cut_ns),
-            });
+            let refusal = refusal_facts(&e, cut_ns);
             // The core judges a refusal (a lost answer is "already delivered", anything else
             // that cannot follow requires a resynchronization) and logs the failure.
             if let Err(fed) = repl.apply(
