@@ -18,20 +18,6 @@ use rand::{Rng, RngCore, SeedableRng};
 
 const MIB: u64 = 1 << 20;
 
-fn seed() -> u64 {
-    let seed = std::env::var("UNDERSTUDY_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("seed {seed} (replay with UNDERSTUDY_TEST_SEED={seed})");
-    seed
-}
-
 fn tools() {
     require("qemu-io", "qemu-utils");
     require("nbdcopy", "libnbd-bin");

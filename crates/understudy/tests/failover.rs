@@ -23,22 +23,11 @@ umount /mnt
 echo GUEST-DONE
 "#;
 
-fn status(h: &Host, vm: &str) -> serde_json::Value {
-    h.json(&["replication", "status", vm])
-}
-
 fn blockdev_of(disk: &serde_json::Value) -> (String, String) {
     (
         disk["qemu_blockdev"].as_str().unwrap().to_string(),
         disk["qemu_node_name"].as_str().unwrap().to_string(),
     )
-}
-
-fn one_line_failure(out: &std::process::Output) -> String {
-    assert!(!out.status.success(), "expected a refusal");
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(err.lines().count(), 1, "one line: {err}");
-    err
 }
 
 /// `failover start --test` gives `NAME-test` over a point at once; a real guest boots from it,

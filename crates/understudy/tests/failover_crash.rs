@@ -14,20 +14,6 @@ use std::time::Duration;
 use common::*;
 use rand::{Rng, SeedableRng};
 
-fn seed() -> u64 {
-    let seed = std::env::var("UNDERSTUDY_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("seed {seed} (replay with UNDERSTUDY_TEST_SEED={seed})");
-    seed
-}
-
 /// Starts `understudy ARGS` against `h` without waiting for it.
 fn spawn_cli(h: &Host, args: &[&str]) -> Child {
     Command::new(EXE)
@@ -48,13 +34,6 @@ fn kill_during(h: &mut Host, args: &[&str], delay_ms: u64) {
     h.kill9();
     let _ = cli.wait();
     h.restart();
-}
-
-fn state(h: &Host, vm: &str) -> String {
-    h.json(&["replication", "status", vm])["state"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 fn disk_uri(h: &Host, vm: &str) -> String {

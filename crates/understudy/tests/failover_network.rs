@@ -59,13 +59,6 @@ fn require_tools() {
     require("cloud-init", "cloud-init");
 }
 
-fn one_line_failure(out: &std::process::Output) -> String {
-    assert!(!out.status.success(), "expected a refusal");
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(err.lines().count(), 1, "one line: {err}");
-    err
-}
-
 fn show(h: &Host, vm: &str) -> serde_json::Value {
     h.json(&["vm", "show", vm])
 }

@@ -98,10 +98,6 @@ impl Drop for Proxy {
     }
 }
 
-fn status(h: &Host, vm: &str) -> serde_json::Value {
-    h.json(&["replication", "status", vm])
-}
-
 /// Runs the CLI in a thread; the answer comes back on the channel.
 fn run_async(h: &Host, args: &[&str]) -> std::sync::mpsc::Receiver<std::process::Output> {
     let (tx, rx) = std::sync::mpsc::channel();

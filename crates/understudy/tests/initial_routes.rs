@@ -10,14 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn status(h: &Host, vm: &str) -> serde_json::Value {
-    h.json(&["replication", "status", vm])
-}
-
-fn measure(h: &Host, vm: &str) -> serde_json::Value {
-    h.json(&["replication", "measure", vm])
-}
-
 /// Where the replica host's admin puts existing copies: `+existing` in its storage directory
 /// (created here).
 fn existing_dir(b: &Host) -> std::path::PathBuf {

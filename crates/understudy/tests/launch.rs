@@ -21,13 +21,6 @@ umount /mnt
 sleep 11
 "#;
 
-fn one_line_failure(out: &std::process::Output) -> String {
-    assert!(!out.status.success(), "expected a refusal");
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(err.lines().count(), 1, "one line: {err}");
-    err
-}
-
 /// `'path'` for a template (the test's paths hold no quote).
 fn q(p: &Path) -> String {
     let s = p.display().to_string();

@@ -8,10 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn status(h: &Host, vm: &str) -> serde_json::Value {
-    h.json(&["replication", "status", vm])
-}
-
 /// Waits until both hosts report `want` for `vm` (the replica learns a change from the
 /// primary's hello, sent right after it).
 fn both_say(a: &Host, b: &Host, vm: &str, want: &str) {

@@ -170,10 +170,6 @@ fn write_through_nbd(h: &Host, vm: &str, dir: &Path, size: u64, block: &[u8], of
         .arg(h.nbd_uri(vm, 0)));
 }
 
-fn measure(h: &Host, vm: &str) -> serde_json::Value {
-    h.json(&["replication", "measure", vm])
-}
-
 fn same_content(a: &Path, b: &Path) -> bool {
     Command::new("cmp")
         .arg(a)

@@ -10,14 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn status(h: &Host, vm: &str) -> serde_json::Value {
-    h.json(&["replication", "status", vm])
-}
-
-fn measure(h: &Host, vm: &str) -> serde_json::Value {
-    h.json(&["replication", "measure", vm])
-}
-
 /// The image of a disk edited while the daemon is stopped (its tracking cannot know what
 /// changed): the relationship requires a resynchronization, and the resync ships the edits
 /// only, not the 64 MiB disk with 40 MiB of data.

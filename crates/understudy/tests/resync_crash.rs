@@ -13,27 +13,6 @@ use rand::{Rng, SeedableRng};
 
 const KILLS: usize = 20;
 
-fn seed() -> u64 {
-    let seed = std::env::var("UNDERSTUDY_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("seed {seed} (replay with UNDERSTUDY_TEST_SEED={seed})");
-    seed
-}
-
-fn state(h: &Host, vm: &str) -> String {
-    h.json(&["replication", "status", vm])["state"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[test]
 fn kill_9_of_either_daemon_during_a_resync_never_loses_exactness_or_earlier_points() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());

@@ -20,24 +20,6 @@ use rand::{Rng, SeedableRng};
 
 const SEC: u64 = 1_000_000_000;
 
-fn seed() -> u64 {
-    let seed = std::env::var("UNDERSTUDY_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("seed {seed} (replay with UNDERSTUDY_TEST_SEED={seed})");
-    seed
-}
-
-fn status(h: &Host, vm: &str) -> serde_json::Value {
-    h.json(&["replication", "status", vm])
-}
-
 fn state(h: &Host, vm: &str) -> String {
     status(h, vm)["state"]
         .as_str()

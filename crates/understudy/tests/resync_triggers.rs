@@ -18,10 +18,6 @@ fn tools() {
     require("qemu-img", "qemu-utils");
 }
 
-fn status(h: &Host, vm: &str) -> serde_json::Value {
-    h.json(&["replication", "status", vm])
-}
-
 /// Waits until `vm` on `h` requires a resynchronization, then asserts that it is named
 /// `condition` (with its Hyper-V condition), that health is Critical, and that event 2004
 /// names the condition. Returns the status.

@@ -10,21 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn status(h: &Host, vm: &str) -> serde_json::Value {
-    h.json(&["replication", "status", vm])
-}
-
-fn one_line_failure(out: &std::process::Output) -> String {
-    assert!(
-        !out.status.success(),
-        "expected a refusal: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(err.lines().count(), 1, "one line: {err}");
-    err
-}
-
 /// Bytes shipped by every cycle of `vm` since its relationship began on `h`.
 fn shipped(h: &Host, vm: &str) -> u64 {
     let m = h.json(&["replication", "measure", vm]);

@@ -620,3 +620,49 @@ impl Drop for Strace {
         }
     }
 }
+
+/// `replication status VM --json` on `h`.
+pub fn status(h: &Host, vm: &str) -> serde_json::Value {
+    h.json(&["replication", "status", vm])
+}
+
+/// `replication measure VM --json` on `h`.
+pub fn measure(h: &Host, vm: &str) -> serde_json::Value {
+    h.json(&["replication", "measure", vm])
+}
+
+/// The seed of a randomized test: `UNDERSTUDY_TEST_SEED`, else the clock; printed so a
+/// failure can be replayed.
+pub fn seed() -> u64 {
+    let seed = std::env::var("UNDERSTUDY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("seed {seed} (replay with UNDERSTUDY_TEST_SEED={seed})");
+    seed
+}
+
+/// Asserts `out` is a refusal in one line on stderr and returns that line.
+pub fn one_line_failure(out: &std::process::Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected a refusal: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    err
+}
+
+/// The relationship state of `vm` on `h`, by name.
+pub fn state(h: &Host, vm: &str) -> String {
+    h.json(&["replication", "status", vm])["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
