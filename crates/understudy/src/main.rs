@@ -346,12 +346,13 @@ enum ReplicationCmd {
     /// admin forces a VM failed over elsewhere back into service here); the replica keeps
     /// its copy and its points.
     Remove { name: String },
-    /// After a planned failover to this host (`failover complete`): replicate NAME back to its
-    /// old primary, which becomes the replica with its own disks as the base (no initial
-    /// replication; only what the VM wrote since the failover is sent).
+    /// After a failover to this host (`failover complete`): replicate NAME back to its old
+    /// primary, which becomes the replica with its own disks as the base. After a planned
+    /// failover only what the VM wrote since is sent; after an unplanned one, only the blocks
+    /// that can differ (or every block compared, when its tracking cannot say).
     Reverse {
         name: String,
-        /// The old primary, HOST:PORT (a replica server, prepared with `failover prepare`).
+        /// The old primary, HOST:PORT (a replica server; with no guest using the VM's disks).
         #[arg(long)]
         replica: String,
         #[arg(long, default_value_t = 30, value_name = "SECS")]
