@@ -24,4 +24,6 @@ pub struct HostConfig {
     pub answer_timeout: u64,
     /// Tests only: recovery points kept per replica VM instead of 64.
     pub retain_points: Option<u64>,
+    /// HOST:PORT to serve Prometheus metrics on (`GET /metrics`, plain HTTP); `None`: off.
+    pub metrics_listen: Option<String>,
 }

@@ -19,6 +19,7 @@ pub mod heap;
 pub mod heartbeat;
 pub mod launch;
 pub mod media;
+pub mod metrics;
 pub mod owner;
 pub mod peer_client;
 pub mod primary;

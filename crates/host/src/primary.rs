@@ -1614,6 +1614,7 @@ async fn cycle(
             rt.last_error = Some(crate::errfmt::one_line(e));
             rt.counters.failed += 1;
             rt.counters.consecutive_failures += 1;
+            shared.metrics.cycle_failed(&repl.vm.name);
         }
     }
     result
@@ -1735,6 +1736,7 @@ async fn cycle_inner(
     // The history's clock (real time unless a test compressed it: `proto::time`).
     let cut_ns = proto::time::history_clock_ns(cut.cut_time_unix_ns);
     let pause_us = cut.pause.as_micros() as u64;
+    shared.metrics.cut_paused(&vm_name, cut.pause);
 
     // The core records the point in flight (persisted before the upload starts), or says the
     // cut is not one to ship (the relationship changed meanwhile).
@@ -1865,6 +1867,16 @@ async fn cycle_inner(
                     c.app_ok += 1;
                 }
             }
+            shared.metrics.cycle_succeeded(
+                &vm_name,
+                &crate::metrics::CycleFacts {
+                    duration: started.elapsed(),
+                    sent_bytes,
+                    data_bytes: summary.data_bytes,
+                    zero_bytes: summary.zero_bytes,
+                    resync: compared.is_some(),
+                },
+            );
             repl.progress_total.store(0, Ordering::Relaxed);
             // The core installs the point (persisted) and leaves the initial replication or
             // a resynchronization when that was its point.

@@ -699,6 +699,12 @@ async fn route(
             };
             // Retention runs in its own task (woken here), never in the request's path.
             shared.retention_wake.notify_one();
+            shared.metrics.point_committed(
+                vm,
+                std::time::Duration::from_nanos(
+                    proto::time::history_now_ns().saturating_sub(point.cut_time_unix_ns),
+                ),
+            );
             let kind = match rvm
                 .points()
                 .iter()

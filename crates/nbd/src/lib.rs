@@ -21,4 +21,4 @@ pub use codec::error::{NbdErrno, ProtocolError};
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
 pub use registry::StaticRegistry;
-pub use server::{NbdServer, ServerConfig};
+pub use server::{ExportObserver, NbdServer, Op, RequestObserver, ServerConfig};

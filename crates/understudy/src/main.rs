@@ -7,6 +7,7 @@
 mod api;
 mod cli;
 mod demo;
+mod metrics;
 mod nbd_client;
 mod serve;
 
@@ -100,6 +101,10 @@ pub struct ServeArgs {
     /// replica verifies and fsyncs it in that time).
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub answer_timeout: u64,
+    /// Serve Prometheus metrics over plain HTTP at http://ADDR/metrics (HOST:PORT; e.g.
+    /// 127.0.0.1:9469). Off by default. Every metric is listed in docs/metrics.md.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Tests only: cap on each epoch's copy-before-write spill file instead of a quarter of
     /// the free space of its filesystem.
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, hide = true)]
@@ -123,6 +128,7 @@ impl ServeArgs {
             upload_idle_timeout: self.upload_idle_timeout,
             answer_timeout: self.answer_timeout,
             retain_points: self.retain_points,
+            metrics_listen: self.metrics_listen,
         }
     }
 }

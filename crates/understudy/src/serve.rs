@@ -73,6 +73,15 @@ async fn run(data_dir: &Path, args: HostConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
+    // Bound before anything else starts: a taken port fails the start with one line.
+    let metrics_listener = match &args.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let shared = Shared::open(data_dir, &args).await?;
     replica_host::spawn_retention(shared.clone());
 
@@ -124,6 +133,14 @@ async fn run(data_dir: &Path, args: HostConfig) -> anyhow::Result<()> {
         }
     });
 
+    let metrics_server = metrics_listener.map(|listener| {
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            shared.clone(),
+            stop_rx.clone(),
+        ))
+    });
+
     shared.events.emit(
         events::DAEMON_STARTED,
         None,
@@ -149,6 +166,9 @@ async fn run(data_dir: &Path, args: HostConfig) -> anyhow::Result<()> {
     shared.stop_replication(TASK_STOP_TIMEOUT).await;
     let _ = api_server.await;
     let _ = peer_server.await;
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
     let s = shared.clone();
     tokio::task::spawn_blocking(move || s.shutdown_disks()).await??;
     let _ = std::fs::remove_file(&api_path);

@@ -122,6 +122,8 @@ pub struct Shared {
     pub peer_timeouts: crate::peer_client::PeerTimeouts,
     pub tls: transport::TlsContext,
     pub events: Events,
+    /// Prometheus metrics (`serve --metrics-listen`).
+    pub metrics: crate::metrics::Metrics,
     catalog: Catalog,
     exports: Arc<nbd::StaticRegistry>,
     nbd: Mutex<Option<nbd::NbdServer>>,
@@ -236,6 +238,7 @@ impl Shared {
             },
             tls,
             events,
+            metrics: crate::metrics::Metrics::new(),
             catalog,
             exports: exports.clone(),
             nbd: Mutex::new(None),
@@ -327,7 +330,10 @@ impl Shared {
             listener,
             owned_socket.as_deref(),
             exports,
-            nbd::ServerConfig::default(),
+            nbd::ServerConfig {
+                observer: Some(shared.metrics.nbd.clone()),
+                ..nbd::ServerConfig::default()
+            },
         )
         .context("serving NBD")?;
         *shared.nbd.lock() = Some(server);
@@ -1456,6 +1462,26 @@ impl Shared {
                 .filter_map(|n| self.replica_status(n)),
         );
         out
+    }
+
+    /// The Prometheus text for `GET /metrics`: the counters, and the gauges from what
+    /// `replication status` says now.
+    pub fn metrics_text(&self) -> String {
+        let statuses = self.all_status();
+        let cbw: Vec<(String, u64, u64)> = self
+            .replications()
+            .iter()
+            .map(|r| {
+                let disks = &r.vm.disks;
+                (
+                    r.vm.name.to_string(),
+                    disks.iter().map(|d| d.cbw_copied_bytes()).sum(),
+                    disks.iter().map(|d| d.cbw_spilled_bytes()).sum(),
+                )
+            })
+            .collect();
+        self.metrics
+            .encode(&statuses, &cbw, proto::time::history_now_ns())
     }
 
     pub async fn stop_replication(&self, timeout: Duration) {

@@ -10,12 +10,15 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use tracing::{debug, warn};
 
 use super::handshake::ConnError;
+use super::observe::{ExportObserver, Op};
 use super::stream::Stream;
 use crate::codec::error::{NbdErrno, ProtocolError};
 use crate::codec::negotiate::Session;
@@ -43,6 +46,8 @@ struct Transmission<'s> {
     control: Stream,
     /// Set once no further request may be read (disconnect, error, EOF).
     closing: AtomicBool,
+    /// Told of each request answered (monitoring).
+    observer: Option<Arc<dyn ExportObserver>>,
 }
 
 /// What a worker got from the socket.
@@ -61,6 +66,7 @@ pub(crate) fn transmit(
     session: &Session,
     workers: usize,
     id: u64,
+    observer: Option<Arc<dyn ExportObserver>>,
 ) -> Result<(), ConnError> {
     let view = ExportView {
         size_bytes: session.size_bytes,
@@ -79,6 +85,7 @@ pub(crate) fn transmit(
         writer: Mutex::new(stream.try_clone()?),
         control: stream,
         closing: AtomicBool::new(false),
+        observer,
     };
     let end: Mutex<Result<(), ConnError>> = Mutex::new(Ok(()));
     thread::scope(|scope| {
@@ -115,11 +122,21 @@ impl Transmission<'_> {
                     break;
                 }
             };
+            let started = self.observer.as_ref().map(|_| Instant::now());
             let sent = match next {
                 Next::Stop => break,
                 Next::Reply(rejection) => self.reject(rejection, &mut scratch),
-                Next::Run(request) => self.execute(request, &mut buf, &mut scratch),
-                Next::Reads => self.reads(&batch, &mut buf, &mut scratch),
+                Next::Run(request) => {
+                    let op = Op::of(&request.command);
+                    let sent = self.execute(request, &mut buf, &mut scratch);
+                    self.observe(op, 1, started);
+                    sent
+                }
+                Next::Reads => {
+                    let sent = self.reads(&batch, &mut buf, &mut scratch);
+                    self.observe(Some(Op::Read), batch.len(), started);
+                    sent
+                }
             };
             if let Err(e) = sent {
                 self.close(Shutdown::Both);
@@ -132,6 +149,17 @@ impl Transmission<'_> {
             if buf.len() > RETAINED_BUFFER_BYTES {
                 buf.truncate(RETAINED_BUFFER_BYTES);
                 buf.shrink_to_fit();
+            }
+        }
+    }
+
+    /// Tells the observer of `count` requests of `op` answered since `started` (a batch of
+    /// reads shares its time).
+    fn observe(&self, op: Option<Op>, count: usize, started: Option<Instant>) {
+        if let (Some(o), Some(op), Some(started)) = (&self.observer, op, started) {
+            let elapsed = started.elapsed();
+            for _ in 0..count {
+                o.request(op, elapsed);
             }
         }
     }

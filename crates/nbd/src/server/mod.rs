@@ -6,7 +6,10 @@
 
 mod conn;
 mod handshake;
+mod observe;
 mod stream;
+
+pub use observe::{ExportObserver, Op, RequestObserver};
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -43,6 +46,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Worker threads per connection = requests in flight per connection (clamped to 1..=64).
     pub workers_per_connection: usize,
+    /// Told of every request answered (monitoring); `None`: nothing is measured.
+    pub observer: Option<Arc<dyn RequestObserver>>,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +56,7 @@ impl Default for ServerConfig {
             handshake_timeout: HANDSHAKE_TIMEOUT_DEFAULT,
             max_connections: CONNECTIONS_MAX_DEFAULT,
             workers_per_connection: WORKERS_PER_CONNECTION_DEFAULT,
+            observer: None,
         }
     }
 }
@@ -368,7 +374,18 @@ fn serve_connection(
         }
     };
     debug!(conn = id, peer, ?session, "NBD transmission started");
-    match conn::transmit(stream, &session, inner.cfg.workers_per_connection, id) {
+    let observer = inner
+        .cfg
+        .observer
+        .as_ref()
+        .map(|o| o.export(&session.export_name));
+    match conn::transmit(
+        stream,
+        &session,
+        inner.cfg.workers_per_connection,
+        id,
+        observer,
+    ) {
         Ok(()) | Err(ConnError::Eof) => debug!(conn = id, "NBD client disconnected"),
         Err(e) if inner.stopping.load(Ordering::SeqCst) => {
             debug!(conn = id, "NBD connection closed at shutdown: {e}")

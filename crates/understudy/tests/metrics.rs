@@ -1,0 +1,338 @@
+//! Prometheus metrics (`serve --metrics-listen`): the text passes `promtool check metrics`, a
+//! real Prometheus server scrapes both daemons and answers what `replication status` says, a
+//! failed cycle shows in `measure` and in `/metrics` alike, and no counter ever goes backwards
+//! across a failing and recovering replica.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// `GET http://addr/metrics` with curl.
+fn scrape(addr: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "20"])
+        .arg(format!("http://{addr}/metrics"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scraping {addr}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The samples of a scrape, by series (name and labels): value.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The one sample of `name` whose labels contain every `labels` pair (`k="v"`).
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let found: Vec<f64> = samples(text)
+        .into_iter()
+        .filter(|(series, _)| {
+            series.split('{').next() == Some(name) && labels.iter().all(|l| series.contains(l))
+        })
+        .map(|(_, v)| v)
+        .collect();
+    assert!(found.len() <= 1, "{name} {labels:?} matches several series");
+    found.first().copied()
+}
+
+fn promtool_check(text: &str) {
+    require("promtool", "prometheus");
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- text ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Counter-like samples (`_total`, and a histogram's `_count`, `_sum` and `_bucket`) of
+/// `after` are never below the same series in `before`.
+fn assert_counters_grew(before: &str, after: &str) {
+    let after = samples(after);
+    for (series, was) in samples(before) {
+        let name = series.split('{').next().unwrap_or("");
+        let counter = name.ends_with("_total")
+            || name.ends_with("_count")
+            || name.ends_with("_sum")
+            || name.ends_with("_bucket");
+        if !counter {
+            continue;
+        }
+        let now = after
+            .get(&series)
+            .unwrap_or_else(|| panic!("{series} disappeared"));
+        assert!(*now >= was, "{series} went backwards: {was} -> {now}");
+    }
+}
+
+struct Prometheus {
+    child: Child,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real Prometheus server scraping `targets` every second, storing in `dir`.
+fn start_prometheus(dir: &std::path::Path, targets: &[String]) -> (Prometheus, String) {
+    require("prometheus", "prometheus");
+    let config = dir.join("prometheus.yml");
+    let list = targets
+        .iter()
+        .map(|t| format!("'{t}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: understudy\n    static_configs:\n      - targets: [{list}]\n"
+        ),
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={addr}"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start prometheus");
+    (Prometheus { child }, addr)
+}
+
+/// An instant query's single value, if the result has exactly one series.
+fn prom_query(prom: &str, query: &str) -> Option<f64> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-G"])
+        .arg(format!("http://{prom}/api/v1/query"))
+        .args(["--data-urlencode", &format!("query={query}")])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let result = v["data"]["result"].as_array()?;
+    if result.len() != 1 {
+        return None;
+    }
+    result[0]["value"][1].as_str()?.parse().ok()
+}
+
+fn metrics_args(port: u16) -> Vec<String> {
+    vec!["--metrics-listen".into(), format!("127.0.0.1:{port}")]
+}
+
+#[test]
+fn metrics_pass_promtool_and_a_real_prometheus_scrapes_them() {
+    require("qemu-io", "qemu-utils");
+    require("curl", "curl");
+    let root = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let (aa, ba) = (metrics_args(pa), metrics_args(pb));
+    let a_args: Vec<&str> = aa.iter().map(String::as_str).collect();
+    let b_args: Vec<&str> = ba.iter().map(String::as_str).collect();
+    let (a, b) = pair_with_args(root.path(), &a_args, &b_args);
+    replicate(&a, &b, "web", &["32M"], 3600);
+    qemu_io_ok(&a.nbd_uri("web", 0), &["write -P 0x5a 1M 2M", "read 0 64k"]);
+    a.ok(&["replication", "sync", "web"]);
+
+    let (ma, mb) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let text_a = scrape(&ma);
+    let text_b = scrape(&mb);
+    promtool_check(&text_a);
+    promtool_check(&text_b);
+
+    // The primary's view matches status and measure.
+    let st = status(&a, "web");
+    let m = measure(&a, "web");
+    let p = ["vm=\"web\"", "role=\"primary\""];
+    assert_eq!(
+        sample(&text_a, "understudy_last_point_seq", &p),
+        st["last_seq"].as_f64()
+    );
+    assert_eq!(
+        sample(
+            &text_a,
+            "understudy_cycles_total",
+            &[p[0], p[1], "result=\"success\""]
+        ),
+        m["successful_cycles"].as_f64()
+    );
+    assert_eq!(
+        sample(
+            &text_a,
+            "understudy_cycles_total",
+            &[p[0], p[1], "result=\"failure\""]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(sample(&text_a, "understudy_health", &p), Some(0.0));
+    assert!(sample(&text_a, "understudy_recovery_point_age_seconds", &p).is_some());
+    assert!(sample(&text_a, "understudy_shipped_bytes_total", &p).unwrap() > 0.0);
+    assert!(sample(&text_a, "understudy_cycle_duration_seconds_count", &p).unwrap() >= 2.0);
+    assert!(sample(&text_a, "understudy_cut_pause_seconds_count", &p).unwrap() >= 2.0);
+    // qemu-io wrote and read through the daemon's NBD server.
+    let export = format!("export=\"{}\"", "web-0");
+    let writes = samples(&text_a)
+        .into_iter()
+        .filter(|(s, _)| {
+            s.starts_with("understudy_nbd_requests_total{")
+                && s.contains("op=\"write\"")
+                && s.contains("web")
+        })
+        .map(|(_, v)| v)
+        .sum::<f64>();
+    assert!(writes >= 1.0, "no NBD write counted ({export}):\n{text_a}");
+
+    // The replica's view matches its status.
+    let rs = status(&b, "web");
+    let r = ["vm=\"web\"", "role=\"replica\""];
+    assert_eq!(
+        sample(&text_b, "understudy_points_kept", &r),
+        rs["replica"]["points_kept"].as_f64()
+    );
+    assert_eq!(
+        sample(&text_b, "understudy_last_point_seq", &r),
+        rs["last_seq"].as_f64()
+    );
+    assert!(sample(&text_b, "understudy_apply_lag_seconds", &r).is_some());
+    assert!(sample(&text_b, "understudy_points_committed_total", &r).unwrap() >= 1.0);
+
+    // A real Prometheus scrapes both daemons; its answer is what status says.
+    let prom_dir = root.path().join("prometheus");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    let (_prom, prom) = start_prometheus(&prom_dir, &[ma.clone(), mb.clone()]);
+    let want = rs["last_seq"].as_f64().unwrap();
+    let query = "understudy_last_point_seq{vm=\"web\",role=\"replica\"}";
+    let mut got = None;
+    wait_until(
+        "prometheus to scrape the replica",
+        Duration::from_secs(60),
+        || {
+            got = prom_query(&prom, query);
+            got.is_some()
+        },
+    );
+    assert_eq!(
+        got,
+        Some(want),
+        "prometheus says {got:?}, status says {want}"
+    );
+    let up = format!("up{{instance=\"{ma}\"}}");
+    wait_until(
+        "prometheus to see the primary up",
+        Duration::from_secs(60),
+        || prom_query(&prom, &up) == Some(1.0),
+    );
+    let successes = "understudy_cycles_total{vm=\"web\",role=\"primary\",result=\"success\"}";
+    let m = measure(&a, "web");
+    assert_eq!(
+        prom_query(&prom, successes),
+        m["successful_cycles"].as_f64(),
+        "prometheus and measure disagree on successful cycles"
+    );
+}
+
+#[test]
+fn a_failed_cycle_shows_in_measure_and_metrics_and_counters_never_go_backwards() {
+    require("qemu-io", "qemu-utils");
+    require("curl", "curl");
+    let root = tempfile::tempdir().unwrap();
+    let pa = free_port();
+    let aa = metrics_args(pa);
+    let a_args: Vec<&str> = aa.iter().map(String::as_str).collect();
+    let (a, mut b) = pair_with_args(
+        root.path(),
+        &[&a_args[..], &["--hello-timeout", "3"]].concat(),
+        &[],
+    );
+    let ma = format!("127.0.0.1:{pa}");
+    replicate(&a, &b, "web", &["32M"], 3600);
+    let uri = a.nbd_uri("web", 0);
+    qemu_io_ok(&uri, &["write -P 0x11 0 1M"]);
+    a.ok(&["replication", "sync", "web"]);
+    let mut previous = scrape(&ma);
+
+    // The replica daemon stops: the sync fails, in measure and in /metrics alike.
+    b.stop();
+    qemu_io_ok(&uri, &["write -P 0x22 0 1M"]);
+    let out = a.run(&["replication", "sync", "web"]);
+    assert!(
+        !out.status.success(),
+        "sync with the replica down succeeded"
+    );
+    let m = measure(&a, "web");
+    let failed = m["failed_cycles"].as_f64().unwrap();
+    assert!(failed >= 1.0, "{m}");
+    let text = scrape(&ma);
+    let f = ["vm=\"web\"", "role=\"primary\"", "result=\"failure\""];
+    assert_eq!(
+        sample(&text, "understudy_cycles_total", &f),
+        Some(failed),
+        "measure says {failed} failed cycles"
+    );
+    assert_counters_grew(&previous, &text);
+    previous = text;
+
+    // The replica comes back: cycles succeed again and nothing went backwards.
+    b.restart();
+    sync_until_ok(&a, "web", 60);
+    qemu_io_ok(&uri, &["write -P 0x33 0 1M"]);
+    sync_until_ok(&a, "web", 20);
+    let text = scrape(&ma);
+    promtool_check(&text);
+    assert_counters_grew(&previous, &text);
+    let m = measure(&a, "web");
+    assert_eq!(
+        sample(&text, "understudy_cycles_total", &f),
+        m["failed_cycles"].as_f64()
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "understudy_cycles_total",
+            &["vm=\"web\"", "role=\"primary\"", "result=\"success\""]
+        ),
+        m["successful_cycles"].as_f64()
+    );
+    assert!(
+        sample(&text, "understudy_cycles_total", &f).unwrap() >= failed,
+        "the failure counter went backwards"
+    );
+}
