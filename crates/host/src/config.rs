@@ -26,4 +26,6 @@ pub struct HostConfig {
     pub retain_points: Option<u64>,
     /// HOST:PORT to serve Prometheus metrics on (`GET /metrics`, plain HTTP); `None`: off.
     pub metrics_listen: Option<String>,
+    /// Health's monitoring interval when the replica-server settings give none (seconds).
+    pub monitoring_interval_secs: u64,
 }

@@ -55,6 +55,11 @@ pub const GUEST_THAW_FAILED: u32 = 2022;
 pub const INITIAL_FROM_EXISTING: u32 = 2030;
 /// `replication start --at TIME`: the initial replication starts by itself then.
 pub const INITIAL_SCHEDULED: u32 = 2031;
+/// 2032-2039 are reserved for backups of the replica (docs/events.md).
+/// A VM's health changed (Normal, Warning, Critical), with every reason.
+pub const HEALTH_CHANGED: u32 = 2040;
+/// `replication reset-statistics`: `measure` counts from now; failures in a row forgotten.
+pub const STATISTICS_RESET: u32 = 2041;
 pub const POINT_COMMITTED: u32 = 3000;
 pub const PEER_REFUSED: u32 = 3002;
 pub const REPLICA_STORE_UNAVAILABLE: u32 = 3003;

@@ -15,6 +15,7 @@ pub mod errfmt;
 pub mod error;
 pub mod events;
 pub mod guest;
+pub mod health;
 pub mod heap;
 pub mod heartbeat;
 pub mod launch;

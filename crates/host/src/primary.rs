@@ -110,6 +110,8 @@ struct Counters {
     resynchronized_bytes: u64,
     resync_compared_bytes: u64,
     resync_hash_bytes: u64,
+    /// When the first of `consecutive_failures` failed (unix ns).
+    failing_since_ns: Option<u64>,
 }
 
 struct Runtime {
@@ -271,6 +273,7 @@ impl Replication {
                 last_error: rt.last_error.as_deref(),
                 app_consistent_failures: rt.counters.app_consecutive_failures,
                 app_consistent_error: rt.app_error.as_deref(),
+                failing_since_unix_ns: rt.counters.failing_since_ns,
             },
             now_unix_ns(),
         );
@@ -358,6 +361,17 @@ impl Replication {
             self.hello_owed.store(true, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// `replication reset-statistics`: `measure` counts from now, and the failures in a row
+    /// (and the Warning they raise) are forgotten, like Hyper-V's
+    /// `Reset-VMReplicationStatistics`. The Prometheus counters are not touched (they never
+    /// go backwards).
+    pub fn reset_statistics(&self) {
+        self.rt.lock().counters = Counters {
+            since_ns: now_unix_ns(),
+            ..Default::default()
+        };
     }
 
     pub fn measure(&self) -> Measure {
@@ -665,7 +679,7 @@ pub fn status_of(
     r: &ReplicationRecord,
     rel: &Relationship,
     health: proto::Health,
-    health_reasons: Vec<String>,
+    health_reasons: Vec<proto::HealthReason>,
     pending_bytes: u64,
     progress: Option<Progress>,
     last_error: Option<String>,
@@ -1605,6 +1619,7 @@ async fn cycle(
         Ok(_) => {
             rt.last_error = None;
             rt.counters.consecutive_failures = 0;
+            rt.counters.failing_since_ns = None;
         }
         // Waiting for the media's import is not a failure (the state says it is waiting).
         Err(e) if e.downcast_ref::<WaitingForMedia>().is_some() => {
@@ -1614,6 +1629,7 @@ async fn cycle(
             rt.last_error = Some(crate::errfmt::one_line(e));
             rt.counters.failed += 1;
             rt.counters.consecutive_failures += 1;
+            rt.counters.failing_since_ns.get_or_insert_with(now_unix_ns);
             shared.metrics.cycle_failed(&repl.vm.name);
         }
     }
@@ -1867,6 +1883,9 @@ async fn cycle_inner(
                     c.app_ok += 1;
                 }
             }
+            shared
+                .health
+                .note_success(&vm_name, shared.monitoring_interval_secs());
             shared.metrics.cycle_succeeded(
                 &vm_name,
                 &crate::metrics::CycleFacts {

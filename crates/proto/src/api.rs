@@ -322,6 +322,34 @@ pub enum Health {
     Critical,
 }
 
+/// One reason health is not Normal (docs/health.md lists the kinds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReason {
+    /// Stable id of the rule (`suspended`, `cycles_missed`, `resync_required`, ...).
+    pub kind: String,
+    /// The reason in words.
+    pub reason: String,
+    /// RFC 3339 UTC time the reason started (when the daemon first saw it if it cannot know
+    /// better, e.g. a state entered before the daemon started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+impl HealthReason {
+    pub fn new(kind: &str, reason: impl Into<String>) -> HealthReason {
+        HealthReason {
+            kind: kind.to_string(),
+            reason: reason.into(),
+            since: None,
+        }
+    }
+
+    pub fn since_unix_ns(mut self, ns: u64) -> HealthReason {
+        self.since = Some(crate::time::rfc3339_from_unix_ns(ns));
+        self
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Progress {
     pub done_bytes: u64,
@@ -354,8 +382,9 @@ pub struct ReplicationStatus {
     pub role: String,
     pub state: ReplicationState,
     pub health: Health,
-    /// Why health is not Normal, one sentence each.
-    pub health_reasons: Vec<String>,
+    /// Why health is not Normal: each reason in words, with its stable kind and the time it
+    /// started.
+    pub health_reasons: Vec<HealthReason>,
     /// Why a resynchronization is required, scheduled or running (its reason, when it has one),
     /// or why the VM is fenced (`FencedAfterFailover`).
     pub resync_reason: Option<String>,
@@ -564,6 +593,10 @@ pub struct ReplicaServerConfig {
     /// a later start refuses a storage directory without that marker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_id: Option<String>,
+    /// Health's monitoring interval on this host, seconds (`--monitoring-interval`, 1 h to
+    /// 7 d); `None`: `serve --monitoring-interval`, 12 h by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitoring_interval_secs: Option<u64>,
     /// What the daemon says of the store now ("open", "opening", or why it is unavailable).
     /// Reported by `GET /v1/replica-server`; never stored, ignored when sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -2,7 +2,7 @@
 //! facts the daemon counts (failures in a row, application-consistent fallbacks). Time is
 //! passed in.
 
-use proto::Health;
+use proto::{Health, HealthReason};
 
 use crate::{Relationship, Role, State};
 
@@ -16,6 +16,8 @@ pub struct HealthFacts<'a> {
     /// reason.
     pub app_consistent_failures: u64,
     pub app_consistent_error: Option<&'a str>,
+    /// When the first of the `consecutive_failures` failed (unix ns).
+    pub failing_since_unix_ns: Option<u64>,
 }
 
 /// Application-consistent cuts failed in a row after which health turns Warning: one failure
@@ -37,7 +39,7 @@ pub fn health(
     rel: &Relationship,
     facts: &HealthFacts<'_>,
     now_unix_ns: u64,
-) -> (Health, Vec<String>) {
+) -> (Health, Vec<HealthReason>) {
     if let State::TestFailoverInProgress { underlying, .. } = &rel.state {
         let mut beside = rel.clone();
         beside.state = (**underlying).clone();
@@ -45,87 +47,103 @@ pub fn health(
     }
     let mut reasons = Vec::new();
     let mut level = Health::Normal;
-    let mut raise = |to: Health, why: String, reasons: &mut Vec<String>| {
+    let mut raise = |to: Health, why: HealthReason, reasons: &mut Vec<HealthReason>| {
         if to as u8 > level as u8 {
             level = to;
         }
         reasons.push(why);
     };
+    let r = HealthReason::new;
     match &rel.state {
         State::ResynchronizationRequired { reason } => raise(
             Health::Critical,
-            format!(
-                "resynchronization required ({}): {reason}",
-                crate::condition::label(reason)
+            r(
+                "resync_required",
+                format!(
+                    "resynchronization required ({}): {reason}",
+                    crate::condition::label(reason)
+                ),
             ),
             &mut reasons,
         ),
         State::Suspended { .. } => raise(
             Health::Warning,
-            "replication is suspended".into(),
+            r("suspended", "replication is suspended".into()),
             &mut reasons,
         ),
         State::ReadyForInitialReplication => raise(
             Health::Warning,
-            "initial replication has not started".into(),
+            r("initial_not_done", "initial replication has not started".into()),
             &mut reasons,
         ),
         State::InitialReplicationByMedia => raise(
             Health::Warning,
-            "the initial replication was written to media and waits for `replication import-media` on the replica host".into(),
+            r("initial_not_done", "the initial replication was written to media and waits for `replication import-media` on the replica host".into()),
             &mut reasons,
         ),
         State::InitialReplicationScheduled { at_unix_ns } => raise(
             Health::Warning,
-            format!(
-                "initial replication is scheduled at {} (in {} s)",
-                proto::time::rfc3339_from_unix_ns(*at_unix_ns),
-                at_unix_ns.saturating_sub(now_unix_ns) / 1_000_000_000
+            r(
+                "initial_not_done",
+                format!(
+                    "initial replication is scheduled at {} (in {} s)",
+                    proto::time::rfc3339_from_unix_ns(*at_unix_ns),
+                    at_unix_ns.saturating_sub(now_unix_ns) / 1_000_000_000
+                ),
             ),
             &mut reasons,
         ),
         State::WaitingForStartResynchronize { at_unix_ns, .. } => raise(
             Health::Warning,
-            format!(
-                "a resynchronization is scheduled in {} s; until it completes the replica may not match the primary",
-                at_unix_ns.saturating_sub(now_unix_ns) / 1_000_000_000
+            r(
+                "resync_scheduled",
+                format!(
+                    "a resynchronization is scheduled in {} s; until it completes the replica may not match the primary",
+                    at_unix_ns.saturating_sub(now_unix_ns) / 1_000_000_000
+                ),
             ),
             &mut reasons,
         ),
         State::Resynchronizing { .. } => raise(
             Health::Warning,
-            "a resynchronization is in progress; until it completes the replica may not match the primary".into(),
+            r("resynchronizing", "a resynchronization is in progress; until it completes the replica may not match the primary".into()),
             &mut reasons,
         ),
         State::FailedOverWaitingCompletion { point } => raise(
             Health::Warning,
-            format!(
-                "failed over to point {point}; run `understudy failover complete {vm}` or `understudy failover stop {vm}`",
-                vm = rel.vm
+            r(
+                "failover_in_progress",
+                format!(
+                    "failed over to point {point}; run `understudy failover complete {vm}` or `understudy failover stop {vm}`",
+                    vm = rel.vm
+                ),
             ),
             &mut reasons,
         ),
         State::FailedOver => raise(
             Health::Warning,
-            "reverse replication is not set up: the VM is not protected".into(),
+            r("not_protected", "reverse replication is not set up: the VM is not protected".into()),
             &mut reasons,
         ),
         State::PreparedForFailover { seq, .. } => raise(
             Health::Warning,
-            match rel.role {
-                Role::Primary => {
-                    "prepared for a planned failover; the VM must not run here".into()
-                }
-                Role::Replica => format!(
-                    "the primary is prepared for a planned failover to point {seq}; run `understudy failover start {vm}` here",
-                    vm = rel.vm
-                ),
-            },
+            r(
+                "prepared_for_failover",
+                match rel.role {
+                    Role::Primary => {
+                        "prepared for a planned failover; the VM must not run here".into()
+                    }
+                    Role::Replica => format!(
+                        "the primary is prepared for a planned failover to point {seq}; run `understudy failover start {vm}` here",
+                        vm = rel.vm
+                    ),
+                },
+            ),
             &mut reasons,
         ),
         State::FencedAfterFailover { reason, .. } => raise(
             Health::Critical,
-            format!("the replica host failed this VM over; its disks are fenced here and nothing is replicated: {reason}"),
+            r("fenced", format!("the replica host failed this VM over; its disks are fenced here and nothing is replicated: {reason}")),
             &mut reasons,
         ),
         // Handled above.
@@ -133,23 +151,29 @@ pub fn health(
         State::InitialReplicationInProgress | State::Replicating => {}
     }
     if facts.consecutive_failures > 0 {
-        raise(
-            Health::Warning,
+        let mut why = r(
+            "cycles_failing",
             format!(
                 "{} cycle(s) failed in a row; last error: {}",
                 facts.consecutive_failures,
                 facts.last_error.unwrap_or("unknown")
             ),
-            &mut reasons,
         );
+        if let Some(t) = facts.failing_since_unix_ns {
+            why = why.since_unix_ns(t);
+        }
+        raise(Health::Warning, why, &mut reasons);
     }
     if facts.app_consistent_failures >= APP_CONSISTENT_WARNING_FAILURES {
         raise(
             Health::Warning,
-            format!(
-                "{} application-consistent cut(s) in a row fell back to crash-consistent; last error: {}",
-                facts.app_consistent_failures,
-                facts.app_consistent_error.unwrap_or("unknown")
+            r(
+                "app_consistent_failing",
+                format!(
+                    "{} application-consistent cut(s) in a row fell back to crash-consistent; last error: {}",
+                    facts.app_consistent_failures,
+                    facts.app_consistent_error.unwrap_or("unknown")
+                ),
             ),
             &mut reasons,
         );
@@ -160,13 +184,21 @@ pub fn health(
         if lag_s > f * LAG_CRITICAL_CYCLES {
             raise(
                 Health::Critical,
-                format!("the newest point is {lag_s} s old ({} cycles)", lag_s / f),
+                r(
+                    "no_successful_cycle",
+                    format!("the newest point is {lag_s} s old ({} cycles)", lag_s / f),
+                )
+                .since_unix_ns(last.saturating_add(f * LAG_CRITICAL_CYCLES * 1_000_000_000)),
                 &mut reasons,
             );
         } else if lag_s > f * LAG_WARNING_CYCLES {
             raise(
                 Health::Warning,
-                format!("the newest point is {lag_s} s old ({} cycles)", lag_s / f),
+                r(
+                    "no_successful_cycle",
+                    format!("the newest point is {lag_s} s old ({} cycles)", lag_s / f),
+                )
+                .since_unix_ns(last.saturating_add(f * LAG_WARNING_CYCLES * 1_000_000_000)),
                 &mut reasons,
             );
         }
@@ -196,6 +228,7 @@ mod tests {
             last_error: Some("connection refused"),
             app_consistent_failures: 0,
             app_consistent_error: None,
+            failing_since_unix_ns: None,
         }
     }
 
@@ -209,7 +242,7 @@ mod tests {
         f.app_consistent_error = Some("the guest agent did not answer in time");
         let (level, reasons) = health(&r, &f, NOW);
         assert_eq!(level, Health::Warning);
-        assert!(reasons[0].contains("guest agent"), "{reasons:?}");
+        assert!(reasons[0].reason.contains("guest agent"), "{reasons:?}");
     }
 
     #[test]
@@ -227,7 +260,7 @@ mod tests {
             0,
         );
         assert_eq!(level, Health::Critical);
-        assert!(why[0].contains("primary crashed"));
+        assert!(why[0].reason.contains("primary crashed"));
         assert_eq!(
             h(
                 State::Suspended {
@@ -253,7 +286,7 @@ mod tests {
         };
         let (level, why) = health(&rel(waiting, 0), &facts(0), NOW);
         assert_eq!(level, Health::Warning);
-        assert!(why[0].contains("scheduled in 60 s"), "{why:?}");
+        assert!(why[0].reason.contains("scheduled in 60 s"), "{why:?}");
         let running = State::Resynchronizing { reason: None };
         assert_eq!(health(&rel(running, 0), &facts(0), NOW).0, Health::Warning);
     }
@@ -292,14 +325,16 @@ mod tests {
         );
         assert_eq!(level, Health::Warning);
         assert!(
-            why[0].starts_with("failed over to point 4; run `understudy failover complete web`"),
+            why[0]
+                .reason
+                .starts_with("failed over to point 4; run `understudy failover complete web`"),
             "{why:?}"
         );
         let (level, why) = health(&rel(State::FailedOver, 0), &facts(0), NOW);
         assert_eq!(level, Health::Warning);
         assert_eq!(
-            why,
-            ["reverse replication is not set up: the VM is not protected"]
+            why[0].reason,
+            "reverse replication is not set up: the VM is not protected"
         );
         let prepared = rel(
             State::PreparedForFailover {
@@ -311,13 +346,13 @@ mod tests {
         let (level, why) = health(&prepared, &facts(0), NOW);
         assert_eq!(level, Health::Warning);
         assert_eq!(
-            why,
-            ["prepared for a planned failover; the VM must not run here"]
+            why[0].reason,
+            "prepared for a planned failover; the VM must not run here"
         );
         let mut on_replica = prepared;
         on_replica.role = Role::Replica;
         let (level, why) = health(&on_replica, &facts(0), NOW);
         assert_eq!(level, Health::Warning);
-        assert!(why[0].contains("failover start web"), "{why:?}");
+        assert!(why[0].reason.contains("failover start web"), "{why:?}");
     }
 }

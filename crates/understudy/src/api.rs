@@ -158,7 +158,14 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
         (Method::GET, ["v1", "replication"]) => to_json(&shared.all_status()),
         (Method::GET, ["v1", "vms", name, "replication"]) => to_json(&shared.status(name)?),
         (Method::GET, ["v1", "vms", name, "replication", "measure"]) => {
-            to_json(&shared.replication(name)?.measure())
+            let mut m = shared.replication(name)?.measure();
+            // Health as `status` judges it (over the monitoring interval).
+            m.health = shared.status(name)?.health;
+            to_json(&m)
+        }
+        (Method::POST, ["v1", "vms", name, "replication", "reset-statistics"]) => {
+            shared.reset_statistics(name)?;
+            to_json(&serde_json::json!({"reset": true}))
         }
         (Method::POST, ["v1", "vms", name, "replication", "enable"]) => {
             let r: EnableReplication = body(req).await?;

@@ -105,6 +105,10 @@ pub struct ServeArgs {
     /// 127.0.0.1:9469). Off by default. Every metric is listed in docs/metrics.md.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// The interval health is judged over (1h to 7d) unless `replica-server enable
+    /// --monitoring-interval` set one (docs/health.md).
+    #[arg(long, value_name = "DURATION", default_value = "12h", value_parser = parse_monitoring_interval)]
+    pub monitoring_interval: u64,
     /// Tests only: cap on each epoch's copy-before-write spill file instead of a quarter of
     /// the free space of its filesystem.
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, hide = true)]
@@ -129,8 +133,18 @@ impl ServeArgs {
             answer_timeout: self.answer_timeout,
             retain_points: self.retain_points,
             metrics_listen: self.metrics_listen,
+            monitoring_interval_secs: self.monitoring_interval,
         }
     }
+}
+
+fn parse_monitoring_interval(s: &str) -> Result<u64, String> {
+    use host::health::{MONITORING_INTERVAL_MAX_SECS, MONITORING_INTERVAL_MIN_SECS};
+    let secs = cli::parse_duration_secs(s)?;
+    if !(MONITORING_INTERVAL_MIN_SECS..=MONITORING_INTERVAL_MAX_SECS).contains(&secs) {
+        return Err(format!("{s} is out of range: 1h to 7d"));
+    }
+    Ok(secs)
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -182,6 +196,11 @@ enum ReplicaServerCmd {
         allow: Vec<String>,
         #[arg(long)]
         trust_group: Option<String>,
+        /// The interval health is judged over on this host (1h to 7d; default 12h, or
+        /// `serve --monitoring-interval`): Warning when more than 20 % of the cycles due in
+        /// it were missed (docs/health.md).
+        #[arg(long, value_name = "DURATION")]
+        monitoring_interval: Option<String>,
     },
     /// Stop accepting replicas (existing replicas are kept).
     Disable,
@@ -345,6 +364,9 @@ enum ReplicationCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Reset the statistics of `measure` and the Warning of failed and missed cycles
+    /// (Hyper-V's Reset-VMReplicationStatistics); the Prometheus counters go on.
+    ResetStatistics { name: String },
     /// Pause shipping (changes keep being tracked).
     Suspend { name: String },
     /// On the primary: stop replicating NAME from this host, whatever its state (Hyper-V's
@@ -506,7 +528,14 @@ fn main() -> ExitCode {
                     storage,
                     allow,
                     trust_group,
-                } => cli::replica_server_enable(&api, &storage, allow, trust_group),
+                    monitoring_interval,
+                } => cli::replica_server_enable(
+                    &api,
+                    &storage,
+                    allow,
+                    trust_group,
+                    monitoring_interval.as_deref(),
+                ),
                 ReplicaServerCmd::Disable => cli::replica_server_disable(&api),
                 ReplicaServerCmd::Show { json } => cli::replica_server_show(&api, json),
             }
@@ -604,6 +633,9 @@ fn main() -> ExitCode {
                 }
                 ReplicationCmd::Measure { name, json } => {
                     cli::replication_measure(&api, &name, json)
+                }
+                ReplicationCmd::ResetStatistics { name } => {
+                    cli::replication_reset_statistics(&api, &name)
                 }
                 ReplicationCmd::Suspend { name } => cli::replication_action(&api, &name, "suspend"),
                 ReplicationCmd::Remove { name } => cli::replication_remove(&api, &name),

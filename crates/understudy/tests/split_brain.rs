@@ -76,7 +76,7 @@ fn unplanned_failover_fences_the_old_primary_and_reverse_sends_only_what_differs
     assert_eq!(st["state"], "FencedAfterFailover", "{st}");
     assert_eq!(st["health"], "Critical", "{st}");
     assert!(
-        st["health_reasons"][0]
+        st["health_reasons"][0]["reason"]
             .as_str()
             .unwrap()
             .contains("failed this VM over"),

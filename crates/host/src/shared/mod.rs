@@ -124,6 +124,10 @@ pub struct Shared {
     pub events: Events,
     /// Prometheus metrics (`serve --metrics-listen`).
     pub metrics: crate::metrics::Metrics,
+    /// Health over the monitoring interval: reasons' start times, missed cycles, changes.
+    pub health: crate::health::HealthWatch,
+    /// `serve --monitoring-interval` (seconds), used unless `replica-server enable` set one.
+    monitoring_interval_secs: u64,
     catalog: Catalog,
     exports: Arc<nbd::StaticRegistry>,
     nbd: Mutex<Option<nbd::NbdServer>>,
@@ -239,6 +243,8 @@ impl Shared {
             tls,
             events,
             metrics: crate::metrics::Metrics::new(),
+            health: Default::default(),
+            monitoring_interval_secs: args.monitoring_interval_secs,
             catalog,
             exports: exports.clone(),
             nbd: Mutex::new(None),
@@ -343,6 +349,7 @@ impl Shared {
             shared.start_replica_store(cfg);
         }
         tokio::spawn(watch_storage(Arc::downgrade(&shared)));
+        tokio::spawn(watch_health(Arc::downgrade(&shared)));
         tokio::spawn(served::watch_expiries(Arc::downgrade(&shared)));
         tokio::spawn(crate::owner::run(shared.clone(), owner_rx, owner_view));
         Ok(shared)
@@ -1150,7 +1157,7 @@ impl Shared {
             r,
             rel,
             proto::Health::Critical,
-            vec![why.clone()],
+            vec![proto::HealthReason::new("vm_broken", why.clone())],
             0,
             None,
             Some(why),
@@ -1403,7 +1410,40 @@ impl Shared {
         Ok(repl.status())
     }
 
+    /// The monitoring interval health is judged over (seconds): `replica-server enable
+    /// --monitoring-interval`, else `serve --monitoring-interval` (12 h by default).
+    pub fn monitoring_interval_secs(&self) -> u64 {
+        self.replica_config()
+            .and_then(|c| c.monitoring_interval_secs)
+            .unwrap_or(self.monitoring_interval_secs)
+    }
+
+    /// `replication status NAME`, health judged over the monitoring interval.
     pub fn status(&self, name: &str) -> anyhow::Result<ReplicationStatus> {
+        let mut st = self.status_now(name)?;
+        self.health
+            .apply(&mut st, self.monitoring_interval_secs(), &self.events);
+        Ok(st)
+    }
+
+    /// `replication reset-statistics NAME`: `measure` counts from now and health forgets the
+    /// failures in a row and the missed cycles (the Prometheus counters go on).
+    pub fn reset_statistics(&self, name: &str) -> anyhow::Result<()> {
+        let _ = self.status_now(name)?;
+        if let Some(repl) = self.primary_of(name) {
+            repl.reset_statistics();
+        }
+        self.health.reset(name);
+        self.events.emit(
+            crate::events::STATISTICS_RESET,
+            Some(name),
+            "info",
+            "replication statistics reset: measure counts from now; failures in a row and missed cycles are forgotten",
+        );
+        Ok(())
+    }
+
+    fn status_now(&self, name: &str) -> anyhow::Result<ReplicationStatus> {
         self.check_storage(name);
         if let Some(repl) = self.primary_of(name) {
             return Ok(repl.status());
@@ -1461,6 +1501,10 @@ impl Shared {
                 .iter()
                 .filter_map(|n| self.replica_status(n)),
         );
+        let interval = self.monitoring_interval_secs();
+        for st in &mut out {
+            self.health.apply(st, interval, &self.events);
+        }
         out
     }
 
@@ -1527,6 +1571,20 @@ impl Shared {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+/// How often health is judged without anyone asking: a change is an event (2040) within this
+/// time, and each reason's start time is at most this late.
+const HEALTH_WATCH_PERIOD: Duration = Duration::from_secs(10);
+
+/// Judges every VM's health every [`HEALTH_WATCH_PERIOD`] (events on changes), until the host
+/// is dropped.
+async fn watch_health(shared: std::sync::Weak<Shared>) {
+    loop {
+        tokio::time::sleep(HEALTH_WATCH_PERIOD).await;
+        let Some(s) = shared.upgrade() else { return };
+        let _ = tokio::task::spawn_blocking(move || s.all_status()).await;
     }
 }
 

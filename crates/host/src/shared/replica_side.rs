@@ -283,6 +283,15 @@ impl Shared {
                 cfg.storage
             )));
         }
+        if let Some(secs) = cfg.monitoring_interval_secs {
+            use crate::health::{MONITORING_INTERVAL_MAX_SECS, MONITORING_INTERVAL_MIN_SECS};
+            if !(MONITORING_INTERVAL_MIN_SECS..=MONITORING_INTERVAL_MAX_SECS).contains(&secs) {
+                return Err(bad_request(format!(
+                    "monitoring interval {} is out of range: 1h to 7d",
+                    crate::health::interval_words(secs)
+                )));
+            }
+        }
         let mut cfg = cfg;
         cfg.enabled = true;
         cfg.status = None;
@@ -542,9 +551,16 @@ impl Shared {
             Some(StoreSlot::Open(store)) => store.pending().into_iter().find(|(n, _)| n == name),
             _ => None,
         }?;
-        let mut reasons =
-            vec!["opening: verifying the replica's journal after a start".to_string()];
-        reasons.extend(why.map(|w| format!("last attempt failed (will retry): {w}")));
+        let mut reasons = vec![proto::HealthReason::new(
+            "replica_opening",
+            "opening: verifying the replica's journal after a start",
+        )];
+        reasons.extend(why.map(|w| {
+            proto::HealthReason::new(
+                "replica_opening",
+                format!("last attempt failed (will retry): {w}"),
+            )
+        }));
         Some(ReplicationStatus {
             vm: name.to_string(),
             role: "Replica".into(),
@@ -627,9 +643,12 @@ impl Shared {
         if let Some(why) = &resync_reason {
             if damage.is_some() {
                 health = Health::Critical;
-                health_reasons.push(format!(
-                    "resynchronization required ({}): {why}",
-                    relationship::condition::label(why)
+                health_reasons.push(proto::HealthReason::new(
+                    "resync_required",
+                    format!(
+                        "resynchronization required ({}): {why}",
+                        relationship::condition::label(why)
+                    ),
                 ));
             }
         }

@@ -84,8 +84,13 @@ pub fn replica_server_enable(
     storage: &Path,
     allow: Vec<String>,
     trust_group: Option<String>,
+    monitoring_interval: Option<&str>,
 ) -> anyhow::Result<()> {
     let storage = absolute(storage)?;
+    let monitoring_interval_secs = monitoring_interval
+        .map(parse_duration_secs)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--monitoring-interval: {e}"))?;
     let allow = if allow.is_empty() {
         vec!["*".to_string()]
     } else {
@@ -97,6 +102,7 @@ pub fn replica_server_enable(
         allow,
         trust_group,
         store_id: None,
+        monitoring_interval_secs,
         status: None,
     };
     let cfg: ReplicaServerConfig = api.post("/v1/replica-server", &cfg)?;
@@ -465,6 +471,18 @@ pub fn replication_status(api: &Api, name: Option<&str>, json: bool) -> anyhow::
             }
         }
     }
+    Ok(())
+}
+
+pub fn replication_reset_statistics(api: &Api, name: &str) -> anyhow::Result<()> {
+    let _: serde_json::Value = api.post(
+        &format!(
+            "/v1/vms/{}/replication/reset-statistics",
+            path_segment(name)?
+        ),
+        &serde_json::json!({}),
+    )?;
+    println!("{name}: statistics reset; measure counts from now");
     Ok(())
 }
 

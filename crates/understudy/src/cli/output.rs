@@ -180,7 +180,10 @@ pub fn print_status(list: &[ReplicationStatus]) {
             );
         }
         for r in &st.health_reasons {
-            println!("    {r}");
+            match &r.since {
+                Some(since) => println!("    {} (since {since})", r.reason),
+                None => println!("    {}", r.reason),
+            }
         }
     }
 }
