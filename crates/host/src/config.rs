@@ -28,4 +28,6 @@ pub struct HostConfig {
     pub metrics_listen: Option<String>,
     /// Health's monitoring interval when the replica-server settings give none (seconds).
     pub monitoring_interval_secs: u64,
+    /// Tests only: rotate `events.log` at this size instead of 16 MiB.
+    pub events_file_max: Option<u64>,
 }

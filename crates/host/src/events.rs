@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 use proto::time::{now_unix_ns, rfc3339_from_unix_ns};
@@ -77,17 +77,68 @@ pub const POINT_UNSERVED: u32 = 3021;
 /// Events kept in memory for `events` queries; older ones remain in the file.
 const EVENTS_IN_MEMORY_MAX: usize = 1000;
 
+/// Size at which `events.log` is rotated to `events.log.1` (the previous `.1` is dropped): the
+/// log takes at most twice this on disk. 16 MiB holds ~100 000 events, months of a busy
+/// host's history, while a flapping link cannot fill the data directory's file system.
+pub const EVENTS_FILE_MAX_BYTES: u64 = 16 << 20;
+
+/// The rotated file beside `path` (`events.log.1`).
+pub fn rotated_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
 pub struct Events {
     path: PathBuf,
     recent: Mutex<VecDeque<Event>>,
+    /// Bytes in the current file (`None`: not known yet, read at the next append); under
+    /// this lock appends and rotations happen one at a time.
+    file_bytes: Mutex<Option<u64>>,
+    max_bytes: u64,
 }
 
 impl Events {
     pub fn new(path: PathBuf) -> Events {
+        Events::with_limit(path, EVENTS_FILE_MAX_BYTES)
+    }
+
+    /// `max_bytes`: rotate at this size instead of [`EVENTS_FILE_MAX_BYTES`] (tests).
+    pub fn with_limit(path: PathBuf, max_bytes: u64) -> Events {
         Events {
             path,
             recent: Mutex::new(VecDeque::new()),
+            file_bytes: Mutex::new(None),
+            max_bytes: max_bytes.max(1),
         }
+    }
+
+    /// Appends one line, rotating first when it would take the file past the limit.
+    fn append(&self, line: &str) -> std::io::Result<()> {
+        let mut size = self.file_bytes.lock();
+        let current = match *size {
+            Some(n) => n,
+            None => match std::fs::metadata(&self.path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(e),
+            },
+        };
+        let len = line.len() as u64 + 1;
+        let current = if current > 0 && current + len > self.max_bytes {
+            std::fs::rename(&self.path, rotated_path(&self.path))?;
+            0
+        } else {
+            current
+        };
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+        // After a failed write the size is unknown: read it again next time.
+        *size = written.as_ref().ok().map(|_| current + len);
+        written
     }
 
     pub fn emit(&self, id: u32, vm: Option<&str>, level: &str, message: &str) {
@@ -104,12 +155,7 @@ impl Events {
             _ => tracing::info!(event = id, vm = vm.unwrap_or("-"), "{message}"),
         }
         if let Ok(line) = serde_json::to_string(&ev) {
-            let appended = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .and_then(|mut f| writeln!(f, "{line}"));
-            if let Err(e) = appended {
+            if let Err(e) = self.append(&line) {
                 tracing::warn!("cannot append to {}: {e}", self.path.display());
             }
         }
@@ -127,5 +173,26 @@ impl Events {
             .filter(|e| vm.is_none() || e.vm.as_deref() == vm)
             .cloned()
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_log_rotates_at_its_limit_and_keeps_one_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        let events = Events::with_limit(path.clone(), 1000);
+        for i in 0..100 {
+            events.emit(VM_SET, Some("web"), "info", &format!("event number {i}"));
+        }
+        let now = std::fs::metadata(&path).unwrap().len();
+        let old = std::fs::metadata(rotated_path(&path)).unwrap().len();
+        assert!(now <= 1000 && old <= 1000, "{now} {old}");
+        assert!(!dir.path().join("events.log.2").exists());
+        let last = std::fs::read_to_string(&path).unwrap();
+        assert!(last.trim_end().ends_with("event number 99\"}"), "{last}");
     }
 }

@@ -66,6 +66,23 @@ enum Command {
     Failover(FailoverCmd),
     /// The guided end-to-end tour on loopback (temporary directory, no setup).
     Demo,
+    /// The host's events (failovers, resyncs, health changes, ...; ids in docs/events.md),
+    /// oldest first, read from the event log (works with the daemon stopped).
+    Events {
+        /// Only this VM's events.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only events at or after TIME: RFC 3339 (2026-12-03T18:30:00Z) or a duration back
+        /// from now (30m, 4h, 2d).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Keep printing new events until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -113,6 +130,9 @@ pub struct ServeArgs {
     /// the free space of its filesystem.
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, hide = true)]
     pub cbw_spill_max: Option<u64>,
+    /// Tests only: rotate the event log at this size instead of 16 MiB.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, hide = true)]
+    pub events_file_max: Option<u64>,
     /// Tests only: recovery points kept per replica VM instead of 64.
     #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub retain_points: Option<u64>,
@@ -134,6 +154,7 @@ impl ServeArgs {
             retain_points: self.retain_points,
             metrics_listen: self.metrics_listen,
             monitoring_interval_secs: self.monitoring_interval,
+            events_file_max: self.events_file_max,
         }
     }
 }
@@ -511,6 +532,23 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::serve(&cli.data_dir, args.into_config()),
         Command::Demo => demo::run(),
+        Command::Events {
+            vm,
+            since,
+            follow,
+            json,
+        } => since
+            .as_deref()
+            .map(cli::events::parse_since)
+            .transpose()
+            .and_then(|since_unix_ns| {
+                cli::events::events(
+                    &cli.data_dir,
+                    &cli::events::Filter { vm, since_unix_ns },
+                    follow,
+                    json,
+                )
+            }),
         Command::Identity => cli::identity(&cli.data_dir),
         Command::Trust(TrustCmd::Add { file, role, names }) => {
             let scope = transport::Scope {

@@ -19,13 +19,7 @@ use crate::api;
 const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn serve(data_dir: &Path, args: HostConfig) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     // Images, journals, the catalog (it holds the replication keys) and identity keys are for
     // the daemon's user (and group, to reach the sockets): files 0640 at most, directories
     // 0750; the catalog is tightened to 0600 when opened.
@@ -48,6 +42,21 @@ pub fn serve(data_dir: &Path, args: HostConfig) -> anyhow::Result<()> {
     // exiting: the clean-stop work above is done, give such threads a moment and go.
     rt.shutdown_timeout(RUNTIME_SHUTDOWN_WAIT);
     result
+}
+
+/// Logs through `tracing` to stderr. Run by systemd (`JOURNAL_STREAM` set: stderr is the
+/// journal), without colors and timestamps: the journal stamps each line itself.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.with_ansi(false).without_time().init();
+    } else {
+        builder.init();
+    }
 }
 
 /// How long a stopping daemon waits for blocking tasks still running after its clean stop.

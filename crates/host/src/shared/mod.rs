@@ -215,7 +215,11 @@ impl Shared {
         let trust = transport::TrustStore::open(&data_dir.join("trust"))?;
         let tls = transport::TlsContext::new(identity, trust)?;
         let catalog = Catalog::open(&data_dir.join("catalog.redb"))?;
-        let events = Events::new(data_dir.join("events.log"));
+        let events = Events::with_limit(
+            data_dir.join("events.log"),
+            args.events_file_max
+                .unwrap_or(crate::events::EVENTS_FILE_MAX_BYTES),
+        );
         let served = served::Served::load(&catalog)?;
         let exports = Arc::new(nbd::StaticRegistry::new());
         let nbd_socket = match crate::activation::nbd_socket_path()? {

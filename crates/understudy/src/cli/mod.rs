@@ -2,6 +2,7 @@
 //! humans (tables, progress bars) or scripts (`--json`). Never opens a disk image.
 
 mod api;
+pub mod events;
 mod output;
 
 use std::io::IsTerminal;
