@@ -143,6 +143,10 @@ async fn run(data_dir: &Path, args: HostConfig) -> anyhow::Result<()> {
     });
 
     let metrics_server = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            // Tests bind port 0 and read the port from this line.
+            tracing::info!("serving metrics on http://{addr}/metrics");
+        }
         tokio::spawn(crate::metrics::serve(
             listener,
             shared.clone(),

@@ -154,8 +154,20 @@ fn prom_query(prom: &str, query: &str) -> Option<f64> {
     result[0]["value"][1].as_str()?.parse().ok()
 }
 
-fn metrics_args(port: u16) -> Vec<String> {
-    vec!["--metrics-listen".into(), format!("127.0.0.1:{port}")]
+/// `serve` arguments for metrics on a port the kernel picks (no race for a free port).
+const METRICS_ARGS: &[&str] = &["--metrics-listen", "127.0.0.1:0"];
+
+/// Where `h` serves its metrics: the address its log names (the newest start's).
+fn metrics_addr(h: &Host) -> String {
+    const MARK: &str = "serving metrics on http://";
+    let log = h.log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(MARK))
+        .unwrap_or_else(|| panic!("{} does not serve metrics:\n{log}", h.name));
+    let rest = &line[line.find(MARK).unwrap() + MARK.len()..];
+    rest.trim_end_matches("/metrics").trim().to_string()
 }
 
 #[test]
@@ -163,20 +175,26 @@ fn metrics_pass_promtool_and_a_real_prometheus_scrapes_them() {
     require("qemu-io", "qemu-utils");
     require("curl", "curl");
     let root = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let (aa, ba) = (metrics_args(pa), metrics_args(pb));
-    let a_args: Vec<&str> = aa.iter().map(String::as_str).collect();
-    let b_args: Vec<&str> = ba.iter().map(String::as_str).collect();
-    let (a, b) = pair_with_args(root.path(), &a_args, &b_args);
+    let (a, b) = pair_with_args(root.path(), METRICS_ARGS, METRICS_ARGS);
     replicate(&a, &b, "web", &["32M"], 3600);
     qemu_io_ok(&a.nbd_uri("web", 0), &["write -P 0x5a 1M 2M", "read 0 64k"]);
     a.ok(&["replication", "sync", "web"]);
 
-    let (ma, mb) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let (ma, mb) = (metrics_addr(&a), metrics_addr(&b));
     let text_a = scrape(&ma);
     let text_b = scrape(&mb);
     promtool_check(&text_a);
     promtool_check(&text_b);
+    // A client asking for OpenMetrics (as Prometheus does) gets it.
+    let om = Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "20", "-H"])
+        .arg("Accept: application/openmetrics-text; version=1.0.0")
+        .arg(format!("http://{ma}/metrics"))
+        .output()
+        .unwrap();
+    let om = String::from_utf8(om.stdout).unwrap();
+    assert!(om.ends_with("# EOF\n"), "not OpenMetrics:\n{om}");
+    assert!(om.contains("# TYPE understudy_cycles counter\n"), "{om}");
 
     // The primary's view matches status and measure.
     let st = status(&a, "web");
@@ -208,17 +226,19 @@ fn metrics_pass_promtool_and_a_real_prometheus_scrapes_them() {
     assert!(sample(&text_a, "understudy_cycle_duration_seconds_count", &p).unwrap() >= 2.0);
     assert!(sample(&text_a, "understudy_cut_pause_seconds_count", &p).unwrap() >= 2.0);
     // qemu-io wrote and read through the daemon's NBD server.
-    let export = format!("export=\"{}\"", "web-0");
-    let writes = samples(&text_a)
-        .into_iter()
-        .filter(|(s, _)| {
-            s.starts_with("understudy_nbd_requests_total{")
-                && s.contains("op=\"write\"")
-                && s.contains("web")
-        })
-        .map(|(_, v)| v)
-        .sum::<f64>();
-    assert!(writes >= 1.0, "no NBD write counted ({export}):\n{text_a}");
+    for op in ["write", "read"] {
+        let l = ["export=\"web-0\"", &format!("op=\"{op}\"")];
+        let count = sample(&text_a, "understudy_nbd_requests_total", &l[..]).unwrap_or(0.0);
+        assert!(count >= 1.0, "no NBD {op} counted:\n{text_a}");
+        assert_eq!(
+            sample(
+                &text_a,
+                "understudy_nbd_request_duration_seconds_count",
+                &l[..]
+            ),
+            Some(count)
+        );
+    }
 
     // The replica's view matches its status.
     let rs = status(&b, "web");
@@ -274,15 +294,12 @@ fn a_failed_cycle_shows_in_measure_and_metrics_and_counters_never_go_backwards()
     require("qemu-io", "qemu-utils");
     require("curl", "curl");
     let root = tempfile::tempdir().unwrap();
-    let pa = free_port();
-    let aa = metrics_args(pa);
-    let a_args: Vec<&str> = aa.iter().map(String::as_str).collect();
     let (a, mut b) = pair_with_args(
         root.path(),
-        &[&a_args[..], &["--hello-timeout", "3"]].concat(),
+        &[METRICS_ARGS, &["--hello-timeout", "3"]].concat(),
         &[],
     );
-    let ma = format!("127.0.0.1:{pa}");
+    let ma = metrics_addr(&a);
     replicate(&a, &b, "web", &["32M"], 3600);
     let uri = a.nbd_uri("web", 0);
     qemu_io_ok(&uri, &["write -P 0x11 0 1M"]);
