@@ -34,7 +34,10 @@ struct VmHealth {
     level: Option<Health>,
     /// When each reason (by kind) was first seen.
     since: HashMap<String, u64>,
-    /// Times of the successful cycles (primary) in the interval, oldest first.
+    /// Replica side: the primary's frequency (its hellos say it), seconds.
+    frequency_secs: Option<u32>,
+    /// Times of the successful cycles (primary) or commits (replica) in the interval, oldest
+    /// first.
     successes: VecDeque<u64>,
     /// The first success after the daemon started or the statistics were reset: cycles are
     /// due from then on.
@@ -50,9 +53,29 @@ pub struct HealthWatch {
 impl HealthWatch {
     /// A cycle of `vm` (primary) committed a point now.
     pub fn note_success(&self, vm: &str, interval_secs: u64) {
+        self.note(&format!("Primary|{vm}"), interval_secs);
+    }
+
+    /// This replica host committed a point of `vm` now.
+    pub fn note_commit(&self, vm: &str, interval_secs: u64) {
+        self.note(&format!("Replica|{vm}"), interval_secs);
+    }
+
+    /// A hello from `vm`'s primary said its frequency (ignored outside 1 s to 1 h, the range
+    /// the primary accepts).
+    pub fn set_frequency(&self, vm: &str, secs: u32) {
+        if (1..=3600).contains(&secs) {
+            let mut vms = self.vms.lock();
+            vms.entry(format!("Replica|{vm}"))
+                .or_default()
+                .frequency_secs = Some(secs);
+        }
+    }
+
+    fn note(&self, key: &str, interval_secs: u64) {
         let now = now_unix_ns();
         let mut vms = self.vms.lock();
-        let h = vms.entry(format!("Primary|{vm}")).or_default();
+        let h = vms.entry(key.to_string()).or_default();
         h.window_start_ns.get_or_insert(now);
         h.successes.push_back(now);
         let oldest = now.saturating_sub(interval_secs.saturating_mul(1_000_000_000));
@@ -84,8 +107,14 @@ impl HealthWatch {
         let key = format!("{}|{}", st.role, st.vm);
         let mut vms = self.vms.lock();
         let h = vms.entry(key).or_default();
-        if st.role == "Primary" && st.state == ReplicationState::Replicating {
-            if let Some(missed) = missed_cycles(h, st.frequency_secs, interval_secs, now) {
+        // The primary schedules the cycles; the replica host knows their frequency from the
+        // primary's hellos.
+        let frequency = match st.role.as_str() {
+            "Primary" => Some(st.frequency_secs),
+            _ => h.frequency_secs,
+        };
+        if let (Some(f), ReplicationState::Replicating) = (frequency, st.state) {
+            if let Some(missed) = missed_cycles(h, f, interval_secs, now) {
                 if st.health == Health::Normal {
                     st.health = Health::Warning;
                 }

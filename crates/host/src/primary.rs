@@ -751,6 +751,7 @@ pub fn hello_of(shared: &Shared, vm: &Vm, r: &ReplicationRecord, rel: &Relations
         reverse: None,
         use_existing: None,
         failover_network: shared.failover_network_for_hello(&vm.name),
+        frequency_secs: Some(r.frequency_secs),
     }
 }
 

@@ -376,6 +376,10 @@ async fn route(
             }
             crate::Shared::check_hello_failover_network(hello.failover_network.as_deref())
                 .map_err(|why| refuse(StatusCode::BAD_REQUEST, "bad_request", why))?;
+            if let Some(f) = hello.frequency_secs {
+                // Health only (missed cycles): an odd value is ignored, never refused.
+                shared.health.set_frequency(vm, f);
+            }
             let disks: Vec<delta::DiskEntry> = hello
                 .disks
                 .iter()
@@ -699,6 +703,9 @@ async fn route(
             };
             // Retention runs in its own task (woken here), never in the request's path.
             shared.retention_wake.notify_one();
+            shared
+                .health
+                .note_commit(vm, shared.monitoring_interval_secs());
             shared.metrics.point_committed(
                 vm,
                 std::time::Duration::from_nanos(

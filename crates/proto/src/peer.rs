@@ -53,6 +53,10 @@ pub struct Hello {
     /// existing copy in the hello".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_existing: Option<Vec<String>>,
+    /// The relationship's frequency, seconds (absent from older primaries): the replica host
+    /// judges missed cycles with it (`docs/health.md`). See `peer-protocol.md`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_secs: Option<u32>,
 }
 
 /// The relationship a reverse hello turns around, and the point both hosts hold.

@@ -130,6 +130,32 @@ fn missed_cycles_in_the_monitoring_interval_turn_health_warning() {
 }
 
 #[test]
+fn the_replica_host_judges_missed_cycles_with_the_primarys_frequency() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut a, b) = pair(root.path());
+    replicate(&a, &b, "web", &["8M"], 1);
+    // Cycles that keep up are not missed: more than the 5 due cycles the rule waits for.
+    std::thread::sleep(Duration::from_secs(7));
+    for (h, st) in [(&a, status(&a, "web")), (&b, status(&b, "web"))] {
+        assert_eq!(st["health"], "Normal", "{}: {st}", h.name);
+    }
+    // The primary stops: no point commits on the replica host any more.
+    a.stop();
+    let mut st = serde_json::Value::Null;
+    wait_until(
+        "the replica to see missed cycles",
+        Duration::from_secs(60),
+        || {
+            st = status(&b, "web");
+            reason_of(&st, "cycles_missed").is_some()
+        },
+    );
+    assert_eq!(st["role"], "Replica");
+    assert_eq!(st["health"], "Warning", "{st}");
+    a.restart();
+}
+
+#[test]
 fn monitoring_interval_is_one_hour_to_seven_days() {
     let root = tempfile::tempdir().unwrap();
     let b = Host::start(root.path(), "replica");
