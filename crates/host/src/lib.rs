@@ -25,6 +25,7 @@ pub mod primary;
 pub mod qemu_img;
 pub mod replica_host;
 pub mod resync;
+pub mod resync_cursor;
 pub mod seed;
 pub mod shared;
 pub mod shipper;

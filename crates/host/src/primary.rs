@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::catalog::{RelationshipDoc, ReplicationRecord};
 use crate::events;
+use crate::resync_cursor::{ResyncCursor, RESYNC_CURSOR_RANGES_MAX, RESYNC_WINDOW_BYTES};
 use crate::vms::Vm;
 use crate::Shared;
 
@@ -149,6 +150,9 @@ pub struct Replication {
     apply_lock: Mutex<()>,
     /// The replica has not confirmed the latest state change yet (a hello failed).
     hello_owed: Arc<std::sync::atomic::AtomicBool>,
+    /// A resynchronization cursor may be in the catalog (`resync.md`, "The cursor"): deleted
+    /// once the relationship leaves the resynchronization otherwise than by suspending it.
+    cursor_kept: std::sync::atomic::AtomicBool,
 }
 
 /// What the loop must do after an event (the actions the executor does not run itself).
@@ -208,6 +212,7 @@ impl Replication {
             cmd: tx,
             apply_lock: Mutex::new(()),
             hello_owed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            cursor_kept: std::sync::atomic::AtomicBool::new(true),
         });
         // What the daemon found at start is the relationship's state before anyone can read
         // it (a status right after the start shows a resynchronization required at once).
@@ -560,9 +565,75 @@ impl Replication {
         if !installed {
             // In-memory changes only (where the replica stands is unknown, ...).
             self.rt.lock().rel = next;
+        } else if !keeps_resync_cursor(&next.state)
+            && self.cursor_kept.swap(false, Ordering::AcqRel)
+        {
+            // The resynchronization committed, was cancelled, or is required again: the
+            // next one starts over. A cursor left behind is harmless (every block is marked
+            // dirty when a resynchronization starts), so a failure is only logged.
+            if let Err(e) = off_runtime(|| shared.delete_resync_cursor(&self.vm.name)) {
+                tracing::warn!(vm = %self.vm.name, "removing the resynchronization cursor: {e:#}");
+            }
         }
         Ok(out)
     }
+}
+
+/// States in which a resynchronization may continue from its cursor: running, or suspended
+/// to resume it.
+fn keeps_resync_cursor(state: &State) -> bool {
+    matches!(
+        state,
+        State::Resynchronizing { .. }
+            | State::Suspended {
+                resume_to: relationship::Resumable::Resynchronizing
+            }
+    )
+}
+
+/// Before a resynchronization's cut: marks dirty what its compare still has to cover (from
+/// the cursor when it continues one, else every block) and returns the cursor the cycle goes
+/// on with. Blocking (the marks are made durable).
+fn resync_marks(
+    shared: &Shared,
+    repl: &Replication,
+    record: &ReplicationRecord,
+    generation: u64,
+    seq: Seq,
+) -> anyhow::Result<ResyncCursor> {
+    let vm = &repl.vm.name;
+    let base = seq.get().saturating_sub(1);
+    let disks: Vec<(u32, u64)> = record
+        .disks
+        .iter()
+        .filter_map(|&i| repl.vm.disks.get(i as usize).map(|d| (i, d.size_bytes())))
+        .collect();
+    let found = shared.load_resync_cursor(vm);
+    let continues = found
+        .as_ref()
+        .is_some_and(|c| c.continues(&record.replication_id, generation, base, &disks));
+    let cursor = match found {
+        Some(c) if continues => c,
+        _ => ResyncCursor::fresh(&record.replication_id, generation, base, &disks),
+    };
+    for d in &cursor.disks {
+        let Some(disk) = repl.vm.disks.get(d.index as usize) else {
+            continue;
+        };
+        if continues {
+            let blocks: Vec<std::ops::Range<u64>> = d
+                .to_mark()
+                .iter()
+                .map(|&(o, l)| o / tracker::BLOCK_BYTES..(o + l).div_ceil(tracker::BLOCK_BYTES))
+                .collect();
+            disk.mark_dirty_blocks(&blocks)
+        } else {
+            disk.mark_all_dirty()
+        }
+        .with_context(|| format!("marking disk {} of {vm} for the resynchronization", d.index))?;
+    }
+    repl.cursor_kept.store(true, Ordering::Release);
+    Ok(cursor)
 }
 
 /// Whether `resync-cancel` has something to cancel (the core refuses it otherwise).
@@ -1408,10 +1479,29 @@ impl crate::resync::ChunkSource for CutDisk {
     }
 }
 
+/// Persists the resynchronization cursor; false (logged) when it cannot be, or holds more
+/// ranges than a cursor may: the resynchronization then goes on from the last one kept.
+fn save_cursor(shared: &Shared, repl: &Replication, cursor: &ResyncCursor) -> bool {
+    let vm = &repl.vm.name;
+    if cursor.ranges() > RESYNC_CURSOR_RANGES_MAX {
+        tracing::info!(%vm, "the resynchronization cursor would hold {} ranges (at most {RESYNC_CURSOR_RANGES_MAX}): not advanced", cursor.ranges());
+        return false;
+    }
+    match off_runtime(|| shared.save_resync_cursor(vm, cursor)) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(%vm, "saving the resynchronization cursor: {e:#}");
+            false
+        }
+    }
+}
+
 /// The compare of a resynchronization: each disk of the cut against the replica's newest
-/// point; the blocks found equal are marked shipped (never read again), so the shipper reads
+/// point, window by window (`RESYNC_WINDOW_BYTES`), the cursor advanced and persisted after
+/// each; the blocks found equal are marked shipped (never read again), so the shipper reads
 /// only those that differ. `None` when the replica cannot compare (an older version): every
 /// block is shipped, as before.
+#[allow(clippy::too_many_arguments)]
 async fn compare_with_replica(
     shared: &Arc<Shared>,
     repl: &Arc<Replication>,
@@ -1419,6 +1509,7 @@ async fn compare_with_replica(
     seq: Seq,
     indexes: &[u32],
     cut: tracker::Cut,
+    cursor: &mut ResyncCursor,
 ) -> Result<
     (tracker::Cut, Option<crate::resync::CompareStats>),
     (Option<tracker::Cut>, anyhow::Error),
@@ -1437,6 +1528,11 @@ async fn compare_with_replica(
     let cut = Arc::new(cut);
     let unshare = |cut: Arc<tracker::Cut>| Arc::try_unwrap(cut).ok();
     let mut stats = crate::resync::CompareStats::default();
+    // Progress shown in status: what earlier attempts compared counts as compared.
+    repl.resync_compared_blocks.store(
+        cursor.compared_bytes() / tracker::BLOCK_BYTES,
+        Ordering::Relaxed,
+    );
     for (position, &index) in indexes.iter().enumerate() {
         let disk: Arc<dyn crate::resync::ChunkSource + Send + Sync> = Arc::new(CutDisk {
             cut: cut.clone(),
@@ -1444,55 +1540,113 @@ async fn compare_with_replica(
         });
         let size = disk.size_bytes();
         let ranges = cut.disks[position].ranges();
+        let resumed_at = cursor.disks.get(position).map_or(0, |d| d.compared_to);
+        let continues = if resumed_at > 0 {
+            format!(
+                "; it continues at byte {resumed_at}, where an earlier attempt got: below it only {} bytes are compared again (blocks that differed, or were written since)",
+                crate::resync_cursor::clip(&ranges, 0, resumed_at)
+                    .iter()
+                    .map(|r| r.1)
+                    .sum::<u64>()
+            )
+        } else {
+            String::new()
+        };
         shared.events.emit(
             events::RESYNC_COMPARE_STARTED,
             Some(&vm),
             "info",
             &format!(
-                "resynchronization compares disk {index} with the replica's point {base}: blocks 0 to {} ({size} bytes)",
+                "resynchronization compares disk {index} with the replica's point {base}: blocks 0 to {} ({size} bytes){continues}",
                 size.div_ceil(tracker::BLOCK_BYTES).saturating_sub(1)
             ),
         );
         let started = Instant::now();
         let before = stats;
-        let compared = crate::resync::compare_disk(
-            peer,
-            &vm,
-            base,
-            index,
-            disk,
-            &ranges,
-            &key,
-            shared.peer_timeouts.answer,
-            &mut stats,
-            &repl.resync_compared_blocks,
-        )
-        .await;
-        let differs = match compared {
-            Ok(r) => r,
-            // An older replica (no such route), or a damaged copy that cannot be read: every
-            // block is sent, as a resynchronization did before it compared. Disks compared
-            // already had their equal blocks marked shipped: those are equal on the replica.
-            Err(e)
-                if e.downcast_ref::<PeerRefusal>()
-                    .is_some_and(|r| r.0.code == "not_found" || r.0.code == "damaged") =>
-            {
-                shared.events.emit(
-                    events::RESYNC_COMPARE_DONE,
-                    Some(&vm),
-                    "warning",
-                    &format!(
-                        "the replica cannot compare ({}): every block is sent",
-                        crate::errfmt::one_line(&e)
-                    ),
-                );
-                return match unshare(cut) {
-                    Some(cut) => Ok((cut, None)),
-                    None => Err((None, anyhow!("the compare of {vm} still holds its cut"))),
-                };
+        let mut window = 0u64;
+        while window < size {
+            let end = (window + RESYNC_WINDOW_BYTES).min(size);
+            let in_window = crate::resync_cursor::clip(&ranges, window, end);
+            if in_window.is_empty() {
+                if let Some(d) = cursor.disks.get_mut(position) {
+                    d.window_done(window, end, &[]);
+                }
+                window = end;
+                continue;
             }
-            Err(e) => return Err((unshare(cut), e)),
-        };
+            // Blocks below where earlier attempts got were counted as compared already.
+            let recount = std::sync::atomic::AtomicU64::new(0);
+            let counter = if window >= resumed_at {
+                &repl.resync_compared_blocks
+            } else {
+                &recount
+            };
+            let compared = crate::resync::compare_disk(
+                peer,
+                &vm,
+                base,
+                index,
+                disk.clone(),
+                &in_window,
+                &key,
+                shared.peer_timeouts.answer,
+                &mut stats,
+                counter,
+            )
+            .await;
+            let differs = match compared {
+                Ok(r) => r,
+                // An older replica (no such route), or a damaged copy that cannot be read:
+                // every block left is sent, as a resynchronization did before it compared.
+                // Windows compared already had their equal blocks marked shipped: those are
+                // equal on the replica.
+                Err(e)
+                    if e.downcast_ref::<PeerRefusal>()
+                        .is_some_and(|r| r.0.code == "not_found" || r.0.code == "damaged") =>
+                {
+                    shared.events.emit(
+                        events::RESYNC_COMPARE_DONE,
+                        Some(&vm),
+                        "warning",
+                        &format!(
+                            "the replica cannot compare ({}): every block is sent",
+                            crate::errfmt::one_line(&e)
+                        ),
+                    );
+                    return match unshare(cut) {
+                        Some(cut) => Ok((cut, None)),
+                        None => Err((None, anyhow!("the compare of {vm} still holds its cut"))),
+                    };
+                }
+                Err(e) => return Err((unshare(cut), e)),
+            };
+            // What is equal is shipped without a read, window by window: its copies go back
+            // to the pool now rather than after the last disk's compare.
+            let c = cut.clone();
+            let d2 = differs.clone();
+            let discarded = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let disk = &c.disks[position];
+                let mut at = window;
+                for &(o, l) in d2.iter().chain(std::iter::once(&(end, 0))) {
+                    if o > at {
+                        disk.discard(at, o - at)?;
+                    }
+                    at = o + l;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| anyhow!("the discard task: {e}"))
+            .and_then(|r| r);
+            if let Err(e) = discarded {
+                return Err((unshare(cut), e));
+            }
+            if let Some(d) = cursor.disks.get_mut(position) {
+                d.window_done(window, end, &differs);
+            }
+            save_cursor(shared, repl, cursor);
+            window = end;
+        }
         shared.events.emit(
             events::RESYNC_COMPARE_DONE,
             Some(&vm),
@@ -1507,29 +1661,6 @@ async fn compare_with_replica(
                 crate::resync::secs_since(started)
             ),
         );
-        // What is equal is shipped without a read, disk by disk: its copies go back to the
-        // pool now rather than after the last disk's compare.
-        let c = cut.clone();
-        let discarded = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let disk = &c.disks[position];
-            let mut at = 0u64;
-            for &(o, l) in differs
-                .iter()
-                .chain(std::iter::once(&(disk.size_bytes(), 0)))
-            {
-                if o > at {
-                    disk.discard(at, o - at)?;
-                }
-                at = o + l;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| anyhow!("the discard task: {e}"))
-        .and_then(|r| r);
-        if let Err(e) = discarded {
-            return Err((unshare(cut), e));
-        }
     }
     match unshare(cut) {
         Some(cut) => Ok((cut, Some(stats))),
@@ -1705,6 +1836,23 @@ async fn cycle_inner(
         .filter_map(|&i| repl.vm.disks.get(i as usize).cloned())
         .collect();
     let gate = repl.vm.gate.clone();
+    // A resynchronization marks what its compare still covers: from its cursor when it
+    // continues one (after a failure, a suspend, a restart), else every block.
+    let cursor = if plan.kind == CycleKind::Full {
+        let (sh, r, rec, generation) = (
+            shared.clone(),
+            repl.clone(),
+            record.clone(),
+            rel.progress.generation.0,
+        );
+        Some(
+            tokio::task::spawn_blocking(move || resync_marks(&sh, &r, &rec, generation, seq))
+                .await
+                .context("marking task")??,
+        )
+    } else {
+        None
+    };
     // Application-consistent when due: freeze, cut, thaw on the blocking thread, every step
     // bounded (`guest.rs`); any failure leaves a crash-consistent cut.
     let quiesce = app_consistent_due(shared, &vm_name, &record, &rel);
@@ -1766,8 +1914,28 @@ async fn cycle_inner(
     repl.progress_total.store(total, Ordering::Relaxed);
     // A resynchronization ships only the blocks that differ from the replica's newest point
     // (`docs/formats/resync.md`): the others are marked shipped without being read.
-    let (cut, compared) = if plan.kind == CycleKind::Full {
-        match compare_with_replica(shared, repl, &peer, seq, &record.disks, cut).await {
+    let (cut, compared) = if let Some(mut cursor) = cursor {
+        // The cursor now names the cut's blocks below where the compare got; once that is
+        // durable the cut is covered: the activity log keeps only what is written from now
+        // on, and an abort leaves the cut's blocks to the cursor (`tracker-state.md`).
+        for (position, d) in cursor.disks.iter_mut().enumerate() {
+            if let Some(f) = cut.disks.get(position) {
+                d.set_pending_from_cut(&f.ranges());
+            }
+        }
+        let kept = save_cursor(shared, repl, &cursor);
+        let cut = if kept {
+            tokio::task::spawn_blocking(move || {
+                cut.cover();
+                cut
+            })
+            .await
+            .context("cover task")?
+        } else {
+            cut
+        };
+        match compare_with_replica(shared, repl, &peer, seq, &record.disks, cut, &mut cursor).await
+        {
             Ok(r) => r,
             Err((cut, e)) => {
                 // As a failed upload: the cut goes back (its blocks stay dirty) and the core

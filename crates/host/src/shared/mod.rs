@@ -708,6 +708,38 @@ impl Shared {
         self.catalog.put(&RelationshipDoc::key(vm), doc)
     }
 
+    /// The resynchronization cursor of `vm` (`resync.md`, "The cursor"). A record that does
+    /// not parse is treated as none (the compare starts over) and logged.
+    pub(crate) fn load_resync_cursor(
+        &self,
+        vm: &str,
+    ) -> Option<crate::resync_cursor::ResyncCursor> {
+        match self
+            .catalog
+            .get::<crate::resync_cursor::ResyncCursor>(&crate::resync_cursor::ResyncCursor::key(vm))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(vm, "the resynchronization cursor is ignored: {e:#}");
+                None
+            }
+        }
+    }
+
+    pub(crate) fn save_resync_cursor(
+        &self,
+        vm: &str,
+        cursor: &crate::resync_cursor::ResyncCursor,
+    ) -> anyhow::Result<()> {
+        self.catalog
+            .put(&crate::resync_cursor::ResyncCursor::key(vm), cursor)
+    }
+
+    pub(crate) fn delete_resync_cursor(&self, vm: &str) -> anyhow::Result<()> {
+        self.catalog
+            .delete(&crate::resync_cursor::ResyncCursor::key(vm))
+    }
+
     /// The primary relationship of `name`, if this host ships its points.
     fn primary_of(&self, name: &str) -> Option<Arc<Replication>> {
         match self.relationships.lock().get(name) {
