@@ -29,7 +29,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::catalog::{RelationshipDoc, ReplicationRecord};
 use crate::events;
-use crate::resync_cursor::{ResyncCursor, RESYNC_CURSOR_RANGES_MAX, RESYNC_WINDOW_BYTES};
+use crate::resync_cursor::{
+    ResyncCursor, RESYNC_CURSOR_RANGES_MAX, RESYNC_CURSOR_SAVE_EVERY, RESYNC_WINDOW_BYTES,
+};
 use crate::vms::Vm;
 use crate::Shared;
 
@@ -1528,6 +1530,7 @@ async fn compare_with_replica(
     let cut = Arc::new(cut);
     let unshare = |cut: Arc<tracker::Cut>| Arc::try_unwrap(cut).ok();
     let mut stats = crate::resync::CompareStats::default();
+    let mut last_saved = Instant::now();
     // Progress shown in status: what earlier attempts compared counts as compared.
     repl.resync_compared_blocks.store(
         cursor.compared_bytes() / tracker::BLOCK_BYTES,
@@ -1644,7 +1647,11 @@ async fn compare_with_replica(
             if let Some(d) = cursor.disks.get_mut(position) {
                 d.window_done(window, end, &differs);
             }
-            save_cursor(shared, repl, cursor);
+            // At most once a second (a catalog commit is an fsync), and at each disk's end.
+            if end == size || last_saved.elapsed() >= RESYNC_CURSOR_SAVE_EVERY {
+                save_cursor(shared, repl, cursor);
+                last_saved = Instant::now();
+            }
             window = end;
         }
         shared.events.emit(

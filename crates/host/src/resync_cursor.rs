@@ -10,6 +10,11 @@ use serde::{Deserialize, Serialize};
 /// trips (1 MiB, 64 KiB, 4 KiB passes) and one catalog commit are noise next to its reads.
 pub const RESYNC_WINDOW_BYTES: u64 = 64 << 20;
 
+/// The cursor is persisted at most this often during a compare (each save is a catalog
+/// commit, an fsync), and at the end of each disk: an interruption repeats at most this much
+/// compare work.
+pub const RESYNC_CURSOR_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Ranges a cursor may hold in all (≈ 24 bytes of JSON each: ≈ 6 MiB). Past it the cursor
 /// stops advancing: a disk whose differing blocks are that scattered is re-compared from the
 /// last cursor kept, which is still correct, only slower.
