@@ -155,6 +155,9 @@ pub struct Replication {
     /// A resynchronization cursor may be in the catalog (`resync.md`, "The cursor"): deleted
     /// once the relationship leaves the resynchronization otherwise than by suspending it.
     cursor_kept: std::sync::atomic::AtomicBool,
+    /// The replica refused a compared `Full` point (`damaged`: damage it found after the
+    /// compare began): the next resynchronization sends every block, which repairs it.
+    send_every_block: std::sync::atomic::AtomicBool,
 }
 
 /// What the loop must do after an event (the actions the executor does not run itself).
@@ -215,6 +218,7 @@ impl Replication {
             apply_lock: Mutex::new(()),
             hello_owed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             cursor_kept: std::sync::atomic::AtomicBool::new(true),
+            send_every_block: std::sync::atomic::AtomicBool::new(false),
         });
         // What the daemon found at start is the relationship's state before anyone can read
         // it (a status right after the start shows a resynchronization required at once).
@@ -1422,6 +1426,7 @@ fn delta_header(
     app_consistent: bool,
 ) -> DeltaHeader {
     DeltaHeader {
+        compared: false,
         app_consistent,
         vm_id: repl.vm.name.clone(),
         generation: rel.progress.generation,
@@ -1521,6 +1526,17 @@ async fn compare_with_replica(
     // A replica with no point (its store was lost and made again): nothing to compare with,
     // every block is sent.
     if base == Seq(0) {
+        return Ok((cut, None));
+    }
+    // The replica refused a compared point for damage found after its compare: only every
+    // block repairs it.
+    if repl.send_every_block.load(Ordering::Acquire) {
+        shared.events.emit(
+            events::RESYNC_COMPARE_DONE,
+            Some(&vm),
+            "warning",
+            "the replica found damage after the last compare: every block is sent",
+        );
         return Ok((cut, None));
     }
     let key = match crate::resync::new_key() {
@@ -1976,7 +1992,10 @@ async fn cycle_inner(
             .store(c.differing_bytes, Ordering::Relaxed);
     }
 
-    let header = delta_header(repl, &record, &rel, seq, kind, cut_ns, app_consistent);
+    let mut header = delta_header(repl, &record, &rel, seq, kind, cut_ns, app_consistent);
+    // Only the blocks that differed: the replica must not let it clear damage found after
+    // the compare began (it refuses it, and the next attempt sends every block).
+    header.compared = compared.is_some();
     let key = delta_key(&record.replication_id);
     let checksum = header.checksum(&key)?;
     let indexes = record.disks.clone();
@@ -2041,6 +2060,9 @@ async fn cycle_inner(
                 }
             }
             repl.progress_total.store(0, Ordering::Relaxed);
+            if kind == DeltaKind::Full {
+                repl.send_every_block.store(false, Ordering::Release);
+            }
             // The core installs the point (persisted) and leaves the initial replication or
             // a resynchronization when that was its point.
             repl.apply(
@@ -2072,6 +2094,12 @@ async fn cycle_inner(
                 Some(why) => e.context(why),
                 None => e,
             };
+            if compared.is_some()
+                && e.downcast_ref::<PeerRefusal>()
+                    .is_some_and(|r| r.0.code == "damaged")
+            {
+                repl.send_every_block.store(true, Ordering::Release);
+            }
             let refusal = refusal_facts(&e, cut_ns);
             // The core judges a refusal (a lost answer is "already delivered", anything else
             // that cannot follow requires a resynchronization) and logs the failure.

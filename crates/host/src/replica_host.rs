@@ -573,6 +573,7 @@ async fn route(
                 })?;
             let key = crate::resync::check_request(&hreq, size)
                 .map_err(|why| refuse(StatusCode::BAD_REQUEST, "bad_request", why))?;
+            rvm.note_compare(hreq.seq.get());
             let rvm2 = rvm.clone();
             let (seq, disk, chunk_bytes) = (hreq.seq, hreq.disk, hreq.chunk_bytes);
             let hashes = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {

@@ -34,6 +34,7 @@ pub(crate) fn chain_header(
     disks: Vec<DiskEntry>,
 ) -> DeltaHeader {
     DeltaHeader {
+        compared: false,
         app_consistent: false,
         vm_id: proto::VmName::parse(vm).unwrap(),
         generation: proto::Generation(1),
@@ -246,6 +247,7 @@ fn crash_at_each_fold_step_keeps_remaining_points() {
 /// frame over an earlier DATA frame and an all-zero DATA frame, and the images it leads to.
 fn initial(blocks: &[(u32, u64, u8)]) -> (Vec<u8>, BTreeMap<u32, Vec<u8>>) {
     let header = DeltaHeader {
+        compared: false,
         app_consistent: false,
         vm_id: proto::VmName::parse(VM).unwrap(),
         generation: proto::Generation(1),

@@ -172,6 +172,10 @@ pub(crate) struct VmInner {
     /// every further commit is refused until the store is reopened and reads the journal
     /// again. In memory only: reopening is the cure.
     pub wedged: Mutex<Option<String>>,
+    /// The compare of a resynchronization began against point `.0` while the VM's damage was
+    /// `.1` (this process only): a compared `Full` delta on that point may clear that damage,
+    /// never damage found since (`check_sequence`).
+    pub compare_began: Mutex<Option<(u64, Option<String>)>>,
     /// The store's open journal files (shared by all its VMs, bounded).
     pub fds: Arc<JournalFds>,
     /// The store's count of indexed frames (shared by all its VMs, bounded).
@@ -244,6 +248,17 @@ impl ReplicaVm {
             }
         }
         out.into_iter().map(|(s, e)| (s, e - s)).collect()
+    }
+
+    /// A resynchronization's compare reads point `seq` (the primary asked for its hashes):
+    /// remembers the damage known now, the only damage its compared `Full` delta may clear.
+    /// The first request of a compare counts; a later one for the same point keeps it.
+    pub fn note_compare(&self, seq: u64) {
+        let damage = self.damage();
+        let mut began = self.inner.compare_began.lock();
+        if began.as_ref().map(|b| b.0) != Some(seq) {
+            *began = Some((seq, damage));
+        }
     }
 
     /// Forgets the recorded damage (the daemon resynchronized by other means).
@@ -595,6 +610,7 @@ pub(crate) fn open_vm(
         base_writer: Mutex::new(0),
         base_epoch: AtomicU64::new(0),
         wedged: Mutex::new(None),
+        compare_began: Mutex::new(None),
         fds,
         budget,
     });
