@@ -158,6 +158,10 @@ pub struct Replication {
     /// The replica refused a compared `Full` point (`damaged`: damage it found after the
     /// compare began): the next resynchronization sends every block, which repairs it.
     send_every_block: std::sync::atomic::AtomicBool,
+    /// The VM's disks were recovered from their activity logs at start (an unclean stop):
+    /// the first cycle compares the recovered extents with the replica instead of sending
+    /// them whole. Cleared by the first committed point.
+    compare_after_crash: std::sync::atomic::AtomicBool,
 }
 
 /// What the loop must do after an event (the actions the executor does not run itself).
@@ -195,6 +199,12 @@ impl Replication {
         // A setting of the VM's replication (catalog), held by the core.
         rel.auto_resync = settings.auto_resync();
         let resyncing_at_start = matches!(rel.state, State::Resynchronizing { .. });
+        let recovered = settings.disks.iter().any(|&i| {
+            matches!(
+                vm.open_states.get(i as usize),
+                Some(tracker::OpenState::RecoveredFromActivityLog { .. })
+            )
+        });
         let repl = Arc::new(Replication {
             vm,
             rt: Mutex::new(Runtime {
@@ -219,6 +229,7 @@ impl Replication {
             hello_owed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             cursor_kept: std::sync::atomic::AtomicBool::new(true),
             send_every_block: std::sync::atomic::AtomicBool::new(false),
+            compare_after_crash: std::sync::atomic::AtomicBool::new(recovered),
         });
         // What the daemon found at start is the relationship's state before anyone can read
         // it (a status right after the start shows a resynchronization required at once).
@@ -1516,7 +1527,7 @@ async fn compare_with_replica(
     seq: Seq,
     indexes: &[u32],
     cut: tracker::Cut,
-    cursor: &mut ResyncCursor,
+    mut cursor: Option<&mut ResyncCursor>,
 ) -> Result<
     (tracker::Cut, Option<crate::resync::CompareStats>),
     (Option<tracker::Cut>, anyhow::Error),
@@ -1530,7 +1541,8 @@ async fn compare_with_replica(
     }
     // The replica refused a compared point for damage found after its compare: only every
     // block repairs it.
-    if repl.send_every_block.load(Ordering::Acquire) {
+    let resync = cursor.is_some();
+    if resync && repl.send_every_block.load(Ordering::Acquire) {
         shared.events.emit(
             events::RESYNC_COMPARE_DONE,
             Some(&vm),
@@ -1548,10 +1560,10 @@ async fn compare_with_replica(
     let mut stats = crate::resync::CompareStats::default();
     let mut last_saved = Instant::now();
     // Progress shown in status: what earlier attempts compared counts as compared.
-    repl.resync_compared_blocks.store(
-        cursor.compared_bytes() / tracker::BLOCK_BYTES,
-        Ordering::Relaxed,
-    );
+    if let Some(c) = cursor.as_deref() {
+        repl.resync_compared_blocks
+            .store(c.compared_bytes() / tracker::BLOCK_BYTES, Ordering::Relaxed);
+    }
     for (position, &index) in indexes.iter().enumerate() {
         let disk: Arc<dyn crate::resync::ChunkSource + Send + Sync> = Arc::new(CutDisk {
             cut: cut.clone(),
@@ -1559,7 +1571,10 @@ async fn compare_with_replica(
         });
         let size = disk.size_bytes();
         let ranges = cut.disks[position].ranges();
-        let resumed_at = cursor.disks.get(position).map_or(0, |d| d.compared_to);
+        let resumed_at = cursor
+            .as_deref()
+            .and_then(|c| c.disks.get(position))
+            .map_or(0, |d| d.compared_to);
         let continues = if resumed_at > 0 {
             format!(
                 "; it continues at byte {resumed_at}, where an earlier attempt got: below it only {} bytes are compared again (blocks that differed, or were written since)",
@@ -1571,15 +1586,20 @@ async fn compare_with_replica(
         } else {
             String::new()
         };
-        shared.events.emit(
-            events::RESYNC_COMPARE_STARTED,
-            Some(&vm),
-            "info",
-            &format!(
+        let what = if resync {
+            format!(
                 "resynchronization compares disk {index} with the replica's point {base}: blocks 0 to {} ({size} bytes){continues}",
                 size.div_ceil(tracker::BLOCK_BYTES).saturating_sub(1)
-            ),
-        );
+            )
+        } else {
+            format!(
+                "after an unclean stop, the recently written extents of disk {index} ({} bytes) are compared with the replica's point {base} instead of being sent whole",
+                ranges.iter().map(|r| r.1).sum::<u64>()
+            )
+        };
+        shared
+            .events
+            .emit(events::RESYNC_COMPARE_STARTED, Some(&vm), "info", &what);
         let started = Instant::now();
         let before = stats;
         let mut window = 0u64;
@@ -1587,7 +1607,10 @@ async fn compare_with_replica(
             let end = (window + RESYNC_WINDOW_BYTES).min(size);
             let in_window = crate::resync_cursor::clip(&ranges, window, end);
             if in_window.is_empty() {
-                if let Some(d) = cursor.disks.get_mut(position) {
+                if let Some(d) = cursor
+                    .as_deref_mut()
+                    .and_then(|c| c.disks.get_mut(position))
+                {
                     d.window_done(window, end, &[]);
                 }
                 window = end;
@@ -1595,7 +1618,7 @@ async fn compare_with_replica(
             }
             // Blocks below where earlier attempts got were counted as compared already.
             let recount = std::sync::atomic::AtomicU64::new(0);
-            let counter = if window >= resumed_at {
+            let counter = if resync && window >= resumed_at {
                 &repl.resync_compared_blocks
             } else {
                 &recount
@@ -1660,13 +1683,15 @@ async fn compare_with_replica(
             if let Err(e) = discarded {
                 return Err((unshare(cut), e));
             }
-            if let Some(d) = cursor.disks.get_mut(position) {
-                d.window_done(window, end, &differs);
-            }
-            // At most once a second (a catalog commit is an fsync), and at each disk's end.
-            if end == size || last_saved.elapsed() >= RESYNC_CURSOR_SAVE_EVERY {
-                save_cursor(shared, repl, cursor);
-                last_saved = Instant::now();
+            if let Some(c) = cursor.as_deref_mut() {
+                if let Some(d) = c.disks.get_mut(position) {
+                    d.window_done(window, end, &differs);
+                }
+                // At most once a second (a catalog commit is an fsync), and at each disk's end.
+                if end == size || last_saved.elapsed() >= RESYNC_CURSOR_SAVE_EVERY {
+                    save_cursor(shared, repl, c);
+                    last_saved = Instant::now();
+                }
             }
             window = end;
         }
@@ -1675,7 +1700,8 @@ async fn compare_with_replica(
             Some(&vm),
             "info",
             &format!(
-                "resynchronization compared disk {index}: {} bytes in {} chunks, {} blocks refined, {} blocks differ ({} bytes to send), in {:.1} s",
+                "{} disk {index}: {} bytes in {} chunks, {} blocks refined, {} blocks differ ({} bytes to send), in {:.1} s",
+                if resync { "resynchronization compared" } else { "after an unclean stop, compared the recently written extents of" },
                 stats.compared_bytes - before.compared_bytes,
                 stats.chunks - before.chunks,
                 stats.blocks_refined - before.blocks_refined,
@@ -1937,27 +1963,44 @@ async fn cycle_inner(
     repl.progress_total.store(total, Ordering::Relaxed);
     // A resynchronization ships only the blocks that differ from the replica's newest point
     // (`docs/formats/resync.md`): the others are marked shipped without being read.
-    let (cut, compared) = if let Some(mut cursor) = cursor {
-        // The cursor now names the cut's blocks below where the compare got; once that is
-        // durable the cut is covered: the activity log keeps only what is written from now
-        // on, and an abort leaves the cut's blocks to the cursor (`tracker-state.md`).
-        for (position, d) in cursor.disks.iter_mut().enumerate() {
-            if let Some(f) = cut.disks.get(position) {
-                d.set_pending_from_cut(&f.ranges());
+    // After an unclean stop the first cycle compares the recovered extents (the activity
+    // log's, whole 4 MiB extents) with the replica instead of sending them whole.
+    let compare_crash =
+        plan.kind == CycleKind::Incremental && repl.compare_after_crash.load(Ordering::Acquire);
+    let (cut, compared) = if cursor.is_some() || compare_crash {
+        let mut cursor = cursor;
+        let cut = if let Some(cursor) = cursor.as_mut() {
+            // The cursor now names the cut's blocks below where the compare got; once that
+            // is durable the cut is covered: the activity log keeps only what is written from
+            // now on, and an abort leaves the cut's blocks to the cursor (`tracker-state.md`).
+            for (position, d) in cursor.disks.iter_mut().enumerate() {
+                if let Some(f) = cut.disks.get(position) {
+                    d.set_pending_from_cut(&f.ranges());
+                }
             }
-        }
-        let kept = save_cursor(shared, repl, &cursor);
-        let cut = if kept {
-            tokio::task::spawn_blocking(move || {
-                cut.cover();
+            if save_cursor(shared, repl, cursor) {
+                tokio::task::spawn_blocking(move || {
+                    cut.cover();
+                    cut
+                })
+                .await
+                .context("cover task")?
+            } else {
                 cut
-            })
-            .await
-            .context("cover task")?
+            }
         } else {
             cut
         };
-        match compare_with_replica(shared, repl, &peer, seq, &record.disks, cut, &mut cursor).await
+        match compare_with_replica(
+            shared,
+            repl,
+            &peer,
+            seq,
+            &record.disks,
+            cut,
+            cursor.as_mut(),
+        )
+        .await
         {
             Ok(r) => r,
             Err((cut, e)) => {
@@ -1995,7 +2038,8 @@ async fn cycle_inner(
     let mut header = delta_header(repl, &record, &rel, seq, kind, cut_ns, app_consistent);
     // Only the blocks that differed: the replica must not let it clear damage found after
     // the compare began (it refuses it, and the next attempt sends every block).
-    header.compared = compared.is_some();
+    header.compared = compared.is_some() && kind == DeltaKind::Full;
+    let header_compared = header.compared;
     let key = delta_key(&record.replication_id);
     let checksum = header.checksum(&key)?;
     let indexes = record.disks.clone();
@@ -2041,7 +2085,7 @@ async fn cycle_inner(
             {
                 let mut rt = repl.rt.lock();
                 let c = &mut rt.counters;
-                if let Some(cmp) = &compared {
+                if let Some(cmp) = compared.as_ref().filter(|_| kind == DeltaKind::Full) {
                     repl.resync_sent_bytes
                         .fetch_add(sent_bytes, Ordering::Relaxed);
                     c.resynchronized_bytes += delta_bytes;
@@ -2063,6 +2107,8 @@ async fn cycle_inner(
             if kind == DeltaKind::Full {
                 repl.send_every_block.store(false, Ordering::Release);
             }
+            // The recovered extents are on the replica now.
+            repl.compare_after_crash.store(false, Ordering::Release);
             // The core installs the point (persisted) and leaves the initial replication or
             // a resynchronization when that was its point.
             repl.apply(
@@ -2094,7 +2140,7 @@ async fn cycle_inner(
                 Some(why) => e.context(why),
                 None => e,
             };
-            if compared.is_some()
+            if header_compared
                 && e.downcast_ref::<PeerRefusal>()
                     .is_some_and(|r| r.0.code == "damaged")
             {
