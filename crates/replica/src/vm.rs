@@ -250,30 +250,7 @@ impl ReplicaVm {
         to: Seq,
         disk: u32,
     ) -> Result<Vec<(u64, u64)>, ReplicaError> {
-        self.inner.disk(disk)?;
-        let st = self.inner.state.read();
-        for seq in [from, to] {
-            if !st.has_point(seq.get()) {
-                return Err(ReplicaError::NoSuchPoint { seq: seq.get() });
-            }
-        }
-        if from > to || from.get() < st.base_seq {
-            return Err(ReplicaError::ChangesUnknown {
-                from: from.get(),
-                to: to.get(),
-            });
-        }
-        if from == to {
-            return Ok(Vec::new());
-        }
-        let all: Vec<(u64, u64)> = st
-            .journal
-            .range(from.get() + 1..=to.get())
-            .filter_map(|(_, e)| e.layers.get(&disk))
-            .flat_map(|l| l.ranges().collect::<Vec<_>>())
-            .collect();
-        drop(st);
-        Ok(coalesce(all))
+        self.inner.changed_between(from, to, disk)
     }
 
     /// Forgets the recorded damage (the daemon resynchronized by other means).
@@ -311,6 +288,39 @@ fn coalesce(mut all: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 }
 
 impl VmInner {
+    /// [`ReplicaVm::changed_between`].
+    pub fn changed_between(
+        &self,
+        from: Seq,
+        to: Seq,
+        disk: u32,
+    ) -> Result<Vec<(u64, u64)>, ReplicaError> {
+        self.disk(disk)?;
+        let st = self.state.read();
+        for seq in [from, to] {
+            if !st.has_point(seq.get()) {
+                return Err(ReplicaError::NoSuchPoint { seq: seq.get() });
+            }
+        }
+        if from > to || from.get() < st.base_seq {
+            return Err(ReplicaError::ChangesUnknown {
+                from: from.get(),
+                to: to.get(),
+            });
+        }
+        if from == to {
+            return Ok(Vec::new());
+        }
+        let all: Vec<(u64, u64)> = st
+            .journal
+            .range(from.get() + 1..=to.get())
+            .filter_map(|(_, e)| e.layers.get(&disk))
+            .flat_map(|l| l.ranges().collect::<Vec<_>>())
+            .collect();
+        drop(st);
+        Ok(coalesce(all))
+    }
+
     /// Frames this VM has in the index now.
     pub fn indexed_frames(&self) -> u64 {
         self.state.read().journal.values().map(|e| e.frames).sum()
