@@ -137,6 +137,14 @@ fn backup_in_every_format_equals_points_export_and_verify_names_a_corrupted_disk
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+        use std::os::unix::fs::PermissionsExt;
+        for f in files_in(&dir) {
+            let mode = std::fs::metadata(dir.join(&f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{format}: {f} is {mode:o}");
+        }
     }
     // Raw is sparse: 16 MiB virtual, ~1.5 MiB written.
     use std::os::unix::fs::MetadataExt;
@@ -291,6 +299,18 @@ fn backup_to_a_full_or_read_only_destination_fails_in_one_line_and_leaves_nothin
     let out = b.run(&backup_args("web", &point, &file.join("b"), "vmdk"));
     let err = one_line_failure(&out);
     assert!(err.contains("Not a directory"), "{err}");
+    // A directory holding a file of the same name: refused, the file untouched.
+    let busy = scratch.join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join("disk-0.raw"), b"mine").unwrap();
+    std::fs::write(busy.join(".notes.partial"), b"mine too").unwrap();
+    let err = one_line_failure(&b.run(&backup_args("web", &point, &busy, "raw")));
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read(busy.join("disk-0.raw")).unwrap(), b"mine");
+    assert_eq!(
+        std::fs::read(busy.join(".notes.partial")).unwrap(),
+        b"mine too"
+    );
     let out = b.run(&[
         "backup",
         "web",

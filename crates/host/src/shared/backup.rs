@@ -358,7 +358,17 @@ impl Shared {
             .create(&dir)
             .with_context(|| format!("creating {}", dir.display()))
             .map_err(dest_error)?;
-        remove_partials(&dir);
+        remove_partials(&dir, &disks, format);
+        // Never replace a file of the user's: a disk file of this backup must not exist yet.
+        for d in &disks {
+            let file = dir.join(disk_file_name(d.index, format));
+            if file.symlink_metadata().is_ok() {
+                return Err(conflict(format!(
+                    "{} already exists; choose an empty directory",
+                    file.display()
+                )));
+            }
+        }
 
         // Incremental: the older point pinned too, its changes, the backup it builds on.
         let mut _older_views = Vec::new();
@@ -579,6 +589,10 @@ impl Shared {
             server.close_export_connections(&name);
         }
         converted.map_err(dest_error)?;
+        // qemu-img creates the file with the daemon's umask; it holds the guest's data.
+        std::fs::set_permissions(tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .with_context(|| format!("chmod 0600 {}", tmp.display()))
+            .map_err(dest_error)?;
         let (want, data) = hashed?;
         fsync_path(tmp)?;
         let got = hash_image(tmp, format, job.view.size_bytes())
@@ -603,17 +617,15 @@ fn incremental_error(vm: &str, from: u64, e: ReplicaError) -> anyhow::Error {
     }
 }
 
-/// Removes `.*.partial` files a crashed backup left in `dir` (never named by a manifest).
-fn remove_partials(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') && name.ends_with(PARTIAL_SUFFIX) {
-            let _ = std::fs::remove_file(e.path());
-        }
+/// Removes the partial files a crashed backup of these disks in this format left in `dir`
+/// (never named by a manifest); only those exact names, nothing else of the directory.
+fn remove_partials(dir: &Path, disks: &[replica::DiskEntry], format: Format) {
+    let names = disks
+        .iter()
+        .map(|d| disk_file_name(d.index, format))
+        .chain(std::iter::once(MANIFEST_NAME.to_string()));
+    for name in names {
+        let _ = std::fs::remove_file(dir.join(format!(".{name}{PARTIAL_SUFFIX}")));
     }
 }
 
