@@ -55,6 +55,12 @@ pub const GUEST_THAW_FAILED: u32 = 2022;
 pub const INITIAL_FROM_EXISTING: u32 = 2030;
 /// `replication start --at TIME`: the initial replication starts by itself then.
 pub const INITIAL_SCHEDULED: u32 = 2031;
+/// `backup`: a backup of a replica point started (point, format, destination).
+pub const BACKUP_STARTED: u32 = 2032;
+/// A backup completed (point, format, bytes copied, time taken).
+pub const BACKUP_DONE: u32 = 2033;
+/// A backup failed or was refused (reason); nothing of it is left looking complete.
+pub const BACKUP_FAILED: u32 = 2034;
 pub const POINT_COMMITTED: u32 = 3000;
 pub const PEER_REFUSED: u32 = 3002;
 pub const REPLICA_STORE_UNAVAILABLE: u32 = 3003;

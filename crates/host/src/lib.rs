@@ -8,6 +8,7 @@
 //! typed ([`error::HostError`]); only the API layer maps them to HTTP statuses.
 
 pub mod activation;
+pub mod backup;
 pub mod catalog;
 pub mod config;
 mod durable;

@@ -504,6 +504,22 @@ pub struct ExportPoint {
     pub to: String,
 }
 
+/// `backup NAME`: write every disk of a replica point into a directory, with a manifest
+/// (`docs/formats/backup.md`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupPoint {
+    pub vm: String,
+    /// "latest" or a point id.
+    pub point: String,
+    /// Absolute destination directory.
+    pub to: String,
+    /// raw, qcow2, vmdk or vhdx.
+    pub format: String,
+    /// Copy only the blocks changed since this point (qcow2 over the backup of that point).
+    #[serde(default)]
+    pub incremental_from: Option<u64>,
+}
+
 /// `points serve`: serve a recovery point read-only over the daemon's NBD socket (pinned).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServePoint {

@@ -232,22 +232,29 @@ impl ReplicaVm {
     /// to a host that holds a later point.
     pub fn changed_after(&self, seq: Seq, disk: u32) -> Vec<(u64, u64)> {
         let st = self.inner.state.read();
-        let mut all: Vec<(u64, u64)> = st
+        let all: Vec<(u64, u64)> = st
             .journal
             .range(seq.get().saturating_add(1)..)
             .filter_map(|(_, e)| e.layers.get(&disk))
             .flat_map(|l| l.ranges().collect::<Vec<_>>())
             .collect();
         drop(st);
-        all.sort_unstable();
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for (s, e) in all {
-            match out.last_mut() {
-                Some((_, last_end)) if s <= *last_end => *last_end = (*last_end).max(e),
-                _ => out.push((s, e)),
-            }
-        }
-        out.into_iter().map(|(s, e)| (s, e - s)).collect()
+        coalesce(all)
+    }
+
+    /// The byte ranges `(offset, len)` of `disk` that the points after `from` up to and
+    /// including `to` wrote (coalesced, in order): where point `to` may differ from point
+    /// `from`, from the journal's layers alone (nothing is read). Both must be points; the
+    /// caller holds views of both (pins), so no retention can fold or merge across them while
+    /// it uses the answer. `from` older than the base (its changes were folded into the base
+    /// image, which keeps no history) cannot be answered: `ChangesUnknown`.
+    pub fn changed_between(
+        &self,
+        from: Seq,
+        to: Seq,
+        disk: u32,
+    ) -> Result<Vec<(u64, u64)>, ReplicaError> {
+        self.inner.changed_between(from, to, disk)
     }
 
     /// A resynchronization's compare reads point `seq` (the primary asked for its hashes):
@@ -282,7 +289,53 @@ impl ReplicaVm {
     }
 }
 
+/// `(start, end)` ranges sorted and merged where they touch or overlap, as `(offset, len)`.
+fn coalesce(mut all: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in all {
+        match out.last_mut() {
+            Some((_, last_end)) if s <= *last_end => *last_end = (*last_end).max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out.into_iter().map(|(s, e)| (s, e - s)).collect()
+}
+
 impl VmInner {
+    /// [`ReplicaVm::changed_between`].
+    pub fn changed_between(
+        &self,
+        from: Seq,
+        to: Seq,
+        disk: u32,
+    ) -> Result<Vec<(u64, u64)>, ReplicaError> {
+        self.disk(disk)?;
+        let st = self.state.read();
+        for seq in [from, to] {
+            if !st.has_point(seq.get()) {
+                return Err(ReplicaError::NoSuchPoint { seq: seq.get() });
+            }
+        }
+        if from > to || from.get() < st.base_seq {
+            return Err(ReplicaError::ChangesUnknown {
+                from: from.get(),
+                to: to.get(),
+            });
+        }
+        if from == to {
+            return Ok(Vec::new());
+        }
+        let all: Vec<(u64, u64)> = st
+            .journal
+            .range(from.get() + 1..=to.get())
+            .filter_map(|(_, e)| e.layers.get(&disk))
+            .flat_map(|l| l.ranges().collect::<Vec<_>>())
+            .collect();
+        drop(st);
+        Ok(coalesce(all))
+    }
+
     /// Frames this VM has in the index now.
     pub fn indexed_frames(&self) -> u64 {
         self.state.read().journal.values().map(|e| e.frames).sum()

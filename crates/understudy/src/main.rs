@@ -60,6 +60,11 @@ enum Command {
     /// Recovery points on a replica host.
     #[command(subcommand)]
     Points(PointsCmd),
+    /// On the replica host: write every disk of a recovery point to a directory, with a
+    /// manifest (point, cut time, consistency, BLAKE3 per disk). The point is pinned while
+    /// it is read; replication goes on. Exit 75 when no consistent point exists yet (the
+    /// message says when to retry). `backup verify DIR` checks a backup.
+    Backup(BackupArgs),
     /// Bring a VM up on the replica host from a recovery point (test or real failover).
     #[command(subcommand)]
     Failover(FailoverCmd),
@@ -431,6 +436,39 @@ enum FailoverCmd {
     },
 }
 
+/// `backup NAME --to DIR ...` or `backup verify DIR`.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct BackupArgs {
+    #[command(subcommand)]
+    verify: Option<BackupCmd>,
+    /// The replica VM to back up.
+    #[arg(required = true)]
+    name: Option<String>,
+    /// `latest` or a point id (`points list`).
+    #[arg(long, default_value = "latest")]
+    point: String,
+    /// Directory to write (created if missing; must not hold a backup already).
+    #[arg(long, required = true)]
+    to: Option<PathBuf>,
+    /// raw (sparse), qcow2, vmdk or vhdx.
+    #[arg(long, default_value = "raw")]
+    format: String,
+    /// Copy only the blocks changed since this point: a qcow2 whose backing file is the
+    /// backup of that point, found in a directory next to --to.
+    #[arg(long, value_name = "ID")]
+    incremental_from: Option<u64>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum BackupCmd {
+    /// Check a backup without restoring it: every disk's contents against its manifest's
+    /// BLAKE3 (needs no daemon). Exit 1 naming the disk that differs.
+    Verify { dir: PathBuf },
+}
+
 #[derive(Subcommand)]
 enum PointsCmd {
     /// List the recovery points of a replica VM.
@@ -643,6 +681,23 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Backup(args) => match (args.verify, args.name, args.to) {
+            (Some(BackupCmd::Verify { dir }), _, _) => cli::backup_verify(&dir),
+            (None, Some(name), Some(to)) => cli::backup(
+                &cli::Api::new(&cli.data_dir),
+                proto::BackupPoint {
+                    vm: name,
+                    point: args.point,
+                    to: to.display().to_string(),
+                    format: args.format,
+                    incremental_from: args.incremental_from,
+                },
+                args.json,
+            ),
+            _ => Err(anyhow::anyhow!(
+                "backup needs NAME and --to DIR (or `backup verify DIR`)"
+            )),
+        },
         Command::Points(cmd) => {
             let api = cli::Api::new(&cli.data_dir);
             match cmd {

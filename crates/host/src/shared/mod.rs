@@ -26,6 +26,7 @@ use crate::vms::{self, Vm};
 use crate::HostConfig;
 use relationship::{Event, Relationship, Role};
 
+mod backup;
 mod existing;
 mod failover;
 mod replica_side;
@@ -148,6 +149,11 @@ pub struct Shared {
     pub partials: Arc<crate::replica_host::Partials>,
     /// Recovery points served over NBD (and pinned), `points serve`.
     served: Mutex<served::Served>,
+    /// Points pinned by backups running now, by (VM, point): how many (`points list` shows
+    /// them as pinned by `backup`).
+    backups: Mutex<BTreeMap<(String, u64), usize>>,
+    /// Numbers the temporary NBD exports of backups.
+    backup_exports: std::sync::atomic::AtomicU64,
     /// Recovery points kept per replica VM (`serve --retain-points`, tests only).
     pub retain_points: usize,
     /// The one owner of host-level changes (`owner.rs`): every create, import, enable, set
@@ -251,6 +257,8 @@ impl Shared {
             storage_reported: Mutex::new(HashSet::new()),
             partials: Default::default(),
             served: Mutex::new(served),
+            backups: Mutex::new(BTreeMap::new()),
+            backup_exports: std::sync::atomic::AtomicU64::new(0),
             retain_points: args
                 .retain_points
                 .map_or(crate::replica_host::RETAIN_POINTS, |n| n as usize),

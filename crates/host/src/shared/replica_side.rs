@@ -679,7 +679,21 @@ impl Shared {
     /// The points of `rvm` as `points list` shows them ([`point_infos_of`]).
     pub(super) fn point_infos(&self, rvm: &replica::ReplicaVm) -> Vec<PointInfo> {
         let served = self.served_seqs(rvm.vm_id());
-        point_infos_of(rvm, &served)
+        let backups = self.backup_pins(rvm.vm_id());
+        let mut infos = point_infos_of(rvm, &served);
+        for p in &mut infos {
+            if let Some(&n) = backups.get(&p.id) {
+                // The backup's views are among the open views: name them instead.
+                p.pinned_by
+                    .retain(|b| !b.ends_with("open view") && !b.ends_with("open views"));
+                p.pinned_by.push(if n == 1 {
+                    "backup".to_string()
+                } else {
+                    format!("{n} backups")
+                });
+            }
+        }
+        infos
     }
 
     pub fn export_point(&self, req: &ExportPoint) -> anyhow::Result<PointInfo> {

@@ -734,6 +734,72 @@ pub fn points_export(
     Ok(())
 }
 
+pub fn backup(api: &Api, mut req: proto::BackupPoint, json: bool) -> anyhow::Result<()> {
+    let to = absolute(Path::new(&req.to))?;
+    req.to = to.display().to_string();
+    let b: host::backup::Backup =
+        api.post(&format!("/v1/backup/{}", path_segment(&req.vm)?), &req)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&b)?);
+        return Ok(());
+    }
+    let kind = match &b.incremental_from {
+        Some(f) => format!("incremental from point {} ({})", f.point, f.backup),
+        None => "full".to_string(),
+    };
+    println!(
+        "backed up {} point {} (cut {}, {}-consistent), {kind}, to {}",
+        b.vm,
+        b.point,
+        b.cut_time,
+        b.consistency,
+        to.display()
+    );
+    for d in &b.disks {
+        println!(
+            "  disk {}: {} ({}, {} bytes, {} copied) blake3 {}",
+            d.index,
+            d.file,
+            d.format.as_str(),
+            d.virtual_size,
+            d.copied_bytes,
+            d.blake3
+        );
+    }
+    Ok(())
+}
+
+/// `backup verify DIR`: local (a backup is checked where it was copied to, no daemon).
+pub fn backup_verify(dir: &Path) -> anyhow::Result<()> {
+    let (b, verdicts) = host::backup::verify(dir)?;
+    let mut bad = Vec::new();
+    for v in &verdicts {
+        match &v.problem {
+            None => println!("disk {} ({}): OK", v.index, v.file),
+            Some(p) => {
+                println!("disk {} ({}): FAILED: {p}", v.index, v.file);
+                bad.push(format!("disk {} ({}): {p}", v.index, v.file));
+            }
+        }
+    }
+    if !bad.is_empty() {
+        anyhow::bail!(
+            "backup {} of {} point {} does not verify: {}",
+            dir.display(),
+            b.vm,
+            b.point,
+            bad.join("; ")
+        );
+    }
+    println!(
+        "backup of {} point {} ({}): OK",
+        b.vm,
+        b.point,
+        dir.display()
+    );
+    Ok(())
+}
+
 pub fn points_serve(
     api: &Api,
     name: &str,
