@@ -6,6 +6,7 @@
 
 mod api;
 mod cli;
+mod config;
 mod demo;
 mod nbd_client;
 mod serve;
@@ -15,10 +16,13 @@ use host::errfmt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 /// Exit status for a transient refusal: retry later (EX_TEMPFAIL).
 pub const EXIT_TRANSIENT: u8 = 75;
+
+/// Exit status for a bad command line or config file (clap's own usage errors use it too).
+const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(
@@ -69,6 +73,10 @@ enum Command {
 
 #[derive(Args)]
 pub struct ServeArgs {
+    /// Read settings from this TOML file (keys are these flags' names, e.g.
+    /// `cbw-memory = "256M"`, and `data-dir`); flags given here override it (docs/config.md).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Address for peer (replication) traffic, HOST:PORT.
     #[arg(long)]
     pub listen: String,
@@ -479,7 +487,14 @@ enum PointsCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match config::apply(Cli::command(), std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(err) => {
+            eprintln!("error: {}", errfmt::one_line(&err));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let result = match cli.command {
         Command::Serve(args) => serve::serve(&cli.data_dir, args.into_config()),
         Command::Demo => demo::run(),
