@@ -9,6 +9,7 @@ mod cli;
 mod config;
 mod demo;
 mod nbd_client;
+mod notify;
 mod serve;
 
 use host::errfmt;
