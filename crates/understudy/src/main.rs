@@ -70,6 +70,10 @@ enum Command {
     Failover(FailoverCmd),
     /// The guided end-to-end tour on loopback (temporary directory, no setup).
     Demo,
+    /// Write the man pages (roff) generated from these definitions into DIR: understudy.1 and
+    /// one per subcommand (understudy-serve.1, ...); scripts/package-deb ships them.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Args)]
@@ -134,6 +138,14 @@ impl ServeArgs {
             retain_points: self.retain_points,
         }
     }
+}
+
+/// `understudy man DIR`: the pages for `scripts/package-deb` (no build script needed).
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("writing man pages to {}", dir.display()))
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -499,6 +511,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::serve(&cli.data_dir, args.into_config()),
         Command::Demo => demo::run(),
+        Command::Man { dir } => write_man_pages(&dir),
         Command::Identity => cli::identity(&cli.data_dir),
         Command::Trust(TrustCmd::Add { file, role, names }) => {
             let scope = transport::Scope {
