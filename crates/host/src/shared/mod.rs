@@ -116,6 +116,8 @@ pub struct Shared {
     pub disk_options: tracker::DiskOptions,
     /// Admission of replica uploads (per VM, per peer).
     pub uploads: crate::replica_host::UploadLimits,
+    /// Progress of long API calls in flight (`points export`), read by `GET /v1/progress/ID`.
+    pub progress: crate::progress::Registry,
     /// Wakes the replica's retention task after a commit.
     pub retention_wake: tokio::sync::Notify,
     /// Deadlines of calls to replicas (`serve --hello-timeout ...`).
@@ -248,6 +250,7 @@ impl Shared {
                 cbw_spill_bytes_max: args.cbw_spill_max,
             },
             uploads: Default::default(),
+            progress: Default::default(),
             retention_wake: tokio::sync::Notify::new(),
             peer_timeouts: crate::peer_client::PeerTimeouts {
                 hello: Duration::from_secs(args.hello_timeout.max(1)),
