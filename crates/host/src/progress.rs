@@ -1,6 +1,6 @@
-//! Progress of long local-API calls (`points export` today), so the CLI can show a bar or
-//! plain lines while its call is in flight: the caller names the operation (`progress_id` in
-//! the request), the work reports bytes done of total under that name, and
+//! Progress of long local-API calls (`points export`, `failover complete`), so the CLI can show
+//! a bar or plain lines while its call is in flight: the caller names the operation
+//! (`progress_id` in the request; [`failover_complete_id`] for a completion), the work reports bytes done of total under that name, and
 //! `GET /v1/progress/{id}` reads it. When the work ends its last numbers stay for one more read
 //! (the CLI's final line says how much was done), then the entry is gone.
 
@@ -16,6 +16,12 @@ pub const TRACKED_MAX: usize = 1024;
 
 /// Longest operation id accepted (the CLI's are ~40 bytes).
 pub const ID_MAX_BYTES: usize = 128;
+
+/// The id under which `failover complete NAME` reports the copy of the VM's disks (the CLI
+/// knows it without sending one).
+pub fn failover_complete_id(vm: &str) -> String {
+    format!("failover-complete-{vm}")
+}
 
 #[derive(Clone, Copy)]
 struct Entry {
@@ -46,7 +52,8 @@ impl Registry {
         if ops.len() >= TRACKED_MAX {
             ops.retain(|_, e| !e.ended);
         }
-        if ops.len() >= TRACKED_MAX || ops.contains_key(id) {
+        // A running operation keeps its id; an ended one not read yet gives it up.
+        if ops.len() >= TRACKED_MAX || ops.get(id).is_some_and(|e| !e.ended) {
             return Tracker { ops: None };
         }
         ops.insert(
@@ -114,6 +121,12 @@ mod tests {
         assert_eq!(r.get("x"), Some((10, 10)));
         assert_eq!(r.get("x"), None);
         assert!(r.track(None).ops.is_none());
+        // An ended entry never read gives its id to the next run.
+        drop(r.track(Some("z")));
+        let again = r.track(Some("z"));
+        assert!(again.ops.is_some());
+        assert!(r.track(Some("z")).ops.is_none(), "running: taken");
+        assert_eq!(r.get("z"), Some((0, 0)));
         assert!(r.track(Some(&"y".repeat(ID_MAX_BYTES + 1))).ops.is_none());
     }
 

@@ -667,9 +667,7 @@ fn main() -> ExitCode {
                 ),
                 FailoverCmd::Stop { name, test } => cli::failover_stop(&api, &name, test),
                 FailoverCmd::Complete { name } => cli::failover_complete(&api, &name),
-                FailoverCmd::Prepare { name } => {
-                    cli::replication_action_path(&api, &name, "failover/prepare")
-                }
+                FailoverCmd::Prepare { name } => cli::failover_prepare(&api, &name),
             }
         }
         Command::Points(cmd) => {

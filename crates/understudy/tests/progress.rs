@@ -11,7 +11,7 @@ fn is_progress_line(l: &str, what: &str) -> bool {
 }
 
 #[test]
-fn export_and_start_wait_print_plain_progress_lines_when_not_a_terminal() {
+fn export_start_wait_and_failover_complete_print_plain_progress_lines_when_not_a_terminal() {
     let root = tempfile::tempdir().unwrap();
     let (a, b) = pair(root.path());
     a.ok(&["vm", "create", "web", "--disk", "16M"]);
@@ -83,4 +83,33 @@ fn export_and_start_wait_print_plain_progress_lines_when_not_a_terminal() {
     assert!(err.contains("nonexistent-dir"), "{err}");
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(!text.contains("100%"), "{text}");
+
+    // Failover complete copies the failover disks into the new primary VM's: the same lines.
+    b.ok(&["failover", "start", "web"]);
+    let out = b.run(&["failover", "complete", "web"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let done = lines
+        .iter()
+        .position(|l| l.starts_with("web: failover complete"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(done >= 1, "{text}");
+    assert!(
+        lines[done - 1].starts_with("failover complete of web: 100% (16.0 MiB of 16.0 MiB), ")
+            && lines[done - 1].ends_with("/s, eta 0 s"),
+        "{text}"
+    );
+    for l in &lines[..done] {
+        assert!(is_progress_line(l, "failover complete of web"), "{l}");
+    }
 }

@@ -490,6 +490,32 @@ pub fn replication_action_path(api: &Api, name: &str, path: &str) -> anyhow::Res
     Ok(())
 }
 
+/// `failover prepare NAME`: fences the VM and waits until its last changes are committed on
+/// the replica, showing the pending bytes going out.
+pub fn failover_prepare(api: &Api, name: &str) -> anyhow::Result<()> {
+    let seg = path_segment(name)?;
+    let status_path = format!("/v1/vms/{seg}/replication");
+    let pending = |api: &Api| {
+        api.get::<ReplicationStatus>(&status_path)
+            .ok()
+            .map(|st| st.pending_bytes)
+    };
+    let at_start = pending(api).unwrap_or(0);
+    let progress = output::Progress::start(format!("failover prepare of {name}"));
+    let st: ReplicationStatus = with_progress(
+        progress,
+        || pending(api).map(|p| (at_start.saturating_sub(p), at_start)),
+        || {
+            api.post(
+                &format!("/v1/vms/{seg}/failover/prepare"),
+                &serde_json::json!({}),
+            )
+        },
+    )?;
+    println!("{}: {:?}", st.vm, st.state);
+    Ok(())
+}
+
 /// `replication start NAME --to-media DIR`.
 pub fn replication_start_to_media(api: &Api, name: &str, dir: &str) -> anyhow::Result<()> {
     let dir = absolute(Path::new(dir))?.display().to_string();
@@ -656,10 +682,12 @@ pub fn reverse(
 
 /// `failover complete NAME`.
 pub fn failover_complete(api: &Api, name: &str) -> anyhow::Result<()> {
-    let vm: proto::VmInfo = api.post(
-        &format!("/v1/vms/{}/failover/complete", path_segment(name)?),
-        &serde_json::json!({}),
-    )?;
+    let path = format!("/v1/vms/{}/failover/complete", path_segment(name)?);
+    let id = host::progress::failover_complete_id(name);
+    let progress = output::Progress::start(format!("failover complete of {name}"));
+    let vm: proto::VmInfo = with_progress(progress, progress_of(api, &id), || {
+        api.post(&path, &serde_json::json!({}))
+    })?;
     println!(
         "{}: failover complete; it runs on this host now, disks:",
         vm.name
@@ -722,7 +750,9 @@ pub fn points_export(
     };
     let path = format!("/v1/points/{}/export", path_segment(name)?);
     let progress = output::Progress::start(format!("export of {name} disk {disk}"));
-    let p: PointInfo = with_progress(api, &progress_id, progress, || api.post(&path, &req))?;
+    let p: PointInfo = with_progress(progress, progress_of(api, &progress_id), || {
+        api.post(&path, &req)
+    })?;
     println!(
         "exported {name} point {} ({}) disk {disk} to {}",
         p.id,
@@ -735,22 +765,30 @@ pub fn points_export(
 /// How often a long call's progress is read while it runs.
 const PROGRESS_POLL: Duration = Duration::from_millis(500);
 
-/// Runs `call` (a long API call that reports under `progress_id`) on its own thread and shows
-/// its progress on `progress` until it returns.
+/// Samples `(done, total)` of the operation the daemon reports under `id`.
+fn progress_of<'a>(api: &'a Api, id: &str) -> impl FnMut() -> Option<(u64, u64)> + 'a {
+    let path = format!("/v1/progress/{id}");
+    move || {
+        // Not there yet, or already read: nothing to show this time.
+        api.get::<proto::Progress>(&path)
+            .ok()
+            .map(|p| (p.done_bytes, p.total_bytes))
+    }
+}
+
+/// Runs `call` (a long API call) on its own thread and shows on `progress` what `sample`
+/// says (bytes done of total) until it returns, then once more for the final line.
 fn with_progress<R: Send>(
-    api: &Api,
-    progress_id: &str,
     mut progress: output::Progress,
+    mut sample: impl FnMut() -> Option<(u64, u64)>,
     call: impl FnOnce() -> anyhow::Result<R> + Send,
 ) -> anyhow::Result<R> {
-    let progress_path = format!("/v1/progress/{progress_id}");
     progress.begin();
     let result = std::thread::scope(|scope| {
         let worker = scope.spawn(call);
         while !worker.is_finished() {
-            // Not there yet, or already gone: nothing to show this time.
-            if let Ok(p) = api.get::<proto::Progress>(&progress_path) {
-                progress.set(p.done_bytes, p.total_bytes);
+            if let Some((done, total)) = sample() {
+                progress.set(done, total);
             }
             let until = std::time::Instant::now() + PROGRESS_POLL;
             while !worker.is_finished() && std::time::Instant::now() < until {
@@ -763,9 +801,8 @@ fn with_progress<R: Send>(
     });
     match &result {
         Ok(_) => {
-            // The ended operation's last numbers, read once, for the final line.
-            if let Ok(p) = api.get::<proto::Progress>(&progress_path) {
-                progress.set_quietly(p.done_bytes, p.total_bytes);
+            if let Some((done, total)) = sample() {
+                progress.set_quietly(done, total);
             }
             progress.finish()
         }
