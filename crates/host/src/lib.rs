@@ -23,6 +23,7 @@ pub mod media;
 pub mod owner;
 pub mod peer_client;
 pub mod primary;
+pub mod progress;
 pub mod qemu_img;
 pub mod replica_host;
 pub mod resync;

@@ -502,6 +502,10 @@ pub struct ExportPoint {
     pub disk: u32,
     /// Absolute destination path; written as a sparse raw image.
     pub to: String,
+    /// A name the caller chose to follow the export with `GET /v1/progress/{id}` while this
+    /// call runs (absent from older clients: untracked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_id: Option<String>,
 }
 
 /// `backup NAME`: write every disk of a replica point into a directory, with a manifest

@@ -72,11 +72,22 @@ impl ReplicaVm {
     /// Writes `disk` at point `seq` to `to` as a sparse raw image (zero ranges left as holes),
     /// through a temporary file that is fsynced and renamed into place.
     pub fn export_raw(&self, seq: Seq, disk: u32, to: &Path) -> Result<(), ReplicaError> {
+        self.export_raw_reporting(seq, disk, to, &|_, _| {})
+    }
+
+    /// [`Self::export_raw`], calling `progress(done, total)` bytes after each chunk.
+    pub fn export_raw_reporting(
+        &self,
+        seq: Seq,
+        disk: u32,
+        to: &Path,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<(), ReplicaError> {
         let view = self.view(seq, disk)?;
         let mut tmp = to.as_os_str().to_owned();
         tmp.push(".partial");
         let tmp = Path::new(&tmp);
-        let result = export_to(&view, tmp).and_then(|()| durable::rename(tmp, to));
+        let result = export_to(&view, tmp, progress).and_then(|()| durable::rename(tmp, to));
         if result.is_err() {
             let _ = std::fs::remove_file(tmp);
         }
@@ -84,7 +95,11 @@ impl ReplicaVm {
     }
 }
 
-fn export_to(view: &PointView, tmp: &Path) -> Result<(), ReplicaError> {
+fn export_to(
+    view: &PointView,
+    tmp: &Path,
+    progress: &dyn Fn(u64, u64),
+) -> Result<(), ReplicaError> {
     let f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -106,6 +121,7 @@ fn export_to(view: &PointView, tmp: &Path) -> Result<(), ReplicaError> {
             }
             off += e.len_bytes;
         }
+        progress(off, view.size_bytes);
     }
     durable::fsync_file(&f, tmp)
 }

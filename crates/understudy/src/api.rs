@@ -311,6 +311,13 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
             let s = shared.clone();
             to_json(&blocking(move || s.backup(&r)).await?)
         }
+        (Method::GET, ["v1", "progress", id]) => match shared.progress.get(id) {
+            Some((done_bytes, total_bytes)) => to_json(&proto::Progress {
+                done_bytes,
+                total_bytes,
+            }),
+            None => Err(not_found(format!("no operation {id} in progress"))),
+        },
         (Method::GET, ["v1", "points", name, "served"]) => to_json(&shared.served_points(name)?),
         (Method::POST, ["v1", "points", name, "serve"]) => {
             let r: ServePoint = body(req).await?;

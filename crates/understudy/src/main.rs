@@ -6,8 +6,10 @@
 
 mod api;
 mod cli;
+mod config;
 mod demo;
 mod nbd_client;
+mod notify;
 mod serve;
 
 use host::errfmt;
@@ -15,10 +17,13 @@ use host::errfmt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 /// Exit status for a transient refusal: retry later (EX_TEMPFAIL).
 pub const EXIT_TRANSIENT: u8 = 75;
+
+/// Exit status for a bad command line or config file (clap's own usage errors use it too).
+const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(
@@ -70,10 +75,18 @@ enum Command {
     Failover(FailoverCmd),
     /// The guided end-to-end tour on loopback (temporary directory, no setup).
     Demo,
+    /// Write the man pages (roff) generated from these definitions into DIR: understudy.1 and
+    /// one per subcommand (understudy-serve.1, ...); scripts/package-deb ships them.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Args)]
 pub struct ServeArgs {
+    /// Read settings from this TOML file (keys are these flags' names, e.g.
+    /// `cbw-memory = "256M"`, and `data-dir`); flags given here override it (docs/config.md).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Address for peer (replication) traffic, HOST:PORT.
     #[arg(long)]
     pub listen: String,
@@ -130,6 +143,14 @@ impl ServeArgs {
             retain_points: self.retain_points,
         }
     }
+}
+
+/// `understudy man DIR`: the pages for `scripts/package-deb` (no build script needed).
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("writing man pages to {}", dir.display()))
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -517,10 +538,18 @@ enum PointsCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match config::apply(Cli::command(), std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(err) => {
+            eprintln!("error: {}", errfmt::one_line(&err));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let result = match cli.command {
         Command::Serve(args) => serve::serve(&cli.data_dir, args.into_config()),
         Command::Demo => demo::run(),
+        Command::Man { dir } => write_man_pages(&dir),
         Command::Identity => cli::identity(&cli.data_dir),
         Command::Trust(TrustCmd::Add { file, role, names }) => {
             let scope = transport::Scope {
@@ -676,9 +705,7 @@ fn main() -> ExitCode {
                 ),
                 FailoverCmd::Stop { name, test } => cli::failover_stop(&api, &name, test),
                 FailoverCmd::Complete { name } => cli::failover_complete(&api, &name),
-                FailoverCmd::Prepare { name } => {
-                    cli::replication_action_path(&api, &name, "failover/prepare")
-                }
+                FailoverCmd::Prepare { name } => cli::failover_prepare(&api, &name),
             }
         }
         Command::Backup(args) => match (args.verify, args.name, args.to) {

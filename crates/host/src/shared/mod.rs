@@ -117,6 +117,8 @@ pub struct Shared {
     pub disk_options: tracker::DiskOptions,
     /// Admission of replica uploads (per VM, per peer).
     pub uploads: crate::replica_host::UploadLimits,
+    /// Progress of long API calls in flight (`points export`), read by `GET /v1/progress/ID`.
+    pub progress: crate::progress::Registry,
     /// Wakes the replica's retention task after a commit.
     pub retention_wake: tokio::sync::Notify,
     /// Deadlines of calls to replicas (`serve --hello-timeout ...`).
@@ -173,6 +175,49 @@ pub fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     }
 }
 
+/// This host's TLS identity: `serve --cert/--key/--ca` when given, else the generated one in
+/// `<data-dir>/identity`; `<data-dir>/identity.pem` (the CA peers trust) is rewritten from it.
+fn load_identity(
+    data_dir: &Path,
+    args: &HostConfig,
+    host_name: &str,
+) -> anyhow::Result<transport::Identity> {
+    let listen_host = args
+        .listen
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']).to_string());
+    let extra: Vec<String> = listen_host
+        .into_iter()
+        .filter(|h| !h.is_empty() && h != "0.0.0.0" && h != "::")
+        .collect();
+    let identity = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => transport::Identity::from_files(cert, key, args.ca.as_deref())?,
+        _ => transport::load_or_create(&data_dir.join("identity"), host_name, &extra)?,
+    };
+    // Rewritten at each start, atomically: a crash never leaves a torn CA file that a peer
+    // admin would copy.
+    let pem = data_dir.join("identity.pem");
+    sysutil::replace_file(
+        &pem,
+        &data_dir.join("identity.pem.tmp"),
+        identity.ca_pem().as_bytes(),
+        sysutil::FileMode::Umask(0o644),
+    )
+    .with_context(|| format!("writing {}", pem.display()))?;
+    Ok(identity)
+}
+
+impl Shared {
+    /// Re-reads this host's certificate, key and CA (SIGHUP, systemd's `ExecReload=`): new
+    /// handshakes use them, established links keep theirs. The trust directory is re-read too.
+    /// On error the previous identity stays in force. The host name cannot change this way.
+    pub fn reload_tls(&self, args: &HostConfig) -> anyhow::Result<()> {
+        let identity = load_identity(&self.data_dir, args, &self.host_name)?;
+        self.tls.reload_identity(identity)?;
+        Ok(())
+    }
+}
+
 fn default_host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -188,30 +233,7 @@ fn vm_key(name: &str) -> String {
 impl Shared {
     pub async fn open(data_dir: &Path, args: &HostConfig) -> anyhow::Result<Arc<Shared>> {
         let host_name = args.name.clone().unwrap_or_else(default_host_name);
-        let listen_host = args
-            .listen
-            .rsplit_once(':')
-            .map(|(h, _)| h.trim_matches(['[', ']']).to_string());
-        let extra: Vec<String> = listen_host
-            .into_iter()
-            .filter(|h| !h.is_empty() && h != "0.0.0.0" && h != "::")
-            .collect();
-        let identity = match (&args.cert, &args.key) {
-            (Some(cert), Some(key)) => {
-                transport::Identity::from_files(cert, key, args.ca.as_deref())?
-            }
-            _ => transport::load_or_create(&data_dir.join("identity"), &host_name, &extra)?,
-        };
-        // Rewritten at each start, atomically: a crash never leaves a torn CA file that a peer
-        // admin would copy.
-        let pem = data_dir.join("identity.pem");
-        sysutil::replace_file(
-            &pem,
-            &data_dir.join("identity.pem.tmp"),
-            identity.ca_pem().as_bytes(),
-            sysutil::FileMode::Umask(0o644),
-        )
-        .with_context(|| format!("writing {}", pem.display()))?;
+        let identity = load_identity(data_dir, args, &host_name)?;
         let trust = transport::TrustStore::open(&data_dir.join("trust"))?;
         let tls = transport::TlsContext::new(identity, trust)?;
         let catalog = Catalog::open(&data_dir.join("catalog.redb"))?;
@@ -234,6 +256,7 @@ impl Shared {
                 cbw_spill_bytes_max: args.cbw_spill_max,
             },
             uploads: Default::default(),
+            progress: Default::default(),
             retention_wake: tokio::sync::Notify::new(),
             peer_timeouts: crate::peer_client::PeerTimeouts {
                 hello: Duration::from_secs(args.hello_timeout.max(1)),

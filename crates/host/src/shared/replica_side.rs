@@ -705,30 +705,33 @@ impl Shared {
                 req.vm, req.disk
             )));
         }
-        rvm.export_raw(point.seq, req.disk, Path::new(&req.to))
-            .map_err(|e| {
-                // A destination the daemon cannot create (missing directory, no permission,
-                // full file system) is the user's to fix: 400, not an internal error.
-                let dest = Path::new(&req.to);
-                let user = matches!(&e, ReplicaError::Io { source, path, .. }
-                    if path.starts_with(dest.parent().unwrap_or(dest)) && matches!(
-                    source.kind(),
-                    std::io::ErrorKind::NotFound
-                        | std::io::ErrorKind::PermissionDenied
-                        | std::io::ErrorKind::ReadOnlyFilesystem
-                        | std::io::ErrorKind::StorageFull
-                        | std::io::ErrorKind::IsADirectory
-                ));
-                let e = anyhow::Error::from(e).context(format!(
-                    "exporting {} point {} disk {}",
-                    req.vm, point.seq, req.disk
-                ));
-                if user {
-                    bad_request(crate::errfmt::one_line(&e))
-                } else {
-                    e
-                }
-            })?;
+        let tracker = self.progress.track(req.progress_id.as_deref());
+        rvm.export_raw_reporting(point.seq, req.disk, Path::new(&req.to), &|done, total| {
+            tracker.set(done, total)
+        })
+        .map_err(|e| {
+            // A destination the daemon cannot create (missing directory, no permission,
+            // full file system) is the user's to fix: 400, not an internal error.
+            let dest = Path::new(&req.to);
+            let user = matches!(&e, ReplicaError::Io { source, path, .. }
+                if path.starts_with(dest.parent().unwrap_or(dest)) && matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+                    | std::io::ErrorKind::StorageFull
+                    | std::io::ErrorKind::IsADirectory
+            ));
+            let e = anyhow::Error::from(e).context(format!(
+                "exporting {} point {} disk {}",
+                req.vm, point.seq, req.disk
+            ));
+            if user {
+                bad_request(crate::errfmt::one_line(&e))
+            } else {
+                e
+            }
+        })?;
         let seq = point.seq;
         self.point_infos(&rvm)
             .into_iter()
