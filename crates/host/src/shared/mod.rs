@@ -109,6 +109,9 @@ struct ReplicaHost {
 }
 
 pub struct Shared {
+    /// Replica side: per VM, the trees of the last 1 MiB pass of a resynchronization's compare
+    /// (`resync.md`): its refinement requests read nothing again.
+    pub(crate) resync_trees: parking_lot::Mutex<HashMap<String, Arc<crate::resync::TreeCache>>>,
     pub host_name: String,
     pub data_dir: PathBuf,
     pub listen: String,
@@ -246,6 +249,7 @@ impl Shared {
         };
         let (owner, owner_rx, owner_view) = crate::owner::Owner::new();
         let shared = Arc::new(Shared {
+            resync_trees: parking_lot::Mutex::new(HashMap::new()),
             owner,
             host_name,
             data_dir: data_dir.to_path_buf(),
