@@ -522,6 +522,9 @@ pub struct BackupPoint {
     /// Copy only the blocks changed since this point (qcow2 over the backup of that point).
     #[serde(default)]
     pub incremental_from: Option<u64>,
+    /// A name the caller chose to follow the backup with `GET /v1/progress/{id}`.
+    #[serde(default)]
+    pub progress_id: Option<String>,
 }
 
 /// `points serve`: serve a recovery point read-only over the daemon's NBD socket (pinned).

@@ -718,6 +718,7 @@ fn main() -> ExitCode {
                     to: to.display().to_string(),
                     format: args.format,
                     incremental_from: args.incremental_from,
+                    progress_id: None,
                 },
                 args.json,
             ),

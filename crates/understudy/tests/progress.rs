@@ -84,6 +84,49 @@ fn export_start_wait_and_failover_complete_print_plain_progress_lines_when_not_a
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(!text.contains("100%"), "{text}");
 
+    // Backup: the same progress lines, ending with the whole point, then the result.
+    let dir = root.path().join("backup");
+    std::fs::create_dir(&dir).unwrap();
+    let out = b.run(&[
+        "backup",
+        "web",
+        "--to",
+        dir.to_str().unwrap(),
+        "--format",
+        "raw",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let done = lines
+        .iter()
+        .position(|l| l.starts_with("backed up web point "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(done >= 1, "{text}");
+    assert!(
+        lines[done - 1].starts_with("backup of web: 100% (16.0 MiB of 16.0 MiB), "),
+        "{text}"
+    );
+    for l in &lines[..done] {
+        assert!(is_progress_line(l, "backup of web"), "{l}");
+    }
+    // With --json, stdout is the JSON document alone.
+    let dir2 = root.path().join("backup2");
+    std::fs::create_dir(&dir2).unwrap();
+    let v = b.json(&[
+        "backup",
+        "web",
+        "--to",
+        dir2.to_str().unwrap(),
+        "--format",
+        "raw",
+    ]);
+    assert_eq!(v["vm"], "web", "{v}");
+
     // Failover complete copies the failover disks into the new primary VM's: the same lines.
     b.ok(&["failover", "start", "web"]);
     let out = b.run(&["failover", "complete", "web"]);

@@ -88,7 +88,11 @@ fn continues_at(message: &str) -> u64 {
     message
         .split("continues at byte ")
         .nth(1)
-        .and_then(|s| s.split(' ').next())
+        .map(|s| {
+            s.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("the compare did not continue from a cursor: {message:?}"))
 }

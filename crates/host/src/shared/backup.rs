@@ -163,7 +163,12 @@ fn replica_error(vm: &str, e: ReplicaError) -> anyhow::Error {
 /// Reads the view from start to end: hashes every byte (zero ranges without reading them)
 /// and, with `sink`, writes the non-zero 4 KiB blocks there (holes elsewhere). Returns the
 /// BLAKE3 and the data bytes read.
-fn scan(view: &PointView, sink: Option<(&File, &Path)>) -> anyhow::Result<(String, u64)> {
+/// Hashes (and with `sink`, writes sparse) the view; `at(offset)` after each chunk (progress).
+fn scan(
+    view: &PointView,
+    sink: Option<(&File, &Path)>,
+    at: &(dyn Fn(u64) + Sync),
+) -> anyhow::Result<(String, u64)> {
     let size = view.size_bytes();
     let mut h = blake3::Hasher::new();
     let mut buf = Vec::new();
@@ -189,6 +194,7 @@ fn scan(view: &PointView, sink: Option<(&File, &Path)>) -> anyhow::Result<(Strin
             }
             off += e.len_bytes;
         }
+        at(off);
     }
     Ok((h.finalize().to_hex().to_string(), copied))
 }
@@ -442,7 +448,11 @@ impl Shared {
         );
         let started = Instant::now();
         let mut created: Vec<PathBuf> = Vec::new();
-        let result = self.write_disks(vm, seq, &dir, format, &jobs, &mut created);
+        let tracker = self.progress.track(req.progress_id.as_deref());
+        let total: u64 = jobs.iter().map(|j| j.view.size_bytes()).sum();
+        let result = self.write_disks(vm, seq, &dir, format, &jobs, &mut created, &|done| {
+            tracker.set(done.min(total), total)
+        });
         let disks_done = match result {
             Ok(d) => d,
             Err(e) => {
@@ -490,6 +500,7 @@ impl Shared {
 
     /// Writes every disk to its partial name, fsyncs and renames it; `created` collects every
     /// file made, for the caller to remove on failure.
+    #[allow(clippy::too_many_arguments)]
     fn write_disks(
         &self,
         vm: &str,
@@ -498,8 +509,10 @@ impl Shared {
         format: Format,
         jobs: &[DiskJob],
         created: &mut Vec<PathBuf>,
+        progress: &(dyn Fn(u64) + Sync),
     ) -> anyhow::Result<Vec<BackupDisk>> {
         let mut out = Vec::new();
+        let mut done = 0u64;
         for job in jobs {
             let file = disk_file_name(job.index, format);
             let tmp = dir.join(format!(".{file}{PARTIAL_SUFFIX}"));
@@ -511,14 +524,16 @@ impl Shared {
                 f.set_len(size)
                     .with_context(|| format!("sizing {}", tmp.display()))
                     .map_err(dest_error)?;
-                let r = scan(&job.view, Some((&f, &tmp)))?;
+                let r = scan(&job.view, Some((&f, &tmp)), &|o| progress(done + o))?;
                 f.sync_all()
                     .with_context(|| format!("fsync of {}", tmp.display()))
                     .map_err(dest_error)?;
                 r
             } else {
-                self.convert_disk(vm, seq, job, &tmp, format)?
+                self.convert_disk(vm, seq, job, &tmp, format, &|o| progress(done + o))?
             };
+            done += size;
+            progress(done);
             std::fs::rename(&tmp, &dest)
                 .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))
                 .map_err(dest_error)?;
@@ -553,6 +568,7 @@ impl Shared {
         job: &DiskJob,
         tmp: &Path,
         format: Format,
+        at: &(dyn Fn(u64) + Sync),
     ) -> anyhow::Result<(String, u64)> {
         let n = self.backup_exports.fetch_add(1, Ordering::Relaxed);
         let name = format!("backup.{vm}@{seq}-{}.{n}", job.index);
@@ -577,7 +593,7 @@ impl Shared {
             .as_ref()
             .map(|(_, file, fmt)| (file.as_str(), *fmt));
         let (converted, hashed) = std::thread::scope(|s| {
-            let hasher = s.spawn(|| scan(&job.view, None));
+            let hasher = s.spawn(|| scan(&job.view, None, at));
             let converted = qemu_convert(&uri, tmp, format, backing);
             let hashed = hasher
                 .join()

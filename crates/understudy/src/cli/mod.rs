@@ -765,8 +765,22 @@ pub fn points_export(
 pub fn backup(api: &Api, mut req: proto::BackupPoint, json: bool) -> anyhow::Result<()> {
     let to = absolute(Path::new(&req.to))?;
     req.to = to.display().to_string();
-    let b: host::backup::Backup =
-        api.post(&format!("/v1/backup/{}", path_segment(&req.vm)?), &req)?;
+    let progress_id = format!(
+        "backup-{}-{}",
+        std::process::id(),
+        proto::time::now_unix_ns()
+    );
+    req.progress_id = Some(progress_id.clone());
+    let path = format!("/v1/backup/{}", path_segment(&req.vm)?);
+    // With --json stdout is the document alone: no progress lines.
+    let b: host::backup::Backup = if json {
+        api.post(&path, &req)?
+    } else {
+        let progress = output::Progress::start(format!("backup of {}", req.vm));
+        with_progress(progress, progress_of(api, &progress_id), || {
+            api.post(&path, &req)
+        })?
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&b)?);
         return Ok(());
