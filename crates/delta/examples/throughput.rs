@@ -25,6 +25,7 @@ const KEY: [u8; 32] = [5u8; 32];
 
 fn header(disk_bytes: u64) -> DeltaHeader {
     DeltaHeader {
+        compared: false,
         app_consistent: false,
         vm_id: delta::VmName::parse("bench").unwrap(),
         generation: delta::Generation(1),

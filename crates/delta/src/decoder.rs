@@ -381,6 +381,7 @@ mod tests {
 
     fn header() -> DeltaHeader {
         DeltaHeader {
+            compared: false,
             app_consistent: false,
             vm_id: proto::VmName::parse("vm").unwrap(),
             generation: proto::Generation(1),

@@ -22,8 +22,10 @@ pub(crate) const HEADER_BYTES_MIN: usize =
 /// `flags` bit 0: the cut was taken while the guest's filesystems were frozen (guest agent or
 /// hooks): an application-consistent point. Every other bit is reserved and refused.
 pub(crate) const FLAG_APP_CONSISTENT: u16 = 1;
+/// `flags` bit 1: a compared `Full` delta (see [`DeltaHeader::compared`]).
+pub(crate) const FLAG_COMPARED: u16 = 2;
 /// Every flag bit this version knows.
-const FLAGS_KNOWN: u16 = FLAG_APP_CONSISTENT;
+const FLAGS_KNOWN: u16 = FLAG_APP_CONSISTENT | FLAG_COMPARED;
 
 const HEADER_KEY_CONTEXT: &str = "understudy delta v2 header checksum";
 const MAC_KEY_CONTEXT: &str = "understudy delta v2 stream mac";
@@ -126,6 +128,10 @@ pub struct DeltaHeader {
     pub compression: Compression,
     /// The cut was taken with the guest's filesystems frozen (`flags` bit 0).
     pub app_consistent: bool,
+    /// A `Full` delta holding only the blocks that differed from the replica's newest point
+    /// when compared (`flags` bit 1; `resync.md`): it must not clear damage the replica found
+    /// after that compare began.
+    pub compared: bool,
     pub disks: Vec<DiskEntry>,
 }
 
@@ -145,6 +151,11 @@ impl DeltaHeader {
         }
         if self.parent_seq >= self.seq {
             return Err(DeltaError::BadHeader("parent_seq must be below seq"));
+        }
+        if self.compared && self.kind != DeltaKind::Full {
+            return Err(DeltaError::BadHeader(
+                "flag COMPARED is only for a Full delta",
+            ));
         }
         validate_disks(&self.disks)
     }
@@ -175,7 +186,7 @@ impl DeltaHeader {
             FLAG_APP_CONSISTENT
         } else {
             0
-        };
+        } | if self.compared { FLAG_COMPARED } else { 0 };
         out.extend_from_slice(&flags.to_le_bytes());
         // validate() bounds len far below u32::MAX (≤ HEADER_BYTES_MAX).
         out.extend_from_slice(&(len as u32).to_le_bytes());
@@ -308,6 +319,7 @@ pub(crate) fn parse_header(bytes: &[u8], keys: &Keys) -> Result<DeltaHeader, Del
         disks.push(DiskEntry { index, size_bytes });
     }
     let header = DeltaHeader {
+        compared: flags & FLAG_COMPARED != 0,
         app_consistent: flags & FLAG_APP_CONSISTENT != 0,
         vm_id,
         generation: Generation(generation),
@@ -383,6 +395,7 @@ mod tests {
 
     fn header(app_consistent: bool) -> DeltaHeader {
         DeltaHeader {
+            compared: false,
             vm_id: VmName::parse("vm").unwrap(),
             generation: Generation(1),
             seq: Seq(2),
@@ -408,15 +421,25 @@ mod tests {
             assert_eq!(len, bytes.len());
             assert_eq!(parse_header(&bytes, &keys).unwrap(), header(app));
         }
+        // COMPARED round-trips on a Full delta and is refused on any other kind.
+        let mut full = header(false);
+        full.kind = DeltaKind::Full;
+        full.compared = true;
+        let bytes = full.encode(&keys);
+        assert_eq!(bytes[10], 0b10);
+        assert_eq!(parse_header(&bytes, &keys).unwrap(), full);
+        let mut other = header(false);
+        other.compared = true;
+        assert!(matches!(other.validate(), Err(DeltaError::BadHeader(_))));
         let mut bytes = header(true).encode(&keys);
-        bytes[10] = 0b11;
+        bytes[10] = 0b101;
         assert!(matches!(
             parse_preamble(&bytes[..PREAMBLE_BYTES]),
-            Err(DeltaError::UnsupportedFlags(3))
+            Err(DeltaError::UnsupportedFlags(5))
         ));
         assert!(matches!(
             parse_header(&bytes, &keys),
-            Err(DeltaError::UnsupportedFlags(3))
+            Err(DeltaError::UnsupportedFlags(5))
         ));
     }
 

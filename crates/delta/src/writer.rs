@@ -308,6 +308,7 @@ mod tests {
 
     fn header() -> DeltaHeader {
         DeltaHeader {
+            compared: false,
             app_consistent: false,
             vm_id: proto::VmName::parse("shared").unwrap(),
             generation: proto::Generation(1),

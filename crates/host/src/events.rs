@@ -55,7 +55,13 @@ pub const GUEST_THAW_FAILED: u32 = 2022;
 pub const INITIAL_FROM_EXISTING: u32 = 2030;
 /// `replication start --at TIME`: the initial replication starts by itself then.
 pub const INITIAL_SCHEDULED: u32 = 2031;
-/// 2032-2039 are reserved for backups of the replica (docs/events.md).
+/// `backup`: a backup of a replica point started (point, format, destination).
+pub const BACKUP_STARTED: u32 = 2032;
+/// A backup completed (point, format, bytes copied, time taken).
+pub const BACKUP_DONE: u32 = 2033;
+/// A backup failed or was refused (reason); nothing of it is left looking complete.
+pub const BACKUP_FAILED: u32 = 2034;
+/// 2035-2039 are kept for backups of the replica (docs/events.md).
 /// A VM's health changed (Normal, Warning, Critical), with every reason.
 pub const HEALTH_CHANGED: u32 = 2040;
 /// `replication reset-statistics`: `measure` counts from now; failures in a row forgotten.

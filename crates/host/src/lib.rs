@@ -8,6 +8,7 @@
 //! typed ([`error::HostError`]); only the API layer maps them to HTTP statuses.
 
 pub mod activation;
+pub mod backup;
 pub mod catalog;
 pub mod config;
 mod durable;
@@ -24,9 +25,11 @@ pub mod metrics;
 pub mod owner;
 pub mod peer_client;
 pub mod primary;
+pub mod progress;
 pub mod qemu_img;
 pub mod replica_host;
 pub mod resync;
+pub mod resync_cursor;
 pub mod seed;
 pub mod shared;
 pub mod shipper;

@@ -29,6 +29,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::catalog::{RelationshipDoc, ReplicationRecord};
 use crate::events;
+use crate::resync_cursor::{
+    ResyncCursor, RESYNC_CURSOR_RANGES_MAX, RESYNC_CURSOR_SAVE_EVERY, RESYNC_WINDOW_BYTES,
+};
 use crate::vms::Vm;
 use crate::Shared;
 
@@ -151,6 +154,16 @@ pub struct Replication {
     apply_lock: Mutex<()>,
     /// The replica has not confirmed the latest state change yet (a hello failed).
     hello_owed: Arc<std::sync::atomic::AtomicBool>,
+    /// A resynchronization cursor may be in the catalog (`resync.md`, "The cursor"): deleted
+    /// once the relationship leaves the resynchronization otherwise than by suspending it.
+    cursor_kept: std::sync::atomic::AtomicBool,
+    /// The replica refused a compared `Full` point (`damaged`: damage it found after the
+    /// compare began): the next resynchronization sends every block, which repairs it.
+    send_every_block: std::sync::atomic::AtomicBool,
+    /// The VM's disks were recovered from their activity logs at start (an unclean stop):
+    /// the first cycle compares the recovered extents with the replica instead of sending
+    /// them whole. Cleared by the first committed point.
+    compare_after_crash: std::sync::atomic::AtomicBool,
 }
 
 /// What the loop must do after an event (the actions the executor does not run itself).
@@ -188,6 +201,12 @@ impl Replication {
         // A setting of the VM's replication (catalog), held by the core.
         rel.auto_resync = settings.auto_resync();
         let resyncing_at_start = matches!(rel.state, State::Resynchronizing { .. });
+        let recovered = settings.disks.iter().any(|&i| {
+            matches!(
+                vm.open_states.get(i as usize),
+                Some(tracker::OpenState::RecoveredFromActivityLog { .. })
+            )
+        });
         let repl = Arc::new(Replication {
             vm,
             rt: Mutex::new(Runtime {
@@ -210,6 +229,9 @@ impl Replication {
             cmd: tx,
             apply_lock: Mutex::new(()),
             hello_owed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            cursor_kept: std::sync::atomic::AtomicBool::new(true),
+            send_every_block: std::sync::atomic::AtomicBool::new(false),
+            compare_after_crash: std::sync::atomic::AtomicBool::new(recovered),
         });
         // What the daemon found at start is the relationship's state before anyone can read
         // it (a status right after the start shows a resynchronization required at once).
@@ -574,9 +596,75 @@ impl Replication {
         if !installed {
             // In-memory changes only (where the replica stands is unknown, ...).
             self.rt.lock().rel = next;
+        } else if !keeps_resync_cursor(&next.state)
+            && self.cursor_kept.swap(false, Ordering::AcqRel)
+        {
+            // The resynchronization committed, was cancelled, or is required again: the
+            // next one starts over. A cursor left behind is harmless (every block is marked
+            // dirty when a resynchronization starts), so a failure is only logged.
+            if let Err(e) = off_runtime(|| shared.delete_resync_cursor(&self.vm.name)) {
+                tracing::warn!(vm = %self.vm.name, "removing the resynchronization cursor: {e:#}");
+            }
         }
         Ok(out)
     }
+}
+
+/// States in which a resynchronization may continue from its cursor: running, or suspended
+/// to resume it.
+fn keeps_resync_cursor(state: &State) -> bool {
+    matches!(
+        state,
+        State::Resynchronizing { .. }
+            | State::Suspended {
+                resume_to: relationship::Resumable::Resynchronizing
+            }
+    )
+}
+
+/// Before a resynchronization's cut: marks dirty what its compare still has to cover (from
+/// the cursor when it continues one, else every block) and returns the cursor the cycle goes
+/// on with. Blocking (the marks are made durable).
+fn resync_marks(
+    shared: &Shared,
+    repl: &Replication,
+    record: &ReplicationRecord,
+    generation: u64,
+    seq: Seq,
+) -> anyhow::Result<ResyncCursor> {
+    let vm = &repl.vm.name;
+    let base = seq.get().saturating_sub(1);
+    let disks: Vec<(u32, u64)> = record
+        .disks
+        .iter()
+        .filter_map(|&i| repl.vm.disks.get(i as usize).map(|d| (i, d.size_bytes())))
+        .collect();
+    let found = shared.load_resync_cursor(vm);
+    let continues = found
+        .as_ref()
+        .is_some_and(|c| c.continues(&record.replication_id, generation, base, &disks));
+    let cursor = match found {
+        Some(c) if continues => c,
+        _ => ResyncCursor::fresh(&record.replication_id, generation, base, &disks),
+    };
+    for d in &cursor.disks {
+        let Some(disk) = repl.vm.disks.get(d.index as usize) else {
+            continue;
+        };
+        if continues {
+            let blocks: Vec<std::ops::Range<u64>> = d
+                .to_mark()
+                .iter()
+                .map(|&(o, l)| o / tracker::BLOCK_BYTES..(o + l).div_ceil(tracker::BLOCK_BYTES))
+                .collect();
+            disk.mark_dirty_blocks(&blocks)
+        } else {
+            disk.mark_all_dirty()
+        }
+        .with_context(|| format!("marking disk {} of {vm} for the resynchronization", d.index))?;
+    }
+    repl.cursor_kept.store(true, Ordering::Release);
+    Ok(cursor)
 }
 
 /// Whether `resync-cancel` has something to cancel (the core refuses it otherwise).
@@ -1364,6 +1452,7 @@ fn delta_header(
     app_consistent: bool,
 ) -> DeltaHeader {
     DeltaHeader {
+        compared: false,
         app_consistent,
         vm_id: repl.vm.name.clone(),
         generation: rel.progress.generation,
@@ -1423,10 +1512,29 @@ impl crate::resync::ChunkSource for CutDisk {
     }
 }
 
+/// Persists the resynchronization cursor; false (logged) when it cannot be, or holds more
+/// ranges than a cursor may: the resynchronization then goes on from the last one kept.
+fn save_cursor(shared: &Shared, repl: &Replication, cursor: &ResyncCursor) -> bool {
+    let vm = &repl.vm.name;
+    if cursor.ranges() > RESYNC_CURSOR_RANGES_MAX {
+        tracing::info!(%vm, "the resynchronization cursor would hold {} ranges (at most {RESYNC_CURSOR_RANGES_MAX}): not advanced", cursor.ranges());
+        return false;
+    }
+    match off_runtime(|| shared.save_resync_cursor(vm, cursor)) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(%vm, "saving the resynchronization cursor: {e:#}");
+            false
+        }
+    }
+}
+
 /// The compare of a resynchronization: each disk of the cut against the replica's newest
-/// point; the blocks found equal are marked shipped (never read again), so the shipper reads
+/// point, window by window (`RESYNC_WINDOW_BYTES`), the cursor advanced and persisted after
+/// each; the blocks found equal are marked shipped (never read again), so the shipper reads
 /// only those that differ. `None` when the replica cannot compare (an older version): every
 /// block is shipped, as before.
+#[allow(clippy::too_many_arguments)]
 async fn compare_with_replica(
     shared: &Arc<Shared>,
     repl: &Arc<Replication>,
@@ -1434,6 +1542,7 @@ async fn compare_with_replica(
     seq: Seq,
     indexes: &[u32],
     cut: tracker::Cut,
+    mut cursor: Option<&mut ResyncCursor>,
 ) -> Result<
     (tracker::Cut, Option<crate::resync::CompareStats>),
     (Option<tracker::Cut>, anyhow::Error),
@@ -1445,6 +1554,18 @@ async fn compare_with_replica(
     if base == Seq(0) {
         return Ok((cut, None));
     }
+    // The replica refused a compared point for damage found after its compare: only every
+    // block repairs it.
+    let resync = cursor.is_some();
+    if resync && repl.send_every_block.load(Ordering::Acquire) {
+        shared.events.emit(
+            events::RESYNC_COMPARE_DONE,
+            Some(&vm),
+            "warning",
+            "the replica found damage after the last compare: every block is sent",
+        );
+        return Ok((cut, None));
+    }
     let key = match crate::resync::new_key() {
         Ok(k) => k,
         Err(e) => return Err((Some(cut), e)),
@@ -1452,6 +1573,12 @@ async fn compare_with_replica(
     let cut = Arc::new(cut);
     let unshare = |cut: Arc<tracker::Cut>| Arc::try_unwrap(cut).ok();
     let mut stats = crate::resync::CompareStats::default();
+    let mut last_saved = Instant::now();
+    // Progress shown in status: what earlier attempts compared counts as compared.
+    if let Some(c) = cursor.as_deref() {
+        repl.resync_compared_blocks
+            .store(c.compared_bytes() / tracker::BLOCK_BYTES, Ordering::Relaxed);
+    }
     for (position, &index) in indexes.iter().enumerate() {
         let disk: Arc<dyn crate::resync::ChunkSource + Send + Sync> = Arc::new(CutDisk {
             cut: cut.clone(),
@@ -1459,61 +1586,137 @@ async fn compare_with_replica(
         });
         let size = disk.size_bytes();
         let ranges = cut.disks[position].ranges();
-        shared.events.emit(
-            events::RESYNC_COMPARE_STARTED,
-            Some(&vm),
-            "info",
-            &format!(
-                "resynchronization compares disk {index} with the replica's point {base}: blocks 0 to {} ({size} bytes)",
+        let resumed_at = cursor
+            .as_deref()
+            .and_then(|c| c.disks.get(position))
+            .map_or(0, |d| d.compared_to);
+        let continues = if resumed_at > 0 {
+            format!(
+                "; it continues at byte {resumed_at}, where an earlier attempt got: below it only {} bytes are compared again (blocks that differed, or were written since)",
+                crate::resync_cursor::clip(&ranges, 0, resumed_at)
+                    .iter()
+                    .map(|r| r.1)
+                    .sum::<u64>()
+            )
+        } else {
+            String::new()
+        };
+        let what = if resync {
+            format!(
+                "resynchronization compares disk {index} with the replica's point {base}: blocks 0 to {} ({size} bytes){continues}",
                 size.div_ceil(tracker::BLOCK_BYTES).saturating_sub(1)
-            ),
-        );
+            )
+        } else {
+            format!(
+                "after an unclean stop, the recently written extents of disk {index} ({} bytes) are compared with the replica's point {base} instead of being sent whole",
+                ranges.iter().map(|r| r.1).sum::<u64>()
+            )
+        };
+        shared
+            .events
+            .emit(events::RESYNC_COMPARE_STARTED, Some(&vm), "info", &what);
         let started = Instant::now();
         let before = stats;
-        let compared = crate::resync::compare_disk(
-            peer,
-            &vm,
-            base,
-            index,
-            disk,
-            &ranges,
-            &key,
-            shared.peer_timeouts.answer,
-            &mut stats,
-            &repl.resync_compared_blocks,
-        )
-        .await;
-        let differs = match compared {
-            Ok(r) => r,
-            // An older replica (no such route), or a damaged copy that cannot be read: every
-            // block is sent, as a resynchronization did before it compared. Disks compared
-            // already had their equal blocks marked shipped: those are equal on the replica.
-            Err(e)
-                if e.downcast_ref::<PeerRefusal>()
-                    .is_some_and(|r| r.0.code == "not_found" || r.0.code == "damaged") =>
-            {
-                shared.events.emit(
-                    events::RESYNC_COMPARE_DONE,
-                    Some(&vm),
-                    "warning",
-                    &format!(
-                        "the replica cannot compare ({}): every block is sent",
-                        crate::errfmt::one_line(&e)
-                    ),
-                );
-                return match unshare(cut) {
-                    Some(cut) => Ok((cut, None)),
-                    None => Err((None, anyhow!("the compare of {vm} still holds its cut"))),
-                };
+        let mut window = 0u64;
+        while window < size {
+            let end = (window + RESYNC_WINDOW_BYTES).min(size);
+            let in_window = crate::resync_cursor::clip(&ranges, window, end);
+            if in_window.is_empty() {
+                if let Some(d) = cursor
+                    .as_deref_mut()
+                    .and_then(|c| c.disks.get_mut(position))
+                {
+                    d.window_done(window, end, &[]);
+                }
+                window = end;
+                continue;
             }
-            Err(e) => return Err((unshare(cut), e)),
-        };
+            // Blocks below where earlier attempts got were counted as compared already.
+            let recount = std::sync::atomic::AtomicU64::new(0);
+            let counter = if resync && window >= resumed_at {
+                &repl.resync_compared_blocks
+            } else {
+                &recount
+            };
+            let compared = crate::resync::compare_disk(
+                peer,
+                &vm,
+                base,
+                index,
+                disk.clone(),
+                &in_window,
+                &key,
+                shared.peer_timeouts.answer,
+                &mut stats,
+                counter,
+            )
+            .await;
+            let differs = match compared {
+                Ok(r) => r,
+                // An older replica (no such route), or a damaged copy that cannot be read:
+                // every block left is sent, as a resynchronization did before it compared.
+                // Windows compared already had their equal blocks marked shipped: those are
+                // equal on the replica.
+                Err(e)
+                    if e.downcast_ref::<PeerRefusal>()
+                        .is_some_and(|r| r.0.code == "not_found" || r.0.code == "damaged") =>
+                {
+                    shared.events.emit(
+                        events::RESYNC_COMPARE_DONE,
+                        Some(&vm),
+                        "warning",
+                        &format!(
+                            "the replica cannot compare ({}): every block is sent",
+                            crate::errfmt::one_line(&e)
+                        ),
+                    );
+                    return match unshare(cut) {
+                        Some(cut) => Ok((cut, None)),
+                        None => Err((None, anyhow!("the compare of {vm} still holds its cut"))),
+                    };
+                }
+                Err(e) => return Err((unshare(cut), e)),
+            };
+            // What is equal is shipped without a read, window by window: its copies go back
+            // to the pool now rather than after the last disk's compare.
+            let c = cut.clone();
+            let d2 = differs.clone();
+            let discarded = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let disk = &c.disks[position];
+                let mut at = window;
+                for &(o, l) in d2.iter().chain(std::iter::once(&(end, 0))) {
+                    if o > at {
+                        disk.discard(at, o - at)?;
+                    }
+                    at = o + l;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| anyhow!("the discard task: {e}"))
+            .and_then(|r| r);
+            if let Err(e) = discarded {
+                return Err((unshare(cut), e));
+            }
+            if let Some(c) = cursor.as_deref_mut() {
+                if let Some(d) = c.disks.get_mut(position) {
+                    d.window_done(window, end, &differs);
+                }
+                // At most once a second (a catalog commit is an fsync), and at each disk's end.
+                if end == size || last_saved.elapsed() >= RESYNC_CURSOR_SAVE_EVERY {
+                    save_cursor(shared, repl, c);
+                    last_saved = Instant::now();
+                }
+            }
+            window = end;
+        }
         shared.events.emit(
             events::RESYNC_COMPARE_DONE,
             Some(&vm),
             "info",
             &format!(
-                "resynchronization compared disk {index}: {} bytes in {} chunks, {} blocks refined, {} blocks differ ({} bytes to send), in {:.1} s",
+                "{} disk {index}: {} bytes in {} chunks, {} blocks refined, {} blocks differ ({} bytes to send), in {:.1} s",
+                if resync { "resynchronization compared" } else { "after an unclean stop, compared the recently written extents of" },
                 stats.compared_bytes - before.compared_bytes,
                 stats.chunks - before.chunks,
                 stats.blocks_refined - before.blocks_refined,
@@ -1522,29 +1725,6 @@ async fn compare_with_replica(
                 crate::resync::secs_since(started)
             ),
         );
-        // What is equal is shipped without a read, disk by disk: its copies go back to the
-        // pool now rather than after the last disk's compare.
-        let c = cut.clone();
-        let discarded = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let disk = &c.disks[position];
-            let mut at = 0u64;
-            for &(o, l) in differs
-                .iter()
-                .chain(std::iter::once(&(disk.size_bytes(), 0)))
-            {
-                if o > at {
-                    disk.discard(at, o - at)?;
-                }
-                at = o + l;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| anyhow!("the discard task: {e}"))
-        .and_then(|r| r);
-        if let Err(e) = discarded {
-            return Err((unshare(cut), e));
-        }
     }
     match unshare(cut) {
         Some(cut) => Ok((cut, Some(stats))),
@@ -1723,6 +1903,23 @@ async fn cycle_inner(
         .filter_map(|&i| repl.vm.disks.get(i as usize).cloned())
         .collect();
     let gate = repl.vm.gate.clone();
+    // A resynchronization marks what its compare still covers: from its cursor when it
+    // continues one (after a failure, a suspend, a restart), else every block.
+    let cursor = if plan.kind == CycleKind::Full {
+        let (sh, r, rec, generation) = (
+            shared.clone(),
+            repl.clone(),
+            record.clone(),
+            rel.progress.generation.0,
+        );
+        Some(
+            tokio::task::spawn_blocking(move || resync_marks(&sh, &r, &rec, generation, seq))
+                .await
+                .context("marking task")??,
+        )
+    } else {
+        None
+    };
     // Application-consistent when due: freeze, cut, thaw on the blocking thread, every step
     // bounded (`guest.rs`); any failure leaves a crash-consistent cut.
     let quiesce = app_consistent_due(shared, &vm_name, &record, &rel);
@@ -1785,8 +1982,45 @@ async fn cycle_inner(
     repl.progress_total.store(total, Ordering::Relaxed);
     // A resynchronization ships only the blocks that differ from the replica's newest point
     // (`docs/formats/resync.md`): the others are marked shipped without being read.
-    let (cut, compared) = if plan.kind == CycleKind::Full {
-        match compare_with_replica(shared, repl, &peer, seq, &record.disks, cut).await {
+    // After an unclean stop the first cycle compares the recovered extents (the activity
+    // log's, whole 4 MiB extents) with the replica instead of sending them whole.
+    let compare_crash =
+        plan.kind == CycleKind::Incremental && repl.compare_after_crash.load(Ordering::Acquire);
+    let (cut, compared) = if cursor.is_some() || compare_crash {
+        let mut cursor = cursor;
+        let cut = if let Some(cursor) = cursor.as_mut() {
+            // The cursor now names the cut's blocks below where the compare got; once that
+            // is durable the cut is covered: the activity log keeps only what is written from
+            // now on, and an abort leaves the cut's blocks to the cursor (`tracker-state.md`).
+            for (position, d) in cursor.disks.iter_mut().enumerate() {
+                if let Some(f) = cut.disks.get(position) {
+                    d.set_pending_from_cut(&f.ranges());
+                }
+            }
+            if save_cursor(shared, repl, cursor) {
+                tokio::task::spawn_blocking(move || {
+                    cut.cover();
+                    cut
+                })
+                .await
+                .context("cover task")?
+            } else {
+                cut
+            }
+        } else {
+            cut
+        };
+        match compare_with_replica(
+            shared,
+            repl,
+            &peer,
+            seq,
+            &record.disks,
+            cut,
+            cursor.as_mut(),
+        )
+        .await
+        {
             Ok(r) => r,
             Err((cut, e)) => {
                 // As a failed upload: the cut goes back (its blocks stay dirty) and the core
@@ -1820,7 +2054,11 @@ async fn cycle_inner(
             .store(c.differing_bytes, Ordering::Relaxed);
     }
 
-    let header = delta_header(repl, &record, &rel, seq, kind, cut_ns, app_consistent);
+    let mut header = delta_header(repl, &record, &rel, seq, kind, cut_ns, app_consistent);
+    // Only the blocks that differed: the replica must not let it clear damage found after
+    // the compare began (it refuses it, and the next attempt sends every block).
+    header.compared = compared.is_some() && kind == DeltaKind::Full;
+    let header_compared = header.compared;
     let key = delta_key(&record.replication_id);
     let checksum = header.checksum(&key)?;
     let indexes = record.disks.clone();
@@ -1866,7 +2104,7 @@ async fn cycle_inner(
             {
                 let mut rt = repl.rt.lock();
                 let c = &mut rt.counters;
-                if let Some(cmp) = &compared {
+                if let Some(cmp) = compared.as_ref().filter(|_| kind == DeltaKind::Full) {
                     repl.resync_sent_bytes
                         .fetch_add(sent_bytes, Ordering::Relaxed);
                     c.resynchronized_bytes += delta_bytes;
@@ -1898,6 +2136,11 @@ async fn cycle_inner(
                 },
             );
             repl.progress_total.store(0, Ordering::Relaxed);
+            if kind == DeltaKind::Full {
+                repl.send_every_block.store(false, Ordering::Release);
+            }
+            // The recovered extents are on the replica now.
+            repl.compare_after_crash.store(false, Ordering::Release);
             // The core installs the point (persisted) and leaves the initial replication or
             // a resynchronization when that was its point.
             repl.apply(
@@ -1929,6 +2172,12 @@ async fn cycle_inner(
                 Some(why) => e.context(why),
                 None => e,
             };
+            if header_compared
+                && e.downcast_ref::<PeerRefusal>()
+                    .is_some_and(|r| r.0.code == "damaged")
+            {
+                repl.send_every_block.store(true, Ordering::Release);
+            }
             let refusal = refusal_facts(&e, cut_ns);
             // The core judges a refusal (a lost answer is "already delivered", anything else
             // that cannot follow requires a resynchronization) and logs the failure.

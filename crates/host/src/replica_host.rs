@@ -577,16 +577,32 @@ async fn route(
                 })?;
             let key = crate::resync::check_request(&hreq, size)
                 .map_err(|why| refuse(StatusCode::BAD_REQUEST, "bad_request", why))?;
+            rvm.note_compare(hreq.seq.get());
             let rvm2 = rvm.clone();
             let (seq, disk, chunk_bytes) = (hreq.seq, hreq.disk, hreq.chunk_bytes);
+            let (shared2, vm_name) = (shared.clone(), vm.to_string());
             let hashes = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
                 let view = rvm2.view(seq, disk)?;
-                Ok(
-                    crate::resync::hash_chunks(&view, &key, chunk_bytes, &hreq.offsets)?
-                        .into_iter()
-                        .map(|h| h.to_wire())
-                        .collect(),
-                )
+                // The 1 MiB pass keeps its trees for the refinements that follow it.
+                let hashes = if chunk_bytes == crate::resync::COMPARE_CHUNK_BYTES {
+                    let trees = crate::resync::hash_trees(&view, &key, chunk_bytes, &hreq.offsets)?;
+                    let hashes: Vec<_> = trees.iter().map(|t| t.hash).collect();
+                    let cache =
+                        crate::resync::TreeCache::new(key, seq.get(), disk, &hreq.offsets, trees);
+                    shared2.resync_trees.lock().insert(vm_name, Arc::new(cache));
+                    hashes
+                } else {
+                    let cache = shared2.resync_trees.lock().get(&vm_name).cloned();
+                    crate::resync::hash_cached(
+                        &view,
+                        cache.as_deref(),
+                        &key,
+                        (seq.get(), disk),
+                        chunk_bytes,
+                        &hreq.offsets,
+                    )?
+                };
+                Ok(hashes.into_iter().map(|h| h.to_wire()).collect())
             })
             .await
             .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?

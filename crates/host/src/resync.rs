@@ -70,6 +70,133 @@ impl ChunkHash {
     }
 }
 
+/// A chunk hashed as a tree (`resync.md`, "The hash"): its 4 KiB blocks' hashes, its 64 KiB
+/// pieces' hashes (each over its blocks' hashes) and its own hash (over its pieces' hashes).
+/// Kept for the chunks of the last 1 MiB pass, the refinement passes are answered from it
+/// without reading the disk again. A chunk known to be zero keeps no children.
+#[derive(Debug, Clone)]
+pub struct ChunkTree {
+    pub hash: ChunkHash,
+    pieces: Vec<ChunkHash>,
+    blocks: Vec<ChunkHash>,
+}
+
+/// Level bytes prefixed to the hashes a piece (1) or a chunk (2) is computed over.
+const LEVEL_PIECE: u8 = 1;
+const LEVEL_CHUNK: u8 = 2;
+
+/// The hash over children's hashes: `"z"` when every child is zero, else the truncated keyed
+/// BLAKE3 of the level byte and the children's 16-byte hashes (16 zero bytes for a zero child).
+fn combine(key: &[u8; 32], level: u8, children: &[ChunkHash]) -> ChunkHash {
+    if children.iter().all(|c| *c == ChunkHash::Zero) {
+        return ChunkHash::Zero;
+    }
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(&[level]);
+    for c in children {
+        match c {
+            ChunkHash::Zero => h.update(&[0u8; HASH_BYTES]),
+            ChunkHash::Hash(x) => h.update(x),
+        };
+    }
+    let mut out = [0u8; HASH_BYTES];
+    out.copy_from_slice(&h.finalize().as_bytes()[..HASH_BYTES]);
+    ChunkHash::Hash(out)
+}
+
+impl ChunkTree {
+    /// The tree of `bytes`, one unit of `unit_bytes` (4 KiB, 64 KiB or 1 MiB; the disk's last
+    /// unit may be shorter, a whole number of blocks).
+    fn of(key: &[u8; 32], unit_bytes: u64, bytes: &[u8]) -> ChunkTree {
+        let blocks: Vec<ChunkHash> = bytes
+            .chunks(REFINE_BLOCK_BYTES as usize)
+            .map(|b| ChunkHash::of(key, b))
+            .collect();
+        if unit_bytes <= REFINE_BLOCK_BYTES {
+            let hash = blocks.first().copied().unwrap_or(ChunkHash::Zero);
+            return ChunkTree {
+                hash,
+                pieces: Vec::new(),
+                blocks,
+            };
+        }
+        let per_piece = (REFINE_MID_BYTES / REFINE_BLOCK_BYTES) as usize;
+        let pieces: Vec<ChunkHash> = blocks
+            .chunks(per_piece)
+            .map(|c| combine(key, LEVEL_PIECE, c))
+            .collect();
+        if unit_bytes <= REFINE_MID_BYTES {
+            return ChunkTree {
+                hash: pieces.first().copied().unwrap_or(ChunkHash::Zero),
+                pieces,
+                blocks,
+            };
+        }
+        ChunkTree {
+            hash: combine(key, LEVEL_CHUNK, &pieces),
+            pieces,
+            blocks,
+        }
+    }
+
+    fn zero() -> ChunkTree {
+        ChunkTree {
+            hash: ChunkHash::Zero,
+            pieces: Vec::new(),
+            blocks: Vec::new(),
+        }
+    }
+
+    /// The hash of the unit of `unit_bytes` at `at` bytes into this chunk, if the tree holds it.
+    fn part(&self, unit_bytes: u64, at: u64) -> Option<ChunkHash> {
+        if self.hash == ChunkHash::Zero {
+            return Some(ChunkHash::Zero);
+        }
+        match unit_bytes {
+            REFINE_MID_BYTES => self.pieces.get((at / REFINE_MID_BYTES) as usize).copied(),
+            REFINE_BLOCK_BYTES => self.blocks.get((at / REFINE_BLOCK_BYTES) as usize).copied(),
+            _ => None,
+        }
+    }
+}
+
+/// The trees of one side's last 1 MiB pass over one disk of one point with one key: the
+/// refinement passes that follow it read nothing (`resync.md`). At most one request's chunks
+/// (`HASH_REQUEST_BYTES_MAX` / 1 MiB = 256 trees of 272 hashes, about 1.2 MB).
+pub struct TreeCache {
+    key: [u8; 32],
+    seq: u64,
+    disk: u32,
+    trees: std::collections::HashMap<u64, ChunkTree>,
+}
+
+impl TreeCache {
+    pub fn new(key: [u8; 32], seq: u64, disk: u32, offsets: &[u64], trees: Vec<ChunkTree>) -> Self {
+        TreeCache {
+            key,
+            seq,
+            disk,
+            trees: offsets.iter().copied().zip(trees).collect(),
+        }
+    }
+
+    /// The hash of the unit of `unit_bytes` at `offset`, if a cached chunk holds it.
+    pub fn lookup(
+        &self,
+        key: &[u8; 32],
+        seq: u64,
+        disk: u32,
+        unit_bytes: u64,
+        offset: u64,
+    ) -> Option<ChunkHash> {
+        if &self.key != key || self.seq != seq || self.disk != disk {
+            return None;
+        }
+        let chunk = offset - offset % COMPARE_CHUNK_BYTES;
+        self.trees.get(&chunk)?.part(unit_bytes, offset - chunk)
+    }
+}
+
 /// Parses a compare key (64 hex digits).
 pub fn parse_key(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -171,38 +298,136 @@ pub fn check_request(req: &HashRequest, size: u64) -> Result<[u8; 32], String> {
     Ok(key)
 }
 
+/// Hashing threads per side for a request of many chunks: reading a cold disk with one
+/// synchronous reader leaves the device idle between reads (and BLAKE3 is single-threaded per
+/// chunk); two readers, each with its read-ahead, keep it busy. The cores are two on the
+/// machines this is measured on: more threads only compete with the guest.
+const HASH_THREADS: usize = 2;
+
+/// Requests with fewer chunks than this are hashed on one thread (the refinement passes of a
+/// few blocks: a thread costs more than it saves).
+const PARALLEL_HASH_MIN_CHUNKS: usize = 8;
+
 /// Hashes the chunks of `src` at `offsets` (each `chunk_bytes`, the last one of the disk
-/// shorter). Holes known to the source are not read.
+/// shorter). Holes known to the source are not read. A request of many chunks is hashed by
+/// [`HASH_THREADS`] threads, chunks dealt in turn (so the disk is still read in order).
 pub fn hash_chunks(
-    src: &dyn ChunkSource,
+    src: &(dyn ChunkSource + Sync),
     key: &[u8; 32],
     chunk_bytes: u64,
     offsets: &[u64],
 ) -> anyhow::Result<Vec<ChunkHash>> {
+    Ok(hash_trees(src, key, chunk_bytes, offsets)?
+        .into_iter()
+        .map(|t| t.hash)
+        .collect())
+}
+
+/// [`hash_chunks`], answering from `cache` the units a cached chunk holds (read nothing for
+/// them) and reading the others.
+pub fn hash_cached(
+    src: &(dyn ChunkSource + Sync),
+    cache: Option<&TreeCache>,
+    key: &[u8; 32],
+    (seq, disk): (u64, u32),
+    chunk_bytes: u64,
+    offsets: &[u64],
+) -> anyhow::Result<Vec<ChunkHash>> {
+    let known: Vec<Option<ChunkHash>> = offsets
+        .iter()
+        .map(|&o| cache.and_then(|c| c.lookup(key, seq, disk, chunk_bytes, o)))
+        .collect();
+    let misses: Vec<u64> = offsets
+        .iter()
+        .zip(&known)
+        .filter(|(_, k)| k.is_none())
+        .map(|(o, _)| *o)
+        .collect();
+    let mut read = hash_chunks(src, key, chunk_bytes, &misses)?.into_iter();
+    known
+        .into_iter()
+        .map(|k| match k {
+            Some(h) => Ok(h),
+            None => read
+                .next()
+                .ok_or_else(|| anyhow!("fewer hashes than chunks read")),
+        })
+        .collect()
+}
+
+/// The trees of the chunks of `src` at `offsets` (see [`hash_chunks`]).
+pub fn hash_trees(
+    src: &(dyn ChunkSource + Sync),
+    key: &[u8; 32],
+    chunk_bytes: u64,
+    offsets: &[u64],
+) -> anyhow::Result<Vec<ChunkTree>> {
+    if offsets.len() < PARALLEL_HASH_MIN_CHUNKS {
+        return hash_some(src, key, chunk_bytes, offsets.iter().copied());
+    }
+    let parts: Vec<anyhow::Result<Vec<ChunkTree>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..HASH_THREADS)
+            .map(|t| {
+                scope.spawn(move || {
+                    hash_some(
+                        src,
+                        key,
+                        chunk_bytes,
+                        offsets.iter().copied().skip(t).step_by(HASH_THREADS),
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("a hashing thread panicked")))
+            })
+            .collect()
+    });
+    let parts = parts.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let mut iters: Vec<_> = parts.into_iter().map(|p| p.into_iter()).collect();
+    let mut out = Vec::with_capacity(offsets.len());
+    for i in 0..offsets.len() {
+        let t = iters
+            .get_mut(i % HASH_THREADS)
+            .and_then(|p| p.next())
+            .ok_or_else(|| anyhow!("a hashing thread returned too few hashes"))?;
+        out.push(t);
+    }
+    Ok(out)
+}
+
+/// One thread's part of [`hash_trees`].
+fn hash_some(
+    src: &(dyn ChunkSource + Sync),
+    key: &[u8; 32],
+    chunk_bytes: u64,
+    offsets: impl Iterator<Item = u64> + Clone,
+) -> anyhow::Result<Vec<ChunkTree>> {
     let size = src.size_bytes();
     let mut buf = vec![0u8; chunk_bytes as usize];
-    let mut out = Vec::with_capacity(offsets.len());
-    let ahead = |i: usize| {
-        if let Some(&o) = offsets.get(i) {
-            src.will_need(o, chunk_bytes.min(size.saturating_sub(o)));
-        }
-    };
-    for i in 0..READ_AHEAD_CHUNKS {
-        ahead(i);
+    let mut out = Vec::new();
+    let mut ahead = offsets.clone();
+    for o in ahead.by_ref().take(READ_AHEAD_CHUNKS) {
+        src.will_need(o, chunk_bytes.min(size.saturating_sub(o)));
     }
-    for (i, &o) in offsets.iter().enumerate() {
-        ahead(i + READ_AHEAD_CHUNKS);
+    for o in offsets {
+        if let Some(next) = ahead.next() {
+            src.will_need(next, chunk_bytes.min(size.saturating_sub(next)));
+        }
         let len = chunk_bytes.min(size.saturating_sub(o));
         if len == 0 {
             return Err(anyhow!("offset {o} is beyond the disk's size {size}"));
         }
         if src.known_zero(o, len)? {
-            out.push(ChunkHash::Zero);
+            out.push(ChunkTree::zero());
             continue;
         }
         let b = &mut buf[..len as usize];
         src.read(b, o)?;
-        out.push(ChunkHash::of(key, b));
+        out.push(ChunkTree::of(key, chunk_bytes, b));
     }
     Ok(out)
 }
@@ -283,8 +508,11 @@ async fn differing(
     timeout: std::time::Duration,
     hash_bytes: &mut u64,
     compared_blocks: Option<&std::sync::atomic::AtomicU64>,
+    cache: &mut Option<Arc<TreeCache>>,
 ) -> anyhow::Result<Vec<u64>> {
     let mut out = Vec::new();
+    let coarse = chunk_bytes == COMPARE_CHUNK_BYTES;
+    let mut trees: Vec<(u64, ChunkTree)> = Vec::new();
     let per_request = ((HASH_REQUEST_BYTES_MAX / chunk_bytes) as usize).clamp(1, HASH_CHUNKS_MAX);
     for batch in offsets.chunks(per_request) {
         let req = HashRequest {
@@ -295,8 +523,25 @@ async fn differing(
             offsets: batch.to_vec(),
         };
         let (src, k, b) = (disk.clone(), *key, batch.to_vec());
-        let local =
-            tokio::task::spawn_blocking(move || hash_chunks(src.as_ref(), &k, chunk_bytes, &b));
+        let known = cache.clone();
+        let at = (seq.get(), index);
+        // The 1 MiB pass keeps its trees; a refinement reads only what they do not hold.
+        let local = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<ChunkTree>> {
+            if coarse {
+                hash_trees(src.as_ref(), &k, chunk_bytes, &b)
+            } else {
+                Ok(
+                    hash_cached(src.as_ref(), known.as_deref(), &k, at, chunk_bytes, &b)?
+                        .into_iter()
+                        .map(|hash| ChunkTree {
+                            hash,
+                            pieces: Vec::new(),
+                            blocks: Vec::new(),
+                        })
+                        .collect(),
+                )
+            }
+        });
         let (theirs, ours) = tokio::join!(replica_hashes(peer, vm, &req, timeout), local);
         let theirs = theirs?;
         if let Some(c) = compared_blocks {
@@ -318,9 +563,22 @@ async fn differing(
             batch
                 .iter()
                 .zip(ours.iter().zip(theirs.iter()))
-                .filter(|(_, (a, b))| a != b)
+                .filter(|(_, (a, b))| a.hash != **b)
                 .map(|(o, _)| *o),
         );
+        if coarse {
+            trees.extend(batch.iter().copied().zip(ours));
+        }
+    }
+    if coarse {
+        let (offsets, trees): (Vec<u64>, Vec<ChunkTree>) = trees.into_iter().unzip();
+        *cache = Some(Arc::new(TreeCache::new(
+            *key,
+            seq.get(),
+            index,
+            &offsets,
+            trees,
+        )));
     }
     Ok(out)
 }
@@ -376,6 +634,7 @@ pub async fn compare_disk(
 ) -> anyhow::Result<Vec<(u64, u64)>> {
     let size = disk.size_bytes();
     let (chunks, partial) = plan(ranges, size);
+    let mut cache: Option<Arc<TreeCache>> = None;
     stats.chunks += chunks.len() as u64;
     stats.compared_bytes += ranges.iter().map(|r| r.1).sum::<u64>();
     let coarse = differing(
@@ -390,6 +649,7 @@ pub async fn compare_disk(
         timeout,
         &mut stats.hash_bytes,
         Some(compared_blocks),
+        &mut cache,
     )
     .await?;
     let pieces = |of: &[u64], from: u64, to: u64| -> Vec<u64> {
@@ -411,6 +671,7 @@ pub async fn compare_disk(
         timeout,
         &mut stats.hash_bytes,
         None,
+        &mut cache,
     )
     .await?;
     let mut blocks = pieces(&mid, REFINE_MID_BYTES, REFINE_BLOCK_BYTES);
@@ -430,6 +691,7 @@ pub async fn compare_disk(
         timeout,
         &mut stats.hash_bytes,
         None,
+        &mut cache,
     )
     .await?;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -477,6 +739,80 @@ mod tests {
             buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
             Ok(())
         }
+    }
+
+    /// The refinement passes answered from the 1 MiB pass's trees equal a fresh read's hashes
+    /// and read nothing: each side reads a differing chunk once, not three times.
+    #[test]
+    fn refinements_from_the_trees_equal_a_fresh_read_and_read_nothing() {
+        let mut bytes: Vec<u8> = (0..(2 << 20) as u32)
+            .map(|i| (i / 4096 * 7 + i % 13) as u8)
+            .collect();
+        bytes[(1 << 20) + 5 * 4096..(1 << 20) + 6 * 4096].fill(0);
+        let src = Mem(bytes, Default::default());
+        let key = [9; 32];
+        let chunks = [0, 1 << 20];
+        let trees = hash_trees(&src, &key, COMPARE_CHUNK_BYTES, &chunks).unwrap();
+        let read_once = src.1.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(read_once, 2 << 20);
+        let cache = TreeCache::new(key, 7, 0, &chunks, trees.clone());
+        for (unit, offsets) in [
+            (
+                REFINE_MID_BYTES,
+                (0..32).map(|i| i * REFINE_MID_BYTES).collect::<Vec<_>>(),
+            ),
+            (
+                REFINE_BLOCK_BYTES,
+                (0..512).map(|i| i * REFINE_BLOCK_BYTES).collect(),
+            ),
+        ] {
+            let before = src.1.load(std::sync::atomic::Ordering::Relaxed);
+            let cached = hash_cached(&src, Some(&cache), &key, (7, 0), unit, &offsets).unwrap();
+            assert_eq!(src.1.load(std::sync::atomic::Ordering::Relaxed), before);
+            let fresh = hash_chunks(&src, &key, unit, &offsets).unwrap();
+            assert_eq!(cached, fresh, "unit {unit}");
+        }
+        assert_eq!(
+            hash_cached(
+                &src,
+                Some(&cache),
+                &key,
+                (7, 0),
+                REFINE_BLOCK_BYTES,
+                &[(1 << 20) + 5 * 4096]
+            )
+            .unwrap(),
+            vec![ChunkHash::Zero]
+        );
+        // Another key, point or disk: the trees are not used.
+        let before = src.1.load(std::sync::atomic::Ordering::Relaxed);
+        hash_cached(&src, Some(&cache), &key, (8, 0), REFINE_BLOCK_BYTES, &[0]).unwrap();
+        assert_eq!(
+            src.1.load(std::sync::atomic::Ordering::Relaxed),
+            before + 4096
+        );
+        // A chunk's hash is its pieces' tree: one changed block changes it.
+        let fresh = hash_chunks(&src, &key, COMPARE_CHUNK_BYTES, &chunks).unwrap();
+        assert_eq!(fresh, trees.iter().map(|t| t.hash).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn hashes_from_two_threads_come_back_in_the_order_asked() {
+        let bytes: Vec<u8> = (0..37 * 4096u32).map(|i| (i / 4096) as u8 ^ 0x5a).collect();
+        let src = Mem(bytes.clone(), Default::default());
+        let offsets: Vec<u64> = (0..37u64).rev().map(|i| i * 4096).collect();
+        let got = hash_chunks(&src, &[3; 32], 4096, &offsets).unwrap();
+        assert_eq!(got.len(), offsets.len());
+        for (o, h) in offsets.iter().zip(&got) {
+            let o = *o as usize;
+            assert_eq!(
+                *h,
+                ChunkHash::of(&[3; 32], &bytes[o..o + 4096]),
+                "chunk at {o}"
+            );
+        }
+        let past = [0, 4096, 37 * 4096, 8192, 0, 0, 0, 0, 0];
+        assert!(hash_chunks(&src, &[3; 32], 4096, &past).is_err());
     }
 
     #[test]

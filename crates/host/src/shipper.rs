@@ -307,6 +307,7 @@ mod tests {
 
     fn header(disk_bytes: u64) -> DeltaHeader {
         DeltaHeader {
+            compared: false,
             app_consistent: false,
             vm_id: proto::VmName::parse("t").unwrap(),
             generation: proto::Generation(1),

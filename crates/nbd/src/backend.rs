@@ -77,6 +77,28 @@ pub trait BlockBackend: Send + Sync + 'static {
         }])
     }
 
+    /// Metadata contexts this export answers besides `base:allocation` whose names start with
+    /// `prefix` (`""`: all), for NBD_OPT_LIST_META_CONTEXT. The default: none.
+    fn meta_contexts(&self, prefix: &str) -> Vec<String> {
+        let _ = prefix;
+        Vec::new()
+    }
+
+    /// Whether context `name` (not `base:allocation`) can be selected now
+    /// (NBD_OPT_SET_META_CONTEXT). The default: no.
+    fn has_meta_context(&self, name: &str) -> bool {
+        let _ = name;
+        false
+    }
+
+    /// Status of `[offset, offset + len_bytes)` in context `name`, as `(len_bytes, flags)`
+    /// runs with the same contract as [`BlockBackend::block_status`] (at least one, contiguous
+    /// from `offset`, may stop short). The flags' meaning is the context's.
+    fn meta_status(&self, name: &str, offset: u64, len_bytes: u64) -> io::Result<Vec<(u64, u32)>> {
+        let _ = (name, offset, len_bytes);
+        Err(io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
     /// Prefetch hint (NBD_CMD_CACHE). The default does nothing.
     fn cache(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
         let _ = (offset, len_bytes);

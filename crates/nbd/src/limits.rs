@@ -26,9 +26,15 @@ pub const OPTION_PAYLOAD_BYTES_MAX: u32 = 64 * 1024;
 /// than 4096 bytes.
 pub const STRING_BYTES_MAX: u32 = 4096;
 
-/// Most meta-context queries accepted in one NBD_OPT_{LIST,SET}_META_CONTEXT. We know one
-/// context; a client asking for more than this is answered NBD_REP_ERR_TOO_BIG.
+/// Most meta-context queries accepted in one NBD_OPT_{LIST,SET}_META_CONTEXT. We know few
+/// contexts; a client asking for more than this is answered NBD_REP_ERR_TOO_BIG.
 pub const META_QUERIES_MAX: u32 = 128;
+/// Most of a backend's own contexts selected at once by NBD_OPT_SET_META_CONTEXT: every
+/// BLOCK_STATUS answers each selected context, so this bounds one request's work and reply.
+pub const META_CONTEXTS_SELECTED_MAX: usize = 8;
+/// Most of a backend's own contexts one NBD_OPT_LIST_META_CONTEXT reply lists (a replica
+/// point offers one per older point; the history keeps far fewer than this in practice).
+pub const META_CONTEXTS_LISTED_MAX: usize = 1024;
 
 /// Most descriptors in one NBD_REPLY_TYPE_BLOCK_STATUS chunk (64 Ki = 512 KiB of reply). The
 /// spec says a server SHOULD NOT send more than 2^20; fewer keeps a reply to a fragmented

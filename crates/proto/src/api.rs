@@ -531,6 +531,29 @@ pub struct ExportPoint {
     pub disk: u32,
     /// Absolute destination path; written as a sparse raw image.
     pub to: String,
+    /// A name the caller chose to follow the export with `GET /v1/progress/{id}` while this
+    /// call runs (absent from older clients: untracked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_id: Option<String>,
+}
+
+/// `backup NAME`: write every disk of a replica point into a directory, with a manifest
+/// (`docs/formats/backup.md`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupPoint {
+    pub vm: String,
+    /// "latest" or a point id.
+    pub point: String,
+    /// Absolute destination directory.
+    pub to: String,
+    /// raw, qcow2, vmdk or vhdx.
+    pub format: String,
+    /// Copy only the blocks changed since this point (qcow2 over the backup of that point).
+    #[serde(default)]
+    pub incremental_from: Option<u64>,
+    /// A name the caller chose to follow the backup with `GET /v1/progress/{id}`.
+    #[serde(default)]
+    pub progress_id: Option<String>,
 }
 
 /// `points serve`: serve a recovery point read-only over the daemon's NBD socket (pinned).

@@ -88,6 +88,7 @@ fn main() {
         Ok(other) => panic!("BENCH_MODE: base or journal, not {other}"),
     };
     let mut header = DeltaHeader {
+        compared: false,
         app_consistent: false,
         vm_id: delta::VmName::parse("bench").unwrap(),
         generation: delta::Generation(1),

@@ -34,6 +34,7 @@ pub(crate) fn chain_header(
     disks: Vec<DiskEntry>,
 ) -> DeltaHeader {
     DeltaHeader {
+        compared: false,
         app_consistent: false,
         vm_id: proto::VmName::parse(vm).unwrap(),
         generation: proto::Generation(1),
@@ -246,6 +247,7 @@ fn crash_at_each_fold_step_keeps_remaining_points() {
 /// frame over an earlier DATA frame and an all-zero DATA frame, and the images it leads to.
 fn initial(blocks: &[(u32, u64, u8)]) -> (Vec<u8>, BTreeMap<u32, Vec<u8>>) {
     let header = DeltaHeader {
+        compared: false,
         app_consistent: false,
         vm_id: proto::VmName::parse(VM).unwrap(),
         generation: proto::Generation(1),
@@ -793,4 +795,44 @@ fn a_stale_kept_prefix_is_deleted_at_open() {
     drop(vm);
     drop(store);
     assert_eq!(check(dir.path(), &model, &[1, 2]), vec![1, 2]);
+}
+
+/// What an incremental backup copies (`changed_between`) must be every byte where the newer
+/// point differs from the older one, across merges, and it must refuse an older point whose
+/// changes a fold took into the base (the base keeps no history).
+#[test]
+fn changed_between_covers_every_difference_across_merges_and_refuses_a_folded_start() {
+    let (_dir, store, model) = setup(6);
+    let vm = store.vm(&vm_id()).unwrap();
+    let patch = |from: u64, to: u64| {
+        for (&disk, want) in &model.points[&to] {
+            let mut img = model.points[&from][&disk].clone();
+            let view = vm.view(proto::Seq(to), disk).unwrap();
+            for (off, len) in vm
+                .changed_between(proto::Seq(from), proto::Seq(to), disk)
+                .unwrap()
+            {
+                view.read_range(&mut img[off as usize..(off + len) as usize], off)
+                    .unwrap();
+            }
+            assert!(img == *want, "{from}→{to} disk {disk}: a change was missed");
+        }
+    };
+    patch(1, 6);
+    patch(2, 4);
+    patch(5, 5);
+    // A hidden point merged into the next one: the union still covers it.
+    assert!(crate::merge::merge_into_next(&vm.inner, 3).unwrap());
+    patch(2, 4);
+    patch(2, 6);
+    // Point 1 folded into the base: changes since 1 are no longer known.
+    vm.retain(4).unwrap();
+    assert!(matches!(
+        vm.changed_between(proto::Seq(1), proto::Seq(6), 0),
+        Err(crate::ReplicaError::NoSuchPoint { .. } | crate::ReplicaError::ChangesUnknown { .. })
+    ));
+    assert!(matches!(
+        vm.changed_between(proto::Seq(6), proto::Seq(5), 0),
+        Err(crate::ReplicaError::ChangesUnknown { .. })
+    ));
 }

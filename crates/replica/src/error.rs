@@ -40,6 +40,8 @@ pub enum ReplicaError {
     TooManyFrames { max: u64 },
     #[error("no recovery point {seq}")]
     NoSuchPoint { seq: u64 },
+    #[error("the blocks changed between points {from} and {to} are not known: point {from} is older than the base image (retention folded its changes), or newer than {to}")]
+    ChangesUnknown { from: u64, to: u64 },
     #[error("no disk {disk}")]
     NoSuchDisk { disk: u32 },
     #[error("manifest {path}: {reason}")]

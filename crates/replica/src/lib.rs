@@ -50,7 +50,7 @@ pub use marker::StoreMarker;
 pub use overlay::{Overlay, MATERIALIZE_CHUNK_BYTES, OVERLAY_BLOCK_BYTES, OVERLAY_DISK_BYTES_MAX};
 pub use receive::Incoming;
 pub use store::ReplicaStore;
-pub use view::PointView;
+pub use view::{PointView, CHANGED_SINCE_CONTEXT_PREFIX};
 pub use vm::{PointInfo, ReplicaVm};
 
 /// Decoded frames kept per VM for sequential reads (each ≤ 1 MiB, so ≤ 32 MiB per VM).

@@ -115,6 +115,7 @@ fn plan(inner: &VmInner, a: u64) -> Option<Plan> {
         .next_back()
         .map_or(st.base_seq, |(&s, _)| s);
     let header = DeltaHeader {
+        compared: false,
         // The merged point is b's state, so it is as consistent as b.
         app_consistent: b_entry.info.app_consistent,
         vm_id: inner.vm_id.clone(),

@@ -353,6 +353,18 @@ fn check_sequence(vm: &VmInner, h: &DeltaHeader) -> Result<(), ReplicaError> {
                 damage: damage.clone(),
             });
         }
+        // A compared Full holds only the blocks that differed when its compare read this
+        // copy: damage found since (or in another process: unknown) may lie under blocks it
+        // did not send, so it cannot clear it. The primary then sends every block.
+        let began = vm.compare_began.lock().clone();
+        if h.compared && began != Some((h.parent_seq.get(), Some(damage.clone()))) {
+            return Err(ReplicaError::VmDamaged {
+                vm_id: vm.vm_id.to_string(),
+                damage: format!(
+                    "{damage} (found after the resynchronization compared this copy: a compared point cannot repair it; every block must be sent)"
+                ),
+            });
+        }
     }
     let latest = st.latest_seq();
     if h.parent_seq.get() != latest || h.seq.get() != latest + 1 {
@@ -554,8 +566,13 @@ fn commit_journal(
         vm.budget.release(frames);
     }
     published?;
-    if header.kind == DeltaKind::Full && vm.state.read().damage.is_some() {
-        vm.update_manifest(|st| st.damage = None)?;
+    let damage = vm.state.read().damage.clone();
+    if header.kind == DeltaKind::Full && damage.is_some() {
+        // Damage found while a compared Full was received stays (see `check_sequence`).
+        let began = vm.compare_began.lock().clone();
+        if !header.compared || began == Some((header.parent_seq.get(), damage)) {
+            vm.update_manifest(|st| st.damage = None)?;
+        }
     }
     Ok(())
 }

@@ -28,6 +28,13 @@ const BLOCK: usize = delta::BLOCK_BYTES as usize;
 /// retention pass, so reaching this means the files vanish for another reason.
 const RETIRED_RETRIES_MAX: usize = 1024;
 
+/// The NBD metadata context of a point's blocks changed since an older point `<ID>`:
+/// `qemu:dirty-bitmap:since-<ID>` (flag 1: changed), the interface QEMU-based backup tools
+/// read with NBD_CMD_BLOCK_STATUS (`docs/formats/nbd.md`).
+pub const CHANGED_SINCE_CONTEXT_PREFIX: &str = "qemu:dirty-bitmap:since-";
+/// The dirty flag of a `qemu:dirty-bitmap:` context.
+const DIRTY: u32 = 1;
+
 /// A read-only view of one disk at one recovery point. Retention never folds away what it
 /// reads while it exists.
 pub struct PointView {
@@ -65,11 +72,22 @@ impl ReplicaVm {
     /// Writes `disk` at point `seq` to `to` as a sparse raw image (zero ranges left as holes),
     /// through a temporary file that is fsynced and renamed into place.
     pub fn export_raw(&self, seq: Seq, disk: u32, to: &Path) -> Result<(), ReplicaError> {
+        self.export_raw_reporting(seq, disk, to, &|_, _| {})
+    }
+
+    /// [`Self::export_raw`], calling `progress(done, total)` bytes after each chunk.
+    pub fn export_raw_reporting(
+        &self,
+        seq: Seq,
+        disk: u32,
+        to: &Path,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<(), ReplicaError> {
         let view = self.view(seq, disk)?;
         let mut tmp = to.as_os_str().to_owned();
         tmp.push(".partial");
         let tmp = Path::new(&tmp);
-        let result = export_to(&view, tmp).and_then(|()| durable::rename(tmp, to));
+        let result = export_to(&view, tmp, progress).and_then(|()| durable::rename(tmp, to));
         if result.is_err() {
             let _ = std::fs::remove_file(tmp);
         }
@@ -77,7 +95,11 @@ impl ReplicaVm {
     }
 }
 
-fn export_to(view: &PointView, tmp: &Path) -> Result<(), ReplicaError> {
+fn export_to(
+    view: &PointView,
+    tmp: &Path,
+    progress: &dyn Fn(u64, u64),
+) -> Result<(), ReplicaError> {
     let f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -99,6 +121,7 @@ fn export_to(view: &PointView, tmp: &Path) -> Result<(), ReplicaError> {
             }
             off += e.len_bytes;
         }
+        progress(off, view.size_bytes);
     }
     durable::fsync_file(&f, tmp)
 }
@@ -395,5 +418,72 @@ impl BlockBackend for PointView {
 
     fn block_status(&self, offset: u64, len_bytes: u64) -> io::Result<Vec<Extent>> {
         self.status(offset, len_bytes).map_err(to_io)
+    }
+
+    /// `qemu:dirty-bitmap:since-<ID>` for every older point whose changes up to this one are
+    /// known (not folded into the base).
+    fn meta_contexts(&self, prefix: &str) -> Vec<String> {
+        let st = self.vm.state.read();
+        let base = st.base_point.map(|p| p.seq.get());
+        base.into_iter()
+            .chain(st.journal.keys().copied())
+            .filter(|&p| p < self.seq && p >= st.base_seq && st.has_point(p))
+            .map(|p| format!("{CHANGED_SINCE_CONTEXT_PREFIX}{p}"))
+            .filter(|n| n.starts_with(prefix))
+            .collect()
+    }
+
+    fn has_meta_context(&self, name: &str) -> bool {
+        self.changed_since(name).is_ok()
+    }
+
+    /// Changed (1) and unchanged (0) runs of the range since the context's point, from the
+    /// index (computed per request: O(L · F) for the L deltas in between). The older point
+    /// is not pinned: once retention retired it, the context's requests fail (serve the
+    /// older point too to keep it).
+    fn meta_status(&self, name: &str, offset: u64, len_bytes: u64) -> io::Result<Vec<(u64, u32)>> {
+        let changed = self.changed_since(name).map_err(to_io)?;
+        let end = offset.saturating_add(len_bytes);
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut push = |len: u64, flags: u32| match out.last_mut() {
+            Some((l, f)) if *f == flags => *l += len,
+            _ => out.push((len, flags)),
+        };
+        let mut pos = offset;
+        let first = changed.partition_point(|&(o, l)| o + l <= offset);
+        for &(o, l) in &changed[first..] {
+            if pos >= end || o >= end {
+                break;
+            }
+            if o > pos {
+                push(o - pos, 0);
+                pos = o;
+            }
+            let stop = (o + l).min(end);
+            if stop > pos {
+                push(stop - pos, DIRTY);
+                pos = stop;
+            }
+        }
+        if pos < end {
+            push(end - pos, 0);
+        }
+        out.truncate(BLOCK_STATUS_EXTENTS_MAX);
+        Ok(out)
+    }
+}
+
+impl PointView {
+    /// The ranges changed since the point a `qemu:dirty-bitmap:since-<ID>` context names.
+    fn changed_since(&self, context: &str) -> Result<Vec<(u64, u64)>, ReplicaError> {
+        let from = context
+            .strip_prefix(CHANGED_SINCE_CONTEXT_PREFIX)
+            .and_then(|id| id.parse::<u64>().ok())
+            .filter(|&id| id < self.seq)
+            .ok_or(ReplicaError::ChangesUnknown {
+                from: 0,
+                to: self.seq,
+            })?;
+        self.vm.changed_between(Seq(from), Seq(self.seq), self.disk)
     }
 }

@@ -172,6 +172,10 @@ pub(crate) struct VmInner {
     /// every further commit is refused until the store is reopened and reads the journal
     /// again. In memory only: reopening is the cure.
     pub wedged: Mutex<Option<String>>,
+    /// The compare of a resynchronization began against point `.0` while the VM's damage was
+    /// `.1` (this process only): a compared `Full` delta on that point may clear that damage,
+    /// never damage found since (`check_sequence`).
+    pub compare_began: Mutex<Option<(u64, Option<String>)>>,
     /// The store's open journal files (shared by all its VMs, bounded).
     pub fds: Arc<JournalFds>,
     /// The store's count of indexed frames (shared by all its VMs, bounded).
@@ -228,22 +232,40 @@ impl ReplicaVm {
     /// to a host that holds a later point.
     pub fn changed_after(&self, seq: Seq, disk: u32) -> Vec<(u64, u64)> {
         let st = self.inner.state.read();
-        let mut all: Vec<(u64, u64)> = st
+        let all: Vec<(u64, u64)> = st
             .journal
             .range(seq.get().saturating_add(1)..)
             .filter_map(|(_, e)| e.layers.get(&disk))
             .flat_map(|l| l.ranges().collect::<Vec<_>>())
             .collect();
         drop(st);
-        all.sort_unstable();
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for (s, e) in all {
-            match out.last_mut() {
-                Some((_, last_end)) if s <= *last_end => *last_end = (*last_end).max(e),
-                _ => out.push((s, e)),
-            }
+        coalesce(all)
+    }
+
+    /// The byte ranges `(offset, len)` of `disk` that the points after `from` up to and
+    /// including `to` wrote (coalesced, in order): where point `to` may differ from point
+    /// `from`, from the journal's layers alone (nothing is read). Both must be points; the
+    /// caller holds views of both (pins), so no retention can fold or merge across them while
+    /// it uses the answer. `from` older than the base (its changes were folded into the base
+    /// image, which keeps no history) cannot be answered: `ChangesUnknown`.
+    pub fn changed_between(
+        &self,
+        from: Seq,
+        to: Seq,
+        disk: u32,
+    ) -> Result<Vec<(u64, u64)>, ReplicaError> {
+        self.inner.changed_between(from, to, disk)
+    }
+
+    /// A resynchronization's compare reads point `seq` (the primary asked for its hashes):
+    /// remembers the damage known now, the only damage its compared `Full` delta may clear.
+    /// The first request of a compare counts; a later one for the same point keeps it.
+    pub fn note_compare(&self, seq: u64) {
+        let damage = self.damage();
+        let mut began = self.inner.compare_began.lock();
+        if began.as_ref().map(|b| b.0) != Some(seq) {
+            *began = Some((seq, damage));
         }
-        out.into_iter().map(|(s, e)| (s, e - s)).collect()
     }
 
     /// Forgets the recorded damage (the daemon resynchronized by other means).
@@ -267,7 +289,53 @@ impl ReplicaVm {
     }
 }
 
+/// `(start, end)` ranges sorted and merged where they touch or overlap, as `(offset, len)`.
+fn coalesce(mut all: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in all {
+        match out.last_mut() {
+            Some((_, last_end)) if s <= *last_end => *last_end = (*last_end).max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out.into_iter().map(|(s, e)| (s, e - s)).collect()
+}
+
 impl VmInner {
+    /// [`ReplicaVm::changed_between`].
+    pub fn changed_between(
+        &self,
+        from: Seq,
+        to: Seq,
+        disk: u32,
+    ) -> Result<Vec<(u64, u64)>, ReplicaError> {
+        self.disk(disk)?;
+        let st = self.state.read();
+        for seq in [from, to] {
+            if !st.has_point(seq.get()) {
+                return Err(ReplicaError::NoSuchPoint { seq: seq.get() });
+            }
+        }
+        if from > to || from.get() < st.base_seq {
+            return Err(ReplicaError::ChangesUnknown {
+                from: from.get(),
+                to: to.get(),
+            });
+        }
+        if from == to {
+            return Ok(Vec::new());
+        }
+        let all: Vec<(u64, u64)> = st
+            .journal
+            .range(from.get() + 1..=to.get())
+            .filter_map(|(_, e)| e.layers.get(&disk))
+            .flat_map(|l| l.ranges().collect::<Vec<_>>())
+            .collect();
+        drop(st);
+        Ok(coalesce(all))
+    }
+
     /// Frames this VM has in the index now.
     pub fn indexed_frames(&self) -> u64 {
         self.state.read().journal.values().map(|e| e.frames).sum()
@@ -595,6 +663,7 @@ pub(crate) fn open_vm(
         base_writer: Mutex::new(0),
         base_epoch: AtomicU64::new(0),
         wedged: Mutex::new(None),
+        compare_began: Mutex::new(None),
         fds,
         budget,
     });

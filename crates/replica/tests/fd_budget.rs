@@ -39,6 +39,7 @@ fn content(vm: u64, seq: u64) -> Vec<u8> {
 /// A tiny delta: point `seq` of VM `vm` writes one block.
 fn delta(vm: u64, seq: u64) -> Vec<u8> {
     let header = DeltaHeader {
+        compared: false,
         app_consistent: false,
         vm_id: name(&format!("vm-{vm}")),
         generation: delta::Generation(1),

@@ -276,6 +276,53 @@ fn a_full_delta_after_damage_clears_it() {
     assert_points_match(&vm, &model);
 }
 
+/// Review finding (issue 11): a compared Full delta holds only the blocks that differed when
+/// its compare read the copy. It cleared any damage, also damage found after the compare, which
+/// may lie under blocks it did not send: the damage vanished with the bad bytes still served.
+#[test]
+fn a_compared_full_cannot_clear_damage_found_after_its_compare() {
+    let (dir, store, mut model) = store_with_points(3);
+    drop(store);
+    let path = dir
+        .path()
+        .join(VM)
+        .join("journal")
+        .join(format!("{:020}.delta", 3));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    let vm = store.vm(&vm_id()).unwrap();
+    assert!(vm.damage().is_some());
+    model.points.remove(&3);
+    model.latest = 2;
+    model.images = model.points[&2].clone();
+    model.compared_full = true;
+    let ops = [Op::Data {
+        disk: 0,
+        block: 3,
+        blocks: 2,
+        seed: 91,
+    }];
+    // No compare began in this process (the damage was found at this open): refused, named.
+    let (full, _) = model.delta(DeltaKind::Full, Compression::Zstd, &ops);
+    let err = send(&vm, &full).unwrap_err().to_string();
+    assert!(
+        err.contains("found after the resynchronization compared"),
+        "{err}"
+    );
+    assert!(vm.damage().is_some());
+    assert_eq!(vm.latest_seq().get(), 2);
+    // A compare that began with this damage known: its compared Full clears it.
+    vm.note_compare(2);
+    let (full, images) = model.delta(DeltaKind::Full, Compression::Zstd, &ops);
+    send(&vm, &full).unwrap();
+    model.accept(images);
+    assert_eq!(vm.damage(), None);
+    assert_points_match(&vm, &model);
+}
+
 #[test]
 fn export_raw_is_sparse_and_exact() {
     let dir = tempfile::tempdir().unwrap();
@@ -289,6 +336,7 @@ fn export_raw_is_sparse_and_exact() {
         .create_vm(&name("big"), delta::Generation(1), &disks, KEY)
         .unwrap();
     let header = delta::DeltaHeader {
+        compared: false,
         app_consistent: false,
         vm_id: delta::VmName::parse("big").unwrap(),
         generation: delta::Generation(1),
@@ -306,6 +354,7 @@ fn export_raw_is_sparse_and_exact() {
     send(&vm, &d1).unwrap();
     // A second point on top, still in the journal.
     let header2 = delta::DeltaHeader {
+        compared: false,
         app_consistent: false,
         seq: delta::Seq(2),
         parent_seq: delta::Seq(1),
@@ -834,6 +883,7 @@ fn replica_and_primary_accept_the_same_vm_names() {
         .create_vm(&name(&longest), delta::Generation(1), &disks(), KEY)
         .unwrap();
     let header = delta::DeltaHeader {
+        compared: false,
         app_consistent: false,
         vm_id: name(&longest),
         generation: delta::Generation(1),

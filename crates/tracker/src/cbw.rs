@@ -157,6 +157,9 @@ pub(crate) struct FrozenState {
     /// Written only with every stripe held; read with one stripe held.
     open: AtomicBool,
     epoch: AtomicU64,
+    /// The open epoch's frozen blocks are recorded by the caller (`Cut::cover`): the activity
+    /// log no longer covers them, abort drops them, and a clean stop does not persist them.
+    covered: AtomicBool,
     poisoned: AtomicBool,
     poison_reason: Mutex<Option<String>>,
     cbw: File,
@@ -204,6 +207,7 @@ impl FrozenState {
                 .map(|_| Mutex::new(Stripe::default()))
                 .collect(),
             open: AtomicBool::new(false),
+            covered: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
@@ -491,6 +495,32 @@ impl TrackedDisk {
         epoch
     }
 
+    /// Epoch `epoch`'s frozen blocks are recorded durably by the caller (a resynchronization's
+    /// cursor): from now on the activity log covers only what the guest wrote after the cut
+    /// (extents without an active bit leave it, and the file is rewritten), an abort drops the
+    /// frozen blocks instead of returning them to the active bitmap, and a clean stop does not
+    /// persist them. Holds the gate exclusively for the prune (rule 3 of the activity log: no
+    /// write is between its hot check and its bitmap update).
+    pub(crate) fn cover_epoch(&self, epoch: u64) -> bool {
+        {
+            let _exclusive = self.gate.exclusive();
+            let st = &self.frozen;
+            let _all = st.lock_all();
+            if !st.open.load(Ordering::Acquire) || st.epoch.load(Ordering::Acquire) != epoch {
+                return false;
+            }
+            st.covered.store(true, Ordering::Release);
+            self.al.prune(self.active());
+        }
+        self.al.compact_if_needed();
+        true
+    }
+
+    /// Whether the open epoch is covered (`cover_epoch`).
+    pub(crate) fn epoch_covered(&self) -> bool {
+        self.frozen.open.load(Ordering::Acquire) && self.frozen.covered.load(Ordering::Acquire)
+    }
+
     /// Ends epoch `epoch`: on abort the frozen blocks go back into the active bitmap. Every
     /// copy is forgotten; the pool keeps its pages for the next epoch (unless idle, see
     /// `CbwPool::reset`).
@@ -510,9 +540,11 @@ impl TrackedDisk {
         // Unmapped once the shipper's last read of the epoch has returned.
         *st.image_map.lock() = None;
         let frozen = self.frozen_map();
-        if !committed {
+        // A covered epoch's blocks are recorded by the caller, which ships them again.
+        if !committed && !st.covered.swap(false, Ordering::AcqRel) {
             self.active().or_from(frozen);
         }
+        st.covered.store(false, Ordering::Release);
         frozen.clear_all();
         self.secured.clear_all();
         // Each map keeps at most its share of the pool's capacity between epochs, so the

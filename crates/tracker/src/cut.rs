@@ -128,6 +128,17 @@ impl Cut {
         self.finish(true);
     }
 
+    /// The caller has durably recorded which blocks of this cut still need shipping (a
+    /// resynchronization's cursor): from now on the activity log covers only what the guest
+    /// writes after the cut, so a crash recovers those writes alone, and `abort` drops the
+    /// frozen blocks (the caller ships them again from its record). Call it once the record
+    /// is durable, never before: until then the log still covers the frozen blocks.
+    pub fn cover(&self) {
+        for (disk, epoch) in &self.members {
+            disk.cover_epoch(*epoch);
+        }
+    }
+
     /// Shipping failed: the frozen blocks return to the active bitmap (coalescing with later
     /// writes), so the next cut ships them again.
     pub fn abort(mut self) {

@@ -473,7 +473,13 @@ impl TrackedDisk {
             });
         }
         let _exclusive = self.gate.exclusive();
-        let words = self.active().union_words(self.frozen_map());
+        // A covered epoch's frozen blocks are recorded by the caller (`Cut::cover`).
+        let words = if self.epoch_covered() {
+            self.active()
+                .union_words(&crate::bitmap::Bitmap::new(self.nblocks))
+        } else {
+            self.active().union_words(self.frozen_map())
+        };
         let bitmap = formats::encode_bitmap(self.size, BLOCK_BYTES, &words);
         durable::write_atomic(&self.state_dir, BITMAP_NAME, &bitmap)?;
         let meta = self.file.metadata().ctx("stat image", &self.image)?;

@@ -723,3 +723,74 @@ fn edit_in_the_same_clock_tick_as_the_clean_stop_is_detected() {
     }
     assert_eq!(missed, 0, "edits right after a clean stop went unseen");
 }
+
+/// A resynchronization records its cut's blocks itself (its cursor) and covers the cut: a
+/// crash must then recover only what the guest wrote after the cut, not every block the
+/// resynchronization marked (which made every continuation compare the whole disk again).
+#[test]
+fn covered_cut_crash_recovers_only_the_writes_made_after_it() {
+    let f = fixture();
+    let size = 16 * EXTENT_BYTES;
+    let (gate, d) = create(&f, size);
+    d.mark_all_dirty().expect("mark all");
+    let c = cut(&gate, std::slice::from_ref(&d)).expect("cut");
+    assert_eq!(c.disks[0].dirty_bytes(), size);
+    // Before `cover`, a crash recovers every extent (the log still covers the cut).
+    let (_g, _d, state) = reopen(&crash_copy(&f));
+    assert_eq!(
+        state,
+        OpenState::RecoveredFromActivityLog {
+            hot_extents: 16,
+            hot_bytes: size
+        }
+    );
+    c.cover();
+    d.write_at(&block(7), 9 * EXTENT_BYTES + 3 * B, false)
+        .expect("w");
+    let crashed = crash_copy(&f);
+    drop(c);
+    drop(d);
+    let (gate, d, state) = reopen(&crashed);
+    assert_eq!(
+        state,
+        OpenState::RecoveredFromActivityLog {
+            hot_extents: 1,
+            hot_bytes: EXTENT_BYTES
+        }
+    );
+    let c = cut(&gate, std::slice::from_ref(&d)).expect("cut");
+    assert_eq!(c.disks[0].ranges(), vec![(9 * EXTENT_BYTES, EXTENT_BYTES)]);
+    c.commit();
+}
+
+/// An aborted covered cut drops its blocks (the caller ships them from its own record), keeps
+/// what the guest wrote since, and a clean stop persists only that.
+#[test]
+fn covered_cut_abort_and_clean_stop_keep_only_later_writes() {
+    let f = fixture();
+    let (gate, d) = create(&f, 4 * EXTENT_BYTES);
+    d.mark_all_dirty().expect("mark all");
+    let c = cut(&gate, std::slice::from_ref(&d)).expect("cut");
+    c.cover();
+    d.write_at(&block(1), 5 * B, false).expect("w");
+    // A clean stop while the covered cut is outstanding: only the later write is persisted.
+    d.shutdown_clean().expect("shutdown");
+    c.abort();
+    drop(d);
+    let (gate, d, state) = reopen(&f);
+    assert_eq!(state, OpenState::Clean);
+    assert_eq!(d.dirty_bytes(), B);
+    // An abort of a covered cut: its blocks are not returned to the active bitmap.
+    d.mark_all_dirty().expect("mark all");
+    let c = cut(&gate, std::slice::from_ref(&d)).expect("cut");
+    c.cover();
+    d.write_at(&block(2), 70 * B, false).expect("w");
+    c.abort();
+    let c = cut(&gate, std::slice::from_ref(&d)).expect("cut");
+    assert_eq!(c.disks[0].ranges(), vec![(70 * B, B)]);
+    // An uncovered abort still returns its blocks.
+    c.abort();
+    let c = cut(&gate, std::slice::from_ref(&d)).expect("cut");
+    assert_eq!(c.disks[0].ranges(), vec![(70 * B, B)]);
+    c.commit();
+}

@@ -409,12 +409,16 @@ pub struct TlsContext {
 }
 
 struct Inner {
-    identity: Identity,
     trust: TrustStore,
+    /// Held while a rebuild reads the identity and replaces `current`: a trust refresh and an
+    /// identity reload never undo each other.
+    rebuild: Mutex<()>,
     current: Mutex<Built>,
 }
 
 struct Built {
+    /// The identity the configs present (replaced by [`TlsContext::reload_identity`]).
+    identity: Identity,
     /// Trust files the configs were built from.
     snapshot: Vec<(PathBuf, Vec<u8>)>,
     server: Arc<ServerConfig>,
@@ -426,7 +430,7 @@ struct Built {
 impl std::fmt::Debug for TlsContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsContext")
-            .field("identity", &self.inner.identity.name)
+            .field("identity", &self.lock().identity.name)
             .field("trust", &self.inner.trust.dir())
             .finish()
     }
@@ -438,16 +442,36 @@ impl TlsContext {
         let built = build(&identity, &trust)?;
         Ok(Self {
             inner: Arc::new(Inner {
-                identity,
                 trust,
+                rebuild: Mutex::new(()),
                 current: Mutex::new(built),
             }),
         })
     }
 
-    /// This host's identity.
-    pub fn identity(&self) -> &Identity {
-        &self.inner.identity
+    /// This host's identity, as new connections present it.
+    pub fn identity(&self) -> Identity {
+        self.lock().identity.clone()
+    }
+
+    /// Presents `identity` on new connections from now on (established ones keep theirs),
+    /// with the trust directory as it is now. Refused, keeping the current identity, if it
+    /// does not build or names another host (a host's name changes only with a restart:
+    /// peers pinned it).
+    pub fn reload_identity(&self, identity: Identity) -> Result<(), TransportError> {
+        let _rebuild = self.rebuild_lock();
+        let current = self.lock().identity.name.clone();
+        if identity.name != current {
+            return Err(TransportError::TlsConfig(format!(
+                "the new certificate names {:?}, this host runs as {current:?}; restart the \
+                 daemon to change its name",
+                identity.name
+            )));
+        }
+        let built = build(&identity, &self.inner.trust)?;
+        *self.lock() = built;
+        tracing::info!(host = %identity.name, "certificate reloaded; new connections use it");
+        Ok(())
     }
 
     /// The trust store.
@@ -472,19 +496,18 @@ impl TlsContext {
     /// refused even if its CA is trusted as a replica and pinned to that other name.
     pub fn client_config_expecting(&self, expect: Option<&str>) -> Arc<ClientConfig> {
         self.refresh_quietly();
-        let (client, anchors) = {
+        let (client, anchors, identity) = {
             let built = self.lock();
-            (built.client.clone(), built.server_anchors.clone())
+            (
+                built.client.clone(),
+                built.server_anchors.clone(),
+                built.identity.clone(),
+            )
         };
         let Some(expect) = expect else {
             return client;
         };
-        match build_client_config(
-            &self.inner.identity,
-            Arc::new(provider()),
-            anchors,
-            Some(expect),
-        ) {
+        match build_client_config(&identity, Arc::new(provider()), anchors, Some(expect)) {
             Ok(c) => c,
             Err(e) => {
                 // Cannot happen with an identity that already built `client`; refuse to
@@ -530,7 +553,9 @@ impl TlsContext {
         if self.lock().snapshot == snapshot {
             return Ok(false);
         }
-        let built = build(&self.inner.identity, &self.inner.trust)?;
+        let _rebuild = self.rebuild_lock();
+        let identity = self.lock().identity.clone();
+        let built = build(&identity, &self.inner.trust)?;
         *self.lock() = built;
         tracing::info!(
             trusted = snapshot.len(),
@@ -544,6 +569,13 @@ impl TlsContext {
             // Keep serving with the last good trust; the damaged file is named in `e`.
             tracing::warn!(error = %e, "trust store unreadable; keeping the previous trust");
         }
+    }
+
+    fn rebuild_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner
+            .rebuild
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Built> {
@@ -564,6 +596,7 @@ fn build(identity: &Identity, trust: &TrustStore) -> Result<Built, TransportErro
     let client_verifier = Arc::new(PinnedClientVerifier::new(&anchors, &provider)?);
     let server_anchors = Arc::new(ServerAnchors::new(&anchors, &provider)?);
     Ok(Built {
+        identity: identity.clone(),
         snapshot,
         server: build_server_config(identity, provider.clone(), client_verifier.clone())?,
         client: build_client_config(identity, provider, server_anchors.clone(), None)?,

@@ -310,6 +310,21 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> anyhow::Result<Ve
             let s = shared.clone();
             to_json(&blocking(move || s.export_point(&r)).await?)
         }
+        (Method::POST, ["v1", "backup", name]) => {
+            let r: proto::BackupPoint = body(req).await?;
+            if r.vm != *name {
+                return Err(bad_request("VM name in path and body differ"));
+            }
+            let s = shared.clone();
+            to_json(&blocking(move || s.backup(&r)).await?)
+        }
+        (Method::GET, ["v1", "progress", id]) => match shared.progress.get(id) {
+            Some((done_bytes, total_bytes)) => to_json(&proto::Progress {
+                done_bytes,
+                total_bytes,
+            }),
+            None => Err(not_found(format!("no operation {id} in progress"))),
+        },
         (Method::GET, ["v1", "points", name, "served"]) => to_json(&shared.served_points(name)?),
         (Method::POST, ["v1", "points", name, "serve"]) => {
             let r: ServePoint = body(req).await?;

@@ -6,9 +6,11 @@
 
 mod api;
 mod cli;
+mod config;
 mod demo;
 mod metrics;
 mod nbd_client;
+mod notify;
 mod serve;
 
 use host::errfmt;
@@ -16,10 +18,13 @@ use host::errfmt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 /// Exit status for a transient refusal: retry later (EX_TEMPFAIL).
 pub const EXIT_TRANSIENT: u8 = 75;
+
+/// Exit status for a bad command line or config file (clap's own usage errors use it too).
+const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +66,11 @@ enum Command {
     /// Recovery points on a replica host.
     #[command(subcommand)]
     Points(PointsCmd),
+    /// On the replica host: write every disk of a recovery point to a directory, with a
+    /// manifest (point, cut time, consistency, BLAKE3 per disk). The point is pinned while
+    /// it is read; replication goes on. Exit 75 when no consistent point exists yet (the
+    /// message says when to retry). `backup verify DIR` checks a backup.
+    Backup(BackupArgs),
     /// Bring a VM up on the replica host from a recovery point (test or real failover).
     #[command(subcommand)]
     Failover(FailoverCmd),
@@ -83,10 +93,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the man pages (roff) generated from these definitions into DIR: understudy.1 and
+    /// one per subcommand (understudy-serve.1, ...); scripts/package-deb ships them.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Args)]
 pub struct ServeArgs {
+    /// Read settings from this TOML file (keys are these flags' names, e.g.
+    /// `cbw-memory = "256M"`, and `data-dir`); flags given here override it (docs/config.md).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Address for peer (replication) traffic, HOST:PORT.
     #[arg(long)]
     pub listen: String,
@@ -166,6 +184,14 @@ fn parse_monitoring_interval(s: &str) -> Result<u64, String> {
         return Err(format!("{s} is out of range: 1h to 7d"));
     }
     Ok(secs)
+}
+
+/// `understudy man DIR`: the pages for `scripts/package-deb` (no build script needed).
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("writing man pages to {}", dir.display()))
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -480,6 +506,39 @@ enum FailoverCmd {
     },
 }
 
+/// `backup NAME --to DIR ...` or `backup verify DIR`.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct BackupArgs {
+    #[command(subcommand)]
+    verify: Option<BackupCmd>,
+    /// The replica VM to back up.
+    #[arg(required = true)]
+    name: Option<String>,
+    /// `latest` or a point id (`points list`).
+    #[arg(long, default_value = "latest")]
+    point: String,
+    /// Directory to write (created if missing; must not hold a backup already).
+    #[arg(long, required = true)]
+    to: Option<PathBuf>,
+    /// raw (sparse), qcow2, vmdk or vhdx.
+    #[arg(long, default_value = "raw")]
+    format: String,
+    /// Copy only the blocks changed since this point: a qcow2 whose backing file is the
+    /// backup of that point, found in a directory next to --to.
+    #[arg(long, value_name = "ID")]
+    incremental_from: Option<u64>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum BackupCmd {
+    /// Check a backup without restoring it: every disk's contents against its manifest's
+    /// BLAKE3 (needs no daemon). Exit 1 naming the disk that differs.
+    Verify { dir: PathBuf },
+}
+
 #[derive(Subcommand)]
 enum PointsCmd {
     /// List the recovery points of a replica VM.
@@ -528,7 +587,14 @@ enum PointsCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match config::apply(Cli::command(), std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(err) => {
+            eprintln!("error: {}", errfmt::one_line(&err));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let result = match cli.command {
         Command::Serve(args) => serve::serve(&cli.data_dir, args.into_config()),
         Command::Demo => demo::run(),
@@ -549,6 +615,7 @@ fn main() -> ExitCode {
                     json,
                 )
             }),
+        Command::Man { dir } => write_man_pages(&dir),
         Command::Identity => cli::identity(&cli.data_dir),
         Command::Trust(TrustCmd::Add { file, role, names }) => {
             let scope = transport::Scope {
@@ -714,11 +781,27 @@ fn main() -> ExitCode {
                 ),
                 FailoverCmd::Stop { name, test } => cli::failover_stop(&api, &name, test),
                 FailoverCmd::Complete { name } => cli::failover_complete(&api, &name),
-                FailoverCmd::Prepare { name } => {
-                    cli::replication_action_path(&api, &name, "failover/prepare")
-                }
+                FailoverCmd::Prepare { name } => cli::failover_prepare(&api, &name),
             }
         }
+        Command::Backup(args) => match (args.verify, args.name, args.to) {
+            (Some(BackupCmd::Verify { dir }), _, _) => cli::backup_verify(&dir),
+            (None, Some(name), Some(to)) => cli::backup(
+                &cli::Api::new(&cli.data_dir),
+                proto::BackupPoint {
+                    vm: name,
+                    point: args.point,
+                    to: to.display().to_string(),
+                    format: args.format,
+                    incremental_from: args.incremental_from,
+                    progress_id: None,
+                },
+                args.json,
+            ),
+            _ => Err(anyhow::anyhow!(
+                "backup needs NAME and --to DIR (or `backup verify DIR`)"
+            )),
+        },
         Command::Points(cmd) => {
             let api = cli::Api::new(&cli.data_dir);
             match cmd {

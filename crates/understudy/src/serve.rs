@@ -8,18 +8,22 @@
 use host::{events, heap, replica_host, shared as host_state, HostConfig, Shared};
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use hyper_util::rt::TokioIo;
 
 use crate::api;
+use crate::notify::Notifier;
 
 /// How long shutdown waits for each replication task to stop before going on.
 const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn serve(data_dir: &Path, args: HostConfig) -> anyhow::Result<()> {
     init_logging();
+    // Before any thread starts: it takes systemd's variables out of the environment.
+    let notifier = Arc::new(Notifier::from_env());
     // Images, journals, the catalog (it holds the replication keys) and identity keys are for
     // the daemon's user (and group, to reach the sockets): files 0640 at most, directories
     // 0750; the catalog is tightened to 0600 when opened.
@@ -37,7 +41,7 @@ pub fn serve(data_dir: &Path, args: HostConfig) -> anyhow::Result<()> {
         .thread_name("understudy")
         .build()
         .context("starting the runtime")?;
-    let result = rt.block_on(run(&data_dir, args));
+    let result = rt.block_on(run(&data_dir, args, notifier));
     // Blocking work stuck on hung storage (a replica fsync) must not keep the process from
     // exiting: the clean-stop work above is done, give such threads a moment and go.
     rt.shutdown_timeout(RUNTIME_SHUTDOWN_WAIT);
@@ -77,8 +81,9 @@ fn restrict_data_dir(data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(data_dir: &Path, args: HostConfig) -> anyhow::Result<()> {
+async fn run(data_dir: &Path, args: HostConfig, notifier: Arc<Notifier>) -> anyhow::Result<()> {
     let stop_signal = watch_stop_signals();
+    let mut reload_signal = watch_reload_signal();
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -172,8 +177,31 @@ async fn run(data_dir: &Path, args: HostConfig) -> anyhow::Result<()> {
         api_path.display(),
         shared.nbd_socket.display()
     );
+    // systemd (Type=notify): the NBD socket, the API and the peer port are bound and every VM
+    // is open or marked broken. The watchdog pings come from this runtime: if it wedges they
+    // stop and systemd restarts the daemon.
+    notifier.send("READY=1");
+    notifier.spawn_watchdog();
+    let reload_shared = shared.clone();
+    let reload_args = args.clone();
+    tokio::spawn(async move {
+        while reload_signal.recv().await.is_some() {
+            tracing::info!("SIGHUP: re-reading the TLS certificate, key and trust");
+            let s = reload_shared.clone();
+            let a = reload_args.clone();
+            match tokio::task::spawn_blocking(move || s.reload_tls(&a)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(
+                    "reload refused, the previous certificate stays in force: {}",
+                    host::errfmt::one_line(&e)
+                ),
+                Err(e) => tracing::error!("reload task failed: {e}"),
+            }
+        }
+    });
 
     stop_signal.await;
+    notifier.send("STOPPING=1");
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
     shared.stop_replication(TASK_STOP_TIMEOUT).await;
@@ -245,6 +273,25 @@ fn raise_nofile_limit() {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// SIGHUP (`systemctl reload`, `ExecReload=`): one item per signal received. Watching starts
+/// before the daemon says it is ready, so an early reload is never the default action (death).
+fn watch_reload_signal() -> tokio::sync::mpsc::Receiver<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    // Several SIGHUPs while one reload runs make one more reload.
+                    let _ = tx.try_send(());
+                }
+            });
+        }
+        Err(e) => tracing::error!("cannot watch SIGHUP (reload): {e}"),
+    }
+    rx
 }
 
 /// Watches SIGTERM and SIGINT from the moment it is called: a stop that arrives right after

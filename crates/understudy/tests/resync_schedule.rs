@@ -57,8 +57,6 @@ impl Throttle {
                 let pipe = |mut from: TcpStream, mut to: TcpStream, rate: Option<u64>| {
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 16 << 10];
-                        let started = Instant::now();
-                        let mut sent = 0u64;
                         loop {
                             match from.read(&mut buf) {
                                 Ok(0) | Err(_) => break,
@@ -66,13 +64,13 @@ impl Throttle {
                                     if to.write_all(&buf[..n]).is_err() {
                                         break;
                                     }
-                                    sent += n as u64;
+                                    // Each read's bytes take their time at the rate: an idle
+                                    // connection (HTTP/2 keeps it) earns no credit for a
+                                    // later burst.
                                     if let Some(rate) = rate {
-                                        let due =
-                                            Duration::from_secs_f64(sent as f64 / rate as f64);
-                                        if let Some(wait) = due.checked_sub(started.elapsed()) {
-                                            std::thread::sleep(wait);
-                                        }
+                                        std::thread::sleep(Duration::from_secs_f64(
+                                            n as f64 / rate as f64,
+                                        ));
                                     }
                                 }
                             }

@@ -10,6 +10,7 @@ pub const DISK_BYTES: u64 = 256 * 1024;
 
 pub fn header(compression: Compression) -> DeltaHeader {
     DeltaHeader {
+        compared: false,
         app_consistent: false,
         vm_id: delta::VmName::parse("web-0").unwrap(),
         generation: delta::Generation(3),

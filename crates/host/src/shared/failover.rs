@@ -413,6 +413,11 @@ impl Shared {
             nbd::BlockBackend::flush(o.as_ref()).context("flushing a failover disk")?;
         }
         let by_position: Vec<u64> = sizes.iter().map(|&(_, size)| size).collect();
+        // `failover complete` shows how far the copy got (`GET /v1/progress/...`).
+        let tracker = self
+            .progress
+            .track(Some(&crate::progress::failover_complete_id(vm)));
+        let total: u64 = by_position.iter().sum();
         let (record, new_vm) = crate::vms::adopt_disks(
             &self.data_dir,
             vm,
@@ -429,7 +434,9 @@ impl Shared {
                     .find(|(i, _)| *i == index)
                     .map(|(_, o)| o.clone())
                     .ok_or_else(|| anyhow::anyhow!("disk {index} of {vm} has no failover disk"))?;
-                o.materialize(path)
+                let before: u64 = by_position.iter().take(position as usize).sum();
+                tracker.set(before, total);
+                o.materialize_reporting(path, &|off| tracker.set(before + off, total))
                     .with_context(|| format!("writing disk {index} of {vm}"))?;
                 Ok(())
             },

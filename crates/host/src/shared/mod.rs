@@ -26,6 +26,7 @@ use crate::vms::{self, Vm};
 use crate::HostConfig;
 use relationship::{Event, Relationship, Role};
 
+mod backup;
 mod existing;
 mod failover;
 mod replica_side;
@@ -108,6 +109,9 @@ struct ReplicaHost {
 }
 
 pub struct Shared {
+    /// Replica side: per VM, the trees of the last 1 MiB pass of a resynchronization's compare
+    /// (`resync.md`): its refinement requests read nothing again.
+    pub(crate) resync_trees: parking_lot::Mutex<HashMap<String, Arc<crate::resync::TreeCache>>>,
     pub host_name: String,
     pub data_dir: PathBuf,
     pub listen: String,
@@ -116,6 +120,8 @@ pub struct Shared {
     pub disk_options: tracker::DiskOptions,
     /// Admission of replica uploads (per VM, per peer).
     pub uploads: crate::replica_host::UploadLimits,
+    /// Progress of long API calls in flight (`points export`), read by `GET /v1/progress/ID`.
+    pub progress: crate::progress::Registry,
     /// Wakes the replica's retention task after a commit.
     pub retention_wake: tokio::sync::Notify,
     /// Deadlines of calls to replicas (`serve --hello-timeout ...`).
@@ -154,6 +160,11 @@ pub struct Shared {
     pub partials: Arc<crate::replica_host::Partials>,
     /// Recovery points served over NBD (and pinned), `points serve`.
     served: Mutex<served::Served>,
+    /// Points pinned by backups running now, by (VM, point): how many (`points list` shows
+    /// them as pinned by `backup`).
+    backups: Mutex<BTreeMap<(String, u64), usize>>,
+    /// Numbers the temporary NBD exports of backups.
+    backup_exports: std::sync::atomic::AtomicU64,
     /// Recovery points kept per replica VM (`serve --retain-points`, tests only).
     pub retain_points: usize,
     /// The one owner of host-level changes (`owner.rs`): every create, import, enable, set
@@ -173,6 +184,49 @@ pub fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     }
 }
 
+/// This host's TLS identity: `serve --cert/--key/--ca` when given, else the generated one in
+/// `<data-dir>/identity`; `<data-dir>/identity.pem` (the CA peers trust) is rewritten from it.
+fn load_identity(
+    data_dir: &Path,
+    args: &HostConfig,
+    host_name: &str,
+) -> anyhow::Result<transport::Identity> {
+    let listen_host = args
+        .listen
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']).to_string());
+    let extra: Vec<String> = listen_host
+        .into_iter()
+        .filter(|h| !h.is_empty() && h != "0.0.0.0" && h != "::")
+        .collect();
+    let identity = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => transport::Identity::from_files(cert, key, args.ca.as_deref())?,
+        _ => transport::load_or_create(&data_dir.join("identity"), host_name, &extra)?,
+    };
+    // Rewritten at each start, atomically: a crash never leaves a torn CA file that a peer
+    // admin would copy.
+    let pem = data_dir.join("identity.pem");
+    sysutil::replace_file(
+        &pem,
+        &data_dir.join("identity.pem.tmp"),
+        identity.ca_pem().as_bytes(),
+        sysutil::FileMode::Umask(0o644),
+    )
+    .with_context(|| format!("writing {}", pem.display()))?;
+    Ok(identity)
+}
+
+impl Shared {
+    /// Re-reads this host's certificate, key and CA (SIGHUP, systemd's `ExecReload=`): new
+    /// handshakes use them, established links keep theirs. The trust directory is re-read too.
+    /// On error the previous identity stays in force. The host name cannot change this way.
+    pub fn reload_tls(&self, args: &HostConfig) -> anyhow::Result<()> {
+        let identity = load_identity(&self.data_dir, args, &self.host_name)?;
+        self.tls.reload_identity(identity)?;
+        Ok(())
+    }
+}
+
 fn default_host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -188,30 +242,7 @@ fn vm_key(name: &str) -> String {
 impl Shared {
     pub async fn open(data_dir: &Path, args: &HostConfig) -> anyhow::Result<Arc<Shared>> {
         let host_name = args.name.clone().unwrap_or_else(default_host_name);
-        let listen_host = args
-            .listen
-            .rsplit_once(':')
-            .map(|(h, _)| h.trim_matches(['[', ']']).to_string());
-        let extra: Vec<String> = listen_host
-            .into_iter()
-            .filter(|h| !h.is_empty() && h != "0.0.0.0" && h != "::")
-            .collect();
-        let identity = match (&args.cert, &args.key) {
-            (Some(cert), Some(key)) => {
-                transport::Identity::from_files(cert, key, args.ca.as_deref())?
-            }
-            _ => transport::load_or_create(&data_dir.join("identity"), &host_name, &extra)?,
-        };
-        // Rewritten at each start, atomically: a crash never leaves a torn CA file that a peer
-        // admin would copy.
-        let pem = data_dir.join("identity.pem");
-        sysutil::replace_file(
-            &pem,
-            &data_dir.join("identity.pem.tmp"),
-            identity.ca_pem().as_bytes(),
-            sysutil::FileMode::Umask(0o644),
-        )
-        .with_context(|| format!("writing {}", pem.display()))?;
+        let identity = load_identity(data_dir, args, &host_name)?;
         let trust = transport::TrustStore::open(&data_dir.join("trust"))?;
         let tls = transport::TlsContext::new(identity, trust)?;
         let catalog = Catalog::open(&data_dir.join("catalog.redb"))?;
@@ -228,6 +259,7 @@ impl Shared {
         };
         let (owner, owner_rx, owner_view) = crate::owner::Owner::new();
         let shared = Arc::new(Shared {
+            resync_trees: parking_lot::Mutex::new(HashMap::new()),
             owner,
             host_name,
             data_dir: data_dir.to_path_buf(),
@@ -238,6 +270,7 @@ impl Shared {
                 cbw_spill_bytes_max: args.cbw_spill_max,
             },
             uploads: Default::default(),
+            progress: Default::default(),
             retention_wake: tokio::sync::Notify::new(),
             peer_timeouts: crate::peer_client::PeerTimeouts {
                 hello: Duration::from_secs(args.hello_timeout.max(1)),
@@ -264,6 +297,8 @@ impl Shared {
             storage_reported: Mutex::new(HashSet::new()),
             partials: Default::default(),
             served: Mutex::new(served),
+            backups: Mutex::new(BTreeMap::new()),
+            backup_exports: std::sync::atomic::AtomicU64::new(0),
             retain_points: args
                 .retain_points
                 .map_or(crate::replica_host::RETAIN_POINTS, |n| n as usize),
@@ -723,6 +758,38 @@ impl Shared {
     /// Writes a VM's relationship record (`relationship/<vm>`), durably.
     pub fn save_relationship(&self, vm: &str, doc: &RelationshipDoc) -> anyhow::Result<()> {
         self.catalog.put(&RelationshipDoc::key(vm), doc)
+    }
+
+    /// The resynchronization cursor of `vm` (`resync.md`, "The cursor"). A record that does
+    /// not parse is treated as none (the compare starts over) and logged.
+    pub(crate) fn load_resync_cursor(
+        &self,
+        vm: &str,
+    ) -> Option<crate::resync_cursor::ResyncCursor> {
+        match self
+            .catalog
+            .get::<crate::resync_cursor::ResyncCursor>(&crate::resync_cursor::ResyncCursor::key(vm))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(vm, "the resynchronization cursor is ignored: {e:#}");
+                None
+            }
+        }
+    }
+
+    pub(crate) fn save_resync_cursor(
+        &self,
+        vm: &str,
+        cursor: &crate::resync_cursor::ResyncCursor,
+    ) -> anyhow::Result<()> {
+        self.catalog
+            .put(&crate::resync_cursor::ResyncCursor::key(vm), cursor)
+    }
+
+    pub(crate) fn delete_resync_cursor(&self, vm: &str) -> anyhow::Result<()> {
+        self.catalog
+            .delete(&crate::resync_cursor::ResyncCursor::key(vm))
     }
 
     /// The primary relationship of `name`, if this host ships its points.

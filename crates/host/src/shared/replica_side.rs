@@ -698,7 +698,21 @@ impl Shared {
     /// The points of `rvm` as `points list` shows them ([`point_infos_of`]).
     pub(super) fn point_infos(&self, rvm: &replica::ReplicaVm) -> Vec<PointInfo> {
         let served = self.served_seqs(rvm.vm_id());
-        point_infos_of(rvm, &served)
+        let backups = self.backup_pins(rvm.vm_id());
+        let mut infos = point_infos_of(rvm, &served);
+        for p in &mut infos {
+            if let Some(&n) = backups.get(&p.id) {
+                // The backup's views are among the open views: name them instead.
+                p.pinned_by
+                    .retain(|b| !b.ends_with("open view") && !b.ends_with("open views"));
+                p.pinned_by.push(if n == 1 {
+                    "backup".to_string()
+                } else {
+                    format!("{n} backups")
+                });
+            }
+        }
+        infos
     }
 
     pub fn export_point(&self, req: &ExportPoint) -> anyhow::Result<PointInfo> {
@@ -710,30 +724,33 @@ impl Shared {
                 req.vm, req.disk
             )));
         }
-        rvm.export_raw(point.seq, req.disk, Path::new(&req.to))
-            .map_err(|e| {
-                // A destination the daemon cannot create (missing directory, no permission,
-                // full file system) is the user's to fix: 400, not an internal error.
-                let dest = Path::new(&req.to);
-                let user = matches!(&e, ReplicaError::Io { source, path, .. }
-                    if path.starts_with(dest.parent().unwrap_or(dest)) && matches!(
-                    source.kind(),
-                    std::io::ErrorKind::NotFound
-                        | std::io::ErrorKind::PermissionDenied
-                        | std::io::ErrorKind::ReadOnlyFilesystem
-                        | std::io::ErrorKind::StorageFull
-                        | std::io::ErrorKind::IsADirectory
-                ));
-                let e = anyhow::Error::from(e).context(format!(
-                    "exporting {} point {} disk {}",
-                    req.vm, point.seq, req.disk
-                ));
-                if user {
-                    bad_request(crate::errfmt::one_line(&e))
-                } else {
-                    e
-                }
-            })?;
+        let tracker = self.progress.track(req.progress_id.as_deref());
+        rvm.export_raw_reporting(point.seq, req.disk, Path::new(&req.to), &|done, total| {
+            tracker.set(done, total)
+        })
+        .map_err(|e| {
+            // A destination the daemon cannot create (missing directory, no permission,
+            // full file system) is the user's to fix: 400, not an internal error.
+            let dest = Path::new(&req.to);
+            let user = matches!(&e, ReplicaError::Io { source, path, .. }
+                if path.starts_with(dest.parent().unwrap_or(dest)) && matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+                    | std::io::ErrorKind::StorageFull
+                    | std::io::ErrorKind::IsADirectory
+            ));
+            let e = anyhow::Error::from(e).context(format!(
+                "exporting {} point {} disk {}",
+                req.vm, point.seq, req.disk
+            ));
+            if user {
+                bad_request(crate::errfmt::one_line(&e))
+            } else {
+                e
+            }
+        })?;
         let seq = point.seq;
         self.point_infos(&rvm)
             .into_iter()

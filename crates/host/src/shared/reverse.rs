@@ -521,9 +521,17 @@ fn unplanned_answer(vm: &crate::vms::Vm, state: &State) -> ReverseAnswer {
         State::ResynchronizationRequired { reason } => {
             return full(format!("this host required a resynchronization ({reason})"))
         }
-        State::WaitingForStartResynchronize { .. } | State::Resynchronizing { .. } => {
-            return full("a resynchronization was pending on this host".into())
+        // A resynchronization's cut is covered by its cursor, not by the tracker (`resync.md`,
+        // "The cursor"): the tracker alone cannot say what differs.
+        State::WaitingForStartResynchronize { .. }
+        | State::Resynchronizing { .. }
+        | State::Suspended {
+            resume_to: relationship::Resumable::Resynchronizing,
         }
+        | State::FencedAfterFailover {
+            resume_to: relationship::Resumable::Resynchronizing,
+            ..
+        } => return full("a resynchronization was pending on this host".into()),
         State::FencedAfterFailover {
             resync: Some(reason),
             ..

@@ -13,7 +13,8 @@ use super::option::{
 use super::wire::*;
 use crate::backend::{BlockBackend, ExportRegistry};
 use crate::limits::{
-    BLOCK_SIZE_MIN_BYTES, BLOCK_SIZE_PREFERRED_BYTES, REQUEST_PAYLOAD_BYTES_MAX, STRING_BYTES_MAX,
+    BLOCK_SIZE_MIN_BYTES, BLOCK_SIZE_PREFERRED_BYTES, META_CONTEXTS_LISTED_MAX,
+    META_CONTEXTS_SELECTED_MAX, REQUEST_PAYLOAD_BYTES_MAX, STRING_BYTES_MAX,
 };
 
 /// Length of the server greeting: NBDMAGIC, IHAVEOPT, handshake flags.
@@ -70,8 +71,10 @@ pub struct Session {
     pub size_bytes: u64,
     pub transmission_flags: u16,
     pub structured_replies: bool,
-    /// `base:allocation` was selected for this export: BLOCK_STATUS is allowed.
+    /// `base:allocation` was selected for this export.
     pub base_allocation: bool,
+    /// Other metadata contexts selected for this export (the backend's), with their ids.
+    pub contexts: Vec<(u32, String)>,
 }
 
 impl std::fmt::Debug for Session {
@@ -92,8 +95,12 @@ pub struct Negotiator {
     no_zeroes: bool,
     structured_replies: bool,
     /// Export named in the last successful NBD_OPT_SET_META_CONTEXT that selected
-    /// `base:allocation`.
+    /// `base:allocation` or another context.
     meta_export: Option<String>,
+    /// Whether that SET selected `base:allocation`.
+    meta_base: bool,
+    /// The backend's contexts that SET selected, with their ids (from 2).
+    meta_contexts: Vec<(u32, String)>,
 }
 
 impl Negotiator {
@@ -187,9 +194,16 @@ impl Negotiator {
     }
 
     fn session(&self, name: String, backend: Arc<dyn BlockBackend>) -> Session {
-        let base_allocation =
+        let selected =
             self.structured_replies && self.meta_export.as_deref() == Some(name.as_str());
+        let base_allocation = selected && self.meta_base;
+        let contexts = if selected {
+            self.meta_contexts.clone()
+        } else {
+            Vec::new()
+        };
         Session {
+            contexts,
             size_bytes: backend.size_bytes(),
             transmission_flags: transmission_flags(backend.as_ref()),
             export_name: name,
@@ -283,14 +297,57 @@ impl Negotiator {
         if set {
             // SET replaces the previous selection even when it fails (spec).
             self.meta_export = None;
+            self.meta_base = false;
+            self.meta_contexts.clear();
             if !self.structured_replies {
                 encode_option_reply(out, code, NBD_REP_ERR_INVALID, b"structured replies first");
                 return Step::Continue;
             }
         }
-        if registry.lookup(&query.export_name).is_none() {
+        let Some(backend) = registry.lookup(&query.export_name) else {
             encode_option_reply(out, code, NBD_REP_ERR_UNKNOWN, b"no such export");
             return Step::Continue;
+        };
+        // The backend's own contexts: exact names for SET; for LIST, a query ending in ':'
+        // (namespace or leaf-name prefix, e.g. "qemu:" or "qemu:dirty-bitmap:") or an exact
+        // name, and everything for no query.
+        let mut extra: Vec<String> = Vec::new();
+        if !set && query.queries.is_empty() {
+            extra = backend.meta_contexts("");
+        }
+        for q in &query.queries {
+            if q == BASE_ALLOCATION || q == "base:" {
+                continue;
+            }
+            if !set && q.ends_with(':') {
+                extra.extend(backend.meta_contexts(q));
+            } else if backend.has_meta_context(q) {
+                extra.push(q.clone());
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        extra.retain(|c| c.len() <= STRING_BYTES_MAX as usize && seen.insert(c.clone()));
+        extra.truncate(if set {
+            META_CONTEXTS_SELECTED_MAX
+        } else {
+            META_CONTEXTS_LISTED_MAX
+        });
+        for (i, name) in extra.iter().enumerate() {
+            // LIST replies carry id 0; SET ids follow base:allocation's.
+            let id = if set {
+                BASE_ALLOCATION_ID + 1 + i as u32
+            } else {
+                0
+            };
+            let mut data = id.to_be_bytes().to_vec();
+            data.extend_from_slice(name.as_bytes());
+            encode_option_reply(out, code, NBD_REP_META_CONTEXT, &data);
+            if set {
+                self.meta_contexts.push((id, name.clone()));
+            }
+        }
+        if set && !extra.is_empty() {
+            self.meta_export = Some(query.export_name.clone());
         }
         let matches = if set {
             query.queries.iter().any(|q| q == BASE_ALLOCATION)
@@ -310,6 +367,7 @@ impl Negotiator {
             encode_option_reply(out, code, NBD_REP_META_CONTEXT, &data);
             if set {
                 self.meta_export = Some(query.export_name);
+                self.meta_base = true;
             }
         }
         encode_option_reply(out, code, NBD_REP_ACK, &[]);

@@ -292,6 +292,130 @@ fn list_meta_context_wildcards() {
     assert_eq!(replies(&out).len(), 1);
 }
 
+/// A backend with its own contexts `x:a` and `x:b`.
+struct WithContexts(MemoryBackend);
+
+impl BlockBackend for WithContexts {
+    fn size_bytes(&self) -> u64 {
+        self.0.size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
+        self.0.write_at(data, offset, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        self.0.trim(offset, len, fua)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, t: bool, f: bool) -> std::io::Result<()> {
+        self.0.write_zeroes(o, l, t, f)
+    }
+    fn meta_contexts(&self, prefix: &str) -> Vec<String> {
+        ["x:a", "x:b"]
+            .iter()
+            .filter(|c| c.starts_with(prefix))
+            .map(|c| c.to_string())
+            .collect()
+    }
+    fn has_meta_context(&self, name: &str) -> bool {
+        name == "x:a" || name == "x:b"
+    }
+}
+
+#[test]
+fn a_backends_contexts_are_listed_by_prefix_and_selected_after_base_allocation() {
+    let reg = registry();
+    reg.add("ctx", Arc::new(WithContexts(MemoryBackend::new(4096))));
+    let mut n = client(1);
+    let mut out = Vec::new();
+    let names = |out: &[u8]| -> Vec<(u32, String)> {
+        replies(out)
+            .into_iter()
+            .filter(|r| r.1 == NBD_REP_META_CONTEXT)
+            .map(|r| {
+                (
+                    be_u32(&r.2[0..4]),
+                    String::from_utf8(r.2[4..].to_vec()).unwrap(),
+                )
+            })
+            .collect()
+    };
+    opt(
+        &mut n,
+        &reg,
+        NBD_OPT_LIST_META_CONTEXT,
+        &meta("ctx", &[]),
+        &mut out,
+    );
+    assert_eq!(names(&out).len(), 3);
+    opt(
+        &mut n,
+        &reg,
+        NBD_OPT_LIST_META_CONTEXT,
+        &meta("ctx", &["x:"]),
+        &mut out,
+    );
+    assert_eq!(names(&out), vec![(0, "x:a".into()), (0, "x:b".into())]);
+    opt(&mut n, &reg, NBD_OPT_STRUCTURED_REPLY, &[], &mut out);
+    opt(
+        &mut n,
+        &reg,
+        NBD_OPT_SET_META_CONTEXT,
+        &meta("ctx", &["x:b", "x:nope", "x:b", BASE_ALLOCATION]),
+        &mut out,
+    );
+    assert_eq!(
+        names(&out),
+        vec![
+            (2, "x:b".into()),
+            (BASE_ALLOCATION_ID, BASE_ALLOCATION.into())
+        ]
+    );
+    let Step::Transmit(s) = opt(
+        &mut n,
+        &reg,
+        NBD_OPT_GO,
+        &name_payload("ctx", &[0, 0]),
+        &mut out,
+    ) else {
+        panic!()
+    };
+    assert!(s.base_allocation);
+    assert_eq!(s.contexts, vec![(2, "x:b".to_string())]);
+    // Only the backend's context: BLOCK_STATUS answers it alone.
+    opt(
+        &mut n,
+        &reg,
+        NBD_OPT_SET_META_CONTEXT,
+        &meta("ctx", &["x:a"]),
+        &mut out,
+    );
+    let Step::Transmit(s) = opt(
+        &mut n,
+        &reg,
+        NBD_OPT_GO,
+        &name_payload("ctx", &[0, 0]),
+        &mut out,
+    ) else {
+        panic!()
+    };
+    assert!(!s.base_allocation);
+    assert_eq!(s.contexts, vec![(2, "x:a".to_string())]);
+    // Another export has none of them.
+    opt(
+        &mut n,
+        &reg,
+        NBD_OPT_SET_META_CONTEXT,
+        &meta("disk", &["x:a"]),
+        &mut out,
+    );
+    assert!(names(&out).is_empty());
+}
+
 proptest! {
     /// Any sequence of options with arbitrary payloads: no panic, replies always parse.
     #[test]

@@ -83,29 +83,62 @@ pub fn encode_block_status(
     request_len: u32,
     req_one: bool,
 ) -> usize {
+    let runs = allocation_runs(extents);
+    encode_status_chunk(
+        out,
+        handle,
+        BASE_ALLOCATION_ID,
+        &runs,
+        request_len,
+        req_one,
+        true,
+    )
+}
+
+/// `base:allocation` extents as `(len, NBD_STATE_* flags)` runs.
+pub fn allocation_runs(extents: &[Extent]) -> Vec<(u64, u32)> {
+    extents
+        .iter()
+        .map(|e| {
+            let mut status = 0;
+            if e.hole {
+                status |= NBD_STATE_HOLE;
+            }
+            if e.zero {
+                status |= NBD_STATE_ZERO;
+            }
+            (e.len_bytes, status)
+        })
+        .collect()
+}
+
+/// Appends one BLOCK_STATUS chunk of context `context_id` with `(len, flags)` runs, clipped
+/// as [`encode_block_status`]; `done` sets NBD_REPLY_FLAG_DONE (the last chunk of the reply).
+pub fn encode_status_chunk(
+    out: &mut Vec<u8>,
+    handle: u64,
+    context_id: u32,
+    runs: &[(u64, u32)],
+    request_len: u32,
+    req_one: bool,
+    done: bool,
+) -> usize {
     let limit = if req_one { 1 } else { BLOCK_STATUS_EXTENTS_MAX };
     let start = out.len();
     out.extend_from_slice(&[0u8; STRUCTURED_HEADER_LEN]);
-    out.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+    out.extend_from_slice(&context_id.to_be_bytes());
     let mut remaining = u64::from(request_len);
     let mut count = 0usize;
-    for extent in extents {
+    for &(len_bytes, status) in runs {
         if remaining == 0 || count == limit {
             break;
         }
-        let len = extent.len_bytes.min(remaining);
+        let len = len_bytes.min(remaining);
         if len == 0 {
             continue;
         }
         // `len <= request_len`, which is a u32.
         let len32 = u32::try_from(len).unwrap_or(u32::MAX);
-        let mut status = 0;
-        if extent.hole {
-            status |= NBD_STATE_HOLE;
-        }
-        if extent.zero {
-            status |= NBD_STATE_ZERO;
-        }
         out.extend_from_slice(&len32.to_be_bytes());
         out.extend_from_slice(&status.to_be_bytes());
         remaining -= len;
@@ -118,7 +151,7 @@ pub fn encode_block_status(
     // 4 + 8 * count bytes, with count <= 64 Ki: fits a u32.
     let payload = u32::try_from(out.len() - start - STRUCTURED_HEADER_LEN).unwrap_or(u32::MAX);
     let header = structured_header(
-        NBD_REPLY_FLAG_DONE,
+        if done { NBD_REPLY_FLAG_DONE } else { 0 },
         NBD_REPLY_TYPE_BLOCK_STATUS,
         handle,
         payload,

@@ -23,13 +23,14 @@ use super::stream::Stream;
 use crate::codec::error::{NbdErrno, ProtocolError};
 use crate::codec::negotiate::Session;
 use crate::codec::reply::{
-    encode_block_status, encode_error_chunk, none_chunk, offset_data_prefix, simple_reply,
-    OFFSET_DATA_PREFIX_LEN, SIMPLE_REPLY_LEN,
+    allocation_runs, encode_error_chunk, encode_status_chunk, none_chunk, offset_data_prefix,
+    simple_reply, OFFSET_DATA_PREFIX_LEN, SIMPLE_REPLY_LEN,
 };
 use crate::codec::request::{
     decide, parse_request_header, Command, Decision, ExportView, Rejection, Request,
     REQUEST_HEADER_LEN,
 };
+use crate::codec::wire::BASE_ALLOCATION_ID;
 use crate::limits::{
     READ_BATCH_BYTES_MAX, READ_BATCH_MAX, RETAINED_BUFFER_BYTES, SOCKET_READ_BUFFER_BYTES,
     THREAD_STACK_BYTES,
@@ -72,7 +73,8 @@ pub(crate) fn transmit(
         size_bytes: session.size_bytes,
         read_only: session.backend.read_only(),
         structured_replies: session.structured_replies,
-        base_allocation: session.base_allocation,
+        // BLOCK_STATUS needs a selected context, whichever.
+        base_allocation: session.base_allocation || !session.contexts.is_empty(),
     };
     let t = Transmission {
         id,
@@ -381,21 +383,59 @@ impl Transmission<'_> {
         self.send(&buf[..at])
     }
 
+    /// One BLOCK_STATUS chunk per selected context (`base:allocation` first), the last one
+    /// with DONE; any failure answers the whole request with an error chunk instead.
     fn block_status(&self, req: Request, req_one: bool, scratch: &mut Vec<u8>) -> io::Result<()> {
-        let extents = self
-            .session
-            .backend
-            .block_status(req.offset, u64::from(req.len_bytes));
         scratch.clear();
-        let error = match extents {
-            Ok(extents) => {
-                if encode_block_status(scratch, req.handle, &extents, req.len_bytes, req_one) > 0 {
-                    return self.send(scratch);
-                }
-                warn!(conn = self.id, export = %self.session.export_name, "backend returned no extents");
-                NbdErrno::Io
+        let s = self.session;
+        let len = u64::from(req.len_bytes);
+        let total = usize::from(s.base_allocation) + s.contexts.len();
+        let mut sent = 0usize;
+        let mut error = None;
+        let base = s.base_allocation.then_some(BASE_ALLOCATION_ID);
+        for (id, name) in base.iter().map(|&id| (id, None)).chain(
+            s.contexts
+                .iter()
+                .map(|(id, name)| (*id, Some(name.as_str()))),
+        ) {
+            if error.is_some() {
+                break;
             }
-            Err(e) => self.backend_error(&req, &e),
+            sent += 1;
+            let runs = match name {
+                None => s
+                    .backend
+                    .block_status(req.offset, len)
+                    .map(|e| allocation_runs(&e)),
+                Some(name) => s.backend.meta_status(name, req.offset, len),
+            };
+            match runs {
+                Ok(runs) => {
+                    let n = encode_status_chunk(
+                        scratch,
+                        req.handle,
+                        id,
+                        &runs,
+                        req.len_bytes,
+                        req_one,
+                        sent == total,
+                    );
+                    if n == 0 {
+                        error = Some(NbdErrno::Io);
+                    }
+                }
+                Err(e) => error = Some(self.backend_error(&req, &e)),
+            }
+        }
+        let error = match error {
+            None => return self.send(scratch),
+            Some(e) => {
+                if e == NbdErrno::Io {
+                    warn!(conn = self.id, export = %s.export_name, "backend returned no extents or failed");
+                }
+                scratch.clear();
+                e
+            }
         };
         self.reject(
             Rejection {

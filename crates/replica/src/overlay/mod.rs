@@ -286,10 +286,19 @@ impl Overlay {
     /// blocks left as holes) through `dest.partial`, fsynced and renamed into place. Returns
     /// the bytes of data written (the rest of the image is holes).
     pub fn materialize(&self, dest: &Path) -> Result<u64, ReplicaError> {
+        self.materialize_reporting(dest, &|_| {})
+    }
+
+    /// [`Self::materialize`], calling `progress(bytes of the disk covered)` after each chunk.
+    pub fn materialize_reporting(
+        &self,
+        dest: &Path,
+        progress: &dyn Fn(u64),
+    ) -> Result<u64, ReplicaError> {
         let mut tmp = dest.as_os_str().to_owned();
         tmp.push(".partial");
         let tmp = PathBuf::from(tmp);
-        let result = self.materialize_to(&tmp).and_then(|n| {
+        let result = self.materialize_to(&tmp, progress).and_then(|n| {
             sysutil::rename_durable(&tmp, dest)
                 .map_err(ReplicaError::io("rename", &tmp))
                 .map(|()| n)
@@ -300,7 +309,7 @@ impl Overlay {
         result
     }
 
-    fn materialize_to(&self, tmp: &Path) -> Result<u64, ReplicaError> {
+    fn materialize_to(&self, tmp: &Path, progress: &dyn Fn(u64)) -> Result<u64, ReplicaError> {
         let f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -336,6 +345,7 @@ impl Overlay {
             if !progressed {
                 return Err(overlay_error(&self.dir, "block status made no progress"));
             }
+            progress(off);
         }
         f.sync_all().map_err(ReplicaError::io("fsync", tmp))?;
         Ok(written)

@@ -60,6 +60,8 @@ pub struct Model {
     pub points: BTreeMap<u64, Images>,
     pub latest: u64,
     pub generation: u64,
+    /// Full deltas made from now on are compared ones (`DeltaHeader::compared`).
+    pub compared_full: bool,
 }
 
 /// Deterministic block content: compressible when seed < 128, noise otherwise.
@@ -90,6 +92,7 @@ impl Model {
             points: BTreeMap::new(),
             latest: 0,
             generation: 1,
+            compared_full: false,
         }
     }
 
@@ -124,6 +127,7 @@ impl Model {
         key: &[u8; 32],
     ) -> (Vec<u8>, Images) {
         let header = DeltaHeader {
+            compared: self.compared_full && kind == DeltaKind::Full,
             app_consistent: false,
             vm_id: delta::VmName::parse(VM).unwrap(),
             generation: delta::Generation(generation),

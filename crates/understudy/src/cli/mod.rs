@@ -383,15 +383,14 @@ pub fn replication_start(
         println!("initial replication of {name} started; follow it with `understudy replication status {name}`");
         return Ok(());
     }
-    let bar = std::io::stderr().is_terminal().then(output::progress_bar);
+    let mut progress = output::Progress::start(format!("initial replication of {name}"));
     loop {
         let st: ReplicationStatus = api.get(&format!("/v1/vms/{seg}/replication"))?;
-        if let (Some(bar), Some(p)) = (&bar, &st.progress) {
-            bar.set_length(p.total_bytes.max(1));
-            bar.set_position(p.done_bytes);
+        if let Some(p) = &st.progress {
             if let Some(e) = &st.last_error {
-                bar.set_message(format!("retrying: {e}"));
+                progress.message(format!("retrying: {e}"));
             }
+            progress.set(p.done_bytes, p.total_bytes);
         }
         match st.state {
             ReplicationState::Replicating | ReplicationState::Suspended => break,
@@ -403,9 +402,7 @@ pub fn replication_start(
             }
             _ => {
                 if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                    if let Some(bar) = &bar {
-                        bar.abandon();
-                    }
+                    progress.abandon();
                     let why = st
                         .last_error
                         .map(|e| format!(" (last error: {e})"))
@@ -423,9 +420,7 @@ pub fn replication_start(
             }
         }
     }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    progress.finish();
     println!("initial replication of {name} complete");
     Ok(())
 }
@@ -465,10 +460,10 @@ pub fn replication_status(api: &Api, name: Option<&str>, json: bool) -> anyhow::
         output::print_status(&list);
         // One VM on a terminal while it resynchronizes: where it stands, as a bar.
         if let (Some(_), [st]) = (name, list.as_slice()) {
-            if let (Some(r), true) = (&st.resync, std::io::stdout().is_terminal()) {
-                let bar = output::resync_bar(indicatif::ProgressDrawTarget::stdout());
-                output::show_resync(&bar, r);
-                bar.abandon();
+            if let (Some(r), true) = (&st.resync, std::io::stderr().is_terminal()) {
+                let mut progress = output::Progress::to("resynchronization", true);
+                output::show_resync(&mut progress, r);
+                progress.abandon();
             }
         }
     }
@@ -509,6 +504,32 @@ pub fn replication_action_path(api: &Api, name: &str, path: &str) -> anyhow::Res
     let st: ReplicationStatus = api.post(
         &format!("/v1/vms/{}/{path}", path_segment(name)?),
         &serde_json::json!({}),
+    )?;
+    println!("{}: {:?}", st.vm, st.state);
+    Ok(())
+}
+
+/// `failover prepare NAME`: fences the VM and waits until its last changes are committed on
+/// the replica, showing the pending bytes going out.
+pub fn failover_prepare(api: &Api, name: &str) -> anyhow::Result<()> {
+    let seg = path_segment(name)?;
+    let status_path = format!("/v1/vms/{seg}/replication");
+    let pending = |api: &Api| {
+        api.get::<ReplicationStatus>(&status_path)
+            .ok()
+            .map(|st| st.pending_bytes)
+    };
+    let at_start = pending(api).unwrap_or(0);
+    let progress = output::Progress::start(format!("failover prepare of {name}"));
+    let st: ReplicationStatus = with_progress(
+        progress,
+        || pending(api).map(|p| (at_start.saturating_sub(p), at_start)),
+        || {
+            api.post(
+                &format!("/v1/vms/{seg}/failover/prepare"),
+                &serde_json::json!({}),
+            )
+        },
     )?;
     println!("{}: {:?}", st.vm, st.state);
     Ok(())
@@ -571,26 +592,21 @@ const RESYNC_POLL: Duration = Duration::from_millis(250);
 /// `--wait`: follows a resynchronization (a bar on a terminal) until the VM replicates again
 /// (Ok) or it stops without completing (an error saying why).
 fn wait_resync(api: &Api, name: &str, seg: &str) -> anyhow::Result<()> {
-    let bar = std::io::stderr()
-        .is_terminal()
-        .then(|| output::resync_bar(indicatif::ProgressDrawTarget::stderr()));
-    let finish = |bar: &Option<indicatif::ProgressBar>| {
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
-    };
+    let mut progress = output::Progress::start(format!("resynchronization of {name}"));
+    let mut waiting_told = false;
     loop {
         let st: ReplicationStatus = api.get(&format!("/v1/vms/{seg}/replication"))?;
-        if let Some(bar) = &bar {
-            match (&st.resync, &st.resync_start_time) {
-                (Some(r), _) => output::show_resync(bar, r),
-                (None, Some(at)) => bar.set_message(format!("waiting: starts at {at}")),
-                _ => {}
+        match (&st.resync, &st.resync_start_time) {
+            (Some(r), _) => output::show_resync(&mut progress, r),
+            (None, Some(at)) if !waiting_told => {
+                waiting_told = true;
+                progress.message(format!("waiting: starts at {at}"));
             }
+            _ => {}
         }
         match st.state {
             ReplicationState::Replicating => {
-                finish(&bar);
+                progress.finish();
                 println!(
                     "resynchronization of {name} complete (point {})",
                     st.last_seq
@@ -601,14 +617,14 @@ fn wait_resync(api: &Api, name: &str, seg: &str) -> anyhow::Result<()> {
                 std::thread::sleep(RESYNC_POLL)
             }
             ReplicationState::ResynchronizationRequired => {
-                finish(&bar);
+                progress.abandon();
                 bail!(
                     "{name}: the resynchronization stopped; resynchronization required: {}",
                     st.resync_reason.unwrap_or_default()
                 )
             }
             other => {
-                finish(&bar);
+                progress.abandon();
                 bail!("{name}: the resynchronization stopped: replication is {other:?}")
             }
         }
@@ -685,10 +701,12 @@ pub fn reverse(
 
 /// `failover complete NAME`.
 pub fn failover_complete(api: &Api, name: &str) -> anyhow::Result<()> {
-    let vm: proto::VmInfo = api.post(
-        &format!("/v1/vms/{}/failover/complete", path_segment(name)?),
-        &serde_json::json!({}),
-    )?;
+    let path = format!("/v1/vms/{}/failover/complete", path_segment(name)?);
+    let id = host::progress::failover_complete_id(name);
+    let progress = output::Progress::start(format!("failover complete of {name}"));
+    let vm: proto::VmInfo = with_progress(progress, progress_of(api, &id), || {
+        api.post(&path, &serde_json::json!({}))
+    })?;
     println!(
         "{}: failover complete; it runs on this host now, disks:",
         vm.name
@@ -737,13 +755,23 @@ pub fn points_export(
     to: &Path,
 ) -> anyhow::Result<()> {
     let to = absolute(to)?;
+    let progress_id = format!(
+        "export-{}-{}",
+        std::process::id(),
+        proto::time::now_unix_ns()
+    );
     let req = ExportPoint {
         vm: name.to_string(),
         point: point.to_string(),
         disk,
         to: to.display().to_string(),
+        progress_id: Some(progress_id.clone()),
     };
-    let p: PointInfo = api.post(&format!("/v1/points/{}/export", path_segment(name)?), &req)?;
+    let path = format!("/v1/points/{}/export", path_segment(name)?);
+    let progress = output::Progress::start(format!("export of {name} disk {disk}"));
+    let p: PointInfo = with_progress(progress, progress_of(api, &progress_id), || {
+        api.post(&path, &req)
+    })?;
     println!(
         "exported {name} point {} ({}) disk {disk} to {}",
         p.id,
@@ -751,6 +779,135 @@ pub fn points_export(
         to.display()
     );
     Ok(())
+}
+
+pub fn backup(api: &Api, mut req: proto::BackupPoint, json: bool) -> anyhow::Result<()> {
+    let to = absolute(Path::new(&req.to))?;
+    req.to = to.display().to_string();
+    let progress_id = format!(
+        "backup-{}-{}",
+        std::process::id(),
+        proto::time::now_unix_ns()
+    );
+    req.progress_id = Some(progress_id.clone());
+    let path = format!("/v1/backup/{}", path_segment(&req.vm)?);
+    // With --json stdout is the document alone: no progress lines.
+    let b: host::backup::Backup = if json {
+        api.post(&path, &req)?
+    } else {
+        let progress = output::Progress::start(format!("backup of {}", req.vm));
+        with_progress(progress, progress_of(api, &progress_id), || {
+            api.post(&path, &req)
+        })?
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&b)?);
+        return Ok(());
+    }
+    let kind = match &b.incremental_from {
+        Some(f) => format!("incremental from point {} ({})", f.point, f.backup),
+        None => "full".to_string(),
+    };
+    println!(
+        "backed up {} point {} (cut {}, {}-consistent), {kind}, to {}",
+        b.vm,
+        b.point,
+        b.cut_time,
+        b.consistency,
+        to.display()
+    );
+    for d in &b.disks {
+        println!(
+            "  disk {}: {} ({}, {} bytes, {} copied) blake3 {}",
+            d.index,
+            d.file,
+            d.format.as_str(),
+            d.virtual_size,
+            d.copied_bytes,
+            d.blake3
+        );
+    }
+    Ok(())
+}
+
+/// `backup verify DIR`: local (a backup is checked where it was copied to, no daemon).
+pub fn backup_verify(dir: &Path) -> anyhow::Result<()> {
+    let (b, verdicts) = host::backup::verify(dir)?;
+    let mut bad = Vec::new();
+    for v in &verdicts {
+        match &v.problem {
+            None => println!("disk {} ({}): OK", v.index, v.file),
+            Some(p) => {
+                println!("disk {} ({}): FAILED: {p}", v.index, v.file);
+                bad.push(format!("disk {} ({}): {p}", v.index, v.file));
+            }
+        }
+    }
+    if !bad.is_empty() {
+        anyhow::bail!(
+            "backup {} of {} point {} does not verify: {}",
+            dir.display(),
+            b.vm,
+            b.point,
+            bad.join("; ")
+        );
+    }
+    println!(
+        "backup of {} point {} ({}): OK",
+        b.vm,
+        b.point,
+        dir.display()
+    );
+    Ok(())
+}
+
+/// How often a long call's progress is read while it runs.
+const PROGRESS_POLL: Duration = Duration::from_millis(500);
+
+/// Samples `(done, total)` of the operation the daemon reports under `id`.
+fn progress_of<'a>(api: &'a Api, id: &str) -> impl FnMut() -> Option<(u64, u64)> + 'a {
+    let path = format!("/v1/progress/{id}");
+    move || {
+        // Not there yet, or already read: nothing to show this time.
+        api.get::<proto::Progress>(&path)
+            .ok()
+            .map(|p| (p.done_bytes, p.total_bytes))
+    }
+}
+
+/// Runs `call` (a long API call) on its own thread and shows on `progress` what `sample`
+/// says (bytes done of total) until it returns, then once more for the final line.
+fn with_progress<R: Send>(
+    mut progress: output::Progress,
+    mut sample: impl FnMut() -> Option<(u64, u64)>,
+    call: impl FnOnce() -> anyhow::Result<R> + Send,
+) -> anyhow::Result<R> {
+    progress.begin();
+    let result = std::thread::scope(|scope| {
+        let worker = scope.spawn(call);
+        while !worker.is_finished() {
+            if let Some((done, total)) = sample() {
+                progress.set(done, total);
+            }
+            let until = std::time::Instant::now() + PROGRESS_POLL;
+            while !worker.is_finished() && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        worker
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the API call panicked")))
+    });
+    match &result {
+        Ok(_) => {
+            if let Some((done, total)) = sample() {
+                progress.set_quietly(done, total);
+            }
+            progress.finish()
+        }
+        Err(_) => progress.abandon(),
+    }
+    result
 }
 
 pub fn points_serve(

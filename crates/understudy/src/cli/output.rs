@@ -1,6 +1,9 @@
 //! Human-readable output of the CLI: tables and progress bars. `--json` bypasses all of this.
 
-use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use proto::{Measure, PointInfo, ReplicationStatus, ServedPoint, VmInfo};
 
 pub fn bytes(n: u64) -> String {
@@ -18,34 +21,178 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-pub fn progress_bar() -> ProgressBar {
-    let bar = ProgressBar::new(1);
-    let style = ProgressStyle::with_template(
-        "{spinner} initial replication [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
-    bar.set_style(style);
-    bar
+/// How often the plain (not a terminal) form of [`Progress`] prints a line: often enough to
+/// show a log or CI output that the work moves, rarely enough not to flood it.
+pub const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// The progress of long work (initial replication, resynchronization, export, failover,
+/// backup): an indicatif bar with bytes, rate and ETA on stderr when stderr is a terminal,
+/// else a plain line on stdout every [`PLAIN_PROGRESS_EVERY`]
+/// (`initial replication of web: 42% (420.0 MiB of 1.0 GiB), 35.2 MiB/s, eta 17 s`), one when
+/// it starts and one when it ends. Never plain lines on stderr: there a failure stays one line
+/// that scripts read. Every command that shows progress uses this one type.
+pub struct Progress {
+    what: String,
+    bar: Option<ProgressBar>,
+    plain: Plain,
 }
 
-/// A bar for a resynchronization, drawn to `target`.
-pub fn resync_bar(target: indicatif::ProgressDrawTarget) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(1), target);
-    let style = ProgressStyle::with_template(
-        "{spinner} resynchronization [{bar:40}] {bytes}/{total_bytes} {msg}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
-    bar.set_style(style);
-    bar
+#[derive(Default)]
+struct Plain {
+    /// First sample (time, bytes done): the rate is measured from it.
+    first: Option<(Instant, u64)>,
+    last_line: Option<Instant>,
+    done: u64,
+    total: u64,
+    message: String,
 }
 
-/// Puts a resynchronization's progress on its bar.
-pub fn show_resync(bar: &ProgressBar, r: &proto::ResyncProgress) {
-    bar.set_length(r.bytes_total.max(1));
-    bar.set_position(r.bytes_done);
-    bar.set_message(resync_line(r));
+impl Progress {
+    /// A bar if stderr is a terminal, plain lines (stdout) otherwise.
+    pub fn start(what: impl Into<String>) -> Progress {
+        Progress::to(what, std::io::stderr().is_terminal())
+    }
+
+    /// A bar when `terminal`, plain lines on stdout otherwise.
+    pub fn to(what: impl Into<String>, terminal: bool) -> Progress {
+        let what = what.into();
+        let bar = terminal.then(|| {
+            let bar = ProgressBar::with_draw_target(Some(1), ProgressDrawTarget::stderr());
+            let style = ProgressStyle::with_template(&format!(
+                "{{spinner}} {} [{{bar:40}}] {{bytes}}/{{total_bytes}} {{bytes_per_sec}} eta {{eta}} {{msg}}",
+                what.replace('{', "{{").replace('}', "}}")
+            ))
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar
+        });
+        Progress {
+            what,
+            bar,
+            plain: Plain::default(),
+        }
+    }
+
+    /// The work starts now from 0 bytes: the rate counts from here (without it, from the
+    /// first [`Self::set`]).
+    pub fn begin(&mut self) {
+        if self.bar.is_none() {
+            self.plain.first = Some((Instant::now(), 0));
+        }
+    }
+
+    /// `done` of `total` bytes, without a plain line (the next line or [`Self::finish`]
+    /// shows it).
+    pub fn set_quietly(&mut self, done: u64, total: u64) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(total.max(1));
+                bar.set_position(done);
+            }
+            None => {
+                self.plain.first.get_or_insert((Instant::now(), done));
+                self.plain.done = done;
+                self.plain.total = total;
+            }
+        }
+    }
+
+    /// `done` of `total` bytes.
+    pub fn set(&mut self, done: u64, total: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total.max(1));
+            bar.set_position(done);
+            return;
+        }
+        let now = Instant::now();
+        let p = &mut self.plain;
+        p.first.get_or_insert((now, done));
+        p.done = done;
+        p.total = total;
+        let due = match p.last_line {
+            None => true,
+            Some(t) => now.duration_since(t) >= PLAIN_PROGRESS_EVERY,
+        };
+        if due {
+            p.last_line = Some(now);
+            println!("{}", self.line());
+        }
+    }
+
+    /// A note after the numbers (a retry, a wait); empty clears it.
+    pub fn message(&mut self, msg: impl Into<String>) {
+        let msg = msg.into();
+        match &self.bar {
+            Some(bar) => bar.set_message(msg),
+            None => self.plain.message = msg,
+        }
+    }
+
+    /// The work is done: the bar disappears, or a last plain line says 100 %.
+    pub fn finish(mut self) {
+        match self.bar.take() {
+            Some(bar) => bar.finish_and_clear(),
+            None if self.plain.total > 0 => {
+                self.plain.done = self.plain.total;
+                self.plain.message.clear();
+                println!("{}", self.line());
+            }
+            None => {}
+        }
+    }
+
+    /// The work stopped unfinished: the bar stays as it was; plain output prints nothing more.
+    pub fn abandon(mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.abandon();
+        }
+    }
+
+    /// `initial replication of web: 42% (420.0 MiB of 1.0 GiB), 35.2 MiB/s, eta 17 s`.
+    fn line(&self) -> String {
+        let p = &self.plain;
+        let pct = (p.done as f64 * 100.0 / p.total.max(1) as f64).min(100.0);
+        let (rate, eta) = match p.first {
+            Some((t0, d0)) => {
+                let secs = t0.elapsed().as_secs_f64();
+                let moved = p.done.saturating_sub(d0) as f64;
+                if secs > 0.0 && moved > 0.0 {
+                    let rate = moved / secs;
+                    let left = p.total.saturating_sub(p.done) as f64;
+                    (
+                        format!("{}/s", bytes(rate as u64)),
+                        format!("{} s", (left / rate).ceil() as u64),
+                    )
+                } else {
+                    ("rate unknown".to_owned(), "unknown".to_owned())
+                }
+            }
+            None => ("rate unknown".to_owned(), "unknown".to_owned()),
+        };
+        let mut line = format!(
+            "{}: {pct:.0}% ({} of {}), {rate}, eta {eta}",
+            self.what,
+            bytes(p.done),
+            bytes(p.total)
+        );
+        if !p.message.is_empty() {
+            line.push_str(", ");
+            line.push_str(&p.message);
+        }
+        line
+    }
+}
+
+/// A resynchronization's progress on `progress`: the daemon's count of compared blocks and
+/// sent bytes as the note (rate and ETA are the bar's).
+pub fn show_resync(progress: &mut Progress, r: &proto::ResyncProgress) {
+    progress.set(r.bytes_done, r.bytes_total);
+    progress.message(format!(
+        "{} blocks compared, {} sent",
+        r.blocks_compared,
+        bytes(r.bytes_sent)
+    ));
 }
 
 /// `12 blocks compared, 3.0 MiB sent, 40.0 MiB/s, eta 5 s`.
