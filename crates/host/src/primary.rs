@@ -1670,12 +1670,17 @@ async fn compare_with_replica(
                             crate::errfmt::one_line(&e)
                         ),
                     );
+                    // This disk's hashing source shares the cut: let it go first.
+                    drop(disk);
                     return match unshare(cut) {
                         Some(cut) => Ok((cut, None)),
                         None => Err((None, anyhow!("the compare of {vm} still holds its cut"))),
                     };
                 }
-                Err(e) => return Err((unshare(cut), e)),
+                Err(e) => {
+                    drop(disk);
+                    return Err((unshare(cut), e));
+                }
             };
             // What is equal is shipped without a read, window by window: its copies go back
             // to the pool now rather than after the last disk's compare.
@@ -1696,6 +1701,7 @@ async fn compare_with_replica(
             .map_err(|e| anyhow!("the discard task: {e}"))
             .and_then(|r| r);
             if let Err(e) = discarded {
+                drop(disk);
                 return Err((unshare(cut), e));
             }
             if let Some(c) = cursor.as_deref_mut() {
