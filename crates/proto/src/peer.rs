@@ -70,6 +70,11 @@ pub struct ReverseOf {
 pub struct HelloReply {
     pub vm: String,
     pub latest_seq: Seq,
+    /// The history-clock cut time of the point `latest_seq` (`peer-protocol.md`, "Sequencing
+    /// and the key"): the primary adopts the point it had in flight only if the cut matches.
+    /// Absent when the replica has no point, and from an older host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_cut_unix_ns: Option<u64>,
     pub generation: Generation,
     /// Set when the replica found its copy damaged (a corrupt journal file, ...).
     #[serde(default)]

@@ -150,6 +150,8 @@ pub enum Event {
     /// The replica answered the cycle's hello.
     HelloAnswered {
         latest_seq: Seq,
+        /// The cut time of the replica's point `latest_seq`, when it says.
+        latest_cut_unix_ns: Option<u64>,
         generation: Generation,
         damage: Option<String>,
     },
@@ -550,9 +552,15 @@ pub fn step(
         }
         Event::HelloAnswered {
             latest_seq,
+            latest_cut_unix_ns,
             generation,
             damage,
-        } => s.hello_answered(latest_seq, generation, damage.as_deref()),
+        } => s.hello_answered(
+            latest_seq,
+            latest_cut_unix_ns,
+            generation,
+            damage.as_deref(),
+        ),
         Event::CutTaken { seq, cut_unix_ns } => {
             if rel.state.cycles() && !rel.need_hello && seq == rel.progress.last_seq.next() {
                 s.next.progress.inflight_seq = Some(seq);
@@ -1134,7 +1142,13 @@ impl Step {
         }
     }
 
-    fn hello_answered(&mut self, latest_seq: Seq, generation: Generation, damage: Option<&str>) {
+    fn hello_answered(
+        &mut self,
+        latest_seq: Seq,
+        latest_cut: Option<u64>,
+        generation: Generation,
+        damage: Option<&str>,
+    ) {
         let p = &self.next.progress;
         let judged = reconcile(
             p.last_seq,
@@ -1169,6 +1183,33 @@ impl Step {
             return;
         }
         let cycling = self.next.state.cycles();
+        // The replica's point has the seq in flight but another cut: an earlier attempt at
+        // that seq committed (an ordinary cycle's upload still landing as a resynchronization
+        // started). It is the base of the next point, never the point in flight: a
+        // resynchronization goes on to its Full point. Its blocks are still marked dirty here
+        // (the attempt's cut was given back), so nothing of it is lost.
+        if let (Reconcile::AdoptInflight(seq), Some(ours), Some(theirs)) =
+            (&judged, self.next.inflight_cut_unix_ns, latest_cut)
+        {
+            if ours != theirs {
+                if !cycling {
+                    return;
+                }
+                let seq = *seq;
+                self.next.progress.last_seq = seq;
+                self.next.progress.last_cut_unix_ns = Some(theirs);
+                self.next.clear_inflight();
+                self.next.need_hello = false;
+                self.actions.push(Action::Persist);
+                self.actions.push(emit(
+                    EventKind::AnswerLostAdopted,
+                    format!("the replica holds point {seq} from an earlier attempt (another cut than the one in flight); the next point follows it"),
+                ));
+                let (seq, kind) = self.cut_plan();
+                self.actions.push(Action::TakeCut { seq, kind });
+                return;
+            }
+        }
         match judged {
             Reconcile::InSync if cycling => self.next.need_hello = false,
             Reconcile::AdoptInflight(seq) if cycling => {

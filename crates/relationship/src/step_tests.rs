@@ -58,6 +58,7 @@ fn resync(at: Option<u64>) -> Event {
 fn hello(latest: u64) -> Event {
     Event::HelloAnswered {
         latest_seq: Seq(latest),
+        latest_cut_unix_ns: None,
         generation: G,
         damage: None,
     }
@@ -160,6 +161,7 @@ fn start_from_existing_copy_marks_every_block_and_compares_as_point_2() {
         &next,
         Event::HelloAnswered {
             latest_seq: Seq(1),
+            latest_cut_unix_ns: None,
             generation: G,
             damage: Some("an existing copy, not yet compared with the primary".into()),
         },
@@ -529,6 +531,7 @@ fn divergent_hello_requires_resynchronization_and_cancels_the_cycle() {
     // Damage and another generation too.
     let damaged = Event::HelloAnswered {
         latest_seq: Seq(7),
+        latest_cut_unix_ns: None,
         generation: G,
         damage: Some("journal checksum".into()),
     };
@@ -538,6 +541,7 @@ fn divergent_hello_requires_resynchronization_and_cancels_the_cycle() {
     ));
     let other = Event::HelloAnswered {
         latest_seq: Seq(7),
+        latest_cut_unix_ns: None,
         generation: Generation(2),
         damage: None,
     };
@@ -1944,4 +1948,50 @@ fn late_refusal_of_an_earlier_cycle_with_the_same_point_number_is_not_judged() {
         next.state,
         State::ResynchronizationRequired { .. }
     ));
+}
+
+fn hello_cut(latest: u64, cut: u64) -> Event {
+    Event::HelloAnswered {
+        latest_seq: Seq(latest),
+        latest_cut_unix_ns: Some(cut),
+        generation: G,
+        damage: None,
+    }
+}
+
+/// An ordinary cycle's upload of point 6 lands on the replica just after a resynchronization
+/// started and cut its own point 6: the replica's point 6 is not the Full one, so it never
+/// ends the resynchronization; it becomes the base of the Full point 7.
+#[test]
+fn a_point_of_an_earlier_cut_never_ends_a_resynchronization() {
+    let reason = State::Resynchronizing { reason: None };
+    let r = in_flight(primary(reason.clone(), 5), 6);
+    let (next, actions) = ok(&r, hello_cut(6, NOW - 1_000_000));
+    assert_eq!(next.state, reason, "{actions:?}");
+    assert_eq!(next.progress.last_seq, Seq(6));
+    assert_eq!(next.progress.last_cut_unix_ns, Some(NOW - 1_000_000));
+    assert_eq!(next.progress.inflight_seq, None);
+    assert!(
+        !emitted(&actions).contains(&EventKind::ResyncDone),
+        "{actions:?}"
+    );
+    assert!(actions.contains(&Action::TakeCut {
+        seq: Seq(7),
+        kind: CycleKind::Full
+    }));
+    // The same cut: it is the Full point, whose answer was lost; the resynchronization is
+    // done.
+    let (next, actions) = ok(&r, hello_cut(6, NOW));
+    assert_eq!(next.state, State::Replicating);
+    assert!(emitted(&actions).contains(&EventKind::ResyncDone));
+    // An ordinary cycle: the earlier attempt's point is taken as the base, the next point
+    // follows it.
+    let r = in_flight(primary(State::Replicating, 5), 6);
+    let (next, actions) = ok(&r, hello_cut(6, NOW - 1));
+    assert_eq!(next.state, State::Replicating);
+    assert_eq!(next.progress.last_seq, Seq(6));
+    assert!(actions.contains(&Action::TakeCut {
+        seq: Seq(7),
+        kind: CycleKind::Incremental
+    }));
 }

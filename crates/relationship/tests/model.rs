@@ -264,6 +264,7 @@ impl Harness {
                 }
                 Event::HelloAnswered {
                     latest_seq: latest,
+                    latest_cut_unix_ns: None,
                     generation,
                     damage: damaged.then(|| "a journal block fails its checksum".to_string()),
                 }
@@ -668,6 +669,7 @@ impl ReplicaHarness {
                 5 => Event::CycleDue,
                 6 => Event::HelloAnswered {
                     latest_seq: last,
+                    latest_cut_unix_ns: None,
                     generation: G,
                     damage: None,
                 },
@@ -898,6 +900,7 @@ fn every_state_is_reachable_from_ready_for_initial_replication() {
         (
             Event::HelloAnswered {
                 latest_seq: Seq(1),
+                latest_cut_unix_ns: None,
                 generation: G,
                 damage: Some("bad".into()),
             },
@@ -908,6 +911,7 @@ fn every_state_is_reachable_from_ready_for_initial_replication() {
         alphabet.push((
             Event::HelloAnswered {
                 latest_seq: Seq(s),
+                latest_cut_unix_ns: None,
                 generation: G,
                 damage: None,
             },

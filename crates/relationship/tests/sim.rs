@@ -497,6 +497,7 @@ impl World {
                 .then(|| "a journal block fails its checksum".to_string());
             actions = self.fact(Event::HelloAnswered {
                 latest_seq: self.r.latest(),
+                latest_cut_unix_ns: None,
                 generation: self.r.generation,
                 damage,
             });

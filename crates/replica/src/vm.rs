@@ -197,6 +197,18 @@ impl ReplicaVm {
         Seq(self.inner.state.read().latest_seq())
     }
 
+    /// The cut time of the newest point (`latest_seq`), if there is one.
+    pub fn latest_cut_unix_ns(&self) -> Option<u64> {
+        let st = self.inner.state.read();
+        match st.journal.values().next_back() {
+            Some(e) if e.info.seq.get() >= st.base_seq => Some(e.info.cut_time_unix_ns),
+            _ => st
+                .base_point
+                .filter(|b| b.seq.get() == st.latest_seq())
+                .map(|b| b.cut_time_unix_ns),
+        }
+    }
+
     pub fn generation(&self) -> Generation {
         Generation(self.inner.state.read().generation)
     }
