@@ -1529,6 +1529,36 @@ fn save_cursor(shared: &Shared, repl: &Replication, cursor: &ResyncCursor) -> bo
     }
 }
 
+/// Windows of one disk compared at once (see [`compare_with_replica`]).
+const COMPARE_WINDOWS_IN_FLIGHT: usize = 2;
+
+/// What one window's compare gives back: what it did, and the byte ranges that differ.
+type WindowResult = (crate::resync::CompareStats, anyhow::Result<Vec<(u64, u64)>>);
+
+/// The compare of one window, run as its own task; dropped unfinished (the resync itself
+/// dropped), it is aborted.
+struct WindowCompare(Option<tokio::task::JoinHandle<WindowResult>>);
+
+impl WindowCompare {
+    async fn finish(&mut self) -> Result<WindowResult, tokio::task::JoinError> {
+        match self.0.take() {
+            Some(h) => h.await,
+            None => Ok((
+                crate::resync::CompareStats::default(),
+                Err(anyhow!("the window's compare was taken already")),
+            )),
+        }
+    }
+}
+
+impl Drop for WindowCompare {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
 /// The compare of a resynchronization: each disk of the cut against the replica's newest
 /// point, window by window (`RESYNC_WINDOW_BYTES`), the cursor advanced and persisted after
 /// each; the blocks found equal are marked shipped (never read again), so the shipper reads
@@ -1617,70 +1647,67 @@ async fn compare_with_replica(
             .emit(events::RESYNC_COMPARE_STARTED, Some(&vm), "info", &what);
         let started = Instant::now();
         let before = stats;
-        let mut window = 0u64;
-        while window < size {
-            let end = (window + RESYNC_WINDOW_BYTES).min(size);
-            let in_window = crate::resync_cursor::clip(&ranges, window, end);
-            if in_window.is_empty() {
-                if let Some(d) = cursor
-                    .as_deref_mut()
-                    .and_then(|c| c.disks.get_mut(position))
-                {
-                    d.window_done(window, end, &[]);
+        // Windows in order, up to COMPARE_WINDOWS_IN_FLIGHT compared at once: the next one's
+        // disks are read and hashed on both sides while this one's refinements go back and
+        // forth. Results are taken (discard, cursor) strictly in window order.
+        let windows: Vec<(u64, u64)> = (0..size)
+            .step_by(RESYNC_WINDOW_BYTES as usize)
+            .map(|w| (w, (w + RESYNC_WINDOW_BYTES).min(size)))
+            .collect();
+        let mut next = 0usize;
+        let mut inflight: std::collections::VecDeque<(u64, u64, Option<WindowCompare>)> =
+            std::collections::VecDeque::new();
+        let mut failed: Option<anyhow::Error> = None;
+        loop {
+            while next < windows.len()
+                && inflight.iter().filter(|w| w.2.is_some()).count() < COMPARE_WINDOWS_IN_FLIGHT
+            {
+                let (window, end) = windows[next];
+                next += 1;
+                let in_window = crate::resync_cursor::clip(&ranges, window, end);
+                if in_window.is_empty() {
+                    inflight.push_back((window, end, None));
+                    continue;
                 }
-                window = end;
-                continue;
-            }
-            // Blocks below where earlier attempts got were counted as compared already.
-            let recount = std::sync::atomic::AtomicU64::new(0);
-            let counter = if resync && window >= resumed_at {
-                &repl.resync_compared_blocks
-            } else {
-                &recount
-            };
-            let compared = crate::resync::compare_disk(
-                peer,
-                &vm,
-                base,
-                index,
-                disk.clone(),
-                &in_window,
-                &key,
-                shared.peer_timeouts.answer,
-                &mut stats,
-                counter,
-            )
-            .await;
-            let differs = match compared {
-                Ok(r) => r,
-                // An older replica (no such route), or a damaged copy that cannot be read:
-                // every block left is sent, as a resynchronization did before it compared.
-                // Windows compared already had their equal blocks marked shipped: those are
-                // equal on the replica.
-                Err(e)
-                    if e.downcast_ref::<PeerRefusal>()
-                        .is_some_and(|r| r.0.code == "not_found" || r.0.code == "damaged") =>
-                {
-                    shared.events.emit(
-                        events::RESYNC_COMPARE_DONE,
-                        Some(&vm),
-                        "warning",
-                        &format!(
-                            "the replica cannot compare ({}): every block is sent",
-                            crate::errfmt::one_line(&e)
-                        ),
-                    );
-                    // This disk's hashing source shares the cut: let it go first.
-                    drop(disk);
-                    return match unshare(cut) {
-                        Some(cut) => Ok((cut, None)),
-                        None => Err((None, anyhow!("the compare of {vm} still holds its cut"))),
+                // Blocks below where earlier attempts got were counted as compared already.
+                let counts = resync && window >= resumed_at;
+                let (peer, vm, disk, repl) = (peer.clone(), vm.clone(), disk.clone(), repl.clone());
+                let timeout = shared.peer_timeouts.answer;
+                let task = tokio::spawn(async move {
+                    let mut st = crate::resync::CompareStats::default();
+                    let recount = AtomicU64::new(0);
+                    let counter = if counts {
+                        &repl.resync_compared_blocks
+                    } else {
+                        &recount
                     };
-                }
-                Err(e) => {
-                    drop(disk);
-                    return Err((unshare(cut), e));
-                }
+                    let r = crate::resync::compare_disk(
+                        &peer, &vm, base, index, disk, &in_window, &key, timeout, &mut st, counter,
+                    )
+                    .await;
+                    (st, r)
+                });
+                inflight.push_back((window, end, Some(WindowCompare(Some(task)))));
+            }
+            let Some((window, end, task)) = inflight.pop_front() else {
+                break;
+            };
+            let differs = match task {
+                None => Vec::new(),
+                Some(mut t) => match t.finish().await {
+                    Ok((st, Ok(r))) => {
+                        stats += st;
+                        r
+                    }
+                    Ok((_, Err(e))) => {
+                        failed = Some(e);
+                        break;
+                    }
+                    Err(e) => {
+                        failed = Some(anyhow!("the compare task: {e}"));
+                        break;
+                    }
+                },
             };
             // What is equal is shipped without a read, window by window: its copies go back
             // to the pool now rather than after the last disk's compare.
@@ -1701,8 +1728,8 @@ async fn compare_with_replica(
             .map_err(|e| anyhow!("the discard task: {e}"))
             .and_then(|r| r);
             if let Err(e) = discarded {
-                drop(disk);
-                return Err((unshare(cut), e));
+                failed = Some(e);
+                break;
             }
             if let Some(c) = cursor.as_deref_mut() {
                 if let Some(d) = c.disks.get_mut(position) {
@@ -1714,7 +1741,38 @@ async fn compare_with_replica(
                     last_saved = Instant::now();
                 }
             }
-            window = end;
+        }
+        if let Some(e) = failed {
+            // The windows still in flight hold the cut: they finish (or fail) before it is
+            // handed back.
+            for (_, _, t) in inflight.drain(..) {
+                if let Some(mut t) = t {
+                    let _ = t.finish().await;
+                }
+            }
+            drop(disk);
+            // An older replica (no such route), or a damaged copy that cannot be read: every
+            // block left is sent, as a resynchronization did before it compared. Windows
+            // compared already had their equal blocks marked shipped: those are equal on the
+            // replica.
+            if e.downcast_ref::<PeerRefusal>()
+                .is_some_and(|r| r.0.code == "not_found" || r.0.code == "damaged")
+            {
+                shared.events.emit(
+                    events::RESYNC_COMPARE_DONE,
+                    Some(&vm),
+                    "warning",
+                    &format!(
+                        "the replica cannot compare ({}): every block is sent",
+                        crate::errfmt::one_line(&e)
+                    ),
+                );
+                return match unshare(cut) {
+                    Some(cut) => Ok((cut, None)),
+                    None => Err((None, anyhow!("the compare of {vm} still holds its cut"))),
+                };
+            }
+            return Err((unshare(cut), e));
         }
         shared.events.emit(
             events::RESYNC_COMPARE_DONE,
@@ -1859,6 +1917,7 @@ async fn cycle_inner(
             shared,
             Event::HelloAnswered {
                 latest_seq: reply.latest_seq,
+                latest_cut_unix_ns: reply.latest_cut_unix_ns,
                 generation: reply.generation,
                 damage: reply.damage.clone(),
             },

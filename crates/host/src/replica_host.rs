@@ -589,13 +589,27 @@ async fn route(
                     let hashes: Vec<_> = trees.iter().map(|t| t.hash).collect();
                     let cache =
                         crate::resync::TreeCache::new(key, seq.get(), disk, &hreq.offsets, trees);
-                    shared2.resync_trees.lock().insert(vm_name, Arc::new(cache));
+                    let mut all = shared2.resync_trees.lock();
+                    let kept = all.entry(vm_name).or_default();
+                    // A new compare (another key) starts the list again.
+                    kept.retain(|c| c.key_is(&key));
+                    if kept.len() >= crate::resync::REPLICA_TREE_CACHES {
+                        kept.remove(0);
+                    }
+                    kept.push(Arc::new(cache));
                     hashes
                 } else {
-                    let cache = shared2.resync_trees.lock().get(&vm_name).cloned();
+                    let kept = shared2
+                        .resync_trees
+                        .lock()
+                        .get(&vm_name)
+                        .cloned()
+                        .unwrap_or_default();
+                    let caches: Vec<&crate::resync::TreeCache> =
+                        kept.iter().map(|c| c.as_ref()).collect();
                     crate::resync::hash_cached(
                         &view,
-                        cache.as_deref(),
+                        &caches,
                         &key,
                         (seq.get(), disk),
                         chunk_bytes,
@@ -934,6 +948,7 @@ fn hello_reply(rvm: &ReplicaVm) -> HelloReply {
     HelloReply {
         vm: rvm.vm_id().to_string(),
         latest_seq: rvm.latest_seq(),
+        latest_cut_unix_ns: rvm.latest_cut_unix_ns(),
         generation: rvm.generation(),
         damage: rvm.damage(),
         reverse: None,

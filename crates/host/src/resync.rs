@@ -160,7 +160,7 @@ impl ChunkTree {
     }
 }
 
-/// The trees of one side's last 1 MiB pass over one disk of one point with one key: the
+/// The trees of one 1 MiB pass (one request) over one disk of one point with one key: the
 /// refinement passes that follow it read nothing (`resync.md`). At most one request's chunks
 /// (`HASH_REQUEST_BYTES_MAX` / 1 MiB = 256 trees of 272 hashes, about 1.2 MB).
 pub struct TreeCache {
@@ -180,6 +180,11 @@ impl TreeCache {
         }
     }
 
+    /// Whether these trees were hashed with `key` (the same compare).
+    pub fn key_is(&self, key: &[u8; 32]) -> bool {
+        &self.key == key
+    }
+
     /// The hash of the unit of `unit_bytes` at `offset`, if a cached chunk holds it.
     pub fn lookup(
         &self,
@@ -196,6 +201,11 @@ impl TreeCache {
         self.trees.get(&chunk)?.part(unit_bytes, offset - chunk)
     }
 }
+
+/// How many 1 MiB passes the replica keeps the trees of, per VM: the primary compares two
+/// windows of a disk at once, so the refinements of one window may come after the next
+/// window's 1 MiB pass; one more for slack.
+pub const REPLICA_TREE_CACHES: usize = 3;
 
 /// Parses a compare key (64 hex digits).
 pub fn parse_key(s: &str) -> Option<[u8; 32]> {
@@ -323,11 +333,11 @@ pub fn hash_chunks(
         .collect())
 }
 
-/// [`hash_chunks`], answering from `cache` the units a cached chunk holds (read nothing for
+/// [`hash_chunks`], answering from `caches` the units a cached chunk holds (read nothing for
 /// them) and reading the others.
 pub fn hash_cached(
     src: &(dyn ChunkSource + Sync),
-    cache: Option<&TreeCache>,
+    caches: &[&TreeCache],
     key: &[u8; 32],
     (seq, disk): (u64, u32),
     chunk_bytes: u64,
@@ -335,7 +345,11 @@ pub fn hash_cached(
 ) -> anyhow::Result<Vec<ChunkHash>> {
     let known: Vec<Option<ChunkHash>> = offsets
         .iter()
-        .map(|&o| cache.and_then(|c| c.lookup(key, seq, disk, chunk_bytes, o)))
+        .map(|&o| {
+            caches
+                .iter()
+                .find_map(|c| c.lookup(key, seq, disk, chunk_bytes, o))
+        })
         .collect();
     let misses: Vec<u64> = offsets
         .iter()
@@ -444,6 +458,17 @@ pub struct CompareStats {
     pub hash_bytes: u64,
 }
 
+impl std::ops::AddAssign for CompareStats {
+    fn add_assign(&mut self, o: CompareStats) {
+        self.compared_bytes += o.compared_bytes;
+        self.chunks += o.chunks;
+        self.blocks_refined += o.blocks_refined;
+        self.differing_blocks += o.differing_blocks;
+        self.differing_bytes += o.differing_bytes;
+        self.hash_bytes += o.hash_bytes;
+    }
+}
+
 /// Asks the replica for hashes; checks its answer names what was asked.
 async fn replica_hashes(
     peer: &transport::Peer,
@@ -530,16 +555,21 @@ async fn differing(
             if coarse {
                 hash_trees(src.as_ref(), &k, chunk_bytes, &b)
             } else {
-                Ok(
-                    hash_cached(src.as_ref(), known.as_deref(), &k, at, chunk_bytes, &b)?
-                        .into_iter()
-                        .map(|hash| ChunkTree {
-                            hash,
-                            pieces: Vec::new(),
-                            blocks: Vec::new(),
-                        })
-                        .collect(),
-                )
+                Ok(hash_cached(
+                    src.as_ref(),
+                    known.as_deref().as_slice(),
+                    &k,
+                    at,
+                    chunk_bytes,
+                    &b,
+                )?
+                .into_iter()
+                .map(|hash| ChunkTree {
+                    hash,
+                    pieces: Vec::new(),
+                    blocks: Vec::new(),
+                })
+                .collect())
             }
         });
         let (theirs, ours) = tokio::join!(replica_hashes(peer, vm, &req, timeout), local);
@@ -767,7 +797,7 @@ mod tests {
             ),
         ] {
             let before = src.1.load(std::sync::atomic::Ordering::Relaxed);
-            let cached = hash_cached(&src, Some(&cache), &key, (7, 0), unit, &offsets).unwrap();
+            let cached = hash_cached(&src, &[&cache], &key, (7, 0), unit, &offsets).unwrap();
             assert_eq!(src.1.load(std::sync::atomic::Ordering::Relaxed), before);
             let fresh = hash_chunks(&src, &key, unit, &offsets).unwrap();
             assert_eq!(cached, fresh, "unit {unit}");
@@ -775,7 +805,7 @@ mod tests {
         assert_eq!(
             hash_cached(
                 &src,
-                Some(&cache),
+                &[&cache],
                 &key,
                 (7, 0),
                 REFINE_BLOCK_BYTES,
@@ -786,7 +816,7 @@ mod tests {
         );
         // Another key, point or disk: the trees are not used.
         let before = src.1.load(std::sync::atomic::Ordering::Relaxed);
-        hash_cached(&src, Some(&cache), &key, (8, 0), REFINE_BLOCK_BYTES, &[0]).unwrap();
+        hash_cached(&src, &[&cache], &key, (8, 0), REFINE_BLOCK_BYTES, &[0]).unwrap();
         assert_eq!(
             src.1.load(std::sync::atomic::Ordering::Relaxed),
             before + 4096

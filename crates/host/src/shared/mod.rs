@@ -109,9 +109,11 @@ struct ReplicaHost {
 }
 
 pub struct Shared {
-    /// Replica side: per VM, the trees of the last 1 MiB pass of a resynchronization's compare
-    /// (`resync.md`): its refinement requests read nothing again.
-    pub(crate) resync_trees: parking_lot::Mutex<HashMap<String, Arc<crate::resync::TreeCache>>>,
+    /// Replica side: per VM, the trees of the last 1 MiB passes of a resynchronization's
+    /// compare (`resync.md`), newest last, at most `REPLICA_TREE_CACHES`: their refinement
+    /// requests read nothing again.
+    pub(crate) resync_trees:
+        parking_lot::Mutex<HashMap<String, Vec<Arc<crate::resync::TreeCache>>>>,
     pub host_name: String,
     pub data_dir: PathBuf,
     pub listen: String,
