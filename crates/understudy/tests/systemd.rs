@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 /// `systemd-analyze verify` of the shipped units, ExecStart pointed at the binary under test
 /// (the man page check is off: the page exists only once the package is installed, where
-/// tests/package.sh verifies the installed unit with it). Warnings count as failures.
+/// scripts/test-package verifies the installed unit with it). Warnings count as failures.
 #[test]
 fn packaged_units_pass_systemd_analyze_verify() {
     require("systemd-analyze", "systemd");
