@@ -1365,7 +1365,10 @@ mod tests {
             (r.status, r.err.code.as_str()),
             (StatusCode::SERVICE_UNAVAILABLE, "store_error")
         );
-        let r = super::hello_refusal(ReplicaError::AlreadyExists { vm_id: "w".into() });
+        let r = super::hello_refusal(ReplicaError::AlreadyExists {
+            vm_id: "w".into(),
+            why: "with generation 2 (the request has 1)".into(),
+        });
         assert_eq!(r.status, StatusCode::CONFLICT);
     }
 

@@ -20,8 +20,9 @@ pub enum ReplicaError {
     Incomplete { received_bytes: u64 },
     #[error("invalid disk table: {0}")]
     InvalidDisks(&'static str),
-    #[error("VM {vm_id} already exists with a different generation, disk table or key")]
-    AlreadyExists { vm_id: String },
+    /// `why`: how the VM here differs from what was asked (sizes named).
+    #[error("VM {vm_id} already exists {why}")]
+    AlreadyExists { vm_id: String, why: String },
     #[error("no VM {vm_id}")]
     NotFound { vm_id: String },
     #[error("VM {vm_id} was removed")]

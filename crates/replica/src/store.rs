@@ -308,11 +308,9 @@ impl ReplicaStore {
     ) -> Result<Arc<ReplicaVm>, ReplicaError> {
         validate_disks(disks)?;
         let _a = self.admin.lock();
-        if let Some(vm) = self.existing(vm_id, |vm| {
-            vm.generation() == generation
-                && sorted(&vm.disks()) == sorted(disks)
-                && vm.inner.key == key
-        })? {
+        if let Some(vm) =
+            self.existing(vm_id, |vm| identity_differs(vm, generation, disks, &key))?
+        {
             return Ok(vm);
         }
         let dir = self.dir.join(vm_id.as_str());
@@ -376,14 +374,20 @@ impl ReplicaStore {
         }
         let _a = self.admin.lock();
         if let Some(vm) = self.existing(vm_id, |vm| {
-            let st = vm.inner.state.read();
-            st.generation == generation.get()
-                && sorted(&vm.disks()) == sorted(disks)
-                && vm.inner.key == key
-                && st.base_seq == base.seq.get()
-                && st
-                    .base_point
-                    .map_or(true, |p| p.cut_time_unix_ns == base.cut_time_unix_ns)
+            identity_differs(vm, generation, disks, &key).or_else(|| {
+                let st = vm.inner.state.read();
+                let same = st.base_seq == base.seq.get()
+                    && st
+                        .base_point
+                        .map_or(true, |p| p.cut_time_unix_ns == base.cut_time_unix_ns);
+                (!same).then(|| {
+                    format!(
+                        "with base point {} (the request adopts point {})",
+                        st.base_seq,
+                        base.seq.get()
+                    )
+                })
+            })
         })? {
             tracing::info!(vm = %vm_id, seq = base.seq.get(), "replica VM already adopted (a retry)");
             return Ok(vm);
@@ -483,16 +487,16 @@ impl ReplicaStore {
     fn existing(
         &self,
         vm_id: &VmName,
-        same: impl FnOnce(&ReplicaVm) -> bool,
+        differs: impl FnOnce(&ReplicaVm) -> Option<String>,
     ) -> Result<Option<Arc<ReplicaVm>>, ReplicaError> {
-        let exists = || ReplicaError::AlreadyExists {
+        let exists = |why: &str| ReplicaError::AlreadyExists {
             vm_id: vm_id.to_string(),
+            why: why.to_string(),
         };
         if let Some(vm) = self.vm(vm_id) {
-            return if same(&vm) {
-                Ok(Some(vm))
-            } else {
-                Err(exists())
+            return match differs(&vm) {
+                None => Ok(Some(vm)),
+                Some(why) => Err(exists(&why)),
             };
         }
         if self.pending.read().contains_key(vm_id) {
@@ -500,8 +504,13 @@ impl ReplicaStore {
                 vm_id: vm_id.to_string(),
             });
         }
-        if self.broken.read().contains_key(vm_id) || self.dir.join(vm_id.as_str()).exists() {
-            return Err(exists());
+        if self.broken.read().contains_key(vm_id) {
+            return Err(exists(
+                "here but cannot be opened (see `replica-server status`)",
+            ));
+        }
+        if self.dir.join(vm_id.as_str()).exists() {
+            return Err(exists("as a directory in the replica storage"));
         }
         Ok(None)
     }
@@ -569,4 +578,49 @@ impl ReplicaStore {
         tracing::info!(vm = %vm_id, "replica VM removed");
         Ok(())
     }
+}
+
+/// How a VM of the store differs from the identity a request names (generation, disk table,
+/// relationship key), in words with the sizes; `None` when it is the same.
+fn identity_differs(
+    vm: &ReplicaVm,
+    generation: Generation,
+    disks: &[DiskEntry],
+    key: &[u8; 32],
+) -> Option<String> {
+    if vm.generation() != generation {
+        return Some(format!(
+            "with generation {} (the request has {})",
+            vm.generation(),
+            generation
+        ));
+    }
+    let (here, asked) = (sorted(&vm.disks()), sorted(disks));
+    if here != asked {
+        for d in &asked {
+            if let Some(h) = here.iter().find(|h| h.index == d.index) {
+                if h.size_bytes != d.size_bytes {
+                    return Some(format!(
+                        "with disk {} of {} bytes, but the request's disk {} is {} bytes",
+                        d.index, h.size_bytes, d.index, d.size_bytes
+                    ));
+                }
+            }
+        }
+        let list = |v: &[DiskEntry]| {
+            v.iter()
+                .map(|d| format!("{}:{}", d.index, d.size_bytes))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Some(format!(
+            "with disks [{}] (index:bytes), but the request has [{}]",
+            list(&here),
+            list(&asked)
+        ));
+    }
+    if &vm.inner.key != key {
+        return Some("for another replication relationship (another key)".into());
+    }
+    None
 }

@@ -441,6 +441,23 @@ fn create_is_idempotent_and_remove_deletes() {
         store.create_vm(&vm_id(), delta::Generation(2), &disks(), KEY),
         Err(ReplicaError::AlreadyExists { .. })
     ));
+    // A resized disk is refused in one line naming both sizes.
+    let mut resized = disks();
+    resized[1].size_bytes *= 2;
+    let err = store
+        .create_vm(&vm_id(), delta::Generation(1), &resized, KEY)
+        .err()
+        .expect("a resized disk was accepted");
+    let (here, asked) = (disks()[1].size_bytes, resized[1].size_bytes);
+    assert_eq!(
+        err.to_string(),
+        format!("VM {VM} already exists with disk 1 of {here} bytes, but the request's disk 1 is {asked} bytes")
+    );
+    let err = store
+        .create_vm(&vm_id(), delta::Generation(1), &disks(), [7; 32])
+        .err()
+        .expect("another key was accepted");
+    assert!(err.to_string().contains("another key"), "{err}");
     assert_eq!(a.latest_seq().get(), 0);
     assert!(a.points().is_empty());
     store.remove_vm(&vm_id()).unwrap();

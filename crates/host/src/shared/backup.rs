@@ -524,11 +524,21 @@ impl Shared {
                 f.set_len(size)
                     .with_context(|| format!("sizing {}", tmp.display()))
                     .map_err(dest_error)?;
-                let r = scan(&job.view, Some((&f, &tmp)), &|o| progress(done + o))?;
+                let (want, data) = scan(&job.view, Some((&f, &tmp)), &|o| progress(done + o))?;
                 f.sync_all()
                     .with_context(|| format!("fsync of {}", tmp.display()))
                     .map_err(dest_error)?;
-                r
+                // Read back, as the other formats are: the manifest names only what the file
+                // holds.
+                let got = hash_image(&tmp, format, size)
+                    .map_err(|e| e.context("reading the written disk back"))?;
+                if got != want {
+                    anyhow::bail!(
+                        "disk {} written as raw reads back differently from point {seq} (BLAKE3 {got}, point {want})",
+                        job.index
+                    );
+                }
+                (want, data)
             } else {
                 self.convert_disk(vm, seq, job, &tmp, format, &|o| progress(done + o))?
             };
