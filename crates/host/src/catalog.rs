@@ -100,6 +100,11 @@ pub struct ReplicationRecord {
     /// does not parse makes the record damaged (the start is refused in one line).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resynchronize_window: Option<relationship::ResyncWindow>,
+    /// `replication set --lag-warning-cycles N`: health turns Warning after N cycles without a
+    /// successful one; absent (older records too): the default, 3 cycles or Hyper-V's hour
+    /// (`docs/health.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_warning_cycles: Option<u32>,
 }
 
 impl ReplicationRecord {
@@ -282,6 +287,7 @@ impl Catalog {
                         history: r.history,
                         auto_resynchronize: false,
                         resynchronize_window: None,
+                        lag_warning_cycles: None,
                     }),
                 };
                 items.push((RelationshipDoc::key(&old.name), serde_json::to_vec(&doc)?));

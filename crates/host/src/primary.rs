@@ -296,6 +296,7 @@ impl Replication {
                 app_consistent_failures: rt.counters.app_consecutive_failures,
                 app_consistent_error: rt.app_error.as_deref(),
                 failing_since_unix_ns: rt.counters.failing_since_ns,
+                lag_warning_cycles: r.lag_warning_cycles,
             },
             now_unix_ns(),
         );
@@ -340,6 +341,7 @@ impl Replication {
         compression: Option<proto::Compression>,
         history: Option<proto::HistoryPolicy>,
         auto: Option<(Option<bool>, Option<Option<relationship::ResyncWindow>>)>,
+        lag_warning_cycles: Option<u32>,
     ) -> anyhow::Result<()> {
         {
             // Under the apply lock: a step in progress persists the settings it read.
@@ -354,6 +356,9 @@ impl Replication {
                 }
                 if history.is_some() {
                     rt.settings.history = history;
+                }
+                if let Some(n) = lag_warning_cycles {
+                    rt.settings.lag_warning_cycles = (n > 0).then_some(n);
                 }
                 if let Some((on, window)) = auto {
                     if let Some(on) = on {
@@ -803,6 +808,7 @@ pub fn status_of(
         replica: None,
         auto_resynchronize: r.auto_resynchronize,
         resynchronize_window: r.resynchronize_window.map(|w| format!("{w} UTC")),
+        lag_warning_cycles: r.lag_warning_cycles,
         resync_start_time: match rel.state {
             State::WaitingForStartResynchronize { at_unix_ns, .. } => {
                 Some(rfc3339_from_unix_ns(at_unix_ns))

@@ -180,6 +180,10 @@ pub struct SetReplication {
     /// `--resynchronize-window HH:MM-HH:MM` (UTC; it may wrap midnight), or `none` to remove it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resynchronize_window: Option<String>,
+    /// `--lag-warning-cycles N`: health turns Warning after N cycles without a successful one
+    /// (`docs/health.md`); 0 goes back to the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_warning_cycles: Option<u32>,
 }
 
 /// `POST /v1/vms/{vm}/replication/resynchronize`: now, or at `at_unix_ns`.
@@ -424,6 +428,10 @@ pub struct ReplicationStatus {
     /// Primary: the window auto-resynchronization starts in, `HH:MM-HH:MM UTC`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resynchronize_window: Option<String>,
+    /// Primary: the admin's lag threshold in cycles (`replication set --lag-warning-cycles`);
+    /// absent: the default (`docs/health.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_warning_cycles: Option<u32>,
     /// `WaitingForStartResynchronize`: when it starts (RFC 3339 UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_start_time: Option<String>,

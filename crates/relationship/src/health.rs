@@ -18,6 +18,9 @@ pub struct HealthFacts<'a> {
     pub app_consistent_error: Option<&'a str>,
     /// When the first of the `consecutive_failures` failed (unix ns).
     pub failing_since_unix_ns: Option<u64>,
+    /// The admin's threshold: Warning after this many cycles without a successful one
+    /// (`replication set --lag-warning-cycles`); `None`: [`lag_thresholds_secs`]'s default.
+    pub lag_warning_cycles: Option<u32>,
 }
 
 /// Application-consistent cuts failed in a row after which health turns Warning: one failure
@@ -26,9 +29,27 @@ pub struct HealthFacts<'a> {
 /// point.
 pub const APP_CONSISTENT_WARNING_FAILURES: u64 = 3;
 
-/// Cycles of lag after which health turns Warning, and then Critical.
+/// Cycles of lag after which health turns Warning by default (capped at Hyper-V's hour, below),
+/// and how many times that threshold turns it Critical.
 pub const LAG_WARNING_CYCLES: u64 = 3;
-pub const LAG_CRITICAL_CYCLES: u64 = 12;
+pub const LAG_CRITICAL_FACTOR: u64 = 4;
+/// Hyper-V's rule: Warning when no cycle succeeded for more than an hour.
+pub const LAG_WARNING_SECS_MAX: u64 = 3600;
+
+/// Seconds without a successful cycle after which health turns Warning, and Critical. By
+/// default Warning after 3 cycles of the frequency, or Hyper-V's hour when that is sooner, but
+/// never before 2 cycles (a point is up to one cycle old by design); an admin's threshold in
+/// cycles replaces it. Critical at 4 times the Warning threshold.
+pub fn lag_thresholds_secs(frequency_secs: u32, warning_cycles: Option<u32>) -> (u64, u64) {
+    let f = u64::from(frequency_secs.max(1));
+    let warning = match warning_cycles {
+        Some(n) => f * u64::from(n.max(1)),
+        None => (f * LAG_WARNING_CYCLES)
+            .min(LAG_WARNING_SECS_MAX)
+            .max(2 * f),
+    };
+    (warning, warning * LAG_CRITICAL_FACTOR)
+}
 
 /// The relationship's health and why it is not Normal, one sentence each. Never Normal while
 /// the replica may have diverged: `ResynchronizationRequired` is Critical,
@@ -181,24 +202,26 @@ pub fn health(
     if let (Some(last), State::Replicating) = (rel.progress.last_cut_unix_ns, &rel.state) {
         let lag_s = now_unix_ns.saturating_sub(last) / 1_000_000_000;
         let f = u64::from(facts.frequency_secs.max(1));
-        if lag_s > f * LAG_CRITICAL_CYCLES {
+        let (warning_s, critical_s) =
+            lag_thresholds_secs(facts.frequency_secs, facts.lag_warning_cycles);
+        if lag_s > critical_s {
             raise(
                 Health::Critical,
                 r(
                     "no_successful_cycle",
                     format!("the newest point is {lag_s} s old ({} cycles)", lag_s / f),
                 )
-                .since_unix_ns(last.saturating_add(f * LAG_CRITICAL_CYCLES * 1_000_000_000)),
+                .since_unix_ns(last.saturating_add(critical_s * 1_000_000_000)),
                 &mut reasons,
             );
-        } else if lag_s > f * LAG_WARNING_CYCLES {
+        } else if lag_s > warning_s {
             raise(
                 Health::Warning,
                 r(
                     "no_successful_cycle",
                     format!("the newest point is {lag_s} s old ({} cycles)", lag_s / f),
                 )
-                .since_unix_ns(last.saturating_add(f * LAG_WARNING_CYCLES * 1_000_000_000)),
+                .since_unix_ns(last.saturating_add(warning_s * 1_000_000_000)),
                 &mut reasons,
             );
         }
@@ -229,7 +252,32 @@ mod tests {
             app_consistent_failures: 0,
             app_consistent_error: None,
             failing_since_unix_ns: None,
+            lag_warning_cycles: None,
         }
+    }
+
+    #[test]
+    fn the_lag_threshold_is_three_cycles_at_most_an_hour_or_the_admins() {
+        // 30 s: 90 s, Critical at 6 min; 15 min (Hyper-V's longest): 45 min.
+        assert_eq!(lag_thresholds_secs(30, None), (90, 360));
+        assert_eq!(lag_thresholds_secs(900, None), (2700, 10800));
+        // 30 min: Hyper-V's hour; 1 h: two cycles, a point is up to one cycle old.
+        assert_eq!(lag_thresholds_secs(1800, None), (3600, 14400));
+        assert_eq!(lag_thresholds_secs(3600, None), (7200, 28800));
+        // The admin's threshold, in cycles of the frequency.
+        assert_eq!(lag_thresholds_secs(30, Some(10)), (300, 1200));
+        let r = rel(State::Replicating, 200);
+        let mut f = facts(0);
+        assert_eq!(health(&r, &f, NOW).0, Health::Warning);
+        f.lag_warning_cycles = Some(10);
+        assert_eq!(health(&r, &f, NOW).0, Health::Normal);
+        let (level, why) = health(&rel(State::Replicating, 301), &f, NOW);
+        assert_eq!(level, Health::Warning);
+        assert_eq!(
+            why[0].since,
+            Some(proto::time::rfc3339_from_unix_ns(NOW - 1_000_000_000)),
+            "{why:?}"
+        );
     }
 
     #[test]

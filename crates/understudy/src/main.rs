@@ -360,6 +360,11 @@ enum ReplicationCmd {
         /// (it may wrap midnight, e.g. 18:30-06:00); `none` removes it (any time).
         #[arg(long, value_name = "HH:MM-HH:MM")]
         resynchronize_window: Option<String>,
+        /// Health turns Warning after this many cycles without a successful one (Critical at 4
+        /// times that); 0 goes back to the default: 3 cycles, or Hyper-V's hour when that is
+        /// sooner, never under 2 cycles.
+        #[arg(long, value_name = "N")]
+        lag_warning_cycles: Option<u32>,
     },
     /// Start initial replication.
     Start {
@@ -705,14 +710,18 @@ fn main() -> ExitCode {
                     history,
                     auto_resynchronize,
                     resynchronize_window,
+                    lag_warning_cycles,
                 } => cli::replication_set(
                     &api,
                     &name,
                     frequency,
                     compression.as_deref(),
                     &history,
-                    auto_resynchronize.as_deref().map(|v| v == "on"),
-                    resynchronize_window,
+                    (
+                        auto_resynchronize.as_deref().map(|v| v == "on"),
+                        resynchronize_window,
+                    ),
+                    lag_warning_cycles,
                 ),
                 ReplicationCmd::Start {
                     name,

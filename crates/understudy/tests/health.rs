@@ -197,3 +197,33 @@ fn proto_now() -> String {
         .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
+
+/// "No successful cycle" turns Warning after 3 cycles (or Hyper-V's hour) by default, and after
+/// the admin's number of cycles when set (`replication set --lag-warning-cycles`).
+#[test]
+fn the_lag_warning_threshold_is_the_admins_when_set() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, mut b) = pair(root.path());
+    replicate(&a, &b, "web", &["8M"], 1);
+    a.ok(&["replication", "set", "web", "--lag-warning-cycles", "60"]);
+    assert_eq!(status(&a, "web")["lag_warning_cycles"], 60);
+    let out = a.run(&["replication", "set", "web", "--lag-warning-cycles", "5000"]);
+    assert!(
+        one_line_failure(&out).contains("give 1 to 1000 cycles"),
+        "{out:?}"
+    );
+    b.stop();
+    std::thread::sleep(Duration::from_secs(6));
+    // 6 s without a point at 1 s cycles: under the admin's 60 cycles, no lag reason (the
+    // failing cycles are a reason of their own).
+    let st = status(&a, "web");
+    assert!(reason_of(&st, "no_successful_cycle").is_none(), "{st}");
+    assert!(reason_of(&st, "cycles_failing").is_some(), "{st}");
+    // Back to the default: 3 cycles, so it is Warning now, since the threshold was crossed.
+    a.ok(&["replication", "set", "web", "--lag-warning-cycles", "0"]);
+    let st = status(&a, "web");
+    assert!(st["lag_warning_cycles"].is_null(), "{st}");
+    let lag = reason_of(&st, "no_successful_cycle").unwrap_or_else(|| panic!("{st}"));
+    assert!(lag["reason"].as_str().unwrap().contains("s old"), "{st}");
+    assert!(lag["since"].as_str().is_some(), "{st}");
+}

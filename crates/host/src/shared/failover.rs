@@ -522,6 +522,7 @@ impl Shared {
             replica: None,
             auto_resynchronize: false,
             resynchronize_window: None,
+            lag_warning_cycles: None,
             resync_start_time: None,
             resync: None,
         })

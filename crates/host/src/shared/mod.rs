@@ -41,6 +41,9 @@ const REPLICA_CFG_KEY: &str = "replica-server";
 /// How often every disk is checked for a storage (write-back) error: the error is also seen at
 /// once when status is read or a cycle starts, so this only bounds how late an unwatched VM
 /// gets its event; an atomic load per disk.
+/// Most cycles `replication set --lag-warning-cycles` takes.
+const LAG_WARNING_CYCLES_MAX: u32 = 1000;
+
 const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 struct VmEntry {
@@ -1317,6 +1320,7 @@ impl Shared {
             history: req.history,
             auto_resynchronize: false,
             resynchronize_window: None,
+            lag_warning_cycles: None,
         };
         let rel = Relationship::new(vm.name.clone(), Role::Primary, proto::Generation(1));
         // Like Enable-VMReplication: the replica must accept us now, or nothing changes. First
@@ -1454,30 +1458,49 @@ impl Shared {
         };
         let auto = (req.auto_resynchronize.is_some() || window.is_some())
             .then_some((req.auto_resynchronize, window));
+        if let Some(n) = req.lag_warning_cycles {
+            if n > LAG_WARNING_CYCLES_MAX {
+                return Err(bad_request(format!(
+                    "--lag-warning-cycles {n}: give 1 to {LAG_WARNING_CYCLES_MAX} cycles, or 0 for the default"
+                )));
+            }
+        }
         if req.frequency_secs.is_none()
             && req.compression.is_none()
             && !history_given
             && auto.is_none()
+            && req.lag_warning_cycles.is_none()
         {
             return Err(bad_request(
-                "nothing to change: give --frequency, --compression, --recovery-history, --app-consistent-every, --keep-every-point-for, --auto-resynchronize or --resynchronize-window",
+                "nothing to change: give --frequency, --compression, --recovery-history, --app-consistent-every, --keep-every-point-for, --auto-resynchronize, --resynchronize-window or --lag-warning-cycles",
             ));
         }
-        repl.set(self, req.frequency_secs, req.compression, history, auto)?;
+        repl.set(
+            self,
+            req.frequency_secs,
+            req.compression,
+            history,
+            auto,
+            req.lag_warning_cycles,
+        )?;
         let r = repl.record();
         self.events.emit(
             events::REPLICATION_SET,
             Some(&req.vm),
             "info",
             &format!(
-                "replication settings changed: frequency {} s, compression {:?}, history {:?}, auto-resynchronize {}{}",
+                "replication settings changed: frequency {} s, compression {:?}, history {:?}, auto-resynchronize {}{}, lag warning after {}",
                 r.frequency_secs,
                 r.compression,
                 r.history,
                 if r.auto_resynchronize { "on" } else { "off" },
                 r.resynchronize_window
                     .map(|w| format!(" (window {w} UTC)"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                match r.lag_warning_cycles {
+                    Some(n) => format!("{n} cycles"),
+                    None => "3 cycles or 1 h (default)".into(),
+                }
             ),
         );
         Ok(repl.status())

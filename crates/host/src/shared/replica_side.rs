@@ -587,6 +587,7 @@ impl Shared {
             replica: None,
             auto_resynchronize: false,
             resynchronize_window: None,
+            lag_warning_cycles: None,
             resync_start_time: None,
             resync: None,
         })
@@ -685,6 +686,7 @@ impl Shared {
             }),
             auto_resynchronize: false,
             resynchronize_window: None,
+            lag_warning_cycles: None,
             resync_start_time: None,
             resync: None,
         })

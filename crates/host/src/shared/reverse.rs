@@ -106,6 +106,7 @@ impl Shared {
             history: None,
             auto_resynchronize: false,
             resynchronize_window: None,
+            lag_warning_cycles: None,
         };
         self.catalog
             .put(&pending_key, &settings)

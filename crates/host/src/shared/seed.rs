@@ -92,7 +92,7 @@ impl Shared {
             .context("recording the failover network settings")?;
         if let Some(repl) = self.primary_of(vm) {
             // Persists nothing new and makes the task say hello (with the new value) now.
-            repl.set(self, None, None, None, None)?;
+            repl.set(self, None, None, None, None, None)?;
         }
         self.events.emit(
             crate::events::VM_SET,

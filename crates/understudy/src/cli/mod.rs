@@ -303,8 +303,8 @@ pub fn replication_set(
     frequency: Option<u32>,
     compression: Option<&str>,
     history: &crate::HistoryArgs,
-    auto_resynchronize: Option<bool>,
-    resynchronize_window: Option<String>,
+    (auto_resynchronize, resynchronize_window): (Option<bool>, Option<String>),
+    lag_warning_cycles: Option<u32>,
 ) -> anyhow::Result<()> {
     let keep = match &history.keep_every_point_for {
         Some(d) => Some(parse_history_window_secs(d)?),
@@ -325,13 +325,14 @@ pub fn replication_set(
         keep_every_point_for_secs: keep,
         auto_resynchronize,
         resynchronize_window,
+        lag_warning_cycles,
     };
     let st: ReplicationStatus = api.post(
         &format!("/v1/vms/{}/replication/set", path_segment(name)?),
         &req,
     )?;
     println!(
-        "{}: every {} s, compression {}, {}, {}",
+        "{}: every {} s, compression {}, {}, {}, {}",
         st.vm,
         st.frequency_secs,
         match st.compression {
@@ -339,7 +340,11 @@ pub fn replication_set(
             Compression::None => "none",
         },
         output::history_summary(st.history.as_ref()),
-        output::auto_resync_summary(&st)
+        output::auto_resync_summary(&st),
+        match st.lag_warning_cycles {
+            Some(n) => format!("lag warning after {n} cycles"),
+            None => "lag warning after 3 cycles or 1 h".to_string(),
+        }
     );
     Ok(())
 }
