@@ -141,6 +141,8 @@ pub struct Replication {
     /// the wire for the resynchronization); reset to 0 when a resynchronization starts.
     pub resync_compared_blocks: AtomicU64,
     pub resync_sent_bytes: AtomicU64,
+    /// What the resynchronization cursor last persisted records as compared (bytes).
+    pub resync_cursor_bytes: AtomicU64,
     /// When the running resynchronization started (unix ns; at spawn for one found running
     /// at daemon start); 0 when none runs.
     resync_started_ns: AtomicU64,
@@ -224,6 +226,7 @@ impl Replication {
             progress_since_ns: AtomicU64::new(0),
             resync_compared_blocks: AtomicU64::new(0),
             resync_sent_bytes: AtomicU64::new(0),
+            resync_cursor_bytes: AtomicU64::new(0),
             resync_started_ns: AtomicU64::new(if resyncing_at_start { now_unix_ns() } else { 0 }),
             last_progress_ns: Arc::new(AtomicU64::new(0)),
             cmd: tx,
@@ -325,6 +328,9 @@ impl Replication {
                 self.resync_started_ns.load(Ordering::Relaxed),
                 now_unix_ns(),
             ));
+            if let Some(r) = st.resync.as_mut() {
+                r.cursor_bytes = self.resync_cursor_bytes.load(Ordering::Relaxed);
+            }
         }
         st
     }
@@ -669,6 +675,8 @@ fn resync_marks(
         .with_context(|| format!("marking disk {} of {vm} for the resynchronization", d.index))?;
     }
     repl.cursor_kept.store(true, Ordering::Release);
+    repl.resync_cursor_bytes
+        .store(cursor.compared_bytes(), Ordering::Relaxed);
     Ok(cursor)
 }
 
@@ -738,6 +746,7 @@ pub fn resync_progress(
         rate_bytes_per_sec: rate,
         eta_secs: (rate > 0).then(|| total.saturating_sub(done).div_ceil(rate)),
         started_at: rfc3339_from_unix_ns(if started_ns > 0 { started_ns } else { now_ns }),
+        cursor_bytes: 0,
     }
 }
 
@@ -1527,10 +1536,34 @@ fn save_cursor(shared: &Shared, repl: &Replication, cursor: &ResyncCursor) -> bo
         return false;
     }
     match off_runtime(|| shared.save_resync_cursor(vm, cursor)) {
-        Ok(()) => true,
+        Ok(()) => {
+            repl.resync_cursor_bytes
+                .store(cursor.compared_bytes(), Ordering::Relaxed);
+            true
+        }
         Err(e) => {
             tracing::warn!(%vm, "saving the resynchronization cursor: {e:#}");
             false
+        }
+    }
+}
+
+/// The cursor as the last compared window left it, when the once-a-second limit skipped its
+/// save: saved when the compare is dropped unfinished (its cycle cancelled).
+struct UnsavedCursor {
+    shared: Arc<Shared>,
+    repl: Arc<Replication>,
+    cursor: Option<ResyncCursor>,
+}
+
+impl Drop for UnsavedCursor {
+    fn drop(&mut self) {
+        // Only while the resynchronization may still continue: a command that ended it
+        // (remove, a failover) deleted the cursor before it cancelled this cycle.
+        if let Some(c) = self.cursor.take() {
+            if keeps_resync_cursor(&self.repl.relationship().state) {
+                save_cursor(&self.shared, &self.repl, &c);
+            }
         }
     }
 }
@@ -1609,7 +1642,18 @@ async fn compare_with_replica(
     let cut = Arc::new(cut);
     let unshare = |cut: Arc<tracker::Cut>| Arc::try_unwrap(cut).ok();
     let mut stats = crate::resync::CompareStats::default();
-    let mut last_saved = Instant::now();
+    // The first window compared is saved at once (an attempt interrupted early keeps it),
+    // then at most once a second.
+    let mut last_saved = Instant::now()
+        .checked_sub(RESYNC_CURSOR_SAVE_EVERY)
+        .unwrap_or_else(Instant::now);
+    // A cycle cancelled in the middle (suspend, resync-cancel, a state change) drops this
+    // future: the windows compared since the last save are saved then.
+    let mut unsaved = UnsavedCursor {
+        shared: shared.clone(),
+        repl: repl.clone(),
+        cursor: None,
+    };
     // Progress shown in status: what earlier attempts compared counts as compared.
     if let Some(c) = cursor.as_deref() {
         repl.resync_compared_blocks
@@ -1745,6 +1789,9 @@ async fn compare_with_replica(
                 if end == size || last_saved.elapsed() >= RESYNC_CURSOR_SAVE_EVERY {
                     save_cursor(shared, repl, c);
                     last_saved = Instant::now();
+                    unsaved.cursor = None;
+                } else {
+                    unsaved.cursor = Some(c.clone());
                 }
             }
         }
@@ -1755,6 +1802,11 @@ async fn compare_with_replica(
                 if let Some(mut t) = t {
                     let _ = t.finish().await;
                 }
+            }
+            // What the windows before the failure compared is kept: the next attempt goes on
+            // from there (a save skipped by the once-a-second limit is made now).
+            if let Some(c) = unsaved.cursor.take() {
+                save_cursor(shared, repl, &c);
             }
             drop(disk);
             // An older replica (no such route), or a damaged copy that cannot be read: every

@@ -377,6 +377,10 @@ pub struct ResyncProgress {
     pub eta_secs: Option<u64>,
     /// RFC 3339 UTC time it started (on this daemon run, when it restarted since).
     pub started_at: String,
+    /// Bytes of the disks the persisted cursor records as compared: a restart, a suspend or
+    /// a failed attempt goes on from there (`docs/formats/resync.md`, "The cursor").
+    #[serde(default)]
+    pub cursor_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

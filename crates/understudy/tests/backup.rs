@@ -426,7 +426,8 @@ fn backup_loop_against_1s_replication_always_succeeds_and_equals_its_point() {
     let (a, b) = pair(scratch);
     replicate(&a, &b, "web", &[DISK], 1);
     let writer = PatternWriter::start(&a.nbd_uri("web", 0), 16 << 20, seed());
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // "For minutes": two.
+    let deadline = Instant::now() + Duration::from_secs(120);
     let (mut ok, mut points) = (0u32, std::collections::BTreeSet::new());
     let mut i = 0u32;
     while Instant::now() < deadline {

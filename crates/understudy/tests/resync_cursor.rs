@@ -1,5 +1,6 @@
 //! A resynchronization continues from its cursor (`docs/formats/resync.md`, "The cursor"):
-//! after `suspend` / `resume`, and after a kill -9 of the primary and a restart, the compare
+//! after `suspend` / `resume`, and after a kill -9 of the primary or of the replica and a
+//! restart, the compare
 //! goes on where it got and never reads the compared part of the disk again, except the blocks
 //! that differ or that the guest wrote meanwhile; those writes are in the final point, which
 //! equals the primary byte for byte, and the points from before are untouched.
@@ -47,13 +48,15 @@ fn resync_under_way(scratch: &std::path::Path) -> (Host, Host, Vec<(u64, std::pa
     (a, b, kept)
 }
 
-/// Waits until the compare got past half the disk; returns the blocks compared.
+/// Waits until the compare got past half the disk and its cursor (`resync.cursor_bytes`,
+/// what a restart continues from) records at least a quarter; returns the blocks compared.
 fn wait_half_compared(a: &Host) -> u64 {
     let mut compared = 0;
     wait_until("half the disk compared", Duration::from_secs(120), || {
         let st = status(a, "web");
         compared = st["resync"]["blocks_compared"].as_u64().unwrap_or(0);
-        compared * 4096 >= DISK / 2
+        let saved = st["resync"]["cursor_bytes"].as_u64().unwrap_or(0);
+        compared * 4096 >= DISK / 2 && saved >= DISK / 4
     });
     compared
 }
@@ -160,6 +163,33 @@ fn resync_continues_from_its_cursor_after_kill_9_of_the_primary() {
     drop(slowed);
     a.kill9();
     a.restart();
+    assert_eq!(state(&a, "web"), "Resynchronizing");
+    let _ = a.run(&["replication", "sync", "web"]);
+    finish_and_check(&a, &b, &kept, scratch);
+    let (start, compared) = last_compare(&a);
+    let at = continues_at(&start);
+    println!("{start}; compared {compared} bytes");
+    assert!(at >= DISK / 4, "continued at {at}: {start}");
+    assert!(
+        compared <= DISK - at + 8 * MIB,
+        "the continuation compared {compared} bytes from byte {at} on a {DISK}-byte disk"
+    );
+}
+
+#[test]
+fn resync_continues_from_its_cursor_after_kill_9_of_the_replica() {
+    let root = tempfile::tempdir().unwrap();
+    let scratch = root.path();
+    let (a, mut b, kept) = resync_under_way(scratch);
+    let slowed = slow(&a);
+    a.ok(&["replication", "resume", "web", "--resynchronize"]);
+    wait_half_compared(&a);
+    // The replica dies in the middle of the compare: the primary's attempt fails, keeps what
+    // it compared, and the next one goes on from there once the replica is back.
+    b.kill9();
+    b.restart();
+    drop(slowed);
+    b.wait_replica_store();
     assert_eq!(state(&a, "web"), "Resynchronizing");
     let _ = a.run(&["replication", "sync", "web"]);
     finish_and_check(&a, &b, &kept, scratch);
