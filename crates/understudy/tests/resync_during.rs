@@ -125,6 +125,7 @@ fn finish_resync(
 fn backups_of_an_existing_point_work_during_a_resync() {
     require("cmp", "diffutils");
     require("qemu-img", "qemu-utils");
+    require("qemu-io", "qemu-utils");
     require("nbdcopy", "libnbd-bin");
     let t0 = Instant::now();
     let root = tempfile::tempdir().unwrap();
@@ -251,12 +252,20 @@ fn a_test_failover_to_an_existing_point_works_during_a_resync() {
     println!("took {:?}", t0.elapsed());
 }
 
+/// The replica refuses a backup for "resynchronization not done" exactly while its replica
+/// VM carries damage (`ReplicaVm::damage`, `backup_refusal` in `host/src/shared/backup.rs`):
+/// an existing copy adopted by `replication start --use-existing` until the first compare's
+/// `Full` delta lands, a journal file that failed validation, or an unplanned failover's
+/// reverse. A resync the primary alone requires (an image edited while its daemon was down)
+/// marks nothing on the replica: its points stay consistent and back up as usual.
 #[test]
 fn backup_refuses_with_75_while_an_existing_copy_waits_for_its_first_resync() {
     require("cmp", "diffutils");
     let t0 = Instant::now();
     let root = tempfile::tempdir().unwrap();
     let scratch = root.path();
+    require("qemu-io", "qemu-utils");
+    require("nbdcopy", "libnbd-bin");
     let (a, b) = pair(scratch);
     let throttle = Throttle::start(b.addr(), 0);
     a.ok(&["vm", "create", "web", "--disk", "64M"]);
@@ -307,6 +316,20 @@ fn backup_refuses_with_75_while_an_existing_copy_waits_for_its_first_resync() {
     let st = status(&b, "web");
     println!("replica status: {st}");
     assert_eq!(st["state"], "ResynchronizationRequired", "{st}");
+    let reasons: Vec<&serde_json::Value> = st["health_reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "resync_required")
+        .collect();
+    assert_eq!(reasons.len(), 1, "one reason per rule: {st}");
+    assert!(
+        reasons[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not yet compared"),
+        "{st}"
+    );
 
     for point in ["latest", "1"] {
         let dir = scratch.join(format!("backup-{point}"));
