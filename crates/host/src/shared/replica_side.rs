@@ -644,6 +644,10 @@ impl Shared {
         if let Some(why) = &resync_reason {
             if damage.is_some() {
                 health = Health::Critical;
+                // One reason per rule: the recorded state's (after a hello it is this same
+                // damage, worded by the hello) gives way to the replica's own finding, as
+                // `resync_reason` does.
+                health_reasons.retain(|r| r.kind != "resync_required");
                 health_reasons.push(proto::HealthReason::new(
                     "resync_required",
                     format!(

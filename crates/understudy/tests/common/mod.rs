@@ -666,3 +666,157 @@ pub fn state(h: &Host, vm: &str) -> String {
         .unwrap()
         .to_string()
 }
+
+// ----- helpers for the resynchronization tests (resync_schedule.rs, resync_during.rs) -----
+
+/// A TCP proxy that carries the primary's bytes to the replica at most `rate` bytes per
+/// second (answers unthrottled; 0: no limit): a resynchronization lasts long enough to be
+/// watched, cancelled or worked beside. The rate can change while connections run
+/// (`set_rate`): e.g. an initial replication at full speed, then a slow resync.
+pub struct Throttle {
+    port: u16,
+    rate: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Throttle {
+    pub fn start(to: String, rate: u64) -> Throttle {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let rate = Arc::new(AtomicU64::new(rate));
+        let shared = rate.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(&to) else {
+                    continue;
+                };
+                let pipe =
+                    |mut from: TcpStream, mut to: TcpStream, rate: Option<Arc<AtomicU64>>| {
+                        std::thread::spawn(move || {
+                            let mut buf = vec![0u8; 16 << 10];
+                            loop {
+                                match from.read(&mut buf) {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => {
+                                        if to.write_all(&buf[..n]).is_err() {
+                                            break;
+                                        }
+                                        // Each read's bytes take their time at the rate: an idle
+                                        // connection (HTTP/2 keeps it) earns no credit for a
+                                        // later burst.
+                                        let rate =
+                                            rate.as_ref().map_or(0, |r| r.load(Ordering::Relaxed));
+                                        if rate > 0 {
+                                            std::thread::sleep(Duration::from_secs_f64(
+                                                n as f64 / rate as f64,
+                                            ));
+                                        }
+                                    }
+                                }
+                            }
+                            let _ = to.shutdown(Shutdown::Both);
+                            let _ = from.shutdown(Shutdown::Both);
+                        });
+                    };
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    Some(shared.clone()),
+                );
+                pipe(server, client, None);
+            }
+        });
+        Throttle { port, rate }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Bytes per second from now on, on every connection (0: no limit).
+    pub fn set_rate(&self, rate: u64) {
+        self.rate.store(rate, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `len` bytes of random data from `seed` (incompressible) written at offset 0 of disk 0 of
+/// `vm` on `a`.
+pub fn write_random(a: &Host, vm: &str, len: u64, seed: u64, scratch: &Path) {
+    use rand::{Rng, SeedableRng};
+    let data = scratch.join(format!("{vm}-random-{seed}"));
+    let mut bytes = vec![0u8; len as usize];
+    rand::rngs::StdRng::seed_from_u64(seed).fill(&mut bytes[..]);
+    std::fs::write(&data, &bytes).unwrap();
+    qemu_io_ok(
+        &a.nbd_uri(vm, 0),
+        &[&format!("write -q -s {} 0 {len}", data.display())],
+    );
+    std::fs::remove_file(&data).unwrap();
+}
+
+/// `vm create VM --disk SIZE`, `len` bytes of random data written at offset 0 (incompressible:
+/// the resync's `Full` delta costs its size on the wire), replication through `via` (hourly),
+/// the initial replication waited for, then `diverge`d: a resync has `len` bytes to send.
+pub fn replicate_random(a: &Host, via: &str, vm: &str, size: &str, len: u64, scratch: &Path) {
+    a.ok(&["vm", "create", vm, "--disk", size]);
+    write_random(a, vm, len, len, scratch);
+    a.ok(&[
+        "replication",
+        "enable",
+        vm,
+        "--replica",
+        via,
+        "--frequency",
+        "3600",
+    ]);
+    a.ok(&["replication", "start", vm, "--wait"]);
+    diverge(a, vm, len, len + 1, scratch);
+}
+
+/// Rewrites `[0, len)` of `vm`'s disk with other random bytes, not shipped (suspended): a
+/// resync compares and finds every block of it different, so it has `len` bytes to send.
+pub fn diverge(a: &Host, vm: &str, len: u64, seed: u64, scratch: &Path) {
+    a.ok(&["replication", "suspend", vm]);
+    write_random(a, vm, len, seed, scratch);
+}
+
+/// Every point of `vm` on the replica: its id and its disk 0 exported to `dir/<tag>-<id>.raw`.
+pub fn export_points(b: &Host, vm: &str, dir: &Path, tag: &str) -> Vec<(u64, PathBuf)> {
+    point_ids(b, vm)
+        .into_iter()
+        .map(|id| {
+            let to = dir.join(format!("{tag}-{id}.raw"));
+            let _ = std::fs::remove_file(&to);
+            export_point(b, vm, &id.to_string(), 0, &to);
+            (id, to)
+        })
+        .collect()
+}
+
+/// `cmp -s a b`: the two files are byte-identical.
+pub fn cmp(a: &Path, b: &Path) -> bool {
+    Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// The points are exactly those of `before`, each bit-identical (`cmp`).
+pub fn assert_points_identical(b: &Host, vm: &str, dir: &Path, before: &[(u64, PathBuf)]) {
+    let ids: Vec<u64> = before.iter().map(|(id, _)| *id).collect();
+    assert_eq!(point_ids(b, vm), ids, "the replica's point ids changed");
+    for (id, file) in before {
+        let now = dir.join(format!("after-{id}.raw"));
+        let _ = std::fs::remove_file(&now);
+        export_point(b, vm, &id.to_string(), 0, &now);
+        assert!(cmp(file, &now), "point {id} changed");
+        std::fs::remove_file(&now).unwrap();
+    }
+}
