@@ -467,13 +467,14 @@ impl Metrics {
                     .get_or_create(&l)
                     .set(gauge_i64(r.journal_bytes));
             }
-            if let Some(r) = &st.resync {
-                self.resync_total
-                    .get_or_create(&l)
-                    .set(gauge_i64(r.bytes_total));
-                self.resync_done
-                    .get_or_create(&l)
-                    .set(gauge_i64(r.bytes_done));
+            // 0 when none runs (a finished one must not linger as its last value).
+            if role == "primary" {
+                let (total, done) = st
+                    .resync
+                    .as_ref()
+                    .map_or((0, 0), |r| (r.bytes_total, r.bytes_done));
+                self.resync_total.get_or_create(&l).set(gauge_i64(total));
+                self.resync_done.get_or_create(&l).set(gauge_i64(done));
             }
         }
         let mut out = String::new();

@@ -372,3 +372,114 @@ fn a_failed_cycle_shows_in_measure_and_metrics_and_counters_never_go_backwards()
         "the failure counter went backwards"
     );
 }
+
+/// The byte counters and gauges beside the cycles: pending bytes, what compression and zero
+/// detection saved, the replica's stored bytes, and a running resynchronization's progress
+/// and resynchronized bytes, each equal to what `measure` and `status` say.
+#[test]
+fn byte_counters_pending_storage_and_a_running_resync_show_in_metrics() {
+    require("qemu-io", "qemu-utils");
+    require("curl", "curl");
+    let root = tempfile::tempdir().unwrap();
+    let scratch = root.path();
+    let (a, b) = pair_with_args(scratch, METRICS_ARGS, METRICS_ARGS);
+    let throttle = Throttle::start(b.addr(), 0);
+    a.ok(&["vm", "create", "web", "--disk", "32M"]);
+    a.ok(&[
+        "replication",
+        "enable",
+        "web",
+        "--replica",
+        &throttle.addr(),
+        "--frequency",
+        "3600",
+        "--compression",
+        "zstd",
+    ]);
+    a.ok(&["replication", "start", "web", "--wait"]);
+    let (ma, mb) = (metrics_addr(&a), metrics_addr(&b));
+    let p = ["vm=\"web\"", "role=\"primary\""];
+    let uri = a.nbd_uri("web", 0);
+
+    // Written and not shipped yet: pending, in measure and in /metrics alike.
+    qemu_io_ok(&uri, &["write -P 0x5a 1M 2M", "write -z 8M 1M"]);
+    let (text, m) = steady(&a, &ma);
+    let pending = sample(&text, "understudy_pending_bytes", &p);
+    assert_eq!(pending, m["pending_bytes"].as_f64(), "{m}");
+    assert!(pending.unwrap() >= (2 << 20) as f64, "{m}");
+
+    // Shipped: 2 MiB of one repeated byte compress to almost nothing, 1 MiB of zeros goes as
+    // zero records.
+    let before = scrape(&ma);
+    a.ok(&["replication", "sync", "web"]);
+    let after = scrape(&ma);
+    let grew = |name: &str| {
+        sample(&after, name, &p).unwrap_or(0.0) - sample(&before, name, &p).unwrap_or(0.0)
+    };
+    assert!(
+        grew("understudy_compression_saved_bytes_total") >= (1 << 20) as f64,
+        "{after}"
+    );
+    assert!(
+        grew("understudy_zero_detection_saved_bytes_total") >= (1 << 20) as f64,
+        "{after}"
+    );
+    assert_eq!(sample(&after, "understudy_pending_bytes", &p), Some(0.0));
+    let (text, m) = steady(&a, &ma);
+    for (metric, field) in [
+        (
+            "understudy_cbw_copied_bytes_total",
+            "cbw_copied_bytes_total",
+        ),
+        (
+            "understudy_cbw_spilled_bytes_total",
+            "cbw_spilled_bytes_total",
+        ),
+    ] {
+        assert_eq!(
+            sample(&text, metric, &p).unwrap_or(0.0),
+            m[field].as_f64().unwrap(),
+            "{metric} vs measure {field}"
+        );
+    }
+
+    // The replica's stored deltas, as its status says.
+    let r = ["vm=\"web\"", "role=\"replica\""];
+    let text_b = scrape(&mb);
+    let stored = status(&b, "web")["replica"]["journal_bytes"].as_f64();
+    assert_eq!(sample(&text_b, "understudy_stored_bytes", &r), stored);
+    assert!(stored.unwrap() > 0.0);
+
+    // A resynchronization held at 2 MiB/s: its progress shows while it runs.
+    diverge(&a, "web", 8 << 20, 5, scratch);
+    throttle.set_rate(2 << 20);
+    a.ok(&["replication", "resume", "web", "--resynchronize"]);
+    let mut seen = None;
+    wait_until("the resync in /metrics", Duration::from_secs(30), || {
+        let st = status(&a, "web");
+        let text = scrape(&ma);
+        let total = sample(&text, "understudy_resync_total_bytes", &p).unwrap_or(0.0);
+        let done = sample(&text, "understudy_resync_done_bytes", &p).unwrap_or(0.0);
+        if st["state"] == "Resynchronizing" && total > 0.0 {
+            seen = Some((total, done, st["resync"]["bytes_total"].as_f64().unwrap()));
+        }
+        seen.is_some()
+    });
+    let (total, done, status_total) = seen.unwrap();
+    assert_eq!(total, status_total, "resync_total_bytes vs status");
+    assert!(done <= total, "done {done} of {total}");
+    throttle.set_rate(0);
+    wait_until("the resync to complete", Duration::from_secs(60), || {
+        state(&a, "web") == "Replicating"
+    });
+    let (text, m) = steady(&a, &ma);
+    let resynced = sample(&text, "understudy_resynchronized_bytes_total", &p);
+    assert_eq!(resynced, m["resynchronized_bytes_total"].as_f64(), "{m}");
+    assert!(resynced.unwrap() >= (8 << 20) as f64, "{m}");
+    assert_eq!(
+        sample(&text, "understudy_resync_total_bytes", &p),
+        Some(0.0)
+    );
+    assert_eq!(sample(&text, "understudy_resync_done_bytes", &p), Some(0.0));
+    promtool_check(&text);
+}
