@@ -443,6 +443,9 @@ enum ReplicationCmd {
     /// Resume shipping; with --resynchronize, bring a VM in ResynchronizationRequired back.
     Resume {
         name: String,
+        /// Start a resynchronization (from ResynchronizationRequired, or at any time to
+        /// check the replica): both hosts hash their disks, only the blocks that differ are
+        /// sent, and the result is a new recovery point on top of the existing ones.
         #[arg(long)]
         resynchronize: bool,
         /// With --resynchronize: start it at this time (RFC 3339, e.g. 2026-12-03T18:30:00Z)
@@ -455,8 +458,9 @@ enum ReplicationCmd {
         wait: bool,
     },
     /// Cancel a resynchronization running, scheduled or suspended: the replica keeps its
-    /// points exactly as before it began, and the VM is ResynchronizationRequired again.
-    #[command(visible_alias = "resync-stop")]
+    /// points exactly as before it began, and the VM is ResynchronizationRequired again
+    /// (Hyper-V's Stop-VMReplication of a resynchronization).
+    #[command(visible_aliases = ["resync-stop", "stop"])]
     ResyncCancel { name: String },
 }
 

@@ -361,7 +361,8 @@ fn resync_cancel_with_the_replica_down_still_cancels_and_its_points_stay() {
     assert_eq!(state(&a, "web"), "Resynchronizing");
     b.kill9();
     let started = Instant::now();
-    a.ok(&["replication", "resync-cancel", "web"]);
+    // `stop`, as Hyper-V's Stop-VMReplication (an alias of resync-cancel).
+    a.ok(&["replication", "stop", "web"]);
     // Bounded (docs/limits.md): a cancel never waits out the hello deadlines.
     assert!(started.elapsed() < Duration::from_secs(25));
     let st = status(&a, "web");
