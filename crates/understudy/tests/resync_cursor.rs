@@ -100,6 +100,19 @@ fn continues_at(message: &str) -> u64 {
         .unwrap_or_else(|| panic!("the compare did not continue from a cursor: {message:?}"))
 }
 
+/// The last compare continued from a cursor at a quarter of the disk or more, and compared
+/// only the rest, the block that differed below it and what the guest wrote meanwhile.
+fn assert_continued(a: &Host) {
+    let (start, compared) = last_compare(a);
+    let at = continues_at(&start);
+    println!("{start}; compared {compared} bytes");
+    assert!(at >= DISK / 4, "continued at {at}: {start}");
+    assert!(
+        compared <= DISK - at + 8 * MIB,
+        "the continuation compared {compared} bytes from byte {at} on a {DISK}-byte disk"
+    );
+}
+
 fn finish_and_check(
     a: &Host,
     b: &Host,
@@ -137,16 +150,9 @@ fn suspended_resync_resumes_from_its_cursor_and_ships_what_was_written_meanwhile
     qemu_io_ok(&a.nbd_uri("web", 0), &["write -P 9 1M 4k"]);
     a.ok(&["replication", "resume", "web"]);
     finish_and_check(&a, &b, &kept, scratch);
-    let (start, compared) = last_compare(&a);
-    let at = continues_at(&start);
-    println!("{start}; compared {compared} bytes");
-    assert!(at >= DISK / 4, "continued at {at}: {start}");
     // The continuation compares the rest of the disk, the block that differed below the
     // cursor (3M) and the extent the guest wrote (4 MiB): never the compared part again.
-    assert!(
-        compared <= DISK - at + 8 * MIB,
-        "the continuation compared {compared} bytes from byte {at} on a {DISK}-byte disk"
-    );
+    assert_continued(&a);
 }
 
 #[test]
@@ -166,14 +172,7 @@ fn resync_continues_from_its_cursor_after_kill_9_of_the_primary() {
     assert_eq!(state(&a, "web"), "Resynchronizing");
     let _ = a.run(&["replication", "sync", "web"]);
     finish_and_check(&a, &b, &kept, scratch);
-    let (start, compared) = last_compare(&a);
-    let at = continues_at(&start);
-    println!("{start}; compared {compared} bytes");
-    assert!(at >= DISK / 4, "continued at {at}: {start}");
-    assert!(
-        compared <= DISK - at + 8 * MIB,
-        "the continuation compared {compared} bytes from byte {at} on a {DISK}-byte disk"
-    );
+    assert_continued(&a);
 }
 
 #[test]
@@ -193,12 +192,5 @@ fn resync_continues_from_its_cursor_after_kill_9_of_the_replica() {
     assert_eq!(state(&a, "web"), "Resynchronizing");
     let _ = a.run(&["replication", "sync", "web"]);
     finish_and_check(&a, &b, &kept, scratch);
-    let (start, compared) = last_compare(&a);
-    let at = continues_at(&start);
-    println!("{start}; compared {compared} bytes");
-    assert!(at >= DISK / 4, "continued at {at}: {start}");
-    assert!(
-        compared <= DISK - at + 8 * MIB,
-        "the continuation compared {compared} bytes from byte {at} on a {DISK}-byte disk"
-    );
+    assert_continued(&a);
 }
