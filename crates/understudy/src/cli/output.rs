@@ -187,6 +187,10 @@ impl Progress {
 /// A resynchronization's progress on `progress`: the daemon's count of compared blocks and
 /// sent bytes as the note (rate and ETA are the bar's).
 pub fn show_resync(progress: &mut Progress, r: &proto::ResyncProgress) {
+    // Before its cycle cut there is nothing to show ("0 B of 0 B").
+    if r.bytes_total == 0 {
+        return;
+    }
     progress.set(r.bytes_done, r.bytes_total);
     progress.message(format!(
         "{} blocks compared, {} sent",
