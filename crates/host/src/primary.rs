@@ -1548,22 +1548,31 @@ fn save_cursor(shared: &Shared, repl: &Replication, cursor: &ResyncCursor) -> bo
     }
 }
 
-/// The cursor as the last compared window left it, when the once-a-second limit skipped its
-/// save: saved when the compare is dropped unfinished (its cycle cancelled).
-struct UnsavedCursor {
-    shared: Arc<Shared>,
-    repl: Arc<Replication>,
-    cursor: Option<ResyncCursor>,
+/// The compare's cursor, and whether windows compared since its last save are unsaved (the
+/// once-a-second limit skipped them): they are saved when the compare is dropped unfinished
+/// (its cycle cancelled).
+struct CursorGuard<'a> {
+    shared: &'a Shared,
+    repl: &'a Replication,
+    cursor: Option<&'a mut ResyncCursor>,
+    unsaved: bool,
 }
 
-impl Drop for UnsavedCursor {
+impl CursorGuard<'_> {
+    fn save(&mut self) {
+        if let Some(c) = self.cursor.as_deref() {
+            save_cursor(self.shared, self.repl, c);
+        }
+        self.unsaved = false;
+    }
+}
+
+impl Drop for CursorGuard<'_> {
     fn drop(&mut self) {
         // Only while the resynchronization may still continue: a command that ended it
         // (remove, a failover) deleted the cursor before it cancelled this cycle.
-        if let Some(c) = self.cursor.take() {
-            if keeps_resync_cursor(&self.repl.relationship().state) {
-                save_cursor(&self.shared, &self.repl, &c);
-            }
+        if self.unsaved && keeps_resync_cursor(&self.repl.relationship().state) {
+            self.save();
         }
     }
 }
@@ -1611,7 +1620,7 @@ async fn compare_with_replica(
     seq: Seq,
     indexes: &[u32],
     cut: tracker::Cut,
-    mut cursor: Option<&mut ResyncCursor>,
+    cursor: Option<&mut ResyncCursor>,
 ) -> Result<
     (tracker::Cut, Option<crate::resync::CompareStats>),
     (Option<tracker::Cut>, anyhow::Error),
@@ -1649,13 +1658,14 @@ async fn compare_with_replica(
         .unwrap_or_else(Instant::now);
     // A cycle cancelled in the middle (suspend, resync-cancel, a state change) drops this
     // future: the windows compared since the last save are saved then.
-    let mut unsaved = UnsavedCursor {
-        shared: shared.clone(),
-        repl: repl.clone(),
-        cursor: None,
+    let mut cursor = CursorGuard {
+        shared,
+        repl,
+        cursor,
+        unsaved: false,
     };
     // Progress shown in status: what earlier attempts compared counts as compared.
-    if let Some(c) = cursor.as_deref() {
+    if let Some(c) = cursor.cursor.as_deref() {
         repl.resync_compared_blocks
             .store(c.compared_bytes() / tracker::BLOCK_BYTES, Ordering::Relaxed);
     }
@@ -1667,6 +1677,7 @@ async fn compare_with_replica(
         let size = disk.size_bytes();
         let ranges = cut.disks[position].ranges();
         let resumed_at = cursor
+            .cursor
             .as_deref()
             .and_then(|c| c.disks.get(position))
             .map_or(0, |d| d.compared_to);
@@ -1781,17 +1792,16 @@ async fn compare_with_replica(
                 failed = Some(e);
                 break;
             }
-            if let Some(c) = cursor.as_deref_mut() {
+            if let Some(c) = cursor.cursor.as_deref_mut() {
                 if let Some(d) = c.disks.get_mut(position) {
                     d.window_done(window, end, &differs);
                 }
                 // At most once a second (a catalog commit is an fsync), and at each disk's end.
                 if end == size || last_saved.elapsed() >= RESYNC_CURSOR_SAVE_EVERY {
-                    save_cursor(shared, repl, c);
+                    cursor.save();
                     last_saved = Instant::now();
-                    unsaved.cursor = None;
                 } else {
-                    unsaved.cursor = Some(c.clone());
+                    cursor.unsaved = true;
                 }
             }
         }
@@ -1805,8 +1815,8 @@ async fn compare_with_replica(
             }
             // What the windows before the failure compared is kept: the next attempt goes on
             // from there (a save skipped by the once-a-second limit is made now).
-            if let Some(c) = unsaved.cursor.take() {
-                save_cursor(shared, repl, &c);
+            if cursor.unsaved {
+                cursor.save();
             }
             drop(disk);
             // An older replica (no such route), or a damaged copy that cannot be read: every

@@ -38,12 +38,11 @@ pub use failover::{served_name, FailoverRecord};
 pub use reverse::PreparedReverse;
 
 const REPLICA_CFG_KEY: &str = "replica-server";
+/// Most cycles `replication set --lag-warning-cycles` takes.
+const LAG_WARNING_CYCLES_MAX: u32 = 1000;
 /// How often every disk is checked for a storage (write-back) error: the error is also seen at
 /// once when status is read or a cycle starts, so this only bounds how late an unwatched VM
 /// gets its event; an atomic load per disk.
-/// Most cycles `replication set --lag-warning-cycles` takes.
-const LAG_WARNING_CYCLES_MAX: u32 = 1000;
-
 const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 struct VmEntry {
